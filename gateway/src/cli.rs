@@ -1,0 +1,202 @@
+//! The command line: `edge`/`core` run a node; the other subcommands are
+//! clients of a node's HTTP API.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Tributary: an event-streaming gateway for the edge.
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a field gateway node.
+    Edge(RunArgs),
+    /// Run a central (core) node.
+    Core(RunArgs),
+    /// Create, list and describe topics.
+    Topics {
+        /// Which topic operation.
+        #[command(subcommand)]
+        op: TopicsOp,
+        /// The node's HTTP API.
+        #[arg(
+            long,
+            global = true,
+            env = "TRIBUTARY_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+    },
+    /// Append lines from stdin to a topic, one event per line.
+    Produce(ProduceArgs),
+    /// Print a topic's records as JSON lines.
+    Tail(TailArgs),
+    /// Load generators that count acknowledgements.
+    Bench {
+        /// Which protocol to drive.
+        #[command(subcommand)]
+        target: BenchTarget,
+    },
+}
+
+/// Options of `edge` and `core`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file (every key can also come from TRIBUTARY_<SECTION>__<KEY>).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+/// `topics` operations.
+#[derive(Debug, Subcommand)]
+pub enum TopicsOp {
+    /// Create a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// Partition count.
+        #[arg(long, short)]
+        partitions: Option<u32>,
+        /// Remove events older than this (ms).
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        /// Keep each partition under this many bytes.
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+        /// Largest event accepted.
+        #[arg(long)]
+        max_event_bytes: Option<usize>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's settings and offsets.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// Options of `produce`.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Topic to append to.
+    pub topic: String,
+    /// Key for every event.
+    #[arg(long, short)]
+    pub key: Option<String>,
+    /// Partition for every event.
+    #[arg(long, short)]
+    pub partition: Option<u32>,
+    /// Lines per request.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// The node's HTTP API.
+    #[arg(long, env = "TRIBUTARY_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+/// Options of `tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Topic to read.
+    pub topic: String,
+    /// Start at `earliest`, `latest` or an offset (per partition).
+    #[arg(long, default_value = "earliest")]
+    pub from: String,
+    /// Keep waiting for new records.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only this partition.
+    #[arg(long, short)]
+    pub partition: Option<u32>,
+    /// `json` or `binary` (key and value base64).
+    #[arg(long, default_value = "json")]
+    pub format: String,
+    /// The node's HTTP API.
+    #[arg(long, env = "TRIBUTARY_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+/// `bench` targets.
+#[derive(Debug, Subcommand)]
+pub enum BenchTarget {
+    /// HTTP produce: N connections each posting batches, counting acked records.
+    Http(HttpBenchArgs),
+}
+
+/// Options of `bench http`.
+#[derive(Debug, Args, Clone)]
+pub struct HttpBenchArgs {
+    /// Base URL of the node.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Topic to produce to (created with --partitions if missing).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Partitions when creating the topic.
+    #[arg(long, default_value_t = 1)]
+    pub partitions: u32,
+    /// Concurrent connections.
+    #[arg(long, short, default_value_t = 8)]
+    pub connections: usize,
+    /// Records per request.
+    #[arg(long, short, default_value_t = 100)]
+    pub batch: usize,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// How long to run, e.g. 10s, 500ms, 1m.
+    #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Sample this process's CPU time and RSS during the run (the server's pid).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+/// Parses `10s`, `250ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! Client subcommands: `topics`, `produce` and `tail`, over a node's HTTP API.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::cli::{ProduceArgs, TailArgs, TopicsOp};
+
+/// A thin client of the HTTP API that turns API errors into readable ones.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl ApiClient {
+    /// A client for the node at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(ApiClient {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    async fn answer(&self, what: &str, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let resp = r
+            .send()
+            .await
+            .with_context(|| format!("{what}: cannot reach {}", self.base))?;
+        let status = resp.status();
+        let body: Value = resp
+            .json()
+            .await
+            .with_context(|| format!("{what}: the answer is not JSON"))?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let msg = body["error"]["message"].as_str().unwrap_or("no message");
+        let code = body["error"]["code"].as_str().unwrap_or("?");
+        bail!("{what}: {status} {code}: {msg}")
+    }
+
+    /// GET a JSON document.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.answer(
+            &format!("GET {path}"),
+            self.http.get(format!("{}{path}", self.base)),
+        )
+        .await
+    }
+
+    /// POST a JSON document.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.answer(
+            &format!("POST {path}"),
+            self.http.post(format!("{}{path}", self.base)).json(body),
+        )
+        .await
+    }
+}
+
+/// `tributary topics …`.
+pub async fn topics(url: &str, op: TopicsOp) -> anyhow::Result<()> {
+    let api = ApiClient::new(url)?;
+    match op {
+        TopicsOp::Create {
+            name,
+            partitions,
+            retention_ms,
+            retention_bytes,
+            max_event_bytes,
+        } => {
+            let mut body = json!({ "name": name });
+            for (k, v) in [
+                ("partitions", partitions.map(u64::from)),
+                ("retention_ms", retention_ms),
+                ("retention_bytes", retention_bytes),
+                ("max_event_bytes", max_event_bytes.map(|v| v as u64)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            let t = api.post("/v1/topics", &body).await?;
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        }
+        TopicsOp::List => {
+            let all = api.get("/v1/topics").await?;
+            println!(
+                "{:<40} {:>10} {:>14} {:>14}",
+                "TOPIC", "PARTITIONS", "EVENTS", "BYTES"
+            );
+            for t in all["topics"].as_array().into_iter().flatten() {
+                let parts = t["partitions"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let events: u64 = parts
+                    .iter()
+                    .map(|p| {
+                        p["end_offset"].as_u64().unwrap_or(0)
+                            - p["start_offset"].as_u64().unwrap_or(0)
+                    })
+                    .sum();
+                let bytes: u64 = parts.iter().map(|p| p["bytes"].as_u64().unwrap_or(0)).sum();
+                println!(
+                    "{:<40} {:>10} {:>14} {:>14}",
+                    t["name"].as_str().unwrap_or("?"),
+                    parts.len(),
+                    events,
+                    bytes
+                );
+            }
+        }
+        TopicsOp::Describe { name } => {
+            let t = api.get(&format!("/v1/topics/{name}")).await?;
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        }
+    }
+    Ok(())
+}
+
+/// `tributary produce TOPIC`: each stdin line (without its newline) becomes one
+/// event's value, byte for byte.
+pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let api = ApiClient::new(&args.url)?;
+    let (tx, mut rx) = mpsc::channel::<Vec<Vec<u8>>>(4);
+    let batch = args.batch;
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let stdin = std::io::stdin();
+        let mut lines = Vec::with_capacity(batch);
+        for line in stdin.lock().split(b'\n') {
+            let mut line = line.context("reading stdin")?;
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            lines.push(line);
+            if lines.len() == batch && tx.blocking_send(std::mem::take(&mut lines)).is_err() {
+                return Ok(());
+            }
+        }
+        if !lines.is_empty() {
+            let _ = tx.blocking_send(lines);
+        }
+        Ok(())
+    });
+    let path = format!("/v1/topics/{}/records", args.topic);
+    let mut total = 0usize;
+    while let Some(lines) = rx.recv().await {
+        let records: Vec<Value> = lines
+            .iter()
+            .map(|l| {
+                let mut r = json!({ "value": B64.encode(l), "encoding": "base64" });
+                if let Some(k) = &args.key {
+                    r["key"] = json!(B64.encode(k));
+                }
+                if let Some(p) = args.partition {
+                    r["partition"] = json!(p);
+                }
+                r
+            })
+            .collect();
+        let answer = api.post(&path, &json!({ "records": records })).await?;
+        total += answer["offsets"].as_array().map_or(0, Vec::len);
+    }
+    reader.await??;
+    eprintln!("produced {total} record(s) to {}", args.topic);
+    Ok(())
+}
+
+/// `tributary tail TOPIC`: records of every partition (or one) as JSON lines.
+/// Without `--follow` it stops at the end offsets seen when it started.
+pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    if !matches!(args.format.as_str(), "json" | "binary") {
+        bail!("--format must be json or binary");
+    }
+    let api = ApiClient::new(&args.url)?;
+    let topic = api.get(&format!("/v1/topics/{}", args.topic)).await?;
+    let parts: Vec<(u32, u64, u64)> = topic["partitions"]
+        .as_array()
+        .ok_or_else(|| anyhow!("unexpected topic description"))?
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["partition"].as_u64()? as u32,
+                p["start_offset"].as_u64()?,
+                p["end_offset"].as_u64()?,
+            ))
+        })
+        .filter(|(p, _, _)| args.partition.is_none_or(|want| want == *p))
+        .collect();
+    if parts.is_empty() {
+        bail!("topic {} has no partition {:?}", args.topic, args.partition);
+    }
+    let (tx, mut rx) = mpsc::channel::<String>(1024);
+    let mut tasks = Vec::new();
+    for (partition, start, end) in parts {
+        let from = match args.from.as_str() {
+            "earliest" => start,
+            "latest" => end,
+            n => n
+                .parse()
+                .map_err(|_| anyhow!("--from must be earliest, latest or an offset, got {n}"))?,
+        };
+        let (api, tx, topic, format, follow) = (
+            api.clone(),
+            tx.clone(),
+            args.topic.clone(),
+            args.format.clone(),
+            args.follow,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut offset = from;
+            loop {
+                if !follow && offset >= end {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let wait = if follow { 10_000 } else { 0 };
+                let page = api
+                    .get(&format!(
+                        "/v1/topics/{topic}/partitions/{partition}/records?offset={offset}&limit=1000&wait_ms={wait}&format={format}"
+                    ))
+                    .await?;
+                for r in page["records"].as_array().into_iter().flatten() {
+                    if !follow && r["offset"].as_u64().unwrap_or(u64::MAX) >= end {
+                        return Ok(());
+                    }
+                    if tx.send(r.to_string()).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                offset = page["next_offset"].as_u64().ok_or_else(|| anyhow!("answer without next_offset"))?;
+            }
+        }));
+    }
+    drop(tx);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Some(line) = rx.recv().await {
+        if writeln!(out, "{line}").is_err() {
+            break; // stdout closed (e.g. piped into head)
+        }
+    }
+    let _ = out.flush();
+    drop(out);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

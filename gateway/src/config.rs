@@ -1,0 +1,541 @@
+//! The node's configuration: TOML file, then `TRIBUTARY_<SECTION>__<KEY>`
+//! environment overrides, parsed once and validated in one pass that reports
+//! every problem, naming the key (and the environment variable it came from).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tributary_protocols::http::HttpConfig;
+use tributary_storage::{Durability, LogConfig, OnFull, SledOptions, TopicConfig, TopicDefaults};
+
+/// Which role the node plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A field gateway: auto-creates topics, forwards upstream (when configured).
+    Edge,
+    /// A central node receiving edges' streams.
+    Core,
+}
+
+impl Mode {
+    /// `edge` or `core`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Edge => "edge",
+            Mode::Core => "core",
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Where the node keeps its data.
+    pub data_dir: PathBuf,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace_ms: u64,
+    /// The log.
+    pub storage: StorageSection,
+    /// The HTTP API.
+    pub http: HttpSection,
+    /// Topics declared up front (created at start if missing).
+    pub topics: Vec<TopicSection>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./tributary-data"),
+            shutdown_grace_ms: 10_000,
+            storage: StorageSection::default(),
+            http: HttpSection::default(),
+            topics: Vec::new(),
+        }
+    }
+}
+
+/// `durability` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    /// Ack after fsync.
+    Fsync,
+    /// Ack before a periodic flush.
+    Interval,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StorageSection {
+    /// `fsync` (ack means on disk) or `interval`.
+    pub durability: DurabilityMode,
+    /// Flush period with `durability = "interval"`.
+    pub flush_interval_ms: u64,
+    /// sled page cache.
+    pub cache_capacity_bytes: u64,
+    /// sled segment size (power of two).
+    pub segment_size_bytes: usize,
+    /// Appends waiting for the committer, in bytes; producers beyond it wait.
+    pub max_pending_bytes: usize,
+    /// Retention pass period.
+    pub retention_check_ms: u64,
+    /// Create topics on first write (default: true on edge, false on core).
+    pub auto_create_topics: Option<bool>,
+    /// Partitions of auto-created topics.
+    pub default_partitions: u32,
+    /// Age retention of auto-created topics.
+    pub default_retention_ms: Option<u64>,
+    /// Size retention (per partition) of auto-created topics.
+    pub default_retention_bytes: Option<u64>,
+    /// Largest event of auto-created topics.
+    pub max_event_bytes: usize,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        let sled = SledOptions::default();
+        let log = LogConfig::default();
+        StorageSection {
+            durability: DurabilityMode::Fsync,
+            flush_interval_ms: 5,
+            cache_capacity_bytes: sled.cache_capacity,
+            segment_size_bytes: sled.segment_size,
+            max_pending_bytes: log.max_pending_bytes,
+            retention_check_ms: log.retention_interval.as_millis() as u64,
+            auto_create_topics: None,
+            default_partitions: log.topic_defaults.partitions,
+            default_retention_ms: None,
+            default_retention_bytes: None,
+            max_event_bytes: log.topic_defaults.max_event_bytes,
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpSection {
+    /// Address to listen on.
+    pub listen: String,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Largest fetch `limit`.
+    pub max_fetch_records: usize,
+    /// Longest fetch `wait_ms`.
+    pub max_wait_ms: u64,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        let d = HttpConfig::default();
+        HttpSection {
+            listen: "0.0.0.0:8080".into(),
+            max_body_bytes: d.max_body_bytes,
+            max_connections: d.max_connections,
+            max_fetch_records: d.max_fetch_records,
+            max_wait_ms: d.max_wait_ms,
+        }
+    }
+}
+
+/// `[[topics]]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TopicSection {
+    /// Name.
+    pub name: String,
+    /// Partitions (default: storage.default_partitions).
+    pub partitions: Option<u32>,
+    /// Age retention.
+    pub retention_ms: Option<u64>,
+    /// Size retention per partition.
+    pub retention_bytes: Option<u64>,
+    /// Largest event.
+    pub max_event_bytes: Option<usize>,
+    /// Policy at the disk quota.
+    pub on_full: Option<OnFull>,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "TRIBUTARY_";
+
+/// Maps an environment variable to a config key path, if it is one:
+/// `TRIBUTARY_HTTP__LISTEN` → `http.listen`, `TRIBUTARY_DATA_DIR` → `data_dir`.
+fn env_key(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if rest.contains("__") {
+        Some(rest.split("__").map(str::to_ascii_lowercase).collect())
+    } else if matches!(rest, "DATA_DIR" | "SHUTDOWN_GRACE_MS") {
+        Some(vec![rest.to_ascii_lowercase()])
+    } else {
+        None
+    }
+}
+
+/// An environment value as TOML: numbers, booleans and arrays keep their type,
+/// anything else is a string.
+fn env_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), applies overrides from `env`, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigErrors(vec![format!(
+                    "cannot read config file {}: {e}",
+                    path.display()
+                )])
+            })?,
+            None => String::new(),
+        };
+        Self::from_parts(&text, env)
+    }
+
+    /// Parses TOML text plus environment overrides, then validates.
+    pub fn from_parts(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
+        let mut from_env: BTreeMap<String, String> = BTreeMap::new();
+        for (name, raw) in env {
+            let Some(path) = env_key(&name) else { continue };
+            if path.iter().any(String::is_empty) {
+                errors.push(format!(
+                    "{name}: malformed variable name (empty key between `__`)"
+                ));
+                continue;
+            }
+            let joined = path.join(".");
+            if let Err(e) = set_path(&mut table, &path, env_value(&raw)) {
+                errors.push(format!("{name}: {e}"));
+            }
+            from_env.insert(joined, name);
+        }
+        let mut unknown = Vec::new();
+        let parsed: Result<Config, _> = {
+            let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+            let de = serde_ignored::Deserializer::new(toml::Value::Table(table), &mut on_unknown);
+            serde_path_to_error::deserialize(de)
+        };
+        for key in unknown {
+            match from_env.get(&key) {
+                Some(var) => errors.push(format!("unknown key `{key}` (from {var})")),
+                None => errors.push(format!("unknown key `{key}`")),
+            }
+        }
+        let config = match parsed {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let key = e.path().to_string();
+                let via = from_env
+                    .get(&key)
+                    .map(|v| format!(" (from {v})"))
+                    .unwrap_or_default();
+                errors.push(format!("`{key}`{via}: {}", e.into_inner()));
+                None
+            }
+        };
+        if let Some(c) = &config {
+            c.validate(&mut errors);
+        }
+        match config {
+            Some(c) if errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        let s = &self.storage;
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push("`data_dir` must not be empty".into());
+        }
+        if s.durability == DurabilityMode::Interval && s.flush_interval_ms == 0 {
+            errors.push("`storage.flush_interval_ms` must be positive".into());
+        }
+        if !s.segment_size_bytes.is_power_of_two() || s.segment_size_bytes < 65536 {
+            errors.push(format!(
+                "`storage.segment_size_bytes` must be a power of two ≥ 65536, got {}",
+                s.segment_size_bytes
+            ));
+        }
+        if s.cache_capacity_bytes < 1024 * 1024 {
+            errors.push(format!(
+                "`storage.cache_capacity_bytes` must be at least 1048576, got {}",
+                s.cache_capacity_bytes
+            ));
+        }
+        if s.max_pending_bytes < 65536 || s.max_pending_bytes > u32::MAX as usize {
+            errors.push(format!(
+                "`storage.max_pending_bytes` must be 65536..=4294967295, got {}",
+                s.max_pending_bytes
+            ));
+        }
+        if s.retention_check_ms == 0 {
+            errors.push("`storage.retention_check_ms` must be positive".into());
+        }
+        if let Err(e) = self.topic_defaults().config("defaults").validate() {
+            errors.push(format!("`storage` topic defaults: {e}"));
+        }
+        let h = &self.http;
+        let mut listeners: Vec<(&str, SocketAddr)> = Vec::new();
+        match h.listen.parse::<SocketAddr>() {
+            Ok(a) => listeners.push(("http.listen", a)),
+            Err(_) => errors.push(format!(
+                "`http.listen`: `{}` is not an address like 0.0.0.0:8080",
+                h.listen
+            )),
+        }
+        for (i, (ka, a)) in listeners.iter().enumerate() {
+            for (kb, b) in &listeners[i + 1..] {
+                if a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                {
+                    errors.push(format!("`{ka}` and `{kb}` both use port {}", a.port()));
+                }
+            }
+        }
+        if h.max_connections == 0 {
+            errors.push("`http.max_connections` must be positive".into());
+        }
+        if h.max_fetch_records == 0 {
+            errors.push("`http.max_fetch_records` must be positive".into());
+        }
+        if h.max_body_bytes < s.max_event_bytes {
+            errors.push(format!(
+                "`http.max_body_bytes` ({}) must be at least `storage.max_event_bytes` ({}), or the largest events cannot be sent",
+                h.max_body_bytes, s.max_event_bytes
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            if !seen.insert(t.name.as_str()) {
+                errors.push(format!(
+                    "`topics[{i}]`: topic `{}` is declared twice",
+                    t.name
+                ));
+            }
+            if let Err(e) = self.topic_config(t).validate() {
+                errors.push(format!("`topics[{i}]` ({}): {e}", t.name));
+            }
+        }
+    }
+
+    /// Defaults for topics created implicitly.
+    pub fn topic_defaults(&self) -> TopicDefaults {
+        let s = &self.storage;
+        TopicDefaults {
+            partitions: s.default_partitions,
+            retention_ms: s.default_retention_ms,
+            retention_bytes: s.default_retention_bytes,
+            max_event_bytes: s.max_event_bytes,
+            on_full: OnFull::Reject,
+        }
+    }
+
+    /// A declared topic's full config.
+    pub fn topic_config(&self, t: &TopicSection) -> TopicConfig {
+        let d = self.topic_defaults();
+        TopicConfig {
+            name: t.name.clone(),
+            partitions: t.partitions.unwrap_or(d.partitions),
+            retention_ms: t.retention_ms.or(d.retention_ms),
+            retention_bytes: t.retention_bytes.or(d.retention_bytes),
+            max_event_bytes: t.max_event_bytes.unwrap_or(d.max_event_bytes),
+            on_full: t.on_full.unwrap_or(d.on_full),
+        }
+    }
+
+    /// The log's settings.
+    pub fn log_config(&self, mode: Mode) -> LogConfig {
+        let s = &self.storage;
+        LogConfig {
+            durability: match s.durability {
+                DurabilityMode::Fsync => Durability::Fsync,
+                DurabilityMode::Interval => {
+                    Durability::Interval(Duration::from_millis(s.flush_interval_ms))
+                }
+            },
+            max_pending_bytes: s.max_pending_bytes,
+            retention_interval: Duration::from_millis(s.retention_check_ms),
+            auto_create_topics: s.auto_create_topics.unwrap_or(mode == Mode::Edge),
+            topic_defaults: self.topic_defaults(),
+            ..LogConfig::default()
+        }
+    }
+
+    /// sled's settings.
+    pub fn sled_options(&self) -> SledOptions {
+        SledOptions {
+            cache_capacity: self.storage.cache_capacity_bytes,
+            segment_size: self.storage.segment_size_bytes,
+        }
+    }
+
+    /// The HTTP front end's settings.
+    pub fn http_config(&self) -> HttpConfig {
+        HttpConfig {
+            max_body_bytes: self.http.max_body_bytes,
+            max_connections: self.http.max_connections,
+            max_fetch_records: self.http.max_fetch_records,
+            max_wait_ms: self.http.max_wait_ms,
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for (i, p) in parents.iter().enumerate() {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{}` is not a section", path[..=i].join("."))),
+        };
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_parts("", env(&[])).expect("defaults are valid");
+        assert_eq!(c.data_dir, PathBuf::from("./tributary-data"));
+        assert_eq!(c.http.listen, "0.0.0.0:8080");
+        assert_eq!(c.storage.durability, DurabilityMode::Fsync);
+        assert!(c.log_config(Mode::Edge).auto_create_topics);
+        assert!(!c.log_config(Mode::Core).auto_create_topics);
+    }
+
+    #[test]
+    fn env_overrides_file_and_keeps_types() {
+        let text = "[http]\nlisten = \"127.0.0.1:1\"\n";
+        let c = Config::from_parts(
+            text,
+            env(&[
+                ("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0"),
+                ("TRIBUTARY_STORAGE__DEFAULT_PARTITIONS", "4"),
+                ("TRIBUTARY_STORAGE__DURABILITY", "interval"),
+                ("TRIBUTARY_DATA_DIR", "/tmp/x"),
+                ("TRIBUTARY_LOG", "debug"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.http.listen, "127.0.0.1:0");
+        assert_eq!(c.storage.default_partitions, 4);
+        assert_eq!(c.storage.durability, DurabilityMode::Interval);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn every_unknown_key_is_named_at_once() {
+        let text = "colour = 1\n[storage]\ndurabilty = \"fsync\"\n[http]\nlisten = \"0.0.0.0:8080\"\nport = 1\n";
+        let err =
+            Config::from_parts(text, env(&[("TRIBUTARY_HTTP__LISTN", "x")])).expect_err("invalid");
+        let all = err.to_string();
+        for needle in [
+            "`colour`",
+            "`storage.durabilty`",
+            "`http.port`",
+            "`http.listn` (from TRIBUTARY_HTTP__LISTN)",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let text = r#"
+            [storage]
+            segment_size_bytes = 1000
+            max_event_bytes = 20000000
+            [http]
+            listen = "nowhere"
+            [[topics]]
+            name = "bad name"
+            [[topics]]
+            name = "ok"
+            [[topics]]
+            name = "ok"
+        "#;
+        let err = Config::from_parts(text, env(&[])).expect_err("invalid");
+        let all = err.to_string();
+        for needle in [
+            "segment_size_bytes",
+            "http.listen",
+            "max_body_bytes",
+            "topics[0]",
+            "declared twice",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        assert!(err.0.len() >= 5, "{all}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_variable() {
+        let err = Config::from_parts("", env(&[("TRIBUTARY_STORAGE__DURABILITY", "sometimes")]))
+            .expect_err("invalid");
+        let all = err.to_string();
+        assert!(
+            all.contains("storage.durability") && all.contains("TRIBUTARY_STORAGE__DURABILITY"),
+            "{all}"
+        );
+    }
+}

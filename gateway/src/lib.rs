@@ -1,0 +1,73 @@
+//! The `tributary` binary: CLI, config, node lifecycle, client subcommands and
+//! load generators. The only crate that uses `anyhow`.
+//!
+//! - [`cli`]: the command line (clap).
+//! - [`config`]: TOML + environment configuration, validated in one pass.
+//! - [`node`]: running an edge or core node and shutting it down gracefully.
+//! - [`client`]: `topics`, `produce`, `tail` over the HTTP API.
+//! - [`bench`]: `tributary bench`, load generators counting acknowledgements.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod node;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use cli::{Cli, Command};
+use config::{Config, Mode};
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the `tributary` binary: parses the command line, runs it,
+/// and maps the outcome to an exit code (errors are printed, never panicked).
+pub fn main_entry() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(dispatch(cli.command));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Edge(args) => run_node(Mode::Edge, args).await,
+        Command::Core(args) => run_node(Mode::Core, args).await,
+        Command::Topics { op, url } => client::topics(&url, op).await,
+        Command::Produce(args) => client::produce(args).await,
+        Command::Tail(args) => client::tail(args).await,
+        Command::Bench { target } => bench::run(target).await,
+    }
+}
+
+async fn run_node(mode: Mode, args: cli::RunArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref(), std::env::vars())?;
+    node::run(mode, config).await
+}

@@ -1,0 +1,163 @@
+//! Running a node: open the log, declare topics, start the front ends, wait
+//! for SIGINT/SIGTERM, then shut down in order: stop accepting, let in-flight
+//! requests finish (up to the grace period), make the log durable, exit 0.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tributary_protocols::http;
+use tributary_protocols::listener::LimitedListener;
+use tributary_protocols::FrontendContext;
+use tributary_storage::{Error as LogError, Log};
+
+use crate::config::{Config, Mode};
+
+/// Runs a node until a signal asks it to stop.
+pub async fn run(mode: Mode, config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        signals.cancel();
+    });
+    run_until(mode, config, shutdown).await
+}
+
+/// Runs a node until `shutdown` is cancelled (tests cancel it themselves).
+pub async fn run_until(
+    mode: Mode,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let node = start(mode, config, shutdown).await?;
+    // One machine-readable line on stdout, so scripts and tests learn the bound ports.
+    println!(
+        "tributary {} listening: http={}",
+        mode.as_str(),
+        node.http_addr
+    );
+    let _ = std::io::stdout().flush();
+    node.wait().await
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// The log (for in-process tests and tools).
+    pub log: Log,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningNode {
+    /// Waits until the node has shut down (after `shutdown` is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        drop(self.log);
+        self.task.await?
+    }
+}
+
+/// Opens the log, declares topics, binds every listener and starts serving.
+/// Returns once the node accepts connections.
+pub async fn start(
+    mode: Mode,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningNode> {
+    let log_dir = config.data_dir.join("log");
+    let log_config = config.log_config(mode);
+    let sled = config.sled_options();
+    let opened =
+        tokio::task::spawn_blocking(move || Log::open(&log_dir, &sled, log_config)).await?;
+    let log =
+        opened.with_context(|| format!("cannot open the log in {}", config.data_dir.display()))?;
+    for t in &config.topics {
+        let wanted = config.topic_config(t);
+        match log.create_topic(wanted.clone()).await {
+            Ok(_) => {}
+            Err(LogError::TopicExists(_)) => {
+                let have = log.topic(&t.name)?.config;
+                if have != wanted {
+                    tracing::warn!(
+                        topic = %t.name,
+                        "declared topic differs from the stored one; the stored settings stay (partitions cannot change)"
+                    );
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create declared topic `{}`", t.name))
+            }
+        }
+    }
+
+    let http_listener = TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+    let http_addr = http_listener.local_addr()?;
+    if !http_addr.ip().is_loopback() {
+        tracing::warn!(%http_addr, "anonymous access is allowed on a non-loopback address (device auth is not configured)");
+    }
+    let cx = FrontendContext {
+        log: log.clone(),
+        shutdown: shutdown.clone(),
+        mode: mode.as_str(),
+    };
+    let http_config = config.http_config();
+    let listener = LimitedListener::new(http_listener, http_config.max_connections);
+    let http_task = tokio::spawn(http::serve(listener, cx, http_config));
+    tracing::info!(mode = mode.as_str(), http = %http_addr, data_dir = %config.data_dir.display(), "node ready");
+
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let task_log = log.clone();
+    let task = tokio::spawn(async move {
+        let mut http_task = http_task;
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                match tokio::time::timeout(grace, &mut http_task).await {
+                    Ok(joined) => joined??,
+                    Err(_) => {
+                        tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+                        http_task.abort();
+                    }
+                }
+            }
+            joined = &mut http_task => {
+                shutdown.cancel();
+                joined?.context("the HTTP server stopped")?;
+            }
+        }
+        task_log.close().await.context("final flush of the log")?;
+        // Dropping the last handle joins the log's threads and releases the files.
+        tokio::task::spawn_blocking(move || drop(task_log)).await?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    });
+    Ok(RunningNode {
+        http_addr,
+        log,
+        task,
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,551 @@
+//! The HTTP API (DESIGN section 4): topics, produce, fetch with long-poll,
+//! consumer-group offsets, health, Prometheus metrics and an OpenAPI document.
+//! Handlers only translate JSON to and from the log.
+
+mod error;
+mod metrics;
+pub mod records;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tributary_storage::{
+    AppendRecord, Event, GroupOffset, OnFull, Position, TopicConfig, TopicInfo,
+};
+
+pub use error::{ApiError, ApiResult};
+pub use metrics::HttpMetrics;
+
+use crate::listener::{ConnectionStats, LimitedListener};
+use crate::FrontendContext;
+use records::{Format, ProduceBody, RecordOut};
+
+/// HTTP front-end settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Largest `limit` a fetch may ask for.
+    pub max_fetch_records: usize,
+    /// Largest `wait_ms` a fetch may ask for.
+    pub max_wait_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 8 * 1024 * 1024,
+            max_connections: 1024,
+            max_fetch_records: 10_000,
+            max_wait_ms: 30_000,
+        }
+    }
+}
+
+/// Every route the API serves, as (method, path template). The OpenAPI document
+/// must list exactly these; a test holds both to it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/topics"),
+    ("POST", "/v1/topics"),
+    ("GET", "/v1/topics/{topic}"),
+    ("POST", "/v1/topics/{topic}/records"),
+    ("GET", "/v1/topics/{topic}/partitions/{partition}/records"),
+    ("GET", "/v1/groups/{group}/offsets"),
+    ("POST", "/v1/groups/{group}/offsets"),
+];
+
+/// The OpenAPI 3 document served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+struct AppState {
+    cx: FrontendContext,
+    config: Arc<HttpConfig>,
+    started: Instant,
+    metrics: Arc<HttpMetrics>,
+    connections: Arc<ConnectionStats>,
+}
+
+/// Builds the router. `connections` is reported in metrics.
+pub fn router(
+    cx: FrontendContext,
+    config: HttpConfig,
+    connections: Arc<ConnectionStats>,
+) -> Router {
+    let state = AppState {
+        cx,
+        config: Arc::new(config),
+        started: Instant::now(),
+        metrics: Arc::new(HttpMetrics::default()),
+        connections,
+    };
+    Router::new()
+        .route("/", get(index))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/topics", get(list_topics).post(create_topic))
+        .route("/v1/topics/{topic}", get(describe_topic))
+        .route("/v1/topics/{topic}/records", axum::routing::post(produce))
+        .route(
+            "/v1/topics/{topic}/partitions/{partition}/records",
+            get(fetch),
+        )
+        .route(
+            "/v1/groups/{group}/offsets",
+            get(group_offsets).post(commit_offsets),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `cx.shutdown` is cancelled, then lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: LimitedListener,
+    cx: FrontendContext,
+    config: HttpConfig,
+) -> std::io::Result<()> {
+    let shutdown = cx.shutdown.clone();
+    let app = router(cx, config, listener.stats());
+    axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    state.metrics.observe(
+        &method,
+        route.as_deref(),
+        response.status(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn index(State(state): State<AppState>) -> Html<String> {
+    Html(format!(
+        "<!doctype html><meta charset=utf-8><title>Tributary</title>\
+         <h1>Tributary {} node</h1><p>API: <a href=/openapi.json>/openapi.json</a>, \
+         <a href=/v1/topics>/v1/topics</a>, <a href=/metrics>/metrics</a>, <a href=/health>/health</a>.</p>",
+        state.cx.mode
+    ))
+}
+
+async fn health(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    state.cx.log.health()?;
+    Ok(Json(json!({"status": "ok", "mode": state.cx.mode})))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    let text = metrics::render(
+        &state.cx.log,
+        &state.metrics,
+        &state.connections,
+        state.started.elapsed(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+fn topic_json(t: TopicInfo) -> serde_json::Value {
+    let c = t.config;
+    json!({
+        "name": c.name,
+        "partition_count": c.partitions,
+        "retention_ms": c.retention_ms,
+        "retention_bytes": c.retention_bytes,
+        "max_event_bytes": c.max_event_bytes,
+        "on_full": c.on_full,
+        "partitions": t.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "start_offset": p.start_offset,
+            "end_offset": p.end_offset,
+            "bytes": p.bytes,
+        })).collect::<Vec<_>>(),
+        "events_appended": t.events_appended,
+    })
+}
+
+async fn list_topics(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let topics: Vec<_> = state.cx.log.topics().into_iter().map(topic_json).collect();
+    Json(json!({ "topics": topics }))
+}
+
+/// Reads the whole body up to the limit; a declared length over it is refused
+/// before a byte is read.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+    let limit = state.config.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::bad_request("Content-Length is not a number"))?;
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over_limit = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over_limit {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(
+        ct.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    )
+}
+
+/// Parses JSON, naming the path and position of the first problem.
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!(" at `{path}`")
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("malformed JSON body{at}: {inner}"),
+        )
+    })?;
+    de.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("malformed JSON body: {e}"),
+        )
+    })?;
+    Ok(value)
+}
+
+fn require_json(headers: &HeaderMap) -> ApiResult<()> {
+    match content_type(headers).as_deref() {
+        Some("application/json") => Ok(()),
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "expected Content-Type: application/json, got {}",
+                other.unwrap_or("none")
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTopic {
+    name: String,
+    partitions: Option<u32>,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+    max_event_bytes: Option<usize>,
+    on_full: Option<OnFull>,
+}
+
+async fn create_topic(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    require_json(&headers)?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let req: CreateTopic = parse_json(&bytes)?;
+    let d = &state.cx.log.config().topic_defaults;
+    let config = TopicConfig {
+        name: req.name,
+        partitions: req.partitions.unwrap_or(d.partitions),
+        retention_ms: req.retention_ms.or(d.retention_ms),
+        retention_bytes: req.retention_bytes.or(d.retention_bytes),
+        max_event_bytes: req.max_event_bytes.unwrap_or(d.max_event_bytes),
+        on_full: req.on_full.unwrap_or(d.on_full),
+    };
+    let info = state.cx.log.create_topic(config).await?;
+    Ok((StatusCode::CREATED, Json(topic_json(info))).into_response())
+}
+
+fn path_param<T>(p: Result<Path<T>, axum::extract::rejection::PathRejection>) -> ApiResult<T> {
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::bad_request(format!("bad path parameter: {}", e.body_text())))
+}
+
+fn query_param<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))
+}
+
+async fn describe_topic(
+    State(state): State<AppState>,
+    topic: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let topic = path_param(topic)?;
+    Ok(Json(topic_json(state.cx.log.topic(&topic)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProduceParams {
+    key: Option<String>,
+    partition: Option<u32>,
+    timestamp: Option<i64>,
+}
+
+async fn produce(
+    State(state): State<AppState>,
+    topic: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    params: Result<Query<RawProduceParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let topic = path_param(topic)?;
+    let records: Vec<AppendRecord> = match content_type(&headers).as_deref() {
+        Some("application/json") => {
+            let bytes = read_body(&state, &headers, body).await?;
+            let parsed: ProduceBody = parse_json(&bytes)?;
+            if parsed.records.is_empty() {
+                return Err(ApiError::bad_request(
+                    "`records` is empty: send at least one record",
+                ));
+            }
+            parsed
+                .records
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.into_append()
+                        .map_err(|m| ApiError::bad_request(format!("records[{i}]: {m}")))
+                })
+                .collect::<ApiResult<_>>()?
+        }
+        Some("application/octet-stream") => {
+            let raw = query_param(params)?;
+            let bytes = read_body(&state, &headers, body).await?;
+            vec![AppendRecord {
+                partition: raw.partition,
+                event: Event {
+                    key: raw.key.map(String::into_bytes),
+                    value: bytes.to_vec(),
+                    timestamp: raw.timestamp,
+                    headers: Vec::new(),
+                },
+            }]
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "expected Content-Type application/json or application/octet-stream, got {}",
+                    other.unwrap_or("none")
+                ),
+            ))
+        }
+    };
+    let positions = state.cx.log.append(&topic, records).await?;
+    let offsets: Vec<_> = positions
+        .iter()
+        .map(|&Position { partition, offset }| json!({"partition": partition, "offset": offset}))
+        .collect();
+    Ok(Json(json!({ "offsets": offsets })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchParams {
+    offset: Option<String>,
+    limit: Option<usize>,
+    max_bytes: Option<usize>,
+    wait_ms: Option<u64>,
+    #[serde(default)]
+    format: Format,
+}
+
+async fn fetch(
+    State(state): State<AppState>,
+    path: Result<Path<(String, u32)>, axum::extract::rejection::PathRejection>,
+    params: Result<Query<FetchParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (topic, partition) = path_param(path)?;
+    let p = query_param(params)?;
+    let log = &state.cx.log;
+    let info = log.topic(&topic)?;
+    let part = info.partitions.get(partition as usize).ok_or(
+        tributary_storage::Error::UnknownPartition {
+            topic: topic.clone(),
+            partition,
+            partitions: info.config.partitions,
+        },
+    )?;
+    let offset = match p.offset.as_deref() {
+        None | Some("earliest") => part.start_offset,
+        Some("latest") => part.end_offset,
+        Some(n) => n.parse().map_err(|_| {
+            ApiError::bad_request(format!(
+                "offset must be a number, `earliest` or `latest`, got `{n}`"
+            ))
+        })?,
+    };
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > state.config.max_fetch_records {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1..={}",
+            state.config.max_fetch_records
+        )));
+    }
+    let wait_ms = p.wait_ms.unwrap_or(0);
+    if wait_ms > state.config.max_wait_ms {
+        return Err(ApiError::bad_request(format!(
+            "wait_ms must be at most {}",
+            state.config.max_wait_ms
+        )));
+    }
+    let max_bytes = p
+        .max_bytes
+        .unwrap_or(1024 * 1024)
+        .clamp(1, state.config.max_body_bytes.max(1024 * 1024));
+    let wait = Duration::from_millis(wait_ms);
+    // A long poll ends early when the node shuts down.
+    let result = tokio::select! {
+        r = log.fetch(&topic, partition, offset, limit, max_bytes, wait) => r?,
+        () = state.cx.shutdown.cancelled() => log.fetch(&topic, partition, offset, limit, max_bytes, Duration::ZERO).await?,
+    };
+    let records: Vec<RecordOut> = result
+        .records
+        .into_iter()
+        .map(|r| RecordOut::new(r, p.format))
+        .collect();
+    Ok(Json(json!({
+        "records": records,
+        "next_offset": result.next_offset,
+        "start_offset": result.start_offset,
+        "end_offset": result.end_offset,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitBody {
+    offsets: Vec<OffsetIn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OffsetIn {
+    topic: String,
+    partition: u32,
+    offset: u64,
+}
+
+fn offsets_json(group: &str, offsets: &[GroupOffset]) -> serde_json::Value {
+    let list: Vec<_> = offsets
+        .iter()
+        .map(|o| json!({"topic": o.topic, "partition": o.partition, "offset": o.offset}))
+        .collect();
+    json!({"group": group, "offsets": list})
+}
+
+async fn commit_offsets(
+    State(state): State<AppState>,
+    group: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let group = path_param(group)?;
+    require_json(&headers)?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let req: CommitBody = parse_json(&bytes)?;
+    if req.offsets.is_empty() {
+        return Err(ApiError::bad_request("`offsets` is empty"));
+    }
+    let offsets: Vec<GroupOffset> = req
+        .offsets
+        .into_iter()
+        .map(|o| GroupOffset {
+            topic: o.topic,
+            partition: o.partition,
+            offset: o.offset,
+        })
+        .collect();
+    state.cx.log.commit_offsets(&group, offsets).await?;
+    let all = state.cx.log.group_offsets(&group)?;
+    Ok(Json(offsets_json(&group, &all)))
+}
+
+async fn group_offsets(
+    State(state): State<AppState>,
+    group: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let group = path_param(group)?;
+    let all = state.cx.log.group_offsets(&group)?;
+    Ok(Json(offsets_json(&group, &all)))
+}

@@ -1,0 +1,180 @@
+//! A TCP listener that holds at most `max_connections` connections open: the
+//! next accept waits for a free slot, so excess clients queue in the kernel's
+//! backlog instead of costing memory here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Connection counters of one listener.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+}
+
+/// A listener with a connection limit.
+#[derive(Debug)]
+pub struct LimitedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    stats: Arc<ConnectionStats>,
+}
+
+impl LimitedListener {
+    /// Wraps a bound listener.
+    pub fn new(inner: TcpListener, max_connections: usize) -> Self {
+        LimitedListener {
+            inner,
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            stats: Arc::new(ConnectionStats::default()),
+        }
+    }
+
+    /// Counters, shared with whoever reports them.
+    pub fn stats(&self) -> Arc<ConnectionStats> {
+        self.stats.clone()
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// Waits for a free slot, then for the next connection.
+    pub async fn accept(&self) -> (LimitedStream, SocketAddr) {
+        // The semaphore is never closed, so this is always Some.
+        let permit = self.slots.clone().acquire_owned().await.ok();
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.stats.accepted.fetch_add(1, Relaxed);
+                    self.stats.open.fetch_add(1, Relaxed);
+                    let stream = LimitedStream {
+                        stream,
+                        _slot: permit,
+                        stats: self.stats.clone(),
+                    };
+                    return (stream, addr);
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        LimitedListener::accept(self).await
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that frees its slot when dropped.
+#[derive(Debug)]
+pub struct LimitedStream {
+    stream: TcpStream,
+    _slot: Option<OwnedSemaphorePermit>,
+    stats: Arc<ConnectionStats>,
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Relaxed);
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_full_listener_accepts_again_after_a_close() {
+        let l = LimitedListener::new(TcpListener::bind("127.0.0.1:0").await.expect("bind"), 1);
+        let addr = l.local_addr().expect("addr");
+        let _c1 = TcpStream::connect(addr).await.expect("connect");
+        let (s1, _) = l.accept().await;
+        let _c2 = TcpStream::connect(addr).await.expect("connect");
+        // The second accept cannot finish while s1 holds the only slot.
+        let second = l.accept();
+        tokio::pin!(second);
+        assert!(futures_poll_once(&mut second).await.is_none());
+        assert_eq!(l.stats().open.load(Relaxed), 1);
+        drop(s1);
+        let (mut s2, _) = second.await;
+        assert_eq!(l.stats().accepted.load(Relaxed), 2);
+        drop(_c2);
+        let mut buf = [0u8; 1];
+        assert_eq!(s2.read(&mut buf).await.expect("read"), 0);
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| match Pin::new(&mut *f).poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+}

@@ -1,0 +1,409 @@
+//! The on-disk record batch: the value stored under each sled key.
+//!
+//! A partition is one sled tree. Each key is the batch's base offset as a
+//! big-endian `u64` (so sled's byte order is offset order); each value is:
+//!
+//! ```text
+//! offset  size  field
+//! 0       1     magic 0x54 ('T')
+//! 1       1     format version (1)
+//! 2       4     CRC-32 (IEEE, little-endian) of bytes 6..end
+//! 6       4     record count (LE u32, ≥ 1)
+//! 10      8     min timestamp (LE i64, ms)
+//! 18      8     max timestamp (LE i64, ms)
+//! 26      8     end position (LE u64): bytes of batch values appended to this
+//!               partition up to and including this batch; size = last.end - first.start
+//! 34      ..    records, back to back
+//! ```
+//!
+//! A record is a varint-framed struct in postcard's wire style (LEB128 varints,
+//! zig-zag for signed), written by hand so byte slices are copied, not iterated:
+//!
+//! ```text
+//! varint  body length
+//! zigzag  timestamp (i64)
+//! varint  key length + 1 (0 = no key), key bytes
+//! varint  value length, value bytes
+//! varint  header count, then per header: varint name length, name (UTF-8),
+//!         varint value length, value bytes
+//! ```
+//! Record `i` has offset `base + i`: offsets are dense and implicit.
+
+use crate::event::{Event, Record};
+
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 34;
+const MAGIC: u8 = 0x54;
+const VERSION: u8 = 1;
+
+/// Summary of a batch read from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Number of records.
+    pub count: u32,
+    /// Smallest record timestamp.
+    pub min_ts: i64,
+    /// Largest record timestamp.
+    pub max_ts: i64,
+    /// Cumulative partition bytes after this batch.
+    pub end_position: u64,
+}
+
+/// Builds one batch value.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    buf: Vec<u8>,
+    count: u32,
+    min_ts: i64,
+    max_ts: i64,
+}
+
+impl BatchBuilder {
+    /// A builder with room for about `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN));
+        buf.resize(HEADER_LEN, 0);
+        BatchBuilder {
+            buf,
+            count: 0,
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+        }
+    }
+
+    /// Records so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Bytes so far, header included.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when no record was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends one event stamped with `timestamp`.
+    pub fn push(&mut self, event: &Event, timestamp: i64) {
+        let body_len = encoded_body_len(event, timestamp);
+        let buf = &mut self.buf;
+        buf.reserve(body_len + 10);
+        put_varint(buf, body_len as u64);
+        put_varint(buf, zigzag(timestamp));
+        match &event.key {
+            Some(k) => {
+                put_varint(buf, k.len() as u64 + 1);
+                buf.extend_from_slice(k);
+            }
+            None => put_varint(buf, 0),
+        }
+        put_varint(buf, event.value.len() as u64);
+        buf.extend_from_slice(&event.value);
+        put_varint(buf, event.headers.len() as u64);
+        for (name, value) in &event.headers {
+            put_varint(buf, name.len() as u64);
+            buf.extend_from_slice(name.as_bytes());
+            put_varint(buf, value.len() as u64);
+            buf.extend_from_slice(value);
+        }
+        self.count += 1;
+        self.min_ts = self.min_ts.min(timestamp);
+        self.max_ts = self.max_ts.max(timestamp);
+    }
+
+    /// Seals the batch: writes the header given the partition's position before
+    /// it, and returns the value and the new end position.
+    pub fn finish(mut self, start_position: u64) -> (Vec<u8>, u64) {
+        let end_position = start_position + self.buf.len() as u64;
+        self.buf[0] = MAGIC;
+        self.buf[1] = VERSION;
+        self.buf[6..10].copy_from_slice(&self.count.to_le_bytes());
+        self.buf[10..18].copy_from_slice(&self.min_ts.to_le_bytes());
+        self.buf[18..26].copy_from_slice(&self.max_ts.to_le_bytes());
+        self.buf[26..34].copy_from_slice(&end_position.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[6..]);
+        self.buf[2..6].copy_from_slice(&crc.to_le_bytes());
+        (self.buf, end_position)
+    }
+}
+
+fn encoded_body_len(event: &Event, timestamp: i64) -> usize {
+    let mut n = varint_len(zigzag(timestamp));
+    n += match &event.key {
+        Some(k) => varint_len(k.len() as u64 + 1) + k.len(),
+        None => 1,
+    };
+    n += varint_len(event.value.len() as u64) + event.value.len();
+    n += varint_len(event.headers.len() as u64);
+    for (name, value) in &event.headers {
+        n += varint_len(name.len() as u64)
+            + name.len()
+            + varint_len(value.len() as u64)
+            + value.len();
+    }
+    n
+}
+
+/// Upper bound of the bytes one event adds to a batch.
+pub fn encoded_len(event: &Event) -> usize {
+    let body = encoded_body_len(event, i64::MIN);
+    body + varint_len(body as u64)
+}
+
+/// Reads and checks the header (magic, version, CRC over the whole value).
+pub fn decode_header(value: &[u8]) -> Result<BatchHeader, String> {
+    if value.len() < HEADER_LEN {
+        return Err(format!(
+            "batch of {} bytes is shorter than its header",
+            value.len()
+        ));
+    }
+    if value[0] != MAGIC {
+        return Err(format!("bad magic byte {:#04x}", value[0]));
+    }
+    if value[1] != VERSION {
+        return Err(format!("unknown batch format version {}", value[1]));
+    }
+    let stored = u32::from_le_bytes(arr4(&value[2..6]));
+    let actual = crc32fast::hash(&value[6..]);
+    if stored != actual {
+        return Err(format!(
+            "checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"
+        ));
+    }
+    let count = u32::from_le_bytes(arr4(&value[6..10]));
+    if count == 0 {
+        return Err("batch with zero records".into());
+    }
+    Ok(BatchHeader {
+        count,
+        min_ts: i64::from_le_bytes(arr8(&value[10..18])),
+        max_ts: i64::from_le_bytes(arr8(&value[18..26])),
+        end_position: u64::from_le_bytes(arr8(&value[26..34])),
+    })
+}
+
+/// Decodes records of a checked batch whose offsets fall in `[from, until)`,
+/// calling `each` until it returns false.
+pub fn decode_records(
+    value: &[u8],
+    base: u64,
+    partition: u32,
+    from: u64,
+    until: u64,
+    mut each: impl FnMut(Record) -> bool,
+) -> Result<(), String> {
+    let header = decode_header(value)?;
+    let mut cur = Cursor {
+        buf: value,
+        pos: HEADER_LEN,
+    };
+    for i in 0..u64::from(header.count) {
+        let offset = base + i;
+        let body_len = cur.varint()? as usize;
+        let body_end = cur.pos.checked_add(body_len).filter(|&e| e <= value.len());
+        let Some(body_end) = body_end else {
+            return Err(format!("record {offset} runs past the batch end"));
+        };
+        if offset >= until {
+            return Ok(());
+        }
+        if offset < from {
+            cur.pos = body_end;
+            continue;
+        }
+        let timestamp = unzigzag(cur.varint()?);
+        let key = match cur.varint()? {
+            0 => None,
+            n => Some(cur.bytes(n as usize - 1)?.to_vec()),
+        };
+        let vlen = cur.varint()? as usize;
+        let value_bytes = cur.bytes(vlen)?.to_vec();
+        let hcount = cur.varint()? as usize;
+        let mut headers = Vec::with_capacity(hcount.min(64));
+        for _ in 0..hcount {
+            let nlen = cur.varint()? as usize;
+            let name = String::from_utf8(cur.bytes(nlen)?.to_vec())
+                .map_err(|_| format!("record {offset} has a header name that is not UTF-8"))?;
+            let hlen = cur.varint()? as usize;
+            headers.push((name, cur.bytes(hlen)?.to_vec()));
+        }
+        if cur.pos != body_end {
+            return Err(format!("record {offset} length does not match its fields"));
+        }
+        let record = Record {
+            partition,
+            offset,
+            key,
+            value: value_bytes,
+            timestamp,
+            headers,
+        };
+        if !each(record) {
+            return Ok(());
+        }
+    }
+    if cur.pos != value.len() {
+        return Err("trailing bytes after the last record".into());
+    }
+    Ok(())
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut out = 0u64;
+        for shift in (0..70).step_by(7) {
+            let Some(&b) = self.buf.get(self.pos) else {
+                return Err("truncated varint".into());
+            };
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return Err("varint overflows u64".into());
+            }
+            out |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(out);
+            }
+        }
+        Err("varint too long".into())
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or("truncated field")?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn arr4(s: &[u8]) -> [u8; 4] {
+    let mut a = [0; 4];
+    a.copy_from_slice(s);
+    a
+}
+
+fn arr8(s: &[u8]) -> [u8; 8] {
+    let mut a = [0; 8];
+    a.copy_from_slice(s);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(i: u8) -> Event {
+        Event::new(vec![i; i as usize * 3])
+            .with_key(format!("k{i}"))
+            .with_header("h", vec![i])
+            .with_header("ünïcode", Vec::new())
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut b = BatchBuilder::with_capacity(1024);
+        for i in 0..10u8 {
+            b.push(&sample(i), -5 + i64::from(i) * 1_000_000_000_000);
+        }
+        b.push(&Event::new(Vec::new()), 0);
+        let (value, end) = b.finish(100);
+        assert_eq!(end, 100 + value.len() as u64);
+        let h = decode_header(&value).expect("header");
+        assert_eq!(h.count, 11);
+        assert_eq!(h.min_ts, -5);
+        let mut got = Vec::new();
+        decode_records(&value, 40, 3, 0, u64::MAX, |r| {
+            got.push(r);
+            true
+        })
+        .expect("decode");
+        assert_eq!(got.len(), 11);
+        for (i, r) in got.iter().take(10).enumerate() {
+            let e = sample(i as u8);
+            assert_eq!(r.offset, 40 + i as u64);
+            assert_eq!(r.partition, 3);
+            assert_eq!(r.key, e.key);
+            assert_eq!(r.value, e.value);
+            assert_eq!(r.headers, e.headers);
+        }
+        assert_eq!(got[10].key, None);
+        assert!(got[10].value.is_empty());
+    }
+
+    #[test]
+    fn window_selects_offsets() {
+        let mut b = BatchBuilder::with_capacity(64);
+        for i in 0..5u8 {
+            b.push(&sample(i), 1);
+        }
+        let (value, _) = b.finish(0);
+        let mut offsets = Vec::new();
+        decode_records(&value, 10, 0, 12, 14, |r| {
+            offsets.push(r.offset);
+            true
+        })
+        .expect("decode");
+        assert_eq!(offsets, vec![12, 13]);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let mut b = BatchBuilder::with_capacity(64);
+        b.push(&sample(7), 1);
+        b.push(&sample(8), 2);
+        let (value, _) = b.finish(0);
+        for i in 0..value.len() {
+            let mut bad = value.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                decode_header(&bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
+        }
+        for cut in 0..value.len() {
+            assert!(decode_records(&value[..cut], 0, 0, 0, u64::MAX, |_| true).is_err());
+        }
+    }
+
+    #[test]
+    fn encoded_len_bounds_the_real_size() {
+        for i in 0..20u8 {
+            let e = sample(i);
+            let mut b = BatchBuilder::with_capacity(64);
+            b.push(&e, i64::MAX);
+            assert!(b.len() - HEADER_LEN <= encoded_len(&e));
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The storage crate's one error type.
+
+use std::io;
+
+/// Everything that can go wrong in the log. Expected outcomes that a caller
+/// must handle (unknown topic, offset out of range) are variants too, so a front
+/// end can map each to its protocol's own error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The topic does not exist (and auto-creation is off).
+    #[error("topic `{0}` does not exist")]
+    UnknownTopic(String),
+    /// The partition is outside the topic's partition count.
+    #[error("topic `{topic}` has {partitions} partition(s); partition {partition} does not exist")]
+    UnknownPartition {
+        /// Topic name.
+        topic: String,
+        /// Requested partition.
+        partition: u32,
+        /// How many partitions the topic has.
+        partitions: u32,
+    },
+    /// A topic with this name exists already.
+    #[error("topic `{0}` already exists")]
+    TopicExists(String),
+    /// A topic configuration failed validation.
+    #[error("invalid topic config: {0}")]
+    InvalidTopic(String),
+    /// One event is larger than the topic allows.
+    #[error("event of {size} bytes exceeds the topic's max_event_bytes of {max}")]
+    EventTooLarge {
+        /// Encoded size of the event.
+        size: usize,
+        /// The topic's limit.
+        max: usize,
+    },
+    /// An offset outside `[start, end]` was requested.
+    #[error("offset {offset} is outside the log of {topic}/{partition}: valid offsets are {start}..={end}")]
+    OffsetOutOfRange {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Requested offset.
+        offset: u64,
+        /// First offset still stored.
+        start: u64,
+        /// Next offset to be written (reading at it waits for new data).
+        end: u64,
+    },
+    /// A stored batch failed its checksum or could not be decoded.
+    #[error("corrupt batch in {topic}/{partition} at offset {offset}: {detail}")]
+    Corruption {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Base offset of the damaged batch.
+        offset: u64,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The log hit an I/O error earlier and refuses writes until restarted.
+    #[error("the log is not writable: {0}")]
+    Unwritable(String),
+    /// The log is shutting down.
+    #[error("the log is closed")]
+    Closed,
+    /// An invalid configuration value.
+    #[error("invalid storage config: {0}")]
+    Config(String),
+    /// An error from sled.
+    #[error("storage engine error: {0}")]
+    Engine(#[from] sled::Error),
+    /// A filesystem error.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

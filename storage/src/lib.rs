@@ -1,0 +1,32 @@
+//! Tributary's durable, partitioned log (Kafka's model) on sled.
+//!
+//! What lives where:
+//! - [`event`]: [`Event`] (what producers send), [`Record`] (what consumers read).
+//! - [`topic`]: [`TopicConfig`] and its validation.
+//! - [`partitioner`]: Kafka's murmur2 partitioner.
+//! - [`batch`]: the on-disk record batch format (documented there).
+//! - [`store`]: the [`Store`] backend trait, [`SledStore`], and the in-memory
+//!   twin [`MemStore`] that tests use to hold commits or simulate crashes.
+//! - [`log`]: [`Log`], the one write path: append with group commit, reads,
+//!   tails, retention, consumer-group offsets, crash recovery.
+//! - [`stats`]: counters for metrics.
+//!
+//! No networking lives here; front ends call [`Log`].
+
+pub mod batch;
+pub mod error;
+pub mod event;
+pub mod log;
+pub mod partitioner;
+pub mod stats;
+pub mod store;
+pub mod topic;
+
+pub use error::{Error, Result};
+pub use event::{AppendRecord, Event, Position, Record};
+pub use log::{
+    Durability, GroupOffset, Log, LogConfig, PartitionInfo, ReadResult, TopicDefaults, TopicInfo,
+};
+pub use stats::{StatsSnapshot, COMMIT_BUCKETS};
+pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};
+pub use topic::{OnFull, TopicConfig};

@@ -1,0 +1,1091 @@
+//! The log: topics, appends with group commit, reads, tails, retention and
+//! consumer-group offsets, over any [`Store`].
+//!
+//! ## The write path
+//! [`Log::append`] validates and partitions the events, takes permits from a byte
+//! budget (`max_pending_bytes`: memory is bounded however fast producers are),
+//! and queues one command for the committer thread. The committer drains every
+//! queued command (up to `max_cycle_bytes`), assigns dense offsets, packs the
+//! events of each partition into ~8 KiB batches, inserts them, and then makes the
+//! whole cycle durable with one [`Store::sync`]. Only then does it publish the new
+//! end offsets (readers never see undurable data) and answer every waiting
+//! producer. One fsync covers every producer that was waiting: a cycle's cost
+//! does not grow with the number of producers.
+//!
+//! If the store ever fails to write or sync, the log stops accepting writes
+//! (`Error::Unwritable`, `/health` 503) until restarted: the outcome of the failed
+//! cycle is unknown, and offsets must never be handed out twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::batch::{decode_header, decode_records, encoded_len, BatchBuilder};
+use crate::error::{Error, Result};
+use crate::event::{AppendRecord, Event, Position, Record};
+use crate::partitioner::partition_for_key;
+use crate::stats::{Stats, StatsSnapshot};
+use crate::store::{PartitionStore, SledOptions, SledStore, Store};
+use crate::topic::{OnFull, TopicConfig};
+
+/// When an append is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After the commit cycle's fsync (the default): an ack means on disk.
+    Fsync,
+    /// Right after the events are in the engine; a flusher fsyncs every interval.
+    /// A crash loses up to one interval of acknowledged events.
+    Interval(Duration),
+}
+
+/// Settings for topics created implicitly (auto-create) or without explicit values.
+#[derive(Debug, Clone)]
+pub struct TopicDefaults {
+    /// Partition count.
+    pub partitions: u32,
+    /// Age retention (ms); `None` keeps events forever.
+    pub retention_ms: Option<u64>,
+    /// Size retention per partition; `None` means no limit.
+    pub retention_bytes: Option<u64>,
+    /// Largest single event.
+    pub max_event_bytes: usize,
+    /// Policy at the disk quota.
+    pub on_full: OnFull,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults {
+            partitions: 1,
+            retention_ms: None,
+            retention_bytes: None,
+            max_event_bytes: 1024 * 1024,
+            on_full: OnFull::Reject,
+        }
+    }
+}
+
+impl TopicDefaults {
+    /// A topic config for `name` with these defaults.
+    pub fn config(&self, name: &str) -> TopicConfig {
+        TopicConfig {
+            name: name.to_owned(),
+            partitions: self.partitions,
+            retention_ms: self.retention_ms,
+            retention_bytes: self.retention_bytes,
+            max_event_bytes: self.max_event_bytes,
+            on_full: self.on_full,
+        }
+    }
+}
+
+/// The log's settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// When appends are acknowledged.
+    pub durability: Durability,
+    /// Bytes of appends that may wait for the committer; producers beyond it wait.
+    pub max_pending_bytes: usize,
+    /// Bytes one commit cycle takes at most.
+    pub max_cycle_bytes: usize,
+    /// Target size of one stored batch value.
+    pub batch_bytes: usize,
+    /// How often retention runs.
+    pub retention_interval: Duration,
+    /// Create unknown topics on first append.
+    pub auto_create_topics: bool,
+    /// Defaults for new topics.
+    pub topic_defaults: TopicDefaults,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            durability: Durability::Fsync,
+            max_pending_bytes: 32 * 1024 * 1024,
+            max_cycle_bytes: 4 * 1024 * 1024,
+            batch_bytes: 8 * 1024,
+            retention_interval: Duration::from_secs(5),
+            auto_create_topics: true,
+            topic_defaults: TopicDefaults::default(),
+        }
+    }
+}
+
+/// One partition's offsets and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Partition number.
+    pub partition: u32,
+    /// First offset still stored.
+    pub start_offset: u64,
+    /// Next offset to be written (durable end).
+    pub end_offset: u64,
+    /// Bytes of batches stored.
+    pub bytes: u64,
+}
+
+/// A topic's config and live state.
+#[derive(Debug, Clone)]
+pub struct TopicInfo {
+    /// Its config.
+    pub config: TopicConfig,
+    /// Per-partition offsets.
+    pub partitions: Vec<PartitionInfo>,
+    /// Events appended since the process started.
+    pub events_appended: u64,
+    /// Encoded bytes appended since the process started.
+    pub bytes_appended: u64,
+}
+
+/// The answer to a read.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// Records in offset order.
+    pub records: Vec<Record>,
+    /// Where the next read should start.
+    pub next_offset: u64,
+    /// First offset stored when read.
+    pub start_offset: u64,
+    /// End offset when read.
+    pub end_offset: u64,
+}
+
+/// A consumer group's position in one partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupOffset {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Next offset the group will read.
+    pub offset: u64,
+}
+
+struct PartitionState {
+    id: u32,
+    store: Arc<dyn PartitionStore>,
+    /// Next offset to hand out (the committer's).
+    next: AtomicU64,
+    /// Cumulative bytes after the last batch (the committer's).
+    next_pos: AtomicU64,
+    /// Durable end: readers see offsets below it.
+    end: watch::Sender<u64>,
+    start: AtomicU64,
+    start_pos: AtomicU64,
+}
+
+struct TopicState {
+    config: TopicConfig,
+    partitions: Vec<PartitionState>,
+    round_robin: AtomicU32,
+    events: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl TopicState {
+    fn partition(&self, partition: u32) -> Result<&PartitionState> {
+        self.partitions
+            .get(partition as usize)
+            .ok_or_else(|| Error::UnknownPartition {
+                topic: self.config.name.clone(),
+                partition,
+                partitions: self.config.partitions,
+            })
+    }
+
+    fn info(&self) -> TopicInfo {
+        TopicInfo {
+            config: self.config.clone(),
+            partitions: self
+                .partitions
+                .iter()
+                .map(|p| PartitionInfo {
+                    partition: p.id,
+                    start_offset: p.start.load(SeqCst),
+                    end_offset: *p.end.borrow(),
+                    bytes: p
+                        .next_pos
+                        .load(Relaxed)
+                        .saturating_sub(p.start_pos.load(Relaxed)),
+                })
+                .collect(),
+            events_appended: self.events.load(Relaxed),
+            bytes_appended: self.bytes.load(Relaxed),
+        }
+    }
+}
+
+enum Command {
+    Append {
+        topic: Arc<TopicState>,
+        parts: Vec<(u32, Vec<Event>)>,
+        bytes: usize,
+        reply: oneshot::Sender<Result<Vec<u64>>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    Commit {
+        group: String,
+        offsets: Vec<GroupOffset>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Barrier {
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    config: LogConfig,
+    topics: RwLock<BTreeMap<String, Arc<TopicState>>>,
+    stats: Stats,
+    failure: Mutex<Option<String>>,
+    failed: AtomicBool,
+    closed: AtomicBool,
+    dirty: AtomicBool,
+    /// Held for a whole retention pass: two passes at once could write a stale floor.
+    retention: Mutex<()>,
+}
+
+impl Shared {
+    fn fail(&self, message: String) {
+        tracing::error!(error = %message, "the log can no longer write; restart to recover");
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(message);
+        self.failed.store(true, SeqCst);
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        // Failure first: the committer lets a closed log drain its queue, but a
+        // failed one must never write or sync again, closed or not.
+        if self.failed.load(SeqCst) {
+            let f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            return Err(Error::Unwritable(f.clone().unwrap_or_default()));
+        }
+        if self.closed.load(SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn topic(&self, name: &str) -> Option<Arc<TopicState>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// Stops background threads: a flag and a condvar to sleep on.
+#[derive(Default)]
+struct Stopper {
+    stopped: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Stopper {
+    /// Sleeps up to `d`; true when stopping.
+    fn sleep(&self, d: Duration) -> bool {
+        let g = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, d, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    pending: Arc<Semaphore>,
+    stopper: Arc<Stopper>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        // The committer drains what is queued, syncs and exits once the last
+        // sender is gone: drop ours before joining, so the store is released
+        // (sled's file lock too) when the last handle is dropped.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn corruption(topic: &str, partition: u32, offset: u64, detail: String) -> Error {
+    Error::Corruption {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        detail,
+    }
+}
+
+fn recover_partition(store: &dyn Store, topic: &str, id: u32) -> Result<PartitionState> {
+    let handle = store.partition(topic, id)?;
+    let floor = store.floor(topic, id)?.unwrap_or(0);
+    let (next, next_pos) = match handle.last()? {
+        Some((base, value)) => {
+            let h = decode_header(&value).map_err(|d| corruption(topic, id, base, d))?;
+            (base + u64::from(h.count), h.end_position)
+        }
+        None => (0, 0),
+    };
+    let next = next.max(floor);
+    let (start, start_pos) = match handle.first()? {
+        Some((base, value)) => {
+            let h = decode_header(&value).map_err(|d| corruption(topic, id, base, d))?;
+            (
+                base.max(floor).min(next),
+                h.end_position.saturating_sub(value.len() as u64),
+            )
+        }
+        None => (next, next_pos),
+    };
+    Ok(PartitionState {
+        id,
+        store: handle,
+        next: AtomicU64::new(next),
+        next_pos: AtomicU64::new(next_pos),
+        end: watch::Sender::new(next),
+        start: AtomicU64::new(start),
+        start_pos: AtomicU64::new(start_pos),
+    })
+}
+
+fn build_topic(store: &dyn Store, config: TopicConfig) -> Result<TopicState> {
+    let partitions = (0..config.partitions)
+        .map(|p| recover_partition(store, &config.name, p))
+        .collect::<Result<_>>()?;
+    Ok(TopicState {
+        config,
+        partitions,
+        round_robin: AtomicU32::new(0),
+        events: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+    })
+}
+
+impl Log {
+    /// Opens (or creates) a sled-backed log in `dir`.
+    pub fn open(dir: &Path, sled: &SledOptions, config: LogConfig) -> Result<Log> {
+        let store = SledStore::open(dir, sled)?;
+        Log::with_store(Arc::new(store), config)
+    }
+
+    /// A log over any store (tests use [`crate::MemStore`]).
+    pub fn with_store(store: Arc<dyn Store>, config: LogConfig) -> Result<Log> {
+        if config.max_pending_bytes == 0 || config.max_pending_bytes > u32::MAX as usize {
+            return Err(Error::Config(
+                "max_pending_bytes must be 1..=4294967295".into(),
+            ));
+        }
+        config.topic_defaults.config("defaults").validate()?;
+        let mut topics = BTreeMap::new();
+        for tc in store.load_topics()? {
+            let name = tc.name.clone();
+            topics.insert(name, Arc::new(build_topic(store.as_ref(), tc)?));
+        }
+        let shared = Arc::new(Shared {
+            store,
+            config,
+            topics: RwLock::new(topics),
+            stats: Stats::default(),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            retention: Mutex::new(()),
+        });
+        let (tx, rx) = mpsc::channel(4096);
+        let stopper = Arc::new(Stopper::default());
+        let mut threads = Vec::new();
+        {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("log-committer".into())
+                    .spawn(move || committer(&shared, rx))?,
+            );
+        }
+        if let Durability::Interval(every) = shared.config.durability {
+            let (shared, stopper) = (shared.clone(), stopper.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("log-flusher".into())
+                    .spawn(move || {
+                        let mut stopping = false;
+                        while !stopping {
+                            stopping = stopper.sleep(every);
+                            if shared.dirty.swap(false, SeqCst) && !shared.failed.load(SeqCst) {
+                                if let Err(e) = shared.store.sync() {
+                                    shared.fail(format!("interval flush failed: {e}"));
+                                }
+                            }
+                        }
+                    })?,
+            );
+        }
+        {
+            let (shared, stopper) = (shared.clone(), stopper.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("log-retention".into())
+                    .spawn(move || {
+                        while !stopper.sleep(shared.config.retention_interval) {
+                            enforce_retention(&shared, &stopper);
+                        }
+                    })?,
+            );
+        }
+        let pending = Arc::new(Semaphore::new(shared.config.max_pending_bytes));
+        Ok(Log {
+            inner: Arc::new(Inner {
+                shared,
+                tx,
+                pending,
+                stopper,
+                threads: Mutex::new(threads),
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// The settings this log runs with.
+    pub fn config(&self) -> &LogConfig {
+        &self.shared().config
+    }
+
+    /// Ok when the log accepts writes.
+    pub fn health(&self) -> Result<()> {
+        self.shared().check_writable()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared().stats.snapshot()
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared().store.disk_bytes()
+    }
+
+    /// Creates a topic; durable when this returns.
+    pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicInfo> {
+        config.validate()?;
+        self.shared().check_writable()?;
+        let state = {
+            let shared = self.shared();
+            let mut topics = shared.topics.write().unwrap_or_else(|p| p.into_inner());
+            if topics.contains_key(&config.name) {
+                return Err(Error::TopicExists(config.name));
+            }
+            // Stored before any append can name it: the committer's sync that makes
+            // the first events durable makes the topic durable with or before them.
+            shared.store.put_topic(&config)?;
+            let state = Arc::new(build_topic(shared.store.as_ref(), config)?);
+            topics.insert(state.config.name.clone(), state.clone());
+            state
+        };
+        tracing::info!(topic = %state.config.name, partitions = state.config.partitions, "topic created");
+        self.barrier().await?;
+        Ok(state.info())
+    }
+
+    async fn topic_or_create(&self, name: &str) -> Result<Arc<TopicState>> {
+        if let Some(t) = self.shared().topic(name) {
+            return Ok(t);
+        }
+        if !self.shared().config.auto_create_topics {
+            return Err(Error::UnknownTopic(name.to_owned()));
+        }
+        let config = self.shared().config.topic_defaults.config(name);
+        match self.create_topic(config).await {
+            Ok(_) | Err(Error::TopicExists(_)) => self
+                .shared()
+                .topic(name)
+                .ok_or_else(|| Error::UnknownTopic(name.to_owned())),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn existing(&self, name: &str) -> Result<Arc<TopicState>> {
+        self.shared()
+            .topic(name)
+            .ok_or_else(|| Error::UnknownTopic(name.to_owned()))
+    }
+
+    /// Every topic, by name.
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        let topics = self
+            .shared()
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        topics.values().map(|t| t.info()).collect()
+    }
+
+    /// One topic.
+    pub fn topic(&self, name: &str) -> Result<TopicInfo> {
+        Ok(self.existing(name)?.info())
+    }
+
+    /// Appends events to `topic`; resolves with each event's position, in input
+    /// order, once they are durable (per [`Durability`]). Events with a key go to
+    /// `murmur2(key) % partitions`; keyless events of one call go to one partition,
+    /// rotating per call; an explicit partition wins over both.
+    pub async fn append(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+        let result = self.append_inner(topic, records).await;
+        let stats = &self.shared().stats;
+        match &result {
+            Ok(p) => {
+                stats.append_requests.fetch_add(1, Relaxed);
+                stats.append_events.fetch_add(p.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                stats.append_errors.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn append_inner(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+        self.shared().check_writable()?;
+        let t = self.topic_or_create(topic).await?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = t.config.partitions;
+        let now = now_ms();
+        let keyless = t.round_robin.fetch_add(1, Relaxed) % n;
+        let mut slot_of_partition = vec![u32::MAX; n as usize];
+        let mut parts: Vec<(u32, Vec<Event>)> = Vec::new();
+        let mut placement = Vec::with_capacity(records.len());
+        let mut bytes = 0usize;
+        for AppendRecord {
+            partition,
+            mut event,
+        } in records
+        {
+            let size = event.size();
+            if size > t.config.max_event_bytes {
+                return Err(Error::EventTooLarge {
+                    size,
+                    max: t.config.max_event_bytes,
+                });
+            }
+            let p = match (partition, &event.key) {
+                (Some(p), _) => t.partition(p)?.id,
+                (None, Some(k)) => partition_for_key(k, n),
+                (None, None) => keyless,
+            };
+            event.timestamp.get_or_insert(now);
+            bytes += encoded_len(&event);
+            let slot = &mut slot_of_partition[p as usize];
+            if *slot == u32::MAX {
+                *slot = parts.len() as u32;
+                parts.push((p, Vec::new()));
+            }
+            let events = &mut parts[*slot as usize].1;
+            placement.push((*slot, events.len() as u64));
+            events.push(event);
+        }
+        let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
+        let permit = self
+            .inner
+            .pending
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Append {
+            topic: t.clone(),
+            parts,
+            bytes,
+            reply,
+            _permit: permit,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        let firsts = answer.await.map_err(|_| Error::Closed)??;
+        t.bytes.fetch_add(bytes as u64, Relaxed);
+        t.events.fetch_add(placement.len() as u64, Relaxed);
+        self.shared()
+            .stats
+            .append_bytes
+            .fetch_add(bytes as u64, Relaxed);
+        // Partition numbers per slot are needed again; rebuild from the slot map.
+        let mut partition_of_slot = vec![0u32; firsts.len()];
+        for (p, &slot) in slot_of_partition.iter().enumerate() {
+            if slot != u32::MAX {
+                partition_of_slot[slot as usize] = p as u32;
+            }
+        }
+        Ok(placement
+            .into_iter()
+            .map(|(slot, i)| Position {
+                partition: partition_of_slot[slot as usize],
+                offset: firsts[slot as usize] + i,
+            })
+            .collect())
+    }
+
+    async fn barrier(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Barrier { reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Makes everything appended so far durable (whatever the durability mode).
+    pub async fn flush(&self) -> Result<()> {
+        self.barrier().await
+    }
+
+    /// Refuses new appends, then makes everything accepted before durable.
+    pub async fn close(&self) -> Result<()> {
+        self.shared().closed.store(true, SeqCst);
+        self.barrier().await
+    }
+
+    /// Reads up to `max_records` records (and about `max_bytes` of keys and
+    /// values, at least one record) from `offset`. Reading at the end offset
+    /// returns no records; outside `start..=end` is an error naming the range.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<ReadResult> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let start = ps.start.load(SeqCst);
+        let end = *ps.end.borrow();
+        let out_of_range = |start| Error::OffsetOutOfRange {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            start,
+            end,
+        };
+        if offset < start || offset > end {
+            return Err(out_of_range(start));
+        }
+        let mut records = Vec::new();
+        let mut next = offset;
+        if offset < end && max_records > 0 {
+            let mut bytes = 0usize;
+            for (base, value) in ps.store.read(offset, max_bytes)? {
+                if base > next {
+                    // Retention removed the batch holding `next` while we read.
+                    if records.is_empty() {
+                        return Err(out_of_range(ps.start.load(SeqCst)));
+                    }
+                    break;
+                }
+                let mut full = false;
+                decode_records(&value, base, partition, next, end, |r| {
+                    bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
+                    next = r.offset + 1;
+                    records.push(r);
+                    full = records.len() >= max_records || bytes >= max_bytes;
+                    !full
+                })
+                .map_err(|d| corruption(topic, partition, base, d))?;
+                if full || next >= end {
+                    break;
+                }
+            }
+            if records.is_empty() {
+                return Err(out_of_range(ps.start.load(SeqCst)));
+            }
+        }
+        Ok(ReadResult {
+            records,
+            next_offset: next,
+            start_offset: start,
+            end_offset: end,
+        })
+    }
+
+    /// Like [`Log::read`], but when `offset` is the end, waits up to `wait` for
+    /// new records first. Reads run on the blocking pool.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<ReadResult> {
+        let mut end_rx = self.watch_end(topic, partition)?;
+        let (start, end) = (
+            self.existing(topic)?
+                .partition(partition)?
+                .start
+                .load(SeqCst),
+            *end_rx.borrow(),
+        );
+        if offset < start || offset > end {
+            return Err(Error::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                start,
+                end,
+            });
+        }
+        if offset == end && !wait.is_zero() {
+            let _ = tokio::time::timeout(wait, end_rx.wait_for(|&e| e > offset)).await;
+        }
+        let log = self.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            log.read(&topic, partition, offset, max_records, max_bytes)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// A receiver of a partition's end offset: it changes when new records
+    /// become readable, so tails wait on it instead of polling.
+    pub fn watch_end(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>> {
+        Ok(self.existing(topic)?.partition(partition)?.end.subscribe())
+    }
+
+    /// Stores a consumer group's positions durably (same commit cycle as appends).
+    pub async fn commit_offsets(&self, group: &str, offsets: Vec<GroupOffset>) -> Result<()> {
+        validate_group(group)?;
+        self.shared().check_writable()?;
+        for o in &offsets {
+            let t = self.existing(&o.topic)?;
+            let end = *t.partition(o.partition)?.end.borrow();
+            if o.offset > end {
+                return Err(Error::OffsetOutOfRange {
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    offset: o.offset,
+                    start: 0,
+                    end,
+                });
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Commit {
+            group: group.to_owned(),
+            offsets,
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// A group's committed positions, sorted by topic and partition.
+    pub fn group_offsets(&self, group: &str) -> Result<Vec<GroupOffset>> {
+        validate_group(group)?;
+        let mut out: Vec<GroupOffset> = self
+            .shared()
+            .store
+            .group_offsets(group)?
+            .into_iter()
+            .map(|(topic, partition, offset)| GroupOffset {
+                topic,
+                partition,
+                offset,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Runs one retention pass now (the background thread does this every
+    /// `retention_interval`).
+    pub fn enforce_retention(&self) {
+        enforce_retention(self.shared(), &self.inner.stopper);
+    }
+}
+
+/// Group names: 1..=249 bytes, no NUL (it separates key parts on disk).
+pub fn validate_group(group: &str) -> Result<()> {
+    if group.is_empty() || group.len() > 249 || group.contains('\0') {
+        return Err(Error::Config(format!(
+            "group name must be 1..=249 bytes without NUL, got {group:?}"
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The committer thread
+// ---------------------------------------------------------------------------
+
+impl Command {
+    fn bytes(&self) -> usize {
+        match self {
+            Command::Append { bytes, .. } => *bytes,
+            Command::Commit { offsets, .. } => offsets.len() * 32,
+            Command::Barrier { .. } => 0,
+        }
+    }
+}
+
+fn committer(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
+    let mut cycle = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.bytes();
+        cycle.push(first);
+        while bytes < shared.config.max_cycle_bytes {
+            match rx.try_recv() {
+                Ok(c) => {
+                    bytes += c.bytes();
+                    cycle.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        run_cycle(shared, &mut cycle);
+    }
+    if !shared.failed.load(SeqCst) {
+        if let Err(e) = shared.store.sync() {
+            tracing::error!(error = %e, "final sync at shutdown failed");
+        }
+    }
+}
+
+struct OpenBatch {
+    topic: Arc<TopicState>,
+    partition: u32,
+    base: u64,
+    builder: BatchBuilder,
+}
+
+impl OpenBatch {
+    fn seal(&mut self, batch_bytes: usize) -> Result<()> {
+        if self.builder.is_empty() {
+            return Ok(());
+        }
+        let ps = &self.topic.partitions[self.partition as usize];
+        let builder =
+            std::mem::replace(&mut self.builder, BatchBuilder::with_capacity(batch_bytes));
+        let (value, end_pos) = builder.finish(ps.next_pos.load(Relaxed));
+        ps.store.insert(self.base, value)?;
+        ps.next_pos.store(end_pos, Relaxed);
+        self.base = ps.next.load(Relaxed);
+        Ok(())
+    }
+}
+
+fn write_cycle(shared: &Shared, cycle: &[Command], answers: &mut Vec<Vec<u64>>) -> Result<bool> {
+    let batch_bytes = shared.config.batch_bytes;
+    let mut open: HashMap<(usize, u32), OpenBatch> = HashMap::new();
+    let mut must_sync = shared.config.durability == Durability::Fsync;
+    for cmd in cycle {
+        match cmd {
+            Command::Append { topic, parts, .. } => {
+                let mut firsts = Vec::with_capacity(parts.len());
+                for (p, events) in parts {
+                    let ps = &topic.partitions[*p as usize];
+                    firsts.push(ps.next.load(Relaxed));
+                    let ob = open
+                        .entry((Arc::as_ptr(topic) as usize, *p))
+                        .or_insert_with(|| OpenBatch {
+                            topic: topic.clone(),
+                            partition: *p,
+                            base: ps.next.load(Relaxed),
+                            builder: BatchBuilder::with_capacity(batch_bytes),
+                        });
+                    for e in events {
+                        if !ob.builder.is_empty() && ob.builder.len() + encoded_len(e) > batch_bytes
+                        {
+                            ob.seal(batch_bytes)?;
+                        }
+                        ob.builder.push(e, e.timestamp.unwrap_or(0));
+                        ps.next.fetch_add(1, Relaxed);
+                    }
+                }
+                answers.push(firsts);
+            }
+            Command::Commit { group, offsets, .. } => {
+                for o in offsets {
+                    shared
+                        .store
+                        .put_group_offset(group, &o.topic, o.partition, o.offset)?;
+                }
+            }
+            Command::Barrier { .. } => must_sync = true,
+        }
+    }
+    let touched = open.len();
+    for ob in open.values_mut() {
+        ob.seal(batch_bytes)?;
+    }
+    if must_sync {
+        shared.store.sync()?;
+    } else {
+        shared.dirty.store(true, SeqCst);
+    }
+    // Publish the new ends only now: readers never see what is not durable.
+    for ob in open.values() {
+        let ps = &ob.topic.partitions[ob.partition as usize];
+        ps.end.send_replace(ps.next.load(Relaxed));
+    }
+    Ok(touched > 0)
+}
+
+fn run_cycle(shared: &Shared, cycle: &mut Vec<Command>) {
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    let outcome = match shared.check_writable() {
+        Err(e) if !matches!(e, Error::Closed) => Err(e),
+        _ => write_cycle(shared, cycle, &mut answers).map_err(|e| {
+            let msg = e.to_string();
+            shared.fail(msg.clone());
+            Error::Unwritable(msg)
+        }),
+    };
+    if outcome.is_ok() {
+        shared.stats.observe_commit(started.elapsed());
+    }
+    let mut answers = answers.into_iter();
+    for cmd in cycle.drain(..) {
+        let err = || match &outcome {
+            Err(Error::Unwritable(m)) => Error::Unwritable(m.clone()),
+            Err(e) => Error::Unwritable(e.to_string()),
+            Ok(_) => Error::Closed,
+        };
+        match cmd {
+            Command::Append { reply, .. } => {
+                let r = match (&outcome, answers.next()) {
+                    (Ok(_), Some(firsts)) => Ok(firsts),
+                    _ => Err(err()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Commit { reply, .. } | Command::Barrier { reply } => {
+                let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|_| err()));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Retention
+// ---------------------------------------------------------------------------
+
+/// Most batches one partition loses per pass; the rest waits for the next pass.
+const MAX_REMOVALS_PER_PASS: usize = 4096;
+
+fn enforce_retention(shared: &Shared, stopper: &Stopper) {
+    let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
+    let topics: Vec<Arc<TopicState>> = shared
+        .topics
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for t in topics {
+        if t.config.retention_ms.is_none() && t.config.retention_bytes.is_none() {
+            continue;
+        }
+        for ps in &t.partitions {
+            if let Err(e) = retain_partition(shared, &t, ps, stopper) {
+                tracing::warn!(topic = %t.config.name, partition = ps.id, error = %e, "retention pass failed");
+            }
+        }
+    }
+}
+
+fn retain_partition(
+    shared: &Shared,
+    t: &TopicState,
+    ps: &PartitionState,
+    stopper: &Stopper,
+) -> Result<()> {
+    // Not `ms as i64`: a huge retention_ms would turn negative and expire everything.
+    let max_age = |ms: u64| i64::try_from(ms).unwrap_or(i64::MAX);
+    let oldest_kept = t
+        .config
+        .retention_ms
+        .map(|ms| now_ms().saturating_sub(max_age(ms)));
+    for removed in 0..MAX_REMOVALS_PER_PASS {
+        // Throttle: a pass never hogs the engine; give appends room every 64 removals.
+        if removed > 0 && removed % 64 == 0 && stopper.sleep(Duration::from_millis(1)) {
+            return Ok(());
+        }
+        let Some((base, value)) = ps.store.first()? else {
+            return Ok(());
+        };
+        let h = decode_header(&value).map_err(|d| corruption(&t.config.name, ps.id, base, d))?;
+        let next_start = base + u64::from(h.count);
+        if next_start > *ps.end.borrow() {
+            return Ok(());
+        }
+        let size = ps
+            .next_pos
+            .load(Relaxed)
+            .saturating_sub(ps.start_pos.load(Relaxed));
+        let expired = oldest_kept.is_some_and(|cutoff| h.max_ts < cutoff);
+        let oversize = t.config.retention_bytes.is_some_and(|max| size > max);
+        if !expired && !oversize {
+            return Ok(());
+        }
+        // Floor first: after a crash between the two, the floor keeps offsets from
+        // being reused even if this was the partition's last batch.
+        shared.store.put_floor(&t.config.name, ps.id, next_start)?;
+        ps.start.fetch_max(next_start, SeqCst);
+        ps.start_pos.store(h.end_position, Relaxed);
+        ps.store.remove(base)?;
+        shared.stats.retention_removed_batches.fetch_add(1, Relaxed);
+        shared
+            .stats
+            .retention_removed_events
+            .fetch_add(u64::from(h.count), Relaxed);
+    }
+    Ok(())
+}

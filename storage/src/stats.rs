@@ -1,0 +1,81 @@
+//! Counters the log keeps for `/metrics`: cheap atomics, nothing labelled by key.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the commit latency histogram buckets.
+pub const COMMIT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Log-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub(crate) append_requests: AtomicU64,
+    pub(crate) append_events: AtomicU64,
+    pub(crate) append_bytes: AtomicU64,
+    pub(crate) append_errors: AtomicU64,
+    pub(crate) commit_cycles: AtomicU64,
+    commit_buckets: [AtomicU64; COMMIT_BUCKETS.len()],
+    commit_sum_micros: AtomicU64,
+    pub(crate) retention_removed_batches: AtomicU64,
+    pub(crate) retention_removed_events: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    /// Append calls completed.
+    pub append_requests: u64,
+    /// Events appended.
+    pub append_events: u64,
+    /// Encoded bytes appended.
+    pub append_bytes: u64,
+    /// Append calls that failed.
+    pub append_errors: u64,
+    /// Commit cycles (each one flush + fsync covering many appends).
+    pub commit_cycles: u64,
+    /// Cumulative histogram counts per [`COMMIT_BUCKETS`] bound.
+    pub commit_buckets: Vec<u64>,
+    /// Sum of commit durations in seconds.
+    pub commit_seconds_sum: f64,
+    /// Batches removed by retention.
+    pub retention_removed_batches: u64,
+    /// Events removed by retention.
+    pub retention_removed_events: u64,
+}
+
+impl Stats {
+    pub(crate) fn observe_commit(&self, took: Duration) {
+        self.commit_cycles.fetch_add(1, Relaxed);
+        let secs = took.as_secs_f64();
+        if let Some(i) = COMMIT_BUCKETS.iter().position(|&b| secs <= b) {
+            self.commit_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.commit_sum_micros
+            .fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let mut cumulative = 0;
+        let commit_buckets = self
+            .commit_buckets
+            .iter()
+            .map(|b| {
+                cumulative += b.load(Relaxed);
+                cumulative
+            })
+            .collect();
+        StatsSnapshot {
+            append_requests: self.append_requests.load(Relaxed),
+            append_events: self.append_events.load(Relaxed),
+            append_bytes: self.append_bytes.load(Relaxed),
+            append_errors: self.append_errors.load(Relaxed),
+            commit_cycles: self.commit_cycles.load(Relaxed),
+            commit_buckets,
+            commit_seconds_sum: self.commit_sum_micros.load(Relaxed) as f64 / 1e6,
+            retention_removed_batches: self.retention_removed_batches.load(Relaxed),
+            retention_removed_events: self.retention_removed_events.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,1864 @@
+//! Integration tests that try to break the log: ordering, density, durability,
+//! crashes, failures, recovery, retention, corruption and limits.
+//!
+//! Durability tests use `MemStore::hold_sync()`: a held sync can never complete
+//! on its own, so "this must still be pending" is not a timing assertion.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tributary_storage::partitioner::partition_for_key;
+use tributary_storage::{
+    AppendRecord, Durability, Error, Event, GroupOffset, Log, LogConfig, MemStore, PartitionStore,
+    Position, Record, SledOptions, SledStore, Store, TopicConfig,
+};
+
+const MAX: usize = usize::MAX;
+const WINDOW: Duration = Duration::from_millis(200);
+const HOUR_MS: i64 = 3_600_000;
+
+/// Events exercising every field: keys (none, empty, binary), values (empty,
+/// binary, larger than a batch), ordered and repeated headers, timestamps at the
+/// extremes and unset (stamped at ingest).
+fn rich_events(seed: u64) -> Vec<Event> {
+    let mut rng = Rng::new(seed);
+    let binary: Vec<u8> = (0..=255u8).collect();
+    vec![
+        Event::new("hello")
+            .with_key("k1")
+            .with_header("a", "1")
+            .with_header("b", "")
+            .with_header("a", "2")
+            .with_timestamp(1_600_000_000_123),
+        Event::new(Vec::new()),
+        Event {
+            key: Some(Vec::new()),
+            value: binary.clone(),
+            timestamp: Some(0),
+            headers: vec![
+                ("ünïcödé".into(), vec![0, 255, 0]),
+                (String::new(), Vec::new()),
+            ],
+        },
+        Event::new(vec![0u8; 3])
+            .with_key(vec![0u8, 1, 0])
+            .with_timestamp(-5),
+        Event::new(rng.bytes(20_000))
+            .with_key(rng.bytes(300))
+            .with_timestamp(i64::MAX),
+        Event::new("min").with_timestamp(i64::MIN),
+        Event::new(rng.bytes(77))
+            .with_header("trace", rng.bytes(16))
+            .with_header("trace", rng.bytes(16)),
+    ]
+}
+
+/// Checks that `got` is `want` stored at `offset` in `partition`; an unset
+/// timestamp must have been stamped within `[lo, hi]`.
+fn assert_record(got: &Record, want: &Event, partition: u32, offset: u64, lo: i64, hi: i64) {
+    assert_eq!(got.partition, partition);
+    assert_eq!(got.offset, offset);
+    assert_eq!(got.key, want.key, "key at {offset}");
+    assert_eq!(got.value, want.value, "value at {offset}");
+    assert_eq!(got.headers, want.headers, "headers at {offset}");
+    match want.timestamp {
+        Some(ts) => assert_eq!(got.timestamp, ts, "timestamp at {offset}"),
+        None => assert!(
+            (lo..=hi).contains(&got.timestamp),
+            "stamped timestamp {} not within the append call [{lo}, {hi}]",
+            got.timestamp
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Round trip and partitioning
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_keeps_keys_values_headers_and_timestamps() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "rt", 1).await;
+
+    let first = rich_events(1);
+    let lo = now_ms();
+    let positions = log
+        .append(
+            "rt",
+            first.iter().cloned().map(AppendRecord::from).collect(),
+        )
+        .await
+        .expect("append rich events");
+    let hi = now_ms();
+    let want: Vec<Position> = (0..first.len() as u64)
+        .map(|offset| Position {
+            partition: 0,
+            offset,
+        })
+        .collect();
+    assert_eq!(
+        positions, want,
+        "one call to one partition gets consecutive offsets from 0"
+    );
+
+    let second = rich_events(2);
+    let lo2 = now_ms();
+    let positions2 = log
+        .append(
+            "rt",
+            second.iter().cloned().map(AppendRecord::from).collect(),
+        )
+        .await
+        .expect("append again");
+    let hi2 = now_ms();
+    assert_eq!(
+        positions2[0].offset,
+        first.len() as u64,
+        "the second call continues densely"
+    );
+
+    let all = read_all(&log, "rt", 0);
+    assert_eq!(all.len(), first.len() + second.len());
+    for (i, e) in first.iter().enumerate() {
+        assert_record(&all[i], e, 0, i as u64, lo, hi);
+    }
+    for (i, e) in second.iter().enumerate() {
+        let offset = positions2[i].offset;
+        assert_record(&all[offset as usize], e, 0, offset, lo2, hi2);
+    }
+
+    // Paging one record at a time returns exactly the same records.
+    assert_eq!(read_all_paged(&log, "rt", 0, 1), all);
+
+    // Reading from the middle of a batch starts at that offset.
+    let mid = log.read("rt", 0, 3, 2, MAX).expect("read mid-batch");
+    assert_eq!(mid.records, all[3..5].to_vec());
+    assert_eq!(mid.next_offset, 5);
+
+    // max_bytes = 0 still returns one record (progress is always possible).
+    let one = log.read("rt", 0, 4, 100, 0).expect("read with max_bytes 0");
+    assert_eq!(one.records.len(), 1);
+    assert_eq!(one.records[0], all[4]);
+
+    // max_records = 0 returns nothing and does not move.
+    let none = log.read("rt", 0, 2, 0, MAX).expect("read zero records");
+    assert!(none.records.is_empty());
+    assert_eq!(none.next_offset, 2);
+
+    // Reading at the end is empty, one past it is out of range.
+    let end = all.len() as u64;
+    let at_end = log.read("rt", 0, end, 10, MAX).expect("read at end");
+    assert!(at_end.records.is_empty());
+    assert_eq!((at_end.next_offset, at_end.end_offset), (end, end));
+    match log.read("rt", 0, end + 1, 10, MAX) {
+        Err(Error::OffsetOutOfRange {
+            offset,
+            start: 0,
+            end: e,
+            ..
+        }) => {
+            assert_eq!((offset, e), (end + 1, end));
+        }
+        other => panic!("reading past the end must be out of range, got {other:?}"),
+    }
+
+    let info = log.topic("rt").expect("topic info");
+    assert_eq!(info.events_appended, end);
+    assert_eq!(log.stats().append_events, end);
+    assert_eq!(log.stats().append_requests, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_land_like_kafka_keyless_calls_rotate_explicit_partition_wins() {
+    let log = mem_log(&MemStore::new(), strict_config());
+    create(&log, "p", 8).await;
+
+    // Kafka's own murmur2 vectors (UtilsTest): toPositive(murmur2(key)) % 8.
+    for (key, want) in [("21", 4u32), ("foobar", 6), ("abc", 3)] {
+        assert_eq!(partition_for_key(key.as_bytes(), 8), want, "{key}");
+        let pos = log
+            .append("p", vec![Event::new(key).with_key(key).into()])
+            .await
+            .expect("append keyed");
+        assert_eq!(
+            pos[0].partition, want,
+            "key {key} must land where Kafka puts it"
+        );
+    }
+
+    // Many keys in one call: each lands per murmur2, dense per partition in input order.
+    let before: Vec<u64> = (0..8).map(|p| offsets(&log, "p", p).1).collect();
+    let keys: Vec<String> = (0..400).map(|i| format!("key-{i}")).collect();
+    let positions = log
+        .append(
+            "p",
+            keys.iter()
+                .map(|k| Event::new(k.clone()).with_key(k.clone()).into())
+                .collect(),
+        )
+        .await
+        .expect("append 400 keyed events");
+    let mut next = before.clone();
+    for (k, pos) in keys.iter().zip(&positions) {
+        let p = partition_for_key(k.as_bytes(), 8);
+        assert_eq!(pos.partition, p, "{k}");
+        assert_eq!(
+            pos.offset, next[p as usize],
+            "{k} is not at the next offset of partition {p}"
+        );
+        next[p as usize] += 1;
+    }
+    assert!(
+        next.iter().zip(&before).all(|(n, b)| n > b),
+        "400 keys should reach all 8 partitions"
+    );
+    for (k, pos) in keys.iter().zip(&positions) {
+        let r = log
+            .read("p", pos.partition, pos.offset, 1, MAX)
+            .expect("read keyed");
+        assert_eq!(r.records[0].key.as_deref(), Some(k.as_bytes()));
+        assert_eq!(r.records[0].value, k.as_bytes());
+    }
+
+    // Keyless: every event of one call goes to one partition; calls rotate.
+    let mut previous: Option<u32> = None;
+    let mut seen = BTreeSet::new();
+    for call in 0..24 {
+        let ps = log
+            .append(
+                "p",
+                (0..5)
+                    .map(|j| Event::new(format!("c{call}-{j}")).into())
+                    .collect(),
+            )
+            .await
+            .expect("append keyless");
+        let p0 = ps[0].partition;
+        for (j, pos) in ps.iter().enumerate() {
+            assert_eq!(pos.partition, p0, "keyless events of one call were split");
+            assert_eq!(pos.offset, ps[0].offset + j as u64);
+        }
+        if let Some(prev) = previous {
+            assert_eq!(p0, (prev + 1) % 8, "keyless calls must rotate");
+        }
+        previous = Some(p0);
+        seen.insert(p0);
+    }
+    assert_eq!(seen.len(), 8);
+
+    // Explicit partition wins over the key and over round-robin; a mixed call
+    // answers in input order.
+    let key = (0..)
+        .map(|i| format!("x{i}"))
+        .find(|k| partition_for_key(k.as_bytes(), 8) != 5)
+        .expect("some key does not hash to 5");
+    let mixed = vec![
+        pinned(5, Event::new("pinned-keyed").with_key(key.clone())),
+        Event::new("keyless-a").into(),
+        pinned(0, Event::new("pinned-keyless")),
+        Event::new("keyed").with_key(key.clone()).into(),
+        Event::new("keyless-b").into(),
+    ];
+    let ps = log.append("p", mixed.clone()).await.expect("append mixed");
+    assert_eq!(ps[0].partition, 5);
+    assert_eq!(ps[2].partition, 0);
+    assert_eq!(ps[3].partition, partition_for_key(key.as_bytes(), 8));
+    assert_eq!(
+        ps[1].partition, ps[4].partition,
+        "keyless events of one call share a partition"
+    );
+    assert_eq!(ps[1].partition, (previous.expect("rotated before") + 1) % 8);
+    for (rec, pos) in mixed.iter().zip(&ps) {
+        let r = log
+            .read("p", pos.partition, pos.offset, 1, MAX)
+            .expect("read mixed");
+        assert_eq!(r.records[0].value, rec.event.value);
+    }
+    for p in 0..8 {
+        read_all(&log, "p", p); // dense and contiguous everywhere
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Concurrency
+// ---------------------------------------------------------------------------
+
+async fn thousand_concurrent_appends(log: &Log) {
+    const PARTITIONS: u32 = 4;
+    create(log, "dense", PARTITIONS).await;
+    let mut tasks = Vec::new();
+    for task in 0..1000u32 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let n = 1 + task % 5;
+            let records: Vec<AppendRecord> = (0..n)
+                .map(|j| {
+                    let e = Event::new(format!("task-{task}-event-{j}"));
+                    match (task + j) % 3 {
+                        0 => e.with_key(format!("key-{}", task % 17)).into(),
+                        1 => e.into(),
+                        _ => pinned((task + j) % PARTITIONS, e),
+                    }
+                })
+                .collect();
+            let positions = log
+                .append("dense", records)
+                .await
+                .expect("concurrent append");
+            (task, positions)
+        }));
+    }
+    let mut expected: HashMap<(u32, u64), String> = HashMap::new();
+    let mut total = 0u64;
+    for t in tasks {
+        let (task, positions) = t.await.expect("task panicked");
+        assert_eq!(positions.len() as u32, 1 + task % 5);
+        let mut last_in_partition: HashMap<u32, u64> = HashMap::new();
+        for (j, pos) in positions.iter().enumerate() {
+            let payload = format!("task-{task}-event-{j}");
+            if let Some(prev) = expected.insert((pos.partition, pos.offset), payload) {
+                panic!(
+                    "offset {}/{} handed out twice (was {prev})",
+                    pos.partition, pos.offset
+                );
+            }
+            // One call's events in one partition are consecutive, in input order.
+            if let Some(prev) = last_in_partition.insert(pos.partition, pos.offset) {
+                assert_eq!(
+                    pos.offset,
+                    prev + 1,
+                    "task {task}: a call's events were interleaved"
+                );
+            }
+            total += 1;
+        }
+    }
+    let mut sum = 0;
+    for p in 0..PARTITIONS {
+        let mut got: Vec<u64> = expected
+            .keys()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        got.sort_unstable();
+        let n = got.len() as u64;
+        assert_eq!(
+            got,
+            (0..n).collect::<Vec<_>>(),
+            "partition {p} offsets are not exactly 0..{n}"
+        );
+        assert_eq!(offsets(log, "dense", p), (0, n));
+        let records = read_all(log, "dense", p);
+        assert_eq!(records.len() as u64, n);
+        for r in records {
+            assert_eq!(
+                r.value,
+                expected[&(p, r.offset)].as_bytes(),
+                "wrong payload at {p}/{}",
+                r.offset
+            );
+        }
+        sum += n;
+    }
+    assert_eq!(sum, total);
+    assert_eq!(log.stats().append_events, total);
+    assert_eq!(log.stats().append_errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_appends_get_dense_unique_offsets_mem() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    thousand_concurrent_appends(&log).await;
+    // Nothing was acknowledged that a crash would lose.
+    let log = mem_log(&store.crashed(), strict_config());
+    let durable: usize = (0..4).map(|p| read_all(&log, "dense", p).len()).sum();
+    assert_eq!(
+        durable as u64,
+        log.topics()[0]
+            .partitions
+            .iter()
+            .map(|p| p.end_offset)
+            .sum::<u64>()
+    );
+    assert_eq!(
+        durable,
+        (0..1000u32).map(|t| 1 + t as usize % 5).sum::<usize>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_appends_get_dense_unique_offsets_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = sled_log(dir.path(), strict_config());
+    thousand_concurrent_appends(&log).await;
+    let before: Vec<Vec<Record>> = (0..4).map(|p| read_all(&log, "dense", p)).collect();
+    drop(log);
+    let log = sled_log(dir.path(), strict_config());
+    for p in 0..4 {
+        assert_eq!(
+            read_all(&log, "dense", p),
+            before[p as usize],
+            "partition {p} changed across reopen"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Durability
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_is_neither_acknowledged_nor_visible_before_its_sync() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "d", 1).await;
+    let mut end_rx = log.watch_end("d", 0).expect("watch end");
+
+    store.hold_sync();
+    let l = log.clone();
+    let mut append =
+        tokio::spawn(async move { l.append("d", vec![Event::new("held").into()]).await });
+    // The committer writes the batch into the engine, then waits on the held sync.
+    wait_until("the batch reaches the engine", || {
+        live_batches(&store, "d", 0) == 1
+    })
+    .await;
+    assert_pending(&mut append, WINDOW, "append").await;
+
+    // The record is in the engine but no reader may see it.
+    let r = log.read("d", 0, 0, 10, MAX).expect("read at 0");
+    assert!(r.records.is_empty(), "a reader saw an undurable record");
+    assert_eq!(r.end_offset, 0);
+    assert_eq!(offsets(&log, "d", 0), (0, 0));
+    assert!(matches!(
+        log.read("d", 0, 1, 10, MAX),
+        Err(Error::OffsetOutOfRange { end: 0, .. })
+    ));
+    assert_eq!(*end_rx.borrow_and_update(), 0);
+    let f = log
+        .fetch("d", 0, 0, 10, MAX, Duration::ZERO)
+        .await
+        .expect("fetch without wait");
+    assert!(f.records.is_empty());
+
+    // A tail waiting for offset 0, a flush and a group commit all wait too.
+    let l = log.clone();
+    let mut tail = tokio::spawn(async move { l.fetch("d", 0, 0, 10, MAX, DEADLINE).await });
+    let l = log.clone();
+    let mut flush = tokio::spawn(async move { l.flush().await });
+    let l = log.clone();
+    let mut commit = tokio::spawn(async move {
+        l.commit_offsets(
+            "g",
+            vec![GroupOffset {
+                topic: "d".into(),
+                partition: 0,
+                offset: 0,
+            }],
+        )
+        .await
+    });
+    assert_pending(&mut tail, WINDOW, "tail fetch").await;
+    assert_pending(&mut flush, WINDOW, "flush").await;
+    assert_pending(&mut commit, WINDOW, "commit_offsets").await;
+    assert!(
+        !end_rx.has_changed().expect("sender alive"),
+        "end offset moved before the sync"
+    );
+
+    // A crash now loses the record, and nothing was acknowledged.
+    assert_eq!(live_batches(&store.crashed(), "d", 0), 0);
+
+    store.release_sync();
+    let positions = append.await.expect("join").expect("append after release");
+    assert_eq!(
+        positions,
+        vec![Position {
+            partition: 0,
+            offset: 0
+        }]
+    );
+    flush.await.expect("join").expect("flush after release");
+    commit.await.expect("join").expect("commit after release");
+    let tailed = tail.await.expect("join").expect("tail after release");
+    assert_eq!(tailed.records.len(), 1);
+    assert_eq!(tailed.records[0].value, b"held");
+    end_rx.changed().await.expect("end changes");
+    assert_eq!(*end_rx.borrow(), 1);
+    assert_eq!(
+        live_batches(&store.crashed(), "d", 0),
+        1,
+        "acknowledged means synced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_keeps_acknowledged_records_and_loses_unsynced_ones() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "c", 2).await;
+
+    let mut acked: BTreeMap<(u32, u64), Vec<u8>> = BTreeMap::new();
+    for i in 0..50u32 {
+        let value = format!("acked-{i}").into_bytes();
+        let pos = log
+            .append("c", vec![pinned(i % 2, Event::new(value.clone()))])
+            .await
+            .expect("append");
+        acked.insert((pos[0].partition, pos[0].offset), value);
+    }
+    log.commit_offsets(
+        "g",
+        vec![GroupOffset {
+            topic: "c".into(),
+            partition: 0,
+            offset: 10,
+        }],
+    )
+    .await
+    .expect("commit offsets");
+
+    store.hold_sync();
+    let l = log.clone();
+    let mut lost = tokio::spawn(async move {
+        let records = (0..10u32)
+            .map(|i| pinned(i % 2, Event::new(format!("lost-{i}"))))
+            .collect();
+        l.append("c", records).await
+    });
+    wait_until("the unsynced batches reach the engine", || {
+        live_batches(&store, "c", 0) == 26 && live_batches(&store, "c", 1) == 26
+    })
+    .await;
+    assert_pending(&mut lost, WINDOW, "unsynced append").await;
+    let crashed = store.crashed();
+    store.release_sync();
+    lost.await
+        .expect("join")
+        .expect("the old log completes its append on the old store");
+    drop(log);
+
+    let log = mem_log(&crashed, strict_config());
+    for p in 0..2 {
+        let got: Vec<(u64, Vec<u8>)> = read_all(&log, "c", p)
+            .into_iter()
+            .map(|r| (r.offset, r.value))
+            .collect();
+        let want: Vec<(u64, Vec<u8>)> = acked
+            .iter()
+            .filter(|((q, _), _)| *q == p)
+            .map(|((_, o), v)| (*o, v.clone()))
+            .collect();
+        assert_eq!(got, want, "partition {p} after the crash");
+        assert_eq!(offsets(&log, "c", p), (0, 25));
+    }
+    assert_eq!(
+        log.group_offsets("g").expect("group offsets"),
+        vec![GroupOffset {
+            topic: "c".into(),
+            partition: 0,
+            offset: 10
+        }]
+    );
+
+    // Offsets continue densely after the crash.
+    for i in 0..6u32 {
+        let pos = log
+            .append("c", vec![pinned(i % 2, Event::new(format!("after-{i}")))])
+            .await
+            .expect("append");
+        assert_eq!(pos[0].offset, 25 + u64::from(i / 2));
+    }
+    // And a second crash keeps everything acknowledged since.
+    let again = crashed.crashed();
+    drop(log);
+    let log = mem_log(&again, strict_config());
+    for p in 0..2 {
+        let records = read_all(&log, "c", p);
+        assert_eq!(records.len(), 28);
+        assert_eq!(records[27].value, format!("after-{}", 4 + p).into_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sync_makes_the_log_unwritable_for_good() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "f", 1).await;
+    create(&log, "other", 1).await;
+    assert_eq!(append_one(&log, "f", "ok").await, 0);
+    log.health().expect("healthy before the failure");
+
+    store.fail_sync(Some("disk on fire"));
+    let err = log
+        .append("f", vec![Event::new("doomed").into()])
+        .await
+        .expect_err("append must fail");
+    assert!(
+        matches!(&err, Error::Unwritable(m) if m.contains("disk on fire")),
+        "{err}"
+    );
+    assert!(matches!(log.health(), Err(Error::Unwritable(m)) if m.contains("disk on fire")));
+    assert_eq!(
+        offsets(&log, "f", 0),
+        (0, 1),
+        "the failed record must not become visible"
+    );
+
+    // Even once the disk "recovers", the log refuses everything: the outcome of
+    // the failed cycle is unknown and offsets must never be handed out twice.
+    store.fail_sync(None);
+    let syncs = store.syncs();
+    let batches = live_batches(&store, "f", 0);
+    for topic in ["f", "other"] {
+        let e = log
+            .append(topic, vec![Event::new("later").into()])
+            .await
+            .expect_err("append after failure");
+        assert!(matches!(e, Error::Unwritable(_)), "{e}");
+    }
+    let e = log
+        .create_topic(TopicConfig::new("new", 1))
+        .await
+        .expect_err("create after failure");
+    assert!(matches!(e, Error::Unwritable(_)), "{e}");
+    let e = log
+        .commit_offsets(
+            "g",
+            vec![GroupOffset {
+                topic: "f".into(),
+                partition: 0,
+                offset: 1,
+            }],
+        )
+        .await
+        .expect_err("commit after failure");
+    assert!(matches!(e, Error::Unwritable(_)), "{e}");
+    let e = log.flush().await.expect_err("flush after failure");
+    assert!(matches!(e, Error::Unwritable(_)), "{e}");
+    let e = log
+        .close()
+        .await
+        .expect_err("close of a failed log cannot promise durability");
+    assert!(matches!(e, Error::Unwritable(_)), "{e}");
+    assert!(
+        matches!(log.health(), Err(Error::Unwritable(_))),
+        "health must keep reporting the failure"
+    );
+    assert_eq!(store.syncs(), syncs, "a failed log must never sync again");
+    assert_eq!(
+        live_batches(&store, "f", 0),
+        batches,
+        "a failed log must never write again"
+    );
+    assert_eq!(offsets(&log, "f", 0), (0, 1));
+    assert!(log.stats().append_errors >= 3);
+    drop(log);
+
+    // A restart from what is durable keeps the acknowledged record.
+    let log = mem_log(&store.crashed(), strict_config());
+    let records = read_all(&log, "f", 0);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].value, b"ok");
+    assert_eq!(append_one(&log, "f", "after restart").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_append_in_flight_when_the_sync_fails_fails() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "f", 2).await;
+    store.hold_sync();
+    let mut tasks = Vec::new();
+    for i in 0..20u32 {
+        let l = log.clone();
+        tasks.push(tokio::spawn(async move {
+            l.append("f", vec![pinned(i % 2, Event::new(format!("e{i}")))])
+                .await
+        }));
+    }
+    wait_until("a cycle reaches the held sync", || {
+        live_batches(&store, "f", 0) + live_batches(&store, "f", 1) > 0
+    })
+    .await;
+    store.fail_sync(Some("EIO"));
+    store.release_sync();
+    for t in tasks {
+        let e = t
+            .await
+            .expect("join")
+            .expect_err("no append may succeed once a sync failed");
+        assert!(matches!(e, Error::Unwritable(_)), "{e}");
+    }
+    assert_eq!(offsets(&log, "f", 0), (0, 0));
+    assert_eq!(offsets(&log, "f", 1), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_refuses_new_appends_and_keeps_what_was_accepted() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "t", 1).await;
+    append_one(&log, "t", "kept").await;
+    log.close().await.expect("close");
+    assert!(matches!(log.health(), Err(Error::Closed)));
+    let e = log
+        .append("t", vec![Event::new("late").into()])
+        .await
+        .expect_err("append after close");
+    assert!(matches!(e, Error::Closed), "{e}");
+    assert_eq!(
+        read_all(&log, "t", 0).len(),
+        1,
+        "reads still work after close"
+    );
+    drop(log);
+    let log = mem_log(&store.crashed(), strict_config());
+    assert_eq!(read_all(&log, "t", 0)[0].value, b"kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_durability_acks_early_and_flush_makes_durable() {
+    let store = MemStore::new();
+    let config = LogConfig {
+        durability: Durability::Interval(Duration::from_millis(20)),
+        ..strict_config()
+    };
+    let log = mem_log(&store, config.clone());
+    create(&log, "iv", 1).await;
+
+    // With syncs held, an interval-mode append is still acknowledged and readable.
+    store.hold_sync();
+    let pos = tokio::time::timeout(DEADLINE, log.append("iv", vec![Event::new("fast").into()]))
+        .await
+        .expect("interval mode must not wait for a sync")
+        .expect("append");
+    assert_eq!(pos[0].offset, 0);
+    assert_eq!(read_all(&log, "iv", 0)[0].value, b"fast");
+    assert_eq!(
+        live_batches(&store.crashed(), "iv", 0),
+        0,
+        "not durable yet: the sync is held"
+    );
+
+    // flush waits for durability.
+    let l = log.clone();
+    let mut flush = tokio::spawn(async move { l.flush().await });
+    assert_pending(&mut flush, WINDOW, "flush").await;
+    store.release_sync();
+    flush.await.expect("join").expect("flush");
+    let crashed = store.crashed();
+    assert_eq!(
+        live_batches(&crashed, "iv", 0),
+        1,
+        "flush made the record durable"
+    );
+
+    // The background flusher makes later appends durable without a flush.
+    assert_eq!(append_one(&log, "iv", "second").await, 1);
+    wait_until("the flusher syncs", || {
+        live_batches(&store.crashed(), "iv", 0) == 2
+    })
+    .await;
+
+    drop(log);
+    let log = mem_log(&store.crashed(), config);
+    let values: Vec<Vec<u8>> = read_all(&log, "iv", 0)
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(values, vec![b"fast".to_vec(), b"second".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_durability_on_sled_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        durability: Durability::Interval(Duration::from_millis(20)),
+        ..config()
+    };
+    let log = sled_log(dir.path(), config.clone());
+    create(&log, "iv", 3).await;
+    let mut tasks = Vec::new();
+    for i in 0..100u32 {
+        let l = log.clone();
+        tasks.push(tokio::spawn(async move {
+            l.append("iv", vec![pinned(i % 3, Event::new(format!("v{i}")))])
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("append");
+    }
+    log.flush().await.expect("flush");
+    let before: Vec<Vec<Record>> = (0..3).map(|p| read_all(&log, "iv", p)).collect();
+    drop(log);
+    let log = sled_log(dir.path(), config);
+    for p in 0..3u32 {
+        assert_eq!(read_all(&log, "iv", p), before[p as usize]);
+    }
+    assert_eq!(before.iter().map(Vec::len).sum::<usize>(), 100);
+}
+
+// ---------------------------------------------------------------------------
+// Recovery on sled
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_reopen_keeps_topics_offsets_data_and_group_offsets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut expected: BTreeMap<(String, u32), Vec<(u64, Event)>> = BTreeMap::new();
+    let mut record = |topic: &str, positions: &[Position], events: &[Event]| {
+        for (pos, e) in positions.iter().zip(events) {
+            expected
+                .entry((topic.to_owned(), pos.partition))
+                .or_default()
+                .push((pos.offset, e.clone()));
+        }
+    };
+    let stamp = |events: Vec<Event>| -> Vec<Event> {
+        events
+            .into_iter()
+            .map(|e| {
+                if e.timestamp.is_none() {
+                    e.with_timestamp(42)
+                } else {
+                    e
+                }
+            })
+            .collect()
+    };
+
+    let mut alpha_config = TopicConfig::new("alpha", 3);
+    alpha_config.max_event_bytes = 2 * 1024 * 1024;
+    let groups = vec![
+        GroupOffset {
+            topic: "alpha".into(),
+            partition: 1,
+            offset: 3,
+        },
+        GroupOffset {
+            topic: "beta".into(),
+            partition: 0,
+            offset: 5,
+        },
+    ];
+    {
+        let log = sled_log(dir.path(), config());
+        log.create_topic(alpha_config.clone())
+            .await
+            .expect("create alpha");
+        create(&log, "beta", 1).await;
+        for round in 0..20u64 {
+            let events = stamp(rich_events(round));
+            let records: Vec<AppendRecord> = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| pinned(i as u32 % 3, e.clone()))
+                .collect();
+            let positions = log.append("alpha", records).await.expect("append alpha");
+            record("alpha", &positions, &events);
+            let events = stamp(rich_events(1000 + round));
+            let positions = log
+                .append(
+                    "beta",
+                    events.iter().cloned().map(AppendRecord::from).collect(),
+                )
+                .await
+                .expect("append beta");
+            record("beta", &positions, &events);
+        }
+        // Auto-created topic.
+        let events: Vec<Event> = (0..10)
+            .map(|i| Event::new(format!("g{i}")).with_timestamp(i))
+            .collect();
+        let positions = log
+            .append(
+                "gamma",
+                events.iter().cloned().map(AppendRecord::from).collect(),
+            )
+            .await
+            .expect("gamma");
+        record("gamma", &positions, &events);
+        log.commit_offsets("readers", groups.clone())
+            .await
+            .expect("commit");
+        log.commit_offsets("other", vec![groups[0].clone()])
+            .await
+            .expect("commit other");
+        // Dropping the log joins its threads and releases sled's lock.
+    }
+
+    let check = |log: &Log, expected: &BTreeMap<(String, u32), Vec<(u64, Event)>>| {
+        let names: Vec<String> = log.topics().into_iter().map(|t| t.config.name).collect();
+        assert_eq!(names, ["alpha", "beta", "gamma"]);
+        assert_eq!(log.topic("alpha").expect("alpha").config, alpha_config);
+        for ((topic, p), want) in expected {
+            let got = read_all(log, topic, *p);
+            assert_eq!(got.len(), want.len(), "{topic}/{p}");
+            assert_eq!(offsets(log, topic, *p), (0, want.len() as u64));
+            for (r, (offset, e)) in got.iter().zip(want) {
+                assert_record(r, e, *p, *offset, 0, 0);
+            }
+        }
+    };
+
+    let log = sled_log(dir.path(), config());
+    check(&log, &expected);
+    let mut sorted = groups.clone();
+    sorted.sort();
+    assert_eq!(log.group_offsets("readers").expect("groups"), sorted);
+    assert_eq!(
+        log.group_offsets("other").expect("groups"),
+        vec![groups[0].clone()]
+    );
+    assert!(log.group_offsets("nobody").expect("groups").is_empty());
+
+    // The next offsets continue densely in every partition.
+    for p in 0..3u32 {
+        let end = expected[&("alpha".to_owned(), p)].len() as u64;
+        let e = Event::new(format!("after-{p}")).with_timestamp(7);
+        let pos = log
+            .append("alpha", vec![pinned(p, e.clone())])
+            .await
+            .expect("append after reopen");
+        assert_eq!(pos[0].offset, end, "alpha/{p}");
+        expected
+            .entry(("alpha".to_owned(), p))
+            .or_default()
+            .push((end, e));
+    }
+    drop(log);
+    let log = sled_log(dir.path(), config());
+    check(&log, &expected);
+}
+
+// ---------------------------------------------------------------------------
+// Retention
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_retention_advances_start_and_never_reuses_offsets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = sled_log(dir.path(), strict_config());
+    let mut sized = TopicConfig::new("sized", 1);
+    sized.retention_bytes = Some(4096);
+    log.create_topic(sized).await.expect("create sized");
+    let value = |i: u64| format!("{i:0>100}").into_bytes();
+    for i in 0..120 {
+        assert_eq!(append_one(&log, "sized", value(i)).await, i);
+    }
+    assert_eq!(offsets(&log, "sized", 0), (0, 120));
+    log.enforce_retention();
+
+    let (start, end) = offsets(&log, "sized", 0);
+    assert!(start > 0, "retention removed nothing");
+    assert_eq!(end, 120, "retention must not move the end");
+    let bytes = log.topic("sized").expect("info").partitions[0].bytes;
+    assert!(bytes <= 4096, "{bytes} bytes kept over a 4096-byte limit");
+    assert!(
+        bytes + 200 > 4096,
+        "retention removed more than needed: {bytes} bytes kept"
+    );
+    assert_eq!(log.stats().retention_removed_events, start);
+
+    for below in [0, start - 1] {
+        match log.read("sized", 0, below, 10, MAX) {
+            Err(e @ Error::OffsetOutOfRange { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("{start}..=120")),
+                    "message must name the range: {msg}"
+                );
+                let Error::OffsetOutOfRange {
+                    offset,
+                    start: s,
+                    end: e,
+                    ..
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((offset, s, e), (below, start, 120));
+            }
+            other => {
+                panic!("read below start at {below}: expected OffsetOutOfRange, got {other:?}")
+            }
+        }
+        let e = log
+            .fetch("sized", 0, below, 10, MAX, Duration::ZERO)
+            .await
+            .expect_err("fetch below start");
+        assert!(matches!(e, Error::OffsetOutOfRange { .. }), "{e}");
+    }
+    let kept = read_all(&log, "sized", 0);
+    assert_eq!(kept.first().map(|r| r.offset), Some(start));
+    for r in &kept {
+        assert_eq!(r.value, value(r.offset));
+    }
+
+    // A topic where retention removes every batch.
+    let mut tiny = TopicConfig::new("tiny", 1);
+    tiny.retention_bytes = Some(1);
+    log.create_topic(tiny).await.expect("create tiny");
+    for i in 0..10 {
+        assert_eq!(append_one(&log, "tiny", value(i)).await, i);
+    }
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "tiny", 0), (10, 10));
+    assert!(log
+        .read("tiny", 0, 10, 10, MAX)
+        .expect("read at end")
+        .records
+        .is_empty());
+    assert!(matches!(
+        log.read("tiny", 0, 9, 10, MAX),
+        Err(Error::OffsetOutOfRange {
+            start: 10,
+            end: 10,
+            ..
+        })
+    ));
+    drop(log);
+
+    let log = sled_log(dir.path(), strict_config());
+    assert_eq!(
+        offsets(&log, "sized", 0),
+        (start, 120),
+        "reopen must keep start and end"
+    );
+    assert_eq!(read_all(&log, "sized", 0), kept);
+    assert_eq!(
+        offsets(&log, "tiny", 0),
+        (10, 10),
+        "an emptied partition must remember its end"
+    );
+    assert_eq!(append_one(&log, "sized", "next").await, 120);
+    assert_eq!(
+        append_one(&log, "tiny", "next").await,
+        10,
+        "offsets were reused after retention emptied the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_retention_removes_old_batches_by_producer_timestamp() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    let mut aged = TopicConfig::new("aged", 1);
+    aged.retention_ms = Some(HOUR_MS as u64);
+    log.create_topic(aged.clone()).await.expect("create aged");
+    let old = now_ms() - 2 * HOUR_MS;
+    for i in 0..5 {
+        let pos = log
+            .append(
+                "aged",
+                vec![Event::new(format!("old-{i}"))
+                    .with_timestamp(old + i)
+                    .into()],
+            )
+            .await;
+        assert_eq!(pos.expect("append old")[0].offset, i as u64);
+    }
+    for i in 5..8 {
+        assert_eq!(append_one(&log, "aged", format!("new-{i}")).await, i);
+    }
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "aged", 0), (5, 8));
+    let values: Vec<Vec<u8>> = read_all(&log, "aged", 0)
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(
+        values,
+        vec![b"new-5".to_vec(), b"new-6".to_vec(), b"new-7".to_vec()]
+    );
+    assert!(matches!(
+        log.read("aged", 0, 4, 10, MAX),
+        Err(Error::OffsetOutOfRange { start: 5, .. })
+    ));
+
+    // "Forever" spelled as a huge retention_ms must not expire anything.
+    for (name, ms) in [
+        ("forever", u64::MAX),
+        ("almost-forever", i64::MAX as u64 + 1),
+    ] {
+        let mut forever = TopicConfig::new(name, 1);
+        forever.retention_ms = Some(ms);
+        log.create_topic(forever).await.expect("create forever");
+        for ts in [0, old, i64::MIN + 1] {
+            log.append(name, vec![Event::new("keep").with_timestamp(ts).into()])
+                .await
+                .expect("append");
+        }
+        log.enforce_retention();
+        assert_eq!(
+            offsets(&log, name, 0),
+            (0, 3),
+            "retention_ms = {ms} removed events"
+        );
+    }
+
+    // Every batch expired.
+    let mut gone = aged.clone();
+    gone.name = "gone".into();
+    log.create_topic(gone).await.expect("create gone");
+    for i in 0..4 {
+        let pos = log
+            .append("gone", vec![Event::new("x").with_timestamp(old + i).into()])
+            .await;
+        assert_eq!(pos.expect("append")[0].offset, i as u64);
+    }
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "gone", 0), (4, 4));
+    // The pass removed every batch of "gone"; nothing synced since.
+
+    // A crash right after a pass (no sync since) may bring batches back, but
+    // never offsets: the end stays and the next append continues from it.
+    let unsynced = store.crashed();
+    log.flush().await.expect("flush");
+    let synced = store.crashed();
+    drop(log);
+    for (what, s) in [("unsynced", unsynced), ("synced", synced)] {
+        let log = mem_log(&s, strict_config());
+        let (start, end) = offsets(&log, "gone", 0);
+        assert_eq!(end, 4, "{what}: end moved");
+        assert!(start <= 4);
+        if what == "synced" {
+            assert_eq!(start, 4, "a synced retention pass must stick");
+            assert_eq!(offsets(&log, "aged", 0), (5, 8));
+        }
+        assert_eq!(
+            append_one(&log, "gone", "next").await,
+            4,
+            "{what}: offsets reused"
+        );
+    }
+}
+
+/// A store whose next `put_floor` (once armed) stops until released, to line up
+/// two retention passes deterministically.
+#[derive(Default)]
+struct FloorGate {
+    armed: AtomicBool,
+    entered: Mutex<Option<mpsc::Sender<()>>>,
+    released: Mutex<bool>,
+    cv: Condvar,
+}
+
+struct GatedStore {
+    inner: MemStore,
+    gate: Arc<FloorGate>,
+}
+
+impl Store for GatedStore {
+    fn load_topics(&self) -> tributary_storage::Result<Vec<TopicConfig>> {
+        self.inner.load_topics()
+    }
+    fn put_topic(&self, config: &TopicConfig) -> tributary_storage::Result<()> {
+        self.inner.put_topic(config)
+    }
+    fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> tributary_storage::Result<Arc<dyn PartitionStore>> {
+        self.inner.partition(topic, partition)
+    }
+    fn put_floor(&self, topic: &str, partition: u32, start: u64) -> tributary_storage::Result<()> {
+        if self.gate.armed.swap(false, Ordering::SeqCst) {
+            if let Some(tx) = self.gate.entered.lock().expect("gate").take() {
+                tx.send(()).expect("test listens");
+            }
+            let mut released = self.gate.released.lock().expect("gate");
+            while !*released {
+                released = self.gate.cv.wait(released).expect("gate");
+            }
+        }
+        self.inner.put_floor(topic, partition, start)
+    }
+    fn floor(&self, topic: &str, partition: u32) -> tributary_storage::Result<Option<u64>> {
+        self.inner.floor(topic, partition)
+    }
+    fn put_group_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> tributary_storage::Result<()> {
+        self.inner.put_group_offset(group, topic, partition, offset)
+    }
+    fn group_offsets(&self, group: &str) -> tributary_storage::Result<Vec<(String, u32, u64)>> {
+        self.inner.group_offsets(group)
+    }
+    fn sync(&self) -> tributary_storage::Result<()> {
+        self.inner.sync()
+    }
+    fn disk_bytes(&self) -> u64 {
+        self.inner.disk_bytes()
+    }
+}
+
+/// `enforce_retention` is public and the background thread runs it too: two
+/// passes at once must not write a stale floor after a newer one (which would
+/// hand out old offsets again after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retention_passes_never_move_the_floor_back() {
+    let mem = MemStore::new();
+    let gate = Arc::new(FloorGate::default());
+    let log = Log::with_store(
+        Arc::new(GatedStore {
+            inner: mem.clone(),
+            gate: gate.clone(),
+        }),
+        strict_config(),
+    )
+    .expect("open gated log");
+    let mut tiny = TopicConfig::new("tiny", 1);
+    tiny.retention_bytes = Some(1);
+    log.create_topic(tiny).await.expect("create");
+    assert_eq!(append_one(&log, "tiny", "a").await, 0);
+    assert_eq!(append_one(&log, "tiny", "b").await, 1);
+
+    // Pass A reads the first batch (offset 0) and stops before writing its floor.
+    let (entered_tx, entered_rx) = mpsc::channel();
+    *gate.entered.lock().expect("gate") = Some(entered_tx);
+    gate.armed.store(true, Ordering::SeqCst);
+    let l = log.clone();
+    let slow = std::thread::spawn(move || l.enforce_retention());
+    entered_rx
+        .recv_timeout(DEADLINE)
+        .expect("pass A reaches put_floor");
+
+    // Pass B runs meanwhile. If passes are serialized it waits for A, so give it
+    // only a bounded chance to finish first; either way the outcome must be right.
+    let (done_tx, done_rx) = mpsc::channel();
+    let l = log.clone();
+    let fast = std::thread::spawn(move || {
+        l.enforce_retention();
+        let _ = done_tx.send(());
+    });
+    let _ = done_rx.recv_timeout(Duration::from_millis(500));
+    *gate.released.lock().expect("gate") = true;
+    gate.cv.notify_all();
+    slow.join().expect("pass A");
+    fast.join().expect("pass B");
+
+    assert_eq!(offsets(&log, "tiny", 0), (2, 2));
+    let removed = log.stats().retention_removed_batches;
+    log.flush().await.expect("flush");
+    drop(log);
+    let log = mem_log(&mem.crashed(), strict_config());
+    assert_eq!(offsets(&log, "tiny", 0), (2, 2), "the floor moved back");
+    assert_eq!(
+        append_one(&log, "tiny", "c").await,
+        2,
+        "offset handed out twice"
+    );
+    assert_eq!(removed, 2, "a batch was counted twice");
+}
+
+/// Retention, appends and readers all at once on sled: a reader either gets
+/// the right records, contiguous from where it asked, or an out-of-range error
+/// for an offset that retention really removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_racing_appends_and_readers_never_serves_wrong_data() {
+    const CALLS: u64 = 300;
+    const PER_CALL: u64 = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        durability: Durability::Interval(Duration::from_millis(5)),
+        ..strict_config()
+    };
+    let log = sled_log(dir.path(), config.clone());
+    let mut race = TopicConfig::new("race", 1);
+    race.retention_bytes = Some(3000);
+    log.create_topic(race).await.expect("create");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let retention = {
+        let (log, stop) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                log.enforce_retention();
+                std::thread::yield_now();
+            }
+        })
+    };
+    let reader = {
+        let (log, stop) = (log.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let (mut offset, mut reads, mut out_of_range) = (0u64, 0u64, 0u64);
+            loop {
+                let done = stop.load(Ordering::SeqCst);
+                match log.read("race", 0, offset, 7, MAX) {
+                    Ok(r) => {
+                        reads += 1;
+                        for (i, rec) in r.records.iter().enumerate() {
+                            assert_eq!(rec.offset, offset + i as u64, "not contiguous");
+                            assert_eq!(
+                                rec.value,
+                                format!("v{}", rec.offset).into_bytes(),
+                                "wrong data"
+                            );
+                        }
+                        assert!(r.next_offset <= r.end_offset);
+                        offset = r.next_offset;
+                        if done && offset == CALLS * PER_CALL {
+                            return (reads, out_of_range);
+                        }
+                    }
+                    Err(Error::OffsetOutOfRange {
+                        offset: o,
+                        start,
+                        end,
+                        ..
+                    }) => {
+                        assert!(
+                            o < start && start <= end,
+                            "out of range for {o} with {start}..={end}"
+                        );
+                        out_of_range += 1;
+                        offset = start;
+                    }
+                    Err(e) => panic!("read failed: {e}"),
+                }
+            }
+        })
+    };
+    for call in 0..CALLS {
+        let records = (0..PER_CALL)
+            .map(|i| Event::new(format!("v{}", call * PER_CALL + i)).into())
+            .collect::<Vec<_>>();
+        let pos = log.append("race", records).await.expect("append");
+        assert_eq!(pos[0].offset, call * PER_CALL);
+    }
+    stop.store(true, Ordering::SeqCst);
+    retention.join().expect("retention thread");
+    let (reads, _out_of_range) = reader.await.expect("reader");
+    assert!(reads > 0);
+    log.enforce_retention();
+    let (start, end) = offsets(&log, "race", 0);
+    assert_eq!(end, CALLS * PER_CALL);
+    assert!(start > 0);
+    let kept = read_all(&log, "race", 0);
+    drop(log);
+    let log = sled_log(dir.path(), config);
+    assert_eq!(offsets(&log, "race", 0), (start, end));
+    assert_eq!(read_all(&log, "race", 0), kept);
+    assert_eq!(append_one(&log, "race", "next").await, end);
+}
+
+// ---------------------------------------------------------------------------
+// Corruption
+// ---------------------------------------------------------------------------
+
+/// Topic `c` with two partitions of ten one-event batches each (bases 0..=9).
+async fn ten_single_event_batches(dir: &std::path::Path) {
+    let log = sled_log(dir, strict_config());
+    create(&log, "c", 2).await;
+    for i in 0..10u64 {
+        for p in 0..2 {
+            let pos = log
+                .append("c", vec![pinned(p, Event::new(format!("value-{i}")))])
+                .await
+                .expect("append");
+            assert_eq!(pos[0].offset, i);
+        }
+    }
+}
+
+fn tamper(dir: &std::path::Path, partition: u32, base: u64, f: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+    let store = SledStore::open(dir, &SledOptions::default()).expect("open sled store directly");
+    let p = store.partition("c", partition).expect("partition");
+    let (found, value) = p
+        .read(base, 1)
+        .expect("read batch")
+        .into_iter()
+        .next()
+        .expect("a batch");
+    assert_eq!(found, base, "expected a batch at {base}");
+    p.insert(base, f(value)).expect("insert tampered batch");
+    store.sync().expect("sync");
+}
+
+fn assert_corruption(
+    r: tributary_storage::Result<impl std::fmt::Debug>,
+    partition: u32,
+    base: u64,
+) {
+    match r {
+        Err(e @ Error::Corruption { .. }) => {
+            let msg = e.to_string();
+            let Error::Corruption {
+                topic,
+                partition: p,
+                offset,
+                ..
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!((topic.as_str(), p, offset), ("c", partition, base), "{msg}");
+            assert!(
+                msg.contains(&format!("c/{partition}")) && msg.contains(&format!("offset {base}")),
+                "{msg}"
+            );
+        }
+        other => panic!("expected Corruption at c/{partition}@{base}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_batches_are_reported_with_their_location_never_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ten_single_event_batches(dir.path()).await;
+
+    // A bit flip in a middle batch of partition 1, garbage in another.
+    tamper(dir.path(), 1, 4, |mut v| {
+        let i = v.len() - 3;
+        v[i] ^= 0x01;
+        v
+    });
+    tamper(dir.path(), 1, 6, |_| b"garbage".to_vec());
+    // Partition 0: a flipped header byte (the record count) in a middle batch.
+    let victim = 5;
+    tamper(dir.path(), 0, victim, |mut v| {
+        v[7] ^= 0x80;
+        v
+    });
+
+    let log = sled_log(dir.path(), strict_config());
+    assert_corruption(log.read("c", 1, 4, 10, MAX), 1, 4);
+    assert_corruption(log.read("c", 1, 0, 100, MAX), 1, 4); // a scan runs into it
+    assert_corruption(log.read("c", 1, 6, 10, MAX), 1, 6);
+    assert_corruption(log.fetch("c", 1, 4, 10, MAX, Duration::ZERO).await, 1, 4);
+    assert_corruption(log.read("c", 0, victim, 10, MAX), 0, victim);
+    // Intact batches still read.
+    for offset in [0, 3, 5, 7, 9] {
+        let r = log.read("c", 1, offset, 1, MAX).expect("intact batch");
+        assert_eq!(r.records[0].value, format!("value-{offset}").into_bytes());
+    }
+    // Appends continue after the corrupt middle.
+    let pos = log
+        .append("c", vec![pinned(1, Event::new("value-10"))])
+        .await
+        .expect("append");
+    assert_eq!(pos[0].offset, 10);
+    log.enforce_retention(); // no retention configured: must simply not panic
+    drop(log);
+
+    // A corrupt last batch makes open fail with Corruption, not a panic.
+    tamper(dir.path(), 1, 10, |mut v| {
+        v.truncate(v.len() / 2);
+        v
+    });
+    assert_corruption(
+        Log::open(dir.path(), &SledOptions::default(), strict_config()),
+        1,
+        10,
+    );
+}
+
+/// Batches whose checksum is right but whose contents are nonsense: reads
+/// and opens answer with `Corruption` (or data), never panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_batches_with_valid_checksums_never_panic() {
+    let mut rng = Rng::new(0xdead_beef);
+    let mut corruptions = 0;
+    for round in 0..300u64 {
+        let store = MemStore::new();
+        {
+            let log = mem_log(&store, strict_config());
+            let mut t = TopicConfig::new("c", 1);
+            t.retention_ms = Some(1);
+            log.create_topic(t).await.expect("create");
+            append_one(&log, "c", "good").await;
+        }
+        // A valid batch, then a forged one after it.
+        let count = 1 + rng.below(4) as u32;
+        let mut body = if round % 2 == 0 {
+            let len = rng.below(64) as usize;
+            rng.bytes(len)
+        } else {
+            // Start from plausible records and mangle a few bytes.
+            let mut b = Vec::new();
+            for _ in 0..count {
+                b.extend_from_slice(&[7, 2, 3, b'k', b'y', 1, b'v', 0]);
+            }
+            for _ in 0..1 + rng.below(3) {
+                if !b.is_empty() {
+                    let i = rng.below(b.len() as u64) as usize;
+                    b[i] = rng.next_u64() as u8;
+                }
+            }
+            b
+        };
+        let mut v = vec![0x54, 1, 0, 0, 0, 0];
+        v.extend_from_slice(&count.to_le_bytes());
+        v.extend_from_slice(&(rng.next_u64() as i64).to_le_bytes());
+        v.extend_from_slice(&(rng.next_u64() as i64).to_le_bytes());
+        v.extend_from_slice(&rng.next_u64().to_le_bytes());
+        v.append(&mut body);
+        let crc = crc32(&v[6..]);
+        v[2..6].copy_from_slice(&crc.to_le_bytes());
+        store
+            .partition("c", 0)
+            .expect("partition")
+            .insert(1, v)
+            .expect("insert forged");
+        store.sync().expect("sync");
+
+        let log = match Log::with_store(Arc::new(store.clone()), strict_config()) {
+            Ok(log) => log,
+            Err(Error::Corruption { .. }) => {
+                corruptions += 1;
+                continue;
+            }
+            Err(e) => panic!("open failed with something other than Corruption: {e}"),
+        };
+        let (_, end) = offsets(&log, "c", 0);
+        assert_eq!(end, 1 + u64::from(count));
+        for from in 0..end {
+            match log.read("c", 0, from, 100, MAX) {
+                Ok(r) => assert!(r
+                    .records
+                    .iter()
+                    .all(|rec| rec.offset >= from && rec.offset < end)),
+                Err(Error::Corruption { offset: 1, .. }) => corruptions += 1,
+                Err(e) => panic!("read at {from}: unexpected {e}"),
+            }
+        }
+        log.enforce_retention(); // reads forged timestamps; must not panic
+    }
+    assert!(
+        corruptions > 100,
+        "only {corruptions} corruptions reported: the forgeries are too tame"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Limits and errors
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mebibyte_event_round_trips_and_larger_ones_are_refused() {
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng::new(99);
+    let big = rng.bytes(MIB);
+    let huge = rng.bytes(4 * MIB);
+    {
+        let log = sled_log(dir.path(), strict_config());
+        create(&log, "big", 1).await;
+        assert_eq!(log.topic("big").expect("info").config.max_event_bytes, MIB);
+        assert_eq!(append_one(&log, "big", "before").await, 0);
+        assert_eq!(append_one(&log, "big", big.clone()).await, 1);
+        assert_eq!(append_one(&log, "big", "after").await, 2);
+
+        for (what, e) in [
+            ("value", Event::new(vec![1u8; MIB + 1])),
+            ("key", Event::new(big.clone()).with_key("k")),
+            (
+                "header",
+                Event::new(big[..MIB - 10].to_vec()).with_header("h", vec![0u8; 11]),
+            ),
+        ] {
+            let size = e.size();
+            let err = log.append("big", vec![e.into()]).await.expect_err(what);
+            assert!(
+                matches!(err, Error::EventTooLarge { size: s, max: MIB } if s == size),
+                "{what}: {err}"
+            );
+        }
+        // One oversize event refuses the whole call: nothing of it is written.
+        let err = log
+            .append(
+                "big",
+                vec![
+                    Event::new("fine").into(),
+                    Event::new(vec![0u8; MIB + 1]).into(),
+                ],
+            )
+            .await
+            .expect_err("mixed call");
+        assert!(matches!(err, Error::EventTooLarge { .. }), "{err}");
+        assert_eq!(offsets(&log, "big", 0), (0, 3));
+
+        let mut large = TopicConfig::new("large", 1);
+        large.max_event_bytes = 8 * MIB;
+        log.create_topic(large).await.expect("create large");
+        assert_eq!(append_one(&log, "large", huge.clone()).await, 0);
+    }
+    let log = sled_log(dir.path(), strict_config());
+    let records = read_all(&log, "big", 0);
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[0].value, b"before");
+    assert!(
+        records[1].value == big,
+        "the 1 MiB event changed across reopen"
+    );
+    assert_eq!(records[2].value, b"after");
+    let large = read_all(&log, "large", 0);
+    assert!(
+        large.len() == 1 && large[0].value == huge,
+        "the 4 MiB event changed across reopen"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_topics_partitions_duplicates_and_bad_names_are_errors() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    let e = log
+        .append("nope", vec![Event::new("x").into()])
+        .await
+        .expect_err("unknown topic");
+    assert!(matches!(&e, Error::UnknownTopic(t) if t == "nope"), "{e}");
+    assert!(matches!(
+        log.read("nope", 0, 0, 1, MAX),
+        Err(Error::UnknownTopic(_))
+    ));
+    assert!(matches!(
+        log.fetch("nope", 0, 0, 1, MAX, Duration::ZERO).await,
+        Err(Error::UnknownTopic(_))
+    ));
+    assert!(matches!(
+        log.watch_end("nope", 0),
+        Err(Error::UnknownTopic(_))
+    ));
+    assert!(matches!(log.topic("nope"), Err(Error::UnknownTopic(_))));
+    assert!(
+        log.topics().is_empty(),
+        "a failed append must not create the topic"
+    );
+
+    create(&log, "t", 2).await;
+    let e = log
+        .append("t", vec![pinned(2, Event::new("x"))])
+        .await
+        .expect_err("unknown partition");
+    assert!(
+        matches!(&e, Error::UnknownPartition { topic, partition: 2, partitions: 2 } if topic == "t"),
+        "{e}"
+    );
+    // A bad partition anywhere in a call refuses the whole call.
+    let e = log
+        .append(
+            "t",
+            vec![pinned(0, Event::new("ok")), pinned(7, Event::new("bad"))],
+        )
+        .await
+        .expect_err("bad partition in call");
+    assert!(
+        matches!(e, Error::UnknownPartition { partition: 7, .. }),
+        "{e}"
+    );
+    assert_eq!(offsets(&log, "t", 0), (0, 0));
+    assert!(matches!(
+        log.read("t", 5, 0, 1, MAX),
+        Err(Error::UnknownPartition { partition: 5, .. })
+    ));
+    assert!(matches!(
+        log.watch_end("t", 2),
+        Err(Error::UnknownPartition { .. })
+    ));
+
+    let e = log
+        .create_topic(TopicConfig::new("t", 3))
+        .await
+        .expect_err("duplicate");
+    assert!(matches!(&e, Error::TopicExists(t) if t == "t"), "{e}");
+    assert_eq!(
+        log.topic("t").expect("info").config.partitions,
+        2,
+        "a duplicate create must not change the topic"
+    );
+
+    let long = "a".repeat(250);
+    for bad in [
+        "",
+        "a/b",
+        "a b",
+        "..",
+        ".",
+        "ä",
+        "tab\t",
+        "nul\0",
+        long.as_str(),
+    ] {
+        let e = log
+            .create_topic(TopicConfig::new(bad, 1))
+            .await
+            .expect_err("invalid name");
+        assert!(matches!(e, Error::InvalidTopic(_)), "{bad:?}: {e}");
+    }
+    for partitions in [0, 1025] {
+        let e = log
+            .create_topic(TopicConfig::new("parts", partitions))
+            .await
+            .expect_err("bad partitions");
+        assert!(matches!(e, Error::InvalidTopic(_)), "{partitions}: {e}");
+    }
+    log.create_topic(TopicConfig::new("a".repeat(249), 1))
+        .await
+        .expect("249 characters are allowed");
+
+    // Group commits are checked too.
+    let e = log
+        .commit_offsets(
+            "g",
+            vec![GroupOffset {
+                topic: "nope".into(),
+                partition: 0,
+                offset: 0,
+            }],
+        )
+        .await
+        .expect_err("unknown topic in commit");
+    assert!(matches!(e, Error::UnknownTopic(_)), "{e}");
+    let e = log
+        .commit_offsets(
+            "g",
+            vec![GroupOffset {
+                topic: "t".into(),
+                partition: 0,
+                offset: 1,
+            }],
+        )
+        .await
+        .expect_err("commit past the end");
+    assert!(
+        matches!(
+            e,
+            Error::OffsetOutOfRange {
+                offset: 1,
+                end: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    for bad in ["", "a\0b"] {
+        let e = log
+            .commit_offsets(bad, Vec::new())
+            .await
+            .expect_err("bad group");
+        assert!(matches!(e, Error::Config(_)), "{bad:?}: {e}");
+    }
+
+    // With auto-create on, a valid unknown name is created; an invalid one is not.
+    let auto = mem_log(&MemStore::new(), config());
+    assert_eq!(append_one(&auto, "fresh", "x").await, 0);
+    assert_eq!(
+        auto.topic("fresh").expect("auto-created").config.partitions,
+        1
+    );
+    let e = auto
+        .append("bad/name", vec![Event::new("x").into()])
+        .await
+        .expect_err("invalid auto-create");
+    assert!(matches!(e, Error::InvalidTopic(_)), "{e}");
+    assert_eq!(auto.topics().len(), 1);
+
+    // Bad configs are refused at open.
+    let bad = LogConfig {
+        max_pending_bytes: 0,
+        ..config()
+    };
+    assert!(matches!(
+        Log::with_store(Arc::new(MemStore::new()), bad),
+        Err(Error::Config(_))
+    ));
+    let mut bad = config();
+    bad.topic_defaults.partitions = 0;
+    assert!(matches!(
+        Log::with_store(Arc::new(MemStore::new()), bad),
+        Err(Error::InvalidTopic(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_at_the_end_returns_when_another_task_appends() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "tail", 1).await;
+    assert_eq!(append_one(&log, "tail", "first").await, 0);
+
+    // Hold syncs so the fetch provably parks before the record can exist.
+    store.hold_sync();
+    let l = log.clone();
+    let appender = tokio::spawn(async move { append_one(&l, "tail", "second").await });
+    let l = log.clone();
+    let mut fetch = tokio::spawn(async move {
+        l.fetch("tail", 0, 1, 10, MAX, Duration::from_secs(10))
+            .await
+    });
+    assert_pending(&mut fetch, WINDOW, "fetch at the end").await;
+    store.release_sync();
+    assert_eq!(appender.await.expect("join"), 1);
+    let r = fetch.await.expect("join").expect("fetch");
+    assert_eq!(
+        r.records.len(),
+        1,
+        "the waiting fetch must return the appended record"
+    );
+    assert_eq!(
+        (r.records[0].offset, r.records[0].value.as_slice()),
+        (1, &b"second"[..])
+    );
+    assert_eq!(r.next_offset, 2);
+
+    // Several waiters all wake for one append.
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let l = log.clone();
+            tokio::spawn(async move {
+                l.fetch("tail", 0, 2, 10, MAX, Duration::from_secs(10))
+                    .await
+            })
+        })
+        .collect();
+    log.append(
+        "tail",
+        (0..3)
+            .map(|i| Event::new(format!("many-{i}")).into())
+            .collect(),
+    )
+    .await
+    .expect("append three");
+    for w in waiters {
+        let r = w.await.expect("join").expect("fetch");
+        assert!(
+            !r.records.is_empty(),
+            "a waiter returned empty although records arrived"
+        );
+        assert_eq!(r.records[0].offset, 2);
+        assert_eq!(r.records[0].value, b"many-0");
+    }
+
+    // Nothing arrives: the fetch returns empty at the end, not an error.
+    let r = log
+        .fetch("tail", 0, 5, 10, MAX, Duration::from_millis(20))
+        .await
+        .expect("empty fetch");
+    assert!(r.records.is_empty());
+    assert_eq!((r.next_offset, r.end_offset), (5, 5));
+    assert!(matches!(
+        log.fetch("tail", 0, 6, 10, MAX, Duration::from_secs(10))
+            .await,
+        Err(Error::OffsetOutOfRange {
+            offset: 6,
+            end: 5,
+            ..
+        })
+    ));
+}
