@@ -410,6 +410,9 @@ impl Log {
 
     /// A log over any store (tests use [`crate::MemStore`]).
     pub fn with_store(store: Arc<dyn Store>, config: LogConfig) -> Result<Log> {
+        if config.durability == Durability::Interval(Duration::ZERO) {
+            return Err(Error::Config("the flush interval must be positive".into()));
+        }
         if config.max_pending_bytes == 0 || config.max_pending_bytes > u32::MAX as usize {
             return Err(Error::Config(
                 "max_pending_bytes must be 1..=4294967295".into(),
@@ -705,15 +708,18 @@ impl Log {
         let ps = t.partition(partition)?;
         let start = ps.start.load(SeqCst);
         let end = *ps.end.borrow();
-        let out_of_range = |start| Error::OffsetOutOfRange {
+        let out_of_range = |start, end| Error::OffsetOutOfRange {
             topic: topic.to_owned(),
             partition,
             offset,
             start,
             end,
         };
+        // Retention moved the start while we read: report the range as it is now
+        // (start first: both only grow, so the range stays valid).
+        let current_range = || out_of_range(ps.start.load(SeqCst), *ps.end.borrow());
         if offset < start || offset > end {
-            return Err(out_of_range(start));
+            return Err(out_of_range(start, end));
         }
         let mut records = Vec::new();
         let mut next = offset;
@@ -723,7 +729,7 @@ impl Log {
                 if base > next {
                     // Retention removed the batch holding `next` while we read.
                     if records.is_empty() {
-                        return Err(out_of_range(ps.start.load(SeqCst)));
+                        return Err(current_range());
                     }
                     break;
                 }
@@ -741,7 +747,7 @@ impl Log {
                 }
             }
             if records.is_empty() {
-                return Err(out_of_range(ps.start.load(SeqCst)));
+                return Err(current_range());
             }
         }
         Ok(ReadResult {
@@ -810,7 +816,7 @@ impl Log {
                     topic: o.topic.clone(),
                     partition: o.partition,
                     offset: o.offset,
-                    start: 0,
+                    start: t.partition(o.partition)?.start.load(SeqCst),
                     end,
                 });
             }

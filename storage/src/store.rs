@@ -13,6 +13,7 @@ use std::fs::File;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
@@ -120,6 +121,8 @@ pub struct SledStore {
     db_file: File,
     blobs_dir: PathBuf,
     synced_blobs: Mutex<HashSet<OsString>>,
+    /// Held for the store's life: one process per data directory.
+    _dir_lock: File,
 }
 
 impl SledStore {
@@ -132,13 +135,26 @@ impl SledStore {
             )));
         }
         std::fs::create_dir_all(dir)?;
+        // Our own lock first: the snapshot clean-up below must never touch the
+        // files of another live process (sled takes its lock only inside open).
+        let dir_lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("tributary.lock"))?;
+        if let Err(e) = dir_lock.try_lock() {
+            return Err(Error::Io(std::io::Error::other(format!(
+                "{} is in use by another process ({e})",
+                dir.display()
+            ))));
+        }
         remove_interrupted_snapshots(dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_capacity)
             .segment_size(options.segment_size)
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let db = open_waiting_for_lock(&config)?;
         let topics = db.open_tree("__topics")?;
         let floors = db.open_tree("__floors")?;
         let groups = db.open_tree("__groups")?;
@@ -154,6 +170,7 @@ impl SledStore {
             db_file,
             blobs_dir: dir.join("blobs"),
             synced_blobs: Mutex::new(HashSet::new()),
+            _dir_lock: dir_lock,
         })
     }
 
@@ -187,6 +204,28 @@ impl SledStore {
             File::open(&self.blobs_dir)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+/// How long [`SledStore::open`] waits for sled's file lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// sled's I/O thread pool keeps the database file, and with it the file lock,
+/// open for a moment after the last handle is dropped: reopening right after a
+/// close can find the lock still taken. Wait a little for it; a lock another
+/// process really holds still fails, after the wait.
+fn open_waiting_for_lock(config: &sled::Config) -> Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => return Ok(opened?),
+        }
     }
 }
 

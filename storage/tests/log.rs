@@ -940,6 +940,27 @@ async fn sled_reopen_keeps_topics_offsets_data_and_group_offsets() {
     check(&log, &expected);
 }
 
+/// sled's I/O threads hold its file lock for a moment after the last handle is
+/// dropped; a reopen right after a drop must still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_reopen_right_after_drop_is_reliable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for round in 0..40u64 {
+        let log = sled_log(dir.path(), config());
+        let topic = format!("again-{}", round % 4);
+        let events = (0..200)
+            .map(|i| Event::new(format!("{round}-{i:0>200}")).into())
+            .collect();
+        let positions = log.append(&topic, events).await.expect("append");
+        assert_eq!(positions[0].offset, round / 4 * 200);
+        drop(log);
+    }
+    let log = sled_log(dir.path(), config());
+    for t in 0..4 {
+        assert_eq!(read_all(&log, &format!("again-{t}"), 0).len(), 10 * 200);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Retention
 // ---------------------------------------------------------------------------
@@ -1143,19 +1164,74 @@ async fn time_retention_removes_old_batches_by_producer_timestamp() {
     }
 }
 
-/// A store whose next `put_floor` (once armed) stops until released, to line up
-/// two retention passes deterministically.
+/// A checkpoint a store operation stops at (once armed) until the test releases
+/// it, to line up concurrent operations deterministically.
 #[derive(Default)]
-struct FloorGate {
+struct Gate {
     armed: AtomicBool,
     entered: Mutex<Option<mpsc::Sender<()>>>,
     released: Mutex<bool>,
     cv: Condvar,
 }
 
+impl Gate {
+    /// Arms the gate; the receiver hears when an operation has stopped at it.
+    fn arm(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        *self.entered.lock().expect("gate") = Some(tx);
+        self.armed.store(true, Ordering::SeqCst);
+        rx
+    }
+
+    /// Called by the store: stops the first caller after `arm` until `release`.
+    fn pass(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            if let Some(tx) = self.entered.lock().expect("gate").take() {
+                tx.send(()).expect("test listens");
+            }
+            let mut released = self.released.lock().expect("gate");
+            while !*released {
+                released = self.cv.wait(released).expect("gate");
+            }
+        }
+    }
+
+    fn release(&self) {
+        *self.released.lock().expect("gate") = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A [`MemStore`] with gates before `put_floor` and before partition reads.
+#[derive(Default)]
 struct GatedStore {
     inner: MemStore,
-    gate: Arc<FloorGate>,
+    floor_gate: Arc<Gate>,
+    read_gate: Arc<Gate>,
+}
+
+struct GatedPartition {
+    inner: Arc<dyn PartitionStore>,
+    read_gate: Arc<Gate>,
+}
+
+impl PartitionStore for GatedPartition {
+    fn insert(&self, base: u64, value: Vec<u8>) -> tributary_storage::Result<()> {
+        self.inner.insert(base, value)
+    }
+    fn remove(&self, base: u64) -> tributary_storage::Result<()> {
+        self.inner.remove(base)
+    }
+    fn first(&self) -> tributary_storage::Result<Option<(u64, Vec<u8>)>> {
+        self.inner.first()
+    }
+    fn last(&self) -> tributary_storage::Result<Option<(u64, Vec<u8>)>> {
+        self.inner.last()
+    }
+    fn read(&self, from: u64, max_bytes: usize) -> tributary_storage::Result<Vec<(u64, Vec<u8>)>> {
+        self.read_gate.pass();
+        self.inner.read(from, max_bytes)
+    }
 }
 
 impl Store for GatedStore {
@@ -1170,18 +1246,13 @@ impl Store for GatedStore {
         topic: &str,
         partition: u32,
     ) -> tributary_storage::Result<Arc<dyn PartitionStore>> {
-        self.inner.partition(topic, partition)
+        Ok(Arc::new(GatedPartition {
+            inner: self.inner.partition(topic, partition)?,
+            read_gate: self.read_gate.clone(),
+        }))
     }
     fn put_floor(&self, topic: &str, partition: u32, start: u64) -> tributary_storage::Result<()> {
-        if self.gate.armed.swap(false, Ordering::SeqCst) {
-            if let Some(tx) = self.gate.entered.lock().expect("gate").take() {
-                tx.send(()).expect("test listens");
-            }
-            let mut released = self.gate.released.lock().expect("gate");
-            while !*released {
-                released = self.gate.cv.wait(released).expect("gate");
-            }
-        }
+        self.floor_gate.pass();
         self.inner.put_floor(topic, partition, start)
     }
     fn floor(&self, topic: &str, partition: u32) -> tributary_storage::Result<Option<u64>> {
@@ -1207,34 +1278,32 @@ impl Store for GatedStore {
     }
 }
 
+/// A log over a fresh [`GatedStore`], with a one-partition topic `tiny` that
+/// size retention empties completely.
+async fn gated_log() -> (Log, Arc<GatedStore>) {
+    let store = Arc::new(GatedStore::default());
+    let log = Log::with_store(store.clone(), strict_config()).expect("open gated log");
+    let mut tiny = TopicConfig::new("tiny", 1);
+    tiny.retention_bytes = Some(1);
+    log.create_topic(tiny).await.expect("create");
+    (log, store)
+}
+
 /// `enforce_retention` is public and the background thread runs it too: two
 /// passes at once must not write a stale floor after a newer one (which would
 /// hand out old offsets again after a restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_retention_passes_never_move_the_floor_back() {
-    let mem = MemStore::new();
-    let gate = Arc::new(FloorGate::default());
-    let log = Log::with_store(
-        Arc::new(GatedStore {
-            inner: mem.clone(),
-            gate: gate.clone(),
-        }),
-        strict_config(),
-    )
-    .expect("open gated log");
-    let mut tiny = TopicConfig::new("tiny", 1);
-    tiny.retention_bytes = Some(1);
-    log.create_topic(tiny).await.expect("create");
+    let (log, store) = gated_log().await;
+    let gate = store.floor_gate.clone();
     assert_eq!(append_one(&log, "tiny", "a").await, 0);
     assert_eq!(append_one(&log, "tiny", "b").await, 1);
 
     // Pass A reads the first batch (offset 0) and stops before writing its floor.
-    let (entered_tx, entered_rx) = mpsc::channel();
-    *gate.entered.lock().expect("gate") = Some(entered_tx);
-    gate.armed.store(true, Ordering::SeqCst);
+    let entered = gate.arm();
     let l = log.clone();
     let slow = std::thread::spawn(move || l.enforce_retention());
-    entered_rx
+    entered
         .recv_timeout(DEADLINE)
         .expect("pass A reaches put_floor");
 
@@ -1247,8 +1316,7 @@ async fn concurrent_retention_passes_never_move_the_floor_back() {
         let _ = done_tx.send(());
     });
     let _ = done_rx.recv_timeout(Duration::from_millis(500));
-    *gate.released.lock().expect("gate") = true;
-    gate.cv.notify_all();
+    gate.release();
     slow.join().expect("pass A");
     fast.join().expect("pass B");
 
@@ -1256,7 +1324,7 @@ async fn concurrent_retention_passes_never_move_the_floor_back() {
     let removed = log.stats().retention_removed_batches;
     log.flush().await.expect("flush");
     drop(log);
-    let log = mem_log(&mem.crashed(), strict_config());
+    let log = mem_log(&store.inner.crashed(), strict_config());
     assert_eq!(offsets(&log, "tiny", 0), (2, 2), "the floor moved back");
     assert_eq!(
         append_one(&log, "tiny", "c").await,
@@ -1264,6 +1332,44 @@ async fn concurrent_retention_passes_never_move_the_floor_back() {
         "offset handed out twice"
     );
     assert_eq!(removed, 2, "a batch was counted twice");
+}
+
+/// A read that loses its batches to retention while it runs answers
+/// `OffsetOutOfRange` with a range that is valid now (start ≤ end), not a fresh
+/// start paired with the end from before the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_racing_retention_reports_a_valid_range() {
+    let (log, store) = gated_log().await;
+    assert_eq!(append_one(&log, "tiny", "a").await, 0);
+
+    // The read checks 0 against 0..=1, then stops before touching the store.
+    let entered = store.read_gate.arm();
+    let l = log.clone();
+    let reader = std::thread::spawn(move || l.read("tiny", 0, 0, 10, MAX));
+    entered
+        .recv_timeout(DEADLINE)
+        .expect("the read reaches the store");
+
+    // Meanwhile the log grows and retention removes everything.
+    assert_eq!(append_one(&log, "tiny", "b").await, 1);
+    assert_eq!(append_one(&log, "tiny", "c").await, 2);
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "tiny", 0), (3, 3));
+
+    store.read_gate.release();
+    match reader.join().expect("reader thread") {
+        Err(e @ Error::OffsetOutOfRange { .. }) => {
+            let msg = e.to_string();
+            let Error::OffsetOutOfRange {
+                offset, start, end, ..
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!((offset, start, end), (0, 3, 3), "{msg}");
+        }
+        other => panic!("expected OffsetOutOfRange, got {other:?}"),
+    }
 }
 
 /// Retention, appends and readers all at once on sled: a reader either gets
@@ -1311,9 +1417,15 @@ async fn retention_racing_appends_and_readers_never_serves_wrong_data() {
                             );
                         }
                         assert!(r.next_offset <= r.end_offset);
-                        offset = r.next_offset;
-                        if done && offset == CALLS * PER_CALL {
-                            return (reads, out_of_range);
+                        if r.records.is_empty() {
+                            // Caught up: finish, or go back to the oldest records,
+                            // which are the ones retention is busy removing.
+                            if done && r.end_offset == CALLS * PER_CALL {
+                                return (reads, out_of_range);
+                            }
+                            offset = r.start_offset;
+                        } else {
+                            offset = r.next_offset;
                         }
                     }
                     Err(Error::OffsetOutOfRange {
@@ -1343,7 +1455,8 @@ async fn retention_racing_appends_and_readers_never_serves_wrong_data() {
     }
     stop.store(true, Ordering::SeqCst);
     retention.join().expect("retention thread");
-    let (reads, _out_of_range) = reader.await.expect("reader");
+    let (reads, out_of_range) = reader.await.expect("reader");
+    println!("reader: {reads} reads, {out_of_range} out-of-range answers");
     assert!(reads > 0);
     log.enforce_retention();
     let (start, end) = offsets(&log, "race", 0);
