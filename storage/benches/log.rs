@@ -87,11 +87,23 @@ fn tempdir(parent: &std::path::Path) -> tempfile::TempDir {
 }
 
 fn open(dir: &tempfile::TempDir, durability: Durability) -> Log {
-    let config = LogConfig {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let mut config = LogConfig {
         durability,
         ..LogConfig::default()
     };
-    Log::open(dir.path(), &SledOptions::default(), config).expect("open the log")
+    let mut sled = SledOptions::default();
+    // Tuning knobs for experiments; the defaults are what the node runs with.
+    if let Some(b) = env("BENCH_BATCH_BYTES") {
+        config.batch_bytes = b;
+    }
+    if let Some(s) = env("BENCH_SEGMENT_BYTES") {
+        sled.segment_size = s;
+    }
+    if let Some(c) = env("BENCH_CACHE_BYTES") {
+        sled.cache_capacity = c as u64;
+    }
+    Log::open(dir.path(), &sled, config).expect("open the log")
 }
 
 struct AppendRun {

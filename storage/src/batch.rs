@@ -86,6 +86,14 @@ impl BatchBuilder {
         self.count == 0
     }
 
+    /// Appends every record of `other` (a memcpy: its records are already encoded).
+    pub fn append(&mut self, other: &BatchBuilder) {
+        self.buf.extend_from_slice(&other.buf[HEADER_LEN..]);
+        self.count += other.count;
+        self.min_ts = self.min_ts.min(other.min_ts);
+        self.max_ts = self.max_ts.max(other.max_ts);
+    }
+
     /// Appends one event stamped with `timestamp`.
     pub fn push(&mut self, event: &Event, timestamp: i64) {
         let body_len = encoded_body_len(event, timestamp);

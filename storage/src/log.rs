@@ -25,9 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::batch::{decode_header, decode_records, encoded_len, BatchBuilder};
+use crate::batch::{decode_header, decode_records, encoded_len, BatchBuilder, HEADER_LEN};
 use crate::error::{Error, Result};
-use crate::event::{AppendRecord, Event, Position, Record};
+use crate::event::{AppendRecord, Position, Record};
 use crate::partitioner::partition_for_key;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{PartitionStore, SledOptions, SledStore, Store};
@@ -221,10 +221,18 @@ impl TopicState {
     }
 }
 
+/// One partition's share of an append, already encoded by the producer's task
+/// into batch-sized chunks, so the committer only copies bytes.
+struct Part {
+    partition: u32,
+    count: u32,
+    chunks: Vec<BatchBuilder>,
+}
+
 enum Command {
     Append {
         topic: Arc<TopicState>,
-        parts: Vec<(u32, Vec<Event>)>,
+        parts: Vec<Part>,
         bytes: usize,
         reply: oneshot::Sender<Result<Vec<u64>>>,
         _permit: OwnedSemaphorePermit,
@@ -250,6 +258,10 @@ struct Shared {
     dirty: AtomicBool,
     /// Held for a whole retention pass: two passes at once could write a stale floor.
     retention: Mutex<()>,
+    /// True while the syncer makes a cycle durable.
+    syncing: AtomicBool,
+    /// The committer, woken by the syncer when a sync ends.
+    committer_thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -434,16 +446,25 @@ impl Log {
             closed: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             retention: Mutex::new(()),
+            syncing: AtomicBool::new(false),
+            committer_thread: std::sync::OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel(4096);
         let stopper = Arc::new(Stopper::default());
         let mut threads = Vec::new();
         {
             let shared = shared.clone();
+            let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(1);
+            let committer_shared = shared.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("log-committer".into())
-                    .spawn(move || committer(&shared, rx))?,
+                    .spawn(move || committer(&committer_shared, rx, jobs_tx))?,
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name("log-syncer".into())
+                    .spawn(move || syncer(&shared, jobs_rx))?,
             );
         }
         if let Durability::Interval(every) = shared.config.durability {
@@ -600,15 +621,17 @@ impl Log {
         let n = t.config.partitions;
         let now = now_ms();
         let keyless = t.round_robin.fetch_add(1, Relaxed) % n;
+        let batch_bytes = self.shared().config.batch_bytes;
         let mut slot_of_partition = vec![u32::MAX; n as usize];
-        let mut parts: Vec<(u32, Vec<Event>)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         let mut placement = Vec::with_capacity(records.len());
-        let mut bytes = 0usize;
-        for AppendRecord {
-            partition,
-            mut event,
-        } in records
-        {
+        // A chunk's first allocation fits the whole call (up to a batch): calls of
+        // one small event do not hold a batch-sized buffer while they queue.
+        let total: usize = records.iter().map(|r| encoded_len(&r.event)).sum();
+        let first_capacity = batch_bytes.min(total + HEADER_LEN);
+        // Encode here, on the producer's task: the committer thread, which every
+        // producer waits on, then only moves or concatenates finished chunks.
+        for AppendRecord { partition, event } in records {
             let size = event.size();
             if size > t.config.max_event_bytes {
                 return Err(Error::EventTooLarge {
@@ -621,17 +644,36 @@ impl Log {
                 (None, Some(k)) => partition_for_key(k, n),
                 (None, None) => keyless,
             };
-            event.timestamp.get_or_insert(now);
-            bytes += encoded_len(&event);
             let slot = &mut slot_of_partition[p as usize];
             if *slot == u32::MAX {
                 *slot = parts.len() as u32;
-                parts.push((p, Vec::new()));
+                parts.push(Part {
+                    partition: p,
+                    count: 0,
+                    chunks: Vec::new(),
+                });
             }
-            let events = &mut parts[*slot as usize].1;
-            placement.push((*slot, events.len() as u64));
-            events.push(event);
+            let part = &mut parts[*slot as usize];
+            let len = encoded_len(&event);
+            let chunk = match part.chunks.last_mut() {
+                Some(c) if c.is_empty() || c.len() + len <= batch_bytes => c,
+                _ => {
+                    part.chunks.push(BatchBuilder::with_capacity(
+                        first_capacity.max(len + HEADER_LEN),
+                    ));
+                    part.chunks.last_mut().ok_or(Error::Closed)?
+                }
+            };
+            chunk.push(&event, event.timestamp.unwrap_or(now));
+            placement.push((*slot, u64::from(part.count)));
+            part.count += 1;
         }
+        let bytes: usize = parts
+            .iter()
+            .flat_map(|p| &p.chunks)
+            .map(BatchBuilder::len)
+            .sum();
+        let partition_of_slot: Vec<u32> = parts.iter().map(|p| p.partition).collect();
         let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
         let permit = self
             .inner
@@ -656,13 +698,7 @@ impl Log {
             .stats
             .append_bytes
             .fetch_add(bytes as u64, Relaxed);
-        // Partition numbers per slot are needed again; rebuild from the slot map.
-        let mut partition_of_slot = vec![0u32; firsts.len()];
-        for (p, &slot) in slot_of_partition.iter().enumerate() {
-            if slot != u32::MAX {
-                partition_of_slot[slot as usize] = p as u32;
-            }
-        }
+        let partition_of_slot: Vec<u32> = partition_of_slot;
         Ok(placement
             .into_iter()
             .map(|(slot, i)| Position {
@@ -880,21 +916,114 @@ impl Command {
     }
 }
 
-fn committer(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
-    let mut cycle = Vec::new();
+/// While a sync runs, the committer writes the next cycle only once this much
+/// is queued; smaller cycles wait for the sync to finish and grow meanwhile.
+const PIPELINE_MIN_BYTES: usize = 256 * 1024;
+
+/// One cycle written to the engine, on its way to the syncer.
+struct Job {
+    cycle: Vec<Command>,
+    answers: Vec<Vec<u64>>,
+    written: Result<Written>,
+    started: Instant,
+}
+
+/// What a written cycle needs before it may be acknowledged.
+struct Written {
+    must_sync: bool,
+    /// Per touched partition, its end offset once this cycle is durable.
+    ends: Vec<(Arc<TopicState>, u32, u64)>,
+}
+
+/// Writes cycles into the engine; hands each to the syncer, so that cycle N+1
+/// is written while cycle N is being fsynced. At most two cycles are in flight.
+fn committer(
+    shared: &Shared,
+    mut rx: mpsc::Receiver<Command>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+) {
+    let _ = shared.committer_thread.set(std::thread::current());
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.bytes();
-        cycle.push(first);
-        while bytes < shared.config.max_cycle_bytes {
-            match rx.try_recv() {
-                Ok(c) => {
-                    bytes += c.bytes();
-                    cycle.push(c);
+        let mut cycle = vec![first];
+        loop {
+            while bytes < shared.config.max_cycle_bytes {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        bytes += c.bytes();
+                        cycle.push(c);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
+            // Pipeline only under load: while the syncer is busy, a small cycle
+            // waits to grow (the syncer wakes us when it is done), so a few
+            // producers still share one fsync per cycle.
+            if bytes >= PIPELINE_MIN_BYTES
+                || bytes >= shared.config.max_cycle_bytes
+                || !shared.syncing.load(SeqCst)
+            {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_micros(500));
         }
-        run_cycle(shared, &mut cycle);
+        let started = Instant::now();
+        let mut answers = Vec::new();
+        let written = match shared.check_writable() {
+            Err(e) if !matches!(e, Error::Closed) => Err(e),
+            _ => write_cycle(shared, &mut cycle[..], &mut answers).map_err(|e| {
+                let msg = e.to_string();
+                shared.fail(msg.clone());
+                Error::Unwritable(msg)
+            }),
+        };
+        if jobs
+            .send(Job {
+                cycle,
+                answers,
+                written,
+                started,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Makes each written cycle durable (one sync covers it and anything written
+/// before it), publishes its end offsets, then answers its producers.
+fn syncer(shared: &Shared, jobs: std::sync::mpsc::Receiver<Job>) {
+    for job in jobs {
+        shared.syncing.store(true, SeqCst);
+        let outcome = job.written.and_then(|w| {
+            // A failed earlier sync leaves this cycle's outcome unknown too.
+            if shared.failed.load(SeqCst) {
+                return Err(shared.check_writable().err().unwrap_or(Error::Closed));
+            }
+            if w.must_sync {
+                shared.store.sync().map_err(|e| {
+                    let msg = e.to_string();
+                    shared.fail(msg.clone());
+                    Error::Unwritable(msg)
+                })?;
+            } else {
+                shared.dirty.store(true, SeqCst);
+            }
+            // Publish the new ends only now: readers never see what is not durable.
+            for (topic, partition, end) in &w.ends {
+                topic.partitions[*partition as usize].end.send_replace(*end);
+            }
+            Ok(())
+        });
+        if outcome.is_ok() {
+            shared.stats.observe_commit(job.started.elapsed());
+        }
+        shared.syncing.store(false, SeqCst);
+        if let Some(t) = shared.committer_thread.get() {
+            t.unpark();
+        }
+        answer(job.cycle, job.answers, &outcome);
     }
     if !shared.failed.load(SeqCst) {
         if let Err(e) = shared.store.sync() {
@@ -907,17 +1036,15 @@ struct OpenBatch {
     topic: Arc<TopicState>,
     partition: u32,
     base: u64,
-    builder: BatchBuilder,
+    builder: Option<BatchBuilder>,
 }
 
 impl OpenBatch {
-    fn seal(&mut self, batch_bytes: usize) -> Result<()> {
-        if self.builder.is_empty() {
+    fn seal(&mut self) -> Result<()> {
+        let Some(builder) = self.builder.take() else {
             return Ok(());
-        }
+        };
         let ps = &self.topic.partitions[self.partition as usize];
-        let builder =
-            std::mem::replace(&mut self.builder, BatchBuilder::with_capacity(batch_bytes));
         let (value, end_pos) = builder.finish(ps.next_pos.load(Relaxed));
         ps.store.insert(self.base, value)?;
         ps.next_pos.store(end_pos, Relaxed);
@@ -926,7 +1053,11 @@ impl OpenBatch {
     }
 }
 
-fn write_cycle(shared: &Shared, cycle: &[Command], answers: &mut Vec<Vec<u64>>) -> Result<bool> {
+fn write_cycle(
+    shared: &Shared,
+    cycle: &mut [Command],
+    answers: &mut Vec<Vec<u64>>,
+) -> Result<Written> {
     let batch_bytes = shared.config.batch_bytes;
     let mut open: HashMap<(usize, u32), OpenBatch> = HashMap::new();
     let mut must_sync = shared.config.durability == Durability::Fsync;
@@ -934,24 +1065,32 @@ fn write_cycle(shared: &Shared, cycle: &[Command], answers: &mut Vec<Vec<u64>>) 
         match cmd {
             Command::Append { topic, parts, .. } => {
                 let mut firsts = Vec::with_capacity(parts.len());
-                for (p, events) in parts {
-                    let ps = &topic.partitions[*p as usize];
+                for part in parts {
+                    let ps = &topic.partitions[part.partition as usize];
                     firsts.push(ps.next.load(Relaxed));
                     let ob = open
-                        .entry((Arc::as_ptr(topic) as usize, *p))
+                        .entry((Arc::as_ptr(topic) as usize, part.partition))
                         .or_insert_with(|| OpenBatch {
                             topic: topic.clone(),
-                            partition: *p,
+                            partition: part.partition,
                             base: ps.next.load(Relaxed),
-                            builder: BatchBuilder::with_capacity(batch_bytes),
+                            builder: None,
                         });
-                    for e in events {
-                        if !ob.builder.is_empty() && ob.builder.len() + encoded_len(e) > batch_bytes
-                        {
-                            ob.seal(batch_bytes)?;
+                    // Small chunks from many producers share a batch (a memcpy);
+                    // a full chunk becomes a batch as it is.
+                    for chunk in std::mem::take(&mut part.chunks) {
+                        let count = u64::from(chunk.count());
+                        match &mut ob.builder {
+                            Some(b) if b.len() + chunk.len() - HEADER_LEN <= batch_bytes => {
+                                b.append(&chunk)
+                            }
+                            Some(_) => {
+                                ob.seal()?;
+                                ob.builder = Some(chunk);
+                            }
+                            None => ob.builder = Some(chunk),
                         }
-                        ob.builder.push(e, e.timestamp.unwrap_or(0));
-                        ps.next.fetch_add(1, Relaxed);
+                        ps.next.fetch_add(count, Relaxed);
                     }
                 }
                 answers.push(firsts);
@@ -966,47 +1105,33 @@ fn write_cycle(shared: &Shared, cycle: &[Command], answers: &mut Vec<Vec<u64>>) 
             Command::Barrier { .. } => must_sync = true,
         }
     }
-    let touched = open.len();
     for ob in open.values_mut() {
-        ob.seal(batch_bytes)?;
+        ob.seal()?;
     }
-    if must_sync {
-        shared.store.sync()?;
-    } else {
-        shared.dirty.store(true, SeqCst);
-    }
-    // Publish the new ends only now: readers never see what is not durable.
-    for ob in open.values() {
-        let ps = &ob.topic.partitions[ob.partition as usize];
-        ps.end.send_replace(ps.next.load(Relaxed));
-    }
-    Ok(touched > 0)
+    let ends = open
+        .into_values()
+        .map(|ob| {
+            let end = ob.topic.partitions[ob.partition as usize]
+                .next
+                .load(Relaxed);
+            (ob.topic, ob.partition, end)
+        })
+        .collect();
+    Ok(Written { must_sync, ends })
 }
 
-fn run_cycle(shared: &Shared, cycle: &mut Vec<Command>) {
-    let started = Instant::now();
-    let mut answers = Vec::new();
-    let outcome = match shared.check_writable() {
-        Err(e) if !matches!(e, Error::Closed) => Err(e),
-        _ => write_cycle(shared, cycle, &mut answers).map_err(|e| {
-            let msg = e.to_string();
-            shared.fail(msg.clone());
-            Error::Unwritable(msg)
-        }),
-    };
-    if outcome.is_ok() {
-        shared.stats.observe_commit(started.elapsed());
-    }
+fn answer(cycle: Vec<Command>, answers: Vec<Vec<u64>>, outcome: &Result<()>) {
     let mut answers = answers.into_iter();
-    for cmd in cycle.drain(..) {
+    for cmd in cycle {
         let err = || match &outcome {
             Err(Error::Unwritable(m)) => Error::Unwritable(m.clone()),
+            Err(Error::Closed) => Error::Closed,
             Err(e) => Error::Unwritable(e.to_string()),
-            Ok(_) => Error::Closed,
+            Ok(()) => Error::Closed,
         };
         match cmd {
             Command::Append { reply, .. } => {
-                let r = match (&outcome, answers.next()) {
+                let r = match (outcome, answers.next()) {
                     (Ok(_), Some(firsts)) => Ok(firsts),
                     _ => Err(err()),
                 };
