@@ -35,8 +35,7 @@ async fn a_cycle_written_during_a_held_sync_waits_for_its_own_sync() {
     let mut end = log.watch_end("p", 0).expect("watch");
     tokio::time::timeout(Duration::from_millis(300), end.changed())
         .await
-        .err()
-        .expect("nothing visible yet");
+        .expect_err("nothing visible yet");
 
     // 300 KiB: over the pipelining threshold, so the committer writes this
     // cycle into the engine while the first one's sync is still held.
