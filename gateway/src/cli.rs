@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::config::Profile;
+
 /// Tributary: an event-streaming gateway for the edge.
 #[derive(Debug, Parser)]
 #[command(name = "tributary", version, about, propagate_version = true)]
@@ -22,6 +24,7 @@ pub enum Command {
     Edge(RunArgs),
     /// Run a central (core) node.
     Core(RunArgs),
+    #[cfg(feature = "client")]
     /// Create, list and describe topics.
     Topics {
         /// Which topic operation.
@@ -36,10 +39,13 @@ pub enum Command {
         )]
         url: String,
     },
+    #[cfg(feature = "client")]
     /// Append lines from stdin to a topic, one event per line.
     Produce(ProduceArgs),
+    #[cfg(feature = "client")]
     /// Print a topic's records as JSON lines.
     Tail(TailArgs),
+    #[cfg(feature = "client")]
     /// Load generators that count acknowledgements.
     Bench {
         /// Which protocol to drive.
@@ -54,6 +60,10 @@ pub struct RunArgs {
     /// TOML config file (every key can also come from TRIBUTARY_<SECTION>__<KEY>).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Preset under the file and environment: `small` for Pi-class boards
+    /// (8 MiB sled cache, smaller buffers and limits).
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    pub profile: Profile,
 }
 
 /// `topics` operations.

@@ -214,6 +214,7 @@ fn env_value(raw: &str) -> toml::Value {
 impl Config {
     /// Reads the file (if any), applies overrides from `env`, and validates.
     pub fn load(
+        profile: Profile,
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
@@ -226,18 +227,34 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Self::from_parts(&text, env)
+        Self::from_profile_parts(profile, &text, env)
     }
 
-    /// Parses TOML text plus environment overrides, then validates.
+    /// Parses TOML text plus environment overrides over the default profile.
     pub fn from_parts(
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
+        Self::from_profile_parts(Profile::Default, text, env)
+    }
+
+    /// Parses TOML text plus environment overrides, then validates.
+    /// Parses a profile preset, then TOML text over it, then environment
+    /// overrides over both, and validates the result.
+    pub fn from_profile_parts(
+        profile: Profile,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
         let mut errors = Vec::new();
-        let mut table: toml::Table = text
+        let file: toml::Table = text
             .parse()
             .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
+        let mut table: toml::Table = profile
+            .preset()
+            .parse()
+            .map_err(|e| ConfigErrors(vec![format!("built-in profile: {e}")]))?;
+        merge(&mut table, file);
         let mut from_env: BTreeMap<String, String> = BTreeMap::new();
         for (name, raw) in env {
             let Some(path) = env_key(&name) else { continue };
@@ -425,6 +442,52 @@ impl Config {
     }
 }
 
+/// Presets that sit under the config file and the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Profile {
+    /// The defaults documented in the README.
+    #[default]
+    Default,
+    /// Pi-class boards (1 GB of RAM or less): an 8 MiB sled cache, a smaller
+    /// queue of pending appends, smaller bodies and events, fewer connections.
+    Small,
+}
+
+impl Profile {
+    /// The preset as TOML.
+    pub fn preset(self) -> &'static str {
+        match self {
+            Profile::Default => "",
+            Profile::Small => SMALL_PROFILE,
+        }
+    }
+}
+
+/// `--profile small`.
+pub const SMALL_PROFILE: &str = r#"
+[storage]
+cache_capacity_bytes = 8388608
+max_pending_bytes = 4194304
+max_event_bytes = 262144
+
+[http]
+max_body_bytes = 2097152
+max_connections = 128
+max_fetch_records = 1000
+"#;
+
+/// Deep-merges `over` into `base` (tables merge, everything else replaces).
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut cur = table;
@@ -450,6 +513,28 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn small_profile_sits_under_file_and_env() {
+        let c = Config::from_profile_parts(
+            Profile::Small,
+            "[storage]\nmax_pending_bytes = 8388608\n",
+            env(&[("TRIBUTARY_HTTP__MAX_CONNECTIONS", "64")]),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.storage.cache_capacity_bytes,
+            8 * 1024 * 1024,
+            "from the profile"
+        );
+        assert_eq!(
+            c.storage.max_pending_bytes,
+            8 * 1024 * 1024,
+            "the file wins"
+        );
+        assert_eq!(c.http.max_connections, 64, "the environment wins");
+        assert_eq!(c.http.max_body_bytes, 2 * 1024 * 1024);
     }
 
     #[test]

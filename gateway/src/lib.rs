@@ -7,8 +7,10 @@
 //! - [`client`]: `topics`, `produce`, `tail` over the HTTP API.
 //! - [`bench`]: `tributary bench`, load generators counting acknowledgements.
 
+#[cfg(feature = "client")]
 pub mod bench;
 pub mod cli;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod config;
 pub mod node;
@@ -60,14 +62,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Edge(args) => run_node(Mode::Edge, args).await,
         Command::Core(args) => run_node(Mode::Core, args).await,
+        #[cfg(feature = "client")]
         Command::Topics { op, url } => client::topics(&url, op).await,
+        #[cfg(feature = "client")]
         Command::Produce(args) => client::produce(args).await,
+        #[cfg(feature = "client")]
         Command::Tail(args) => client::tail(args).await,
+        #[cfg(feature = "client")]
         Command::Bench { target } => bench::run(target).await,
     }
 }
 
 async fn run_node(mode: Mode, args: cli::RunArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref(), std::env::vars())?;
+    let config = Config::load(args.profile, args.config.as_deref(), std::env::vars())?;
     node::run(mode, config).await
 }
