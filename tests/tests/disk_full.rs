@@ -1,0 +1,194 @@
+//! A full disk: the real binary on a 24 MiB tmpfs takes writes until ENOSPC.
+//! Writes then fail with 503 `unwritable`, never a panic; the node keeps
+//! serving reads; a restart on the still-full disk refuses with a clear error;
+//! once there is room again, every acknowledged record is back, byte for byte,
+//! at its offset, and new appends continue densely.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use common::{client, get, post, read_all, ChildNode, NODE_BIN};
+use serde_json::json;
+
+/// A command run as root: directly when we are root, else through `sudo -n`.
+fn root_command(args: &[&str]) -> Command {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let mut cmd = Command::new(if is_root { args[0] } else { "sudo" });
+    if !is_root {
+        cmd.args(["-n", args[0]]);
+    }
+    cmd.args(&args[1..]);
+    cmd
+}
+
+fn as_root(args: &[&str]) {
+    let status = root_command(args)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        status.success(),
+        "{args:?} failed: this test needs root or passwordless sudo to mount a tmpfs"
+    );
+}
+
+/// A mounted tmpfs, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(at).expect("mount point");
+        as_root(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            &at.display().to_string(),
+        ]);
+        SmallFs(at.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        as_root(&[
+            "mount",
+            "-o",
+            &format!("remount,size={size}"),
+            &self.0.display().to_string(),
+        ]);
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = root_command(&["umount", "-l", &self.0.display().to_string()]).status();
+    }
+}
+
+#[test]
+#[ignore = "needs root or passwordless sudo to mount a 24 MiB tmpfs (scripts/test runs it; CI runs as root)"]
+fn a_full_disk_fails_writes_cleanly_and_keeps_every_acknowledged_record() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let fs = SmallFs::mount(&scratch.path().join("fs"), "24m");
+    let data = fs.0.join("data");
+    let mut node = ChildNode::start(&data, &[]);
+    let c = client();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut acked: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut refused = 0;
+    let mut rng = fastrand::Rng::with_seed(3);
+    // Fill the disk: keep writing until the log refuses several times in a row.
+    for batch in 0u32.. {
+        assert!(batch < 100_000, "the 24 MiB disk never filled");
+        let values: Vec<Vec<u8>> = (0..50)
+            .map(|i| {
+                let mut v = format!("b{batch}-i{i}|").into_bytes();
+                v.extend((0..1000).map(|_| rng.u8(..)));
+                v
+            })
+            .collect();
+        let records: Vec<_> = values
+            .iter()
+            .map(|v| json!({"value": b64.encode(v), "encoding": "base64", "partition": 0}))
+            .collect();
+        let (status, body) = rt.block_on(post(
+            &c,
+            &format!("{}/v1/topics/full/records", node.url),
+            &json!({"records": records}),
+        ));
+        match status {
+            200 => {
+                refused = 0;
+                for (o, v) in body["offsets"]
+                    .as_array()
+                    .expect("offsets")
+                    .iter()
+                    .zip(values)
+                {
+                    acked.insert(o["offset"].as_u64().expect("offset"), v);
+                }
+            }
+            503 => {
+                assert_eq!(body["error"]["code"], "unwritable", "{body}");
+                refused += 1;
+                if refused == 5 {
+                    break;
+                }
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(
+        acked.len() > 1000,
+        "some writes were acknowledged before the disk filled"
+    );
+    // Full, but alive: health says so, reads still work.
+    let (status, body) = rt.block_on(get(&c, &format!("{}/health", node.url)));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("unwritable"))
+    );
+    let (status, _) = rt.block_on(get(
+        &c,
+        &format!(
+            "{}/v1/topics/full/partitions/0/records?offset=0&limit=5",
+            node.url
+        ),
+    ));
+    assert_eq!(status, 200, "reads keep working on a full disk");
+    // SIGTERM still ends the process (the final flush fails, and says so).
+    let status = node.terminate();
+    assert_eq!(status.code(), Some(1));
+
+    // A restart on the still-full disk refuses clearly instead of corrupting anything.
+    let out = Command::new(NODE_BIN)
+        .arg("edge")
+        .env("TRIBUTARY_DATA_DIR", &data)
+        .env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        panic!("a node should not start on a full disk: {err}");
+    }
+    assert!(err.contains("No space left"), "{err}");
+
+    // Room again: every acknowledged record is there, identical, offsets dense.
+    fs.resize("96m");
+    let node = ChildNode::start(&data, &[]);
+    let stored = rt.block_on(read_all(&c, &node.url, "full", 0));
+    for (i, (offset, _, _)) in stored.iter().enumerate() {
+        assert_eq!(*offset, i as u64, "dense offsets");
+    }
+    for (offset, value) in &acked {
+        let got = &stored
+            .get(*offset as usize)
+            .unwrap_or_else(|| panic!("acked offset {offset} missing"))
+            .2;
+        assert!(got == value, "record at {offset} differs");
+    }
+    let (status, body) = rt.block_on(post(
+        &c,
+        &format!("{}/v1/topics/full/records", node.url),
+        &json!({"records": [{"value": 1, "partition": 0}]}),
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["offsets"][0]["offset"].as_u64(),
+        Some(stored.len() as u64)
+    );
+    drop(node);
+    drop(fs);
+}
