@@ -483,7 +483,9 @@ impl MemStore {
         }
     }
 
-    fn write(&self, op: MemOp, mirror: MemOp) {
+    /// Applies `op` now; it becomes durable at the next sync.
+    fn write(&self, op: MemOp) {
+        let mirror = clone_op(&op);
         let mut g = lock(&self.inner.0);
         g.live.apply(op);
         g.journal.push(mirror);
@@ -513,8 +515,7 @@ impl MemPartition {
     }
 
     fn op(&self, op: MemOp) {
-        let mirror = clone_op(&op);
-        self.store.write(op, mirror);
+        self.store.write(op);
     }
 }
 
@@ -569,7 +570,7 @@ impl Store for MemStore {
     }
 
     fn put_topic(&self, config: &TopicConfig) -> Result<()> {
-        self.write(MemOp::Topic(config.clone()), MemOp::Topic(config.clone()));
+        self.write(MemOp::Topic(config.clone()));
         Ok(())
     }
 
@@ -582,8 +583,7 @@ impl Store for MemStore {
     }
 
     fn put_floor(&self, topic: &str, partition: u32, start: u64) -> Result<()> {
-        let op = || MemOp::Floor(topic.to_owned(), partition, start);
-        self.write(op(), op());
+        self.write(MemOp::Floor(topic.to_owned(), partition, start));
         Ok(())
     }
 
@@ -603,7 +603,7 @@ impl Store for MemStore {
         offset: u64,
     ) -> Result<()> {
         let key = group_key(group, topic, partition);
-        self.write(MemOp::Group(key.clone(), offset), MemOp::Group(key, offset));
+        self.write(MemOp::Group(key, offset));
         Ok(())
     }
 

@@ -123,11 +123,7 @@ async fn verify(url: &str, acked: &Acked) -> usize {
 
 #[test]
 fn acknowledged_records_survive_kill_9_at_random_moments() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let acked: Acked = Arc::default();
     let mut rng = fastrand::Rng::with_seed(7);

@@ -75,11 +75,7 @@ impl Drop for SmallFs {
 #[test]
 #[ignore = "needs root or passwordless sudo to mount a 24 MiB tmpfs (scripts/test runs it; CI runs as root)"]
 fn a_full_disk_fails_writes_cleanly_and_keeps_every_acknowledged_record() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let scratch = tempfile::tempdir().expect("tempdir");
     let fs = SmallFs::mount(&scratch.path().join("fs"), "24m");
     let data = fs.0.join("data");

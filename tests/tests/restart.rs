@@ -8,11 +8,7 @@ use serde_json::json;
 
 #[test]
 fn sigterm_then_restart_keeps_records_and_group_offsets() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = ChildNode::start(dir.path(), &[]);
     let c = client();

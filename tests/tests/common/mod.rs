@@ -177,6 +177,15 @@ impl Drop for InProcessNode {
     }
 }
 
+/// A two-worker runtime for tests that also drive child processes synchronously.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A reqwest client with sane timeouts.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
