@@ -627,11 +627,11 @@ impl Log {
         let mut placement = Vec::with_capacity(records.len());
         // A chunk's first allocation fits the whole call (up to a batch): calls of
         // one small event do not hold a batch-sized buffer while they queue.
-        let total: usize = records.iter().map(|r| encoded_len(&r.event)).sum();
-        let first_capacity = batch_bytes.min(total + HEADER_LEN);
+        let lens: Vec<usize> = records.iter().map(|r| encoded_len(&r.event)).collect();
+        let first_capacity = batch_bytes.min(lens.iter().sum::<usize>() + HEADER_LEN);
         // Encode here, on the producer's task: the committer thread, which every
         // producer waits on, then only moves or concatenates finished chunks.
-        for AppendRecord { partition, event } in records {
+        for (AppendRecord { partition, event }, len) in records.into_iter().zip(lens) {
             let size = event.size();
             if size > t.config.max_event_bytes {
                 return Err(Error::EventTooLarge {
@@ -654,7 +654,6 @@ impl Log {
                 });
             }
             let part = &mut parts[*slot as usize];
-            let len = encoded_len(&event);
             let chunk = match part.chunks.last_mut() {
                 Some(c) if c.is_empty() || c.len() + len <= batch_bytes => c,
                 _ => {
@@ -805,14 +804,10 @@ impl Log {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<ReadResult> {
-        let mut end_rx = self.watch_end(topic, partition)?;
-        let (start, end) = (
-            self.existing(topic)?
-                .partition(partition)?
-                .start
-                .load(SeqCst),
-            *end_rx.borrow(),
-        );
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let mut end_rx = ps.end.subscribe();
+        let (start, end) = (ps.start.load(SeqCst), *end_rx.borrow());
         if offset < start || offset > end {
             return Err(Error::OffsetOutOfRange {
                 topic: topic.to_owned(),
@@ -832,6 +827,15 @@ impl Log {
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// A partition's first stored offset and its end offset (the next to be
+    /// written), without building a whole [`TopicInfo`].
+    pub fn offsets(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let end = *ps.end.borrow();
+        Ok((ps.start.load(SeqCst), end))
     }
 
     /// A receiver of a partition's end offset: it changes when new records

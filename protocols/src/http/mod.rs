@@ -449,17 +449,10 @@ async fn fetch(
     let (topic, partition) = path_param(path)?;
     let p = query_param(params)?;
     let log = &state.cx.log;
-    let info = log.topic(&topic)?;
-    let part = info.partitions.get(partition as usize).ok_or(
-        tributary_storage::Error::UnknownPartition {
-            topic: topic.clone(),
-            partition,
-            partitions: info.config.partitions,
-        },
-    )?;
+    let (start_offset, end_offset) = log.offsets(&topic, partition)?;
     let offset = match p.offset.as_deref() {
-        None | Some("earliest") => part.start_offset,
-        Some("latest") => part.end_offset,
+        None | Some("earliest") => start_offset,
+        Some("latest") => end_offset,
         Some(n) => n.parse().map_err(|_| {
             ApiError::bad_request(format!(
                 "offset must be a number, `earliest` or `latest`, got `{n}`"
