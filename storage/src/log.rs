@@ -242,10 +242,18 @@ enum Command {
         offsets: Vec<GroupOffset>,
         reply: oneshot::Sender<Result<()>>,
     },
+    Meta {
+        space: String,
+        entries: Vec<MetaEntry>,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Barrier {
         reply: oneshot::Sender<Result<()>>,
     },
 }
+
+/// A metadata write: `None` removes the key.
+pub type MetaEntry = (Vec<u8>, Option<Vec<u8>>);
 
 struct Shared {
     store: Arc<dyn Store>,
@@ -262,6 +270,8 @@ struct Shared {
     syncing: AtomicBool,
     /// The committer, woken by the syncer when a sync ends.
     committer_thread: std::sync::OnceLock<std::thread::Thread>,
+    /// Number of topics, for [`Log::watch_topics`].
+    topic_count: watch::Sender<usize>,
 }
 
 impl Shared {
@@ -436,6 +446,7 @@ impl Log {
             let name = tc.name.clone();
             topics.insert(name, Arc::new(build_topic(store.as_ref(), tc)?));
         }
+        let topic_total = topics.len();
         let shared = Arc::new(Shared {
             store,
             config,
@@ -448,6 +459,7 @@ impl Log {
             retention: Mutex::new(()),
             syncing: AtomicBool::new(false),
             committer_thread: std::sync::OnceLock::new(),
+            topic_count: watch::Sender::new(topic_total),
         });
         let (tx, rx) = mpsc::channel(4096);
         let stopper = Arc::new(Stopper::default());
@@ -548,6 +560,7 @@ impl Log {
             shared.store.put_topic(&config)?;
             let state = Arc::new(build_topic(shared.store.as_ref(), config)?);
             topics.insert(state.config.name.clone(), state.clone());
+            shared.topic_count.send_replace(topics.len());
             state
         };
         tracing::info!(topic = %state.config.name, partitions = state.config.partitions, "topic created");
@@ -889,6 +902,34 @@ impl Log {
         Ok(out)
     }
 
+    /// Writes or removes small metadata values under `space` (front ends keep
+    /// sessions and retained messages here). Resolves once durable, in the same
+    /// commit cycle as appends that were queued with it.
+    pub async fn put_meta(&self, space: &str, entries: Vec<MetaEntry>) -> Result<()> {
+        validate_group(space)?;
+        self.shared().check_writable()?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Meta {
+            space: space.to_owned(),
+            entries,
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Every metadata entry of `space`, sorted by key (includes writes not yet durable).
+    pub fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        validate_group(space)?;
+        self.shared().store.meta(space)
+    }
+
+    /// A receiver of the number of topics: it changes when a topic is created,
+    /// so wildcard subscribers pick up new topics without polling.
+    pub fn watch_topics(&self) -> watch::Receiver<usize> {
+        self.shared().topic_count.subscribe()
+    }
+
     /// Runs one retention pass now (the background thread does this every
     /// `retention_interval`).
     pub fn enforce_retention(&self) {
@@ -915,6 +956,10 @@ impl Command {
         match self {
             Command::Append { bytes, .. } => *bytes,
             Command::Commit { offsets, .. } => offsets.len() * 32,
+            Command::Meta { entries, .. } => entries
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum(),
             Command::Barrier { .. } => 0,
         }
     }
@@ -1106,6 +1151,11 @@ fn write_cycle(
                         .put_group_offset(group, &o.topic, o.partition, o.offset)?;
                 }
             }
+            Command::Meta { space, entries, .. } => {
+                for (k, v) in entries.iter() {
+                    shared.store.put_meta(space, k, v.as_deref())?;
+                }
+            }
             Command::Barrier { .. } => must_sync = true,
         }
     }
@@ -1141,7 +1191,9 @@ fn answer(cycle: Vec<Command>, answers: Vec<Vec<u64>>, outcome: &Result<()>) {
                 };
                 let _ = reply.send(r);
             }
-            Command::Commit { reply, .. } | Command::Barrier { reply } => {
+            Command::Commit { reply, .. }
+            | Command::Meta { reply, .. }
+            | Command::Barrier { reply } => {
                 let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|_| err()));
             }
         }

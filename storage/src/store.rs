@@ -53,6 +53,11 @@ pub trait Store: Send + Sync {
         -> Result<()>;
     /// A group's positions as (topic, partition, offset).
     fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>>;
+    /// Writes (`Some`) or removes (`None`) a small metadata value: front ends
+    /// keep sessions and retained messages here, durable with the next sync.
+    fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()>;
+    /// Every metadata entry of `space`, sorted by key.
+    fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// Makes every earlier write durable.
     fn sync(&self) -> Result<()>;
     /// Bytes the store occupies on disk (0 in memory).
@@ -80,6 +85,14 @@ fn group_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
     k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn meta_key(space: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(space.len() + 1 + key.len());
+    k.extend_from_slice(space.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
     k
 }
 
@@ -118,6 +131,7 @@ pub struct SledStore {
     topics: sled::Tree,
     floors: sled::Tree,
     groups: sled::Tree,
+    meta: sled::Tree,
     db_file: File,
     blobs_dir: PathBuf,
     synced_blobs: Mutex<HashSet<OsString>>,
@@ -158,6 +172,7 @@ impl SledStore {
         let topics = db.open_tree("__topics")?;
         let floors = db.open_tree("__floors")?;
         let groups = db.open_tree("__groups")?;
+        let meta = db.open_tree("__meta")?;
         db.flush()?;
         let db_file = File::open(dir.join("db"))?;
         db_file.sync_all()?;
@@ -167,6 +182,7 @@ impl SledStore {
             topics,
             floors,
             groups,
+            meta,
             db_file,
             blobs_dir: dir.join("blobs"),
             synced_blobs: Mutex::new(HashSet::new()),
@@ -367,6 +383,25 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let k = meta_key(space, key);
+        match value {
+            Some(v) => self.meta.insert(k, v)?,
+            None => self.meta.remove(k)?,
+        };
+        Ok(())
+    }
+
+    fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = meta_key(space, b"");
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            out.push((k[prefix.len()..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn sync(&self) -> Result<()> {
         // sled's flush writes its buffers and calls sync_file_range, which is not
         // durable on its own; blobs are never synced by sled; sync_data makes both so.
@@ -391,6 +426,7 @@ struct MemState {
     partitions: BTreeMap<(String, u32), BTreeMap<u64, Vec<u8>>>,
     floors: BTreeMap<(String, u32), u64>,
     groups: BTreeMap<Vec<u8>, u64>,
+    meta: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 enum MemOp {
@@ -399,6 +435,7 @@ enum MemOp {
     Remove(String, u32, u64),
     Floor(String, u32, u64),
     Group(Vec<u8>, u64),
+    Meta(Vec<u8>, Option<Vec<u8>>),
 }
 
 impl MemState {
@@ -420,6 +457,12 @@ impl MemState {
             }
             MemOp::Group(k, o) => {
                 self.groups.insert(k, o);
+            }
+            MemOp::Meta(k, Some(v)) => {
+                self.meta.insert(k, v);
+            }
+            MemOp::Meta(k, None) => {
+                self.meta.remove(&k);
             }
         }
     }
@@ -499,6 +542,7 @@ fn clone_op(op: &MemOp) -> MemOp {
         MemOp::Remove(t, p, b) => MemOp::Remove(t.clone(), *p, *b),
         MemOp::Floor(t, p, s) => MemOp::Floor(t.clone(), *p, *s),
         MemOp::Group(k, o) => MemOp::Group(k.clone(), *o),
+        MemOp::Meta(k, v) => MemOp::Meta(k.clone(), v.clone()),
     }
 }
 
@@ -613,6 +657,22 @@ impl Store for MemStore {
             .groups
             .iter()
             .filter_map(|(k, v)| parse_group_key(group, k, &v.to_be_bytes()))
+            .collect())
+    }
+
+    fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        self.write(MemOp::Meta(meta_key(space, key), value.map(<[u8]>::to_vec)));
+        Ok(())
+    }
+
+    fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = meta_key(space, b"");
+        let g = lock(&self.inner.0);
+        Ok(g.live
+            .meta
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k[prefix.len()..].to_vec(), v.clone()))
             .collect())
     }
 

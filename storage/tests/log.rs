@@ -1270,6 +1270,17 @@ impl Store for GatedStore {
     fn group_offsets(&self, group: &str) -> tributary_storage::Result<Vec<(String, u32, u64)>> {
         self.inner.group_offsets(group)
     }
+    fn put_meta(
+        &self,
+        space: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> tributary_storage::Result<()> {
+        self.inner.put_meta(space, key, value)
+    }
+    fn meta(&self, space: &str) -> tributary_storage::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.meta(space)
+    }
     fn sync(&self) -> tributary_storage::Result<()> {
         self.inner.sync()
     }
@@ -1974,4 +1985,56 @@ async fn fetch_at_the_end_returns_when_another_task_appends() {
             ..
         })
     ));
+}
+
+#[tokio::test]
+async fn meta_writes_are_acknowledged_only_when_durable_and_survive_a_crash() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    log.put_meta(
+        "s",
+        vec![
+            (b"a".to_vec(), Some(b"1".to_vec())),
+            (b"b".to_vec(), Some(b"2".to_vec())),
+        ],
+    )
+    .await
+    .expect("put");
+    log.put_meta("other", vec![(b"a".to_vec(), Some(b"x".to_vec()))])
+        .await
+        .expect("put other space");
+    store.hold_sync();
+    let l = log.clone();
+    let mut held = tokio::spawn(async move {
+        l.put_meta(
+            "s",
+            vec![(b"a".to_vec(), None), (b"c".to_vec(), Some(b"3".to_vec()))],
+        )
+        .await
+    });
+    let early = tokio::time::timeout(Duration::from_millis(200), &mut held).await;
+    assert!(early.is_err(), "put_meta resolved before its sync");
+    // The crash image holds only the first, synced write.
+    let crashed = mem_log(&store.crashed(), strict_config());
+    assert_eq!(
+        crashed.meta("s").expect("meta"),
+        vec![
+            (b"a".to_vec(), b"1".to_vec()),
+            (b"b".to_vec(), b"2".to_vec())
+        ]
+    );
+    store.release_sync();
+    held.await.expect("join").expect("put after release");
+    assert_eq!(
+        log.meta("s").expect("meta"),
+        vec![
+            (b"b".to_vec(), b"2".to_vec()),
+            (b"c".to_vec(), b"3".to_vec())
+        ]
+    );
+    assert_eq!(
+        log.meta("other").expect("meta"),
+        vec![(b"a".to_vec(), b"x".to_vec())]
+    );
+    assert!(log.meta("").is_err(), "an empty space is refused");
 }
