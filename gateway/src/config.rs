@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tributary_protocols::http::HttpConfig;
+use tributary_protocols::mqtt::{MqttConfig, Route};
 use tributary_storage::{Durability, LogConfig, OnFull, SledOptions, TopicConfig, TopicDefaults};
 
 /// Which role the node plays.
@@ -43,6 +44,8 @@ pub struct Config {
     pub storage: StorageSection,
     /// The HTTP API.
     pub http: HttpSection,
+    /// The MQTT front end.
+    pub mqtt: MqttSection,
     /// Topics declared up front (created at start if missing).
     pub topics: Vec<TopicSection>,
 }
@@ -54,6 +57,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             storage: StorageSection::default(),
             http: HttpSection::default(),
+            mqtt: MqttSection::default(),
             topics: Vec::new(),
         }
     }
@@ -144,6 +148,69 @@ impl Default for HttpSection {
             max_wait_ms: d.max_wait_ms,
         }
     }
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MqttSection {
+    /// Serve MQTT at all (TCP listener and `/mqtt` WebSocket).
+    pub enabled: bool,
+    /// TCP address.
+    pub listen: String,
+    /// Largest packet accepted.
+    pub max_packet_bytes: usize,
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Time to send CONNECT.
+    pub connect_timeout_ms: u64,
+    /// Unacknowledged QoS 1/2 publishes per connection, each way.
+    pub max_inflight: u16,
+    /// Topic aliases a v5 client may use.
+    pub topic_alias_max: u16,
+    /// Longest session expiry granted (4294967295: never).
+    pub max_session_expiry_secs: u32,
+    /// Sessions kept at most.
+    pub max_sessions: usize,
+    /// Retained messages kept at most.
+    pub max_retained: usize,
+    /// Filter → log topic/key routes.
+    pub routes: Vec<RouteSection>,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        let d = MqttConfig::default();
+        MqttSection {
+            enabled: true,
+            listen: "0.0.0.0:1883".into(),
+            max_packet_bytes: d.max_packet_bytes,
+            max_connections: d.max_connections,
+            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            max_inflight: d.max_inflight,
+            topic_alias_max: d.topic_alias_max,
+            max_session_expiry_secs: d.max_session_expiry_secs,
+            max_sessions: d.max_sessions,
+            max_retained: d.max_retained,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// `[[mqtt.routes]]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouteSection {
+    /// MQTT topic filter.
+    pub filter: String,
+    /// Log topic.
+    pub topic: String,
+    /// Key template (`{topic}`, `{0}`, `{1}`, ...); default `{topic}`.
+    #[serde(default = "default_route_key")]
+    pub key: String,
+}
+
+fn default_route_key() -> String {
+    "{topic}".into()
 }
 
 /// `[[topics]]`.
@@ -344,6 +411,37 @@ impl Config {
                 h.listen
             )),
         }
+        let m = &self.mqtt;
+        if m.enabled {
+            match m.listen.parse::<SocketAddr>() {
+                Ok(a) => listeners.push(("mqtt.listen", a)),
+                Err(_) => errors.push(format!(
+                    "`mqtt.listen`: `{}` is not an address like 0.0.0.0:1883",
+                    m.listen
+                )),
+            }
+        }
+        if m.max_packet_bytes < 1024 || m.max_packet_bytes > 256 * 1024 * 1024 {
+            errors.push(format!(
+                "`mqtt.max_packet_bytes` must be 1024..=268435456, got {}",
+                m.max_packet_bytes
+            ));
+        }
+        for (key, v) in [
+            ("mqtt.max_connections", m.max_connections),
+            ("mqtt.max_inflight", usize::from(m.max_inflight)),
+            ("mqtt.max_sessions", m.max_sessions),
+            ("mqtt.connect_timeout_ms", m.connect_timeout_ms as usize),
+        ] {
+            if v == 0 {
+                errors.push(format!("`{key}` must be positive"));
+            }
+        }
+        for (i, r) in self.mqtt_routes().iter().enumerate() {
+            if let Err(e) = r.validate() {
+                errors.push(format!("`mqtt.routes[{i}]`: {e}"));
+            }
+        }
         for (i, (ka, a)) in listeners.iter().enumerate() {
             for (kb, b) in &listeners[i + 1..] {
                 if a.port() != 0
@@ -431,6 +529,34 @@ impl Config {
         }
     }
 
+    fn mqtt_routes(&self) -> Vec<Route> {
+        self.mqtt
+            .routes
+            .iter()
+            .map(|r| Route {
+                filter: r.filter.clone(),
+                topic: r.topic.clone(),
+                key: r.key.clone(),
+            })
+            .collect()
+    }
+
+    /// The MQTT front end's settings.
+    pub fn mqtt_config(&self) -> MqttConfig {
+        let m = &self.mqtt;
+        MqttConfig {
+            max_packet_bytes: m.max_packet_bytes,
+            max_connections: m.max_connections,
+            connect_timeout: Duration::from_millis(m.connect_timeout_ms),
+            max_inflight: m.max_inflight,
+            topic_alias_max: m.topic_alias_max,
+            max_session_expiry_secs: m.max_session_expiry_secs,
+            max_sessions: m.max_sessions,
+            max_retained: m.max_retained,
+            routes: self.mqtt_routes(),
+        }
+    }
+
     /// The HTTP front end's settings.
     pub fn http_config(&self) -> HttpConfig {
         HttpConfig {
@@ -474,6 +600,13 @@ max_event_bytes = 262144
 max_body_bytes = 2097152
 max_connections = 128
 max_fetch_records = 1000
+
+[mqtt]
+max_packet_bytes = 262144
+max_connections = 1000
+max_inflight = 256
+max_sessions = 10000
+max_retained = 10000
 "#;
 
 /// Deep-merges `over` into `base` (tables merge, everything else replaces).

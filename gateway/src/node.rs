@@ -10,9 +10,9 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tributary_protocols::http;
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
+use tributary_protocols::{http, mqtt};
 use tributary_storage::{Error as LogError, Log};
 
 use crate::config::{Config, Mode};
@@ -37,11 +37,18 @@ pub async fn run_until(
 ) -> anyhow::Result<()> {
     let node = start(mode, config, shutdown).await?;
     // One machine-readable line on stdout, so scripts and tests learn the bound ports.
-    println!(
-        "tributary {} listening: http={}",
-        mode.as_str(),
-        node.http_addr
-    );
+    match node.mqtt_addr {
+        Some(mqtt) => println!(
+            "tributary {} listening: http={} mqtt={mqtt}",
+            mode.as_str(),
+            node.http_addr
+        ),
+        None => println!(
+            "tributary {} listening: http={}",
+            mode.as_str(),
+            node.http_addr
+        ),
+    }
     let _ = std::io::stdout().flush();
     node.wait().await
 }
@@ -51,6 +58,8 @@ pub async fn run_until(
 pub struct RunningNode {
     /// Where the HTTP API listens.
     pub http_addr: SocketAddr,
+    /// Where MQTT listens (if enabled).
+    pub mqtt_addr: Option<SocketAddr>,
     /// The log (for in-process tests and tools).
     pub log: Log,
     task: JoinHandle<anyhow::Result<()>>,
@@ -104,15 +113,30 @@ pub async fn start(
     if !http_addr.ip().is_loopback() {
         tracing::warn!(%http_addr, "anonymous access is allowed on a non-loopback address (device auth is not configured)");
     }
-    let cx = FrontendContext {
-        log: log.clone(),
-        shutdown: shutdown.clone(),
-        mode: mode.as_str(),
-    };
+    let cx = FrontendContext::new(log.clone(), shutdown.clone(), mode.as_str());
+    let mut extra_routes = http::Router::new();
+    let mut mqtt_addr = None;
+    let mut mqtt_task = None;
+    let mut broker = None;
+    if config.mqtt.enabled {
+        let mqtt_config = config.mqtt_config();
+        let max = mqtt_config.max_connections;
+        let b = mqtt::Broker::new(cx.clone(), mqtt_config).map_err(anyhow::Error::msg)?;
+        let bound = TcpListener::bind(&config.mqtt.listen)
+            .await
+            .with_context(|| format!("cannot listen on mqtt.listen = {}", config.mqtt.listen))?;
+        mqtt_addr = Some(bound.local_addr()?);
+        extra_routes = b.websocket_routes();
+        mqtt_task = Some(tokio::spawn(mqtt::serve(
+            LimitedListener::new(bound, max),
+            b.clone(),
+        )));
+        broker = Some(b);
+    }
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
-    let http_task = tokio::spawn(http::serve(listener, cx, http_config));
-    tracing::info!(mode = mode.as_str(), http = %http_addr, data_dir = %config.data_dir.display(), "node ready");
+    let http_task = tokio::spawn(http::serve(listener, cx, http_config, extra_routes));
+    tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, data_dir = %config.data_dir.display(), "node ready");
 
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let task_log = log.clone();
@@ -133,6 +157,17 @@ pub async fn start(
                 joined?.context("the HTTP server stopped")?;
             }
         }
+        if let Some(t) = mqtt_task {
+            let _ = t.await;
+        }
+        // MQTT connections answer DISCONNECT and store their sessions on
+        // shutdown: the log stays open until they are done (or the grace ends).
+        if let Some(b) = &broker {
+            let deadline = tokio::time::Instant::now() + grace;
+            while b.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         task_log.close().await.context("final flush of the log")?;
         // Dropping the last handle joins the log's threads and releases the files.
         tokio::task::spawn_blocking(move || drop(task_log)).await?;
@@ -141,6 +176,7 @@ pub async fn start(
     });
     Ok(RunningNode {
         http_addr,
+        mqtt_addr,
         log,
         task,
     })

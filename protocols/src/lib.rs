@@ -6,12 +6,19 @@
 //! - [`listener`]: a TCP listener with a connection limit, shared by every front end.
 //! - [`http`]: the HTTP API (axum): topics, produce, fetch, consumer groups,
 //!   health, metrics and the OpenAPI document.
+//! - [`mqtt`]: MQTT 3.1.1 and 5 (TCP and WebSocket) over our own session layer.
+//! - [`auth`]: the one authentication/authorization hook every protocol calls.
 //!
-//! MQTT, AMQP and WebSocket front ends arrive as their own modules with the
-//! same shape: a listener, a handler per connection, one shutdown token.
+//! Every front end has the same shape: a listener, a handler per connection,
+//! one shutdown token.
 
+pub mod auth;
 pub mod http;
 pub mod listener;
+pub mod mqtt;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 use tributary_storage::Log;
@@ -25,4 +32,55 @@ pub struct FrontendContext {
     pub shutdown: CancellationToken,
     /// `edge` or `core`, for health and stats.
     pub mode: &'static str,
+    /// Who may connect, publish and subscribe.
+    pub auth: Arc<dyn auth::Authenticator>,
+    /// Metrics of every front end, rendered by `/metrics`.
+    pub metrics: MetricsHub,
+}
+
+impl FrontendContext {
+    /// A context with anonymous access and no extra metrics.
+    pub fn new(log: Log, shutdown: CancellationToken, mode: &'static str) -> Self {
+        FrontendContext {
+            log,
+            shutdown,
+            mode,
+            auth: Arc::new(auth::Anonymous),
+            metrics: MetricsHub::default(),
+        }
+    }
+}
+
+/// Something that appends Prometheus text for its own metrics.
+pub trait MetricsSource: Send + Sync {
+    /// Appends `# HELP`/`# TYPE` blocks and samples to `out`.
+    fn render(&self, out: &mut String);
+}
+
+/// Front ends register their metrics here; `/metrics` renders them all.
+#[derive(Clone, Default)]
+pub struct MetricsHub(Arc<Mutex<Vec<Arc<dyn MetricsSource>>>>);
+
+impl fmt::Debug for MetricsHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetricsHub").finish_non_exhaustive()
+    }
+}
+
+impl MetricsHub {
+    /// Adds a source.
+    pub fn register(&self, source: Arc<dyn MetricsSource>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(source);
+    }
+
+    /// Renders every source.
+    pub fn render(&self, out: &mut String) {
+        let sources = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for s in sources {
+            s.render(out);
+        }
+    }
 }

@@ -542,11 +542,7 @@ async fn a_log_that_cannot_write_answers_503() {
     let store = MemStore::new();
     let log = Log::with_store(Arc::new(store.clone()), LogConfig::default()).expect("log");
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let cx = FrontendContext {
-        log,
-        shutdown: shutdown.clone(),
-        mode: "edge",
-    };
+    let cx = FrontendContext::new(log, shutdown.clone(), "edge");
     let listener = LimitedListener::new(
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -558,6 +554,7 @@ async fn a_log_that_cannot_write_answers_503() {
         listener,
         cx,
         HttpConfig::default(),
+        tributary_protocols::http::Router::new(),
     ));
     let c = client();
     create_topic(&c, &u, "t", 1).await;

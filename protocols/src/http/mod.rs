@@ -15,7 +15,9 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+/// The router type other front ends hand to [`serve`] (MQTT over WebSockets).
+pub use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 use tributary_storage::{
@@ -67,6 +69,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/topics/{topic}/partitions/{partition}/records"),
     ("GET", "/v1/groups/{group}/offsets"),
     ("POST", "/v1/groups/{group}/offsets"),
+    ("GET", "/mqtt"),
 ];
 
 /// The OpenAPI 3 document served at `/openapi.json`.
@@ -120,14 +123,16 @@ pub fn router(
 }
 
 /// Serves the API on `listener` until `cx.shutdown` is cancelled, then lets
-/// in-flight requests finish.
+/// in-flight requests finish. `extra` holds other front ends' routes on this
+/// port (MQTT over WebSockets at `/mqtt`).
 pub async fn serve(
     listener: LimitedListener,
     cx: FrontendContext,
     config: HttpConfig,
+    extra: Router,
 ) -> std::io::Result<()> {
     let shutdown = cx.shutdown.clone();
-    let app = router(cx, config, listener.stats());
+    let app = extra.merge(router(cx, config, listener.stats()));
     axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -185,12 +190,13 @@ async fn openapi() -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
-    let text = metrics::render(
+    let mut text = metrics::render(
         &state.cx.log,
         &state.metrics,
         &state.connections,
         state.started.elapsed(),
     );
+    state.cx.metrics.render(&mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

@@ -23,6 +23,8 @@ pub struct ChildNode {
     pub url: String,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// Its MQTT address.
+    pub mqtt: SocketAddr,
 }
 
 impl ChildNode {
@@ -44,6 +46,7 @@ impl ChildNode {
         cmd.arg(mode)
             .env("TRIBUTARY_DATA_DIR", data_dir)
             .env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0")
+            .env("TRIBUTARY_MQTT__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -57,12 +60,12 @@ impl ChildNode {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if let Some(addr) = line.split("http=").nth(1) {
-                    let _ = tx.send(addr.trim().to_owned());
+                if line.contains(" listening: ") {
+                    let _ = tx.send(line);
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
@@ -70,10 +73,20 @@ impl ChildNode {
                 panic!("node did not report its address; its log:\n{log}");
             }
         };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_owned)
+        };
+        let addr = field("http=").expect("http address");
+        let mqtt = field("mqtt=")
+            .and_then(|a| a.parse().ok())
+            .expect("mqtt address");
         ChildNode {
             child: Some(child),
             url: format!("http://{addr}"),
             data_dir: data_dir.to_owned(),
+            mqtt,
         }
     }
 
@@ -124,6 +137,8 @@ pub struct InProcessNode {
     pub url: String,
     /// Its address.
     pub addr: SocketAddr,
+    /// Its MQTT address.
+    pub mqtt: SocketAddr,
     shutdown: CancellationToken,
     running: Option<RunningNode>,
     _dir: Option<tempfile::TempDir>,
@@ -146,6 +161,10 @@ impl InProcessNode {
                 "TRIBUTARY_HTTP__LISTEN".to_owned(),
                 "127.0.0.1:0".to_owned(),
             ),
+            (
+                "TRIBUTARY_MQTT__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
         ];
         let config = Config::from_parts(extra_toml, env).expect("valid test config");
         let shutdown = CancellationToken::new();
@@ -153,9 +172,11 @@ impl InProcessNode {
             .await
             .expect("node starts");
         let addr = running.http_addr;
+        let mqtt = running.mqtt_addr.expect("mqtt enabled");
         InProcessNode {
             url: format!("http://{addr}"),
             addr,
+            mqtt,
             shutdown,
             running: Some(running),
             _dir: None,

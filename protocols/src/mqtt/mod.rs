@@ -1,0 +1,475 @@
+//! MQTT 3.1.1 and 5 front end: our own session layer over rumqttc's packet
+//! codecs ([`codec`]), in mini-redis's shape: a [`Listener`] accepts, a
+//! [`conn::Handler`] per connection runs the session.
+//!
+//! - PUBLISH appends to the log; PUBACK/PUBREC go out only once the log says
+//!   durable. Every PUBLISH read from one socket read joins one append, and
+//!   appends from many connections share one group commit.
+//! - Subscriptions are served from the log: a filter tails the log topics it
+//!   can match and filters by MQTT topic, from a per-session cursor. A slow
+//!   subscriber only lags in offsets; a persistent session's cursors and
+//!   subscriptions are stored in the log's metadata, so an offline device gets
+//!   what was published meanwhile, across restarts too.
+//! - Retained messages live in the log's metadata (`mqtt.retained`).
+//! - The handler is generic over the byte stream: TCP, WebSocket (`/mqtt` on
+//!   the HTTP port) and, later, TLS wrap the same code.
+
+pub mod codec;
+mod conn;
+mod session;
+pub mod topic;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router as HttpRouter;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::listener::{ConnectionStats, LimitedListener};
+use crate::{FrontendContext, MetricsSource};
+pub use session::{PendingWill, SessionStore};
+pub use topic::Route;
+
+/// MQTT front-end settings (`[mqtt]`).
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// Largest packet accepted (and advertised to v5 clients).
+    pub max_packet_bytes: usize,
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Unacknowledged QoS 1/2 publishes per connection, each way (v5 receive maximum).
+    pub max_inflight: u16,
+    /// Topic aliases a v5 client may use.
+    pub topic_alias_max: u16,
+    /// Longest session expiry granted, seconds (`u32::MAX`: never expires).
+    pub max_session_expiry_secs: u32,
+    /// Sessions kept at most (online and offline); CONNECTs beyond are refused.
+    pub max_sessions: usize,
+    /// Retained messages kept at most.
+    pub max_retained: usize,
+    /// Filter → topic/key routes, first match wins.
+    pub routes: Vec<Route>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_packet_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 1024,
+            topic_alias_max: 64,
+            max_session_expiry_secs: u32::MAX,
+            max_sessions: 100_000,
+            max_retained: 100_000,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// Ack latency histogram bounds, seconds.
+pub const ACK_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0];
+
+/// MQTT counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct MqttMetrics {
+    connects: AtomicU64,
+    publishes: [AtomicU64; 3],
+    deliveries: [AtomicU64; 2],
+    ack_buckets: [AtomicU64; ACK_BUCKETS.len() + 1],
+    ack_seconds_micros: AtomicU64,
+    acks: AtomicU64,
+    rejections: Mutex<BTreeMap<&'static str, u64>>,
+    connections: Mutex<Vec<Arc<ConnectionStats>>>,
+}
+
+impl MqttMetrics {
+    /// Counts a refused or failed thing under a bounded reason label.
+    pub fn reject(&self, reason: &'static str) {
+        *self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    fn ack_latency(&self, took: Duration, n: u64) {
+        let s = took.as_secs_f64();
+        let i = ACK_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(ACK_BUCKETS.len());
+        self.ack_buckets[i].fetch_add(n, Relaxed);
+        self.ack_seconds_micros
+            .fetch_add(took.as_micros() as u64 * n, Relaxed);
+        self.acks.fetch_add(n, Relaxed);
+    }
+
+    /// Rejections so far for `reason` (tests read this).
+    pub fn rejections(&self, reason: &str) -> u64 {
+        self.rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl MetricsSource for MqttMetrics {
+    fn render(&self, out: &mut String) {
+        let (mut open, mut accepted) = (0, 0);
+        for c in self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            open += c.open.load(Relaxed);
+            accepted += c.accepted.load(Relaxed);
+        }
+        let _ = writeln!(out, "# HELP tributary_mqtt_connections Open MQTT connections (TCP and WebSocket).\n# TYPE tributary_mqtt_connections gauge\ntributary_mqtt_connections {open}");
+        let _ = writeln!(out, "# HELP tributary_mqtt_connections_accepted_total MQTT TCP connections accepted.\n# TYPE tributary_mqtt_connections_accepted_total counter\ntributary_mqtt_connections_accepted_total {accepted}");
+        let _ = writeln!(out, "# HELP tributary_mqtt_connects_total CONNECTs accepted.\n# TYPE tributary_mqtt_connects_total counter\ntributary_mqtt_connects_total {}", self.connects.load(Relaxed));
+        let _ = writeln!(out, "# HELP tributary_mqtt_publishes_total PUBLISH packets received, by QoS.\n# TYPE tributary_mqtt_publishes_total counter");
+        for (q, c) in self.publishes.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tributary_mqtt_publishes_total{{qos=\"{q}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP tributary_mqtt_deliveries_total PUBLISH packets sent to subscribers, by QoS.\n# TYPE tributary_mqtt_deliveries_total counter");
+        for (q, c) in self.deliveries.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tributary_mqtt_deliveries_total{{qos=\"{q}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP tributary_mqtt_ack_seconds Time from PUBLISH read to PUBACK/PUBREC (durable).\n# TYPE tributary_mqtt_ack_seconds histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.ack_buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = ACK_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_owned(), |v| v.to_string());
+            let _ = writeln!(
+                out,
+                "tributary_mqtt_ack_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "tributary_mqtt_ack_seconds_sum {:.6}",
+            self.ack_seconds_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "tributary_mqtt_ack_seconds_count {}",
+            self.acks.load(Relaxed)
+        );
+        let _ = writeln!(out, "# HELP tributary_mqtt_rejections_total Refused connections, packets and publishes, by reason.\n# TYPE tributary_mqtt_rejections_total counter");
+        for (reason, n) in self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "tributary_mqtt_rejections_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// State shared by every MQTT connection of a node.
+#[derive(Debug)]
+pub struct Broker {
+    cx: FrontendContext,
+    config: MqttConfig,
+    router: topic::Router,
+    metrics: Arc<MqttMetrics>,
+    sessions: SessionStore,
+    next_conn: AtomicU64,
+    /// Topics holding a retained message (bounded by `max_retained`).
+    retained: Mutex<HashSet<String>>,
+}
+
+impl Broker {
+    /// Builds the broker, loading persistent sessions and registering metrics.
+    pub fn new(cx: FrontendContext, config: MqttConfig) -> Result<Arc<Self>, String> {
+        for r in &config.routes {
+            r.validate()?;
+        }
+        let sessions =
+            SessionStore::load(&cx.log).map_err(|e| format!("cannot load MQTT sessions: {e}"))?;
+        let retained = cx
+            .log
+            .meta(session::RETAINED)
+            .map_err(|e| format!("cannot load retained MQTT messages: {e}"))?
+            .into_iter()
+            .filter_map(|(k, _)| String::from_utf8(k).ok())
+            .collect();
+        let metrics = Arc::new(MqttMetrics::default());
+        cx.metrics.register(metrics.clone());
+        let broker = Arc::new(Broker {
+            router: topic::Router::new(config.routes.clone()),
+            cx,
+            config,
+            metrics,
+            sessions,
+            next_conn: AtomicU64::new(1),
+            retained: Mutex::new(retained),
+        });
+        tokio::spawn(session::sweeper(broker.clone()));
+        Ok(broker)
+    }
+
+    /// Counters (tests and `/metrics`).
+    pub fn metrics(&self) -> &Arc<MqttMetrics> {
+        &self.metrics
+    }
+
+    /// MQTT connections open now (TCP and WebSocket).
+    pub fn open_connections(&self) -> u64 {
+        self.metrics
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.open.load(Relaxed))
+            .sum()
+    }
+
+    /// Sessions (online and offline).
+    pub fn sessions(&self) -> &SessionStore {
+        &self.sessions
+    }
+
+    /// Appends a will (and retains it if asked). Authorization was checked at CONNECT.
+    async fn publish_will(&self, will: codec::Will) {
+        let target = self.router.target(&will.topic);
+        match session::event_for(
+            target,
+            &will.topic,
+            &will.payload,
+            will.qos,
+            will.retain,
+            &will.props,
+        ) {
+            Ok((log_topic, record)) => match self.cx.log.append(&log_topic, vec![record]).await {
+                Ok(_) => {
+                    if will.retain {
+                        if let Err(e) = self
+                            .set_retained(&will.topic, &will.payload, will.qos, &will.props)
+                            .await
+                        {
+                            tracing::warn!(topic = %will.topic, error = %e, "cannot retain a will");
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.reject("will_not_stored");
+                    tracing::warn!(topic = %will.topic, error = %e, "a will could not be stored");
+                }
+            },
+            Err(why) => {
+                self.metrics.reject("will_topic_invalid");
+                tracing::warn!(%why, "a will has no log topic");
+            }
+        }
+    }
+
+    /// Stores (non-empty payload) or clears (empty payload) the retained message of `topic`.
+    async fn set_retained(
+        &self,
+        topic: &str,
+        payload: &bytes::Bytes,
+        qos: u8,
+        props: &codec::MsgProps,
+    ) -> Result<(), RetainError> {
+        let value = if payload.is_empty() {
+            None
+        } else {
+            let mut set = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            if !set.contains(topic) && set.len() >= self.config.max_retained {
+                return Err(RetainError::Full(self.config.max_retained));
+            }
+            set.insert(topic.to_owned());
+            Some(session::Retained::new(payload, qos, props).encode())
+        };
+        let clear = value.is_none();
+        self.cx
+            .log
+            .put_meta(session::RETAINED, vec![(topic.as_bytes().to_vec(), value)])
+            .await
+            .map_err(RetainError::Log)?;
+        if clear {
+            self.retained
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(topic);
+        }
+        Ok(())
+    }
+
+    /// Routes that serve MQTT over WebSockets at `/mqtt` (merge into the HTTP router).
+    pub fn websocket_routes(self: &Arc<Self>) -> HttpRouter {
+        let stats = Arc::new(ConnectionStats::default());
+        self.metrics
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats.clone());
+        HttpRouter::new()
+            .route("/mqtt", get(ws_upgrade))
+            .with_state((self.clone(), stats))
+    }
+}
+
+/// Accepts MQTT connections (mini-redis's `Listener`).
+#[derive(Debug)]
+pub struct Listener {
+    listener: LimitedListener,
+    broker: Arc<Broker>,
+}
+
+impl Listener {
+    /// A listener over a bound socket (its limit: `max_connections`).
+    pub fn new(listener: LimitedListener, broker: Arc<Broker>) -> Self {
+        broker
+            .metrics
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener.stats());
+        Listener { listener, broker }
+    }
+
+    /// Accepts until shutdown; each connection runs in its own task and is
+    /// told to stop (v5: DISCONNECT 0x8B) at shutdown.
+    pub async fn run(self) {
+        let shutdown = self.broker.cx.shutdown.clone();
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            let broker = self.broker.clone();
+            tokio::spawn(async move {
+                conn::Handler::run(broker, stream, Some(peer)).await;
+            });
+        }
+    }
+}
+
+/// Serves MQTT on `listener` until the node shuts down.
+pub async fn serve(listener: LimitedListener, broker: Arc<Broker>) {
+    Listener::new(listener, broker).run().await;
+}
+
+/// Why a retained message was not kept.
+#[derive(Debug, thiserror::Error)]
+enum RetainError {
+    #[error("the retained-message limit ({0}) is reached")]
+    Full(usize),
+    #[error(transparent)]
+    Log(tributary_storage::Error),
+}
+
+type WsState = (Arc<Broker>, Arc<ConnectionStats>);
+
+async fn ws_upgrade(State((broker, stats)): State<WsState>, ws: WebSocketUpgrade) -> Response {
+    let max = broker.config.max_packet_bytes + 8;
+    ws.protocols(["mqtt"])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            stats.accepted.fetch_add(1, Relaxed);
+            stats.open.fetch_add(1, Relaxed);
+            bridge_websocket(socket, broker, None).await;
+            stats.open.fetch_sub(1, Relaxed);
+        })
+}
+
+/// Runs the MQTT handler over a WebSocket: binary messages carry the byte
+/// stream (a packet may span messages, a message may hold several packets).
+/// A bounded in-memory pipe joins the two, so a slow side pushes back.
+async fn bridge_websocket(socket: WebSocket, broker: Arc<Broker>, peer: Option<SocketAddr>) {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut pipe_read, mut pipe_write) = tokio::io::split(theirs);
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let inbound = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    if pipe_write.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                // MQTT over WebSockets is binary only (MQTT-6.0.0-1).
+                Message::Text(_) => break,
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+        let _ = pipe_write.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match pipe_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let msg = Message::Binary(buf[..n].to_vec().into());
+                    if ws_tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    let handler = conn::Handler::run(broker, ours, peer);
+    tokio::join!(handler, async {
+        tokio::select! {
+            () = inbound => {}
+            () = outbound => {}
+        }
+    });
+}
+
+/// Sessions map entry, shared between the connection that owns the session
+/// and the broker (takeover, expiry, wills).
+#[derive(Debug)]
+struct Slot {
+    /// The connection serving this client id, if online.
+    owner: Option<u64>,
+    /// Cancelled to make the owner stop (takeover).
+    kick: tokio_util::sync::CancellationToken,
+    /// Becomes true when the owner has put the session back.
+    released: watch::Receiver<bool>,
+    /// The session while offline.
+    parked: Option<session::Session>,
+    /// When an offline session expires.
+    expires: Option<Instant>,
+    /// A will waiting for its delay.
+    will: Option<PendingWill>,
+}
+
+type Slots = Mutex<HashMap<String, Slot>>;

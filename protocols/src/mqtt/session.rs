@@ -1,0 +1,483 @@
+//! Sessions: what a client id keeps between connections (subscriptions,
+//! per-partition cursors into the log, unacknowledged deliveries, QoS 2 packet
+//! ids), takeover, expiry and delayed wills. Persistent sessions are stored in
+//! the log's metadata space `mqtt.sessions`; retained messages in `mqtt.retained`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tributary_storage::{AppendRecord, Event, Log, Record};
+
+use super::codec::{MsgProps, PublishOut, Will};
+use super::topic::{record_topic, Target};
+use super::{Broker, Slot, Slots};
+
+/// Metadata space of persistent sessions.
+pub const SESSIONS: &str = "mqtt.sessions";
+/// Metadata space of retained messages.
+pub const RETAINED: &str = "mqtt.retained";
+
+/// Header names the MQTT front end writes and reads back.
+pub mod header {
+    /// The MQTT topic a record was published to.
+    pub const TOPIC: &str = "mqtt.topic";
+    /// Present (`0`) only for QoS 0 publishes; absent means QoS 1 or 2.
+    pub const QOS: &str = "mqtt.qos";
+    /// Present (`1`) when the publish had the retain flag.
+    pub const RETAIN: &str = "mqtt.retain";
+    /// v5 payload format indicator (`1`: UTF-8).
+    pub const PAYLOAD_FORMAT: &str = "mqtt.payload_format";
+    /// v5 message expiry interval, seconds from the record's timestamp.
+    pub const EXPIRY: &str = "mqtt.expiry";
+    /// v5 response topic.
+    pub const RESPONSE_TOPIC: &str = "mqtt.response_topic";
+    /// v5 correlation data.
+    pub const CORRELATION: &str = "mqtt.correlation";
+    /// v5 content type (shared name with AMQP and HTTP).
+    pub const CONTENT_TYPE: &str = "content-type";
+}
+
+/// One subscription of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sub {
+    /// Topic filter.
+    pub filter: String,
+    /// Granted QoS (0 or 1).
+    pub qos: u8,
+    /// v5 retain as published.
+    pub retain_as_published: bool,
+    /// v5 subscription identifier.
+    pub id: Option<u64>,
+}
+
+/// A QoS 1 delivery waiting for PUBACK.
+#[derive(Debug, Clone)]
+pub enum Inflight {
+    /// A record of the log (re-read on redelivery).
+    Log {
+        /// Log topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Offset.
+        offset: u64,
+    },
+    /// A retained message or anything not at a log position.
+    Owned(Box<PublishOut>),
+}
+
+/// A session's state.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Session expiry interval in seconds (0: ends with the connection).
+    pub expiry: u32,
+    /// Subscriptions.
+    pub subs: Vec<Sub>,
+    /// Next offset to read, per tailed (log topic, partition).
+    pub cursors: BTreeMap<(String, u32), u64>,
+    /// QoS 1 deliveries not yet acknowledged, by packet id.
+    pub inflight: BTreeMap<u16, Inflight>,
+    /// QoS 2 packet ids received (and stored) but not yet released.
+    pub qos2: BTreeSet<u16>,
+    /// Next packet id to try for deliveries.
+    pub next_pkid: u16,
+    /// A durable record of this session exists.
+    pub stored: bool,
+}
+
+impl Session {
+    /// A fresh session.
+    pub fn new(expiry: u32) -> Self {
+        Session {
+            expiry,
+            subs: Vec::new(),
+            cursors: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            qos2: BTreeSet::new(),
+            next_pkid: 1,
+            stored: false,
+        }
+    }
+
+    /// A free packet id for a delivery.
+    pub fn take_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The durable form: cursors go back to the oldest unacknowledged delivery.
+    fn record(&self) -> StoredSession {
+        let mut cursors = self.cursors.clone();
+        for f in self.inflight.values() {
+            if let Inflight::Log {
+                topic,
+                partition,
+                offset,
+            } = f
+            {
+                if let Some(c) = cursors.get_mut(&(topic.clone(), *partition)) {
+                    *c = (*c).min(*offset);
+                }
+            }
+        }
+        StoredSession {
+            version: 1,
+            expiry: self.expiry,
+            subs: self.subs.clone(),
+            cursors: cursors.into_iter().map(|((t, p), o)| (t, p, o)).collect(),
+            qos2: self.qos2.iter().copied().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSession {
+    version: u8,
+    expiry: u32,
+    subs: Vec<Sub>,
+    cursors: Vec<(String, u32, u64)>,
+    qos2: Vec<u16>,
+}
+
+/// Stores (or removes, for sessions that end with their connection) a session.
+pub async fn persist(
+    log: &Log,
+    client_id: &str,
+    session: &mut Session,
+) -> tributary_storage::Result<()> {
+    if session.expiry == 0 {
+        if session.stored {
+            log.put_meta(SESSIONS, vec![(client_id.as_bytes().to_vec(), None)])
+                .await?;
+            session.stored = false;
+        }
+        return Ok(());
+    }
+    let bytes = postcard::to_stdvec(&session.record())
+        .map_err(|e| tributary_storage::Error::Config(e.to_string()))?;
+    log.put_meta(SESSIONS, vec![(client_id.as_bytes().to_vec(), Some(bytes))])
+        .await?;
+    session.stored = true;
+    Ok(())
+}
+
+/// A will waiting for its delay (or its session's end).
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    /// The will.
+    pub will: Will,
+    /// When to publish it.
+    pub due: Instant,
+}
+
+/// Every session of the node.
+#[derive(Debug)]
+pub struct SessionStore {
+    pub(super) slots: Slots,
+}
+
+impl SessionStore {
+    /// Loads persistent sessions from the log's metadata. Their expiry clock
+    /// restarts at load (the offline time before a restart is not counted).
+    pub fn load(log: &Log) -> tributary_storage::Result<Self> {
+        let mut slots = HashMap::new();
+        for (k, v) in log.meta(SESSIONS)? {
+            let Ok(client_id) = String::from_utf8(k) else {
+                continue;
+            };
+            let stored: StoredSession = match postcard::from_bytes(&v) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%client_id, error = %e, "a stored MQTT session does not decode; dropped");
+                    continue;
+                }
+            };
+            let mut s = Session::new(stored.expiry);
+            s.subs = stored.subs;
+            s.cursors = stored
+                .cursors
+                .into_iter()
+                .map(|(t, p, o)| ((t, p), o))
+                .collect();
+            s.qos2 = stored.qos2.into_iter().collect();
+            s.stored = true;
+            let (_, released) = watch::channel(true);
+            slots.insert(
+                client_id,
+                Slot {
+                    owner: None,
+                    kick: CancellationToken::new(),
+                    released,
+                    expires: expiry_deadline(s.expiry),
+                    parked: Some(s),
+                    will: None,
+                },
+            );
+        }
+        if !slots.is_empty() {
+            tracing::info!(sessions = slots.len(), "persistent MQTT sessions loaded");
+        }
+        Ok(SessionStore {
+            slots: std::sync::Mutex::new(slots),
+        })
+    }
+
+    /// Number of sessions (online and offline).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True without sessions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// When a session parked now expires (`None`: never).
+pub fn expiry_deadline(expiry: u32) -> Option<Instant> {
+    if expiry == u32::MAX {
+        None
+    } else {
+        Instant::now().checked_add(Duration::from_secs(u64::from(expiry)))
+    }
+}
+
+/// Publishes due wills and drops expired sessions, once a second.
+pub async fn sweeper(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = broker.cx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        sweep(&broker, Instant::now()).await;
+    }
+}
+
+async fn sweep(broker: &Broker, now: Instant) {
+    let mut wills = Vec::new();
+    let mut expired = Vec::new();
+    {
+        let mut slots = broker.sessions.lock();
+        slots.retain(|id, slot| {
+            if slot.owner.is_some() {
+                return true;
+            }
+            let ends = slot.expires.is_some_and(|e| e <= now);
+            if let Some(w) = slot.will.take_if(|w| w.due <= now || ends) {
+                wills.push(w.will);
+            }
+            if ends {
+                if slot.parked.as_ref().is_some_and(|s| s.stored) {
+                    expired.push(id.clone());
+                }
+                return false;
+            }
+            true
+        });
+    }
+    for w in wills {
+        broker.publish_will(w).await;
+    }
+    if !expired.is_empty() {
+        let entries = expired
+            .into_iter()
+            .map(|id| (id.into_bytes(), None))
+            .collect();
+        if let Err(e) = broker.cx.log.put_meta(SESSIONS, entries).await {
+            tracing::warn!(error = %e, "cannot remove expired MQTT sessions");
+        }
+    }
+}
+
+/// A retained message as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Retained {
+    payload: Vec<u8>,
+    qos: u8,
+    payload_format: Option<u8>,
+    expiry: Option<u32>,
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation: Option<Vec<u8>>,
+    user: Vec<(String, String)>,
+    stored_ms: i64,
+}
+
+impl Retained {
+    /// Builds the stored form.
+    pub fn new(payload: &Bytes, qos: u8, props: &MsgProps) -> Self {
+        Retained {
+            payload: payload.to_vec(),
+            qos,
+            payload_format: props.payload_format,
+            expiry: props.expiry,
+            content_type: props.content_type.clone(),
+            response_topic: props.response_topic.clone(),
+            correlation: props.correlation.as_ref().map(|c| c.to_vec()),
+            user: props.user.clone(),
+            stored_ms: now_ms(),
+        }
+    }
+
+    /// Encoded for the metadata space.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// The retained messages matching `filter`, as deliveries (expired ones skipped).
+    pub fn matching(log: &Log, filter: &str) -> Vec<PublishOut> {
+        let Ok(all) = log.meta(RETAINED) else {
+            return Vec::new();
+        };
+        let now = now_ms();
+        let mut out = Vec::new();
+        for (k, v) in all {
+            let Ok(topic) = String::from_utf8(k) else {
+                continue;
+            };
+            if !super::topic::matches(&topic, filter) {
+                continue;
+            }
+            let Ok(r) = postcard::from_bytes::<Retained>(&v) else {
+                continue;
+            };
+            let mut expiry = r.expiry;
+            if let Some(e) = r.expiry {
+                let left = i64::from(e) - (now - r.stored_ms) / 1000;
+                if left <= 0 {
+                    continue;
+                }
+                expiry = Some(left as u32);
+            }
+            out.push(PublishOut {
+                topic,
+                qos: r.qos,
+                retain: true,
+                dup: false,
+                pkid: 0,
+                payload: Bytes::from(r.payload),
+                props: MsgProps {
+                    payload_format: r.payload_format,
+                    expiry,
+                    content_type: r.content_type,
+                    response_topic: r.response_topic,
+                    correlation: r.correlation.map(Bytes::from),
+                    user: r.user,
+                },
+                sub_ids: Vec::new(),
+            });
+        }
+        out
+    }
+}
+
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Builds the event a PUBLISH becomes: (log topic, record).
+pub fn event_for(
+    target: Target,
+    topic: &str,
+    payload: &Bytes,
+    qos: u8,
+    retain: bool,
+    props: &MsgProps,
+) -> Result<(String, AppendRecord), String> {
+    let (log_topic, key) = match target {
+        Target::Log(t, k) => (t, k),
+        Target::Invalid(why) => return Err(why),
+    };
+    let mut headers = Vec::with_capacity(2 + props.user.len());
+    headers.push((header::TOPIC.to_owned(), topic.as_bytes().to_vec()));
+    if qos == 0 {
+        headers.push((header::QOS.to_owned(), b"0".to_vec()));
+    }
+    if retain {
+        headers.push((header::RETAIN.to_owned(), b"1".to_vec()));
+    }
+    if let Some(f) = props.payload_format {
+        headers.push((
+            header::PAYLOAD_FORMAT.to_owned(),
+            f.to_string().into_bytes(),
+        ));
+    }
+    if let Some(e) = props.expiry {
+        headers.push((header::EXPIRY.to_owned(), e.to_string().into_bytes()));
+    }
+    if let Some(c) = &props.content_type {
+        headers.push((header::CONTENT_TYPE.to_owned(), c.clone().into_bytes()));
+    }
+    if let Some(r) = &props.response_topic {
+        headers.push((header::RESPONSE_TOPIC.to_owned(), r.clone().into_bytes()));
+    }
+    if let Some(c) = &props.correlation {
+        headers.push((header::CORRELATION.to_owned(), c.to_vec()));
+    }
+    for (k, v) in &props.user {
+        headers.push((k.clone(), v.clone().into_bytes()));
+    }
+    let event = Event {
+        key: Some(key.into_bytes()),
+        value: payload.to_vec(),
+        timestamp: None,
+        headers,
+    };
+    Ok((log_topic, AppendRecord::from(event)))
+}
+
+/// What a stored record looks like to an MQTT subscriber: its topic, the QoS
+/// it was published with, and its properties; `None` when it has expired.
+pub fn delivery_of(log_topic: &str, r: &Record, now: i64) -> Option<(String, u8, MsgProps)> {
+    let find = |name: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    };
+    let topic = record_topic(log_topic, r.key.as_deref(), find(header::TOPIC));
+    let qos = if find(header::QOS) == Some(b"0") {
+        0
+    } else {
+        1
+    };
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let mut props = MsgProps::default();
+    for (k, v) in &r.headers {
+        match k.as_str() {
+            header::TOPIC | header::QOS | header::RETAIN => {}
+            header::PAYLOAD_FORMAT => props.payload_format = text(v).parse().ok(),
+            header::EXPIRY => {
+                let e: i64 = text(v).parse().unwrap_or(0);
+                let left = e - (now - r.timestamp) / 1000;
+                if left <= 0 {
+                    return None;
+                }
+                props.expiry = Some(left as u32);
+            }
+            header::CONTENT_TYPE => props.content_type = Some(text(v)),
+            header::RESPONSE_TOPIC => props.response_topic = Some(text(v)),
+            header::CORRELATION => props.correlation = Some(Bytes::from(v.clone())),
+            _ => props.user.push((k.clone(), text(v))),
+        }
+    }
+    Some((topic, qos, props))
+}

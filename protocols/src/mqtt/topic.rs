@@ -1,0 +1,290 @@
+//! MQTT topic names and filters, and how they map onto log topics and keys.
+//!
+//! Default mapping (DESIGN 4): `a/b/c` → log topic `a`, key `a/b/c`, header
+//! `mqtt.topic`. `[[mqtt.routes]]` map a filter to another log topic and a key
+//! template; the first matching route wins.
+
+use tributary_storage::topic::validate_name;
+
+/// A topic name a client may publish to: non-empty, no wildcards, no NUL.
+pub fn valid_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 65_535
+}
+
+/// A topic filter: `+` alone in its level, `#` alone and last, no NUL.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == last,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// Does `topic` match `filter`? Filters starting with a wildcard do not match
+/// topics starting with `$` (MQTT-4.7.2-1).
+pub fn matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Could one topic match both filters?
+pub fn overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// One `[[mqtt.routes]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Topic filter the route applies to.
+    pub filter: String,
+    /// Log topic the messages go to.
+    pub topic: String,
+    /// Key template: `{topic}` is the whole MQTT topic, `{N}` its level N
+    /// (0-based). Default `{topic}`.
+    pub key: String,
+}
+
+impl Route {
+    /// Checks the route; the message names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_filter(&self.filter) {
+            return Err(format!(
+                "route filter `{}` is not a valid MQTT filter",
+                self.filter
+            ));
+        }
+        validate_name(&self.topic)?;
+        let mut rest = self.key.as_str();
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                return Err(format!("route key `{}` has an unclosed `{{`", self.key));
+            };
+            let name = &rest[open + 1..open + close];
+            if name != "topic" && name.parse::<usize>().is_err() {
+                return Err(format!(
+                    "route key `{}`: `{{{name}}}` is neither {{topic}} nor a level number",
+                    self.key
+                ));
+            }
+            rest = &rest[open + close + 1..];
+        }
+        Ok(())
+    }
+
+    fn key_for(&self, topic: &str) -> String {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = String::with_capacity(self.key.len() + topic.len());
+        let mut rest = self.key.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
+            let name = &rest[open + 1..open + close];
+            if name == "topic" {
+                out.push_str(topic);
+            } else if let Some(l) = name.parse::<usize>().ok().and_then(|i| levels.get(i)) {
+                out.push_str(l);
+            }
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+/// Where a published topic lands: (log topic, key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Into this log topic with this key.
+    Log(String, String),
+    /// No route and the first level is not a valid log topic name.
+    Invalid(String),
+}
+
+/// The router: routes in config order, then the default mapping.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// A router over validated routes.
+    pub fn new(routes: Vec<Route>) -> Self {
+        Router { routes }
+    }
+
+    /// Log topic and key for a published MQTT topic.
+    pub fn target(&self, topic: &str) -> Target {
+        if let Some(r) = self.routes.iter().find(|r| matches(topic, &r.filter)) {
+            return Target::Log(r.topic.clone(), r.key_for(topic));
+        }
+        let first = topic.split('/').next().unwrap_or_default();
+        match validate_name(first) {
+            Ok(()) => Target::Log(first.to_owned(), topic.to_owned()),
+            Err(e) => Target::Invalid(format!(
+                "MQTT topic `{topic}` has no route and its first level is not a log topic: {e}"
+            )),
+        }
+    }
+
+    /// Log topics a filter must tail; `None` means every topic.
+    pub fn sources(&self, filter: &str) -> Option<Vec<String>> {
+        let first = filter.split('/').next().unwrap_or_default();
+        if first == "+" || first == "#" {
+            return None;
+        }
+        let mut out: Vec<String> = Vec::new();
+        if validate_name(first).is_ok() {
+            out.push(first.to_owned());
+        }
+        for r in &self.routes {
+            if overlap(filter, &r.filter) && !out.contains(&r.topic) {
+                out.push(r.topic.clone());
+            }
+        }
+        Some(out)
+    }
+}
+
+/// The MQTT topic of a stored record: its `mqtt.topic` header when it came in
+/// over MQTT; otherwise its key when that already starts with the log topic,
+/// else `log_topic/key` (or the log topic alone for keyless records).
+pub fn record_topic<'a>(
+    log_topic: &str,
+    key: Option<&'a [u8]>,
+    header: Option<&'a [u8]>,
+) -> String {
+    if let Some(t) = header.and_then(|h| std::str::from_utf8(h).ok()) {
+        return t.to_owned();
+    }
+    match key.and_then(|k| std::str::from_utf8(k).ok()) {
+        Some(k) if k == log_topic || k.starts_with(&format!("{log_topic}/")) => k.to_owned(),
+        Some(k) if !k.is_empty() => format!("{log_topic}/{k}"),
+        _ => log_topic.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_and_matching_follow_the_spec() {
+        for f in ["a", "a/+/c", "#", "+", "a/#", "+/+", "/", "a//b"] {
+            assert!(valid_filter(f), "{f}");
+        }
+        for f in ["", "a/#/b", "a+", "a/b#", "#/a", "a\0"] {
+            assert!(!valid_filter(f), "{f}");
+        }
+        assert!(matches("a/b/c", "a/+/c"));
+        assert!(matches("a/b/c", "a/#"));
+        assert!(matches("a", "a/#"), "# also matches the parent level");
+        assert!(!matches("a/b", "a/+/c"));
+        assert!(matches("a/b", "+/+"));
+        assert!(!matches("$SYS/x", "#"));
+        assert!(!matches("$SYS/x", "+/x"));
+        assert!(matches("$SYS/x", "$SYS/#"));
+        assert!(matches("/x", "+/x"), "an empty level is a level");
+        assert!(!valid_name("a/+"));
+        assert!(!valid_name(""));
+    }
+
+    #[test]
+    fn overlap_is_symmetric_and_exact_enough() {
+        for (a, b, want) in [
+            ("a/+/c", "a/b/#", true),
+            ("a/+", "b/+", false),
+            ("#", "x/y", true),
+            ("a/b", "a/b/c", false),
+            ("+/b", "a/+", true),
+        ] {
+            assert_eq!(overlap(a, b), want, "{a} {b}");
+            assert_eq!(overlap(b, a), want, "{b} {a}");
+        }
+    }
+
+    #[test]
+    fn routes_map_to_topics_and_key_templates() {
+        let r = Router::new(vec![Route {
+            filter: "factory/+/+/temp".into(),
+            topic: "temps".into(),
+            key: "{1}-{2}".into(),
+        }]);
+        assert_eq!(
+            r.target("factory/north/line3/temp"),
+            Target::Log("temps".into(), "north-line3".into())
+        );
+        assert_eq!(
+            r.target("factory/north/line3/rpm"),
+            Target::Log("factory".into(), "factory/north/line3/rpm".into())
+        );
+        assert!(matches!(r.target("bad topic/x"), Target::Invalid(_)));
+        assert!(matches!(r.target("/x"), Target::Invalid(_)));
+        assert_eq!(
+            r.sources("factory/+/+/temp"),
+            Some(vec!["factory".into(), "temps".into()])
+        );
+        assert_eq!(r.sources("factory/a/b/rpm"), Some(vec!["factory".into()]));
+        assert_eq!(r.sources("+/x"), None);
+        for bad in [
+            Route {
+                filter: "a/#/b".into(),
+                topic: "t".into(),
+                key: "{topic}".into(),
+            },
+            Route {
+                filter: "a".into(),
+                topic: "bad name".into(),
+                key: "{topic}".into(),
+            },
+            Route {
+                filter: "a".into(),
+                topic: "t".into(),
+                key: "{x}".into(),
+            },
+            Route {
+                filter: "a".into(),
+                topic: "t".into(),
+                key: "{1".into(),
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_from_other_protocols_get_an_mqtt_topic() {
+        assert_eq!(record_topic("a", Some(b"x"), Some(b"a/b/c")), "a/b/c");
+        assert_eq!(record_topic("a", Some(b"a/b"), None), "a/b");
+        assert_eq!(record_topic("a", Some(b"k1"), None), "a/k1");
+        assert_eq!(record_topic("a", None, None), "a");
+    }
+}

@@ -1,0 +1,680 @@
+//! MQTT 3.1.1 and 5 through the real gateway, driven by rumqttc (a client we
+//! did not write) and by raw sockets for the packets no client would send.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{client, get, post, InProcessNode};
+use rumqttc::mqttbytes::v4 as raw4;
+use rumqttc::v5::mqttbytes::v5 as raw5;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tributary_protocols::listener::LimitedListener;
+use tributary_protocols::mqtt::{self, Broker, MqttConfig};
+use tributary_protocols::FrontendContext;
+use tributary_storage::{Log, LogConfig, MemStore};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A rumqttc 3.1.1 client whose incoming packets arrive on a channel.
+struct V4 {
+    c: AsyncClient,
+    rx: mpsc::Receiver<Result<Packet, String>>,
+    stop: CancellationToken,
+}
+
+impl V4 {
+    async fn connect(addr: std::net::SocketAddr, id: &str, clean: bool) -> V4 {
+        Self::connect_with(addr, id, |o| {
+            o.set_clean_session(clean);
+        })
+        .await
+    }
+
+    async fn connect_with(
+        addr: std::net::SocketAddr,
+        id: &str,
+        f: impl FnOnce(&mut MqttOptions),
+    ) -> V4 {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        f(&mut o);
+        let (c, mut el) = AsyncClient::new(o, 1000);
+        let (tx, rx) = mpsc::channel(10_000);
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    () = s.cancelled() => return,
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(p)) => {
+                        if tx.send(Ok(p)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let mut v = V4 { c, rx, stop };
+        let ack = v.next(|p| matches!(p, Packet::ConnAck(_))).await;
+        assert!(matches!(ack, Packet::ConnAck(a) if a.code == rumqttc::ConnectReturnCode::Success));
+        v
+    }
+
+    /// The next incoming packet matching `want` (others are skipped).
+    async fn next(&mut self, want: impl Fn(&Packet) -> bool) -> Packet {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Ok(p))) if want(&p) => return p,
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => panic!("connection error: {e}"),
+                Ok(None) => panic!("event loop ended"),
+                Err(_) => panic!("timed out waiting for a packet"),
+            }
+        }
+    }
+
+    /// Collects `n` PUBLISH packets.
+    async fn publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            if let Packet::Publish(p) = self.next(|p| matches!(p, Packet::Publish(_))).await {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// No PUBLISH arrives within `d`.
+    async fn quiet(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Ok(Packet::Publish(p)))) => panic!("unexpected publish {p:?}"),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Drops the socket without DISCONNECT.
+    fn vanish(self) {
+        self.stop.cancel();
+    }
+}
+
+async fn records(base: &str, topic: &str) -> Vec<Value> {
+    let c = client();
+    let (s, t) = get(&c, &format!("{base}/v1/topics/{topic}")).await;
+    assert_eq!(s, 200, "{t}");
+    let mut out = Vec::new();
+    for p in t["partitions"].as_array().expect("partitions") {
+        let id = p["partition"].as_u64().expect("id");
+        let (s, r) = get(
+            &c,
+            &format!(
+                "{base}/v1/topics/{topic}/partitions/{id}/records?offset=earliest&limit=10000"
+            ),
+        )
+        .await;
+        assert_eq!(s, 200, "{r}");
+        out.extend(r["records"].as_array().expect("records").iter().cloned());
+    }
+    out
+}
+
+fn header<'a>(r: &'a Value, name: &str) -> Option<&'a str> {
+    r["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h["key"] == name)
+        .and_then(|h| h["value"].as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_publishes_land_in_the_log_with_key_and_topic_header() {
+    let node = InProcessNode::start("").await;
+    let mut c = V4::connect(node.mqtt, "pub-v4", true).await;
+    for (i, q) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        c.c.publish("sensors/a/temp", q, false, format!("{{\"v\":{i}}}"))
+            .await
+            .expect("publish");
+    }
+    c.next(|p| matches!(p, Packet::PubAck(_))).await;
+    c.next(|p| matches!(p, Packet::PubComp(_))).await;
+    // QoS 0 has no ack: its record shows up at the latest with the others'.
+    let got = records(&node.url, "sensors").await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    let mut values: Vec<i64> = got
+        .iter()
+        .map(|r| r["value"]["v"].as_i64().expect("v"))
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, vec![0, 1, 2]);
+    for r in &got {
+        assert_eq!(r["key"], "sensors/a/temp");
+        assert_eq!(header(r, "mqtt.topic"), Some("sensors/a/temp"), "{r}");
+    }
+
+    // MQTT 5: user properties become headers, content type too.
+    let o5 = {
+        let mut o = rumqttc::v5::MqttOptions::new("pub-v5", "127.0.0.1", node.mqtt.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    let (c5, mut el5) = rumqttc::v5::AsyncClient::new(o5, 10);
+    let props = raw5::PublishProperties {
+        user_properties: vec![("site".into(), "north".into())],
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    c5.publish_with_properties(
+        "sensors/b/temp",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "{\"v\":5}",
+        props,
+    )
+    .await
+    .expect("publish v5");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el5.poll())
+            .await
+            .expect("v5 puback in time")
+            .expect("v5 connection");
+        if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) = ev {
+            assert_eq!(a.reason, raw5::PubAckReason::Success);
+            break;
+        }
+    }
+    let got = records(&node.url, "sensors").await;
+    let r = got
+        .iter()
+        .find(|r| r["key"] == "sensors/b/temp")
+        .expect("v5 record");
+    assert_eq!(header(r, "site"), Some("north"), "{r}");
+    assert_eq!(header(r, "content-type"), Some("application/json"), "{r}");
+    node.stop().await;
+}
+
+/// A log over a MemStore whose syncs the test holds, with an MQTT listener.
+async fn held_broker() -> (MemStore, Log, std::net::SocketAddr, CancellationToken) {
+    let store = MemStore::new();
+    let log = Log::with_store(Arc::new(store.clone()), LogConfig::default()).expect("log");
+    let shutdown = CancellationToken::new();
+    let cx = FrontendContext::new(log.clone(), shutdown.clone(), "edge");
+    let broker = Broker::new(cx, MqttConfig::default()).expect("broker");
+    let l = LimitedListener::new(
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        64,
+    );
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(mqtt::serve(l, broker));
+    (store, log, addr, shutdown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_never_precedes_durability_and_one_sync_covers_many_publishes() {
+    let (store, log, addr, shutdown) = held_broker().await;
+    let mut c = V4::connect_with(addr, "durable", |o| {
+        o.set_inflight(200);
+    })
+    .await;
+    // The topic exists (and is durable) before the sync is held.
+    c.c.publish("d/x", QoS::AtLeastOnce, false, "warm-up")
+        .await
+        .expect("publish");
+    c.next(|p| matches!(p, Packet::PubAck(_))).await;
+
+    store.hold_sync();
+    for i in 0..100 {
+        c.c.publish("d/x", QoS::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .expect("publish");
+    }
+    c.c.publish("d/y", QoS::ExactlyOnce, false, "q2")
+        .await
+        .expect("publish");
+    let early = tokio::time::timeout(Duration::from_millis(500), c.rx.recv()).await;
+    match early {
+        Err(_) => {}
+        Ok(Some(Ok(p @ (Packet::PubAck(_) | Packet::PubRec(_))))) => {
+            panic!("{p:?} before the log was durable")
+        }
+        Ok(other) => panic!("unexpected {other:?}"),
+    }
+    let syncs_before = store.syncs();
+    store.release_sync();
+    let mut acks = 0;
+    while acks < 100 {
+        c.next(|p| matches!(p, Packet::PubAck(_))).await;
+        acks += 1;
+    }
+    c.next(|p| matches!(p, Packet::PubRec(_))).await;
+    let syncs = store.syncs() - syncs_before;
+    assert!(syncs <= 4, "100 in-flight publishes took {syncs} syncs");
+    let (start, end) = log.offsets("d", 0).expect("offsets");
+    assert_eq!(end - start, 102);
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_subscriptions_are_served_from_the_log() {
+    let node = InProcessNode::start("").await;
+    let mut sub = V4::connect(node.mqtt, "sub", true).await;
+    sub.c
+        .subscribe("sensors/+/temp", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    sub.next(|p| matches!(p, Packet::SubAck(_))).await;
+    let mut all = V4::connect(node.mqtt, "all", true).await;
+    all.c.subscribe("#", QoS::AtMostOnce).await.expect("sub");
+    all.next(|p| matches!(p, Packet::SubAck(_))).await;
+
+    let mut p = V4::connect(node.mqtt, "pub", true).await;
+    for t in [
+        "sensors/a/temp",
+        "sensors/a/hum",
+        "sensors/b/temp",
+        "fresh/topic/created/later",
+    ] {
+        p.c.publish(t, QoS::AtLeastOnce, false, t)
+            .await
+            .expect("publish");
+        p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    }
+    // A record produced over HTTP is delivered too, by its key.
+    let c = client();
+    let (s, _) = post(
+        &c,
+        &format!("{}/v1/topics/sensors/records", node.url),
+        &json!({"records": [{"key": "sensors/http/temp", "value": "from-http"}]}),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    let got = sub.publishes(3).await;
+    let mut topics: Vec<String> = got.iter().map(|p| p.topic.clone()).collect();
+    topics.sort();
+    assert_eq!(
+        topics,
+        vec!["sensors/a/temp", "sensors/b/temp", "sensors/http/temp"]
+    );
+    assert!(got
+        .iter()
+        .all(|p| p.qos == QoS::AtLeastOnce || p.topic == "sensors/http/temp"));
+    sub.quiet(Duration::from_millis(300)).await;
+
+    let got = all.publishes(5).await;
+    let mut topics: Vec<String> = got.iter().map(|p| p.topic.clone()).collect();
+    topics.sort();
+    assert_eq!(
+        topics,
+        vec![
+            "fresh/topic/created/later",
+            "sensors/a/hum",
+            "sensors/a/temp",
+            "sensors/b/temp",
+            "sensors/http/temp"
+        ]
+    );
+    assert!(got.iter().all(|p| p.qos == QoS::AtMostOnce));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_gets_what_was_published_while_offline_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = InProcessNode::start_in(dir.path(), tributary_gateway::config::Mode::Edge, "").await;
+    let mut dev = V4::connect(node.mqtt, "device-7", false).await;
+    dev.c
+        .subscribe("cmd/device-7/#", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    dev.next(|p| matches!(p, Packet::SubAck(_))).await;
+    dev.c.disconnect().await.expect("disconnect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    dev.vanish();
+
+    let mut p = V4::connect(node.mqtt, "ops", true).await;
+    for i in 0..5 {
+        p.c.publish(
+            format!("cmd/device-7/set/{i}"),
+            QoS::AtLeastOnce,
+            false,
+            format!("a{i}"),
+        )
+        .await
+        .expect("publish");
+        p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    }
+    p.vanish();
+
+    let mut dev = V4::connect_with(node.mqtt, "device-7", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    let got = dev.publishes(5).await;
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"a0"[..], b"a1", b"a2", b"a3", b"a4"]);
+    dev.c.disconnect().await.expect("disconnect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dev.vanish();
+    node.stop().await;
+
+    // Offline across a restart: the session and its cursor are durable.
+    let node = InProcessNode::start_in(dir.path(), tributary_gateway::config::Mode::Edge, "").await;
+    let mut p = V4::connect(node.mqtt, "ops", true).await;
+    p.c.publish("cmd/device-7/set/5", QoS::AtLeastOnce, false, "a5")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let mut dev = V4::connect_with(node.mqtt, "device-7", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    let got = dev.publishes(1).await;
+    assert_eq!(&got[0].payload[..], b"a5", "only what it had not received");
+    dev.quiet(Duration::from_millis(300)).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_delivered_on_subscribe_and_cleared_by_an_empty_payload() {
+    let node = InProcessNode::start("").await;
+    let mut p = V4::connect(node.mqtt, "p", true).await;
+    p.c.publish("home/lamp/state", QoS::AtLeastOnce, true, "on")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    p.c.publish("home/door/state", QoS::AtLeastOnce, true, "closed")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+
+    let mut s = V4::connect(node.mqtt, "s", true).await;
+    s.c.subscribe("home/+/state", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    let mut got = s.publishes(2).await;
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(
+        (got[0].topic.as_str(), &got[0].payload[..], got[0].retain),
+        ("home/door/state", &b"closed"[..], true)
+    );
+    assert_eq!(
+        (got[1].topic.as_str(), &got[1].payload[..], got[1].retain),
+        ("home/lamp/state", &b"on"[..], true)
+    );
+
+    p.c.publish("home/lamp/state", QoS::AtLeastOnce, true, "")
+        .await
+        .expect("clear");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let mut s2 = V4::connect(node.mqtt, "s2", true).await;
+    s2.c.subscribe("home/#", QoS::AtMostOnce)
+        .await
+        .expect("sub");
+    let got = s2.publishes(1).await;
+    assert_eq!(got[0].topic, "home/door/state");
+    s2.quiet(Duration::from_millis(300)).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_is_published_on_an_ungraceful_disconnect_only() {
+    let node = InProcessNode::start("").await;
+    let mut s = V4::connect(node.mqtt, "watcher", true).await;
+    s.c.subscribe("status/#", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    s.next(|p| matches!(p, Packet::SubAck(_))).await;
+
+    let polite = V4::connect_with(node.mqtt, "polite", |o| {
+        o.set_last_will(LastWill::new(
+            "status/polite",
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    })
+    .await;
+    polite.c.disconnect().await.expect("disconnect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    polite.vanish();
+
+    let rude = V4::connect_with(node.mqtt, "rude", |o| {
+        o.set_last_will(LastWill::new(
+            "status/rude",
+            "lost",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    })
+    .await;
+    rude.vanish();
+    let got = s.publishes(1).await;
+    assert_eq!(
+        (got[0].topic.as_str(), &got[0].payload[..]),
+        ("status/rude", &b"lost"[..])
+    );
+    s.quiet(Duration::from_millis(300)).await;
+    node.stop().await;
+}
+
+async fn raw_connect(addr: std::net::SocketAddr, connect: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(connect).await.expect("write");
+    let mut ack = vec![0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
+        .await
+        .expect("connack in time")
+        .expect("connack");
+    (s, ack)
+}
+
+fn connect_v4(id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut c = raw4::Connect::new(id);
+    c.keep_alive = keep_alive;
+    let mut b = BytesMut::new();
+    c.write(&mut b).expect("encode");
+    b.to_vec()
+}
+
+fn connect_v5(id: &str) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    raw5::Connect {
+        keep_alive: 30,
+        client_id: id.into(),
+        clean_start: true,
+        properties: None,
+    }
+    .write(&None, &None, &mut b)
+    .expect("encode");
+    b.to_vec()
+}
+
+/// Reads until EOF (or the deadline); returns what arrived.
+async fn read_to_close(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    assert!(
+        r.is_ok(),
+        "the server did not close the connection in {within:?}"
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_and_keep_alive_expiry_close_the_old_connection() {
+    let node = InProcessNode::start("").await;
+    // v5 takeover: the first connection gets DISCONNECT 0x8E.
+    let (mut first, ack) = raw_connect(node.mqtt, &connect_v5("same")).await;
+    assert_eq!(ack[0], 0x20);
+    let (_second, ack2) = raw_connect(node.mqtt, &connect_v5("same")).await;
+    assert_eq!(ack2[0], 0x20);
+    let rest = read_to_close(&mut first, WAIT).await;
+    let tail = rest.windows(3).any(|w| w == [0xE0, 0x01, 0x8E]);
+    assert!(tail, "no DISCONNECT 0x8E in {rest:02x?}");
+
+    // Keep-alive 1 s, then silence: closed after 1.5 s, before long.
+    let (mut quiet, ack) = raw_connect(node.mqtt, &connect_v4("sleepy", 1)).await;
+    assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
+    let started = std::time::Instant::now();
+    read_to_close(&mut quiet, WAIT).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "closed too early"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_resend_is_stored_once() {
+    let node = InProcessNode::start("").await;
+    let (mut s, _) = raw_connect(node.mqtt, &connect_v4("q2", 30)).await;
+    let mut b = BytesMut::new();
+    let mut p = raw4::Publish::new("once/x", rumqttc::QoS::ExactlyOnce, "exactly");
+    p.pkid = 7;
+    p.write(&mut b).expect("encode");
+    p.dup = true;
+    p.write(&mut b).expect("encode");
+    s.write_all(&b).await.expect("write");
+    let mut recs = [0u8; 8];
+    tokio::time::timeout(WAIT, s.read_exact(&mut recs))
+        .await
+        .expect("in time")
+        .expect("pubrecs");
+    assert_eq!(recs, [0x50, 0x02, 0x00, 0x07, 0x50, 0x02, 0x00, 0x07]);
+    s.write_all(&[0x62, 0x02, 0x00, 0x07])
+        .await
+        .expect("pubrel");
+    let mut comp = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut comp))
+        .await
+        .expect("in time")
+        .expect("pubcomp");
+    assert_eq!(comp, [0x70, 0x02, 0x00, 0x07]);
+    assert_eq!(records(&node.url, "once").await.len(), 1);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_refused_and_the_node_keeps_serving() {
+    let node = InProcessNode::start("").await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        (
+            "publish before connect",
+            vec![0x30, 0x05, 0x00, 0x01, b'a', b'h', b'i'],
+        ),
+        (
+            "wrong protocol name",
+            b"\x10\x0c\x00\x04HTTP\x04\x02\x00\x1e\x00\x00".to_vec(),
+        ),
+        (
+            "oversize declared length",
+            vec![0x10, 0xff, 0xff, 0xff, 0x7f],
+        ),
+        (
+            "truncated connect",
+            vec![0x10, 0x20, 0x00, 0x04, b'M', b'Q'],
+        ),
+        (
+            "malformed remaining length",
+            vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ),
+    ];
+    for (name, bytes) in cases {
+        let mut s = TcpStream::connect(node.mqtt).await.expect("connect");
+        s.write_all(&bytes).await.expect("write");
+        if name == "truncated connect" {
+            // Half a packet, then nothing: the CONNECT timeout ends it; we hang up first.
+            drop(s);
+            continue;
+        }
+        let got = read_to_close(&mut s, WAIT).await;
+        assert!(got.is_empty(), "{name}: answered {got:02x?}");
+    }
+    // MQTT 3.1 (MQIsdp) gets CONNACK 1 (unacceptable protocol version).
+    let mut s = TcpStream::connect(node.mqtt).await.expect("connect");
+    s.write_all(b"\x10\x0e\x00\x06MQIsdp\x03\x02\x00\x1e\x00\x00")
+        .await
+        .expect("write");
+    assert_eq!(
+        read_to_close(&mut s, WAIT).await,
+        vec![0x20, 0x02, 0x00, 0x01]
+    );
+
+    // v5 after CONNECT: a bad packet gets DISCONNECT 0x81; an oversize one 0x95.
+    let (mut s, ack) = raw_connect(node.mqtt, &connect_v5("bad5")).await;
+    assert_eq!(ack[0], 0x20);
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    s.read_exact(&mut rest).await.expect("connack rest");
+    s.write_all(&[0x82, 0x01, 0x00]).await.expect("write");
+    let got = read_to_close(&mut s, WAIT).await;
+    assert_eq!(got, vec![0xE0, 0x01, 0x81]);
+    let (mut s, ack) = raw_connect(node.mqtt, &connect_v5("big5")).await;
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    s.read_exact(&mut rest).await.expect("connack rest");
+    s.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f])
+        .await
+        .expect("write");
+    assert_eq!(read_to_close(&mut s, WAIT).await, vec![0xE0, 0x01, 0x95]);
+
+    // Still serving.
+    let mut ok = V4::connect(node.mqtt, "after", true).await;
+    ok.c.publish("still/ok", QoS::AtLeastOnce, false, "yes")
+        .await
+        .expect("publish");
+    ok.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let (s, m) = {
+        let r = client()
+            .get(format!("{}/metrics", node.url))
+            .send()
+            .await
+            .expect("metrics");
+        (r.status().as_u16(), r.text().await.expect("text"))
+    };
+    assert_eq!(s, 200);
+    for reason in [
+        "not_mqtt",
+        "packet_too_large",
+        "malformed_packet",
+        "unsupported_protocol_version",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "tributary_mqtt_rejections_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted:\n{m}"
+        );
+    }
+    assert!(
+        m.contains("tributary_mqtt_publishes_total{qos=\"1\"} 1"),
+        "{m}"
+    );
+    node.stop().await;
+}
