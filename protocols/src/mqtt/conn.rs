@@ -240,6 +240,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         let mut save = tokio::time::interval(SAVE_EVERY);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+        // Packets that arrived with CONNECT, in the same read.
+        if !self.buf.is_empty() {
+            if let Err(close) = self.read_packets().await {
+                return close;
+            }
+        }
         loop {
             if let Err(close) = self.flush_out().await {
                 return close;
