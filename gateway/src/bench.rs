@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::json;
 
-use crate::cli::{BenchTarget, HttpBenchArgs};
+use crate::cli::{BenchTarget, HttpBenchArgs, MqttBenchArgs};
 use crate::client::ApiClient;
 
 /// At most this many latency samples per worker (older ones are overwritten
@@ -87,7 +88,10 @@ pub fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
 pub struct Report {
     /// Target name, e.g. `http`.
     pub target: &'static str,
-    /// Events acknowledged.
+    /// What `events` counts: `acked` (acknowledged by the server) or `sent`
+    /// (MQTT QoS 0: written to the socket, nothing acknowledges them).
+    pub counted: &'static str,
+    /// Events acknowledged (or sent, see `counted`).
     pub events: u64,
     /// Requests acknowledged.
     pub requests: u64,
@@ -112,31 +116,47 @@ impl Report {
         f64::from(self.latencies[i]) / 1000.0
     }
 
+    /// A percentile for the JSON line: null when nothing was timed.
+    fn percentile_json(&self, p: f64) -> serde_json::Value {
+        if self.latencies.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(self.percentile(p))
+        }
+    }
+
     /// Prints a human summary and one JSON line (prefixed `RESULT `) for scripts.
     pub fn print(&self) {
         let secs = self.elapsed.as_secs_f64();
         let eps = self.events as f64 / secs;
         println!(
-            "{}: {} events acked in {:.2}s = {:.0} events/s, {:.1} MB/s payload, {:.0} requests/s, {} errors",
+            "{}: {} events {} in {:.2}s = {:.0} events/s, {:.1} MB/s payload, {:.0} requests/s, {} errors",
             self.target,
             self.events,
+            self.counted,
             secs,
             eps,
             self.payload_bytes as f64 / secs / 1e6,
             self.requests as f64 / secs,
             self.errors
         );
-        println!(
-            "latency per request (ms): p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            self.percentile(0.5),
-            self.percentile(0.9),
-            self.percentile(0.99),
-            self.percentile(0.999),
-            self.percentile(1.0)
-        );
+        if self.latencies.is_empty() {
+            println!("latency per request (ms): n/a (nothing acknowledged)");
+        } else {
+            println!(
+                "latency per request (ms): p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                self.percentile(0.5),
+                self.percentile(0.9),
+                self.percentile(0.99),
+                self.percentile(0.999),
+                self.percentile(1.0)
+            );
+        }
         let mut result = json!({
-            "target": self.target, "events": self.events, "seconds": secs, "events_per_sec": eps,
-            "errors": self.errors, "p50_ms": self.percentile(0.5), "p99_ms": self.percentile(0.99),
+            "target": self.target, "counted": self.counted, "events": self.events, "seconds": secs,
+            "events_per_sec": eps, "errors": self.errors,
+            "p50_ms": self.percentile_json(0.5), "p90_ms": self.percentile_json(0.9),
+            "p99_ms": self.percentile_json(0.99), "max_ms": self.percentile_json(1.0),
         });
         if let Some((before, after)) = self.server {
             let cpu = after.cpu_seconds - before.cpu_seconds;
@@ -169,10 +189,11 @@ struct Acked {
 pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
     let report = match target {
         BenchTarget::Http(args) => http(args).await?,
+        BenchTarget::Mqtt(args) => mqtt(args).await?,
     };
     report.print();
     if report.events == 0 {
-        bail!("no event was acknowledged");
+        bail!("no event was {}", report.counted);
     }
     Ok(())
 }
@@ -269,6 +290,7 @@ pub async fn http(args: HttpBenchArgs) -> anyhow::Result<Report> {
     let events = events.load(Relaxed);
     Ok(Report {
         target: "http",
+        counted: "acked",
         events,
         requests,
         errors: errors.load(Relaxed),
@@ -277,4 +299,218 @@ pub async fn http(args: HttpBenchArgs) -> anyhow::Result<Report> {
         latencies,
         server: before.zip(after),
     })
+}
+
+/// How long `bench mqtt` waits for each CONNACK before the run.
+const MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one `bench mqtt` connection measured.
+#[derive(Debug, Default)]
+struct MqttWorker {
+    samples: Samples,
+    /// PUBACKs (QoS 1) or publishes written (QoS 0) before the deadline.
+    counted: u64,
+    /// Why the connection ended early, if it did.
+    error: Option<String>,
+}
+
+/// `bench mqtt`: MQTT 3.1.1 publishes to any broker. Every connection keeps
+/// up to `inflight` publishes outstanding; QoS 1 counts PUBACKs and times each
+/// packet id from the PUBLISH written to its PUBACK, QoS 0 counts publishes
+/// written (nothing acknowledges them, so no latency).
+pub async fn mqtt(args: MqttBenchArgs) -> anyhow::Result<Report> {
+    if args.connections == 0 || args.inflight == 0 {
+        bail!("--connections and --inflight must be at least 1");
+    }
+    if args.topic.is_empty() || args.topic.contains(['+', '#', '\0']) {
+        bail!(
+            "--topic must be a topic name (no wildcards), got `{}`",
+            args.topic
+        );
+    }
+    let qos = match args.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        q => bail!("--qos must be 0 or 1, got {q}"),
+    };
+    let payload: bytes::Bytes = (0..args.payload)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let inflight = usize::from(args.inflight);
+    // Our own limit keeps at most `inflight` requests between us and the
+    // broker, so the request channel never fills.
+    let channel_capacity = 2 * inflight + 16;
+    // rumqttc refuses packets over 10 KiB by default.
+    let max_packet = (args.payload + args.topic.len() + 64).max(10 * 1024);
+
+    // Connect every session before the clock starts.
+    let mut connections = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let id = format!("tributary-bench-{}-{i}", std::process::id());
+        let mut options = MqttOptions::new(id, args.host.clone(), args.port);
+        options
+            .set_inflight(args.inflight)
+            .set_request_channel_capacity(channel_capacity)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(max_packet, max_packet);
+        let (client, mut eventloop) = AsyncClient::new(options, channel_capacity);
+        let connected = tokio::time::timeout(MQTT_CONNECT_TIMEOUT, async {
+            loop {
+                if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                    return Ok::<_, rumqttc::ConnectionError>(());
+                }
+            }
+        })
+        .await;
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("connection {i} to mqtt://{}:{}: {e}", args.host, args.port),
+            Err(_) => bail!(
+                "connection {i} to mqtt://{}:{}: no CONNACK within {:?}",
+                args.host,
+                args.port,
+                MQTT_CONNECT_TIMEOUT
+            ),
+        }
+        connections.push((client, eventloop, format!("{}/{i}", args.topic)));
+    }
+
+    let before = args.server_pid.map(proc_sample).transpose()?;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + args.duration);
+    let workers: Vec<_> = connections
+        .into_iter()
+        .map(|(client, eventloop, topic)| {
+            let payload = payload.clone();
+            tokio::spawn(mqtt_connection(
+                client, eventloop, topic, qos, payload, inflight, deadline,
+            ))
+        })
+        .collect();
+    tokio::time::sleep_until(deadline).await;
+    // Sample the server when counting stops, before the connections drain and close.
+    let after = args.server_pid.map(proc_sample).transpose()?;
+    let elapsed = started.elapsed();
+
+    let mut latencies = Vec::new();
+    let mut events = 0;
+    let mut errors = 0;
+    for (i, w) in workers.into_iter().enumerate() {
+        let w = w.await?;
+        latencies.extend(w.samples.micros);
+        events += w.counted;
+        if let Some(e) = w.error {
+            errors += 1;
+            eprintln!("connection {i}: {e}");
+        }
+    }
+    latencies.sort_unstable();
+    Ok(Report {
+        target: "mqtt",
+        counted: if qos == QoS::AtMostOnce {
+            "sent"
+        } else {
+            "acked"
+        },
+        events,
+        requests: events,
+        errors,
+        payload_bytes: events * args.payload as u64,
+        elapsed,
+        latencies,
+        server: before.zip(after),
+    })
+}
+
+/// One `bench mqtt` connection: publishes while fewer than `inflight` are
+/// outstanding, drives the event loop, and counts until `deadline`.
+async fn mqtt_connection(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    topic: String,
+    qos: QoS,
+    payload: bytes::Bytes,
+    inflight: usize,
+    deadline: tokio::time::Instant,
+) -> MqttWorker {
+    let mut w = MqttWorker::default();
+    // When each packet id was written; rumqttc numbers them 1..=inflight.
+    let mut sent_at: Vec<Option<Instant>> = vec![None; inflight + 1];
+    // Publishes handed to rumqttc and not yet acknowledged (QoS 1) or written (QoS 0).
+    let mut outstanding = 0usize;
+    let stop = tokio::time::sleep_until(deadline);
+    tokio::pin!(stop);
+    'run: loop {
+        while outstanding < inflight {
+            // The channel holds more than `inflight` requests: this never waits.
+            if let Err(e) = client
+                .publish_bytes(topic.clone(), qos, false, payload.clone())
+                .await
+            {
+                w.error = Some(format!("publish: {e}"));
+                break 'run;
+            }
+            outstanding += 1;
+        }
+        let event = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if qos == QoS::AtMostOnce {
+                    outstanding = outstanding.saturating_sub(1);
+                    w.counted += 1;
+                } else if let Some(slot) = sent_at.get_mut(usize::from(pkid)) {
+                    *slot = Some(Instant::now());
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                outstanding = outstanding.saturating_sub(1);
+                w.counted += 1;
+                if let Some(t0) = sent_at
+                    .get_mut(usize::from(ack.pkid))
+                    .and_then(Option::take)
+                {
+                    w.samples.record(t0.elapsed());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                w.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if w.error.is_none() {
+        // Best effort, not counted: wait for the outstanding publishes to be
+        // acknowledged (or written), then DISCONNECT, so the broker sees a
+        // clean close rather than a peer gone before its PUBACKs.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while outstanding > 0 {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
+                        outstanding -= 1;
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => outstanding -= 1,
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+            if client.try_disconnect().is_err() {
+                return;
+            }
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+    w
 }

@@ -141,6 +141,9 @@ pub struct TailArgs {
 pub enum BenchTarget {
     /// HTTP produce: N connections each posting batches, counting acked records.
     Http(HttpBenchArgs),
+    /// MQTT 3.1.1 publish to any broker: N connections each keeping M
+    /// publishes outstanding, counting PUBACKs (QoS 1) or sent publishes (QoS 0).
+    Mqtt(MqttBenchArgs),
 }
 
 /// Options of `bench http`.
@@ -167,6 +170,38 @@ pub struct HttpBenchArgs {
     /// How long to run, e.g. 10s, 500ms, 1m.
     #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Sample this process's CPU time and RSS during the run (the server's pid).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+/// Options of `bench mqtt`.
+#[derive(Debug, Args, Clone)]
+pub struct MqttBenchArgs {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Concurrent connections (MQTT sessions).
+    #[arg(long, short, default_value_t = 10)]
+    pub connections: usize,
+    /// Publishes outstanding (unacknowledged) per connection at most.
+    #[arg(long, short, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inflight: u16,
+    /// Bytes per message payload.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// QoS of every publish: 1 counts PUBACKs, 0 counts publishes written.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// How long to run, e.g. 10s, 500ms, 1m.
+    #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Topic prefix: connection `i` publishes to `{topic}/{i}`.
+    #[arg(long, default_value = "bench/t")]
+    pub topic: String,
     /// Sample this process's CPU time and RSS during the run (the server's pid).
     #[arg(long)]
     pub server_pid: Option<u32>,

@@ -924,6 +924,18 @@ impl Log {
         self.shared().store.meta(space)
     }
 
+    /// One metadata value (includes writes not yet durable).
+    pub fn meta_get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        validate_group(space)?;
+        self.shared().store.get_meta(space, key)
+    }
+
+    /// The keys of a metadata space, sorted.
+    pub fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
+        validate_group(space)?;
+        self.shared().store.meta_keys(space)
+    }
+
     /// A receiver of the number of topics: it changes when a topic is created,
     /// so wildcard subscribers pick up new topics without polling.
     pub fn watch_topics(&self) -> watch::Receiver<usize> {

@@ -58,6 +58,18 @@ pub trait Store: Send + Sync {
     fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()>;
     /// Every metadata entry of `space`, sorted by key.
     fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// One metadata value.
+    fn get_meta(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .meta(space)?
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v))
+    }
+    /// The keys of a metadata space, sorted (values are not copied).
+    fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
+        Ok(self.meta(space)?.into_iter().map(|(k, _)| k).collect())
+    }
     /// Makes every earlier write durable.
     fn sync(&self) -> Result<()>;
     /// Bytes the store occupies on disk (0 in memory).
@@ -398,6 +410,20 @@ impl Store for SledStore {
         for item in self.meta.scan_prefix(&prefix) {
             let (k, v) = item?;
             out.push((k[prefix.len()..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn get_meta(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(meta_key(space, key))?.map(|v| v.to_vec()))
+    }
+
+    fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
+        let prefix = meta_key(space, b"");
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(k[prefix.len()..].to_vec());
         }
         Ok(out)
     }

@@ -122,6 +122,9 @@ pub(super) struct Handler<S> {
     tails: Tails,
     kick: CancellationToken,
     dirty: bool,
+    /// Retained messages still to deliver after SUBSCRIBE: (topic, granted QoS,
+    /// subscription id), sent as the client's window allows.
+    retained_queue: VecDeque<(String, u8, Option<usize>)>,
 }
 
 enum Wake {
@@ -222,6 +225,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             },
             kick,
             dirty: false,
+            retained_queue: VecDeque::new(),
             conn_id,
             broker,
         };
@@ -268,8 +272,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                         None => std::future::pending().await,
                     }
                 };
+                // Unbiased: a connection that both publishes and subscribes must
+                // not starve its deliveries (or its session saves) under load.
                 tokio::select! {
-                    biased;
                     () = self.kick.cancelled() => Wake::Kicked,
                     () = self.broker.cx.shutdown.cancelled() => Wake::Shutdown,
                     r = next_append, if has_appends => Wake::Appended(r),
@@ -612,10 +617,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         self.save_now().await;
         self.send(Out::SubAck(pkid, codes));
         for (filter, granted) in retained {
-            for mut p in Retained::matching(&self.broker.cx.log, &filter) {
-                p.qos = p.qos.min(granted);
-                p.sub_ids = id.into_iter().collect();
-                self.send_publish(p, None);
+            for topic in Retained::topics_matching(&self.broker.cx.log, &filter) {
+                self.retained_queue.push_back((topic, granted, id));
             }
         }
         self.tails.notify.notify_one();
@@ -738,6 +741,23 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     fn deliver(&mut self) {
         if self.tails.topics_changed.swap(false, Relaxed) {
             self.rebuild_tails(true);
+        }
+        while let Some((topic, granted, id)) = self.retained_queue.front().cloned() {
+            if self.out.len() >= OUT_HIGH_WATER
+                || (granted > 0 && self.session.inflight.len() >= self.send_window)
+            {
+                // Come back when PUBACKs free the window (or the buffer drains).
+                if self.out.len() >= OUT_HIGH_WATER {
+                    self.tails.notify.notify_one();
+                }
+                return;
+            }
+            self.retained_queue.pop_front();
+            if let Some(mut p) = Retained::load(&self.broker.cx.log, &topic) {
+                p.qos = p.qos.min(granted);
+                p.sub_ids = id.into_iter().collect();
+                self.send_publish(p, None);
+            }
         }
         if self.session.subs.is_empty() || self.tails.sources.is_empty() {
             return;
@@ -925,7 +945,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 *why != "shutdown"
             }
         };
-        let _ = self.flush_out().await;
+        // The last bytes (acks, DISCONNECT) go out even though kick/shutdown fired.
+        if !self.out.is_empty() {
+            let bytes = self.out.split().freeze();
+            let _ = tokio::time::timeout(WRITE_STALL, self.writer.send(bytes)).await;
+        }
         let (tx, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.writer, tx));
         let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;

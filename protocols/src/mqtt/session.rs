@@ -340,50 +340,47 @@ impl Retained {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
-    /// The retained messages matching `filter`, as deliveries (expired ones skipped).
-    pub fn matching(log: &Log, filter: &str) -> Vec<PublishOut> {
-        let Ok(all) = log.meta(RETAINED) else {
+    /// Topics with a retained message matching `filter` (names only: the
+    /// messages are read one at a time as the client's window allows).
+    pub fn topics_matching(log: &Log, filter: &str) -> Vec<String> {
+        let Ok(keys) = log.meta_keys(RETAINED) else {
             return Vec::new();
         };
-        let now = now_ms();
-        let mut out = Vec::new();
-        for (k, v) in all {
-            let Ok(topic) = String::from_utf8(k) else {
-                continue;
-            };
-            if !super::topic::matches(&topic, filter) {
-                continue;
+        keys.into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .filter(|t| super::topic::matches(t, filter))
+            .collect()
+    }
+
+    /// The retained message of `topic` as a delivery (`None`: gone or expired).
+    pub fn load(log: &Log, topic: &str) -> Option<PublishOut> {
+        let v = log.meta_get(RETAINED, topic.as_bytes()).ok()??;
+        let r = postcard::from_bytes::<Retained>(&v).ok()?;
+        let mut expiry = r.expiry;
+        if let Some(e) = r.expiry {
+            let left = i64::from(e) - (now_ms() - r.stored_ms) / 1000;
+            if left <= 0 {
+                return None;
             }
-            let Ok(r) = postcard::from_bytes::<Retained>(&v) else {
-                continue;
-            };
-            let mut expiry = r.expiry;
-            if let Some(e) = r.expiry {
-                let left = i64::from(e) - (now - r.stored_ms) / 1000;
-                if left <= 0 {
-                    continue;
-                }
-                expiry = Some(left as u32);
-            }
-            out.push(PublishOut {
-                topic,
-                qos: r.qos,
-                retain: true,
-                dup: false,
-                pkid: 0,
-                payload: Bytes::from(r.payload),
-                props: MsgProps {
-                    payload_format: r.payload_format,
-                    expiry,
-                    content_type: r.content_type,
-                    response_topic: r.response_topic,
-                    correlation: r.correlation.map(Bytes::from),
-                    user: r.user,
-                },
-                sub_ids: Vec::new(),
-            });
+            expiry = Some(left as u32);
         }
-        out
+        Some(PublishOut {
+            topic: topic.to_owned(),
+            qos: r.qos,
+            retain: true,
+            dup: false,
+            pkid: 0,
+            payload: Bytes::from(r.payload),
+            props: MsgProps {
+                payload_format: r.payload_format,
+                expiry,
+                content_type: r.content_type,
+                response_topic: r.response_topic,
+                correlation: r.correlation.map(Bytes::from),
+                user: r.user,
+            },
+            sub_ids: Vec::new(),
+        })
     }
 }
 
