@@ -35,6 +35,8 @@ def start(data_dir):
         proc.kill()
         fail(f"node did not start (stdout: {line!r})", data_dir)
     url = f"http://{m.group(1)}"
+    mq = re.search(r"mqtt=(\S+)", line)
+    start.mqtt = mq.group(1) if mq else None
     while True:  # ready means /health answers 200
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
@@ -63,6 +65,32 @@ def read_all(url, topic, partition):
         if not page["records"] or page["next_offset"] >= page["end_offset"]:
             return out
         offset = page["next_offset"]
+
+
+def mqtt_publish(addr, n):
+    """Raw MQTT 3.1.1: CONNECT, n QoS 1 PUBLISHes to mqttsmoke/<i>, wait for every PUBACK."""
+    import socket
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=60)
+    cid = b"smoke"
+    body = b"\x00\x04MQTT\x04\x02\x00\x1e" + len(cid).to_bytes(2, "big") + cid
+    s.sendall(bytes([0x10, len(body)]) + body)
+    out = b""
+    for i in range(n):
+        topic, payload = f"mqttsmoke/{i}".encode(), f"m{i}".encode()
+        var = len(topic).to_bytes(2, "big") + topic + (i + 1).to_bytes(2, "big") + payload
+        out += bytes([0x32, len(var)]) + var
+    s.sendall(out)
+    want, got = 4 + 4 * n, b""
+    while len(got) < want:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    acks = [got[i:i + 4] for i in range(4, len(got), 4)]
+    if got[:4] != b"\x20\x02\x00\x00" or len(acks) != n or any(a[:2] != b"\x40\x02" for a in acks):
+        fail(f"MQTT: expected CONNACK and {n} PUBACKs, got {got[:64]!r}...")
 
 
 def rss_kib(pid):
@@ -95,6 +123,7 @@ def main():
     lines = "".join(f"line {i}\n" for i in range(100))
     subprocess.run(CMD + ["produce", "lines", "--url", url], input=lines, text=True, check=True,
                    stderr=subprocess.DEVNULL)
+    mqtt_publish(start.mqtt, 200)
 
     def check():
         got = read_all(url, "smoke", 0) + read_all(url, "smoke", 1)
@@ -108,6 +137,10 @@ def main():
             fail("binary record differs", data_dir)
         if len(read_all(url, "lines", 0)) != 100:
             fail("lines produced by the CLI are missing", data_dir)
+        b64 = __import__("base64").b64decode
+        keys = sorted(b64(k).decode() for _, k, _ in read_all(url, "mqttsmoke", 0))
+        if keys != sorted(f"mqttsmoke/{i}" for i in range(200)):
+            fail(f"expected 200 PUBACKed MQTT records in topic mqttsmoke, found {len(keys)}", data_dir)
 
     check()
     busy_rss = rss_kib(proc.pid)

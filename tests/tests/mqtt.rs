@@ -678,3 +678,138 @@ async fn malformed_input_is_refused_and_the_node_keeps_serving() {
     );
     node.stop().await;
 }
+
+/// Reads v5 packets from a raw socket until `n` PUBLISHes arrived (or `within` passed).
+async fn read_publishes5(
+    s: &mut TcpStream,
+    buf: &mut BytesMut,
+    n: usize,
+    within: Duration,
+) -> Vec<raw5::Publish> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n {
+        while let Ok(p) = raw5::Packet::read(buf, Some(1 << 20)) {
+            if let raw5::Packet::Publish(p) = p {
+                out.push(p);
+            }
+        }
+        if out.len() >= n {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, s.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    out
+}
+
+fn connect_v5_persistent(id: &str, receive_max: u16) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    raw5::Connect {
+        keep_alive: 30,
+        client_id: id.into(),
+        clean_start: false,
+        properties: Some(raw5::ConnectProperties {
+            session_expiry_interval: Some(300),
+            receive_maximum: Some(receive_max),
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        }),
+    }
+    .write(&None, &None, &mut b)
+    .expect("encode");
+    b.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_stop_at_the_receive_window_and_come_back_with_dup_after_a_reconnect() {
+    let node = InProcessNode::start("").await;
+    let connect = connect_v5_persistent("slow", 5);
+    let (mut s, ack) = raw_connect(node.mqtt, &connect).await;
+    assert_eq!(ack[0], 0x20);
+    let mut buf = BytesMut::new();
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    s.read_exact(&mut rest).await.expect("connack rest");
+    let mut sub = BytesMut::new();
+    raw5::Subscribe::new(
+        raw5::Filter::new("win/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+        None,
+    )
+    .write(&mut sub)
+    .expect("encode");
+    s.write_all(&sub).await.expect("subscribe");
+    let mut suback = [0u8; 6];
+    s.read_exact(&mut suback).await.expect("suback");
+    assert_eq!(suback[0], 0x90);
+
+    let mut p = V4::connect(node.mqtt, "fast", true).await;
+    for i in 0..200 {
+        p.c.publish(format!("win/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .expect("publish");
+    }
+    for _ in 0..200 {
+        p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    }
+    // Only the window's worth arrives while nothing is acknowledged.
+    let first = read_publishes5(&mut s, &mut buf, 6, Duration::from_secs(2)).await;
+    assert_eq!(
+        first.len(),
+        5,
+        "the server exceeded the receive maximum of 5"
+    );
+    assert!(first.iter().all(|p| !p.dup));
+    let ids: Vec<u16> = first.iter().map(|p| p.pkid).collect();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Reconnect: the session is present, the same five come again with DUP.
+    let (mut s, ack) = raw_connect(node.mqtt, &connect).await;
+    assert_eq!((ack[0], ack[2] & 1), (0x20, 1), "session present");
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    s.read_exact(&mut rest).await.expect("connack rest");
+    let mut buf = BytesMut::new();
+    let again = read_publishes5(&mut s, &mut buf, 5, WAIT).await;
+    assert_eq!(again.iter().map(|p| p.pkid).collect::<Vec<_>>(), ids);
+    assert!(again.iter().all(|p| p.dup), "redeliveries carry DUP");
+    assert_eq!(
+        again.iter().map(|p| p.payload.clone()).collect::<Vec<_>>(),
+        first.iter().map(|p| p.payload.clone()).collect::<Vec<_>>()
+    );
+    // Acknowledge everything as it comes: all 200 arrive, in order, once.
+    let mut seen: Vec<String> = first
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    let mut pending = again;
+    while seen.len() < 200 {
+        let mut acks = BytesMut::new();
+        for p in &pending {
+            raw5::PubAck::new(p.pkid, None)
+                .write(&mut acks)
+                .expect("encode");
+        }
+        s.write_all(&acks).await.expect("acks");
+        pending = read_publishes5(&mut s, &mut buf, 5, WAIT).await;
+        assert!(
+            !pending.is_empty() && pending.len() <= 5,
+            "{}",
+            pending.len()
+        );
+        seen.extend(
+            pending
+                .iter()
+                .map(|p| String::from_utf8_lossy(&p.payload).into_owned()),
+        );
+    }
+    let want: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    assert_eq!(seen, want);
+    node.stop().await;
+}

@@ -29,7 +29,7 @@ use super::{topic, Broker, Slot};
 use crate::auth::{Action, Credentials, Identity, Refusal};
 
 /// Append batches waiting for durability before the socket is no longer read.
-const MAX_APPEND_BATCHES: usize = 32;
+const MAX_APPEND_BATCHES: usize = 4;
 /// Outbound bytes gathered before they are handed to the writer.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Records read from one partition per delivery pass.
