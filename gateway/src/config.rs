@@ -174,6 +174,8 @@ pub struct MqttSection {
     pub max_sessions: usize,
     /// Retained messages kept at most.
     pub max_retained: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
     /// Filter → log topic/key routes.
     pub routes: Vec<RouteSection>,
 }
@@ -192,6 +194,7 @@ impl Default for MqttSection {
             max_session_expiry_secs: d.max_session_expiry_secs,
             max_sessions: d.max_sessions,
             max_retained: d.max_retained,
+            max_subscriptions: d.max_subscriptions,
             routes: Vec::new(),
         }
     }
@@ -553,6 +556,7 @@ impl Config {
             max_session_expiry_secs: m.max_session_expiry_secs,
             max_sessions: m.max_sessions,
             max_retained: m.max_retained,
+            max_subscriptions: m.max_subscriptions,
             routes: self.mqtt_routes(),
         }
     }

@@ -559,15 +559,25 @@ async fn a_qos2_resend_is_stored_once() {
     let mut p = raw4::Publish::new("once/x", rumqttc::QoS::ExactlyOnce, "exactly");
     p.pkid = 7;
     p.write(&mut b).expect("encode");
+    // Resent before the first copy is durable: one PUBREC answers both.
     p.dup = true;
     p.write(&mut b).expect("encode");
     s.write_all(&b).await.expect("write");
-    let mut recs = [0u8; 8];
-    tokio::time::timeout(WAIT, s.read_exact(&mut recs))
+    let mut rec = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut rec))
         .await
         .expect("in time")
-        .expect("pubrecs");
-    assert_eq!(recs, [0x50, 0x02, 0x00, 0x07, 0x50, 0x02, 0x00, 0x07]);
+        .expect("pubrec");
+    assert_eq!(rec, [0x50, 0x02, 0x00, 0x07]);
+    // Resent after PUBREC (its PUBREC was lost, say): acknowledged again, not stored again.
+    let mut b = BytesMut::new();
+    p.write(&mut b).expect("encode");
+    s.write_all(&b).await.expect("write");
+    tokio::time::timeout(WAIT, s.read_exact(&mut rec))
+        .await
+        .expect("in time")
+        .expect("second pubrec");
+    assert_eq!(rec, [0x50, 0x02, 0x00, 0x07]);
     s.write_all(&[0x62, 0x02, 0x00, 0x07])
         .await
         .expect("pubrel");
@@ -811,5 +821,141 @@ async fn deliveries_stop_at_the_receive_window_and_come_back_with_dup_after_a_re
     }
     let want: Vec<String> = (0..200).map(|i| i.to_string()).collect();
     assert_eq!(seen, want);
+    node.stop().await;
+}
+
+fn connect_v5_with_will(id: &str, will_topic: &str) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    let will = raw5::LastWill {
+        topic: bytes::Bytes::from(will_topic.to_owned()),
+        message: bytes::Bytes::from_static(b"gone"),
+        qos: rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        retain: false,
+        properties: None,
+    };
+    raw5::Connect {
+        keep_alive: 30,
+        client_id: id.into(),
+        clean_start: true,
+        properties: None,
+    }
+    .write(&Some(will), &None, &mut b)
+    .expect("encode");
+    b.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_disconnect_reason_decides_the_will() {
+    let node = InProcessNode::start("").await;
+    let mut s = V4::connect(node.mqtt, "will-watch", true).await;
+    s.c.subscribe("wills/#", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    s.next(|p| matches!(p, Packet::SubAck(_))).await;
+    // `E0 01 00`: normal disconnection with the short form: no will.
+    let (mut a, ack) = raw_connect(node.mqtt, &connect_v5_with_will("wa", "wills/a")).await;
+    assert_eq!(ack[0], 0x20);
+    a.write_all(&[0xE0, 0x01, 0x00]).await.expect("disconnect");
+    read_to_close(&mut a, WAIT).await;
+    // `E0 01 04`: disconnect with will message: the will is published.
+    let (mut b, _) = raw_connect(node.mqtt, &connect_v5_with_will("wb", "wills/b")).await;
+    b.write_all(&[0xE0, 0x01, 0x04]).await.expect("disconnect");
+    read_to_close(&mut b, WAIT).await;
+    let got = s.publishes(1).await;
+    assert_eq!(got[0].topic, "wills/b");
+    s.quiet(Duration::from_millis(300)).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_of_a_persistent_session_keeps_its_subscriptions() {
+    let node = InProcessNode::start("").await;
+    let connect = connect_v5_persistent("roamer", 10);
+    let (mut first, ack) = raw_connect(node.mqtt, &connect).await;
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    first.read_exact(&mut rest).await.expect("connack rest");
+    let mut sub = BytesMut::new();
+    raw5::Subscribe::new(
+        raw5::Filter::new("roam/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+        None,
+    )
+    .write(&mut sub)
+    .expect("encode");
+    first.write_all(&sub).await.expect("subscribe");
+    let mut suback = [0u8; 6];
+    first.read_exact(&mut suback).await.expect("suback");
+    // The old socket stays open, unread; the same id connects again.
+    let (mut second, ack) = raw_connect(node.mqtt, &connect).await;
+    assert_eq!(
+        (ack[0], ack[2] & 1),
+        (0x20, 1),
+        "the session was handed over"
+    );
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    second.read_exact(&mut rest).await.expect("connack rest");
+    let mut p = V4::connect(node.mqtt, "roam-pub", true).await;
+    p.c.publish("roam/x", QoS::AtLeastOnce, false, "here")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let mut buf = BytesMut::new();
+    let got = read_publishes5(&mut second, &mut buf, 1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].payload[..], b"here");
+    drop(first);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_capped_and_a_retained_message_is_sent_once() {
+    let node = InProcessNode::start("[mqtt]\nmax_subscriptions = 5\n").await;
+    let mut p = V4::connect(node.mqtt, "rp", true).await;
+    p.c.publish("r/x", QoS::AtLeastOnce, true, "kept")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let (mut s, _) = raw_connect(node.mqtt, &connect_v4("many", 30)).await;
+    let filters = ["r/#", "+/x", "#", "r/x", "a", "b", "c", "d"];
+    let mut b = BytesMut::new();
+    raw4::Subscribe::new_many(
+        filters
+            .iter()
+            .map(|f| raw4::SubscribeFilter::new((*f).to_owned(), rumqttc::QoS::AtLeastOnce)),
+    )
+    .write(&mut b)
+    .expect("encode");
+    s.write_all(&b).await.expect("subscribe");
+    let mut buf = BytesMut::new();
+    let mut suback = None;
+    let mut retained = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        while let Ok(pkt) = raw4::Packet::read(&mut buf, 1 << 20) {
+            match pkt {
+                raw4::Packet::SubAck(a) => suback = Some(a),
+                raw4::Packet::Publish(p) => retained.push(p),
+                _ => {}
+            }
+        }
+        if tokio::time::timeout_at(deadline, s.read_buf(&mut buf))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let codes = suback.expect("suback").return_codes;
+    let granted = codes
+        .iter()
+        .filter(|c| matches!(c, raw4::SubscribeReasonCode::Success(_)))
+        .count();
+    assert_eq!(granted, 5, "{codes:?}");
+    assert_eq!(codes.len(), 8);
+    assert_eq!(
+        retained.len(),
+        1,
+        "one retained message, matched by four filters"
+    );
+    assert_eq!(&retained[0].payload[..], b"kept");
     node.stop().await;
 }

@@ -343,6 +343,12 @@ pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, DecodeEr
     }
     let name = &body[2..2 + name_len];
     let level = body[2 + name_len];
+    if let Some(flags) = body.get(2 + name_len + 1) {
+        // MQTT-3.1.2-3: the reserved flag is 0.
+        if flags & 1 != 0 && name == b"MQTT" {
+            return Err(DecodeError::Malformed("reserved CONNECT flag set".into()));
+        }
+    }
     match (name, level) {
         (b"MQTT", 4) => Ok(Some(Version::V4)),
         (b"MQTT", 5) => Ok(Some(Version::V5)),
@@ -402,17 +408,23 @@ pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option
             "packet type {kind} with flags {flags:#06b}"
         )));
     }
-    // v5 DISCONNECT may omit the reason code; rumqttc wants one.
-    if kind == 14 && remaining == 0 {
+    // v5 DISCONNECT may omit the reason code, or the property length after it
+    // (remaining length 0 or 1); rumqttc wants both.
+    if kind == 14 && remaining <= 1 {
+        let reason = if remaining == 1 {
+            buf[1 + header_len]
+        } else {
+            0
+        };
         let _ = buf.split_to(size);
         return Ok(Some(In::Disconnect {
-            reason: 0,
+            reason,
             session_expiry: None,
         }));
     }
     let packet = match version {
-        Version::V4 => from_v4(v4::Packet::read(buf, max).map_err(malformed4)?),
-        Version::V5 => from_v5(v5::Packet::read(buf, Some(max as u32)).map_err(malformed5)?),
+        Version::V4 => from_v4(v4::Packet::read(buf, max).map_err(malformed4)?)?,
+        Version::V5 => from_v5(v5::Packet::read(buf, Some(max as u32)).map_err(malformed5)?)?,
     };
     Ok(Some(packet))
 }
@@ -433,8 +445,8 @@ fn qos5(q: m5::QoS) -> u8 {
     q as u8
 }
 
-fn from_v4(p: v4::Packet) -> In {
-    match p {
+fn from_v4(p: v4::Packet) -> Result<In, DecodeError> {
+    Ok(match p {
         v4::Packet::Connect(c) => In::Connect(Box::new(ConnectIn {
             version: Version::V4,
             session_expiry: if c.clean_session { 0 } else { u32::MAX },
@@ -483,6 +495,9 @@ fn from_v4(p: v4::Packet) -> In {
                 .collect(),
             id: None,
         },
+        v4::Packet::Unsubscribe(u) if u.topics.is_empty() => {
+            return Err(DecodeError::Malformed("UNSUBSCRIBE without filters".into()))
+        }
         v4::Packet::Unsubscribe(u) => In::Unsubscribe {
             pkid: u.pkid,
             filters: u.topics,
@@ -496,7 +511,7 @@ fn from_v4(p: v4::Packet) -> In {
         v4::Packet::SubAck(_) => In::Unexpected("SUBACK"),
         v4::Packet::UnsubAck(_) => In::Unexpected("UNSUBACK"),
         v4::Packet::PingResp => In::Unexpected("PINGRESP"),
-    }
+    })
 }
 
 fn props_from_publish(p: Option<v5::PublishProperties>) -> (MsgProps, Option<u16>, Vec<usize>) {
@@ -517,8 +532,8 @@ fn props_from_publish(p: Option<v5::PublishProperties>) -> (MsgProps, Option<u16
     )
 }
 
-fn from_v5(p: v5::Packet) -> In {
-    match p {
+fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
+    Ok(match p {
         v5::Packet::Connect(c, will, login) => {
             let props = c.properties.unwrap_or_else(|| v5::ConnectProperties {
                 session_expiry_interval: None,
@@ -541,8 +556,9 @@ fn from_v5(p: v5::Packet) -> In {
                     correlation_data: None,
                     user_properties: Vec::new(),
                 });
-                Will {
-                    topic: String::from_utf8_lossy(&w.topic).into_owned(),
+                Ok(Will {
+                    topic: String::from_utf8(w.topic.to_vec())
+                        .map_err(|_| DecodeError::Malformed("will topic is not UTF-8".into()))?,
                     payload: w.message,
                     qos: qos5(w.qos),
                     retain: w.retain,
@@ -555,8 +571,9 @@ fn from_v5(p: v5::Packet) -> In {
                         correlation: wp.correlation_data,
                         user: wp.user_properties,
                     },
-                }
+                })
             });
+            let will = will.transpose()?;
             In::Connect(Box::new(ConnectIn {
                 version: Version::V5,
                 client_id: c.client_id,
@@ -574,7 +591,8 @@ fn from_v5(p: v5::Packet) -> In {
         v5::Packet::Publish(p) => {
             let (props, alias, _) = props_from_publish(p.properties);
             In::Publish(PublishIn {
-                topic: String::from_utf8(p.topic.to_vec()).unwrap_or_default(),
+                topic: String::from_utf8(p.topic.to_vec())
+                    .map_err(|_| DecodeError::Malformed("topic name is not UTF-8".into()))?,
                 qos: qos5(p.qos),
                 retain: p.retain,
                 pkid: p.pkid,
@@ -587,6 +605,9 @@ fn from_v5(p: v5::Packet) -> In {
         v5::Packet::PubRec(a) => In::PubRec(a.pkid),
         v5::Packet::PubRel(a) => In::PubRel(a.pkid),
         v5::Packet::PubComp(a) => In::PubComp(a.pkid),
+        v5::Packet::Subscribe(s) if s.properties.as_ref().and_then(|p| p.id) == Some(0) => {
+            return Err(DecodeError::Malformed("subscription identifier 0".into()))
+        }
         v5::Packet::Subscribe(s) => In::Subscribe {
             pkid: s.pkid,
             id: s.properties.and_then(|p| p.id),
@@ -606,6 +627,9 @@ fn from_v5(p: v5::Packet) -> In {
                 })
                 .collect(),
         },
+        v5::Packet::Unsubscribe(u) if u.filters.is_empty() => {
+            return Err(DecodeError::Malformed("UNSUBSCRIBE without filters".into()))
+        }
         v5::Packet::Unsubscribe(u) => In::Unsubscribe {
             pkid: u.pkid,
             filters: u.filters,
@@ -620,7 +644,7 @@ fn from_v5(p: v5::Packet) -> In {
         v5::Packet::SubAck(_) => In::Unexpected("SUBACK"),
         v5::Packet::UnsubAck(_) => In::Unexpected("UNSUBACK"),
         v5::Packet::PingResp(_) => In::Unexpected("PINGRESP"),
-    }
+    })
 }
 
 /// CONNACK return code for 3.1.1 from a v5 reason code.

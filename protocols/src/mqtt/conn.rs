@@ -7,7 +7,7 @@
 //! deliveries stop at the client's receive window; outbound bytes go through a
 //! bounded channel to a writer task. Nothing grows with the backlog.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -125,6 +125,10 @@ pub(super) struct Handler<S> {
     /// Retained messages still to deliver after SUBSCRIBE: (topic, granted QoS,
     /// subscription id), sent as the client's window allows.
     retained_queue: VecDeque<(String, u8, Option<usize>)>,
+    /// QoS 2 packet ids whose append is not durable yet.
+    qos2_pending: HashSet<u16>,
+    /// Unacknowledged deliveries of a resumed session still to resend, in send order.
+    resend: VecDeque<u16>,
 }
 
 enum Wake {
@@ -181,8 +185,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         let (tx, mut rx) = mpsc::channel::<Bytes>(16);
         let writer = tokio::spawn(async move {
             while let Some(b) = rx.recv().await {
-                if write_half.write_all(&b).await.is_err() {
-                    return;
+                // A peer that stops reading does not hold this task (and its socket) forever.
+                match tokio::time::timeout(WRITE_STALL, write_half.write_all(&b)).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
                 }
             }
             let _ = write_half.shutdown().await;
@@ -226,11 +232,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             kick,
             dirty: false,
             retained_queue: VecDeque::new(),
+            qos2_pending: HashSet::new(),
+            resend: VecDeque::new(),
             conn_id,
             broker,
         };
         if present {
-            h.resend_inflight();
+            let mut order: Vec<(u64, u16)> = h
+                .session
+                .inflight
+                .iter()
+                .map(|(pkid, (seq, _))| (*seq, *pkid))
+                .collect();
+            order.sort_unstable();
+            h.resend = order.into_iter().map(|(_, pkid)| pkid).collect();
         }
         // A resumed session has a cursor for every partition that existed when
         // it subscribed: partitions without one came later, so start at their start.
@@ -256,6 +271,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             }
             let can_read = self.appends.len() < MAX_APPEND_BATCHES
                 && self.unacked_in < usize::from(self.broker.config.max_inflight);
+            if !can_read {
+                // Not reading is our doing: the client's keep-alive clock waits too.
+                deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+            }
             self.buf.reserve(8 * 1024);
             let wake = {
                 let appends = &mut self.appends;
@@ -294,7 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     self.appends.pop_front();
                     match r {
                         Ok(acked) => {
-                            if let Err(close) = self.acked(acked) {
+                            if let Err(close) = self.acked(acked).await {
                                 return close;
                             }
                         }
@@ -375,6 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             In::Publish(p) => self.publish(p),
             In::PubAck(pkid) => {
                 if self.session.inflight.remove(&pkid).is_some() {
+                    self.resend.retain(|p| *p != pkid);
                     self.dirty = true;
                     self.tails.notify.notify_one();
                 }
@@ -416,9 +436,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     }
                     self.session.expiry = e.min(self.broker.config.max_session_expiry_secs);
                 }
-                Err(Close::Graceful {
-                    with_will: r == 0x04,
-                })
+                // MQTT-3.1.2-8: only reason 0x00 discards the will.
+                Err(Close::Graceful { with_will: r != 0 })
             }
             In::Connect(_) => Err(Close::Server(reason::PROTOCOL_ERROR, "second_connect")),
             In::PubRec(_) | In::PubComp(_) | In::Unexpected(_) => {
@@ -485,6 +504,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 .push((2, p.pkid, AckAt::Code(reason::SUCCESS)));
             return Ok(());
         }
+        if p.qos == 2 && self.qos2_pending.contains(&p.pkid) {
+            // Resent while the first copy is on its way to disk: that copy's
+            // PUBREC answers both.
+            self.unacked_in = self.unacked_in.saturating_sub(1);
+            return Ok(());
+        }
         if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             return self.refuse_publish(
                 &p,
@@ -501,13 +526,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             return self.refuse_publish(&p, reason::NOT_AUTHORIZED, "not_authorized");
         }
         let target = self.broker.router.target(&p.topic);
-        let (log_topic, record) =
-            match session::event_for(target, &p.topic, &p.payload, p.qos, p.retain, &p.props) {
-                Ok(x) => x,
-                Err(_) => {
-                    return self.refuse_publish(&p, reason::TOPIC_NAME_INVALID, "no_log_topic")
-                }
-            };
+        let no_local = self.version == Version::V5 && self.session.subs.iter().any(|s| s.no_local);
+        let publisher = no_local.then_some(self.client_id.as_str());
+        let (log_topic, record) = match session::event_for(
+            target, &p.topic, &p.payload, p.qos, p.retain, &p.props, publisher,
+        ) {
+            Ok(x) => x,
+            Err(_) => return self.refuse_publish(&p, reason::TOPIC_NAME_INVALID, "no_log_topic"),
+        };
         let index = self.batch.count;
         self.batch.count += 1;
         self.batch
@@ -526,8 +552,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         }
         if p.qos > 0 {
             if p.qos == 2 {
-                self.session.qos2.insert(p.pkid);
-                self.dirty = true;
+                self.qos2_pending.insert(p.pkid);
             }
             self.batch.acks.push((p.qos, p.pkid, AckAt::Record(index)));
         }
@@ -545,21 +570,29 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             .push_back(tokio::spawn(append_batch(broker, batch)));
     }
 
-    fn acked(&mut self, acked: Acked) -> Result<(), Close> {
+    async fn acked(&mut self, acked: Acked) -> Result<(), Close> {
         let n = acked.acks.len() as u64;
         if n > 0 {
             self.broker.metrics.ack_latency(acked.started.elapsed(), n);
         }
+        // QoS 2: the packet id is remembered once its message is durable, and
+        // for a persistent session stored before PUBREC, so a resend after a
+        // reconnect or a restart is not appended again.
+        let mut remembered = false;
+        for &(qos, pkid, code) in &acked.acks {
+            if qos == 2 && self.qos2_pending.remove(&pkid) && code == reason::SUCCESS {
+                remembered |= self.session.qos2.insert(pkid);
+            }
+        }
+        if remembered {
+            self.dirty = true;
+            self.save_now().await;
+        }
         for (qos, pkid, code) in acked.acks {
             self.unacked_in = self.unacked_in.saturating_sub(1);
-            if code != reason::SUCCESS {
-                if qos == 2 {
-                    self.session.qos2.remove(&pkid);
-                }
-                if self.version == Version::V4 {
-                    // 3.1.1 has no negative acknowledgement: closing is the refusal.
-                    return Err(Close::Server(code, "append_failed"));
-                }
+            if code != reason::SUCCESS && self.version == Version::V4 {
+                // 3.1.1 has no negative acknowledgement: closing is the refusal.
+                return Err(Close::Server(code, "append_failed"));
             }
             self.send(if qos == 1 {
                 Out::PubAck(pkid, code)
@@ -578,6 +611,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
             } else if !topic::valid_filter(&f.path) {
                 reason::TOPIC_FILTER_INVALID
+            } else if self.session.subs.len() >= self.broker.config.max_subscriptions
+                && !self.session.subs.iter().any(|s| s.filter == f.path)
+            {
+                reason::QUOTA_EXCEEDED
             } else if !self
                 .broker
                 .cx
@@ -592,6 +629,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     qos: granted,
                     retain_as_published: f.retain_as_published,
                     id: id.map(|i| i as u64),
+                    no_local: f.no_local,
                 };
                 let existed = match self.session.subs.iter_mut().find(|s| s.filter == f.path) {
                     Some(s) => {
@@ -616,9 +654,19 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         self.rebuild_tails(false);
         self.save_now().await;
         self.send(Out::SubAck(pkid, codes));
-        for (filter, granted) in retained {
-            for topic in Retained::topics_matching(&self.broker.cx.log, &filter) {
-                self.retained_queue.push_back((topic, granted, id));
+        if !retained.is_empty() {
+            // One scan of the retained topics per SUBSCRIBE; a topic is queued
+            // once, so the queue never holds more than `max_retained` entries.
+            let queued: HashSet<String> = self
+                .retained_queue
+                .iter()
+                .map(|(t, _, _)| t.clone())
+                .collect();
+            for topic in Retained::topics_matching_any(&self.broker.cx.log, &retained) {
+                if queued.contains(&topic.0) {
+                    continue;
+                }
+                self.retained_queue.push_back((topic.0, topic.1, id));
             }
         }
         self.tails.notify.notify_one();
@@ -660,6 +708,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     /// topics created after a wildcard subscription (`from_start`).
     fn rebuild_tails(&mut self, from_start: bool) {
         let log = &self.broker.cx.log;
+        // Watch first, list second: a topic created in between is not missed.
+        let topics_rx = log.watch_topics();
         let mut all = false;
         let mut topics: Vec<String> = Vec::new();
         for s in &self.session.subs {
@@ -678,8 +728,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             topics = log.topics().into_iter().map(|t| t.config.name).collect();
         }
         let mut sources = Vec::new();
+        let mut missing = false;
         for t in topics {
-            let Ok(info) = log.topic(&t) else { continue };
+            let Ok(info) = log.topic(&t) else {
+                missing = true;
+                continue;
+            };
+
             for p in 0..info.config.partitions {
                 sources.push((t.clone(), p));
             }
@@ -720,9 +775,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             }));
         }
         // New topics may bring new sources: wildcard filters tail every topic,
-        // and a filter's own topic may not exist yet.
-        if !self.session.subs.is_empty() {
-            let mut rx = log.watch_topics();
+        // and a filter's own topic may not exist yet. Otherwise nothing to watch.
+        if all || missing {
+            let mut rx = topics_rx;
+
             let notify = self.tails.notify.clone();
             let changed = self.tails.topics_changed.clone();
             self.tails.watchers.push(tokio::spawn(async move {
@@ -742,10 +798,16 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         if self.tails.topics_changed.swap(false, Relaxed) {
             self.rebuild_tails(true);
         }
+        self.resend_some();
+        if !self.resend.is_empty() {
+            // PUBACKs (or a drained buffer) bring us back.
+            if self.out.len() >= OUT_HIGH_WATER {
+                self.tails.notify.notify_one();
+            }
+            return;
+        }
         while let Some((topic, granted, id)) = self.retained_queue.front().cloned() {
-            if self.out.len() >= OUT_HIGH_WATER
-                || (granted > 0 && self.session.inflight.len() >= self.send_window)
-            {
+            if self.out.len() >= OUT_HIGH_WATER || (granted > 0 && self.window_full()) {
                 // Come back when PUBACKs free the window (or the buffer drains).
                 if self.out.len() >= OUT_HIGH_WATER {
                     self.tails.notify.notify_one();
@@ -793,15 +855,16 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             let mut next = cursor;
             let mut blocked = false;
             for r in &read.records {
-                let Some((mqtt_topic, qos, props)) = session::delivery_of(&t, r, now) else {
+                let Some(d) = session::delivery_of(&t, r, now) else {
                     next = r.offset + 1;
                     continue;
                 };
+                let mine = d.publisher.as_deref() == Some(self.client_id.as_str());
                 let mut granted: Option<u8> = None;
                 let mut ids = Vec::new();
                 let mut keep_retain = false;
                 for s in &self.session.subs {
-                    if topic::matches(&mqtt_topic, &s.filter) {
+                    if topic::matches(&d.topic, &s.filter) && !(s.no_local && mine) {
                         granted = Some(granted.unwrap_or(0).max(s.qos));
                         ids.extend(s.id.map(|i| i as usize));
                         keep_retain |= s.retain_as_published;
@@ -811,23 +874,24 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     next = r.offset + 1;
                     continue;
                 };
-                let qos = qos.min(granted);
-                if qos == 1 && self.session.inflight.len() >= self.send_window {
+                let qos = d.qos.min(granted);
+                if qos == 1 && self.window_full() {
                     blocked = true;
                     break;
                 }
                 let retained_flag =
                     keep_retain && r.headers.iter().any(|(k, _)| k == session::header::RETAIN);
                 let publish = PublishOut {
-                    topic: mqtt_topic,
+                    topic: d.topic,
                     qos,
                     retain: retained_flag,
                     dup: false,
                     pkid: 0,
                     payload: Bytes::from(r.value.clone()),
-                    props,
+                    props: d.props,
                     sub_ids: ids,
                 };
+
                 self.send_publish(
                     publish,
                     Some(Inflight::Log {
@@ -853,41 +917,62 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     }
 
     /// Sends a delivery; QoS 1 takes a packet id and waits for PUBACK.
-    fn send_publish(&mut self, mut p: PublishOut, at: Option<Inflight>) {
+    /// Returns false when the client's maximum packet size forbids it.
+    fn send_publish(&mut self, mut p: PublishOut, at: Option<Inflight>) -> bool {
         if self.version == Version::V4 {
             p.props = codec::MsgProps::default();
             p.sub_ids.clear();
         }
-        let size = p.payload.len() + p.topic.len() + 64;
-        if size > self.client_max_packet {
-            // MQTT-3.1.2-25: never send what the client said it cannot take.
+        if p.qos > 0 {
+            p.pkid = self.session.take_pkid();
+        }
+        let (qos, pkid) = (p.qos, p.pkid);
+        let entry = (qos > 0).then(|| at.unwrap_or_else(|| Inflight::Owned(Box::new(p.clone()))));
+        let mut encoded = BytesMut::new();
+        codec::encode(Out::Publish(Box::new(p)), self.version, &mut encoded);
+        if encoded.len() > self.client_max_packet {
+            // MQTT-3.1.2-24: never send what the client said it cannot take.
             self.broker
                 .metrics
                 .reject("delivery_over_client_max_packet");
-            return;
+            return false;
         }
-        let m = &self.broker.metrics;
-        m.deliveries[usize::from(p.qos.min(1))].fetch_add(1, Relaxed);
-        if p.qos > 0 {
-            let pkid = self.session.take_pkid();
-            p.pkid = pkid;
-            let entry = at.unwrap_or_else(|| Inflight::Owned(Box::new(p.clone())));
-            self.session.inflight.insert(pkid, entry);
+        self.broker.metrics.deliveries[usize::from(qos.min(1))].fetch_add(1, Relaxed);
+        if let Some(entry) = entry {
+            let seq = self.session.next_seq;
+            self.session.next_seq += 1;
+            self.session.inflight.insert(pkid, (seq, entry));
         }
-        self.send(Out::Publish(Box::new(p)));
+        self.out.extend_from_slice(&encoded);
+        true
     }
 
-    /// After a session resumes: unacknowledged deliveries go again, with DUP.
-    fn resend_inflight(&mut self) {
+    /// Deliveries the client has not acknowledged yet, counted against its window.
+    fn unacked_out(&self) -> usize {
+        self.session
+            .inflight
+            .len()
+            .saturating_sub(self.resend.len())
+    }
+
+    /// New deliveries wait until resends are done and the window has room.
+    fn window_full(&self) -> bool {
+        !self.resend.is_empty() || self.session.inflight.len() >= self.send_window
+    }
+
+    /// Resends unacknowledged deliveries of a resumed session with DUP, in
+    /// their original order, as the window and the buffer allow.
+    fn resend_some(&mut self) {
         let log = self.broker.cx.log.clone();
         let now = session::now_ms();
-        let inflight: Vec<(u16, Inflight)> = self
-            .session
-            .inflight
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        for (pkid, entry) in inflight {
+        while let Some(&pkid) = self.resend.front() {
+            if self.unacked_out() >= self.send_window || self.out.len() >= OUT_HIGH_WATER {
+                return;
+            }
+            self.resend.pop_front();
+            let Some((_, entry)) = self.session.inflight.get(&pkid).cloned() else {
+                continue;
+            };
             let publish = match entry {
                 Inflight::Owned(p) => Some(*p),
                 Inflight::Log {
@@ -900,32 +985,39 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     .and_then(|r| r.records.into_iter().next())
                     .filter(|r| r.offset == offset)
                     .and_then(|r| {
-                        session::delivery_of(&topic, &r, now).map(|(t, _, props)| PublishOut {
-                            topic: t,
+                        session::delivery_of(&topic, &r, now).map(|d| PublishOut {
+                            topic: d.topic,
                             qos: 1,
                             retain: false,
                             dup: true,
                             pkid,
                             payload: Bytes::from(r.value),
-                            props,
+                            props: d.props,
                             sub_ids: Vec::new(),
                         })
                     }),
             };
-            match publish {
-                Some(mut p) => {
-                    p.dup = true;
-                    p.pkid = pkid;
-                    if self.version == Version::V4 {
-                        p.props = codec::MsgProps::default();
-                    }
-                    self.send(Out::Publish(Box::new(p)));
-                }
+            let Some(mut p) = publish else {
                 // Gone by retention or expiry: nothing left to redeliver.
-                None => {
-                    self.session.inflight.remove(&pkid);
-                }
+                self.session.inflight.remove(&pkid);
+                continue;
+            };
+            p.dup = true;
+            p.pkid = pkid;
+            if self.version == Version::V4 {
+                p.props = codec::MsgProps::default();
+                p.sub_ids.clear();
             }
+            let mut encoded = BytesMut::new();
+            codec::encode(Out::Publish(Box::new(p)), self.version, &mut encoded);
+            if encoded.len() > self.client_max_packet {
+                self.broker
+                    .metrics
+                    .reject("delivery_over_client_max_packet");
+                self.session.inflight.remove(&pkid);
+                continue;
+            }
+            self.out.extend_from_slice(&encoded);
         }
     }
 
@@ -948,25 +1040,47 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         // The last bytes (acks, DISCONNECT) go out even though kick/shutdown fired.
         if !self.out.is_empty() {
             let bytes = self.out.split().freeze();
-            let _ = tokio::time::timeout(WRITE_STALL, self.writer.send(bytes)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.writer.send(bytes)).await;
         }
         let (tx, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.writer, tx));
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
         self.tails.watchers.drain(..).for_each(|w| w.abort());
+        // Appends still in flight settle the QoS 2 state the session keeps.
+        for h in std::mem::take(&mut self.appends) {
+            if let Ok(Ok(acked)) = tokio::time::timeout(Duration::from_secs(10), h).await {
+                for (qos, pkid, code) in acked.acks {
+                    if qos == 2 && code == reason::SUCCESS {
+                        self.session.qos2.insert(pkid);
+                    }
+                }
+            }
+        }
 
         let will = if publish_will { self.will.take() } else { None };
-        let mut now_will = None;
+        let mine = self
+            .broker
+            .sessions
+            .lock()
+            .get(&self.client_id)
+            .is_some_and(|s| s.owner == Some(self.conn_id));
         let expiry = self.session.expiry;
-        if expiry > 0 {
+        // Only the session's owner stores it: a connection that was taken over
+        // late must not overwrite what its successor holds.
+        if mine && (expiry > 0 || self.session.stored) {
             if let Err(e) =
                 session::persist(&self.broker.cx.log, &self.client_id, &mut self.session).await
             {
                 tracing::warn!(client_id = %self.client_id, error = %e, "cannot store an MQTT session");
             }
-        } else if self.session.stored {
-            let _ = session::persist(&self.broker.cx.log, &self.client_id, &mut self.session).await;
         }
+        let mut now_will = None;
         {
             let mut slots = self.broker.sessions.lock();
             let mine = slots
@@ -992,7 +1106,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     }
                 }
             } else {
-                now_will = will;
+                // Taken over: the client is back, so a delayed will is void
+                // (MQTT-3.1.3-9); one without delay is published now.
+                now_will = will.filter(|w| w.delay == 0);
             }
         }
         let _ = released.send(true);
@@ -1146,6 +1262,12 @@ async fn accept(
         refuse(reason::BAD_AUTH_METHOD, "enhanced_auth_unsupported", out);
         return None;
     }
+    if c.receive_max == 0 || c.max_packet_size == Some(0) {
+        // MQTT-3.1.2.11: zero is a protocol error for both.
+        refuse(reason::PROTOCOL_ERROR, "protocol_error", out);
+        return None;
+    }
+
     let mut assigned = None;
     let client_id = if c.client_id.is_empty() {
         if c.version == Version::V4 && !c.clean {
@@ -1201,16 +1323,24 @@ async fn accept(
 
     // Take the session over from a live connection: kick it, wait until it has
     // put the session back (bounded), then claim the slot.
-    let previous = {
-        let slots = broker.sessions.lock();
-        slots
-            .get(&client_id)
-            .filter(|s| s.owner.is_some())
-            .map(|s| (s.kick.clone(), s.released.clone()))
-    };
-    if let Some((kick, mut released)) = previous {
+    // Loop: another connection with this id may have claimed it meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let previous = {
+            let slots = broker.sessions.lock();
+            slots
+                .get(&client_id)
+                .filter(|s| s.owner.is_some())
+                .map(|s| (s.kick.clone(), s.released.clone()))
+        };
+        let Some((kick, mut released)) = previous else {
+            break;
+        };
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
         kick.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), released.wait_for(|r| *r)).await;
+        let _ = tokio::time::timeout_at(deadline, released.wait_for(|r| *r)).await;
     }
     let kick = CancellationToken::new();
     let (released_tx, released_rx) = watch::channel(false);

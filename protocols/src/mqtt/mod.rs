@@ -59,6 +59,8 @@ pub struct MqttConfig {
     pub max_sessions: usize,
     /// Retained messages kept at most.
     pub max_retained: usize,
+    /// Subscriptions one session may hold (more are refused with 0x97).
+    pub max_subscriptions: usize,
     /// Filter → topic/key routes, first match wins.
     pub routes: Vec<Route>,
 }
@@ -74,6 +76,7 @@ impl Default for MqttConfig {
             max_session_expiry_secs: u32::MAX,
             max_sessions: 100_000,
             max_retained: 100_000,
+            max_subscriptions: 100,
             routes: Vec::new(),
         }
     }
@@ -271,6 +274,7 @@ impl Broker {
             will.qos,
             will.retain,
             &will.props,
+            None,
         ) {
             Ok((log_topic, record)) => match self.cx.log.append(&log_topic, vec![record]).await {
                 Ok(_) => {

@@ -40,6 +40,16 @@ pub mod header {
     pub const CORRELATION: &str = "mqtt.correlation";
     /// v5 content type (shared name with AMQP and HTTP).
     pub const CONTENT_TYPE: &str = "content-type";
+    /// The publishing client id, written only for v5 clients that hold a
+    /// no-local subscription (so their own messages can be skipped).
+    pub const CLIENT: &str = "mqtt.client";
+    /// Prefix for user properties whose names collide with the names above.
+    pub const USER_PREFIX: &str = "mqtt.user.";
+
+    /// True for names the MQTT front end gives a meaning to.
+    pub fn reserved(name: &str) -> bool {
+        name.starts_with("mqtt.") || name == CONTENT_TYPE
+    }
 }
 
 /// One subscription of a session.
@@ -53,6 +63,8 @@ pub struct Sub {
     pub retain_as_published: bool,
     /// v5 subscription identifier.
     pub id: Option<u64>,
+    /// v5 no local: skip messages this client published.
+    pub no_local: bool,
 }
 
 /// A QoS 1 delivery waiting for PUBACK.
@@ -80,8 +92,10 @@ pub struct Session {
     pub subs: Vec<Sub>,
     /// Next offset to read, per tailed (log topic, partition).
     pub cursors: BTreeMap<(String, u32), u64>,
-    /// QoS 1 deliveries not yet acknowledged, by packet id.
-    pub inflight: BTreeMap<u16, Inflight>,
+    /// QoS 1 deliveries not yet acknowledged, by packet id, with their send sequence.
+    pub inflight: BTreeMap<u16, (u64, Inflight)>,
+    /// Send sequence of the next delivery (redeliveries go in this order).
+    pub next_seq: u64,
     /// QoS 2 packet ids received (and stored) but not yet released.
     pub qos2: BTreeSet<u16>,
     /// Next packet id to try for deliveries.
@@ -98,6 +112,7 @@ impl Session {
             subs: Vec::new(),
             cursors: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            next_seq: 0,
             qos2: BTreeSet::new(),
             next_pkid: 1,
             stored: false,
@@ -118,7 +133,7 @@ impl Session {
     /// The durable form: cursors go back to the oldest unacknowledged delivery.
     fn record(&self) -> StoredSession {
         let mut cursors = self.cursors.clone();
-        for f in self.inflight.values() {
+        for (_, f) in self.inflight.values() {
             if let Inflight::Log {
                 topic,
                 partition,
@@ -340,15 +355,22 @@ impl Retained {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
-    /// Topics with a retained message matching `filter` (names only: the
-    /// messages are read one at a time as the client's window allows).
-    pub fn topics_matching(log: &Log, filter: &str) -> Vec<String> {
+    /// Topics with a retained message matching any of `filters`, each once,
+    /// with the highest QoS granted among the filters it matches.
+    pub fn topics_matching_any(log: &Log, filters: &[(String, u8)]) -> Vec<(String, u8)> {
         let Ok(keys) = log.meta_keys(RETAINED) else {
             return Vec::new();
         };
         keys.into_iter()
             .filter_map(|k| String::from_utf8(k).ok())
-            .filter(|t| super::topic::matches(t, filter))
+            .filter_map(|t| {
+                let granted = filters
+                    .iter()
+                    .filter(|(f, _)| super::topic::matches(&t, f))
+                    .map(|(_, q)| *q)
+                    .max()?;
+                Some((t, granted))
+            })
             .collect()
     }
 
@@ -398,6 +420,7 @@ pub fn event_for(
     qos: u8,
     retain: bool,
     props: &MsgProps,
+    publisher: Option<&str>,
 ) -> Result<(String, AppendRecord), String> {
     let (log_topic, key) = match target {
         Target::Log(t, k) => (t, k),
@@ -429,8 +452,16 @@ pub fn event_for(
     if let Some(c) = &props.correlation {
         headers.push((header::CORRELATION.to_owned(), c.to_vec()));
     }
+    if let Some(c) = publisher {
+        headers.push((header::CLIENT.to_owned(), c.as_bytes().to_vec()));
+    }
     for (k, v) in &props.user {
-        headers.push((k.clone(), v.clone().into_bytes()));
+        let name = if header::reserved(k) {
+            format!("{}{k}", header::USER_PREFIX)
+        } else {
+            k.clone()
+        };
+        headers.push((name, v.clone().into_bytes()));
     }
     let event = Event {
         key: Some(key.into_bytes()),
@@ -441,9 +472,22 @@ pub fn event_for(
     Ok((log_topic, AppendRecord::from(event)))
 }
 
-/// What a stored record looks like to an MQTT subscriber: its topic, the QoS
-/// it was published with, and its properties; `None` when it has expired.
-pub fn delivery_of(log_topic: &str, r: &Record, now: i64) -> Option<(String, u8, MsgProps)> {
+/// A stored record as an MQTT subscriber sees it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// MQTT topic.
+    pub topic: String,
+    /// QoS it was published with (0, or 1 for 1 and 2).
+    pub qos: u8,
+    /// v5 properties.
+    pub props: MsgProps,
+    /// The v5 client that published it, when it asked for no-local.
+    pub publisher: Option<String>,
+}
+
+/// What a stored record looks like to an MQTT subscriber; `None` when its
+/// message expiry has passed.
+pub fn delivery_of(log_topic: &str, r: &Record, now: i64) -> Option<Delivery> {
     let find = |name: &str| {
         r.headers
             .iter()
@@ -458,23 +502,35 @@ pub fn delivery_of(log_topic: &str, r: &Record, now: i64) -> Option<(String, u8,
     };
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
     let mut props = MsgProps::default();
+    let mut publisher = None;
     for (k, v) in &r.headers {
         match k.as_str() {
             header::TOPIC | header::QOS | header::RETAIN => {}
+            header::CLIENT => publisher = Some(text(v)),
             header::PAYLOAD_FORMAT => props.payload_format = text(v).parse().ok(),
             header::EXPIRY => {
-                let e: i64 = text(v).parse().unwrap_or(0);
-                let left = e - (now - r.timestamp) / 1000;
-                if left <= 0 {
-                    return None;
+                if let Ok(e) = text(v).parse::<u32>() {
+                    let elapsed = now.saturating_sub(r.timestamp).max(0) / 1000;
+                    let left = i64::from(e).saturating_sub(elapsed);
+                    if left <= 0 {
+                        return None;
+                    }
+                    props.expiry = Some(left as u32);
                 }
-                props.expiry = Some(left as u32);
             }
             header::CONTENT_TYPE => props.content_type = Some(text(v)),
             header::RESPONSE_TOPIC => props.response_topic = Some(text(v)),
             header::CORRELATION => props.correlation = Some(Bytes::from(v.clone())),
-            _ => props.user.push((k.clone(), text(v))),
+            other => {
+                let name = other.strip_prefix(header::USER_PREFIX).unwrap_or(other);
+                props.user.push((name.to_owned(), text(v)));
+            }
         }
     }
-    Some((topic, qos, props))
+    Some(Delivery {
+        topic,
+        qos,
+        props,
+        publisher,
+    })
 }
