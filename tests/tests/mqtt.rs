@@ -716,13 +716,34 @@ async fn read_publishes5(
 }
 
 fn connect_v5_persistent(id: &str, receive_max: u16) -> Vec<u8> {
+    connect_v5_session(id, receive_max, 300, None)
+}
+
+/// v5 CONNECT with clean start off, a session expiry, and optionally a will
+/// on `wills/<id>` with a delay.
+fn connect_v5_session(id: &str, receive_max: u16, expiry: u32, will_delay: Option<u32>) -> Vec<u8> {
+    let will = will_delay.map(|d| raw5::LastWill {
+        topic: bytes::Bytes::from(format!("wills/{id}")),
+        message: bytes::Bytes::from_static(b"gone"),
+        qos: rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        retain: false,
+        properties: Some(raw5::LastWillProperties {
+            delay_interval: Some(d),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    });
     let mut b = BytesMut::new();
     raw5::Connect {
         keep_alive: 30,
         client_id: id.into(),
         clean_start: false,
         properties: Some(raw5::ConnectProperties {
-            session_expiry_interval: Some(300),
+            session_expiry_interval: Some(expiry),
             receive_maximum: Some(receive_max),
             max_packet_size: None,
             topic_alias_max: None,
@@ -733,7 +754,7 @@ fn connect_v5_persistent(id: &str, receive_max: u16) -> Vec<u8> {
             authentication_data: None,
         }),
     }
-    .write(&None, &None, &mut b)
+    .write(&will, &None, &mut b)
     .expect("encode");
     b.to_vec()
 }
@@ -957,5 +978,51 @@ async fn subscriptions_are_capped_and_a_retained_message_is_sent_once() {
         "one retained message, matched by four filters"
     );
     assert_eq!(&retained[0].payload[..], b"kept");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_expiry_and_will_delay_are_honoured() {
+    let node = InProcessNode::start("").await;
+    let mut watch = V4::connect(node.mqtt, "delay-watch", true).await;
+    watch
+        .c
+        .subscribe("wills/#", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    watch.next(|p| matches!(p, Packet::SubAck(_))).await;
+
+    // A session with a 1 s expiry is gone after 3 s offline.
+    let short = connect_v5_session("short", 10, 1, None);
+    let (s, ack) = raw_connect(node.mqtt, &short).await;
+    assert_eq!((ack[0], ack[2] & 1), (0x20, 0));
+    drop(s);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_s, ack) = raw_connect(node.mqtt, &short).await;
+    assert_eq!(
+        (ack[0], ack[2] & 1),
+        (0x20, 0),
+        "an expired session is not present"
+    );
+
+    // Will delay 2 s, client back after 0.5 s: the will is never published.
+    let back = connect_v5_session("back", 10, 300, Some(2));
+    let (s, _) = raw_connect(node.mqtt, &back).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s2, ack) = raw_connect(node.mqtt, &back).await;
+    assert_eq!((ack[0], ack[2] & 1), (0x20, 1));
+    // Will delay 1 s, client gone for good: published after the delay, not before.
+    let (gone, _) = raw_connect(node.mqtt, &connect_v5_session("gone", 10, 300, Some(1))).await;
+    let lost_at = std::time::Instant::now();
+    drop(gone);
+    let got = watch.publishes(1).await;
+    assert_eq!(got[0].topic, "wills/gone");
+    assert!(
+        lost_at.elapsed() >= Duration::from_millis(900),
+        "the will came before its delay"
+    );
+    watch.quiet(Duration::from_secs(2)).await;
+    drop(s2);
     node.stop().await;
 }
