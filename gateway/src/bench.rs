@@ -22,7 +22,7 @@ const MAX_SAMPLES_PER_WORKER: usize = 200_000;
 /// Latency samples of one worker, in microseconds.
 #[derive(Debug, Default)]
 pub struct Samples {
-    micros: Vec<u32>,
+    pub(crate) micros: Vec<u32>,
     seen: usize,
 }
 
@@ -190,6 +190,7 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
     let report = match target {
         BenchTarget::Http(args) => http(args).await?,
         BenchTarget::Mqtt(args) => mqtt(args).await?,
+        BenchTarget::Ws(args) => crate::bench_ws::ws(args).await?,
     };
     report.print();
     if report.events == 0 {

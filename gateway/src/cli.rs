@@ -144,6 +144,52 @@ pub enum BenchTarget {
     /// MQTT 3.1.1 publish to any broker: N connections each keeping M
     /// publishes outstanding, counting PUBACKs (QoS 1) or sent publishes (QoS 0).
     Mqtt(MqttBenchArgs),
+    /// WebSockets: `--mode ingest` (N connections pipelining records to
+    /// `/publish`, counting acks) or `--mode fanout` (C live-tail clients on one
+    /// topic while a producer publishes R events/s; counts deliveries and their
+    /// end-to-end latency).
+    Ws(WsBenchArgs),
+}
+
+/// `bench ws` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WsMode {
+    /// Acked records/s over N publish connections.
+    Ingest,
+    /// Deliveries/s and latency to C live tails.
+    Fanout,
+}
+
+/// Options of `bench ws`.
+#[derive(Debug, clap::Args)]
+pub struct WsBenchArgs {
+    /// Node URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "ingest")]
+    pub mode: WsMode,
+    /// Ingest: publish connections. Fanout: live-tail clients.
+    #[arg(long, short, default_value_t = 8)]
+    pub connections: usize,
+    /// Ingest: records outstanding (unacknowledged) per connection.
+    #[arg(long, short, default_value_t = 1000)]
+    pub inflight: usize,
+    /// Bytes of payload per record.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Fanout: events/s the producer publishes.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// How long to run, e.g. 10s.
+    #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Topic (created with one partition if missing).
+    #[arg(long, default_value = "bench-ws")]
+    pub topic: String,
+    /// Sample this process's CPU time and RSS during the run (the server's pid).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 /// Options of `bench http`.

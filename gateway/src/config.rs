@@ -135,6 +135,8 @@ pub struct HttpSection {
     pub max_fetch_records: usize,
     /// Longest fetch `wait_ms`.
     pub max_wait_ms: u64,
+    /// Largest WebSocket message.
+    pub ws_max_message_bytes: usize,
 }
 
 impl Default for HttpSection {
@@ -146,6 +148,7 @@ impl Default for HttpSection {
             max_connections: d.max_connections,
             max_fetch_records: d.max_fetch_records,
             max_wait_ms: d.max_wait_ms,
+            ws_max_message_bytes: d.ws_max_message_bytes,
         }
     }
 }
@@ -568,6 +571,7 @@ impl Config {
             max_connections: self.http.max_connections,
             max_fetch_records: self.http.max_fetch_records,
             max_wait_ms: self.http.max_wait_ms,
+            ws_max_message_bytes: self.http.ws_max_message_bytes,
         }
     }
 }

@@ -9,6 +9,8 @@
 
 #[cfg(feature = "client")]
 pub mod bench;
+#[cfg(feature = "client")]
+pub mod bench_ws;
 pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;

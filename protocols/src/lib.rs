@@ -36,6 +36,8 @@ pub struct FrontendContext {
     pub auth: Arc<dyn auth::Authenticator>,
     /// Metrics of every front end, rendered by `/metrics`.
     pub metrics: MetricsHub,
+    /// Open connections per protocol, for `/v1/stats` and the dashboard.
+    pub connections: ConnectionGauges,
 }
 
 impl FrontendContext {
@@ -47,6 +49,7 @@ impl FrontendContext {
             mode,
             auth: Arc::new(auth::Anonymous),
             metrics: MetricsHub::default(),
+            connections: ConnectionGauges::default(),
         }
     }
 }
@@ -82,5 +85,34 @@ impl MetricsHub {
         for s in sources {
             s.render(out);
         }
+    }
+}
+
+/// A source of "connections open now" for one protocol.
+pub type Gauge = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Front ends register how many connections they hold; `/v1/stats` reads them.
+#[derive(Clone, Default)]
+pub struct ConnectionGauges(Arc<Mutex<Vec<(&'static str, Gauge)>>>);
+
+impl fmt::Debug for ConnectionGauges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionGauges").finish_non_exhaustive()
+    }
+}
+
+impl ConnectionGauges {
+    /// Adds a protocol's gauge.
+    pub fn register(&self, protocol: &'static str, gauge: Gauge) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((protocol, gauge));
+    }
+
+    /// Every protocol's open connections, in registration order.
+    pub fn read(&self) -> Vec<(&'static str, u64)> {
+        let gauges = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        gauges.into_iter().map(|(p, g)| (p, g())).collect()
     }
 }

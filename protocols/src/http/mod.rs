@@ -5,6 +5,7 @@
 mod error;
 mod metrics;
 pub mod records;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,8 @@ pub struct HttpConfig {
     pub max_fetch_records: usize,
     /// Largest `wait_ms` a fetch may ask for.
     pub max_wait_ms: u64,
+    /// Largest WebSocket message (close 1009 beyond).
+    pub ws_max_message_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -51,6 +54,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             max_fetch_records: 10_000,
             max_wait_ms: 30_000,
+            ws_max_message_bytes: 2 * 1024 * 1024,
         }
     }
 }
@@ -66,6 +70,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/topics"),
     ("GET", "/v1/topics/{topic}"),
     ("POST", "/v1/topics/{topic}/records"),
+    ("GET", "/v1/topics/{topic}/publish"),
+    ("GET", "/v1/topics/{topic}/live"),
+    ("GET", "/v1/stats"),
     ("GET", "/v1/topics/{topic}/partitions/{partition}/records"),
     ("GET", "/v1/groups/{group}/offsets"),
     ("POST", "/v1/groups/{group}/offsets"),
@@ -82,6 +89,7 @@ struct AppState {
     started: Instant,
     metrics: Arc<HttpMetrics>,
     connections: Arc<ConnectionStats>,
+    ws: Arc<ws::WsCounters>,
 }
 
 /// Builds the router. `connections` is reported in metrics.
@@ -90,12 +98,32 @@ pub fn router(
     config: HttpConfig,
     connections: Arc<ConnectionStats>,
 ) -> Router {
+    let ws_counters = Arc::new(ws::WsCounters::default());
+    {
+        let http = connections.clone();
+        let open_ws = ws_counters.clone();
+        // WebSocket connections arrive through the HTTP listener: count them once.
+        cx.connections.register(
+            "http",
+            Arc::new(move || {
+                http.open
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_sub(open_ws.open.load(std::sync::atomic::Ordering::Relaxed))
+            }),
+        );
+        let open_ws = ws_counters.clone();
+        cx.connections.register(
+            "ws",
+            Arc::new(move || open_ws.open.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+    }
     let state = AppState {
         cx,
         config: Arc::new(config),
         started: Instant::now(),
         metrics: Arc::new(HttpMetrics::default()),
         connections,
+        ws: ws_counters,
     };
     Router::new()
         .route("/", get(index))
@@ -105,6 +133,9 @@ pub fn router(
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route("/v1/topics/{topic}/records", axum::routing::post(produce))
+        .route("/v1/topics/{topic}/publish", get(ws::publish))
+        .route("/v1/topics/{topic}/live", get(ws::live))
+        .route("/v1/stats", get(stats))
         .route(
             "/v1/topics/{topic}/partitions/{partition}/records",
             get(fetch),
@@ -171,13 +202,58 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
     )
 }
 
-async fn index(State(state): State<AppState>) -> Html<String> {
-    Html(format!(
-        "<!doctype html><meta charset=utf-8><title>Tributary</title>\
-         <h1>Tributary {} node</h1><p>API: <a href=/openapi.json>/openapi.json</a>, \
-         <a href=/v1/topics>/v1/topics</a>, <a href=/metrics>/metrics</a>, <a href=/health>/health</a>.</p>",
-        state.cx.mode
-    ))
+/// The dashboard: one page, embedded in the binary, no outside assets.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn index() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+/// `GET /v1/stats`: what the dashboard shows, in one JSON document.
+async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let log = &state.cx.log;
+    let topics: Vec<serde_json::Value> = log
+        .topics()
+        .into_iter()
+        .map(|t| {
+            let events: u64 = t.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
+            let ends: u64 = t.partitions.iter().map(|p| p.end_offset).sum();
+            let parts: Vec<serde_json::Value> = t
+                .partitions
+                .iter()
+                .map(|p| json!({"partition": p.partition, "start_offset": p.start_offset, "end_offset": p.end_offset}))
+                .collect();
+            json!({
+                "name": t.config.name,
+                "partitions": parts,
+                "events": events,
+                "end_offset_total": ends,
+                "retention_ms": t.config.retention_ms,
+                "retention_bytes": t.config.retention_bytes,
+            })
+        })
+        .collect();
+    let mut connections = serde_json::Map::new();
+    for (protocol, open) in state.cx.connections.read() {
+        connections.insert(protocol.to_owned(), json!(open));
+    }
+    let durability = match log.config().durability {
+        tributary_storage::Durability::Fsync => "fsync",
+        tributary_storage::Durability::Interval(_) => "interval",
+    };
+    Json(json!({
+        "mode": state.cx.mode,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "durability": durability,
+        "disk_bytes": log.disk_bytes(),
+        "connections": connections,
+        "topics": topics,
+        "websocket": {
+            "published_total": state.ws.published.load(std::sync::atomic::Ordering::Relaxed),
+            "delivered_total": state.ws.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        },
+    }))
 }
 
 async fn health(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {

@@ -240,6 +240,11 @@ impl Broker {
             retained: Mutex::new(retained),
         });
         tokio::spawn(session::sweeper(broker.clone()));
+        let weak = Arc::downgrade(&broker);
+        broker.cx.connections.register(
+            "mqtt",
+            Arc::new(move || weak.upgrade().map_or(0, |b| b.open_connections())),
+        );
         Ok(broker)
     }
 

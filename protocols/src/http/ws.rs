@@ -1,0 +1,512 @@
+//! WebSocket endpoints (DESIGN 4):
+//!
+//! - `/v1/topics/{topic}/publish`: each client message is a record (a text
+//!   message is JSON as in the HTTP API; a binary message is a raw value). Each
+//!   is answered, in order, with `{"partition","offset"}` once durable, or with
+//!   `{"error":{"code","message"}}`. Clients may pipeline: the messages that
+//!   are ready when the server reads become one append, and appends in flight
+//!   are bounded, so a fast producer is slowed, never buffered without bound.
+//! - `/v1/topics/{topic}/live?from=earliest|latest|OFFSET` or
+//!   `?offsets=P:O,...`: every record of every partition, in order per
+//!   partition, as the fetch API renders it (`partition` and `offset` on each,
+//!   so a client resumes after a reconnect). A slow client is served from the
+//!   log in batches and only lags in offsets; one that falls behind retention
+//!   gets `{"gap":{"partition","from","to"}}`.
+//!
+//! Close codes: 1008 policy (auth, once devices exist), 1009 message too big,
+//! 1003 unsupported data (bad messages that keep coming), 1011 internal (the
+//! log cannot write). Unknown topics are refused before the upgrade with the
+//! HTTP API's 404 (on an edge, publish creates the topic like HTTP produce).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tributary_storage::{AppendRecord, Error as LogError, Event, Position};
+
+use super::error::ApiError;
+use super::records::{Format, ProduceRecord, RecordOut};
+use super::AppState;
+
+/// Close codes.
+pub mod close {
+    /// Policy violation (authentication, once the devices issue lands).
+    pub const POLICY: u16 = 1008;
+    /// A message over `ws_max_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Unsupported data: bad messages kept coming.
+    pub const UNSUPPORTED: u16 = 1003;
+    /// The server cannot go on (the log cannot write).
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// Messages read into one append at most.
+const BATCH_MESSAGES: usize = 1024;
+/// Append batches awaiting durability per connection before reading pauses.
+const PIPELINE: usize = 8;
+/// Consecutive bad messages before the connection is closed with 1003.
+const MAX_BAD_IN_A_ROW: u32 = 16;
+/// Records (and bytes) one live read takes from one partition.
+const LIVE_RECORDS: usize = 1000;
+const LIVE_BYTES: usize = 1024 * 1024;
+/// Ping period; a peer silent for three periods is dropped.
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+/// Open WebSocket connections (for stats and metrics).
+#[derive(Debug, Default)]
+pub struct WsCounters {
+    /// Open now.
+    pub open: AtomicU64,
+    /// Records appended over WebSockets.
+    pub published: AtomicU64,
+    /// Records sent to live tails.
+    pub delivered: AtomicU64,
+}
+
+struct OpenGuard(Arc<WsCounters>);
+
+impl OpenGuard {
+    fn new(c: &Arc<WsCounters>) -> Self {
+        c.open.fetch_add(1, Relaxed);
+        OpenGuard(c.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+fn error_text(code: &str, message: &str) -> Message {
+    Message::Text(Utf8Bytes::from(
+        json!({"error": {"code": code, "message": message}}).to_string(),
+    ))
+}
+
+fn close_frame(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.chars().take(120).collect::<String>()),
+    }))
+}
+
+fn too_big(e: &axum::Error) -> bool {
+    let s = e.to_string();
+    s.contains("too long") || s.contains("Space limit")
+}
+
+/// `GET /v1/topics/{topic}/publish`.
+pub(super) async fn publish(
+    State(state): State<AppState>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let topic = match path {
+        Ok(Path(t)) => t,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    if state.cx.log.topic(&topic).is_err() && !state.cx.log.config().auto_create_topics {
+        return ApiError::from(LogError::UnknownTopic(topic)).into_response();
+    }
+    let max = state.config.ws_max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| publish_session(state, topic, socket))
+}
+
+/// One answer slot per client message, in order.
+enum Slot {
+    Record(usize),
+    Refused(ApiError),
+}
+
+enum Pending {
+    Batch {
+        slots: Vec<Slot>,
+        append: JoinHandle<Result<Vec<Position>, LogError>>,
+    },
+    Close(u16, String),
+}
+
+async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
+    let _open = OpenGuard::new(&state.ws);
+    let (mut tx, mut rx) = socket.split();
+    let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(PIPELINE);
+    let stop = CancellationToken::new();
+    let log = state.cx.log.clone();
+    let counters = state.ws.clone();
+    let reader_stop = stop.clone();
+    let shutdown = state.cx.shutdown.clone();
+    let reader = tokio::spawn(async move {
+        let mut bad_in_a_row = 0u32;
+        loop {
+            let first = tokio::select! {
+                () = reader_stop.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    let _ = pending_tx.send(Pending::Close(1001, "server shutting down".into())).await;
+                    return;
+                }
+                m = rx.next() => m,
+            };
+            let mut msgs = vec![first];
+            // Everything already received joins this append.
+            while msgs.len() < BATCH_MESSAGES {
+                match rx.next().now_or_never() {
+                    Some(m) => msgs.push(m),
+                    None => break,
+                }
+            }
+            let mut records: Vec<AppendRecord> = Vec::new();
+            let mut slots = Vec::new();
+            let mut end = None;
+            for m in msgs {
+                let parsed = match m {
+                    None => {
+                        end = Some(None);
+                        break;
+                    }
+                    Some(Err(e)) if too_big(&e) => {
+                        end = Some(Some((close::TOO_BIG, "message too big".to_owned())));
+                        break;
+                    }
+                    Some(Err(_)) => {
+                        end = Some(None);
+                        break;
+                    }
+                    Some(Ok(Message::Close(_))) => {
+                        end = Some(None);
+                        break;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Binary(b))) => Ok(AppendRecord::from(Event::new(b.to_vec()))),
+                    Some(Ok(Message::Text(t))) => {
+                        match serde_json::from_str::<ProduceRecord<'_>>(t.as_str()) {
+                            Ok(r) => r.into_append().map_err(ApiError::bad_request),
+                            Err(e) => Err(ApiError::bad_request(format!(
+                                "not a record: {e} (expected {{\"key\",\"value\",\"headers\",...}})"
+                            ))),
+                        }
+                    }
+                };
+                match parsed {
+                    Ok(r) => {
+                        bad_in_a_row = 0;
+                        slots.push(Slot::Record(records.len()));
+                        records.push(r);
+                    }
+                    Err(e) => {
+                        bad_in_a_row += 1;
+                        slots.push(Slot::Refused(e));
+                        if bad_in_a_row >= MAX_BAD_IN_A_ROW {
+                            end = Some(Some((
+                                close::UNSUPPORTED,
+                                format!("{MAX_BAD_IN_A_ROW} bad messages in a row"),
+                            )));
+                            break;
+                        }
+                    }
+                }
+            }
+            if !slots.is_empty() {
+                let log = log.clone();
+                let topic = topic.clone();
+                let n = records.len() as u64;
+                let counters = counters.clone();
+                let append = tokio::spawn(async move {
+                    if records.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let r = log.append(&topic, records).await;
+                    if r.is_ok() {
+                        counters.published.fetch_add(n, Relaxed);
+                    }
+                    r
+                });
+                if pending_tx
+                    .send(Pending::Batch { slots, append })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            match end {
+                None => {}
+                Some(None) => return,
+                Some(Some((code, why))) => {
+                    let _ = pending_tx.send(Pending::Close(code, why)).await;
+                    return;
+                }
+            }
+        }
+    });
+    // Answers, in order, as each append becomes durable.
+    while let Some(p) = pending_rx.recv().await {
+        match p {
+            Pending::Close(code, why) => {
+                let _ = tx.send(close_frame(code, &why)).await;
+                break;
+            }
+            Pending::Batch { slots, append } => {
+                let result = append
+                    .await
+                    .unwrap_or_else(|e| Err(LogError::Io(std::io::Error::other(e.to_string()))));
+                let failed = result
+                    .as_ref()
+                    .err()
+                    .map(|e| matches!(e, LogError::Unwritable(_) | LogError::Closed));
+                let mut ok = true;
+                for slot in slots {
+                    let msg = match (&slot, &result) {
+                        (Slot::Refused(e), _) => error_text(e.code, &e.message),
+                        (Slot::Record(i), Ok(positions)) => match positions.get(*i) {
+                            Some(p) => Message::Text(Utf8Bytes::from(format!(
+                                "{{\"partition\":{},\"offset\":{}}}",
+                                p.partition, p.offset
+                            ))),
+                            None => error_text("internal", "no position for this record"),
+                        },
+                        (Slot::Record(_), Err(e)) => {
+                            let e = ApiError::from(clone_error(e));
+                            error_text(e.code, &e.message)
+                        }
+                    };
+                    if tx.feed(msg).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if !ok || tx.flush().await.is_err() {
+                    break;
+                }
+                if failed == Some(true) {
+                    let _ = tx
+                        .send(close_frame(close::INTERNAL, "the log cannot write"))
+                        .await;
+                    break;
+                }
+            }
+        }
+    }
+    stop.cancel();
+    let _ = reader.await;
+}
+
+fn clone_error(e: &LogError) -> LogError {
+    match e {
+        LogError::UnknownTopic(t) => LogError::UnknownTopic(t.clone()),
+        LogError::EventTooLarge { size, max } => LogError::EventTooLarge {
+            size: *size,
+            max: *max,
+        },
+        LogError::InvalidTopic(m) => LogError::InvalidTopic(m.clone()),
+        LogError::Unwritable(m) => LogError::Unwritable(m.clone()),
+        LogError::Closed => LogError::Closed,
+        other => LogError::Config(other.to_string()),
+    }
+}
+
+/// Query of the live endpoint.
+#[derive(Debug, Deserialize)]
+pub(super) struct LiveParams {
+    from: Option<String>,
+    offsets: Option<String>,
+}
+
+/// Where each partition starts: `from` for all, `offsets` per partition.
+fn starts(log: &tributary_storage::Log, topic: &str, q: &LiveParams) -> Result<Vec<u64>, ApiError> {
+    let info = log.topic(topic)?;
+    let mut out = Vec::with_capacity(info.partitions.len());
+    let from = q.from.as_deref().unwrap_or("latest");
+    for p in &info.partitions {
+        out.push(match from {
+            "latest" => p.end_offset,
+            "earliest" => p.start_offset,
+            n => n.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "from must be earliest, latest or an offset, got {n:?}"
+                ))
+            })?,
+        });
+    }
+    if let Some(list) = &q.offsets {
+        for item in list.split(',').filter(|s| !s.is_empty()) {
+            let (p, o) = item
+                .split_once(':')
+                .and_then(|(p, o)| Some((p.parse::<usize>().ok()?, o.parse::<u64>().ok()?)))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("offsets must look like 0:15,1:7, got {item:?}"))
+                })?;
+            let slot = out.get_mut(p).ok_or_else(|| {
+                ApiError::bad_request(format!("topic {topic} has no partition {p}"))
+            })?;
+            *slot = o;
+        }
+    }
+    Ok(out)
+}
+
+/// `GET /v1/topics/{topic}/live`.
+pub(super) async fn live(
+    State(state): State<AppState>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<LiveParams>, axum::extract::rejection::QueryRejection>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let topic = match path {
+        Ok(Path(t)) => t,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    let cursors = match starts(&state.cx.log, &topic, &q) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let max = state.config.ws_max_message_bytes;
+    ws.max_message_size(max)
+        .on_upgrade(move |socket| live_session(state, topic, cursors, socket))
+}
+
+async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, socket: WebSocket) {
+    let _open = OpenGuard::new(&state.ws);
+    let log = state.cx.log.clone();
+    let (mut tx, mut rx) = socket.split();
+    let notify = Arc::new(Notify::new());
+    let mut watchers = Vec::new();
+    for p in 0..cursors.len() as u32 {
+        if let Ok(mut end) = log.watch_end(&topic, p) {
+            let n = notify.clone();
+            watchers.push(tokio::spawn(async move {
+                while end.changed().await.is_ok() {
+                    n.notify_one();
+                }
+            }));
+        }
+    }
+    // The client only closes or answers pings; anything else is ignored.
+    let gone = CancellationToken::new();
+    let seen = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let gone = gone.clone();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = rx.next().await {
+                seen.fetch_add(1, Relaxed);
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+            gone.cancel();
+        })
+    };
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = (0u64, 0u32);
+    notify.notify_one();
+    'serve: loop {
+        tokio::select! {
+            () = gone.cancelled() => break,
+            () = state.cx.shutdown.cancelled() => {
+                let _ = tx.send(close_frame(1001, "server shutting down")).await;
+                break;
+            }
+            _ = ping.tick() => {
+                let now = seen.load(Relaxed);
+                if now == last_seen.0 {
+                    last_seen.1 += 1;
+                    if last_seen.1 >= 3 {
+                        break;
+                    }
+                } else {
+                    last_seen = (now, 0);
+                }
+                if tx.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            () = notify.notified() => {}
+        }
+        // Drain what is readable now, a batch per partition per round, so one
+        // busy partition does not hold the others back.
+        loop {
+            let mut sent_any = false;
+            for (p, cursor) in cursors.iter_mut().enumerate() {
+                let p = p as u32;
+                let read = {
+                    let log = log.clone();
+                    let topic = topic.clone();
+                    let at = *cursor;
+                    tokio::task::spawn_blocking(move || {
+                        log.read(&topic, p, at, LIVE_RECORDS, LIVE_BYTES)
+                    })
+                    .await
+                };
+                let read = match read {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(LogError::OffsetOutOfRange { start, end, .. })) => {
+                        let to = if *cursor < start { start } else { end };
+                        let gap = json!({"gap": {"partition": p, "from": *cursor, "to": to}});
+                        if tx
+                            .send(Message::Text(Utf8Bytes::from(gap.to_string())))
+                            .await
+                            .is_err()
+                        {
+                            break 'serve;
+                        }
+                        *cursor = to;
+                        sent_any = true;
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        let e = ApiError::from(e);
+                        let _ = tx.send(error_text(e.code, &e.message)).await;
+                        let _ = tx.send(close_frame(close::INTERNAL, &e.message)).await;
+                        break 'serve;
+                    }
+                    Err(_) => break 'serve,
+                };
+                let n = read.records.len() as u64;
+                for r in read.records {
+                    let text = match serde_json::to_string(&RecordOut::new(r, Format::Json)) {
+                        Ok(t) => t,
+                        Err(_) => continue,
+                    };
+                    // feed waits while the client's socket is full: a slow
+                    // client slows its own reads, nothing piles up here.
+                    if tx.feed(Message::Text(Utf8Bytes::from(text))).await.is_err() {
+                        break 'serve;
+                    }
+                }
+                if n > 0 {
+                    sent_any = true;
+                    state.ws.delivered.fetch_add(n, Relaxed);
+                    if tx.flush().await.is_err() {
+                        break 'serve;
+                    }
+                }
+                *cursor = read.next_offset;
+            }
+            if !sent_any {
+                break;
+            }
+        }
+    }
+    for w in watchers {
+        w.abort();
+    }
+    reader.abort();
+}
