@@ -224,9 +224,9 @@ async fn fanout(args: WsBenchArgs) -> anyhow::Result<Report> {
         sent
     });
     let sent = produced.await?;
-    // Let the last deliveries arrive, then stop the readers.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The rate is over the producing time; the last deliveries may land just after.
     let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let after = args.server_pid.map(proc_sample).transpose()?;
     stop.store(true, Relaxed);
     let (mut latencies, mut errors) = (Vec::new(), 0);

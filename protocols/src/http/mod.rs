@@ -90,6 +90,7 @@ struct AppState {
     metrics: Arc<HttpMetrics>,
     connections: Arc<ConnectionStats>,
     ws: Arc<ws::WsCounters>,
+    tails: Arc<ws::TailCache>,
 }
 
 /// Builds the router. `connections` is reported in metrics.
@@ -124,6 +125,7 @@ pub fn router(
         metrics: Arc::new(HttpMetrics::default()),
         connections,
         ws: ws_counters,
+        tails: Arc::new(ws::TailCache::default()),
     };
     Router::new()
         .route("/", get(index))

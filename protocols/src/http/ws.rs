@@ -61,6 +61,135 @@ const LIVE_BYTES: usize = 1024 * 1024;
 /// Ping period; a peer silent for three periods is dropped.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
+/// Rendered records a topic's partitions share among its live tails, most
+/// recent last: N dashboards on one topic decode and render each record once,
+/// and a tail that is caught up is served from memory. Bounded per partition;
+/// dropped when the topic's last tail leaves.
+#[derive(Debug, Default)]
+pub struct TailCache {
+    topics: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<TopicTail>>>,
+}
+
+/// Records kept per partition.
+const RING_RECORDS: usize = 4096;
+/// Bytes kept per partition.
+const RING_BYTES: usize = 4 * 1024 * 1024;
+
+/// One topic's shared rings, one per partition.
+#[derive(Debug)]
+pub struct TopicTail {
+    rings: Vec<std::sync::Mutex<Ring>>,
+    /// One tail at a time reads the log into a partition's ring; the others
+    /// wait for it and take the result from the ring (no thundering herd).
+    fill: Vec<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    /// Offset of `msgs[0]`.
+    start: u64,
+    msgs: std::collections::VecDeque<Utf8Bytes>,
+    bytes: usize,
+}
+
+impl Ring {
+    /// Up to `max` rendered records from `from`, if the ring holds `from`.
+    fn get(&self, from: u64, max: usize) -> Option<Vec<Utf8Bytes>> {
+        let end = self.start + self.msgs.len() as u64;
+        if from < self.start || from >= end {
+            return None;
+        }
+        let skip = (from - self.start) as usize;
+        Some(self.msgs.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    /// Adds rendered records starting at `first`. Older records than the ring
+    /// holds are not kept (a lagging tail must not push the live ones out);
+    /// a jump past the ring's end starts it over.
+    fn extend(&mut self, first: u64, msgs: &[Utf8Bytes]) {
+        let end = self.start + self.msgs.len() as u64;
+        if self.msgs.is_empty() || first > end {
+            self.msgs.clear();
+            self.bytes = 0;
+            self.start = first;
+        } else if first < self.start {
+            return;
+        }
+        let held = (self.start + self.msgs.len() as u64 - first) as usize;
+        for m in msgs.iter().skip(held) {
+            self.bytes += m.len();
+            self.msgs.push_back(m.clone());
+        }
+        while self.msgs.len() > RING_RECORDS || self.bytes > RING_BYTES {
+            match self.msgs.pop_front() {
+                Some(m) => {
+                    self.bytes -= m.len();
+                    self.start += 1;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(from: u64, n: u64) -> Vec<Utf8Bytes> {
+        (from..from + n)
+            .map(|i| Utf8Bytes::from(i.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_ring_serves_what_it_holds_and_stays_bounded() {
+        let mut r = Ring::default();
+        assert!(r.get(0, 10).is_none());
+        r.extend(10, &msgs(10, 5));
+        assert_eq!(r.get(12, 10).expect("held"), msgs(12, 3));
+        assert!(r.get(15, 10).is_none(), "past the end: read the log");
+        assert!(r.get(9, 10).is_none(), "before the start: read the log");
+        // Overlapping extension keeps each offset once.
+        r.extend(13, &msgs(13, 4));
+        assert_eq!(r.get(10, 100).expect("held"), msgs(10, 7));
+        // Older data is not cached; a jump restarts the ring.
+        r.extend(0, &msgs(0, 3));
+        assert_eq!(r.start, 10);
+        r.extend(100, &msgs(100, 2));
+        assert_eq!((r.start, r.msgs.len()), (100, 2));
+        r.extend(102, &msgs(102, RING_RECORDS as u64 + 10));
+        assert_eq!(r.msgs.len(), RING_RECORDS);
+        assert_eq!(
+            r.start + r.msgs.len() as u64,
+            102 + RING_RECORDS as u64 + 10
+        );
+    }
+}
+
+impl TailCache {
+    /// The shared rings of `topic`, created for the first tail.
+    fn topic(&self, topic: &str, partitions: usize) -> Arc<TopicTail> {
+        let mut map = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get(topic).and_then(std::sync::Weak::upgrade) {
+            if t.rings.len() == partitions {
+                return t;
+            }
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let t = Arc::new(TopicTail {
+            rings: (0..partitions)
+                .map(|_| std::sync::Mutex::new(Ring::default()))
+                .collect(),
+            fill: (0..partitions)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        });
+        map.insert(topic.to_owned(), Arc::downgrade(&t));
+        t
+    }
+}
+
 /// Open WebSocket connections (for stats and metrics).
 #[derive(Debug, Default)]
 pub struct WsCounters {
@@ -339,6 +468,17 @@ fn starts(log: &tributary_storage::Log, topic: &str, q: &LiveParams) -> Result<V
             })?,
         });
     }
+    let check = |out: &[u64]| -> Result<(), ApiError> {
+        for (p, (o, info)) in out.iter().zip(&info.partitions).enumerate() {
+            if *o > info.end_offset {
+                return Err(ApiError::bad_request(format!(
+                    "offset {o} is past the end of {topic}/{p} (end offset {})",
+                    info.end_offset
+                )));
+            }
+        }
+        Ok(())
+    };
     if let Some(list) = &q.offsets {
         for item in list.split(',').filter(|s| !s.is_empty()) {
             let (p, o) = item
@@ -353,6 +493,7 @@ fn starts(log: &tributary_storage::Log, topic: &str, q: &LiveParams) -> Result<V
             *slot = o;
         }
     }
+    check(&out)?;
     Ok(out)
 }
 
@@ -383,6 +524,7 @@ pub(super) async fn live(
 async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, socket: WebSocket) {
     let _open = OpenGuard::new(&state.ws);
     let log = state.cx.log.clone();
+    let shared = state.tails.topic(&topic, cursors.len());
     let (mut tx, mut rx) = socket.split();
     let notify = Arc::new(Notify::new());
     let mut watchers = Vec::new();
@@ -445,49 +587,87 @@ async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, soc
         loop {
             let mut sent_any = false;
             for (p, cursor) in cursors.iter_mut().enumerate() {
+                let ring = &shared.rings[p];
                 let p = p as u32;
-                let read = {
-                    let log = log.clone();
-                    let topic = topic.clone();
-                    let at = *cursor;
-                    tokio::task::spawn_blocking(move || {
-                        log.read(&topic, p, at, LIVE_RECORDS, LIVE_BYTES)
-                    })
-                    .await
+                let Ok((_, end)) = log.offsets(&topic, p) else {
+                    continue;
                 };
-                let read = match read {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(LogError::OffsetOutOfRange { start, end, .. })) => {
-                        let to = if *cursor < start { start } else { end };
-                        let gap = json!({"gap": {"partition": p, "from": *cursor, "to": to}});
-                        if tx
-                            .send(Message::Text(Utf8Bytes::from(gap.to_string())))
+                if *cursor >= end {
+                    continue;
+                }
+                // Caught-up tails share what another tail already rendered.
+                let from_ring = |at: u64| {
+                    ring.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(at, LIVE_RECORDS)
+                };
+                let mut cached = from_ring(*cursor);
+                let mut _filling = None;
+                if cached.is_none() {
+                    _filling = Some(shared.fill[p as usize].lock().await);
+                    cached = from_ring(*cursor);
+                }
+                let batch: Vec<Utf8Bytes> = match cached {
+                    Some(msgs) => msgs,
+                    None => {
+                        let read = {
+                            let log = log.clone();
+                            let topic = topic.clone();
+                            let at = *cursor;
+                            tokio::task::spawn_blocking(move || {
+                                log.read(&topic, p, at, LIVE_RECORDS, LIVE_BYTES)
+                            })
                             .await
-                            .is_err()
-                        {
-                            break 'serve;
+                        };
+                        let read = match read {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(LogError::OffsetOutOfRange { start, end, .. })) => {
+                                // Retention passed this tail (start > cursor); `end` only
+                                // if the topic was recreated shorter, which cannot happen.
+                                let to = if *cursor < start { start } else { end };
+                                let gap =
+                                    json!({"gap": {"partition": p, "from": *cursor, "to": to}});
+                                if tx
+                                    .send(Message::Text(Utf8Bytes::from(gap.to_string())))
+                                    .await
+                                    .is_err()
+                                {
+                                    break 'serve;
+                                }
+                                *cursor = to;
+                                sent_any = true;
+                                continue;
+                            }
+                            Ok(Err(e)) => {
+                                let e = ApiError::from(e);
+                                let _ = tx.send(error_text(e.code, &e.message)).await;
+                                let _ = tx.send(close_frame(close::INTERNAL, &e.message)).await;
+                                break 'serve;
+                            }
+                            Err(_) => break 'serve,
+                        };
+                        let first = read.records.first().map(|r| r.offset);
+                        let rendered: Vec<Utf8Bytes> = read
+                            .records
+                            .into_iter()
+                            .filter_map(|r| {
+                                serde_json::to_string(&RecordOut::new(r, Format::Json)).ok()
+                            })
+                            .map(Utf8Bytes::from)
+                            .collect();
+                        if let Some(first) = first {
+                            ring.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .extend(first, &rendered);
                         }
-                        *cursor = to;
-                        sent_any = true;
-                        continue;
+                        rendered
                     }
-                    Ok(Err(e)) => {
-                        let e = ApiError::from(e);
-                        let _ = tx.send(error_text(e.code, &e.message)).await;
-                        let _ = tx.send(close_frame(close::INTERNAL, &e.message)).await;
-                        break 'serve;
-                    }
-                    Err(_) => break 'serve,
                 };
-                let n = read.records.len() as u64;
-                for r in read.records {
-                    let text = match serde_json::to_string(&RecordOut::new(r, Format::Json)) {
-                        Ok(t) => t,
-                        Err(_) => continue,
-                    };
+                let n = batch.len() as u64;
+                for text in batch {
                     // feed waits while the client's socket is full: a slow
                     // client slows its own reads, nothing piles up here.
-                    if tx.feed(Message::Text(Utf8Bytes::from(text))).await.is_err() {
+                    if tx.feed(Message::Text(text)).await.is_err() {
                         break 'serve;
                     }
                 }
@@ -498,7 +678,7 @@ async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, soc
                         break 'serve;
                     }
                 }
-                *cursor = read.next_offset;
+                *cursor += n;
             }
             if !sent_any {
                 break;
