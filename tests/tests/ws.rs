@@ -111,6 +111,15 @@ async fn pipelined_publishes_are_acknowledged_in_order_once_durable() {
     }
     assert_eq!(total, 500);
     assert_eq!(acked.len(), 500);
+    let m = c
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(m.contains("tributary_ws_published_total 500"), "{m}");
     node.stop().await;
 }
 

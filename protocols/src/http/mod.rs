@@ -118,6 +118,7 @@ pub fn router(
             Arc::new(move || open_ws.open.load(std::sync::atomic::Ordering::Relaxed)),
         );
     }
+    cx.metrics.register(ws_counters.clone());
     let state = AppState {
         cx,
         config: Arc::new(config),

@@ -201,6 +201,15 @@ pub struct WsCounters {
     pub delivered: AtomicU64,
 }
 
+impl crate::MetricsSource for WsCounters {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# HELP tributary_ws_connections Open WebSocket connections (publish and live).\n# TYPE tributary_ws_connections gauge\ntributary_ws_connections {}", self.open.load(Relaxed));
+        let _ = writeln!(out, "# HELP tributary_ws_published_total Records appended over WebSockets.\n# TYPE tributary_ws_published_total counter\ntributary_ws_published_total {}", self.published.load(Relaxed));
+        let _ = writeln!(out, "# HELP tributary_ws_delivered_total Records sent to live tails.\n# TYPE tributary_ws_delivered_total counter\ntributary_ws_delivered_total {}", self.delivered.load(Relaxed));
+    }
+}
+
 struct OpenGuard(Arc<WsCounters>);
 
 impl OpenGuard {
