@@ -324,3 +324,77 @@ fn a_reader_that_does_not_read_costs_no_memory_and_still_gets_everything() {
         }
     });
 }
+
+async fn ws_gauge(base: &str) -> u64 {
+    let m = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    m.lines()
+        .find_map(|l| l.strip_prefix("tributary_ws_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gauge")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tail_holds_back_no_other_and_dropped_clients_free_their_sessions() {
+    let node = InProcessNode::start("").await;
+    create_topic(&client(), &node.url, "stall", 1).await;
+    // A tail that reads nothing while 24 MiB arrive: its socket fills and it blocks.
+    let stalled = open(&node.url, "/v1/topics/stall/live?from=earliest").await;
+    let value = "y".repeat(1000);
+    for _ in 0..24 {
+        let records: Vec<Value> = (0..1024)
+            .map(|_| json!({"value": value, "encoding": "string"}))
+            .collect();
+        let (s, _) = post(
+            &client(),
+            &format!("{}/v1/topics/stall/records", node.url),
+            &json!({"records": records}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    // Another tail of the same partition is served at once.
+    let mut live = open(&node.url, "/v1/topics/stall/live").await;
+    let (s, _) = post(
+        &client(),
+        &format!("{}/v1/topics/stall/records", node.url),
+        &json!({"records": [{"value": {"fresh": 1}}]}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let r = next_json(&mut live).await;
+    assert_eq!(r["value"]["fresh"], 1, "{r}");
+
+    // A publisher that vanishes mid-pipeline, and the stalled tail, end their sessions.
+    let mut p = open(&node.url, "/v1/topics/stall/publish").await;
+    for i in 0..3000 {
+        if p.send(Message::Text(json!({"value": i}).to_string().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(p);
+    drop(stalled);
+    drop(live);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let open_now = ws_gauge(&node.url).await;
+        if open_now == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{open_now} WebSocket sessions still open after their clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+}

@@ -29,7 +29,6 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tributary_storage::{AppendRecord, Error as LogError, Event, Position};
 
@@ -49,12 +48,20 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
 }
 
-/// Messages read into one append at most.
+/// Messages read into one batch at most.
 const BATCH_MESSAGES: usize = 1024;
-/// Append batches awaiting durability per connection before reading pauses.
-const PIPELINE: usize = 8;
+/// Bytes of records read into one batch at most (one message may exceed it).
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Bytes of queued batches one append takes at most.
+const MERGE_BYTES: usize = 4 * 1024 * 1024;
+/// Batches queued between the stages of one connection (each bounded above).
+const PIPELINE: usize = 4;
+/// A peer that takes none of our bytes for this long is dropped.
+const SEND_STALL: Duration = Duration::from_secs(60);
 /// Consecutive bad messages before the connection is closed with 1003.
 const MAX_BAD_IN_A_ROW: u32 = 16;
+/// Largest message a live client may send (it only answers pings and closes).
+const LIVE_CLIENT_BYTES: usize = 4096;
 /// Records (and bytes) one live read takes from one partition.
 const LIVE_RECORDS: usize = 1000;
 const LIVE_BYTES: usize = 1024 * 1024;
@@ -232,15 +239,52 @@ fn error_text(code: &str, message: &str) -> Message {
 }
 
 fn close_frame(code: u16, reason: &str) -> Message {
+    // A close reason is at most 123 bytes; cut at a character boundary.
+    let mut cut = reason.len().min(120);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
     Message::Close(Some(CloseFrame {
         code,
-        reason: Utf8Bytes::from(reason.chars().take(120).collect::<String>()),
+        reason: Utf8Bytes::from(&reason[..cut]),
     }))
 }
 
 fn too_big(e: &axum::Error) -> bool {
     let s = e.to_string();
     s.contains("too long") || s.contains("Space limit")
+}
+
+/// Sends (or feeds, then flushes) with a deadline: a peer that stops reading
+/// does not hold the session forever.
+async fn send_within<S>(tx: &mut S, msg: Message) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(SEND_STALL, tx.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn feed_within<S>(tx: &mut S, msg: Message) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(SEND_STALL, tx.feed(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn flush_within<S>(tx: &mut S) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(SEND_STALL, tx.flush()).await,
+        Ok(Ok(()))
+    )
 }
 
 /// `GET /v1/topics/{topic}/publish`.
@@ -264,180 +308,306 @@ pub(super) async fn publish(
 
 /// One answer slot per client message, in order.
 enum Slot {
-    Record(usize),
+    Record,
     Refused(ApiError),
 }
 
-enum Pending {
+/// What one read produced: an answer slot per message, and the records.
+struct Parsed {
+    slots: Vec<Slot>,
+    records: Vec<AppendRecord>,
+    bytes: usize,
+}
+
+/// On its way to the writer.
+enum Answer {
     Batch {
         slots: Vec<Slot>,
-        append: JoinHandle<Result<Vec<Position>, LogError>>,
+        result: Result<Vec<Position>, LogError>,
     },
     Close(u16, String),
 }
 
+/// Checks what the log would refuse for one record alone, so one bad record
+/// does not fail the others appended with it.
+fn precheck(limits: Option<(usize, u32)>, r: &AppendRecord) -> Result<(), ApiError> {
+    let Some((max_event, partitions)) = limits else {
+        return Ok(());
+    };
+    let size = r.event.size();
+    if size > max_event {
+        return Err(ApiError::from(LogError::EventTooLarge {
+            size,
+            max: max_event,
+        }));
+    }
+    match r.partition {
+        Some(p) if p >= partitions => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "unknown_partition",
+            format!("partition {p} does not exist (the topic has {partitions})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Three tasks joined by bounded channels: the reader parses what is ready
+/// into batches (bounded by count and bytes), one appender appends batches in
+/// order (merging those that queued while the previous append was on its way
+/// to disk), and this task writes the answers in order, pings, and notices a
+/// silent peer. Each stage waits for the next when it is full.
 async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
     let _open = OpenGuard::new(&state.ws);
     let (mut tx, mut rx) = socket.split();
-    let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(PIPELINE);
-    let stop = CancellationToken::new();
+    let (parsed_tx, mut parsed_rx) = mpsc::channel::<Result<Parsed, (u16, String)>>(PIPELINE);
+    let (answer_tx, mut answer_rx) = mpsc::channel::<Answer>(PIPELINE);
+    let activity = Arc::new(AtomicU64::new(0));
     let log = state.cx.log.clone();
-    let counters = state.ws.clone();
-    let reader_stop = stop.clone();
-    let shutdown = state.cx.shutdown.clone();
-    let reader = tokio::spawn(async move {
-        let mut bad_in_a_row = 0u32;
-        loop {
-            let first = tokio::select! {
-                () = reader_stop.cancelled() => return,
-                () = shutdown.cancelled() => {
-                    let _ = pending_tx.send(Pending::Close(1001, "server shutting down".into())).await;
-                    return;
-                }
-                m = rx.next() => m,
-            };
-            let mut msgs = vec![first];
-            // Everything already received joins this append.
-            while msgs.len() < BATCH_MESSAGES {
-                match rx.next().now_or_never() {
-                    Some(m) => msgs.push(m),
-                    None => break,
-                }
-            }
-            let mut records: Vec<AppendRecord> = Vec::new();
-            let mut slots = Vec::new();
-            let mut end = None;
-            for m in msgs {
-                let parsed = match m {
-                    None => {
-                        end = Some(None);
-                        break;
+    let limits = || {
+        log.topic(&topic)
+            .ok()
+            .map(|t| (t.config.max_event_bytes, t.config.partitions))
+    };
+    let reader = {
+        let shutdown = state.cx.shutdown.clone();
+        let activity = activity.clone();
+        let limits_now = limits();
+        let log = log.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut limits_now = limits_now;
+            let mut bad_in_a_row = 0u32;
+            loop {
+                let first = tokio::select! {
+                    () = shutdown.cancelled() => {
+                        let _ = parsed_tx.send(Err((1001, "server shutting down".into()))).await;
+                        return;
                     }
-                    Some(Err(e)) if too_big(&e) => {
-                        end = Some(Some((close::TOO_BIG, "message too big".to_owned())));
-                        break;
-                    }
-                    Some(Err(_)) => {
-                        end = Some(None);
-                        break;
-                    }
-                    Some(Ok(Message::Close(_))) => {
-                        end = Some(None);
-                        break;
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Binary(b))) => Ok(AppendRecord::from(Event::new(b.to_vec()))),
-                    Some(Ok(Message::Text(t))) => {
-                        match serde_json::from_str::<ProduceRecord<'_>>(t.as_str()) {
-                            Ok(r) => r.into_append().map_err(ApiError::bad_request),
-                            Err(e) => Err(ApiError::bad_request(format!(
-                                "not a record: {e} (expected {{\"key\",\"value\",\"headers\",...}})"
-                            ))),
-                        }
-                    }
+                    m = rx.next() => m,
                 };
-                match parsed {
-                    Ok(r) => {
-                        bad_in_a_row = 0;
-                        slots.push(Slot::Record(records.len()));
-                        records.push(r);
-                    }
-                    Err(e) => {
-                        bad_in_a_row += 1;
-                        slots.push(Slot::Refused(e));
-                        if bad_in_a_row >= MAX_BAD_IN_A_ROW {
-                            end = Some(Some((
-                                close::UNSUPPORTED,
-                                format!("{MAX_BAD_IN_A_ROW} bad messages in a row"),
-                            )));
+                if limits_now.is_none() {
+                    limits_now = log
+                        .topic(&topic)
+                        .ok()
+                        .map(|t| (t.config.max_event_bytes, t.config.partitions));
+                }
+                let mut batch = Parsed {
+                    slots: Vec::new(),
+                    records: Vec::new(),
+                    bytes: 0,
+                };
+                let mut next = Some(first);
+                let mut end = None;
+                while let Some(m) = next.take() {
+                    activity.fetch_add(1, Relaxed);
+                    let parsed = match m {
+                        None | Some(Ok(Message::Close(_))) => {
+                            end = Some(None);
                             break;
                         }
+                        Some(Err(e)) if too_big(&e) => {
+                            end = Some(Some((close::TOO_BIG, "message too big".to_owned())));
+                            break;
+                        }
+                        Some(Err(_)) => {
+                            end = Some(None);
+                            break;
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+                        Some(Ok(Message::Binary(b))) => {
+                            Some(Ok(AppendRecord::from(Event::new(Vec::from(b)))))
+                        }
+                        Some(Ok(Message::Text(t))) => Some(
+                            match serde_json::from_str::<ProduceRecord<'_>>(t.as_str()) {
+                                Ok(r) => r.into_append().map_err(ApiError::bad_request),
+                                Err(e) => Err(ApiError::bad_request(format!(
+                                    "not a record: {e} (expected {{\"key\",\"value\",\"headers\",...}})"
+                                ))),
+                            },
+                        ),
+                    };
+                    match parsed.map(|r| r.and_then(|r| precheck(limits_now, &r).map(|()| r))) {
+                        None => {}
+                        Some(Ok(r)) => {
+                            bad_in_a_row = 0;
+                            batch.bytes += r.event.size();
+                            batch.slots.push(Slot::Record);
+                            batch.records.push(r);
+                        }
+                        Some(Err(e)) => {
+                            bad_in_a_row += 1;
+                            batch.slots.push(Slot::Refused(e));
+                            if bad_in_a_row >= MAX_BAD_IN_A_ROW {
+                                end = Some(Some((
+                                    close::UNSUPPORTED,
+                                    format!("{MAX_BAD_IN_A_ROW} bad messages in a row"),
+                                )));
+                                break;
+                            }
+                        }
+                    }
+                    // Everything already received joins this batch, within bounds.
+                    if batch.slots.len() < BATCH_MESSAGES && batch.bytes < BATCH_BYTES {
+                        next = rx.next().now_or_never();
+                    }
+                }
+                if !batch.slots.is_empty() && parsed_tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+                match end {
+                    None => {}
+                    Some(None) => return,
+                    Some(Some(close)) => {
+                        let _ = parsed_tx.send(Err(close)).await;
+                        return;
                     }
                 }
             }
-            if !slots.is_empty() {
-                let log = log.clone();
-                let topic = topic.clone();
-                let n = records.len() as u64;
-                let counters = counters.clone();
-                let append = tokio::spawn(async move {
-                    if records.is_empty() {
-                        return Ok(Vec::new());
+        })
+    };
+    let appender = {
+        let log = log.clone();
+        let topic = topic.clone();
+        let counters = state.ws.clone();
+        tokio::spawn(async move {
+            while let Some(first) = parsed_rx.recv().await {
+                let mut group = Vec::new();
+                let mut close = None;
+                let mut bytes = 0;
+                match first {
+                    Ok(p) => {
+                        bytes += p.bytes;
+                        group.push(p);
                     }
-                    let r = log.append(&topic, records).await;
-                    if r.is_ok() {
-                        counters.published.fetch_add(n, Relaxed);
+                    Err(c) => close = Some(c),
+                }
+                while close.is_none() && bytes < MERGE_BYTES {
+                    match parsed_rx.try_recv() {
+                        Ok(Ok(p)) => {
+                            bytes += p.bytes;
+                            group.push(p);
+                        }
+                        Ok(Err(c)) => close = Some(c),
+                        Err(_) => break,
                     }
-                    r
-                });
-                if pending_tx
-                    .send(Pending::Batch { slots, append })
-                    .await
-                    .is_err()
-                {
+                }
+                let counts: Vec<usize> = group.iter().map(|p| p.records.len()).collect();
+                let records: Vec<AppendRecord> = group
+                    .iter_mut()
+                    .flat_map(|p| std::mem::take(&mut p.records))
+                    .collect();
+                let result = if records.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    log.append(&topic, records).await
+                };
+                if let Ok(p) = &result {
+                    counters.published.fetch_add(p.len() as u64, Relaxed);
+                }
+                let mut at = 0;
+                for (p, n) in group.into_iter().zip(counts) {
+                    let result = match &result {
+                        Ok(positions) => Ok(positions.get(at..at + n).unwrap_or_default().to_vec()),
+                        Err(e) => Err(clone_error(e)),
+                    };
+                    at += n;
+                    let answer = Answer::Batch {
+                        slots: p.slots,
+                        result,
+                    };
+                    if answer_tx.send(answer).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some((code, why)) = close {
+                    let _ = answer_tx.send(Answer::Close(code, why)).await;
                     return;
                 }
             }
-            match end {
-                None => {}
-                Some(None) => return,
-                Some(Some((code, why))) => {
-                    let _ = pending_tx.send(Pending::Close(code, why)).await;
-                    return;
+        })
+    };
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let mut last_activity = (activity.load(Relaxed), 0u32);
+    loop {
+        let answer = tokio::select! {
+            a = answer_rx.recv() => a,
+            _ = ping.tick() => {
+                let now = activity.load(Relaxed);
+                if now == last_activity.0 {
+                    last_activity.1 += 1;
+                    if last_activity.1 >= 3 {
+                        let _ = send_within(&mut tx, close_frame(1001, "no answer to pings")).await;
+                        break;
+                    }
+                } else {
+                    last_activity = (now, 0);
                 }
+                if !send_within(&mut tx, Message::Ping(Default::default())).await {
+                    break;
+                }
+                continue;
             }
-        }
-    });
-    // Answers, in order, as each append becomes durable.
-    while let Some(p) = pending_rx.recv().await {
-        match p {
-            Pending::Close(code, why) => {
-                let _ = tx.send(close_frame(code, &why)).await;
+        };
+        match answer {
+            None => {
+                let _ = send_within(&mut tx, Message::Close(None)).await;
                 break;
             }
-            Pending::Batch { slots, append } => {
-                let result = append
-                    .await
-                    .unwrap_or_else(|e| Err(LogError::Io(std::io::Error::other(e.to_string()))));
-                let failed = result
-                    .as_ref()
-                    .err()
-                    .map(|e| matches!(e, LogError::Unwritable(_) | LogError::Closed));
+            Some(Answer::Close(code, why)) => {
+                let _ = send_within(&mut tx, close_frame(code, &why)).await;
+                break;
+            }
+            Some(Answer::Batch { slots, result }) => {
+                let mut positions = result.as_ref().ok().map(|p| p.iter());
                 let mut ok = true;
                 for slot in slots {
-                    let msg = match (&slot, &result) {
+                    let msg = match (slot, &result) {
                         (Slot::Refused(e), _) => error_text(e.code, &e.message),
-                        (Slot::Record(i), Ok(positions)) => match positions.get(*i) {
-                            Some(p) => Message::Text(Utf8Bytes::from(format!(
-                                "{{\"partition\":{},\"offset\":{}}}",
-                                p.partition, p.offset
-                            ))),
-                            None => error_text("internal", "no position for this record"),
-                        },
-                        (Slot::Record(_), Err(e)) => {
+                        (Slot::Record, Ok(_)) => {
+                            match positions.as_mut().and_then(Iterator::next) {
+                                Some(p) => Message::Text(Utf8Bytes::from(format!(
+                                    "{{\"partition\":{},\"offset\":{}}}",
+                                    p.partition, p.offset
+                                ))),
+                                None => error_text("internal", "no position for this record"),
+                            }
+                        }
+                        (Slot::Record, Err(e)) => {
                             let e = ApiError::from(clone_error(e));
                             error_text(e.code, &e.message)
                         }
                     };
-                    if tx.feed(msg).await.is_err() {
+                    if !feed_within(&mut tx, msg).await {
                         ok = false;
                         break;
                     }
                 }
-                if !ok || tx.flush().await.is_err() {
+                if !ok || !flush_within(&mut tx).await {
                     break;
                 }
-                if failed == Some(true) {
-                    let _ = tx
-                        .send(close_frame(close::INTERNAL, "the log cannot write"))
+                match &result {
+                    Err(LogError::Closed) => {
+                        let _ =
+                            send_within(&mut tx, close_frame(1001, "server shutting down")).await;
+                        break;
+                    }
+                    Err(LogError::Unwritable(_)) => {
+                        let _ = send_within(
+                            &mut tx,
+                            close_frame(close::INTERNAL, "the log cannot write"),
+                        )
                         .await;
-                    break;
+                        break;
+                    }
+                    _ => {}
                 }
             }
         }
     }
-    stop.cancel();
-    let _ = reader.await;
+    // Unblock and end both stages: nothing is left waiting on this connection.
+    drop(answer_rx);
+    reader.abort();
+    appender.abort();
 }
 
 fn clone_error(e: &LogError) -> LogError {
@@ -525,8 +695,9 @@ pub(super) async fn live(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let max = state.config.ws_max_message_bytes;
-    ws.max_message_size(max)
+    // A live client only answers pings and closes: small frames are plenty.
+    ws.max_message_size(LIVE_CLIENT_BYTES)
+        .max_frame_size(LIVE_CLIENT_BYTES)
         .on_upgrade(move |socket| live_session(state, topic, cursors, socket))
 }
 
@@ -563,139 +734,165 @@ async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, soc
             gone.cancel();
         })
     };
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_seen = (0u64, 0u32);
     notify.notify_one();
-    'serve: loop {
+    let farewell: Option<Message> = 'serve: loop {
         tokio::select! {
-            () = gone.cancelled() => break,
-            () = state.cx.shutdown.cancelled() => {
-                let _ = tx.send(close_frame(1001, "server shutting down")).await;
-                break;
-            }
+            () = gone.cancelled() => break None,
+            () = state.cx.shutdown.cancelled() => break Some(close_frame(1001, "server shutting down")),
             _ = ping.tick() => {
                 let now = seen.load(Relaxed);
                 if now == last_seen.0 {
                     last_seen.1 += 1;
                     if last_seen.1 >= 3 {
-                        break;
+                        break Some(close_frame(1001, "no answer to pings"));
                     }
                 } else {
                     last_seen = (now, 0);
                 }
-                if tx.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
+                if !send_within(&mut tx, Message::Ping(Default::default())).await {
+                    break None;
                 }
                 continue;
             }
             () = notify.notified() => {}
         }
-        // Drain what is readable now, a batch per partition per round, so one
-        // busy partition does not hold the others back.
-        loop {
-            let mut sent_any = false;
-            for (p, cursor) in cursors.iter_mut().enumerate() {
-                let ring = &shared.rings[p];
-                let p = p as u32;
-                let Ok((_, end)) = log.offsets(&topic, p) else {
-                    continue;
-                };
-                if *cursor >= end {
-                    continue;
-                }
-                // Caught-up tails share what another tail already rendered.
-                let from_ring = |at: u64| {
-                    ring.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(at, LIVE_RECORDS)
-                };
-                let mut cached = from_ring(*cursor);
-                let mut _filling = None;
-                if cached.is_none() {
-                    _filling = Some(shared.fill[p as usize].lock().await);
-                    cached = from_ring(*cursor);
-                }
-                let batch: Vec<Utf8Bytes> = match cached {
-                    Some(msgs) => msgs,
-                    None => {
-                        let read = {
-                            let log = log.clone();
-                            let topic = topic.clone();
-                            let at = *cursor;
-                            tokio::task::spawn_blocking(move || {
-                                log.read(&topic, p, at, LIVE_RECORDS, LIVE_BYTES)
-                            })
-                            .await
-                        };
-                        let read = match read {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(LogError::OffsetOutOfRange { start, end, .. })) => {
-                                // Retention passed this tail (start > cursor); `end` only
-                                // if the topic was recreated shorter, which cannot happen.
-                                let to = if *cursor < start { start } else { end };
-                                let gap =
-                                    json!({"gap": {"partition": p, "from": *cursor, "to": to}});
-                                if tx
-                                    .send(Message::Text(Utf8Bytes::from(gap.to_string())))
-                                    .await
-                                    .is_err()
-                                {
-                                    break 'serve;
-                                }
-                                *cursor = to;
-                                sent_any = true;
-                                continue;
-                            }
-                            Ok(Err(e)) => {
-                                let e = ApiError::from(e);
-                                let _ = tx.send(error_text(e.code, &e.message)).await;
-                                let _ = tx.send(close_frame(close::INTERNAL, &e.message)).await;
-                                break 'serve;
-                            }
-                            Err(_) => break 'serve,
-                        };
-                        let first = read.records.first().map(|r| r.offset);
-                        let rendered: Vec<Utf8Bytes> = read
-                            .records
-                            .into_iter()
-                            .filter_map(|r| {
-                                serde_json::to_string(&RecordOut::new(r, Format::Json)).ok()
-                            })
-                            .map(Utf8Bytes::from)
-                            .collect();
-                        if let Some(first) = first {
-                            ring.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .extend(first, &rendered);
-                        }
-                        rendered
-                    }
-                };
-                let n = batch.len() as u64;
-                for text in batch {
-                    // feed waits while the client's socket is full: a slow
-                    // client slows its own reads, nothing piles up here.
-                    if tx.feed(Message::Text(text)).await.is_err() {
-                        break 'serve;
-                    }
-                }
-                if n > 0 {
-                    sent_any = true;
-                    state.ws.delivered.fetch_add(n, Relaxed);
-                    if tx.flush().await.is_err() {
-                        break 'serve;
-                    }
-                }
-                *cursor += n;
+        // One round: a batch per partition, then back to the select (pings,
+        // shutdown), coming straight back if a partition has more.
+        let mut more = false;
+        for (p, cursor) in cursors.iter_mut().enumerate() {
+            let ring = &shared.rings[p];
+            let fill = &shared.fill[p];
+            let p = p as u32;
+            let Ok((_, end)) = log.offsets(&topic, p) else {
+                continue;
+            };
+            if *cursor >= end {
+                continue;
             }
-            if !sent_any {
-                break;
+            let batch = match fetch_rendered(&log, &topic, p, *cursor, ring, fill).await {
+                Fetched::Records(b) => b,
+                Fetched::Gap(to) => {
+                    let gap = json!({"gap": {"partition": p, "from": *cursor, "to": to}});
+                    if !send_within(&mut tx, Message::Text(Utf8Bytes::from(gap.to_string()))).await
+                    {
+                        break 'serve None;
+                    }
+                    *cursor = to;
+                    more = true;
+                    continue;
+                }
+                Fetched::Failed(e) => {
+                    let _ = send_within(&mut tx, error_text(e.code, &e.message)).await;
+                    break 'serve Some(close_frame(close::INTERNAL, &e.message));
+                }
+            };
+            let n = batch.len() as u64;
+            for text in batch {
+                // Waits while the client's socket is full: a slow client slows
+                // its own reads, nothing piles up here (and no lock is held).
+                if !feed_within(&mut tx, Message::Text(text)).await {
+                    break 'serve None;
+                }
+            }
+            if n > 0 {
+                state.ws.delivered.fetch_add(n, Relaxed);
+                if !flush_within(&mut tx).await {
+                    break 'serve None;
+                }
+            }
+            *cursor += n;
+            if *cursor < end {
+                more = true;
             }
         }
+        if more {
+            notify.notify_one();
+        }
+    };
+    if let Some(frame) = farewell {
+        let _ = send_within(&mut tx, frame).await;
     }
     for w in watchers {
         w.abort();
     }
     reader.abort();
+}
+
+/// What one read for a live tail produced.
+enum Fetched {
+    /// Rendered records from the cursor on (consecutive offsets).
+    Records(Vec<Utf8Bytes>),
+    /// Retention passed the cursor: continue here.
+    Gap(u64),
+    /// The log cannot serve.
+    Failed(ApiError),
+}
+
+/// Rendered records from `cursor`: from the shared ring when it holds them;
+/// otherwise one tail at a time reads the log and fills the ring (the lock is
+/// held for the read only, never while sending). A tail behind the ring reads
+/// the log on its own, without the lock and without touching the ring.
+async fn fetch_rendered(
+    log: &tributary_storage::Log,
+    topic: &str,
+    p: u32,
+    cursor: u64,
+    ring: &std::sync::Mutex<Ring>,
+    fill: &tokio::sync::Mutex<()>,
+) -> Fetched {
+    let lock = || ring.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = lock().get(cursor, LIVE_RECORDS) {
+        return Fetched::Records(b);
+    }
+    let behind = {
+        let r = lock();
+        !r.msgs.is_empty() && cursor < r.start
+    };
+    let _filling = if behind {
+        None
+    } else {
+        let guard = fill.lock().await;
+        if let Some(b) = lock().get(cursor, LIVE_RECORDS) {
+            return Fetched::Records(b);
+        }
+        Some(guard)
+    };
+    let read = {
+        let log = log.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || log.read(&topic, p, cursor, LIVE_RECORDS, LIVE_BYTES))
+            .await
+    };
+    let read = match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(LogError::OffsetOutOfRange { start, .. })) if cursor < start => {
+            return Fetched::Gap(start)
+        }
+        Ok(Err(e)) => return Fetched::Failed(ApiError::from(e)),
+        Err(e) => {
+            return Fetched::Failed(ApiError::from(LogError::Io(std::io::Error::other(
+                e.to_string(),
+            ))))
+        }
+    };
+    let rendered: Vec<Utf8Bytes> = read
+        .records
+        .into_iter()
+        .map(|r| {
+            let (partition, offset) = (r.partition, r.offset);
+            // One message per record, always, so offsets and the cursor agree.
+            serde_json::to_string(&RecordOut::new(r, Format::Json))
+                .unwrap_or_else(|_| {
+                    json!({"partition": partition, "offset": offset, "error": "unrenderable"})
+                        .to_string()
+                })
+                .into()
+        })
+        .collect();
+    if !behind && !rendered.is_empty() {
+        lock().extend(cursor, &rendered);
+    }
+    Fetched::Records(rendered)
 }
