@@ -267,26 +267,6 @@ where
     )
 }
 
-async fn feed_within<S>(tx: &mut S, msg: Message) -> bool
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    matches!(
-        tokio::time::timeout(SEND_STALL, tx.feed(msg)).await,
-        Ok(Ok(()))
-    )
-}
-
-async fn flush_within<S>(tx: &mut S) -> bool
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    matches!(
-        tokio::time::timeout(SEND_STALL, tx.flush()).await,
-        Ok(Ok(()))
-    )
-}
-
 /// `GET /v1/topics/{topic}/publish`.
 pub(super) async fn publish(
     State(state): State<AppState>,
@@ -559,9 +539,9 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
             }
             Some(Answer::Batch { slots, result }) => {
                 let mut positions = result.as_ref().ok().map(|p| p.iter());
-                let mut ok = true;
-                for slot in slots {
-                    let msg = match (slot, &result) {
+                let msgs: Vec<Message> = slots
+                    .into_iter()
+                    .map(|slot| match (slot, &result) {
                         (Slot::Refused(e), _) => error_text(e.code, &e.message),
                         (Slot::Record, Ok(_)) => {
                             match positions.as_mut().and_then(Iterator::next) {
@@ -576,13 +556,16 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                             let e = ApiError::from(clone_error(e));
                             error_text(e.code, &e.message)
                         }
-                    };
-                    if !feed_within(&mut tx, msg).await {
-                        ok = false;
-                        break;
+                    })
+                    .collect();
+                let sent = tokio::time::timeout(SEND_STALL, async {
+                    for m in msgs {
+                        tx.feed(m).await?;
                     }
-                }
-                if !ok || !flush_within(&mut tx).await {
+                    tx.flush().await
+                })
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
                     break;
                 }
                 match &result {
@@ -789,18 +772,20 @@ async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, soc
                 }
             };
             let n = batch.len() as u64;
-            for text in batch {
+            if n > 0 {
                 // Waits while the client's socket is full: a slow client slows
                 // its own reads, nothing piles up here (and no lock is held).
-                if !feed_within(&mut tx, Message::Text(text)).await {
+                let sent = tokio::time::timeout(SEND_STALL, async {
+                    for text in batch {
+                        tx.feed(Message::Text(text)).await?;
+                    }
+                    tx.flush().await
+                })
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
                     break 'serve None;
                 }
-            }
-            if n > 0 {
                 state.ws.delivered.fetch_add(n, Relaxed);
-                if !flush_within(&mut tx).await {
-                    break 'serve None;
-                }
             }
             *cursor += n;
             if *cursor < end {
