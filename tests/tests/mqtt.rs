@@ -1026,3 +1026,52 @@ async fn v5_session_expiry_and_will_delay_are_honoured() {
     drop(s2);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_packets_after_connect_never_stop_the_node() {
+    // A panic in a connection task would only end that task: count them all.
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        default_hook(info);
+    }));
+    let node = InProcessNode::start("").await;
+    let mut rng = fastrand::Rng::with_seed(11);
+    for round in 0..1000 {
+        let v5 = round % 2 == 0;
+        let connect = if v5 {
+            connect_v5(&format!("fuzz{round}"))
+        } else {
+            connect_v4(&format!("fuzz{round}"), 30)
+        };
+        let Ok(mut s) = TcpStream::connect(node.mqtt).await else {
+            panic!("the node stopped accepting at round {round}");
+        };
+        let mut bytes = connect;
+        // Plausible fixed headers with random bodies, then pure noise.
+        for _ in 0..rng.usize(1..6) {
+            let kind = rng.u8(1..16) << 4 | rng.u8(0..16);
+            let len = rng.usize(0..40);
+            bytes.push(kind);
+            bytes.push(len as u8);
+            bytes.extend((0..len).map(|_| rng.u8(..)));
+        }
+        bytes.extend((0..rng.usize(0..32)).map(|_| rng.u8(..)));
+        let _ = s.write_all(&bytes).await;
+        // Whatever it answers, it answers in time and closes or keeps serving.
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut sink)).await;
+    }
+    let mut ok = V4::connect(node.mqtt, "after-fuzz", true).await;
+    ok.c.publish("fuzz/ok", QoS::AtLeastOnce, false, "alive")
+        .await
+        .expect("publish");
+    ok.next(|p| matches!(p, Packet::PubAck(_))).await;
+    node.stop().await;
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a connection task panicked on random input"
+    );
+}
