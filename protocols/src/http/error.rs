@@ -8,7 +8,7 @@ use serde_json::json;
 use tributary_storage::Error as LogError;
 
 /// An error answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,

@@ -303,7 +303,7 @@ struct Parsed {
 enum Answer {
     Batch {
         slots: Vec<Slot>,
-        result: Result<Vec<Position>, LogError>,
+        result: Result<Vec<Position>, ApiError>,
     },
     Close(u16, String),
 }
@@ -479,7 +479,7 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                 let result = if records.is_empty() {
                     Ok(Vec::new())
                 } else {
-                    log.append(&topic, records).await
+                    log.append(&topic, records).await.map_err(ApiError::from)
                 };
                 if let Ok(p) = &result {
                     counters.published.fetch_add(p.len() as u64, Relaxed);
@@ -488,7 +488,7 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                 for (p, n) in group.into_iter().zip(counts) {
                     let result = match &result {
                         Ok(positions) => Ok(positions.get(at..at + n).unwrap_or_default().to_vec()),
-                        Err(e) => Err(clone_error(e)),
+                        Err(e) => Err(e.clone()),
                     };
                     at += n;
                     let answer = Answer::Batch {
@@ -552,10 +552,7 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                                 None => error_text("internal", "no position for this record"),
                             }
                         }
-                        (Slot::Record, Err(e)) => {
-                            let e = ApiError::from(clone_error(e));
-                            error_text(e.code, &e.message)
-                        }
+                        (Slot::Record, Err(e)) => error_text(e.code, &e.message),
                     })
                     .collect();
                 let sent = tokio::time::timeout(SEND_STALL, async {
@@ -569,12 +566,12 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                     break;
                 }
                 match &result {
-                    Err(LogError::Closed) => {
+                    Err(e) if e.code == "shutting_down" => {
                         let _ =
                             send_within(&mut tx, close_frame(1001, "server shutting down")).await;
                         break;
                     }
-                    Err(LogError::Unwritable(_)) => {
+                    Err(e) if e.code == "unwritable" => {
                         let _ = send_within(
                             &mut tx,
                             close_frame(close::INTERNAL, "the log cannot write"),
@@ -591,20 +588,6 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
     drop(answer_rx);
     reader.abort();
     appender.abort();
-}
-
-fn clone_error(e: &LogError) -> LogError {
-    match e {
-        LogError::UnknownTopic(t) => LogError::UnknownTopic(t.clone()),
-        LogError::EventTooLarge { size, max } => LogError::EventTooLarge {
-            size: *size,
-            max: *max,
-        },
-        LogError::InvalidTopic(m) => LogError::InvalidTopic(m.clone()),
-        LogError::Unwritable(m) => LogError::Unwritable(m.clone()),
-        LogError::Closed => LogError::Closed,
-        other => LogError::Config(other.to_string()),
-    }
 }
 
 /// Query of the live endpoint.

@@ -919,24 +919,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     /// Sends a delivery; QoS 1 takes a packet id and waits for PUBACK.
     /// Returns false when the client's maximum packet size forbids it.
     fn send_publish(&mut self, mut p: PublishOut, at: Option<Inflight>) -> bool {
-        if self.version == Version::V4 {
-            p.props = codec::MsgProps::default();
-            p.sub_ids.clear();
-        }
         if p.qos > 0 {
             p.pkid = self.session.take_pkid();
         }
         let (qos, pkid) = (p.qos, p.pkid);
         let entry = (qos > 0).then(|| at.unwrap_or_else(|| Inflight::Owned(Box::new(p.clone()))));
-        let mut encoded = BytesMut::new();
-        codec::encode(Out::Publish(Box::new(p)), self.version, &mut encoded);
-        if encoded.len() > self.client_max_packet {
-            // MQTT-3.1.2-24: never send what the client said it cannot take.
-            self.broker
-                .metrics
-                .reject("delivery_over_client_max_packet");
+        let Some(encoded) = self.encode_delivery(p) else {
             return false;
-        }
+        };
         self.broker.metrics.deliveries[usize::from(qos.min(1))].fetch_add(1, Relaxed);
         if let Some(entry) = entry {
             let seq = self.session.next_seq;
@@ -945,6 +935,25 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         }
         self.out.extend_from_slice(&encoded);
         true
+    }
+
+    /// A delivery in this connection's wire form (3.1.1 has no properties), or
+    /// `None` when it exceeds the client's maximum packet size (MQTT-3.1.2-24:
+    /// never send what the client said it cannot take).
+    fn encode_delivery(&self, mut p: PublishOut) -> Option<BytesMut> {
+        if self.version == Version::V4 {
+            p.props = codec::MsgProps::default();
+            p.sub_ids.clear();
+        }
+        let mut encoded = BytesMut::new();
+        codec::encode(Out::Publish(Box::new(p)), self.version, &mut encoded);
+        if encoded.len() > self.client_max_packet {
+            self.broker
+                .metrics
+                .reject("delivery_over_client_max_packet");
+            return None;
+        }
+        Some(encoded)
     }
 
     /// Deliveries the client has not acknowledged yet, counted against its window.
@@ -1004,20 +1013,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             };
             p.dup = true;
             p.pkid = pkid;
-            if self.version == Version::V4 {
-                p.props = codec::MsgProps::default();
-                p.sub_ids.clear();
+            match self.encode_delivery(p) {
+                Some(encoded) => self.out.extend_from_slice(&encoded),
+                None => {
+                    self.session.inflight.remove(&pkid);
+                }
             }
-            let mut encoded = BytesMut::new();
-            codec::encode(Out::Publish(Box::new(p)), self.version, &mut encoded);
-            if encoded.len() > self.client_max_packet {
-                self.broker
-                    .metrics
-                    .reject("delivery_over_client_max_packet");
-                self.session.inflight.remove(&pkid);
-                continue;
-            }
-            self.out.extend_from_slice(&encoded);
         }
     }
 
