@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tributary_protocols::amqp::bridge::{BridgeConfig, Direction};
+use tributary_protocols::amqp::AmqpConfig;
 use tributary_protocols::http::HttpConfig;
 use tributary_protocols::mqtt::{MqttConfig, Route};
 use tributary_storage::{Durability, LogConfig, OnFull, SledOptions, TopicConfig, TopicDefaults};
@@ -46,6 +48,8 @@ pub struct Config {
     pub http: HttpSection,
     /// The MQTT front end.
     pub mqtt: MqttSection,
+    /// The AMQP 0-9-1 front end and its bridges.
+    pub amqp: AmqpSection,
     /// Topics declared up front (created at start if missing).
     pub topics: Vec<TopicSection>,
 }
@@ -58,6 +62,7 @@ impl Default for Config {
             storage: StorageSection::default(),
             http: HttpSection::default(),
             mqtt: MqttSection::default(),
+            amqp: AmqpSection::default(),
             topics: Vec::new(),
         }
     }
@@ -201,6 +206,87 @@ impl Default for MqttSection {
             routes: Vec::new(),
         }
     }
+}
+
+/// `[amqp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AmqpSection {
+    /// Serve AMQP at all.
+    pub enabled: bool,
+    /// TCP address.
+    pub listen: String,
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Highest channel number a client may open.
+    pub max_channels: u16,
+    /// Largest frame offered in connection.tune (4096..=1048576).
+    pub frame_max: u32,
+    /// Heartbeat interval offered, seconds (0: only if the client asks).
+    pub heartbeat_secs: u16,
+    /// Time to finish the handshake.
+    pub handshake_timeout_ms: u64,
+    /// Largest message body.
+    pub max_message_bytes: u64,
+    /// Bytes of unfinished message bodies one connection may hold.
+    pub max_content_bytes: u64,
+    /// Appends one connection may have waiting for the disk.
+    pub max_pending_appends: usize,
+    /// Bridges to and from RabbitMQ.
+    pub bridges: Vec<BridgeSection>,
+}
+
+impl Default for AmqpSection {
+    fn default() -> Self {
+        let d = AmqpConfig::default();
+        AmqpSection {
+            enabled: true,
+            listen: "0.0.0.0:5672".into(),
+            max_connections: d.max_connections,
+            max_channels: d.max_channels,
+            frame_max: d.frame_max,
+            heartbeat_secs: d.heartbeat_secs,
+            handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
+            max_message_bytes: d.max_message_bytes,
+            max_content_bytes: d.max_content_bytes,
+            max_pending_appends: d.max_pending_appends,
+            bridges: Vec::new(),
+        }
+    }
+}
+
+/// `[[amqp.bridges]]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BridgeSection {
+    /// Name (metrics label; `out` keeps its position in group `amqp-bridge-<name>`).
+    pub name: String,
+    /// `in` (RabbitMQ queue → topic) or `out` (topic → RabbitMQ exchange).
+    pub direction: String,
+    /// `amqp://user:pass@host:port/vhost`.
+    pub url: String,
+    /// The log topic.
+    pub topic: String,
+    /// `in`: the queue to consume.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// `out`: the exchange (default: the default exchange).
+    #[serde(default)]
+    pub exchange: Option<String>,
+    /// `out`: a fixed routing key (default: the record's key, else the topic).
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    /// Messages per append / per confirm round (default 256).
+    #[serde(default)]
+    pub batch: Option<u16>,
+    /// Timeout for connect, confirms and acks, ms (default 10000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// First reconnect delay, ms (default 500; doubles, full jitter).
+    #[serde(default)]
+    pub min_backoff_ms: Option<u64>,
+    /// Longest reconnect delay, ms (default 30000).
+    #[serde(default)]
+    pub max_backoff_ms: Option<u64>,
 }
 
 /// `[[mqtt.routes]]`.
@@ -443,6 +529,51 @@ impl Config {
                 errors.push(format!("`{key}` must be positive"));
             }
         }
+        let a = &self.amqp;
+        if a.enabled {
+            match a.listen.parse::<SocketAddr>() {
+                Ok(addr) => listeners.push(("amqp.listen", addr)),
+                Err(_) => errors.push(format!(
+                    "`amqp.listen`: `{}` is not an address like 0.0.0.0:5672",
+                    a.listen
+                )),
+            }
+        }
+        if !(4096..=1024 * 1024).contains(&a.frame_max) {
+            errors.push(format!(
+                "`amqp.frame_max` must be 4096..=1048576, got {}",
+                a.frame_max
+            ));
+        }
+        for (key, v) in [
+            ("amqp.max_connections", a.max_connections as u64),
+            ("amqp.max_channels", u64::from(a.max_channels)),
+            ("amqp.handshake_timeout_ms", a.handshake_timeout_ms),
+            ("amqp.max_message_bytes", a.max_message_bytes),
+            ("amqp.max_pending_appends", a.max_pending_appends as u64),
+        ] {
+            if v == 0 {
+                errors.push(format!("`{key}` must be positive"));
+            }
+        }
+        if a.max_content_bytes < a.max_message_bytes {
+            errors.push(format!(
+                "`amqp.max_content_bytes` ({}) must be at least `amqp.max_message_bytes` ({})",
+                a.max_content_bytes, a.max_message_bytes
+            ));
+        }
+        let mut bridge_names = std::collections::HashSet::new();
+        for (i, b) in a.bridges.iter().enumerate() {
+            if let Err(e) = bridge_config(b) {
+                errors.push(format!("`amqp.bridges[{i}]`: {e}"));
+            }
+            if !bridge_names.insert(b.name.as_str()) {
+                errors.push(format!(
+                    "`amqp.bridges[{i}]`: the name `{}` is used twice",
+                    b.name
+                ));
+            }
+        }
         for (i, r) in self.mqtt_routes().iter().enumerate() {
             if let Err(e) = r.validate() {
                 errors.push(format!("`mqtt.routes[{i}]`: {e}"));
@@ -564,6 +695,30 @@ impl Config {
         }
     }
 
+    /// The AMQP front end's settings.
+    pub fn amqp_config(&self) -> AmqpConfig {
+        let a = &self.amqp;
+        AmqpConfig {
+            max_connections: a.max_connections,
+            max_channels: a.max_channels,
+            frame_max: a.frame_max,
+            heartbeat_secs: a.heartbeat_secs,
+            handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
+            max_message_bytes: a.max_message_bytes,
+            max_content_bytes: a.max_content_bytes,
+            max_pending_appends: a.max_pending_appends,
+        }
+    }
+
+    /// The AMQP bridges (validated by [`Config::validate`]).
+    pub fn amqp_bridges(&self) -> Vec<BridgeConfig> {
+        self.amqp
+            .bridges
+            .iter()
+            .filter_map(|b| bridge_config(b).ok())
+            .collect()
+    }
+
     /// The HTTP front end's settings.
     pub fn http_config(&self) -> HttpConfig {
         HttpConfig {
@@ -574,6 +729,57 @@ impl Config {
             ws_max_message_bytes: self.http.ws_max_message_bytes,
         }
     }
+}
+
+fn bridge_config(b: &BridgeSection) -> Result<BridgeConfig, String> {
+    let direction = match b.direction.as_str() {
+        "in" => Direction::In,
+        "out" => Direction::Out,
+        other => {
+            return Err(format!(
+                "`direction` must be \"in\" or \"out\", got `{other}`"
+            ))
+        }
+    };
+    tributary_storage::topic::validate_name(&b.name).map_err(|e| format!("`name`: {e}"))?;
+    tributary_storage::topic::validate_name(&b.topic).map_err(|e| format!("`topic`: {e}"))?;
+    if !(b.url.starts_with("amqp://") || b.url.starts_with("amqps://")) {
+        return Err(format!(
+            "`url` must start with amqp:// or amqps://, got `{}`",
+            b.url
+        ));
+    }
+    let queue = match (direction, &b.queue) {
+        (Direction::In, Some(q)) if !q.is_empty() => q.clone(),
+        (Direction::In, _) => return Err("`queue` is required for direction = \"in\"".into()),
+        (Direction::Out, Some(_)) => return Err("`queue` is only for direction = \"in\"".into()),
+        (Direction::Out, None) => String::new(),
+    };
+    if direction == Direction::In && (b.exchange.is_some() || b.routing_key.is_some()) {
+        return Err("`exchange` and `routing_key` are only for direction = \"out\"".into());
+    }
+    let batch = b.batch.unwrap_or(256);
+    if batch == 0 {
+        return Err("`batch` must be positive".into());
+    }
+    let min_backoff = Duration::from_millis(b.min_backoff_ms.unwrap_or(500).max(1));
+    let max_backoff = Duration::from_millis(b.max_backoff_ms.unwrap_or(30_000));
+    if max_backoff < min_backoff {
+        return Err("`max_backoff_ms` must be at least `min_backoff_ms`".into());
+    }
+    Ok(BridgeConfig {
+        name: b.name.clone(),
+        direction,
+        url: b.url.clone(),
+        topic: b.topic.clone(),
+        queue,
+        exchange: b.exchange.clone().unwrap_or_default(),
+        routing_key: b.routing_key.clone(),
+        batch,
+        timeout: Duration::from_millis(b.timeout_ms.unwrap_or(10_000).max(1)),
+        min_backoff,
+        max_backoff,
+    })
 }
 
 /// Presets that sit under the config file and the environment.
@@ -615,6 +821,12 @@ max_connections = 1000
 max_inflight = 256
 max_sessions = 10000
 max_retained = 10000
+
+[amqp]
+max_connections = 1000
+max_channels = 64
+max_message_bytes = 262144
+max_content_bytes = 4194304
 "#;
 
 /// Deep-merges `over` into `base` (tables merge, everything else replaces).

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
-use tributary_protocols::{http, mqtt};
+use tributary_protocols::{amqp, http, mqtt};
 use tributary_storage::{Error as LogError, Log};
 
 use crate::config::{Config, Mode};
@@ -37,18 +37,18 @@ pub async fn run_until(
 ) -> anyhow::Result<()> {
     let node = start(mode, config, shutdown).await?;
     // One machine-readable line on stdout, so scripts and tests learn the bound ports.
-    match node.mqtt_addr {
-        Some(mqtt) => println!(
-            "tributary {} listening: http={} mqtt={mqtt}",
-            mode.as_str(),
-            node.http_addr
-        ),
-        None => println!(
-            "tributary {} listening: http={}",
-            mode.as_str(),
-            node.http_addr
-        ),
+    let mut line = format!(
+        "tributary {} listening: http={}",
+        mode.as_str(),
+        node.http_addr
+    );
+    if let Some(mqtt) = node.mqtt_addr {
+        line.push_str(&format!(" mqtt={mqtt}"));
     }
+    if let Some(amqp) = node.amqp_addr {
+        line.push_str(&format!(" amqp={amqp}"));
+    }
+    println!("{line}");
     let _ = std::io::stdout().flush();
     node.wait().await
 }
@@ -60,6 +60,8 @@ pub struct RunningNode {
     pub http_addr: SocketAddr,
     /// Where MQTT listens (if enabled).
     pub mqtt_addr: Option<SocketAddr>,
+    /// Where AMQP listens (if enabled).
+    pub amqp_addr: Option<SocketAddr>,
     /// The log (for in-process tests and tools).
     pub log: Log,
     task: JoinHandle<anyhow::Result<()>>,
@@ -133,10 +135,28 @@ pub async fn start(
         )));
         broker = Some(b);
     }
+    let mut amqp_addr = None;
+    let mut amqp_task = None;
+    let mut amqp_server = None;
+    if config.amqp.enabled {
+        let amqp_config = config.amqp_config();
+        let max = amqp_config.max_connections;
+        let bound = TcpListener::bind(&config.amqp.listen)
+            .await
+            .with_context(|| format!("cannot listen on amqp.listen = {}", config.amqp.listen))?;
+        amqp_addr = Some(bound.local_addr()?);
+        let server = amqp::Server::new(cx.clone(), amqp_config);
+        amqp_task = Some(tokio::spawn(amqp::serve(
+            LimitedListener::new(bound, max),
+            server.clone(),
+        )));
+        amqp_server = Some(server);
+    }
+    let bridges = amqp::bridge::start(&cx, config.amqp_bridges());
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
     let http_task = tokio::spawn(http::serve(listener, cx, http_config, extra_routes));
-    tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, data_dir = %config.data_dir.display(), "node ready");
+    tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, amqp = ?amqp_addr, data_dir = %config.data_dir.display(), "node ready");
 
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let task_log = log.clone();
@@ -157,16 +177,24 @@ pub async fn start(
                 joined?.context("the HTTP server stopped")?;
             }
         }
-        if let Some(t) = mqtt_task {
+        for t in [mqtt_task, amqp_task].into_iter().flatten() {
             let _ = t.await;
         }
-        // MQTT connections answer DISCONNECT and store their sessions on
-        // shutdown: the log stays open until they are done (or the grace ends).
-        if let Some(b) = &broker {
-            let deadline = tokio::time::Instant::now() + grace;
-            while b.open_connections() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        for b in bridges {
+            let _ = b.await;
+        }
+        // MQTT connections answer DISCONNECT and store their sessions, AMQP
+        // connections confirm what became durable and close with 320: the log
+        // stays open until they are done (or the grace ends).
+        let deadline = tokio::time::Instant::now() + grace;
+        let open = || {
+            broker.as_ref().map_or(0, |b| b.open_connections())
+                + amqp_server
+                    .as_ref()
+                    .map_or(0, |s| s.metrics().open_connections())
+        };
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         task_log.close().await.context("final flush of the log")?;
         // Dropping the last handle joins the log's threads and releases the files.
@@ -177,6 +205,7 @@ pub async fn start(
     Ok(RunningNode {
         http_addr,
         mqtt_addr,
+        amqp_addr,
         log,
         task,
     })

@@ -7,11 +7,13 @@
 //! - [`http`]: the HTTP API (axum): topics, produce, fetch, consumer groups,
 //!   health, metrics and the OpenAPI document.
 //! - [`mqtt`]: MQTT 3.1.1 and 5 (TCP and WebSocket) over our own session layer.
+//! - [`amqp`]: AMQP 0-9-1 (publish with confirms) and the lapin bridge to RabbitMQ.
 //! - [`auth`]: the one authentication/authorization hook every protocol calls.
 //!
 //! Every front end has the same shape: a listener, a handler per connection,
 //! one shutdown token.
 
+pub mod amqp;
 pub mod auth;
 pub mod http;
 pub mod listener;

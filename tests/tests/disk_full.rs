@@ -154,6 +154,7 @@ fn a_full_disk_fails_writes_cleanly_and_keeps_every_acknowledged_record() {
         .env("TRIBUTARY_DATA_DIR", &data)
         .env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY_MQTT__LISTEN", "127.0.0.1:0")
+        .env("TRIBUTARY_AMQP__LISTEN", "127.0.0.1:0")
         .output()
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -25,6 +25,8 @@ pub struct ChildNode {
     pub data_dir: PathBuf,
     /// Its MQTT address.
     pub mqtt: SocketAddr,
+    /// Its AMQP address.
+    pub amqp: SocketAddr,
 }
 
 impl ChildNode {
@@ -47,6 +49,7 @@ impl ChildNode {
             .env("TRIBUTARY_DATA_DIR", data_dir)
             .env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY_MQTT__LISTEN", "127.0.0.1:0")
+            .env("TRIBUTARY_AMQP__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -82,11 +85,15 @@ impl ChildNode {
         let mqtt = field("mqtt=")
             .and_then(|a| a.parse().ok())
             .expect("mqtt address");
+        let amqp = field("amqp=")
+            .and_then(|a| a.parse().ok())
+            .expect("amqp address");
         ChildNode {
             child: Some(child),
             url: format!("http://{addr}"),
             data_dir: data_dir.to_owned(),
             mqtt,
+            amqp,
         }
     }
 
@@ -139,8 +146,11 @@ pub struct InProcessNode {
     pub addr: SocketAddr,
     /// Its MQTT address.
     pub mqtt: SocketAddr,
+    /// Its AMQP address.
+    pub amqp: SocketAddr,
+    /// The running node (its log, for tests that look inside).
+    pub running: Option<RunningNode>,
     shutdown: CancellationToken,
-    running: Option<RunningNode>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -165,6 +175,10 @@ impl InProcessNode {
                 "TRIBUTARY_MQTT__LISTEN".to_owned(),
                 "127.0.0.1:0".to_owned(),
             ),
+            (
+                "TRIBUTARY_AMQP__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
         ];
         let config = Config::from_parts(extra_toml, env).expect("valid test config");
         let shutdown = CancellationToken::new();
@@ -173,10 +187,12 @@ impl InProcessNode {
             .expect("node starts");
         let addr = running.http_addr;
         let mqtt = running.mqtt_addr.expect("mqtt enabled");
+        let amqp = running.amqp_addr.expect("amqp enabled");
         InProcessNode {
             url: format!("http://{addr}"),
             addr,
             mqtt,
+            amqp,
             shutdown,
             running: Some(running),
             _dir: None,

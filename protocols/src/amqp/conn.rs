@@ -1,0 +1,1625 @@
+//! One AMQP connection: the handshake (protocol header, start/start-ok with
+//! PLAIN or AMQPLAIN, tune/tune-ok, open), then one loop that reads frames,
+//! assembles publishes per channel, appends them, and confirms in order once
+//! durable.
+//!
+//! Backpressure: the socket is not read while `max_pending_appends` appends
+//! wait for the disk; a client that announced the capability is sent
+//! connection.blocked when that lasts, and unblocked when it ends. Outbound
+//! bytes go through a bounded channel to a writer task; partial message bodies
+//! are bounded by `max_content_bytes`. Nothing grows with the backlog.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion};
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::{
+    access, basic, channel, confirm, connection, exchange, queue, AMQPClass,
+};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tributary_storage::{AppendRecord, Error as LogError};
+
+use super::frame::{self, code, short, FrameError};
+use super::{mapping, Server};
+use crate::auth::{Action, Credentials, Identity, Refusal};
+
+/// A peer that does not take our bytes for this long is dropped.
+const WRITE_STALL: Duration = Duration::from_secs(60);
+/// How long appends may hold the socket unread before connection.blocked.
+const BLOCK_AFTER: Duration = Duration::from_millis(500);
+/// How long we wait for close-ok after sending connection.close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long a shutting-down connection waits for its appends to be durable.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// Frames are at most this big before tune-ok (the specification's minimum).
+const HANDSHAKE_FRAME_MAX: usize = 131_072;
+/// Outbound bytes gathered before they are handed to the writer.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+
+/// How a connection ends.
+#[derive(Debug)]
+enum End {
+    /// Socket closed or failed.
+    Lost,
+    /// The client sent connection.close; we answered close-ok.
+    ClientClosed,
+    /// We close with connection.close(code, text, class, method).
+    Server(u16, String, u16, u16),
+}
+
+impl End {
+    fn server(code: u16, text: impl Into<String>) -> End {
+        End::Server(code, text.into(), 0, 0)
+    }
+
+    fn for_method(code: u16, text: impl Into<String>, m: &AMQPClass) -> End {
+        End::Server(
+            code,
+            text.into(),
+            m.get_amqp_class_id(),
+            m.get_amqp_method_id(),
+        )
+    }
+}
+
+impl From<FrameError> for End {
+    fn from(e: FrameError) -> End {
+        let (code, text) = e.reply();
+        match e {
+            FrameError::UnknownMethod { class, method } | FrameError::Syntax { class, method } => {
+                End::Server(code, text, class, method)
+            }
+            _ => End::server(code, text),
+        }
+    }
+}
+
+/// A publish whose header or body frames are still arriving.
+struct Content {
+    publish: basic::Publish,
+    /// Announced body size and properties, once the header frame came.
+    header: Option<(u64, AMQPProperties)>,
+    body: Vec<u8>,
+    received: u64,
+    /// Set when the message is refused already; its body is read and dropped.
+    refused: Option<String>,
+}
+
+/// A confirm's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Ack,
+    Nack,
+    /// basic.return (method, header and body frames, encoded), then an ack of
+    /// this tag alone: clients pair a return with the next confirm they see.
+    Returned(Vec<u8>),
+}
+
+struct Channel {
+    /// Distinguishes reopenings of one channel number, so late append results
+    /// for a closed channel are dropped.
+    epoch: u64,
+    /// We sent channel.close and wait for close-ok.
+    closing: bool,
+    confirm: bool,
+    /// Delivery tag of the next publish (confirm mode).
+    next_tag: u64,
+    /// Every tag up to this one has been confirmed to the client.
+    confirmed_through: u64,
+    /// Resolved tags not yet sent (an earlier tag is still waiting).
+    resolved: BTreeMap<u64, Outcome>,
+    content: Option<Content>,
+}
+
+impl Channel {
+    fn new(epoch: u64) -> Self {
+        Channel {
+            epoch,
+            closing: false,
+            confirm: false,
+            next_tag: 1,
+            confirmed_through: 0,
+            resolved: BTreeMap::new(),
+            content: None,
+        }
+    }
+}
+
+/// Where an appended message came from.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    channel: u16,
+    epoch: u64,
+    tag: Option<u64>,
+}
+
+/// Publishes completed by one socket read.
+#[derive(Default)]
+struct Batch {
+    topics: BTreeMap<String, Vec<(Origin, AppendRecord)>>,
+    count: usize,
+}
+
+/// The outcome of one append batch.
+struct Appended {
+    results: Vec<(Origin, Option<String>)>,
+    started: Instant,
+}
+
+struct Conn<S> {
+    server: Arc<Server>,
+    reader: ReadHalf<S>,
+    buf: BytesMut,
+    out: Vec<u8>,
+    writer: mpsc::Sender<Vec<u8>>,
+    identity: Identity,
+    frame_max: usize,
+    channel_max: u16,
+    heartbeat: Option<Duration>,
+    blocked_capable: bool,
+    blocked: bool,
+    channels: HashMap<u16, Channel>,
+    next_epoch: u64,
+    appends: VecDeque<JoinHandle<Appended>>,
+    batch: Batch,
+    /// Body bytes held across channels.
+    buffered: u64,
+}
+
+enum Wake {
+    Shutdown,
+    Appended(Result<Appended, tokio::task::JoinError>),
+    Read(std::io::Result<usize>),
+    Heartbeat,
+    PeerSilent,
+    Block,
+}
+
+/// Runs one connection to its end.
+pub(super) async fn run<S>(server: Arc<Server>, stream: S, peer: Option<SocketAddr>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut reader, mut write_half) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let handshake = tokio::time::timeout(
+        server.config.handshake_timeout,
+        handshake(&server, &mut reader, &mut write_half, &mut buf, peer),
+    )
+    .await;
+    let accepted = match handshake {
+        Err(_) => {
+            server.metrics.reject("handshake_timeout");
+            return;
+        }
+        Ok(Err(end)) => {
+            if let End::Server(code, text, class, method) = end {
+                let mut out = Vec::new();
+                close_frame(&mut out, code, &text, class, method);
+                let _ = write_half.write_all(&out).await;
+                // Give the client its chance to answer close-ok, then go.
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, drain_until_close_ok(&mut reader, &mut buf))
+                        .await;
+            }
+            let _ = write_half.shutdown().await;
+            return;
+        }
+        Ok(Ok(a)) => a,
+    };
+    server.metrics.logins.fetch_add(1, Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            match tokio::time::timeout(WRITE_STALL, write_half.write_all(&b)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+        let _ = write_half.shutdown().await;
+    });
+    let mut c = Conn {
+        server,
+        reader,
+        buf,
+        out: Vec::with_capacity(4096),
+        writer: tx,
+        identity: accepted.identity,
+        frame_max: accepted.frame_max,
+        channel_max: accepted.channel_max,
+        heartbeat: accepted.heartbeat,
+        blocked_capable: accepted.blocked_capable,
+        blocked: false,
+        channels: HashMap::new(),
+        next_epoch: 1,
+        appends: VecDeque::new(),
+        batch: Batch::default(),
+        buffered: 0,
+    };
+    let end = c.serve().await;
+    c.finish(end).await;
+    drop(c);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// What the handshake settled.
+struct Accepted {
+    identity: Identity,
+    frame_max: usize,
+    channel_max: u16,
+    heartbeat: Option<Duration>,
+    blocked_capable: bool,
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    frame_max: usize,
+) -> Result<AMQPFrame, End> {
+    loop {
+        if let Some(f) = frame::next_frame(buf, frame_max)? {
+            return Ok(f);
+        }
+        buf.reserve(4096);
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(End::Lost),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn drain_until_close_ok<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) {
+    loop {
+        match read_frame(reader, buf, HANDSHAKE_FRAME_MAX).await {
+            Ok(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))))
+            | Ok(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))))
+            | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn close_frame(out: &mut Vec<u8>, code: u16, text: &str, class: u16, method: u16) {
+    frame::method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: code,
+            reply_text: short(text),
+            class_id: class,
+            method_id: method,
+        })),
+        out,
+    );
+}
+
+fn server_properties() -> FieldTable {
+    let mut caps = FieldTable::default();
+    for cap in [
+        "publisher_confirms",
+        "basic.nack",
+        "authentication_failure_close",
+        "connection.blocked",
+    ] {
+        caps.insert(cap.into(), AMQPValue::Boolean(true));
+    }
+    let mut props = FieldTable::default();
+    props.insert("product".into(), AMQPValue::LongString("Tributary".into()));
+    props.insert(
+        "version".into(),
+        AMQPValue::LongString(env!("CARGO_PKG_VERSION").into()),
+    );
+    props.insert("platform".into(), AMQPValue::LongString("Rust".into()));
+    props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    props
+}
+
+/// Checks the protocol header, then start/start-ok, tune/tune-ok and open.
+async fn handshake<R, W>(
+    server: &Server,
+    reader: &mut R,
+    writer: &mut W,
+    buf: &mut BytesMut,
+    peer: Option<SocketAddr>,
+) -> Result<Accepted, End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while buf.len() < 8 {
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(End::Lost),
+            Ok(_) => {}
+        }
+    }
+    if buf[..8] != *b"AMQP\x00\x00\x09\x01" {
+        // The specification's answer to a header we do not speak: ours, then close.
+        server.metrics.reject("bad_protocol_header");
+        let mut out = Vec::new();
+        frame::encode(
+            &AMQPFrame::ProtocolHeader(ProtocolVersion::amqp_0_9_1()),
+            &mut out,
+        );
+        let _ = writer.write_all(&out).await;
+        return Err(End::Lost);
+    }
+    let _ = buf.split_to(8);
+    let config = &server.config;
+    let mut out = Vec::new();
+    frame::method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: "PLAIN AMQPLAIN".into(),
+            locales: "en_US".into(),
+        })),
+        &mut out,
+    );
+    writer.write_all(&out).await.map_err(|_| End::Lost)?;
+
+    let start_ok = match read_frame(reader, buf, HANDSHAKE_FRAME_MAX).await? {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::StartOk(s))) => s,
+        other => {
+            server.metrics.reject("handshake_out_of_order");
+            return Err(unexpected_in_handshake(&other, "connection.start-ok"));
+        }
+    };
+    let (user, pass) = match credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes())
+    {
+        Ok(c) => c,
+        Err(why) => {
+            server.metrics.reject("bad_auth_mechanism");
+            return Err(End::Server(code::ACCESS_REFUSED, why, 10, 11));
+        }
+    };
+    let identity = match server.cx.auth.authenticate(&Credentials {
+        protocol: "amqp",
+        username: Some(&user),
+        password: Some(&pass),
+        client_id: None,
+        peer,
+    }) {
+        Ok(id) => id,
+        Err(refusal) => {
+            server.metrics.reject("bad_credentials");
+            let why = match refusal {
+                Refusal::BadCredentials => {
+                    "ACCESS_REFUSED - login refused: bad user name or password"
+                }
+                Refusal::NotAuthorized => "ACCESS_REFUSED - login refused: not authorized",
+            };
+            return Err(End::Server(code::ACCESS_REFUSED, why.to_owned(), 10, 11));
+        }
+    };
+    let blocked_capable = match start_ok.client_properties.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(caps)) => matches!(
+            caps.inner().get("connection.blocked"),
+            Some(AMQPValue::Boolean(true))
+        ),
+        _ => false,
+    };
+
+    out.clear();
+    frame::method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+            channel_max: config.max_channels,
+            frame_max: config.frame_max,
+            heartbeat: config.heartbeat_secs,
+        })),
+        &mut out,
+    );
+    writer.write_all(&out).await.map_err(|_| End::Lost)?;
+    let tune_ok = match read_frame(reader, buf, HANDSHAKE_FRAME_MAX).await? {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::TuneOk(t))) => t,
+        other => {
+            server.metrics.reject("handshake_out_of_order");
+            return Err(unexpected_in_handshake(&other, "connection.tune-ok"));
+        }
+    };
+    if tune_ok.frame_max != 0 && tune_ok.frame_max < 4096 {
+        server.metrics.reject("frame_max_too_small");
+        return Err(End::Server(
+            530,
+            format!(
+                "frame_max {} is below the minimum of 4096",
+                tune_ok.frame_max
+            ),
+            10,
+            31,
+        ));
+    }
+    let frame_max = match tune_ok.frame_max {
+        0 => config.frame_max,
+        f => f.min(config.frame_max),
+    } as usize;
+    let channel_max = match tune_ok.channel_max {
+        0 => config.max_channels,
+        c => c.min(config.max_channels),
+    };
+    let heartbeat =
+        (tune_ok.heartbeat > 0).then(|| Duration::from_secs(u64::from(tune_ok.heartbeat)));
+
+    match read_frame(reader, buf, frame_max).await? {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(_))) => {}
+        other => {
+            server.metrics.reject("handshake_out_of_order");
+            return Err(unexpected_in_handshake(&other, "connection.open"));
+        }
+    }
+    out.clear();
+    frame::method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        &mut out,
+    );
+    writer.write_all(&out).await.map_err(|_| End::Lost)?;
+    Ok(Accepted {
+        identity,
+        frame_max,
+        channel_max,
+        heartbeat,
+        blocked_capable,
+    })
+}
+
+fn unexpected_in_handshake(f: &AMQPFrame, wanted: &str) -> End {
+    match f {
+        // A client that gives up answers close: nothing more to say.
+        AMQPFrame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => End::Lost,
+        AMQPFrame::Method(_, m) => End::for_method(
+            code::COMMAND_INVALID,
+            format!("expected {wanted}, got {}", method_name(m)),
+            m,
+        ),
+        _ => End::server(code::UNEXPECTED_FRAME, format!("expected {wanted}")),
+    }
+}
+
+/// User and password from a PLAIN or AMQPLAIN response.
+fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), String> {
+    match mechanism {
+        "PLAIN" => {
+            // [authzid] NUL authcid NUL passwd (RFC 4616).
+            let mut parts = response.split(|b| *b == 0);
+            let (Some(_), Some(user), Some(pass), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err("ACCESS_REFUSED - malformed PLAIN response".to_owned());
+            };
+            Ok((
+                String::from_utf8_lossy(user).into_owned(),
+                String::from_utf8_lossy(pass).into_owned(),
+            ))
+        }
+        "AMQPLAIN" => {
+            // A field table without its length prefix: LOGIN and PASSWORD.
+            let mut framed = (response.len() as u32).to_be_bytes().to_vec();
+            framed.extend_from_slice(response);
+            let table = amq_protocol::types::parsing::parse_field_table(&framed[..])
+                .map(|(_, t)| t)
+                .map_err(|_| "ACCESS_REFUSED - malformed AMQPLAIN response".to_owned())?;
+            let field = |name: &str| match table.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+                _ => String::new(),
+            };
+            Ok((field("LOGIN"), field("PASSWORD")))
+        }
+        other => Err(format!(
+            "ACCESS_REFUSED - mechanism {} is not offered (PLAIN, AMQPLAIN)",
+            short(other)
+        )),
+    }
+}
+
+/// `class.method` for messages.
+fn method_name(m: &AMQPClass) -> String {
+    let class = match m {
+        AMQPClass::Basic(_) => "basic",
+        AMQPClass::Connection(_) => "connection",
+        AMQPClass::Channel(_) => "channel",
+        AMQPClass::Access(_) => "access",
+        AMQPClass::Exchange(_) => "exchange",
+        AMQPClass::Queue(_) => "queue",
+        AMQPClass::Tx(_) => "tx",
+        AMQPClass::Confirm(_) => "confirm",
+    };
+    // The Debug form of the method enum starts with its variant name.
+    let debug = match m {
+        AMQPClass::Basic(x) => format!("{x:?}"),
+        AMQPClass::Connection(x) => format!("{x:?}"),
+        AMQPClass::Channel(x) => format!("{x:?}"),
+        AMQPClass::Access(x) => format!("{x:?}"),
+        AMQPClass::Exchange(x) => format!("{x:?}"),
+        AMQPClass::Queue(x) => format!("{x:?}"),
+        AMQPClass::Tx(x) => format!("{x:?}"),
+        AMQPClass::Confirm(x) => format!("{x:?}"),
+    };
+    let variant: String = debug
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    // CamelCase → kebab-case, as the specification names methods.
+    let mut name = String::new();
+    for (i, ch) in variant.chars().enumerate() {
+        if ch.is_ascii_uppercase() {
+            if i > 0 {
+                name.push('-');
+            }
+            name.push(ch.to_ascii_lowercase());
+        } else {
+            name.push(ch);
+        }
+    }
+    format!("{class}.{name}")
+}
+
+/// The ACL subject of a publish: the topic, or `topic/routing-key` for a named exchange.
+fn acl_subject(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() || routing_key.is_empty() {
+        mapping::topic_of(exchange, routing_key).to_owned()
+    } else {
+        format!("{exchange}/{routing_key}")
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
+    async fn serve(&mut self) -> End {
+        let heartbeat = self.heartbeat;
+        let mut beat =
+            tokio::time::interval(heartbeat.map_or(Duration::from_secs(3600), |h| h / 2));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.reset();
+        let silence = heartbeat.map(|h| h * 2);
+        let mut deadline = silence.map(|s| Instant::now() + s);
+        let mut full_since: Option<Instant> = None;
+        if !self.buf.is_empty() {
+            if let Err(end) = self.read_frames().await {
+                return end;
+            }
+        }
+        loop {
+            if let Err(end) = self.flush_out().await {
+                return end;
+            }
+            let can_read = self.appends.len() < self.server.config.max_pending_appends;
+            if can_read {
+                full_since = None;
+                if self.blocked {
+                    self.blocked = false;
+                    frame::method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Unblocked(
+                            connection::Unblocked {},
+                        )),
+                        &mut self.out,
+                    );
+                    continue;
+                }
+            } else {
+                full_since.get_or_insert_with(Instant::now);
+                // Not reading is our doing: the peer's silence clock waits too.
+                deadline = silence.map(|s| Instant::now() + s);
+            }
+            let block_at = match full_since {
+                Some(t) if self.blocked_capable && !self.blocked => Some(t + BLOCK_AFTER),
+                _ => None,
+            };
+            self.buf.reserve(8 * 1024);
+            let wake = {
+                let appends = &mut self.appends;
+                let has_appends = !appends.is_empty();
+                let next_append = async {
+                    match appends.front_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let silent = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let block = async {
+                    match block_at {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = self.server.cx.shutdown.cancelled() => Wake::Shutdown,
+                    r = next_append, if has_appends => Wake::Appended(r),
+                    r = self.reader.read_buf(&mut self.buf), if can_read => Wake::Read(r),
+                    _ = beat.tick(), if heartbeat.is_some() => Wake::Heartbeat,
+                    () = silent => Wake::PeerSilent,
+                    () = block => Wake::Block,
+                }
+            };
+            match wake {
+                Wake::Shutdown => {
+                    return End::server(
+                        code::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - server shutting down",
+                    )
+                }
+                Wake::Appended(r) => {
+                    self.appends.pop_front();
+                    match r {
+                        Ok(done) => self.appended(done),
+                        Err(_) => {
+                            return End::server(
+                                code::INTERNAL_ERROR,
+                                "INTERNAL_ERROR - append task failed",
+                            )
+                        }
+                    }
+                }
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Lost,
+                Wake::Read(Ok(_)) => {
+                    deadline = silence.map(|s| Instant::now() + s);
+                    if let Err(end) = self.read_frames().await {
+                        return end;
+                    }
+                }
+                Wake::Heartbeat => frame::encode(&AMQPFrame::Heartbeat, &mut self.out),
+                Wake::PeerSilent => {
+                    self.server.metrics.reject("heartbeat_timeout");
+                    return End::Lost;
+                }
+                Wake::Block => {
+                    self.blocked = true;
+                    self.server.metrics.blocked.fetch_add(1, Relaxed);
+                    let mut reason = "waiting for the disk".into();
+                    if self.server.cx.log.health().is_err() {
+                        reason = "the log is not writable".into();
+                    }
+                    frame::method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Blocked(
+                            connection::Blocked { reason },
+                        )),
+                        &mut self.out,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ends the connection: at shutdown, confirms what becomes durable first;
+    /// then connection.close and a short wait for close-ok.
+    async fn finish(&mut self, end: End) {
+        self.flush_batch();
+        if let End::Server(code, text, class, method) = end {
+            if code == code::CONNECTION_FORCED {
+                let drain = async {
+                    while let Some(h) = self.appends.pop_front() {
+                        if let Ok(done) = h.await {
+                            self.appended(done);
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(SHUTDOWN_DRAIN, drain).await;
+            }
+            if code != code::SUCCESS {
+                tracing::debug!(code, %text, "closing an AMQP connection");
+            }
+            close_frame(&mut self.out, code, &text, class, method);
+            if self.flush_out().await.is_ok() {
+                let reader = &mut self.reader;
+                let buf = &mut self.buf;
+                let _ = tokio::time::timeout(CLOSE_WAIT, drain_until_close_ok(reader, buf)).await;
+            }
+        } else {
+            let _ = self.flush_out().await;
+        }
+    }
+
+    async fn flush_out(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::replace(&mut self.out, Vec::with_capacity(4096));
+        match tokio::time::timeout(WRITE_STALL, self.writer.send(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Lost),
+        }
+    }
+
+    async fn read_frames(&mut self) -> Result<(), End> {
+        loop {
+            match frame::next_frame(&mut self.buf, self.frame_max) {
+                Ok(Some(f)) => self.frame(f).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    self.server.metrics.reject(match e {
+                        FrameError::TooLarge { .. } => "frame_too_large",
+                        FrameError::UnknownMethod { .. } => "unknown_method",
+                        FrameError::Syntax { .. } => "malformed_method",
+                        FrameError::Malformed(_) => "malformed_frame",
+                    });
+                    return Err(e.into());
+                }
+            }
+            if self.out.len() >= OUT_HIGH_WATER {
+                self.flush_batch();
+                self.flush_out().await?;
+            }
+        }
+        self.flush_batch();
+        Ok(())
+    }
+
+    async fn frame(&mut self, f: AMQPFrame) -> Result<(), End> {
+        match f {
+            AMQPFrame::Heartbeat => Ok(()),
+            AMQPFrame::InvalidHeartbeat(ch) => {
+                self.server.metrics.reject("malformed_frame");
+                Err(End::server(
+                    code::FRAME_ERROR,
+                    format!("FRAME_ERROR - heartbeat on channel {ch}"),
+                ))
+            }
+            AMQPFrame::ProtocolHeader(_) => {
+                self.server.metrics.reject("unexpected_frame");
+                Err(End::server(
+                    code::UNEXPECTED_FRAME,
+                    "UNEXPECTED_FRAME - protocol header after the handshake",
+                ))
+            }
+            AMQPFrame::Method(0, m) => self.connection_method(m),
+            AMQPFrame::Method(ch, m) => self.channel_method(ch, m).await,
+            AMQPFrame::Header(ch, h) => self.content_header(ch, h),
+            AMQPFrame::Body(ch, data) => self.content_body(ch, data),
+        }
+    }
+
+    fn connection_method(&mut self, m: AMQPClass) -> Result<(), End> {
+        match m {
+            AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                frame::method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                    &mut self.out,
+                );
+                Err(End::ClientClosed)
+            }
+            // Nothing of ours to acknowledge; a stray close-ok is harmless.
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => Err(End::Lost),
+            AMQPClass::Connection(
+                connection::AMQPMethod::Blocked(_) | connection::AMQPMethod::Unblocked(_),
+            ) => Ok(()),
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
+                Err(self.not_implemented(&m))
+            }
+            other => {
+                self.server.metrics.reject("command_invalid");
+                Err(End::for_method(
+                    code::COMMAND_INVALID,
+                    format!(
+                        "COMMAND_INVALID - {} is not valid on channel 0 here",
+                        method_name(&other)
+                    ),
+                    &other,
+                ))
+            }
+        }
+    }
+
+    fn not_implemented(&self, m: &AMQPClass) -> End {
+        self.server.metrics.reject("not_implemented");
+        End::for_method(
+            code::NOT_IMPLEMENTED,
+            format!(
+                "NOT_IMPLEMENTED - {} is not implemented: Tributary accepts publishes over AMQP; read events over HTTP, WebSockets or MQTT",
+                method_name(m)
+            ),
+            m,
+        )
+    }
+
+    /// Sends channel.close and drops the channel's state until close-ok.
+    fn close_channel(&mut self, ch: u16, code: u16, text: String, m: Option<&AMQPClass>) {
+        if let Some(c) = self.channels.get_mut(&ch) {
+            if let Some(content) = c.content.take() {
+                self.buffered = self.buffered.saturating_sub(content.body.len() as u64);
+            }
+            c.closing = true;
+            c.resolved.clear();
+        }
+        frame::method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: code,
+                reply_text: short(&text),
+                class_id: m.map_or(0, AMQPClass::get_amqp_class_id),
+                method_id: m.map_or(0, AMQPClass::get_amqp_method_id),
+            })),
+            &mut self.out,
+        );
+    }
+
+    fn reply(&mut self, ch: u16, m: AMQPClass) {
+        frame::method(ch, m, &mut self.out);
+    }
+
+    async fn channel_method(&mut self, ch: u16, m: AMQPClass) -> Result<(), End> {
+        if ch > self.channel_max {
+            self.server.metrics.reject("channel_error");
+            return Err(End::for_method(
+                code::CHANNEL_ERROR,
+                format!(
+                    "CHANNEL_ERROR - channel {ch} exceeds channel_max {}",
+                    self.channel_max
+                ),
+                &m,
+            ));
+        }
+        if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
+            if self.channels.contains_key(&ch) {
+                self.server.metrics.reject("channel_error");
+                return Err(End::for_method(
+                    code::CHANNEL_ERROR,
+                    format!("CHANNEL_ERROR - channel {ch} is open already"),
+                    &m,
+                ));
+            }
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            self.channels.insert(ch, Channel::new(epoch));
+            self.reply(
+                ch,
+                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+            );
+            return Ok(());
+        }
+        let Some(state) = self.channels.get(&ch) else {
+            self.server.metrics.reject("channel_error");
+            return Err(End::for_method(
+                code::CHANNEL_ERROR,
+                format!("CHANNEL_ERROR - channel {ch} is not open"),
+                &m,
+            ));
+        };
+        if state.closing {
+            // After our channel.close only close-ok (or a crossing close) counts.
+            match m {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.channels.remove(&ch);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.channels.remove(&ch);
+                    self.reply(
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if state.content.is_some() {
+            self.server.metrics.reject("unexpected_frame");
+            return Err(End::for_method(
+                code::UNEXPECTED_FRAME,
+                format!(
+                    "UNEXPECTED_FRAME - {} on channel {ch} while a message's content was expected",
+                    method_name(&m)
+                ),
+                &m,
+            ));
+        }
+        match m {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                if let Some(c) = self.channels.get_mut(&ch) {
+                    c.content = Some(Content {
+                        publish: p,
+                        header: None,
+                        body: Vec::new(),
+                        received: 0,
+                        refused: None,
+                    });
+                }
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                self.channels.remove(&ch);
+                self.reply(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_))
+            | AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => Ok(()),
+            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+                // We send no deliveries, so there is nothing to pause.
+                self.reply(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: f.active,
+                    })),
+                );
+                Ok(())
+            }
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if let Some(c) = self.channels.get_mut(&ch) {
+                    c.confirm = true;
+                }
+                if !s.nowait {
+                    self.reply(
+                        ch,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Qos(_)) => {
+                self.reply(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Recover(_)) => {
+                self.reply(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::RecoverAsync(_)) => Ok(()),
+            AMQPClass::Basic(
+                basic::AMQPMethod::Ack(basic::Ack { delivery_tag, .. })
+                | basic::AMQPMethod::Nack(basic::Nack { delivery_tag, .. })
+                | basic::AMQPMethod::Reject(basic::Reject { delivery_tag, .. }),
+            ) => {
+                // We deliver nothing, so no tag is ours to settle.
+                self.server.metrics.reject("unknown_delivery_tag");
+                self.close_channel(
+                    ch,
+                    code::PRECONDITION_FAILED,
+                    format!("PRECONDITION_FAILED - unknown delivery tag {delivery_tag}"),
+                    Some(&m),
+                );
+                Ok(())
+            }
+            AMQPClass::Access(access::AMQPMethod::Request(_)) => {
+                self.reply(
+                    ch,
+                    AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Exchange(exchange::AMQPMethod::Declare(ref d)) => {
+                let d = d.clone();
+                self.declare_exchange(ch, d, &m).await;
+                Ok(())
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Declare(d)) => {
+                // Queues hold nothing here (the exchange is the topic); declaring
+                // one is accepted so publishers written for RabbitMQ run unchanged.
+                let name = if d.queue.as_str().is_empty() {
+                    format!(
+                        "amq.gen-{:016x}{:08x}",
+                        fastrand::u64(..),
+                        fastrand::u32(..)
+                    )
+                } else {
+                    d.queue.as_str().to_owned()
+                };
+                if !d.nowait {
+                    self.reply(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: short(&name),
+                            message_count: 0,
+                            consumer_count: 0,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Bind(b)) => {
+                if !b.nowait {
+                    self.reply(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Unbind(_)) => {
+                self.reply(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Purge(p)) => {
+                if !p.nowait {
+                    self.reply(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                            message_count: 0,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Delete(d)) => {
+                if !d.nowait {
+                    self.reply(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count: 0,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            // Consuming, transactions, and changing exchanges (topics hold data;
+            // deleting one is not a protocol side effect here).
+            AMQPClass::Basic(
+                basic::AMQPMethod::Consume(_)
+                | basic::AMQPMethod::Get(_)
+                | basic::AMQPMethod::Cancel(_),
+            )
+            | AMQPClass::Tx(_)
+            | AMQPClass::Exchange(
+                exchange::AMQPMethod::Delete(_)
+                | exchange::AMQPMethod::Bind(_)
+                | exchange::AMQPMethod::Unbind(_),
+            ) => Err(self.not_implemented(&m)),
+            other => {
+                // Methods only a server sends (deliver, return, *-ok, ...).
+                self.server.metrics.reject("command_invalid");
+                Err(End::for_method(
+                    code::COMMAND_INVALID,
+                    format!(
+                        "COMMAND_INVALID - {} is not a client method",
+                        method_name(&other)
+                    ),
+                    &other,
+                ))
+            }
+        }
+    }
+
+    /// exchange.declare: the exchange is a topic. Passive checks that it exists;
+    /// otherwise the topic is created (with the log's defaults) if missing.
+    async fn declare_exchange(&mut self, ch: u16, d: exchange::Declare, m: &AMQPClass) {
+        let name = d.exchange.as_str().to_owned();
+        let ok = |c: &mut Self| {
+            if !d.nowait {
+                c.reply(
+                    ch,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
+                );
+            }
+        };
+        if name.is_empty() {
+            ok(self);
+            return;
+        }
+        let log = &self.server.cx.log;
+        if d.passive {
+            if log.topic(&name).is_ok() {
+                ok(self);
+            } else {
+                self.close_channel(
+                    ch,
+                    code::NOT_FOUND,
+                    format!("NOT_FOUND - no topic '{name}'"),
+                    Some(m),
+                );
+            }
+            return;
+        }
+        if name.starts_with("amq.") {
+            self.close_channel(
+                ch,
+                code::ACCESS_REFUSED,
+                format!("ACCESS_REFUSED - exchange name '{name}' uses the reserved prefix amq."),
+                Some(m),
+            );
+            return;
+        }
+        if !self
+            .server
+            .cx
+            .auth
+            .authorize(&self.identity, Action::Publish, &name)
+        {
+            self.server.metrics.reject("not_authorized");
+            self.close_channel(
+                ch,
+                code::ACCESS_REFUSED,
+                format!(
+                    "ACCESS_REFUSED - declaring '{name}' is not authorized for {}",
+                    self.identity.id
+                ),
+                Some(m),
+            );
+            return;
+        }
+        if let Err(why) = tributary_storage::topic::validate_name(&name) {
+            self.close_channel(
+                ch,
+                code::PRECONDITION_FAILED,
+                format!("PRECONDITION_FAILED - exchange '{name}' cannot be a topic: {why}"),
+                Some(m),
+            );
+            return;
+        }
+        if log.topic(&name).is_ok() {
+            ok(self);
+            return;
+        }
+        // Creating a topic waits for the disk. It happens once per topic, so the
+        // connection waits with it: publishes that follow find the topic.
+        let config = log.config().topic_defaults.config(&name);
+        match log.create_topic(config).await {
+            Ok(_) | Err(LogError::TopicExists(_)) => ok(self),
+            Err(e) => {
+                self.server.metrics.reject("log_unwritable");
+                self.close_channel(
+                    ch,
+                    code::INTERNAL_ERROR,
+                    format!("INTERNAL_ERROR - {e}"),
+                    Some(m),
+                );
+            }
+        }
+    }
+
+    fn content_header(&mut self, ch: u16, h: AMQPContentHeader) -> Result<(), End> {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            self.server.metrics.reject("channel_error");
+            return Err(End::server(
+                code::CHANNEL_ERROR,
+                format!("CHANNEL_ERROR - channel {ch} is not open"),
+            ));
+        };
+        if c.closing {
+            return Ok(());
+        }
+        let confirm = c.confirm;
+        let Some(content) = c.content.as_mut().filter(|c| c.header.is_none()) else {
+            self.server.metrics.reject("unexpected_frame");
+            return Err(End::server(
+                code::UNEXPECTED_FRAME,
+                format!("UNEXPECTED_FRAME - content header on channel {ch} without basic.publish"),
+            ));
+        };
+        if h.class_id != 60 {
+            self.server.metrics.reject("unexpected_frame");
+            return Err(End::server(
+                code::UNEXPECTED_FRAME,
+                format!(
+                    "UNEXPECTED_FRAME - content header of class {} for basic.publish",
+                    h.class_id
+                ),
+            ));
+        }
+        let max = self.server.config.max_message_bytes;
+        if h.body_size > max {
+            self.server.metrics.reject("message_too_large");
+            let why = format!(
+                "PRECONDITION_FAILED - message of {} bytes exceeds max_message_bytes {max}",
+                h.body_size
+            );
+            if !confirm {
+                self.close_channel(ch, code::PRECONDITION_FAILED, why, None);
+                return Ok(());
+            }
+            content.refused = Some(why);
+        } else {
+            if self.buffered + h.body_size > self.server.config.max_content_bytes {
+                self.server.metrics.reject("content_buffer_full");
+                return Err(End::server(
+                    code::RESOURCE_ERROR,
+                    format!(
+                        "RESOURCE_ERROR - more than {} bytes of unfinished messages on one connection",
+                        self.server.config.max_content_bytes
+                    ),
+                ));
+            }
+            content.body = Vec::with_capacity(h.body_size as usize);
+        }
+        content.header = Some((h.body_size, h.properties));
+        if h.body_size == 0 {
+            self.complete(ch);
+        }
+        Ok(())
+    }
+
+    fn content_body(&mut self, ch: u16, data: Vec<u8>) -> Result<(), End> {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            self.server.metrics.reject("channel_error");
+            return Err(End::server(
+                code::CHANNEL_ERROR,
+                format!("CHANNEL_ERROR - channel {ch} is not open"),
+            ));
+        };
+        if c.closing {
+            return Ok(());
+        }
+        let Some(content) = c.content.as_mut().filter(|c| c.header.is_some()) else {
+            self.server.metrics.reject("unexpected_frame");
+            return Err(End::server(
+                code::UNEXPECTED_FRAME,
+                format!("UNEXPECTED_FRAME - content body on channel {ch} without a content header"),
+            ));
+        };
+        let size = content.header.as_ref().map_or(0, |(s, _)| *s);
+        content.received += data.len() as u64;
+        if content.received > size {
+            self.server.metrics.reject("unexpected_frame");
+            return Err(End::server(
+                code::UNEXPECTED_FRAME,
+                format!("UNEXPECTED_FRAME - body frames on channel {ch} exceed the announced {size} bytes"),
+            ));
+        }
+        if content.refused.is_none() {
+            content.body.extend_from_slice(&data);
+            self.buffered += data.len() as u64;
+        }
+        if content.received == size {
+            self.complete(ch);
+        }
+        Ok(())
+    }
+
+    /// A whole message arrived on `ch`: route it, or refuse it now.
+    fn complete(&mut self, ch: u16) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let Some(content) = c.content.take() else {
+            return;
+        };
+        self.buffered = self.buffered.saturating_sub(content.body.len() as u64);
+        let tag = c.confirm.then(|| {
+            let t = c.next_tag;
+            c.next_tag += 1;
+            t
+        });
+        let origin = Origin {
+            channel: ch,
+            epoch: c.epoch,
+            tag,
+        };
+        self.server.metrics.publishes.fetch_add(1, Relaxed);
+        let Content {
+            publish,
+            header,
+            body,
+            refused,
+            ..
+        } = content;
+        let props = header.map(|(_, p)| p).unwrap_or_default();
+        if let Some(why) = refused {
+            tracing::debug!(%why, "an AMQP publish was refused");
+            self.resolve(origin, Outcome::Nack);
+            return;
+        }
+        let exchange = publish.exchange.as_str();
+        let routing_key = publish.routing_key.as_str();
+        let topic = mapping::topic_of(exchange, routing_key).to_owned();
+        let publish_method = AMQPClass::Basic(basic::AMQPMethod::Publish(publish.clone()));
+        let subject = acl_subject(exchange, routing_key);
+        if !self
+            .server
+            .cx
+            .auth
+            .authorize(&self.identity, Action::Publish, &subject)
+        {
+            self.server.metrics.reject("not_authorized");
+            self.close_channel(
+                ch,
+                code::ACCESS_REFUSED,
+                format!(
+                    "ACCESS_REFUSED - publishing to '{subject}' is not authorized for {}",
+                    self.identity.id
+                ),
+                Some(&publish_method),
+            );
+            return;
+        }
+        let log = &self.server.cx.log;
+        let existing = log.topic(&topic).ok();
+        let routable = tributary_storage::topic::validate_name(&topic).is_ok()
+            && (existing.is_some() || log.config().auto_create_topics);
+        if !routable {
+            self.server.metrics.reject("no_route");
+            if publish.mandatory {
+                self.server.metrics.returns.fetch_add(1, Relaxed);
+                let mut frames = Vec::new();
+                frame::method(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                        reply_code: code::NO_ROUTE,
+                        reply_text: short(&format!("NO_ROUTE - no topic '{topic}'")),
+                        exchange: publish.exchange.clone(),
+                        routing_key: publish.routing_key.clone(),
+                    })),
+                    &mut frames,
+                );
+                frame::content(ch, props, &body, self.frame_max, &mut frames);
+                if tag.is_some() {
+                    self.resolve(origin, Outcome::Returned(frames));
+                } else {
+                    self.out.extend_from_slice(&frames);
+                }
+            } else if tag.is_some() {
+                self.resolve(origin, Outcome::Nack);
+            } else {
+                self.close_channel(
+                    ch,
+                    code::NOT_FOUND,
+                    format!("NOT_FOUND - no topic '{topic}', and this node does not create topics on publish"),
+                    Some(&publish_method),
+                );
+            }
+            return;
+        }
+        let event = mapping::event_from(routing_key, &props, body);
+        let max_event = existing.map_or(log.config().topic_defaults.max_event_bytes, |t| {
+            t.config.max_event_bytes
+        });
+        if event.size() > max_event {
+            self.server.metrics.reject("message_too_large");
+            if tag.is_some() {
+                self.resolve(origin, Outcome::Nack);
+            } else {
+                self.close_channel(
+                    ch,
+                    code::PRECONDITION_FAILED,
+                    format!(
+                        "PRECONDITION_FAILED - event of {} bytes exceeds the topic's max_event_bytes {max_event}",
+                        event.size()
+                    ),
+                    Some(&publish_method),
+                );
+            }
+            return;
+        }
+        self.batch
+            .topics
+            .entry(topic)
+            .or_default()
+            .push((origin, AppendRecord::from(event)));
+        self.batch.count += 1;
+    }
+
+    fn flush_batch(&mut self) {
+        if self.batch.count == 0 {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let server = self.server.clone();
+        self.appends
+            .push_back(tokio::spawn(append_batch(server, batch)));
+    }
+
+    fn appended(&mut self, done: Appended) {
+        let (mut acks, mut nacks) = (0, 0);
+        let mut touched = Vec::new();
+        for (origin, error) in done.results {
+            let current = self
+                .channels
+                .get(&origin.channel)
+                .is_some_and(|c| c.epoch == origin.epoch && !c.closing);
+            if !current {
+                // The channel closed meanwhile: its confirms went with it.
+                continue;
+            }
+            match (origin.tag, error) {
+                (None, None) => {}
+                (None, Some(e)) => {
+                    // No confirms to carry the refusal: close the channel, as
+                    // RabbitMQ does when it cannot take a message.
+                    self.close_channel(
+                        origin.channel,
+                        code::INTERNAL_ERROR,
+                        format!("INTERNAL_ERROR - a message was not stored: {e}"),
+                        None,
+                    );
+                }
+                (Some(tag), error) => {
+                    let outcome = if error.is_none() {
+                        acks += 1;
+                        Outcome::Ack
+                    } else {
+                        nacks += 1;
+                        Outcome::Nack
+                    };
+                    if let Some(c) = self.channels.get_mut(&origin.channel) {
+                        c.resolved.insert(tag, outcome);
+                    }
+                    touched.push(origin.channel);
+                }
+            }
+        }
+        if acks > 0 {
+            self.server.metrics.confirmed(done.started.elapsed(), acks);
+        }
+        self.server.metrics.acks.fetch_add(acks, Relaxed);
+        self.server.metrics.nacks.fetch_add(nacks, Relaxed);
+        touched.sort_unstable();
+        touched.dedup();
+        for ch in touched {
+            self.send_confirms(ch);
+        }
+    }
+
+    fn resolve(&mut self, origin: Origin, outcome: Outcome) {
+        let Some(tag) = origin.tag else {
+            return;
+        };
+        let counter = match outcome {
+            Outcome::Ack | Outcome::Returned(_) => &self.server.metrics.acks,
+            Outcome::Nack => &self.server.metrics.nacks,
+        };
+        counter.fetch_add(1, Relaxed);
+        if let Some(c) = self.channels.get_mut(&origin.channel) {
+            c.resolved.insert(tag, outcome);
+            self.send_confirms(origin.channel);
+        }
+    }
+
+    /// Confirms the resolved tags that follow the last confirmed one: runs of
+    /// acks as one `multiple` ack, nacks one by one.
+    fn send_confirms(&mut self, ch: u16) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let mut run: Option<(u64, u64)> = None; // (first, last) of a run of acks
+        let mut out = Vec::new();
+        while let Some(entry) = c.resolved.first_entry() {
+            if *entry.key() != c.confirmed_through + 1 {
+                break;
+            }
+            let (tag, outcome) = entry.remove_entry();
+            c.confirmed_through = tag;
+            if outcome == Outcome::Ack {
+                run = Some(run.map_or((tag, tag), |(first, _)| (first, tag)));
+                continue;
+            }
+            if let Some((first, last)) = run.take() {
+                frame::method(ch, ack(first, last), &mut out);
+            }
+            match outcome {
+                Outcome::Returned(frames) => {
+                    out.extend_from_slice(&frames);
+                    frame::method(ch, ack(tag, tag), &mut out);
+                }
+                _ => frame::method(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: tag,
+                        multiple: false,
+                        requeue: false,
+                    })),
+                    &mut out,
+                ),
+            }
+        }
+        if let Some((first, last)) = run {
+            frame::method(ch, ack(first, last), &mut out);
+        }
+        self.out.extend_from_slice(&out);
+    }
+}
+
+fn ack(first: u64, last: u64) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+        delivery_tag: last,
+        multiple: last > first,
+    }))
+}
+
+async fn append_batch(server: Arc<Server>, batch: Batch) -> Appended {
+    let started = Instant::now();
+    let log = &server.cx.log;
+    let appends = batch.topics.into_iter().map(|(topic, items)| async move {
+        let (origins, records): (Vec<Origin>, Vec<AppendRecord>) = items.into_iter().unzip();
+        let r = log.append(&topic, records).await;
+        (origins, r)
+    });
+    let mut results = Vec::with_capacity(batch.count);
+    for (origins, r) in futures_util::future::join_all(appends).await {
+        let error = match r {
+            Ok(_) => None,
+            Err(e) => {
+                server.metrics.reject(match e {
+                    LogError::UnknownTopic(_) | LogError::InvalidTopic(_) => "no_route",
+                    LogError::EventTooLarge { .. } => "message_too_large",
+                    _ => "log_unwritable",
+                });
+                tracing::warn!(error = %e, "AMQP publishes were not stored");
+                Some(e.to_string())
+            }
+        };
+        results.extend(origins.into_iter().map(|o| (o, error.clone())));
+    }
+    Appended { results, started }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_amqplain_credentials() {
+        assert_eq!(
+            credentials("PLAIN", b"\0guest\0secret"),
+            Ok(("guest".into(), "secret".into()))
+        );
+        assert_eq!(
+            credentials("PLAIN", b"admin\0dev-1\0tok"),
+            Ok(("dev-1".into(), "tok".into()))
+        );
+        assert!(credentials("PLAIN", b"guest").is_err());
+        assert!(credentials("PLAIN", b"\0a\0b\0c").is_err());
+        // LOGIN "u" (long string), PASSWORD "p".
+        let mut t = Vec::new();
+        for (k, v) in [("LOGIN", "u"), ("PASSWORD", "p")] {
+            t.push(k.len() as u8);
+            t.extend_from_slice(k.as_bytes());
+            t.push(b'S');
+            t.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            t.extend_from_slice(v.as_bytes());
+        }
+        assert_eq!(credentials("AMQPLAIN", &t), Ok(("u".into(), "p".into())));
+        assert!(credentials("AMQPLAIN", b"\x05LOG").is_err());
+        assert!(credentials("EXTERNAL", b"").is_err());
+    }
+
+    #[test]
+    fn method_names_follow_the_specification() {
+        let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume::default()));
+        assert_eq!(method_name(&m), "basic.consume");
+        let m = AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk::default()));
+        assert_eq!(method_name(&m), "queue.declare-ok");
+    }
+
+    #[test]
+    fn acl_subject_names_topic_and_key() {
+        assert_eq!(acl_subject("", "sensors"), "sensors");
+        assert_eq!(acl_subject("plant", "line.3"), "plant/line.3");
+        assert_eq!(acl_subject("plant", ""), "plant");
+    }
+
+    #[test]
+    fn ack_runs_use_multiple() {
+        assert_eq!(
+            ack(3, 3),
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: 3,
+                multiple: false
+            }))
+        );
+        assert_eq!(
+            ack(3, 9),
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: 9,
+                multiple: true
+            }))
+        );
+    }
+}

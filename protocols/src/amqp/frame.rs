@@ -1,0 +1,319 @@
+//! AMQP 0-9-1 framing over amq-protocol's codec: we split frames ourselves so
+//! the size is checked against `frame_max` from the 7-byte header, before any
+//! payload is buffered (amq-protocol's `parse_frame` trusts the size field),
+//! and so a parse failure can be told apart as an unknown method (540) or a
+//! malformed one (502).
+
+use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame};
+use amq_protocol::protocol::{basic::AMQPProperties, AMQPClass};
+use amq_protocol::types::ShortString;
+use bytes::{Buf, BytesMut};
+
+/// Frame header: type (1), channel (2), payload size (4).
+const HEADER: usize = 7;
+/// The octet that ends every frame.
+const FRAME_END: u8 = 0xCE;
+/// A frame's bytes beyond its payload.
+pub const OVERHEAD: usize = HEADER + 1;
+
+/// Reply codes of the specification (section 1.2 of the XML spec).
+pub mod code {
+    /// Normal close.
+    pub const SUCCESS: u16 = 200;
+    /// Server shutting down.
+    pub const CONNECTION_FORCED: u16 = 320;
+    /// Mandatory message with nowhere to go.
+    pub const NO_ROUTE: u16 = 312;
+    /// Login refused or ACL denial.
+    pub const ACCESS_REFUSED: u16 = 403;
+    /// Passive declare of something that does not exist.
+    pub const NOT_FOUND: u16 = 404;
+    /// The request cannot be met as stated.
+    pub const PRECONDITION_FAILED: u16 = 406;
+    /// Malformed frame, or a frame larger than `frame_max`.
+    pub const FRAME_ERROR: u16 = 501;
+    /// A method frame whose fields do not parse.
+    pub const SYNTAX_ERROR: u16 = 502;
+    /// A method that is invalid here.
+    pub const COMMAND_INVALID: u16 = 503;
+    /// A channel that is not open, or opened twice.
+    pub const CHANNEL_ERROR: u16 = 504;
+    /// A frame out of sequence (content without a method, a method mid-content).
+    pub const UNEXPECTED_FRAME: u16 = 505;
+    /// A limit of this server (channels, buffered content).
+    pub const RESOURCE_ERROR: u16 = 506;
+    /// A method this server does not implement.
+    pub const NOT_IMPLEMENTED: u16 = 540;
+    /// The log failed.
+    pub const INTERNAL_ERROR: u16 = 541;
+}
+
+/// Why the byte stream cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Bigger than the negotiated `frame_max`.
+    TooLarge { size: usize, max: usize },
+    /// Not a method, header, body or heartbeat frame, or no frame-end octet.
+    Malformed(&'static str),
+    /// A method frame naming a class/method the specification does not have.
+    UnknownMethod { class: u16, method: u16 },
+    /// A known method (or a content header) whose fields do not parse.
+    Syntax { class: u16, method: u16 },
+}
+
+impl FrameError {
+    /// The connection.close reply code and text for this error.
+    pub fn reply(&self) -> (u16, String) {
+        match self {
+            FrameError::TooLarge { size, max } => (
+                code::FRAME_ERROR,
+                format!("frame of {size} bytes exceeds frame_max {max}"),
+            ),
+            FrameError::Malformed(why) => (code::FRAME_ERROR, (*why).to_owned()),
+            FrameError::UnknownMethod { class, method } => (
+                code::NOT_IMPLEMENTED,
+                format!("unknown method {class}.{method}"),
+            ),
+            FrameError::Syntax { class, method } => (
+                code::SYNTAX_ERROR,
+                format!("malformed fields in method {class}.{method}"),
+            ),
+        }
+    }
+}
+
+/// The methods of AMQP 0-9-1 by (class id, method ids).
+const METHODS: [(u16, &[u16]); 8] = [
+    (
+        10,
+        &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61, 70, 71],
+    ),
+    (20, &[10, 11, 20, 21, 40, 41]),
+    (30, &[10, 11]),
+    (40, &[10, 11, 20, 21, 30, 31, 40, 51]),
+    (50, &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51]),
+    (
+        60,
+        &[
+            10, 11, 20, 21, 30, 31, 40, 50, 60, 70, 71, 72, 80, 90, 100, 110, 111, 120,
+        ],
+    ),
+    (85, &[10, 11]),
+    (90, &[10, 11, 20, 21, 30, 31]),
+];
+
+fn known_method(class: u16, method: u16) -> bool {
+    METHODS
+        .iter()
+        .any(|(c, ms)| *c == class && ms.contains(&method))
+}
+
+/// Takes the next whole frame off `buf`: `Ok(None)` until one is complete.
+/// `frame_max` bounds a frame including its 8 bytes of overhead.
+pub fn next_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<AMQPFrame>, FrameError> {
+    if buf.len() < HEADER {
+        return Ok(None);
+    }
+    let kind = buf[0];
+    if !matches!(kind, 1 | 2 | 3 | 8) {
+        return Err(FrameError::Malformed("unknown frame type"));
+    }
+    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+    if size.saturating_add(OVERHEAD) > frame_max {
+        return Err(FrameError::TooLarge {
+            size: size.saturating_add(OVERHEAD),
+            max: frame_max,
+        });
+    }
+    let total = HEADER + size + 1;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    if buf[total - 1] != FRAME_END {
+        return Err(FrameError::Malformed("frame does not end with 0xCE"));
+    }
+    let ids = |b: &BytesMut| {
+        let at = |i: usize| b.get(HEADER + i).copied().unwrap_or(0);
+        (
+            u16::from_be_bytes([at(0), at(1)]),
+            u16::from_be_bytes([at(2), at(3)]),
+        )
+    };
+    let parsed = parse_frame(&buf[..total]).map(|(_, f)| f);
+    let result = match parsed {
+        Ok(frame) => Ok(Some(frame)),
+        Err(_) if kind == 1 => {
+            let (class, method) = ids(buf);
+            if known_method(class, method) {
+                Err(FrameError::Syntax { class, method })
+            } else {
+                Err(FrameError::UnknownMethod { class, method })
+            }
+        }
+        Err(_) if kind == 2 => {
+            let (class, _) = ids(buf);
+            Err(FrameError::Syntax { class, method: 0 })
+        }
+        Err(_) => Err(FrameError::Malformed("unparsable frame")),
+    };
+    buf.advance(total);
+    result
+}
+
+/// Appends `frame`'s bytes to `out`.
+pub fn encode(frame: &AMQPFrame, out: &mut Vec<u8>) {
+    let buf = std::mem::take(out);
+    match cookie_factory::gen(gen_frame(frame), buf) {
+        Ok((buf, _)) => *out = buf,
+        // Writing into a Vec cannot fail; the frames we build keep every
+        // short string within 255 bytes.
+        Err(e) => tracing::error!(error = ?e, "an AMQP frame could not be encoded"),
+    }
+}
+
+/// A method frame on `channel`.
+pub fn method(channel: u16, m: AMQPClass, out: &mut Vec<u8>) {
+    encode(&AMQPFrame::Method(channel, m), out);
+}
+
+/// A content header and body frames (split to fit `frame_max`).
+pub fn content(
+    channel: u16,
+    properties: AMQPProperties,
+    body: &[u8],
+    frame_max: usize,
+    out: &mut Vec<u8>,
+) {
+    encode(
+        &AMQPFrame::Header(
+            channel,
+            amq_protocol::frame::AMQPContentHeader {
+                class_id: 60,
+                body_size: body.len() as u64,
+                properties,
+            },
+        ),
+        out,
+    );
+    let chunk = frame_max.saturating_sub(OVERHEAD).max(1);
+    for part in body.chunks(chunk) {
+        encode(&AMQPFrame::Body(channel, part.to_vec()), out);
+    }
+}
+
+/// A short string from any text: cut at a character boundary to 255 bytes.
+pub fn short(s: &str) -> ShortString {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::try_new(&s[..end]).unwrap_or_else(|_| "".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::protocol::basic;
+
+    fn bytes_of(frame: &AMQPFrame) -> BytesMut {
+        let mut v = Vec::new();
+        encode(frame, &mut v);
+        BytesMut::from(&v[..])
+    }
+
+    #[test]
+    fn round_trip_and_partial_input() {
+        let f = AMQPFrame::Method(
+            3,
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: "e".into(),
+                routing_key: "k".into(),
+                mandatory: true,
+                immediate: false,
+            })),
+        );
+        let full = bytes_of(&f);
+        for cut in 0..full.len() {
+            let mut b = BytesMut::from(&full[..cut]);
+            assert_eq!(next_frame(&mut b, 131_072), Ok(None), "cut at {cut}");
+        }
+        let mut b = full.clone();
+        b.extend_from_slice(&full);
+        assert_eq!(next_frame(&mut b, 131_072), Ok(Some(f.clone())));
+        assert_eq!(next_frame(&mut b, 131_072), Ok(Some(f)));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn oversize_is_refused_from_the_header_alone() {
+        // Only the 7-byte header: the size field says 1 MiB.
+        let mut b = BytesMut::from(&[3u8, 0, 1, 0, 0x10, 0, 0][..]);
+        assert_eq!(
+            next_frame(&mut b, 131_072),
+            Err(FrameError::TooLarge {
+                size: 1_048_576 + OVERHEAD,
+                max: 131_072
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_and_malformed_methods_are_told_apart() {
+        // class 60, method 99 does not exist.
+        let mut b = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 4, 0, 60, 0, 99, 0xCE][..]);
+        assert_eq!(
+            next_frame(&mut b, 131_072),
+            Err(FrameError::UnknownMethod {
+                class: 60,
+                method: 99
+            })
+        );
+        assert!(b.is_empty());
+        // channel.close (20.40) cut short.
+        let mut b = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 5, 0, 20, 0, 40, 1, 0xCE][..]);
+        assert_eq!(
+            next_frame(&mut b, 131_072),
+            Err(FrameError::Syntax {
+                class: 20,
+                method: 40
+            })
+        );
+        // A wrong frame-end octet, and an unknown frame type.
+        let mut b = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0xCD][..]);
+        assert!(matches!(
+            next_frame(&mut b, 131_072),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut b = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
+        assert!(matches!(
+            next_frame(&mut b, 131_072),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn content_is_split_to_frame_max() {
+        let mut out = Vec::new();
+        content(1, AMQPProperties::default(), &[7u8; 10_000], 4096, &mut out);
+        let mut b = BytesMut::from(&out[..]);
+        let mut bodies = 0;
+        let mut total = 0;
+        while let Some(f) = next_frame(&mut b, 4096).expect("valid") {
+            if let AMQPFrame::Body(_, data) = f {
+                assert!(data.len() + OVERHEAD <= 4096);
+                bodies += 1;
+                total += data.len();
+            }
+        }
+        assert_eq!((bodies, total), (3, 10_000));
+    }
+
+    #[test]
+    fn short_strings_are_cut_at_a_character_boundary() {
+        let s = "é".repeat(200);
+        let cut = short(&s);
+        assert!(cut.as_str().len() <= 255);
+        assert!(s.starts_with(cut.as_str()));
+    }
+}

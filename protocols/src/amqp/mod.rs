@@ -1,0 +1,263 @@
+//! AMQP 0-9-1 front end: a publish-only broker on amq-protocol's frame codec
+//! ([`frame`]), in mini-redis's shape: [`serve`] accepts, one connection task
+//! runs each client ([`conn`]).
+//!
+//! - `basic.publish(E, R)` appends to topic E (or R on the default exchange)
+//!   with key R ([`mapping`]). Messages completed by one socket read join one
+//!   append per topic, and appends from every connection share the log's group
+//!   commit.
+//! - Publisher confirms: `basic.ack` only after the log says durable
+//!   (`multiple` when it covers several), `basic.nack` when a message is
+//!   refused. A `mandatory` publish with no topic gets `basic.return` 312 first.
+//! - What a consumer would need (consume, get, transactions) answers
+//!   connection.close 540 naming the method: consumers read over HTTP,
+//!   WebSockets or MQTT, or through the [`bridge`] from RabbitMQ.
+//! - The [`bridge`] moves messages between a RabbitMQ and the log with lapin.
+
+pub mod bridge;
+mod conn;
+pub mod frame;
+pub mod mapping;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::listener::{ConnectionStats, LimitedListener};
+use crate::{FrontendContext, MetricsSource};
+
+/// AMQP front-end settings (`[amqp]`).
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Highest channel number a client may open (offered in connection.tune).
+    pub max_channels: u16,
+    /// Largest frame, overhead included (offered in connection.tune).
+    pub frame_max: u32,
+    /// Heartbeat interval offered, seconds (0: none unless the client asks).
+    pub heartbeat_secs: u16,
+    /// Time a new connection has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Largest message body accepted.
+    pub max_message_bytes: u64,
+    /// Content bytes one connection may hold across channels while bodies arrive.
+    pub max_content_bytes: u64,
+    /// Appends one connection may have waiting for the disk before it stops reading.
+    pub max_pending_appends: usize,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            max_connections: 10_000,
+            max_channels: 256,
+            frame_max: 131_072,
+            heartbeat_secs: 60,
+            handshake_timeout: Duration::from_secs(10),
+            max_message_bytes: 1024 * 1024,
+            max_content_bytes: 16 * 1024 * 1024,
+            max_pending_appends: 8,
+        }
+    }
+}
+
+/// Confirm latency histogram bounds, seconds.
+pub const ACK_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0];
+
+/// AMQP counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AmqpMetrics {
+    logins: AtomicU64,
+    publishes: AtomicU64,
+    acks: AtomicU64,
+    nacks: AtomicU64,
+    returns: AtomicU64,
+    blocked: AtomicU64,
+    ack_buckets: [AtomicU64; ACK_BUCKETS.len() + 1],
+    ack_micros: AtomicU64,
+    ack_count: AtomicU64,
+    rejections: Mutex<BTreeMap<&'static str, u64>>,
+    connections: Mutex<Vec<Arc<ConnectionStats>>>,
+}
+
+impl AmqpMetrics {
+    /// Counts a refused or failed thing under a bounded reason label.
+    pub fn reject(&self, reason: &'static str) {
+        *self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    /// Rejections so far for `reason` (tests read this).
+    pub fn rejections(&self, reason: &str) -> u64 {
+        self.rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn confirmed(&self, took: Duration, n: u64) {
+        let s = took.as_secs_f64();
+        let i = ACK_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(ACK_BUCKETS.len());
+        self.ack_buckets[i].fetch_add(n, Relaxed);
+        self.ack_micros
+            .fetch_add(took.as_micros() as u64 * n, Relaxed);
+        self.ack_count.fetch_add(n, Relaxed);
+    }
+
+    /// AMQP connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.open.load(Relaxed))
+            .sum()
+    }
+}
+
+impl MetricsSource for AmqpMetrics {
+    fn render(&self, out: &mut String) {
+        let accepted: u64 = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.accepted.load(Relaxed))
+            .sum();
+        let counters = [
+            (
+                "connections_accepted_total",
+                "AMQP TCP connections accepted.",
+                accepted,
+            ),
+            (
+                "logins_total",
+                "AMQP connections that passed the handshake.",
+                self.logins.load(Relaxed),
+            ),
+            (
+                "publishes_total",
+                "Messages published (whole: method, header and body).",
+                self.publishes.load(Relaxed),
+            ),
+            (
+                "acks_total",
+                "Publishes confirmed with basic.ack (after durable).",
+                self.acks.load(Relaxed),
+            ),
+            (
+                "nacks_total",
+                "Publishes refused with basic.nack.",
+                self.nacks.load(Relaxed),
+            ),
+            (
+                "returns_total",
+                "Mandatory publishes returned with basic.return 312.",
+                self.returns.load(Relaxed),
+            ),
+            (
+                "blocked_total",
+                "connection.blocked sent because appends waited on the disk.",
+                self.blocked.load(Relaxed),
+            ),
+        ];
+        let _ = writeln!(out, "# HELP tributary_amqp_connections Open AMQP connections.\n# TYPE tributary_amqp_connections gauge\ntributary_amqp_connections {}", self.open_connections());
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP tributary_amqp_{name} {help}\n# TYPE tributary_amqp_{name} counter\ntributary_amqp_{name} {v}");
+        }
+        let _ = writeln!(out, "# HELP tributary_amqp_ack_seconds Time from a publish's last frame read to its durable confirm.\n# TYPE tributary_amqp_ack_seconds histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.ack_buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = ACK_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_owned(), |v| v.to_string());
+            let _ = writeln!(
+                out,
+                "tributary_amqp_ack_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "tributary_amqp_ack_seconds_sum {:.6}\ntributary_amqp_ack_seconds_count {}",
+            self.ack_micros.load(Relaxed) as f64 / 1e6,
+            self.ack_count.load(Relaxed)
+        );
+        let _ = writeln!(out, "# HELP tributary_amqp_rejections_total Refused connections, frames and publishes, by reason.\n# TYPE tributary_amqp_rejections_total counter");
+        for (reason, n) in self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "tributary_amqp_rejections_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// State shared by every AMQP connection of a node.
+#[derive(Debug)]
+pub struct Server {
+    cx: FrontendContext,
+    config: AmqpConfig,
+    metrics: Arc<AmqpMetrics>,
+}
+
+impl Server {
+    /// Builds the server and registers its metrics and connection gauge.
+    pub fn new(cx: FrontendContext, config: AmqpConfig) -> Arc<Self> {
+        let metrics = Arc::new(AmqpMetrics::default());
+        cx.metrics.register(metrics.clone());
+        let gauge = metrics.clone();
+        cx.connections
+            .register("amqp", Arc::new(move || gauge.open_connections()));
+        Arc::new(Server {
+            cx,
+            config,
+            metrics,
+        })
+    }
+
+    /// Counters (tests and `/metrics`).
+    pub fn metrics(&self) -> &Arc<AmqpMetrics> {
+        &self.metrics
+    }
+}
+
+/// Serves AMQP on `listener` until the node shuts down. Each connection runs
+/// in its own task; at shutdown it confirms what is durable, then closes with
+/// connection.close 320.
+pub async fn serve(listener: LimitedListener, server: Arc<Server>) {
+    server
+        .metrics
+        .connections
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(listener.stats());
+    let shutdown = server.cx.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            conn::run(server, stream, Some(peer)).await;
+        });
+    }
+}
