@@ -50,7 +50,7 @@ pub enum Command {
     Bench {
         /// Which protocol to drive.
         #[command(subcommand)]
-        target: BenchTarget,
+        target: BenchCommand,
     },
 }
 
@@ -134,6 +134,19 @@ pub struct TailArgs {
     /// The node's HTTP API.
     #[arg(long, env = "TRIBUTARY_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+}
+
+/// Every `bench` subcommand: the generators that share `bench::run` and its
+/// report, and `amqp` (`bench_amqp::run`, whose report adds confirms and nacks).
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// `http`, `mqtt` and `ws`.
+    #[command(flatten)]
+    Common(BenchTarget),
+    /// AMQP 0-9-1 publish with publisher confirms to any broker: N
+    /// connections, one confirm-mode channel each, each keeping W publishes
+    /// unconfirmed; counts basic.acks (and basic.nacks apart) after a warm-up.
+    Amqp(AmqpBenchArgs),
 }
 
 /// `bench` targets.
@@ -248,6 +261,45 @@ pub struct MqttBenchArgs {
     /// Topic prefix: connection `i` publishes to `{topic}/{i}`.
     #[arg(long, default_value = "bench/t")]
     pub topic: String,
+    /// Sample this process's CPU time and RSS during the run (the server's pid).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+/// Options of `bench amqp`.
+#[derive(Debug, Args, Clone)]
+pub struct AmqpBenchArgs {
+    /// Broker URL (the vhost `/` is written `%2f`).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub url: String,
+    /// Concurrent connections, one confirm-mode channel each.
+    #[arg(long, short, default_value_t = 10)]
+    pub connections: usize,
+    /// Publishes outstanding (unconfirmed) per connection at most.
+    #[arg(long, short, default_value_t = 100)]
+    pub inflight: usize,
+    /// Bytes per message body (a JSON sensor reading padded to this size).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// How long to count, after the warm-up, e.g. 10s, 500ms, 1m.
+    #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// How long to publish before counting starts (not counted).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Exchange to publish to; empty is the default exchange, which routes to
+    /// the queue named by the routing key (on Tributary: to that topic).
+    #[arg(long, default_value = "")]
+    pub exchange: String,
+    /// Routing key of every publish.
+    #[arg(long, default_value = "bench")]
+    pub routing_key: String,
+    /// First declare a durable queue named after the routing key (bound to
+    /// --exchange unless that is the default exchange), so that a broker such
+    /// as RabbitMQ stores the persistent messages rather than dropping them as
+    /// unroutable. Tributary accepts the declaration and ignores it.
+    #[arg(long)]
+    pub declare_queue: bool,
     /// Sample this process's CPU time and RSS during the run (the server's pid).
     #[arg(long)]
     pub server_pid: Option<u32>,

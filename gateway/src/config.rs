@@ -742,6 +742,8 @@ fn bridge_config(b: &BridgeSection) -> Result<BridgeConfig, String> {
         }
     };
     tributary_storage::topic::validate_name(&b.name).map_err(|e| format!("`name`: {e}"))?;
+    tributary_storage::log::validate_group(&format!("amqp-bridge-{}", b.name))
+        .map_err(|e| format!("`name` makes the consumer group name invalid: {e}"))?;
     tributary_storage::topic::validate_name(&b.topic).map_err(|e| format!("`topic`: {e}"))?;
     if !(b.url.starts_with("amqp://") || b.url.starts_with("amqps://")) {
         return Err(format!(
@@ -749,6 +751,9 @@ fn bridge_config(b: &BridgeSection) -> Result<BridgeConfig, String> {
             b.url
         ));
     }
+    b.url
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| format!("`url` is not a valid AMQP URI: {e}"))?;
     let queue = match (direction, &b.queue) {
         (Direction::In, Some(q)) if !q.is_empty() => q.clone(),
         (Direction::In, _) => return Err("`queue` is required for direction = \"in\"".into()),

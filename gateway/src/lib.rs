@@ -5,10 +5,13 @@
 //! - [`config`]: TOML + environment configuration, validated in one pass.
 //! - [`node`]: running an edge or core node and shutting it down gracefully.
 //! - [`client`]: `topics`, `produce`, `tail` over the HTTP API.
-//! - [`bench`]: `tributary bench`, load generators counting acknowledgements.
+//! - [`bench`]: `tributary bench`, load generators counting acknowledgements
+//!   ([`bench_ws`]: WebSockets, [`bench_amqp`]: AMQP publisher confirms).
 
 #[cfg(feature = "client")]
 pub mod bench;
+#[cfg(feature = "client")]
+pub mod bench_amqp;
 #[cfg(feature = "client")]
 pub mod bench_ws;
 pub mod cli;
@@ -71,7 +74,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         #[cfg(feature = "client")]
         Command::Tail(args) => client::tail(args).await,
         #[cfg(feature = "client")]
-        Command::Bench { target } => bench::run(target).await,
+        Command::Bench { target } => match target {
+            cli::BenchCommand::Common(target) => bench::run(target).await,
+            cli::BenchCommand::Amqp(args) => bench_amqp::run(args).await,
+        },
     }
 }
 

@@ -755,6 +755,27 @@ fn publish_frames(ch: u16, exchange: &str, body: &[u8]) -> Vec<AMQPFrame> {
     ]
 }
 
+/// channel.open then confirm.select (nowait) on channel 1, in one write.
+async fn open_confirm(raw: &mut Raw) {
+    let frames = [
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        ),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: true,
+            })),
+        ),
+    ];
+    let mut out = Vec::new();
+    for f in &frames {
+        frame::encode(f, &mut out);
+    }
+    raw.s.write_all(&out).await.expect("open and select");
+}
+
 async fn still_serves(addr: SocketAddr) {
     let conn = lapin_connect(&dev_url(addr)).await;
     let ch = conn.create_channel().await.expect("channel");
@@ -1057,4 +1078,133 @@ async fn random_frames_from_many_connections_never_panic_or_stop_the_node() {
     }
     still_serves(s.addr).await;
     assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_headers_are_refused_without_touching_the_stack() {
+    let s = server(false, AmqpConfig::default()).await;
+    let mut raw = Raw::connect(s.addr, 0, false).await;
+    raw.send(AMQPFrame::Method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    ))
+    .await;
+    raw.recv().await.expect("open-ok");
+    raw.send(publish_frames(1, "x", b"v").remove(0)).await;
+    // A content header whose `headers` nests 20,000 arrays (100 KB): the
+    // recursive parser would overflow a worker's stack on it.
+    let mut value = vec![b'V'];
+    for _ in 0..20_000 {
+        let mut outer = vec![b'A'];
+        outer.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        outer.extend_from_slice(&value);
+        value = outer;
+    }
+    let mut table = vec![1u8, b'h'];
+    table.extend_from_slice(&value);
+    let mut payload = vec![0u8, 60, 0, 0];
+    payload.extend_from_slice(&1u64.to_be_bytes());
+    payload.extend_from_slice(&0x2000u16.to_be_bytes());
+    payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    payload.extend_from_slice(&table);
+    let mut f = vec![2u8, 0, 1];
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(&payload);
+    f.push(0xCE);
+    raw.s.write_all(&f).await.expect("deep header");
+    let close = raw.expect_close().await;
+    assert_eq!(close.reply_code, 502, "{close:?}");
+    assert!(close.reply_text.as_str().contains("nested"), "{close:?}");
+    still_serves(s.addr).await;
+    assert_eq!(s.server.metrics().rejections("nesting_too_deep"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_bodies_count_against_the_content_budget_before_they_arrive() {
+    let s = server(
+        false,
+        AmqpConfig {
+            max_message_bytes: 1 << 20,
+            max_content_bytes: 4 << 20,
+            ..AmqpConfig::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(s.addr, 0, false).await;
+    // Four channels each announce 1 MiB and send nothing more: the budget is
+    // spent. The fifth announcement closes the connection with 506.
+    for ch in 1..=5u16 {
+        raw.send(AMQPFrame::Method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        ))
+        .await;
+        raw.recv().await.expect("open-ok");
+        let mut frames = publish_frames(ch, "x", &[0u8; 1 << 20]);
+        frames.truncate(2);
+        for f in frames {
+            raw.send(f).await;
+        }
+    }
+    let close = raw.expect_close().await;
+    assert_eq!(close.reply_code, 506, "{close:?}");
+    still_serves(s.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_of_a_closed_channel_never_reach_its_reopened_successor() {
+    let s = server(false, AmqpConfig::default()).await;
+    let mut raw = Raw::connect(s.addr, 0, false).await;
+    open_confirm(&mut raw).await;
+    raw.recv().await.expect("open-ok");
+    // Warm the topic, then hold the disk.
+    for f in publish_frames(1, "", b"warm") {
+        raw.send(f).await;
+    }
+    assert!(matches!(
+        raw.recv().await,
+        Some(AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Ack(_))
+        ))
+    ));
+    s.store.hold_sync();
+    for body in [&b"old-1"[..], b"old-2"] {
+        for f in publish_frames(1, "", body) {
+            raw.send(f).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.send(AMQPFrame::Method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close::default())),
+    ))
+    .await;
+    match raw.recv().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected channel.close-ok, got {other:?}"),
+    }
+    open_confirm(&mut raw).await;
+    raw.recv().await.expect("open-ok");
+    for f in publish_frames(1, "", b"new-1") {
+        raw.send(f).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.store.release_sync();
+    // Exactly one confirm follows: tag 1 of the new channel, alone.
+    match raw.recv().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(a)))) => {
+            assert_eq!((a.delivery_tag, a.multiple), (1, false))
+        }
+        other => panic!("expected the new channel's ack, got {other:?}"),
+    }
+    raw.send(AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close::default())),
+    ))
+    .await;
+    match raw.recv().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected only close-ok after the ack, got {other:?}"),
+    }
 }

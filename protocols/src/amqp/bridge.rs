@@ -94,6 +94,8 @@ pub struct BridgeStats {
     pub connects: AtomicU64,
     /// Failures that ended a connection (broker gone, timeout, nack).
     pub errors: AtomicU64,
+    /// Messages refused for good (larger than the topic allows).
+    pub rejected: AtomicU64,
     /// Connected now.
     pub connected: AtomicBool,
 }
@@ -122,7 +124,7 @@ impl MetricsSource for BridgeMetrics {
             return;
         }
         type Field = fn(&BridgeStats) -> u64;
-        let series: [(&str, &str, &str, Field); 4] = [
+        let series: [(&str, &str, &str, Field); 5] = [
             (
                 "messages_total",
                 "counter",
@@ -140,6 +142,12 @@ impl MetricsSource for BridgeMetrics {
                 "counter",
                 "Failures that ended a broker connection.",
                 |s| s.errors.load(Relaxed),
+            ),
+            (
+                "rejected_total",
+                "counter",
+                "Messages rejected for good (in: larger than the topic allows).",
+                |s| s.rejected.load(Relaxed),
             ),
             (
                 "connected",
@@ -190,6 +198,10 @@ enum BridgeError {
     Timeout(&'static str),
     #[error("the broker refused a message (basic.nack)")]
     Nacked,
+    #[error("the broker could not route a message to any queue (basic.return)")]
+    Unroutable,
+    #[error("the channel closed before an ack could be sent")]
+    AckLost,
     #[error("the consumer was cancelled")]
     Cancelled,
 }
@@ -291,28 +303,43 @@ async fn bridge_in(
                 None => break,
             }
         }
-        let records: Vec<AppendRecord> = deliveries
-            .iter()
-            .map(|d| {
-                AppendRecord::from(mapping::event_from(
-                    d.routing_key.as_str(),
-                    &d.properties,
-                    d.data.clone(),
-                ))
-            })
-            .collect();
-        let n = records.len() as u64;
-        let Some(last) = deliveries.last() else {
+        // A message the topic can never take would come back forever: it is
+        // rejected alone (RabbitMQ dead-letters it if the queue says so).
+        let max_event = log
+            .topic(&config.topic)
+            .map_or(log.config().topic_defaults.max_event_bytes, |t| {
+                t.config.max_event_bytes
+            });
+        let mut records = Vec::with_capacity(deliveries.len());
+        let mut last_good = None;
+        for d in &deliveries {
+            let event = mapping::event_from(d.routing_key.as_str(), &d.properties, d.data.clone());
+            if event.size() > max_event {
+                stats.rejected.fetch_add(1, Relaxed);
+                tracing::warn!(bridge = %config.name, size = event.size(), max_event, "a message larger than the topic allows was rejected");
+                let nack = d.acker.nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: false,
+                });
+                if !timed("basic.nack", config.timeout, nack).await? {
+                    return Err(BridgeError::AckLost);
+                }
+                continue;
+            }
+            records.push(AppendRecord::from(event));
+            last_good = Some(d);
+        }
+        let Some(last) = last_good else {
             continue;
         };
+        let n = records.len() as u64;
         match log.append(&config.topic, records).await {
             Ok(_) => {
-                timed(
-                    "basic.ack",
-                    config.timeout,
-                    last.acker.ack(BasicAckOptions { multiple: true }),
-                )
-                .await?;
+                // `multiple` covers the rejected ones too: they are settled already.
+                let ack = last.acker.ack(BasicAckOptions { multiple: true });
+                if !timed("basic.ack", config.timeout, ack).await? {
+                    return Err(BridgeError::AckLost);
+                }
                 stats.messages.fetch_add(n, Relaxed);
                 *attempt = 0;
             }
@@ -375,18 +402,26 @@ async fn bridge_out(
         }
         let mut moved = false;
         for (&p, offset) in next.iter_mut() {
-            let read = log.read(
-                &config.topic,
-                p,
-                *offset,
-                usize::from(config.batch.max(1)),
-                1 << 20,
-            );
+            // fetch reads on the blocking pool, off the async workers.
+            let batch = usize::from(config.batch.max(1));
+            let read = log
+                .fetch(&config.topic, p, *offset, batch, 1 << 20, Duration::ZERO)
+                .await;
             let read = match read {
                 Ok(r) => r,
-                // Retention passed the position: go on from the start.
-                Err(tributary_storage::Error::OffsetOutOfRange { start, .. }) => {
-                    *offset = start;
+                // Retention passed the position (or it is past the end, as
+                // after restoring an older data directory): go on from the
+                // nearest valid offset, and say so.
+                Err(tributary_storage::Error::OffsetOutOfRange { start, end, .. }) => {
+                    let to = if *offset < start { start } else { end };
+                    tracing::warn!(bridge = %config.name, partition = p, from = *offset, to, "the bridge position was outside the log; moved");
+                    *offset = to;
+                    let moved_to = GroupOffset {
+                        topic: config.topic.clone(),
+                        partition: p,
+                        offset: to,
+                    };
+                    log.commit_offsets(&group, vec![moved_to]).await?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -409,7 +444,12 @@ async fn bridge_out(
                     channel.basic_publish(
                         short(&config.exchange),
                         short(&key),
-                        BasicPublishOptions::default(),
+                        // Mandatory: RabbitMQ acks a message no queue takes, and
+                        // that ack must not move the position.
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
                         &r.value,
                         mapping::properties_for(&r.headers, r.timestamp),
                     ),
@@ -424,8 +464,10 @@ async fn bridge_out(
             })
             .await?
             {
-                if !c?.is_ack() {
-                    return Err(BridgeError::Nacked);
+                match c? {
+                    lapin::Confirmation::Ack(None) => {}
+                    lapin::Confirmation::Ack(Some(_)) => return Err(BridgeError::Unroutable),
+                    _ => return Err(BridgeError::Nacked),
                 }
             }
             *offset = read.next_offset;

@@ -40,8 +40,12 @@ const BLOCK_AFTER: Duration = Duration::from_millis(500);
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How long a shutting-down connection waits for its appends to be durable.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
-/// Frames are at most this big before tune-ok (the specification's minimum).
-const HANDSHAKE_FRAME_MAX: usize = 131_072;
+/// Frames are at most this big before tune-ok (the specification's
+/// FRAME_MIN_SIZE, which every client stays within until tune).
+const HANDSHAKE_FRAME_MAX: usize = 4096;
+/// Resolved confirms one connection may hold back behind an earlier, slower
+/// tag before it stops reading.
+const MAX_HELD_CONFIRMS: usize = 65_536;
 /// Outbound bytes gathered before they are handed to the writer.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
@@ -90,6 +94,8 @@ struct Content {
     header: Option<(u64, AMQPProperties)>,
     body: Vec<u8>,
     received: u64,
+    /// Bytes of `max_content_bytes` this message holds (its announced size).
+    reserved: u64,
     /// Set when the message is refused already; its body is read and dropped.
     refused: Option<String>,
 }
@@ -171,8 +177,12 @@ struct Conn<S> {
     next_epoch: u64,
     appends: VecDeque<JoinHandle<Appended>>,
     batch: Batch,
-    /// Body bytes held across channels.
+    /// Body bytes reserved by unfinished messages across channels.
     buffered: u64,
+    /// Confirms resolved but held back behind an earlier tag, and the bytes
+    /// of basic.return frames among them.
+    held_confirms: usize,
+    held_bytes: u64,
 }
 
 enum Wake {
@@ -207,9 +217,8 @@ where
                 close_frame(&mut out, code, &text, class, method);
                 let _ = write_half.write_all(&out).await;
                 // Give the client its chance to answer close-ok, then go.
-                let _ =
-                    tokio::time::timeout(CLOSE_WAIT, drain_until_close_ok(&mut reader, &mut buf))
-                        .await;
+                let drain = drain_until_close_ok(&mut reader, &mut buf, HANDSHAKE_FRAME_MAX);
+                let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
             }
             let _ = write_half.shutdown().await;
             return;
@@ -244,9 +253,16 @@ where
         appends: VecDeque::new(),
         batch: Batch::default(),
         buffered: 0,
+        held_confirms: 0,
+        held_bytes: 0,
     };
     let end = c.serve().await;
     c.finish(end).await;
+    // Appends nobody will confirm: those not yet handed to the log are
+    // dropped with their records (the client saw no ack for them).
+    for h in c.appends.drain(..) {
+        h.abort();
+    }
     drop(c);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
@@ -277,9 +293,13 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-async fn drain_until_close_ok<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) {
+async fn drain_until_close_ok<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    frame_max: usize,
+) {
     loop {
-        match read_frame(reader, buf, HANDSHAKE_FRAME_MAX).await {
+        match read_frame(reader, buf, frame_max).await {
             Ok(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))))
             | Ok(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))))
             | Err(_) => return,
@@ -506,6 +526,9 @@ fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), Str
             // A field table without its length prefix: LOGIN and PASSWORD.
             let mut framed = (response.len() as u32).to_be_bytes().to_vec();
             framed.extend_from_slice(response);
+            if !frame::nesting_ok(&framed, 0) {
+                return Err("ACCESS_REFUSED - malformed AMQPLAIN response".to_owned());
+            }
             let table = amq_protocol::types::parsing::parse_field_table(&framed[..])
                 .map(|(_, t)| t)
                 .map_err(|_| "ACCESS_REFUSED - malformed AMQPLAIN response".to_owned())?;
@@ -595,7 +618,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             if let Err(end) = self.flush_out().await {
                 return end;
             }
-            let can_read = self.appends.len() < self.server.config.max_pending_appends;
+            let can_read = self.appends.len() < self.server.config.max_pending_appends
+                && self.held_confirms < MAX_HELD_CONFIRMS
+                && self.held_bytes <= self.server.config.max_content_bytes;
             if can_read {
                 full_since = None;
                 if self.blocked {
@@ -719,9 +744,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             close_frame(&mut self.out, code, &text, class, method);
             if self.flush_out().await.is_ok() {
-                let reader = &mut self.reader;
-                let buf = &mut self.buf;
-                let _ = tokio::time::timeout(CLOSE_WAIT, drain_until_close_ok(reader, buf)).await;
+                let drain = drain_until_close_ok(&mut self.reader, &mut self.buf, self.frame_max);
+                let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
             }
         } else {
             let _ = self.flush_out().await;
@@ -750,6 +774,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         FrameError::UnknownMethod { .. } => "unknown_method",
                         FrameError::Syntax { .. } => "malformed_method",
                         FrameError::Malformed(_) => "malformed_frame",
+                        FrameError::TooDeep { .. } => "nesting_too_deep",
                     });
                     return Err(e.into());
                 }
@@ -835,10 +860,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     fn close_channel(&mut self, ch: u16, code: u16, text: String, m: Option<&AMQPClass>) {
         if let Some(c) = self.channels.get_mut(&ch) {
             if let Some(content) = c.content.take() {
-                self.buffered = self.buffered.saturating_sub(content.body.len() as u64);
+                self.buffered = self.buffered.saturating_sub(content.reserved);
             }
             c.closing = true;
-            c.resolved.clear();
+            for (_, outcome) in std::mem::take(&mut c.resolved) {
+                self.held_confirms -= 1;
+                if let Outcome::Returned(frames) = outcome {
+                    self.held_bytes -= frames.len() as u64;
+                }
+            }
         }
         frame::method(
             ch,
@@ -924,12 +954,23 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         match m {
             AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                if p.immediate {
+                    // RabbitMQ's answer too: nothing here consumes, so nothing
+                    // could ever take a message immediately.
+                    self.server.metrics.reject("not_implemented");
+                    return Err(End::for_method(
+                        code::NOT_IMPLEMENTED,
+                        "NOT_IMPLEMENTED - immediate=true is not supported",
+                        &AMQPClass::Basic(basic::AMQPMethod::Publish(p)),
+                    ));
+                }
                 if let Some(c) = self.channels.get_mut(&ch) {
                     c.content = Some(Content {
                         publish: p,
                         header: None,
                         body: Vec::new(),
                         received: 0,
+                        reserved: 0,
                         refused: None,
                     });
                 }
@@ -1115,29 +1156,6 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             ok(self);
             return;
         }
-        let log = &self.server.cx.log;
-        if d.passive {
-            if log.topic(&name).is_ok() {
-                ok(self);
-            } else {
-                self.close_channel(
-                    ch,
-                    code::NOT_FOUND,
-                    format!("NOT_FOUND - no topic '{name}'"),
-                    Some(m),
-                );
-            }
-            return;
-        }
-        if name.starts_with("amq.") {
-            self.close_channel(
-                ch,
-                code::ACCESS_REFUSED,
-                format!("ACCESS_REFUSED - exchange name '{name}' uses the reserved prefix amq."),
-                Some(m),
-            );
-            return;
-        }
         if !self
             .server
             .cx
@@ -1156,6 +1174,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             );
             return;
         }
+        let log = &self.server.cx.log;
+        if d.passive {
+            if log.topic(&name).is_ok() {
+                ok(self);
+            } else {
+                self.close_channel(
+                    ch,
+                    code::NOT_FOUND,
+                    format!("NOT_FOUND - no topic '{name}'"),
+                    Some(m),
+                );
+            }
+            return;
+        }
         if let Err(why) = tributary_storage::topic::validate_name(&name) {
             self.close_channel(
                 ch,
@@ -1172,7 +1204,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         // Creating a topic waits for the disk. It happens once per topic, so the
         // connection waits with it: publishes that follow find the topic.
         let config = log.config().topic_defaults.config(&name);
-        match log.create_topic(config).await {
+        // Bounded, so a stalled disk cannot hold the connection past its heartbeats.
+        let created = tokio::time::timeout(Duration::from_secs(10), log.create_topic(config)).await;
+        let created = created.unwrap_or_else(|_| {
+            Err(LogError::Io(std::io::Error::other(
+                "creating the topic took over 10 s",
+            )))
+        });
+        match created {
             Ok(_) | Err(LogError::TopicExists(_)) => ok(self),
             Err(e) => {
                 self.server.metrics.reject("log_unwritable");
@@ -1238,7 +1277,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     ),
                 ));
             }
-            content.body = Vec::with_capacity(h.body_size as usize);
+            // Reserved now, filled as body frames come: memory follows what
+            // arrived, the budget what was announced.
+            content.reserved = h.body_size;
+            self.buffered += h.body_size;
+            content.body = Vec::with_capacity((h.body_size as usize).min(self.frame_max));
         }
         content.header = Some((h.body_size, h.properties));
         if h.body_size == 0 {
@@ -1276,7 +1319,6 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         if content.refused.is_none() {
             content.body.extend_from_slice(&data);
-            self.buffered += data.len() as u64;
         }
         if content.received == size {
             self.complete(ch);
@@ -1292,7 +1334,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         let Some(content) = c.content.take() else {
             return;
         };
-        self.buffered = self.buffered.saturating_sub(content.body.len() as u64);
+        self.buffered = self.buffered.saturating_sub(content.reserved);
         let tag = c.confirm.then(|| {
             let t = c.next_tag;
             c.next_tag += 1;
@@ -1448,9 +1490,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         nacks += 1;
                         Outcome::Nack
                     };
-                    if let Some(c) = self.channels.get_mut(&origin.channel) {
-                        c.resolved.insert(tag, outcome);
-                    }
+                    self.hold(origin.channel, tag, outcome);
                     touched.push(origin.channel);
                 }
             }
@@ -1476,9 +1516,19 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             Outcome::Nack => &self.server.metrics.nacks,
         };
         counter.fetch_add(1, Relaxed);
-        if let Some(c) = self.channels.get_mut(&origin.channel) {
-            c.resolved.insert(tag, outcome);
-            self.send_confirms(origin.channel);
+        self.hold(origin.channel, tag, outcome);
+        self.send_confirms(origin.channel);
+    }
+
+    /// Keeps a resolved confirm until every earlier tag of its channel is sent.
+    fn hold(&mut self, ch: u16, tag: u64, outcome: Outcome) {
+        if let Some(c) = self.channels.get_mut(&ch) {
+            if let Outcome::Returned(frames) = &outcome {
+                self.held_bytes += frames.len() as u64;
+            }
+            if c.resolved.insert(tag, outcome).is_none() {
+                self.held_confirms += 1;
+            }
         }
     }
 
@@ -1496,6 +1546,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             let (tag, outcome) = entry.remove_entry();
             c.confirmed_through = tag;
+            self.held_confirms -= 1;
+            if let Outcome::Returned(frames) = &outcome {
+                self.held_bytes -= frames.len() as u64;
+            }
             if outcome == Outcome::Ack {
                 run = Some(run.map_or((tag, tag), |(first, _)| (first, tag)));
                 continue;

@@ -59,6 +59,8 @@ pub enum FrameError {
     UnknownMethod { class: u16, method: u16 },
     /// A known method (or a content header) whose fields do not parse.
     Syntax { class: u16, method: u16 },
+    /// Field tables or arrays nested deeper than [`MAX_NESTING`].
+    TooDeep { class: u16, method: u16 },
 }
 
 impl FrameError {
@@ -77,6 +79,10 @@ impl FrameError {
             FrameError::Syntax { class, method } => (
                 code::SYNTAX_ERROR,
                 format!("malformed fields in method {class}.{method}"),
+            ),
+            FrameError::TooDeep { class, method } => (
+                code::SYNTAX_ERROR,
+                format!("field tables nested deeper than {MAX_NESTING} in {class}.{method}"),
             ),
         }
     }
@@ -101,6 +107,139 @@ const METHODS: [(u16, &[u16]); 8] = [
     (85, &[10, 11]),
     (90, &[10, 11, 20, 21, 30, 31]),
 ];
+
+/// Deepest nesting of field tables and arrays accepted. amq-protocol parses
+/// them recursively, so a frame of a few kilobytes of nested arrays would
+/// otherwise overflow a worker thread's stack; we check iteratively first.
+pub const MAX_NESTING: usize = 32;
+
+/// Where the field table of a method frame's payload starts, for the methods
+/// that carry one (the payload starts with class and method ids).
+fn method_table_at(payload: &[u8], class: u16, method: u16) -> Option<usize> {
+    let mut at = 4;
+    let short = |at: &mut usize| -> Option<()> {
+        *at += 1 + usize::from(*payload.get(*at)?);
+        Some(())
+    };
+    match (class, method) {
+        // connection.start: version major, minor, then server-properties.
+        (10, 10) => at += 2,
+        // connection.start-ok: client-properties first.
+        (10, 11) => {}
+        // exchange.declare: reserved u16, exchange, type, flags, arguments.
+        (40, 10) => {
+            at += 2;
+            short(&mut at)?;
+            short(&mut at)?;
+            at += 1;
+        }
+        // exchange.bind/unbind, queue.bind: reserved, three names, flags, arguments.
+        (40, 30) | (40, 40) | (50, 20) => {
+            at += 2;
+            for _ in 0..3 {
+                short(&mut at)?;
+            }
+            at += 1;
+        }
+        // queue.declare: reserved, queue, flags, arguments.
+        (50, 10) => {
+            at += 2;
+            short(&mut at)?;
+            at += 1;
+        }
+        // queue.unbind: reserved, three names, arguments.
+        (50, 50) => {
+            at += 2;
+            for _ in 0..3 {
+                short(&mut at)?;
+            }
+        }
+        // basic.consume: reserved, queue, consumer tag, flags, arguments.
+        (60, 20) => {
+            at += 2;
+            short(&mut at)?;
+            short(&mut at)?;
+            at += 1;
+        }
+        _ => return None,
+    }
+    Some(at)
+}
+
+/// Where the `headers` table of a content header's payload starts, if present.
+fn header_table_at(payload: &[u8]) -> Option<usize> {
+    // class id, weight, body size, then property flag words (low bit: more follow).
+    let mut at = 12;
+    let first = u16::from_be_bytes([*payload.get(at)?, *payload.get(at + 1)?]);
+    let mut word = first;
+    at += 2;
+    while word & 1 == 1 {
+        word = u16::from_be_bytes([*payload.get(at)?, *payload.get(at + 1)?]);
+        at += 2;
+    }
+    for flag in [0x8000u16, 0x4000] {
+        if first & flag != 0 {
+            at += 1 + usize::from(*payload.get(at)?);
+        }
+    }
+    (first & 0x2000 != 0).then_some(at)
+}
+
+/// False when the field table at `start` nests tables or arrays deeper than
+/// [`MAX_NESTING`]. Malformed input answers true: the parser refuses it, and
+/// it cannot recurse deeper than this walk got.
+pub fn nesting_ok(buf: &[u8], start: usize) -> bool {
+    let len_at = |at: usize| -> Option<usize> {
+        let b = buf.get(at..at + 4)?;
+        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let Some(len) = len_at(start) else {
+        return true;
+    };
+    // (is a table, end offset) of every open container.
+    let mut stack = vec![(true, start + 4 + len)];
+    let mut at = start + 4;
+    while let Some(&(table, end)) = stack.last() {
+        if at >= end {
+            stack.pop();
+            continue;
+        }
+        if table {
+            let Some(&key) = buf.get(at) else {
+                return true;
+            };
+            at += 1 + usize::from(key);
+        }
+        let Some(&kind) = buf.get(at) else {
+            return true;
+        };
+        at += 1;
+        at += match kind {
+            b't' | b'b' | b'B' => 1,
+            b's' | b'U' | b'u' => 2,
+            b'I' | b'i' | b'f' => 4,
+            b'D' => 5,
+            b'l' | b'L' | b'd' | b'T' => 8,
+            b'V' => 0,
+            b'S' | b'x' => match len_at(at) {
+                Some(n) => 4 + n,
+                None => return true,
+            },
+            b'A' | b'F' => {
+                let Some(n) = len_at(at) else {
+                    return true;
+                };
+                if stack.len() >= MAX_NESTING {
+                    return false;
+                }
+                stack.push((kind == b'F', at + 4 + n));
+                4
+            }
+            _ => return true,
+        };
+    }
+    true
+}
 
 fn known_method(class: u16, method: u16) -> bool {
     METHODS
@@ -140,6 +279,23 @@ pub fn next_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<AMQPFra
             u16::from_be_bytes([at(2), at(3)]),
         )
     };
+    let payload = &buf[HEADER..total - 1];
+    let table_at = match kind {
+        1 => {
+            let (class, method) = ids(buf);
+            method_table_at(payload, class, method)
+        }
+        2 => header_table_at(payload),
+        _ => None,
+    };
+    if let Some(at) = table_at {
+        if !nesting_ok(payload, at) {
+            let (class, method) = ids(buf);
+            let method = if kind == 2 { 0 } else { method };
+            buf.advance(total);
+            return Err(FrameError::TooDeep { class, method });
+        }
+    }
     let parsed = parse_frame(&buf[..total]).map(|(_, f)| f);
     let result = match parsed {
         Ok(frame) => Ok(Some(frame)),
@@ -163,12 +319,16 @@ pub fn next_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<AMQPFra
 
 /// Appends `frame`'s bytes to `out`.
 pub fn encode(frame: &AMQPFrame, out: &mut Vec<u8>) {
+    let before = out.len();
     let buf = std::mem::take(out);
     match cookie_factory::gen(gen_frame(frame), buf) {
         Ok((buf, _)) => *out = buf,
-        // Writing into a Vec cannot fail; the frames we build keep every
-        // short string within 255 bytes.
-        Err(e) => tracing::error!(error = ?e, "an AMQP frame could not be encoded"),
+        // Writing into a Vec cannot fail, and the frames we build keep every
+        // short string within 255 bytes; were it to fail, only this frame is lost.
+        Err(e) => {
+            tracing::error!(error = ?e, "an AMQP frame could not be encoded");
+            out.truncate(before);
+        }
     }
 }
 
@@ -214,7 +374,8 @@ pub fn short(s: &str) -> ShortString {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use amq_protocol::protocol::basic;
+    use amq_protocol::protocol::{basic, connection};
+    use amq_protocol::types::{AMQPValue, FieldTable};
 
     fn bytes_of(frame: &AMQPFrame) -> BytesMut {
         let mut v = Vec::new();
@@ -290,6 +451,73 @@ mod tests {
             next_frame(&mut b, 131_072),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    /// `depth` arrays nested inside one header value, as a content header payload.
+    fn nested_header(depth: usize) -> BytesMut {
+        let mut value = vec![b'V'];
+        for _ in 0..depth {
+            let mut outer = vec![b'A'];
+            outer.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&value);
+            value = outer;
+        }
+        let mut table = vec![1u8, b'h'];
+        table.extend_from_slice(&value);
+        let mut payload = vec![0u8, 60, 0, 0];
+        payload.extend_from_slice(&0u64.to_be_bytes());
+        payload.extend_from_slice(&0x2000u16.to_be_bytes());
+        payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        payload.extend_from_slice(&table);
+        let mut f = vec![2u8, 0, 1];
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(&payload);
+        f.push(0xCE);
+        BytesMut::from(&f[..])
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_recursive_parser_sees_it() {
+        let mut ok = nested_header(MAX_NESTING - 2);
+        assert!(matches!(
+            next_frame(&mut ok, 1 << 20),
+            Ok(Some(AMQPFrame::Header(..)))
+        ));
+        for depth in [MAX_NESTING + 1, 100_000] {
+            let mut deep = nested_header(depth);
+            assert_eq!(
+                next_frame(&mut deep, 1 << 20),
+                Err(FrameError::TooDeep {
+                    class: 60,
+                    method: 0
+                })
+            );
+            assert!(deep.is_empty());
+        }
+        // The same in connection.start-ok's client properties.
+        let mut props = FieldTable::default();
+        let mut v = AMQPValue::Void;
+        for _ in 0..MAX_NESTING + 5 {
+            v = AMQPValue::FieldArray(vec![v].into());
+        }
+        props.insert("deep".into(), v);
+        let f = AMQPFrame::Method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: props,
+                mechanism: "PLAIN".into(),
+                response: "\0a\0b".into(),
+                locale: "en_US".into(),
+            })),
+        );
+        let mut b = bytes_of(&f);
+        assert_eq!(
+            next_frame(&mut b, 1 << 20),
+            Err(FrameError::TooDeep {
+                class: 10,
+                method: 11
+            })
+        );
     }
 
     #[test]
