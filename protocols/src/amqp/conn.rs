@@ -9,6 +9,7 @@
 //! bytes go through a bounded channel to a writer task; partial message bodies
 //! are bounded by `max_content_bytes`. Nothing grows with the backlog.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -46,6 +47,11 @@ const HANDSHAKE_FRAME_MAX: usize = 4096;
 /// Resolved confirms one connection may hold back behind an earlier, slower
 /// tag before it stops reading.
 const MAX_HELD_CONFIRMS: usize = 65_536;
+/// A batch gathered behind a waiting append goes at this size anyway.
+const GATHER_BYTES: usize = 256 * 1024;
+const GATHER_COUNT: usize = 4096;
+/// Topics whose limits one connection remembers.
+const KNOWN_TOPICS: usize = 1024;
 /// Outbound bytes gathered before they are handed to the writer.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
@@ -153,6 +159,7 @@ struct Origin {
 struct Batch {
     topics: BTreeMap<String, Vec<(Origin, AppendRecord)>>,
     count: usize,
+    bytes: usize,
 }
 
 /// The outcome of one append batch.
@@ -183,6 +190,9 @@ struct Conn<S> {
     /// of basic.return frames among them.
     held_confirms: usize,
     held_bytes: u64,
+    /// `max_event_bytes` of topics seen to exist (topics are never deleted
+    /// and their limits never change), so a publish needs no log lookup.
+    known_topics: HashMap<String, usize>,
 }
 
 enum Wake {
@@ -255,6 +265,7 @@ where
         buffered: 0,
         held_confirms: 0,
         held_bytes: 0,
+        known_topics: HashMap::new(),
     };
     let end = c.serve().await;
     c.finish(end).await;
@@ -591,11 +602,11 @@ fn method_name(m: &AMQPClass) -> String {
 }
 
 /// The ACL subject of a publish: the topic, or `topic/routing-key` for a named exchange.
-fn acl_subject(exchange: &str, routing_key: &str) -> String {
+fn acl_subject<'a>(exchange: &'a str, routing_key: &'a str) -> Cow<'a, str> {
     if exchange.is_empty() || routing_key.is_empty() {
-        mapping::topic_of(exchange, routing_key).to_owned()
+        Cow::Borrowed(mapping::topic_of(exchange, routing_key))
     } else {
-        format!("{exchange}/{routing_key}")
+        Cow::Owned(format!("{exchange}/{routing_key}"))
     }
 }
 
@@ -684,7 +695,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 Wake::Appended(r) => {
                     self.appends.pop_front();
                     match r {
-                        Ok(done) => self.appended(done),
+                        Ok(done) => {
+                            self.appended(done);
+                            // What gathered while that append waited goes now.
+                            self.flush_batch();
+                        }
                         Err(_) => {
                             return End::server(
                                 code::INTERNAL_ERROR,
@@ -749,6 +764,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
         } else {
             let _ = self.flush_out().await;
+            if matches!(end, End::ClientClosed) {
+                // The client closes the socket after our close-ok (RabbitMQ
+                // waits for that too); closing first makes clients report a
+                // broken connection.
+                let mut sink = [0u8; 512];
+                let until_eof =
+                    async { while matches!(self.reader.read(&mut sink).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(CLOSE_WAIT, until_eof).await;
+            }
         }
     }
 
@@ -784,7 +808,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 self.flush_out().await?;
             }
         }
-        self.flush_batch();
+        self.flush_batch_unless_busy();
         Ok(())
     }
 
@@ -1361,8 +1385,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         let exchange = publish.exchange.as_str();
         let routing_key = publish.routing_key.as_str();
-        let topic = mapping::topic_of(exchange, routing_key).to_owned();
-        let publish_method = AMQPClass::Basic(basic::AMQPMethod::Publish(publish.clone()));
+        let topic = mapping::topic_of(exchange, routing_key);
+        // For error replies only (they name the method).
+        let publish_method = || AMQPClass::Basic(basic::AMQPMethod::Publish(publish.clone()));
         let subject = acl_subject(exchange, routing_key);
         if !self
             .server
@@ -1378,14 +1403,27 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     "ACCESS_REFUSED - publishing to '{subject}' is not authorized for {}",
                     self.identity.id
                 ),
-                Some(&publish_method),
+                Some(&publish_method()),
             );
             return;
         }
         let log = &self.server.cx.log;
-        let existing = log.topic(&topic).ok();
-        let routable = tributary_storage::topic::validate_name(&topic).is_ok()
-            && (existing.is_some() || log.config().auto_create_topics);
+        let existing = match self.known_topics.get(topic) {
+            Some(&max) => Some(max),
+            None => {
+                let found = log.topic(topic).ok().map(|t| t.config.max_event_bytes);
+                if let Some(max) = found {
+                    if self.known_topics.len() >= KNOWN_TOPICS {
+                        self.known_topics.clear();
+                    }
+                    self.known_topics.insert(topic.to_owned(), max);
+                }
+                found
+            }
+        };
+        let routable = existing.is_some()
+            || (log.config().auto_create_topics
+                && tributary_storage::topic::validate_name(topic).is_ok());
         if !routable {
             self.server.metrics.reject("no_route");
             if publish.mandatory {
@@ -1414,15 +1452,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     ch,
                     code::NOT_FOUND,
                     format!("NOT_FOUND - no topic '{topic}', and this node does not create topics on publish"),
-                    Some(&publish_method),
+                    Some(&publish_method()),
                 );
             }
             return;
         }
         let event = mapping::event_from(routing_key, &props, body);
-        let max_event = existing.map_or(log.config().topic_defaults.max_event_bytes, |t| {
-            t.config.max_event_bytes
-        });
+        let max_event = existing.unwrap_or(log.config().topic_defaults.max_event_bytes);
         if event.size() > max_event {
             self.server.metrics.reject("message_too_large");
             if tag.is_some() {
@@ -1435,17 +1471,35 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         "PRECONDITION_FAILED - event of {} bytes exceeds the topic's max_event_bytes {max_event}",
                         event.size()
                     ),
-                    Some(&publish_method),
+                    Some(&publish_method()),
                 );
             }
             return;
         }
-        self.batch
-            .topics
-            .entry(topic)
-            .or_default()
-            .push((origin, AppendRecord::from(event)));
+        let size = event.size();
+        let record = (origin, AppendRecord::from(event));
+        match self.batch.topics.get_mut(topic) {
+            Some(records) => records.push(record),
+            None => {
+                self.batch.topics.insert(topic.to_owned(), vec![record]);
+            }
+        }
         self.batch.count += 1;
+        self.batch.bytes += size;
+    }
+
+    /// Hands the gathered publishes to the log unless an append of this
+    /// connection is already waiting for the disk and the batch is small: then
+    /// it keeps gathering and goes when that append completes. Pipelining
+    /// clients send a few messages per read; this makes one append (not one
+    /// per read) per commit cycle, which is what costs CPU.
+    fn flush_batch_unless_busy(&mut self) {
+        if self.appends.is_empty()
+            || self.batch.bytes >= GATHER_BYTES
+            || self.batch.count >= GATHER_COUNT
+        {
+            self.flush_batch();
+        }
     }
 
     fn flush_batch(&mut self) {
