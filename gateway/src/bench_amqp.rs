@@ -104,7 +104,7 @@ impl AmqpReport {
         let secs = self.elapsed.as_secs_f64();
         let rate = self.confirmed as f64 / secs;
         println!(
-            "amqp: {} messages confirmed in {:.2}s = {:.0} msg/s, {:.1} MB/s payload, {} nacked, {} connection errors",
+            "amqp: {} messages confirmed in {:.2}s = {:.0} msg/s, {:.1} MB/s payload, {} nacked or returned, {} connection errors",
             self.confirmed,
             secs,
             rate,
@@ -332,10 +332,16 @@ async fn publish_loop(
             let sent_at = Instant::now();
             // Resolves once lapin's I/O loop has written the frames out; the
             // answer is the confirm to wait for.
+            // Mandatory: a broker acks a message it could not route (RabbitMQ
+            // without the queue); such an ack comes with the message returned
+            // and is not counted as confirmed.
             let publish = channel.basic_publish(
                 exchange.clone(),
                 routing_key.clone(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
                 &body,
                 properties.clone(),
             );
@@ -408,16 +414,17 @@ impl Worker {
         let now = Instant::now();
         let counted = now >= measure_from && now < deadline;
         match confirmation {
-            Ok(Confirmation::Ack(_)) => {
+            Ok(Confirmation::Ack(Some(_))) | Ok(Confirmation::Nack(_)) => {
+                // Returned (unroutable) or refused: stored nowhere.
                 if counted {
-                    self.confirmed += 1;
-                    self.samples.record(now - sent_at);
+                    self.nacked += 1;
                 }
                 true
             }
-            Ok(Confirmation::Nack(_)) => {
+            Ok(Confirmation::Ack(None)) => {
                 if counted {
-                    self.nacked += 1;
+                    self.confirmed += 1;
+                    self.samples.record(now - sent_at);
                 }
                 true
             }

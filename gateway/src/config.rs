@@ -745,15 +745,10 @@ fn bridge_config(b: &BridgeSection) -> Result<BridgeConfig, String> {
     tributary_storage::log::validate_group(&format!("amqp-bridge-{}", b.name))
         .map_err(|e| format!("`name` makes the consumer group name invalid: {e}"))?;
     tributary_storage::topic::validate_name(&b.topic).map_err(|e| format!("`topic`: {e}"))?;
-    if !(b.url.starts_with("amqp://") || b.url.starts_with("amqps://")) {
-        return Err(format!(
-            "`url` must start with amqp:// or amqps://, got `{}`",
-            b.url
-        ));
+    if !tributary_protocols::amqp::bridge::AVAILABLE {
+        return Err("this build has no AMQP bridge (cargo feature `amqp-bridge`)".into());
     }
-    b.url
-        .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| format!("`url` is not a valid AMQP URI: {e}"))?;
+    tributary_protocols::amqp::bridge::validate_url(&b.url).map_err(|e| format!("`url` {e}"))?;
     let queue = match (direction, &b.queue) {
         (Direction::In, Some(q)) if !q.is_empty() => q.clone(),
         (Direction::In, _) => return Err("`queue` is required for direction = \"in\"".into()),

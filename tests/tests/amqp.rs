@@ -1083,18 +1083,33 @@ async fn random_frames_from_many_connections_never_panic_or_stop_the_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_headers_are_refused_without_touching_the_stack() {
     let s = server(false, AmqpConfig::default()).await;
-    let mut raw = Raw::connect(s.addr, 0, false).await;
-    raw.send(AMQPFrame::Method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    ))
-    .await;
-    raw.recv().await.expect("open-ok");
-    raw.send(publish_frames(1, "x", b"v").remove(0)).await;
-    // A content header whose `headers` nests 20,000 arrays (100 KB): the
-    // recursive parser would overflow a worker's stack on it.
+    // 0x2001: a continuation bit the parser ignores must not move the check.
+    for flags in [0x2000u16, 0x2001] {
+        let mut raw = Raw::connect(s.addr, 0, false).await;
+        raw.send(AMQPFrame::Method(
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        ))
+        .await;
+        raw.recv().await.expect("open-ok");
+        raw.send(publish_frames(1, "x", b"v").remove(0)).await;
+        raw.s
+            .write_all(&deep_header(20_000, flags))
+            .await
+            .expect("deep header");
+        let close = raw.expect_close().await;
+        assert_eq!(close.reply_code, 502, "{close:?}");
+        assert!(close.reply_text.as_str().contains("nested"), "{close:?}");
+    }
+    still_serves(s.addr).await;
+    assert_eq!(s.server.metrics().rejections("nesting_too_deep"), 2);
+}
+
+/// A content header frame on channel 1 whose `headers` nests `depth` arrays
+/// (20,000 make 100 KB: the recursive parser would overflow a worker's stack).
+fn deep_header(depth: usize, flags: u16) -> Vec<u8> {
     let mut value = vec![b'V'];
-    for _ in 0..20_000 {
+    for _ in 0..depth {
         let mut outer = vec![b'A'];
         outer.extend_from_slice(&(value.len() as u32).to_be_bytes());
         outer.extend_from_slice(&value);
@@ -1104,19 +1119,14 @@ async fn deeply_nested_headers_are_refused_without_touching_the_stack() {
     table.extend_from_slice(&value);
     let mut payload = vec![0u8, 60, 0, 0];
     payload.extend_from_slice(&1u64.to_be_bytes());
-    payload.extend_from_slice(&0x2000u16.to_be_bytes());
+    payload.extend_from_slice(&flags.to_be_bytes());
     payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
     payload.extend_from_slice(&table);
     let mut f = vec![2u8, 0, 1];
     f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     f.extend_from_slice(&payload);
     f.push(0xCE);
-    raw.s.write_all(&f).await.expect("deep header");
-    let close = raw.expect_close().await;
-    assert_eq!(close.reply_code, 502, "{close:?}");
-    assert!(close.reply_text.as_str().contains("nested"), "{close:?}");
-    still_serves(s.addr).await;
-    assert_eq!(s.server.metrics().rejections("nesting_too_deep"), 1);
+    f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1206,5 +1216,119 @@ async fn confirms_of_a_closed_channel_never_reach_its_reopened_successor() {
     match raw.recv().await {
         Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)))) => {}
         other => panic!("expected only close-ok after the ack, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_channels_gives_back_what_their_held_confirms_took() {
+    // Returned bodies held behind a slower tag count against max_content_bytes;
+    // a channel closed by the client must give them back, or the connection
+    // would stop reading for good after a few open-publish-close rounds.
+    let s = server(
+        true,
+        AmqpConfig {
+            max_message_bytes: 32 * 1024,
+            max_content_bytes: 64 * 1024,
+            ..AmqpConfig::default()
+        },
+    )
+    .await;
+    s.log
+        .create_topic(s.log.config().topic_defaults.config("known"))
+        .await
+        .expect("topic");
+    s.store.hold_sync();
+    let mut raw = Raw::connect(s.addr, 0, false).await;
+    for round in 0..12 {
+        open_confirm(&mut raw).await;
+        match raw.recv().await {
+            Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))) => {}
+            other => panic!("round {round}: expected channel.open-ok, got {other:?}"),
+        }
+        // Tag 1 waits for the held disk; tag 2 (mandatory, no topic) is
+        // returned, and its 16 KiB return waits behind tag 1.
+        for f in publish_frames(1, "known", b"waits") {
+            raw.send(f).await;
+        }
+        let mut frames = publish_frames(1, "nowhere", &[7u8; 16 * 1024]);
+        if let AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Publish(p))) =
+            &mut frames[0]
+        {
+            p.mandatory = true;
+        }
+        for f in frames {
+            raw.send(f).await;
+        }
+        raw.send(AMQPFrame::Method(
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close::default())),
+        ))
+        .await;
+        match raw.recv().await {
+            Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))) => {}
+            other => panic!("round {round}: expected channel.close-ok, got {other:?}"),
+        }
+    }
+    s.store.release_sync();
+    // The same connection still reads and confirms.
+    open_confirm(&mut raw).await;
+    raw.recv().await.expect("open-ok");
+    for f in publish_frames(1, "known", b"after") {
+        raw.send(f).await;
+    }
+    match raw.recv().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(a)))) => {
+            assert_eq!(a.delivery_tag, 1)
+        }
+        other => panic!("expected basic.ack, got {other:?}"),
+    }
+    let (start, end) = s.log.offsets("known", 0).expect("offsets");
+    assert_eq!(end - start, 13, "12 held publishes and the last one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_without_confirms_are_stored_when_the_client_closes_right_after() {
+    let s = server(false, AmqpConfig::default()).await;
+    let conn = lapin_connect(&dev_url(s.addr)).await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_publish(
+        "".into(),
+        "burst".into(),
+        BasicPublishOptions::default(),
+        b"warm-up",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish");
+    // The disk is held while the burst arrives and the client closes, so the
+    // appends are still pending (some gathered) when the connection ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.store.hold_sync();
+    for i in 0..500 {
+        ch.basic_publish(
+            "".into(),
+            "burst".into(),
+            BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish");
+    }
+    conn.close(200, "done".into()).await.expect("close");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.store.release_sync();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (start, end) = s.log.offsets("burst", 0).expect("offsets");
+        if end - start == 501 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of 501 publishes stored after the client closed",
+            end - start
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -154,7 +154,13 @@ fn a_rabbitmq_queue_is_consumed_into_a_topic_across_a_rabbitmq_restart() {
         let mut confirmed = BTreeSet::new();
         let mut next = 0;
         let mut restarted = false;
+        let give_up = Instant::now() + Duration::from_secs(180);
         while confirmed.len() < TOTAL {
+            assert!(
+                Instant::now() < give_up,
+                "RabbitMQ confirmed only {} of {TOTAL} in 3 minutes",
+                confirmed.len()
+            );
             let Some(conn) = connect(&url).await else {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -242,10 +248,43 @@ fn a_rabbitmq_queue_is_consumed_into_a_topic_across_a_rabbitmq_restart() {
             .await
             .expect("text")
     });
+    let connects: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tributary_amqp_bridge_connects_total{bridge=\"in\",direction=\"in\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     assert!(
-        metrics.contains("tributary_amqp_bridge_connects_total{bridge=\"in\",direction=\"in\"}"),
-        "{metrics}"
+        connects >= 2,
+        "the bridge reconnected after the restart: {connects} connects"
     );
+    // What the bridge stored, it acked: the queue drains to nothing unacked.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("bash")
+            .arg(script())
+            .args([
+                "ctl",
+                &rabbit.path(),
+                "list_queues",
+                "name",
+                "messages",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .expect("rabbitmqctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let drained = text.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 3 && f[0] == "bridge-in" && f[1] == "0" && f[2] == "0"
+        });
+        if drained {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bridge-in did not drain: {text}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     rt.block_on(node.stop());
 }
 
@@ -323,16 +362,28 @@ fn a_topic_is_forwarded_to_rabbitmq_across_a_rabbitmq_restart() {
         "events that never reached RabbitMQ: {missing:?} ..."
     );
     // The position is a consumer group, committed after confirms.
-    let (s, offsets) = rt.block_on(common::get(
-        &c,
-        &format!("{}/v1/groups/amqp-bridge-out/offsets", node.url),
-    ));
-    assert_eq!(s, 200, "{offsets}");
-    let committed: u64 = offsets["offsets"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|o| o["offset"].as_u64()).sum())
-        .unwrap_or(0);
-    assert_eq!(committed as usize, BATCHES * PER_BATCH, "{offsets}");
+    // RabbitMQ may hand a message out before its confirm reaches the bridge,
+    // which commits after the confirm: wait for the commit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, offsets) = rt.block_on(common::get(
+            &c,
+            &format!("{}/v1/groups/amqp-bridge-out/offsets", node.url),
+        ));
+        assert_eq!(s, 200, "{offsets}");
+        let committed: u64 = offsets["offsets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|o| o["offset"].as_u64()).sum())
+            .unwrap_or(0);
+        if committed as usize == BATCHES * PER_BATCH {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed {committed}: {offsets}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     eprintln!(
         "forwarded {} events in {deliveries} deliveries ({} redelivered after the restart)",
         want.len(),

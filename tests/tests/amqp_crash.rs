@@ -50,6 +50,28 @@ async fn publisher(addr: std::net::SocketAddr, id: usize, cycle: usize, acked: A
     }
     let mut rng = fastrand::Rng::with_seed((cycle * 100 + id) as u64);
     let mut inflight = VecDeque::new();
+    publish_until_error(&ch, id, cycle, &mut rng, &mut inflight, &acked).await;
+    // The last acks before the crash are the ones an early ack would lose:
+    // record every confirm that already arrived, not only popped ones.
+    for (payload, confirm) in inflight {
+        if let Some(Ok(c)) = futures_util::FutureExt::now_or_never(confirm) {
+            if c.is_ack() {
+                acked.lock().expect("acked").push(payload);
+            }
+        }
+    }
+}
+
+type Inflight = VecDeque<(Vec<u8>, lapin::PublisherConfirm)>;
+
+async fn publish_until_error(
+    ch: &lapin::Channel,
+    id: usize,
+    cycle: usize,
+    rng: &mut fastrand::Rng,
+    inflight: &mut Inflight,
+    acked: &Acked,
+) {
     for seq in 0u64.. {
         if inflight.len() >= WINDOW {
             let Some((payload, confirm)) = inflight.pop_front() else {

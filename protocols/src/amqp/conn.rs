@@ -269,8 +269,8 @@ where
     };
     let end = c.serve().await;
     c.finish(end).await;
-    // Appends nobody will confirm: those not yet handed to the log are
-    // dropped with their records (the client saw no ack for them).
+    // What is still pending after the drain's bound is dropped (the client
+    // saw no ack for it), so a stalled disk cannot pile up orphaned appends.
     for h in c.appends.drain(..) {
         h.abort();
     }
@@ -742,18 +742,30 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     /// Ends the connection: at shutdown, confirms what becomes durable first;
     /// then connection.close and a short wait for close-ok.
     async fn finish(&mut self, end: End) {
+        // Everything read before the end is stored, as RabbitMQ routes what it
+        // received before a close (publishers without confirms count on it),
+        // and confirmed where the client can still hear it. Bounded, and the
+        // connection keeps its slot meanwhile, so max_connections bounds it.
         self.flush_batch();
-        if let End::Server(code, text, class, method) = end {
-            if code == code::CONNECTION_FORCED {
-                let drain = async {
-                    while let Some(h) = self.appends.pop_front() {
-                        if let Ok(done) = h.await {
-                            self.appended(done);
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(SHUTDOWN_DRAIN, drain).await;
+        if !matches!(end, End::Server(..)) {
+            // The client closed (close-ok is out already) or is gone: no confirm may follow.
+            let open: Vec<u16> = self.channels.keys().copied().collect();
+            for ch in open {
+                self.release(ch);
+                if let Some(c) = self.channels.get_mut(&ch) {
+                    c.closing = true;
+                }
             }
+        }
+        let drain = async {
+            while let Some(h) = self.appends.pop_front() {
+                if let Ok(done) = h.await {
+                    self.appended(done);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, drain).await;
+        if let End::Server(code, text, class, method) = end {
             if code != code::SUCCESS {
                 tracing::debug!(code, %text, "closing an AMQP connection");
             }
@@ -883,16 +895,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     /// Sends channel.close and drops the channel's state until close-ok.
     fn close_channel(&mut self, ch: u16, code: u16, text: String, m: Option<&AMQPClass>) {
         if let Some(c) = self.channels.get_mut(&ch) {
-            if let Some(content) = c.content.take() {
-                self.buffered = self.buffered.saturating_sub(content.reserved);
-            }
             c.closing = true;
-            for (_, outcome) in std::mem::take(&mut c.resolved) {
-                self.held_confirms -= 1;
-                if let Outcome::Returned(frames) = outcome {
-                    self.held_bytes -= frames.len() as u64;
-                }
-            }
+            self.release(ch);
         }
         frame::method(
             ch,
@@ -904,6 +908,29 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             })),
             &mut self.out,
         );
+    }
+
+    /// Gives back what a channel holds: its unfinished message's reservation
+    /// and its held confirms (they will never be sent).
+    fn release(&mut self, ch: u16) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        if let Some(content) = c.content.take() {
+            self.buffered = self.buffered.saturating_sub(content.reserved);
+        }
+        for (_, outcome) in std::mem::take(&mut c.resolved) {
+            self.held_confirms = self.held_confirms.saturating_sub(1);
+            if let Outcome::Returned(frames) = outcome {
+                self.held_bytes = self.held_bytes.saturating_sub(frames.len() as u64);
+            }
+        }
+    }
+
+    /// Forgets a closed channel.
+    fn drop_channel(&mut self, ch: u16) {
+        self.release(ch);
+        self.channels.remove(&ch);
     }
 
     fn reply(&mut self, ch: u16, m: AMQPClass) {
@@ -952,10 +979,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             // After our channel.close only close-ok (or a crossing close) counts.
             match m {
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
-                    self.channels.remove(&ch);
+                    self.drop_channel(ch);
                 }
                 AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
-                    self.channels.remove(&ch);
+                    self.drop_channel(ch);
                     self.reply(
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
@@ -1001,7 +1028,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 Ok(())
             }
             AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
-                self.channels.remove(&ch);
+                self.drop_channel(ch);
                 self.reply(
                     ch,
                     AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
@@ -1580,8 +1607,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             if let Outcome::Returned(frames) = &outcome {
                 self.held_bytes += frames.len() as u64;
             }
-            if c.resolved.insert(tag, outcome).is_none() {
-                self.held_confirms += 1;
+            match c.resolved.insert(tag, outcome) {
+                None => self.held_confirms += 1,
+                Some(Outcome::Returned(old)) => {
+                    self.held_bytes = self.held_bytes.saturating_sub(old.len() as u64)
+                }
+                Some(_) => {}
             }
         }
     }
@@ -1600,9 +1631,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             let (tag, outcome) = entry.remove_entry();
             c.confirmed_through = tag;
-            self.held_confirms -= 1;
+            self.held_confirms = self.held_confirms.saturating_sub(1);
             if let Outcome::Returned(frames) = &outcome {
-                self.held_bytes -= frames.len() as u64;
+                self.held_bytes = self.held_bytes.saturating_sub(frames.len() as u64);
             }
             if outcome == Outcome::Ack {
                 run = Some(run.map_or((tag, tag), |(first, _)| (first, tag)));

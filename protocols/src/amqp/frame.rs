@@ -168,21 +168,18 @@ fn method_table_at(payload: &[u8], class: u16, method: u16) -> Option<usize> {
 
 /// Where the `headers` table of a content header's payload starts, if present.
 fn header_table_at(payload: &[u8]) -> Option<usize> {
-    // class id, weight, body size, then property flag words (low bit: more follow).
-    let mut at = 12;
-    let first = u16::from_be_bytes([*payload.get(at)?, *payload.get(at + 1)?]);
-    let mut word = first;
-    at += 2;
-    while word & 1 == 1 {
-        word = u16::from_be_bytes([*payload.get(at)?, *payload.get(at + 1)?]);
-        at += 2;
-    }
+    // class id, weight, body size, one property-flags word. amq-protocol reads
+    // exactly one flags word (0-9-1's basic class has 14 properties and no
+    // continuation), so the properties start at 14 whatever bit 0 says: the
+    // check must look where the parser will.
+    let flags = u16::from_be_bytes([*payload.get(12)?, *payload.get(13)?]);
+    let mut at = 14;
     for flag in [0x8000u16, 0x4000] {
-        if first & flag != 0 {
+        if flags & flag != 0 {
             at += 1 + usize::from(*payload.get(at)?);
         }
     }
-    (first & 0x2000 != 0).then_some(at)
+    (flags & 0x2000 != 0).then_some(at)
 }
 
 /// False when the field table at `start` nests tables or arrays deeper than
@@ -455,6 +452,10 @@ mod tests {
 
     /// `depth` arrays nested inside one header value, as a content header payload.
     fn nested_header(depth: usize) -> BytesMut {
+        nested_header_with_flags(depth, 0x2000)
+    }
+
+    fn nested_header_with_flags(depth: usize, flags: u16) -> BytesMut {
         let mut value = vec![b'V'];
         for _ in 0..depth {
             let mut outer = vec![b'A'];
@@ -466,7 +467,7 @@ mod tests {
         table.extend_from_slice(&value);
         let mut payload = vec![0u8, 60, 0, 0];
         payload.extend_from_slice(&0u64.to_be_bytes());
-        payload.extend_from_slice(&0x2000u16.to_be_bytes());
+        payload.extend_from_slice(&flags.to_be_bytes());
         payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
         payload.extend_from_slice(&table);
         let mut f = vec![2u8, 0, 1];
@@ -494,6 +495,16 @@ mod tests {
             );
             assert!(deep.is_empty());
         }
+        // A set continuation bit must not move the check away from where
+        // the parser reads (it reads one flags word).
+        let mut sneaky = nested_header_with_flags(800, 0x2001);
+        assert_eq!(
+            next_frame(&mut sneaky, 1 << 20),
+            Err(FrameError::TooDeep {
+                class: 60,
+                method: 0
+            })
+        );
         // The same in connection.start-ok's client properties.
         let mut props = FieldTable::default();
         let mut v = AMQPValue::Void;

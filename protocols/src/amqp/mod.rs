@@ -15,6 +15,8 @@
 //! - The [`bridge`] moves messages between a RabbitMQ and the log with lapin.
 
 pub mod bridge;
+#[cfg(feature = "amqp-bridge")]
+mod bridge_worker;
 mod conn;
 pub mod frame;
 pub mod mapping;
