@@ -37,6 +37,8 @@ def start(data_dir):
     url = f"http://{m.group(1)}"
     mq = re.search(r"mqtt=(\S+)", line)
     start.mqtt = mq.group(1) if mq else None
+    aq = re.search(r"amqp=(\S+)", line)
+    start.amqp = aq.group(1) if aq else None
     while True:  # ready means /health answers 200
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
@@ -93,6 +95,72 @@ def mqtt_publish(addr, n):
         fail(f"MQTT: expected CONNACK and {n} PUBACKs, got {got[:64]!r}...")
 
 
+def amqp_publish(addr, n):
+    """Raw AMQP 0-9-1: handshake (PLAIN), confirm.select, n publishes to exchange
+    amqpsmoke, then wait until basic.ack covers every delivery tag."""
+    import socket
+    import struct
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=60)
+    short = lambda b: bytes([len(b)]) + b
+    def frame(kind, ch, payload):
+        return struct.pack(">BHI", kind, ch, len(payload)) + payload + b"\xce"
+    def method(ch, cls, mid, args=b""):
+        return frame(1, ch, struct.pack(">HH", cls, mid) + args)
+    buf = b""
+    def next_frame():
+        nonlocal buf
+        while True:
+            if len(buf) >= 7:
+                kind, ch, size = struct.unpack(">BHI", buf[:7])
+                if len(buf) >= 8 + size:
+                    payload, buf = buf[7:7 + size], buf[8 + size:]
+                    return kind, ch, payload
+            chunk = s.recv(65536)
+            if not chunk:
+                fail(f"AMQP: connection closed, got {buf[:64]!r}")
+            buf += chunk
+    def expect(cls, mid):
+        while True:
+            kind, ch, payload = next_frame()
+            if kind == 1 and struct.unpack(">HH", payload[:4]) == (cls, mid):
+                return payload[4:]
+            if kind == 1 and struct.unpack(">HH", payload[:4]) in ((10, 50), (20, 40)):
+                fail(f"AMQP: closed by the server: {payload!r}")
+    s.sendall(b"AMQP\x00\x00\x09\x01")
+    expect(10, 10)  # connection.start
+    s.sendall(method(0, 10, 11, struct.pack(">I", 0) + short(b"PLAIN")
+                     + struct.pack(">I", 12) + b"\x00guest\x00guest" + short(b"en_US")))
+    expect(10, 30)  # connection.tune
+    s.sendall(method(0, 10, 31, struct.pack(">HIH", 0, 131072, 0))
+              + method(0, 10, 40, short(b"/") + short(b"") + b"\x00"))
+    expect(10, 41)  # connection.open-ok
+    s.sendall(method(1, 20, 10, short(b"")) + method(1, 85, 10, b"\x00"))
+    expect(85, 11)  # confirm.select-ok
+    out = b""
+    for i in range(n):
+        body = f"a{i}".encode()
+        out += method(1, 60, 40, struct.pack(">H", 0) + short(b"amqpsmoke") + short(f"k{i}".encode()) + b"\x00")
+        out += frame(2, 1, struct.pack(">HHQH", 60, 0, len(body), 0))
+        out += frame(3, 1, body)
+    s.sendall(out)
+    through = 0
+    while through < n:
+        kind, ch, payload = next_frame()
+        if kind != 1:
+            continue
+        ids = struct.unpack(">HH", payload[:4])
+        if ids == (60, 120):
+            fail("AMQP: a publish was nacked")
+        if ids == (60, 80):
+            tag, multiple = struct.unpack(">QB", payload[4:13])
+            if not multiple and tag != through + 1:
+                fail(f"AMQP: ack {tag} out of order after {through}")
+            through = max(through, tag)
+    s.sendall(method(0, 10, 50, struct.pack(">H", 200) + short(b"bye") + struct.pack(">HH", 0, 0)))
+    s.close()
+
+
 def rss_kib(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -124,6 +192,7 @@ def main():
     subprocess.run(CMD + ["produce", "lines", "--url", url], input=lines, text=True, check=True,
                    stderr=subprocess.DEVNULL)
     mqtt_publish(start.mqtt, 200)
+    amqp_publish(start.amqp, 200)
 
     def check():
         got = read_all(url, "smoke", 0) + read_all(url, "smoke", 1)
@@ -141,6 +210,9 @@ def main():
         keys = sorted(b64(k).decode() for _, k, _ in read_all(url, "mqttsmoke", 0))
         if keys != sorted(f"mqttsmoke/{i}" for i in range(200)):
             fail(f"expected 200 PUBACKed MQTT records in topic mqttsmoke, found {len(keys)}", data_dir)
+        values = sorted(b64(v).decode() for _, _, v in read_all(url, "amqpsmoke", 0))
+        if values != sorted(f"a{i}" for i in range(200)):
+            fail(f"expected 200 confirmed AMQP records in topic amqpsmoke, found {len(values)}", data_dir)
 
     check()
     busy_rss = rss_kib(proc.pid)
