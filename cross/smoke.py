@@ -150,6 +150,8 @@ def amqp_publish(addr, n):
         if kind != 1:
             continue
         ids = struct.unpack(">HH", payload[:4])
+        if ids in ((10, 50), (20, 40)):
+            fail(f"AMQP: closed by the server: {payload!r}")
         if ids == (60, 120):
             fail("AMQP: a publish was nacked")
         if ids == (60, 80):

@@ -75,6 +75,8 @@ pub struct AmqpReport {
     pub latencies: Vec<u32>,
     /// Server CPU and memory at the window's two ends, if a pid was given.
     pub server: Option<(ProcSample, ProcSample)>,
+    /// This process's own CPU over the measured window (before, after).
+    pub generator: Option<(ProcSample, ProcSample)>,
 }
 
 impl AmqpReport {
@@ -149,6 +151,18 @@ impl AmqpReport {
             result["server_cpu_us_per_event"] = json!(us_per_msg);
             result["server_cpu_us_per_msg"] = json!(us_per_msg);
             result["server_peak_rss_mib"] = json!(after.peak_rss_kib as f64 / 1024.0);
+        }
+        if let Some((before, after)) = self.generator {
+            // The generator shares the machine: when it takes a core, the
+            // figures say as much about the client as about the server.
+            let cpu = after.cpu_seconds - before.cpu_seconds;
+            let us_per_msg = if self.confirmed > 0 {
+                cpu * 1e6 / self.confirmed as f64
+            } else {
+                0.0
+            };
+            println!("generator: {cpu:.2} CPU-s, {us_per_msg:.2} µs CPU per message");
+            result["generator_cpu_us_per_msg"] = json!(us_per_msg);
         }
         println!("RESULT {result}");
     }
@@ -228,9 +242,11 @@ pub async fn amqp(args: AmqpBenchArgs) -> anyhow::Result<AmqpReport> {
 
     tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
     let before = args.server_pid.map(proc_sample).transpose()?;
+    let me_before = proc_sample(std::process::id()).ok();
     tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
     // Sample the server when counting stops, before the connections drain and close.
     let after = args.server_pid.map(proc_sample).transpose()?;
+    let me_after = proc_sample(std::process::id()).ok();
 
     let (mut latencies, mut confirmed, mut nacked, mut errors) = (Vec::new(), 0, 0, 0);
     for (i, w) in workers.into_iter().enumerate() {
@@ -252,6 +268,7 @@ pub async fn amqp(args: AmqpBenchArgs) -> anyhow::Result<AmqpReport> {
         elapsed: args.duration,
         latencies,
         server: before.zip(after),
+        generator: me_before.zip(me_after),
     })
 }
 
@@ -307,6 +324,25 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Settles the confirms at the front of the window that have already
+/// arrived; false when the channel failed.
+fn settle_ready(
+    window: &mut VecDeque<(Instant, lapin::PublisherConfirm)>,
+    w: &mut Worker,
+    measure_from: Instant,
+    deadline: Instant,
+) -> bool {
+    while let Some(confirmation) = window.front_mut().and_then(|(_, c)| c.now_or_never()) {
+        let Some((sent_at, _)) = window.pop_front() else {
+            break;
+        };
+        if !w.settle(sent_at, confirmation, measure_from, deadline) {
+            return false;
+        }
+    }
+    true
+}
+
 /// One connection: publishes while fewer than `inflight` are unconfirmed,
 /// awaits the oldest confirm when the window is full, counts the confirms that
 /// arrive between `measure_from` and `deadline`, then drains and closes.
@@ -329,6 +365,11 @@ async fn publish_loop(
     tokio::pin!(stop);
     'run: loop {
         while window.len() < inflight {
+            // Confirms that arrived while we refill are settled before each
+            // publish, so their latency is stamped now, not after the refill.
+            if !settle_ready(&mut window, &mut w, measure_from, deadline) {
+                break 'run;
+            }
             let sent_at = Instant::now();
             // Resolves once lapin's I/O loop has written the frames out; the
             // answer is the confirm to wait for.
@@ -375,13 +416,8 @@ async fn publish_loop(
         }
         // Settle the confirms that arrived with it (a `multiple` ack covers
         // many) now, so their latency does not include the next publishes.
-        while let Some(confirmation) = window.front_mut().and_then(|(_, c)| c.now_or_never()) {
-            let Some((sent_at, _)) = window.pop_front() else {
-                break;
-            };
-            if !w.settle(sent_at, confirmation, measure_from, deadline) {
-                break 'run;
-            }
+        if !settle_ready(&mut window, &mut w, measure_from, deadline) {
+            break 'run;
         }
     }
     if w.error.is_none() {

@@ -233,4 +233,8 @@ def main():
 
 
 if __name__ == "__main__":
+    # pika has no overall timeout: a server that never confirms would hang the
+    # test run; die loudly instead.
+    import signal
+    signal.alarm(120)
     main()

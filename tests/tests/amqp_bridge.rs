@@ -36,7 +36,11 @@ impl Rabbit {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let dir = tempfile::tempdir().expect("tempdir");
+        // A known prefix, so scripts/test can stop a node whose test was killed.
+        let dir = tempfile::Builder::new()
+            .prefix("tributary-rabbit-")
+            .tempdir()
+            .expect("tempdir");
         let r = Rabbit { dir, port };
         r.ctl(&["start", &r.path(), &port.to_string()]);
         r

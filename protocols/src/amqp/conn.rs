@@ -40,7 +40,11 @@ const BLOCK_AFTER: Duration = Duration::from_millis(500);
 /// How long we wait for close-ok after sending connection.close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How long a shutting-down connection waits for its appends to be durable.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+const DRAIN: Duration = Duration::from_secs(10);
+/// The same at node shutdown, and the waits after it: they must fit in the
+/// node's grace period (10 s by default) with room for the final flush.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// Frames are at most this big before tune-ok (the specification's
 /// FRAME_MIN_SIZE, which every client stays within until tune).
 const HANDSHAKE_FRAME_MAX: usize = 4096;
@@ -211,11 +215,14 @@ where
 {
     let (mut reader, mut write_half) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let handshake = tokio::time::timeout(
-        server.config.handshake_timeout,
-        handshake(&server, &mut reader, &mut write_half, &mut buf, peer),
-    )
-    .await;
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(
+            server.config.handshake_timeout,
+            handshake(&server, &mut reader, &mut write_half, &mut buf, peer),
+        ) => r,
+        // A connection still logging in does not hold the node's shutdown.
+        () = server.cx.shutdown.cancelled() => return,
+    };
     let accepted = match handshake {
         Err(_) => {
             server.metrics.reject("handshake_timeout");
@@ -275,7 +282,15 @@ where
         h.abort();
     }
     drop(c);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // The writer ends once it has sent what is queued; one that a peer keeps
+    // from finishing is stopped, so it cannot hold the connection's slot.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 /// What the handshake settled.
@@ -747,6 +762,16 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         // and confirmed where the client can still hear it. Bounded, and the
         // connection keeps its slot meanwhile, so max_connections bounds it.
         self.flush_batch();
+        let shutting_down = self.server.cx.shutdown.is_cancelled();
+        let close_wait = if shutting_down {
+            SHUTDOWN_CLOSE_WAIT
+        } else {
+            CLOSE_WAIT
+        };
+        if matches!(end, End::ClientClosed) {
+            // Its close-ok first: the client need not wait for our drain.
+            let _ = self.flush_out().await;
+        }
         if !matches!(end, End::Server(..)) {
             // The client closed (close-ok is out already) or is gone: no confirm may follow.
             let open: Vec<u16> = self.channels.keys().copied().collect();
@@ -758,13 +783,18 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
         }
         let drain = async {
-            while let Some(h) = self.appends.pop_front() {
-                if let Ok(done) = h.await {
+            // Popped only once finished: what the bound cuts off stays in
+            // `appends` and is aborted by the caller, not detached.
+            while let Some(h) = self.appends.front_mut() {
+                let done = h.await;
+                self.appends.pop_front();
+                if let Ok(done) = done {
                     self.appended(done);
                 }
             }
         };
-        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, drain).await;
+        let bound = if shutting_down { SHUTDOWN_DRAIN } else { DRAIN };
+        let _ = tokio::time::timeout(bound, drain).await;
         if let End::Server(code, text, class, method) = end {
             if code != code::SUCCESS {
                 tracing::debug!(code, %text, "closing an AMQP connection");
@@ -772,7 +802,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             close_frame(&mut self.out, code, &text, class, method);
             if self.flush_out().await.is_ok() {
                 let drain = drain_until_close_ok(&mut self.reader, &mut self.buf, self.frame_max);
-                let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
+                let _ = tokio::time::timeout(close_wait, drain).await;
             }
         } else {
             let _ = self.flush_out().await;
@@ -783,7 +813,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 let mut sink = [0u8; 512];
                 let until_eof =
                     async { while matches!(self.reader.read(&mut sink).await, Ok(n) if n > 0) {} };
-                let _ = tokio::time::timeout(CLOSE_WAIT, until_eof).await;
+                let _ = tokio::time::timeout(close_wait, until_eof).await;
             }
         }
     }

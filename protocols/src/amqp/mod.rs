@@ -179,7 +179,7 @@ impl MetricsSource for AmqpMetrics {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP tributary_amqp_{name} {help}\n# TYPE tributary_amqp_{name} counter\ntributary_amqp_{name} {v}");
         }
-        let _ = writeln!(out, "# HELP tributary_amqp_ack_seconds Time from a publish's last frame read to its durable confirm.\n# TYPE tributary_amqp_ack_seconds histogram");
+        let _ = writeln!(out, "# HELP tributary_amqp_ack_seconds Time from a publish batch's append to its durable confirm.\n# TYPE tributary_amqp_ack_seconds histogram");
         let mut cumulative = 0;
         for (i, b) in self.ack_buckets.iter().enumerate() {
             cumulative += b.load(Relaxed);
