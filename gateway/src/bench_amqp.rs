@@ -135,12 +135,7 @@ impl AmqpReport {
             "p99_ms": self.percentile_json(0.99), "max_ms": self.percentile_json(1.0),
         });
         if let Some((before, after)) = self.server {
-            let cpu = after.cpu_seconds - before.cpu_seconds;
-            let us_per_msg = if self.confirmed > 0 {
-                cpu * 1e6 / self.confirmed as f64
-            } else {
-                0.0
-            };
+            let (cpu, us_per_msg) = self.cpu(before, after);
             println!(
                 "server: {:.2} CPU-s, {:.2} µs CPU per message, RSS {:.1} MiB, peak RSS {:.1} MiB",
                 cpu,
@@ -155,16 +150,22 @@ impl AmqpReport {
         if let Some((before, after)) = self.generator {
             // The generator shares the machine: when it takes a core, the
             // figures say as much about the client as about the server.
-            let cpu = after.cpu_seconds - before.cpu_seconds;
-            let us_per_msg = if self.confirmed > 0 {
-                cpu * 1e6 / self.confirmed as f64
-            } else {
-                0.0
-            };
+            let (cpu, us_per_msg) = self.cpu(before, after);
             println!("generator: {cpu:.2} CPU-s, {us_per_msg:.2} µs CPU per message");
             result["generator_cpu_us_per_msg"] = json!(us_per_msg);
         }
         println!("RESULT {result}");
+    }
+
+    /// CPU seconds between two samples, and µs of it per confirmed message.
+    fn cpu(&self, before: ProcSample, after: ProcSample) -> (f64, f64) {
+        let cpu = after.cpu_seconds - before.cpu_seconds;
+        let per_msg = if self.confirmed > 0 {
+            cpu * 1e6 / self.confirmed as f64
+        } else {
+            0.0
+        };
+        (cpu, per_msg)
     }
 }
 
