@@ -261,8 +261,30 @@ async fn bad_input_gets_clear_errors() {
         .into_bytes();
     let (s, b) = send(Some("application/json"), big).await;
     assert_eq!((s, error_code(&b)), (413, "event_too_large"));
-    let (s, b) = send(Some("application/octet-stream"), vec![7u8; 2_100_000]).await;
-    assert_eq!((s, error_code(&b)), (413, "body_too_large"));
+    // Over max_body_bytes: 413 body_too_large. The server may answer and close
+    // before the client has written the whole body; the client then sees the
+    // pipe break instead of the answer (a race of the client, not a refusal
+    // we failed to send), so that outcome is accepted too.
+    let over = c
+        .post(&records)
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 2_100_000])
+        .send()
+        .await;
+    match over {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let b: Value = r.json().await.expect("error body is JSON");
+            assert_eq!((s, error_code(&b)), (413, "body_too_large"));
+        }
+        Err(e) => {
+            let text = format!("{e:?}");
+            assert!(
+                text.contains("BrokenPipe") || text.contains("ConnectionReset"),
+                "{text}"
+            );
+        }
+    }
 
     // A declared length far over the limit is refused before any body is read.
     let mut tcp = tokio::net::TcpStream::connect(node.addr)
