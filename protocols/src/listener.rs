@@ -14,6 +14,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Idle 60 s, then 4 probes 10 s apart: a dead peer is dropped within ~100 s.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(4);
+
 /// Connection counters of one listener.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
@@ -59,6 +65,11 @@ impl LimitedListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
+                    // A peer that vanishes without FIN or RST (power cut, NAT
+                    // timeout) is found by TCP keepalive: otherwise a client
+                    // that negotiated no protocol heartbeat (AMQP heartbeat 0,
+                    // MQTT keep-alive 0) would hold its slot forever.
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
                     self.stats.accepted.fetch_add(1, Relaxed);
                     self.stats.open.fetch_add(1, Relaxed);
                     let stream = LimitedStream {
@@ -148,6 +159,26 @@ impl AsyncWrite for LimitedStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_tcp_keepalive() {
+        let l = LimitedListener::new(TcpListener::bind("127.0.0.1:0").await.expect("bind"), 4);
+        let addr = l.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = l.accept().await;
+        let sock = socket2::SockRef::from(&accepted.stream);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 4);
+        assert_eq!(l.stats().open.load(Relaxed), 1);
+    }
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
