@@ -107,22 +107,31 @@ pub struct Report {
     pub server: Option<(ProcSample, ProcSample)>,
 }
 
+/// Latency at percentile `p` (0..=1) of sorted µs samples, ms; 0 when empty.
+pub fn percentile_ms(sorted_micros: &[u32], p: f64) -> f64 {
+    if sorted_micros.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_micros.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted_micros[i]) / 1000.0
+}
+
+/// The same for a RESULT line: null when nothing was timed.
+pub fn percentile_json(sorted_micros: &[u32], p: f64) -> serde_json::Value {
+    if sorted_micros.is_empty() {
+        serde_json::Value::Null
+    } else {
+        json!(percentile_ms(sorted_micros, p))
+    }
+}
+
 impl Report {
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        f64::from(self.latencies[i]) / 1000.0
+        percentile_ms(&self.latencies, p)
     }
 
-    /// A percentile for the JSON line: null when nothing was timed.
     fn percentile_json(&self, p: f64) -> serde_json::Value {
-        if self.latencies.is_empty() {
-            serde_json::Value::Null
-        } else {
-            json!(self.percentile(p))
-        }
+        percentile_json(&self.latencies, p)
     }
 
     /// Prints a human summary and one JSON line (prefixed `RESULT `) for scripts.

@@ -30,7 +30,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::json;
 
-use crate::bench::{proc_sample, ProcSample, Samples};
+use crate::bench::{percentile_json, percentile_ms, proc_sample, ProcSample, Samples};
 use crate::cli::AmqpBenchArgs;
 
 /// How long each connection may take to connect, open its channel and enter
@@ -80,22 +80,12 @@ pub struct AmqpReport {
 }
 
 impl AmqpReport {
-    /// Latency at percentile `p` (0..=1), ms; 0 when nothing was timed.
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        f64::from(self.latencies[i]) / 1000.0
+        percentile_ms(&self.latencies, p)
     }
 
-    /// A percentile for the JSON line: null when nothing was timed.
     fn percentile_json(&self, p: f64) -> serde_json::Value {
-        if self.latencies.is_empty() {
-            serde_json::Value::Null
-        } else {
-            json!(self.percentile(p))
-        }
+        percentile_json(&self.latencies, p)
     }
 
     /// Prints a human summary and one JSON line (prefixed `RESULT `) for

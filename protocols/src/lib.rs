@@ -19,8 +19,12 @@ pub mod http;
 pub mod listener;
 pub mod mqtt;
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tributary_storage::Log;
@@ -116,5 +120,83 @@ impl ConnectionGauges {
     pub fn read(&self) -> Vec<(&'static str, u64)> {
         let gauges = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         gauges.into_iter().map(|(p, g)| (p, g())).collect()
+    }
+}
+
+/// Ack latency histogram bounds, seconds (every front end's `*_ack_seconds`).
+pub const ACK_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0];
+
+/// A Prometheus histogram of ack latencies over [`ACK_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct AckHistogram {
+    buckets: [AtomicU64; ACK_BUCKETS.len() + 1],
+    micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl AckHistogram {
+    /// Records `n` acks that each took `took`.
+    pub fn observe(&self, took: Duration, n: u64) {
+        let s = took.as_secs_f64();
+        let i = ACK_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(ACK_BUCKETS.len());
+        self.buckets[i].fetch_add(n, Relaxed);
+        self.micros.fetch_add(took.as_micros() as u64 * n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+    }
+
+    /// Renders the histogram as metric `name` with `help`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = ACK_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_owned(), |v| v.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum {:.6}\n{name}_count {}",
+            self.micros.load(Relaxed) as f64 / 1e6,
+            self.count.load(Relaxed)
+        );
+    }
+}
+
+/// Counts of refused or failed things under bounded reason labels.
+#[derive(Debug, Default)]
+pub struct Rejections(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Rejections {
+    /// Counts one under `reason`.
+    pub fn add(&self, reason: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    /// The count for `reason`.
+    pub fn get(&self, reason: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Renders the counter as metric `name{reason=...}` with `help`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (reason, n) in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+        }
     }
 }

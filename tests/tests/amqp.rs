@@ -587,12 +587,7 @@ async fn consume_is_refused_with_540_naming_the_method() {
     assert_eq!(s.server.metrics().rejections("not_implemented"), 1);
     // Raw: the close names the method.
     let mut raw = Raw::connect(s.addr, 0, false).await;
-    raw.send(AMQPFrame::Method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    ))
-    .await;
-    raw.recv().await.expect("open-ok");
+    raw.open_channel(1).await;
     raw.send(AMQPFrame::Method(
         1,
         AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
@@ -671,6 +666,20 @@ impl Raw {
             other => panic!("expected connection.open-ok, got {other:?}"),
         }
         raw
+    }
+
+    /// channel.open on `ch`, and its open-ok.
+    async fn open_channel(&mut self, ch: u16) {
+        self.send(AMQPFrame::Method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        ))
+        .await;
+        match self.recv().await {
+            Some(AMQPFrame::Method(c, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))))
+                if c == ch => {}
+            other => panic!("expected channel.open-ok on {ch}, got {other:?}"),
+        }
     }
 
     async fn send(&mut self, f: AMQPFrame) {
@@ -836,12 +845,7 @@ async fn bad_input_gets_the_specification_codes_and_the_node_keeps_serving() {
 
     // Content before a method: 505.
     let mut raw = Raw::connect(s.addr, 0, false).await;
-    raw.send(AMQPFrame::Method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    ))
-    .await;
-    raw.recv().await.expect("open-ok");
+    raw.open_channel(1).await;
     raw.send(AMQPFrame::Body(1, b"stray".to_vec())).await;
     assert_eq!(raw.expect_close().await.reply_code, 505);
 
@@ -889,12 +893,7 @@ async fn bad_input_gets_the_specification_codes_and_the_node_keeps_serving() {
 
     // A method in the middle of a message's content: 505.
     let mut raw = Raw::connect(s.addr, 0, false).await;
-    raw.send(AMQPFrame::Method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    ))
-    .await;
-    raw.recv().await.expect("open-ok");
+    raw.open_channel(1).await;
     let mut frames = publish_frames(1, "x", b"v");
     frames.truncate(2);
     for f in frames {
@@ -909,12 +908,7 @@ async fn bad_input_gets_the_specification_codes_and_the_node_keeps_serving() {
 
     // A ack for a tag we never delivered closes the channel with 406.
     let mut raw = Raw::connect(s.addr, 0, false).await;
-    raw.send(AMQPFrame::Method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    ))
-    .await;
-    raw.recv().await.expect("open-ok");
+    raw.open_channel(1).await;
     raw.send(AMQPFrame::Method(
         1,
         AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
@@ -980,12 +974,7 @@ async fn a_stalled_disk_blocks_capable_clients_and_unblocks_them_after() {
     )
     .await;
     let mut raw = Raw::connect(s.addr, 0, true).await;
-    raw.send(AMQPFrame::Method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    ))
-    .await;
-    raw.recv().await.expect("open-ok");
+    raw.open_channel(1).await;
     raw.send(AMQPFrame::Method(
         1,
         AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
@@ -1086,12 +1075,7 @@ async fn deeply_nested_headers_are_refused_without_touching_the_stack() {
     // 0x2001: a continuation bit the parser ignores must not move the check.
     for flags in [0x2000u16, 0x2001] {
         let mut raw = Raw::connect(s.addr, 0, false).await;
-        raw.send(AMQPFrame::Method(
-            1,
-            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-        ))
-        .await;
-        raw.recv().await.expect("open-ok");
+        raw.open_channel(1).await;
         raw.send(publish_frames(1, "x", b"v").remove(0)).await;
         raw.s
             .write_all(&deep_header(20_000, flags))

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
-use common::{client, get, ChildNode};
+use common::ChildNode;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
@@ -103,39 +102,6 @@ async fn publish_until_error(
     }
 }
 
-/// Every stored value of `topic`, with how often each occurs.
-async fn stored(base: &str, topic: &str, out: &mut BTreeMap<Vec<u8>, usize>) {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let c = client();
-    let (s, t) = get(&c, &format!("{base}/v1/topics/{topic}")).await;
-    if s == 404 {
-        return;
-    }
-    for p in t["partitions"].as_array().expect("partitions") {
-        let id = p["partition"].as_u64().expect("id");
-        let mut offset = p["start_offset"].as_u64().unwrap_or(0);
-        loop {
-            let (s, r) = get(
-                &c,
-                &format!("{base}/v1/topics/{topic}/partitions/{id}/records?offset={offset}&limit=5000&format=binary"),
-            )
-            .await;
-            assert_eq!(s, 200, "{r}");
-            let recs = r["records"].as_array().expect("records");
-            if recs.is_empty() {
-                break;
-            }
-            for rec in recs {
-                let v = b64
-                    .decode(rec["value"].as_str().expect("value"))
-                    .expect("base64");
-                *out.entry(v).or_insert(0) += 1;
-            }
-            offset = r["next_offset"].as_u64().expect("next");
-        }
-    }
-}
-
 #[test]
 fn every_confirmed_amqp_message_survives_kill_9() {
     let rt = common::runtime();
@@ -157,11 +123,10 @@ fn every_confirmed_amqp_message_survives_kill_9() {
         });
     }
     let node = ChildNode::start(dir.path(), &[]);
-    let mut have = BTreeMap::new();
-    rt.block_on(async {
-        stored(&node.url, "crash", &mut have).await;
-        stored(&node.url, "crash2", &mut have).await;
-    });
+    let mut have = rt.block_on(common::stored_values(&node.url, "crash"));
+    for (value, n) in rt.block_on(common::stored_values(&node.url, "crash2")) {
+        *have.entry(value).or_insert(0) += n;
+    }
     let acked = acked.lock().expect("acked").clone();
     assert!(
         acked.len() > 1000,

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::BytesMut;
-use common::{client, get, ChildNode};
+use common::ChildNode;
 use rumqttc::mqttbytes::v4 as raw4;
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,41 +85,6 @@ async fn publisher(addr: std::net::SocketAddr, id: usize, cycle: usize, acked: A
     }
 }
 
-/// Every stored value of topic `crash`, with how often each occurs.
-async fn stored(base: &str) -> BTreeMap<Vec<u8>, usize> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let c = client();
-    let mut out = BTreeMap::new();
-    let (s, t) = get(&c, &format!("{base}/v1/topics/crash")).await;
-    if s == 404 {
-        return out;
-    }
-    for p in t["partitions"].as_array().expect("partitions") {
-        let id = p["partition"].as_u64().expect("id");
-        let mut offset = p["start_offset"].as_u64().unwrap_or(0);
-        loop {
-            let (s, r) = get(
-                &c,
-                &format!("{base}/v1/topics/crash/partitions/{id}/records?offset={offset}&limit=5000&format=binary"),
-            )
-            .await;
-            assert_eq!(s, 200, "{r}");
-            let recs = r["records"].as_array().expect("records");
-            if recs.is_empty() {
-                break;
-            }
-            for rec in recs {
-                let v = b64
-                    .decode(rec["value"].as_str().expect("value"))
-                    .expect("base64");
-                *out.entry(v).or_insert(0) += 1;
-            }
-            offset = r["next_offset"].as_u64().expect("next");
-        }
-    }
-    out
-}
-
 #[test]
 fn every_pubacked_message_survives_kill_9() {
     let rt = common::runtime();
@@ -142,7 +106,7 @@ fn every_pubacked_message_survives_kill_9() {
         });
     }
     let node = ChildNode::start(dir.path(), &[]);
-    let have = rt.block_on(stored(&node.url));
+    let have = rt.block_on(common::stored_values(&node.url, "crash"));
     let acked = acked.lock().expect("acked").clone();
     assert!(
         acked.len() > 1000,

@@ -21,14 +21,13 @@ mod conn;
 pub mod frame;
 pub mod mapping;
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::listener::{ConnectionStats, LimitedListener};
-use crate::{FrontendContext, MetricsSource};
+use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
 
 /// AMQP front-end settings (`[amqp]`).
 #[derive(Debug, Clone)]
@@ -66,9 +65,6 @@ impl Default for AmqpConfig {
     }
 }
 
-/// Confirm latency histogram bounds, seconds.
-pub const ACK_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0];
-
 /// AMQP counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct AmqpMetrics {
@@ -78,44 +74,24 @@ pub struct AmqpMetrics {
     nacks: AtomicU64,
     returns: AtomicU64,
     blocked: AtomicU64,
-    ack_buckets: [AtomicU64; ACK_BUCKETS.len() + 1],
-    ack_micros: AtomicU64,
-    ack_count: AtomicU64,
-    rejections: Mutex<BTreeMap<&'static str, u64>>,
+    ack_latency: AckHistogram,
+    rejections: Rejections,
     connections: Mutex<Vec<Arc<ConnectionStats>>>,
 }
 
 impl AmqpMetrics {
     /// Counts a refused or failed thing under a bounded reason label.
     pub fn reject(&self, reason: &'static str) {
-        *self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_insert(0) += 1;
+        self.rejections.add(reason);
     }
 
     /// Rejections so far for `reason` (tests read this).
     pub fn rejections(&self, reason: &str) -> u64 {
-        self.rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(reason)
-            .copied()
-            .unwrap_or(0)
+        self.rejections.get(reason)
     }
 
     fn confirmed(&self, took: Duration, n: u64) {
-        let s = took.as_secs_f64();
-        let i = ACK_BUCKETS
-            .iter()
-            .position(|&b| s <= b)
-            .unwrap_or(ACK_BUCKETS.len());
-        self.ack_buckets[i].fetch_add(n, Relaxed);
-        self.ack_micros
-            .fetch_add(took.as_micros() as u64 * n, Relaxed);
-        self.ack_count.fetch_add(n, Relaxed);
+        self.ack_latency.observe(took, n);
     }
 
     /// AMQP connections open now.
@@ -179,36 +155,16 @@ impl MetricsSource for AmqpMetrics {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP tributary_amqp_{name} {help}\n# TYPE tributary_amqp_{name} counter\ntributary_amqp_{name} {v}");
         }
-        let _ = writeln!(out, "# HELP tributary_amqp_ack_seconds Time from a publish batch's append to its durable confirm.\n# TYPE tributary_amqp_ack_seconds histogram");
-        let mut cumulative = 0;
-        for (i, b) in self.ack_buckets.iter().enumerate() {
-            cumulative += b.load(Relaxed);
-            let le = ACK_BUCKETS
-                .get(i)
-                .map_or("+Inf".to_owned(), |v| v.to_string());
-            let _ = writeln!(
-                out,
-                "tributary_amqp_ack_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
+        self.ack_latency.render(
             out,
-            "tributary_amqp_ack_seconds_sum {:.6}\ntributary_amqp_ack_seconds_count {}",
-            self.ack_micros.load(Relaxed) as f64 / 1e6,
-            self.ack_count.load(Relaxed)
+            "tributary_amqp_ack_seconds",
+            "Time from a publish batch's append to its durable confirm.",
         );
-        let _ = writeln!(out, "# HELP tributary_amqp_rejections_total Refused connections, frames and publishes, by reason.\n# TYPE tributary_amqp_rejections_total counter");
-        for (reason, n) in self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "tributary_amqp_rejections_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
+        self.rejections.render(
+            out,
+            "tributary_amqp_rejections_total",
+            "Refused connections, frames and publishes, by reason.",
+        );
     }
 }
 

@@ -19,7 +19,7 @@ mod conn;
 mod session;
 pub mod topic;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -36,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::listener::{ConnectionStats, LimitedListener};
-use crate::{FrontendContext, MetricsSource};
+use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
 pub use session::{PendingWill, SessionStore};
 pub use topic::Route;
 
@@ -82,53 +82,30 @@ impl Default for MqttConfig {
     }
 }
 
-/// Ack latency histogram bounds, seconds.
-pub const ACK_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0];
-
 /// MQTT counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct MqttMetrics {
     connects: AtomicU64,
     publishes: [AtomicU64; 3],
     deliveries: [AtomicU64; 2],
-    ack_buckets: [AtomicU64; ACK_BUCKETS.len() + 1],
-    ack_seconds_micros: AtomicU64,
-    acks: AtomicU64,
-    rejections: Mutex<BTreeMap<&'static str, u64>>,
+    acks: AckHistogram,
+    rejections: Rejections,
     connections: Mutex<Vec<Arc<ConnectionStats>>>,
 }
 
 impl MqttMetrics {
     /// Counts a refused or failed thing under a bounded reason label.
     pub fn reject(&self, reason: &'static str) {
-        *self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_insert(0) += 1;
+        self.rejections.add(reason);
     }
 
     fn ack_latency(&self, took: Duration, n: u64) {
-        let s = took.as_secs_f64();
-        let i = ACK_BUCKETS
-            .iter()
-            .position(|&b| s <= b)
-            .unwrap_or(ACK_BUCKETS.len());
-        self.ack_buckets[i].fetch_add(n, Relaxed);
-        self.ack_seconds_micros
-            .fetch_add(took.as_micros() as u64 * n, Relaxed);
-        self.acks.fetch_add(n, Relaxed);
+        self.acks.observe(took, n);
     }
 
     /// Rejections so far for `reason` (tests read this).
     pub fn rejections(&self, reason: &str) -> u64 {
-        self.rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(reason)
-            .copied()
-            .unwrap_or(0)
+        self.rejections.get(reason)
     }
 }
 
@@ -163,40 +140,16 @@ impl MetricsSource for MqttMetrics {
                 c.load(Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP tributary_mqtt_ack_seconds Time from PUBLISH read to PUBACK/PUBREC (durable).\n# TYPE tributary_mqtt_ack_seconds histogram");
-        let mut cumulative = 0;
-        for (i, b) in self.ack_buckets.iter().enumerate() {
-            cumulative += b.load(Relaxed);
-            let le = ACK_BUCKETS
-                .get(i)
-                .map_or("+Inf".to_owned(), |v| v.to_string());
-            let _ = writeln!(
-                out,
-                "tributary_mqtt_ack_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
+        self.acks.render(
             out,
-            "tributary_mqtt_ack_seconds_sum {:.6}",
-            self.ack_seconds_micros.load(Relaxed) as f64 / 1e6
+            "tributary_mqtt_ack_seconds",
+            "Time from PUBLISH read to PUBACK/PUBREC (durable).",
         );
-        let _ = writeln!(
+        self.rejections.render(
             out,
-            "tributary_mqtt_ack_seconds_count {}",
-            self.acks.load(Relaxed)
+            "tributary_mqtt_rejections_total",
+            "Refused connections, packets and publishes, by reason.",
         );
-        let _ = writeln!(out, "# HELP tributary_mqtt_rejections_total Refused connections, packets and publishes, by reason.\n# TYPE tributary_mqtt_rejections_total counter");
-        for (reason, n) in self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "tributary_mqtt_rejections_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
     }
 }
 

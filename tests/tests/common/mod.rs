@@ -291,3 +291,21 @@ pub async fn read_all(
         offset = next;
     }
 }
+
+/// How often each value of `topic` is stored, over every partition (empty
+/// when the topic does not exist): what crash tests compare with their acks.
+pub async fn stored_values(base: &str, topic: &str) -> std::collections::BTreeMap<Vec<u8>, usize> {
+    let c = client();
+    let mut out = std::collections::BTreeMap::new();
+    let (s, t) = get(&c, &format!("{base}/v1/topics/{topic}")).await;
+    if s == 404 {
+        return out;
+    }
+    for p in t["partitions"].as_array().expect("partitions") {
+        let id = p["partition"].as_u64().expect("id") as u32;
+        for (_, _, value) in read_all(&c, base, topic, id).await {
+            *out.entry(value).or_insert(0) += 1;
+        }
+    }
+    out
+}
