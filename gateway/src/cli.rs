@@ -46,6 +46,35 @@ pub enum Command {
     /// Print a topic's records as JSON lines.
     Tail(TailArgs),
     #[cfg(feature = "client")]
+    /// Manage devices: credentials, ACLs and rate limits (needs the admin token).
+    Devices {
+        /// Which device operation.
+        #[command(subcommand)]
+        op: DevicesOp,
+        /// The node's HTTP API.
+        #[arg(
+            long,
+            global = true,
+            env = "TRIBUTARY_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        /// The node's `auth.admin_token`.
+        #[arg(
+            long,
+            global = true,
+            env = "TRIBUTARY_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
+        admin_token: Option<String>,
+    },
+    /// Development certificates for the TLS listeners.
+    Tls {
+        /// Which certificate to write.
+        #[command(subcommand)]
+        op: TlsOp,
+    },
+    #[cfg(feature = "client")]
     /// Load generators that count acknowledgements.
     Bench {
         /// Which protocol to drive.
@@ -64,6 +93,83 @@ pub struct RunArgs {
     /// (8 MiB sled cache, smaller buffers and limits).
     #[arg(long, value_enum, default_value_t = Profile::Default)]
     pub profile: Profile,
+}
+
+/// `devices` operations.
+#[derive(Debug, Subcommand)]
+pub enum DevicesOp {
+    /// Add a device and print its token (shown this once).
+    Add {
+        /// Device id: the MQTT/AMQP user name and the mTLS certificate CN.
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Pattern the device may publish to (MQTT-style: + and #); repeatable.
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Pattern the device may read and subscribe to; repeatable.
+        #[arg(long)]
+        subscribe: Vec<String>,
+        /// Events per second, at most.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+    },
+    /// List devices.
+    List,
+    /// Remove a device.
+    Remove {
+        /// Device id.
+        id: String,
+    },
+    /// Give a device a new token (the old one stops working) and print it.
+    Rotate {
+        /// Device id.
+        id: String,
+    },
+    /// Refuse a device's logins and publishes until enabled again.
+    Disable {
+        /// Device id.
+        id: String,
+    },
+    /// Let a disabled device in again.
+    Enable {
+        /// Device id.
+        id: String,
+    },
+}
+
+/// `tls` operations.
+#[derive(Debug, Subcommand)]
+pub enum TlsOp {
+    /// Write a development CA and a server certificate signed by it:
+    /// ca.pem, ca-key.pem, server.pem, server-key.pem.
+    SelfSigned {
+        /// Directory to write to.
+        #[arg(long, default_value = "tls")]
+        out: PathBuf,
+        /// Host names and addresses of the server (default: localhost, 127.0.0.1, ::1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Write a client certificate for a device (mTLS: its CN is the device id),
+    /// signed by the CA in --ca-dir.
+    ClientCert {
+        /// Device id.
+        name: String,
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long, default_value = "tls")]
+        ca_dir: PathBuf,
+        /// Directory to write NAME.pem and NAME-key.pem to (default: --ca-dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 /// `topics` operations.

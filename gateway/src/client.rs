@@ -9,13 +9,14 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::cli::{ProduceArgs, TailArgs, TopicsOp};
+use crate::cli::{DevicesOp, ProduceArgs, TailArgs, TopicsOp};
 
 /// A thin client of the HTTP API that turns API errors into readable ones.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -27,7 +28,28 @@ impl ApiClient {
         Ok(ApiClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
+            // A device token for nodes with `auth.mode = "devices"`.
+            token: std::env::var("TRIBUTARY_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
         })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` on every request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        if token.is_some() {
+            self.token = token;
+        }
+        self
+    }
+
+    /// A request with the token, if any.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
     }
 
     async fn answer(&self, what: &str, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
@@ -36,6 +58,9 @@ impl ApiClient {
             .await
             .with_context(|| format!("{what}: cannot reach {}", self.base))?;
         let status = resp.status();
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
         let body: Value = resp
             .json()
             .await
@@ -50,21 +75,124 @@ impl ApiClient {
 
     /// GET a JSON document.
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.answer(
-            &format!("GET {path}"),
-            self.http.get(format!("{}{path}", self.base)),
-        )
-        .await
+        self.call(reqwest::Method::GET, path, None).await
     }
 
     /// POST a JSON document.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.answer(
-            &format!("POST {path}"),
-            self.http.post(format!("{}{path}", self.base)).json(body),
-        )
-        .await
+        self.call(reqwest::Method::POST, path, Some(body)).await
     }
+
+    /// Any method, with an optional JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let what = format!("{method} {path}");
+        let mut r = self.request(method, path);
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        self.answer(&what, r).await
+    }
+}
+
+/// `tributary devices …`.
+pub async fn devices(url: &str, admin_token: Option<String>, op: DevicesOp) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let Some(admin_token) = admin_token else {
+        bail!("the device admin API needs the node's auth.admin_token: pass --admin-token or set TRIBUTARY_ADMIN_TOKEN");
+    };
+    let api = ApiClient::new(url)?.with_token(Some(admin_token));
+    let show_token = |answer: &Value| -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+        eprintln!("Store the token now: the node keeps only its hash and cannot show it again.");
+        Ok(())
+    };
+    match op {
+        DevicesOp::Add {
+            id,
+            name,
+            publish,
+            subscribe,
+            rate_limit,
+        } => {
+            let mut body = json!({ "id": id, "publish": publish, "subscribe": subscribe });
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(r) = rate_limit {
+                body["rate_limit"] = json!(r);
+            }
+            show_token(&api.post("/v1/devices", &body).await?)?;
+        }
+        DevicesOp::List => {
+            let all = api.get("/v1/devices").await?;
+            println!(
+                "{:<24} {:<8} {:<28} {:<28} {:>8} LAST SEEN (ms since epoch)",
+                "DEVICE", "ENABLED", "PUBLISH", "SUBSCRIBE", "RATE/S"
+            );
+            for d in all["devices"].as_array().into_iter().flatten() {
+                let list = |k: &str| {
+                    d[k].as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default()
+                };
+                println!(
+                    "{:<24} {:<8} {:<28} {:<28} {:>8} {}",
+                    d["id"].as_str().unwrap_or("?"),
+                    d["enabled"].as_bool().unwrap_or(false),
+                    list("publish"),
+                    list("subscribe"),
+                    d["rate_limit"]
+                        .as_u64()
+                        .map_or("-".into(), |r| r.to_string()),
+                    d["last_seen_ms"]
+                        .as_u64()
+                        .map_or("never".into(), |t| t.to_string()),
+                );
+            }
+        }
+        DevicesOp::Remove { id } => {
+            api.call(Method::DELETE, &format!("/v1/devices/{id}"), None)
+                .await?;
+            eprintln!("device {id} removed");
+        }
+        DevicesOp::Rotate { id } => {
+            show_token(
+                &api.post(&format!("/v1/devices/{id}/rotate"), &json!({}))
+                    .await?,
+            )?;
+        }
+        DevicesOp::Disable { id } => {
+            let d = api
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/devices/{id}"),
+                    Some(&json!({"enabled": false})),
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        }
+        DevicesOp::Enable { id } => {
+            let d = api
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/devices/{id}"),
+                    Some(&json!({"enabled": true})),
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        }
+    }
+    Ok(())
 }
 
 /// `tributary topics …`.

@@ -52,6 +52,61 @@ pub struct Config {
     pub amqp: AmqpSection,
     /// Topics declared up front (created at start if missing).
     pub topics: Vec<TopicSection>,
+    /// Who may connect: anonymous access or device credentials.
+    pub auth: AuthSection,
+    /// Certificates for the TLS listeners (MQTT 8883, AMQP 5671, HTTPS 8443).
+    pub tls: TlsSection,
+}
+
+/// `auth.mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone may connect, publish and read (a warning when not on loopback).
+    #[default]
+    Anonymous,
+    /// Device credentials and ACLs from the registry.
+    Devices,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct AuthSection {
+    /// `anonymous` or `devices`.
+    pub mode: AuthMode,
+    /// Bearer token of the device admin API (`/v1/devices`); none: the API is off.
+    pub admin_token: Option<String>,
+    /// Key of the device token hashes; none: a random key kept in the data directory.
+    pub token_key: Option<String>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TlsSection {
+    /// Server certificate chain (PEM). With `key`, turns the TLS listeners on.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate (needs `client_ca`).
+    pub require_client_cert: bool,
+    /// How often the files are checked for changes (they are also reloaded on SIGHUP).
+    pub reload_check_ms: u64,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            reload_check_ms: 2_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -64,6 +119,8 @@ impl Default for Config {
             mqtt: MqttSection::default(),
             amqp: AmqpSection::default(),
             topics: Vec::new(),
+            auth: AuthSection::default(),
+            tls: TlsSection::default(),
         }
     }
 }
@@ -132,6 +189,8 @@ impl Default for StorageSection {
 pub struct HttpSection {
     /// Address to listen on.
     pub listen: String,
+    /// HTTPS (and WSS) address, used when `[tls]` has a certificate; empty: none.
+    pub tls_listen: String,
     /// Largest request body.
     pub max_body_bytes: usize,
     /// Connections held open at most.
@@ -149,6 +208,7 @@ impl Default for HttpSection {
         let d = HttpConfig::default();
         HttpSection {
             listen: "0.0.0.0:8080".into(),
+            tls_listen: "0.0.0.0:8443".into(),
             max_body_bytes: d.max_body_bytes,
             max_connections: d.max_connections,
             max_fetch_records: d.max_fetch_records,
@@ -166,6 +226,8 @@ pub struct MqttSection {
     pub enabled: bool,
     /// TCP address.
     pub listen: String,
+    /// MQTT over TLS address, used when `[tls]` has a certificate; empty: none.
+    pub tls_listen: String,
     /// Largest packet accepted.
     pub max_packet_bytes: usize,
     /// Connections held open at most.
@@ -194,6 +256,7 @@ impl Default for MqttSection {
         MqttSection {
             enabled: true,
             listen: "0.0.0.0:1883".into(),
+            tls_listen: "0.0.0.0:8883".into(),
             max_packet_bytes: d.max_packet_bytes,
             max_connections: d.max_connections,
             connect_timeout_ms: d.connect_timeout.as_millis() as u64,
@@ -216,6 +279,8 @@ pub struct AmqpSection {
     pub enabled: bool,
     /// TCP address.
     pub listen: String,
+    /// AMQPS address, used when `[tls]` has a certificate; empty: none.
+    pub tls_listen: String,
     /// Connections held open at most.
     pub max_connections: usize,
     /// Highest channel number a client may open.
@@ -242,6 +307,7 @@ impl Default for AmqpSection {
         AmqpSection {
             enabled: true,
             listen: "0.0.0.0:5672".into(),
+            tls_listen: "0.0.0.0:5671".into(),
             max_connections: d.max_connections,
             max_channels: d.max_channels,
             frame_max: d.frame_max,
@@ -579,6 +645,40 @@ impl Config {
                 errors.push(format!("`mqtt.routes[{i}]`: {e}"));
             }
         }
+        let t = &self.tls;
+        if t.cert.is_some() != t.key.is_some() {
+            errors.push("`tls.cert` and `tls.key` go together: set both or neither".into());
+        }
+        if t.require_client_cert && t.client_ca.is_none() {
+            errors.push("`tls.require_client_cert` needs `tls.client_ca`".into());
+        }
+        if t.reload_check_ms == 0 {
+            errors.push("`tls.reload_check_ms` must be positive".into());
+        }
+        if self.tls_enabled() {
+            let tls_listeners = [
+                ("http.tls_listen", &self.http.tls_listen, true),
+                ("mqtt.tls_listen", &self.mqtt.tls_listen, self.mqtt.enabled),
+                ("amqp.tls_listen", &self.amqp.tls_listen, self.amqp.enabled),
+            ];
+            for (key, value, on) in tls_listeners {
+                if !on || value.is_empty() {
+                    continue;
+                }
+                match value.parse::<SocketAddr>() {
+                    Ok(a) => listeners.push((key, a)),
+                    Err(_) => errors.push(format!("`{key}`: `{value}` is not an address")),
+                }
+            }
+        }
+        if self
+            .auth
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.len() < 16)
+        {
+            errors.push("`auth.admin_token` must be at least 16 characters".into());
+        }
         for (i, (ka, a)) in listeners.iter().enumerate() {
             for (kb, b) in &listeners[i + 1..] {
                 if a.port() != 0
@@ -613,6 +713,11 @@ impl Config {
                 errors.push(format!("`topics[{i}]` ({}): {e}", t.name));
             }
         }
+    }
+
+    /// Are the TLS listeners on (a certificate and key configured)?
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.cert.is_some() && self.tls.key.is_some()
     }
 
     /// Defaults for topics created implicitly.

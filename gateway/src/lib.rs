@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod node;
+pub mod tls_cli;
 
 use std::process::ExitCode;
 
@@ -74,11 +75,37 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         #[cfg(feature = "client")]
         Command::Tail(args) => client::tail(args).await,
         #[cfg(feature = "client")]
+        Command::Devices {
+            op,
+            url,
+            admin_token,
+        } => client::devices(&url, admin_token, op).await,
+        Command::Tls { op } => tls_command(op),
+        #[cfg(feature = "client")]
         Command::Bench { target } => match target {
             cli::BenchCommand::Common(target) => bench::run(target).await,
             cli::BenchCommand::Amqp(args) => bench_amqp::run(args).await,
         },
     }
+}
+
+fn tls_command(op: cli::TlsOp) -> anyhow::Result<()> {
+    let written = match op {
+        cli::TlsOp::SelfSigned { out, hosts, days } => tls_cli::self_signed(&out, &hosts, days)?,
+        cli::TlsOp::ClientCert {
+            name,
+            ca_dir,
+            out,
+            days,
+        } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            tls_cli::client_cert(&ca_dir, &name, &out, days)?
+        }
+    };
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 async fn run_node(mode: Mode, args: cli::RunArgs) -> anyhow::Result<()> {

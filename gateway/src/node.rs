@@ -7,15 +7,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use tributary_devices::{Registry, RegistryConfig};
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
 use tributary_protocols::{amqp, http, mqtt};
 use tributary_storage::{Error as LogError, Log};
 
-use crate::config::{Config, Mode};
+use crate::config::{AuthMode, Config, Mode};
 
 /// Runs a node until a signal asks it to stop.
 pub async fn run(mode: Mode, config: Config) -> anyhow::Result<()> {
@@ -112,10 +115,31 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     let http_addr = http_listener.local_addr()?;
-    if !http_addr.ip().is_loopback() {
-        tracing::warn!(%http_addr, "anonymous access is allowed on a non-loopback address (device auth is not configured)");
+    let mut cx = FrontendContext::new(log.clone(), shutdown.clone(), mode.as_str());
+    let registry = Arc::new(
+        Registry::open(
+            log.clone(),
+            RegistryConfig {
+                enforce: config.auth.mode == AuthMode::Devices,
+                admin_token: config.auth.admin_token.clone(),
+                token_key: config.auth.token_key.clone(),
+            },
+        )
+        .await
+        .context("cannot open the device registry")?,
+    );
+    if config.auth.mode == AuthMode::Devices {
+        cx.auth = registry.clone();
+        tracing::info!(
+            devices = registry.list().len(),
+            "device authentication is on"
+        );
+    } else if !http_addr.ip().is_loopback() {
+        tracing::warn!(%http_addr, "anonymous access is allowed on a non-loopback address (set auth.mode = \"devices\")");
     }
-    let cx = FrontendContext::new(log.clone(), shutdown.clone(), mode.as_str());
+    cx.metrics.register(registry.clone());
+    cx.devices = Some(registry.clone());
+    let persister = registry.spawn_persister(shutdown.clone(), Duration::from_secs(10));
     let mut extra_routes = http::Router::new();
     let mut mqtt_addr = None;
     let mut mqtt_task = None;
@@ -183,6 +207,7 @@ pub async fn start(
         for b in bridges {
             let _ = b.await;
         }
+        let _ = persister.await;
         // MQTT connections answer DISCONNECT and store their sessions, AMQP
         // connections confirm what became durable and close with 320: the log
         // stays open until they are done (or the grace ends).

@@ -14,10 +14,11 @@
 //! one shutdown token.
 
 pub mod amqp;
-pub mod auth;
+pub use tributary_devices::auth;
 pub mod http;
 pub mod listener;
 pub mod mqtt;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,6 +29,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tributary_storage::Log;
+
+/// Who is on the other end of a connection, as the transport knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The remote address.
+    pub addr: Option<std::net::SocketAddr>,
+    /// The identity of a verified client certificate (mTLS): its subject CN.
+    pub certificate: Option<String>,
+}
 
 /// What every front end gets from the gateway.
 #[derive(Debug, Clone)]
@@ -40,6 +50,8 @@ pub struct FrontendContext {
     pub mode: &'static str,
     /// Who may connect, publish and subscribe.
     pub auth: Arc<dyn auth::Authenticator>,
+    /// The device registry (admin API), when the gateway opened one.
+    pub devices: Option<Arc<tributary_devices::Registry>>,
     /// Metrics of every front end, rendered by `/metrics`.
     pub metrics: MetricsHub,
     /// Open connections per protocol, for `/v1/stats` and the dashboard.
@@ -54,6 +66,7 @@ impl FrontendContext {
             shutdown,
             mode,
             auth: Arc::new(auth::Anonymous),
+            devices: None,
             metrics: MetricsHub::default(),
             connections: ConnectionGauges::default(),
         }
@@ -64,6 +77,12 @@ impl FrontendContext {
 pub trait MetricsSource: Send + Sync {
     /// Appends `# HELP`/`# TYPE` blocks and samples to `out`.
     fn render(&self, out: &mut String);
+}
+
+impl MetricsSource for tributary_devices::Registry {
+    fn render(&self, out: &mut String) {
+        self.render_metrics(out);
+    }
 }
 
 /// Front ends register their metrics here; `/metrics` renders them all.

@@ -102,6 +102,17 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>
+    for crate::Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> Self {
+        crate::Peer {
+            addr: Some(*stream.remote_addr()),
+            certificate: None,
+        }
+    }
+}
+
 /// A connection that frees its slot when dropped.
 #[derive(Debug)]
 pub struct LimitedStream {

@@ -11,7 +11,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +30,8 @@ use tributary_storage::{AppendRecord, Error as LogError};
 
 use super::frame::{self, code, short, FrameError};
 use super::{mapping, Server};
-use crate::auth::{Action, Credentials, Identity, Refusal};
+use crate::auth::{self, Action, Credentials, Identity, Refusal};
+use crate::Peer;
 
 /// A peer that does not take our bytes for this long is dropped.
 const WRITE_STALL: Duration = Duration::from_secs(60);
@@ -187,6 +187,8 @@ struct Conn<S> {
     channels: HashMap<u16, Channel>,
     next_epoch: u64,
     appends: VecDeque<JoinHandle<Appended>>,
+    /// Reading waits until then (a device's rate limit).
+    paused_until: Option<Instant>,
     batch: Batch,
     /// Body bytes reserved by unfinished messages across channels.
     buffered: u64,
@@ -206,10 +208,12 @@ enum Wake {
     Heartbeat,
     PeerSilent,
     Block,
+    /// A rate-limit pause is over.
+    Resume,
 }
 
 /// Runs one connection to its end.
-pub(super) async fn run<S>(server: Arc<Server>, stream: S, peer: Option<SocketAddr>)
+pub(super) async fn run<S>(server: Arc<Server>, stream: S, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -218,7 +222,7 @@ where
     let handshake = tokio::select! {
         r = tokio::time::timeout(
             server.config.handshake_timeout,
-            handshake(&server, &mut reader, &mut write_half, &mut buf, peer),
+            handshake(&server, &mut reader, &mut write_half, &mut buf, &peer),
         ) => r,
         // A connection still logging in does not hold the node's shutdown.
         () = server.cx.shutdown.cancelled() => return,
@@ -268,6 +272,7 @@ where
         channels: HashMap::new(),
         next_epoch: 1,
         appends: VecDeque::new(),
+        paused_until: None,
         batch: Batch::default(),
         buffered: 0,
         held_confirms: 0,
@@ -374,7 +379,7 @@ async fn handshake<R, W>(
     reader: &mut R,
     writer: &mut W,
     buf: &mut BytesMut,
-    peer: Option<SocketAddr>,
+    peer: &Peer,
 ) -> Result<Accepted, End>
 where
     R: AsyncRead + Unpin,
@@ -428,13 +433,15 @@ where
             return Err(End::Server(code::ACCESS_REFUSED, why, 10, 11));
         }
     };
-    let identity = match server.cx.auth.authenticate(&Credentials {
+    let creds = Credentials {
         protocol: "amqp",
         username: Some(&user),
         password: Some(&pass),
         client_id: None,
-        peer,
-    }) {
+        peer: peer.addr,
+        certificate: peer.certificate.as_deref(),
+    };
+    let identity = match auth::login(&*server.cx.auth, &creds).await {
         Ok(id) => id,
         Err(refusal) => {
             server.metrics.reject("bad_credentials");
@@ -644,9 +651,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             if let Err(end) = self.flush_out().await {
                 return end;
             }
+            let paused = self.paused_until.filter(|t| *t > Instant::now());
             let can_read = self.appends.len() < self.server.config.max_pending_appends
                 && self.held_confirms < MAX_HELD_CONFIRMS
-                && self.held_bytes <= self.server.config.max_content_bytes;
+                && self.held_bytes <= self.server.config.max_content_bytes
+                && paused.is_none();
             if can_read {
                 full_since = None;
                 if self.blocked {
@@ -685,6 +694,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         None => std::future::pending().await,
                     }
                 };
+                let pause_ends = async {
+                    match paused {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let block = async {
                     match block_at {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -698,6 +713,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     _ = beat.tick(), if heartbeat.is_some() => Wake::Heartbeat,
                     () = silent => Wake::PeerSilent,
                     () = block => Wake::Block,
+                    () = pause_ends => Wake::Resume,
                 }
             };
             match wake {
@@ -735,11 +751,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     self.server.metrics.reject("heartbeat_timeout");
                     return End::Lost;
                 }
+                Wake::Resume => self.paused_until = None,
                 Wake::Block => {
                     self.blocked = true;
                     self.server.metrics.blocked.fetch_add(1, Relaxed);
                     let mut reason = "waiting for the disk".into();
-                    if self.server.cx.log.health().is_err() {
+                    if self.paused_until.is_some() {
+                        reason = "rate limit".into();
+                    } else if self.server.cx.log.health().is_err() {
                         reason = "the log is not writable".into();
                     }
                     frame::method(
@@ -1564,6 +1583,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             return;
         }
         let batch = std::mem::take(&mut self.batch);
+        // A device over its rate limit: this batch goes on, reading pauses
+        // until the limit has caught up (TCP pushes back on the client).
+        let wait = self.server.cx.auth.pace(
+            &self.identity,
+            u32::try_from(batch.count).unwrap_or(u32::MAX),
+        );
+        if !wait.is_zero() {
+            self.paused_until = Some(Instant::now() + wait);
+        }
         let server = self.server.clone();
         self.appends
             .push_back(tokio::spawn(append_batch(server, batch)));

@@ -215,7 +215,11 @@ pub async fn serve(listener: LimitedListener, server: Arc<Server>) {
         };
         let server = server.clone();
         tokio::spawn(async move {
-            conn::run(server, stream, Some(peer)).await;
+            let peer = crate::Peer {
+                addr: Some(peer),
+                certificate: None,
+            };
+            conn::run(server, stream, peer).await;
         });
     }
 }

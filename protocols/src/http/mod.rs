@@ -2,6 +2,8 @@
 //! consumer-group offsets, health, Prometheus metrics and an OpenAPI document.
 //! Handlers only translate JSON to and from the log.
 
+mod auth;
+mod devices;
 mod error;
 mod metrics;
 pub mod records;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -28,8 +30,10 @@ use tributary_storage::{
 pub use error::{ApiError, ApiResult};
 pub use metrics::HttpMetrics;
 
+use crate::auth::Action;
 use crate::listener::{ConnectionStats, LimitedListener};
 use crate::FrontendContext;
+use auth::Caller;
 use records::{Format, ProduceBody, RecordOut};
 
 /// HTTP front-end settings.
@@ -77,13 +81,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/groups/{group}/offsets"),
     ("POST", "/v1/groups/{group}/offsets"),
     ("GET", "/mqtt"),
+    ("GET", "/v1/devices"),
+    ("POST", "/v1/devices"),
+    ("GET", "/v1/devices/{id}"),
+    ("PATCH", "/v1/devices/{id}"),
+    ("DELETE", "/v1/devices/{id}"),
+    ("POST", "/v1/devices/{id}/rotate"),
 ];
 
 /// The OpenAPI 3 document served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 #[derive(Clone)]
-struct AppState {
+pub(super) struct AppState {
     cx: FrontendContext,
     config: Arc<HttpConfig>,
     started: Instant,
@@ -147,8 +157,23 @@ pub fn router(
             "/v1/groups/{group}/offsets",
             get(group_offsets).post(commit_offsets),
         )
+        .route("/v1/devices", get(devices::list).post(devices::create))
+        .route(
+            "/v1/devices/{id}",
+            get(devices::get)
+                .patch(devices::update)
+                .delete(devices::remove),
+        )
+        .route(
+            "/v1/devices/{id}/rotate",
+            axum::routing::post(devices::rotate),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -167,9 +192,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shutdown = cx.shutdown.clone();
     let app = extra.merge(router(cx, config, listener.stats()));
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<crate::Peer>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -305,7 +333,11 @@ async fn list_topics(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 /// Reads the whole body up to the limit; a declared length over it is refused
 /// before a byte is read.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+pub(super) async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Bytes> {
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -348,7 +380,7 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
 
 /// Parses JSON, naming the path and position of the first problem. Valid
 /// bodies take the fast path; only a failed parse is repeated with path tracking.
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
+pub(super) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|_| {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let failed = match serde_path_to_error::deserialize::<_, T>(&mut de) {
@@ -371,7 +403,7 @@ fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
     })
 }
 
-fn require_json(headers: &HeaderMap) -> ApiResult<()> {
+pub(super) fn require_json(headers: &HeaderMap) -> ApiResult<()> {
     match content_type(headers).as_deref() {
         Some("application/json") => Ok(()),
         other => Err(ApiError::new(
@@ -398,12 +430,15 @@ struct CreateTopic {
 
 async fn create_topic(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     require_json(&headers)?;
     let bytes = read_body(&state, &headers, body).await?;
     let req: CreateTopic = parse_json(&bytes)?;
+    // Creating a topic takes the right to publish to it.
+    auth::allow(&state, caller.identity()?, Action::Publish, &req.name)?;
     let d = &state.cx.log.config().topic_defaults;
     let config = TopicConfig {
         name: req.name,
@@ -417,7 +452,9 @@ async fn create_topic(
     Ok((StatusCode::CREATED, Json(topic_json(info))).into_response())
 }
 
-fn path_param<T>(p: Result<Path<T>, axum::extract::rejection::PathRejection>) -> ApiResult<T> {
+pub(super) fn path_param<T>(
+    p: Result<Path<T>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<T> {
     p.map(|Path(v)| v)
         .map_err(|e| ApiError::bad_request(format!("bad path parameter: {}", e.body_text())))
 }
@@ -445,6 +482,7 @@ struct RawProduceParams {
 
 async fn produce(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     topic: Result<Path<String>, axum::extract::rejection::PathRejection>,
     params: Result<Query<RawProduceParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -494,6 +532,14 @@ async fn produce(
             ))
         }
     };
+    let who = caller.identity()?;
+    for r in &records {
+        let subject = auth::record_subject(&topic, r.event.key.as_deref());
+        auth::allow(&state, who, Action::Publish, &subject)?;
+    }
+    if let Some(limited) = auth::over_limit(&state, who, records.len()) {
+        return Ok(limited);
+    }
     let positions = state.cx.log.append(&topic, records).await?;
     Ok(offsets_response(&positions))
 }
@@ -528,10 +574,17 @@ struct FetchParams {
 
 async fn fetch(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<(String, u32)>, axum::extract::rejection::PathRejection>,
     params: Result<Query<FetchParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (topic, partition) = path_param(path)?;
+    auth::allow(
+        &state,
+        caller.identity()?,
+        Action::Subscribe,
+        &auth::whole_topic(&topic),
+    )?;
     let p = query_param(params)?;
     let log = &state.cx.log;
     let (start_offset, end_offset) = log.offsets(&topic, partition)?;
@@ -605,6 +658,7 @@ fn offsets_json(group: &str, offsets: &[GroupOffset]) -> serde_json::Value {
 
 async fn commit_offsets(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     group: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -615,6 +669,10 @@ async fn commit_offsets(
     let req: CommitBody = parse_json(&bytes)?;
     if req.offsets.is_empty() {
         return Err(ApiError::bad_request("`offsets` is empty"));
+    }
+    let who = caller.identity()?;
+    for o in &req.offsets {
+        auth::allow(&state, who, Action::Subscribe, &auth::whole_topic(&o.topic))?;
     }
     let offsets: Vec<GroupOffset> = req
         .offsets

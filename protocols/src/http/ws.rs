@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
@@ -32,13 +32,15 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_storage::{AppendRecord, Error as LogError, Event, Position};
 
+use super::auth::{self, record_subject, Caller};
 use super::error::ApiError;
 use super::records::{Format, ProduceRecord, RecordOut};
 use super::AppState;
+use crate::auth::{Action, Identity};
 
 /// Close codes.
 pub mod close {
-    /// Policy violation (authentication, once the devices issue lands).
+    /// Policy violation: refused credentials or an ACL denial.
     pub const POLICY: u16 = 1008;
     /// A message over `ws_max_message_bytes`.
     pub const TOO_BIG: u16 = 1009;
@@ -270,6 +272,7 @@ where
 /// `GET /v1/topics/{topic}/publish`.
 pub(super) async fn publish(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -277,13 +280,26 @@ pub(super) async fn publish(
         Ok(Path(t)) => t,
         Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
     };
+    let who = match caller.identity() {
+        Ok(who) => who.clone(),
+        Err(e) => return refuse(ws, e),
+    };
     if state.cx.log.topic(&topic).is_err() && !state.cx.log.config().auto_create_topics {
         return ApiError::from(LogError::UnknownTopic(topic)).into_response();
     }
     let max = state.config.ws_max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| publish_session(state, topic, socket))
+        .on_upgrade(move |socket| publish_session(state, who, topic, socket))
+}
+
+/// Completes the upgrade and closes with 1008 and the reason: a browser sees
+/// the close reason, never the status of a refused upgrade.
+fn refuse(ws: WebSocketUpgrade, e: ApiError) -> Response {
+    ws.on_upgrade(move |mut socket| async move {
+        let why = format!("{}: {}", e.code, e.message);
+        let _ = send_within(&mut socket, close_frame(close::POLICY, &why)).await;
+    })
 }
 
 /// One answer slot per client message, in order.
@@ -336,7 +352,7 @@ fn precheck(limits: Option<(usize, u32)>, r: &AppendRecord) -> Result<(), ApiErr
 /// order (merging those that queued while the previous append was on its way
 /// to disk), and this task writes the answers in order, pings, and notices a
 /// silent peer. Each stage waits for the next when it is full.
-async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
+async fn publish_session(state: AppState, who: Identity, topic: String, socket: WebSocket) {
     let _open = OpenGuard::new(&state.ws);
     let (mut tx, mut rx) = socket.split();
     let (parsed_tx, mut parsed_rx) = mpsc::channel::<Result<Parsed, (u16, String)>>(PIPELINE);
@@ -354,6 +370,7 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
         let limits_now = limits();
         let log = log.clone();
         let topic = topic.clone();
+        let auth = state.cx.auth.clone();
         tokio::spawn(async move {
             let mut limits_now = limits_now;
             let mut bad_in_a_row = 0u32;
@@ -408,6 +425,18 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                     };
                     match parsed.map(|r| r.and_then(|r| precheck(limits_now, &r).map(|()| r))) {
                         None => {}
+                        Some(Ok(r))
+                            if !auth.authorize(
+                                &who,
+                                Action::Publish,
+                                &record_subject(&topic, r.event.key.as_deref()),
+                            ) =>
+                        {
+                            let subject = record_subject(&topic, r.event.key.as_deref());
+                            let why = format!("device `{}` may not publish to `{subject}`", who.id);
+                            end = Some(Some((close::POLICY, why)));
+                            break;
+                        }
                         Some(Ok(r)) => {
                             bad_in_a_row = 0;
                             batch.bytes += r.event.size();
@@ -431,8 +460,17 @@ async fn publish_session(state: AppState, topic: String, socket: WebSocket) {
                         next = rx.next().now_or_never();
                     }
                 }
+                // A device over its rate limit: this batch goes on, reading
+                // pauses until the limit has caught up.
+                let wait = auth.pace(&who, u32::try_from(batch.records.len()).unwrap_or(u32::MAX));
                 if !batch.slots.is_empty() && parsed_tx.send(Ok(batch)).await.is_err() {
                     return;
+                }
+                if !wait.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => {}
+                    }
                 }
                 match end {
                     None => {}
@@ -645,6 +683,7 @@ fn starts(log: &tributary_storage::Log, topic: &str, q: &LiveParams) -> Result<V
 /// `GET /v1/topics/{topic}/live`.
 pub(super) async fn live(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<LiveParams>, axum::extract::rejection::QueryRejection>,
     ws: WebSocketUpgrade,
@@ -657,6 +696,12 @@ pub(super) async fn live(
         Ok(Query(q)) => q,
         Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
     };
+    let allowed = caller
+        .identity()
+        .and_then(|who| auth::allow(&state, who, Action::Subscribe, &auth::whole_topic(&topic)));
+    if let Err(e) = allowed {
+        return refuse(ws, e);
+    }
     let cursors = match starts(&state.cx.log, &topic, &q) {
         Ok(c) => c,
         Err(e) => return e.into_response(),

@@ -8,7 +8,6 @@
 //! bounded channel to a writer task. Nothing grows with the backlog.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,8 @@ use super::codec::{
 };
 use super::session::{self, Inflight, PendingWill, Retained, Session, Sub};
 use super::{topic, Broker, Slot};
-use crate::auth::{Action, Credentials, Identity, Refusal};
+use crate::auth::{self, Action, Credentials, Identity, Refusal};
+use crate::Peer;
 
 /// Append batches waiting for durability before the socket is no longer read.
 const MAX_APPEND_BATCHES: usize = 4;
@@ -117,6 +117,8 @@ pub(super) struct Handler<S> {
     send_window: usize,
     client_max_packet: usize,
     appends: VecDeque<JoinHandle<Acked>>,
+    /// Reading waits until then (a device's rate limit).
+    paused_until: Option<tokio::time::Instant>,
     unacked_in: usize,
     batch: Batch,
     tails: Tails,
@@ -139,11 +141,13 @@ enum Wake {
     KeepAliveExpired,
     Deliver,
     Save,
+    /// A rate-limit pause is over.
+    Resume,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     /// Serves one connection to the end.
-    pub(super) async fn run(broker: Arc<Broker>, stream: S, peer: Option<SocketAddr>) {
+    pub(super) async fn run(broker: Arc<Broker>, stream: S, peer: Peer) {
         let (mut reader, mut write_half) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let max = broker.config.max_packet_bytes;
@@ -195,7 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         });
         let conn_id = broker.next_conn.fetch_add(1, Relaxed);
         let mut out = BytesMut::with_capacity(4096);
-        let accepted = accept(&broker, conn_id, &connect, peer, &mut out).await;
+        let accepted = accept(&broker, conn_id, &connect, &peer, &mut out).await;
         let Some((client_id, identity, session, present, kick, released)) = accepted else {
             let _ = tx.send(out.freeze()).await;
             drop(tx);
@@ -220,6 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             send_window: window,
             client_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
             appends: VecDeque::new(),
+            paused_until: None,
             unacked_in: 0,
             batch: Batch::default(),
             tails: Tails {
@@ -269,8 +274,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             if let Err(close) = self.flush_out().await {
                 return close;
             }
+            let paused = self
+                .paused_until
+                .filter(|t| *t > tokio::time::Instant::now());
             let can_read = self.appends.len() < MAX_APPEND_BATCHES
-                && self.unacked_in < usize::from(self.broker.config.max_inflight);
+                && self.unacked_in < usize::from(self.broker.config.max_inflight)
+                && paused.is_none();
             if !can_read {
                 // Not reading is our doing: the client's keep-alive clock waits too.
                 deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
@@ -282,6 +291,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 let next_append = async {
                     match appends.front_mut() {
                         Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let pause_ends = async {
+                    match paused {
+                        Some(t) => tokio::time::sleep_until(t).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -299,6 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     r = next_append, if has_appends => Wake::Appended(r),
                     r = self.reader.read_buf(&mut self.buf), if can_read => Wake::Read(r),
                     () = keep_alive => Wake::KeepAliveExpired,
+                    () = pause_ends => Wake::Resume,
                     () = self.tails.notify.notified() => Wake::Deliver,
                     _ = save.tick() => Wake::Save,
                 }
@@ -329,6 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     }
                 }
                 Wake::Deliver => self.deliver(),
+                Wake::Resume => self.paused_until = None,
                 Wake::Save => {
                     if self.dirty && self.session.expiry > 0 {
                         self.dirty = false;
@@ -565,6 +582,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             return;
         }
         let batch = std::mem::take(&mut self.batch);
+        // A device over its rate limit: this batch goes on, reading pauses
+        // until the limit has caught up (TCP pushes back on the client).
+        let wait = self.broker.cx.auth.pace(
+            &self.identity,
+            u32::try_from(batch.count).unwrap_or(u32::MAX),
+        );
+        if !wait.is_zero() {
+            self.paused_until = Some(tokio::time::Instant::now() + wait);
+        }
         let broker = self.broker.clone();
         self.appends
             .push_back(tokio::spawn(append_batch(broker, batch)));
@@ -1241,7 +1267,7 @@ async fn accept(
     broker: &Arc<Broker>,
     conn_id: u64,
     c: &ConnectIn,
-    peer: Option<SocketAddr>,
+    peer: &Peer,
     out: &mut BytesMut,
 ) -> Option<Accepted> {
     let refuse = |code: u8, why: &'static str, out: &mut BytesMut| {
@@ -1297,9 +1323,10 @@ async fn accept(
         username: c.username.as_deref(),
         password: c.password.as_deref(),
         client_id: Some(&client_id),
-        peer,
+        peer: peer.addr,
+        certificate: peer.certificate.as_deref(),
     };
-    let identity = match broker.cx.auth.authenticate(&creds) {
+    let identity = match auth::login(&*broker.cx.auth, &creds).await {
         Ok(i) => i,
         Err(Refusal::BadCredentials) => {
             refuse(reason::BAD_USERNAME_OR_PASSWORD, "bad_credentials", out);

@@ -21,7 +21,6 @@ pub mod topic;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -334,7 +333,11 @@ impl Listener {
             };
             let broker = self.broker.clone();
             tokio::spawn(async move {
-                conn::Handler::run(broker, stream, Some(peer)).await;
+                let peer = crate::Peer {
+                    addr: Some(peer),
+                    certificate: None,
+                };
+                conn::Handler::run(broker, stream, peer).await;
             });
         }
     }
@@ -364,7 +367,7 @@ async fn ws_upgrade(State((broker, stats)): State<WsState>, ws: WebSocketUpgrade
         .on_upgrade(move |socket| async move {
             stats.accepted.fetch_add(1, Relaxed);
             stats.open.fetch_add(1, Relaxed);
-            bridge_websocket(socket, broker, None).await;
+            bridge_websocket(socket, broker, crate::Peer::default()).await;
             stats.open.fetch_sub(1, Relaxed);
         })
 }
@@ -372,7 +375,7 @@ async fn ws_upgrade(State((broker, stats)): State<WsState>, ws: WebSocketUpgrade
 /// Runs the MQTT handler over a WebSocket: binary messages carry the byte
 /// stream (a packet may span messages, a message may hold several packets).
 /// A bounded in-memory pipe joins the two, so a slow side pushes back.
-async fn bridge_websocket(socket: WebSocket, broker: Arc<Broker>, peer: Option<SocketAddr>) {
+async fn bridge_websocket(socket: WebSocket, broker: Arc<Broker>, peer: crate::Peer) {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let (mut pipe_read, mut pipe_write) = tokio::io::split(theirs);
     let (mut ws_tx, mut ws_rx) = socket.split();

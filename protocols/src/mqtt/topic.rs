@@ -25,24 +25,7 @@ pub fn valid_filter(filter: &str) -> bool {
     })
 }
 
-/// Does `topic` match `filter`? Filters starting with a wildcard do not match
-/// topics starting with `$` (MQTT-4.7.2-1).
-pub fn matches(topic: &str, filter: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut t = topic.split('/');
-    let mut f = filter.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub use tributary_devices::acl::matches;
 
 /// Could one topic match both filters?
 pub fn overlap(a: &str, b: &str) -> bool {

@@ -1,0 +1,141 @@
+//! The one place every protocol asks who a client is and what it may do.
+//! Front ends call [`login`] when a client connects and
+//! [`Authenticator::authorize`] on every publish and subscribe, and answer
+//! refusals in their own protocol's terms. [`Anonymous`] lets everyone in;
+//! [`crate::Registry`] checks device credentials and ACLs.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Who is logging in.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials<'a> {
+    /// `mqtt`, `amqp`, `http`, `ws`, `sync`.
+    pub protocol: &'static str,
+    /// User name (MQTT username, AMQP PLAIN user, HTTP Basic user): the device id.
+    pub username: Option<&'a str>,
+    /// Password or token.
+    pub password: Option<&'a str>,
+    /// MQTT client id, when there is one.
+    pub client_id: Option<&'a str>,
+    /// Peer address.
+    pub peer: Option<SocketAddr>,
+    /// The identity of a client certificate the TLS layer verified (mTLS):
+    /// the subject's common name.
+    pub certificate: Option<&'a str>,
+}
+
+/// An authenticated client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Device id, `anonymous`, or `admin` (the HTTP admin token).
+    pub id: String,
+}
+
+impl Identity {
+    /// The identity of anonymous access.
+    pub fn anonymous() -> Self {
+        Identity {
+            id: ANONYMOUS.into(),
+        }
+    }
+}
+
+/// The id of anonymous clients (never a device id).
+pub const ANONYMOUS: &str = "anonymous";
+/// The id of the admin token's holder (never a device id).
+pub const ADMIN: &str = "admin";
+
+/// Why a login was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credentials, unknown user or wrong secret.
+    BadCredentials,
+    /// Known, but not allowed in (disabled device).
+    NotAuthorized,
+}
+
+impl Refusal {
+    /// A short reason for metrics and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadCredentials => "bad_credentials",
+            Refusal::NotAuthorized => "not_authorized",
+        }
+    }
+}
+
+/// What a client wants to do with a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Write events.
+    Publish,
+    /// Read events.
+    Subscribe,
+}
+
+/// The authentication and authorization hook.
+pub trait Authenticator: Send + Sync + fmt::Debug {
+    /// Checks a login. Failures are counted per source address by
+    /// implementations that slow down guessing (see [`Authenticator::login_delay`]).
+    fn authenticate(&self, creds: &Credentials<'_>) -> Result<Identity, Refusal>;
+
+    /// May `who` do `action` on `subject`? For [`Action::Publish`] the subject
+    /// is a name (MQTT topic, `topic` or `topic/key`); for [`Action::Subscribe`]
+    /// it may be an MQTT-style filter (`topic/#` for a whole log topic).
+    fn authorize(&self, who: &Identity, action: Action, subject: &str) -> bool;
+
+    /// How long a login from `peer` waits before it is checked: grows with the
+    /// recent failures of that address. Zero by default.
+    fn login_delay(&self, _peer: Option<SocketAddr>) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Request-style admission (HTTP): zero when `events` may go now (they
+    /// are taken, possibly into debt); otherwise how long until the limit
+    /// has caught up, taking nothing (the caller refuses with a retry time).
+    fn admit(&self, _who: &Identity, _events: u32) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Takes `events` from `who`'s rate limit even when that runs into debt,
+    /// and says how long until the debt is paid: streaming front ends stop
+    /// reading that long, so the client is slowed rather than refused.
+    fn pace(&self, _who: &Identity, _events: u32) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Is device authentication on (false for anonymous access)?
+    fn enforcing(&self) -> bool {
+        true
+    }
+}
+
+/// Waits out the source address's failure delay, then checks the login.
+/// Every front end logs clients in through here.
+pub async fn login(auth: &dyn Authenticator, creds: &Credentials<'_>) -> Result<Identity, Refusal> {
+    let delay = auth.login_delay(creds.peer);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    auth.authenticate(creds)
+}
+
+/// Everyone is `anonymous` and may do everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Anonymous;
+
+impl Authenticator for Anonymous {
+    fn authenticate(&self, _: &Credentials<'_>) -> Result<Identity, Refusal> {
+        Ok(Identity::anonymous())
+    }
+
+    fn authorize(&self, _: &Identity, _: Action, _: &str) -> bool {
+        true
+    }
+
+    fn enforcing(&self) -> bool {
+        false
+    }
+}
