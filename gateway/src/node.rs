@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_devices::{Registry, RegistryConfig};
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
-use tributary_protocols::{amqp, http, mqtt};
+use tributary_protocols::{amqp, http, mqtt, tls};
 use tributary_storage::{Error as LogError, Log};
 
 use crate::config::{AuthMode, Config, Mode};
@@ -51,6 +51,15 @@ pub async fn run_until(
     if let Some(amqp) = node.amqp_addr {
         line.push_str(&format!(" amqp={amqp}"));
     }
+    for (name, addr) in [
+        ("https", node.https_addr),
+        ("mqtts", node.mqtts_addr),
+        ("amqps", node.amqps_addr),
+    ] {
+        if let Some(a) = addr {
+            line.push_str(&format!(" {name}={a}"));
+        }
+    }
     println!("{line}");
     let _ = std::io::stdout().flush();
     node.wait().await
@@ -65,6 +74,12 @@ pub struct RunningNode {
     pub mqtt_addr: Option<SocketAddr>,
     /// Where AMQP listens (if enabled).
     pub amqp_addr: Option<SocketAddr>,
+    /// Where HTTPS listens (with `[tls]`).
+    pub https_addr: Option<SocketAddr>,
+    /// Where MQTT over TLS listens (with `[tls]`).
+    pub mqtts_addr: Option<SocketAddr>,
+    /// Where AMQPS listens (with `[tls]`).
+    pub amqps_addr: Option<SocketAddr>,
     /// The log (for in-process tests and tools).
     pub log: Log,
     task: JoinHandle<anyhow::Result<()>>,
@@ -140,9 +155,60 @@ pub async fn start(
     cx.metrics.register(registry.clone());
     cx.devices = Some(registry.clone());
     let persister = registry.spawn_persister(shutdown.clone(), Duration::from_secs(10));
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => {
+            let files = tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls.client_ca.clone(),
+                require_client_cert: config.tls.require_client_cert,
+            };
+            let tls = tls::Tls::load(files).context("cannot load the TLS certificate")?;
+            tls.spawn_reloader(
+                shutdown.clone(),
+                Duration::from_millis(config.tls.reload_check_ms),
+            );
+            cx.metrics.register(Arc::new(tls.clone()));
+            Some(tls)
+        }
+        _ => None,
+    };
+    // The TLS address of a listener, bound now so a clash is reported at start.
+    let bind_tls = |key: &'static str, addr: &str, on: bool| {
+        let tls = tls.clone();
+        let addr = addr.to_owned();
+        async move {
+            match tls {
+                Some(tls) if on && !addr.is_empty() => {
+                    let bound = TcpListener::bind(&addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {key} = {addr}"))?;
+                    anyhow::Ok(Some((bound, tls)))
+                }
+                _ => Ok(None),
+            }
+        }
+    };
+    let mqtts = bind_tls(
+        "mqtt.tls_listen",
+        &config.mqtt.tls_listen,
+        config.mqtt.enabled,
+    )
+    .await?;
+    let amqps = bind_tls(
+        "amqp.tls_listen",
+        &config.amqp.tls_listen,
+        config.amqp.enabled,
+    )
+    .await?;
+    let https = bind_tls("http.tls_listen", &config.http.tls_listen, true).await?;
+    let addr_of =
+        |b: &Option<(TcpListener, tls::Tls)>| b.as_ref().and_then(|(l, _)| l.local_addr().ok());
+    let (mqtts_addr, amqps_addr, https_addr) = (addr_of(&mqtts), addr_of(&amqps), addr_of(&https));
     let mut extra_routes = http::Router::new();
     let mut mqtt_addr = None;
     let mut mqtt_task = None;
+    let mut mqtts_task = None;
     let mut broker = None;
     if config.mqtt.enabled {
         let mqtt_config = config.mqtt_config();
@@ -156,11 +222,20 @@ pub async fn start(
         mqtt_task = Some(tokio::spawn(mqtt::serve(
             LimitedListener::new(bound, max),
             b.clone(),
+            None,
         )));
+        if let Some((bound, tls)) = mqtts {
+            mqtts_task = Some(tokio::spawn(mqtt::serve(
+                LimitedListener::new(bound, max),
+                b.clone(),
+                Some(tls),
+            )));
+        }
         broker = Some(b);
     }
     let mut amqp_addr = None;
     let mut amqp_task = None;
+    let mut amqps_task = None;
     let mut amqp_server = None;
     if config.amqp.enabled {
         let amqp_config = config.amqp_config();
@@ -173,13 +248,32 @@ pub async fn start(
         amqp_task = Some(tokio::spawn(amqp::serve(
             LimitedListener::new(bound, max),
             server.clone(),
+            None,
         )));
+        if let Some((bound, tls)) = amqps {
+            amqps_task = Some(tokio::spawn(amqp::serve(
+                LimitedListener::new(bound, max),
+                server.clone(),
+                Some(tls),
+            )));
+        }
         amqp_server = Some(server);
     }
     let bridges = amqp::bridge::start(&cx, config.amqp_bridges());
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
-    let http_task = tokio::spawn(http::serve(listener, cx, http_config, extra_routes));
+    let https_listener = https.map(|(bound, tls)| {
+        let limited =
+            LimitedListener::with_stats(bound, http_config.max_connections, listener.stats());
+        tls::TlsListener::new(limited, tls)
+    });
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        https_listener,
+        cx,
+        http_config,
+        extra_routes,
+    ));
     tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, amqp = ?amqp_addr, data_dir = %config.data_dir.display(), "node ready");
 
     let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -201,7 +295,10 @@ pub async fn start(
                 joined?.context("the HTTP server stopped")?;
             }
         }
-        for t in [mqtt_task, amqp_task].into_iter().flatten() {
+        for t in [mqtt_task, mqtts_task, amqp_task, amqps_task]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.await;
         }
         for b in bridges {
@@ -231,6 +328,9 @@ pub async fn start(
         http_addr,
         mqtt_addr,
         amqp_addr,
+        https_addr,
+        mqtts_addr,
+        amqps_addr,
         log,
         task,
     })

@@ -47,6 +47,20 @@ impl LimitedListener {
         }
     }
 
+    /// Like [`LimitedListener::new`], counting into `stats` (shared with
+    /// another listener of the same front end, e.g. HTTP and HTTPS).
+    pub fn with_stats(
+        inner: TcpListener,
+        max_connections: usize,
+        stats: Arc<ConnectionStats>,
+    ) -> Self {
+        LimitedListener {
+            inner,
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            stats,
+        }
+    }
+
     /// Counters, shared with whoever reports them.
     pub fn stats(&self) -> Arc<ConnectionStats> {
         self.stats.clone()

@@ -36,7 +36,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::listener::{ConnectionStats, LimitedListener, LimitedStream};
-use crate::MetricsSource;
+use crate::{MetricsSource, Peer};
 
 pub use tokio_rustls::server::TlsStream;
 
@@ -468,17 +468,7 @@ fn warn_if_not_valid_now(path: &Path, cert: &CertificateDer<'_>) {
     }
 }
 
-/// Who is at the other end of an HTTPS connection: `ConnectInfo<PeerInfo>`
-/// with `into_make_service_with_connect_info::<PeerInfo>()`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub addr: SocketAddr,
-    /// The verified client certificate's identity, if the client presented one.
-    pub certificate: Option<String>,
-}
-
-type Accepted = (TlsStream<LimitedStream>, PeerInfo);
+type Accepted = (TlsStream<LimitedStream>, Peer);
 
 /// A [`LimitedListener`] with TLS, for `axum::serve`. A background task accepts
 /// connections and runs each handshake in its own task (at most the
@@ -544,7 +534,11 @@ async fn accept_loop(inner: LimitedListener, tls: Tls, tx: mpsc::Sender<Accepted
                 handshakes.spawn(async move {
                     match tls.accept(stream).await {
                         Ok((stream, certificate)) => {
-                            let _ = tx.send((stream, PeerInfo { addr, certificate })).await;
+                            let peer = Peer {
+                                addr: Some(addr),
+                                certificate,
+                            };
+                            let _ = tx.send((stream, peer)).await;
                         }
                         Err(e) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                     }
@@ -558,7 +552,7 @@ async fn accept_loop(inner: LimitedListener, tls: Tls, tx: mpsc::Sender<Accepted
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<LimitedStream>;
-    type Addr = PeerInfo;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.accepted.recv().await {
@@ -572,16 +566,14 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        TlsListener::local_addr(self).map(|addr| PeerInfo {
-            addr,
+        TlsListener::local_addr(self).map(|addr| Peer {
+            addr: Some(addr),
             certificate: None,
         })
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for PeerInfo
-{
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         stream.remote_addr().clone()
     }
@@ -1061,7 +1053,7 @@ mod tests {
         let mut client = client.await.expect("join").expect("client handshake");
         assert_eq!(peer.certificate.as_deref(), Some("device-7"));
         assert_eq!(
-            Some(peer.addr),
+            peer.addr,
             client.get_ref().0.local_addr().ok(),
             "peer address"
         );
@@ -1077,16 +1069,12 @@ mod tests {
         let (listener, addr) = tls_listener(f.tls()).await;
         let app = axum::Router::new().route(
             "/",
-            axum::routing::get(|ConnectInfo(peer): ConnectInfo<PeerInfo>| async move {
+            axum::routing::get(|ConnectInfo(peer): ConnectInfo<Peer>| async move {
                 format!("certificate={:?}", peer.certificate)
             }),
         );
         let server = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<PeerInfo>(),
-            )
-            .await
+            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await
         });
         let device = f.ca.client("device-7");
         let mut client = connect(addr, f.client(Some(&device)))

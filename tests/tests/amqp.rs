@@ -85,7 +85,7 @@ async fn server(core: bool, config: AmqpConfig) -> Server {
         64,
     );
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(amqp::serve(l, server.clone()));
+    tokio::spawn(amqp::serve(l, server.clone(), None));
     Server {
         log,
         store,

@@ -574,6 +574,7 @@ async fn a_log_that_cannot_write_answers_503() {
     let u = format!("http://{}", listener.local_addr().expect("addr"));
     let server = tokio::spawn(tributary_protocols::http::serve(
         listener,
+        None,
         cx,
         HttpConfig::default(),
         tributary_protocols::http::Router::new(),

@@ -231,7 +231,7 @@ async fn held_broker() -> (MemStore, Log, std::net::SocketAddr, CancellationToke
         64,
     );
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(mqtt::serve(l, broker));
+    tokio::spawn(mqtt::serve(l, broker, None));
     (store, log, addr, shutdown)
 }
 

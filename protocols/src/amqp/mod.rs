@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::listener::{ConnectionStats, LimitedListener};
+use crate::tls::Tls;
 use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
 
 /// AMQP front-end settings (`[amqp]`).
@@ -200,7 +201,10 @@ impl Server {
 /// Serves AMQP on `listener` until the node shuts down. Each connection runs
 /// in its own task; at shutdown it confirms what is durable, then closes with
 /// connection.close 320.
-pub async fn serve(listener: LimitedListener, server: Arc<Server>) {
+///
+/// With `tls`, each connection starts with a TLS handshake (AMQPS, 5671); a
+/// verified client certificate names the device.
+pub async fn serve(listener: LimitedListener, server: Arc<Server>, tls: Option<Tls>) {
     server
         .metrics
         .connections
@@ -214,12 +218,33 @@ pub async fn serve(listener: LimitedListener, server: Arc<Server>) {
             accepted = listener.accept() => accepted,
         };
         let server = server.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let peer = crate::Peer {
-                addr: Some(peer),
-                certificate: None,
+            let Some(tls) = tls else {
+                let peer = crate::Peer {
+                    addr: Some(peer),
+                    certificate: None,
+                };
+                conn::run(server, stream, peer).await;
+                return;
             };
-            conn::run(server, stream, peer).await;
+            let handshake = tokio::select! {
+                r = tls.accept(stream) => r,
+                () = server.cx.shutdown.cancelled() => return,
+            };
+            match handshake {
+                Ok((stream, certificate)) => {
+                    let peer = crate::Peer {
+                        addr: Some(peer),
+                        certificate,
+                    };
+                    conn::run(server, stream, peer).await;
+                }
+                Err(e) => {
+                    server.metrics.reject("tls_handshake_failed");
+                    tracing::debug!(%peer, error = %e, "AMQP TLS handshake failed");
+                }
+            }
         });
     }
 }

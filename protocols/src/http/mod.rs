@@ -32,6 +32,7 @@ pub use metrics::HttpMetrics;
 
 use crate::auth::Action;
 use crate::listener::{ConnectionStats, LimitedListener};
+use crate::tls::TlsListener;
 use crate::FrontendContext;
 use auth::Caller;
 use records::{Format, ProduceBody, RecordOut};
@@ -184,20 +185,43 @@ pub fn router(
 /// Serves the API on `listener` until `cx.shutdown` is cancelled, then lets
 /// in-flight requests finish. `extra` holds other front ends' routes on this
 /// port (MQTT over WebSockets at `/mqtt`).
+///
+/// `tls` is the HTTPS listener (WSS, and the sync link later), serving the
+/// same routes; its connections count with the plain ones.
 pub async fn serve(
     listener: LimitedListener,
+    tls: Option<TlsListener>,
     cx: FrontendContext,
     config: HttpConfig,
     extra: Router,
 ) -> std::io::Result<()> {
     let shutdown = cx.shutdown.clone();
     let app = extra.merge(router(cx, config, listener.stats()));
-    axum::serve(
+    let https = tls.map(|tls| {
+        let shutdown = shutdown.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            axum::serve(
+                tls,
+                app.into_make_service_with_connect_info::<crate::Peer>(),
+            )
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+        })
+    });
+    let plain = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<crate::Peer>(),
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    .await;
+    if let Some(https) = https {
+        match https.await {
+            Ok(r) => r?,
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
+    }
+    plain
 }
 
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {

@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::listener::{ConnectionStats, LimitedListener};
+use crate::tls::Tls;
 use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
 pub use session::{PendingWill, SessionStore};
 pub use topic::Route;
@@ -308,6 +309,7 @@ impl Broker {
 pub struct Listener {
     listener: LimitedListener,
     broker: Arc<Broker>,
+    tls: Option<Tls>,
 }
 
 impl Listener {
@@ -319,7 +321,18 @@ impl Listener {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(listener.stats());
-        Listener { listener, broker }
+        Listener {
+            listener,
+            broker,
+            tls: None,
+        }
+    }
+
+    /// Connections start with a TLS handshake (MQTT over TLS, 8883); a
+    /// verified client certificate names the device.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Accepts until shutdown; each connection runs in its own task and is
@@ -332,20 +345,46 @@ impl Listener {
                 accepted = self.listener.accept() => accepted,
             };
             let broker = self.broker.clone();
+            let tls = self.tls.clone();
             tokio::spawn(async move {
-                let peer = crate::Peer {
-                    addr: Some(peer),
-                    certificate: None,
+                let Some(tls) = tls else {
+                    let peer = crate::Peer {
+                        addr: Some(peer),
+                        certificate: None,
+                    };
+                    conn::Handler::run(broker, stream, peer).await;
+                    return;
                 };
-                conn::Handler::run(broker, stream, peer).await;
+                let handshake = tokio::select! {
+                    r = tls.accept(stream) => r,
+                    () = broker.cx.shutdown.cancelled() => return,
+                };
+                match handshake {
+                    Ok((stream, certificate)) => {
+                        let peer = crate::Peer {
+                            addr: Some(peer),
+                            certificate,
+                        };
+                        conn::Handler::run(broker, stream, peer).await;
+                    }
+                    Err(e) => {
+                        broker.metrics.reject("tls_handshake_failed");
+                        tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
+                    }
+                }
             });
         }
     }
 }
 
-/// Serves MQTT on `listener` until the node shuts down.
-pub async fn serve(listener: LimitedListener, broker: Arc<Broker>) {
-    Listener::new(listener, broker).run().await;
+/// Serves MQTT on `listener` until the node shuts down; with `tls`, each
+/// connection starts with a TLS handshake.
+pub async fn serve(listener: LimitedListener, broker: Arc<Broker>, tls: Option<Tls>) {
+    let listener = Listener::new(listener, broker);
+    match tls {
+        Some(tls) => listener.with_tls(tls).run().await,
+        None => listener.run().await,
+    }
 }
 
 /// Why a retained message was not kept.
