@@ -650,3 +650,82 @@ async fn drive(base: &str) {
         png.len()
     );
 }
+
+#[test]
+#[ignore = "needs chromium and chromium-driver (scripts/test installs them)"]
+fn dashboard_with_device_auth_takes_a_token_from_the_page_url() {
+    const ADMIN: &str = "admin-token-for-the-browser-test";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            ("TRIBUTARY_AUTH__MODE", "devices"),
+            ("TRIBUTARY_AUTH__ADMIN_TOKEN", ADMIN),
+        ],
+    );
+    common::runtime().block_on(async {
+        let c = client();
+        let base = node.url.as_str();
+        let r = c
+            .post(format!("{base}/v1/devices"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"id": "screen", "publish": ["dash/#"], "subscribe": ["dash/#"]}))
+            .send()
+            .await
+            .expect("add device");
+        assert_eq!(r.status(), 201);
+        let token = r.json::<Value>().await.expect("json")["token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        let r = c
+            .post(format!("{base}/v1/topics"))
+            .bearer_auth(&token)
+            .json(&json!({"name": "dash", "partitions": 1}))
+            .send()
+            .await
+            .expect("create topic");
+        assert_eq!(r.status(), 201);
+        let r = c
+            .post(format!("{base}/v1/topics/dash/records"))
+            .bearer_auth(&token)
+            .json(&json!({"records": [record(0, "authed")]}))
+            .send()
+            .await
+            .expect("produce");
+        assert_eq!(r.status(), 200);
+        let browser = Browser::start().await;
+        // Without a token the page says how to give one.
+        browser.navigate(&format!("{base}/")).await;
+        browser
+            .wait_for(
+                "the stats status to ask for a token",
+                r#"const s = document.getElementById('stats-status').innerText;
+                   return s.includes('401') && s.includes('token=') || s;"#,
+                Value::Null,
+                WAIT,
+            )
+            .await;
+        // With ?token= the stats and the live tail (WebSocket ?token=) work.
+        browser
+            .navigate(&format!("{base}/?tail=dash&from=earliest&token={token}"))
+            .await;
+        browser
+            .wait_for(
+                "the dash topic row",
+                r#"const row = document.querySelector('#topics tr[data-topic="dash"]');
+                   return !!row || document.getElementById('stats-status').innerText;"#,
+                Value::Null,
+                WAIT,
+            )
+            .await;
+        browser
+            .wait_for(
+                "the record in the tail",
+                ROWS_PRESENT,
+                expected(&[(0, 0)], &["authed".to_owned()]),
+                WAIT,
+            )
+            .await;
+    });
+}

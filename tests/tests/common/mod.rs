@@ -27,6 +27,12 @@ pub struct ChildNode {
     pub mqtt: SocketAddr,
     /// Its AMQP address.
     pub amqp: SocketAddr,
+    /// Its HTTPS address (with `[tls]`).
+    pub https: Option<SocketAddr>,
+    /// Its MQTT-over-TLS address (with `[tls]`).
+    pub mqtts: Option<SocketAddr>,
+    /// Its AMQPS address (with `[tls]`).
+    pub amqps: Option<SocketAddr>,
 }
 
 impl ChildNode {
@@ -94,6 +100,9 @@ impl ChildNode {
             data_dir: data_dir.to_owned(),
             mqtt,
             amqp,
+            https: field("https=").and_then(|a| a.parse().ok()),
+            mqtts: field("mqtts=").and_then(|a| a.parse().ok()),
+            amqps: field("amqps=").and_then(|a| a.parse().ok()),
         }
     }
 
