@@ -35,6 +35,21 @@ pub fn matches(topic: &str, filter: &str) -> bool {
     }
 }
 
+/// Could one topic match both filters?
+pub fn overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Does `pattern` allow everything `filter` can match? A name is a filter
 /// without wildcards, so this also answers "may publish to this name".
 pub fn covers(pattern: &str, filter: &str) -> bool {

@@ -106,6 +106,18 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
         Duration::ZERO
     }
 
+    /// May `who` know that `topic` exists (list and describe it)? True when
+    /// any of its publish or subscribe patterns reaches into the topic.
+    fn may_see(&self, _who: &Identity, _topic: &str) -> bool {
+        true
+    }
+
+    /// Is `who` still let in (not disabled or removed since it logged in)?
+    /// Long-lived connections ask this now and then.
+    fn still_valid(&self, _who: &Identity) -> bool {
+        true
+    }
+
     /// Is device authentication on (false for anonymous access)?
     fn enforcing(&self) -> bool {
         true

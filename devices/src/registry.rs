@@ -158,7 +158,7 @@ pub struct DevicePatch {
 struct Entry {
     device: Device,
     tag: Vec<u8>,
-    bucket: Option<Mutex<Bucket>>,
+    bucket: Option<Arc<Mutex<Bucket>>>,
     last_seen: AtomicU64,
     persisted_seen: AtomicU64,
 }
@@ -170,7 +170,9 @@ impl Entry {
         })?;
         let seen = device.last_seen_ms.unwrap_or(0).max(last_seen);
         Ok(Entry {
-            bucket: device.rate_limit.map(|r| Mutex::new(Bucket::new(r))),
+            bucket: device
+                .rate_limit
+                .map(|r| Arc::new(Mutex::new(Bucket::new(r)))),
             tag,
             persisted_seen: AtomicU64::new(device.last_seen_ms.unwrap_or(0)),
             last_seen: AtomicU64::new(seen),
@@ -369,6 +371,30 @@ impl Registry {
             .is_some_and(|tag| hmac::verify(&self.key, token.as_bytes(), tag).is_ok())
     }
 
+    /// Counts a wrong admin token from `peer` as a failed login of that
+    /// address (in every auth mode).
+    pub fn admin_failure(&self, peer: Option<SocketAddr>) {
+        *self
+            .counters
+            .logins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(("admin", "bad_credentials"))
+            .or_default() += 1;
+        if let Some(p) = peer {
+            self.failures.failed(p.ip());
+        }
+    }
+
+    /// How long an admin-token check from `peer` waits (in every auth mode).
+    pub fn admin_delay(&self, peer: Option<SocketAddr>) -> Duration {
+        let delay = peer.map_or(Duration::ZERO, |p| self.failures.delay(p.ip()));
+        if !delay.is_zero() {
+            self.counters.delayed.fetch_add(1, Relaxed);
+        }
+        delay
+    }
+
     /// Does this registry check credentials (`mode = "devices"`)?
     pub fn enforcing(&self) -> bool {
         self.enforce
@@ -396,7 +422,12 @@ impl Registry {
     /// Puts `device` in the cache, keeping the last-seen time of its predecessor.
     fn install(&self, device: Device, previous: Option<&Entry>) -> Result<Arc<Entry>, DeviceError> {
         let seen = previous.map_or(0, |p| p.last_seen.load(Relaxed));
-        let entry = Arc::new(Entry::new(device, seen)?);
+        let mut entry = Entry::new(device, seen)?;
+        // Same limit: the debt carries over (a PATCH must not reset it).
+        if let Some(p) = previous.filter(|p| p.device.rate_limit == entry.device.rate_limit) {
+            entry.bucket.clone_from(&p.bucket);
+        }
+        let entry = Arc::new(entry);
         let mut devices = self.write();
         if let Some(p) = previous {
             devices.by_tag.remove(&p.tag);
@@ -523,14 +554,18 @@ impl Registry {
             return Ok(0);
         }
         let mut entries = Vec::with_capacity(changed.len());
+        let mut written = Vec::with_capacity(changed.len());
         for e in &changed {
-            let doc = serde_json::to_vec(&e.stored())
+            let stored = e.stored();
+            let doc = serde_json::to_vec(&stored)
                 .map_err(|err| DeviceError::Invalid(format!("cannot encode device: {err}")))?;
             entries.push((e.device.id.as_bytes().to_vec(), Some(doc)));
+            written.push(stored.last_seen_ms.unwrap_or(0));
         }
         self.log.put_meta(SPACE, entries).await?;
-        for e in &changed {
-            e.persisted_seen.store(e.last_seen.load(Relaxed), Relaxed);
+        // What was written, not what is there now: a login meanwhile stays dirty.
+        for (e, seen) in changed.iter().zip(written) {
+            e.persisted_seen.store(seen, Relaxed);
         }
         Ok(changed.len())
     }
@@ -584,7 +619,12 @@ impl Registry {
             };
             match found {
                 Some(e) if hmac::verify(&self.key, secret.as_bytes(), &e.tag).is_ok() => e,
-                _ => return Err(Refusal::BadCredentials),
+                Some(_) => return Err(Refusal::BadCredentials),
+                None => {
+                    // As much work as a known device: no timing tells which ids exist.
+                    let _ = hmac::verify(&self.key, secret.as_bytes(), &[0u8; 32]);
+                    return Err(Refusal::BadCredentials);
+                }
             }
         };
         if !entry.device.enabled {
@@ -684,11 +724,8 @@ impl Authenticator for Registry {
             .unwrap_or_else(|e| e.into_inner())
             .entry((creds.protocol, outcome))
             .or_default() += 1;
-        if let Some(peer) = creds.peer {
-            match result {
-                Ok(_) => self.failures.succeeded(peer.ip()),
-                Err(_) => self.failures.failed(peer.ip()),
-            }
+        if let (Some(peer), Err(_)) = (creds.peer, &result) {
+            self.failures.failed(peer.ip());
         }
         result
     }
@@ -718,6 +755,28 @@ impl Authenticator for Registry {
                 .or_default() += 1;
         }
         allowed
+    }
+
+    fn may_see(&self, who: &Identity, topic: &str) -> bool {
+        if who.id == ADMIN || !self.enforce {
+            return true;
+        }
+        let space = format!("{topic}/#");
+        self.entry(&who.id).is_some_and(|e| {
+            e.device.enabled
+                && e.device
+                    .publish
+                    .iter()
+                    .chain(&e.device.subscribe)
+                    .any(|p| acl::overlap(p, &space))
+        })
+    }
+
+    fn still_valid(&self, who: &Identity) -> bool {
+        if who.id == ADMIN || !self.enforce {
+            return true;
+        }
+        self.entry(&who.id).is_some_and(|e| e.device.enabled)
     }
 
     fn login_delay(&self, peer: Option<SocketAddr>) -> Duration {

@@ -14,6 +14,21 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 /// An address that made no failed login for this long starts afresh.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
+/// The source a failure counts against: an IPv4 address (also when mapped
+/// into IPv6), or an IPv6 /64 (one host usually holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let net = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(net.into())
+            }
+        },
+    }
+}
+
 /// Recent failed logins per source address. At most `capacity` addresses are
 /// remembered; when full, forgotten ones go first, then the quietest.
 #[derive(Debug)]
@@ -39,6 +54,7 @@ impl FailureTable {
 
     /// How long the next login from `ip` waits before it is checked.
     pub fn delay(&self, ip: IpAddr) -> Duration {
+        let ip = source(ip);
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match table.get(&ip) {
             Some(f) if f.count > FREE_FAILURES && f.last.elapsed() < FORGET_AFTER => {
@@ -49,8 +65,11 @@ impl FailureTable {
         }
     }
 
-    /// Records a failed login.
+    /// Records a failed login. A later success does not clear it (a guesser
+    /// holding one valid token could reset its count): counts fade after
+    /// [`FORGET_AFTER`] without failures.
     pub fn failed(&self, ip: IpAddr) {
+        let ip = source(ip);
         let now = Instant::now();
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if !table.contains_key(&ip) && table.len() >= self.capacity {
@@ -71,12 +90,6 @@ impl FailureTable {
         }
         f.count = f.count.saturating_add(1);
         f.last = now;
-    }
-
-    /// A successful login clears the address.
-    pub fn succeeded(&self, ip: IpAddr) {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.remove(&ip);
     }
 
     /// Addresses remembered now.
@@ -167,8 +180,27 @@ mod tests {
             t.failed(ip);
         }
         assert_eq!(t.delay(ip), MAX_DELAY);
-        t.succeeded(ip);
-        assert_eq!(t.delay(ip), Duration::ZERO);
+        assert_eq!(t.delay("10.0.0.2".parse().expect("ip")), Duration::ZERO);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let t = FailureTable::new(8);
+        for i in 0..=FREE_FAILURES {
+            t.failed(format!("2001:db8:0:1::{i:x}").parse().expect("ip"));
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t.delay("2001:db8:0:1::ffff".parse().expect("ip")),
+            FIRST_DELAY
+        );
+        assert_eq!(
+            t.delay("2001:db8:0:2::1".parse().expect("ip")),
+            Duration::ZERO
+        );
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().expect("ip");
+        t.failed(mapped);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]

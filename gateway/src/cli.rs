@@ -253,6 +253,38 @@ pub enum BenchCommand {
     /// connections, one confirm-mode channel each, each keeping W publishes
     /// unconfirmed; counts basic.acks (and basic.nacks apart) after a warm-up.
     Amqp(AmqpBenchArgs),
+    /// MQTT logins per second (TCP, optional TLS, CONNECT with optional
+    /// credentials, CONNACK, DISCONNECT) from N concurrent workers.
+    Connect(ConnectBenchArgs),
+}
+
+/// Options of `bench connect`.
+#[derive(Debug, Args)]
+pub struct ConnectBenchArgs {
+    /// Broker address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub addr: String,
+    /// Concurrent workers, each logging in over and over.
+    #[arg(long, short, default_value_t = 8)]
+    pub connections: usize,
+    /// MQTT user name (the device id).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// MQTT password (the device token).
+    #[arg(long)]
+    pub password: Option<String>,
+    /// CA (PEM) to verify the broker with: turns TLS on.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name the broker's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// How long to run, e.g. 10s.
+    #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Sample this process's CPU time and RSS during the run (the server's pid).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 /// `bench` targets.

@@ -679,6 +679,9 @@ impl Config {
         {
             errors.push("`auth.admin_token` must be at least 16 characters".into());
         }
+        if self.auth.token_key.as_deref().is_some_and(|k| k.len() < 16) {
+            errors.push("`auth.token_key` must be at least 16 characters (changing it invalidates every device token)".into());
+        }
         for (i, (ka, a)) in listeners.iter().enumerate() {
             for (kb, b) in &listeners[i + 1..] {
                 if a.port() != 0

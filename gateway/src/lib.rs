@@ -13,6 +13,8 @@ pub mod bench;
 #[cfg(feature = "client")]
 pub mod bench_amqp;
 #[cfg(feature = "client")]
+pub mod bench_connect;
+#[cfg(feature = "client")]
 pub mod bench_ws;
 pub mod cli;
 #[cfg(feature = "client")]
@@ -85,6 +87,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench { target } => match target {
             cli::BenchCommand::Common(target) => bench::run(target).await,
             cli::BenchCommand::Amqp(args) => bench_amqp::run(args).await,
+            cli::BenchCommand::Connect(args) => bench_connect::run(args).await,
         },
     }
 }

@@ -145,10 +145,11 @@ pub async fn start(
     );
     if config.auth.mode == AuthMode::Devices {
         cx.auth = registry.clone();
-        tracing::info!(
-            devices = registry.list().len(),
-            "device authentication is on"
-        );
+        let devices = registry.list().len();
+        tracing::info!(devices, "device authentication is on");
+        if devices == 0 && !registry.admin_configured() {
+            tracing::warn!("auth.mode = \"devices\" with no devices and no auth.admin_token: nobody can connect or add a device");
+        }
     } else if !http_addr.ip().is_loopback() {
         tracing::warn!(%http_addr, "anonymous access is allowed on a non-loopback address (set auth.mode = \"devices\")");
     }

@@ -701,7 +701,7 @@ fn dashboard_with_device_auth_takes_a_token_from_the_page_url() {
             .wait_for(
                 "the stats status to ask for a token",
                 r#"const s = document.getElementById('stats-status').innerText;
-                   return s.includes('401') && s.includes('token=') || s;"#,
+                   return s.includes('401') && s.includes('#token=') || s;"#,
                 Value::Null,
                 WAIT,
             )

@@ -451,10 +451,20 @@ async fn mqtt_v311_refusals() {
     )
     .await
     .expect("queue");
+    let mut acked = 0;
+    while acked == 0 {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("answer in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("ended before the allowed publish was acknowledged: {e}"),
+        }
+    }
     c.publish("private/x", rumqttc::QoS::AtLeastOnce, false, "mqtt-denied")
         .await
         .expect("queue");
-    let mut acked = 0;
     let ended = loop {
         match tokio::time::timeout(Duration::from_secs(20), el.poll())
             .await
@@ -696,6 +706,7 @@ async fn disabling_a_device_cuts_its_open_session_rights_and_guessers_are_slowed
     );
     let metrics = c
         .get(format!("{}/metrics", node.url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .expect("metrics")
@@ -789,5 +800,217 @@ async fn rate_limits_slow_streams_and_answer_429_over_http() {
         "{:?}",
         started.elapsed()
     );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_leaks_past_auth_and_devices_see_only_their_topics() {
+    let node = node().await;
+    let fleet = provision(&node.url).await;
+    let c = client();
+    // An Upgrade header does not let a plain request through unauthenticated.
+    for path in [
+        "/v1/stats",
+        "/v1/topics",
+        "/v1/topics/sensors",
+        "/v1/groups/g/offsets",
+        "/metrics",
+    ] {
+        let r = c
+            .get(format!("{}{path}", node.url))
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    // `good` (sensors/#) sees sensors, not private.
+    let (s, b) = {
+        let r = c
+            .get(format!("{}/v1/topics", node.url))
+            .bearer_auth(&fleet.good)
+            .send()
+            .await
+            .expect("get");
+        (r.status().as_u16(), r.json::<Value>().await.expect("json"))
+    };
+    assert_eq!(s, 200);
+    let names: Vec<&str> = b["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["sensors"]);
+    let r = c
+        .get(format!("{}/v1/topics/private", node.url))
+        .bearer_auth(&fleet.good)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 403);
+    let stats: Value = c
+        .get(format!("{}/v1/stats", node.url))
+        .bearer_auth(&fleet.good)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = stats["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["sensors"]);
+    let r = c
+        .get(format!("{}/metrics", node.url))
+        .bearer_auth(&fleet.good)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    // Consumer groups need an explicit `$groups/...` pattern.
+    let commit = json!({"offsets": [{"topic": "sensors", "partition": 0, "offset": 0}]});
+    let r = c
+        .post(format!("{}/v1/groups/g1/offsets", node.url))
+        .bearer_auth(&fleet.good)
+        .json(&commit)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    let (s, b) = admin(
+        reqwest::Method::PATCH,
+        &format!("{}/v1/devices/good", node.url),
+        Some(json!({"subscribe": ["sensors/#", "$groups/g1"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let r = c
+        .post(format!("{}/v1/groups/g1/offsets", node.url))
+        .bearer_auth(&fleet.good)
+        .json(&commit)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{}/v1/groups/g2/offsets", node.url))
+        .bearer_auth(&fleet.good)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 403);
+    // A forged `mqtt.topic` header cannot aim a record at another device's topic.
+    let forged = json!({"records": [{"key": "t1/temp", "value": "forged", "headers": {"mqtt.topic": "private/cmd"}}]});
+    let r = c
+        .post(format!("{}/v1/topics/sensors/records", node.url))
+        .bearer_auth(&fleet.good)
+        .json(&forged)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    assert!(stored(&node.url, "sensors").await.is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_belong_to_devices_and_disabled_devices_stop_receiving() {
+    let node = node().await;
+    let fleet = provision(&node.url).await;
+    // `good` holds client id `shared`; `rot` logging in with the same id gets
+    // its own session and does not kick `good`.
+    let mut o = rumqttc::MqttOptions::new("shared", "127.0.0.1", node.mqtt.port());
+    o.set_credentials("good", &fleet.good);
+    o.set_clean_session(false);
+    let (good, mut good_el) = rumqttc::AsyncClient::new(o, 10);
+    loop {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) =
+            tokio::time::timeout(Duration::from_secs(20), good_el.poll())
+                .await
+                .expect("connack")
+        {
+            break;
+        }
+    }
+    let mut o = rumqttc::MqttOptions::new("shared", "127.0.0.1", node.mqtt.port());
+    o.set_credentials("rot", &fleet.rot_new);
+    o.set_clean_session(false);
+    let (_rot, mut rot_el) = rumqttc::AsyncClient::new(o, 10);
+    let present = loop {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) =
+            tokio::time::timeout(Duration::from_secs(20), rot_el.poll())
+                .await
+                .expect("connack")
+        {
+            break a.session_present;
+        }
+    };
+    assert!(!present, "another device's session was handed over");
+    good.publish(
+        "sensors/shared",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        "still-mine",
+    )
+    .await
+    .expect("queue");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), good_el.poll())
+            .await
+            .expect("answer")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("good was kicked: {e}"),
+        }
+    }
+    // A live tail of a device that gets disabled is closed with 1008.
+    let ws_base = node.url.replace("http://", "ws://");
+    let mut live = ws_connect(
+        &format!("{ws_base}/v1/topics/sensors/live?from=latest"),
+        Some(&fleet.rot_new),
+    )
+    .await;
+    let (s, _) = admin(
+        reqwest::Method::PATCH,
+        &format!("{}/v1/devices/rot", node.url),
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    good.publish(
+        "sensors/shared",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        "after-disable",
+    )
+    .await
+    .expect("queue");
+    assert_eq!(close_code(&mut live).await, Some(1008));
+    // A 3.1.1 QoS 0 publish to a denied topic closes the connection too.
+    let (c, mut el) = mqtt_v4(&node, "qos0", Some(("good", &fleet.good)));
+    c.publish("private/x", rumqttc::QoS::AtMostOnce, false, "denied-qos0")
+        .await
+        .expect("queue");
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("answer in time")
+        {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        !matches!(ended, rumqttc::ConnectionError::ConnectionRefused(_)),
+        "{ended}"
+    );
+    assert!(stored(&node.url, "private").await.is_empty());
     node.stop().await;
 }

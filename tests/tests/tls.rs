@@ -456,6 +456,7 @@ async fn bad_input_on_tls_ports() {
     assert_eq!(mqtt_login(&mut c, Some(("good", &s.token))).await, Some(0));
     let metrics = client()
         .get(format!("{}/metrics", s.node.url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .expect("metrics")

@@ -9,7 +9,6 @@
 //! bytes go through a bounded channel to a writer task; partial message bodies
 //! are bounded by `max_content_bytes`. Nothing grows with the backlog.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -624,12 +623,10 @@ fn method_name(m: &AMQPClass) -> String {
 }
 
 /// The ACL subject of a publish: the topic, or `topic/routing-key` for a named exchange.
-fn acl_subject<'a>(exchange: &'a str, routing_key: &'a str) -> Cow<'a, str> {
-    if exchange.is_empty() || routing_key.is_empty() {
-        Cow::Borrowed(mapping::topic_of(exchange, routing_key))
-    } else {
-        Cow::Owned(format!("{exchange}/{routing_key}"))
-    }
+fn acl_subject(exchange: &str, routing_key: &str) -> String {
+    // The MQTT topic the message is delivered as: one subject for every front end.
+    let key = (!routing_key.is_empty()).then_some(routing_key.as_bytes());
+    crate::mqtt::topic::record_topic(mapping::topic_of(exchange, routing_key), key, None)
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {

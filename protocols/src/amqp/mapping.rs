@@ -49,7 +49,10 @@ pub mod header {
 
     /// True for names the AMQP front end gives a meaning to.
     pub fn reserved(name: &str) -> bool {
-        name.starts_with(PREFIX) || name == CONTENT_TYPE
+        name.starts_with(PREFIX)
+            || name == CONTENT_TYPE
+            // MQTT delivery trusts `mqtt.topic`: no AMQP publisher may set it.
+            || crate::mqtt::topic::reserved_header(name)
     }
 }
 

@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 
 use super::{ApiError, ApiResult, AppState};
-use crate::auth::{self, Action, Credentials, Identity, Refusal, ADMIN};
+use crate::auth::{self, Action, Authenticator, Credentials, Identity, Refusal, ADMIN};
+use crate::mqtt::topic::publish_subjects;
+use tributary_storage::Event;
 
 /// The caller of a request, or why it was refused (WebSocket upgrades only).
 #[derive(Debug, Clone)]
@@ -30,13 +32,25 @@ impl Caller {
 }
 
 /// Routes anyone may call: the dashboard page (it asks for a token itself),
-/// health, metrics, the API description, and MQTT over WebSockets (the MQTT
-/// CONNECT carries its own credentials).
-fn public(path: &str) -> bool {
-    matches!(
-        path,
-        "/" | "/health" | "/metrics" | "/openapi.json" | "/mqtt"
-    )
+/// health, the API description, and MQTT over WebSockets (the MQTT CONNECT
+/// carries its own credentials). `/metrics` names topics: with device auth
+/// it takes a token like the API.
+fn public(path: &str, enforcing: bool) -> bool {
+    matches!(path, "/" | "/health" | "/openapi.json" | "/mqtt")
+        || (path == "/metrics" && !enforcing)
+}
+
+/// The WebSocket routes, which answer a refused login with close 1008.
+fn websocket_route(path: &str) -> bool {
+    path.strip_prefix("/v1/topics/")
+        .is_some_and(|rest| rest.ends_with("/live") || rest.ends_with("/publish"))
+}
+
+/// The ACL subject of a consumer group: `$groups/<name>`. `$` names are
+/// not covered by leading wildcards, so `#` grants no group: devices need
+/// an explicit `$groups/...` subscribe pattern.
+pub(crate) fn group_subject(group: &str) -> String {
+    format!("$groups/{group}")
 }
 
 fn refusal(r: Refusal) -> ApiError {
@@ -81,12 +95,21 @@ pub(crate) fn allow(
     }
 }
 
-/// The ACL subject of a record: `topic`, or `topic/key` when it has a key.
-pub(crate) fn record_subject(topic: &str, key: Option<&[u8]>) -> String {
-    match key {
-        Some(k) if !k.is_empty() => format!("{topic}/{}", String::from_utf8_lossy(k)),
-        _ => topic.to_owned(),
+/// May `who` publish `event` to `topic`? `Err` names the refused subject
+/// (see [`publish_subjects`]).
+pub(crate) fn may_publish(
+    auth: &dyn Authenticator,
+    who: &Identity,
+    topic: &str,
+    event: &Event,
+) -> Result<(), String> {
+    let (plain, claimed) = publish_subjects(topic, event.key.as_deref(), &event.headers);
+    for subject in std::iter::once(plain).chain(claimed) {
+        if !auth.authorize(who, Action::Publish, &subject) {
+            return Err(subject);
+        }
     }
+    Ok(())
 }
 
 /// The filter that stands for reading a whole topic.
@@ -217,7 +240,7 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let path = req.uri().path().to_owned();
-    if public(&path) {
+    if public(&path, state.cx.auth.enforcing()) {
         return next.run(req).await;
     }
     let presented = presented(&req);
@@ -243,6 +266,17 @@ pub(crate) async fn authenticate(
             .into_response();
         }
         if !admin {
+            // Guesses of the admin token are slowed like failed logins.
+            let (addr, _) = peer_of(&req);
+            if let Some(reg) = &state.cx.devices {
+                let delay = reg.admin_delay(addr);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if matches!(presented, Ok(Presented::Token(_) | Presented::Basic(..))) {
+                    reg.admin_failure(addr);
+                }
+            }
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -256,7 +290,8 @@ pub(crate) async fn authenticate(
             return resp;
         }
     }
-    let upgrade = is_upgrade(&req);
+    // Only the WebSocket routes take a refused login through (to close 1008).
+    let upgrade = is_upgrade(&req) && websocket_route(&path);
     let caller = if admin {
         Ok(Identity { id: ADMIN.into() })
     } else if !state.cx.auth.enforcing() {
@@ -320,9 +355,6 @@ mod tests {
 
     #[test]
     fn subjects() {
-        assert_eq!(record_subject("t", Some(b"a/b")), "t/a/b");
-        assert_eq!(record_subject("t", None), "t");
-        assert_eq!(record_subject("t", Some(b"")), "t");
         assert_eq!(whole_topic("t"), "t/#");
     }
 }

@@ -265,11 +265,16 @@ async fn index() -> Html<&'static str> {
 }
 
 /// `GET /v1/stats`: what the dashboard shows, in one JSON document.
-async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn stats(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = caller.identity()?;
     let log = &state.cx.log;
     let topics: Vec<serde_json::Value> = log
         .topics()
         .into_iter()
+        .filter(|t| state.cx.auth.may_see(who, &t.config.name))
         .map(|t| {
             let events: u64 = t.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
             let ends: u64 = t.partitions.iter().map(|p| p.end_offset).sum();
@@ -296,7 +301,7 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
         tributary_storage::Durability::Fsync => "fsync",
         tributary_storage::Durability::Interval(_) => "interval",
     };
-    Json(json!({
+    Ok(Json(json!({
         "mode": state.cx.mode,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
@@ -308,7 +313,7 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
             "published_total": state.ws.published.load(std::sync::atomic::Ordering::Relaxed),
             "delivered_total": state.ws.delivered.load(std::sync::atomic::Ordering::Relaxed),
         },
-    }))
+    })))
 }
 
 async fn health(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
@@ -350,9 +355,20 @@ fn topic_json(t: TopicInfo) -> serde_json::Value {
     })
 }
 
-async fn list_topics(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let topics: Vec<_> = state.cx.log.topics().into_iter().map(topic_json).collect();
-    Json(json!({ "topics": topics }))
+async fn list_topics(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = caller.identity()?;
+    let topics: Vec<_> = state
+        .cx
+        .log
+        .topics()
+        .into_iter()
+        .filter(|t| state.cx.auth.may_see(who, &t.config.name))
+        .map(topic_json)
+        .collect();
+    Ok(Json(json!({ "topics": topics })))
 }
 
 /// Reads the whole body up to the limit; a declared length over it is refused
@@ -490,9 +506,14 @@ fn query_param<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>)
 
 async fn describe_topic(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     topic: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let topic = path_param(topic)?;
+    let who = caller.identity()?;
+    if !state.cx.auth.may_see(who, &topic) {
+        return Err(auth::forbidden(who, Action::Subscribe, &topic));
+    }
     Ok(Json(topic_json(state.cx.log.topic(&topic)?)))
 }
 
@@ -558,8 +579,9 @@ async fn produce(
     };
     let who = caller.identity()?;
     for r in &records {
-        let subject = auth::record_subject(&topic, r.event.key.as_deref());
-        auth::allow(&state, who, Action::Publish, &subject)?;
+        if let Err(subject) = auth::may_publish(&*state.cx.auth, who, &topic, &r.event) {
+            return Err(auth::forbidden(who, Action::Publish, &subject));
+        }
     }
     if let Some(limited) = auth::over_limit(&state, who, records.len()) {
         return Ok(limited);
@@ -695,6 +717,7 @@ async fn commit_offsets(
         return Err(ApiError::bad_request("`offsets` is empty"));
     }
     let who = caller.identity()?;
+    auth::allow(&state, who, Action::Subscribe, &auth::group_subject(&group))?;
     for o in &req.offsets {
         auth::allow(&state, who, Action::Subscribe, &auth::whole_topic(&o.topic))?;
     }
@@ -714,9 +737,16 @@ async fn commit_offsets(
 
 async fn group_offsets(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     group: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let group = path_param(group)?;
+    auth::allow(
+        &state,
+        caller.identity()?,
+        Action::Subscribe,
+        &auth::group_subject(&group),
+    )?;
     let all = state.cx.log.group_offsets(&group)?;
     Ok(Json(offsets_json(&group, &all)))
 }

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_storage::{AppendRecord, Error as LogError, Event, Position};
 
-use super::auth::{self, record_subject, Caller};
+use super::auth::{self, may_publish, Caller};
 use super::error::ApiError;
 use super::records::{Format, ProduceRecord, RecordOut};
 use super::AppState;
@@ -425,14 +425,10 @@ async fn publish_session(state: AppState, who: Identity, topic: String, socket: 
                     };
                     match parsed.map(|r| r.and_then(|r| precheck(limits_now, &r).map(|()| r))) {
                         None => {}
-                        Some(Ok(r))
-                            if !auth.authorize(
-                                &who,
-                                Action::Publish,
-                                &record_subject(&topic, r.event.key.as_deref()),
-                            ) =>
-                        {
-                            let subject = record_subject(&topic, r.event.key.as_deref());
+                        Some(Ok(r)) if may_publish(&*auth, &who, &topic, &r.event).is_err() => {
+                            let subject = may_publish(&*auth, &who, &topic, &r.event)
+                                .err()
+                                .unwrap_or_default();
                             let why = format!("device `{}` may not publish to `{subject}`", who.id);
                             end = Some(Some((close::POLICY, why)));
                             break;
@@ -466,11 +462,16 @@ async fn publish_session(state: AppState, who: Identity, topic: String, socket: 
                 if !batch.slots.is_empty() && parsed_tx.send(Ok(batch)).await.is_err() {
                     return;
                 }
-                if !wait.is_zero() {
+                // Paced in steps that count as activity: the writer must not
+                // take a paused reader for a silent peer.
+                let resume = tokio::time::Instant::now() + wait;
+                while tokio::time::Instant::now() < resume && !shutdown.is_cancelled() {
+                    let step = (tokio::time::Instant::now() + Duration::from_secs(5)).min(resume);
                     tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
+                        () = tokio::time::sleep_until(step) => {}
                         () = shutdown.cancelled() => {}
                     }
+                    activity.fetch_add(1, Relaxed);
                 }
                 match end {
                     None => {}
@@ -696,12 +697,14 @@ pub(super) async fn live(
         Ok(Query(q)) => q,
         Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
     };
-    let allowed = caller
-        .identity()
-        .and_then(|who| auth::allow(&state, who, Action::Subscribe, &auth::whole_topic(&topic)));
-    if let Err(e) = allowed {
-        return refuse(ws, e);
-    }
+    let allowed = caller.identity().and_then(|who| {
+        auth::allow(&state, who, Action::Subscribe, &auth::whole_topic(&topic))?;
+        Ok(who.clone())
+    });
+    let who = match allowed {
+        Ok(who) => who,
+        Err(e) => return refuse(ws, e),
+    };
     let cursors = match starts(&state.cx.log, &topic, &q) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
@@ -709,10 +712,19 @@ pub(super) async fn live(
     // A live client only answers pings and closes: small frames are plenty.
     ws.max_message_size(LIVE_CLIENT_BYTES)
         .max_frame_size(LIVE_CLIENT_BYTES)
-        .on_upgrade(move |socket| live_session(state, topic, cursors, socket))
+        .on_upgrade(move |socket| live_session(state, who, topic, cursors, socket))
 }
 
-async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, socket: WebSocket) {
+async fn live_session(
+    state: AppState,
+    who: Identity,
+    topic: String,
+    mut cursors: Vec<u64>,
+    socket: WebSocket,
+) {
+    let filter = auth::whole_topic(&topic);
+    // A device disabled, removed or narrowed meanwhile stops receiving.
+    let allowed = || state.cx.auth.authorize(&who, Action::Subscribe, &filter);
     let _open = OpenGuard::new(&state.ws);
     let log = state.cx.log.clone();
     let shared = state.tails.topic(&topic, cursors.len());
@@ -753,6 +765,9 @@ async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, soc
             () = gone.cancelled() => break None,
             () = state.cx.shutdown.cancelled() => break Some(close_frame(1001, "server shutting down")),
             _ = ping.tick() => {
+                if !allowed() {
+                    break Some(close_frame(close::POLICY, "no longer authorized"));
+                }
                 let now = seen.load(Relaxed);
                 if now == last_seen.0 {
                     last_seen.1 += 1;
@@ -768,6 +783,9 @@ async fn live_session(state: AppState, topic: String, mut cursors: Vec<u64>, soc
                 continue;
             }
             () = notify.notified() => {}
+        }
+        if !allowed() {
+            break Some(close_frame(close::POLICY, "no longer authorized"));
         }
         // One round: a batch per partition, then back to the select (pings,
         // shutdown), coming straight back if a partition has more.

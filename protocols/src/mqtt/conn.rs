@@ -347,6 +347,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 Wake::Deliver => self.deliver(),
                 Wake::Resume => self.paused_until = None,
                 Wake::Save => {
+                    // A device disabled or removed meanwhile is let go.
+                    if !self.broker.cx.auth.still_valid(&self.identity) {
+                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                    }
                     if self.dirty && self.session.expiry > 0 {
                         self.dirty = false;
                         if let Err(e) = session::persist(
@@ -540,6 +544,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             .auth
             .authorize(&self.identity, Action::Publish, &p.topic)
         {
+            if self.version == Version::V4 {
+                // 3.1.1 has no way to refuse a publish: close, whatever the QoS.
+                self.broker.metrics.reject("not_authorized");
+                return Err(Close::Server(reason::NOT_AUTHORIZED, "not_authorized"));
+            }
             return self.refuse_publish(&p, reason::NOT_AUTHORIZED, "not_authorized");
         }
         let target = self.broker.router.target(&p.topic);
@@ -1347,6 +1356,14 @@ async fn accept(
             return None;
         }
     }
+    // A session belongs to a device: another device using the same client id
+    // gets a session of its own, and can neither take this one over nor kick
+    // its connection. (Device ids hold no `:`.)
+    let client_id = if identity.id == auth::ANONYMOUS {
+        client_id
+    } else {
+        format!("{}:{client_id}", identity.id)
+    };
     let expiry = c.session_expiry.min(broker.config.max_session_expiry_secs);
 
     // Take the session over from a live connection: kick it, wait until it has
@@ -1401,6 +1418,13 @@ async fn accept(
         match parked {
             Some(mut s) if !c.clean => {
                 s.expiry = expiry;
+                // The device's rights may have narrowed while it was away.
+                s.subs.retain(|sub| {
+                    broker
+                        .cx
+                        .auth
+                        .authorize(&identity, Action::Subscribe, &sub.filter)
+                });
                 (s, true, false)
             }
             Some(s) => (Session::new(expiry), false, s.stored),

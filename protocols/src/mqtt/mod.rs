@@ -398,7 +398,14 @@ enum RetainError {
 
 type WsState = (Arc<Broker>, Arc<ConnectionStats>);
 
-async fn ws_upgrade(State((broker, stats)): State<WsState>, ws: WebSocketUpgrade) -> Response {
+async fn ws_upgrade(
+    State((broker, stats)): State<WsState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::Peer>>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // The HTTP listener's peer (address, and client certificate on HTTPS)
+    // counts for the MQTT login like on the TCP listener.
+    let peer = peer.map(|p| (p.0).0).unwrap_or_default();
     let max = broker.config.max_packet_bytes + 8;
     ws.protocols(["mqtt"])
         .max_message_size(max)
@@ -406,7 +413,7 @@ async fn ws_upgrade(State((broker, stats)): State<WsState>, ws: WebSocketUpgrade
         .on_upgrade(move |socket| async move {
             stats.accepted.fetch_add(1, Relaxed);
             stats.open.fetch_add(1, Relaxed);
-            bridge_websocket(socket, broker, crate::Peer::default()).await;
+            bridge_websocket(socket, broker, peer).await;
             stats.open.fetch_sub(1, Relaxed);
         })
 }

@@ -25,22 +25,7 @@ pub fn valid_filter(filter: &str) -> bool {
     })
 }
 
-pub use tributary_devices::acl::matches;
-
-/// Could one topic match both filters?
-pub fn overlap(a: &str, b: &str) -> bool {
-    let mut x = a.split('/');
-    let mut y = b.split('/');
-    loop {
-        match (x.next(), y.next()) {
-            (Some("#"), _) | (_, Some("#")) => return true,
-            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
-            (Some(p), Some(q)) if p == q => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub use tributary_devices::acl::{matches, overlap};
 
 /// One `[[mqtt.routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +160,30 @@ pub fn record_topic<'a>(
     }
 }
 
+/// Header names the MQTT front end gives a meaning to (`mqtt.*`).
+pub fn reserved_header(name: &str) -> bool {
+    super::session::header::reserved(name)
+}
+
+/// The ACL subjects of a record that arrives other than by MQTT (HTTP,
+/// WebSockets, AMQP): the MQTT topic it is delivered as, and, when it carries
+/// an `mqtt.topic` header, the topic that header claims. Both must be allowed,
+/// so no front end can place an event where its device may not publish, nor
+/// make it reach MQTT subscribers as another topic.
+pub fn publish_subjects(
+    log_topic: &str,
+    key: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
+) -> (String, Option<String>) {
+    let plain = record_topic(log_topic, key, None);
+    let claimed = headers
+        .iter()
+        .find(|(n, _)| n == super::session::header::TOPIC)
+        .map(|(_, v)| record_topic(log_topic, key, Some(v)))
+        .filter(|c| *c != plain);
+    (plain, claimed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +199,23 @@ mod tests {
         assert!(matches("a/b/c", "a/+/c"));
         assert!(matches("a/b/c", "a/#"));
         assert!(matches("a", "a/#"), "# also matches the parent level");
+        let h = |t: &str| vec![("mqtt.topic".to_owned(), t.as_bytes().to_vec())];
+        assert_eq!(
+            publish_subjects("s", Some(b"x/1"), &[]),
+            ("s/x/1".to_owned(), None)
+        );
+        assert_eq!(
+            publish_subjects("s", Some(b"s/x"), &[]),
+            ("s/x".to_owned(), None)
+        );
+        assert_eq!(
+            publish_subjects("s", None, &h("s/d2/cmd")),
+            ("s".to_owned(), Some("s/d2/cmd".to_owned()))
+        );
+        assert_eq!(
+            publish_subjects("s", Some(b"s/x"), &h("s/x")),
+            ("s/x".to_owned(), None)
+        );
         assert!(!matches("a/b", "a/+/c"));
         assert!(matches("a/b", "+/+"));
         assert!(!matches("$SYS/x", "#"));
