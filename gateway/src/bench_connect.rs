@@ -38,14 +38,20 @@ pub async fn run(args: ConnectBenchArgs) -> anyhow::Result<()> {
     };
     let server_name = ServerName::try_from(args.server_name.clone())
         .with_context(|| format!("bad --server-name {}", args.server_name))?;
-    let mut connect = Connect::new("bench-connect");
-    connect.keep_alive = 30;
-    if let Some(u) = &args.user {
-        connect.set_login(u.clone(), args.password.clone().unwrap_or_default());
-    }
-    let mut packet = BytesMut::new();
-    connect.write(&mut packet).context("encode CONNECT")?;
-    let packet = Arc::new(packet.freeze());
+    // Every login has a client id of its own: logins of one id would take
+    // each other's sessions over, which is not what this measures.
+    let login = Arc::new((args.user.clone(), args.password.clone()));
+    let connect_packet = move |id: &str| -> anyhow::Result<bytes::Bytes> {
+        let mut connect = Connect::new(id);
+        connect.keep_alive = 30;
+        if let Some(u) = &login.0 {
+            connect.set_login(u.clone(), login.1.clone().unwrap_or_default());
+        }
+        let mut packet = BytesMut::new();
+        connect.write(&mut packet).context("encode CONNECT")?;
+        Ok(packet.freeze())
+    };
+    let packet = connect_packet("bench-connect-first")?;
 
     // One login first: wrong credentials should fail loudly, not count as 0/s.
     one(addr, tls.as_ref(), &server_name, &packet)
@@ -55,23 +61,35 @@ pub async fn run(args: ConnectBenchArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let before = args.server_pid.map(proc_sample).transpose()?;
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..args.connections {
+    for worker in 0..args.connections {
         let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
-        let (tls, name, packet) = (tls.clone(), server_name.clone(), packet.clone());
+        let connect_packet = connect_packet.clone();
+        let first_error = first_error.clone();
+        let (tls, name) = (tls.clone(), server_name.clone());
         workers.push(tokio::spawn(async move {
             let mut samples = Samples::default();
+            let mut n = 0u64;
             while !stop.load(Relaxed) {
+                n += 1;
+                let Ok(packet) = connect_packet(&format!("bench-{worker}-{n}")) else {
+                    break;
+                };
                 let t = Instant::now();
                 match one(addr, tls.as_ref(), &name, &packet).await {
                     Ok(()) => {
                         samples.record(t.elapsed());
                         done.fetch_add(1, Relaxed);
                     }
-                    Err(_) => {
+                    Err(e) => {
                         errors.fetch_add(1, Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert_with(|| format!("{e:#}"));
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -89,6 +107,9 @@ pub async fn run(args: ConnectBenchArgs) -> anyhow::Result<()> {
     }
     latencies.sort_unstable();
     let logins = done.load(Relaxed);
+    if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        println!("first error: {e}");
+    }
     Report {
         target: if tls.is_some() {
             "connect-tls"
