@@ -347,9 +347,64 @@ async fn https_wss_and_amqps() {
         .await
         .expect("confirm");
     assert!(confirm.is_ack());
+    // AMQPS with a client certificate and SASL EXTERNAL: no password at all.
+    let uri = format!(
+        "amqps://localhost:{}/%2f?auth_mechanism=external",
+        s.addr("amqps").port()
+    );
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: std::fs::read(t.join("good.pem")).expect("cert"),
+            key: std::fs::read(t.join("good-key.pem")).expect("key"),
+        }),
+        cert_chain: Some(std::fs::read_to_string(&ca).expect("ca")),
+    };
+    let conn = tokio::time::timeout(
+        WAIT,
+        lapin::Connection::connect_with_config(
+            &uri,
+            lapin::ConnectionProperties::default(),
+            tls,
+            lapin::runtime::default_runtime().expect("runtime"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("amqps EXTERNAL login");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let confirm = ch
+        .basic_publish(
+            "sensors".into(),
+            "tls".into(),
+            Default::default(),
+            b"over-amqps-external",
+            Default::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    // EXTERNAL without a certificate is refused (plain AMQP port).
+    let plain = format!("amqp://{}/%2f?auth_mechanism=external", s.node.amqp);
+    let refused = tokio::time::timeout(
+        WAIT,
+        lapin::Connection::connect(&plain, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("in time");
+    assert!(refused.is_err());
     assert_eq!(
         stored(&s.node.url).await,
-        ["over-https", "over-https", "over-amqps"]
+        [
+            "over-https",
+            "over-https",
+            "over-amqps",
+            "over-amqps-external"
+        ]
     );
     s.node.stop().await;
 }

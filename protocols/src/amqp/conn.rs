@@ -410,7 +410,13 @@ where
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: "PLAIN AMQPLAIN".into(),
+            // EXTERNAL (the client certificate names the device) only where
+            // TLS verified one.
+            mechanisms: if peer.certificate.is_some() {
+                "EXTERNAL PLAIN AMQPLAIN".into()
+            } else {
+                "PLAIN AMQPLAIN".into()
+            },
             locales: "en_US".into(),
         })),
         &mut out,
@@ -424,8 +430,13 @@ where
             return Err(unexpected_in_handshake(&other, "connection.start-ok"));
         }
     };
-    let (user, pass) = match credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes())
-    {
+    let mechanism = start_ok.mechanism.as_str();
+    if mechanism == "EXTERNAL" && peer.certificate.is_none() {
+        server.metrics.reject("bad_auth_mechanism");
+        let why = "ACCESS_REFUSED - EXTERNAL needs a verified client certificate (AMQPS with mTLS)";
+        return Err(End::Server(code::ACCESS_REFUSED, why.to_owned(), 10, 11));
+    }
+    let (user, pass) = match credentials(mechanism, start_ok.response.as_bytes()) {
         Ok(c) => c,
         Err(why) => {
             server.metrics.reject("bad_auth_mechanism");
@@ -573,8 +584,11 @@ fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), Str
             };
             Ok((field("LOGIN"), field("PASSWORD")))
         }
+        // The certificate speaks for the client; a response, if any, is the
+        // identity it asks for (it must be the certificate's).
+        "EXTERNAL" => Ok((String::from_utf8_lossy(response).into_owned(), String::new())),
         other => Err(format!(
-            "ACCESS_REFUSED - mechanism {} is not offered (PLAIN, AMQPLAIN)",
+            "ACCESS_REFUSED - mechanism {} is not offered (PLAIN, AMQPLAIN; EXTERNAL with a client certificate)",
             short(other)
         )),
     }
