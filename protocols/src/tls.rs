@@ -470,6 +470,45 @@ fn warn_if_not_valid_now(path: &Path, cert: &CertificateDer<'_>) {
 
 type Accepted = (TlsStream<LimitedStream>, Peer);
 
+/// A connection of a listener that may speak TLS (MQTT 8883, AMQP 5671).
+pub type MaybeTls = tokio_util::either::Either<LimitedStream, TlsStream<LimitedStream>>;
+
+/// Starts a connection of the MQTT and AMQP listeners: with `tls`, the
+/// handshake (bounded by [`HANDSHAKE_TIMEOUT`], abandoned at shutdown), whose
+/// verified client certificate names the peer. `None`: the handshake failed
+/// (logged, counted in the TLS metrics) or the node is shutting down.
+pub async fn establish(
+    tls: Option<&Tls>,
+    stream: LimitedStream,
+    addr: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Option<(MaybeTls, Peer)> {
+    let Some(tls) = tls else {
+        let peer = Peer {
+            addr: Some(addr),
+            certificate: None,
+        };
+        return Some((MaybeTls::Left(stream), peer));
+    };
+    let handshake = tokio::select! {
+        r = tls.accept(stream) => r,
+        () = shutdown.cancelled() => return None,
+    };
+    match handshake {
+        Ok((stream, certificate)) => {
+            let peer = Peer {
+                addr: Some(addr),
+                certificate,
+            };
+            Some((MaybeTls::Right(stream), peer))
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
 /// A [`LimitedListener`] with TLS, for `axum::serve`. A background task accepts
 /// connections and runs each handshake in its own task (at most the
 /// listener's connection limit at once); finished handshakes queue for

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{client, InProcessNode};
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -48,13 +47,33 @@ partitions = 1
 }
 
 async fn admin(method: reqwest::Method, url: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = client().request(method, url).bearer_auth(ADMIN);
+    call(ADMIN, method, url, body).await
+}
+
+/// A request with `token` as bearer: (status, JSON body or null).
+async fn call(
+    token: &str,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = client().request(method, url).bearer_auth(token);
     if let Some(b) = body {
         r = r.json(&b);
     }
-    let resp = r.send().await.expect("admin request");
+    let resp = r.send().await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The `name`s of a `topics` list.
+fn topic_names(v: &Value) -> Vec<&str> {
+    v["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect()
 }
 
 async fn add(base: &str, id: &str) -> String {
@@ -192,53 +211,40 @@ async fn http_refusals_and_acls() {
     assert!(none.headers().contains_key("www-authenticate"));
     let err: Value = none.json().await.expect("json");
     assert_eq!(err["error"]["code"], "unauthorized");
-    let wrong = send(c.post(produce("sensors")).bearer_auth("trb_wrong"), "wrong")
-        .await
-        .expect("send");
-    assert_eq!(wrong.status(), 401);
-    let right = send(c.post(produce("sensors")).bearer_auth(&fleet.good), "right")
-        .await
-        .expect("send");
-    assert_eq!(right.status(), 200);
-    // Basic with the device id and token works too.
-    let basic = send(
-        c.post(produce("sensors"))
-            .basic_auth("good", Some(&fleet.good)),
-        "basic",
-    )
-    .await
-    .expect("send");
-    assert_eq!(basic.status(), 200);
-    let denied = send(
-        c.post(produce("private")).bearer_auth(&fleet.good),
-        "denied",
-    )
-    .await
-    .expect("send");
-    assert_eq!(denied.status(), 403);
-    let err: Value = denied.json().await.expect("json");
-    assert_eq!(err["error"]["code"], "forbidden");
-    let disabled = send(
-        c.post(produce("sensors")).bearer_auth(&fleet.off),
-        "disabled",
-    )
-    .await
-    .expect("send");
-    assert_eq!(disabled.status(), 403);
-    let rotated = send(
-        c.post(produce("sensors")).bearer_auth(&fleet.rot_old),
-        "rotated",
-    )
-    .await
-    .expect("send");
-    assert_eq!(rotated.status(), 401);
-    let fresh = send(
-        c.post(produce("sensors")).bearer_auth(&fleet.rot_new),
-        "fresh",
-    )
-    .await
-    .expect("send");
-    assert_eq!(fresh.status(), 200);
+    // (topic, credentials, value) → status and error code.
+    let bearer = |t: &str| ("sensors", Some(("", t.to_owned())));
+    let cases = [
+        ("wrong", bearer("trb_wrong"), 401, Some("unauthorized")),
+        ("right", bearer(&fleet.good), 200, None),
+        // Basic with the device id and token works too.
+        (
+            "basic",
+            ("sensors", Some(("good", fleet.good.clone()))),
+            200,
+            None,
+        ),
+        (
+            "denied",
+            ("private", Some(("", fleet.good.clone()))),
+            403,
+            Some("forbidden"),
+        ),
+        ("disabled", bearer(&fleet.off), 403, Some("forbidden")),
+        ("rotated", bearer(&fleet.rot_old), 401, Some("unauthorized")),
+        ("fresh", bearer(&fleet.rot_new), 200, None),
+    ];
+    for (value, (topic, creds), status, code) in cases {
+        let mut req = c.post(produce(topic));
+        req = match creds {
+            Some(("", token)) => req.bearer_auth(token),
+            Some((user, token)) => req.basic_auth(user, Some(token)),
+            None => req,
+        };
+        let r = send(req, value).await.expect("send");
+        assert_eq!(r.status(), status, "{value}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["code"].as_str(), code, "{value}: {body}");
+    }
     // Reading needs the subscribe right over the whole topic.
     let read = |t: &str| format!("{}/v1/topics/{t}/partitions/0/records", node.url);
     assert_eq!(
@@ -593,40 +599,11 @@ async fn amqp_refusals() {
     let conn = amqp_login(&node, "good", &fleet.good)
         .await
         .expect("right credentials");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let confirm = ch
-        .basic_publish(
-            "sensors".into(),
-            "t1.temp".into(),
-            BasicPublishOptions::default(),
-            b"amqp-right",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    let ch = common::confirm_channel(&conn).await;
+    let acked = common::publish_confirmed(&ch, "sensors", "t1.temp", b"amqp-right").await;
+    assert!(acked.expect("confirm"));
     // Denied: channel.close 403.
-    let denied = ch
-        .basic_publish(
-            "private".into(),
-            "x".into(),
-            BasicPublishOptions::default(),
-            b"amqp-denied",
-            BasicProperties::default(),
-        )
-        .await;
-    let outcome = match denied {
-        Ok(c) => tokio::time::timeout(Duration::from_secs(20), c)
-            .await
-            .expect("answer")
-            .map(|_| ()),
-        Err(e) => Err(e),
-    };
+    let outcome = common::publish_confirmed(&ch, "private", "x", b"amqp-denied").await;
     let err = outcome.expect_err("denied publish");
     assert!(is_403(&format!("{err:?} {err}")), "{err}");
     assert_eq!(stored(&node.url, "sensors").await, ["amqp-right"]);
@@ -826,53 +803,17 @@ async fn no_route_leaks_past_auth_and_devices_see_only_their_topics() {
         assert_eq!(r.status(), 401, "{path}");
     }
     // `good` (sensors/#) sees sensors, not private.
-    let (s, b) = {
-        let r = c
-            .get(format!("{}/v1/topics", node.url))
-            .bearer_auth(&fleet.good)
-            .send()
-            .await
-            .expect("get");
-        (r.status().as_u16(), r.json::<Value>().await.expect("json"))
+    let get = |path: &str| {
+        let url = format!("{}{path}", node.url);
+        let token = fleet.good.clone();
+        async move { call(&token, reqwest::Method::GET, &url, None).await }
     };
-    assert_eq!(s, 200);
-    let names: Vec<&str> = b["topics"]
-        .as_array()
-        .expect("topics")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
-    assert_eq!(names, ["sensors"]);
-    let r = c
-        .get(format!("{}/v1/topics/private", node.url))
-        .bearer_auth(&fleet.good)
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(r.status(), 403);
-    let stats: Value = c
-        .get(format!("{}/v1/stats", node.url))
-        .bearer_auth(&fleet.good)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
-    let names: Vec<&str> = stats["topics"]
-        .as_array()
-        .expect("topics")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
-    assert_eq!(names, ["sensors"]);
-    let r = c
-        .get(format!("{}/metrics", node.url))
-        .bearer_auth(&fleet.good)
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(r.status(), 200);
+    let (s, b) = get("/v1/topics").await;
+    assert_eq!((s, topic_names(&b)), (200, vec!["sensors"]));
+    assert_eq!(get("/v1/topics/private").await.0, 403);
+    let (s, b) = get("/v1/stats").await;
+    assert_eq!((s, topic_names(&b)), (200, vec!["sensors"]));
+    assert_eq!(get("/metrics").await.0, 200);
     // Consumer groups need an explicit `$groups/...` pattern.
     let commit = json!({"offsets": [{"topic": "sensors", "partition": 0, "offset": 0}]});
     let r = c

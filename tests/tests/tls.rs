@@ -318,35 +318,7 @@ async fn https_wss_and_amqps() {
         identity: None,
         cert_chain: Some(std::fs::read_to_string(&ca).expect("ca")),
     };
-    let conn = tokio::time::timeout(
-        WAIT,
-        lapin::Connection::connect_with_config(
-            &uri,
-            lapin::ConnectionProperties::default(),
-            tls,
-            lapin::runtime::default_runtime().expect("runtime"),
-        ),
-    )
-    .await
-    .expect("in time")
-    .expect("amqps login");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let confirm = ch
-        .basic_publish(
-            "sensors".into(),
-            "tls".into(),
-            Default::default(),
-            b"over-amqps",
-            Default::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    amqps_publish(&uri, tls, b"over-amqps").await;
     // AMQPS with a client certificate and SASL EXTERNAL: no password at all.
     let uri = format!(
         "amqps://localhost:{}/%2f?auth_mechanism=external",
@@ -359,35 +331,7 @@ async fn https_wss_and_amqps() {
         }),
         cert_chain: Some(std::fs::read_to_string(&ca).expect("ca")),
     };
-    let conn = tokio::time::timeout(
-        WAIT,
-        lapin::Connection::connect_with_config(
-            &uri,
-            lapin::ConnectionProperties::default(),
-            tls,
-            lapin::runtime::default_runtime().expect("runtime"),
-        ),
-    )
-    .await
-    .expect("in time")
-    .expect("amqps EXTERNAL login");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let confirm = ch
-        .basic_publish(
-            "sensors".into(),
-            "tls".into(),
-            Default::default(),
-            b"over-amqps-external",
-            Default::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    amqps_publish(&uri, tls, b"over-amqps-external").await;
     // EXTERNAL without a certificate is refused (plain AMQP port).
     let plain = format!("amqp://{}/%2f?auth_mechanism=external", s.node.amqp);
     let refused = tokio::time::timeout(
@@ -407,6 +351,25 @@ async fn https_wss_and_amqps() {
         ]
     );
     s.node.stop().await;
+}
+
+/// Logs in over AMQPS (lapin, rustls) and publishes `body` with a confirm.
+async fn amqps_publish(uri: &str, tls: lapin::tcp::OwnedTLSConfig, body: &[u8]) {
+    let conn = tokio::time::timeout(
+        WAIT,
+        lapin::Connection::connect_with_config(
+            uri,
+            lapin::ConnectionProperties::default(),
+            tls,
+            lapin::runtime::default_runtime().expect("runtime"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("AMQPS login");
+    let ch = common::confirm_channel(&conn).await;
+    let acked = common::publish_confirmed(&ch, "sensors", "tls", body).await;
+    assert!(acked.expect("confirm"));
 }
 
 fn peer_certificate(s: &TlsStream<TcpStream>) -> Vec<u8> {

@@ -1796,7 +1796,10 @@ mod tests {
         assert_eq!(credentials("AMQPLAIN", &t), Ok(("u".into(), "p".into())));
         assert!(credentials("AMQPLAIN", b"\x05LOG").is_err());
         // EXTERNAL parses (the handshake refuses it without a certificate).
-        assert_eq!(credentials("EXTERNAL", b""), Ok((String::new(), String::new())));
+        assert_eq!(
+            credentials("EXTERNAL", b""),
+            Ok((String::new(), String::new()))
+        );
         assert!(credentials("CRAM-MD5", b"x").is_err());
     }
 

@@ -220,30 +220,11 @@ pub async fn serve(listener: LimitedListener, server: Arc<Server>, tls: Option<T
         let server = server.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let Some(tls) = tls else {
-                let peer = crate::Peer {
-                    addr: Some(peer),
-                    certificate: None,
-                };
+            let shutdown = &server.cx.shutdown;
+            if let Some((stream, peer)) =
+                crate::tls::establish(tls.as_ref(), stream, peer, shutdown).await
+            {
                 conn::run(server, stream, peer).await;
-                return;
-            };
-            let handshake = tokio::select! {
-                r = tls.accept(stream) => r,
-                () = server.cx.shutdown.cancelled() => return,
-            };
-            match handshake {
-                Ok((stream, certificate)) => {
-                    let peer = crate::Peer {
-                        addr: Some(peer),
-                        certificate,
-                    };
-                    conn::run(server, stream, peer).await;
-                }
-                Err(e) => {
-                    server.metrics.reject("tls_handshake_failed");
-                    tracing::debug!(%peer, error = %e, "AMQP TLS handshake failed");
-                }
             }
         });
     }

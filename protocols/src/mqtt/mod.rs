@@ -347,30 +347,11 @@ impl Listener {
             let broker = self.broker.clone();
             let tls = self.tls.clone();
             tokio::spawn(async move {
-                let Some(tls) = tls else {
-                    let peer = crate::Peer {
-                        addr: Some(peer),
-                        certificate: None,
-                    };
+                let shutdown = &broker.cx.shutdown;
+                if let Some((stream, peer)) =
+                    crate::tls::establish(tls.as_ref(), stream, peer, shutdown).await
+                {
                     conn::Handler::run(broker, stream, peer).await;
-                    return;
-                };
-                let handshake = tokio::select! {
-                    r = tls.accept(stream) => r,
-                    () = broker.cx.shutdown.cancelled() => return,
-                };
-                match handshake {
-                    Ok((stream, certificate)) => {
-                        let peer = crate::Peer {
-                            addr: Some(peer),
-                            certificate,
-                        };
-                        conn::Handler::run(broker, stream, peer).await;
-                    }
-                    Err(e) => {
-                        broker.metrics.reject("tls_handshake_failed");
-                        tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
-                    }
                 }
             });
         }

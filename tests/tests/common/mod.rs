@@ -318,3 +318,35 @@ pub async fn stored_values(base: &str, topic: &str) -> std::collections::BTreeMa
     }
     out
 }
+
+/// A confirm-mode channel on `conn`.
+pub async fn confirm_channel(conn: &lapin::Connection) -> lapin::Channel {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    ch
+}
+
+/// Publishes `body` and waits (bounded) for the broker's answer: whether it
+/// was acked, or the error (a closed channel, a refused publish).
+pub async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+) -> Result<bool, lapin::Error> {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await?;
+    tokio::time::timeout(Duration::from_secs(20), confirm)
+        .await
+        .expect("a confirm in time")
+        .map(|c| c.is_ack())
+}
