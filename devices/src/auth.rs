@@ -31,14 +31,24 @@ pub struct Credentials<'a> {
 pub struct Identity {
     /// Device id, `anonymous`, or `admin` (the HTTP admin token).
     pub id: String,
+    /// Which credential logged in (part of the token's hash; 0 for a client
+    /// certificate or no credential): a rotated token ends the sessions of
+    /// the old one ([`Authenticator::still_valid`]).
+    pub credential: u64,
 }
 
 impl Identity {
+    /// An identity logged in without a token.
+    pub fn new(id: impl Into<String>) -> Self {
+        Identity {
+            id: id.into(),
+            credential: 0,
+        }
+    }
+
     /// The identity of anonymous access.
     pub fn anonymous() -> Self {
-        Identity {
-            id: ANONYMOUS.into(),
-        }
+        Identity::new(ANONYMOUS)
     }
 }
 
@@ -86,9 +96,11 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
     /// it may be an MQTT-style filter (`topic/#` for a whole log topic).
     fn authorize(&self, who: &Identity, action: Action, subject: &str) -> bool;
 
-    /// How long a login from `peer` waits before it is checked: grows with the
-    /// recent failures of that address. Zero by default.
-    fn login_delay(&self, _peer: Option<SocketAddr>) -> Duration {
+    /// How long the answer to a login from `peer` waits: grows with the
+    /// recent failures of that address, whatever the outcome (so a guesser
+    /// cannot tell a hit by its speed), except for a device that logged in
+    /// successfully from there recently. Zero by default.
+    fn login_delay(&self, _peer: Option<SocketAddr>, _outcome: Option<&Identity>) -> Duration {
         Duration::ZERO
     }
 
@@ -112,10 +124,17 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
         true
     }
 
-    /// Is `who` still let in (not disabled or removed since it logged in)?
-    /// Long-lived connections ask this now and then.
+    /// Is `who` still let in (not disabled, removed or given a new token
+    /// since it logged in)? Long-lived connections ask this when
+    /// [`Authenticator::generation`] changes.
     fn still_valid(&self, _who: &Identity) -> bool {
         true
+    }
+
+    /// A number that changes whenever devices change (added, changed,
+    /// rotated, removed): connections re-check their rights when it moves.
+    fn generation(&self) -> u64 {
+        0
     }
 
     /// Is device authentication on (false for anonymous access)?
@@ -124,14 +143,15 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
     }
 }
 
-/// Waits out the source address's failure delay, then checks the login.
-/// Every front end logs clients in through here.
+/// Checks a login, then waits out the source's failure delay before the
+/// answer. Every front end logs clients in through here.
 pub async fn login(auth: &dyn Authenticator, creds: &Credentials<'_>) -> Result<Identity, Refusal> {
-    let delay = auth.login_delay(creds.peer);
+    let outcome = auth.authenticate(creds);
+    let delay = auth.login_delay(creds.peer, outcome.as_ref().ok());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    auth.authenticate(creds)
+    outcome
 }
 
 /// Everyone is `anonymous` and may do everything.

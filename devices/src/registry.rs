@@ -25,7 +25,7 @@ use tributary_storage::Log;
 
 use crate::acl;
 use crate::auth::{Action, Authenticator, Credentials, Identity, Refusal, ADMIN, ANONYMOUS};
-use crate::throttle::{Bucket, FailureTable};
+use crate::throttle::{Bucket, FailureTable, RecentLogins};
 
 /// The metadata space of device documents.
 const SPACE: &str = "devices";
@@ -227,6 +227,8 @@ pub struct Registry {
     devices: RwLock<Devices>,
     writes: tokio::sync::Mutex<()>,
     failures: FailureTable,
+    recent: RecentLogins,
+    generation: AtomicU64,
     counters: AuthCounters,
     rng: SystemRandom,
 }
@@ -245,6 +247,15 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The part of a token hash an [`Identity`] keeps (never 0).
+fn credential_of(tag: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    for (d, s) in b.iter_mut().zip(tag) {
+        *d = *s;
+    }
+    u64::from_be_bytes(b).max(1)
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -342,6 +353,8 @@ impl Registry {
             devices: RwLock::new(devices),
             writes: tokio::sync::Mutex::new(()),
             failures: FailureTable::new(FAILURE_TABLE),
+            recent: RecentLogins::new(FAILURE_TABLE),
+            generation: AtomicU64::new(0),
             counters: AuthCounters::default(),
             rng,
         })
@@ -386,13 +399,10 @@ impl Registry {
         }
     }
 
-    /// How long an admin-token check from `peer` waits (in every auth mode).
-    pub fn admin_delay(&self, peer: Option<SocketAddr>) -> Duration {
-        let delay = peer.map_or(Duration::ZERO, |p| self.failures.delay(p.ip()));
-        if !delay.is_zero() {
-            self.counters.delayed.fetch_add(1, Relaxed);
-        }
-        delay
+    /// How long the answer to an admin-token check from `peer` waits (in
+    /// every auth mode; `ok`: the token was right).
+    pub fn admin_delay(&self, peer: Option<SocketAddr>, ok: bool) -> Duration {
+        self.delay_for(peer, ok.then_some(ADMIN))
     }
 
     /// Does this registry check credentials (`mode = "devices"`)?
@@ -436,6 +446,7 @@ impl Registry {
             .by_tag
             .insert(entry.tag.clone(), entry.device.id.clone());
         devices.by_id.insert(entry.device.id.clone(), entry.clone());
+        self.generation.fetch_add(1, Relaxed);
         Ok(entry)
     }
 
@@ -537,6 +548,7 @@ impl Registry {
         let mut devices = self.write();
         devices.by_tag.remove(&old.tag);
         devices.by_id.remove(id);
+        self.generation.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -633,7 +645,31 @@ impl Registry {
         entry.last_seen.store(now_ms(), Relaxed);
         Ok(Identity {
             id: entry.device.id.clone(),
+            credential: if creds.certificate.is_some() {
+                0
+            } else {
+                credential_of(&entry.tag)
+            },
         })
+    }
+
+    /// The delay for `peer` (see [`Authenticator::login_delay`]); remembers
+    /// a success of `device`.
+    fn delay_for(&self, peer: Option<SocketAddr>, device: Option<&str>) -> Duration {
+        let Some(ip) = peer.map(|p| p.ip()) else {
+            return Duration::ZERO;
+        };
+        let mut delay = self.failures.delay(ip);
+        if let Some(d) = device {
+            if self.recent.recent(ip, d) {
+                delay = Duration::ZERO;
+            }
+            self.recent.succeeded(ip, d);
+        }
+        if !delay.is_zero() {
+            self.counters.delayed.fetch_add(1, Relaxed);
+        }
+        delay
     }
 
     fn limit(&self, who: &Identity, f: impl FnOnce(&mut Bucket) -> Duration) -> Duration {
@@ -724,7 +760,11 @@ impl Authenticator for Registry {
             .unwrap_or_else(|e| e.into_inner())
             .entry((creds.protocol, outcome))
             .or_default() += 1;
-        if let (Some(peer), Err(_)) = (creds.peer, &result) {
+        // A client that presented nothing (a scraper, a misconfigured probe)
+        // is refused but not counted: only guesses slow a source down.
+        let presented =
+            creds.certificate.is_some() || creds.password.is_some_and(|p| !p.is_empty());
+        if let (Some(peer), Err(_), true) = (creds.peer, &result, presented) {
             self.failures.failed(peer.ip());
         }
         result
@@ -776,18 +816,20 @@ impl Authenticator for Registry {
         if who.id == ADMIN || !self.enforce {
             return true;
         }
-        self.entry(&who.id).is_some_and(|e| e.device.enabled)
+        self.entry(&who.id).is_some_and(|e| {
+            e.device.enabled && (who.credential == 0 || who.credential == credential_of(&e.tag))
+        })
     }
 
-    fn login_delay(&self, peer: Option<SocketAddr>) -> Duration {
+    fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
+    fn login_delay(&self, peer: Option<SocketAddr>, outcome: Option<&Identity>) -> Duration {
         if !self.enforce {
             return Duration::ZERO;
         }
-        let delay = peer.map_or(Duration::ZERO, |p| self.failures.delay(p.ip()));
-        if !delay.is_zero() {
-            self.counters.delayed.fetch_add(1, Relaxed);
-        }
-        delay
+        self.delay_for(peer, outcome.map(|i| i.id.as_str()))
     }
 
     fn admit(&self, who: &Identity, events: u32) -> Duration {
@@ -1005,19 +1047,68 @@ mod tests {
     async fn failed_logins_slow_their_address_only() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, reg) = open(dir.path(), enforcing()).await;
+        let (_, token) = reg
+            .add(NewDevice {
+                id: "legit".into(),
+                ..NewDevice::default()
+            })
+            .await
+            .unwrap();
         let guesser: SocketAddr = "10.9.9.9:1".parse().unwrap();
-        for _ in 0..6 {
-            let c = Credentials {
-                peer: Some(guesser),
-                ..creds(Some("x"), Some("y"))
-            };
-            assert!(reg.authenticate(&c).is_err());
+        let from = |user, pass| Credentials {
+            peer: Some(guesser),
+            ..creds(user, pass)
+        };
+        // Presenting nothing is refused but never counted.
+        for _ in 0..20 {
+            assert!(reg.authenticate(&from(None, None)).is_err());
         }
-        assert!(reg.login_delay(Some(guesser)) >= Duration::from_millis(100));
-        assert_eq!(
-            reg.login_delay(Some("10.9.9.8:1".parse().unwrap())),
-            Duration::ZERO
-        );
+        assert_eq!(reg.login_delay(Some(guesser), None), Duration::ZERO);
+        for _ in 0..6 {
+            assert!(reg.authenticate(&from(Some("x"), Some("y"))).is_err());
+        }
+        assert!(reg.login_delay(Some(guesser), None) >= Duration::from_millis(100));
+        let other: SocketAddr = "10.9.9.8:1".parse().unwrap();
+        assert_eq!(reg.login_delay(Some(other), None), Duration::ZERO);
+        // A success from the slowed source waits once (a hit answers no
+        // faster than a miss), then that device is let through at once.
+        let who = reg
+            .authenticate(&from(Some("legit"), Some(&token)))
+            .unwrap();
+        assert!(reg.login_delay(Some(guesser), Some(&who)) >= Duration::from_millis(100));
+        assert_eq!(reg.login_delay(Some(guesser), Some(&who)), Duration::ZERO);
+        // The guesses still count: the source stays slowed for others.
+        assert!(reg.login_delay(Some(guesser), None) >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn rotation_and_removal_end_old_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, reg) = open(dir.path(), enforcing()).await;
+        let (_, token) = reg
+            .add(NewDevice {
+                id: "d".into(),
+                ..NewDevice::default()
+            })
+            .await
+            .unwrap();
+        let g0 = reg.generation();
+        let old = reg.authenticate(&creds(Some("d"), Some(&token))).unwrap();
+        let by_cert = reg
+            .authenticate(&Credentials {
+                certificate: Some("d"),
+                ..creds(None, None)
+            })
+            .unwrap();
+        assert!(reg.still_valid(&old) && reg.still_valid(&by_cert));
+        let fresh = reg.rotate("d").await.unwrap();
+        assert!(reg.generation() > g0);
+        assert!(!reg.still_valid(&old), "the old token's sessions end");
+        assert!(reg.still_valid(&by_cert), "a certificate session does not");
+        let new = reg.authenticate(&creds(Some("d"), Some(&fresh))).unwrap();
+        assert!(reg.still_valid(&new));
+        reg.remove("d").await.unwrap();
+        assert!(!reg.still_valid(&new) && !reg.still_valid(&by_cert));
     }
 
     #[tokio::test]
@@ -1041,13 +1132,13 @@ mod tests {
         })
         .await
         .unwrap();
-        let who = Identity { id: "slow".into() };
+        let who = Identity::new("slow");
         assert_eq!(reg.admit(&who, 5), Duration::ZERO);
         assert_eq!(reg.admit(&who, 5), Duration::ZERO);
         assert!(reg.admit(&who, 1) > Duration::ZERO);
         // Unlimited devices never wait.
         assert_eq!(
-            reg.admit(&Identity { id: "other".into() }, 1_000_000),
+            reg.admit(&Identity::new("other"), 1_000_000),
             Duration::ZERO
         );
     }

@@ -103,6 +103,53 @@ impl FailureTable {
     }
 }
 
+/// Recent successful logins per (source, device), so a device that logs in
+/// from an address is not slowed by another client's failures there. At
+/// most `capacity` pairs; when full, the oldest goes.
+#[derive(Debug)]
+pub struct RecentLogins {
+    capacity: usize,
+    table: Mutex<HashMap<(IpAddr, String), Instant>>,
+}
+
+impl RecentLogins {
+    /// A table for at most `capacity` pairs.
+    pub fn new(capacity: usize) -> Self {
+        RecentLogins {
+            capacity: capacity.max(1),
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers that `device` logged in from `ip`.
+    pub fn succeeded(&self, ip: IpAddr, device: &str) {
+        let now = Instant::now();
+        let key = (source(ip), device.to_owned());
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if !table.contains_key(&key) && table.len() >= self.capacity {
+            table.retain(|_, t| now.duration_since(*t) < FORGET_AFTER);
+            if table.len() >= self.capacity {
+                let oldest = table
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    table.remove(&k);
+                }
+            }
+        }
+        table.insert(key, now);
+    }
+
+    /// Did `device` log in from `ip` within [`FORGET_AFTER`]?
+    pub fn recent(&self, ip: IpAddr, device: &str) -> bool {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table
+            .get(&(source(ip), device.to_owned()))
+            .is_some_and(|t| t.elapsed() < FORGET_AFTER)
+    }
+}
+
 /// A token bucket of `rate` events per second with one second of burst.
 #[derive(Debug)]
 pub struct Bucket {
@@ -181,6 +228,20 @@ mod tests {
         }
         assert_eq!(t.delay(ip), MAX_DELAY);
         assert_eq!(t.delay("10.0.0.2".parse().expect("ip")), Duration::ZERO);
+    }
+
+    #[test]
+    fn recent_logins_are_bounded() {
+        let r = RecentLogins::new(4);
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        r.succeeded(ip, "a");
+        assert!(r.recent(ip, "a"));
+        assert!(!r.recent(ip, "b"));
+        for d in ["b", "c", "d", "e"] {
+            r.succeeded(ip, d);
+        }
+        assert!(!r.recent(ip, "a"), "the oldest pair goes first");
+        assert!(r.recent(ip, "e"));
     }
 
     #[test]

@@ -36,7 +36,7 @@ struct TestAuth;
 impl Authenticator for TestAuth {
     fn authenticate(&self, c: &Credentials<'_>) -> Result<Identity, Refusal> {
         match (c.username, c.password) {
-            (Some("dev"), Some("secret")) => Ok(Identity { id: "dev".into() }),
+            (Some("dev"), Some("secret")) => Ok(Identity::new("dev")),
             (Some("off"), _) => Err(Refusal::NotAuthorized),
             _ => Err(Refusal::BadCredentials),
         }

@@ -813,7 +813,10 @@ async fn no_route_leaks_past_auth_and_devices_see_only_their_topics() {
     assert_eq!(get("/v1/topics/private").await.0, 403);
     let (s, b) = get("/v1/stats").await;
     assert_eq!((s, topic_names(&b)), (200, vec!["sensors"]));
-    assert_eq!(get("/metrics").await.0, 200);
+    // /metrics names every topic: with device auth only the admin reads it.
+    assert_eq!(get("/metrics").await.0, 401);
+    let (s, _) = admin(reqwest::Method::GET, &format!("{}/metrics", node.url), None).await;
+    assert_eq!(s, 200);
     // Consumer groups need an explicit `$groups/...` pattern.
     let commit = json!({"offsets": [{"topic": "sensors", "partition": 0, "offset": 0}]});
     let r = c
@@ -953,5 +956,75 @@ async fn sessions_belong_to_devices_and_disabled_devices_stop_receiving() {
         "{ended}"
     );
     assert!(stored(&node.url, "private").await.is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_or_a_disabled_device_ends_open_connections() {
+    let node = node().await;
+    let fleet = provision(&node.url).await;
+    // MQTT with good's token; rotating it ends the connection.
+    let (c, mut el) = mqtt_v4(&node, "rotating", Some(("good", &fleet.good)));
+    c.publish(
+        "sensors/r",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        "before-rotate",
+    )
+    .await
+    .expect("queue");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("answer")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("ended early: {e}"),
+        }
+    }
+    // AMQP with rot's token; disabling rot ends it (connection.close 320).
+    let conn = amqp_login(&node, "rot", &fleet.rot_new)
+        .await
+        .expect("login");
+    let ch = common::confirm_channel(&conn).await;
+    let (s, b) = admin(
+        reqwest::Method::POST,
+        &format!("{}/v1/devices/good/rotate", node.url),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = admin(
+        reqwest::Method::PATCH,
+        &format!("{}/v1/devices/rot", node.url),
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("the MQTT connection ends in time")
+        {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        !matches!(ended, rumqttc::ConnectionError::ConnectionRefused(_)),
+        "{ended}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while conn.status().connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the AMQP connection of a disabled device stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = common::publish_confirmed(&ch, "sensors", "r", b"after-disable").await;
+    assert!(!matches!(after, Ok(true)), "{after:?}");
+    assert_eq!(stored(&node.url, "sensors").await, ["before-rotate"]);
     node.stop().await;
 }

@@ -209,6 +209,8 @@ enum Wake {
     Block,
     /// A rate-limit pause is over.
     Resume,
+    /// Time to see whether the device still may be connected.
+    Rights,
 }
 
 /// Runs one connection to its end.
@@ -653,6 +655,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         let silence = heartbeat.map(|h| h * 2);
         let mut deadline = silence.map(|s| Instant::now() + s);
         let mut full_since: Option<Instant> = None;
+        let mut rights = tokio::time::interval(Duration::from_secs(1));
+        rights.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut auth_generation = self.server.cx.auth.generation();
         if !self.buf.is_empty() {
             if let Err(end) = self.read_frames().await {
                 return end;
@@ -725,6 +730,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     () = silent => Wake::PeerSilent,
                     () = block => Wake::Block,
                     () = pause_ends => Wake::Resume,
+                    _ = rights.tick() => Wake::Rights,
                 }
             };
             match wake {
@@ -763,6 +769,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     return End::Lost;
                 }
                 Wake::Resume => self.paused_until = None,
+                Wake::Rights => {
+                    // The devices changed: a device disabled, removed or given a
+                    // new token is let go.
+                    let generation = self.server.cx.auth.generation();
+                    if generation != auth_generation {
+                        auth_generation = generation;
+                        if !self.server.cx.auth.still_valid(&self.identity) {
+                            return End::server(
+                                code::CONNECTION_FORCED,
+                                "CONNECTION_FORCED - the device was disabled, removed or given a new token",
+                            );
+                        }
+                    }
+                }
                 Wake::Block => {
                     self.blocked = true;
                     self.server.metrics.blocked.fetch_add(1, Relaxed);

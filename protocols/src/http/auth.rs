@@ -33,8 +33,8 @@ impl Caller {
 
 /// Routes anyone may call: the dashboard page (it asks for a token itself),
 /// health, the API description, and MQTT over WebSockets (the MQTT CONNECT
-/// carries its own credentials). `/metrics` names topics: with device auth
-/// it takes a token like the API.
+/// carries its own credentials). `/metrics` names every topic: with device
+/// auth it takes the admin token.
 fn public(path: &str, enforcing: bool) -> bool {
     matches!(path, "/" | "/health" | "/openapi.json" | "/mqtt")
         || (path == "/metrics" && !enforcing)
@@ -251,7 +251,22 @@ pub(crate) async fn authenticate(
         (Ok(Presented::Token(t)), Some(reg)) => reg.is_admin(t),
         _ => false,
     };
-    if path == "/v1/devices" || path.starts_with("/v1/devices/") {
+    let admin_route = path == "/v1/devices"
+        || path.starts_with("/v1/devices/")
+        || (path == "/metrics" && state.cx.auth.enforcing());
+    if let (true, Some(reg)) = (admin || admin_route, &state.cx.devices) {
+        // Admin-token checks are slowed like logins: a source that guessed
+        // wrong waits before any answer, right or wrong.
+        let (addr, _) = peer_of(&req);
+        if !admin && matches!(presented, Ok(Presented::Token(_) | Presented::Basic(..))) {
+            reg.admin_failure(addr);
+        }
+        let delay = reg.admin_delay(addr, admin);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    if admin_route {
         let configured = state
             .cx
             .devices
@@ -266,21 +281,10 @@ pub(crate) async fn authenticate(
             .into_response();
         }
         if !admin {
-            // Guesses of the admin token are slowed like failed logins.
-            let (addr, _) = peer_of(&req);
-            if let Some(reg) = &state.cx.devices {
-                let delay = reg.admin_delay(addr);
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                if matches!(presented, Ok(Presented::Token(_) | Presented::Basic(..))) {
-                    reg.admin_failure(addr);
-                }
-            }
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the device admin API takes the admin token: Authorization: Bearer ADMIN_TOKEN",
+                "the device admin API and, with device auth, /metrics take the admin token: Authorization: Bearer ADMIN_TOKEN",
             )
             .into_response();
             resp.headers_mut().insert(
@@ -293,7 +297,7 @@ pub(crate) async fn authenticate(
     // Only the WebSocket routes take a refused login through (to close 1008).
     let upgrade = is_upgrade(&req) && websocket_route(&path);
     let caller = if admin {
-        Ok(Identity { id: ADMIN.into() })
+        Ok(Identity::new(ADMIN))
     } else if !state.cx.auth.enforcing() {
         Ok(Identity::anonymous())
     } else {

@@ -731,7 +731,8 @@ async fn commit_offsets(
         })
         .collect();
     state.cx.log.commit_offsets(&group, offsets).await?;
-    let all = state.cx.log.group_offsets(&group)?;
+    let mut all = state.cx.log.group_offsets(&group)?;
+    all.retain(|o| state.cx.auth.may_see(who, &o.topic));
     Ok(Json(offsets_json(&group, &all)))
 }
 
@@ -741,12 +742,9 @@ async fn group_offsets(
     group: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let group = path_param(group)?;
-    auth::allow(
-        &state,
-        caller.identity()?,
-        Action::Subscribe,
-        &auth::group_subject(&group),
-    )?;
-    let all = state.cx.log.group_offsets(&group)?;
+    let who = caller.identity()?;
+    auth::allow(&state, who, Action::Subscribe, &auth::group_subject(&group))?;
+    let mut all = state.cx.log.group_offsets(&group)?;
+    all.retain(|o| state.cx.auth.may_see(who, &o.topic));
     Ok(Json(offsets_json(&group, &all)))
 }

@@ -284,6 +284,10 @@ pub(super) async fn publish(
         Ok(who) => who.clone(),
         Err(e) => return refuse(ws, e),
     };
+    // Unknown topics are only told to those who may know the name.
+    if !state.cx.auth.may_see(&who, &topic) {
+        return refuse(ws, auth::forbidden(&who, Action::Publish, &topic));
+    }
     if state.cx.log.topic(&topic).is_err() && !state.cx.log.config().auto_create_topics {
         return ApiError::from(LogError::UnknownTopic(topic)).into_response();
     }
@@ -382,6 +386,11 @@ async fn publish_session(state: AppState, who: Identity, topic: String, socket: 
                     }
                     m = rx.next() => m,
                 };
+                if !auth.still_valid(&who) {
+                    let why = "the device was disabled, removed or given a new token";
+                    let _ = parsed_tx.send(Err((close::POLICY, why.into()))).await;
+                    return;
+                }
                 if limits_now.is_none() {
                     limits_now = log
                         .topic(&topic)
@@ -425,15 +434,13 @@ async fn publish_session(state: AppState, who: Identity, topic: String, socket: 
                     };
                     match parsed.map(|r| r.and_then(|r| precheck(limits_now, &r).map(|()| r))) {
                         None => {}
-                        Some(Ok(r)) if may_publish(&*auth, &who, &topic, &r.event).is_err() => {
-                            let subject = may_publish(&*auth, &who, &topic, &r.event)
-                                .err()
-                                .unwrap_or_default();
-                            let why = format!("device `{}` may not publish to `{subject}`", who.id);
-                            end = Some(Some((close::POLICY, why)));
-                            break;
-                        }
                         Some(Ok(r)) => {
+                            if let Err(subject) = may_publish(&*auth, &who, &topic, &r.event) {
+                                let why =
+                                    format!("device `{}` may not publish to `{subject}`", who.id);
+                                end = Some(Some((close::POLICY, why)));
+                                break;
+                            }
                             bad_in_a_row = 0;
                             batch.bytes += r.event.size();
                             batch.slots.push(Slot::Record);
@@ -724,7 +731,9 @@ async fn live_session(
 ) {
     let filter = auth::whole_topic(&topic);
     // A device disabled, removed or narrowed meanwhile stops receiving.
-    let allowed = || state.cx.auth.authorize(&who, Action::Subscribe, &filter);
+    let allowed = || {
+        state.cx.auth.still_valid(&who) && state.cx.auth.authorize(&who, Action::Subscribe, &filter)
+    };
     let _open = OpenGuard::new(&state.ws);
     let log = state.cx.log.clone();
     let shared = state.tails.topic(&topic, cursors.len());

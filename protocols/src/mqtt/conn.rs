@@ -119,6 +119,8 @@ pub(super) struct Handler<S> {
     appends: VecDeque<JoinHandle<Acked>>,
     /// Reading waits until then (a device's rate limit).
     paused_until: Option<tokio::time::Instant>,
+    /// The device registry's generation when rights were last checked.
+    auth_generation: u64,
     unacked_in: usize,
     batch: Batch,
     tails: Tails,
@@ -225,6 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             client_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
             appends: VecDeque::new(),
             paused_until: None,
+            auth_generation: broker.cx.auth.generation(),
             unacked_in: 0,
             batch: Batch::default(),
             tails: Tails {
@@ -347,9 +350,21 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 Wake::Deliver => self.deliver(),
                 Wake::Resume => self.paused_until = None,
                 Wake::Save => {
-                    // A device disabled or removed meanwhile is let go.
-                    if !self.broker.cx.auth.still_valid(&self.identity) {
-                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                    // The devices changed: a device disabled, removed, given a
+                    // new token or no longer allowed a subscription is let go
+                    // (at its next connection a restored session keeps only
+                    // what is still allowed).
+                    let generation = self.broker.cx.auth.generation();
+                    if generation != self.auth_generation {
+                        self.auth_generation = generation;
+                        let auth = &self.broker.cx.auth;
+                        let allowed = auth.still_valid(&self.identity)
+                            && self.session.subs.iter().all(|s| {
+                                auth.authorize(&self.identity, Action::Subscribe, &s.filter)
+                            });
+                        if !allowed {
+                            return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                        }
                     }
                     if self.dirty && self.session.expiry > 0 {
                         self.dirty = false;
@@ -894,6 +909,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                     next = r.offset + 1;
                     continue;
                 };
+                // A key or header that is no MQTT topic name (wildcards, NUL,
+                // empty, over 65,535 bytes) cannot be delivered over MQTT.
+                if !topic::valid_name(&d.topic) {
+                    self.broker.metrics.reject("undeliverable_topic");
+                    next = r.offset + 1;
+                    continue;
+                }
                 let mine = d.publisher.as_deref() == Some(self.client_id.as_str());
                 let mut granted: Option<u8> = None;
                 let mut ids = Vec::new();
@@ -1070,7 +1092,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 if self.version == Version::V5 {
                     self.send(Out::Disconnect(*code));
                 }
-                *why != "shutdown"
+                // No will for a client let go at shutdown or for lost rights.
+                !matches!(*why, "shutdown" | "not_authorized")
             }
         };
         // The last bytes (acks, DISCONNECT) go out even though kick/shutdown fired.
