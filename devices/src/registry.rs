@@ -659,16 +659,19 @@ impl Registry {
         let Some(ip) = peer.map(|p| p.ip()) else {
             return Duration::ZERO;
         };
-        let mut delay = self.failures.delay(ip);
+        let delay = self.failures.delay(ip);
+        if delay.is_zero() {
+            // Nothing to exempt from: successes are remembered only for
+            // sources that are slowed, so a fleet of good logins costs nothing.
+            return delay;
+        }
         if let Some(d) = device {
             if self.recent.recent(ip, d) {
-                delay = Duration::ZERO;
+                return Duration::ZERO;
             }
             self.recent.succeeded(ip, d);
         }
-        if !delay.is_zero() {
-            self.counters.delayed.fetch_add(1, Relaxed);
-        }
+        self.counters.delayed.fetch_add(1, Relaxed);
         delay
     }
 
