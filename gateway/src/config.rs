@@ -161,6 +161,10 @@ pub struct StorageSection {
     pub default_retention_bytes: Option<u64>,
     /// Largest event of auto-created topics.
     pub max_event_bytes: usize,
+    /// Disk quota: event bytes the log holds at most (0: none).
+    pub max_disk_bytes: u64,
+    /// `on_full` of auto-created topics: `reject` or `drop_oldest`.
+    pub default_on_full: OnFull,
 }
 
 impl Default for StorageSection {
@@ -179,6 +183,8 @@ impl Default for StorageSection {
             default_retention_ms: None,
             default_retention_bytes: None,
             max_event_bytes: log.topic_defaults.max_event_bytes,
+            max_disk_bytes: 0,
+            default_on_full: OnFull::Reject,
         }
     }
 }
@@ -731,7 +737,7 @@ impl Config {
             retention_ms: s.default_retention_ms,
             retention_bytes: s.default_retention_bytes,
             max_event_bytes: s.max_event_bytes,
-            on_full: OnFull::Reject,
+            on_full: s.default_on_full,
         }
     }
 
@@ -762,6 +768,7 @@ impl Config {
             retention_interval: Duration::from_millis(s.retention_check_ms),
             auto_create_topics: s.auto_create_topics.unwrap_or(mode == Mode::Edge),
             topic_defaults: self.topic_defaults(),
+            max_disk_bytes: (s.max_disk_bytes > 0).then_some(s.max_disk_bytes),
             ..LogConfig::default()
         }
     }

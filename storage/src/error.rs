@@ -60,6 +60,17 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// The disk quota is reached and the topic's `on_full` is `reject` (or
+    /// nothing can be evicted to make room).
+    #[error("the disk quota of {max} bytes is reached ({used} bytes of events stored); topic `{topic}` refuses new events")]
+    QuotaExceeded {
+        /// The topic appended to.
+        topic: String,
+        /// Event bytes stored now.
+        used: u64,
+        /// `max_disk_bytes`.
+        max: u64,
+    },
     /// The log hit an I/O error earlier and refuses writes until restarted.
     #[error("the log is not writable: {0}")]
     Unwritable(String),

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::batch::{decode_header, decode_records, encoded_len, BatchBuilder, HEADER_LEN};
+use crate::batch::{
+    decode_header, decode_records, encoded_len, BatchBuilder, BatchHeader, HEADER_LEN,
+};
 use crate::error::{Error, Result};
 use crate::event::{AppendRecord, Position, Record};
 use crate::partitioner::partition_for_key;
@@ -101,6 +103,11 @@ pub struct LogConfig {
     pub auto_create_topics: bool,
     /// Defaults for new topics.
     pub topic_defaults: TopicDefaults,
+    /// The disk quota: event bytes (as stored in batches) the log holds at
+    /// most, across all topics. At the quota, appends to `reject` topics fail
+    /// and appends to `drop_oldest` topics evict the oldest batches of such
+    /// topics first. `None`: no quota.
+    pub max_disk_bytes: Option<u64>,
 }
 
 impl Default for LogConfig {
@@ -113,6 +120,7 @@ impl Default for LogConfig {
             retention_interval: Duration::from_secs(5),
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
+            max_disk_bytes: None,
         }
     }
 }
@@ -685,6 +693,9 @@ impl Log {
             .flat_map(|p| &p.chunks)
             .map(BatchBuilder::len)
             .sum();
+        if let Some(max) = self.shared().config.max_disk_bytes {
+            self.make_room(&t, bytes as u64, max).await?;
+        }
         let partition_of_slot: Vec<u32> = parts.iter().map(|p| p.partition).collect();
         let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
         let permit = self
@@ -840,6 +851,40 @@ impl Log {
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// Event bytes stored now, across all topics (what the disk quota counts).
+    pub fn stored_bytes(&self) -> u64 {
+        self.shared().stored_bytes()
+    }
+
+    /// Within the quota, or made so: `drop_oldest` topics evict their oldest
+    /// batches (on a blocking thread), `reject` topics refuse.
+    async fn make_room(&self, t: &Arc<TopicState>, incoming: u64, max: u64) -> Result<()> {
+        let shared = &self.inner.shared;
+        let used = shared.stored_bytes();
+        if used + incoming <= max {
+            return Ok(());
+        }
+        let refuse = |used: u64| {
+            shared.stats.quota_rejected_appends.fetch_add(1, Relaxed);
+            Err(Error::QuotaExceeded {
+                topic: t.config.name.clone(),
+                used,
+                max,
+            })
+        };
+        if t.config.on_full != OnFull::DropOldest || incoming > max {
+            return refuse(used);
+        }
+        let shared = self.inner.shared.clone();
+        let evicted = tokio::task::spawn_blocking(move || evict_oldest(&shared, incoming, max))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        if !evicted {
+            return refuse(self.shared().stored_bytes());
+        }
+        Ok(())
     }
 
     /// A partition's first stored offset and its end offset (the next to be
@@ -1238,6 +1283,72 @@ fn enforce_retention(shared: &Shared, stopper: &Stopper) {
             }
         }
     }
+}
+
+impl Shared {
+    /// Event bytes stored now, across all topics.
+    fn stored_bytes(&self) -> u64 {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|t| &t.partitions)
+            .map(|ps| {
+                ps.next_pos
+                    .load(Relaxed)
+                    .saturating_sub(ps.start_pos.load(Relaxed))
+            })
+            .sum()
+    }
+}
+
+/// Evicts the oldest durable batches of `drop_oldest` topics (oldest by their
+/// newest timestamp, across partitions) until `incoming` more bytes fit under
+/// `max`. False if not enough could be evicted.
+fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
+    let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
+    let candidates: Vec<Arc<TopicState>> = shared
+        .topics
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|t| t.config.on_full == OnFull::DropOldest)
+        .cloned()
+        .collect();
+    while shared.stored_bytes() + incoming > max {
+        // The partition whose first durable batch is the oldest.
+        let mut oldest: Option<(i64, &TopicState, &PartitionState, u64, BatchHeader)> = None;
+        for t in &candidates {
+            for ps in &t.partitions {
+                let Some((base, value)) = ps.store.first()? else {
+                    continue;
+                };
+                let h = decode_header(&value)
+                    .map_err(|d| corruption(&t.config.name, ps.id, base, d))?;
+                if base + u64::from(h.count) > *ps.end.borrow() {
+                    continue; // not durable yet
+                }
+                if oldest.as_ref().is_none_or(|(ts, ..)| h.max_ts < *ts) {
+                    oldest = Some((h.max_ts, t, ps, base, h));
+                }
+            }
+        }
+        let Some((_, t, ps, base, h)) = oldest else {
+            return Ok(false);
+        };
+        let next_start = base + u64::from(h.count);
+        // Floor first, as retention does: offsets are never reused.
+        shared.store.put_floor(&t.config.name, ps.id, next_start)?;
+        ps.start.fetch_max(next_start, SeqCst);
+        ps.start_pos.store(h.end_position, Relaxed);
+        ps.store.remove(base)?;
+        shared.stats.quota_dropped_batches.fetch_add(1, Relaxed);
+        shared
+            .stats
+            .quota_dropped_events
+            .fetch_add(u64::from(h.count), Relaxed);
+    }
+    Ok(true)
 }
 
 fn retain_partition(

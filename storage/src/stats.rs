@@ -20,6 +20,9 @@ pub struct Stats {
     commit_sum_micros: AtomicU64,
     pub(crate) retention_removed_batches: AtomicU64,
     pub(crate) retention_removed_events: AtomicU64,
+    pub(crate) quota_dropped_batches: AtomicU64,
+    pub(crate) quota_dropped_events: AtomicU64,
+    pub(crate) quota_rejected_appends: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -43,6 +46,12 @@ pub struct StatsSnapshot {
     pub retention_removed_batches: u64,
     /// Events removed by retention.
     pub retention_removed_events: u64,
+    /// Batches evicted to stay within the disk quota (`on_full = "drop_oldest"`).
+    pub quota_dropped_batches: u64,
+    /// Events evicted to stay within the disk quota.
+    pub quota_dropped_events: u64,
+    /// Appends refused by the disk quota.
+    pub quota_rejected_appends: u64,
 }
 
 impl Stats {
@@ -76,6 +85,9 @@ impl Stats {
             commit_seconds_sum: self.commit_sum_micros.load(Relaxed) as f64 / 1e6,
             retention_removed_batches: self.retention_removed_batches.load(Relaxed),
             retention_removed_events: self.retention_removed_events.load(Relaxed),
+            quota_dropped_batches: self.quota_dropped_batches.load(Relaxed),
+            quota_dropped_events: self.quota_dropped_events.load(Relaxed),
+            quota_rejected_appends: self.quota_rejected_appends.load(Relaxed),
         }
     }
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::*;
 use tributary_storage::partitioner::partition_for_key;
 use tributary_storage::{
-    AppendRecord, Durability, Error, Event, GroupOffset, Log, LogConfig, MemStore, PartitionStore,
-    Position, Record, SledOptions, SledStore, Store, TopicConfig,
+    AppendRecord, Durability, Error, Event, GroupOffset, Log, LogConfig, MemStore, OnFull,
+    PartitionStore, Position, Record, SledOptions, SledStore, Store, TopicConfig,
 };
 
 const MAX: usize = usize::MAX;
@@ -2037,4 +2037,119 @@ async fn meta_writes_are_acknowledged_only_when_durable_and_survive_a_crash() {
         vec![(b"a".to_vec(), b"x".to_vec())]
     );
     assert!(log.meta("").is_err(), "an empty space is refused");
+}
+
+// ---------------------------------------------------------------------------
+// Disk quota
+// ---------------------------------------------------------------------------
+
+const QUOTA: u64 = 64 * 1024;
+
+fn quota_log(dir: &std::path::Path) -> Log {
+    sled_log(
+        dir,
+        LogConfig {
+            max_disk_bytes: Some(QUOTA),
+            ..strict_config()
+        },
+    )
+}
+
+fn records(n: usize, tag: &str) -> Vec<AppendRecord> {
+    (0..n)
+        .map(|i| Event::new(format!("{tag}-{i:0>190}")).into())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_topic_is_refused_at_the_quota_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = quota_log(dir.path());
+    log.create_topic(TopicConfig::new("keep", 1))
+        .await
+        .expect("create");
+    let mut acked = 0u64;
+    let refused = loop {
+        match log.append("keep", records(20, "keep")).await {
+            Ok(p) => acked += p.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(acked < 100_000, "the quota never refused");
+    };
+    assert!(
+        matches!(refused, Error::QuotaExceeded { ref topic, max: QUOTA, .. } if topic == "keep"),
+        "{refused}"
+    );
+    assert!(log.stored_bytes() <= QUOTA, "{}", log.stored_bytes());
+    // Nothing acknowledged was dropped; refusals are counted.
+    assert_eq!(offsets(&log, "keep", 0), (0, acked));
+    assert_eq!(read_all(&log, "keep", 0).len() as u64, acked);
+    assert_eq!(log.stats().quota_dropped_events, 0);
+    assert_eq!(log.stats().quota_rejected_appends, 1);
+    // A drop_oldest topic cannot evict a reject topic's events to make room.
+    let mut ring = TopicConfig::new("ring", 1);
+    ring.on_full = OnFull::DropOldest;
+    log.create_topic(ring).await.expect("create ring");
+    let e = log
+        .append("ring", records(20, "ring"))
+        .await
+        .expect_err("nothing of ring's own to evict");
+    assert!(matches!(e, Error::QuotaExceeded { .. }), "{e}");
+    assert_eq!(offsets(&log, "keep", 0), (0, acked));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_oldest_topic_evicts_its_oldest_batches_and_counts_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = quota_log(dir.path());
+    let mut ring = TopicConfig::new("ring", 2);
+    ring.on_full = OnFull::DropOldest;
+    log.create_topic(ring).await.expect("create");
+    // ~400 KB into a 64 KB quota: every append is acknowledged.
+    let mut acked = 0u64;
+    for round in 0..100 {
+        let positions = log
+            .append("ring", records(20, &format!("r{round}")))
+            .await
+            .expect("drop_oldest never refuses while it can evict");
+        acked += positions.len() as u64;
+    }
+    assert!(log.stored_bytes() <= QUOTA, "{}", log.stored_bytes());
+    let mut dropped = 0;
+    let mut kept = 0;
+    for p in 0..2 {
+        let (start, end) = offsets(&log, "ring", p);
+        dropped += start;
+        let recs = read_all(&log, "ring", p);
+        // What is kept is dense, in order, up to the end: only the oldest went.
+        assert_eq!(recs.len() as u64, end - start);
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(r.offset, start + i as u64);
+        }
+        kept += recs.len() as u64;
+    }
+    assert!(dropped > 0, "nothing was evicted");
+    assert_eq!(dropped + kept, acked);
+    assert_eq!(log.stats().quota_dropped_events, dropped);
+    assert_eq!(log.stats().quota_rejected_appends, 0);
+    // The newest round is all there.
+    let newest: usize = (0..2)
+        .map(|p| {
+            read_all(&log, "ring", p)
+                .iter()
+                .filter(|r| r.value.starts_with(b"r99-"))
+                .count()
+        })
+        .sum();
+    assert_eq!(newest, 20);
+    // Offsets are never reused after eviction, across a restart.
+    let ends: Vec<u64> = (0..2).map(|p| offsets(&log, "ring", p).1).collect();
+    log.close().await.expect("close");
+    drop(log);
+    let log = quota_log(dir.path());
+    for p in 0..2u32 {
+        let (start, end) = offsets(&log, "ring", p);
+        assert_eq!(end, ends[p as usize]);
+        assert!(start > 0 || end == 0);
+    }
 }

@@ -101,6 +101,21 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
             "Events removed by retention.",
             s.retention_removed_events,
         ),
+        (
+            "tributary_quota_dropped_batches_total",
+            "Batches evicted to stay within storage.max_disk_bytes (on_full = drop_oldest).",
+            s.quota_dropped_batches,
+        ),
+        (
+            "tributary_quota_dropped_events_total",
+            "Events evicted to stay within storage.max_disk_bytes (on_full = drop_oldest).",
+            s.quota_dropped_events,
+        ),
+        (
+            "tributary_quota_rejected_appends_total",
+            "Appends refused at storage.max_disk_bytes (on_full = reject).",
+            s.quota_rejected_appends,
+        ),
     ] {
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {v}");

@@ -307,6 +307,12 @@ async fn stats(
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "durability": durability,
         "disk_bytes": log.disk_bytes(),
+        "quota": {
+            "max_bytes": log.config().max_disk_bytes,
+            "stored_bytes": log.stored_bytes(),
+            "dropped_events": log.stats().quota_dropped_events,
+            "rejected_appends": log.stats().quota_rejected_appends,
+        },
         "connections": connections,
         "topics": topics,
         "websocket": {

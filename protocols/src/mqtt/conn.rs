@@ -1202,6 +1202,10 @@ async fn append_batch(broker: Arc<Broker>, batch: Batch) -> Acked {
                     broker.metrics.reject("event_too_large");
                     reason::QUOTA_EXCEEDED
                 }
+                LogError::QuotaExceeded { .. } => {
+                    broker.metrics.reject("disk_quota");
+                    reason::QUOTA_EXCEEDED
+                }
                 other => {
                     broker.metrics.reject("log_unwritable");
                     tracing::warn!(error = %other, "an MQTT publish was not stored");
