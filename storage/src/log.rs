@@ -1336,12 +1336,7 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
         let Some((_, t, ps, base, h)) = oldest else {
             return Ok(false);
         };
-        let next_start = base + u64::from(h.count);
-        // Floor first, as retention does: offsets are never reused.
-        shared.store.put_floor(&t.config.name, ps.id, next_start)?;
-        ps.start.fetch_max(next_start, SeqCst);
-        ps.start_pos.store(h.end_position, Relaxed);
-        ps.store.remove(base)?;
+        drop_first_batch(shared, t, ps, base, &h)?;
         shared.stats.quota_dropped_batches.fetch_add(1, Relaxed);
         shared
             .stats
@@ -1349,6 +1344,23 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
             .fetch_add(u64::from(h.count), Relaxed);
     }
     Ok(true)
+}
+
+/// Removes a partition's first batch (at `base`, header `h`). Floor first:
+/// after a crash between the two, the floor keeps offsets from being reused
+/// even if this was the partition's last batch.
+fn drop_first_batch(
+    shared: &Shared,
+    t: &TopicState,
+    ps: &PartitionState,
+    base: u64,
+    h: &BatchHeader,
+) -> Result<()> {
+    let next_start = base + u64::from(h.count);
+    shared.store.put_floor(&t.config.name, ps.id, next_start)?;
+    ps.start.fetch_max(next_start, SeqCst);
+    ps.start_pos.store(h.end_position, Relaxed);
+    ps.store.remove(base)
 }
 
 fn retain_partition(
@@ -1385,12 +1397,7 @@ fn retain_partition(
         if !expired && !oversize {
             return Ok(());
         }
-        // Floor first: after a crash between the two, the floor keeps offsets from
-        // being reused even if this was the partition's last batch.
-        shared.store.put_floor(&t.config.name, ps.id, next_start)?;
-        ps.start.fetch_max(next_start, SeqCst);
-        ps.start_pos.store(h.end_position, Relaxed);
-        ps.store.remove(base)?;
+        drop_first_batch(shared, t, ps, base, &h)?;
         shared.stats.retention_removed_batches.fetch_add(1, Relaxed);
         shared
             .stats

@@ -681,20 +681,13 @@ async fn disabling_a_device_cuts_its_open_session_rights_and_guessers_are_slowed
         "{:?}",
         started.elapsed()
     );
-    let metrics = c
-        .get(format!("{}/metrics", node.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let delayed: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tributary_auth_delayed_logins_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("delayed metric");
+    let metrics = common::metrics_text(&node.url, Some(ADMIN)).await;
+    let delayed = common::metric(
+        &node.url,
+        "tributary_auth_delayed_logins_total",
+        Some(ADMIN),
+    )
+    .await;
     assert!(delayed >= 3, "{delayed}");
     assert!(metrics
         .contains("tributary_auth_logins_total{protocol=\"http\",result=\"bad_credentials\"}"));

@@ -39,21 +39,6 @@ fn batch(tag: &str) -> Value {
     json!({ "records": records })
 }
 
-async fn metric(base: &str, name: &str) -> u64 {
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_answers_each_protocols_full_and_drop_oldest_counts_what_it_evicts() {
     let node = node().await;
@@ -134,7 +119,7 @@ async fn reject_answers_each_protocols_full_and_drop_oldest_counts_what_it_evict
         .await
         .expect("post");
     assert_eq!(r.status(), 507);
-    let rejected = metric(&node.url, "tributary_quota_rejected_appends_total").await;
+    let rejected = common::metric(&node.url, "tributary_quota_rejected_appends_total", None).await;
     assert!(rejected >= 4, "{rejected}");
     node.stop().await;
 }
@@ -168,7 +153,7 @@ async fn drop_oldest_keeps_taking_events_and_the_metric_matches() {
     assert_eq!(ends, acked);
     assert!(dropped > 0);
     assert_eq!(
-        metric(&node.url, "tributary_quota_dropped_events_total").await,
+        common::metric(&node.url, "tributary_quota_dropped_events_total", None).await,
         dropped
     );
     let (_, stats) = common::get(&c, &format!("{}/v1/stats", node.url)).await;

@@ -472,15 +472,7 @@ async fn bad_input_on_tls_ports() {
         .await
         .expect("handshake");
     assert_eq!(mqtt_login(&mut c, Some(("good", &s.token))).await, Some(0));
-    let metrics = client()
-        .get(format!("{}/metrics", s.node.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::metrics_text(&s.node.url, Some(ADMIN)).await;
     assert!(
         metrics.contains("tributary_tls_handshakes_total{result=\"failed\"}"),
         "{metrics}"

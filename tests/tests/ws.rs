@@ -326,18 +326,7 @@ fn a_reader_that_does_not_read_costs_no_memory_and_still_gets_everything() {
 }
 
 async fn ws_gauge(base: &str) -> u64 {
-    let m = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    m.lines()
-        .find_map(|l| l.strip_prefix("tributary_ws_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("gauge")
+    common::metric(base, "tributary_ws_connections", None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -350,3 +350,27 @@ pub async fn publish_confirmed(
         .expect("a confirm in time")
         .map(|c| c.is_ack())
 }
+
+/// One unlabelled sample of `/metrics` (with `token` as bearer, if given).
+pub async fn metric(base: &str, name: &str, token: Option<&str>) -> u64 {
+    metrics_text(base, token)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// The whole `/metrics` text (with `token` as bearer, if given).
+pub async fn metrics_text(base: &str, token: Option<&str>) -> String {
+    let mut r = client().get(format!("{base}/metrics"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
