@@ -685,6 +685,13 @@ impl Config {
         {
             errors.push("`auth.admin_token` must be at least 16 characters".into());
         }
+        if s.max_disk_bytes > 0 && s.max_disk_bytes < 4 * s.max_event_bytes as u64 {
+            errors.push(format!(
+                "`storage.max_disk_bytes` ({}) must be 0 (no quota) or at least 4 × `storage.max_event_bytes` ({})",
+                s.max_disk_bytes,
+                4 * s.max_event_bytes
+            ));
+        }
         if self.auth.token_key.as_deref().is_some_and(|k| k.len() < 16) {
             errors.push("`auth.token_key` must be at least 16 characters (changing it invalidates every device token)".into());
         }

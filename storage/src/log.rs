@@ -280,6 +280,49 @@ struct Shared {
     committer_thread: std::sync::OnceLock<std::thread::Thread>,
     /// Number of topics, for [`Log::watch_topics`].
     topic_count: watch::Sender<usize>,
+    /// Bytes admitted under the disk quota whose appends have not ended.
+    reserved: AtomicU64,
+    /// One quota evictor at a time (waiting appends do not hold threads).
+    evicting: tokio::sync::Mutex<()>,
+}
+
+/// Bytes admitted under the disk quota, counted until the append ends (its
+/// batch is then in [`Shared::stored_bytes`]; between the two it counts
+/// twice, which only errs on the safe side). An append cancelled after its
+/// batch was queued releases early: the quota may be exceeded by such
+/// abandoned appends only.
+struct Reservation {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn try_new(shared: &Arc<Shared>, bytes: u64, max: u64) -> Option<Reservation> {
+        let mut reserved = shared.reserved.load(SeqCst);
+        loop {
+            if shared.stored_bytes() + reserved + bytes > max {
+                return None;
+            }
+            match shared
+                .reserved
+                .compare_exchange(reserved, reserved + bytes, SeqCst, SeqCst)
+            {
+                Ok(_) => {
+                    return Some(Reservation {
+                        shared: shared.clone(),
+                        bytes,
+                    })
+                }
+                Err(now) => reserved = now,
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shared.reserved.fetch_sub(self.bytes, SeqCst);
+    }
 }
 
 impl Shared {
@@ -468,6 +511,8 @@ impl Log {
             syncing: AtomicBool::new(false),
             committer_thread: std::sync::OnceLock::new(),
             topic_count: watch::Sender::new(topic_total),
+            reserved: AtomicU64::new(0),
+            evicting: tokio::sync::Mutex::new(()),
         });
         let (tx, rx) = mpsc::channel(4096);
         let stopper = Arc::new(Stopper::default());
@@ -693,9 +738,11 @@ impl Log {
             .flat_map(|p| &p.chunks)
             .map(BatchBuilder::len)
             .sum();
-        if let Some(max) = self.shared().config.max_disk_bytes {
-            self.make_room(&t, bytes as u64, max).await?;
-        }
+        // Held until this append ends (see [`Reservation`]).
+        let _reservation = match self.shared().config.max_disk_bytes {
+            Some(max) => Some(self.make_room(&t, bytes as u64, max).await?),
+            None => None,
+        };
         let partition_of_slot: Vec<u32> = parts.iter().map(|p| p.partition).collect();
         let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
         let permit = self
@@ -858,33 +905,39 @@ impl Log {
         self.shared().stored_bytes()
     }
 
-    /// Within the quota, or made so: `drop_oldest` topics evict their oldest
-    /// batches (on a blocking thread), `reject` topics refuse.
-    async fn make_room(&self, t: &Arc<TopicState>, incoming: u64, max: u64) -> Result<()> {
+    /// Admits `incoming` bytes under the quota, evicting the oldest durable
+    /// batches of `drop_oldest` topics when needed (one evictor at a time, on
+    /// a blocking thread). The reservation counts the bytes until the append
+    /// ends, so concurrent appends cannot pass the check together.
+    async fn make_room(&self, t: &Arc<TopicState>, incoming: u64, max: u64) -> Result<Reservation> {
         let shared = &self.inner.shared;
-        let used = shared.stored_bytes();
-        if used + incoming <= max {
-            return Ok(());
-        }
-        let refuse = |used: u64| {
+        let refuse = || {
             shared.stats.quota_rejected_appends.fetch_add(1, Relaxed);
             Err(Error::QuotaExceeded {
                 topic: t.config.name.clone(),
-                used,
+                used: shared.stored_bytes(),
                 max,
             })
         };
-        if t.config.on_full != OnFull::DropOldest || incoming > max {
-            return refuse(used);
+        if incoming > max {
+            return refuse();
         }
-        let shared = self.inner.shared.clone();
-        let evicted = tokio::task::spawn_blocking(move || evict_oldest(&shared, incoming, max))
+        if let Some(r) = Reservation::try_new(shared, incoming, max) {
+            return Ok(r);
+        }
+        let _one_evictor = shared.evicting.lock().await;
+        // Another evictor may have made room meanwhile.
+        if let Some(r) = Reservation::try_new(shared, incoming, max) {
+            return Ok(r);
+        }
+        let evictor = shared.clone();
+        let made_room = tokio::task::spawn_blocking(move || evict_oldest(&evictor, incoming, max))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
-        if !evicted {
-            return refuse(self.shared().stored_bytes());
+        match Reservation::try_new(shared, incoming, max) {
+            Some(r) if made_room => Ok(r),
+            _ => refuse(),
         }
-        Ok(())
     }
 
     /// A partition's first stored offset and its end offset (the next to be
@@ -1302,9 +1355,11 @@ impl Shared {
     }
 }
 
-/// Evicts the oldest durable batches of `drop_oldest` topics (oldest by their
-/// newest timestamp, across partitions) until `incoming` more bytes fit under
-/// `max`. False if not enough could be evicted.
+/// Evicts the oldest durable batches of `drop_oldest` topics until
+/// `incoming` more bytes fit under `max` (with what is reserved). Oldest by
+/// the batch's newest timestamp, clamped to now (a producer's future
+/// timestamps do not pin a batch). Evicts nothing and returns false when the
+/// `drop_oldest` topics do not hold enough to make room.
 fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
     let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
     let candidates: Vec<Arc<TopicState>> = shared
@@ -1315,7 +1370,22 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
         .filter(|t| t.config.on_full == OnFull::DropOldest)
         .cloned()
         .collect();
-    while shared.stored_bytes() + incoming > max {
+    let over =
+        || (shared.stored_bytes() + shared.reserved.load(SeqCst) + incoming).saturating_sub(max);
+    let evictable: u64 = candidates
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .map(|ps| {
+            ps.next_pos
+                .load(Relaxed)
+                .saturating_sub(ps.start_pos.load(Relaxed))
+        })
+        .sum();
+    if over() > evictable {
+        return Ok(false);
+    }
+    let now = now_ms();
+    while over() > 0 {
         // The partition whose first durable batch is the oldest.
         let mut oldest: Option<(i64, &TopicState, &PartitionState, u64, BatchHeader)> = None;
         for t in &candidates {
@@ -1328,8 +1398,9 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
                 if base + u64::from(h.count) > *ps.end.borrow() {
                     continue; // not durable yet
                 }
-                if oldest.as_ref().is_none_or(|(ts, ..)| h.max_ts < *ts) {
-                    oldest = Some((h.max_ts, t, ps, base, h));
+                let age = h.max_ts.min(now);
+                if oldest.as_ref().is_none_or(|(ts, ..)| age < *ts) {
+                    oldest = Some((age, t, ps, base, h));
                 }
             }
         }

@@ -9,15 +9,17 @@ pub const MAX_PARTITIONS: u32 = 1024;
 /// Hard ceiling for `max_event_bytes` (the storage engine's value size limit).
 pub const MAX_EVENT_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 
-/// What a topic does when the disk quota is reached (enforced by the quota,
-/// which arrives with store-and-forward; the field is stored from day one).
+/// What a topic does when the disk quota (`LogConfig::max_disk_bytes`) is
+/// reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFull {
-    /// Refuse new events with the protocol's error.
+    /// Keep every stored event: new events are refused with the protocol's
+    /// error unless `drop_oldest` topics can make room.
     #[default]
     Reject,
-    /// Evict the oldest events (forwarded ones first) and count them.
+    /// The topic's oldest events may be evicted (counted) to make room for
+    /// new events of any topic.
     DropOldest,
 }
 

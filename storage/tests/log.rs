@@ -2153,3 +2153,61 @@ async fn a_drop_oldest_topic_evicts_its_oldest_batches_and_counts_them() {
         assert!(start > 0 || end == 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_never_overshoot_and_reject_topics_evict_drop_oldest_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = quota_log(dir.path());
+    let mut ring = TopicConfig::new("ring", 1);
+    ring.on_full = OnFull::DropOldest;
+    log.create_topic(ring).await.expect("create ring");
+    log.create_topic(TopicConfig::new("keep", 1))
+        .await
+        .expect("create keep");
+    // Telemetry fills the quota first.
+    for round in 0..40 {
+        log.append("ring", records(20, &format!("r{round}")))
+            .await
+            .expect("ring append");
+    }
+    assert!(log.stored_bytes() <= QUOTA);
+    // Sixteen producers on the reject topic at once: they take the room the
+    // drop_oldest topic held, and the quota holds at every moment they end.
+    let mut tasks = Vec::new();
+    for p in 0..16 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = 0u64;
+            for round in 0..40 {
+                match log
+                    .append("keep", records(5, &format!("k{p}-{round}")))
+                    .await
+                {
+                    Ok(positions) => acked += positions.len() as u64,
+                    Err(Error::QuotaExceeded { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                assert!(log.stored_bytes() <= QUOTA, "{}", log.stored_bytes());
+            }
+            acked
+        }));
+    }
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await.expect("producer");
+    }
+    assert!(log.stored_bytes() <= QUOTA, "{}", log.stored_bytes());
+    // Every acknowledged `keep` event is there; `ring` gave up its room.
+    assert_eq!(offsets(&log, "keep", 0), (0, acked));
+    assert_eq!(read_all(&log, "keep", 0).len() as u64, acked);
+    let (ring_start, ring_end) = offsets(&log, "ring", 0);
+    assert!(ring_start > 0, "ring kept everything");
+    assert_eq!(log.stats().quota_dropped_events, ring_start);
+    assert_eq!(ring_end, 800);
+    // stored_bytes is the same after a restart.
+    let before = log.stored_bytes();
+    log.close().await.expect("close");
+    drop(log);
+    let log = quota_log(dir.path());
+    assert_eq!(log.stored_bytes(), before);
+}

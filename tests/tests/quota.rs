@@ -18,6 +18,7 @@ async fn node() -> InProcessNode {
         r#"
 [storage]
 max_disk_bytes = {QUOTA}
+max_event_bytes = 16384
 
 [[topics]]
 name = "keep"

@@ -1774,12 +1774,16 @@ async fn append_batch(server: Arc<Server>, batch: Batch) -> Appended {
         let error = match r {
             Ok(_) => None,
             Err(e) => {
-                server.metrics.reject(match e {
+                let why = match e {
                     LogError::UnknownTopic(_) | LogError::InvalidTopic(_) => "no_route",
                     LogError::EventTooLarge { .. } => "message_too_large",
+                    LogError::QuotaExceeded { .. } => "disk_quota",
                     _ => "log_unwritable",
-                });
-                tracing::warn!(error = %e, "AMQP publishes were not stored");
+                };
+                server.metrics.reject(why);
+                if why == "log_unwritable" {
+                    tracing::warn!(error = %e, "AMQP publishes were not stored");
+                }
                 Some(e.to_string())
             }
         };

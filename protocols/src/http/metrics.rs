@@ -113,7 +113,7 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
         ),
         (
             "tributary_quota_rejected_appends_total",
-            "Appends refused at storage.max_disk_bytes (on_full = reject).",
+            "Appends refused at storage.max_disk_bytes (nothing evictable made room).",
             s.quota_rejected_appends,
         ),
     ] {
