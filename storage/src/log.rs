@@ -244,6 +244,9 @@ enum Command {
         bytes: usize,
         reply: oneshot::Sender<Result<Vec<u64>>>,
         _permit: OwnedSemaphorePermit,
+        /// Its bytes under the disk quota, released with the command (after
+        /// its batch is sealed and counted), also if the producer gave up.
+        _reservation: Option<Reservation>,
     },
     Commit {
         group: String,
@@ -286,36 +289,29 @@ struct Shared {
     evicting: tokio::sync::Mutex<()>,
 }
 
-/// Bytes admitted under the disk quota, counted until the append ends (its
-/// batch is then in [`Shared::stored_bytes`]; between the two it counts
-/// twice, which only errs on the safe side). An append cancelled after its
-/// batch was queued releases early: the quota may be exceeded by such
-/// abandoned appends only.
+/// Bytes admitted under the disk quota. It travels with the append's
+/// command and is released when the committer is done with it, after the
+/// batch is sealed and counted in [`Shared::stored_bytes`] (in between it
+/// counts twice, which only errs on the safe side), whether or not the
+/// producer still waits for the answer.
 struct Reservation {
     shared: Arc<Shared>,
     bytes: u64,
 }
 
 impl Reservation {
+    /// Adds first, then checks (and takes back on failure): two producers
+    /// racing for the last room can both be refused, never both admitted.
     fn try_new(shared: &Arc<Shared>, bytes: u64, max: u64) -> Option<Reservation> {
-        let mut reserved = shared.reserved.load(SeqCst);
-        loop {
-            if shared.stored_bytes() + reserved + bytes > max {
-                return None;
-            }
-            match shared
-                .reserved
-                .compare_exchange(reserved, reserved + bytes, SeqCst, SeqCst)
-            {
-                Ok(_) => {
-                    return Some(Reservation {
-                        shared: shared.clone(),
-                        bytes,
-                    })
-                }
-                Err(now) => reserved = now,
-            }
+        let reserved = shared.reserved.fetch_add(bytes, SeqCst) + bytes;
+        if shared.stored_bytes() + reserved > max {
+            shared.reserved.fetch_sub(bytes, SeqCst);
+            return None;
         }
+        Some(Reservation {
+            shared: shared.clone(),
+            bytes,
+        })
     }
 }
 
@@ -738,8 +734,8 @@ impl Log {
             .flat_map(|p| &p.chunks)
             .map(BatchBuilder::len)
             .sum();
-        // Held until this append ends (see [`Reservation`]).
-        let _reservation = match self.shared().config.max_disk_bytes {
+        // Travels with the command (see [`Reservation`]).
+        let reservation = match self.shared().config.max_disk_bytes {
             Some(max) => Some(self.make_room(&t, bytes as u64, max).await?),
             None => None,
         };
@@ -759,6 +755,7 @@ impl Log {
             bytes,
             reply,
             _permit: permit,
+            _reservation: reservation,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         let firsts = answer.await.map_err(|_| Error::Closed)??;
@@ -907,15 +904,15 @@ impl Log {
 
     /// Admits `incoming` bytes under the quota, evicting the oldest durable
     /// batches of `drop_oldest` topics when needed (one evictor at a time, on
-    /// a blocking thread). The reservation counts the bytes until the append
-    /// ends, so concurrent appends cannot pass the check together.
+    /// a blocking thread, reserving as soon as there is room so no other
+    /// producer takes it).
     async fn make_room(&self, t: &Arc<TopicState>, incoming: u64, max: u64) -> Result<Reservation> {
         let shared = &self.inner.shared;
         let refuse = || {
             shared.stats.quota_rejected_appends.fetch_add(1, Relaxed);
             Err(Error::QuotaExceeded {
                 topic: t.config.name.clone(),
-                used: shared.stored_bytes(),
+                used: shared.stored_bytes() + shared.reserved.load(SeqCst),
                 max,
             })
         };
@@ -926,17 +923,13 @@ impl Log {
             return Ok(r);
         }
         let _one_evictor = shared.evicting.lock().await;
-        // Another evictor may have made room meanwhile.
-        if let Some(r) = Reservation::try_new(shared, incoming, max) {
-            return Ok(r);
-        }
         let evictor = shared.clone();
-        let made_room = tokio::task::spawn_blocking(move || evict_oldest(&evictor, incoming, max))
+        let admitted = tokio::task::spawn_blocking(move || evict_oldest(&evictor, incoming, max))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
-        match Reservation::try_new(shared, incoming, max) {
-            Some(r) if made_room => Ok(r),
-            _ => refuse(),
+        match admitted {
+            Some(r) => Ok(r),
+            None => refuse(),
         }
     }
 
@@ -1356,11 +1349,13 @@ impl Shared {
 }
 
 /// Evicts the oldest durable batches of `drop_oldest` topics until
-/// `incoming` more bytes fit under `max` (with what is reserved). Oldest by
-/// the batch's newest timestamp, clamped to now (a producer's future
-/// timestamps do not pin a batch). Evicts nothing and returns false when the
-/// `drop_oldest` topics do not hold enough to make room.
-fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
+/// `incoming` more bytes can be reserved under `max`, and reserves them.
+/// Oldest by the batch's newest timestamp, clamped to now (a producer's
+/// future timestamps do not pin a batch). Evicts nothing when the
+/// `drop_oldest` topics clearly cannot make enough room (their stored bytes
+/// fall short; a last commit cycle not yet durable counts there, so in a
+/// rare case some is evicted before a refusal).
+fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<Reservation>> {
     let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
     let candidates: Vec<Arc<TopicState>> = shared
         .topics
@@ -1370,22 +1365,27 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
         .filter(|t| t.config.on_full == OnFull::DropOldest)
         .cloned()
         .collect();
-    let over =
-        || (shared.stored_bytes() + shared.reserved.load(SeqCst) + incoming).saturating_sub(max);
-    let evictable: u64 = candidates
-        .iter()
-        .flat_map(|t| &t.partitions)
-        .map(|ps| {
-            ps.next_pos
-                .load(Relaxed)
-                .saturating_sub(ps.start_pos.load(Relaxed))
-        })
-        .sum();
-    if over() > evictable {
-        return Ok(false);
-    }
+    let evictable = || -> u64 {
+        candidates
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|ps| {
+                ps.next_pos
+                    .load(Relaxed)
+                    .saturating_sub(ps.start_pos.load(Relaxed))
+            })
+            .sum()
+    };
     let now = now_ms();
-    while over() > 0 {
+    loop {
+        if let Some(r) = Reservation::try_new(shared, incoming, max) {
+            return Ok(Some(r));
+        }
+        let over =
+            (shared.stored_bytes() + shared.reserved.load(SeqCst) + incoming).saturating_sub(max);
+        if over > evictable() {
+            return Ok(None);
+        }
         // The partition whose first durable batch is the oldest.
         let mut oldest: Option<(i64, &TopicState, &PartitionState, u64, BatchHeader)> = None;
         for t in &candidates {
@@ -1405,7 +1405,7 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
             }
         }
         let Some((_, t, ps, base, h)) = oldest else {
-            return Ok(false);
+            return Ok(None);
         };
         drop_first_batch(shared, t, ps, base, &h)?;
         shared.stats.quota_dropped_batches.fetch_add(1, Relaxed);
@@ -1414,7 +1414,6 @@ fn evict_oldest(shared: &Shared, incoming: u64, max: u64) -> Result<bool> {
             .quota_dropped_events
             .fetch_add(u64::from(h.count), Relaxed);
     }
-    Ok(true)
 }
 
 /// Removes a partition's first batch (at `base`, header `h`). Floor first:
