@@ -188,6 +188,15 @@ struct PartitionState {
     start_pos: AtomicU64,
 }
 
+impl PartitionState {
+    /// Event bytes stored now (what retention and the disk quota count).
+    fn stored_bytes(&self) -> u64 {
+        self.next_pos
+            .load(Relaxed)
+            .saturating_sub(self.start_pos.load(Relaxed))
+    }
+}
+
 struct TopicState {
     config: TopicConfig,
     partitions: Vec<PartitionState>,
@@ -217,10 +226,7 @@ impl TopicState {
                     partition: p.id,
                     start_offset: p.start.load(SeqCst),
                     end_offset: *p.end.borrow(),
-                    bytes: p
-                        .next_pos
-                        .load(Relaxed)
-                        .saturating_sub(p.start_pos.load(Relaxed)),
+                    bytes: p.stored_bytes(),
                 })
                 .collect(),
             events_appended: self.events.load(Relaxed),
@@ -1339,11 +1345,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .flat_map(|t| &t.partitions)
-            .map(|ps| {
-                ps.next_pos
-                    .load(Relaxed)
-                    .saturating_sub(ps.start_pos.load(Relaxed))
-            })
+            .map(PartitionState::stored_bytes)
             .sum()
     }
 }
@@ -1369,11 +1371,7 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
         candidates
             .iter()
             .flat_map(|t| &t.partitions)
-            .map(|ps| {
-                ps.next_pos
-                    .load(Relaxed)
-                    .saturating_sub(ps.start_pos.load(Relaxed))
-            })
+            .map(PartitionState::stored_bytes)
             .sum()
     };
     let now = now_ms();
@@ -1458,10 +1456,7 @@ fn retain_partition(
         if next_start > *ps.end.borrow() {
             return Ok(());
         }
-        let size = ps
-            .next_pos
-            .load(Relaxed)
-            .saturating_sub(ps.start_pos.load(Relaxed));
+        let size = ps.stored_bytes();
         let expired = oldest_kept.is_some_and(|cutoff| h.max_ts < cutoff);
         let oversize = t.config.retention_bytes.is_some_and(|max| size > max);
         if !expired && !oversize {
