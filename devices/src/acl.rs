@@ -2,12 +2,18 @@
 //! subject. Subjects are MQTT topic names for MQTT, and `topic` or
 //! `topic/key` for AMQP, HTTP and WebSockets (README, "Devices").
 
-/// A valid pattern: non-empty, `+` alone in its level, `#` alone and last, no NUL.
+/// A valid ACL pattern: an MQTT filter of at most 1,024 bytes.
 pub fn valid_pattern(pattern: &str) -> bool {
-    if pattern.is_empty() || pattern.contains('\0') || pattern.len() > 1024 {
+    pattern.len() <= 1024 && valid_filter(pattern)
+}
+
+/// An MQTT topic filter: non-empty, `+` alone in its level, `#` alone and
+/// last, no NUL.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
         return false;
     }
-    let levels: Vec<&str> = pattern.split('/').collect();
+    let levels: Vec<&str> = filter.split('/').collect();
     let last = levels.len() - 1;
     levels.iter().enumerate().all(|(i, l)| match *l {
         "#" => i == last,

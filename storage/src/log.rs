@@ -1318,14 +1318,7 @@ const MAX_REMOVALS_PER_PASS: usize = 4096;
 
 fn enforce_retention(shared: &Shared, stopper: &Stopper) {
     let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
-    let topics: Vec<Arc<TopicState>> = shared
-        .topics
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    for t in topics {
+    for t in shared.topic_states(|_| true) {
         if t.config.retention_ms.is_none() && t.config.retention_bytes.is_none() {
             continue;
         }
@@ -1338,6 +1331,17 @@ fn enforce_retention(shared: &Shared, stopper: &Stopper) {
 }
 
 impl Shared {
+    /// The topics whose config passes `keep`, outside the topics lock.
+    fn topic_states(&self, keep: impl Fn(&TopicConfig) -> bool) -> Vec<Arc<TopicState>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|t| keep(&t.config))
+            .cloned()
+            .collect()
+    }
+
     /// Event bytes stored now, across all topics.
     fn stored_bytes(&self) -> u64 {
         self.topics
@@ -1359,14 +1363,7 @@ impl Shared {
 /// rare case some is evicted before a refusal).
 fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<Reservation>> {
     let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
-    let candidates: Vec<Arc<TopicState>> = shared
-        .topics
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .filter(|t| t.config.on_full == OnFull::DropOldest)
-        .cloned()
-        .collect();
+    let candidates = shared.topic_states(|c| c.on_full == OnFull::DropOldest);
     let evictable = || -> u64 {
         candidates
             .iter()

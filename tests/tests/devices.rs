@@ -402,6 +402,33 @@ fn mqtt_v4(
     rumqttc::AsyncClient::new(o, 10)
 }
 
+/// Polls until a PUBACK; panics with `what` if the connection ends first.
+async fn puback(el: &mut rumqttc::EventLoop, what: &str) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("answer in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return,
+            Ok(_) => {}
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+/// Polls until the connection ends; returns why.
+async fn ended(el: &mut rumqttc::EventLoop) -> rumqttc::ConnectionError {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("the connection ends in time")
+        {
+            Ok(_) => {}
+            Err(e) => return e,
+        }
+    }
+}
+
 /// The CONNACK outcome of a v3.1.1 login.
 async fn v4_connack(
     node: &InProcessNode,
@@ -897,16 +924,7 @@ async fn sessions_belong_to_devices_and_disabled_devices_stop_receiving() {
     )
     .await
     .expect("queue");
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), good_el.poll())
-            .await
-            .expect("answer")
-        {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("good was kicked: {e}"),
-        }
-    }
+    puback(&mut good_el, "good was kicked").await;
     // A live tail of a device that gets disabled is closed with 1008.
     let ws_base = node.url.replace("http://", "ws://");
     let mut live = ws_connect(
@@ -935,15 +953,7 @@ async fn sessions_belong_to_devices_and_disabled_devices_stop_receiving() {
     c.publish("private/x", rumqttc::QoS::AtMostOnce, false, "denied-qos0")
         .await
         .expect("queue");
-    let ended = loop {
-        match tokio::time::timeout(Duration::from_secs(20), el.poll())
-            .await
-            .expect("answer in time")
-        {
-            Ok(_) => {}
-            Err(e) => break e,
-        }
-    };
+    let ended = ended(&mut el).await;
     assert!(
         !matches!(ended, rumqttc::ConnectionError::ConnectionRefused(_)),
         "{ended}"
@@ -966,16 +976,7 @@ async fn a_rotated_token_or_a_disabled_device_ends_open_connections() {
     )
     .await
     .expect("queue");
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), el.poll())
-            .await
-            .expect("answer")
-        {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("ended early: {e}"),
-        }
-    }
+    puback(&mut el, "ended early").await;
     // AMQP with rot's token; disabling rot ends it (connection.close 320).
     let conn = amqp_login(&node, "rot", &fleet.rot_new)
         .await
@@ -995,15 +996,7 @@ async fn a_rotated_token_or_a_disabled_device_ends_open_connections() {
     )
     .await;
     assert_eq!(s, 200);
-    let ended = loop {
-        match tokio::time::timeout(Duration::from_secs(20), el.poll())
-            .await
-            .expect("the MQTT connection ends in time")
-        {
-            Ok(_) => {}
-            Err(e) => break e,
-        }
-    };
+    let ended = ended(&mut el).await;
     assert!(
         !matches!(ended, rumqttc::ConnectionError::ConnectionRefused(_)),
         "{ended}"

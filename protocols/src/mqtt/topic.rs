@@ -11,21 +11,7 @@ pub fn valid_name(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 65_535
 }
 
-/// A topic filter: `+` alone in its level, `#` alone and last, no NUL.
-pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == last,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
-}
-
-pub use tributary_devices::acl::{matches, overlap};
+pub use tributary_devices::acl::{matches, overlap, valid_filter};
 
 /// One `[[mqtt.routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
