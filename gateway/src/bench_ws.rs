@@ -137,7 +137,26 @@ async fn ingest(args: WsBenchArgs) -> anyhow::Result<Report> {
 
 async fn fanout(args: WsBenchArgs) -> anyhow::Result<Report> {
     let base = ws_base(&args.url);
-    let live = format!("{base}/v1/topics/{}/live?from=latest", args.topic);
+    let tail = match &args.tail_url {
+        Some(t) => {
+            // The edge forwards the topic: wait until the core has it.
+            let core = ApiClient::new(t)?;
+            let path = format!("/v1/topics/{}", args.topic);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while core.get(&path).await.is_err() {
+                if Instant::now() > deadline {
+                    bail!(
+                        "{t} has no topic {} after 30 s: does the edge forward to it?",
+                        args.topic
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ws_base(t)
+        }
+        None => base.clone(),
+    };
+    let live = format!("{tail}/v1/topics/{}/live?from=latest", args.topic);
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();

@@ -256,6 +256,10 @@ pub enum BenchCommand {
     /// MQTT logins per second (TCP, optional TLS, CONNECT with optional
     /// credentials, CONNACK, DISCONNECT) from N concurrent workers.
     Connect(ConnectBenchArgs),
+    /// Store and forward: preload a backlog into an edge whose core is
+    /// down, then time its drain into the core (events/s, bytes on the
+    /// wire, CPU and RSS of both).
+    Drain(DrainBenchArgs),
 }
 
 /// Options of `bench connect`.
@@ -341,6 +345,54 @@ pub struct WsBenchArgs {
     /// Sample this process's CPU time and RSS during the run (the server's pid).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Fanout: tail another node (a core this edge forwards to): the latency
+    /// is then produce at the edge → readable at the core.
+    #[arg(long)]
+    pub tail_url: Option<String>,
+}
+
+/// `bench drain` phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DrainPhase {
+    /// Produce the backlog into the edge (its core unreachable).
+    Preload,
+    /// Time the drain into the core (started after the preload).
+    Measure,
+}
+
+/// Options of `bench drain`.
+#[derive(Debug, Args, Clone)]
+pub struct DrainBenchArgs {
+    /// `preload`, then `measure` once the core is up.
+    #[arg(long, value_enum)]
+    pub phase: DrainPhase,
+    /// The edge's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub edge: String,
+    /// The core's HTTP API (measure).
+    #[arg(long, default_value = "http://127.0.0.1:9080")]
+    pub core: String,
+    /// Topic (created on the edge with --partitions).
+    #[arg(long, default_value = "bench-sync")]
+    pub topic: String,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = 1)]
+    pub partitions: u32,
+    /// Backlog size in events.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Bytes per event (JSON sensor readings, padded).
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Give up after this long.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Sample the edge's CPU time and RSS (measure).
+    #[arg(long)]
+    pub edge_pid: Option<u32>,
+    /// Sample the core's CPU time and RSS (measure).
+    #[arg(long)]
+    pub core_pid: Option<u32>,
 }
 
 /// Options of `bench http`.

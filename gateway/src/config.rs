@@ -13,7 +13,9 @@ use tributary_protocols::amqp::bridge::{BridgeConfig, Direction};
 use tributary_protocols::amqp::AmqpConfig;
 use tributary_protocols::http::HttpConfig;
 use tributary_protocols::mqtt::{MqttConfig, Route};
-use tributary_storage::{Durability, LogConfig, OnFull, SledOptions, TopicConfig, TopicDefaults};
+use tributary_storage::{
+    Durability, Forwarded, LogConfig, OnFull, SledOptions, TopicConfig, TopicDefaults,
+};
 
 /// Which role the node plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,134 @@ pub struct Config {
     pub auth: AuthSection,
     /// Certificates for the TLS listeners (MQTT 8883, AMQP 5671, HTTPS 8443).
     pub tls: TlsSection,
+    /// Edge: where to forward topics (store and forward).
+    pub upstream: UpstreamSection,
+    /// Core: how edges' streams are received at `/v1/sync`.
+    pub sync: SyncSection,
+}
+
+/// `[upstream]` (edge).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UpstreamSection {
+    /// `ws://core:8080/v1/sync` or `wss://core:8443/v1/sync`; empty: no upstream.
+    pub url: String,
+    /// This edge's id at the core (its device id when the core uses devices).
+    pub edge_id: String,
+    /// Device token at the core.
+    pub token: Option<String>,
+    /// CA (PEM) the core's certificate must chain to (default: system roots).
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS at the core.
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+    /// Topics to forward with their priority; none listed: every topic.
+    pub topics: Vec<UpstreamTopic>,
+    /// Priority of every topic when none are listed.
+    pub default_priority: i32,
+    /// Records per batch at most.
+    pub batch_max_records: usize,
+    /// Bytes of records per batch at most, before compression.
+    pub batch_max_bytes: usize,
+    /// How long a live batch waits to fill up.
+    pub linger_ms: u64,
+    /// Unacknowledged bytes in flight at most.
+    pub window_bytes: usize,
+    /// Unacknowledged batches in flight at most.
+    pub window_batches: usize,
+    /// `zstd` or `none`.
+    pub compression: CompressionMode,
+    /// zstd level (1 fastest … 19 smallest).
+    pub compression_level: i32,
+    /// Bandwidth cap on the wire, bytes per second (0: none).
+    pub max_bytes_per_sec: u64,
+    /// Ping period.
+    pub heartbeat_ms: u64,
+    /// Nothing heard (or nothing written) for this long: the link is dead.
+    pub timeout_ms: u64,
+    /// Reconnect backoff: ceiling of the first delay.
+    pub min_backoff_ms: u64,
+    /// Reconnect backoff: largest ceiling.
+    pub max_backoff_ms: u64,
+    /// Live events go ahead of the backlog.
+    pub live_first: bool,
+}
+
+/// `upstream.compression` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionMode {
+    /// zstd (the default).
+    #[default]
+    Zstd,
+    /// As is.
+    None,
+}
+
+/// `[[upstream.topics]]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamTopic {
+    /// Topic name.
+    pub name: String,
+    /// Higher goes first (default 0).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        let d = tributary_sync::UpstreamConfig::default();
+        UpstreamSection {
+            url: String::new(),
+            edge_id: String::new(),
+            token: None,
+            ca: None,
+            cert: None,
+            key: None,
+            topics: Vec::new(),
+            default_priority: 0,
+            batch_max_records: d.batch_max_records,
+            batch_max_bytes: d.batch_max_bytes,
+            linger_ms: d.linger.as_millis() as u64,
+            window_bytes: d.window_bytes,
+            window_batches: d.window_batches,
+            compression: CompressionMode::Zstd,
+            compression_level: d.compression_level,
+            max_bytes_per_sec: 0,
+            heartbeat_ms: d.heartbeat.as_millis() as u64,
+            timeout_ms: d.timeout.as_millis() as u64,
+            min_backoff_ms: d.min_backoff.as_millis() as u64,
+            max_backoff_ms: d.max_backoff.as_millis() as u64,
+            live_first: d.live_first,
+        }
+    }
+}
+
+/// `[sync]` (core).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SyncSection {
+    /// Serve `/v1/sync`.
+    pub enabled: bool,
+    /// Create topics edges forward (with the edge's partition count).
+    pub auto_create_topics: bool,
+    /// Ping period; an edge silent for 3 periods is dropped.
+    pub heartbeat_ms: u64,
+    /// Largest batch (records block, uncompressed) an edge may send.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        let d = tributary_sync::CoreConfig::default();
+        SyncSection {
+            enabled: true,
+            auto_create_topics: d.auto_create_topics,
+            heartbeat_ms: d.heartbeat.as_millis() as u64,
+            max_batch_bytes: d.max_batch_bytes,
+        }
+    }
 }
 
 /// `auth.mode` values.
@@ -121,6 +251,8 @@ impl Default for Config {
             topics: Vec::new(),
             auth: AuthSection::default(),
             tls: TlsSection::default(),
+            upstream: UpstreamSection::default(),
+            sync: SyncSection::default(),
         }
     }
 }
@@ -717,6 +849,20 @@ impl Config {
                 h.max_body_bytes, s.max_event_bytes
             ));
         }
+        if self.forwards() {
+            errors.extend(self.upstream_config().validate());
+        } else if !self.upstream.edge_id.is_empty() || !self.upstream.topics.is_empty() {
+            errors.push(
+                "`upstream.url` is empty: set it to forward to a core (ws://HOST:PORT/v1/sync)"
+                    .into(),
+            );
+        }
+        if self.sync.heartbeat_ms == 0 {
+            errors.push("`sync.heartbeat_ms` must be positive".into());
+        }
+        if self.sync.max_batch_bytes < 64 * 1024 {
+            errors.push("`sync.max_batch_bytes` must be at least 65536".into());
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.topics.iter().enumerate() {
             if !seen.insert(t.name.as_str()) {
@@ -728,6 +874,58 @@ impl Config {
             if let Err(e) = self.topic_config(t).validate() {
                 errors.push(format!("`topics[{i}]` ({}): {e}", t.name));
             }
+        }
+    }
+
+    /// Is an upstream configured (this node forwards when it runs as an edge)?
+    pub fn forwards(&self) -> bool {
+        !self.upstream.url.is_empty()
+    }
+
+    /// The uploader's settings.
+    pub fn upstream_config(&self) -> tributary_sync::UpstreamConfig {
+        let u = &self.upstream;
+        tributary_sync::UpstreamConfig {
+            url: u.url.clone(),
+            edge_id: u.edge_id.clone(),
+            token: u.token.clone(),
+            ca: u.ca.clone(),
+            cert: u.cert.clone(),
+            key: u.key.clone(),
+            topics: u
+                .topics
+                .iter()
+                .map(|t| tributary_sync::TopicRule {
+                    name: t.name.clone(),
+                    priority: t.priority,
+                })
+                .collect(),
+            default_priority: u.default_priority,
+            batch_max_records: u.batch_max_records,
+            batch_max_bytes: u.batch_max_bytes,
+            linger: Duration::from_millis(u.linger_ms),
+            window_bytes: u.window_bytes,
+            window_batches: u.window_batches,
+            compression_level: match u.compression {
+                CompressionMode::Zstd => u.compression_level,
+                CompressionMode::None => 0,
+            },
+            max_bytes_per_sec: u.max_bytes_per_sec,
+            heartbeat: Duration::from_millis(u.heartbeat_ms),
+            timeout: Duration::from_millis(u.timeout_ms),
+            min_backoff: Duration::from_millis(u.min_backoff_ms),
+            max_backoff: Duration::from_millis(u.max_backoff_ms),
+            live_first: u.live_first,
+        }
+    }
+
+    /// The core receiver's settings.
+    pub fn sync_config(&self) -> tributary_sync::CoreConfig {
+        tributary_sync::CoreConfig {
+            auto_create_topics: self.sync.auto_create_topics,
+            heartbeat: Duration::from_millis(self.sync.heartbeat_ms),
+            max_batch_bytes: self.sync.max_batch_bytes,
+            ..tributary_sync::CoreConfig::default()
         }
     }
 
@@ -776,6 +974,17 @@ impl Config {
             auto_create_topics: s.auto_create_topics.unwrap_or(mode == Mode::Edge),
             topic_defaults: self.topic_defaults(),
             max_disk_bytes: (s.max_disk_bytes > 0).then_some(s.max_disk_bytes),
+            forwarded: match mode {
+                Mode::Edge if self.forwards() && self.upstream.topics.is_empty() => Forwarded::All,
+                Mode::Edge if self.forwards() => Forwarded::Topics(
+                    self.upstream
+                        .topics
+                        .iter()
+                        .map(|t| t.name.clone())
+                        .collect(),
+                ),
+                _ => Forwarded::None,
+            },
             ..LogConfig::default()
         }
     }

@@ -4,6 +4,7 @@
 //! - [`cli`]: the command line (clap).
 //! - [`config`]: TOML + environment configuration, validated in one pass.
 //! - [`node`]: running an edge or core node and shutting it down gracefully.
+//! - [`sync_link`]: the core's `/v1/sync` route and the sync link's metrics and stats.
 //! - [`client`]: `topics`, `produce`, `tail` over the HTTP API.
 //! - [`bench`]: `tributary bench`, load generators counting acknowledgements
 //!   ([`bench_ws`]: WebSockets, [`bench_amqp`]: AMQP publisher confirms).
@@ -15,12 +16,15 @@ pub mod bench_amqp;
 #[cfg(feature = "client")]
 pub mod bench_connect;
 #[cfg(feature = "client")]
+pub mod bench_drain;
+#[cfg(feature = "client")]
 pub mod bench_ws;
 pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod config;
 pub mod node;
+pub mod sync_link;
 pub mod tls_cli;
 
 use std::process::ExitCode;
@@ -88,6 +92,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             cli::BenchCommand::Common(target) => bench::run(target).await,
             cli::BenchCommand::Amqp(args) => bench_amqp::run(args).await,
             cli::BenchCommand::Connect(args) => bench_connect::run(args).await,
+            cli::BenchCommand::Drain(args) => bench_drain::run(args).await,
         },
     }
 }

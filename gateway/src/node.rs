@@ -206,7 +206,36 @@ pub async fn start(
     let addr_of =
         |b: &Option<(TcpListener, tls::Tls)>| b.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let (mqtts_addr, amqps_addr, https_addr) = (addr_of(&mqtts), addr_of(&amqps), addr_of(&https));
-    let mut extra_routes = http::Router::new();
+    if mode == Mode::Core && config.forwards() {
+        anyhow::bail!(
+            "`upstream.url` is set, but only edges forward upstream (run `tributary edge`)"
+        );
+    }
+    let sync_core = if mode == Mode::Core && config.sync.enabled {
+        let core =
+            tributary_sync::SyncCore::open(log.clone(), cx.auth.clone(), config.sync_config())
+                .await
+                .context("cannot open the sync state")?;
+        crate::sync_link::register_core(&cx, &core);
+        Some(core)
+    } else {
+        None
+    };
+    let uploader = if mode == Mode::Edge && config.forwards() {
+        let up = tributary_sync::Uploader::open(log.clone(), config.upstream_config())
+            .await
+            .context("cannot open the upstream cursors")?;
+        crate::sync_link::register_edge(&cx, &up);
+        tracing::info!(url = %config.upstream.url, edge_id = %config.upstream.edge_id, "forwarding upstream");
+        Some(up.spawn(shutdown.clone()))
+    } else {
+        None
+    };
+    let mut extra_routes = crate::sync_link::routes(
+        sync_core.clone(),
+        shutdown.clone(),
+        config.sync.max_batch_bytes,
+    );
     let mut mqtt_addr = None;
     let mut mqtt_task = None;
     let mut mqtts_task = None;
@@ -219,7 +248,7 @@ pub async fn start(
             .await
             .with_context(|| format!("cannot listen on mqtt.listen = {}", config.mqtt.listen))?;
         mqtt_addr = Some(bound.local_addr()?);
-        extra_routes = b.websocket_routes();
+        extra_routes = extra_routes.merge(b.websocket_routes());
         mqtt_task = Some(tokio::spawn(mqtt::serve(
             LimitedListener::new(bound, max),
             b.clone(),
@@ -306,6 +335,9 @@ pub async fn start(
             let _ = b.await;
         }
         let _ = persister.await;
+        if let Some(up) = uploader {
+            let _ = up.await;
+        }
         // MQTT connections answer DISCONNECT and store their sessions, AMQP
         // connections confirm what became durable and close with 320: the log
         // stays open until they are done (or the grace ends).
@@ -315,6 +347,7 @@ pub async fn start(
                 + amqp_server
                     .as_ref()
                     .map_or(0, |s| s.metrics().open_connections())
+                + sync_core.as_ref().map_or(0, |c| c.open_connections())
         };
         while open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

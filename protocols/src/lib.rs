@@ -56,6 +56,8 @@ pub struct FrontendContext {
     pub metrics: MetricsHub,
     /// Open connections per protocol, for `/v1/stats` and the dashboard.
     pub connections: ConnectionGauges,
+    /// Sections of `/v1/stats` other parts of the node fill (`sync`).
+    pub stats: StatsSections,
 }
 
 impl FrontendContext {
@@ -69,7 +71,37 @@ impl FrontendContext {
             devices: None,
             metrics: MetricsHub::default(),
             connections: ConnectionGauges::default(),
+            stats: StatsSections::default(),
         }
+    }
+}
+
+/// Fills one section of `/v1/stats`.
+pub type StatsSection = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Named sections of `/v1/stats` (the sync link's, for one).
+#[derive(Clone, Default)]
+pub struct StatsSections(Arc<Mutex<Vec<(&'static str, StatsSection)>>>);
+
+impl fmt::Debug for StatsSections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatsSections").finish_non_exhaustive()
+    }
+}
+
+impl StatsSections {
+    /// Adds a section under `name`.
+    pub fn register(&self, name: &'static str, section: StatsSection) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, section));
+    }
+
+    /// Every section, rendered now.
+    pub fn read(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let sections = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        sections.into_iter().map(|(n, f)| (n, f())).collect()
     }
 }
 

@@ -25,8 +25,8 @@ pub mod topic;
 pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
-    Durability, GroupOffset, Log, LogConfig, MetaEntry, PartitionInfo, ReadResult, TopicDefaults,
-    TopicInfo,
+    Durability, Forwarded, GroupOffset, Log, LogConfig, MetaEntry, PartitionInfo, ReadResult,
+    TopicDefaults, TopicInfo,
 };
 pub use stats::{StatsSnapshot, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};

@@ -108,6 +108,33 @@ pub struct LogConfig {
     /// and appends to `drop_oldest` topics evict the oldest batches of such
     /// topics first. `None`: no quota.
     pub max_disk_bytes: Option<u64>,
+    /// Topics forwarded upstream (an edge with `[upstream]`): their events are
+    /// kept by retention until [`Log::mark_forwarded`] says the core has them,
+    /// and the disk quota evicts their forwarded events first.
+    pub forwarded: Forwarded,
+}
+
+/// Which topics an edge forwards upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Forwarded {
+    /// None (a core, or an edge without `[upstream]`).
+    #[default]
+    None,
+    /// Every topic, also those created later.
+    All,
+    /// These topics.
+    Topics(std::collections::BTreeSet<String>),
+}
+
+impl Forwarded {
+    /// Is `topic` forwarded?
+    pub fn includes(&self, topic: &str) -> bool {
+        match self {
+            Forwarded::None => false,
+            Forwarded::All => true,
+            Forwarded::Topics(t) => t.contains(topic),
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -121,6 +148,7 @@ impl Default for LogConfig {
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
             max_disk_bytes: None,
+            forwarded: Forwarded::None,
         }
     }
 }
@@ -186,6 +214,9 @@ struct PartitionState {
     end: watch::Sender<u64>,
     start: AtomicU64,
     start_pos: AtomicU64,
+    /// Offsets below this are forwarded upstream (or need not be: `u64::MAX`
+    /// for topics that are not forwarded). Retention keeps what is above it.
+    forwarded: AtomicU64,
 }
 
 impl PartitionState {
@@ -431,7 +462,12 @@ fn corruption(topic: &str, partition: u32, offset: u64, detail: String) -> Error
     }
 }
 
-fn recover_partition(store: &dyn Store, topic: &str, id: u32) -> Result<PartitionState> {
+fn recover_partition(
+    store: &dyn Store,
+    topic: &str,
+    id: u32,
+    forwarded: bool,
+) -> Result<PartitionState> {
     let handle = store.partition(topic, id)?;
     let floor = store.floor(topic, id)?.unwrap_or(0);
     let (next, next_pos) = match handle.last()? {
@@ -460,12 +496,16 @@ fn recover_partition(store: &dyn Store, topic: &str, id: u32) -> Result<Partitio
         end: watch::Sender::new(next),
         start: AtomicU64::new(start),
         start_pos: AtomicU64::new(start_pos),
+        // Forwarded topics start protected: the uploader raises the mark from
+        // its durable cursors before anything is sent.
+        forwarded: AtomicU64::new(if forwarded { 0 } else { u64::MAX }),
     })
 }
 
-fn build_topic(store: &dyn Store, config: TopicConfig) -> Result<TopicState> {
+fn build_topic(store: &dyn Store, config: TopicConfig, fwd: &Forwarded) -> Result<TopicState> {
+    let forwarded = fwd.includes(&config.name);
     let partitions = (0..config.partitions)
-        .map(|p| recover_partition(store, &config.name, p))
+        .map(|p| recover_partition(store, &config.name, p, forwarded))
         .collect::<Result<_>>()?;
     Ok(TopicState {
         config,
@@ -497,7 +537,8 @@ impl Log {
         let mut topics = BTreeMap::new();
         for tc in store.load_topics()? {
             let name = tc.name.clone();
-            topics.insert(name, Arc::new(build_topic(store.as_ref(), tc)?));
+            let state = build_topic(store.as_ref(), tc, &config.forwarded)?;
+            topics.insert(name, Arc::new(state));
         }
         let topic_total = topics.len();
         let shared = Arc::new(Shared {
@@ -613,7 +654,11 @@ impl Log {
             // Stored before any append can name it: the committer's sync that makes
             // the first events durable makes the topic durable with or before them.
             shared.store.put_topic(&config)?;
-            let state = Arc::new(build_topic(shared.store.as_ref(), config)?);
+            let state = Arc::new(build_topic(
+                shared.store.as_ref(),
+                config,
+                &shared.config.forwarded,
+            )?);
             topics.insert(state.config.name.clone(), state.clone());
             shared.topic_count.send_replace(topics.len());
             state
@@ -952,6 +997,21 @@ impl Log {
     /// become readable, so tails wait on it instead of polling.
     pub fn watch_end(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>> {
         Ok(self.existing(topic)?.partition(partition)?.end.subscribe())
+    }
+
+    /// Says that the core holds every event of a partition below `offset`:
+    /// retention may remove them now, and the disk quota evicts them before
+    /// unforwarded ones. The mark only moves forward.
+    pub fn mark_forwarded(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let t = self.existing(topic)?;
+        t.partition(partition)?.forwarded.fetch_max(offset, SeqCst);
+        Ok(())
+    }
+
+    /// A partition's forwarded mark (`u64::MAX` when it is not forwarded).
+    pub fn forwarded(&self, topic: &str, partition: u32) -> Result<u64> {
+        let t = self.existing(topic)?;
+        Ok(t.partition(partition)?.forwarded.load(SeqCst))
     }
 
     /// Stores a consumer group's positions durably (same commit cycle as appends).
@@ -1381,8 +1441,9 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
         if over > evictable() {
             return Ok(None);
         }
-        // The partition whose first durable batch is the oldest.
-        let mut oldest: Option<(i64, &TopicState, &PartitionState, u64, BatchHeader)> = None;
+        // The partition whose first durable batch is the oldest, among
+        // batches already forwarded upstream first, then among all.
+        let mut oldest: Option<(bool, i64, &TopicState, &PartitionState, u64, BatchHeader)> = None;
         for t in &candidates {
             for ps in &t.partitions {
                 let Some((base, value)) = ps.store.first()? else {
@@ -1390,24 +1451,37 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
                 };
                 let h = decode_header(&value)
                     .map_err(|d| corruption(&t.config.name, ps.id, base, d))?;
-                if base + u64::from(h.count) > *ps.end.borrow() {
+                let next_start = base + u64::from(h.count);
+                if next_start > *ps.end.borrow() {
                     continue; // not durable yet
                 }
+                let unforwarded = next_start > ps.forwarded.load(SeqCst);
                 let age = h.max_ts.min(now);
-                if oldest.as_ref().is_none_or(|(ts, ..)| age < *ts) {
-                    oldest = Some((age, t, ps, base, h));
+                if oldest
+                    .as_ref()
+                    .is_none_or(|(u, ts, ..)| (unforwarded, age) < (*u, *ts))
+                {
+                    oldest = Some((unforwarded, age, t, ps, base, h));
                 }
             }
         }
-        let Some((_, t, ps, base, h)) = oldest else {
+        let Some((unforwarded, _, t, ps, base, h)) = oldest else {
             return Ok(None);
         };
         drop_first_batch(shared, t, ps, base, &h)?;
-        shared.stats.quota_dropped_batches.fetch_add(1, Relaxed);
-        shared
-            .stats
+        let stats = &shared.stats;
+        stats.quota_dropped_batches.fetch_add(1, Relaxed);
+        stats
             .quota_dropped_events
             .fetch_add(u64::from(h.count), Relaxed);
+        if unforwarded {
+            // Only the part above the mark was never forwarded.
+            let end = base + u64::from(h.count);
+            let lost = end - ps.forwarded.load(SeqCst).clamp(base, end);
+            stats
+                .quota_dropped_unforwarded_events
+                .fetch_add(lost, Relaxed);
+        }
     }
 }
 
@@ -1450,7 +1524,9 @@ fn retain_partition(
         };
         let h = decode_header(&value).map_err(|d| corruption(&t.config.name, ps.id, base, d))?;
         let next_start = base + u64::from(h.count);
-        if next_start > *ps.end.borrow() {
+        // Not durable yet, or not forwarded upstream yet: retention keeps it
+        // (the disk quota is what bounds an edge that cannot reach its core).
+        if next_start > *ps.end.borrow() || next_start > ps.forwarded.load(SeqCst) {
             return Ok(());
         }
         let size = ps.stored_bytes();

@@ -23,6 +23,7 @@ pub struct Stats {
     pub(crate) quota_dropped_batches: AtomicU64,
     pub(crate) quota_dropped_events: AtomicU64,
     pub(crate) quota_rejected_appends: AtomicU64,
+    pub(crate) quota_dropped_unforwarded_events: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -52,6 +53,9 @@ pub struct StatsSnapshot {
     pub quota_dropped_events: u64,
     /// Appends refused by the disk quota.
     pub quota_rejected_appends: u64,
+    /// Of [`StatsSnapshot::quota_dropped_events`], those not yet forwarded
+    /// upstream when they were evicted (the core never gets them).
+    pub quota_dropped_unforwarded_events: u64,
 }
 
 impl Stats {
@@ -88,6 +92,7 @@ impl Stats {
             quota_dropped_batches: self.quota_dropped_batches.load(Relaxed),
             quota_dropped_events: self.quota_dropped_events.load(Relaxed),
             quota_rejected_appends: self.quota_rejected_appends.load(Relaxed),
+            quota_dropped_unforwarded_events: self.quota_dropped_unforwarded_events.load(Relaxed),
         }
     }
 }

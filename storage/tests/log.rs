@@ -2217,3 +2217,130 @@ async fn concurrent_producers_never_overshoot_and_reject_topics_evict_drop_oldes
     let log = quota_log(dir.path());
     assert_eq!(log.stored_bytes(), before);
 }
+
+// ---------------------------------------------------------------------------
+// Forwarded marks (an edge's unforwarded events)
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_never_removes_unforwarded_events() {
+    let store = MemStore::new();
+    let log = mem_log(
+        &store,
+        LogConfig {
+            forwarded: tributary_storage::Forwarded::All,
+            ..strict_config()
+        },
+    );
+    let mut aged = TopicConfig::new("aged", 1);
+    aged.retention_ms = Some(HOUR_MS as u64);
+    aged.retention_bytes = Some(1);
+    log.create_topic(aged).await.expect("create aged");
+    let old = now_ms() - 2 * HOUR_MS;
+    for i in 0..6 {
+        let e = Event::new(format!("old-{i}")).with_timestamp(old + i);
+        log.append("aged", vec![e.into()]).await.expect("append");
+    }
+    assert_eq!(log.forwarded("aged", 0).expect("mark"), 0);
+    // Expired by age and over the size limit, but nothing is forwarded yet.
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "aged", 0), (0, 6));
+    // The core holds 0..4: retention may take those, and only those.
+    log.mark_forwarded("aged", 0, 4).expect("mark");
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "aged", 0), (4, 6));
+    // The mark never moves back.
+    log.mark_forwarded("aged", 0, 1).expect("mark");
+    assert_eq!(log.forwarded("aged", 0).expect("mark"), 4);
+    log.mark_forwarded("aged", 0, 6).expect("mark");
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "aged", 0), (6, 6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_that_are_not_forwarded_keep_their_retention() {
+    let store = MemStore::new();
+    let mut only = BTreeSet::new();
+    only.insert("fwd".to_owned());
+    let log = mem_log(
+        &store,
+        LogConfig {
+            forwarded: tributary_storage::Forwarded::Topics(only),
+            ..strict_config()
+        },
+    );
+    for name in ["fwd", "local"] {
+        let mut t = TopicConfig::new(name, 1);
+        t.retention_ms = Some(HOUR_MS as u64);
+        log.create_topic(t).await.expect("create");
+        let e = Event::new("old").with_timestamp(now_ms() - 2 * HOUR_MS);
+        log.append(name, vec![e.into()]).await.expect("append");
+    }
+    assert_eq!(log.forwarded("local", 0).expect("mark"), u64::MAX);
+    log.enforce_retention();
+    assert_eq!(offsets(&log, "fwd", 0), (0, 1));
+    assert_eq!(offsets(&log, "local", 0), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_evicts_forwarded_events_first_then_counts_unforwarded_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = sled_log(
+        dir.path(),
+        LogConfig {
+            max_disk_bytes: Some(QUOTA),
+            forwarded: tributary_storage::Forwarded::All,
+            ..strict_config()
+        },
+    );
+    // Two drop_oldest topics; "old" is written first (older batches) but is
+    // not forwarded, "new" is written later and is forwarded as it goes.
+    for name in ["old", "new"] {
+        let mut t = TopicConfig::new(name, 1);
+        t.on_full = OnFull::DropOldest;
+        log.create_topic(t).await.expect("create");
+    }
+    let mut old_acked = 0u64;
+    while log.stored_bytes() < QUOTA / 2 {
+        old_acked += log
+            .append("old", records(10, "old"))
+            .await
+            .expect("append old")
+            .len() as u64;
+    }
+    // "new" fills the rest and keeps going: eviction must take forwarded
+    // batches of "new" before any of the older, unforwarded "old".
+    for round in 0..40 {
+        let p = log
+            .append("new", records(10, &format!("new{round}")))
+            .await
+            .expect("drop_oldest never refuses while it can evict");
+        let end = p.last().expect("positions").offset + 1;
+        log.mark_forwarded("new", 0, end).expect("mark");
+    }
+    assert_eq!(offsets(&log, "old", 0), (0, old_acked), "unforwarded kept");
+    let dropped = log.stats().quota_dropped_events;
+    assert!(dropped > 0, "nothing was evicted");
+    assert_eq!(offsets(&log, "new", 0).0, dropped);
+    assert_eq!(log.stats().quota_dropped_unforwarded_events, 0);
+    // Nothing forwarded is left to evict: now the oldest unforwarded go, and
+    // are counted as such.
+    let new_end = offsets(&log, "new", 0).1;
+    let (before_start, _) = offsets(&log, "new", 0);
+    for round in 0..40 {
+        log.append("new", records(10, &format!("late{round}")))
+            .await
+            .expect("append");
+    }
+    let lost = log.stats().quota_dropped_unforwarded_events;
+    assert!(lost > 0, "unforwarded events had to go");
+    let old_lost = offsets(&log, "old", 0).0;
+    let new_lost = offsets(&log, "new", 0)
+        .0
+        .saturating_sub(new_end.max(before_start));
+    assert_eq!(lost, old_lost + new_lost);
+    assert_eq!(
+        log.stats().quota_dropped_events,
+        offsets(&log, "old", 0).0 + offsets(&log, "new", 0).0
+    );
+}

@@ -112,6 +112,11 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
             s.quota_dropped_events,
         ),
         (
+            "tributary_quota_dropped_unforwarded_events_total",
+            "Of the evicted events, those not yet forwarded upstream (the core never gets them; the edge tells it).",
+            s.quota_dropped_unforwarded_events,
+        ),
+        (
             "tributary_quota_rejected_appends_total",
             "Appends refused at storage.max_disk_bytes (nothing evictable made room).",
             s.quota_rejected_appends,

@@ -82,6 +82,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/groups/{group}/offsets"),
     ("POST", "/v1/groups/{group}/offsets"),
     ("GET", "/mqtt"),
+    ("GET", "/v1/sync"),
     ("GET", "/v1/devices"),
     ("POST", "/v1/devices"),
     ("GET", "/v1/devices/{id}"),
@@ -301,7 +302,7 @@ async fn stats(
         tributary_storage::Durability::Fsync => "fsync",
         tributary_storage::Durability::Interval(_) => "interval",
     };
-    Ok(Json(json!({
+    let mut stats = json!({
         "mode": state.cx.mode,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
@@ -311,6 +312,7 @@ async fn stats(
             "max_bytes": log.config().max_disk_bytes,
             "stored_bytes": log.stored_bytes(),
             "dropped_events": log.stats().quota_dropped_events,
+            "dropped_unforwarded_events": log.stats().quota_dropped_unforwarded_events,
             "rejected_appends": log.stats().quota_rejected_appends,
         },
         "connections": connections,
@@ -319,7 +321,13 @@ async fn stats(
             "published_total": state.ws.published.load(std::sync::atomic::Ordering::Relaxed),
             "delivered_total": state.ws.delivered.load(std::sync::atomic::Ordering::Relaxed),
         },
-    })))
+    });
+    if let Some(obj) = stats.as_object_mut() {
+        for (name, section) in state.cx.stats.read() {
+            obj.insert(name.to_owned(), section);
+        }
+    }
+    Ok(Json(stats))
 }
 
 async fn health(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {

@@ -374,3 +374,5 @@ pub async fn metrics_text(base: &str, token: Option<&str>) -> String {
         .await
         .expect("metrics text")
 }
+pub mod proxy;
+pub mod sync;
