@@ -3,8 +3,11 @@
 //! It checks the empty state, a topic appearing from `/v1/stats`, the live
 //! tail from a deep link (records produced before and while it runs), pause and
 //! resume without a gap or a duplicate, and saves a screenshot to
-//! `target/dashboard.png`. Ignored by plain `cargo test`; `scripts/test`
-//! installs chromium and chromium-driver and runs it.
+//! `target/dashboard.png`. A second scenario runs an edge forwarding to a
+//! core and checks the store-and-forward cards (connected, lag while the core
+//! is down, the core's list of edges), saving `target/dashboard-sync.png`.
+//! Ignored by plain `cargo test`; `scripts/test` installs chromium and
+//! chromium-driver and runs it.
 
 mod common;
 
@@ -16,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::sync::{http_addr, start_core, start_edge, sync_url, wait_drained};
 use common::{client, create_topic, post, ChildNode};
 use serde_json::{json, Value};
 
@@ -420,6 +424,40 @@ for (const r of document.querySelectorAll('#tail-rows .rec')) {
 return problems.length === 0 ? true : problems;
 "#;
 
+/// Uncaught script errors in the browser's console so far.
+async fn script_errors(browser: &Browser) -> Vec<String> {
+    browser
+        .console()
+        .await
+        .into_iter()
+        .filter(|e| e["level"] == json!("SEVERE"))
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .filter(|m| m.contains("Uncaught"))
+        .collect()
+}
+
+/// Takes a screenshot, checks it is a PNG that is not blank, and writes it
+/// to `target/<name>` (for people and for CI artifacts).
+async fn save_screenshot(browser: &Browser, name: &str) -> PathBuf {
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(PNG_MAGIC), "the screenshot is not a PNG");
+    assert!(
+        png.len() > 10 * 1024,
+        "the screenshot is only {} bytes: a blank page?",
+        png.len()
+    );
+    let target = target_dir();
+    std::fs::create_dir_all(&target).expect("create the target dir");
+    let path = target.join(name);
+    std::fs::write(&path, &png).expect("write the screenshot");
+    eprintln!(
+        "dashboard screenshot: {} ({} bytes)",
+        path.display(),
+        png.len()
+    );
+    path
+}
+
 fn target_dir() -> PathBuf {
     // The node binary sits in target/<profile>/ (CARGO_TARGET_DIR respected).
     Path::new(common::NODE_BIN)
@@ -465,6 +503,16 @@ async fn drive(base: &str) {
             WAIT,
         )
         .await;
+    // An edge without an upstream has no `sync` stats: nothing of it shows.
+    let shown = browser
+        .exec(SYNC_PARTS_SHOWN, Value::Null)
+        .await
+        .expect("look for the sync parts");
+    assert_eq!(
+        shown,
+        json!([]),
+        "store-and-forward parts on an edge without upstream"
+    );
 
     // A topic appears within a poll or two.
     create_topic(&c, base, "dash", 3).await;
@@ -622,33 +670,11 @@ async fn drive(base: &str) {
         .await;
 
     // No uncaught script errors on the way.
-    let errors: Vec<String> = browser
-        .console()
-        .await
-        .into_iter()
-        .filter(|e| e["level"] == json!("SEVERE"))
-        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
-        .filter(|m| m.contains("Uncaught"))
-        .collect();
+    let errors = script_errors(&browser).await;
     assert!(errors.is_empty(), "script errors in the page: {errors:#?}");
 
     // A screenshot for people (and for CI artifacts).
-    let png = browser.screenshot().await;
-    assert!(png.starts_with(PNG_MAGIC), "the screenshot is not a PNG");
-    assert!(
-        png.len() > 10 * 1024,
-        "the screenshot is only {} bytes: a blank page?",
-        png.len()
-    );
-    let target = target_dir();
-    std::fs::create_dir_all(&target).expect("create the target dir");
-    let path = target.join("dashboard.png");
-    std::fs::write(&path, &png).expect("write the screenshot");
-    eprintln!(
-        "dashboard screenshot: {} ({} bytes)",
-        path.display(),
-        png.len()
-    );
+    save_screenshot(&browser, "dashboard.png").await;
 }
 
 #[test]
@@ -727,5 +753,231 @@ fn dashboard_with_device_auth_takes_a_token_from_the_page_url() {
                 WAIT,
             )
             .await;
+    });
+}
+
+/// The store-and-forward parts of the page that are visible (none on a node
+/// without `sync` stats).
+const SYNC_PARTS_SHOWN: &str = r#"
+return ['sync-upstream-card', 'sync-topics-section', 'sync-edges-card', 'sync-edges-section']
+  .map(id => [id, document.getElementById(id)])
+  .filter(([, e]) => !e || e.getClientRects().length > 0)
+  .map(([id, e]) => e ? id : id + ' (missing)');
+"#;
+
+/// True once the edge's Upstream card reads `state` with a total lag of
+/// `lag`, and `#sync-topics` has a row for `topic` with that lag and
+/// `forwarded` events forwarded; otherwise what it shows.
+const UPSTREAM_SHOWS: &str = r#"
+const { state, lag, topic, forwarded } = arguments[0];
+const text = id => { const e = document.getElementById(id); return e ? e.textContent.trim() : `(no #${id})`; };
+const card = document.getElementById('sync-upstream-card');
+if (!card || card.getClientRects().length === 0) return 'the Upstream card is hidden';
+if (text('sync-state') !== state) return `#sync-state '${text('sync-state')}', want '${state}'`;
+if (text('sync-lag') !== lag) return `#sync-lag '${text('sync-lag')}', want '${lag}'`;
+const table = document.getElementById('sync-topics');
+if (!table || table.getClientRects().length === 0) return '#sync-topics hidden';
+const row = table.querySelector(`tr[data-topic="${topic}"]`);
+if (!row) return `no row for ${topic} in #sync-topics: ${table.innerText}`;
+// Columns: topic, forwarded, lag events, lag bytes, oldest unforwarded, drain rate, ETA.
+const cells = Array.from(row.cells, c => c.textContent.trim());
+if (cells[0] !== topic || cells[1] !== forwarded || cells[2] !== lag) return 'row: ' + cells.join(' | ');
+return true;
+"#;
+
+/// The cells of `#sync-topics`'s row for `arguments[0]`, and the texts of
+/// the Upstream card's parts.
+const UPSTREAM_DETAILS: &str = r#"
+const row = document.querySelector(`#sync-topics tr[data-topic="${arguments[0]}"]`);
+const err = document.getElementById('sync-error');
+return {
+  cells: row ? Array.from(row.cells, c => c.textContent.trim()) : null,
+  url: document.getElementById('sync-url').textContent,
+  // Not `error`: Browser::cmd takes a result with an `error` key for a WebDriver error.
+  shownError: err.getClientRects().length > 0 ? err.textContent : null,
+  quota: document.getElementById('quota').textContent,
+};
+"#;
+
+/// True once the core's Edges card counts `connected` edges and `#sync-edges`
+/// lists `edge` as connected (`yes`) from a peer, seen lately, with `lag`.
+const EDGES_SHOW: &str = r#"
+const { connected, edge, lag } = arguments[0];
+const card = document.getElementById('sync-edges-card');
+if (!card || card.getClientRects().length === 0) return 'the Edges card is hidden';
+const n = document.getElementById('sync-edges-connected').textContent.trim();
+if (n !== connected) return `#sync-edges-connected '${n}', want '${connected}'`;
+const table = document.getElementById('sync-edges');
+if (!table || table.getClientRects().length === 0) return '#sync-edges hidden';
+const row = table.querySelector(`tr[data-edge="${edge}"]`);
+if (!row) return `no row for ${edge} in #sync-edges: ${table.innerText}`;
+// Columns: edge, connected, peer, last seen, lag.
+const [id, up, peer, seen, l] = Array.from(row.cells, c => c.textContent.trim());
+const recent = seen === 'just now' || /^\d+(\.\d)? (ms|s) ago$/.test(seen);
+if (id !== edge || up !== 'yes' || !/^127\.0\.0\.1:\d+$/.test(peer) || !recent || l !== lag)
+  return 'row: ' + [id, up, peer, seen, l].join(' | ');
+return true;
+"#;
+
+#[test]
+#[ignore = "needs chromium and chromium-driver (scripts/test installs them)"]
+fn dashboard_shows_store_and_forward() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let core_dir = dir.path().join("core");
+    // The core comes back on the same port, where the edge keeps reconnecting.
+    let core_listen = format!("127.0.0.1:{}", free_port());
+    let core_env = [("TRIBUTARY_HTTP__LISTEN", core_listen.as_str())];
+    let mut core = start_core(&core_dir, &core_env);
+    let upstream = sync_url(&http_addr(&core));
+    // A disk quota, for the "lost before forwarding" count on the quota line.
+    let edge = start_edge(
+        &dir.path().join("edge"),
+        &upstream,
+        "edge-1",
+        &[("TRIBUTARY_STORAGE__MAX_DISK_BYTES", "268435456")],
+    );
+    const T: &str = "sensors";
+    common::runtime().block_on(async {
+        let c = client();
+        let browser = Browser::start().await;
+
+        // (a) Connected, the topic forwarded with no lag.
+        create_topic(&c, &edge.url, T, 2).await;
+        let first = common::sync::produce(&c, &edge.url, T, "before", 0, 20)
+            .await
+            .expect("produce to the edge");
+        assert_eq!(first.len(), 20);
+        wait_drained(&edge.url, WAIT).await;
+        browser.navigate(&format!("{}/", edge.url)).await;
+        browser
+            .wait_for(
+                "the Upstream card connected, sensors forwarded with lag 0",
+                UPSTREAM_SHOWS,
+                json!({"state": "connected", "lag": "0", "topic": T, "forwarded": "20"}),
+                WAIT,
+            )
+            .await;
+        let shown = browser
+            .exec(SYNC_PARTS_SHOWN, Value::Null)
+            .await
+            .expect("look for the sync parts");
+        assert_eq!(
+            shown,
+            json!(["sync-upstream-card", "sync-topics-section"]),
+            "an edge shows its upstream, not a core's edges"
+        );
+        let d = browser
+            .exec(UPSTREAM_DETAILS, json!(T))
+            .await
+            .expect("read the card");
+        assert_eq!(d["url"], json!(format!("{upstream} as edge-1")), "{d}");
+        assert_eq!(d["shownError"], Value::Null, "no error before the outage: {d}");
+        assert!(
+            d["quota"]
+                .as_str()
+                .is_some_and(|q| q.ends_with("· lost before forwarding 0")),
+            "the quota line: {d}"
+        );
+        // Nothing unforwarded: no age and no ETA.
+        assert_eq!(d["cells"][4], json!("–"), "{d}");
+        assert_eq!(d["cells"][6], json!("–"), "{d}");
+
+        // (b) The core is down: the backlog shows as lag.
+        core.kill9();
+        let backlog = common::sync::produce(&c, &edge.url, T, "backlog", 20, 100)
+            .await
+            .expect("the edge takes records while the core is down");
+        assert_eq!(backlog.len(), 100);
+        browser
+            .wait_for(
+                "the Upstream card disconnected with lag 100",
+                UPSTREAM_SHOWS,
+                json!({"state": "disconnected", "lag": "100", "topic": T, "forwarded": "20"}),
+                WAIT,
+            )
+            .await;
+        browser
+            .wait_for(
+                "the error of the failed reconnects",
+                r#"const e = document.getElementById('sync-error');
+                   return (e.getClientRects().length > 0 && e.textContent.startsWith('error: '))
+                     || 'no error shown: ' + e.textContent;"#,
+                Value::Null,
+                WAIT,
+            )
+            .await;
+        let d = browser
+            .exec(UPSTREAM_DETAILS, json!(T))
+            .await
+            .expect("read the card");
+        let cells = &d["cells"];
+        let age = cells[4].as_str().unwrap_or_default();
+        assert!(
+            age.ends_with(" d") || age.ends_with(" h") || age.ends_with(" min") || age.ends_with(" s"),
+            "the oldest unforwarded event has an age: {d}"
+        );
+        assert!(
+            cells[3].as_str().is_some_and(|b| b != "0 B" && b != "–"),
+            "lag bytes: {d}"
+        );
+        assert_eq!(cells[6], json!("–"), "no ETA while disconnected: {d}");
+        save_screenshot(&browser, "dashboard-sync.png").await;
+
+        // (c) The core is back: the edge drains; the core lists it.
+        core = start_core(&core_dir, &core_env);
+        assert_eq!(sync_url(&http_addr(&core)), upstream, "the core's port");
+        wait_drained(&edge.url, Duration::from_secs(60)).await;
+        browser
+            .wait_for(
+                "the Upstream card connected again with lag 0",
+                UPSTREAM_SHOWS,
+                json!({"state": "connected", "lag": "0", "topic": T, "forwarded": "120"}),
+                WAIT,
+            )
+            .await;
+        browser
+            .wait_for(
+                "the error to read as history once connected",
+                r#"const e = document.getElementById('sync-error');
+                   return e.getClientRects().length === 0 || e.textContent.startsWith('last error: ')
+                     || e.textContent;"#,
+                Value::Null,
+                WAIT,
+            )
+            .await;
+        let edge_errors = script_errors(&browser).await;
+        browser.navigate(&format!("{}/", core.url)).await;
+        browser
+            .wait_for(
+                "the Edges card: edge-1 connected with lag 0",
+                EDGES_SHOW,
+                json!({"connected": "1", "edge": "edge-1", "lag": "0"}),
+                WAIT,
+            )
+            .await;
+        browser
+            .wait_for(
+                "#mode = core",
+                r#"const m = document.getElementById('mode').textContent.trim();
+                   return m === 'core' || `mode '${m}'`;"#,
+                Value::Null,
+                WAIT,
+            )
+            .await;
+        let shown = browser
+            .exec(SYNC_PARTS_SHOWN, Value::Null)
+            .await
+            .expect("look for the sync parts");
+        assert_eq!(
+            shown,
+            json!(["sync-edges-card", "sync-edges-section"]),
+            "a core shows its edges, not an upstream"
+        );
+
+        // (d) No uncaught script errors on either page.
+        let mut errors = edge_errors;
+        errors.extend(script_errors(&browser).await);
+        assert!(errors.is_empty(), "script errors in the page: {errors:#?}");
+        save_screenshot(&browser, "dashboard-sync-core.png").await;
     });
 }
