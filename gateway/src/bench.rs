@@ -214,17 +214,7 @@ pub async fn http(args: HttpBenchArgs) -> anyhow::Result<Report> {
         bail!("--connections and --batch must be at least 1");
     }
     let api = ApiClient::new(&args.url)?;
-    match api
-        .post(
-            "/v1/topics",
-            &json!({"name": args.topic, "partitions": args.partitions}),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.to_string().contains("topic_exists") => {}
-        Err(e) => return Err(e),
-    }
+    api.ensure_topic(&args.topic, args.partitions).await?;
     let payload: String = (0..args.payload)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();

@@ -43,17 +43,7 @@ fn event(i: u64, size: usize) -> Value {
 
 async fn preload(args: &DrainBenchArgs) -> anyhow::Result<()> {
     let api = ApiClient::new(&args.edge)?;
-    match api
-        .post(
-            "/v1/topics",
-            &json!({"name": args.topic, "partitions": args.partitions}),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.to_string().contains("topic_exists") => {}
-        Err(e) => return Err(e),
-    }
+    api.ensure_topic(&args.topic, args.partitions).await?;
     let started = Instant::now();
     const BATCH: u64 = 1000;
     const WORKERS: u64 = 4;

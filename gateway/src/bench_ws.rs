@@ -35,14 +35,7 @@ pub async fn ws(args: WsBenchArgs) -> anyhow::Result<Report> {
         bail!("--connections and --inflight must be at least 1");
     }
     let api = ApiClient::new(&args.url)?;
-    match api
-        .post("/v1/topics", &json!({"name": args.topic, "partitions": 1}))
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.to_string().contains("topic_exists") => {}
-        Err(e) => return Err(e),
-    }
+    api.ensure_topic(&args.topic, 1).await?;
     match args.mode {
         WsMode::Ingest => ingest(args).await,
         WsMode::Fanout => fanout(args).await,

@@ -79,6 +79,16 @@ impl ApiClient {
     }
 
     /// POST a JSON document.
+    /// Creates `topic` with `partitions` unless it exists.
+    pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> anyhow::Result<()> {
+        let body = serde_json::json!({"name": topic, "partitions": partitions});
+        match self.post("/v1/topics", &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("topic_exists") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }

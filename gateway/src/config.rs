@@ -1269,6 +1269,55 @@ mod tests {
     }
 
     #[test]
+    fn upstream_settings_are_validated_and_decide_what_is_forwarded() {
+        let c = Config::from_parts(
+            "[upstream]\nedge_id = \"pump-3\"\n[[upstream.topics]]\nname = \"alarms\"\npriority = 5\n",
+            env(&[("TRIBUTARY_UPSTREAM__URL", "wss://core.example:8443/v1/sync"), ("TRIBUTARY_UPSTREAM__COMPRESSION", "none")]),
+        )
+        .expect("valid");
+        let u = c.upstream_config();
+        assert_eq!(u.priority("alarms"), Some(5));
+        assert_eq!(u.priority("other"), None);
+        assert_eq!(u.compression_level, 0);
+        let only: std::collections::BTreeSet<String> = ["alarms".to_owned()].into();
+        assert_eq!(c.log_config(Mode::Edge).forwarded, Forwarded::Topics(only));
+        assert_eq!(c.log_config(Mode::Core).forwarded, Forwarded::None);
+        let all = Config::from_parts(
+            "[upstream]\nurl = \"ws://c:8080/v1/sync\"\nedge_id = \"e\"\n",
+            env(&[]),
+        )
+        .expect("valid");
+        assert_eq!(all.log_config(Mode::Edge).forwarded, Forwarded::All);
+        assert_eq!(
+            Config::default().log_config(Mode::Edge).forwarded,
+            Forwarded::None
+        );
+
+        let text = "[upstream]\nurl = \"http://core/v1/sync\"\nedge_id = \"has space\"\nwindow_bytes = 10\nheartbeat_ms = 20000\ncert = \"c.pem\"\n";
+        let err = Config::from_parts(text, env(&[]))
+            .expect_err("invalid")
+            .to_string();
+        for needle in [
+            "upstream.url",
+            "upstream.edge_id",
+            "upstream.window_bytes",
+            "upstream.heartbeat_ms",
+            "upstream.cert",
+        ] {
+            assert!(err.contains(needle), "missing {needle} in:\n{err}");
+        }
+        let err = Config::from_parts(
+            "[upstream]\nedge_id = \"e\"\n[sync]\nmax_batch_bytes = 10\ncolour = 1\n",
+            env(&[]),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for needle in ["upstream.url", "sync.max_batch_bytes", "sync.colour"] {
+            assert!(err.contains(needle), "missing {needle} in:\n{err}");
+        }
+    }
+
+    #[test]
     fn validation_collects_every_problem() {
         let text = r#"
             [storage]

@@ -20,7 +20,6 @@
 //! ([`code::REPLACED`]) and waits until its appends have finished.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -848,83 +847,30 @@ impl SyncCore {
 
     /// Appends the core's Prometheus metrics (never labelled by edge id).
     pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::Kind::{Counter, Gauge};
         let m = &self.inner.metrics;
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        gauge(
+        let known = lock(&self.inner.edges).len() as u64;
+        crate::metrics::render(
             out,
-            "tributary_sync_edges_connected",
-            "Edges connected now.",
-            self.connected_edges(),
+            &[
+                (Gauge, "tributary_sync_edges_connected", "Edges connected now.", self.connected_edges()),
+                (Gauge, "tributary_sync_edges_known", "Edges that ever connected.", known),
+                (Gauge, "tributary_sync_core_connections_open", "Sync connections open now (before and after their Hello).", m.open.load(Relaxed)),
+                (Counter, "tributary_sync_core_connections_total", "Sync connections accepted.", m.connections.load(Relaxed)),
+                (Counter, "tributary_sync_received_batches_total", "Batches received from edges.", m.batches.load(Relaxed)),
+                (Counter, "tributary_sync_received_events_total", "Events from edges appended (durable).", m.events.load(Relaxed)),
+                (Counter, "tributary_sync_duplicate_events_total", "Events from edges the core already held (replays, dropped).", m.duplicates.load(Relaxed)),
+                (Counter, "tributary_sync_skipped_events_total", "Events edges lost before forwarding them (their disk quota), recorded as gaps.", m.skipped.load(Relaxed)),
+                (Counter, "tributary_sync_core_wire_bytes_total", "Bytes of sync frames received.", m.wire_bytes.load(Relaxed)),
+                (Counter, "tributary_sync_append_rounds_total", "Append rounds (each one log append per topic covering many batches).", m.rounds.load(Relaxed)),
+            ],
         );
-        gauge(
+        crate::metrics::render_by_code(
             out,
-            "tributary_sync_edges_known",
-            "Edges that ever connected.",
-            lock(&self.inner.edges).len() as u64,
+            "tributary_sync_core_errors_total",
+            "Sync errors sent to edges, by code.",
+            &lock(&m.errors),
         );
-        gauge(
-            out,
-            "tributary_sync_core_connections_open",
-            "Sync connections open now (before and after their Hello).",
-            m.open.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_core_connections_total",
-            "Sync connections accepted.",
-            m.connections.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_received_batches_total",
-            "Batches received from edges.",
-            m.batches.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_received_events_total",
-            "Events from edges appended (durable).",
-            m.events.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_duplicate_events_total",
-            "Events from edges the core already held (replays, dropped).",
-            m.duplicates.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_skipped_events_total",
-            "Events edges lost before forwarding them (their disk quota), recorded as gaps.",
-            m.skipped.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_core_wire_bytes_total",
-            "Bytes of sync frames received.",
-            m.wire_bytes.load(Relaxed),
-        );
-        counter(
-            out,
-            "tributary_sync_append_rounds_total",
-            "Append rounds (each one log append per topic covering many batches).",
-            m.rounds.load(Relaxed),
-        );
-        let _ = writeln!(out, "# HELP tributary_sync_core_errors_total Sync errors sent to edges, by code.\n# TYPE tributary_sync_core_errors_total counter");
-        for (reason, n) in lock(&m.errors).iter() {
-            let _ = writeln!(
-                out,
-                "tributary_sync_core_errors_total{{code=\"{reason}\"}} {n}"
-            );
-        }
     }
 }
 

@@ -657,74 +657,28 @@ impl Uploader {
     /// Appends the edge's Prometheus metrics (labelled by topic name, never
     /// by key or device).
     pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::Kind::{Counter, Gauge};
         let m = &self.inner.metrics;
-        let line = |out: &mut String, kind: &str, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        line(
+        crate::metrics::render(
             out,
-            "gauge",
-            "tributary_sync_connected",
-            "1 while the link to the core is up.",
-            u64::from(self.is_connected()),
+            &[
+                (Gauge, "tributary_sync_connected", "1 while the link to the core is up.", u64::from(self.is_connected())),
+                (Counter, "tributary_sync_connects_total", "Links to the core established (TCP, TLS, WebSocket).", m.connects.load(Relaxed)),
+                (Counter, "tributary_sync_disconnects_total", "Links to the core lost or closed.", m.disconnects.load(Relaxed)),
+                (Counter, "tributary_sync_sent_batches_total", "Batches sent to the core.", m.batches.load(Relaxed)),
+                (Counter, "tributary_sync_sent_events_total", "Events sent to the core (resends after a reconnect included).", m.sent_events.load(Relaxed)),
+                (Counter, "tributary_sync_acked_events_total", "Events the core acknowledged as durable.", m.acked_events.load(Relaxed)),
+                (Counter, "tributary_sync_skipped_events_total", "Events lost before forwarding (evicted by the disk quota) and reported to the core as a gap.", m.skipped_events.load(Relaxed)),
+                (Counter, "tributary_sync_raw_bytes_total", "Record bytes sent, before compression.", m.raw_bytes.load(Relaxed)),
+                (Counter, "tributary_sync_wire_bytes_total", "Bytes of sync frames sent, after compression.", m.wire_bytes.load(Relaxed)),
+            ],
         );
-        line(
+        crate::metrics::render_by_code(
             out,
-            "counter",
-            "tributary_sync_connects_total",
-            "Links to the core established (TCP, TLS, WebSocket).",
-            m.connects.load(Relaxed),
+            "tributary_sync_errors_total",
+            "Errors the core reported, by code.",
+            &lock(&m.errors),
         );
-        line(
-            out,
-            "counter",
-            "tributary_sync_disconnects_total",
-            "Links to the core lost or closed.",
-            m.disconnects.load(Relaxed),
-        );
-        line(
-            out,
-            "counter",
-            "tributary_sync_sent_batches_total",
-            "Batches sent to the core.",
-            m.batches.load(Relaxed),
-        );
-        line(
-            out,
-            "counter",
-            "tributary_sync_sent_events_total",
-            "Events sent to the core (resends after a reconnect included).",
-            m.sent_events.load(Relaxed),
-        );
-        line(
-            out,
-            "counter",
-            "tributary_sync_acked_events_total",
-            "Events the core acknowledged as durable.",
-            m.acked_events.load(Relaxed),
-        );
-        line(out, "counter", "tributary_sync_skipped_events_total", "Events lost before forwarding (evicted by the disk quota) and reported to the core as a gap.", m.skipped_events.load(Relaxed));
-        line(
-            out,
-            "counter",
-            "tributary_sync_raw_bytes_total",
-            "Record bytes sent, before compression.",
-            m.raw_bytes.load(Relaxed),
-        );
-        line(
-            out,
-            "counter",
-            "tributary_sync_wire_bytes_total",
-            "Bytes of sync frames sent, after compression.",
-            m.wire_bytes.load(Relaxed),
-        );
-        let _ = writeln!(out, "# HELP tributary_sync_errors_total Errors the core reported, by code.\n# TYPE tributary_sync_errors_total counter");
-        for (reason, n) in lock(&m.errors).iter() {
-            let _ = writeln!(out, "tributary_sync_errors_total{{code=\"{reason}\"}} {n}");
-        }
         let lags = self.topic_lag();
         let family = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&TopicLag) -> String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

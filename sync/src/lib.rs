@@ -20,6 +20,7 @@
 pub mod backoff;
 pub mod core;
 pub mod edge;
+mod metrics;
 pub mod ranges;
 pub mod wire;
 

@@ -376,6 +376,18 @@ where
     }
 }
 
+/// A core, a proxy refusing connections to it, and an edge behind the proxy
+/// (so the edge is cut off until `proxy.refuse(false)`).
+async fn offline_edge(env: &[(&str, &str)]) -> (tempfile::TempDir, ChildNode, Proxy, ChildNode) {
+    let dir = tmp();
+    let core = start_core(&dir.path().join("core"), &[]);
+    let proxy = core_proxy(&core).await;
+    proxy.refuse(true);
+    let url = sync_url(&proxy.addr().to_string());
+    let edge = start_edge(&dir.path().join("edge"), &url, "edge-a", env);
+    (dir, core, proxy, edge)
+}
+
 fn quota_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("TRIBUTARY_STORAGE__MAX_EVENT_BYTES", "16384"),
@@ -389,16 +401,7 @@ fn quota_env() -> Vec<(&'static str, &'static str)> {
 ///     events however old, and once the core has them retention makes room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_reject_edge_refuses_keeps_everything_and_recovers_after_forwarding() {
-    let dir = tmp();
-    let core = start_core(&dir.path().join("core"), &[]);
-    let proxy = core_proxy(&core).await;
-    proxy.refuse(true);
-    let edge = start_edge(
-        &dir.path().join("edge"),
-        &sync_url(&proxy.addr().to_string()),
-        "edge-a",
-        &quota_env(),
-    );
+    let (_dir, core, proxy, edge) = offline_edge(&quota_env()).await;
     let c = client();
     // Records carry 2023 timestamps: expired by age the moment they land.
     let (s, b) = post(
@@ -449,16 +452,7 @@ async fn a_full_reject_edge_refuses_keeps_everything_and_recovers_after_forwardi
 ///     takes forwarded events first and nothing unforwarded is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_drop_oldest_edge_counts_what_it_lost_and_evicts_forwarded_first() {
-    let dir = tmp();
-    let core = start_core(&dir.path().join("core"), &[]);
-    let proxy = core_proxy(&core).await;
-    proxy.refuse(true);
-    let edge = start_edge(
-        &dir.path().join("edge"),
-        &sync_url(&proxy.addr().to_string()),
-        "edge-a",
-        &quota_env(),
-    );
+    let (_dir, core, proxy, edge) = offline_edge(&quota_env()).await;
     let c = client();
     let (s, b) = post(
         &c,

@@ -112,6 +112,11 @@ fn batch(topic: &str, from: u64, n: u64) -> Frame {
 }
 
 async fn handshake(url: &str, edge: &str, topic: &str) -> Ws {
+    open_topic(url, edge, topic).await.0
+}
+
+/// Hello, Welcome, Open, Opened: the connection and what the core holds.
+async fn open_topic(url: &str, edge: &str, topic: &str) -> (Ws, Vec<Vec<(u64, u64)>>) {
     let mut ws = connect(url).await;
     send(&mut ws, hello(edge, None)).await;
     assert!(matches!(next(&mut ws).await, Some(Frame::Welcome(_))));
@@ -124,10 +129,12 @@ async fn handshake(url: &str, edge: &str, topic: &str) -> Ws {
     )
     .await;
     match next(&mut ws).await {
-        Some(Frame::Opened(o)) => assert_eq!(o.topic, topic),
+        Some(Frame::Opened(o)) => {
+            assert_eq!(o.topic, topic);
+            (ws, o.held)
+        }
         other => panic!("expected Opened, got {other:?}"),
     }
-    ws
 }
 
 fn ack_of(f: Option<Frame>) -> (u64, u64) {
@@ -173,18 +180,7 @@ async fn mem_core(store: &MemStore) -> (String, Log, CancellationToken) {
 async fn acks_wait_for_durability_and_replays_are_no_ops() {
     let store = MemStore::new();
     let (url, log, shutdown) = mem_core(&store).await;
-    let mut ws = connect(&url).await;
-    send(&mut ws, hello("edge-1", None)).await;
-    assert!(matches!(next(&mut ws).await, Some(Frame::Welcome(_))));
-    send(
-        &mut ws,
-        Frame::Open(Open {
-            topic: "t".into(),
-            partitions: 1,
-        }),
-    )
-    .await;
-    assert!(matches!(next(&mut ws).await, Some(Frame::Opened(_))));
+    let mut ws = handshake(&url, "edge-1", "t").await;
     store.hold_sync();
     send(&mut ws, batch("t", 0, 10)).await;
     // Held: no Ack may come, and no reader may see the records.
@@ -222,21 +218,8 @@ async fn acks_wait_for_durability_and_replays_are_no_ops() {
     assert_eq!(log.offsets("t", 0).expect("offsets"), (0, 15));
     // A new connection learns what the core holds, and may skip what the
     // edge lost; the skip is acknowledged once durable.
-    let mut ws = connect(&url).await;
-    send(&mut ws, hello("edge-1", None)).await;
-    assert!(matches!(next(&mut ws).await, Some(Frame::Welcome(_))));
-    send(
-        &mut ws,
-        Frame::Open(Open {
-            topic: "t".into(),
-            partitions: 1,
-        }),
-    )
-    .await;
-    match next(&mut ws).await {
-        Some(Frame::Opened(o)) => assert_eq!(o.held, vec![vec![(0, 15)]]),
-        other => panic!("{other:?}"),
-    }
+    let (mut ws, held) = open_topic(&url, "edge-1", "t").await;
+    assert_eq!(held, vec![vec![(0, 15)]]);
     store.hold_sync();
     send(
         &mut ws,
@@ -284,21 +267,8 @@ async fn a_crashed_core_rebuilds_what_it_holds_from_the_log() {
     shutdown.cancel();
     drop(ws);
     let (url, log, shutdown) = mem_core(&crashed).await;
-    let mut ws = connect(&url).await;
-    send(&mut ws, hello("edge-1", None)).await;
-    assert!(matches!(next(&mut ws).await, Some(Frame::Welcome(_))));
-    send(
-        &mut ws,
-        Frame::Open(Open {
-            topic: "t".into(),
-            partitions: 1,
-        }),
-    )
-    .await;
-    match next(&mut ws).await {
-        Some(Frame::Opened(o)) => assert_eq!(o.held, vec![vec![(0, 40)]]),
-        other => panic!("{other:?}"),
-    }
+    let (mut ws, held) = open_topic(&url, "edge-1", "t").await;
+    assert_eq!(held, vec![vec![(0, 40)]]);
     send(&mut ws, batch("t", 0, 50)).await;
     assert_eq!(ack_of(next(&mut ws).await), (0, 50));
     assert_eq!(
