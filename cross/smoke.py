@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Drives a `tributary` binary (possibly under qemu-user) through a start,
-produce, read, SIGTERM, restart, read cycle. Usage: smoke.py [RUNNER...] BINARY.
+produce, read, SIGTERM, restart, read cycle, then forwards the edge's log to
+a core (the same binary) and reads it there. Usage: smoke.py [RUNNER...] BINARY.
 Exits non-zero, saying why, on the first thing that is wrong."""
 
 import json
@@ -24,11 +25,11 @@ def fail(msg, data_dir=None):
     sys.exit(f"SMOKE FAILED: {msg}")
 
 
-def start(data_dir):
-    env = dict(os.environ, TRIBUTARY_DATA_DIR=data_dir, TRIBUTARY_HTTP__LISTEN="127.0.0.1:0", TRIBUTARY_MQTT__LISTEN="127.0.0.1:0", TRIBUTARY_AMQP__LISTEN="127.0.0.1:0", TRIBUTARY_LOG="info")
+def start(data_dir, mode="edge", extra=None):
+    env = dict(os.environ, TRIBUTARY_DATA_DIR=data_dir, TRIBUTARY_HTTP__LISTEN="127.0.0.1:0", TRIBUTARY_MQTT__LISTEN="127.0.0.1:0", TRIBUTARY_AMQP__LISTEN="127.0.0.1:0", TRIBUTARY_LOG="info", **(extra or {}))
     log = open(os.path.join(data_dir, "node.log"), "a")
     t0 = time.monotonic()
-    proc = subprocess.Popen(CMD + ["edge", "--profile", "small"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(CMD + [mode, "--profile", "small"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     m = re.search(r"http=(\S+)", line)
     if not m:
@@ -196,7 +197,7 @@ def main():
     mqtt_publish(start.mqtt, 200)
     amqp_publish(start.amqp, 200)
 
-    def check():
+    def check(url=url):
         got = read_all(url, "smoke", 0) + read_all(url, "smoke", 1)
         if len(got) != len(sent):
             fail(f"expected {len(sent)} records, read {len(got)}", data_dir)
@@ -220,10 +221,34 @@ def main():
     busy_rss = rss_kib(proc.pid)
     stop(proc, data_dir)
     proc, url, ready2 = start(data_dir)
-    check()
+    check(url)
     stop(proc, data_dir)
+
+    # Store and forward: the edge restarts with an upstream and its whole log
+    # drains into a core (the same binary, also emulated).
+    core_dir = tempfile.mkdtemp(prefix="tributary-smoke-core-")
+    core, core_url, _ = start(core_dir, "core")
+    upstream = {"TRIBUTARY_UPSTREAM__URL": f"ws://{core_url[len('http://'):]}/v1/sync",
+                "TRIBUTARY_UPSTREAM__EDGE_ID": "smoke-edge"}
+    proc, url, _ = start(data_dir, "edge", upstream)
+    t0, status = time.monotonic(), None
+    while True:
+        try:
+            status = call("GET", f"{url}/v1/stats")["sync"]
+            if status["connected"] and all(t["lag_events"] == 0 for t in status["topics"]) and len(status["topics"]) == 5:
+                break
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 120:
+            fail(f"the edge did not drain into the core: {status}", data_dir)
+        time.sleep(0.1)
+    drained = time.monotonic() - t0
+    check(core_url)
+    stop(proc, data_dir)
+    stop(core, core_dir)
     print(f"smoke OK: {' '.join(CMD)}: ready in {ready * 1000:.0f} ms (restart {ready2 * 1000:.0f} ms), "
-          f"RSS idle {idle_rss / 1024:.1f} MiB, after the run {busy_rss / 1024:.1f} MiB (qemu included when emulated)")
+          f"RSS idle {idle_rss / 1024:.1f} MiB, after the run {busy_rss / 1024:.1f} MiB (qemu included when emulated); "
+          f"forwarded everything to a core in {drained:.1f} s")
 
 
 main()
