@@ -851,6 +851,11 @@ impl Config {
         }
         if self.forwards() {
             errors.extend(self.upstream_config().validate());
+            if s.durability == DurabilityMode::Interval {
+                // Interval mode shows events before they are fsynced: a power
+                // loss could give offsets the core already holds to new events.
+                errors.push("`upstream.url` needs `storage.durability = \"fsync\"`: an edge forwards only what is on its disk".into());
+            }
         } else if !self.upstream.edge_id.is_empty() || !self.upstream.topics.is_empty() {
             errors.push(
                 "`upstream.url` is empty: set it to forward to a core (ws://HOST:PORT/v1/sync)"
@@ -1315,6 +1320,13 @@ mod tests {
         for needle in ["upstream.url", "sync.max_batch_bytes", "sync.colour"] {
             assert!(err.contains(needle), "missing {needle} in:\n{err}");
         }
+        let err = Config::from_parts(
+            "[storage]\ndurability = \"interval\"\n[upstream]\nurl = \"ws://c/v1/sync\"\nedge_id = \"e\"\n",
+            env(&[]),
+        )
+        .expect_err("interval with an upstream")
+        .to_string();
+        assert!(err.contains("fsync"), "{err}");
     }
 
     #[test]

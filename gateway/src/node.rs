@@ -335,8 +335,12 @@ pub async fn start(
             let _ = b.await;
         }
         let _ = persister.await;
-        if let Some(up) = uploader {
-            let _ = up.await;
+        if let Some(mut up) = uploader {
+            // Its writes are bounded by upstream.timeout_ms; the grace bounds it too.
+            if tokio::time::timeout(grace, &mut up).await.is_err() {
+                tracing::warn!("the uploader did not stop within the grace period");
+                up.abort();
+            }
         }
         // MQTT connections answer DISCONNECT and store their sessions, AMQP
         // connections confirm what became durable and close with 320: the log

@@ -80,8 +80,14 @@ const PIPELINE: usize = 256;
 /// Bytes of decoded batches one connection may have queued or appending
 /// (memory per connection is bounded by this, however fast the edge sends).
 const QUEUED_BYTES: usize = 16 * 1024 * 1024;
-/// Edges, with at most this many streams each, kept in memory.
+/// Extra `max_event_bytes` of topics created for edges (the origin headers).
+const ORIGIN_HEADER_ROOM: usize = 4096;
+/// Topics one connection may open.
 const MAX_TOPICS_PER_CONNECTION: usize = 4096;
+/// Streams (topic partitions) one edge may forward.
+const MAX_STREAMS_PER_EDGE: usize = 100_000;
+/// Edges a core remembers; a new edge beyond it is refused.
+const MAX_EDGES: usize = 10_000;
 
 /// Who is on the other end, as the transport knows it.
 #[derive(Debug, Clone, Default)]
@@ -230,10 +236,11 @@ pub fn valid_edge_id(id: &str) -> bool {
 /// The edge offset a stored record came from, if it came from `edge`'s
 /// `partition`.
 fn origin(headers: &[(String, Vec<u8>)], edge: &str, partition: u32) -> Option<u64> {
+    // The core's own headers come last (a record may carry older ones).
     let get = |name: &str| {
         headers
             .iter()
-            .find(|(n, _)| n == name)
+            .rfind(|(n, _)| n == name)
             .map(|(_, v)| v.as_slice())
     };
     if get(HEADER_EDGE)? != edge.as_bytes() {
@@ -410,11 +417,15 @@ impl SyncCore {
             .or_insert(0) += 1;
     }
 
-    fn slot(&self, edge: &str) -> Arc<EdgeSlot> {
-        lock(&self.inner.edges)
-            .entry(edge.to_owned())
-            .or_default()
-            .clone()
+    fn slot(&self, edge: &str) -> Result<Arc<EdgeSlot>, ErrorFrame> {
+        let mut edges = lock(&self.inner.edges);
+        if edges.len() >= MAX_EDGES && !edges.contains_key(edge) {
+            return Err(ErrorFrame::new(
+                code::FORBIDDEN,
+                format!("this core already knows {MAX_EDGES} edges"),
+            ));
+        }
+        Ok(edges.entry(edge.to_owned()).or_default().clone())
     }
 
     async fn session(
@@ -466,7 +477,7 @@ impl SyncCore {
             ));
         }
         let edge = hello.edge_id.clone();
-        let slot = self.slot(&edge);
+        let slot = self.slot(&edge)?;
         let kick = CancellationToken::new();
         // The previous connection of this edge (if any) was just kicked: wait
         // until its appends are done, so the held ranges are exact.
@@ -481,14 +492,14 @@ impl SyncCore {
         let reset = {
             let mut st = lock(&slot.state);
             let reset = st.instance != hello.instance;
+            // Changed in memory only once these writes are durable (in `connected`).
             let dropped: Vec<MetaEntry> = if reset {
                 if st.instance != 0 {
                     tracing::warn!(%edge, "sync: the edge came back with a new data directory; its offsets start again");
                 }
-                st.instance = hello.instance;
                 st.streams
-                    .drain()
-                    .map(|((t, p), _)| (stream_key(&edge, &t, p), None))
+                    .keys()
+                    .map(|(t, p)| (stream_key(&edge, t, *p), None))
                     .collect()
             } else {
                 Vec::new()
@@ -544,6 +555,9 @@ impl SyncCore {
                 .put_meta(META_SPACE, entries)
                 .await
                 .map_err(storage_error)?;
+            let mut st = lock(&slot.state);
+            st.instance = instance;
+            st.streams.clear();
         }
         let welcome = Welcome {
             version,
@@ -626,7 +640,7 @@ impl SyncCore {
                         }
                         Frame::Batch(b) => {
                             // Taken before decoding: what waits is bounded in bytes.
-                            let want = (b.raw_len as usize).clamp(1, QUEUED_BYTES) as u32;
+                            let want = charge(&b).clamp(1, QUEUED_BYTES) as u32;
                             let Ok(permit) = budget.clone().acquire_many_owned(want).await else {
                                 break Ok(());
                             };
@@ -695,6 +709,9 @@ impl SyncCore {
             Err(LogError::UnknownTopic(_)) if core.config.auto_create_topics => {
                 let mut config: TopicConfig = core.log.config().topic_defaults.config(&o.topic);
                 config.partitions = o.partitions;
+                // Room for the three origin headers on an edge's largest events.
+                config.max_event_bytes = (config.max_event_bytes + ORIGIN_HEADER_ROOM)
+                    .min(tributary_storage::topic::MAX_EVENT_BYTES_LIMIT);
                 match core.log.create_topic(config).await {
                     Ok(t) => t.config.partitions,
                     Err(LogError::TopicExists(_)) => {
@@ -722,15 +739,51 @@ impl SyncCore {
             Err(LogError::InvalidTopic(m)) => return Err(ErrorFrame::new(code::BAD_FRAME, m)),
             Err(e) => return Err(storage_error(e)),
         };
-        let slot = self.slot(edge);
-        let mut st = lock(&slot.state);
-        let held = (0..o.partitions)
-            .map(|p| {
-                let s = st.streams.entry((o.topic.clone(), p)).or_default();
-                s.core_partition = p % partitions;
-                s.held.ranges().to_vec()
-            })
-            .collect();
+        let slot = self.slot(edge)?;
+        // A stream seen for the first time gets a durable checkpoint before
+        // anything of it is acknowledged: after a crash the core then scans
+        // its partition from here, never from records older than the stream
+        // (another instance's, for one), and never misses its first rounds.
+        let (held, fresh) = {
+            let mut st = lock(&slot.state);
+            if !st.streams.contains_key(&(o.topic.clone(), 0))
+                && st.streams.len() + o.partitions as usize > MAX_STREAMS_PER_EDGE
+            {
+                return refuse(
+                    code::FORBIDDEN,
+                    format!("edge {edge} forwards more than {MAX_STREAMS_PER_EDGE} partitions"),
+                );
+            }
+            let mut fresh = Vec::new();
+            let held: Vec<Vec<(u64, u64)>> = (0..o.partitions)
+                .map(|p| {
+                    let key = (o.topic.clone(), p);
+                    let core_partition = p % partitions;
+                    let s = st.streams.entry(key).or_insert_with(|| {
+                        let end = core
+                            .log
+                            .offsets(&o.topic, core_partition)
+                            .map_or(0, |(_, e)| e);
+                        let s = Stream {
+                            core_partition,
+                            scan_from: end,
+                            ..Stream::default()
+                        };
+                        fresh.push(checkpoint(edge, &o.topic, p, &s));
+                        s
+                    });
+                    s.core_partition = core_partition;
+                    s.held.ranges().to_vec()
+                })
+                .collect();
+            (held, fresh)
+        };
+        if !fresh.is_empty() {
+            core.log
+                .put_meta(META_SPACE, fresh)
+                .await
+                .map_err(storage_error)?;
+        }
         Ok(Opened {
             topic: o.topic.clone(),
             partitions,
@@ -781,7 +834,7 @@ impl SyncCore {
         self.inner.metrics.batches.fetch_add(1, Relaxed);
         Ok(Work::Batch {
             core_partition: b.partition % core_parts,
-            bytes: raw.len(),
+            bytes: charge(&b),
             _permit: permit,
             batch: Batch {
                 records: Vec::new(),
@@ -885,6 +938,17 @@ fn checkpoint(edge: &str, topic: &str, partition: u32, s: &Stream) -> MetaEntry 
         Some(postcard::to_allocvec(&m).unwrap_or_default()),
     )
 }
+
+/// What a batch costs in memory once decoded and turned into appends: its
+/// block plus each record's own allocations (key, value, headers and the
+/// three origin headers), whatever the block's size says.
+fn charge(b: &Batch) -> usize {
+    (b.raw_len as usize).saturating_add((b.count as usize).saturating_mul(RECORD_OVERHEAD))
+}
+
+/// Bytes a decoded record costs beyond its block bytes (measured shape:
+/// `WireRecord`, `AppendRecord` and six header allocations).
+const RECORD_OVERHEAD: usize = 256;
 
 fn kind(f: &Frame) -> &'static str {
     match f {
@@ -1108,11 +1172,13 @@ impl Appender {
             }
             let missing = accepted.missing(from, to);
             accepted.insert(from, to);
-            let fresh: u64 = missing.iter().map(|(a, b)| b - a).sum();
+            let fresh = missing
+                .iter()
+                .fold(0u64, |n, (a, b)| n.saturating_add(b - a));
             new_events.push(fresh);
             match w {
                 Work::Skip(..) => {
-                    skipped += fresh;
+                    skipped = skipped.saturating_add(fresh);
                     has_skip = true;
                 }
                 Work::Batch {
@@ -1121,7 +1187,7 @@ impl Appender {
                     records,
                     ..
                 } => {
-                    duplicates += u64::from(batch.count) - fresh;
+                    duplicates += u64::from(batch.count).saturating_sub(fresh);
                     if missing.is_empty() {
                         continue;
                     }
@@ -1169,22 +1235,43 @@ impl Appender {
             }
         };
         let (results, meta_written) = tokio::join!(appends, write_meta);
-        meta_written.map_err(storage_error)?;
+        // Topics whose append failed are neither held nor acknowledged; the
+        // others are durable and must be both, or the edge would resend them
+        // after the connection ends and they would be stored twice.
+        let mut failure = meta_written.err().map(storage_error);
+        let mut failed: Vec<String> = Vec::new();
         let mut ends: HashMap<(String, u32), u64> = HashMap::new();
         for (r, topic) in results {
-            let positions = r.map_err(|e| match e {
-                LogError::EventTooLarge { .. } => {
-                    ErrorFrame::new(code::TOO_LARGE, format!("topic {topic}: {e}"))
+            match r {
+                Ok(positions) => {
+                    for p in positions {
+                        let end = ends.entry((topic.clone(), p.partition)).or_default();
+                        *end = (*end).max(p.offset + 1);
+                    }
                 }
-                e => storage_error(e),
-            })?;
-            for p in positions {
-                let end = ends.entry((topic.clone(), p.partition)).or_default();
-                *end = (*end).max(p.offset + 1);
+                Err(e) => {
+                    let frame = match e {
+                        LogError::EventTooLarge { .. } => {
+                            ErrorFrame::new(code::TOO_LARGE, format!("topic {topic}: {e}"))
+                        }
+                        e => storage_error(e),
+                    };
+                    failure.get_or_insert(frame);
+                    failed.push(topic);
+                }
             }
         }
+        let done = |w: &Work| match w {
+            Work::Batch { batch, .. } => !failed.contains(&batch.topic),
+            Work::Skip(_) => true,
+        };
         core.metrics.rounds.fetch_add(1, Relaxed);
-        let appended: u64 = new_events.iter().sum::<u64>() - skipped;
+        let mut appended = 0u64;
+        for (w, fresh) in round.iter().zip(&new_events) {
+            if matches!(w, Work::Batch { .. }) && done(w) {
+                appended = appended.saturating_add(*fresh);
+            }
+        }
         core.metrics.events.fetch_add(appended, Relaxed);
         core.metrics.duplicates.fetch_add(duplicates, Relaxed);
         core.metrics.skipped.fetch_add(skipped, Relaxed);
@@ -1194,10 +1281,15 @@ impl Appender {
             let mut st = lock(&self.slot.state);
             let mut touched = Vec::new();
             for (w, fresh) in round.iter().zip(&new_events) {
+                if !done(w) {
+                    continue;
+                }
                 let (topic, partition, from, to) = w.at();
                 let s = st.streams.entry((topic.to_owned(), partition)).or_default();
                 s.held.insert(from, to);
-                s.received += fresh;
+                if matches!(w, Work::Batch { .. }) {
+                    s.received = s.received.saturating_add(*fresh);
+                }
                 if let Work::Batch {
                     batch,
                     core_partition,
@@ -1220,13 +1312,21 @@ impl Appender {
                 }
             }
         }
+        let mut skips_durable = true;
         if has_skip {
             // A skip is in no record: its checkpoint must be durable before it is acked.
-            log.put_meta(META_SPACE, std::mem::take(&mut checkpoints))
-                .await
-                .map_err(storage_error)?;
+            let written = log
+                .put_meta(META_SPACE, std::mem::take(&mut checkpoints))
+                .await;
+            if let Err(e) = written {
+                failure.get_or_insert(storage_error(e));
+                skips_durable = false;
+            }
         }
         for w in &round {
+            if !done(w) || (matches!(w, Work::Skip(_)) && !skips_durable) {
+                continue;
+            }
             let (topic, partition, from, to) = w.at();
             let ack = Ack {
                 topic: topic.to_owned(),
@@ -1238,6 +1338,9 @@ impl Appender {
                 break;
             }
         }
-        Ok(checkpoints)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(checkpoints),
+        }
     }
 }

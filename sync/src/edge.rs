@@ -887,8 +887,10 @@ async fn read_frames(
             None => Err("the core closed the link".into()),
         };
         let last = frame.is_err();
-        if tx.send(frame).await.is_err() || last {
-            return;
+        // The session may be gone and its queue full: never wait past `stop`.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            sent = tx.send(frame) => if sent.is_err() || last { return },
         }
     }
 }
@@ -1181,6 +1183,19 @@ impl<'a> Session<'a> {
     /// When the session must look again without a frame or new data: a
     /// lingering live batch, or bandwidth debt paid off.
     fn next_timer(&self) -> Option<tokio::time::Instant> {
+        // A full window waits for Acks (they wake the session), bandwidth
+        // debt for its payoff; only with room and tokens does a lingering
+        // batch's deadline matter. Otherwise a past deadline would spin.
+        if self.window_full() {
+            return None;
+        }
+        let debt = (self.tokens < 0.0 && self.config().max_bytes_per_sec > 0).then(|| {
+            Instant::now()
+                + Duration::from_secs_f64(-self.tokens / self.config().max_bytes_per_sec as f64)
+        });
+        if let Some(d) = debt {
+            return Some(d.into());
+        }
         let linger = self
             .parts
             .iter()
@@ -1188,11 +1203,15 @@ impl<'a> Session<'a> {
             .filter_map(|l| l.waiting_since)
             .min()
             .map(|t| t + self.config().linger);
-        let debt = (self.tokens < 0.0 && self.config().max_bytes_per_sec > 0).then(|| {
-            Instant::now()
-                + Duration::from_secs_f64(-self.tokens / self.config().max_bytes_per_sec as f64)
-        });
-        linger.into_iter().chain(debt).min().map(Into::into)
+        linger.map(Into::into)
+    }
+
+    /// No room for another batch until an Ack comes.
+    fn window_full(&self) -> bool {
+        let c = self.config();
+        let batch = c.batch_max_bytes.min(self.max_batch_bytes);
+        self.in_flight.len() >= c.window_batches
+            || (!self.in_flight.is_empty() && self.in_flight_bytes + batch > c.window_bytes)
     }
 
     fn refill(&mut self) -> bool {
@@ -1212,13 +1231,8 @@ impl<'a> Session<'a> {
     /// first, then backlog lanes; within each, by topic priority, round-robin
     /// among equals.
     async fn fill(&mut self) -> Result<(), String> {
-        let up = self.up;
-        let c = &up.inner.config;
-        let batch = c.batch_max_bytes.min(self.max_batch_bytes);
         loop {
-            let full = self.in_flight.len() >= c.window_batches
-                || (!self.in_flight.is_empty() && self.in_flight_bytes + batch > c.window_bytes);
-            if full {
+            if self.window_full() || self.stop.is_cancelled() {
                 return Ok(());
             }
             if !self.refill() {
@@ -1293,9 +1307,14 @@ impl<'a> Session<'a> {
             .missing(from, lane.limit.min(end))
             .first()
             .map_or(from, |&(_, e)| e);
-        let opens = std::mem::take(&mut lane.opens);
         let topic = p.topic.clone();
         let partition = p.partition;
+        if from < start && lane.opens {
+            // A lane not yet opened at the core whose start was evicted:
+            // open it further on; the hole is the next connection's backlog.
+            lane.next = start;
+            return Ok(());
+        }
         if from < start {
             // Evicted before it could be forwarded: tell the core, so the gap is on record.
             let to = start.min(hole_end);
@@ -1338,6 +1357,7 @@ impl<'a> Session<'a> {
         if count == 0 {
             return Ok(());
         }
+        let opens = std::mem::take(&mut lane.opens);
         let to = from + u64::from(count);
         lane.next = to;
         let raw_len = raw.len();

@@ -40,12 +40,20 @@ async fn core_proxy(core: &ChildNode) -> Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_stream_arrives_exactly_once_and_in_order() {
     let dir = tmp();
-    let core = start_core(&dir.path().join("core"), &[]);
+    let core = start_core(
+        &dir.path().join("core"),
+        &[("TRIBUTARY_SYNC__HEARTBEAT_MS", "5000")],
+    );
+    // Strict order and no duplicates hold on one connection: timeouts at
+    // the production scale, so a loaded machine cannot fake a dead link.
     let edge = start_edge(
         &dir.path().join("edge"),
         &sync_url(&http_addr(&core)),
         "edge-a",
-        &[],
+        &[
+            ("TRIBUTARY_UPSTREAM__HEARTBEAT_MS", "1000"),
+            ("TRIBUTARY_UPSTREAM__TIMEOUT_MS", "15000"),
+        ],
     );
     let c = client();
     create_topic(&c, &edge.url, T, 3).await;

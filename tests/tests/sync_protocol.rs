@@ -523,3 +523,79 @@ async fn credentials_are_checked_in_the_hello() {
         assert_eq!(at_core.iter().filter(|r| r.value == v).count(), 1);
     }
 }
+
+/// A round in which one topic's append fails and another's succeeds: the
+/// durable one is acknowledged and held, so the edge never resends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_fails_for_one_topic_keeps_what_the_others_stored() {
+    let store = MemStore::new();
+    let (url, log, shutdown) = mem_core(&store).await;
+    let mut small = tributary_storage::TopicConfig::new("small", 1);
+    small.max_event_bytes = 64;
+    log.create_topic(small).await.expect("topic");
+    let (mut ws, _) = open_topic(&url, "edge-1", "first").await;
+    for topic in ["ok", "small"] {
+        send(
+            &mut ws,
+            Frame::Open(Open {
+                topic: topic.into(),
+                partitions: 1,
+            }),
+        )
+        .await;
+        assert!(matches!(next(&mut ws).await, Some(Frame::Opened(_))));
+    }
+    // Round 1 waits on a held sync, so the next two batches queue up and
+    // form round 2 together: "ok" fits, "small"'s records are too large.
+    store.hold_sync();
+    send(&mut ws, batch("first", 0, 1)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(&mut ws, batch("ok", 0, 4)).await;
+    send(&mut ws, batch("small", 0, 4)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.release_sync();
+    assert_eq!(ack_of(next(&mut ws).await), (0, 1));
+    assert_eq!(
+        ack_of(next(&mut ws).await),
+        (0, 4),
+        "the durable topic is acknowledged"
+    );
+    expect_error(&mut ws, code::TOO_LARGE).await;
+    let (_ws, held) = open_topic(&url, "edge-1", "ok").await;
+    assert_eq!(held, vec![vec![(0, 4)]], "and held: a resend is a replay");
+    assert_eq!(log.offsets("ok", 0).expect("offsets"), (0, 4));
+    assert_eq!(log.offsets("small", 0).expect("offsets"), (0, 0));
+    shutdown.cancel();
+}
+
+/// Records of this edge from before a stream existed (an earlier data
+/// directory of the same edge id) are never taken for the stream's own
+/// after a crash: its checkpoint is durable from the moment it is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_never_adopts_records_older_than_the_stream() {
+    let store = MemStore::new();
+    let (url, log, shutdown) = mem_core(&store).await;
+    log.create_topic(tributary_storage::TopicConfig::new("t", 1))
+        .await
+        .expect("topic");
+    let old: Vec<tributary_storage::AppendRecord> = (0..5u64)
+        .map(|o| {
+            Event::new("old")
+                .with_header(wire::HEADER_EDGE, "edge-1")
+                .with_header(wire::HEADER_PARTITION, "0")
+                .with_header(wire::HEADER_OFFSET, o.to_string())
+                .into()
+        })
+        .collect();
+    log.append("t", old).await.expect("append");
+    let (mut ws, held) = open_topic(&url, "edge-1", "t").await;
+    assert_eq!(held, vec![Vec::<(u64, u64)>::new()]);
+    send(&mut ws, batch("t", 0, 3)).await;
+    assert_eq!(ack_of(next(&mut ws).await), (0, 3));
+    let crashed = store.crashed();
+    shutdown.cancel();
+    let (url, _log, shutdown) = mem_core(&crashed).await;
+    let (_ws, held) = open_topic(&url, "edge-1", "t").await;
+    assert_eq!(held, vec![vec![(0, 3)]], "only what this stream stored");
+    shutdown.cancel();
+}
