@@ -550,3 +550,94 @@ async fn two_edges_with_the_same_topics_share_one_core() {
     let (_, stats) = get(&c, &format!("{}/v1/stats", core.url)).await;
     assert_eq!(stats["sync"]["edges_connected"], 2, "{stats}");
 }
+
+/// The link over `wss://` to a core in devices mode: an edge with a device
+/// token and the core's CA, an edge with only a client certificate (mTLS),
+/// and an edge that does not trust the core's certificate (nothing sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_with_tokens_and_client_certificates() {
+    let dir = tmp();
+    let tls = dir.path().join("tls");
+    tributary_gateway::tls_cli::self_signed(&tls, &[], 30).expect("self-signed");
+    tributary_gateway::tls_cli::client_cert(&tls, "edge-m", &tls, 30).expect("client cert");
+    let pem = |n: &str| tls.join(n).display().to_string();
+    let admin = "sync-admin-token-0123";
+    let (cert, key, ca) = (pem("server.pem"), pem("server-key.pem"), pem("ca.pem"));
+    let core = start_core(
+        &dir.path().join("core"),
+        &[
+            ("TRIBUTARY_AUTH__MODE", "devices"),
+            ("TRIBUTARY_AUTH__ADMIN_TOKEN", admin),
+            ("TRIBUTARY_TLS__CERT", &cert),
+            ("TRIBUTARY_TLS__KEY", &key),
+            ("TRIBUTARY_TLS__CLIENT_CA", &ca),
+            ("TRIBUTARY_HTTP__TLS_LISTEN", "127.0.0.1:0"),
+            ("TRIBUTARY_MQTT__TLS_LISTEN", "127.0.0.1:0"),
+            ("TRIBUTARY_AMQP__TLS_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    let c = client();
+    let mut tokens = HashMap::new();
+    for id in ["edge-t", "edge-m", "edge-x"] {
+        let r = c
+            .post(format!("{}/v1/devices", core.url))
+            .bearer_auth(admin)
+            .json(&json!({"id": id, "publish": ["sensors/#"]}))
+            .send()
+            .await
+            .expect("add device");
+        assert_eq!(r.status().as_u16(), 201);
+        let body: serde_json::Value = r.json().await.expect("json");
+        tokens.insert(id, body["token"].as_str().expect("token").to_owned());
+    }
+    let https = core.https.expect("https listener");
+    let url = format!("wss://localhost:{}/v1/sync", https.port());
+    let token = tokens["edge-t"].clone();
+    let (edge_cert, edge_key) = (pem("edge-m.pem"), pem("edge-m-key.pem"));
+    let with_token = start_edge(
+        &dir.path().join("t"),
+        &url,
+        "edge-t",
+        &[
+            ("TRIBUTARY_UPSTREAM__TOKEN", &token),
+            ("TRIBUTARY_UPSTREAM__CA", &ca),
+        ],
+    );
+    let with_cert = start_edge(
+        &dir.path().join("m"),
+        &url,
+        "edge-m",
+        &[
+            ("TRIBUTARY_UPSTREAM__CA", &ca),
+            ("TRIBUTARY_UPSTREAM__CERT", &edge_cert),
+            ("TRIBUTARY_UPSTREAM__KEY", &edge_key),
+        ],
+    );
+    let token_x = tokens["edge-x"].clone();
+    let untrusting = start_edge(
+        &dir.path().join("x"),
+        &url,
+        "edge-x",
+        &[("TRIBUTARY_UPSTREAM__TOKEN", &token_x)],
+    );
+    for e in [&with_token, &with_cert, &untrusting] {
+        create_topic(&c, &e.url, T, 1).await;
+        produce_all(&e.url, T, "tls", 0, 5, 20).await;
+    }
+    wait_drained(&with_token.url, Duration::from_secs(60)).await;
+    wait_drained(&with_cert.url, Duration::from_secs(60)).await;
+    let at_core = read_topic_as(&core.url, T, Some(admin)).await;
+    for (id, e) in [("edge-t", &with_token), ("edge-m", &with_cert)] {
+        let f = assert_forwarded(id, &read_topic(&e.url, T).await, &at_core);
+        assert_eq!(f.records, 100, "{id}");
+    }
+    let s = edge_sync_stats(&untrusting.url).await;
+    assert_eq!(s["connected"], false, "{s}");
+    assert!(
+        s["last_error"].as_str().unwrap_or("").contains("TLS"),
+        "the untrusting edge reports the TLS failure: {s}"
+    );
+    assert!(at_core
+        .iter()
+        .all(|r| r.header("tributary.edge") != Some(b"edge-x")));
+}
