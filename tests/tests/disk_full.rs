@@ -190,3 +190,69 @@ fn a_full_disk_fails_writes_cleanly_and_keeps_every_acknowledged_record() {
     drop(node);
     drop(fs);
 }
+
+/// The core's disk fills up while an edge drains a backlog into it: the
+/// core's log refuses writes, the edge keeps everything and retries, and once
+/// the core has room again (and is restarted) every event arrives exactly
+/// once: no acknowledged batch lost, none half-stored and sent again.
+#[test]
+#[ignore = "needs root or passwordless sudo to mount a 24 MiB tmpfs (scripts/test runs it; CI runs as root)"]
+fn a_core_whose_disk_fills_up_while_an_edge_drains_loses_and_doubles_nothing() {
+    use common::proxy::Proxy;
+    use common::sync::{
+        check_topic, edge_sync_stats, http_addr, start_core, start_edge, sync_url, wait_drained,
+    };
+    let rt = common::runtime();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let fs = SmallFs::mount(&scratch.path().join("fs"), "24m");
+    let core_dir = fs.0.join("core");
+    let mut core = start_core(&core_dir, &[]);
+    let proxy = rt.block_on(Proxy::start(http_addr(&core).parse().expect("addr")));
+    let edge = start_edge(
+        &scratch.path().join("edge"),
+        &sync_url(&proxy.addr().to_string()),
+        "edge-a",
+        &[("TRIBUTARY_UPSTREAM__COMPRESSION", "none")],
+    );
+    let c = client();
+    rt.block_on(common::create_topic(&c, &edge.url, "fill", 1));
+    // ~40 MB of records for a 24 MiB disk.
+    let value = "v".repeat(1000);
+    for b in 0..400 {
+        let records: Vec<_> = (0..100)
+            .map(|i| json!({"key": format!("k{}", i % 5), "value": format!("{b}-{i}-{value}")}))
+            .collect();
+        let (s, body) = rt.block_on(post(
+            &c,
+            &format!("{}/v1/topics/fill/records", edge.url),
+            &json!({"records": records}),
+        ));
+        assert_eq!(s, 200, "the edge takes it: {body}");
+    }
+    // The core runs out of room: its log stops taking writes, cleanly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (s, _) = rt.block_on(get(&c, &format!("{}/health", core.url)));
+        if s == 503 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the core's disk never filled up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stats = rt.block_on(edge_sync_stats(&edge.url));
+    assert!(
+        stats["topics"][0]["lag_events"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    // Room again, and a restart (a failed log refuses writes until then).
+    fs.resize("256m");
+    core.kill9();
+    core = start_core(&core_dir, &[]);
+    proxy.set_target(http_addr(&core).parse().expect("addr"));
+    rt.block_on(wait_drained(&edge.url, std::time::Duration::from_secs(180)));
+    let f = rt.block_on(check_topic("edge-a", &edge.url, &core.url, "fill"));
+    assert_eq!(f.records, 40_000);
+}
