@@ -1148,8 +1148,19 @@ impl Appender {
         let mut skipped = 0u64;
         let mut has_skip = false;
         let mut new_events = Vec::with_capacity(round.len());
-        for w in &round {
+        // Works left out of this round: a stream stops at a record the core
+        // cannot store (too large for its topic), and so do its later works.
+        let mut excluded = vec![false; round.len()];
+        let mut blocked: Vec<(String, u32)> = Vec::new();
+        let mut oversize: Option<ErrorFrame> = None;
+        let mut max_event: HashMap<String, usize> = HashMap::new();
+        for (wi, w) in round.iter().enumerate() {
             let (topic, partition, from, to) = w.at();
+            if blocked.iter().any(|(t, p)| t == topic && *p == partition) {
+                excluded[wi] = true;
+                new_events.push(0);
+                continue;
+            }
             let key = (topic.to_owned(), partition);
             let slot = &self.slot;
             let accepted = self.accepted.entry(key).or_insert_with_key(|key| {
@@ -1191,14 +1202,12 @@ impl Appender {
                     if missing.is_empty() {
                         continue;
                     }
-                    let slot = match per_topic.iter().position(|(t, _)| t == topic) {
-                        Some(i) => i,
-                        None => {
-                            per_topic.push((topic.to_owned(), Vec::new()));
-                            per_topic.len() - 1
-                        }
-                    };
-                    let list = &mut per_topic[slot].1;
+                    let max = *max_event.entry(topic.to_owned()).or_insert_with(|| {
+                        core.log
+                            .topic(topic)
+                            .map_or(usize::MAX, |t| t.config.max_event_bytes)
+                    });
+                    let mut list = Vec::with_capacity(fresh as usize);
                     let p = partition.to_string();
                     for (a, b) in missing {
                         for o in a..b {
@@ -1207,16 +1216,43 @@ impl Appender {
                             headers.push((HEADER_EDGE.to_owned(), self.edge.as_bytes().to_vec()));
                             headers.push((HEADER_PARTITION.to_owned(), p.as_bytes().to_vec()));
                             headers.push((HEADER_OFFSET.to_owned(), o.to_string().into_bytes()));
+                            let event = Event {
+                                key: r.key.clone(),
+                                value: r.value.clone(),
+                                timestamp: Some(r.timestamp),
+                                headers,
+                            };
+                            if event.size() > max && oversize.is_none() {
+                                oversize = Some(ErrorFrame {
+                                    expected: Some(o),
+                                    ..ErrorFrame::new(
+                                        code::TOO_LARGE,
+                                        format!(
+                                            "record {o} of {topic}/{partition} has {} bytes with its origin headers; the core's topic takes {max}",
+                                            event.size()
+                                        ),
+                                    )
+                                    .at(topic, partition)
+                                });
+                            }
+                            if event.size() > max {
+                                list.clear();
+                                break;
+                            }
                             list.push(AppendRecord {
                                 partition: Some(*core_partition),
-                                event: Event {
-                                    key: r.key.clone(),
-                                    value: r.value.clone(),
-                                    timestamp: Some(r.timestamp),
-                                    headers,
-                                },
+                                event,
                             });
                         }
+                    }
+                    if list.len() as u64 != fresh {
+                        excluded[wi] = true;
+                        blocked.push((topic.to_owned(), partition));
+                        continue;
+                    }
+                    match per_topic.iter_mut().find(|(t, _)| t == topic) {
+                        Some((_, all)) => all.extend(list),
+                        None => per_topic.push((topic.to_owned(), list)),
                     }
                 }
             }
@@ -1238,7 +1274,7 @@ impl Appender {
         // Topics whose append failed are neither held nor acknowledged; the
         // others are durable and must be both, or the edge would resend them
         // after the connection ends and they would be stored twice.
-        let mut failure = meta_written.err().map(storage_error);
+        let mut failure = oversize.or(meta_written.err().map(storage_error));
         let mut failed: Vec<String> = Vec::new();
         let mut ends: HashMap<(String, u32), u64> = HashMap::new();
         for (r, topic) in results {
@@ -1261,14 +1297,17 @@ impl Appender {
                 }
             }
         }
-        let done = |w: &Work| match w {
-            Work::Batch { batch, .. } => !failed.contains(&batch.topic),
-            Work::Skip(_) => true,
+        let done_at = |i: usize, w: &Work| {
+            !excluded[i]
+                && match w {
+                    Work::Batch { batch, .. } => !failed.contains(&batch.topic),
+                    Work::Skip(_) => true,
+                }
         };
         core.metrics.rounds.fetch_add(1, Relaxed);
         let mut appended = 0u64;
-        for (w, fresh) in round.iter().zip(&new_events) {
-            if matches!(w, Work::Batch { .. }) && done(w) {
+        for (i, (w, fresh)) in round.iter().zip(&new_events).enumerate() {
+            if matches!(w, Work::Batch { .. }) && done_at(i, w) {
                 appended = appended.saturating_add(*fresh);
             }
         }
@@ -1280,8 +1319,8 @@ impl Appender {
         {
             let mut st = lock(&self.slot.state);
             let mut touched = Vec::new();
-            for (w, fresh) in round.iter().zip(&new_events) {
-                if !done(w) {
+            for (i, (w, fresh)) in round.iter().zip(&new_events).enumerate() {
+                if !done_at(i, w) {
                     continue;
                 }
                 let (topic, partition, from, to) = w.at();
@@ -1323,8 +1362,8 @@ impl Appender {
                 skips_durable = false;
             }
         }
-        for w in &round {
-            if !done(w) || (matches!(w, Work::Skip(_)) && !skips_durable) {
+        for (i, w) in round.iter().enumerate() {
+            if !done_at(i, w) || (matches!(w, Work::Skip(_)) && !skips_durable) {
                 continue;
             }
             let (topic, partition, from, to) = w.at();

@@ -276,6 +276,9 @@ struct EdgeInner {
     samples: Mutex<VecDeque<(Instant, HashMap<String, u64>)>>,
     connected: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Records the core refused as too large: (topic, partition) → (offset,
+    /// retry after, why). Lanes go around them until then.
+    blocked: Mutex<HashMap<(String, u32), Blocked>>,
     metrics: EdgeMetrics,
 }
 
@@ -348,6 +351,7 @@ impl Uploader {
                 samples: Mutex::new(VecDeque::new()),
                 connected: AtomicBool::new(false),
                 last_error: Mutex::new(None),
+                blocked: Mutex::new(HashMap::new()),
                 metrics: EdgeMetrics::default(),
             }),
         })
@@ -645,6 +649,16 @@ impl Uploader {
             "edge_id": self.inner.config.edge_id,
             "connected": self.is_connected(),
             "last_error": lock(&self.inner.last_error).clone(),
+            "blocked": lock(&self.inner.blocked)
+                .iter()
+                .map(|((t, p), (o, until, why))| json!({
+                    "topic": t,
+                    "partition": p,
+                    "offset": o,
+                    "reason": why,
+                    "retry_in_seconds": until.saturating_duration_since(Instant::now()).as_secs(),
+                }))
+                .collect::<Vec<_>>(),
             "sent_events": m.sent_events.load(Relaxed),
             "acked_events": m.acked_events.load(Relaxed),
             "skipped_events": m.skipped_events.load(Relaxed),
@@ -1076,6 +1090,17 @@ impl<'a> Session<'a> {
                         Ok(())
                     }
                     (code::GAP, _) => Err(End::Resync(msg)),
+                    (code::TOO_LARGE, Some(t)) => {
+                        // One record the core cannot store: the next
+                        // connection forwards around it (see `opened`).
+                        if let (Some(p), Some(o)) = (e.partition, e.expected) {
+                            let until = Instant::now() + BLOCK_RETRY;
+                            lock(&self.up.inner.blocked)
+                                .insert((t.clone(), p), (o, until, e.message.clone()));
+                            tracing::warn!(topic = %t, partition = p, offset = o, "sync: the core refuses a record as too large; forwarding around it, retrying in {BLOCK_RETRY:?}");
+                        }
+                        Err(End::Failed(msg))
+                    }
                     _ => Err(End::Failed(msg)),
                 }
             }
@@ -1152,6 +1177,15 @@ impl<'a> Session<'a> {
                     live: false,
                     waiting_since: None,
                 }]
+            };
+            let block = {
+                let mut b = lock(&up.inner.blocked);
+                b.retain(|_, (_, until, _)| *until > Instant::now());
+                b.get(&(o.topic.clone(), partition)).map(|&(off, ..)| off)
+            };
+            let lanes = match block {
+                Some(off) => around(lanes, off, &held),
+                None => lanes,
             };
             tracing::debug!(topic = %o.topic, partition, start, end, ?held, "sync: partition opened");
             // Wake the session whenever the partition grows.
@@ -1398,9 +1432,97 @@ impl<'a> Session<'a> {
     }
 }
 
+/// A refused record: its offset, when to offer it again, the core's reason.
+type Blocked = (u64, Instant, String);
+
+/// How long a record the core refused as too large is gone around before
+/// it is offered again (the core's limit may have been raised meanwhile).
+const BLOCK_RETRY: Duration = Duration::from_secs(600);
+
+/// Splits the lanes that would send offset `off` so that they stop before
+/// it and go on after it: one record waits, its partition does not. When the
+/// core's ranges leave no room for one more, the lane just stops there.
+fn around(lanes: Vec<Lane>, off: u64, held: &RangeSet) -> Vec<Lane> {
+    let mut out = Vec::with_capacity(lanes.len() + 1);
+    for lane in lanes {
+        if off < lane.next || off >= lane.limit {
+            out.push(lane);
+            continue;
+        }
+        let after = off + 1;
+        let room = held.len() + out.len() + 2 < MAX_RANGES;
+        out.push(Lane {
+            limit: off,
+            ..lane.clone()
+        });
+        if room && after < lane.limit {
+            // The part after it keeps the lane's class (a tail stays live).
+            out.push(Lane {
+                next: after,
+                opens: !held.continues_at(after),
+                waiting_since: None,
+                ..lane
+            });
+        }
+    }
+    out
+}
+
 async fn sleep_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(next: u64, limit: u64, live: bool) -> Lane {
+        Lane {
+            next,
+            limit,
+            opens: false,
+            live,
+            waiting_since: None,
+        }
+    }
+
+    #[test]
+    fn lanes_go_around_a_refused_record() {
+        let held = RangeSet::from_ranges([(0, 3)]);
+        // A backlog lane over the record splits around it; the part after
+        // it opens a new range at the core. A live lane above it is untouched.
+        let out = around(
+            vec![lane(100, u64::MAX, true), lane(3, 100, false)],
+            10,
+            &held,
+        );
+        let spans: Vec<(u64, u64, bool, bool)> = out
+            .iter()
+            .map(|l| (l.next, l.limit, l.opens, l.live))
+            .collect();
+        assert_eq!(
+            spans,
+            [
+                (100, u64::MAX, false, true),
+                (3, 10, false, false),
+                (11, 100, true, false)
+            ]
+        );
+        // A tail lane stays a tail after the record.
+        let out = around(vec![lane(3, u64::MAX, true)], 3, &held);
+        let spans: Vec<(u64, u64, bool, bool)> = out
+            .iter()
+            .map(|l| (l.next, l.limit, l.opens, l.live))
+            .collect();
+        assert_eq!(spans, [(3, 3, false, true), (4, u64::MAX, true, true)]);
+        // No room for another range at the core: the lane stops at the record.
+        let crowded =
+            RangeSet::from_ranges((0..MAX_RANGES as u64 - 2).map(|i| (i * 10, i * 10 + 1)));
+        let out = around(vec![lane(500, u64::MAX, true)], 600, &crowded);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].limit, 600);
     }
 }

@@ -641,3 +641,65 @@ async fn wss_with_tokens_and_client_certificates() {
         .iter()
         .all(|r| r.header("tributary.edge") != Some(b"edge-x")));
 }
+
+/// A record the core cannot store (larger than its topic's max_event_bytes)
+/// waits at the edge, shown in its stats; the rest of its partition and the
+/// edge's other topics are forwarded around it, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_the_core_waits_alone() {
+    let dir = tmp();
+    let core = start_core(&dir.path().join("core"), &[]);
+    let c = client();
+    let (s, b) = post(
+        &c,
+        &format!("{}/v1/topics", core.url),
+        &json!({"name": "big", "partitions": 1, "max_event_bytes": 2048}),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let edge = start_edge(
+        &dir.path().join("edge"),
+        &sync_url(&http_addr(&core)),
+        "edge-a",
+        &[],
+    );
+    create_topic(&c, &edge.url, "big", 1).await;
+    create_topic(&c, &edge.url, "other", 1).await;
+    let records: Vec<serde_json::Value> = (0..7)
+        .map(|i| json!({"value": if i == 3 { "x".repeat(3000) } else { format!("small-{i}") }}))
+        .collect();
+    let (s, b) = post(
+        &c,
+        &format!("{}/v1/topics/big/records", edge.url),
+        &json!({"records": records}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    produce_all(&edge.url, "other", "other", 0, 1, 10).await;
+    wait_for(|| async {
+        end_total(&core.url, "big").await == 6 && end_total(&core.url, "other").await == 10
+    })
+    .await;
+    let s = edge_sync_stats(&edge.url).await;
+    let blocked = s["blocked"].as_array().expect("blocked list");
+    assert_eq!(blocked.len(), 1, "{s}");
+    assert_eq!(
+        (blocked[0]["topic"].as_str(), blocked[0]["offset"].as_u64()),
+        (Some("big"), Some(3)),
+        "{s}"
+    );
+    assert!(
+        s["topics"]
+            .as_array()
+            .expect("topics")
+            .iter()
+            .any(|t| t["topic"] == "big" && t["lag_events"] == 1),
+        "{s}"
+    );
+    let f = check_topic("edge-a", &edge.url, &core.url, "other").await;
+    assert_eq!(f.records, 10);
+    let mut edge_big = read_topic(&edge.url, "big").await;
+    edge_big.retain(|r| r.offset != 3);
+    let f = assert_forwarded("edge-a", &edge_big, &read_topic(&core.url, "big").await);
+    assert_eq!(f.records, 6);
+}
