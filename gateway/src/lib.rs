@@ -42,6 +42,9 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A log that cannot be written (stderr on a full disk) is dropped:
+        // tracing's fallback would eprintln!, which panics when stderr fails.
+        .log_internal_errors(false)
         .try_init();
 }
 

@@ -60,7 +60,8 @@ pub async fn run_until(
             line.push_str(&format!(" {name}={a}"));
         }
     }
-    println!("{line}");
+    // Not println!: a stdout that cannot be written must not panic the node.
+    let _ = writeln!(std::io::stdout(), "{line}");
     let _ = std::io::stdout().flush();
     node.wait().await
 }

@@ -232,9 +232,14 @@ fn a_core_whose_disk_fills_up_while_an_edge_drains_loses_and_doubles_nothing() {
     // The core runs out of room: its log stops taking writes, cleanly.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let (s, _) = rt.block_on(get(&c, &format!("{}/health", core.url)));
-        if s == 503 {
-            break;
+        let health = rt.block_on(async { c.get(format!("{}/health", core.url)).send().await });
+        match health {
+            Ok(r) if r.status().as_u16() == 503 => break,
+            Ok(_) => {}
+            Err(e) => panic!(
+                "the core stopped answering ({e}); its log:\n{}",
+                std::fs::read_to_string(core_dir.join("node.log")).unwrap_or_default()
+            ),
         }
         assert!(
             std::time::Instant::now() < deadline,
