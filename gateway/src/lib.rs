@@ -53,6 +53,7 @@ fn init_tracing() {
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    tributary_protocols::panics::install_hook();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -9,6 +9,7 @@
 //! - [`mqtt`]: MQTT 3.1.1 and 5 (TCP and WebSocket) over our own session layer.
 //! - [`amqp`]: AMQP 0-9-1 (publish with confirms) and the lapin bridge to RabbitMQ.
 //! - [`auth`]: the one authentication/authorization hook every protocol calls.
+//! - [`panics`]: a panic closes only the connection it hit, and is counted.
 //!
 //! Every front end has the same shape: a listener, a handler per connection,
 //! one shutdown token.
@@ -18,6 +19,7 @@ pub use tributary_devices::auth;
 pub mod http;
 pub mod listener;
 pub mod mqtt;
+pub mod panics;
 pub mod tls;
 
 use std::collections::BTreeMap;

@@ -10,6 +10,8 @@
 //! Environment: `BENCH_SECS` (default 10) is each append phase's duration;
 //! `BENCH_DIR` is where the temporary log directories go (default: the system
 //! temp dir, which must be on a real disk for the fsync numbers to mean anything).
+// A benchmark: a failed setup step ends the run with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 //!
 //! Durability tests use `MemStore::hold_sync()`: a held sync can never complete
 //! on its own, so "this must still be pending" is not a timing assertion.
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The committer writes the next cycle while the syncer fsyncs the previous
 //! one. A cycle written during a held sync must stay invisible and
 //! unacknowledged until a sync that covers it completes.
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;

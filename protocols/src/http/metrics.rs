@@ -61,6 +61,13 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
     let _ = writeln!(out, "tributary_uptime_seconds {:.3}", uptime.as_secs_f64());
     header(
         &mut out,
+        "tributary_panics_total",
+        "counter",
+        "Panics caught: each closed only the connection or task it hit.",
+    );
+    let _ = writeln!(out, "tributary_panics_total {}", crate::panics::count());
+    header(
+        &mut out,
         "tributary_log_writable",
         "gauge",
         "1 when the log accepts writes.",

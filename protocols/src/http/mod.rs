@@ -35,7 +35,7 @@ use crate::listener::{ConnectionStats, LimitedListener};
 use crate::tls::TlsListener;
 use crate::FrontendContext;
 use auth::Caller;
-use records::{Format, ProduceBody, RecordOut};
+use records::{FetchOut, Format, ProduceBody, RecordOut};
 
 /// HTTP front-end settings.
 #[derive(Debug, Clone)]
@@ -226,6 +226,16 @@ pub async fn serve(
 }
 
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // Debug builds only: a request can inject a bug, so the tests can show
+    // that a panic closes only its own connection (see `crate::panics`).
+    #[cfg(debug_assertions)]
+    if req
+        .headers()
+        .get("x-tributary-fault")
+        .is_some_and(|v| v == "panic")
+    {
+        panic!("fault injected by x-tributary-fault");
+    }
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -637,7 +647,7 @@ async fn fetch(
     Extension(caller): Extension<Caller>,
     path: Result<Path<(String, u32)>, axum::extract::rejection::PathRejection>,
     params: Result<Query<FetchParams>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<FetchOut>> {
     let (topic, partition) = path_param(path)?;
     auth::allow(
         &state,
@@ -681,17 +691,19 @@ async fn fetch(
         r = log.fetch(&topic, partition, offset, limit, max_bytes, wait) => r?,
         () = state.cx.shutdown.cancelled() => log.fetch(&topic, partition, offset, limit, max_bytes, Duration::ZERO).await?,
     };
-    let records: Vec<RecordOut> = result
-        .records
-        .into_iter()
-        .map(|r| RecordOut::new(r, p.format))
-        .collect();
-    Ok(Json(json!({
-        "records": records,
-        "next_offset": result.next_offset,
-        "start_offset": result.start_offset,
-        "end_offset": result.end_offset,
-    })))
+    // Serialized straight from the typed records: a stored value is embedded
+    // as its text, never re-parsed into a `Value` (whose recursion limit a
+    // stored record could hit).
+    Ok(Json(FetchOut {
+        records: result
+            .records
+            .into_iter()
+            .map(|r| RecordOut::new(r, p.format))
+            .collect(),
+        next_offset: result.next_offset,
+        start_offset: result.start_offset,
+        end_offset: result.end_offset,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -147,6 +147,19 @@ pub enum Format {
     Binary,
 }
 
+/// The fetch response.
+#[derive(Debug, Serialize)]
+pub struct FetchOut {
+    /// The records read, in offset order.
+    pub records: Vec<RecordOut>,
+    /// Where the next fetch starts.
+    pub next_offset: u64,
+    /// The partition's first offset.
+    pub start_offset: u64,
+    /// The partition's end offset (next to be written).
+    pub end_offset: u64,
+}
+
 /// A value in fetch output.
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
@@ -235,12 +248,50 @@ impl RecordOut {
     }
 }
 
+/// Deepest nesting of arrays and objects a value is embedded as JSON with.
+/// A response wraps the value in three more levels (object, `records` array,
+/// record), so every client that parses with serde_json's default limit of
+/// 128 (our own CLI among them), or a browser, can read it back. A deeper
+/// value is valid JSON all the same: it is rendered as its text.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 fn json_or_text(bytes: &[u8]) -> Option<ValueOut> {
     let text = std::str::from_utf8(bytes).ok()?;
+    if json_depth(bytes) > MAX_JSON_DEPTH {
+        return Some(ValueOut::Text(text.to_owned()));
+    }
     match serde_json::from_str::<Box<RawValue>>(text) {
         Ok(raw) => Some(ValueOut::Json(raw)),
         Err(_) => Some(ValueOut::Text(text.to_owned())),
     }
+}
+
+/// The deepest nesting of `[`/`{` in `bytes`, brackets inside strings not
+/// counted; a loop, not a recursion, so any input is safe. Unbalanced input
+/// gives some number: the JSON parse after it decides validity.
+fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 #[cfg(test)]
@@ -277,6 +328,71 @@ mod tests {
         assert_eq!(v["key"], B64.encode("k"));
         let v = render(record(Some(b"k"), b"1"), Format::Binary);
         assert_eq!(v["value"], B64.encode("1"));
+    }
+
+    /// Arbitrary stored bytes, deep JSON among them: every format renders
+    /// without a panic into JSON that serde_json (limit 128) parses again,
+    /// with the bytes recoverable.
+    #[test]
+    fn any_stored_bytes_render_in_every_format() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes();
+        let mut values: Vec<Vec<u8>> = vec![
+            deep(MAX_JSON_DEPTH),
+            deep(MAX_JSON_DEPTH + 1),
+            deep(129),
+            deep(100_000),
+            format!("{}1{}", "{\"a\":".repeat(300), "}".repeat(300)).into_bytes(),
+            b"\"[[[[\"".to_vec(),
+            br#"{"s": "]]]]]]", "t": "\\\""}"#.to_vec(),
+            Vec::new(),
+            vec![0xff, 0xfe],
+        ];
+        let mut rng = fastrand::Rng::with_seed(23);
+        let alphabet = b"[]{}\",:\\ 0123456789truefalsenull\x00\xff";
+        for _ in 0..5_000 {
+            let len = rng.usize(0..300);
+            values.push(
+                (0..len)
+                    .map(|_| {
+                        if rng.bool() {
+                            alphabet[rng.usize(..alphabet.len())]
+                        } else {
+                            rng.u8(..)
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        for value in values {
+            for format in [Format::Json, Format::Binary] {
+                let out = RecordOut::new(record(Some(b"k"), &value), format);
+                let text = serde_json::to_string(&out).expect("renders");
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).expect("a default serde_json parser reads it");
+                let embedded = serde_json::from_slice::<serde_json::Value>(&value)
+                    .ok()
+                    .filter(|_| json_depth(&value) <= MAX_JSON_DEPTH);
+                match (format, v.get("encoding"), embedded) {
+                    (Format::Binary, _, _) | (_, Some(_), _) => {
+                        let b64 = v["value"].as_str().expect("base64 text");
+                        assert_eq!(B64.decode(b64).expect("base64"), value, "{text}");
+                    }
+                    // Valid JSON: the same value, whitespace aside.
+                    (Format::Json, None, Some(stored)) => assert_eq!(v["value"], stored),
+                    (Format::Json, None, None) => {
+                        let s = v["value"].as_str().expect("text");
+                        assert_eq!(s.as_bytes(), &value[..], "{text}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(json_depth(br#"[{"a": "[[[[{{{"}]"#), 2);
+        assert_eq!(json_depth(br#"["\"[[[", []]"#), 2);
+        assert_eq!(json_depth(b"]]]][["), 2);
     }
 
     #[test]
