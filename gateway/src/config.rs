@@ -295,6 +295,9 @@ pub struct StorageSection {
     pub max_event_bytes: usize,
     /// Disk quota: event bytes the log holds at most (0: none).
     pub max_disk_bytes: u64,
+    /// Free space left on the data directory's file system: appends that would
+    /// eat into it are refused (disk full) and resume once space is back (0: off).
+    pub min_free_bytes: u64,
     /// `on_full` of auto-created topics: `reject` or `drop_oldest`.
     pub default_on_full: OnFull,
 }
@@ -316,6 +319,7 @@ impl Default for StorageSection {
             default_retention_bytes: None,
             max_event_bytes: log.topic_defaults.max_event_bytes,
             max_disk_bytes: 0,
+            min_free_bytes: log.min_free_bytes,
             default_on_full: OnFull::Reject,
         }
     }
@@ -979,6 +983,7 @@ impl Config {
             auto_create_topics: s.auto_create_topics.unwrap_or(mode == Mode::Edge),
             topic_defaults: self.topic_defaults(),
             max_disk_bytes: (s.max_disk_bytes > 0).then_some(s.max_disk_bytes),
+            min_free_bytes: s.min_free_bytes,
             forwarded: match mode {
                 Mode::Edge if self.forwards() && self.upstream.topics.is_empty() => Forwarded::All,
                 Mode::Edge if self.forwards() => Forwarded::Topics(

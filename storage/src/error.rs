@@ -71,6 +71,16 @@ pub enum Error {
         /// `max_disk_bytes`.
         max: u64,
     },
+    /// The disk holding the log has less free space than the reserve the log
+    /// keeps (`min_free_bytes`): appends are refused, every stored event stays
+    /// readable, and appends resume by themselves once space is back.
+    #[error("the disk is full: {free} bytes free, the log keeps {reserve} bytes free; new events are refused until space is freed")]
+    DiskFull {
+        /// Bytes free on the log's file system when checked.
+        free: u64,
+        /// The reserve the log keeps (`min_free_bytes`).
+        reserve: u64,
+    },
     /// The log hit an I/O error earlier and refuses writes until restarted.
     #[error("the log is not writable: {0}")]
     Unwritable(String),

@@ -108,6 +108,12 @@ pub struct LogConfig {
     /// and appends to `drop_oldest` topics evict the oldest batches of such
     /// topics first. `None`: no quota.
     pub max_disk_bytes: Option<u64>,
+    /// Free space the log leaves on its file system: a cycle of appends that
+    /// would eat into it is refused ([`Error::DiskFull`]) instead of written,
+    /// so the engine never meets a full disk (sled cannot recover from a failed
+    /// write without a restart, and then fails reads too). Appends resume by
+    /// themselves when space is back. 0 turns the check off.
+    pub min_free_bytes: u64,
     /// Topics forwarded upstream (an edge with `[upstream]`): their events are
     /// kept by retention until [`Log::mark_forwarded`] says the core has them,
     /// and the disk quota evicts their forwarded events first.
@@ -148,6 +154,7 @@ impl Default for LogConfig {
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
             max_disk_bytes: None,
+            min_free_bytes: 16 * 1024 * 1024,
             forwarded: Forwarded::None,
         }
     }
@@ -310,6 +317,9 @@ struct Shared {
     stats: Stats,
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
+    /// Set when a cycle found the disk under the free-space reserve; cleared
+    /// by the first check that finds room again.
+    disk_low: AtomicBool,
     closed: AtomicBool,
     dirty: AtomicBool,
     /// Held for a whole retention pass: two passes at once could write a stale floor.
@@ -375,6 +385,47 @@ impl Shared {
         }
         if self.closed.load(SeqCst) {
             return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// `Err(DiskFull)` when writing `incoming` bytes now would leave less than
+    /// the reserve free; sets or clears [`Shared::disk_low`] as it finds.
+    fn check_room(&self, incoming: u64) -> Result<()> {
+        let reserve = self.config.min_free_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Some(free) = self.store.free_bytes() else {
+            return Ok(());
+        };
+        // The engine writes more than the events (page images, segments):
+        // twice the incoming bytes is what a cycle is allowed to need.
+        if free < reserve.saturating_add(incoming.saturating_mul(2)) {
+            if !self.disk_low.swap(true, SeqCst) {
+                tracing::warn!(
+                    free,
+                    reserve,
+                    "the disk is nearly full: new events are refused until space is freed"
+                );
+            }
+            return Err(Error::DiskFull { free, reserve });
+        }
+        if self.disk_low.swap(false, SeqCst) {
+            tracing::info!(
+                free,
+                reserve,
+                "space on the disk again: new events are accepted"
+            );
+        }
+        Ok(())
+    }
+
+    /// Fails fast while the disk is known to be low, re-checking the disk so
+    /// that appends resume as soon as space is back.
+    fn check_disk(&self) -> Result<()> {
+        if self.disk_low.load(SeqCst) {
+            self.check_room(0)?;
         }
         Ok(())
     }
@@ -548,6 +599,7 @@ impl Log {
             stats: Stats::default(),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
+            disk_low: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             retention: Mutex::new(()),
@@ -628,12 +680,18 @@ impl Log {
 
     /// Ok when the log accepts writes.
     pub fn health(&self) -> Result<()> {
-        self.shared().check_writable()
+        self.shared().check_writable()?;
+        self.shared().check_disk()
     }
 
     /// Counters for metrics.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared().stats.snapshot()
+    }
+
+    /// Bytes free on the log's file system (`None`: not on a disk).
+    pub fn free_disk_bytes(&self) -> Option<u64> {
+        self.shared().store.free_bytes()
     }
 
     /// Bytes the store occupies on disk.
@@ -727,6 +785,12 @@ impl Log {
 
     async fn append_inner(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
         self.shared().check_writable()?;
+        self.shared().check_disk().inspect_err(|_| {
+            self.shared()
+                .stats
+                .disk_full_rejected_appends
+                .fetch_add(1, Relaxed);
+        })?;
         let t = self.topic_or_create(topic).await?;
         if records.is_empty() {
             return Ok(Vec::new());
@@ -1186,6 +1250,36 @@ fn committer(
             std::thread::park_timeout(Duration::from_micros(500));
         }
         let started = Instant::now();
+        // The free-space reserve: a cycle whose appends would eat into it
+        // answers them DiskFull and writes only the rest (offset commits and
+        // metadata, which are small).
+        let append_bytes: usize = cycle
+            .iter()
+            .map(|c| match c {
+                Command::Append { bytes, .. } => *bytes,
+                _ => 0,
+            })
+            .sum();
+        if append_bytes > 0 {
+            if let Err(Error::DiskFull { free, reserve }) = shared.check_room(append_bytes as u64) {
+                let (refused, rest): (Vec<Command>, Vec<Command>) = cycle
+                    .into_iter()
+                    .partition(|c| matches!(c, Command::Append { .. }));
+                for c in refused {
+                    if let Command::Append { reply, .. } = c {
+                        shared
+                            .stats
+                            .disk_full_rejected_appends
+                            .fetch_add(1, Relaxed);
+                        let _ = reply.send(Err(Error::DiskFull { free, reserve }));
+                    }
+                }
+                cycle = rest;
+                if cycle.is_empty() {
+                    continue;
+                }
+            }
+        }
         let mut answers = Vec::new();
         let written = match shared.check_writable() {
             Err(e) if !matches!(e, Error::Closed) => Err(e),

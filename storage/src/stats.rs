@@ -24,6 +24,7 @@ pub struct Stats {
     pub(crate) quota_dropped_events: AtomicU64,
     pub(crate) quota_rejected_appends: AtomicU64,
     pub(crate) quota_dropped_unforwarded_events: AtomicU64,
+    pub(crate) disk_full_rejected_appends: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -56,6 +57,8 @@ pub struct StatsSnapshot {
     /// Of [`StatsSnapshot::quota_dropped_events`], those not yet forwarded
     /// upstream when they were evicted (the core never gets them).
     pub quota_dropped_unforwarded_events: u64,
+    /// Appends refused because the disk was under the free-space reserve.
+    pub disk_full_rejected_appends: u64,
 }
 
 impl Stats {
@@ -93,6 +96,7 @@ impl Stats {
             quota_dropped_events: self.quota_dropped_events.load(Relaxed),
             quota_rejected_appends: self.quota_rejected_appends.load(Relaxed),
             quota_dropped_unforwarded_events: self.quota_dropped_unforwarded_events.load(Relaxed),
+            disk_full_rejected_appends: self.disk_full_rejected_appends.load(Relaxed),
         }
     }
 }

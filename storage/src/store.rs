@@ -74,6 +74,10 @@ pub trait Store: Send + Sync {
     fn sync(&self) -> Result<()>;
     /// Bytes the store occupies on disk (0 in memory).
     fn disk_bytes(&self) -> u64;
+    /// Bytes free for this store on its file system (`None`: not on a disk).
+    fn free_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 fn be(offset: u64) -> [u8; 8] {
@@ -147,6 +151,8 @@ pub struct SledStore {
     db_file: File,
     blobs_dir: PathBuf,
     synced_blobs: Mutex<HashSet<OsString>>,
+    /// The data directory (for free-space checks).
+    dir: std::path::PathBuf,
     /// Held for the store's life: one process per data directory.
     _dir_lock: File,
 }
@@ -197,6 +203,7 @@ impl SledStore {
             meta,
             db_file,
             blobs_dir: dir.join("blobs"),
+            dir: dir.to_owned(),
             synced_blobs: Mutex::new(HashSet::new()),
             _dir_lock: dir_lock,
         })
@@ -440,6 +447,12 @@ impl Store for SledStore {
     fn disk_bytes(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+
+    fn free_bytes(&self) -> Option<u64> {
+        // What an unprivileged writer may use (f_bavail), as sled would.
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -502,6 +515,7 @@ struct MemInner {
     syncs: u64,
     held: bool,
     fail_sync: Option<String>,
+    free_bytes: Option<u64>,
 }
 
 /// An in-memory [`Store`]: what is synced survives [`MemStore::crashed`], what is
@@ -532,6 +546,11 @@ impl MemStore {
     /// Makes syncs fail with this message (None: succeed again).
     pub fn fail_sync(&self, message: Option<&str>) {
         lock(&self.inner.0).fail_sync = message.map(str::to_owned);
+    }
+
+    /// What [`Store::free_bytes`] answers from now on (a disk filling up).
+    pub fn set_free_bytes(&self, free: Option<u64>) {
+        lock(&self.inner.0).free_bytes = free;
     }
 
     /// How many syncs completed.
@@ -721,6 +740,10 @@ impl Store for MemStore {
 
     fn disk_bytes(&self) -> u64 {
         0
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        lock(&self.inner.0).free_bytes
     }
 }
 

@@ -590,6 +590,82 @@ async fn crash_keeps_acknowledged_records_and_loses_unsynced_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_under_the_reserve_refuses_appends_keeps_reads_and_recovers_by_itself() {
+    let store = MemStore::new();
+    let reserve = 1024 * 1024;
+    let log = mem_log(
+        &store,
+        LogConfig {
+            min_free_bytes: reserve,
+            ..strict_config()
+        },
+    );
+    create(&log, "d", 1).await;
+    store.set_free_bytes(Some(100 * 1024 * 1024));
+    for i in 0..10 {
+        assert_eq!(append_one(&log, "d", format!("v{i}")).await, i);
+    }
+    log.health().expect("room on the disk");
+
+    // The disk fills up (another writer, or our own events).
+    store.set_free_bytes(Some(reserve - 1));
+    let syncs = store.syncs();
+    for _ in 0..3 {
+        let e = log
+            .append("d", vec![Event::new("refused").into()])
+            .await
+            .expect_err("no room");
+        assert!(
+            matches!(e, Error::DiskFull { reserve: r, .. } if r == reserve),
+            "{e}"
+        );
+    }
+    assert!(matches!(log.health(), Err(Error::DiskFull { .. })));
+    assert_eq!(
+        store.syncs(),
+        syncs,
+        "nothing was written for the refused appends"
+    );
+    // Every stored event stays readable while the disk is full.
+    let values: Vec<Vec<u8>> = read_all(&log, "d", 0)
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(
+        values,
+        (0..10)
+            .map(|i| format!("v{i}").into_bytes())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(log.stats().disk_full_rejected_appends, 3);
+    // Offset commits are small: they still go through.
+    log.commit_offsets(
+        "g",
+        vec![GroupOffset {
+            topic: "d".into(),
+            partition: 0,
+            offset: 10,
+        }],
+    )
+    .await
+    .expect("commit while the disk is low");
+
+    // An append that would itself eat into the reserve is refused too.
+    store.set_free_bytes(Some(reserve + 1000));
+    let e = log
+        .append("d", vec![Event::new(vec![0u8; 4096]).into()])
+        .await
+        .expect_err("this event does not fit above the reserve");
+    assert!(matches!(e, Error::DiskFull { .. }), "{e}");
+
+    // Space is back: appends resume and health is green, without a restart.
+    store.set_free_bytes(Some(100 * 1024 * 1024));
+    log.health().expect("healthy again");
+    assert_eq!(append_one(&log, "d", "after").await, 10);
+    assert_eq!(offsets(&log, "d", 0), (0, 11), "offsets stay dense");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_sync_makes_the_log_unwritable_for_good() {
     let store = MemStore::new();
     let log = mem_log(&store, strict_config());

@@ -1778,6 +1778,7 @@ async fn append_batch(server: Arc<Server>, batch: Batch) -> Appended {
                     LogError::UnknownTopic(_) | LogError::InvalidTopic(_) => "no_route",
                     LogError::EventTooLarge { .. } => "message_too_large",
                     LogError::QuotaExceeded { .. } => "disk_quota",
+                    LogError::DiskFull { .. } => "disk_full",
                     _ => "log_unwritable",
                 };
                 server.metrics.reject(why);

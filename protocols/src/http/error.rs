@@ -48,6 +48,7 @@ impl From<LogError> for ApiError {
             LogError::Corruption { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "corruption"),
             LogError::Unwritable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unwritable"),
             LogError::QuotaExceeded { .. } => (StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded"),
+            LogError::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
             LogError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             LogError::Engine(_) | LogError::Io(_) => {
                 tracing::error!(error = %e, "storage error while serving a request");

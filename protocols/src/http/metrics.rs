@@ -128,6 +128,11 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
             "Appends refused at storage.max_disk_bytes (nothing evictable made room).",
             s.quota_rejected_appends,
         ),
+        (
+            "tributary_disk_full_rejected_appends_total",
+            "Appends refused because the disk had less free space than storage.min_free_bytes.",
+            s.disk_full_rejected_appends,
+        ),
     ] {
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {v}");

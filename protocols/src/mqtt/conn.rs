@@ -1206,6 +1206,10 @@ async fn append_batch(broker: Arc<Broker>, batch: Batch) -> Acked {
                     broker.metrics.reject("disk_quota");
                     reason::QUOTA_EXCEEDED
                 }
+                LogError::DiskFull { .. } => {
+                    broker.metrics.reject("disk_full");
+                    reason::QUOTA_EXCEEDED
+                }
                 other => {
                     broker.metrics.reject("log_unwritable");
                     tracing::warn!(error = %other, "an MQTT publish was not stored");
