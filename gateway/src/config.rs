@@ -62,6 +62,26 @@ pub struct Config {
     pub upstream: UpstreamSection,
     /// Core: how edges' streams are received at `/v1/sync`.
     pub sync: SyncSection,
+    /// Node-wide limits across every front end.
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LimitsSection {
+    /// Bytes held in partially received requests, messages and frames across
+    /// every connection and protocol; past it readers wait, then the newest
+    /// request is refused with its protocol's code.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_buffered_bytes: tributary_protocols::budget::DEFAULT_MAX_BUFFERED_BYTES,
+        }
+    }
 }
 
 /// `[upstream]` (edge).
@@ -253,6 +273,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             upstream: UpstreamSection::default(),
             sync: SyncSection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -343,6 +364,12 @@ pub struct HttpSection {
     pub max_wait_ms: u64,
     /// Largest WebSocket message.
     pub ws_max_message_bytes: usize,
+    /// A request head must be complete this long after its first byte.
+    pub request_head_timeout_ms: u64,
+    /// A request body must be complete this long after its head.
+    pub request_timeout_ms: u64,
+    /// A keep-alive connection with no request is closed after this long.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for HttpSection {
@@ -356,6 +383,9 @@ impl Default for HttpSection {
             max_fetch_records: d.max_fetch_records,
             max_wait_ms: d.max_wait_ms,
             ws_max_message_bytes: d.ws_max_message_bytes,
+            request_head_timeout_ms: d.request_head_timeout.as_millis() as u64,
+            request_timeout_ms: d.request_timeout.as_millis() as u64,
+            idle_timeout_ms: d.idle_timeout.as_millis() as u64,
         }
     }
 }
@@ -847,6 +877,21 @@ impl Config {
         if h.max_fetch_records == 0 {
             errors.push("`http.max_fetch_records` must be positive".into());
         }
+        for (key, v) in [
+            ("http.request_head_timeout_ms", h.request_head_timeout_ms),
+            ("http.request_timeout_ms", h.request_timeout_ms),
+            ("http.idle_timeout_ms", h.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                errors.push(format!("`{key}` must be positive"));
+            }
+        }
+        if self.limits.max_buffered_bytes < h.max_body_bytes {
+            errors.push(format!(
+                "`limits.max_buffered_bytes` ({}) must be at least `http.max_body_bytes` ({}), or the largest requests can never be read",
+                self.limits.max_buffered_bytes, h.max_body_bytes
+            ));
+        }
         if h.max_body_bytes < s.max_event_bytes {
             errors.push(format!(
                 "`http.max_body_bytes` ({}) must be at least `storage.max_event_bytes` ({}), or the largest events cannot be sent",
@@ -1068,6 +1113,9 @@ impl Config {
             max_fetch_records: self.http.max_fetch_records,
             max_wait_ms: self.http.max_wait_ms,
             ws_max_message_bytes: self.http.ws_max_message_bytes,
+            request_head_timeout: Duration::from_millis(self.http.request_head_timeout_ms),
+            request_timeout: Duration::from_millis(self.http.request_timeout_ms),
+            idle_timeout: Duration::from_millis(self.http.idle_timeout_ms),
         }
     }
 }

@@ -132,6 +132,7 @@ pub async fn start(
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     let http_addr = http_listener.local_addr()?;
     let mut cx = FrontendContext::new(log.clone(), shutdown.clone(), mode.as_str());
+    cx.budget = tributary_protocols::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
     let registry = Arc::new(
         Registry::open(
             log.clone(),

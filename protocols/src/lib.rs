@@ -3,6 +3,7 @@
 //! goes out only after the log says durable.
 //!
 //! What lives where:
+//! - [`budget`]: the node-wide memory budget for bytes received but not yet whole.
 //! - [`listener`]: a TCP listener with a connection limit, shared by every front end.
 //! - [`http`]: the HTTP API (axum): topics, produce, fetch, consumer groups,
 //!   health, metrics and the OpenAPI document.
@@ -15,6 +16,7 @@
 //! one shutdown token.
 
 pub mod amqp;
+pub mod budget;
 pub use tributary_devices::auth;
 pub mod http;
 pub mod listener;
@@ -60,6 +62,8 @@ pub struct FrontendContext {
     pub connections: ConnectionGauges,
     /// Sections of `/v1/stats` other parts of the node fill (`sync`).
     pub stats: StatsSections,
+    /// Bytes buffered from peers, across every connection and protocol.
+    pub budget: budget::MemoryBudget,
 }
 
 impl FrontendContext {
@@ -74,6 +78,7 @@ impl FrontendContext {
             metrics: MetricsHub::default(),
             connections: ConnectionGauges::default(),
             stats: StatsSections::default(),
+            budget: budget::MemoryBudget::default(),
         }
     }
 }

@@ -1,6 +1,9 @@
 //! A TCP listener that holds at most `max_connections` connections open: the
 //! next accept waits for a free slot, so excess clients queue in the kernel's
-//! backlog instead of costing memory here.
+//! backlog instead of costing memory here. Connections that register as idle
+//! (HTTP keep-alive with no request in progress, see [`IdleConnections`]) are
+//! closed first when every slot is taken, so idle or half-sent connections
+//! cannot lock out new clients.
 
 use std::io;
 use std::net::SocketAddr;
@@ -35,6 +38,149 @@ pub struct LimitedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     stats: Arc<ConnectionStats>,
+    idle: Arc<IdleConnections>,
+}
+
+/// Milliseconds since a process-wide start, for timestamps in atomics (0: none).
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    start.elapsed().as_millis() as u64 + 1
+}
+
+/// The state of one connection that can be idle (an HTTP connection).
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Requests being served now.
+    in_flight: AtomicU64,
+    /// When the connection last became idle (no request in flight).
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived (0: none yet).
+    head_started: AtomicU64,
+    /// Set to close the connection (evicted at the connection limit).
+    close: tokio::sync::Notify,
+}
+
+/// What a connection is doing, for its watchdog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Serving a request (reading its body, waiting, writing the response).
+    Busy,
+    /// Waiting for a request for this many ms.
+    Idle(u64),
+    /// Reading a request head for this many ms.
+    ReadingHead(u64),
+}
+
+impl ConnState {
+    fn new() -> Self {
+        ConnState {
+            idle_since: AtomicU64::new(now_ms()),
+            ..ConnState::default()
+        }
+    }
+
+    /// A request starts (its head is complete).
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.head_started.store(0, Relaxed);
+    }
+
+    /// A request is done.
+    pub fn end(&self) {
+        self.idle_since.store(now_ms(), Relaxed);
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// Bytes arrived from the peer.
+    pub fn bytes_read(&self) {
+        if self.in_flight.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
+            self.head_started.store(now_ms(), Relaxed);
+        }
+    }
+
+    /// What the connection is doing now.
+    pub fn activity(&self) -> Activity {
+        if self.in_flight.load(Relaxed) > 0 {
+            return Activity::Busy;
+        }
+        let now = now_ms();
+        match self.head_started.load(Relaxed) {
+            0 => Activity::Idle(now.saturating_sub(self.idle_since.load(Relaxed))),
+            t => Activity::ReadingHead(now.saturating_sub(t)),
+        }
+    }
+
+    /// Resolves when the connection was chosen to be closed.
+    pub async fn closed(&self) {
+        self.close.notified().await;
+    }
+}
+
+/// The connections of one listener that may be idle.
+#[derive(Debug, Default)]
+pub struct IdleConnections {
+    conns: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
+    next: AtomicU64,
+    /// Connections closed to make room for new ones.
+    pub evicted: AtomicU64,
+}
+
+/// A registration; removed when dropped.
+#[derive(Debug)]
+pub struct Registered {
+    owner: Arc<IdleConnections>,
+    id: u64,
+    /// The connection's state.
+    pub state: Arc<ConnState>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.owner
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl IdleConnections {
+    /// Registers a new connection (idle until its first request).
+    pub fn register(self: &Arc<Self>) -> Registered {
+        let id = self.next.fetch_add(1, Relaxed);
+        let state = Arc::new(ConnState::new());
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, state.clone());
+        Registered {
+            owner: self.clone(),
+            id,
+            state,
+        }
+    }
+
+    /// Closes the connection that has waited longest without a request in
+    /// flight (idle, or sending a head); false when every one is busy.
+    pub fn evict_one(&self) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let victim = conns
+            .values()
+            .filter_map(|c| match c.activity() {
+                Activity::Busy => None,
+                Activity::Idle(ms) | Activity::ReadingHead(ms) => Some((ms, c)),
+            })
+            .max_by_key(|(ms, _)| *ms);
+        match victim {
+            Some((_, c)) => {
+                c.close.notify_one();
+                self.evicted.fetch_add(1, Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl LimitedListener {
@@ -44,6 +190,7 @@ impl LimitedListener {
             inner,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
             stats: Arc::new(ConnectionStats::default()),
+            idle: Arc::default(),
         }
     }
 
@@ -58,6 +205,7 @@ impl LimitedListener {
             inner,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
             stats,
+            idle: Arc::default(),
         }
     }
 
@@ -71,10 +219,31 @@ impl LimitedListener {
         self.inner.local_addr()
     }
 
-    /// Waits for a free slot, then for the next connection.
+    /// Connections of this listener that may be closed to make room.
+    pub fn idle(&self) -> Arc<IdleConnections> {
+        self.idle.clone()
+    }
+
+    /// Waits for a free slot (closing an idle connection first when all are
+    /// taken), then for the next connection.
     pub async fn accept(&self) -> (LimitedStream, SocketAddr) {
-        // The semaphore is never closed, so this is always Some.
-        let permit = self.slots.clone().acquire_owned().await.ok();
+        // Full: close the connection idle longest (one per admitted
+        // connection), else wait for a slot, looking again every second for
+        // a connection that has become idle meanwhile.
+        let permit = loop {
+            if let Ok(p) = self.slots.clone().try_acquire_owned() {
+                break Some(p);
+            }
+            let wait = if self.idle.evict_one() {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1)
+            };
+            // The semaphore is never closed, so an Ok is always Some.
+            if let Ok(p) = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+                break p.ok();
+            }
+        };
         loop {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {

@@ -518,6 +518,7 @@ pub struct TlsListener {
     task: JoinHandle<()>,
     local_addr: io::Result<SocketAddr>,
     stats: Arc<ConnectionStats>,
+    idle: Arc<crate::listener::IdleConnections>,
 }
 
 impl fmt::Debug for TlsListener {
@@ -533,6 +534,7 @@ impl TlsListener {
     pub fn new(inner: LimitedListener, tls: Tls) -> TlsListener {
         let local_addr = inner.local_addr();
         let stats = inner.stats();
+        let idle = inner.idle();
         let (tx, accepted) = mpsc::channel(ACCEPTED_QUEUE);
         let task = tokio::spawn(accept_loop(inner, tls, tx));
         TlsListener {
@@ -540,6 +542,7 @@ impl TlsListener {
             task,
             local_addr,
             stats,
+            idle,
         }
     }
 
@@ -549,6 +552,11 @@ impl TlsListener {
             Ok(addr) => Ok(*addr),
             Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
         }
+    }
+
+    /// Connections of the underlying listener that may be closed to make room.
+    pub fn idle(&self) -> Arc<crate::listener::IdleConnections> {
+        self.idle.clone()
     }
 
     /// The underlying listener's connection counters (handshakes in progress count as open).

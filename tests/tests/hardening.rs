@@ -157,3 +157,175 @@ async fn a_panic_closes_its_connection_and_the_node_keeps_serving() {
         1
     );
 }
+
+/// The node's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Finding 2: every HTTP slot held by half-sent request lines and idle
+/// keep-alive connections; a new client still gets in, and the half-sent
+/// connections are closed by the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_and_idle_connections_cannot_lock_out_new_clients() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            ("TRIBUTARY_HTTP__MAX_CONNECTIONS", "8"),
+            ("TRIBUTARY_HTTP__REQUEST_HEAD_TIMEOUT_MS", "1000"),
+            ("TRIBUTARY_HTTP__IDLE_TIMEOUT_MS", "60000"),
+        ],
+    );
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    // Four idle keep-alive connections, each after one request.
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.expect("response");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        held.push(s);
+    }
+    // Four half-sent request lines.
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /hea").await.expect("write");
+        held.push(s);
+    }
+    // Every slot is taken; new clients still get answers.
+    let c = client();
+    for _ in 0..4 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.get(format!("{}/health", node.url)).send(),
+        )
+        .await
+        .expect("a new client is served despite the held slots")
+        .expect("request");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    // The half-sent requests are closed by the server (EOF or reset), not
+    // held for ever.
+    for mut s in held.drain(4..) {
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("the server closes a half-sent request");
+        match r {
+            Ok(n) => assert!(
+                n == 0 || buf[..n].starts_with(b"HTTP/1.1 408"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+    }
+    let (s, _) = get(&c, &format!("{}/health", node.url)).await;
+    assert_eq!(s, 200);
+}
+
+/// Finding 3: many connections each holding almost a whole request body.
+/// The bytes they hold come from one budget: past it the newest request is
+/// refused (503 memory_budget), RSS stays within the budget plus a margin, and
+/// the node serves normally once the attackers leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_across_connections_stay_within_the_memory_budget() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BUDGET: u64 = 16 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            ("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", &BUDGET.to_string()),
+            ("TRIBUTARY_HTTP__REQUEST_TIMEOUT_MS", "120000"),
+        ],
+    );
+    let c = client();
+    create_topic(&c, &node.url, "big", 1).await;
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    let before = rss_kib(node.pid());
+    let body_len = 8 * 1024 * 1024 - 1;
+    let chunk = vec![b'x'; 1024 * 1024];
+    let mut attackers = Vec::new();
+    for _ in 0..12 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /v1/topics/big/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {body_len}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        // All but the last few bytes, sent as far as the server reads them.
+        for _ in 0..7 {
+            if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        attackers.push(s);
+    }
+    // The ones that found no room were answered 503 memory_budget.
+    let mut refused = 0;
+    for s in &mut attackers {
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.starts_with("HTTP/1.1 503") {
+                assert!(text.contains("memory_budget"), "{text}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused >= 10,
+        "only two 8 MiB bodies fit a 16 MiB budget: {refused} refused"
+    );
+    let during = rss_kib(node.pid());
+    let margin_kib = 48 * 1024;
+    assert!(
+        during.saturating_sub(before) < BUDGET / 1024 + margin_kib,
+        "RSS grew {} KiB (budget {} KiB + margin {margin_kib} KiB)",
+        during - before,
+        BUDGET / 1024
+    );
+    let (s, b) = common::get(&c, &format!("{}/v1/stats", node.url)).await;
+    assert_eq!(s, 200, "{b}");
+    drop(attackers);
+    // Once the attackers are gone, a large body fits again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .post(format!("{}/v1/topics/big/records", node.url))
+            .header("content-type", "application/octet-stream")
+            .body(vec![b'y'; 512 * 1024])
+            .send()
+            .await
+            .expect("produce");
+        if r.status().as_u16() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "budget never came back: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

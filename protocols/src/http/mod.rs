@@ -7,6 +7,7 @@ mod devices;
 mod error;
 mod metrics;
 pub mod records;
+pub mod serve;
 pub mod ws;
 
 use std::sync::Arc;
@@ -50,6 +51,12 @@ pub struct HttpConfig {
     pub max_wait_ms: u64,
     /// Largest WebSocket message (close 1009 beyond).
     pub ws_max_message_bytes: usize,
+    /// A request head must be complete this long after its first byte.
+    pub request_head_timeout: Duration,
+    /// A request body must be complete this long after its head.
+    pub request_timeout: Duration,
+    /// A keep-alive connection with no request is closed after this long.
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -60,6 +67,9 @@ impl Default for HttpConfig {
             max_fetch_records: 10_000,
             max_wait_ms: 30_000,
             ws_max_message_bytes: 2 * 1024 * 1024,
+            request_head_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -197,25 +207,14 @@ pub async fn serve(
     extra: Router,
 ) -> std::io::Result<()> {
     let shutdown = cx.shutdown.clone();
-    let app = extra.merge(router(cx, config, listener.stats()));
-    let https = tls.map(|tls| {
-        let shutdown = shutdown.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            axum::serve(
-                tls,
-                app.into_make_service_with_connect_info::<crate::Peer>(),
-            )
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-        })
-    });
-    let plain = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<crate::Peer>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await;
+    let app = extra.merge(router(cx, config.clone(), listener.stats()));
+    let hygiene = serve::Hygiene {
+        request_head_timeout: config.request_head_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    let https =
+        tls.map(|tls| tokio::spawn(serve::serve(tls, app.clone(), hygiene, shutdown.clone())));
+    let plain = serve::serve(listener, app, hygiene, shutdown).await;
     if let Some(https) = https {
         match https.await {
             Ok(r) => r?,
@@ -400,11 +399,29 @@ async fn list_topics(
 
 /// Reads the whole body up to the limit; a declared length over it is refused
 /// before a byte is read.
+/// A request body read whole, with its bytes held from the node's memory
+/// budget until dropped.
+pub(super) struct HeldBody {
+    bytes: Bytes,
+    /// Given back to the budget when the request is done with the body.
+    _reserved: crate::budget::Reserved,
+}
+
+impl std::ops::Deref for HeldBody {
+    type Target = Bytes;
+    fn deref(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+/// Reads a request body under `max_body_bytes`, the node's memory budget
+/// (reserved before the bytes are read: the Content-Length up front, else in
+/// steps as chunks arrive) and `request_timeout`.
 pub(super) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> ApiResult<Bytes> {
+) -> ApiResult<HeldBody> {
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -413,6 +430,7 @@ pub(super) async fn read_body(
             format!("request body exceeds the limit of {limit} bytes"),
         )
     };
+    let mut declared = None;
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
         let len: u64 = len
             .to_str()
@@ -422,16 +440,65 @@ pub(super) async fn read_body(
         if len > limit as u64 {
             return Err(too_large());
         }
+        declared = Some(len as usize);
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let over_limit = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over_limit {
-            too_large()
-        } else {
-            ApiError::bad_request(format!("could not read the request body: {e}"))
+    let budget = &state.cx.budget;
+    let busy = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "memory_budget",
+            "the node holds as many request bytes as limits.max_buffered_bytes allows; retry later",
+        )
+    };
+    let read = async {
+        let mut reserved = match declared {
+            Some(n) => budget
+                .reserve(n, crate::budget::WAIT_FOR_ROOM)
+                .await
+                .ok_or_else(busy)?,
+            None => crate::budget::Reserved::none(),
+        };
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+        let mut body = body.into_data_stream();
+        use futures_util::StreamExt as _;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("could not read the request body: {e}"))
+            })?;
+            let needed = buf.len() + chunk.len();
+            if needed > limit {
+                return Err(too_large());
+            }
+            if needed > reserved.bytes() {
+                // Chunked (or lying) bodies: reserve in steps of at least 64 KiB.
+                let held = reserved.bytes();
+                let step = (needed - held)
+                    .max(64 * 1024)
+                    .min(limit.saturating_sub(held));
+                let more = budget
+                    .reserve(step, crate::budget::WAIT_FOR_ROOM)
+                    .await
+                    .ok_or_else(busy)?;
+                reserved.merge(more);
+            }
+            buf.extend_from_slice(&chunk);
         }
-    })
+        Ok(HeldBody {
+            bytes: buf.freeze(),
+            _reserved: reserved,
+        })
+    };
+    match tokio::time::timeout(state.config.request_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                state.config.request_timeout.as_millis()
+            ),
+        )),
+    }
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -561,6 +628,9 @@ async fn produce(
     body: Body,
 ) -> ApiResult<Response> {
     let topic = path_param(topic)?;
+    // The body's budget is held until the append is done: its records are
+    // copies of the same bytes.
+    let _held: HeldBody;
     let records: Vec<AppendRecord> = match content_type(&headers).as_deref() {
         Some("application/json") => {
             let bytes = read_body(&state, &headers, body).await?;
@@ -570,7 +640,7 @@ async fn produce(
                     "`records` is empty: send at least one record",
                 ));
             }
-            parsed
+            let records = parsed
                 .records
                 .into_iter()
                 .enumerate()
@@ -578,12 +648,14 @@ async fn produce(
                     r.into_append()
                         .map_err(|m| ApiError::bad_request(format!("records[{i}]: {m}")))
                 })
-                .collect::<ApiResult<_>>()?
+                .collect::<ApiResult<_>>()?;
+            _held = bytes;
+            records
         }
         Some("application/octet-stream") => {
             let raw = query_param(params)?;
             let bytes = read_body(&state, &headers, body).await?;
-            vec![AppendRecord {
+            let records = vec![AppendRecord {
                 partition: raw.partition,
                 event: Event {
                     key: raw.key.map(String::into_bytes),
@@ -591,7 +663,9 @@ async fn produce(
                     timestamp: raw.timestamp,
                     headers: Vec::new(),
                 },
-            }]
+            }];
+            _held = bytes;
+            records
         }
         other => {
             return Err(ApiError::new(

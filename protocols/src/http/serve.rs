@@ -1,0 +1,237 @@
+//! Serving HTTP/1.1 connections with connection hygiene: a request head must
+//! be complete `request_head_timeout` after its first byte, a keep-alive
+//! connection with no request is closed after `idle_timeout`, and at the
+//! connection limit the listener closes the connection idle longest (see
+//! [`crate::listener::IdleConnections`]). So neither half-sent requests nor
+//! idle keep-alives can lock new clients out. Upgraded connections
+//! (WebSockets) leave this loop and live on in their own task.
+
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::listener::{Activity, ConnState, IdleConnections, LimitedListener, LimitedStream};
+use crate::tls::TlsListener;
+use crate::Peer;
+
+/// The timeouts of HTTP connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Hygiene {
+    /// From the first byte of a request head to its end.
+    pub request_head_timeout: Duration,
+    /// Between requests on a keep-alive connection.
+    pub idle_timeout: Duration,
+}
+
+/// A listener the HTTP loop can serve.
+pub trait HttpListener: Send + 'static {
+    /// The connection type.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and who is on the other end.
+    fn next(&mut self) -> impl std::future::Future<Output = (Self::Io, Peer)> + Send;
+    /// Its connections that may be closed to make room.
+    fn idle(&self) -> Arc<IdleConnections>;
+}
+
+impl HttpListener for LimitedListener {
+    type Io = LimitedStream;
+    async fn next(&mut self) -> (LimitedStream, Peer) {
+        let (io, addr) = self.accept().await;
+        (
+            io,
+            Peer {
+                addr: Some(addr),
+                certificate: None,
+            },
+        )
+    }
+    fn idle(&self) -> Arc<IdleConnections> {
+        LimitedListener::idle(self)
+    }
+}
+
+impl HttpListener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<LimitedStream>;
+    async fn next(&mut self) -> (Self::Io, Peer) {
+        axum::serve::Listener::accept(self).await
+    }
+    fn idle(&self) -> Arc<IdleConnections> {
+        TlsListener::idle(self)
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets in-flight requests
+/// finish (connections close as their requests end).
+pub async fn serve<L: HttpListener>(
+    mut listener: L,
+    app: Router,
+    hygiene: Hygiene,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let idle = listener.idle();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            c = listener.next() => c,
+            () = shutdown.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let registered = idle.register();
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let state = registered.state.clone();
+            serve_connection(io, peer, app, state, hygiene, shutdown).await;
+            drop(registered);
+        });
+    }
+    // Connections finish their requests; each closes when idle.
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    peer: Peer,
+    app: Router,
+    state: Arc<ConnState>,
+    hygiene: Hygiene,
+    shutdown: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_state = state.clone();
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer.clone()));
+        let app = app.clone();
+        let guard = InFlight::new(svc_state.clone());
+        async move {
+            let response = app.oneshot(req.map(axum::body::Body::new)).await;
+            drop(guard);
+            response
+        }
+    });
+    let watched = Watched {
+        io,
+        state: state.clone(),
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper's own head timer runs from the end of the previous response, so it
+    // bounds idle time and head time together; ours (below) tells them apart.
+    // hyper's is the backstop at the larger of the two.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(hygiene.request_head_timeout.max(hygiene.idle_timeout));
+    let conn = builder
+        .serve_connection(TokioIo::new(watched), service)
+        .with_upgrades();
+    let mut conn = pin!(conn);
+    let mut shutting_down = false;
+    let tick = (hygiene.request_head_timeout.min(hygiene.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection ended");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = state.closed() => {
+                tracing::debug!("idle HTTP connection closed to make room for a new one");
+                return;
+            }
+            _ = ticks.tick() => match state.activity() {
+                Activity::Idle(ms) if ms >= hygiene.idle_timeout.as_millis() as u64 => return,
+                Activity::ReadingHead(ms) if ms >= hygiene.request_head_timeout.as_millis() as u64 => {
+                    tracing::debug!("request head not complete in time: connection closed");
+                    return;
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Marks a request in flight for as long as it lives (also when the
+/// response future is dropped half-way).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn new(state: Arc<ConnState>) -> Self {
+        state.begin();
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// The connection's stream, telling its state when bytes arrive.
+struct Watched<IO> {
+    io: IO,
+    state: Arc<ConnState>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.bytes_read();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
