@@ -64,6 +64,19 @@ impl Drop for Server {
 /// An AMQP server over a MemStore (whose syncs a test may hold), with
 /// [`TestAuth`]; `core` turns topic auto-creation off.
 async fn server(core: bool, config: AmqpConfig) -> Server {
+    server_with_budget(
+        core,
+        config,
+        tributary_protocols::budget::MemoryBudget::default(),
+    )
+    .await
+}
+
+async fn server_with_budget(
+    core: bool,
+    config: AmqpConfig,
+    budget: tributary_protocols::budget::MemoryBudget,
+) -> Server {
     let store = MemStore::new();
     let log_config = LogConfig {
         auto_create_topics: !core,
@@ -77,6 +90,7 @@ async fn server(core: bool, config: AmqpConfig) -> Server {
         if core { "core" } else { "edge" },
     );
     cx.auth = Arc::new(TestAuth);
+    cx.budget = budget;
     let server = amqp::Server::new(cx, config);
     let l = LimitedListener::new(
         tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1142,6 +1156,65 @@ async fn announced_bodies_count_against_the_content_budget_before_they_arrive() 
     }
     let close = raw.expect_close().await;
     assert_eq!(close.reply_code, 506, "{close:?}");
+    still_serves(s.addr).await;
+}
+
+/// Finding 4 of the attack run: many connections each announcing a large
+/// body and holding it. The per-connection budget allowed that on every
+/// connection; the node-wide one refuses the newest announcement past it
+/// (506 on a plain channel, nack on a confirm channel) and every byte comes
+/// back when the holders leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_bodies_across_connections_draw_from_the_node_budget() {
+    let budget = tributary_protocols::budget::MemoryBudget::new(3 << 20);
+    let s = server_with_budget(
+        false,
+        AmqpConfig {
+            max_message_bytes: 1 << 20,
+            ..AmqpConfig::default()
+        },
+        budget.clone(),
+    )
+    .await;
+    // basic.publish and a header announcing 1 MiB; no body follows.
+    let announce = |ch: u16| {
+        let mut frames = publish_frames(ch, "x", &[0u8; 1 << 20]);
+        frames.truncate(2);
+        frames
+    };
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let mut raw = Raw::connect(s.addr, 0, false).await;
+        raw.open_channel(1).await;
+        for f in announce(1) {
+            raw.send(f).await;
+        }
+        holders.push(raw);
+    }
+    // Each connection is far below its own max_content_bytes (16 MiB), but
+    // the node holds 3 MiB: the next announcement is refused.
+    let mut late = Raw::connect(s.addr, 0, false).await;
+    late.open_channel(1).await;
+    for f in announce(1) {
+        late.send(f).await;
+    }
+    match late.recv().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 506, "{c:?}");
+        }
+        other => panic!("expected channel.close 506, got {other:?}"),
+    }
+    assert_eq!(budget.available(), 0, "the three holders keep their bytes");
+    drop(holders);
+    drop(late);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while budget.available() < budget.total() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the budget never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     still_serves(s.addr).await;
 }
 

@@ -107,6 +107,8 @@ struct Content {
     reserved: u64,
     /// Set when the message is refused already; its body is read and dropped.
     refused: Option<String>,
+    /// Its announced size, held from the node's memory budget until it is done.
+    _budget: Option<crate::budget::Reserved>,
 }
 
 /// A confirm's outcome.
@@ -1103,6 +1105,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         received: 0,
                         reserved: 0,
                         refused: None,
+                        _budget: None,
                     });
                 }
                 Ok(())
@@ -1398,6 +1401,26 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             content.refused = Some(why);
         } else {
+            // The node-wide budget (all connections, all protocols) first: the
+            // newest message is refused when it is spent.
+            let Some(held) = self.server.cx.budget.try_reserve(h.body_size as usize) else {
+                self.server.metrics.reject("memory_budget");
+                let why = format!(
+                    "RESOURCE_ERROR - the node holds limits.max_buffered_bytes ({}) of unfinished messages",
+                    self.server.cx.budget.total()
+                );
+                if !confirm {
+                    self.close_channel(ch, code::RESOURCE_ERROR, why, None);
+                    return Ok(());
+                }
+                content.refused = Some(why);
+                content.header = Some((h.body_size, h.properties));
+                if h.body_size == 0 {
+                    self.complete(ch);
+                }
+                return Ok(());
+            };
+            content._budget = Some(held);
             if self.buffered + h.body_size > self.server.config.max_content_bytes {
                 self.server.metrics.reject("content_buffer_full");
                 return Err(End::server(
