@@ -121,6 +121,8 @@ pub(super) struct Handler<S> {
     paused_until: Option<tokio::time::Instant>,
     /// The device registry's generation when rights were last checked.
     auth_generation: u64,
+    /// The device lost its rights (see `rights_hold`): the connection ends.
+    revoked: bool,
     unacked_in: usize,
     batch: Batch,
     tails: Tails,
@@ -228,6 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             appends: VecDeque::new(),
             paused_until: None,
             auth_generation: broker.cx.auth.generation(),
+            revoked: false,
             unacked_in: 0,
             batch: Batch::default(),
             tails: Tails {
@@ -347,24 +350,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                         return close;
                     }
                 }
-                Wake::Deliver => self.deliver(),
+                Wake::Deliver => {
+                    self.deliver();
+                    if self.revoked {
+                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                    }
+                }
                 Wake::Resume => self.paused_until = None,
                 Wake::Save => {
                     // The devices changed: a device disabled, removed, given a
                     // new token or no longer allowed a subscription is let go
                     // (at its next connection a restored session keeps only
                     // what is still allowed).
-                    let generation = self.broker.cx.auth.generation();
-                    if generation != self.auth_generation {
-                        self.auth_generation = generation;
-                        let auth = &self.broker.cx.auth;
-                        let allowed = auth.still_valid(&self.identity)
-                            && self.session.subs.iter().all(|s| {
-                                auth.authorize(&self.identity, Action::Subscribe, &s.filter)
-                            });
-                        if !allowed {
-                            return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
-                        }
+                    if !self.rights_hold() {
+                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
                     }
                     if self.dirty && self.session.expiry > 0 {
                         self.dirty = false;
@@ -381,6 +380,32 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 }
             }
         }
+    }
+
+    /// Do the connection's rights still hold? Asked before every publish
+    /// and every delivery pass, so both follow the device registry's current
+    /// state rather than the one the device connected with: when the
+    /// registry changed since the last check, the device must still be let
+    /// in and every subscription it holds still allowed (the ACL of each
+    /// publish is checked on its own). False is final: the connection ends.
+    fn rights_hold(&mut self) -> bool {
+        if self.revoked {
+            return false;
+        }
+        let auth = &self.broker.cx.auth;
+        let generation = auth.generation();
+        if generation == self.auth_generation {
+            return true;
+        }
+        self.auth_generation = generation;
+        let allowed = auth.still_valid(&self.identity)
+            && self
+                .session
+                .subs
+                .iter()
+                .all(|s| auth.authorize(&self.identity, Action::Subscribe, &s.filter));
+        self.revoked = !allowed;
+        allowed
     }
 
     /// Hands gathered outbound bytes to the writer; a peer that stops reading
@@ -496,6 +521,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     }
 
     fn publish(&mut self, mut p: PublishIn) -> Result<(), Close> {
+        if !self.rights_hold() {
+            return Err(Close::Server(reason::NOT_AUTHORIZED, "not_authorized"));
+        }
         let m = &self.broker.metrics;
         m.publishes[usize::from(p.qos.min(2))].fetch_add(1, Relaxed);
         if p.qos > 0 {
@@ -845,6 +873,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     /// Delivers matching records from the log while the client's window and
     /// our outbound buffer allow; comes back (via the notify) if more is left.
     fn deliver(&mut self) {
+        if !self.rights_hold() {
+            // The serve loop ends the connection (`revoked`).
+            return;
+        }
         if self.tails.topics_changed.swap(false, Relaxed) {
             self.rebuild_tails(true);
         }
@@ -1157,6 +1189,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                         Some(w) if w.delay > 0 => {
                             let delay = Duration::from_secs(u64::from(w.delay.min(expiry)));
                             slot.will = Some(PendingWill {
+                                identity: self.identity.clone(),
                                 will: w,
                                 due: Instant::now() + delay,
                             });
@@ -1172,7 +1205,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         }
         let _ = released.send(true);
         if let Some(w) = now_will {
-            self.broker.publish_will(w).await;
+            self.broker.publish_will(&self.identity, w).await;
         }
     }
 }
