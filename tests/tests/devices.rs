@@ -1201,3 +1201,67 @@ async fn publishes_and_deliveries_follow_a_narrowed_acl() {
     }
     node.stop().await;
 }
+
+/// A record naming `mqtt.topic` twice, an allowed topic first and a denied
+/// one second, is refused as malformed (not stored with both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_mqtt_topic_header_is_refused() {
+    let node = node().await;
+    let fleet = provision(&node.url).await;
+    let c = client();
+    let twice = json!({"records": [{"key": "t1/temp", "value": "forged-twice", "headers": [
+        {"key": "mqtt.topic", "value": "sensors/t1/temp"},
+        {"key": "mqtt.topic", "value": "private/cmd"},
+    ]}]});
+    let r = c
+        .post(format!("{}/v1/topics/sensors/records", node.url))
+        .bearer_auth(&fleet.good)
+        .json(&twice)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mqtt.topic")),
+        "{body}"
+    );
+    // The same refusal over a WebSocket publish: that record is answered
+    // with an error and the others are stored.
+    let ws_base = node.url.replace("http://", "ws://");
+    let mut ws = ws_connect(
+        &format!("{ws_base}/v1/topics/sensors/publish"),
+        Some(&fleet.good),
+    )
+    .await;
+    ws.send(Message::Text(twice["records"][0].to_string().into()))
+        .await
+        .expect("send");
+    ws.send(Message::Text(
+        json!({"key": "t1/temp", "value": "ws-ok", "headers": [{"key": "mqtt.topic", "value": "sensors/t1/temp"}]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("send");
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("answer in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                answers.push(serde_json::from_str::<Value>(t.as_str()).expect("json"))
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the publish socket ended: {other:?}"),
+        }
+    }
+    assert_eq!(answers[0]["error"]["code"], "bad_request", "{answers:?}");
+    assert!(answers[1]["offset"].is_u64(), "{answers:?}");
+    assert_eq!(stored(&node.url, "sensors").await, ["ws-ok"]);
+    node.stop().await;
+}
