@@ -1075,3 +1075,71 @@ async fn random_packets_after_connect_never_stop_the_node() {
         "a connection task panicked on random input"
     );
 }
+
+/// A fixed header with a remaining length (variable byte integer).
+fn fixed_header(first: u8, mut remaining: usize) -> Vec<u8> {
+    let mut out = vec![first];
+    loop {
+        let byte = (remaining & 0x7F) as u8;
+        remaining >>= 7;
+        if remaining == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A raw packet: first byte, remaining length, body.
+fn raw_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = fixed_header(first, body.len());
+    p.extend_from_slice(body);
+    p
+}
+
+/// v5 CONNECT without keep-alive (only the server's refusal can end it),
+/// with these raw CONNECT properties.
+fn connect_v5_props(id: &str, props: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 0];
+    body.push(props.len() as u8);
+    body.extend_from_slice(props);
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    raw_packet(0x10, &body)
+}
+
+/// Connects raw bytes and reads the whole CONNACK.
+async fn raw_connect_all(addr: std::net::SocketAddr, connect: &[u8]) -> TcpStream {
+    let (mut s, ack) = raw_connect(addr, connect).await;
+    assert_eq!(ack[0], 0x20, "{ack:02x?}");
+    assert_eq!(ack[3], 0x00, "refused: {ack:02x?}");
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    s.read_exact(&mut rest).await.expect("connack rest");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_packet_type_is_refused_from_its_fixed_header() {
+    let node = InProcessNode::start("").await;
+    // Generous: the point is that the server does not wait for the body
+    // (about 1 MB announced, none sent), not how fast it answers.
+    let within = Duration::from_secs(60);
+    let header = |first: u8| fixed_header(first, 1_000_000);
+    // 3.1.1: types 0 and 15 are reserved; the connection just closes.
+    for first in [0x00, 0xF0] {
+        let (mut s, ack) = raw_connect(node.mqtt, &connect_v4("reserved4", 0)).await;
+        assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
+        s.write_all(&header(first)).await.expect("write");
+        let got = read_to_close(&mut s, within).await;
+        assert!(got.is_empty(), "{first:#04x}: {got:02x?}");
+    }
+    // v5: type 0 gets DISCONNECT 0x81 (malformed packet) first.
+    let mut s = raw_connect_all(node.mqtt, &connect_v5_props("reserved5", &[])).await;
+    s.write_all(&header(0x00)).await.expect("write");
+    assert_eq!(read_to_close(&mut s, within).await, vec![0xE0, 0x01, 0x81]);
+    // v5 type 15 is AUTH, which we never invite: DISCONNECT 0x82, same haste.
+    let mut s = raw_connect_all(node.mqtt, &connect_v5_props("auth5", &[])).await;
+    s.write_all(&header(0xF0)).await.expect("write");
+    assert_eq!(read_to_close(&mut s, within).await, vec![0xE0, 0x01, 0x82]);
+    node.stop().await;
+}

@@ -306,6 +306,15 @@ pub enum DecodeError {
     /// Anything else the codec refuses.
     #[error("malformed packet: {0}")]
     Malformed(String),
+    /// Well formed, but a protocol error (v5 reason 0x82): a packet type
+    /// only servers send.
+    #[error("protocol error: {detail}")]
+    Protocol {
+        /// A short reason for metrics.
+        why: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
 }
 
 /// Looks at a buffer that should start with CONNECT: `Ok(None)` wants more
@@ -379,20 +388,14 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
 
 /// Decodes the next packet from `buf`: `Ok(None)` when more bytes are needed.
 /// The declared size is checked against `max` before anything is buffered.
+///
+/// The first byte is judged as soon as it arrives: a reserved packet type
+/// (0; 15 in 3.1.1), flags the type forbids, or a type only servers send is
+/// refused before its body is waited for, whatever length it announces.
 pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option<In>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
-    let Some((remaining, header_len)) = remaining_length(&buf[1..])? else {
-        return Ok(None);
-    };
-    let size = 1 + header_len + remaining;
-    if size > max {
-        return Err(DecodeError::TooLarge { size, max });
-    }
-    if buf.len() < size {
-        return Ok(None);
-    }
     let kind = first >> 4;
     let flags = first & 0x0F;
     // Fixed-header flags the codecs do not check (MQTT-2.2.2-1/2).
@@ -407,6 +410,24 @@ pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option
         return Err(DecodeError::Malformed(format!(
             "packet type {kind} with flags {flags:#06b}"
         )));
+    }
+    // CONNACK, SUBACK, UNSUBACK, PINGRESP, and AUTH (we offer no enhanced
+    // authentication, so a client never has a reason to send it).
+    if matches!(kind, 2 | 9 | 11 | 13 | 15) {
+        return Err(DecodeError::Protocol {
+            why: "protocol_error",
+            detail: format!("a client does not send packet type {kind}"),
+        });
+    }
+    let Some((remaining, header_len)) = remaining_length(&buf[1..])? else {
+        return Ok(None);
+    };
+    let size = 1 + header_len + remaining;
+    if size > max {
+        return Err(DecodeError::TooLarge { size, max });
+    }
+    if buf.len() < size {
+        return Ok(None);
     }
     // v5 DISCONNECT may omit the reason code, or the property length after it
     // (remaining length 0 or 1); rumqttc wants both.
@@ -990,6 +1011,39 @@ mod tests {
             ),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn reserved_and_server_only_types_are_refused_from_the_first_byte() {
+        // A fixed header announcing about 1 MB (under the limit), no body.
+        for (first, v) in [
+            (0x00, Version::V4),
+            (0xF0, Version::V4),
+            (0x00, Version::V5),
+            (0x0F, Version::V5),
+        ] {
+            let mut b = BytesMut::from(&[first, 0xC0, 0x84, 0x3D][..]);
+            assert!(
+                matches!(decode(&mut b, v, 1 << 20), Err(DecodeError::Malformed(_))),
+                "{first:#04x} {v:?}"
+            );
+            // The first byte alone is enough.
+            let mut b = BytesMut::from(&[first][..]);
+            assert!(decode(&mut b, v, 1 << 20).is_err(), "{first:#04x} {v:?}");
+        }
+        for first in [0x20, 0x90, 0xB0, 0xD0, 0xF0] {
+            let mut b = BytesMut::from(&[first, 0xC0, 0x84, 0x3D][..]);
+            assert!(
+                matches!(
+                    decode(&mut b, Version::V5, 1 << 20),
+                    Err(DecodeError::Protocol { .. })
+                ),
+                "{first:#04x}"
+            );
+        }
+        // A PUBLISH announcing the same waits for its body.
+        let mut b = BytesMut::from(&[0x30, 0xC0, 0x84, 0x3D][..]);
+        assert!(matches!(decode(&mut b, Version::V5, 1 << 20), Ok(None)));
     }
 
     #[test]

@@ -439,6 +439,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 Err(DecodeError::TooLarge { .. }) => {
                     return Err(Close::Server(reason::PACKET_TOO_LARGE, "packet_too_large"))
                 }
+                Err(DecodeError::Protocol { why, .. }) => {
+                    return Err(Close::Server(reason::PROTOCOL_ERROR, why))
+                }
                 Err(_) => return Err(Close::Server(reason::MALFORMED, "malformed_packet")),
             }
             if self.out.len() >= OUT_HIGH_WATER {
@@ -1303,13 +1306,13 @@ async fn read_connect<R: AsyncRead + Unpin>(
                 return Err(ConnectFailure::Refuse(
                     reason::UNSUPPORTED_PROTOCOL_VERSION,
                     "unsupported_protocol_version",
-                ))
+                ));
             }
             Err(DecodeError::TooLarge { .. }) => {
                 return Err(ConnectFailure::Drop("packet_too_large"))
             }
             Err(DecodeError::NotMqtt(_)) => return Err(ConnectFailure::Drop("not_mqtt")),
-            Err(DecodeError::Malformed(_)) => {
+            Err(DecodeError::Malformed(_) | DecodeError::Protocol { .. }) => {
                 return Err(ConnectFailure::Drop("malformed_connect"))
             }
         }
