@@ -1119,6 +1119,63 @@ async fn raw_connect_all(addr: std::net::SocketAddr, connect: &[u8]) -> TcpStrea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_a_property_given_twice_is_a_protocol_error() {
+    let node = InProcessNode::start("").await;
+    let mut p = V4::connect(node.mqtt, "dup-witness", true).await;
+    p.c.publish("dup/x", QoS::AtLeastOnce, false, "kept")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let receive_max = [0x21, 0, 10];
+    let user = [0x26, 0, 1, b'k', 0, 1, b'v'];
+
+    // CONNECT with Receive Maximum twice: CONNACK 0x82, then close.
+    let (mut s, ack) = raw_connect(
+        node.mqtt,
+        &connect_v5_props("dup-connect", &[receive_max, receive_max].concat()),
+    )
+    .await;
+    assert_eq!((ack[0], ack[3]), (0x20, 0x82), "{ack:02x?}");
+    read_to_close(&mut s, WAIT).await;
+    // User properties may repeat.
+    let _ok = raw_connect_all(
+        node.mqtt,
+        &connect_v5_props("dup-user", &[&receive_max[..], &user, &user].concat()),
+    )
+    .await;
+
+    // After CONNECT: DISCONNECT 0x82, then close, and nothing is stored.
+    let expiry = [0x02, 0, 0, 0, 60];
+    // Topic `dup/x`, packet id 1, Message Expiry Interval twice.
+    let mut publish = vec![0, 5, b'd', b'u', b'p', b'/', b'x', 0, 1, 10];
+    publish.extend_from_slice(&[expiry, expiry].concat());
+    publish.extend_from_slice(b"twice");
+    // Packet id 1, Subscription Identifier 1 and 2, filter `dup/#` QoS 1.
+    let subscribe = [
+        &[0, 1, 4, 0x0B, 0x01, 0x0B, 0x02][..],
+        &[0, 5, b'd', b'u', b'p', b'/', b'#', 0x01],
+    ]
+    .concat();
+    for (name, packet) in [
+        ("publish", raw_packet(0x32, &publish)),
+        ("subscribe", raw_packet(0x82, &subscribe)),
+    ] {
+        let mut s = raw_connect_all(node.mqtt, &connect_v5_props(name, &[])).await;
+        s.write_all(&packet).await.expect("write");
+        let got = read_to_close(&mut s, WAIT).await;
+        assert_eq!(got, vec![0xE0, 0x01, 0x82], "{name}");
+    }
+    let stored = records(&node.url, "dup").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let m = common::metrics_text(&node.url, None).await;
+    assert!(
+        m.contains("tributary_mqtt_rejections_total{reason=\"duplicate_property\"} 3"),
+        "{m}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserved_packet_type_is_refused_from_its_fixed_header() {
     let node = InProcessNode::start("").await;
     // Generous: the point is that the server does not wait for the body

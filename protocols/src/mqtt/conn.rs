@@ -166,17 +166,21 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 return;
             }
             Ok(Err(ConnectFailure::Io)) => return,
-            Ok(Err(ConnectFailure::Refuse(code, why))) => {
+            Ok(Err(ConnectFailure::Refuse(code, why, version))) => {
                 broker.metrics.reject(why);
-                // A CONNACK a 3.1/3.1.1 client understands, then close.
+                // A CONNACK in the client's version, then close.
                 let mut b = BytesMut::new();
+                let props = Box::new(ConnAckProps {
+                    reason_string: (version == Version::V5).then(|| why.replace('_', " ")),
+                    ..ConnAckProps::default()
+                });
                 codec::encode(
                     Out::ConnAck {
                         session_present: false,
                         code,
-                        props: Box::default(),
+                        props,
                     },
-                    Version::V4,
+                    version,
                     &mut b,
                 );
                 let _ = write_half.write_all(&b).await;
@@ -1279,8 +1283,8 @@ async fn append_batch(broker: Arc<Broker>, batch: Batch) -> Acked {
 
 enum ConnectFailure {
     Io,
-    /// CONNACK with this code (3.1.1 form), then close.
-    Refuse(u8, &'static str),
+    /// CONNACK with this code in this version's form, then close.
+    Refuse(u8, &'static str, Version),
     /// Close without a word (not MQTT at all).
     Drop(&'static str),
 }
@@ -1299,13 +1303,19 @@ async fn read_connect<R: AsyncRead + Unpin>(
                 Err(DecodeError::TooLarge { .. }) => {
                     return Err(ConnectFailure::Drop("packet_too_large"))
                 }
+                // A v5 CONNECT that repeats a property: CONNACK 0x82.
+                Err(DecodeError::Protocol { why, .. }) => {
+                    return Err(ConnectFailure::Refuse(reason::PROTOCOL_ERROR, why, v))
+                }
                 Err(_) => return Err(ConnectFailure::Drop("malformed_connect")),
             },
             Ok(None) => {}
             Err(DecodeError::UnsupportedVersion(_)) => {
+                // A CONNACK a 3.1/3.1.1 client understands.
                 return Err(ConnectFailure::Refuse(
                     reason::UNSUPPORTED_PROTOCOL_VERSION,
                     "unsupported_protocol_version",
+                    Version::V4,
                 ));
             }
             Err(DecodeError::TooLarge { .. }) => {
