@@ -7,7 +7,8 @@
 //! - `"base64"`: `value`, `key` and header values are base64 of the raw bytes.
 //!
 //! `headers` is an object `{"name": "value"}` or an ordered array
-//! `[{"key": "name", "value": "value"}]` (names may repeat).
+//! `[{"key": "name", "value": "value"}]` (names may repeat, except the reserved
+//! names the gateway reads: `mqtt.*`, `amqp.*`, `content-type`).
 //!
 //! Fetch with `format=json` gives `value` as JSON where the bytes are JSON, else as
 //! a string where UTF-8, else base64 with `"encoding": "base64"` on that record
