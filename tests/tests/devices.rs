@@ -88,6 +88,43 @@ async fn add(base: &str, id: &str) -> String {
     b["token"].as_str().expect("token").to_owned()
 }
 
+/// Adds device `id` with these ACL patterns; returns its token.
+async fn add_acl(base: &str, id: &str, publish: &[&str], subscribe: &[&str]) -> String {
+    let (s, b) = admin(
+        reqwest::Method::POST,
+        &format!("{base}/v1/devices"),
+        Some(json!({"id": id, "publish": publish, "subscribe": subscribe})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    b["token"].as_str().expect("token").to_owned()
+}
+
+/// Sets device `id`'s ACL patterns (`"publish"` or `"subscribe"`), asserting 200.
+async fn patch_acl(base: &str, id: &str, field: &str, patterns: &[&str]) {
+    let (s, b) = admin(
+        reqwest::Method::PATCH,
+        &format!("{base}/v1/devices/{id}"),
+        Some(json!({ field: patterns })),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+}
+
+/// Waits (bounded) until `/metrics` counts `reason` among the MQTT rejections.
+async fn mqtt_rejected(base: &str, reason: &str) {
+    let line = format!("tributary_mqtt_rejections_total{{reason=\"{reason}\"}} ");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = common::metrics_text(base, Some(ADMIN)).await;
+        if text.lines().any(|l| l.starts_with(&line)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {reason} rejection counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn provision(base: &str) -> Fleet {
     let good = add(base, "good").await;
     let off = add(base, "off").await;
@@ -394,12 +431,37 @@ fn mqtt_v4(
     id: &str,
     user: Option<(&str, &str)>,
 ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    mqtt_v4_with(node, id, user, |_| {})
+}
+
+/// Like [`mqtt_v4`], with more options set by `f` (a will, say).
+fn mqtt_v4_with(
+    node: &InProcessNode,
+    id: &str,
+    user: Option<(&str, &str)>,
+    f: impl FnOnce(&mut rumqttc::MqttOptions),
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", node.mqtt.port());
     o.set_keep_alive(Duration::from_secs(30));
     if let Some((u, p)) = user {
         o.set_credentials(u, p);
     }
+    f(&mut o);
     rumqttc::AsyncClient::new(o, 10)
+}
+
+/// Polls until CONNACK; panics if the connection ends first.
+async fn connack(el: &mut rumqttc::EventLoop, what: &str) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("answer in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return,
+            Ok(_) => {}
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
 }
 
 /// Polls until a PUBACK; panics with `what` if the connection ends first.
@@ -1012,5 +1074,194 @@ async fn a_rotated_token_or_a_disabled_device_ends_open_connections() {
     let after = common::publish_confirmed(&ch, "sensors", "r", b"after-disable").await;
     assert!(!matches!(after, Ok(true)), "{after:?}");
     assert_eq!(stored(&node.url, "sensors").await, ["before-rotate"]);
+    node.stop().await;
+}
+
+/// Polls a v5 client until a PUBACK; returns its reason.
+async fn puback5(el: &mut rumqttc::v5::EventLoop) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("answer in time")
+        {
+            Ok(rumqttc::v5::Event::Incoming(Packet::PubAck(a))) => return a.reason,
+            Ok(_) => {}
+            Err(e) => panic!("the publisher's connection ended: {e}"),
+        }
+    }
+}
+
+/// A will leaves with the connection, but it is checked against the device's
+/// rights when it is published, not when it was handed over in CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_is_checked_against_the_acl_of_the_moment_it_is_published() {
+    let node = node().await;
+    let will = |topic: &str, payload: &'static str| {
+        let w = rumqttc::LastWill::new(topic, payload, rumqttc::QoS::AtLeastOnce, false);
+        move |o: &mut rumqttc::MqttOptions| {
+            o.set_last_will(w);
+        }
+    };
+    // dev-b may publish its will when it connects; the admin then narrows
+    // its ACL past the will topic, and its socket goes away.
+    let b = add_acl(&node.url, "dev-b", &["sensors/b/#"], &[]).await;
+    let (b_client, mut b_el) = mqtt_v4_with(
+        &node,
+        "dev-b",
+        Some(("dev-b", &b)),
+        will("sensors/b/will", "b-will"),
+    );
+    connack(&mut b_el, "dev-b connects").await;
+    patch_acl(&node.url, "dev-b", "publish", &["sensors/b/other"]).await;
+    drop((b_client, b_el));
+    mqtt_rejected(&node.url, "will_not_authorized").await;
+    assert!(stored(&node.url, "sensors").await.is_empty());
+
+    // Control: a narrowing that still covers the will topic keeps the will.
+    let c = add_acl(&node.url, "dev-c", &["sensors/c/#"], &[]).await;
+    let (c_client, mut c_el) = mqtt_v4_with(
+        &node,
+        "dev-c",
+        Some(("dev-c", &c)),
+        will("sensors/c/will", "c-will"),
+    );
+    connack(&mut c_el, "dev-c connects").await;
+    patch_acl(&node.url, "dev-c", "publish", &["sensors/c/will"]).await;
+    drop((c_client, c_el));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored(&node.url, "sensors").await.is_empty() {
+        assert!(Instant::now() < deadline, "the allowed will was not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored(&node.url, "sensors").await, ["c-will"]);
+    node.stop().await;
+}
+
+/// Publishes and deliveries follow the device's current ACL too: a narrowed
+/// publish ACL refuses what the old one allowed, and a subscriber whose
+/// subscribe ACL no longer covers its subscription gets nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_and_deliveries_follow_a_narrowed_acl() {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let node = node().await;
+    let pubber = add_acl(&node.url, "pubber", &["sensors/p/#"], &[]).await;
+    let mut o = MqttOptions::new("pubber", "127.0.0.1", node.mqtt.port());
+    o.set_credentials("pubber", &pubber);
+    let (pc, mut pel) = AsyncClient::new(o, 10);
+    pc.publish("sensors/p/1", QoS::AtLeastOnce, false, "before")
+        .await
+        .expect("queue");
+    assert_eq!(puback5(&mut pel).await, PubAckReason::Success);
+    patch_acl(&node.url, "pubber", "publish", &["sensors/p/other"]).await;
+    pc.publish("sensors/p/1", QoS::AtLeastOnce, false, "after")
+        .await
+        .expect("queue");
+    assert_eq!(puback5(&mut pel).await, PubAckReason::NotAuthorized);
+    assert_eq!(stored(&node.url, "sensors").await, ["before"]);
+
+    // A subscriber to sensors/#, narrowed to sensors/x/#: a record produced
+    // after the change is not delivered, and the connection ends.
+    let watcher = add_acl(&node.url, "watcher", &[], &["sensors/#"]).await;
+    let (wc, mut wel) = mqtt_v4(&node, "watcher", Some(("watcher", &watcher)));
+    wc.subscribe("sensors/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("queue");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), wel.poll())
+            .await
+            .expect("answer in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("the subscriber's connection ended: {e}"),
+        }
+    }
+    patch_acl(&node.url, "watcher", "subscribe", &["sensors/x/#"]).await;
+    let (s, b) = admin(
+        reqwest::Method::POST,
+        &format!("{}/v1/topics/sensors/records", node.url),
+        Some(json!({"records": [{"key": "y/1", "value": "not-for-watcher"}]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), wel.poll())
+            .await
+            .expect("the connection ends in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                panic!("delivered past a narrowed ACL: {p:?}")
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    node.stop().await;
+}
+
+/// A record naming `mqtt.topic` twice, an allowed topic first and a denied
+/// one second, is refused as malformed (not stored with both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_mqtt_topic_header_is_refused() {
+    let node = node().await;
+    let fleet = provision(&node.url).await;
+    let c = client();
+    let twice = json!({"records": [{"key": "t1/temp", "value": "forged-twice", "headers": [
+        {"key": "mqtt.topic", "value": "sensors/t1/temp"},
+        {"key": "mqtt.topic", "value": "private/cmd"},
+    ]}]});
+    let r = c
+        .post(format!("{}/v1/topics/sensors/records", node.url))
+        .bearer_auth(&fleet.good)
+        .json(&twice)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mqtt.topic")),
+        "{body}"
+    );
+    // The same refusal over a WebSocket publish: that record is answered
+    // with an error and the others are stored.
+    let ws_base = node.url.replace("http://", "ws://");
+    let mut ws = ws_connect(
+        &format!("{ws_base}/v1/topics/sensors/publish"),
+        Some(&fleet.good),
+    )
+    .await;
+    ws.send(Message::Text(twice["records"][0].to_string().into()))
+        .await
+        .expect("send");
+    ws.send(Message::Text(
+        json!({"key": "t1/temp", "value": "ws-ok", "headers": [{"key": "mqtt.topic", "value": "sensors/t1/temp"}]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("send");
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("answer in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                answers.push(serde_json::from_str::<Value>(t.as_str()).expect("json"))
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the publish socket ended: {other:?}"),
+        }
+    }
+    assert_eq!(answers[0]["error"]["code"], "bad_request", "{answers:?}");
+    assert!(answers[1]["offset"].is_u64(), "{answers:?}");
+    assert_eq!(stored(&node.url, "sensors").await, ["ws-ok"]);
     node.stop().await;
 }

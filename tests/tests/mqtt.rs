@@ -1075,3 +1075,128 @@ async fn random_packets_after_connect_never_stop_the_node() {
         "a connection task panicked on random input"
     );
 }
+
+/// A fixed header with a remaining length (variable byte integer).
+fn fixed_header(first: u8, mut remaining: usize) -> Vec<u8> {
+    let mut out = vec![first];
+    loop {
+        let byte = (remaining & 0x7F) as u8;
+        remaining >>= 7;
+        if remaining == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A raw packet: first byte, remaining length, body.
+fn raw_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = fixed_header(first, body.len());
+    p.extend_from_slice(body);
+    p
+}
+
+/// v5 CONNECT without keep-alive (only the server's refusal can end it),
+/// with these raw CONNECT properties.
+fn connect_v5_props(id: &str, props: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 0];
+    body.push(props.len() as u8);
+    body.extend_from_slice(props);
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    raw_packet(0x10, &body)
+}
+
+/// Connects raw bytes and reads the whole CONNACK.
+async fn raw_connect_all(addr: std::net::SocketAddr, connect: &[u8]) -> TcpStream {
+    let (mut s, ack) = raw_connect(addr, connect).await;
+    assert_eq!(ack[0], 0x20, "{ack:02x?}");
+    assert_eq!(ack[3], 0x00, "refused: {ack:02x?}");
+    let mut rest = vec![0u8; usize::from(ack[1]) - 2];
+    s.read_exact(&mut rest).await.expect("connack rest");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_a_property_given_twice_is_a_protocol_error() {
+    let node = InProcessNode::start("").await;
+    let mut p = V4::connect(node.mqtt, "dup-witness", true).await;
+    p.c.publish("dup/x", QoS::AtLeastOnce, false, "kept")
+        .await
+        .expect("publish");
+    p.next(|p| matches!(p, Packet::PubAck(_))).await;
+    let receive_max = [0x21, 0, 10];
+    let user = [0x26, 0, 1, b'k', 0, 1, b'v'];
+
+    // CONNECT with Receive Maximum twice: CONNACK 0x82, then close.
+    let (mut s, ack) = raw_connect(
+        node.mqtt,
+        &connect_v5_props("dup-connect", &[receive_max, receive_max].concat()),
+    )
+    .await;
+    assert_eq!((ack[0], ack[3]), (0x20, 0x82), "{ack:02x?}");
+    read_to_close(&mut s, WAIT).await;
+    // User properties may repeat.
+    let _ok = raw_connect_all(
+        node.mqtt,
+        &connect_v5_props("dup-user", &[&receive_max[..], &user, &user].concat()),
+    )
+    .await;
+
+    // After CONNECT: DISCONNECT 0x82, then close, and nothing is stored.
+    let expiry = [0x02, 0, 0, 0, 60];
+    // Topic `dup/x`, packet id 1, Message Expiry Interval twice.
+    let mut publish = vec![0, 5, b'd', b'u', b'p', b'/', b'x', 0, 1, 10];
+    publish.extend_from_slice(&[expiry, expiry].concat());
+    publish.extend_from_slice(b"twice");
+    // Packet id 1, Subscription Identifier 1 and 2, filter `dup/#` QoS 1.
+    let subscribe = [
+        &[0, 1, 4, 0x0B, 0x01, 0x0B, 0x02][..],
+        &[0, 5, b'd', b'u', b'p', b'/', b'#', 0x01],
+    ]
+    .concat();
+    for (name, packet) in [
+        ("publish", raw_packet(0x32, &publish)),
+        ("subscribe", raw_packet(0x82, &subscribe)),
+    ] {
+        let mut s = raw_connect_all(node.mqtt, &connect_v5_props(name, &[])).await;
+        s.write_all(&packet).await.expect("write");
+        let got = read_to_close(&mut s, WAIT).await;
+        assert_eq!(got, vec![0xE0, 0x01, 0x82], "{name}");
+    }
+    let stored = records(&node.url, "dup").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let m = common::metrics_text(&node.url, None).await;
+    assert!(
+        m.contains("tributary_mqtt_rejections_total{reason=\"duplicate_property\"} 3"),
+        "{m}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_packet_type_is_refused_from_its_fixed_header() {
+    let node = InProcessNode::start("").await;
+    // Generous: the point is that the server does not wait for the body
+    // (about 1 MB announced, none sent), not how fast it answers.
+    let within = Duration::from_secs(60);
+    let header = |first: u8| fixed_header(first, 1_000_000);
+    // 3.1.1: types 0 and 15 are reserved; the connection just closes.
+    for first in [0x00, 0xF0] {
+        let (mut s, ack) = raw_connect(node.mqtt, &connect_v4("reserved4", 0)).await;
+        assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
+        s.write_all(&header(first)).await.expect("write");
+        let got = read_to_close(&mut s, within).await;
+        assert!(got.is_empty(), "{first:#04x}: {got:02x?}");
+    }
+    // v5: type 0 gets DISCONNECT 0x81 (malformed packet) first.
+    let mut s = raw_connect_all(node.mqtt, &connect_v5_props("reserved5", &[])).await;
+    s.write_all(&header(0x00)).await.expect("write");
+    assert_eq!(read_to_close(&mut s, within).await, vec![0xE0, 0x01, 0x81]);
+    // v5 type 15 is AUTH, which we never invite: DISCONNECT 0x82, same haste.
+    let mut s = raw_connect_all(node.mqtt, &connect_v5_props("auth5", &[])).await;
+    s.write_all(&header(0xF0)).await.expect("write");
+    assert_eq!(read_to_close(&mut s, within).await, vec![0xE0, 0x01, 0x82]);
+    node.stop().await;
+}

@@ -274,6 +274,28 @@ mod tests {
     }
 
     #[test]
+    fn amqp_headers_cannot_claim_or_repeat_a_reserved_name() {
+        // The HTTP and WebSocket front ends refuse a record repeating a
+        // reserved header; over AMQP no publisher can produce one: table
+        // names are unique and reserved ones are renamed, even when the
+        // renamed form is sent as well.
+        let mut table = FieldTable::default();
+        for name in ["mqtt.topic", "amqp.header.mqtt.topic", "content-type"] {
+            table.insert(name.into(), AMQPValue::LongString("private/cmd".into()));
+        }
+        let props = AMQPProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(table);
+        let e = event_from("sensors.a", &props, Vec::new());
+        assert_eq!(header(&e, "mqtt.topic"), None);
+        let mut names: Vec<&str> = e.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "{names:?}");
+    }
+
+    #[test]
     fn empty_routing_key_means_no_key() {
         let e = event_from("", &AMQPProperties::default(), Vec::new());
         assert_eq!(e.key, None);

@@ -17,7 +17,7 @@ use base64::Engine as _;
 
 use super::{ApiError, ApiResult, AppState};
 use crate::auth::{self, Action, Authenticator, Credentials, Identity, Refusal, ADMIN};
-use crate::mqtt::topic::publish_subjects;
+use crate::mqtt::topic::all_publish_subjects;
 use tributary_storage::Event;
 
 /// The caller of a request, or why it was refused (WebSocket upgrades only).
@@ -96,15 +96,15 @@ pub(crate) fn allow(
 }
 
 /// May `who` publish `event` to `topic`? `Err` names the refused subject
-/// (see [`publish_subjects`]).
+/// (see [`all_publish_subjects`]: every `mqtt.topic` occurrence is checked,
+/// although a record repeating it is refused as malformed before this).
 pub(crate) fn may_publish(
     auth: &dyn Authenticator,
     who: &Identity,
     topic: &str,
     event: &Event,
 ) -> Result<(), String> {
-    let (plain, claimed) = publish_subjects(topic, event.key.as_deref(), &event.headers);
-    for subject in std::iter::once(plain).chain(claimed) {
+    for subject in all_publish_subjects(topic, event.key.as_deref(), &event.headers) {
         if !auth.authorize(who, Action::Publish, &subject) {
             return Err(subject);
         }

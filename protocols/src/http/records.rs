@@ -7,7 +7,8 @@
 //! - `"base64"`: `value`, `key` and header values are base64 of the raw bytes.
 //!
 //! `headers` is an object `{"name": "value"}` or an ordered array
-//! `[{"key": "name", "value": "value"}]` (names may repeat).
+//! `[{"key": "name", "value": "value"}]` (names may repeat, except the reserved
+//! names the gateway reads: `mqtt.*`, `amqp.*`, `content-type`).
 //!
 //! Fetch with `format=json` gives `value` as JSON where the bytes are JSON, else as
 //! a string where UTF-8, else base64 with `"encoding": "base64"` on that record
@@ -124,6 +125,11 @@ impl ProduceRecord<'_> {
                 }
             }
         }
+        if let Some(name) = repeated_reserved(&headers) {
+            return Err(format!(
+                "header `{name}` is given more than once: names the gateway reads (`mqtt.*`, `amqp.*`, `content-type`) may appear once per record"
+            ));
+        }
         Ok(AppendRecord {
             partition: self.partition,
             event: Event {
@@ -134,6 +140,28 @@ impl ProduceRecord<'_> {
             },
         })
     }
+}
+
+/// The first header name the gateway gives a meaning to (the MQTT and AMQP
+/// front ends' reserved names) that `headers` carry more than once.
+///
+/// Such a record is refused outright (400 over HTTP, an error answer for
+/// that record over a WebSocket), rather than checked occurrence by
+/// occurrence: a repeated reserved header has no single meaning (MQTT
+/// delivery takes the first `mqtt.topic`, another reader may take the
+/// last), so no answer to "which one counts" is safe, and the refusal
+/// needs no ACL, so it tells the producer nothing about its rights. The
+/// ACL check still looks at every `mqtt.topic` occurrence
+/// ([`super::auth::may_publish`]). AMQP producers cannot repeat a name: a
+/// field table's names are unique, and reserved ones are renamed
+/// `amqp.header.<name>` (see [`crate::amqp::mapping`]).
+fn repeated_reserved(headers: &[(String, Vec<u8>)]) -> Option<&str> {
+    let mut seen = std::collections::HashSet::new();
+    headers
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| crate::amqp::mapping::header::reserved(name))
+        .find(|name| !seen.insert(*name))
 }
 
 /// Output format of fetch.
@@ -431,5 +459,27 @@ mod tests {
         assert!(bad(r#"{"records":[{"value":"%%%","encoding":"base64"}]}"#).contains("value"));
         assert!(bad(r#"{"records":[{"value":1,"encoding":"string"}]}"#).contains("string"));
         assert!(bad(r#"{"records":[{"value":1,"headers":{"h":2}}]}"#).contains("header `h`"));
+        // A reserved name given twice is refused, whatever the values;
+        // other names may repeat.
+        let twice = |name: &str| {
+            format!(
+                r#"{{"records":[{{"value":1,"headers":[{{"key":"{name}","value":"a"}},{{"key":"x","value":"b"}},{{"key":"{name}","value":"a"}}]}}]}}"#
+            )
+        };
+        for name in ["mqtt.topic", "mqtt.qos", "content-type", "amqp.reply_to"] {
+            assert!(
+                bad(&twice(name)).contains(&format!("header `{name}`")),
+                "{name}"
+            );
+        }
+        let repeatable = twice("x-trace");
+        let parsed: ProduceBody = serde_json::from_str(&repeatable).expect("parse");
+        let ok = parsed
+            .records
+            .into_iter()
+            .next()
+            .expect("one")
+            .into_append();
+        assert_eq!(ok.expect("repeatable").event.headers.len(), 3);
     }
 }

@@ -121,6 +121,8 @@ pub(super) struct Handler<S> {
     paused_until: Option<tokio::time::Instant>,
     /// The device registry's generation when rights were last checked.
     auth_generation: u64,
+    /// The device lost its rights (see `rights_hold`): the connection ends.
+    revoked: bool,
     unacked_in: usize,
     batch: Batch,
     tails: Tails,
@@ -164,17 +166,21 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 return;
             }
             Ok(Err(ConnectFailure::Io)) => return,
-            Ok(Err(ConnectFailure::Refuse(code, why))) => {
+            Ok(Err(ConnectFailure::Refuse(code, why, version))) => {
                 broker.metrics.reject(why);
-                // A CONNACK a 3.1/3.1.1 client understands, then close.
+                // A CONNACK in the client's version, then close.
                 let mut b = BytesMut::new();
+                let props = Box::new(ConnAckProps {
+                    reason_string: (version == Version::V5).then(|| why.replace('_', " ")),
+                    ..ConnAckProps::default()
+                });
                 codec::encode(
                     Out::ConnAck {
                         session_present: false,
                         code,
-                        props: Box::default(),
+                        props,
                     },
-                    Version::V4,
+                    version,
                     &mut b,
                 );
                 let _ = write_half.write_all(&b).await;
@@ -228,6 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             appends: VecDeque::new(),
             paused_until: None,
             auth_generation: broker.cx.auth.generation(),
+            revoked: false,
             unacked_in: 0,
             batch: Batch::default(),
             tails: Tails {
@@ -347,24 +354,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                         return close;
                     }
                 }
-                Wake::Deliver => self.deliver(),
+                Wake::Deliver => {
+                    self.deliver();
+                    if self.revoked {
+                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                    }
+                }
                 Wake::Resume => self.paused_until = None,
                 Wake::Save => {
                     // The devices changed: a device disabled, removed, given a
                     // new token or no longer allowed a subscription is let go
                     // (at its next connection a restored session keeps only
                     // what is still allowed).
-                    let generation = self.broker.cx.auth.generation();
-                    if generation != self.auth_generation {
-                        self.auth_generation = generation;
-                        let auth = &self.broker.cx.auth;
-                        let allowed = auth.still_valid(&self.identity)
-                            && self.session.subs.iter().all(|s| {
-                                auth.authorize(&self.identity, Action::Subscribe, &s.filter)
-                            });
-                        if !allowed {
-                            return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
-                        }
+                    if !self.rights_hold() {
+                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
                     }
                     if self.dirty && self.session.expiry > 0 {
                         self.dirty = false;
@@ -381,6 +384,32 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 }
             }
         }
+    }
+
+    /// Do the connection's rights still hold? Asked before every publish
+    /// and every delivery pass, so both follow the device registry's current
+    /// state rather than the one the device connected with: when the
+    /// registry changed since the last check, the device must still be let
+    /// in and every subscription it holds still allowed (the ACL of each
+    /// publish is checked on its own). False is final: the connection ends.
+    fn rights_hold(&mut self) -> bool {
+        if self.revoked {
+            return false;
+        }
+        let auth = &self.broker.cx.auth;
+        let generation = auth.generation();
+        if generation == self.auth_generation {
+            return true;
+        }
+        self.auth_generation = generation;
+        let allowed = auth.still_valid(&self.identity)
+            && self
+                .session
+                .subs
+                .iter()
+                .all(|s| auth.authorize(&self.identity, Action::Subscribe, &s.filter));
+        self.revoked = !allowed;
+        allowed
     }
 
     /// Hands gathered outbound bytes to the writer; a peer that stops reading
@@ -413,6 +442,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                 Ok(None) => break,
                 Err(DecodeError::TooLarge { .. }) => {
                     return Err(Close::Server(reason::PACKET_TOO_LARGE, "packet_too_large"))
+                }
+                Err(DecodeError::Protocol { why, .. }) => {
+                    return Err(Close::Server(reason::PROTOCOL_ERROR, why))
                 }
                 Err(_) => return Err(Close::Server(reason::MALFORMED, "malformed_packet")),
             }
@@ -496,6 +528,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     }
 
     fn publish(&mut self, mut p: PublishIn) -> Result<(), Close> {
+        if !self.rights_hold() {
+            return Err(Close::Server(reason::NOT_AUTHORIZED, "not_authorized"));
+        }
         let m = &self.broker.metrics;
         m.publishes[usize::from(p.qos.min(2))].fetch_add(1, Relaxed);
         if p.qos > 0 {
@@ -845,6 +880,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
     /// Delivers matching records from the log while the client's window and
     /// our outbound buffer allow; comes back (via the notify) if more is left.
     fn deliver(&mut self) {
+        if !self.rights_hold() {
+            // The serve loop ends the connection (`revoked`).
+            return;
+        }
         if self.tails.topics_changed.swap(false, Relaxed) {
             self.rebuild_tails(true);
         }
@@ -1157,6 +1196,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
                         Some(w) if w.delay > 0 => {
                             let delay = Duration::from_secs(u64::from(w.delay.min(expiry)));
                             slot.will = Some(PendingWill {
+                                identity: self.identity.clone(),
                                 will: w,
                                 due: Instant::now() + delay,
                             });
@@ -1172,7 +1212,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         }
         let _ = released.send(true);
         if let Some(w) = now_will {
-            self.broker.publish_will(w).await;
+            self.broker.publish_will(&self.identity, w).await;
         }
     }
 }
@@ -1247,8 +1287,8 @@ async fn append_batch(broker: Arc<Broker>, batch: Batch) -> Acked {
 
 enum ConnectFailure {
     Io,
-    /// CONNACK with this code (3.1.1 form), then close.
-    Refuse(u8, &'static str),
+    /// CONNACK with this code in this version's form, then close.
+    Refuse(u8, &'static str, Version),
     /// Close without a word (not MQTT at all).
     Drop(&'static str),
 }
@@ -1267,20 +1307,26 @@ async fn read_connect<R: AsyncRead + Unpin>(
                 Err(DecodeError::TooLarge { .. }) => {
                     return Err(ConnectFailure::Drop("packet_too_large"))
                 }
+                // A v5 CONNECT that repeats a property: CONNACK 0x82.
+                Err(DecodeError::Protocol { why, .. }) => {
+                    return Err(ConnectFailure::Refuse(reason::PROTOCOL_ERROR, why, v))
+                }
                 Err(_) => return Err(ConnectFailure::Drop("malformed_connect")),
             },
             Ok(None) => {}
             Err(DecodeError::UnsupportedVersion(_)) => {
+                // A CONNACK a 3.1/3.1.1 client understands.
                 return Err(ConnectFailure::Refuse(
                     reason::UNSUPPORTED_PROTOCOL_VERSION,
                     "unsupported_protocol_version",
-                ))
+                    Version::V4,
+                ));
             }
             Err(DecodeError::TooLarge { .. }) => {
                 return Err(ConnectFailure::Drop("packet_too_large"))
             }
             Err(DecodeError::NotMqtt(_)) => return Err(ConnectFailure::Drop("not_mqtt")),
-            Err(DecodeError::Malformed(_)) => {
+            Err(DecodeError::Malformed(_) | DecodeError::Protocol { .. }) => {
                 return Err(ConnectFailure::Drop("malformed_connect"))
             }
         }

@@ -34,6 +34,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::auth::Identity;
 use crate::listener::{ConnectionStats, LimitedListener};
 use crate::tls::Tls;
 use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
@@ -222,8 +223,19 @@ impl Broker {
         &self.sessions
     }
 
-    /// Appends a will (and retains it if asked). Authorization was checked at CONNECT.
-    async fn publish_will(&self, will: codec::Will) {
+    /// Appends a will (and retains it if asked) for `identity`. Its rights
+    /// are checked now, against the device registry's current state: the
+    /// ACL it connected with may have narrowed since (a PATCH, a disable, a
+    /// rotated token), and a will must not pass where a publish would not.
+    async fn publish_will(&self, identity: &Identity, will: codec::Will) {
+        let auth = &self.cx.auth;
+        if !auth.still_valid(identity)
+            || !auth.authorize(identity, crate::auth::Action::Publish, &will.topic)
+        {
+            self.metrics.reject("will_not_authorized");
+            tracing::info!(device = %identity.id, topic = %will.topic, "a will is no longer allowed; dropped");
+            return;
+        }
         let target = self.router.target(&will.topic);
         match session::event_for(
             target,

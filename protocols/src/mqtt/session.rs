@@ -16,6 +16,7 @@ use tributary_storage::{AppendRecord, Event, Log, Record};
 use super::codec::{MsgProps, PublishOut, Will};
 use super::topic::{record_topic, Target};
 use super::{Broker, Slot, Slots};
+use crate::auth::Identity;
 
 /// Metadata space of persistent sessions.
 pub const SESSIONS: &str = "mqtt.sessions";
@@ -189,6 +190,8 @@ pub async fn persist(
 /// A will waiting for its delay (or its session's end).
 #[derive(Debug, Clone)]
 pub struct PendingWill {
+    /// Who left it: its rights are checked when it is published.
+    pub identity: Identity,
     /// The will.
     pub will: Will,
     /// When to publish it.
@@ -295,7 +298,7 @@ async fn sweep(broker: &Broker, now: Instant) {
             }
             let ends = slot.expires.is_some_and(|e| e <= now);
             if let Some(w) = slot.will.take_if(|w| w.due <= now || ends) {
-                wills.push(w.will);
+                wills.push((w.identity, w.will));
             }
             if ends {
                 if slot.parked.as_ref().is_some_and(|s| s.stored) {
@@ -306,8 +309,8 @@ async fn sweep(broker: &Broker, now: Instant) {
             true
         });
     }
-    for w in wills {
-        broker.publish_will(w).await;
+    for (identity, w) in wills {
+        broker.publish_will(&identity, w).await;
     }
     if !expired.is_empty() {
         let entries = expired

@@ -162,12 +162,42 @@ pub fn publish_subjects(
     headers: &[(String, Vec<u8>)],
 ) -> (String, Option<String>) {
     let plain = record_topic(log_topic, key, None);
-    let claimed = headers
-        .iter()
-        .find(|(n, _)| n == super::session::header::TOPIC)
-        .map(|(_, v)| record_topic(log_topic, key, Some(v)))
-        .filter(|c| *c != plain);
+    let claimed = claimed_topics(log_topic, key, headers, &plain).next();
     (plain, claimed)
+}
+
+/// Like [`publish_subjects`], with every `mqtt.topic` occurrence: the plain
+/// subject first, then each distinct topic any occurrence claims. A check
+/// over all of them cannot be passed by an allowed first occurrence while
+/// another one names a topic the device may not publish to.
+pub fn all_publish_subjects(
+    log_topic: &str,
+    key: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
+) -> Vec<String> {
+    let plain = record_topic(log_topic, key, None);
+    let mut out: Vec<String> = Vec::with_capacity(1);
+    for c in claimed_topics(log_topic, key, headers, &plain) {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.insert(0, plain);
+    out
+}
+
+/// The topics `mqtt.topic` headers claim, one per occurrence, except `plain`.
+fn claimed_topics<'a>(
+    log_topic: &'a str,
+    key: Option<&'a [u8]>,
+    headers: &'a [(String, Vec<u8>)],
+    plain: &'a str,
+) -> impl Iterator<Item = String> + 'a {
+    headers
+        .iter()
+        .filter(|(n, _)| n == super::session::header::TOPIC)
+        .map(move |(_, v)| record_topic(log_topic, key, Some(v)))
+        .filter(move |c| c != plain)
 }
 
 #[cfg(test)]
@@ -193,6 +223,14 @@ mod tests {
         assert_eq!(
             publish_subjects("s", Some(b"s/x"), &[]),
             ("s/x".to_owned(), None)
+        );
+        let mut twice = h("s/d1/cmd");
+        twice.extend(h("s"));
+        twice.extend(h("s/d2/cmd"));
+        twice.extend(h("s/d1/cmd"));
+        assert_eq!(
+            all_publish_subjects("s", None, &twice),
+            ["s", "s/d1/cmd", "s/d2/cmd"]
         );
         assert_eq!(
             publish_subjects("s", None, &h("s/d2/cmd")),
