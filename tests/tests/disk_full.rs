@@ -74,6 +74,51 @@ impl Drop for SmallFs {
     }
 }
 
+/// Produces batches of 50 records (`value(batch, i)`, sent as base64) to
+/// partition 0 of topic `full` until the node refuses five times in a row
+/// with `refusal` (status, error code); returns what was acknowledged, by offset.
+fn fill_until_refused(
+    rt: &tokio::runtime::Runtime,
+    c: &reqwest::Client,
+    url: &str,
+    refusal: (u16, &str),
+    mut value: impl FnMut(u32, u32) -> Vec<u8>,
+) -> BTreeMap<u64, Vec<u8>> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut acked = BTreeMap::new();
+    let mut refused = 0;
+    for batch in 0u32..200_000 {
+        let values: Vec<Vec<u8>> = (0..50).map(|i| value(batch, i)).collect();
+        let records: Vec<_> = values
+            .iter()
+            .map(|v| json!({"value": b64.encode(v), "encoding": "base64", "partition": 0}))
+            .collect();
+        let (status, body) = rt.block_on(post(
+            c,
+            &format!("{url}/v1/topics/full/records"),
+            &json!({"records": records}),
+        ));
+        match status {
+            200 => {
+                refused = 0;
+                let offsets = body["offsets"].as_array().expect("offsets");
+                for (o, v) in offsets.iter().zip(values) {
+                    acked.insert(o["offset"].as_u64().expect("offset"), v);
+                }
+            }
+            s if s == refusal.0 => {
+                assert_eq!(body["error"]["code"], refusal.1, "{body}");
+                refused += 1;
+                if refused == 5 {
+                    return acked;
+                }
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    panic!("the disk never filled")
+}
+
 #[test]
 #[ignore = "needs root or passwordless sudo to mount a 24 MiB tmpfs (scripts/test runs it; CI runs as root)"]
 fn without_the_reserve_a_full_disk_fails_writes_cleanly_and_keeps_every_acknowledged_record() {
@@ -84,51 +129,12 @@ fn without_the_reserve_a_full_disk_fails_writes_cleanly_and_keeps_every_acknowle
     let no_reserve = [("TRIBUTARY_STORAGE__MIN_FREE_BYTES", "0")];
     let mut node = ChildNode::start(&data, &no_reserve);
     let c = client();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let mut acked: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut refused = 0;
     let mut rng = fastrand::Rng::with_seed(3);
-    // Fill the disk: keep writing until the log refuses several times in a row.
-    for batch in 0u32.. {
-        assert!(batch < 100_000, "the 24 MiB disk never filled");
-        let values: Vec<Vec<u8>> = (0..50)
-            .map(|i| {
-                let mut v = format!("b{batch}-i{i}|").into_bytes();
-                v.extend((0..1000).map(|_| rng.u8(..)));
-                v
-            })
-            .collect();
-        let records: Vec<_> = values
-            .iter()
-            .map(|v| json!({"value": b64.encode(v), "encoding": "base64", "partition": 0}))
-            .collect();
-        let (status, body) = rt.block_on(post(
-            &c,
-            &format!("{}/v1/topics/full/records", node.url),
-            &json!({"records": records}),
-        ));
-        match status {
-            200 => {
-                refused = 0;
-                for (o, v) in body["offsets"]
-                    .as_array()
-                    .expect("offsets")
-                    .iter()
-                    .zip(values)
-                {
-                    acked.insert(o["offset"].as_u64().expect("offset"), v);
-                }
-            }
-            503 => {
-                assert_eq!(body["error"]["code"], "unwritable", "{body}");
-                refused += 1;
-                if refused == 5 {
-                    break;
-                }
-            }
-            other => panic!("unexpected status {other}: {body}"),
-        }
-    }
+    let acked = fill_until_refused(&rt, &c, &node.url, (503, "unwritable"), |batch, i| {
+        let mut v = format!("b{batch}-i{i}|").into_bytes();
+        v.extend((0..1000).map(|_| rng.u8(..)));
+        v
+    });
     assert!(
         acked.len() > 1000,
         "some writes were acknowledged before the disk filled"
@@ -208,44 +214,9 @@ fn a_full_disk_hides_nothing_and_writes_resume_without_a_restart() {
     let data = fs.0.join("data");
     let node = ChildNode::start(&data, &[]);
     let c = client();
-    let mut acked: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut refused = 0;
-    for batch in 0u32.. {
-        assert!(batch < 100_000, "the 64 MiB disk never filled");
-        let values: Vec<String> = (0..100)
-            .map(|i| format!("b{batch}-i{i}-{}", "x".repeat(900)))
-            .collect();
-        let records: Vec<_> = values
-            .iter()
-            .map(|v| json!({"value": v, "encoding": "string", "partition": 0}))
-            .collect();
-        let (status, body) = rt.block_on(post(
-            &c,
-            &format!("{}/v1/topics/full/records", node.url),
-            &json!({"records": records}),
-        ));
-        match status {
-            200 => {
-                refused = 0;
-                for (o, v) in body["offsets"]
-                    .as_array()
-                    .expect("offsets")
-                    .iter()
-                    .zip(values)
-                {
-                    acked.insert(o["offset"].as_u64().expect("offset"), v.into_bytes());
-                }
-            }
-            507 => {
-                assert_eq!(body["error"]["code"], "disk_full", "{body}");
-                refused += 1;
-                if refused == 5 {
-                    break;
-                }
-            }
-            other => panic!("unexpected status {other}: {body}"),
-        }
-    }
+    let acked = fill_until_refused(&rt, &c, &node.url, (507, "disk_full"), |batch, i| {
+        format!("b{batch}-i{i}-{}", "x".repeat(900)).into_bytes()
+    });
     assert!(
         acked.len() > 10_000,
         "writes were acknowledged before the disk filled"
