@@ -886,11 +886,18 @@ impl Config {
                 errors.push(format!("`{key}` must be positive"));
             }
         }
-        if self.limits.max_buffered_bytes < h.max_body_bytes {
-            errors.push(format!(
-                "`limits.max_buffered_bytes` ({}) must be at least `http.max_body_bytes` ({}), or the largest requests can never be read",
-                self.limits.max_buffered_bytes, h.max_body_bytes
-            ));
+        for (key, largest) in [
+            ("http.max_body_bytes", h.max_body_bytes as u64),
+            ("http.ws_max_message_bytes", h.ws_max_message_bytes as u64),
+            ("mqtt.max_packet_bytes", self.mqtt.max_packet_bytes as u64),
+            ("amqp.max_message_bytes", self.amqp.max_message_bytes),
+        ] {
+            if (self.limits.max_buffered_bytes as u64) < largest {
+                errors.push(format!(
+                    "`limits.max_buffered_bytes` ({}) must be at least `{key}` ({largest}), or the largest of those can never be read",
+                    self.limits.max_buffered_bytes
+                ));
+            }
         }
         if h.max_body_bytes < s.max_event_bytes {
             errors.push(format!(

@@ -12,8 +12,9 @@ use axum::routing::get;
 use axum::Extension;
 use tokio_util::sync::CancellationToken;
 use tributary_protocols::http::{ApiError, Router};
+use tributary_protocols::listener::ReadHold;
 use tributary_protocols::{FrontendContext, MetricsSource, Peer};
-use tributary_sync::{SyncCore, SyncPeer, Uploader};
+use tributary_sync::{OnMessage, SyncCore, SyncPeer, Uploader};
 
 #[derive(Clone)]
 struct RouteState {
@@ -43,6 +44,7 @@ pub fn routes(
 async fn upgrade(
     State(st): State<RouteState>,
     peer: Option<Extension<ConnectInfo<Peer>>>,
+    hold: Option<Extension<ReadHold>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let Some(core) = st.core else {
@@ -67,7 +69,11 @@ async fn upgrade(
     };
     ws.max_message_size(st.max_message)
         .max_frame_size(st.max_message)
-        .on_upgrade(move |socket| async move { core.serve(socket, peer, st.shutdown).await })
+        .on_upgrade(move |socket| async move {
+            let on_message =
+                hold.map(|Extension(h)| -> OnMessage { Arc::new(move || h.release()) });
+            core.serve(socket, peer, st.shutdown, on_message).await
+        })
 }
 
 struct CoreMetrics(SyncCore);

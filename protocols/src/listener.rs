@@ -49,7 +49,7 @@ fn now_ms() -> u64 {
 }
 
 /// The state of one connection that can be idle (an HTTP connection).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnState {
     /// Requests being served now.
     in_flight: AtomicU64,
@@ -59,6 +59,50 @@ pub struct ConnState {
     head_started: AtomicU64,
     /// Set to close the connection (evicted at the connection limit).
     close: tokio::sync::Notify,
+    /// Upgraded (a WebSocket): reads draw from the node's memory budget.
+    upgraded: std::sync::atomic::AtomicBool,
+    /// Bytes read since the WebSocket handler last took a whole message.
+    held: AtomicU64,
+    /// The budget those bytes hold beyond the connection's own allowance.
+    reserved: std::sync::Mutex<crate::budget::Reserved>,
+}
+
+/// What a WebSocket handler gets to say "a whole message was taken": the
+/// bytes read for it go back to the node's memory budget (see
+/// `http::serve`). Handlers extract it as `Option<Extension<ReadHold>>`.
+#[derive(Debug, Clone)]
+pub struct ReadHold(pub Arc<ConnState>);
+
+impl ReadHold {
+    /// Gives back what the connection read so far (one message was taken).
+    pub fn release(&self) {
+        self.0.release();
+    }
+
+    /// `stream`, releasing after each message it yields.
+    pub fn wrap<S>(hold: Option<Self>, stream: S) -> Releasing<S> {
+        Releasing { stream, hold }
+    }
+}
+
+/// A WebSocket's message stream that gives each message's bytes back to the
+/// node's budget as the handler takes it ([`ReadHold::wrap`]).
+#[derive(Debug)]
+pub struct Releasing<S> {
+    stream: S,
+    hold: Option<ReadHold>,
+}
+
+impl<S: futures_util::Stream + Unpin> futures_util::Stream for Releasing<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let r = Pin::new(&mut self.stream).poll_next(cx);
+        if let (Poll::Ready(Some(_)), Some(h)) = (&r, &self.hold) {
+            h.release();
+        }
+        r
+    }
 }
 
 /// What a connection is doing, for its watchdog.
@@ -75,8 +119,13 @@ pub enum Activity {
 impl ConnState {
     fn new() -> Self {
         ConnState {
+            in_flight: AtomicU64::new(0),
             idle_since: AtomicU64::new(now_ms()),
-            ..ConnState::default()
+            head_started: AtomicU64::new(0),
+            close: tokio::sync::Notify::new(),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
+            held: AtomicU64::new(0),
+            reserved: std::sync::Mutex::new(crate::budget::Reserved::none()),
         }
     }
 
@@ -114,6 +163,45 @@ impl ConnState {
     /// Resolves when the connection was chosen to be closed.
     pub async fn closed(&self) {
         self.close.notified().await;
+    }
+
+    /// The connection became a WebSocket.
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Relaxed);
+    }
+
+    /// Is the connection a WebSocket?
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Relaxed)
+    }
+
+    /// Bytes read since the last whole message, and the budget they hold.
+    pub fn held(&self) -> (u64, usize) {
+        let reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes();
+        (self.held.load(Relaxed), reserved)
+    }
+
+    /// Counts bytes read.
+    pub fn add_held(&self, n: usize) {
+        self.held.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Adds budget to what the connection holds.
+    pub fn add_reserved(&self, r: crate::budget::Reserved) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .merge(r);
+    }
+
+    /// A whole message was taken: what was read for it goes back.
+    pub fn release(&self) {
+        self.held.store(0, Relaxed);
+        *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = crate::budget::Reserved::none();
     }
 }
 

@@ -422,10 +422,12 @@ impl Shared {
     }
 
     /// Fails fast while the disk is known to be low, re-checking the disk so
-    /// that appends resume as soon as space is back.
+    /// that appends resume as soon as space is back: room for a whole commit
+    /// cycle above the reserve (hysteresis, so the node does not flap between
+    /// taking one small append and refusing the next).
     fn check_disk(&self) -> Result<()> {
         if self.disk_low.load(SeqCst) {
-            self.check_room(0)?;
+            self.check_room(self.config.max_cycle_bytes as u64)?;
         }
         Ok(())
     }

@@ -657,6 +657,9 @@ async fn a_disk_under_the_reserve_refuses_appends_keeps_reads_and_recovers_by_it
         .await
         .expect_err("this event does not fit above the reserve");
     assert!(matches!(e, Error::DiskFull { .. }), "{e}");
+    // A little room is not enough: writes resume with room for a whole cycle.
+    store.set_free_bytes(Some(reserve + 100_000));
+    assert!(matches!(log.health(), Err(Error::DiskFull { .. })));
 
     // Space is back: appends resume and health is green, without a restart.
     store.set_free_bytes(Some(100 * 1024 * 1024));

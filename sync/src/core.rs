@@ -373,11 +373,21 @@ impl SyncCore {
 
     /// Serves one edge connection until it ends, the edge is replaced, or
     /// `shutdown` is cancelled.
-    pub async fn serve(&self, socket: WebSocket, peer: SyncPeer, shutdown: CancellationToken) {
+    pub async fn serve(
+        &self,
+        socket: WebSocket,
+        peer: SyncPeer,
+        shutdown: CancellationToken,
+        on_message: Option<OnMessage>,
+    ) {
         let m = &self.inner.metrics;
         m.connections.fetch_add(1, Relaxed);
         m.open.fetch_add(1, Relaxed);
-        let (sink, mut stream) = socket.split();
+        let (sink, stream) = socket.split();
+        let mut stream = EdgeStream {
+            inner: stream,
+            on_message,
+        };
         let (out, out_rx) = mpsc::channel(PIPELINE);
         let writer = tokio::spawn(writer(sink, out_rx));
         let hello = tokio::select! {
@@ -432,7 +442,7 @@ impl SyncCore {
         &self,
         hello: Hello,
         peer: SyncPeer,
-        stream: &mut futures_util::stream::SplitStream<WebSocket>,
+        stream: &mut EdgeStream,
         out: &mpsc::Sender<Out>,
         shutdown: &CancellationToken,
     ) -> Result<(), ErrorFrame> {
@@ -538,7 +548,7 @@ impl SyncCore {
         slot: &Arc<EdgeSlot>,
         reset: Option<Vec<MetaEntry>>,
         instance: u64,
-        stream: &mut futures_util::stream::SplitStream<WebSocket>,
+        stream: &mut EdgeStream,
         out: &mpsc::Sender<Out>,
         shutdown: &CancellationToken,
         kick: &CancellationToken,
@@ -973,6 +983,31 @@ fn not_opened(topic: &str) -> ErrorFrame {
     }
 }
 
+/// Called after each message read from an edge: the HTTP layer gives the
+/// bytes read for it back to the node's memory budget.
+pub type OnMessage = Arc<dyn Fn() + Send + Sync>;
+
+/// An edge's messages, calling [`OnMessage`] as each is taken.
+pub struct EdgeStream {
+    inner: futures_util::stream::SplitStream<WebSocket>,
+    on_message: Option<OnMessage>,
+}
+
+impl futures_util::Stream for EdgeStream {
+    type Item = <futures_util::stream::SplitStream<WebSocket> as futures_util::Stream>::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        if let (std::task::Poll::Ready(Some(_)), Some(f)) = (&r, &self.on_message) {
+            f();
+        }
+        r
+    }
+}
+
 fn storage_error(e: LogError) -> ErrorFrame {
     ErrorFrame::new(code::STORAGE, format!("the core cannot store it: {e}"))
 }
@@ -983,9 +1018,7 @@ async fn send(out: &mpsc::Sender<Out>, f: Frame) -> Result<(), ErrorFrame> {
         .map_err(|_| ErrorFrame::new(code::BAD_FRAME, "the connection is gone"))
 }
 
-async fn read_hello(
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
-) -> Result<Hello, ErrorFrame> {
+async fn read_hello(stream: &mut EdgeStream) -> Result<Hello, ErrorFrame> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
         let msg = tokio::time::timeout_at(deadline, stream.next())

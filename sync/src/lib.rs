@@ -24,5 +24,5 @@ mod metrics;
 pub mod ranges;
 pub mod wire;
 
-pub use crate::core::{CoreConfig, SyncCore, SyncPeer};
+pub use crate::core::{CoreConfig, EdgeStream, OnMessage, SyncCore, SyncPeer};
 pub use crate::edge::{TopicRule, Uploader, UpstreamConfig};

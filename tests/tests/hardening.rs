@@ -329,3 +329,208 @@ async fn request_bodies_across_connections_stay_within_the_memory_budget() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// MQTT remaining-length varint.
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// Finding 3, for MQTT: connections each sending most of a large PUBLISH.
+/// Packets larger than a connection's own 16 KiB hold their size from the
+/// node's budget before they are read; past it the newest is refused (v5
+/// DISCONNECT 0x97) and the node serves others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_mqtt_packets_across_connections_stay_within_the_memory_budget() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BUDGET: usize = 4 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            ("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", &BUDGET.to_string()),
+            ("TRIBUTARY_HTTP__MAX_BODY_BYTES", "2097152"),
+        ],
+    );
+    let payload = 1000 * 1024;
+    let mut conns = Vec::new();
+    for i in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(node.mqtt)
+            .await
+            .expect("connect");
+        let id = format!("big{i}");
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0];
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id.as_bytes());
+        let mut connect = vec![0x10];
+        varint(body.len(), &mut connect);
+        connect.extend_from_slice(&body);
+        s.write_all(&connect).await.expect("connect");
+        let mut ack = [0u8; 64];
+        let n = s.read(&mut ack).await.expect("connack");
+        assert!(n >= 4 && ack[0] == 0x20 && ack[3] == 0, "{:?}", &ack[..n]);
+        // PUBLISH QoS 0 to big/x announcing ~1 MiB; send half of it.
+        let topic = b"big/x";
+        let mut publish = vec![0x30];
+        varint(2 + topic.len() + 1 + payload, &mut publish);
+        publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        publish.extend_from_slice(topic);
+        publish.push(0); // no properties
+        publish.extend(std::iter::repeat_n(b'p', payload / 2));
+        s.write_all(&publish).await.expect("half a publish");
+        conns.push(s);
+    }
+    // Four fit the 4 MiB budget; the others are told 0x97 and closed (all
+    // read at once: the holders answer nothing, so each read waits out its
+    // timeout).
+    let answers = futures_util::future::join_all(conns.iter_mut().map(|s| async move {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    }))
+    .await;
+    let mut refused = 0;
+    for a in answers.into_iter().flatten() {
+        assert!(a.len() >= 3 && a[0] == 0xE0, "DISCONNECT expected: {a:?}");
+        assert_eq!(a[2], 0x97, "DISCONNECT reason {a:?}");
+        refused += 1;
+    }
+    assert_eq!(refused, 2, "4 × ~1 MiB fit a 4 MiB budget, 2 do not");
+    let c = client();
+    assert!(
+        common::metrics_text(&node.url, None)
+            .await
+            .contains("reason=\"memory_budget\""),
+        "counted"
+    );
+    drop(conns);
+    // The budget comes back: a normal large publish goes through.
+    let (s, _) = get(&c, &format!("{}/health", node.url)).await;
+    assert_eq!(s, 200);
+}
+
+/// Finding 3, for WebSockets: publish sockets each sending most of one large
+/// message. What a WebSocket reads beyond its own 16 KiB draws from the node's
+/// budget; past it reading pauses, then the newest sockets are closed, and
+/// the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_messages_across_connections_stay_within_the_memory_budget() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BUDGET: usize = 4 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            ("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", &BUDGET.to_string()),
+            ("TRIBUTARY_HTTP__MAX_BODY_BYTES", "2097152"),
+        ],
+    );
+    let c = client();
+    create_topic(&c, &node.url, "wsbig", 1).await;
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    let before = rss_kib(node.pid());
+    let message = 2 * 1024 * 1024 - 1024;
+    let mut socks = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let upgrade = "GET /v1/topics/wsbig/publish HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        s.write_all(upgrade.as_bytes()).await.expect("upgrade");
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.expect("101");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        // One masked binary frame announcing ~2 MiB (mask 0: payload as is).
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(message as u64).to_be_bytes());
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        s.write_all(&frame).await.expect("frame header");
+        socks.push(s);
+    }
+    // Each sends up to 1.5 MiB of its message, as far as the node reads.
+    let chunk = vec![b'w'; 64 * 1024];
+    let sent = futures_util::future::join_all(socks.iter_mut().map(|s| {
+        let chunk = &chunk;
+        async move {
+            let mut sent = 0usize;
+            while sent < 1536 * 1024 {
+                match tokio::time::timeout(Duration::from_secs(5), s.write_all(chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len(),
+                    _ => break,
+                }
+            }
+            sent
+        }
+    }))
+    .await;
+    // Sockets that found no room were closed by the node (a close frame,
+    // EOF or reset).
+    let closed = futures_util::future::join_all(socks.iter_mut().map(|s| async move {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(_)) => buf[0] == 0x88,
+            Err(_) => false,
+        }
+    }))
+    .await;
+    let closed = closed.into_iter().filter(|c| *c).count();
+    let (_, stats) = get(&c, &format!("{}/v1/stats", node.url)).await;
+    let memory = &stats["memory"];
+    assert!(
+        memory["buffered_bytes"].as_u64() <= memory["max_buffered_bytes"].as_u64()
+            && memory["refused"].as_u64() > Some(0),
+        "{memory}"
+    );
+    assert!(
+        closed >= 4,
+        "8 × 1.5 MiB cannot all be held in 4 MiB: {closed} closed, sent {sent:?}"
+    );
+    let during = rss_kib(node.pid());
+    let margin_kib = 32 * 1024;
+    assert!(
+        during.saturating_sub(before) < (BUDGET / 1024) as u64 + margin_kib,
+        "RSS grew {} KiB",
+        during - before
+    );
+    drop(socks);
+    let (s, _) = get(&c, &format!("{}/health", node.url)).await;
+    assert_eq!(s, 200);
+    // A normal WebSocket publish works once they are gone.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/v1/topics/wsbig/publish",
+        node.url.replace("http://", "ws://")
+    ))
+    .await
+    .expect("ws connect");
+    use futures_util::{SinkExt as _, StreamExt as _};
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"value": {"ok": true}}"#.into(),
+    ))
+    .await
+    .expect("send");
+    let answer = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .expect("an answer")
+        .expect("open")
+        .expect("message");
+    assert!(
+        answer.to_text().expect("text").contains("offset"),
+        "{answer:?}"
+    );
+}

@@ -207,14 +207,22 @@ pub async fn serve(
     extra: Router,
 ) -> std::io::Result<()> {
     let shutdown = cx.shutdown.clone();
+    let budget = cx.budget.clone();
     let app = extra.merge(router(cx, config.clone(), listener.stats()));
     let hygiene = serve::Hygiene {
         request_head_timeout: config.request_head_timeout,
         idle_timeout: config.idle_timeout,
     };
-    let https =
-        tls.map(|tls| tokio::spawn(serve::serve(tls, app.clone(), hygiene, shutdown.clone())));
-    let plain = serve::serve(listener, app, hygiene, shutdown).await;
+    let https = tls.map(|tls| {
+        tokio::spawn(serve::serve(
+            tls,
+            app.clone(),
+            hygiene,
+            budget.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let plain = serve::serve(listener, app, hygiene, budget, shutdown).await;
     if let Some(https) = https {
         match https.await {
             Ok(r) => r?,
@@ -328,6 +336,11 @@ async fn stats(
             "disk_full_rejected_appends": log.stats().disk_full_rejected_appends,
         },
         "connections": connections,
+        "memory": {
+            "max_buffered_bytes": state.cx.budget.total(),
+            "buffered_bytes": state.cx.budget.total() - state.cx.budget.available(),
+            "refused": state.cx.budget.refused(),
+        },
         "topics": topics,
         "websocket": {
             "published_total": state.ws.published.load(std::sync::atomic::Ordering::Relaxed),
@@ -357,6 +370,15 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         &state.metrics,
         &state.connections,
         state.started.elapsed(),
+    );
+    let b = &state.cx.budget;
+    let _ = std::fmt::Write::write_fmt(
+        &mut text,
+        format_args!(
+            "# HELP tributary_buffered_bytes Bytes of unfinished requests, messages and packets held from limits.max_buffered_bytes.\n# TYPE tributary_buffered_bytes gauge\ntributary_buffered_bytes {}\n# HELP tributary_memory_budget_refusals_total Reads refused because limits.max_buffered_bytes was spent.\n# TYPE tributary_memory_budget_refusals_total counter\ntributary_memory_budget_refusals_total {}\n",
+            b.total() - b.available(),
+            b.refused()
+        ),
     );
     state.cx.metrics.render(&mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)

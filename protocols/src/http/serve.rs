@@ -6,6 +6,7 @@
 //! idle keep-alives can lock new clients out. Upgraded connections
 //! (WebSockets) leave this loop and live on in their own task.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -20,7 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::listener::{Activity, ConnState, IdleConnections, LimitedListener, LimitedStream};
+use crate::budget::{MemoryBudget, WAIT_FOR_ROOM};
+use crate::listener::{
+    Activity, ConnState, IdleConnections, LimitedListener, LimitedStream, ReadHold,
+};
 use crate::tls::TlsListener;
 use crate::Peer;
 
@@ -76,6 +80,7 @@ pub async fn serve<L: HttpListener>(
     mut listener: L,
     app: Router,
     hygiene: Hygiene,
+    budget: MemoryBudget,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let idle = listener.idle();
@@ -89,9 +94,10 @@ pub async fn serve<L: HttpListener>(
         let registered = idle.register();
         let app = app.clone();
         let shutdown = shutdown.clone();
+        let budget = budget.clone();
         tasks.spawn(async move {
             let state = registered.state.clone();
-            serve_connection(io, peer, app, state, hygiene, shutdown).await;
+            serve_connection(io, peer, app, state, hygiene, budget, shutdown).await;
             drop(registered);
         });
     }
@@ -106,6 +112,7 @@ async fn serve_connection<IO>(
     app: Router,
     state: Arc<ConnState>,
     hygiene: Hygiene,
+    budget: MemoryBudget,
     shutdown: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -113,10 +120,17 @@ async fn serve_connection<IO>(
     let svc_state = state.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer.clone()));
+        req.extensions_mut().insert(ReadHold(svc_state.clone()));
         let app = app.clone();
+        let state = svc_state.clone();
         let guard = InFlight::new(svc_state.clone());
         async move {
             let response = app.oneshot(req.map(axum::body::Body::new)).await;
+            if let Ok(r) = &response {
+                if r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    state.set_upgraded();
+                }
+            }
             drop(guard);
             response
         }
@@ -124,6 +138,10 @@ async fn serve_connection<IO>(
     let watched = Watched {
         io,
         state: state.clone(),
+        budget,
+        scratch: Vec::new(),
+        retry: None,
+        waiting_since: None,
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     // hyper's own head timer runs from the end of the previous response, so it
@@ -185,10 +203,61 @@ impl Drop for InFlight {
     }
 }
 
-/// The connection's stream, telling its state when bytes arrive.
+/// The connection's stream, telling its state when bytes arrive. Once the
+/// connection is a WebSocket, what it reads draws from the node's memory
+/// budget: a connection may hold [`WS_ALLOWANCE`] bytes read since its
+/// handler last took a whole message ([`ReadHold::release`]); beyond that it
+/// reserves [`WS_CHUNK`] at a time before reading. With no room, reading
+/// pauses (backpressure) and, after [`WAIT_FOR_ROOM`], fails: the socket
+/// closes. So partially received WebSocket messages, across all connections,
+/// stay within `limits.max_buffered_bytes` plus each connection's allowance.
 struct Watched<IO> {
     io: IO,
     state: Arc<ConnState>,
+    budget: MemoryBudget,
+    /// Where a WebSocket's bytes land before they are counted.
+    scratch: Vec<u8>,
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+/// Bytes a WebSocket connection reads without the node's budget.
+pub const WS_ALLOWANCE: u64 = 16 * 1024;
+/// What a WebSocket connection reserves at a time beyond its allowance.
+pub const WS_CHUNK: usize = 16 * 1024;
+
+impl<IO: AsyncRead + Unpin> Watched<IO> {
+    /// Room to read now, reserving more when needed; `Pending` while the
+    /// budget is spent, an error once it stayed spent too long.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            let (held, reserved) = self.state.held();
+            let room = (WS_ALLOWANCE + reserved as u64).saturating_sub(held);
+            if room > 0 {
+                self.waiting_since = None;
+                self.retry = None;
+                return Poll::Ready(Ok(room.min(WS_CHUNK as u64) as usize));
+            }
+            if let Some(r) = self.budget.try_reserve(WS_CHUNK) {
+                self.state.add_reserved(r);
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            let since = *self.waiting_since.get_or_insert(now);
+            if now.duration_since(since) >= WAIT_FOR_ROOM {
+                return Poll::Ready(Err(io::Error::other(
+                    "limits.max_buffered_bytes is spent: this WebSocket is closed",
+                )));
+            }
+            let retry = self
+                .retry
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+            if retry.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.retry = None;
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
@@ -197,10 +266,27 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.bytes_read();
+        if !self.state.is_upgraded() {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.io).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                self.state.bytes_read();
+            }
+            return r;
+        }
+        let room = match self.poll_room(cx) {
+            Poll::Ready(Ok(room)) => room.min(buf.remaining()),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        let this = &mut *self;
+        this.scratch.resize(room, 0);
+        let mut limited = ReadBuf::new(&mut this.scratch);
+        let r = Pin::new(&mut this.io).poll_read(cx, &mut limited);
+        let n = limited.filled().len();
+        if n > 0 {
+            buf.put_slice(limited.filled());
+            this.state.add_held(n);
         }
         r
     }

@@ -37,6 +37,7 @@ use super::error::ApiError;
 use super::records::{Format, ProduceRecord, RecordOut};
 use super::AppState;
 use crate::auth::{Action, Identity};
+use crate::listener::ReadHold;
 
 /// Close codes.
 pub mod close {
@@ -274,8 +275,10 @@ pub(super) async fn publish(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    hold: Option<Extension<ReadHold>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let hold = hold.map(|Extension(h)| h);
     let topic = match path {
         Ok(Path(t)) => t,
         Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
@@ -294,7 +297,7 @@ pub(super) async fn publish(
     let max = state.config.ws_max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| publish_session(state, who, topic, socket))
+        .on_upgrade(move |socket| publish_session(state, who, topic, socket, hold))
 }
 
 /// Completes the upgrade and closes with 1008 and the reason: a browser sees
@@ -356,9 +359,16 @@ fn precheck(limits: Option<(usize, u32)>, r: &AppendRecord) -> Result<(), ApiErr
 /// order (merging those that queued while the previous append was on its way
 /// to disk), and this task writes the answers in order, pings, and notices a
 /// silent peer. Each stage waits for the next when it is full.
-async fn publish_session(state: AppState, who: Identity, topic: String, socket: WebSocket) {
+async fn publish_session(
+    state: AppState,
+    who: Identity,
+    topic: String,
+    socket: WebSocket,
+    hold: Option<ReadHold>,
+) {
     let _open = OpenGuard::new(&state.ws);
-    let (mut tx, mut rx) = socket.split();
+    let (mut tx, rx) = socket.split();
+    let mut rx = ReadHold::wrap(hold, rx);
     let (parsed_tx, mut parsed_rx) = mpsc::channel::<Result<Parsed, (u16, String)>>(PIPELINE);
     let (answer_tx, mut answer_rx) = mpsc::channel::<Answer>(PIPELINE);
     let activity = Arc::new(AtomicU64::new(0));
@@ -694,8 +704,10 @@ pub(super) async fn live(
     Extension(caller): Extension<Caller>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<LiveParams>, axum::extract::rejection::QueryRejection>,
+    hold: Option<Extension<ReadHold>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let hold = hold.map(|Extension(h)| h);
     let topic = match path {
         Ok(Path(t)) => t,
         Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
@@ -719,7 +731,7 @@ pub(super) async fn live(
     // A live client only answers pings and closes: small frames are plenty.
     ws.max_message_size(LIVE_CLIENT_BYTES)
         .max_frame_size(LIVE_CLIENT_BYTES)
-        .on_upgrade(move |socket| live_session(state, who, topic, cursors, socket))
+        .on_upgrade(move |socket| live_session(state, who, topic, cursors, socket, hold))
 }
 
 async fn live_session(
@@ -728,6 +740,7 @@ async fn live_session(
     topic: String,
     mut cursors: Vec<u64>,
     socket: WebSocket,
+    hold: Option<ReadHold>,
 ) {
     let filter = auth::whole_topic(&topic);
     // A device disabled, removed or narrowed meanwhile stops receiving.
@@ -737,7 +750,8 @@ async fn live_session(
     let _open = OpenGuard::new(&state.ws);
     let log = state.cx.log.clone();
     let shared = state.tails.topic(&topic, cursors.len());
-    let (mut tx, mut rx) = socket.split();
+    let (mut tx, rx) = socket.split();
+    let mut rx = ReadHold::wrap(hold, rx);
     let notify = Arc::new(Notify::new());
     let mut watchers = Vec::new();
     for p in 0..cursors.len() as u32 {

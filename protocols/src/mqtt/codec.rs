@@ -386,6 +386,13 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     Ok(None)
 }
 
+/// The whole size of the packet that starts `buf`, once its fixed header is
+/// there (`None` before; also for a malformed length, which decode reports).
+pub fn pending_len(buf: &[u8]) -> Option<usize> {
+    let (remaining, header_len) = remaining_length(buf.get(1..)?).ok()??;
+    Some(1 + header_len + remaining)
+}
+
 /// Decodes the next packet from `buf`: `Ok(None)` when more bytes are needed.
 /// The declared size is checked against `max` before anything is buffered.
 ///

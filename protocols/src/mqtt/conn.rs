@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+
+use crate::budget::{MemoryBudget, Reserved, WAIT_FOR_ROOM};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
@@ -106,6 +108,8 @@ pub(super) struct Handler<S> {
     version: Version,
     reader: ReadHalf<S>,
     buf: BytesMut,
+    /// The part of the node's memory budget the packet being received holds.
+    held: Reserved,
     out: BytesMut,
     writer: mpsc::Sender<Bytes>,
     client_id: String,
@@ -157,7 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         let max = broker.config.max_packet_bytes;
         let connect = tokio::time::timeout(
             broker.config.connect_timeout,
-            read_connect(&mut reader, &mut buf, max),
+            read_connect(&mut reader, &mut buf, max, &broker.cx.budget),
         )
         .await;
         let connect = match connect {
@@ -220,6 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             version,
             reader,
             buf,
+            held: Reserved::none(),
             out,
             writer: tx,
             client_id,
@@ -293,6 +298,27 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
             if !can_read {
                 // Not reading is our doing: the client's keep-alive clock waits too.
                 deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+            }
+            // A large packet on its way holds its size from the node's budget
+            // before more of it is read (waiting is backpressure; no room in
+            // time closes the connection: v5 DISCONNECT 0x97).
+            match budgeted_len(&self.buf) {
+                Some(size) if can_read && self.held.bytes() < size => {
+                    match self.broker.cx.budget.reserve(size, WAIT_FOR_ROOM).await {
+                        Some(r) => self.held = r,
+                        None => return Close::Server(reason::QUOTA_EXCEEDED, "memory_budget"),
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    self.held = Reserved::none();
+                    // Give back a large packet's buffer once it is consumed.
+                    if self.buf.capacity() > 4 * UNBUDGETED_BYTES
+                        && self.buf.len() < UNBUDGETED_BYTES
+                    {
+                        self.buf = BytesMut::from(&self.buf[..]);
+                    }
+                }
             }
             self.buf.reserve(8 * 1024);
             let wake = {
@@ -1297,7 +1323,11 @@ async fn read_connect<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
     max: usize,
+    budget: &MemoryBudget,
 ) -> Result<ConnectIn, ConnectFailure> {
+    // A large CONNECT (a will with a big payload) holds node budget while it
+    // arrives, like any other large packet.
+    let mut held = Reserved::none();
     loop {
         match codec::sniff_version(buf, max) {
             Ok(Some(v)) => match codec::decode(buf, v, max) {
@@ -1330,12 +1360,30 @@ async fn read_connect<R: AsyncRead + Unpin>(
                 return Err(ConnectFailure::Drop("malformed_connect"))
             }
         }
+        if let Some(size) = budgeted_len(buf) {
+            if held.bytes() < size {
+                held = budget
+                    .reserve(size, WAIT_FOR_ROOM)
+                    .await
+                    .ok_or(ConnectFailure::Drop("memory_budget"))?;
+            }
+        }
         buf.reserve(4096);
         match reader.read_buf(buf).await {
             Ok(0) | Err(_) => return Err(ConnectFailure::Io),
             Ok(_) => {}
         }
     }
+}
+
+/// Bytes of its own a connection may buffer without the node's budget: a
+/// packet larger than this reserves its whole size before more of it is read.
+const UNBUDGETED_BYTES: usize = 16 * 1024;
+
+/// The size of the incomplete packet at the head of `buf`, when it is one the
+/// node's budget must cover.
+fn budgeted_len(buf: &[u8]) -> Option<usize> {
+    codec::pending_len(buf).filter(|&size| size > UNBUDGETED_BYTES && size > buf.len())
 }
 
 type Accepted = (

@@ -394,8 +394,10 @@ type WsState = (Arc<Broker>, Arc<ConnectionStats>);
 async fn ws_upgrade(
     State((broker, stats)): State<WsState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::Peer>>>,
+    hold: Option<axum::Extension<crate::listener::ReadHold>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let hold = hold.map(|axum::Extension(h)| h);
     // The HTTP listener's peer (address, and client certificate on HTTPS)
     // counts for the MQTT login like on the TCP listener.
     let peer = peer.map(|p| (p.0).0).unwrap_or_default();
@@ -406,7 +408,7 @@ async fn ws_upgrade(
         .on_upgrade(move |socket| async move {
             stats.accepted.fetch_add(1, Relaxed);
             stats.open.fetch_add(1, Relaxed);
-            bridge_websocket(socket, broker, peer).await;
+            bridge_websocket(socket, broker, peer, hold).await;
             stats.open.fetch_sub(1, Relaxed);
         })
 }
@@ -414,10 +416,16 @@ async fn ws_upgrade(
 /// Runs the MQTT handler over a WebSocket: binary messages carry the byte
 /// stream (a packet may span messages, a message may hold several packets).
 /// A bounded in-memory pipe joins the two, so a slow side pushes back.
-async fn bridge_websocket(socket: WebSocket, broker: Arc<Broker>, peer: crate::Peer) {
+async fn bridge_websocket(
+    socket: WebSocket,
+    broker: Arc<Broker>,
+    peer: crate::Peer,
+    hold: Option<crate::listener::ReadHold>,
+) {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let (mut pipe_read, mut pipe_write) = tokio::io::split(theirs);
-    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut ws_tx, ws_rx) = socket.split();
+    let mut ws_rx = crate::listener::ReadHold::wrap(hold, ws_rx);
     let inbound = async move {
         while let Some(Ok(msg)) = ws_rx.next().await {
             match msg {
