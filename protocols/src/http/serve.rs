@@ -126,13 +126,19 @@ async fn serve_connection<IO>(
         let guard = InFlight::new(svc_state.clone());
         async move {
             let response = app.oneshot(req.map(axum::body::Body::new)).await;
-            if let Ok(r) = &response {
+            response.map(|r| {
                 if r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                     state.set_upgraded();
                 }
-            }
-            drop(guard);
-            response
+                // In flight until the whole body is written: a connection
+                // sending a large response is not idle.
+                r.map(|body| {
+                    axum::body::Body::new(GuardedBody {
+                        inner: body,
+                        _guard: guard,
+                    })
+                })
+            })
         }
     });
     let watched = Watched {
@@ -183,6 +189,33 @@ async fn serve_connection<IO>(
                 _ => {}
             },
         }
+    }
+}
+
+/// A response body that keeps its request in flight until it is written
+/// (or dropped).
+struct GuardedBody {
+    inner: axum::body::Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
