@@ -915,9 +915,11 @@ mod tests {
     fn large_values_become_synced_blobs_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = SledStore::open(dir.path(), &SledOptions::default()).expect("open");
-        let p = s.partition("t", 0).expect("partition");
+        // Partitions chunk large batches, but a leaf of an older log (or any
+        // other tree) can still be a blob: write one straight into sled.
+        let raw = s.db.open_tree("raw").expect("tree");
         let big = vec![7u8; 600 * 1024];
-        p.insert(0, big.clone()).expect("insert");
+        raw.insert(b"k", big.clone()).expect("insert");
         s.sync().expect("sync");
         let blobs = std::fs::read_dir(dir.path().join("blobs"))
             .expect("blobs dir")
@@ -927,6 +929,32 @@ mod tests {
             "a 600 KiB value should be a blob with 1 MiB segments"
         );
         assert_eq!(lock(&s.synced_blobs).len(), blobs);
-        assert_eq!(p.last().expect("last"), Some((0, big)));
+        assert_eq!(raw.get(b"k").expect("get").as_deref(), Some(&big[..]));
+    }
+
+    #[test]
+    fn large_batches_are_chunked_not_blobs_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(dir.path(), &SledOptions::default()).expect("open");
+        let p = s.partition("t", 0).expect("partition");
+        let big: Vec<u8> = (0..600 * 1024u32).map(|i| (i % 251) as u8).collect();
+        p.insert(5, big.clone()).expect("insert");
+        p.insert(6, vec![1, 2, 3]).expect("insert small");
+        s.sync().expect("sync");
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).map_or(0, |d| d.count());
+        assert_eq!(blobs, 0, "a chunked batch makes no blob");
+        assert_eq!(p.first().expect("first"), Some((5, big.clone())));
+        assert_eq!(p.read(5, 1).expect("read")[0], (5, big));
+        p.remove(5).expect("remove");
+        assert_eq!(p.first().expect("first"), Some((6, vec![1, 2, 3])));
+        let chunks = s.db.open_tree("p/t/0/chunks").expect("chunks");
+        assert!(
+            chunks.is_empty(),
+            "removing a chunked batch removes its chunks"
+        );
+        // A stub whose chunks are missing is corruption, not a panic.
+        p.insert(7, vec![9u8; 100 * 1024]).expect("insert");
+        chunks.remove(chunk_key(7, 3)).expect("damage");
+        assert!(matches!(p.last(), Err(Error::Corruption { offset: 7, .. })));
     }
 }

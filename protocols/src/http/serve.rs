@@ -240,7 +240,7 @@ impl Drop for InFlight {
 /// connection is a WebSocket, what it reads draws from the node's memory
 /// budget: a connection may hold [`WS_ALLOWANCE`] bytes read since its
 /// handler last took a whole message ([`ReadHold::release`]); beyond that it
-/// reserves [`WS_CHUNK`] at a time before reading. With no room, reading
+/// reserves what it is about to read (at least [`WS_CHUNK`]) before reading. With no room, reading
 /// pauses (backpressure) and, after [`WAIT_FOR_ROOM`], fails: the socket
 /// closes. So partially received WebSocket messages, across all connections,
 /// stay within `limits.max_buffered_bytes` plus each connection's allowance.
@@ -256,24 +256,31 @@ struct Watched<IO> {
 
 /// Bytes a WebSocket connection reads without the node's budget.
 pub const WS_ALLOWANCE: u64 = 16 * 1024;
-/// What a WebSocket connection reserves at a time beyond its allowance.
+/// The least a WebSocket connection reserves at a time beyond its allowance.
 pub const WS_CHUNK: usize = 16 * 1024;
 
 impl<IO: AsyncRead + Unpin> Watched<IO> {
-    /// Room to read now, reserving more when needed; `Pending` while the
-    /// budget is spent, an error once it stayed spent too long.
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Room to read now (up to `want`, the caller's buffer), reserving more
+    /// when needed; `Pending` while the budget is spent, an error once it
+    /// stayed spent too long. Reads stay as large as the caller asks for
+    /// (a WebSocket library re-scans its buffer per read: small reads of a
+    /// large message would cost it more than the budget saves).
+    fn poll_room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         loop {
             let (held, reserved) = self.state.held();
-            let room = (WS_ALLOWANCE + reserved as u64).saturating_sub(held);
+            let room = usize::try_from((WS_ALLOWANCE + reserved as u64).saturating_sub(held))
+                .unwrap_or(usize::MAX);
+            if room < want {
+                let more = (want - room).max(WS_CHUNK);
+                if let Some(r) = self.budget.try_reserve(more) {
+                    self.state.add_reserved(r);
+                    continue;
+                }
+            }
             if room > 0 {
                 self.waiting_since = None;
                 self.retry = None;
-                return Poll::Ready(Ok(room.min(WS_CHUNK as u64) as usize));
-            }
-            if let Some(r) = self.budget.try_reserve(WS_CHUNK) {
-                self.state.add_reserved(r);
-                continue;
+                return Poll::Ready(Ok(room.min(want)));
             }
             let now = tokio::time::Instant::now();
             let since = *self.waiting_since.get_or_insert(now);
@@ -307,11 +314,20 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
             }
             return r;
         }
-        let room = match self.poll_room(cx) {
-            Poll::Ready(Ok(room)) => room.min(buf.remaining()),
+        let want = buf.remaining();
+        let room = match self.poll_room(cx, want) {
+            Poll::Ready(Ok(room)) => room,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
+        if room >= want {
+            // Room for the whole buffer: read straight into it.
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.io).poll_read(cx, buf);
+            let n = buf.filled().len() - before;
+            self.state.add_held(n);
+            return r;
+        }
         let this = &mut *self;
         this.scratch.resize(room, 0);
         let mut limited = ReadBuf::new(&mut this.scratch);
