@@ -534,3 +534,105 @@ async fn websocket_messages_across_connections_stay_within_the_memory_budget() {
         "{answer:?}"
     );
 }
+
+/// Findings 3 and 5 together: large events written, then attackers holding
+/// almost-whole request bodies. RSS stays under the configured budget plus
+/// the storage cache plus a stated margin, and falls back once the attackers
+/// leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_under_large_events_and_held_bodies_and_falls_back() {
+    use tokio::io::AsyncWriteExt as _;
+    const BUDGET_MIB: u64 = 16;
+    const CACHE_MIB: u64 = 8;
+    // sled's write buffers and segment state, the runtime, freed heap not
+    // yet trimmed (the trim runs every 10 s), a debug build's own weight:
+    // generous, and stated. Before chunking, the 135 MB written stayed
+    // resident on top of all that.
+    const MARGIN_MIB: u64 = 192;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            (
+                "TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES",
+                &(BUDGET_MIB << 20).to_string(),
+            ),
+            (
+                "TRIBUTARY_STORAGE__CACHE_CAPACITY_BYTES",
+                &(CACHE_MIB << 20).to_string(),
+            ),
+            ("TRIBUTARY_HTTP__REQUEST_TIMEOUT_MS", "120000"),
+        ],
+    );
+    let c = client();
+    create_topic(&c, &node.url, "mem", 1).await;
+    let base = rss_kib(node.pid()) / 1024;
+    let bound = base + BUDGET_MIB + CACHE_MIB + MARGIN_MIB;
+    // Finding 5: 150 events of 900 KB (135 MB), which used to stay in memory.
+    let big = vec![b'e'; 900_000];
+    for _ in 0..150 {
+        let r = c
+            .post(format!("{}/v1/topics/mem/records", node.url))
+            .header("content-type", "application/octet-stream")
+            .body(big.clone())
+            .send()
+            .await
+            .expect("produce");
+        assert_eq!(r.status().as_u16(), 200);
+        let now = rss_kib(node.pid()) / 1024;
+        assert!(
+            now <= bound,
+            "RSS {now} MiB over {bound} MiB while writing large events"
+        );
+    }
+    // Finding 3: twelve connections each holding most of an 8 MiB body.
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    let mut attackers = Vec::new();
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..12 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /v1/topics/mem/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            8 * 1024 * 1024 - 1
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        for _ in 0..7 {
+            if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        attackers.push(s);
+    }
+    let held = rss_kib(node.pid()) / 1024;
+    assert!(
+        held <= bound,
+        "RSS {held} MiB over {bound} MiB with the attackers"
+    );
+    let (_, stats) = get(&c, &format!("{}/v1/stats", node.url)).await;
+    let buffered = stats["memory"]["buffered_bytes"]
+        .as_u64()
+        .expect("buffered");
+    assert!(buffered > 0 && buffered <= BUDGET_MIB << 20, "{stats}");
+    // They leave: the budget is whole again and RSS falls back.
+    drop(attackers);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, stats) = get(&c, &format!("{}/v1/stats", node.url)).await;
+        let now = rss_kib(node.pid()) / 1024;
+        // At least half of what the attackers could hold comes back.
+        if stats["memory"]["buffered_bytes"] == 0 && now + BUDGET_MIB / 2 <= held {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RSS {now} MiB never fell back from {held} MiB: {}",
+            stats["memory"]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

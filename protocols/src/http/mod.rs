@@ -480,7 +480,9 @@ pub(super) async fn read_body(
                 .ok_or_else(busy)?,
             None => crate::budget::Reserved::none(),
         };
-        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+        // The declared length is reserved already: allocate it once (growing
+        // by doubling would leave garbage of twice the body behind).
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(64 * 1024));
         let mut body = body.into_data_stream();
         use futures_util::StreamExt as _;
         while let Some(chunk) = body.next().await {
@@ -681,6 +683,7 @@ async fn produce(
                 partition: raw.partition,
                 event: Event {
                     key: raw.key.map(String::into_bytes),
+                    // One copy: the held body stays (and counts) until the append is done.
                     value: bytes.to_vec(),
                     timestamp: raw.timestamp,
                     headers: Vec::new(),
