@@ -239,13 +239,39 @@ async fn partial_and_idle_connections_cannot_lock_out_new_clients() {
     assert_eq!(s, 200);
 }
 
+/// `n` connections, each sending the head of an 8 MiB − 1 byte produce to
+/// `topic` and 7 MiB of its body (as far as the node reads), then holding.
+async fn hold_bodies(addr: &str, topic: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let chunk = vec![b'x'; 1024 * 1024];
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/topics/{topic}/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            8 * 1024 * 1024 - 1
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        for _ in 0..7 {
+            if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        held.push(s);
+    }
+    held
+}
+
 /// Finding 3: many connections each holding almost a whole request body.
 /// The bytes they hold come from one budget: past it the newest request is
 /// refused (503 memory_budget), RSS stays within the budget plus a margin, and
 /// the node serves normally once the attackers leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_across_connections_stay_within_the_memory_budget() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
     const BUDGET: u64 = 16 * 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let node = ChildNode::start(
@@ -259,28 +285,7 @@ async fn request_bodies_across_connections_stay_within_the_memory_budget() {
     create_topic(&c, &node.url, "big", 1).await;
     let addr = node.url.trim_start_matches("http://").to_owned();
     let before = rss_kib(node.pid());
-    let body_len = 8 * 1024 * 1024 - 1;
-    let chunk = vec![b'x'; 1024 * 1024];
-    let mut attackers = Vec::new();
-    for _ in 0..12 {
-        let mut s = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        let head = format!(
-            "POST /v1/topics/big/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {body_len}\r\n\r\n"
-        );
-        s.write_all(head.as_bytes()).await.expect("head");
-        // All but the last few bytes, sent as far as the server reads them.
-        for _ in 0..7 {
-            if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        attackers.push(s);
-    }
+    let mut attackers = hold_bodies(&addr, "big", 12).await;
     // The ones that found no room were answered 503 memory_budget.
     let mut refused = 0;
     for s in &mut attackers {
@@ -541,7 +546,6 @@ async fn websocket_messages_across_connections_stay_within_the_memory_budget() {
 /// leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_under_large_events_and_held_bodies_and_falls_back() {
-    use tokio::io::AsyncWriteExt as _;
     const BUDGET_MIB: u64 = 16;
     const CACHE_MIB: u64 = 8;
     // sled's write buffers and segment state, the runtime, freed heap not
@@ -587,27 +591,7 @@ async fn memory_stays_bounded_under_large_events_and_held_bodies_and_falls_back(
     }
     // Finding 3: twelve connections each holding most of an 8 MiB body.
     let addr = node.url.trim_start_matches("http://").to_owned();
-    let mut attackers = Vec::new();
-    let chunk = vec![b'x'; 1024 * 1024];
-    for _ in 0..12 {
-        let mut s = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        let head = format!(
-            "POST /v1/topics/mem/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-            8 * 1024 * 1024 - 1
-        );
-        s.write_all(head.as_bytes()).await.expect("head");
-        for _ in 0..7 {
-            if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        attackers.push(s);
-    }
+    let attackers = hold_bodies(&addr, "mem", 12).await;
     let held = rss_kib(node.pid()) / 1024;
     assert!(
         held <= bound,
