@@ -5,9 +5,15 @@
 //! - [`config`]: TOML + environment configuration, validated in one pass.
 //! - [`node`]: running an edge or core node and shutting it down gracefully.
 //! - [`sync_link`]: the core's `/v1/sync` route and the sync link's metrics and stats.
-//! - [`client`]: `topics`, `produce`, `tail` over the HTTP API.
-//! - [`bench`]: `tributary bench`, load generators counting acknowledgements
-//!   ([`bench_ws`]: WebSockets, [`bench_amqp`]: AMQP publisher confirms).
+//! - [`client`]: `topics`, `produce`, `tail` and `devices` over the HTTP API.
+//! - [`tls_cli`]: `tributary tls`, development certificates (rcgen).
+//! - [`bench`](mod@bench): `tributary bench`, load generators counting acknowledgements
+//!   ([`bench_ws`]: WebSockets, [`bench_amqp`]: AMQP publisher confirms,
+//!   [`bench_connect`]: MQTT logins, [`bench_drain`]: an edge's backlog
+//!   drained into a core).
+//!
+//! The command line, configuration and the rest of the interface are
+//! specified in `docs/contract.md`.
 
 #[cfg(feature = "client")]
 pub mod bench;

@@ -1,16 +1,21 @@
 //! Tributary's front ends. Each one only translates: wire frames become
 //! [`tributary_storage::Event`]s, the log appends them, and the acknowledgement
-//! goes out only after the log says durable.
+//! goes out only after the log says durable (`docs/design.md`, section 3; the
+//! interface each one offers is in `docs/contract.md`).
 //!
 //! What lives where:
-//! - [`budget`]: the node-wide memory budget for bytes received but not yet whole.
+//! - [`budget`]: the node-wide memory budget for bytes received but not yet
+//!   whole (`limits.max_buffered_bytes`).
 //! - [`listener`]: a TCP listener with a connection limit, shared by every front end.
 //! - [`http`]: the HTTP API (axum): topics, produce, fetch, consumer groups,
-//!   health, metrics and the OpenAPI document.
+//!   health, metrics, stats, the dashboard, the device admin API, the OpenAPI
+//!   document, the WebSocket endpoints ([`http::ws`]) and connection hygiene
+//!   ([`http::serve`](mod@http::serve)).
 //! - [`mqtt`]: MQTT 3.1.1 and 5 (TCP and WebSocket) over our own session layer.
 //! - [`amqp`]: AMQP 0-9-1 (publish with confirms) and the lapin bridge to RabbitMQ.
 //! - [`auth`]: the one authentication/authorization hook every protocol calls.
 //! - [`panics`]: a panic closes only the connection it hit, and is counted.
+//! - [`tls`]: TLS and mTLS for every listener, with certificate reload.
 //!
 //! Every front end has the same shape: a listener, a handler per connection,
 //! one shutdown token.

@@ -1,15 +1,19 @@
-//! Tributary's durable, partitioned log (Kafka's model) on sled.
+//! Tributary's durable, partitioned log (Kafka's model) on sled. The design
+//! (concepts, the write path, storage on sled) is in `docs/design.md`.
 //!
 //! What lives where:
 //! - [`event`]: [`Event`] (what producers send), [`Record`] (what consumers read).
 //! - [`topic`]: [`TopicConfig`] and its validation.
 //! - [`partitioner`]: Kafka's murmur2 partitioner.
 //! - [`batch`]: the on-disk record batch format (documented there).
-//! - [`store`]: the [`Store`] backend trait, [`SledStore`], and the in-memory
-//!   twin [`MemStore`] that tests use to hold commits or simulate crashes.
+//! - [`store`]: the [`Store`] backend trait, [`SledStore`] (large batches
+//!   stored in chunks, documented there), and the in-memory twin [`MemStore`]
+//!   that tests use to hold commits or simulate crashes.
 //! - [`log`]: [`Log`], the one write path: append with group commit, reads,
-//!   tails, retention, consumer-group offsets, crash recovery.
+//!   tails, retention, the disk quota and free-space reserve, consumer-group
+//!   offsets, metadata spaces, crash recovery.
 //! - [`stats`]: counters for metrics.
+//! - [`error`]: the one [`Error`] type.
 //!
 //! No networking lives here; front ends call [`Log`].
 

@@ -1,6 +1,7 @@
 //! Store-and-forward from edge to core: every event of a forwarded topic
 //! reaches the core exactly once, in order per partition and lane, across
-//! any number of disconnects, restarts and crashes of either side.
+//! any number of disconnects, restarts and crashes of either side
+//! (`docs/design.md`, section 6; `docs/contract.md`, section 7).
 //!
 //! What lives where:
 //! - [`wire`]: the frames (postcard over WebSocket binary messages), the

@@ -1,4 +1,4 @@
-//! AMQP messages ↔ log events (DESIGN section 4).
+//! AMQP messages ↔ log events (`docs/contract.md`, section 5).
 //!
 //! - `basic.publish(exchange E, routing key R)` → topic E, or R on the default
 //!   exchange; key R (none when R is empty).

@@ -1,6 +1,6 @@
 //! AMQP 0-9-1 front end: a publish-only broker on amq-protocol's frame codec
 //! ([`frame`]), in mini-redis's shape: [`serve`] accepts, one connection task
-//! runs each client ([`conn`]).
+//! runs each client (`conn`).
 //!
 //! - `basic.publish(E, R)` appends to topic E (or R on the default exchange)
 //!   with key R ([`mapping`]). Messages completed by one socket read join one

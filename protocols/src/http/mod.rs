@@ -1,6 +1,12 @@
-//! The HTTP API (DESIGN section 4): topics, produce, fetch with long-poll,
-//! consumer-group offsets, health, Prometheus metrics and an OpenAPI document.
-//! Handlers only translate JSON to and from the log.
+//! The HTTP API (`docs/contract.md`, section 3): topics, produce, fetch with
+//! long-poll, consumer-group offsets, health, Prometheus metrics, `/v1/stats`,
+//! the dashboard, the device admin API ([`ROUTES`] lists every route) and an
+//! OpenAPI document. Handlers only translate JSON to and from the log.
+//!
+//! - [`records`]: the JSON shapes of produced and fetched records.
+//! - [`ws`]: the WebSocket endpoints (publish and live tail).
+//! - [`serve`](mod@serve): HTTP/1.1 connections with connection hygiene (head
+//!   and idle timeouts, idle connections closed first at the connection limit).
 
 mod auth;
 mod devices;
@@ -20,7 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
-/// The router type other front ends hand to [`serve`] (MQTT over WebSockets).
+/// The router type other front ends hand to [`serve()`] (MQTT over WebSockets).
 pub use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
@@ -197,7 +203,7 @@ pub fn router(
 /// in-flight requests finish. `extra` holds other front ends' routes on this
 /// port (MQTT over WebSockets at `/mqtt`).
 ///
-/// `tls` is the HTTPS listener (WSS, and the sync link later), serving the
+/// `tls` is the HTTPS listener (WSS and the sync link too), serving the
 /// same routes; its connections count with the plain ones.
 pub async fn serve(
     listener: LimitedListener,

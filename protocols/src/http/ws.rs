@@ -1,4 +1,4 @@
-//! WebSocket endpoints (DESIGN 4):
+//! WebSocket endpoints (`docs/contract.md`, section 6):
 //!
 //! - `/v1/topics/{topic}/publish`: each client message is a record (a text
 //!   message is JSON as in the HTTP API; a binary message is a raw value). Each
@@ -13,9 +13,9 @@
 //!   log in batches and only lags in offsets; one that falls behind retention
 //!   gets `{"gap":{"partition","from","to"}}`.
 //!
-//! Close codes: 1008 policy (auth, once devices exist), 1009 message too big,
-//! 1003 unsupported data (bad messages that keep coming), 1011 internal (the
-//! log cannot write). Unknown topics are refused before the upgrade with the
+//! Close codes: 1008 policy (credentials or rights refused), 1009 message too
+//! big, 1003 unsupported data (bad messages that keep coming), 1011 internal
+//! (the log cannot write). Unknown topics are refused before the upgrade with the
 //! HTTP API's 404 (on an edge, publish creates the topic like HTTP produce).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -1,6 +1,6 @@
 //! MQTT 3.1.1 and 5 front end: our own session layer over rumqttc's packet
 //! codecs ([`codec`]), in mini-redis's shape: a [`Listener`] accepts, a
-//! [`conn::Handler`] per connection runs the session.
+//! `conn::Handler` per connection runs the session.
 //!
 //! - PUBLISH appends to the log; PUBACK/PUBREC go out only once the log says
 //!   durable. Every PUBLISH read from one socket read joins one append, and
@@ -11,8 +11,8 @@
 //!   subscriptions are stored in the log's metadata, so an offline device gets
 //!   what was published meanwhile, across restarts too.
 //! - Retained messages live in the log's metadata (`mqtt.retained`).
-//! - The handler is generic over the byte stream: TCP, WebSocket (`/mqtt` on
-//!   the HTTP port) and, later, TLS wrap the same code.
+//! - The handler is generic over the byte stream: TCP, TLS and WebSocket
+//!   (`/mqtt` on the HTTP port) wrap the same code.
 
 pub mod codec;
 mod conn;

@@ -1,7 +1,7 @@
 //! MQTT topic names and filters, and how they map onto log topics and keys.
 //!
-//! Default mapping (DESIGN 4): `a/b/c` → log topic `a`, key `a/b/c`, header
-//! `mqtt.topic`. `[[mqtt.routes]]` map a filter to another log topic and a key
+//! Default mapping (`docs/contract.md`, section 4): `a/b/c` → log topic `a`,
+//! key `a/b/c`, header `mqtt.topic`. `[[mqtt.routes]]` map a filter to another log topic and a key
 //! template; the first matching route wins.
 
 use tributary_storage::topic::validate_name;
