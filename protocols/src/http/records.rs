@@ -285,7 +285,12 @@ pub const MAX_JSON_DEPTH: usize = 100;
 
 fn json_or_text(bytes: &[u8]) -> Option<ValueOut> {
     let text = std::str::from_utf8(bytes).ok()?;
-    if json_depth(bytes) > MAX_JSON_DEPTH {
+    // Embedded only if a default parser reads it back: `RawValue` accepts
+    // numbers no f64 holds (`1e999`), which serde_json's `Value` (and with it
+    // many clients) refuses (found by fuzz/fuzz_targets/http_produce.rs).
+    if json_depth(bytes) > MAX_JSON_DEPTH
+        || serde_json::from_str::<serde_json::Value>(text).is_err()
+    {
         return Some(ValueOut::Text(text.to_owned()));
     }
     match serde_json::from_str::<Box<RawValue>>(text) {
@@ -371,6 +376,8 @@ mod tests {
             deep(100_000),
             format!("{}1{}", "{\"a\":".repeat(300), "}".repeat(300)).into_bytes(),
             b"\"[[[[\"".to_vec(),
+            b"44e844".to_vec(),
+            b"[-1e999, 2]".to_vec(),
             br#"{"s": "]]]]]]", "t": "\\\""}"#.to_vec(),
             Vec::new(),
             vec![0xff, 0xfe],
