@@ -239,6 +239,14 @@ async fn partial_and_idle_connections_cannot_lock_out_new_clients() {
     assert_eq!(s, 200);
 }
 
+/// A node whose `limits.max_buffered_bytes` is `budget`, with more settings.
+fn node_with_budget(dir: &std::path::Path, budget: u64, extra: &[(&str, &str)]) -> ChildNode {
+    let budget = budget.to_string();
+    let mut env = vec![("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", budget.as_str())];
+    env.extend_from_slice(extra);
+    ChildNode::start(dir, &env)
+}
+
 /// `n` connections, each sending the head of an 8 MiB − 1 byte produce to
 /// `topic` and 7 MiB of its body (as far as the node reads), then holding.
 async fn hold_bodies(addr: &str, topic: &str, n: usize) -> Vec<tokio::net::TcpStream> {
@@ -274,12 +282,10 @@ async fn request_bodies_across_connections_stay_within_the_memory_budget() {
     use tokio::io::AsyncReadExt as _;
     const BUDGET: u64 = 16 * 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = ChildNode::start(
+    let node = node_with_budget(
         dir.path(),
-        &[
-            ("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", &BUDGET.to_string()),
-            ("TRIBUTARY_HTTP__REQUEST_TIMEOUT_MS", "120000"),
-        ],
+        BUDGET,
+        &[("TRIBUTARY_HTTP__REQUEST_TIMEOUT_MS", "120000")],
     );
     let c = client();
     create_topic(&c, &node.url, "big", 1).await;
@@ -359,12 +365,10 @@ async fn large_mqtt_packets_across_connections_stay_within_the_memory_budget() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     const BUDGET: usize = 4 * 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = ChildNode::start(
+    let node = node_with_budget(
         dir.path(),
-        &[
-            ("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", &BUDGET.to_string()),
-            ("TRIBUTARY_HTTP__MAX_BODY_BYTES", "2097152"),
-        ],
+        BUDGET as u64,
+        &[("TRIBUTARY_HTTP__MAX_BODY_BYTES", "2097152")],
     );
     let payload = 1000 * 1024;
     let mut conns = Vec::new();
@@ -434,12 +438,10 @@ async fn websocket_messages_across_connections_stay_within_the_memory_budget() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     const BUDGET: usize = 4 * 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = ChildNode::start(
+    let node = node_with_budget(
         dir.path(),
-        &[
-            ("TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES", &BUDGET.to_string()),
-            ("TRIBUTARY_HTTP__MAX_BODY_BYTES", "2097152"),
-        ],
+        BUDGET as u64,
+        &[("TRIBUTARY_HTTP__MAX_BODY_BYTES", "2097152")],
     );
     let c = client();
     create_topic(&c, &node.url, "wsbig", 1).await;
@@ -554,13 +556,10 @@ async fn memory_stays_bounded_under_large_events_and_held_bodies_and_falls_back(
     // resident on top of all that.
     const MARGIN_MIB: u64 = 192;
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = ChildNode::start(
+    let node = node_with_budget(
         dir.path(),
+        BUDGET_MIB << 20,
         &[
-            (
-                "TRIBUTARY_LIMITS__MAX_BUFFERED_BYTES",
-                &(BUDGET_MIB << 20).to_string(),
-            ),
             (
                 "TRIBUTARY_STORAGE__CACHE_CAPACITY_BYTES",
                 &(CACHE_MIB << 20).to_string(),
