@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use tributary_devices::{Registry, RegistryConfig};
+use tributary_protocols::frontend::{self, Frontend};
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
 use tributary_protocols::{amqp, http, mqtt, tls};
@@ -238,57 +239,26 @@ pub async fn start(
         shutdown.clone(),
         config.sync.max_batch_bytes,
     );
+    let mut tasks = Vec::new();
     let mut mqtt_addr = None;
-    let mut mqtt_task = None;
-    let mut mqtts_task = None;
     let mut broker = None;
     if config.mqtt.enabled {
         let mqtt_config = config.mqtt_config();
         let max = mqtt_config.max_connections;
-        let b = mqtt::Broker::new(cx.clone(), mqtt_config).map_err(anyhow::Error::msg)?;
-        let bound = TcpListener::bind(&config.mqtt.listen)
-            .await
-            .with_context(|| format!("cannot listen on mqtt.listen = {}", config.mqtt.listen))?;
-        mqtt_addr = Some(bound.local_addr()?);
-        extra_routes = extra_routes.merge(b.websocket_routes());
-        mqtt_task = Some(tokio::spawn(mqtt::serve(
-            LimitedListener::new(bound, max),
-            b.clone(),
-            None,
-        )));
-        if let Some((bound, tls)) = mqtts {
-            mqtts_task = Some(tokio::spawn(mqtt::serve(
-                LimitedListener::new(bound, max),
-                b.clone(),
-                Some(tls),
-            )));
-        }
-        broker = Some(b);
+        let server = mqtt::Server::new(cx.clone(), mqtt_config).map_err(anyhow::Error::msg)?;
+        extra_routes = extra_routes.merge(server.websocket_routes());
+        let listen = ("mqtt.listen", config.mqtt.listen.as_str());
+        mqtt_addr = Some(start_frontend(&server, listen, mqtts, max, &mut tasks).await?);
+        broker = Some(server);
     }
     let mut amqp_addr = None;
-    let mut amqp_task = None;
-    let mut amqps_task = None;
     let mut amqp_server = None;
     if config.amqp.enabled {
         let amqp_config = config.amqp_config();
         let max = amqp_config.max_connections;
-        let bound = TcpListener::bind(&config.amqp.listen)
-            .await
-            .with_context(|| format!("cannot listen on amqp.listen = {}", config.amqp.listen))?;
-        amqp_addr = Some(bound.local_addr()?);
         let server = amqp::Server::new(cx.clone(), amqp_config);
-        amqp_task = Some(tokio::spawn(amqp::serve(
-            LimitedListener::new(bound, max),
-            server.clone(),
-            None,
-        )));
-        if let Some((bound, tls)) = amqps {
-            amqps_task = Some(tokio::spawn(amqp::serve(
-                LimitedListener::new(bound, max),
-                server.clone(),
-                Some(tls),
-            )));
-        }
+        let listen = ("amqp.listen", config.amqp.listen.as_str());
+        amqp_addr = Some(start_frontend(&server, listen, amqps, max, &mut tasks).await?);
         amqp_server = Some(server);
     }
     let bridges = amqp::bridge::start(&cx, config.amqp_bridges());
@@ -327,10 +297,7 @@ pub async fn start(
                 joined?.context("the HTTP server stopped")?;
             }
         }
-        for t in [mqtt_task, mqtts_task, amqp_task, amqps_task]
-            .into_iter()
-            .flatten()
-        {
+        for t in tasks {
             let _ = t.await;
         }
         for b in bridges {
@@ -374,6 +341,37 @@ pub async fn start(
         log,
         task,
     })
+}
+
+/// Binds a TCP front end's listener (`key` names its config key in errors)
+/// and serves it there and on its TLS listener, bound earlier; the tasks go
+/// to `tasks`. Returns the plain listener's address.
+async fn start_frontend<F: Frontend>(
+    frontend: &Arc<F>,
+    (key, listen): (&str, &str),
+    tls: Option<(TcpListener, tls::Tls)>,
+    max_connections: usize,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    let bound = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {key} = {listen}"))?;
+    let addr = bound.local_addr()?;
+    let listener = LimitedListener::new(bound, max_connections);
+    tasks.push(tokio::spawn(frontend::serve(
+        frontend.clone(),
+        listener,
+        None,
+    )));
+    if let Some((bound, tls)) = tls {
+        let listener = LimitedListener::new(bound, max_connections);
+        tasks.push(tokio::spawn(frontend::serve(
+            frontend.clone(),
+            listener,
+            Some(tls),
+        )));
+    }
+    Ok(addr)
 }
 
 async fn wait_for_signal() {

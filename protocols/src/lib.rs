@@ -6,6 +6,10 @@
 //! What lives where:
 //! - [`budget`]: the node-wide memory budget for bytes received but not yet
 //!   whole (`limits.max_buffered_bytes`).
+//! - [`ingest`]: the one append path every front end writes through, with a
+//!   typed [`ingest::Rejection`] each protocol maps to its own code.
+//! - [`frontend`]: the [`frontend::Frontend`] trait and the one accept loop
+//!   that serves MQTT and AMQP on their TCP (and TLS) listeners.
 //! - [`listener`]: a TCP listener with a connection limit, shared by every front end.
 //! - [`http`]: the HTTP API (axum): topics, produce, fetch, consumer groups,
 //!   health, metrics, stats, the dashboard, the device admin API, the OpenAPI
@@ -17,13 +21,15 @@
 //! - [`panics`]: a panic closes only the connection it hit, and is counted.
 //! - [`tls`]: TLS and mTLS for every listener, with certificate reload.
 //!
-//! Every front end has the same shape: a listener, a handler per connection,
-//! one shutdown token.
+//! Every front end has the same shape and names: a `Server` with what its
+//! connections share, a `Connection` per client, one shutdown token.
 
 pub mod amqp;
 pub mod budget;
 pub use tributary_devices::auth;
+pub mod frontend;
 pub mod http;
+pub use tributary_ingest as ingest;
 pub mod listener;
 pub mod mqtt;
 pub mod panics;

@@ -401,18 +401,33 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, u64), TlsError> {
     }
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
-    let ca = match &files.client_ca {
-        Some(path) => Some((path, read(path)?)),
+    let ca_pem = match &files.client_ca {
+        Some(path) => Some(read(path)?),
         None => None,
     };
+    let ca = ca_pem.as_deref();
     let mut hasher = DefaultHasher::new();
-    (&cert_pem, &key_pem, ca.as_ref().map(|(_, pem)| pem)).hash(&mut hasher);
+    (&cert_pem, &key_pem, ca).hash(&mut hasher);
     files.require_client_cert.hash(&mut hasher);
     let fingerprint = hasher.finish();
+    Ok((server_config(files, &cert_pem, &key_pem, ca)?, fingerprint))
+}
 
-    let certs = certificates(&files.cert, &cert_pem)?;
+/// The server configuration from the files' contents (`files` names them in
+/// errors and says whether a client certificate is required). Every fault of
+/// the bytes is an error naming the file.
+pub fn server_config(
+    files: &TlsFiles,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    if files.require_client_cert && client_ca_pem.is_none() {
+        return Err(TlsError::NoClientCa);
+    }
+    let certs = certificates(&files.cert, cert_pem)?;
     warn_if_not_valid_now(&files.cert, &certs[0]);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => {
             invalid(&files.key, "no PRIVATE KEY block in the file")
         }
@@ -422,11 +437,12 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, u64), TlsError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let builder = match ca {
+    let builder = match client_ca_pem {
         None => builder.with_no_client_auth(),
-        Some((path, pem)) => {
+        Some(pem) => {
+            let path = files.client_ca.as_deref().unwrap_or(Path::new("client_ca"));
             let mut roots = RootCertStore::empty();
-            for cert in certificates(path, &pem)? {
+            for cert in certificates(path, pem)? {
                 roots
                     .add(cert)
                     .map_err(|e| invalid(path, format!("not a usable CA certificate: {e}")))?;
@@ -451,7 +467,7 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, u64), TlsError> {
             ),
         )
     })?;
-    Ok((Arc::new(config), fingerprint))
+    Ok(Arc::new(config))
 }
 
 /// Serving an expired certificate is allowed (clients will refuse it) but worth a warning.

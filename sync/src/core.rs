@@ -33,6 +33,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tributary_devices::auth::{self, Action, Authenticator, Credentials, Identity};
+use tributary_ingest::{self as ingest, Rejection};
 use tributary_storage::{AppendRecord, Error as LogError, Event, Log, MetaEntry, TopicConfig};
 
 use crate::ranges::RangeSet;
@@ -1008,7 +1009,7 @@ impl futures_util::Stream for EdgeStream {
     }
 }
 
-fn storage_error(e: LogError) -> ErrorFrame {
+fn storage_error(e: impl std::fmt::Display) -> ErrorFrame {
     ErrorFrame::new(code::STORAGE, format!("the core cannot store it: {e}"))
 }
 
@@ -1291,11 +1292,16 @@ impl Appender {
             }
         }
         let log = &core.log;
-        let appends = futures_util::future::join_all(
-            per_topic
-                .into_iter()
-                .map(|(t, records)| async move { (log.append(&t, records).await, t) }),
-        );
+        // Through the one append path; each record is tagged with its topic's
+        // index in `per_topic`, whose names stay here to name failures.
+        let mut batch = ingest::Batch::default();
+        let names: Vec<String> = per_topic.iter().map(|(t, _)| t.clone()).collect();
+        for (i, (topic, records)) in per_topic.into_iter().enumerate() {
+            for record in records {
+                batch.push(&topic, i, record);
+            }
+        }
+        let appends = ingest::append(log, batch);
         let write_meta = async {
             if meta.is_empty() {
                 Ok(())
@@ -1310,23 +1316,24 @@ impl Appender {
         let mut failure = oversize.or(meta_written.err().map(storage_error));
         let mut failed: Vec<String> = Vec::new();
         let mut ends: HashMap<(String, u32), u64> = HashMap::new();
-        for (r, topic) in results {
-            match r {
-                Ok(positions) => {
-                    for p in positions {
-                        let end = ends.entry((topic.clone(), p.partition)).or_default();
-                        *end = (*end).max(p.offset + 1);
-                    }
+        for (i, outcome) in results {
+            let topic = &names[i];
+            match outcome {
+                Ok(p) => {
+                    let end = ends.entry((topic.clone(), p.partition)).or_default();
+                    *end = (*end).max(p.offset + 1);
                 }
-                Err(e) => {
-                    let frame = match e {
-                        LogError::EventTooLarge { .. } => {
-                            ErrorFrame::new(code::TOO_LARGE, format!("topic {topic}: {e}"))
+                // A topic's records are stored all or none: one failure names it.
+                Err(_) if failed.contains(topic) => {}
+                Err(refused) => {
+                    let frame = match refused.rejection {
+                        Rejection::TooLarge => {
+                            ErrorFrame::new(code::TOO_LARGE, format!("topic {topic}: {refused}"))
                         }
-                        e => storage_error(e),
+                        _ => storage_error(&refused),
                     };
                     failure.get_or_insert(frame);
-                    failed.push(topic);
+                    failed.push(topic.clone());
                 }
             }
         }

@@ -351,11 +351,27 @@ pub fn encode_records<'a>(records: impl IntoIterator<Item = &'a Record>, out: &m
     }
 }
 
-/// Bytes one record takes in a block (to size batches before encoding).
+/// Bytes one record takes in a block, exactly (batches are sized by it
+/// before encoding, and must not exceed the core's limit by a byte).
 pub fn encoded_len(r: &Record) -> usize {
-    // Varints of lengths take at most 10 bytes; a bound is all batching needs.
-    let headers: usize = r.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
-    r.key.as_ref().map_or(0, Vec::len) + r.value.len() + headers + 16
+    let sized = |n: usize| varint_len(n as u64) + n;
+    let key = r
+        .key
+        .as_ref()
+        .map_or(1, |k| varint_len(k.len() as u64 + 1) + k.len());
+    let headers: usize = r
+        .headers
+        .iter()
+        .map(|(n, v)| sized(n.len()) + sized(v.len()))
+        .sum();
+    key + sized(r.value.len())
+        + varint_len(((r.timestamp << 1) ^ (r.timestamp >> 63)) as u64)
+        + varint_len(r.headers.len() as u64)
+        + headers
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 struct Reader<'a> {
@@ -497,12 +513,52 @@ mod tests {
         }
     }
 
+    /// Found by reading what the `sync_roundtrip` fuzz target asserts: the
+    /// old bound (lengths plus 16) was a byte short for a long key, a 2 MiB
+    /// value and a far timestamp, so a block sized to the core's limit could
+    /// exceed it.
+    #[test]
+    fn encoded_len_is_exact_at_the_extremes() {
+        let big_header = vec![
+            ("h".repeat(300), vec![9u8; 20_000]),
+            (String::new(), Vec::new()),
+        ];
+        for (key, value, timestamp, headers) in [
+            (
+                Some(vec![7u8; 200]),
+                vec![1u8; 1 << 21],
+                i64::MIN,
+                Vec::new(),
+            ),
+            (None, Vec::new(), 0, Vec::new()),
+            (
+                Some(Vec::new()),
+                vec![0u8; 127],
+                i64::MAX,
+                big_header.clone(),
+            ),
+            (Some(vec![0u8; 16_383]), vec![0u8; 128], -1, big_header),
+        ] {
+            let r = Record {
+                partition: 0,
+                offset: 0,
+                key,
+                value,
+                timestamp,
+                headers,
+            };
+            let mut block = Vec::new();
+            encode_records(std::iter::once(&r), &mut block);
+            assert_eq!(encoded_len(&r), block.len());
+        }
+    }
+
     #[test]
     fn records_round_trip_byte_for_byte() {
         let records: Vec<Record> = (0..100).map(record).collect();
         let mut block = Vec::new();
         encode_records(&records, &mut block);
-        assert!(records.iter().map(encoded_len).sum::<usize>() >= block.len());
+        assert_eq!(records.iter().map(encoded_len).sum::<usize>(), block.len());
         let back = decode_records(&block, 100).expect("decodes");
         for (r, w) in records.iter().zip(&back) {
             assert_eq!(

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tributary_protocols::amqp::{self, frame, AmqpConfig};
 use tributary_protocols::auth::{Action, Authenticator, Credentials, Identity, Refusal};
+use tributary_protocols::frontend;
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
 use tributary_storage::{Log, LogConfig, MemStore};
@@ -99,7 +100,7 @@ async fn server_with_budget(
         64,
     );
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(amqp::serve(l, server.clone(), None));
+    tokio::spawn(frontend::serve(server.clone(), l, None));
     Server {
         log,
         store,

@@ -16,8 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tributary_protocols::frontend;
 use tributary_protocols::listener::LimitedListener;
-use tributary_protocols::mqtt::{self, Broker, MqttConfig};
+use tributary_protocols::mqtt::{self, MqttConfig};
 use tributary_protocols::FrontendContext;
 use tributary_storage::{Log, LogConfig, MemStore};
 
@@ -223,7 +224,7 @@ async fn held_broker() -> (MemStore, Log, std::net::SocketAddr, CancellationToke
     let log = Log::with_store(Arc::new(store.clone()), LogConfig::default()).expect("log");
     let shutdown = CancellationToken::new();
     let cx = FrontendContext::new(log.clone(), shutdown.clone(), "edge");
-    let broker = Broker::new(cx, MqttConfig::default()).expect("broker");
+    let broker = mqtt::Server::new(cx, MqttConfig::default()).expect("broker");
     let l = LimitedListener::new(
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -231,7 +232,7 @@ async fn held_broker() -> (MemStore, Log, std::net::SocketAddr, CancellationToke
         64,
     );
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(mqtt::serve(l, broker, None));
+    tokio::spawn(frontend::serve(broker, l, None));
     (store, log, addr, shutdown)
 }
 

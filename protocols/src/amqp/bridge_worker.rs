@@ -26,6 +26,8 @@ enum BridgeError {
     Broker(#[from] lapin::Error),
     #[error("log: {0}")]
     Log(#[from] tributary_storage::Error),
+    #[error("log: {0}")]
+    Refused(#[from] crate::ingest::Refused),
     #[error("{0} timed out")]
     Timeout(&'static str),
     #[error("the broker refused a message (basic.nack)")]
@@ -157,7 +159,7 @@ async fn bridge_in(
             continue;
         };
         let n = records.len() as u64;
-        match log.append(&config.topic, records).await {
+        match crate::ingest::append_topic(log, &config.topic, records).await {
             Ok(_) => {
                 // `multiple` covers the rejected ones too: they are settled already.
                 let ack = last.acker.ack(BasicAckOptions { multiple: true });

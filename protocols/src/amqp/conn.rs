@@ -30,6 +30,7 @@ use tributary_storage::{AppendRecord, Error as LogError};
 use super::frame::{self, code, short, FrameError};
 use super::{mapping, Server};
 use crate::auth::{self, Action, Credentials, Identity, Refusal};
+use crate::ingest::{self, Rejection};
 use crate::Peer;
 
 /// A peer that does not take our bytes for this long is dropped.
@@ -162,18 +163,17 @@ struct Origin {
 /// Publishes completed by one socket read.
 #[derive(Default)]
 struct Batch {
-    topics: BTreeMap<String, Vec<(Origin, AppendRecord)>>,
-    count: usize,
+    records: ingest::Batch<Origin>,
     bytes: usize,
 }
 
 /// The outcome of one append batch.
 struct Appended {
-    results: Vec<(Origin, Option<String>)>,
+    results: Vec<(Origin, Option<ingest::Refused>)>,
     started: Instant,
 }
 
-struct Conn<S> {
+struct Connection<S> {
     server: Arc<Server>,
     reader: ReadHalf<S>,
     buf: BytesMut,
@@ -260,7 +260,7 @@ where
         }
         let _ = write_half.shutdown().await;
     });
-    let mut c = Conn {
+    let mut c = Connection {
         server,
         reader,
         buf,
@@ -647,7 +647,7 @@ fn acl_subject(exchange: &str, routing_key: &str) -> String {
     crate::mqtt::topic::record_topic(mapping::topic_of(exchange, routing_key), key, None)
 }
 
-impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
     async fn serve(&mut self) -> End {
         let heartbeat = self.heartbeat;
         let mut beat =
@@ -1607,14 +1607,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             return;
         }
         let size = event.size();
-        let record = (origin, AppendRecord::from(event));
-        match self.batch.topics.get_mut(topic) {
-            Some(records) => records.push(record),
-            None => {
-                self.batch.topics.insert(topic.to_owned(), vec![record]);
-            }
-        }
-        self.batch.count += 1;
+        self.batch
+            .records
+            .push(topic, origin, AppendRecord::from(event));
         self.batch.bytes += size;
     }
 
@@ -1626,14 +1621,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     fn flush_batch_unless_busy(&mut self) {
         if self.appends.is_empty()
             || self.batch.bytes >= GATHER_BYTES
-            || self.batch.count >= GATHER_COUNT
+            || self.batch.records.len() >= GATHER_COUNT
         {
             self.flush_batch();
         }
     }
 
     fn flush_batch(&mut self) {
-        if self.batch.count == 0 {
+        if self.batch.records.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut self.batch);
@@ -1641,7 +1636,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         // until the limit has caught up (TCP pushes back on the client).
         let wait = self.server.cx.auth.pace(
             &self.identity,
-            u32::try_from(batch.count).unwrap_or(u32::MAX),
+            u32::try_from(batch.records.len()).unwrap_or(u32::MAX),
         );
         if !wait.is_zero() {
             self.paused_until = Some(Instant::now() + wait);
@@ -1786,33 +1781,21 @@ fn ack(first: u64, last: u64) -> AMQPClass {
 
 async fn append_batch(server: Arc<Server>, batch: Batch) -> Appended {
     let started = Instant::now();
-    let log = &server.cx.log;
-    let appends = batch.topics.into_iter().map(|(topic, items)| async move {
-        let (origins, records): (Vec<Origin>, Vec<AppendRecord>) = items.into_iter().unzip();
-        let r = log.append(&topic, records).await;
-        (origins, r)
-    });
-    let mut results = Vec::with_capacity(batch.count);
-    for (origins, r) in futures_util::future::join_all(appends).await {
-        let error = match r {
-            Ok(_) => None,
-            Err(e) => {
-                let why = match e {
-                    LogError::UnknownTopic(_) | LogError::InvalidTopic(_) => "no_route",
-                    LogError::EventTooLarge { .. } => "message_too_large",
-                    LogError::QuotaExceeded { .. } => "disk_quota",
-                    LogError::DiskFull { .. } => "disk_full",
-                    _ => "log_unwritable",
-                };
-                server.metrics.reject(why);
-                if why == "log_unwritable" {
-                    tracing::warn!(error = %e, "AMQP publishes were not stored");
-                }
-                Some(e.to_string())
+    let outcomes = ingest::append(&server.cx.log, batch.records).await;
+    let results = outcomes
+        .into_iter()
+        .map(|(origin, outcome)| {
+            let error = outcome.err();
+            if let Some(refused) = &error {
+                server.metrics.reject(match refused.rejection {
+                    Rejection::UnknownTopic => "no_route",
+                    Rejection::TooLarge => "message_too_large",
+                    other => other.label(),
+                });
             }
-        };
-        results.extend(origins.into_iter().map(|o| (o, error.clone())));
-    }
+            (origin, error)
+        })
+        .collect();
     Appended { results, started }
 }
 

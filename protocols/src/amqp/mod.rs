@@ -1,6 +1,7 @@
 //! AMQP 0-9-1 front end: a publish-only broker on amq-protocol's frame codec
-//! ([`frame`]), in mini-redis's shape: [`serve`] accepts, one connection task
-//! runs each client (`conn`).
+//! ([`frame`]): the [`Server`] holds what every connection shares and is
+//! served by the one accept loop ([`crate::frontend`]); a `conn::Connection`
+//! per client runs it.
 //!
 //! - `basic.publish(E, R)` appends to topic E (or R on the default exchange)
 //!   with key R ([`mapping`]). Messages completed by one socket read join one
@@ -26,9 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::listener::{ConnectionStats, LimitedListener};
-use crate::tls::Tls;
-use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
+use crate::frontend::Frontend;
+use crate::listener::ConnectionStats;
+use crate::tls::MaybeTls;
+use crate::{AckHistogram, FrontendContext, MetricsSource, Peer, Rejections};
 
 /// AMQP front-end settings (`[amqp]`).
 #[derive(Debug, Clone)]
@@ -198,34 +200,24 @@ impl Server {
     }
 }
 
-/// Serves AMQP on `listener` until the node shuts down. Each connection runs
-/// in its own task; at shutdown it confirms what is durable, then closes with
-/// connection.close 320.
-///
-/// With `tls`, each connection starts with a TLS handshake (AMQPS, 5671); a
-/// verified client certificate names the device.
-pub async fn serve(listener: LimitedListener, server: Arc<Server>, tls: Option<Tls>) {
-    server
-        .metrics
-        .connections
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(listener.stats());
-    let shutdown = server.cx.shutdown.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let server = server.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let shutdown = &server.cx.shutdown;
-            if let Some((stream, peer)) =
-                crate::tls::establish(tls.as_ref(), stream, peer, shutdown).await
-            {
-                conn::run(server, stream, peer).await;
-            }
-        });
+/// Served on TCP listeners by [`crate::frontend::serve`]. Each connection
+/// runs in its own task; at shutdown it confirms what is durable, then closes
+/// with connection.close 320. On a TLS listener (AMQPS, 5671) a verified
+/// client certificate names the device.
+impl Frontend for Server {
+    fn context(&self) -> &FrontendContext {
+        &self.cx
+    }
+
+    fn listening(&self, stats: Arc<ConnectionStats>) {
+        self.metrics
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats);
+    }
+
+    async fn connection(self: Arc<Self>, stream: MaybeTls, peer: Peer) {
+        conn::run(self, stream, peer).await;
     }
 }

@@ -7,6 +7,8 @@ use axum::Json;
 use serde_json::json;
 use tributary_storage::Error as LogError;
 
+use crate::ingest::Refused;
+
 /// An error answer.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -36,8 +38,21 @@ impl ApiError {
 
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
+        ApiError::from(&e)
+    }
+}
+
+/// The log refused a produce: the status and code its error calls for.
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> Self {
+        ApiError::from(&*r.error)
+    }
+}
+
+impl From<&LogError> for ApiError {
+    fn from(e: &LogError) -> Self {
         let msg = e.to_string();
-        let (status, code) = match &e {
+        let (status, code) = match e {
             LogError::UnknownTopic(_) => (StatusCode::NOT_FOUND, "unknown_topic"),
             LogError::UnknownPartition { .. } => (StatusCode::NOT_FOUND, "unknown_partition"),
             LogError::TopicExists(_) => (StatusCode::CONFLICT, "topic_exists"),

@@ -40,7 +40,7 @@ pub use metrics::HttpMetrics;
 use crate::auth::Action;
 use crate::listener::{ConnectionStats, LimitedListener};
 use crate::tls::TlsListener;
-use crate::FrontendContext;
+use crate::{ingest, FrontendContext};
 use auth::Caller;
 use records::{FetchOut, Format, ProduceBody, RecordOut};
 
@@ -718,7 +718,7 @@ async fn produce(
     if let Some(limited) = auth::over_limit(&state, who, records.len()) {
         return Ok(limited);
     }
-    let positions = state.cx.log.append(&topic, records).await?;
+    let positions = ingest::append_topic(&state.cx.log, &topic, records).await?;
     Ok(offsets_response(&positions))
 }
 

@@ -37,6 +37,7 @@ use super::error::ApiError;
 use super::records::{Format, ProduceRecord, RecordOut};
 use super::AppState;
 use crate::auth::{Action, Identity};
+use crate::ingest;
 use crate::listener::ReadHold;
 
 /// Close codes.
@@ -535,7 +536,9 @@ async fn publish_session(
                 let result = if records.is_empty() {
                     Ok(Vec::new())
                 } else {
-                    log.append(&topic, records).await.map_err(ApiError::from)
+                    ingest::append_topic(&log, &topic, records)
+                        .await
+                        .map_err(ApiError::from)
                 };
                 if let Ok(p) = &result {
                     counters.published.fetch_add(p.len() as u64, Relaxed);

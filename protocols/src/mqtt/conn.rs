@@ -1,4 +1,4 @@
-//! One MQTT connection (mini-redis's `Handler`): CONNECT, then one loop that
+//! One MQTT connection: CONNECT, then one loop that
 //! reads packets, appends publishes, answers acks in order once durable,
 //! delivers subscriptions from the log, and enforces keep-alive.
 //!
@@ -7,7 +7,7 @@
 //! deliveries stop at the client's receive window; outbound bytes go through a
 //! bounded channel to a writer task. Nothing grows with the backlog.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,15 +19,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tributary_storage::{AppendRecord, Error as LogError};
+use tributary_storage::Error as LogError;
 
 use super::codec::{
     self, reason, ConnAckProps, ConnectIn, DecodeError, In, Out, PublishIn, PublishOut, SubFilter,
     Version, Will,
 };
 use super::session::{self, Inflight, PendingWill, Retained, Session, Sub};
-use super::{topic, Broker, Slot};
+use super::{topic, Server, Slot};
 use crate::auth::{self, Action, Credentials, Identity, Refusal};
+use crate::ingest::{self, Rejection};
 use crate::Peer;
 
 /// Append batches waiting for durability before the socket is no longer read.
@@ -72,7 +73,8 @@ enum AckAt {
 /// Publishes gathered from one socket read.
 #[derive(Default)]
 struct Batch {
-    records: BTreeMap<String, Vec<(usize, AppendRecord)>>,
+    /// Tagged with the index of their publish in the batch.
+    records: ingest::Batch<usize>,
     /// (qos, pkid, what decides the answer) per publish that wants an ack, in order.
     acks: Vec<(u8, u16, AckAt)>,
     retained: Vec<(usize, String, Bytes, u8, codec::MsgProps)>,
@@ -102,8 +104,8 @@ impl Drop for Tails {
     }
 }
 
-pub(super) struct Handler<S> {
-    broker: Arc<Broker>,
+pub(super) struct Connection<S> {
+    broker: Arc<Server>,
     conn_id: u64,
     version: Version,
     reader: ReadHalf<S>,
@@ -153,9 +155,9 @@ enum Wake {
     Resume,
 }
 
-impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
     /// Serves one connection to the end.
-    pub(super) async fn run(broker: Arc<Broker>, stream: S, peer: Peer) {
+    pub(super) async fn run(broker: Arc<Server>, stream: S, peer: Peer) {
         let (mut reader, mut write_half) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let max = broker.config.max_packet_bytes;
@@ -220,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         };
         broker.metrics.connects.fetch_add(1, Relaxed);
         let window = usize::from(connect.receive_max.min(broker.config.max_inflight).max(1));
-        let mut h = Handler {
+        let mut h = Connection {
             version,
             reader,
             buf,
@@ -638,11 +640,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
         };
         let index = self.batch.count;
         self.batch.count += 1;
-        self.batch
-            .records
-            .entry(log_topic)
-            .or_default()
-            .push((index, record));
+        self.batch.records.push(&log_topic, index, record);
         if p.retain {
             self.batch.retained.push((
                 index,
@@ -1245,46 +1243,19 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handler<S> {
 
 /// Appends one batch (one append per log topic, concurrently), then stores
 /// retained messages; answers every ack in packet order.
-async fn append_batch(broker: Arc<Broker>, batch: Batch) -> Acked {
+async fn append_batch(broker: Arc<Server>, batch: Batch) -> Acked {
     let started = Instant::now();
     let mut results = vec![reason::SUCCESS; batch.count];
-    let log = &broker.cx.log;
-    let appends = batch
-        .records
-        .into_iter()
-        .map(|(topic, records)| async move {
-            let (indexes, records): (Vec<usize>, Vec<AppendRecord>) = records.into_iter().unzip();
-            let r = log.append(&topic, records).await;
-            (indexes, r)
-        });
-    for (indexes, r) in futures_util::future::join_all(appends).await {
-        if let Err(e) = r {
-            let code = match e {
-                LogError::UnknownTopic(_) | LogError::InvalidTopic(_) => {
-                    broker.metrics.reject("unknown_topic");
-                    reason::TOPIC_NAME_INVALID
-                }
-                LogError::EventTooLarge { .. } => {
-                    broker.metrics.reject("event_too_large");
+    for (index, outcome) in ingest::append(&broker.cx.log, batch.records).await {
+        if let Err(refused) = outcome {
+            broker.metrics.reject(refused.rejection.label());
+            results[index] = match refused.rejection {
+                Rejection::UnknownTopic => reason::TOPIC_NAME_INVALID,
+                Rejection::TooLarge | Rejection::Quota | Rejection::DiskFull => {
                     reason::QUOTA_EXCEEDED
                 }
-                LogError::QuotaExceeded { .. } => {
-                    broker.metrics.reject("disk_quota");
-                    reason::QUOTA_EXCEEDED
-                }
-                LogError::DiskFull { .. } => {
-                    broker.metrics.reject("disk_full");
-                    reason::QUOTA_EXCEEDED
-                }
-                other => {
-                    broker.metrics.reject("log_unwritable");
-                    tracing::warn!(error = %other, "an MQTT publish was not stored");
-                    reason::IMPLEMENTATION_SPECIFIC
-                }
+                Rejection::Unwritable => reason::IMPLEMENTATION_SPECIFIC,
             };
-            for i in indexes {
-                results[i] = code;
-            }
         }
     }
     for (index, topic, payload, qos, props) in batch.retained {
@@ -1398,7 +1369,7 @@ type Accepted = (
 /// Checks a CONNECT, takes over or resumes the session, and writes CONNACK
 /// into `out`. `None`: refused (the CONNACK says why).
 async fn accept(
-    broker: &Arc<Broker>,
+    broker: &Arc<Server>,
     conn_id: u64,
     c: &ConnectIn,
     peer: &Peer,

@@ -1,6 +1,7 @@
 //! MQTT 3.1.1 and 5 front end: our own session layer over rumqttc's packet
-//! codecs ([`codec`]), in mini-redis's shape: a [`Listener`] accepts, a
-//! `conn::Handler` per connection runs the session.
+//! codecs ([`codec`]): the [`Server`] holds what every connection shares and
+//! is served by the one accept loop ([`crate::frontend`]); a `conn::Connection`
+//! per client runs its session.
 //!
 //! - PUBLISH appends to the log; PUBACK/PUBREC go out only once the log says
 //!   durable. Every PUBLISH read from one socket read joins one append, and
@@ -35,9 +36,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::auth::Identity;
-use crate::listener::{ConnectionStats, LimitedListener};
-use crate::tls::Tls;
-use crate::{AckHistogram, FrontendContext, MetricsSource, Rejections};
+use crate::frontend::Frontend;
+use crate::ingest;
+use crate::listener::ConnectionStats;
+use crate::tls::MaybeTls;
+use crate::{AckHistogram, FrontendContext, MetricsSource, Peer, Rejections};
 pub use session::{PendingWill, SessionStore};
 pub use topic::Route;
 
@@ -156,7 +159,7 @@ impl MetricsSource for MqttMetrics {
 
 /// State shared by every MQTT connection of a node.
 #[derive(Debug)]
-pub struct Broker {
+pub struct Server {
     cx: FrontendContext,
     config: MqttConfig,
     router: topic::Router,
@@ -167,7 +170,7 @@ pub struct Broker {
     retained: Mutex<HashSet<String>>,
 }
 
-impl Broker {
+impl Server {
     /// Builds the broker, loading persistent sessions and registering metrics.
     pub fn new(cx: FrontendContext, config: MqttConfig) -> Result<Arc<Self>, String> {
         for r in &config.routes {
@@ -184,7 +187,7 @@ impl Broker {
             .collect();
         let metrics = Arc::new(MqttMetrics::default());
         cx.metrics.register(metrics.clone());
-        let broker = Arc::new(Broker {
+        let broker = Arc::new(Server {
             router: topic::Router::new(config.routes.clone()),
             cx,
             config,
@@ -246,22 +249,24 @@ impl Broker {
             &will.props,
             None,
         ) {
-            Ok((log_topic, record)) => match self.cx.log.append(&log_topic, vec![record]).await {
-                Ok(_) => {
-                    if will.retain {
-                        if let Err(e) = self
-                            .set_retained(&will.topic, &will.payload, will.qos, &will.props)
-                            .await
-                        {
-                            tracing::warn!(topic = %will.topic, error = %e, "cannot retain a will");
+            Ok((log_topic, record)) => {
+                match ingest::append_topic(&self.cx.log, &log_topic, vec![record]).await {
+                    Ok(_) => {
+                        if will.retain {
+                            if let Err(e) = self
+                                .set_retained(&will.topic, &will.payload, will.qos, &will.props)
+                                .await
+                            {
+                                tracing::warn!(topic = %will.topic, error = %e, "cannot retain a will");
+                            }
                         }
                     }
+                    Err(e) => {
+                        self.metrics.reject("will_not_stored");
+                        tracing::warn!(topic = %will.topic, error = %e, "a will could not be stored");
+                    }
                 }
-                Err(e) => {
-                    self.metrics.reject("will_not_stored");
-                    tracing::warn!(topic = %will.topic, error = %e, "a will could not be stored");
-                }
-            },
+            }
             Err(why) => {
                 self.metrics.reject("will_topic_invalid");
                 tracing::warn!(%why, "a will has no log topic");
@@ -316,67 +321,23 @@ impl Broker {
     }
 }
 
-/// Accepts MQTT connections (mini-redis's `Listener`).
-#[derive(Debug)]
-pub struct Listener {
-    listener: LimitedListener,
-    broker: Arc<Broker>,
-    tls: Option<Tls>,
-}
+/// Served on TCP listeners by [`crate::frontend::serve`]; each connection is
+/// told to stop (v5: DISCONNECT 0x8B) at shutdown.
+impl Frontend for Server {
+    fn context(&self) -> &FrontendContext {
+        &self.cx
+    }
 
-impl Listener {
-    /// A listener over a bound socket (its limit: `max_connections`).
-    pub fn new(listener: LimitedListener, broker: Arc<Broker>) -> Self {
-        broker
-            .metrics
+    fn listening(&self, stats: Arc<ConnectionStats>) {
+        self.metrics
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(listener.stats());
-        Listener {
-            listener,
-            broker,
-            tls: None,
-        }
+            .push(stats);
     }
 
-    /// Connections start with a TLS handshake (MQTT over TLS, 8883); a
-    /// verified client certificate names the device.
-    pub fn with_tls(mut self, tls: Tls) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    /// Accepts until shutdown; each connection runs in its own task and is
-    /// told to stop (v5: DISCONNECT 0x8B) at shutdown.
-    pub async fn run(self) {
-        let shutdown = self.broker.cx.shutdown.clone();
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = self.listener.accept() => accepted,
-            };
-            let broker = self.broker.clone();
-            let tls = self.tls.clone();
-            tokio::spawn(async move {
-                let shutdown = &broker.cx.shutdown;
-                if let Some((stream, peer)) =
-                    crate::tls::establish(tls.as_ref(), stream, peer, shutdown).await
-                {
-                    conn::Handler::run(broker, stream, peer).await;
-                }
-            });
-        }
-    }
-}
-
-/// Serves MQTT on `listener` until the node shuts down; with `tls`, each
-/// connection starts with a TLS handshake.
-pub async fn serve(listener: LimitedListener, broker: Arc<Broker>, tls: Option<Tls>) {
-    let listener = Listener::new(listener, broker);
-    match tls {
-        Some(tls) => listener.with_tls(tls).run().await,
-        None => listener.run().await,
+    async fn connection(self: Arc<Self>, stream: MaybeTls, peer: Peer) {
+        conn::Connection::run(self, stream, peer).await;
     }
 }
 
@@ -389,7 +350,7 @@ enum RetainError {
     Log(tributary_storage::Error),
 }
 
-type WsState = (Arc<Broker>, Arc<ConnectionStats>);
+type WsState = (Arc<Server>, Arc<ConnectionStats>);
 
 async fn ws_upgrade(
     State((broker, stats)): State<WsState>,
@@ -418,7 +379,7 @@ async fn ws_upgrade(
 /// A bounded in-memory pipe joins the two, so a slow side pushes back.
 async fn bridge_websocket(
     socket: WebSocket,
-    broker: Arc<Broker>,
+    broker: Arc<Server>,
     peer: crate::Peer,
     hold: Option<crate::listener::ReadHold>,
 ) {
@@ -457,7 +418,7 @@ async fn bridge_websocket(
         }
         let _ = ws_tx.close().await;
     };
-    let handler = conn::Handler::run(broker, ours, peer);
+    let handler = conn::Connection::run(broker, ours, peer);
     tokio::join!(handler, async {
         tokio::select! {
             () = inbound => {}

@@ -15,7 +15,7 @@ use tributary_storage::{AppendRecord, Event, Log, Record};
 
 use super::codec::{MsgProps, PublishOut, Will};
 use super::topic::{record_topic, Target};
-use super::{Broker, Slot, Slots};
+use super::{Server, Slot, Slots};
 use crate::auth::Identity;
 
 /// Metadata space of persistent sessions.
@@ -275,7 +275,7 @@ pub fn expiry_deadline(expiry: u32) -> Option<Instant> {
 }
 
 /// Publishes due wills and drops expired sessions, once a second.
-pub async fn sweeper(broker: Arc<Broker>) {
+pub async fn sweeper(broker: Arc<Server>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -287,7 +287,7 @@ pub async fn sweeper(broker: Arc<Broker>) {
     }
 }
 
-async fn sweep(broker: &Broker, now: Instant) {
+async fn sweep(broker: &Server, now: Instant) {
     let mut wills = Vec::new();
     let mut expired = Vec::new();
     {
