@@ -1,0 +1,330 @@
+//! The committer thread and its syncer: group commit. The committer drains
+//! queued [`Command`]s into cycles, assigns offsets, packs batches and writes
+//! them into the engine; the syncer makes each cycle durable with one sync,
+//! publishes the new end offsets and answers the waiting producers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use super::retention::Reservation;
+use super::state::{Shared, TopicState};
+use super::{Durability, GroupOffset, MetaEntry};
+use crate::batch::{BatchBuilder, HEADER_LEN};
+use crate::error::{Error, Result};
+
+/// One partition's share of an append, already encoded by the producer's task
+/// into batch-sized chunks, so the committer only copies bytes.
+pub(super) struct Part {
+    pub(super) partition: u32,
+    pub(super) count: u32,
+    pub(super) chunks: Vec<BatchBuilder>,
+}
+
+pub(super) enum Command {
+    Append {
+        topic: Arc<TopicState>,
+        parts: Vec<Part>,
+        bytes: usize,
+        reply: oneshot::Sender<Result<Vec<u64>>>,
+        _permit: OwnedSemaphorePermit,
+        /// Its bytes under the disk quota, released with the command (after
+        /// its batch is sealed and counted), also if the producer gave up.
+        _reservation: Option<Reservation>,
+    },
+    Commit {
+        group: String,
+        offsets: Vec<GroupOffset>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Meta {
+        space: String,
+        entries: Vec<MetaEntry>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Barrier {
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+impl Command {
+    fn bytes(&self) -> usize {
+        match self {
+            Command::Append { bytes, .. } => *bytes,
+            Command::Commit { offsets, .. } => offsets.len() * 32,
+            Command::Meta { entries, .. } => entries
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum(),
+            Command::Barrier { .. } => 0,
+        }
+    }
+}
+
+/// While a sync runs, the committer writes the next cycle only once this much
+/// is queued; smaller cycles wait for the sync to finish and grow meanwhile.
+const PIPELINE_MIN_BYTES: usize = 256 * 1024;
+
+/// One cycle written to the engine, on its way to the syncer.
+pub(super) struct Job {
+    cycle: Vec<Command>,
+    answers: Vec<Vec<u64>>,
+    written: Result<Written>,
+    started: Instant,
+}
+
+/// What a written cycle needs before it may be acknowledged.
+struct Written {
+    must_sync: bool,
+    /// Per touched partition, its end offset once this cycle is durable.
+    ends: Vec<(Arc<TopicState>, u32, u64)>,
+}
+
+/// Writes cycles into the engine; hands each to the syncer, so that cycle N+1
+/// is written while cycle N is being fsynced. At most two cycles are in flight.
+pub(super) fn committer(
+    shared: &Shared,
+    mut rx: mpsc::Receiver<Command>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+) {
+    let _ = shared.committer_thread.set(std::thread::current());
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.bytes();
+        let mut cycle = vec![first];
+        loop {
+            while bytes < shared.config.max_cycle_bytes {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        bytes += c.bytes();
+                        cycle.push(c);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Pipeline only under load: while the syncer is busy, a small cycle
+            // waits to grow (the syncer wakes us when it is done), so a few
+            // producers still share one fsync per cycle.
+            if bytes >= PIPELINE_MIN_BYTES
+                || bytes >= shared.config.max_cycle_bytes
+                || !shared.syncing.load(SeqCst)
+            {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_micros(500));
+        }
+        let started = Instant::now();
+        // The free-space reserve: a cycle whose appends would eat into it
+        // answers them DiskFull and writes only the rest (offset commits and
+        // metadata, which are small).
+        let append_bytes: usize = cycle
+            .iter()
+            .map(|c| match c {
+                Command::Append { bytes, .. } => *bytes,
+                _ => 0,
+            })
+            .sum();
+        if append_bytes > 0 {
+            if let Err(Error::DiskFull { free, reserve }) = shared.check_room(append_bytes as u64) {
+                let (refused, rest): (Vec<Command>, Vec<Command>) = cycle
+                    .into_iter()
+                    .partition(|c| matches!(c, Command::Append { .. }));
+                for c in refused {
+                    if let Command::Append { reply, .. } = c {
+                        shared
+                            .stats
+                            .disk_full_rejected_appends
+                            .fetch_add(1, Relaxed);
+                        let _ = reply.send(Err(Error::DiskFull { free, reserve }));
+                    }
+                }
+                cycle = rest;
+                if cycle.is_empty() {
+                    continue;
+                }
+            }
+        }
+        let mut answers = Vec::new();
+        let written = match shared.check_writable() {
+            Err(e) if !matches!(e, Error::Closed) => Err(e),
+            _ => write_cycle(shared, &mut cycle[..], &mut answers).map_err(|e| {
+                let msg = e.to_string();
+                shared.fail(msg.clone());
+                Error::Unwritable(msg)
+            }),
+        };
+        if jobs
+            .send(Job {
+                cycle,
+                answers,
+                written,
+                started,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Makes each written cycle durable (one sync covers it and anything written
+/// before it), publishes its end offsets, then answers its producers.
+pub(super) fn syncer(shared: &Shared, jobs: std::sync::mpsc::Receiver<Job>) {
+    for job in jobs {
+        shared.syncing.store(true, SeqCst);
+        let outcome = job.written.and_then(|w| {
+            // A failed earlier sync leaves this cycle's outcome unknown too.
+            if shared.failed.load(SeqCst) {
+                return Err(shared.check_writable().err().unwrap_or(Error::Closed));
+            }
+            if w.must_sync {
+                shared.store.sync().map_err(|e| {
+                    let msg = e.to_string();
+                    shared.fail(msg.clone());
+                    Error::Unwritable(msg)
+                })?;
+            } else {
+                shared.dirty.store(true, SeqCst);
+            }
+            // Publish the new ends only now: readers never see what is not durable.
+            for (topic, partition, end) in &w.ends {
+                topic.partitions[*partition as usize].end.send_replace(*end);
+            }
+            Ok(())
+        });
+        if outcome.is_ok() {
+            shared.stats.observe_commit(job.started.elapsed());
+        }
+        shared.syncing.store(false, SeqCst);
+        if let Some(t) = shared.committer_thread.get() {
+            t.unpark();
+        }
+        answer(job.cycle, job.answers, &outcome);
+    }
+    if !shared.failed.load(SeqCst) {
+        if let Err(e) = shared.store.sync() {
+            tracing::error!(error = %e, "final sync at shutdown failed");
+        }
+    }
+}
+
+struct OpenBatch {
+    topic: Arc<TopicState>,
+    partition: u32,
+    base: u64,
+    builder: Option<BatchBuilder>,
+}
+
+impl OpenBatch {
+    fn seal(&mut self) -> Result<()> {
+        let Some(builder) = self.builder.take() else {
+            return Ok(());
+        };
+        let ps = &self.topic.partitions[self.partition as usize];
+        let (value, end_pos) = builder.finish(ps.next_pos.load(Relaxed));
+        ps.store.insert(self.base, value)?;
+        ps.next_pos.store(end_pos, Relaxed);
+        self.base = ps.next.load(Relaxed);
+        Ok(())
+    }
+}
+
+fn write_cycle(
+    shared: &Shared,
+    cycle: &mut [Command],
+    answers: &mut Vec<Vec<u64>>,
+) -> Result<Written> {
+    let batch_bytes = shared.config.batch_bytes;
+    let mut open: HashMap<(usize, u32), OpenBatch> = HashMap::new();
+    let mut must_sync = shared.config.durability == Durability::Fsync;
+    for cmd in cycle {
+        match cmd {
+            Command::Append { topic, parts, .. } => {
+                let mut firsts = Vec::with_capacity(parts.len());
+                for part in parts {
+                    let ps = &topic.partitions[part.partition as usize];
+                    firsts.push(ps.next.load(Relaxed));
+                    let ob = open
+                        .entry((Arc::as_ptr(topic) as usize, part.partition))
+                        .or_insert_with(|| OpenBatch {
+                            topic: topic.clone(),
+                            partition: part.partition,
+                            base: ps.next.load(Relaxed),
+                            builder: None,
+                        });
+                    // Small chunks from many producers share a batch (a memcpy);
+                    // a full chunk becomes a batch as it is.
+                    for chunk in std::mem::take(&mut part.chunks) {
+                        let count = u64::from(chunk.count());
+                        match &mut ob.builder {
+                            Some(b) if b.len() + chunk.len() - HEADER_LEN <= batch_bytes => {
+                                b.append(&chunk)
+                            }
+                            Some(_) => {
+                                ob.seal()?;
+                                ob.builder = Some(chunk);
+                            }
+                            None => ob.builder = Some(chunk),
+                        }
+                        ps.next.fetch_add(count, Relaxed);
+                    }
+                }
+                answers.push(firsts);
+            }
+            Command::Commit { group, offsets, .. } => {
+                for o in offsets {
+                    shared
+                        .store
+                        .put_group_offset(group, &o.topic, o.partition, o.offset)?;
+                }
+            }
+            Command::Meta { space, entries, .. } => {
+                for (k, v) in entries.iter() {
+                    shared.store.put_meta(space, k, v.as_deref())?;
+                }
+            }
+            Command::Barrier { .. } => must_sync = true,
+        }
+    }
+    for ob in open.values_mut() {
+        ob.seal()?;
+    }
+    let ends = open
+        .into_values()
+        .map(|ob| {
+            let end = ob.topic.partitions[ob.partition as usize]
+                .next
+                .load(Relaxed);
+            (ob.topic, ob.partition, end)
+        })
+        .collect();
+    Ok(Written { must_sync, ends })
+}
+
+fn answer(cycle: Vec<Command>, answers: Vec<Vec<u64>>, outcome: &Result<()>) {
+    let mut answers = answers.into_iter();
+    for cmd in cycle {
+        let err = || match &outcome {
+            Err(Error::Unwritable(m)) => Error::Unwritable(m.clone()),
+            Err(Error::Closed) => Error::Closed,
+            Err(e) => Error::Unwritable(e.to_string()),
+            Ok(()) => Error::Closed,
+        };
+        match cmd {
+            Command::Append { reply, .. } => {
+                let r = match (outcome, answers.next()) {
+                    (Ok(_), Some(firsts)) => Ok(firsts),
+                    _ => Err(err()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Commit { reply, .. }
+            | Command::Meta { reply, .. }
+            | Command::Barrier { reply } => {
+                let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|_| err()));
+            }
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! The log: topics, appends with group commit, reads, tails, retention and
+//! consumer-group offsets, over any [`Store`].
+//!
+//! ## The write path
+//! [`Log::append`] validates and partitions the events, takes permits from a byte
+//! budget (`max_pending_bytes`: memory is bounded however fast producers are),
+//! and queues one command for the committer thread. The committer drains every
+//! queued command (up to `max_cycle_bytes`), assigns dense offsets, packs the
+//! events of each partition into ~8 KiB batches, inserts them, and then makes the
+//! whole cycle durable with one [`Store::sync`]. Only then does it publish the new
+//! end offsets (readers never see undurable data) and answer every waiting
+//! producer. One fsync covers every producer that was waiting: a cycle's cost
+//! does not grow with the number of producers.
+//!
+//! If the store ever fails to write or sync, the log stops accepting writes
+//! (`Error::Unwritable`, `/health` 503) until restarted: the outcome of the failed
+//! cycle is unknown, and offsets must never be handed out twice.
+//!
+//! ## Where things live
+//! - this file: the [`Log`] handle and its public API (topics, appends,
+//!   reads and tails, consumer-group offsets, metadata spaces) and the types
+//!   it takes and answers with.
+//! - `config`: [`LogConfig`], [`Durability`], [`TopicDefaults`], [`Forwarded`].
+//! - `recovery`: [`Log::open`] and [`Log::with_store`]: recovering partition
+//!   state from the store and starting the background threads.
+//! - `state`: the state shared by the handle and those threads.
+//! - `committer`: the committer and syncer threads (group commit).
+//! - `retention`: retention passes, the disk quota and its evictor.
+//!
+//! [`Store`]: crate::store::Store
+//! [`Store::sync`]: crate::store::Store::sync
+
+mod committer;
+mod config;
+mod recovery;
+mod retention;
+mod state;
+
+pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
+
+use std::sync::atomic::{Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use crate::batch::{decode_records, encoded_len, BatchBuilder, HEADER_LEN};
+use crate::error::{Error, Result};
+use crate::event::{AppendRecord, Position, Record};
+use crate::partitioner::partition_for_key;
+use crate::stats::StatsSnapshot;
+use crate::topic::TopicConfig;
+use committer::{Command, Part};
+use recovery::build_topic;
+use retention::enforce_retention;
+use state::{Shared, Stopper, TopicState};
+
+/// One partition's offsets and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Partition number.
+    pub partition: u32,
+    /// First offset still stored.
+    pub start_offset: u64,
+    /// Next offset to be written (durable end).
+    pub end_offset: u64,
+    /// Bytes of batches stored.
+    pub bytes: u64,
+}
+
+/// A topic's config and live state.
+#[derive(Debug, Clone)]
+pub struct TopicInfo {
+    /// Its config.
+    pub config: TopicConfig,
+    /// Per-partition offsets.
+    pub partitions: Vec<PartitionInfo>,
+    /// Events appended since the process started.
+    pub events_appended: u64,
+    /// Encoded bytes appended since the process started.
+    pub bytes_appended: u64,
+}
+
+/// The answer to a read.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// Records in offset order.
+    pub records: Vec<Record>,
+    /// Where the next read should start.
+    pub next_offset: u64,
+    /// First offset stored when read.
+    pub start_offset: u64,
+    /// End offset when read.
+    pub end_offset: u64,
+}
+
+/// A consumer group's position in one partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupOffset {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Next offset the group will read.
+    pub offset: u64,
+}
+
+/// A metadata write: `None` removes the key.
+pub type MetaEntry = (Vec<u8>, Option<Vec<u8>>);
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    pending: Arc<Semaphore>,
+    stopper: Arc<Stopper>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        // The committer drains what is queued, syncs and exits once the last
+        // sender is gone: drop ours before joining, so the store is released
+        // (sled's file lock too) when the last handle is dropped.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn corruption(topic: &str, partition: u32, offset: u64, detail: String) -> Error {
+    Error::Corruption {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        detail,
+    }
+}
+
+impl Log {
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// The settings this log runs with.
+    pub fn config(&self) -> &LogConfig {
+        &self.shared().config
+    }
+
+    /// Ok when the log accepts writes.
+    pub fn health(&self) -> Result<()> {
+        self.shared().check_writable()?;
+        self.shared().check_disk()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared().stats.snapshot()
+    }
+
+    /// Bytes free on the log's file system (`None`: not on a disk).
+    pub fn free_disk_bytes(&self) -> Option<u64> {
+        self.shared().store.free_bytes()
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared().store.disk_bytes()
+    }
+
+    /// Creates a topic; durable when this returns.
+    pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicInfo> {
+        config.validate()?;
+        self.shared().check_writable()?;
+        let state = {
+            let shared = self.shared();
+            let mut topics = shared.topics.write().unwrap_or_else(|p| p.into_inner());
+            if topics.contains_key(&config.name) {
+                return Err(Error::TopicExists(config.name));
+            }
+            // Stored before any append can name it: the committer's sync that makes
+            // the first events durable makes the topic durable with or before them.
+            shared.store.put_topic(&config)?;
+            let state = Arc::new(build_topic(
+                shared.store.as_ref(),
+                config,
+                &shared.config.forwarded,
+            )?);
+            topics.insert(state.config.name.clone(), state.clone());
+            shared.topic_count.send_replace(topics.len());
+            state
+        };
+        tracing::info!(topic = %state.config.name, partitions = state.config.partitions, "topic created");
+        self.barrier().await?;
+        Ok(state.info())
+    }
+
+    async fn topic_or_create(&self, name: &str) -> Result<Arc<TopicState>> {
+        if let Some(t) = self.shared().topic(name) {
+            return Ok(t);
+        }
+        if !self.shared().config.auto_create_topics {
+            return Err(Error::UnknownTopic(name.to_owned()));
+        }
+        let config = self.shared().config.topic_defaults.config(name);
+        match self.create_topic(config).await {
+            Ok(_) | Err(Error::TopicExists(_)) => self
+                .shared()
+                .topic(name)
+                .ok_or_else(|| Error::UnknownTopic(name.to_owned())),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn existing(&self, name: &str) -> Result<Arc<TopicState>> {
+        self.shared()
+            .topic(name)
+            .ok_or_else(|| Error::UnknownTopic(name.to_owned()))
+    }
+
+    /// Every topic, by name.
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        let topics = self
+            .shared()
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        topics.values().map(|t| t.info()).collect()
+    }
+
+    /// One topic.
+    pub fn topic(&self, name: &str) -> Result<TopicInfo> {
+        Ok(self.existing(name)?.info())
+    }
+
+    /// Appends events to `topic`; resolves with each event's position, in input
+    /// order, once they are durable (per [`Durability`]). Events with a key go to
+    /// `murmur2(key) % partitions`; keyless events of one call go to one partition,
+    /// rotating per call; an explicit partition wins over both.
+    pub async fn append(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+        let result = self.append_inner(topic, records).await;
+        let stats = &self.shared().stats;
+        match &result {
+            Ok(p) => {
+                stats.append_requests.fetch_add(1, Relaxed);
+                stats.append_events.fetch_add(p.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                stats.append_errors.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn append_inner(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+        self.shared().check_writable()?;
+        self.shared().check_disk().inspect_err(|_| {
+            self.shared()
+                .stats
+                .disk_full_rejected_appends
+                .fetch_add(1, Relaxed);
+        })?;
+        let t = self.topic_or_create(topic).await?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = t.config.partitions;
+        let now = now_ms();
+        let keyless = t.round_robin.fetch_add(1, Relaxed) % n;
+        let batch_bytes = self.shared().config.batch_bytes;
+        let mut slot_of_partition = vec![u32::MAX; n as usize];
+        let mut parts: Vec<Part> = Vec::new();
+        let mut placement = Vec::with_capacity(records.len());
+        // A chunk's first allocation fits the whole call (up to a batch): calls of
+        // one small event do not hold a batch-sized buffer while they queue.
+        let lens: Vec<usize> = records.iter().map(|r| encoded_len(&r.event)).collect();
+        let first_capacity = batch_bytes.min(lens.iter().sum::<usize>() + HEADER_LEN);
+        // Encode here, on the producer's task: the committer thread, which every
+        // producer waits on, then only moves or concatenates finished chunks.
+        for (AppendRecord { partition, event }, len) in records.into_iter().zip(lens) {
+            let size = event.size();
+            if size > t.config.max_event_bytes {
+                return Err(Error::EventTooLarge {
+                    size,
+                    max: t.config.max_event_bytes,
+                });
+            }
+            let p = match (partition, &event.key) {
+                (Some(p), _) => t.partition(p)?.id,
+                (None, Some(k)) => partition_for_key(k, n),
+                (None, None) => keyless,
+            };
+            let slot = &mut slot_of_partition[p as usize];
+            if *slot == u32::MAX {
+                *slot = parts.len() as u32;
+                parts.push(Part {
+                    partition: p,
+                    count: 0,
+                    chunks: Vec::new(),
+                });
+            }
+            let part = &mut parts[*slot as usize];
+            let chunk = match part.chunks.last_mut() {
+                Some(c) if c.is_empty() || c.len() + len <= batch_bytes => c,
+                _ => {
+                    part.chunks.push(BatchBuilder::with_capacity(
+                        first_capacity.max(len + HEADER_LEN),
+                    ));
+                    part.chunks.last_mut().ok_or(Error::Closed)?
+                }
+            };
+            chunk.push(&event, event.timestamp.unwrap_or(now));
+            placement.push((*slot, u64::from(part.count)));
+            part.count += 1;
+        }
+        let bytes: usize = parts
+            .iter()
+            .flat_map(|p| &p.chunks)
+            .map(BatchBuilder::len)
+            .sum();
+        // Travels with the command (see [`Reservation`]).
+        let reservation = match self.shared().config.max_disk_bytes {
+            Some(max) => Some(self.make_room(&t, bytes as u64, max).await?),
+            None => None,
+        };
+        let partition_of_slot: Vec<u32> = parts.iter().map(|p| p.partition).collect();
+        let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
+        let permit = self
+            .inner
+            .pending
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Append {
+            topic: t.clone(),
+            parts,
+            bytes,
+            reply,
+            _permit: permit,
+            _reservation: reservation,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        let firsts = answer.await.map_err(|_| Error::Closed)??;
+        t.bytes.fetch_add(bytes as u64, Relaxed);
+        t.events.fetch_add(placement.len() as u64, Relaxed);
+        self.shared()
+            .stats
+            .append_bytes
+            .fetch_add(bytes as u64, Relaxed);
+        let partition_of_slot: Vec<u32> = partition_of_slot;
+        Ok(placement
+            .into_iter()
+            .map(|(slot, i)| Position {
+                partition: partition_of_slot[slot as usize],
+                offset: firsts[slot as usize] + i,
+            })
+            .collect())
+    }
+
+    async fn barrier(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Barrier { reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Makes everything appended so far durable (whatever the durability mode).
+    pub async fn flush(&self) -> Result<()> {
+        self.barrier().await
+    }
+
+    /// Refuses new appends, then makes everything accepted before durable.
+    pub async fn close(&self) -> Result<()> {
+        self.shared().closed.store(true, SeqCst);
+        self.barrier().await
+    }
+
+    /// Reads up to `max_records` records (and about `max_bytes` of keys and
+    /// values, at least one record) from `offset`. Reading at the end offset
+    /// returns no records; outside `start..=end` is an error naming the range.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<ReadResult> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let start = ps.start.load(SeqCst);
+        let end = *ps.end.borrow();
+        let out_of_range = |start, end| Error::OffsetOutOfRange {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            start,
+            end,
+        };
+        // Retention moved the start while we read: report the range as it is now
+        // (start first: both only grow, so the range stays valid).
+        let current_range = || out_of_range(ps.start.load(SeqCst), *ps.end.borrow());
+        if offset < start || offset > end {
+            return Err(out_of_range(start, end));
+        }
+        let mut records = Vec::new();
+        let mut next = offset;
+        if offset < end && max_records > 0 {
+            let mut bytes = 0usize;
+            for (base, value) in ps.store.read(offset, max_bytes)? {
+                if base > next {
+                    // Retention removed the batch holding `next` while we read.
+                    if records.is_empty() {
+                        return Err(current_range());
+                    }
+                    break;
+                }
+                let mut full = false;
+                decode_records(&value, base, partition, next, end, |r| {
+                    bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
+                    next = r.offset + 1;
+                    records.push(r);
+                    full = records.len() >= max_records || bytes >= max_bytes;
+                    !full
+                })
+                .map_err(|d| corruption(topic, partition, base, d))?;
+                if full || next >= end {
+                    break;
+                }
+            }
+            if records.is_empty() {
+                return Err(current_range());
+            }
+        }
+        Ok(ReadResult {
+            records,
+            next_offset: next,
+            start_offset: start,
+            end_offset: end,
+        })
+    }
+
+    /// Like [`Log::read`], but when `offset` is the end, waits up to `wait` for
+    /// new records first. Reads run on the blocking pool.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<ReadResult> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let mut end_rx = ps.end.subscribe();
+        let (start, end) = (ps.start.load(SeqCst), *end_rx.borrow());
+        if offset < start || offset > end {
+            return Err(Error::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                start,
+                end,
+            });
+        }
+        if offset == end && !wait.is_zero() {
+            let _ = tokio::time::timeout(wait, end_rx.wait_for(|&e| e > offset)).await;
+        }
+        let log = self.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            log.read(&topic, partition, offset, max_records, max_bytes)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// Event bytes stored now, across all topics (what the disk quota counts).
+    pub fn stored_bytes(&self) -> u64 {
+        self.shared().stored_bytes()
+    }
+
+    /// A partition's first stored offset and its end offset (the next to be
+    /// written), without building a whole [`TopicInfo`].
+    pub fn offsets(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let end = *ps.end.borrow();
+        Ok((ps.start.load(SeqCst), end))
+    }
+
+    /// A receiver of a partition's end offset: it changes when new records
+    /// become readable, so tails wait on it instead of polling.
+    pub fn watch_end(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>> {
+        Ok(self.existing(topic)?.partition(partition)?.end.subscribe())
+    }
+
+    /// Says that the core holds every event of a partition below `offset`:
+    /// retention may remove them now, and the disk quota evicts them before
+    /// unforwarded ones. The mark only moves forward.
+    pub fn mark_forwarded(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let t = self.existing(topic)?;
+        t.partition(partition)?.forwarded.fetch_max(offset, SeqCst);
+        Ok(())
+    }
+
+    /// A partition's forwarded mark (`u64::MAX` when it is not forwarded).
+    pub fn forwarded(&self, topic: &str, partition: u32) -> Result<u64> {
+        let t = self.existing(topic)?;
+        Ok(t.partition(partition)?.forwarded.load(SeqCst))
+    }
+
+    /// Stores a consumer group's positions durably (same commit cycle as appends).
+    pub async fn commit_offsets(&self, group: &str, offsets: Vec<GroupOffset>) -> Result<()> {
+        validate_group(group)?;
+        self.shared().check_writable()?;
+        for o in &offsets {
+            let t = self.existing(&o.topic)?;
+            let end = *t.partition(o.partition)?.end.borrow();
+            if o.offset > end {
+                return Err(Error::OffsetOutOfRange {
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    offset: o.offset,
+                    start: t.partition(o.partition)?.start.load(SeqCst),
+                    end,
+                });
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Commit {
+            group: group.to_owned(),
+            offsets,
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// A group's committed positions, sorted by topic and partition.
+    pub fn group_offsets(&self, group: &str) -> Result<Vec<GroupOffset>> {
+        validate_group(group)?;
+        let mut out: Vec<GroupOffset> = self
+            .shared()
+            .store
+            .group_offsets(group)?
+            .into_iter()
+            .map(|(topic, partition, offset)| GroupOffset {
+                topic,
+                partition,
+                offset,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Writes or removes small metadata values under `space` (front ends keep
+    /// sessions and retained messages here). Resolves once durable, in the same
+    /// commit cycle as appends that were queued with it.
+    pub async fn put_meta(&self, space: &str, entries: Vec<MetaEntry>) -> Result<()> {
+        validate_group(space)?;
+        self.shared().check_writable()?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Meta {
+            space: space.to_owned(),
+            entries,
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Every metadata entry of `space`, sorted by key (includes writes not yet durable).
+    pub fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        validate_group(space)?;
+        self.shared().store.meta(space)
+    }
+
+    /// One metadata value (includes writes not yet durable).
+    pub fn meta_get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        validate_group(space)?;
+        self.shared().store.get_meta(space, key)
+    }
+
+    /// The keys of a metadata space, sorted.
+    pub fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
+        validate_group(space)?;
+        self.shared().store.meta_keys(space)
+    }
+
+    /// A receiver of the number of topics: it changes when a topic is created,
+    /// so wildcard subscribers pick up new topics without polling.
+    pub fn watch_topics(&self) -> watch::Receiver<usize> {
+        self.shared().topic_count.subscribe()
+    }
+
+    /// Runs one retention pass now (the background thread does this every
+    /// `retention_interval`).
+    pub fn enforce_retention(&self) {
+        enforce_retention(self.shared(), &self.inner.stopper);
+    }
+}
+
+/// Group names: 1..=249 bytes, no NUL (it separates key parts on disk).
+pub fn validate_group(group: &str) -> Result<()> {
+    if group.is_empty() || group.len() > 249 || group.contains('\0') {
+        return Err(Error::Config(format!(
+            "group name must be 1..=249 bytes without NUL, got {group:?}"
+        )));
+    }
+    Ok(())
+}
