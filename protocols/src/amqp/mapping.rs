@@ -52,7 +52,7 @@ pub mod header {
         name.starts_with(PREFIX)
             || name == CONTENT_TYPE
             // MQTT delivery trusts `mqtt.topic`: no AMQP publisher may set it.
-            || crate::mqtt::topic::reserved_header(name)
+            || crate::mqtt::mapping::reserved_header(name)
     }
 }
 

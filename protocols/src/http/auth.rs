@@ -17,7 +17,7 @@ use base64::Engine as _;
 
 use super::{ApiError, ApiResult, AppState};
 use crate::auth::{self, Action, Authenticator, Credentials, Identity, Refusal, ADMIN};
-use crate::mqtt::topic::all_publish_subjects;
+use crate::mqtt::mapping::all_publish_subjects;
 use tributary_storage::Event;
 
 /// The caller of a request, or why it was refused (WebSocket upgrades only).

@@ -17,6 +17,7 @@
 
 pub mod codec;
 mod conn;
+pub mod mapping;
 mod session;
 pub mod topic;
 
@@ -240,7 +241,7 @@ impl Server {
             return;
         }
         let target = self.router.target(&will.topic);
-        match session::event_for(
+        match mapping::event_for(
             target,
             &will.topic,
             &will.payload,

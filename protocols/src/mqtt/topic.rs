@@ -1,4 +1,6 @@
-//! MQTT topic names and filters, and how they map onto log topics and keys.
+//! MQTT topic names and filters, and how they map onto log topics and keys
+//! (and back: the MQTT topic of a stored record, [`record_topic`]). The
+//! headers and the event a PUBLISH becomes are in [`super::mapping`].
 //!
 //! Default mapping (`docs/contract.md`, section 4): `a/b/c` → log topic `a`,
 //! key `a/b/c`, header `mqtt.topic`. `[[mqtt.routes]]` map a filter to another log topic and a key
@@ -146,60 +148,6 @@ pub fn record_topic<'a>(
     }
 }
 
-/// Header names the MQTT front end gives a meaning to (`mqtt.*`).
-pub fn reserved_header(name: &str) -> bool {
-    super::session::header::reserved(name)
-}
-
-/// The ACL subjects of a record that arrives other than by MQTT (HTTP,
-/// WebSockets, AMQP): the MQTT topic it is delivered as, and, when it carries
-/// an `mqtt.topic` header, the topic that header claims. Both must be allowed,
-/// so no front end can place an event where its device may not publish, nor
-/// make it reach MQTT subscribers as another topic.
-pub fn publish_subjects(
-    log_topic: &str,
-    key: Option<&[u8]>,
-    headers: &[(String, Vec<u8>)],
-) -> (String, Option<String>) {
-    let plain = record_topic(log_topic, key, None);
-    let claimed = claimed_topics(log_topic, key, headers, &plain).next();
-    (plain, claimed)
-}
-
-/// Like [`publish_subjects`], with every `mqtt.topic` occurrence: the plain
-/// subject first, then each distinct topic any occurrence claims. A check
-/// over all of them cannot be passed by an allowed first occurrence while
-/// another one names a topic the device may not publish to.
-pub fn all_publish_subjects(
-    log_topic: &str,
-    key: Option<&[u8]>,
-    headers: &[(String, Vec<u8>)],
-) -> Vec<String> {
-    let plain = record_topic(log_topic, key, None);
-    let mut out: Vec<String> = Vec::with_capacity(1);
-    for c in claimed_topics(log_topic, key, headers, &plain) {
-        if !out.contains(&c) {
-            out.push(c);
-        }
-    }
-    out.insert(0, plain);
-    out
-}
-
-/// The topics `mqtt.topic` headers claim, one per occurrence, except `plain`.
-fn claimed_topics<'a>(
-    log_topic: &'a str,
-    key: Option<&'a [u8]>,
-    headers: &'a [(String, Vec<u8>)],
-    plain: &'a str,
-) -> impl Iterator<Item = String> + 'a {
-    headers
-        .iter()
-        .filter(|(n, _)| n == super::session::header::TOPIC)
-        .map(move |(_, v)| record_topic(log_topic, key, Some(v)))
-        .filter(move |c| c != plain)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,31 +163,6 @@ mod tests {
         assert!(matches("a/b/c", "a/+/c"));
         assert!(matches("a/b/c", "a/#"));
         assert!(matches("a", "a/#"), "# also matches the parent level");
-        let h = |t: &str| vec![("mqtt.topic".to_owned(), t.as_bytes().to_vec())];
-        assert_eq!(
-            publish_subjects("s", Some(b"x/1"), &[]),
-            ("s/x/1".to_owned(), None)
-        );
-        assert_eq!(
-            publish_subjects("s", Some(b"s/x"), &[]),
-            ("s/x".to_owned(), None)
-        );
-        let mut twice = h("s/d1/cmd");
-        twice.extend(h("s"));
-        twice.extend(h("s/d2/cmd"));
-        twice.extend(h("s/d1/cmd"));
-        assert_eq!(
-            all_publish_subjects("s", None, &twice),
-            ["s", "s/d1/cmd", "s/d2/cmd"]
-        );
-        assert_eq!(
-            publish_subjects("s", None, &h("s/d2/cmd")),
-            ("s".to_owned(), Some("s/d2/cmd".to_owned()))
-        );
-        assert_eq!(
-            publish_subjects("s", Some(b"s/x"), &h("s/x")),
-            ("s/x".to_owned(), None)
-        );
         assert!(!matches("a/b", "a/+/c"));
         assert!(matches("a/b", "+/+"));
         assert!(!matches("$SYS/x", "#"));

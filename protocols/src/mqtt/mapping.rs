@@ -1,0 +1,254 @@
+//! The MQTT ↔ log mapping: the headers a PUBLISH leaves on its event
+//! ([`header`]), the event a PUBLISH (or a will) becomes ([`event_for`]), what
+//! a stored record looks like to an MQTT subscriber ([`delivery_of`]), and the
+//! ACL subjects of a record that arrives other than by MQTT
+//! ([`publish_subjects`], [`all_publish_subjects`]). Routing (the log topic
+//! and key of an MQTT topic) and the MQTT topic of a stored record are in
+//! [`super::topic`].
+
+use bytes::Bytes;
+use tributary_storage::{AppendRecord, Event, Record};
+
+use super::codec::MsgProps;
+use super::topic::{record_topic, Target};
+
+/// Header names the MQTT front end writes and reads back.
+pub mod header {
+    /// The MQTT topic a record was published to.
+    pub const TOPIC: &str = "mqtt.topic";
+    /// Present (`0`) only for QoS 0 publishes; absent means QoS 1 or 2.
+    pub const QOS: &str = "mqtt.qos";
+    /// Present (`1`) when the publish had the retain flag.
+    pub const RETAIN: &str = "mqtt.retain";
+    /// v5 payload format indicator (`1`: UTF-8).
+    pub const PAYLOAD_FORMAT: &str = "mqtt.payload_format";
+    /// v5 message expiry interval, seconds from the record's timestamp.
+    pub const EXPIRY: &str = "mqtt.expiry";
+    /// v5 response topic.
+    pub const RESPONSE_TOPIC: &str = "mqtt.response_topic";
+    /// v5 correlation data.
+    pub const CORRELATION: &str = "mqtt.correlation";
+    /// v5 content type (shared name with AMQP and HTTP).
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The publishing client id, written only for v5 clients that hold a
+    /// no-local subscription (so their own messages can be skipped).
+    pub const CLIENT: &str = "mqtt.client";
+    /// Prefix for user properties whose names collide with the names above.
+    pub const USER_PREFIX: &str = "mqtt.user.";
+
+    /// True for names the MQTT front end gives a meaning to.
+    pub fn reserved(name: &str) -> bool {
+        name.starts_with("mqtt.") || name == CONTENT_TYPE
+    }
+}
+
+/// Builds the event a PUBLISH becomes: (log topic, record).
+pub fn event_for(
+    target: Target,
+    topic: &str,
+    payload: &Bytes,
+    qos: u8,
+    retain: bool,
+    props: &MsgProps,
+    publisher: Option<&str>,
+) -> Result<(String, AppendRecord), String> {
+    let (log_topic, key) = match target {
+        Target::Log(t, k) => (t, k),
+        Target::Invalid(why) => return Err(why),
+    };
+    let mut headers = Vec::with_capacity(2 + props.user.len());
+    headers.push((header::TOPIC.to_owned(), topic.as_bytes().to_vec()));
+    if qos == 0 {
+        headers.push((header::QOS.to_owned(), b"0".to_vec()));
+    }
+    if retain {
+        headers.push((header::RETAIN.to_owned(), b"1".to_vec()));
+    }
+    if let Some(f) = props.payload_format {
+        headers.push((
+            header::PAYLOAD_FORMAT.to_owned(),
+            f.to_string().into_bytes(),
+        ));
+    }
+    if let Some(e) = props.expiry {
+        headers.push((header::EXPIRY.to_owned(), e.to_string().into_bytes()));
+    }
+    if let Some(c) = &props.content_type {
+        headers.push((header::CONTENT_TYPE.to_owned(), c.clone().into_bytes()));
+    }
+    if let Some(r) = &props.response_topic {
+        headers.push((header::RESPONSE_TOPIC.to_owned(), r.clone().into_bytes()));
+    }
+    if let Some(c) = &props.correlation {
+        headers.push((header::CORRELATION.to_owned(), c.to_vec()));
+    }
+    if let Some(c) = publisher {
+        headers.push((header::CLIENT.to_owned(), c.as_bytes().to_vec()));
+    }
+    for (k, v) in &props.user {
+        let name = if header::reserved(k) {
+            format!("{}{k}", header::USER_PREFIX)
+        } else {
+            k.clone()
+        };
+        headers.push((name, v.clone().into_bytes()));
+    }
+    let event = Event {
+        key: Some(key.into_bytes()),
+        value: payload.to_vec(),
+        timestamp: None,
+        headers,
+    };
+    Ok((log_topic, AppendRecord::from(event)))
+}
+
+/// A stored record as an MQTT subscriber sees it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// MQTT topic.
+    pub topic: String,
+    /// QoS it was published with (0, or 1 for 1 and 2).
+    pub qos: u8,
+    /// v5 properties.
+    pub props: MsgProps,
+    /// The v5 client that published it, when it asked for no-local.
+    pub publisher: Option<String>,
+}
+
+/// What a stored record looks like to an MQTT subscriber; `None` when its
+/// message expiry has passed.
+pub fn delivery_of(log_topic: &str, r: &Record, now: i64) -> Option<Delivery> {
+    let find = |name: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    };
+    let topic = record_topic(log_topic, r.key.as_deref(), find(header::TOPIC));
+    let qos = if find(header::QOS) == Some(b"0") {
+        0
+    } else {
+        1
+    };
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let mut props = MsgProps::default();
+    let mut publisher = None;
+    for (k, v) in &r.headers {
+        match k.as_str() {
+            header::TOPIC | header::QOS | header::RETAIN => {}
+            header::CLIENT => publisher = Some(text(v)),
+            header::PAYLOAD_FORMAT => props.payload_format = text(v).parse().ok(),
+            header::EXPIRY => {
+                if let Ok(e) = text(v).parse::<u32>() {
+                    let elapsed = now.saturating_sub(r.timestamp).max(0) / 1000;
+                    let left = i64::from(e).saturating_sub(elapsed);
+                    if left <= 0 {
+                        return None;
+                    }
+                    props.expiry = Some(left as u32);
+                }
+            }
+            header::CONTENT_TYPE => props.content_type = Some(text(v)),
+            header::RESPONSE_TOPIC => props.response_topic = Some(text(v)),
+            header::CORRELATION => props.correlation = Some(Bytes::from(v.clone())),
+            other => {
+                let name = other.strip_prefix(header::USER_PREFIX).unwrap_or(other);
+                props.user.push((name.to_owned(), text(v)));
+            }
+        }
+    }
+    Some(Delivery {
+        topic,
+        qos,
+        props,
+        publisher,
+    })
+}
+
+/// Header names the MQTT front end gives a meaning to (`mqtt.*`).
+pub fn reserved_header(name: &str) -> bool {
+    header::reserved(name)
+}
+
+/// The ACL subjects of a record that arrives other than by MQTT (HTTP,
+/// WebSockets, AMQP): the MQTT topic it is delivered as, and, when it carries
+/// an `mqtt.topic` header, the topic that header claims. Both must be allowed,
+/// so no front end can place an event where its device may not publish, nor
+/// make it reach MQTT subscribers as another topic.
+pub fn publish_subjects(
+    log_topic: &str,
+    key: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
+) -> (String, Option<String>) {
+    let plain = record_topic(log_topic, key, None);
+    let claimed = claimed_topics(log_topic, key, headers, &plain).next();
+    (plain, claimed)
+}
+
+/// Like [`publish_subjects`], with every `mqtt.topic` occurrence: the plain
+/// subject first, then each distinct topic any occurrence claims. A check
+/// over all of them cannot be passed by an allowed first occurrence while
+/// another one names a topic the device may not publish to.
+pub fn all_publish_subjects(
+    log_topic: &str,
+    key: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
+) -> Vec<String> {
+    let plain = record_topic(log_topic, key, None);
+    let mut out: Vec<String> = Vec::with_capacity(1);
+    for c in claimed_topics(log_topic, key, headers, &plain) {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.insert(0, plain);
+    out
+}
+
+/// The topics `mqtt.topic` headers claim, one per occurrence, except `plain`.
+fn claimed_topics<'a>(
+    log_topic: &'a str,
+    key: Option<&'a [u8]>,
+    headers: &'a [(String, Vec<u8>)],
+    plain: &'a str,
+) -> impl Iterator<Item = String> + 'a {
+    headers
+        .iter()
+        .filter(|(n, _)| n == header::TOPIC)
+        .map(move |(_, v)| record_topic(log_topic, key, Some(v)))
+        .filter(move |c| c != plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_subjects_are_the_plain_topic_and_the_claimed_ones() {
+        let h = |t: &str| vec![("mqtt.topic".to_owned(), t.as_bytes().to_vec())];
+        assert_eq!(
+            publish_subjects("s", Some(b"x/1"), &[]),
+            ("s/x/1".to_owned(), None)
+        );
+        assert_eq!(
+            publish_subjects("s", Some(b"s/x"), &[]),
+            ("s/x".to_owned(), None)
+        );
+        let mut twice = h("s/d1/cmd");
+        twice.extend(h("s"));
+        twice.extend(h("s/d2/cmd"));
+        twice.extend(h("s/d1/cmd"));
+        assert_eq!(
+            all_publish_subjects("s", None, &twice),
+            ["s", "s/d1/cmd", "s/d2/cmd"]
+        );
+        assert_eq!(
+            publish_subjects("s", None, &h("s/d2/cmd")),
+            ("s".to_owned(), Some("s/d2/cmd".to_owned()))
+        );
+        assert_eq!(
+            publish_subjects("s", Some(b"s/x"), &h("s/x")),
+            ("s/x".to_owned(), None)
+        );
+    }
+}
