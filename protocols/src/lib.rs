@@ -20,6 +20,7 @@
 //! - [`auth`]: the one authentication/authorization hook every protocol calls.
 //! - [`panics`]: a panic closes only the connection it hit, and is counted.
 //! - [`tls`]: TLS and mTLS for every listener, with certificate reload.
+//! - [`wait`]: an optional deadline and the oldest of a task queue, for `select!`.
 //!
 //! Every front end has the same shape and names: a `Server` with what its
 //! connections share, a `Connection` per client, one shutdown token.
@@ -34,6 +35,7 @@ pub mod listener;
 pub mod mqtt;
 pub mod panics;
 pub mod tls;
+pub mod wait;
 
 use std::collections::BTreeMap;
 use std::fmt;

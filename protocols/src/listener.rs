@@ -32,6 +32,33 @@ pub struct ConnectionStats {
     pub open: AtomicU64,
 }
 
+/// The connection counters of every listener of one front end (TCP, TLS,
+/// WebSocket), summed for its metrics and its open-connection gauge.
+#[derive(Debug, Default)]
+pub struct ListenerSet(std::sync::Mutex<Vec<Arc<ConnectionStats>>>);
+
+impl ListenerSet {
+    /// Counts `stats` from now on.
+    pub fn add(&self, stats: Arc<ConnectionStats>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(stats);
+    }
+
+    /// Connections open now, over every listener.
+    pub fn open(&self) -> u64 {
+        self.sum(|c| c.open.load(Relaxed))
+    }
+
+    /// Connections accepted since start, over every listener.
+    pub fn accepted(&self) -> u64 {
+        self.sum(|c| c.accepted.load(Relaxed))
+    }
+
+    fn sum(&self, f: impl Fn(&ConnectionStats) -> u64) -> u64 {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().map(|c| f(c)).sum()
+    }
+}
+
 /// A listener with a connection limit.
 #[derive(Debug)]
 pub struct LimitedListener {

@@ -24,11 +24,11 @@ pub mod mapping;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::frontend::Frontend;
-use crate::listener::ConnectionStats;
+use crate::listener::{ConnectionStats, ListenerSet};
 use crate::tls::MaybeTls;
 use crate::{AckHistogram, FrontendContext, MetricsSource, Peer, Rejections};
 
@@ -79,7 +79,7 @@ pub struct AmqpMetrics {
     blocked: AtomicU64,
     ack_latency: AckHistogram,
     rejections: Rejections,
-    connections: Mutex<Vec<Arc<ConnectionStats>>>,
+    connections: ListenerSet,
 }
 
 impl AmqpMetrics {
@@ -99,24 +99,13 @@ impl AmqpMetrics {
 
     /// AMQP connections open now.
     pub fn open_connections(&self) -> u64 {
-        self.connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|c| c.open.load(Relaxed))
-            .sum()
+        self.connections.open()
     }
 }
 
 impl MetricsSource for AmqpMetrics {
     fn render(&self, out: &mut String) {
-        let accepted: u64 = self
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|c| c.accepted.load(Relaxed))
-            .sum();
+        let accepted = self.connections.accepted();
         let counters = [
             (
                 "connections_accepted_total",
@@ -210,11 +199,7 @@ impl Frontend for Server {
     }
 
     fn listening(&self, stats: Arc<ConnectionStats>) {
-        self.metrics
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats);
+        self.metrics.connections.add(stats);
     }
 
     async fn connection(self: Arc<Self>, stream: MaybeTls, peer: Peer) {

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use crate::auth::Identity;
 use crate::frontend::Frontend;
 use crate::ingest;
-use crate::listener::ConnectionStats;
+use crate::listener::{ConnectionStats, ListenerSet};
 use crate::tls::MaybeTls;
 use crate::{AckHistogram, FrontendContext, MetricsSource, Peer, Rejections};
 pub use session::{PendingWill, SessionStore};
@@ -95,7 +95,7 @@ pub struct MqttMetrics {
     deliveries: [AtomicU64; 2],
     acks: AckHistogram,
     rejections: Rejections,
-    connections: Mutex<Vec<Arc<ConnectionStats>>>,
+    connections: ListenerSet,
 }
 
 impl MqttMetrics {
@@ -116,16 +116,7 @@ impl MqttMetrics {
 
 impl MetricsSource for MqttMetrics {
     fn render(&self, out: &mut String) {
-        let (mut open, mut accepted) = (0, 0);
-        for c in self
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            open += c.open.load(Relaxed);
-            accepted += c.accepted.load(Relaxed);
-        }
+        let (open, accepted) = (self.connections.open(), self.connections.accepted());
         let _ = writeln!(out, "# HELP tributary_mqtt_connections Open MQTT connections (TCP and WebSocket).\n# TYPE tributary_mqtt_connections gauge\ntributary_mqtt_connections {open}");
         let _ = writeln!(out, "# HELP tributary_mqtt_connections_accepted_total MQTT TCP connections accepted.\n# TYPE tributary_mqtt_connections_accepted_total counter\ntributary_mqtt_connections_accepted_total {accepted}");
         let _ = writeln!(out, "# HELP tributary_mqtt_connects_total CONNECTs accepted.\n# TYPE tributary_mqtt_connects_total counter\ntributary_mqtt_connects_total {}", self.connects.load(Relaxed));
@@ -213,13 +204,7 @@ impl Server {
 
     /// MQTT connections open now (TCP and WebSocket).
     pub fn open_connections(&self) -> u64 {
-        self.metrics
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|c| c.open.load(Relaxed))
-            .sum()
+        self.metrics.connections.open()
     }
 
     /// Sessions (online and offline).
@@ -311,11 +296,7 @@ impl Server {
     /// Routes that serve MQTT over WebSockets at `/mqtt` (merge into the HTTP router).
     pub fn websocket_routes(self: &Arc<Self>) -> HttpRouter {
         let stats = Arc::new(ConnectionStats::default());
-        self.metrics
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats.clone());
+        self.metrics.connections.add(stats.clone());
         HttpRouter::new()
             .route("/mqtt", get(ws_upgrade))
             .with_state((self.clone(), stats))
@@ -330,11 +311,7 @@ impl Frontend for Server {
     }
 
     fn listening(&self, stats: Arc<ConnectionStats>) {
-        self.metrics
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats);
+        self.metrics.connections.add(stats);
     }
 
     async fn connection(self: Arc<Self>, stream: MaybeTls, peer: Peer) {

@@ -40,7 +40,7 @@ use self::publish::{Appended, Batch};
 use super::frame::{self, code, FrameError};
 use super::Server;
 use crate::auth::Identity;
-use crate::Peer;
+use crate::{wait, Peer};
 
 /// A peer that does not take our bytes for this long is dropped.
 const WRITE_STALL: Duration = Duration::from_secs(60);
@@ -319,32 +319,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             };
             self.buf.reserve(8 * 1024);
             let wake = {
-                let appends = &mut self.appends;
-                let has_appends = !appends.is_empty();
-                let next_append = async {
-                    match appends.front_mut() {
-                        Some(h) => h.await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let silent = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let pause_ends = async {
-                    match paused {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let block = async {
-                    match block_at {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let has_appends = !self.appends.is_empty();
+                let next_append = wait::oldest(&mut self.appends);
+                let silent = wait::until(deadline);
+                let pause_ends = wait::until(paused);
+                let block = wait::until(block_at);
                 tokio::select! {
                     () = self.server.cx.shutdown.cancelled() => Wake::Shutdown,
                     r = next_append, if has_appends => Wake::Appended(r),

@@ -39,7 +39,7 @@ use super::codec::{self, reason, ConnAckProps, Out, Version, Will};
 use super::session::{self, PendingWill, Session};
 use super::Server;
 use crate::auth::{Action, Identity};
-use crate::Peer;
+use crate::{wait, Peer};
 
 /// Append batches waiting for durability before the socket is no longer read.
 const MAX_APPEND_BATCHES: usize = 4;
@@ -281,26 +281,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             }
             self.buf.reserve(8 * 1024);
             let wake = {
-                let appends = &mut self.appends;
-                let has_appends = !appends.is_empty();
-                let next_append = async {
-                    match appends.front_mut() {
-                        Some(h) => h.await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let pause_ends = async {
-                    match paused {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let keep_alive = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let has_appends = !self.appends.is_empty();
+                let next_append = wait::oldest(&mut self.appends);
+                let pause_ends = wait::until(paused);
+                let keep_alive = wait::until(deadline);
                 // Unbiased: a connection that both publishes and subscribes must
                 // not starve its deliveries (or its session saves) under load.
                 tokio::select! {
