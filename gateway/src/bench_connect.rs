@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tributary_storage::util::lock;
 
 use anyhow::{bail, Context as _};
 use bytes::BytesMut;
@@ -86,10 +87,7 @@ pub async fn run(args: ConnectBenchArgs) -> anyhow::Result<()> {
                     }
                     Err(e) => {
                         errors.fetch_add(1, Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert_with(|| format!("{e:#}"));
+                        lock(&first_error).get_or_insert_with(|| format!("{e:#}"));
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -107,7 +105,7 @@ pub async fn run(args: ConnectBenchArgs) -> anyhow::Result<()> {
     }
     latencies.sort_unstable();
     let logins = done.load(Relaxed);
-    if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(e) = lock(&first_error).take() {
         println!("first error: {e}");
     }
     Report {

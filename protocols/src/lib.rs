@@ -43,6 +43,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tributary_storage::util::lock;
 
 use tokio_util::sync::CancellationToken;
 use tributary_storage::Log;
@@ -112,15 +113,12 @@ impl fmt::Debug for StatsSections {
 impl StatsSections {
     /// Adds a section under `name`.
     pub fn register(&self, name: &'static str, section: StatsSection) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((name, section));
+        lock(&self.0).push((name, section));
     }
 
     /// Every section, rendered now.
     pub fn read(&self) -> Vec<(&'static str, serde_json::Value)> {
-        let sections = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sections = lock(&self.0).clone();
         sections.into_iter().map(|(n, f)| (n, f())).collect()
     }
 }
@@ -150,15 +148,12 @@ impl fmt::Debug for MetricsHub {
 impl MetricsHub {
     /// Adds a source.
     pub fn register(&self, source: Arc<dyn MetricsSource>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(source);
+        lock(&self.0).push(source);
     }
 
     /// Renders every source.
     pub fn render(&self, out: &mut String) {
-        let sources = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sources = lock(&self.0).clone();
         for s in sources {
             s.render(out);
         }
@@ -181,15 +176,12 @@ impl fmt::Debug for ConnectionGauges {
 impl ConnectionGauges {
     /// Adds a protocol's gauge.
     pub fn register(&self, protocol: &'static str, gauge: Gauge) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((protocol, gauge));
+        lock(&self.0).push((protocol, gauge));
     }
 
     /// Every protocol's open connections, in registration order.
     pub fn read(&self) -> Vec<(&'static str, u64)> {
-        let gauges = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let gauges = lock(&self.0).clone();
         gauges.into_iter().map(|(p, g)| (p, g())).collect()
     }
 }
@@ -245,28 +237,18 @@ pub struct Rejections(Mutex<BTreeMap<&'static str, u64>>);
 impl Rejections {
     /// Counts one under `reason`.
     pub fn add(&self, reason: &'static str) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_insert(0) += 1;
+        *lock(&self.0).entry(reason).or_insert(0) += 1;
     }
 
     /// The count for `reason`.
     pub fn get(&self, reason: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(reason)
-            .copied()
-            .unwrap_or(0)
+        lock(&self.0).get(reason).copied().unwrap_or(0)
     }
 
     /// Renders the counter as metric `name{reason=...}` with `help`.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (reason, n) in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (reason, n) in lock(&self.0).iter() {
             let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
         }
     }

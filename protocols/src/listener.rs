@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tributary_storage::util::lock;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,7 +41,7 @@ pub struct ListenerSet(std::sync::Mutex<Vec<Arc<ConnectionStats>>>);
 impl ListenerSet {
     /// Counts `stats` from now on.
     pub fn add(&self, stats: Arc<ConnectionStats>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(stats);
+        lock(&self.0).push(stats);
     }
 
     /// Connections open now, over every listener.
@@ -54,7 +55,7 @@ impl ListenerSet {
     }
 
     fn sum(&self, f: impl Fn(&ConnectionStats) -> u64) -> u64 {
-        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let all = lock(&self.0);
         all.iter().map(|c| f(c)).sum()
     }
 }
@@ -204,11 +205,7 @@ impl ConnState {
 
     /// Bytes read since the last whole message, and the budget they hold.
     pub fn held(&self) -> (u64, usize) {
-        let reserved = self
-            .reserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .bytes();
+        let reserved = lock(&self.reserved).bytes();
         (self.held.load(Relaxed), reserved)
     }
 
@@ -219,16 +216,13 @@ impl ConnState {
 
     /// Adds budget to what the connection holds.
     pub fn add_reserved(&self, r: crate::budget::Reserved) {
-        self.reserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .merge(r);
+        lock(&self.reserved).merge(r);
     }
 
     /// A whole message was taken: what was read for it goes back.
     pub fn release(&self) {
         self.held.store(0, Relaxed);
-        *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = crate::budget::Reserved::none();
+        *lock(&self.reserved) = crate::budget::Reserved::none();
     }
 }
 
@@ -252,11 +246,7 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.owner
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        lock(&self.owner.conns).remove(&self.id);
     }
 }
 
@@ -265,10 +255,7 @@ impl IdleConnections {
     pub fn register(self: &Arc<Self>) -> Registered {
         let id = self.next.fetch_add(1, Relaxed);
         let state = Arc::new(ConnState::new());
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, state.clone());
+        lock(&self.conns).insert(id, state.clone());
         Registered {
             owner: self.clone(),
             id,
@@ -279,7 +266,7 @@ impl IdleConnections {
     /// Closes the connection that has waited longest without a request in
     /// flight (idle, or sending a head); false when every one is busy.
     pub fn evict_one(&self) -> bool {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = lock(&self.conns);
         let victim = conns
             .values()
             .filter_map(|c| match c.activity() {

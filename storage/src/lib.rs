@@ -25,6 +25,7 @@ pub mod partitioner;
 pub mod stats;
 pub mod store;
 pub mod topic;
+pub mod util;
 
 pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};

@@ -12,11 +12,12 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
+use crate::util::lock;
 
 /// One stored batch: base offset and value.
 pub type StoredBatch = (u64, Vec<u8>);
@@ -277,10 +278,6 @@ fn remove_interrupted_snapshots(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One partition: its batches, and the chunks of its large batches.

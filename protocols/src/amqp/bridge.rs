@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tributary_storage::util::lock;
 
 use crate::{FrontendContext, MetricsSource};
 
@@ -111,17 +112,14 @@ pub struct BridgeMetrics {
 impl BridgeMetrics {
     fn add(&self, name: &str, direction: Direction) -> Arc<BridgeStats> {
         let stats = Arc::new(BridgeStats::default());
-        self.bridges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((name.to_owned(), direction, stats.clone()));
+        lock(&self.bridges).push((name.to_owned(), direction, stats.clone()));
         stats
     }
 }
 
 impl MetricsSource for BridgeMetrics {
     fn render(&self, out: &mut String) {
-        let bridges = self.bridges.lock().unwrap_or_else(|p| p.into_inner());
+        let bridges = lock(&self.bridges);
         if bridges.is_empty() {
             return;
         }

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 use std::time::Duration;
+use tributary_storage::util::lock;
 
 use axum::http::{Method, StatusCode};
 use tributary_storage::{Log, COMMIT_BUCKETS};
@@ -37,7 +38,7 @@ impl HttpMetrics {
             route.unwrap_or("unmatched").to_owned(),
             status.as_u16() / 100,
         );
-        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.requests);
         let e = m.entry(key).or_insert((0, 0.0));
         e.0 += 1;
         e.1 += took.as_secs_f64();
@@ -242,11 +243,7 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
         "counter",
         "HTTP requests by method, route and status class.",
     );
-    let requests = http
-        .requests
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let requests = lock(&http.requests).clone();
     for ((method, route, class), (count, _)) in &requests {
         let _ = writeln!(
             out,

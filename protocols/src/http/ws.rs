@@ -21,6 +21,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
+use tributary_storage::util::lock;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, Path, Query, State};
@@ -181,7 +182,7 @@ mod tests {
 impl TailCache {
     /// The shared rings of `topic`, created for the first tail.
     fn topic(&self, topic: &str, partitions: usize) -> Arc<TopicTail> {
-        let mut map = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.topics);
         if let Some(t) = map.get(topic).and_then(std::sync::Weak::upgrade) {
             if t.rings.len() == partitions {
                 return t;
@@ -899,19 +900,18 @@ async fn fetch_rendered(
     ring: &std::sync::Mutex<Ring>,
     fill: &tokio::sync::Mutex<()>,
 ) -> Fetched {
-    let lock = || ring.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(b) = lock().get(cursor, LIVE_RECORDS) {
+    if let Some(b) = lock(ring).get(cursor, LIVE_RECORDS) {
         return Fetched::Records(b);
     }
     let behind = {
-        let r = lock();
+        let r = lock(ring);
         !r.msgs.is_empty() && cursor < r.start
     };
     let _filling = if behind {
         None
     } else {
         let guard = fill.lock().await;
-        if let Some(b) = lock().get(cursor, LIVE_RECORDS) {
+        if let Some(b) = lock(ring).get(cursor, LIVE_RECORDS) {
             return Fetched::Records(b);
         }
         Some(guard)
@@ -949,7 +949,7 @@ async fn fetch_rendered(
         })
         .collect();
     if !behind && !rendered.is_empty() {
-        lock().extend(cursor, &rendered);
+        lock(ring).extend(cursor, &rendered);
     }
     Fetched::Records(rendered)
 }

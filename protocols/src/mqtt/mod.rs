@@ -26,6 +26,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tributary_storage::util::lock;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -271,7 +272,7 @@ impl Server {
         let value = if payload.is_empty() {
             None
         } else {
-            let mut set = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            let mut set = lock(&self.retained);
             if !set.contains(topic) && set.len() >= self.config.max_retained {
                 return Err(RetainError::Full(self.config.max_retained));
             }
@@ -285,10 +286,7 @@ impl Server {
             .await
             .map_err(RetainError::Log)?;
         if clear {
-            self.retained
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(topic);
+            lock(&self.retained).remove(topic);
         }
         Ok(())
     }

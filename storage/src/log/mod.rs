@@ -41,7 +41,7 @@ pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 use std::sync::atomic::{Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
@@ -51,6 +51,7 @@ use crate::event::{AppendRecord, Position, Record};
 use crate::partitioner::partition_for_key;
 use crate::stats::StatsSnapshot;
 use crate::topic::TopicConfig;
+use crate::util::now_ms;
 use committer::{Command, Part};
 use recovery::build_topic;
 use retention::enforce_retention;
@@ -142,12 +143,6 @@ impl std::fmt::Debug for Log {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Log").finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn corruption(topic: &str, partition: u32, offset: u64, detail: String) -> Error {

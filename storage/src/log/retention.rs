@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::state::{PartitionState, Shared, Stopper, TopicState};
-use super::{corruption, now_ms, Log};
+use super::{corruption, Log};
 use crate::batch::{decode_header, BatchHeader};
 use crate::error::{Error, Result};
 use crate::topic::{OnFull, TopicConfig};
+use crate::util::now_ms;
 
 /// Bytes admitted under the disk quota. It travels with the append's
 /// command and is released when the committer is done with it, after the

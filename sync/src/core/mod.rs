@@ -46,7 +46,7 @@ mod stats;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::ws::WebSocket;
 use tokio_util::sync::CancellationToken;
@@ -185,15 +185,7 @@ impl std::fmt::Debug for SyncCore {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use tributary_storage::util::{lock, now_ms};
 
 /// Edge ids: 1..=128 of `[A-Za-z0-9._-]`.
 pub fn valid_edge_id(id: &str) -> bool {
