@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -107,11 +107,9 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// Milliseconds since the epoch.
+/// Milliseconds since the epoch, unsigned (the registry's last-seen times).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(tributary_storage::util::now_ms()).unwrap_or(0)
 }
 
 impl Registry {
