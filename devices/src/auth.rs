@@ -85,6 +85,52 @@ pub enum Action {
     Subscribe,
 }
 
+/// The answer to "may this identity do that?": an expected outcome, so it is
+/// a value, with the reason a refusal is counted and logged under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed.
+    Allow,
+    /// Refused, and why.
+    Deny(Denial),
+}
+
+/// Why an action was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// No pattern of the identity's ACL covers the subject (or the identity
+    /// is not a known device).
+    NotInAcl,
+    /// The device is disabled.
+    Disabled,
+}
+
+impl Decision {
+    /// Allowed?
+    pub fn allowed(self) -> bool {
+        self == Decision::Allow
+    }
+
+    /// Allowed when `yes`, else refused for `why`.
+    pub fn from_bool(yes: bool, why: Denial) -> Decision {
+        if yes {
+            Decision::Allow
+        } else {
+            Decision::Deny(why)
+        }
+    }
+}
+
+impl Denial {
+    /// A short reason for metrics and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Denial::NotInAcl => "not_in_acl",
+            Denial::Disabled => "disabled",
+        }
+    }
+}
+
 /// The authentication and authorization hook.
 pub trait Authenticator: Send + Sync + fmt::Debug {
     /// Checks a login. Failures are counted per source address by
@@ -94,7 +140,7 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
     /// May `who` do `action` on `subject`? For [`Action::Publish`] the subject
     /// is a name (MQTT topic, `topic` or `topic/key`); for [`Action::Subscribe`]
     /// it may be an MQTT-style filter (`topic/#` for a whole log topic).
-    fn authorize(&self, who: &Identity, action: Action, subject: &str) -> bool;
+    fn authorize(&self, who: &Identity, action: Action, subject: &str) -> Decision;
 
     /// How long the answer to a login from `peer` waits: grows with the
     /// recent failures of that address, whatever the outcome (so a guesser
@@ -163,8 +209,8 @@ impl Authenticator for Anonymous {
         Ok(Identity::anonymous())
     }
 
-    fn authorize(&self, _: &Identity, _: Action, _: &str) -> bool {
-        true
+    fn authorize(&self, _: &Identity, _: Action, _: &str) -> Decision {
+        Decision::Allow
     }
 
     fn enforcing(&self) -> bool {

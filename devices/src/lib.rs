@@ -13,7 +13,9 @@ pub mod auth;
 pub mod registry;
 pub mod throttle;
 
-pub use auth::{Action, Anonymous, Authenticator, Credentials, Identity, Refusal};
+pub use auth::{
+    Action, Anonymous, Authenticator, Credentials, Decision, Denial, Identity, Refusal,
+};
 pub use registry::{
     Device, DeviceError, DevicePatch, DeviceView, NewDevice, Registry, RegistryConfig,
 };

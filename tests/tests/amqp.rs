@@ -23,7 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tributary_protocols::amqp::{self, frame, AmqpConfig};
-use tributary_protocols::auth::{Action, Authenticator, Credentials, Identity, Refusal};
+use tributary_protocols::auth::{
+    Action, Authenticator, Credentials, Decision, Denial, Identity, Refusal,
+};
 use tributary_protocols::frontend;
 use tributary_protocols::listener::LimitedListener;
 use tributary_protocols::FrontendContext;
@@ -43,8 +45,8 @@ impl Authenticator for TestAuth {
         }
     }
 
-    fn authorize(&self, _: &Identity, _: Action, topic: &str) -> bool {
-        !topic.starts_with("forbidden")
+    fn authorize(&self, _: &Identity, _: Action, topic: &str) -> Decision {
+        Decision::from_bool(!topic.starts_with("forbidden"), Denial::NotInAcl)
     }
 }
 

@@ -30,7 +30,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tributary_storage::Log;
 
 use crate::acl;
-use crate::auth::{Action, Authenticator, Credentials, Identity, Refusal, ADMIN};
+use crate::auth::{Action, Authenticator, Credentials, Decision, Denial, Identity, Refusal, ADMIN};
 use crate::throttle::{FailureTable, RecentLogins};
 
 mod devices;
@@ -213,18 +213,23 @@ impl Authenticator for Registry {
         result
     }
 
-    fn authorize(&self, who: &Identity, action: Action, subject: &str) -> bool {
+    fn authorize(&self, who: &Identity, action: Action, subject: &str) -> Decision {
         if who.id == ADMIN || !self.enforce {
-            return true;
+            return Decision::Allow;
         }
-        let allowed = self.entry(&who.id).is_some_and(|e| {
-            let patterns = match action {
-                Action::Publish => &e.device.publish,
-                Action::Subscribe => &e.device.subscribe,
-            };
-            e.device.enabled && patterns.iter().any(|p| acl::covers(p, subject))
-        });
-        if !allowed {
+        let decision = match self.entry(&who.id) {
+            None => Decision::Deny(Denial::NotInAcl),
+            Some(e) if !e.device.enabled => Decision::Deny(Denial::Disabled),
+            Some(e) => {
+                let patterns = match action {
+                    Action::Publish => &e.device.publish,
+                    Action::Subscribe => &e.device.subscribe,
+                };
+                let covered = patterns.iter().any(|p| acl::covers(p, subject));
+                Decision::from_bool(covered, Denial::NotInAcl)
+            }
+        };
+        if !decision.allowed() {
             let action = match action {
                 Action::Publish => "publish",
                 Action::Subscribe => "subscribe",
@@ -237,7 +242,7 @@ impl Authenticator for Registry {
                 .entry(action)
                 .or_default() += 1;
         }
-        allowed
+        decision
     }
 
     fn may_see(&self, who: &Identity, topic: &str) -> bool {
@@ -344,12 +349,21 @@ mod tests {
             Err(Refusal::BadCredentials)
         );
         let who = reg.authenticate(&creds(Some("t1"), Some(&token))).unwrap();
-        assert!(reg.authorize(&who, Action::Publish, "sensors/a/temp"));
-        assert!(!reg.authorize(&who, Action::Publish, "sensors/a/hum"));
-        assert!(!reg.authorize(&who, Action::Subscribe, "sensors/a/temp"));
-        assert!(reg.authorize(&who, Action::Subscribe, "alerts/#"));
-        assert!(!reg.authorize(&who, Action::Subscribe, "#"));
-        assert!(!reg.authorize(&Identity::anonymous(), Action::Publish, "sensors/a/temp"));
+        assert!(reg
+            .authorize(&who, Action::Publish, "sensors/a/temp")
+            .allowed());
+        assert_eq!(
+            reg.authorize(&who, Action::Publish, "sensors/a/hum"),
+            Decision::Deny(Denial::NotInAcl)
+        );
+        assert!(!reg
+            .authorize(&who, Action::Subscribe, "sensors/a/temp")
+            .allowed());
+        assert!(reg.authorize(&who, Action::Subscribe, "alerts/#").allowed());
+        assert!(!reg.authorize(&who, Action::Subscribe, "#").allowed());
+        assert!(!reg
+            .authorize(&Identity::anonymous(), Action::Publish, "sensors/a/temp")
+            .allowed());
         // Disabled: refused at login, and an open session loses its rights.
         reg.update(
             "t1",
@@ -364,7 +378,10 @@ mod tests {
             reg.authenticate(&creds(Some("t1"), Some(&token))),
             Err(Refusal::NotAuthorized)
         );
-        assert!(!reg.authorize(&who, Action::Publish, "sensors/a/temp"));
+        assert_eq!(
+            reg.authorize(&who, Action::Publish, "sensors/a/temp"),
+            Decision::Deny(Denial::Disabled)
+        );
         // A certificate names the device without a password.
         reg.update(
             "t1",
@@ -390,7 +407,7 @@ mod tests {
             reg.authenticate(&creds(Some("t1"), Some(&token))),
             Err(Refusal::BadCredentials)
         );
-        assert!(!reg.authorize(&who, Action::Subscribe, "alerts/#"));
+        assert!(!reg.authorize(&who, Action::Subscribe, "alerts/#").allowed());
     }
 
     #[tokio::test]
@@ -398,7 +415,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_log, reg) = open(dir.path(), RegistryConfig::default()).await;
         let who = reg.authenticate(&creds(None, None)).unwrap();
-        assert!(reg.authorize(&who, Action::Publish, "anything"));
+        assert!(reg.authorize(&who, Action::Publish, "anything").allowed());
         assert!(!reg.admin_configured());
         assert!(!reg.is_admin(""));
     }

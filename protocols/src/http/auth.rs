@@ -88,7 +88,7 @@ pub(crate) fn allow(
     action: Action,
     subject: &str,
 ) -> ApiResult<()> {
-    if state.cx.auth.authorize(who, action, subject) {
+    if state.cx.auth.authorize(who, action, subject).allowed() {
         Ok(())
     } else {
         Err(forbidden(who, action, subject))
@@ -105,7 +105,7 @@ pub(crate) fn may_publish(
     event: &Event,
 ) -> Result<(), String> {
     for subject in all_publish_subjects(topic, event.key.as_deref(), &event.headers) {
-        if !auth.authorize(who, Action::Publish, &subject) {
+        if !auth.authorize(who, Action::Publish, &subject).allowed() {
             return Err(subject);
         }
     }

@@ -749,7 +749,12 @@ async fn live_session(
     let filter = auth::whole_topic(&topic);
     // A device disabled, removed or narrowed meanwhile stops receiving.
     let allowed = || {
-        state.cx.auth.still_valid(&who) && state.cx.auth.authorize(&who, Action::Subscribe, &filter)
+        state.cx.auth.still_valid(&who)
+            && state
+                .cx
+                .auth
+                .authorize(&who, Action::Subscribe, &filter)
+                .allowed()
     };
     let _open = OpenGuard::new(&state.ws);
     let log = state.cx.log.clone();

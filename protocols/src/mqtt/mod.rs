@@ -220,7 +220,9 @@ impl Server {
     async fn publish_will(&self, identity: &Identity, will: codec::Will) {
         let auth = &self.cx.auth;
         if !auth.still_valid(identity)
-            || !auth.authorize(identity, crate::auth::Action::Publish, &will.topic)
+            || !auth
+                .authorize(identity, crate::auth::Action::Publish, &will.topic)
+                .allowed()
         {
             self.metrics.reject("will_not_authorized");
             tracing::info!(device = %identity.id, topic = %will.topic, "a will is no longer allowed; dropped");

@@ -352,7 +352,11 @@ impl SyncCore {
                 ..ErrorFrame::new(c, m)
             })
         };
-        if !core.auth.authorize(who, Action::Publish, &o.topic) {
+        if !core
+            .auth
+            .authorize(who, Action::Publish, &o.topic)
+            .allowed()
+        {
             return refuse(
                 code::FORBIDDEN,
                 format!("edge {edge} may not forward topic {}", o.topic),

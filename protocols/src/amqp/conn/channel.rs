@@ -375,6 +375,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             .cx
             .auth
             .authorize(&self.identity, Action::Publish, &name)
+            .allowed()
         {
             self.server.metrics.reject("not_authorized");
             self.close_channel(

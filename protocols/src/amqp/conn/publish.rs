@@ -235,6 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             .cx
             .auth
             .authorize(&self.identity, Action::Publish, &subject)
+            .allowed()
         {
             self.server.metrics.reject("not_authorized");
             self.close_channel(

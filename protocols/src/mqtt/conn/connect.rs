@@ -173,6 +173,7 @@ pub(super) async fn accept(
             .cx
             .auth
             .authorize(&identity, Action::Publish, &w.topic)
+            .allowed()
         {
             refuse(reason::NOT_AUTHORIZED, "not_authorized", out);
             return None;
@@ -246,6 +247,7 @@ pub(super) async fn accept(
                         .cx
                         .auth
                         .authorize(&identity, Action::Subscribe, &sub.filter)
+                        .allowed()
                 });
                 (s, true, false)
             }

@@ -209,6 +209,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             .cx
             .auth
             .authorize(&self.identity, Action::Publish, &p.topic)
+            .allowed()
         {
             if self.version == Version::V4 {
                 // 3.1.1 has no way to refuse a publish: close, whatever the QoS.
@@ -317,6 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 .cx
                 .auth
                 .authorize(&self.identity, Action::Subscribe, &f.path)
+                .allowed()
             {
                 reason::NOT_AUTHORIZED
             } else {

@@ -372,11 +372,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
         self.auth_generation = generation;
         let allowed = auth.still_valid(&self.identity)
-            && self
-                .session
-                .subs
-                .iter()
-                .all(|s| auth.authorize(&self.identity, Action::Subscribe, &s.filter));
+            && self.session.subs.iter().all(|s| {
+                auth.authorize(&self.identity, Action::Subscribe, &s.filter)
+                    .allowed()
+            });
         self.revoked = !allowed;
         allowed
     }
