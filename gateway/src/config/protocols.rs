@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tributary_protocols::amqp::bridge::{BridgeConfig, Direction};
 use tributary_protocols::amqp::AmqpConfig;
 use tributary_protocols::http::HttpConfig;
+use tributary_protocols::mqtt::shared::Policy as SharedPolicy;
 use tributary_protocols::mqtt::{MqttConfig, Route};
 
 use super::Config;
@@ -88,6 +89,16 @@ pub struct MqttSection {
     pub max_subscriptions: usize,
     /// Filter → log topic/key routes.
     pub routes: Vec<RouteSection>,
+    /// Log topic of MQTT topics whose first level is no log topic name.
+    pub default_topic: String,
+    /// Longest keep-alive granted, seconds (0: whatever the client asks).
+    pub max_keep_alive_secs: u16,
+    /// `$SYS/broker/...` statistics interval, seconds (0: off).
+    pub sys_interval_secs: u32,
+    /// Shared subscriptions: `round_robin` or `sticky` (by MQTT topic).
+    pub shared_policy: String,
+    /// Shared subscription groups kept at most.
+    pub max_shared_groups: usize,
 }
 
 impl Default for MqttSection {
@@ -107,6 +118,11 @@ impl Default for MqttSection {
             max_retained: d.max_retained,
             max_subscriptions: d.max_subscriptions,
             routes: Vec::new(),
+            default_topic: d.default_topic,
+            max_keep_alive_secs: d.max_keep_alive_secs,
+            sys_interval_secs: d.sys_interval_secs,
+            shared_policy: "round_robin".into(),
+            max_shared_groups: d.max_shared_groups,
         }
     }
 }
@@ -289,6 +305,15 @@ impl Config {
             max_retained: m.max_retained,
             max_subscriptions: m.max_subscriptions,
             routes: self.mqtt_routes(),
+            default_topic: m.default_topic.clone(),
+            max_keep_alive_secs: m.max_keep_alive_secs,
+            sys_interval_secs: m.sys_interval_secs,
+            shared_policy: if m.shared_policy == "sticky" {
+                SharedPolicy::Sticky
+            } else {
+                SharedPolicy::RoundRobin
+            },
+            max_shared_groups: m.max_shared_groups,
         }
     }
 

@@ -126,6 +126,15 @@ impl Config {
                 errors.push(format!("`mqtt.routes[{i}]`: {e}"));
             }
         }
+        if let Err(e) = tributary_storage::topic::validate_name(&self.mqtt.default_topic) {
+            errors.push(format!("`mqtt.default_topic`: {e}"));
+        }
+        if !matches!(self.mqtt.shared_policy.as_str(), "round_robin" | "sticky") {
+            errors.push(format!(
+                "`mqtt.shared_policy` must be \"round_robin\" or \"sticky\", got {:?}",
+                self.mqtt.shared_policy
+            ));
+        }
         let t = &self.tls;
         if t.cert.is_some() != t.key.is_some() {
             errors.push("`tls.cert` and `tls.key` go together: set both or neither".into());

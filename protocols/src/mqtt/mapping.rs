@@ -10,13 +10,13 @@ use bytes::Bytes;
 use tributary_storage::{AppendRecord, Event, Record};
 
 use super::codec::MsgProps;
-use super::topic::{record_topic, Target};
+use super::topic::record_topic;
 
 /// Header names the MQTT front end writes and reads back.
 pub mod header {
     /// The MQTT topic a record was published to.
     pub const TOPIC: &str = "mqtt.topic";
-    /// Present (`0`) only for QoS 0 publishes; absent means QoS 1 or 2.
+    /// `0` or `2` for QoS 0 and 2 publishes; absent means QoS 1.
     pub const QOS: &str = "mqtt.qos";
     /// Present (`1`) when the publish had the retain flag.
     pub const RETAIN: &str = "mqtt.retain";
@@ -44,22 +44,21 @@ pub mod header {
 
 /// Builds the event a PUBLISH becomes: (log topic, record).
 pub fn event_for(
-    target: Target,
+    (log_topic, key): (String, String),
     topic: &str,
     payload: &Bytes,
     qos: u8,
     retain: bool,
     props: &MsgProps,
     publisher: Option<&str>,
-) -> Result<(String, AppendRecord), String> {
-    let (log_topic, key) = match target {
-        Target::Log(t, k) => (t, k),
-        Target::Invalid(why) => return Err(why),
-    };
+) -> (String, AppendRecord) {
     let mut headers = Vec::with_capacity(2 + props.user.len());
     headers.push((header::TOPIC.to_owned(), topic.as_bytes().to_vec()));
-    if qos == 0 {
-        headers.push((header::QOS.to_owned(), b"0".to_vec()));
+    // QoS 1 is the default (records from HTTP and AMQP have no header).
+    match qos {
+        0 => headers.push((header::QOS.to_owned(), b"0".to_vec())),
+        2 => headers.push((header::QOS.to_owned(), b"2".to_vec())),
+        _ => {}
     }
     if retain {
         headers.push((header::RETAIN.to_owned(), b"1".to_vec()));
@@ -99,7 +98,7 @@ pub fn event_for(
         timestamp: None,
         headers,
     };
-    Ok((log_topic, AppendRecord::from(event)))
+    (log_topic, AppendRecord::from(event))
 }
 
 /// A stored record as an MQTT subscriber sees it.
@@ -107,7 +106,7 @@ pub fn event_for(
 pub struct Delivery {
     /// MQTT topic.
     pub topic: String,
-    /// QoS it was published with (0, or 1 for 1 and 2).
+    /// QoS it was published with (1 for records from other protocols).
     pub qos: u8,
     /// v5 properties.
     pub props: MsgProps,
@@ -125,10 +124,10 @@ pub fn delivery_of(log_topic: &str, r: &Record, now: i64) -> Option<Delivery> {
             .map(|(_, v)| v.as_slice())
     };
     let topic = record_topic(log_topic, r.key.as_deref(), find(header::TOPIC));
-    let qos = if find(header::QOS) == Some(b"0") {
-        0
-    } else {
-        1
+    let qos = match find(header::QOS) {
+        Some(b"0") => 0,
+        Some(b"2") => 2,
+        _ => 1,
     };
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
     let mut props = MsgProps::default();

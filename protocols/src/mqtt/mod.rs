@@ -19,6 +19,8 @@ pub mod codec;
 mod conn;
 pub mod mapping;
 mod session;
+pub mod shared;
+mod sys;
 pub mod topic;
 
 use std::collections::{HashMap, HashSet};
@@ -69,6 +71,19 @@ pub struct MqttConfig {
     pub max_subscriptions: usize,
     /// Filter → topic/key routes, first match wins.
     pub routes: Vec<Route>,
+    /// Log topic of MQTT topics whose first level is no log topic name
+    /// (`/a/b`, `Café/x`, `$foo/x`), keyed by the whole MQTT topic.
+    pub default_topic: String,
+    /// Longest keep-alive a client may ask for, seconds (0: no limit). A
+    /// client asking for more, or for none, is told this one (v5 server
+    /// keep alive; 3.1.1 clients are held to it without being told).
+    pub max_keep_alive_secs: u16,
+    /// How often `$SYS/broker/...` statistics are published, seconds (0: never).
+    pub sys_interval_secs: u32,
+    /// How a shared subscription group picks the member of a message.
+    pub shared_policy: shared::Policy,
+    /// Shared subscription groups kept at most (more are refused with 0x97).
+    pub max_shared_groups: usize,
 }
 
 impl Default for MqttConfig {
@@ -84,6 +99,11 @@ impl Default for MqttConfig {
             max_retained: 100_000,
             max_subscriptions: 100,
             routes: Vec::new(),
+            default_topic: "mqtt".to_owned(),
+            max_keep_alive_secs: 0,
+            sys_interval_secs: 10,
+            shared_policy: shared::Policy::RoundRobin,
+            max_shared_groups: 1_000,
         }
     }
 }
@@ -93,7 +113,7 @@ impl Default for MqttConfig {
 pub struct MqttMetrics {
     connects: AtomicU64,
     publishes: [AtomicU64; 3],
-    deliveries: [AtomicU64; 2],
+    deliveries: [AtomicU64; 3],
     acks: AckHistogram,
     rejections: Rejections,
     connections: ListenerSet,
@@ -158,6 +178,7 @@ pub struct Server {
     router: topic::Router,
     metrics: Arc<MqttMetrics>,
     sessions: SessionStore,
+    shared: shared::Groups,
     next_conn: AtomicU64,
     /// Topics holding a retained message (bounded by `max_retained`).
     retained: Mutex<HashSet<String>>,
@@ -178,10 +199,27 @@ impl Server {
             .into_iter()
             .filter_map(|(k, _)| String::from_utf8(k).ok())
             .collect();
+        let router = topic::Router::new(config.routes.clone(), config.default_topic.clone());
+        let shared = shared::Groups::load(
+            &cx.log,
+            router.clone(),
+            config.shared_policy,
+            config.max_shared_groups,
+        )
+        .map_err(|e| format!("cannot load MQTT shared subscription groups: {e}"))?;
+        // Groups live while a session holds them: the stored sessions say which.
+        for (client, session) in sessions.lock().iter() {
+            for sub in session.parked.iter().flat_map(|s| s.subs.iter()) {
+                if let Some(Ok((group, filter))) = shared::parse(&sub.filter) {
+                    shared.hold(&cx.log, group, filter, client);
+                }
+            }
+        }
         let metrics = Arc::new(MqttMetrics::default());
         cx.metrics.register(metrics.clone());
         let broker = Arc::new(Server {
-            router: topic::Router::new(config.routes.clone()),
+            router,
+            shared,
             cx,
             config,
             metrics,
@@ -190,6 +228,10 @@ impl Server {
             retained: Mutex::new(retained),
         });
         tokio::spawn(session::sweeper(broker.clone()));
+        if broker.config.sys_interval_secs > 0 {
+            let every = Duration::from_secs(u64::from(broker.config.sys_interval_secs));
+            tokio::spawn(sys::publisher(broker.clone(), every));
+        }
         let weak = Arc::downgrade(&broker);
         broker.cx.connections.register(
             "mqtt",
@@ -228,37 +270,29 @@ impl Server {
             tracing::info!(device = %identity.id, topic = %will.topic, "a will is no longer allowed; dropped");
             return;
         }
-        let target = self.router.target(&will.topic);
-        match mapping::event_for(
-            target,
+        let (log_topic, record) = mapping::event_for(
+            self.router.target(&will.topic),
             &will.topic,
             &will.payload,
             will.qos,
             will.retain,
             &will.props,
             None,
-        ) {
-            Ok((log_topic, record)) => {
-                match ingest::append_topic(&self.cx.log, &log_topic, vec![record]).await {
-                    Ok(_) => {
-                        if will.retain {
-                            if let Err(e) = self
-                                .set_retained(&will.topic, &will.payload, will.qos, &will.props)
-                                .await
-                            {
-                                tracing::warn!(topic = %will.topic, error = %e, "cannot retain a will");
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        self.metrics.reject("will_not_stored");
-                        tracing::warn!(topic = %will.topic, error = %e, "a will could not be stored");
+        );
+        match ingest::append_topic(&self.cx.log, &log_topic, vec![record]).await {
+            Ok(_) => {
+                if will.retain {
+                    if let Err(e) = self
+                        .set_retained(&will.topic, &will.payload, will.qos, &will.props)
+                        .await
+                    {
+                        tracing::warn!(topic = %will.topic, error = %e, "cannot retain a will");
                     }
                 }
             }
-            Err(why) => {
-                self.metrics.reject("will_topic_invalid");
-                tracing::warn!(%why, "a will has no log topic");
+            Err(e) => {
+                self.metrics.reject("will_not_stored");
+                tracing::warn!(topic = %will.topic, error = %e, "a will could not be stored");
             }
         }
     }

@@ -28,7 +28,7 @@ pub const RETAINED: &str = "mqtt.retained";
 pub struct Sub {
     /// Topic filter.
     pub filter: String,
-    /// Granted QoS (0 or 1).
+    /// Granted QoS (0..=2).
     pub qos: u8,
     /// v5 retain as published.
     pub retain_as_published: bool,
@@ -38,7 +38,7 @@ pub struct Sub {
     pub no_local: bool,
 }
 
-/// A QoS 1 delivery waiting for PUBACK.
+/// Where a delivery came from (what a resend reads again).
 #[derive(Debug, Clone)]
 pub enum Inflight {
     /// A record of the log (re-read on redelivery).
@@ -54,6 +54,22 @@ pub enum Inflight {
     Owned(Box<PublishOut>),
 }
 
+/// A delivery waiting for its acknowledgement: QoS 1 until PUBACK; QoS 2
+/// until PUBREC (then `released`: PUBREL sent) and PUBCOMP.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Send order (resends go in this order).
+    pub seq: u64,
+    /// 1 or 2.
+    pub qos: u8,
+    /// QoS 2: PUBREC came and PUBREL went out; waiting for PUBCOMP.
+    pub released: bool,
+    /// What was delivered.
+    pub at: Inflight,
+    /// The shared subscription group it came from (told when the client has it).
+    pub shared: Option<Arc<super::shared::Group>>,
+}
+
 /// A session's state.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -63,8 +79,8 @@ pub struct Session {
     pub subs: Vec<Sub>,
     /// Next offset to read, per tailed (log topic, partition).
     pub cursors: BTreeMap<(String, u32), u64>,
-    /// QoS 1 deliveries not yet acknowledged, by packet id, with their send sequence.
-    pub inflight: BTreeMap<u16, (u64, Inflight)>,
+    /// Deliveries not yet acknowledged, by packet id.
+    pub inflight: BTreeMap<u16, Pending>,
     /// Send sequence of the next delivery (redeliveries go in this order).
     pub next_seq: u64,
     /// QoS 2 packet ids received (and stored) but not yet released.
@@ -73,6 +89,11 @@ pub struct Session {
     pub next_pkid: u16,
     /// A durable record of this session exists.
     pub stored: bool,
+    /// After a restart: per partition, the offset up to which records had
+    /// been sent before. Records below it go out again marked DUP at QoS 1;
+    /// those delivered at QoS 2 were either completed or are in `inflight`
+    /// (stored with their packet id), so they are not sent as new.
+    pub replay: BTreeMap<(String, u32), u64>,
 }
 
 impl Session {
@@ -87,6 +108,7 @@ impl Session {
             qos2: BTreeSet::new(),
             next_pkid: 1,
             stored: false,
+            replay: BTreeMap::new(),
         }
     }
 
@@ -101,33 +123,135 @@ impl Session {
         }
     }
 
-    /// The durable form: cursors go back to the oldest unacknowledged delivery.
+    /// The durable form. Cursors go back to the oldest unacknowledged QoS 1
+    /// delivery (at least once); QoS 2 deliveries of the log are stored with
+    /// their packet id and state (exactly once), and `sent` keeps where
+    /// delivery had got to, so the replay after a restart does not send them
+    /// again as new messages.
     fn record(&self) -> StoredSession {
         let mut cursors = self.cursors.clone();
-        for (_, f) in self.inflight.values() {
-            if let Inflight::Log {
+        let mut out2 = Vec::new();
+        for (pkid, f) in &self.inflight {
+            if f.shared.is_some() {
+                // The group keeps (and redelivers) its own messages.
+                continue;
+            }
+            let Inflight::Log {
                 topic,
                 partition,
                 offset,
-            } = f
-            {
-                if let Some(c) = cursors.get_mut(&(topic.clone(), *partition)) {
-                    *c = (*c).min(*offset);
-                }
+            } = &f.at
+            else {
+                continue;
+            };
+            if f.qos == 2 {
+                out2.push(StoredOut2 {
+                    pkid: *pkid,
+                    seq: f.seq,
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    released: f.released,
+                });
+            } else if let Some(c) = cursors.get_mut(&(topic.clone(), *partition)) {
+                *c = (*c).min(*offset);
             }
         }
+        let mut sent: BTreeMap<(String, u32), u64> = self.replay.clone();
+        for (k, o) in &self.cursors {
+            let e = sent.entry(k.clone()).or_insert(*o);
+            *e = (*e).max(*o);
+        }
         StoredSession {
-            version: 1,
+            version: STORED_VERSION,
             expiry: self.expiry,
             subs: self.subs.clone(),
             cursors: cursors.into_iter().map(|((t, p), o)| (t, p, o)).collect(),
             qos2: self.qos2.iter().copied().collect(),
+            out2,
+            sent: sent.into_iter().map(|((t, p), o)| (t, p, o)).collect(),
         }
+    }
+
+    /// A session from its durable form (either version).
+    fn restore(bytes: &[u8]) -> Result<Session, postcard::Error> {
+        let (version, _) = postcard::take_from_bytes::<u8>(bytes)?;
+        let stored = if version == 1 {
+            let v1: StoredSessionV1 = postcard::from_bytes(bytes)?;
+            StoredSession {
+                version: 1,
+                expiry: v1.expiry,
+                subs: v1.subs,
+                cursors: v1.cursors,
+                qos2: v1.qos2,
+                out2: Vec::new(),
+                sent: Vec::new(),
+            }
+        } else {
+            postcard::from_bytes::<StoredSession>(bytes)?
+        };
+        let mut s = Session::new(stored.expiry);
+        s.subs = stored.subs;
+        s.cursors = stored
+            .cursors
+            .into_iter()
+            .map(|(t, p, o)| ((t, p), o))
+            .collect();
+        s.qos2 = stored.qos2.into_iter().collect();
+        for o in stored.out2 {
+            s.next_seq = s.next_seq.max(o.seq + 1);
+            s.inflight.insert(
+                o.pkid,
+                Pending {
+                    seq: o.seq,
+                    qos: 2,
+                    released: o.released,
+                    at: Inflight::Log {
+                        topic: o.topic,
+                        partition: o.partition,
+                        offset: o.offset,
+                    },
+                    shared: None,
+                },
+            );
+        }
+        for (t, p, o) in stored.sent {
+            if s.cursors.get(&(t.clone(), p)).is_some_and(|c| *c < o) {
+                s.replay.insert((t, p), o);
+            }
+        }
+        s.stored = true;
+        Ok(s)
     }
 }
 
+/// The stored session format's version (1: before QoS 2 deliveries were kept).
+const STORED_VERSION: u8 = 2;
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredSession {
+    version: u8,
+    expiry: u32,
+    subs: Vec<Sub>,
+    cursors: Vec<(String, u32, u64)>,
+    qos2: Vec<u16>,
+    out2: Vec<StoredOut2>,
+    sent: Vec<(String, u32, u64)>,
+}
+
+/// A QoS 2 delivery of a log record, as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredOut2 {
+    pkid: u16,
+    seq: u64,
+    topic: String,
+    partition: u32,
+    offset: u64,
+    released: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSessionV1 {
     version: u8,
     expiry: u32,
     subs: Vec<Sub>,
@@ -183,22 +307,13 @@ impl SessionStore {
             let Ok(client_id) = String::from_utf8(k) else {
                 continue;
             };
-            let stored: StoredSession = match postcard::from_bytes(&v) {
+            let s = match Session::restore(&v) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(%client_id, error = %e, "a stored MQTT session does not decode; dropped");
                     continue;
                 }
             };
-            let mut s = Session::new(stored.expiry);
-            s.subs = stored.subs;
-            s.cursors = stored
-                .cursors
-                .into_iter()
-                .map(|(t, p, o)| ((t, p), o))
-                .collect();
-            s.qos2 = stored.qos2.into_iter().collect();
-            s.stored = true;
             let (_, released) = watch::channel(true);
             slots.insert(
                 client_id,
@@ -254,6 +369,7 @@ pub async fn sweeper(broker: Arc<Server>) {
             _ = tick.tick() => {}
         }
         sweep(&broker, Instant::now()).await;
+        broker.shared.save(&broker.cx.log).await;
     }
 }
 
@@ -271,6 +387,11 @@ async fn sweep(broker: &Server, now: Instant) {
                 wills.push((w.identity, w.will));
             }
             if ends {
+                if let Some(s) = &slot.parked {
+                    broker
+                        .shared
+                        .release_all(id, s.subs.iter().map(|s| s.filter.as_str()));
+                }
                 if slot.parked.as_ref().is_some_and(|s| s.stored) {
                     expired.push(id.clone());
                 }
@@ -361,6 +482,7 @@ impl Retained {
         }
         Some(PublishOut {
             topic: topic.to_owned(),
+            alias: None,
             qos: r.qos,
             retain: true,
             dup: false,

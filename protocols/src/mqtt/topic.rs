@@ -4,7 +4,9 @@
 //!
 //! Default mapping (`docs/contract.md`, section 4): `a/b/c` → log topic `a`,
 //! key `a/b/c`, header `mqtt.topic`. `[[mqtt.routes]]` map a filter to another log topic and a key
-//! template; the first matching route wins.
+//! template; the first matching route wins. Topics whose first level is no
+//! log topic name go to `mqtt.default_topic` (key: the whole MQTT topic),
+//! `$SYS/...` to the node's own `mqtt.sys`.
 
 use tributary_storage::topic::validate_name;
 
@@ -14,6 +16,14 @@ pub fn valid_name(topic: &str) -> bool {
 }
 
 pub use tributary_devices::acl::{matches, overlap, valid_filter};
+
+/// Topics under `$SYS/` are the node's own statistics.
+pub fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
+/// The log topic of `$SYS/...` (one partition, kept an hour: see `sys.rs`).
+pub const SYS_LOG_TOPIC: &str = "mqtt.sys";
 
 /// One `[[mqtt.routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,38 +86,39 @@ impl Route {
     }
 }
 
-/// Where a published topic lands: (log topic, key).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Into this log topic with this key.
-    Log(String, String),
-    /// No route and the first level is not a valid log topic name.
-    Invalid(String),
-}
-
 /// The router: routes in config order, then the default mapping.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Where topics whose first level is no log topic name go.
+    default_topic: String,
 }
 
 impl Router {
-    /// A router over validated routes.
-    pub fn new(routes: Vec<Route>) -> Self {
-        Router { routes }
+    /// A router over validated routes and a valid default log topic.
+    pub fn new(routes: Vec<Route>, default_topic: String) -> Self {
+        Router {
+            routes,
+            default_topic,
+        }
     }
 
-    /// Log topic and key for a published MQTT topic.
-    pub fn target(&self, topic: &str) -> Target {
+    /// Log topic and key for a published MQTT topic: the first route that
+    /// matches; else the first level, when it is a valid log topic name;
+    /// else the default topic. The key is the whole MQTT topic unless a
+    /// route's template says otherwise.
+    pub fn target(&self, topic: &str) -> (String, String) {
+        if is_sys(topic) {
+            return (SYS_LOG_TOPIC.to_owned(), topic.to_owned());
+        }
         if let Some(r) = self.routes.iter().find(|r| matches(topic, &r.filter)) {
-            return Target::Log(r.topic.clone(), r.key_for(topic));
+            return (r.topic.clone(), r.key_for(topic));
         }
         let first = topic.split('/').next().unwrap_or_default();
-        match validate_name(first) {
-            Ok(()) => Target::Log(first.to_owned(), topic.to_owned()),
-            Err(e) => Target::Invalid(format!(
-                "MQTT topic `{topic}` has no route and its first level is not a log topic: {e}"
-            )),
+        if validate_name(first).is_ok() {
+            (first.to_owned(), topic.to_owned())
+        } else {
+            (self.default_topic.clone(), topic.to_owned())
         }
     }
 
@@ -118,8 +129,12 @@ impl Router {
             return None;
         }
         let mut out: Vec<String> = Vec::new();
-        if validate_name(first).is_ok() {
+        if first == "$SYS" {
+            out.push(SYS_LOG_TOPIC.to_owned());
+        } else if validate_name(first).is_ok() {
             out.push(first.to_owned());
+        } else {
+            out.push(self.default_topic.clone());
         }
         for r in &self.routes {
             if overlap(filter, &r.filter) && !out.contains(&r.topic) {
@@ -189,21 +204,40 @@ mod tests {
 
     #[test]
     fn routes_map_to_topics_and_key_templates() {
-        let r = Router::new(vec![Route {
-            filter: "factory/+/+/temp".into(),
-            topic: "temps".into(),
-            key: "{1}-{2}".into(),
-        }]);
+        let r = Router::new(
+            vec![Route {
+                filter: "factory/+/+/temp".into(),
+                topic: "temps".into(),
+                key: "{1}-{2}".into(),
+            }],
+            "mqtt".into(),
+        );
+        let t = |a: &str, b: &str| (a.to_owned(), b.to_owned());
         assert_eq!(
             r.target("factory/north/line3/temp"),
-            Target::Log("temps".into(), "north-line3".into())
+            t("temps", "north-line3")
         );
         assert_eq!(
             r.target("factory/north/line3/rpm"),
-            Target::Log("factory".into(), "factory/north/line3/rpm".into())
+            t("factory", "factory/north/line3/rpm")
         );
-        assert!(matches!(r.target("bad topic/x"), Target::Invalid(_)));
-        assert!(matches!(r.target("/x"), Target::Invalid(_)));
+        // Every other MQTT topic name lands in the default topic, keyed by itself.
+        for name in [
+            "bad topic/x",
+            "/x",
+            "$SYSTEM/x",
+            "Café/temp",
+            "$share",
+            "a b",
+        ] {
+            assert_eq!(r.target(name), t("mqtt", name));
+        }
+        assert_eq!(r.sources("/leading/#"), Some(vec!["mqtt".into()]));
+        assert_eq!(
+            r.target("$SYS/broker/uptime"),
+            t("mqtt.sys", "$SYS/broker/uptime")
+        );
+        assert_eq!(r.sources("$SYS/#"), Some(vec!["mqtt.sys".into()]));
         assert_eq!(
             r.sources("factory/+/+/temp"),
             Some(vec!["factory".into(), "temps".into()])

@@ -39,12 +39,14 @@ mod tests {
                 },
                 Out::PubAck(1, 0),
                 Out::PubRec(2, 0),
+                Out::PubRel(6, 0),
                 Out::PubComp(3, 0),
                 Out::SubAck(4, vec![0, 1, 0x80]),
                 Out::UnsubAck(5, vec![0]),
                 Out::PingResp,
                 Out::Publish(Box::new(PublishOut {
                     topic: "a/b".into(),
+                    alias: None,
                     qos: 1,
                     retain: true,
                     dup: true,
@@ -82,6 +84,41 @@ mod tests {
                 assert_eq!(p.props.user, vec![("k".to_owned(), "v".to_owned())]);
             }
         }
+        // v5: a delivery by topic alias (empty topic) reads back as one, and
+        // PUBREC's refusal and PUBREL are understood.
+        let mut b = BytesMut::new();
+        encode(
+            Out::Publish(Box::new(PublishOut {
+                topic: String::new(),
+                alias: Some(3),
+                qos: 2,
+                retain: false,
+                dup: false,
+                pkid: 7,
+                payload: Bytes::from_static(b"y"),
+                props: MsgProps::default(),
+                sub_ids: vec![],
+            })),
+            Version::V5,
+            &mut b,
+        );
+        let Some(In::Publish(p)) = decode(&mut b, Version::V5, 1024).expect("decode") else {
+            panic!("not a publish")
+        };
+        assert_eq!((p.topic.as_str(), p.alias, p.qos), ("", Some(3), 2));
+        let mut b = BytesMut::from(&[0x50, 0x03, 0x00, 0x07, 0x87][..]);
+        assert!(matches!(
+            decode(&mut b, Version::V5, 1024),
+            Ok(Some(In::PubRec(7, reason::UNSPECIFIED)))
+        ));
+        let mut b = BytesMut::new();
+        encode(
+            Out::PubRel(9, reason::PACKET_ID_NOT_FOUND),
+            Version::V5,
+            &mut b,
+        );
+        assert_eq!(&b[..], &[0x62, 0x04, 0x00, 0x09, 0x92, 0x00]);
+
         let mut b = BytesMut::new();
         encode(
             Out::Disconnect(reason::SESSION_TAKEN_OVER),

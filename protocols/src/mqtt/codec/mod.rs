@@ -148,6 +148,10 @@ pub struct ConnectIn {
     pub max_packet_size: Option<u32>,
     /// v5 enhanced authentication method (unsupported).
     pub auth_method: Option<String>,
+    /// v5 topic aliases the client accepts on deliveries (3.1.1: 0).
+    pub topic_alias_max: u16,
+    /// v5 request response information: the client asks for a response topic base.
+    pub request_response_info: bool,
 }
 
 /// PUBLISH from a client.
@@ -193,11 +197,11 @@ pub enum In {
     Publish(PublishIn),
     /// PUBACK.
     PubAck(u16),
-    /// PUBREC (we never send QoS 2, so this is a protocol error).
-    PubRec(u16),
+    /// PUBREC of a QoS 2 delivery, with its reason code (3.1.1: 0).
+    PubRec(u16, u8),
     /// PUBREL.
     PubRel(u16),
-    /// PUBCOMP (never expected).
+    /// PUBCOMP of a QoS 2 delivery.
     PubComp(u16),
     /// SUBSCRIBE.
     Subscribe {
@@ -243,6 +247,8 @@ pub struct ConnAckProps {
     pub session_expiry: Option<u32>,
     /// Keep alive we impose when it differs from the request.
     pub server_keep_alive: Option<u16>,
+    /// Response information (a topic base for request/response), when asked for.
+    pub response_information: Option<String>,
     /// Why, for refusals.
     pub reason_string: Option<String>,
 }
@@ -250,15 +256,17 @@ pub struct ConnAckProps {
 /// PUBLISH to a client.
 #[derive(Debug, Clone)]
 pub struct PublishOut {
-    /// Topic.
+    /// Topic (empty when `alias` stands for a topic sent before).
     pub topic: String,
-    /// QoS 0 or 1.
+    /// v5 topic alias.
+    pub alias: Option<u16>,
+    /// QoS 0..=2.
     pub qos: u8,
     /// Retain flag.
     pub retain: bool,
     /// Redelivery.
     pub dup: bool,
-    /// Packet id (QoS 1).
+    /// Packet id (QoS 1 and 2).
     pub pkid: u16,
     /// Payload.
     pub payload: Bytes,
@@ -286,6 +294,8 @@ pub enum Out {
     PubAck(u16, u8),
     /// PUBREC.
     PubRec(u16, u8),
+    /// PUBREL (of a QoS 2 delivery; v5 reason 0x92 when the id is unknown).
+    PubRel(u16, u8),
     /// PUBCOMP.
     PubComp(u16, u8),
     /// SUBACK with v5 reason codes (granted QoS or ≥ 0x80).

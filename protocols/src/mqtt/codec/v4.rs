@@ -37,6 +37,8 @@ pub(super) fn from_v4(p: v4::Packet) -> Result<In, DecodeError> {
             receive_max: u16::MAX,
             max_packet_size: None,
             auth_method: None,
+            topic_alias_max: 0,
+            request_response_info: false,
         })),
         v4::Packet::Publish(p) => In::Publish(PublishIn {
             topic: p.topic,
@@ -48,7 +50,7 @@ pub(super) fn from_v4(p: v4::Packet) -> Result<In, DecodeError> {
             props: MsgProps::default(),
         }),
         v4::Packet::PubAck(a) => In::PubAck(a.pkid),
-        v4::Packet::PubRec(a) => In::PubRec(a.pkid),
+        v4::Packet::PubRec(a) => In::PubRec(a.pkid, 0),
         v4::Packet::PubRel(a) => In::PubRel(a.pkid),
         v4::Packet::PubComp(a) => In::PubComp(a.pkid),
         v4::Packet::Subscribe(s) => In::Subscribe {
@@ -122,6 +124,7 @@ pub(super) fn encode_v4(packet: Out, buf: &mut BytesMut) -> Result<usize, String
         }
         Out::PubAck(pkid, _) => v4::PubAck::new(pkid).write(buf),
         Out::PubRec(pkid, _) => v4::PubRec::new(pkid).write(buf),
+        Out::PubRel(pkid, _) => v4::PubRel::new(pkid).write(buf),
         Out::PubComp(pkid, _) => v4::PubComp::new(pkid).write(buf),
         Out::SubAck(pkid, codes) => v4::SubAck::new(
             pkid,

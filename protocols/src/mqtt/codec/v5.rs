@@ -88,6 +88,8 @@ pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
                 receive_max: props.receive_maximum.unwrap_or(u16::MAX),
                 max_packet_size: props.max_packet_size,
                 auth_method: props.authentication_method,
+                topic_alias_max: props.topic_alias_max.unwrap_or(0),
+                request_response_info: props.request_response_info == Some(1),
             }))
         }
         v5::Packet::Publish(p) => {
@@ -104,7 +106,14 @@ pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
             })
         }
         v5::Packet::PubAck(a) => In::PubAck(a.pkid),
-        v5::Packet::PubRec(a) => In::PubRec(a.pkid),
+        v5::Packet::PubRec(a) => In::PubRec(
+            a.pkid,
+            match a.reason {
+                v5::PubRecReason::Success => reason::SUCCESS,
+                v5::PubRecReason::NoMatchingSubscribers => 0x10,
+                _ => reason::UNSPECIFIED,
+            },
+        ),
         v5::Packet::PubRel(a) => In::PubRel(a.pkid),
         v5::Packet::PubComp(a) => In::PubComp(a.pkid),
         v5::Packet::Subscribe(s) if s.properties.as_ref().and_then(|p| p.id) == Some(0) => {
@@ -249,7 +258,7 @@ pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, String
                     subscription_identifiers_available: Some(1),
                     shared_subscription_available: Some(0),
                     server_keep_alive: props.server_keep_alive,
-                    response_information: None,
+                    response_information: props.response_information,
                     server_reference: None,
                     authentication_method: None,
                     authentication_data: None,
@@ -284,13 +293,14 @@ pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, String
         }
         Out::Publish(p) => {
             let props = p.props;
-            let has_props = props != MsgProps::default() || !p.sub_ids.is_empty();
+            let has_props =
+                props != MsgProps::default() || !p.sub_ids.is_empty() || p.alias.is_some();
             let properties = some_if(
                 has_props,
                 v5::PublishProperties {
                     payload_format_indicator: props.payload_format,
                     message_expiry_interval: props.expiry,
-                    topic_alias: None,
+                    topic_alias: p.alias,
                     response_topic: props.response_topic,
                     correlation_data: props.correlation,
                     user_properties: props.user,
@@ -312,6 +322,13 @@ pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, String
         Out::PubRec(pkid, code) => {
             let mut a = v5::PubRec::new(pkid, None);
             a.reason = pubrec_v5(code);
+            a.write(buf)
+        }
+        Out::PubRel(pkid, code) => {
+            let mut a = v5::PubRel::new(pkid, None);
+            if code != reason::SUCCESS {
+                a.reason = v5::PubRelReason::PacketIdentifierNotFound;
+            }
             a.write(buf)
         }
         Out::PubComp(pkid, code) => {

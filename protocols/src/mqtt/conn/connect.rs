@@ -251,7 +251,12 @@ pub(super) async fn accept(
                 });
                 (s, true, false)
             }
-            Some(s) => (Session::new(expiry), false, s.stored),
+            Some(s) => {
+                broker
+                    .shared
+                    .release_all(&client_id, s.subs.iter().map(|s| s.filter.as_str()));
+                (Session::new(expiry), false, s.stored)
+            }
             None => (Session::new(expiry), false, false),
         }
     };
@@ -268,6 +273,12 @@ pub(super) async fn accept(
         }
     }
     let granted_expiry = (c.version == Version::V5 && expiry != c.session_expiry).then_some(expiry);
+    let keep_alive = granted_keep_alive(broker, c);
+    // Request/response: a topic base of this client's own, when asked for.
+    let response_information = (c.version == Version::V5 && c.request_response_info).then(|| {
+        let id = assigned.as_deref().unwrap_or(&c.client_id);
+        format!("response/{id}")
+    });
     codec::encode(
         Out::ConnAck {
             session_present: present,
@@ -278,7 +289,8 @@ pub(super) async fn accept(
                 max_packet_size: broker.config.max_packet_bytes as u32,
                 topic_alias_max: broker.config.topic_alias_max,
                 session_expiry: granted_expiry,
-                server_keep_alive: None,
+                server_keep_alive: (keep_alive != c.keep_alive).then_some(keep_alive),
+                response_information,
                 reason_string: None,
             }),
         },
@@ -286,4 +298,14 @@ pub(super) async fn accept(
         out,
     );
     Some((client_id, identity, session, present, kick, released_tx))
+}
+
+/// The keep-alive a connection gets: the client's, unless the node's
+/// `max_keep_alive_secs` is lower (or the client asked for none).
+pub(super) fn granted_keep_alive(broker: &Server, c: &ConnectIn) -> u16 {
+    match broker.config.max_keep_alive_secs {
+        0 => c.keep_alive,
+        max if c.keep_alive == 0 => max,
+        max => c.keep_alive.min(max),
+    }
 }

@@ -1,6 +1,7 @@
 //! Serving subscriptions from the log: the tailed partitions and their
 //! watchers, delivery passes within the client's window, the inflight
-//! deliveries (QoS 1, until PUBACK) and their resending on a resumed session.
+//! deliveries (QoS 1 until PUBACK; QoS 2 until PUBREC, then PUBREL until
+//! PUBCOMP) and their resending on a resumed session.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -13,13 +14,25 @@ use tributary_storage::Error as LogError;
 
 use super::{Connection, OUT_HIGH_WATER};
 use crate::mqtt::codec::{self, Out, PublishOut, Version};
-use crate::mqtt::session::{self, Inflight, Retained};
+use crate::mqtt::session::{self, Inflight, Pending, Retained};
+use crate::mqtt::shared::{self, Group};
 use crate::mqtt::{mapping, topic};
 
 /// Records read from one partition per delivery pass.
 const READ_RECORDS: usize = 256;
 /// Bytes read from one partition per delivery pass.
 const READ_BYTES: usize = 256 * 1024;
+
+/// A shared subscription this connection is a member for.
+#[derive(Clone)]
+pub(super) struct SharedSub {
+    pub(super) group: Arc<Group>,
+    /// Granted QoS.
+    pub(super) qos: u8,
+    /// v5 subscription identifier.
+    pub(super) id: Option<u64>,
+    pub(super) retain_as_published: bool,
+}
 
 /// Log partitions a session tails, and the tasks that wake it on new records.
 pub(super) struct Tails {
@@ -46,11 +59,21 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         let log = &self.broker.cx.log;
         // Watch first, list second: a topic created in between is not missed.
         let topics_rx = log.watch_topics();
+        // Own subscriptions get cursors of this session; shared ones are read
+        // by their group, and their partitions are only watched (the wake-up
+        // lets this connection take what the group hands it).
         let mut all = false;
         let mut topics: Vec<String> = Vec::new();
+        let mut all_watched = false;
+        let mut watched: Vec<String> = Vec::new();
         for s in &self.session.subs {
-            match self.broker.router.sources(&s.filter) {
-                None => all = true,
+            let (filter, all, topics) = match shared::parse(&s.filter) {
+                Some(Ok((_, f))) => (f, &mut all_watched, &mut watched),
+                Some(Err(())) => continue,
+                None => (s.filter.as_str(), &mut all, &mut topics),
+            };
+            match self.broker.router.sources(filter) {
+                None => *all = true,
                 Some(ts) => {
                     for t in ts {
                         if !topics.contains(&t) {
@@ -63,8 +86,24 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         if all {
             topics = log.topics().into_iter().map(|t| t.config.name).collect();
         }
-        let mut sources = Vec::new();
+        if all_watched {
+            watched = log.topics().into_iter().map(|t| t.config.name).collect();
+        }
+        let mut watch_only = Vec::new();
         let mut missing = false;
+        for t in watched {
+            if topics.contains(&t) {
+                continue;
+            }
+            match log.topic(&t) {
+                Ok(info) => {
+                    watch_only.extend((0..info.config.partitions).map(|p| (t.clone(), p)));
+                }
+                Err(_) => missing = true,
+            }
+        }
+        let all = all || all_watched;
+        let mut sources = Vec::new();
         for t in topics {
             let Ok(info) = log.topic(&t) else {
                 missing = true;
@@ -99,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         for w in self.tails.watchers.drain(..) {
             w.abort();
         }
-        for (t, p) in &sources {
+        for (t, p) in sources.iter().chain(&watch_only) {
             let Ok(mut rx) = log.watch_end(t, *p) else {
                 continue;
             };
@@ -158,9 +197,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             if let Some(mut p) = Retained::load(&self.broker.cx.log, &topic) {
                 p.qos = p.qos.min(granted);
                 p.sub_ids = id.into_iter().collect();
-                self.send_publish(p, None);
+                self.send_publish(p, None, None);
             }
         }
+        self.deliver_shared();
         if self.session.subs.is_empty() || self.tails.sources.is_empty() {
             return;
         }
@@ -194,6 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             };
             let mut next = cursor;
             let mut blocked = false;
+            let replay_until = self.session.replay.get(&key).copied().unwrap_or(0);
             for r in &read.records {
                 let Some(d) = mapping::delivery_of(&t, r, now) else {
                     next = r.offset + 1;
@@ -211,7 +252,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 let mut ids = Vec::new();
                 let mut keep_retain = false;
                 for s in &self.session.subs {
-                    if topic::matches(&d.topic, &s.filter) && !(s.no_local && mine) {
+                    if topic::matches(&d.topic, &s.filter)
+                        && !(s.no_local && mine)
+                        && shared::parse(&s.filter).is_none()
+                    {
                         granted = Some(granted.unwrap_or(0).max(s.qos));
                         ids.extend(s.id.map(|i| i as usize));
                         keep_retain |= s.retain_as_published;
@@ -222,7 +266,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     continue;
                 };
                 let qos = d.qos.min(granted);
-                if qos == 1 && self.window_full() {
+                // Sent before a restart: a QoS 2 delivery was completed or is
+                // resent from the session's inflight; QoS 0/1 go again as DUP.
+                let replayed = r.offset < replay_until;
+                if replayed && qos == 2 {
+                    next = r.offset + 1;
+                    continue;
+                }
+                if qos > 0 && self.window_full() {
                     blocked = true;
                     break;
                 }
@@ -230,9 +281,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     keep_retain && r.headers.iter().any(|(k, _)| k == mapping::header::RETAIN);
                 let publish = PublishOut {
                     topic: d.topic,
+                    alias: None,
                     qos,
                     retain: retained_flag,
-                    dup: false,
+                    dup: replayed && qos > 0,
                     pkid: 0,
                     payload: Bytes::from(r.value.clone()),
                     props: d.props,
@@ -246,8 +298,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                         partition: p,
                         offset: r.offset,
                     }),
+                    None,
                 );
                 next = r.offset + 1;
+            }
+            if next >= replay_until && replay_until > 0 {
+                self.session.replay.remove(&key);
             }
             if next != cursor {
                 self.session.cursors.insert(key, next);
@@ -263,9 +319,43 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
     }
 
-    /// Sends a delivery; QoS 1 takes a packet id and waits for PUBACK.
-    /// Returns false when the client's maximum packet size forbids it.
-    fn send_publish(&mut self, mut p: PublishOut, at: Option<Inflight>) -> bool {
+    /// Joins the groups of this session's shared subscriptions, and leaves
+    /// the groups it no longer subscribes to.
+    pub(super) fn attach_shared(&mut self) {
+        let log = self.broker.cx.log.clone();
+        let mut now: Vec<SharedSub> = Vec::new();
+        for s in &self.session.subs {
+            let Some(Ok((name, filter))) = shared::parse(&s.filter) else {
+                continue;
+            };
+            let Some(group) = self.broker.shared.hold(&log, name, filter, &self.client_id) else {
+                continue;
+            };
+            group.join(self.conn_id, self.tails.notify.clone(), self.send_window);
+            now.push(SharedSub {
+                group,
+                qos: s.qos,
+                id: s.id,
+                retain_as_published: s.retain_as_published,
+            });
+        }
+        for old in &self.shared {
+            if !now.iter().any(|n| Arc::ptr_eq(&n.group, &old.group)) {
+                old.group.leave(self.conn_id);
+            }
+        }
+        self.shared = now;
+    }
+
+    /// Sends a delivery; QoS 1 and 2 take a packet id and wait for their
+    /// acknowledgements. Returns false when the client's maximum packet size
+    /// forbids it.
+    fn send_publish(
+        &mut self,
+        mut p: PublishOut,
+        at: Option<Inflight>,
+        shared: Option<Arc<Group>>,
+    ) -> bool {
         if p.qos > 0 {
             p.pkid = self.session.take_pkid();
         }
@@ -274,11 +364,23 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         let Some(encoded) = self.encode_delivery(p) else {
             return false;
         };
-        self.broker.metrics.deliveries[usize::from(qos.min(1))].fetch_add(1, Relaxed);
-        if let Some(entry) = entry {
+        self.broker.metrics.deliveries[usize::from(qos.min(2))].fetch_add(1, Relaxed);
+        if let Some(at) = entry {
             let seq = self.session.next_seq;
             self.session.next_seq += 1;
-            self.session.inflight.insert(pkid, (seq, entry));
+            self.session.inflight.insert(
+                pkid,
+                Pending {
+                    seq,
+                    qos,
+                    released: false,
+                    at,
+                    shared,
+                },
+            );
+            if qos == 2 {
+                self.qos2_changed();
+            }
         }
         self.out.extend_from_slice(&encoded);
         true
@@ -286,11 +388,21 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
 
     /// A delivery in this connection's wire form (3.1.1 has no properties), or
     /// `None` when it exceeds the client's maximum packet size (MQTT-3.1.2-24:
-    /// never send what the client said it cannot take).
-    fn encode_delivery(&self, mut p: PublishOut) -> Option<BytesMut> {
+    /// never send what the client said it cannot take). v5: the topic goes as
+    /// an alias once the client has seen it with one, within the client's
+    /// topic alias maximum.
+    fn encode_delivery(&mut self, mut p: PublishOut) -> Option<BytesMut> {
+        let mut new_alias = None;
         if self.version == Version::V4 {
             p.props = codec::MsgProps::default();
             p.sub_ids.clear();
+        } else if let Some(&a) = self.out_aliases.get(&p.topic) {
+            p.alias = Some(a);
+            p.topic.clear();
+        } else if self.out_aliases.len() < usize::from(self.client_alias_max) {
+            let a = u16::try_from(self.out_aliases.len() + 1).unwrap_or(u16::MAX);
+            p.alias = Some(a);
+            new_alias = Some((p.topic.clone(), a));
         }
         let mut encoded = BytesMut::new();
         codec::encode(Out::Publish(Box::new(p)), self.version, &mut encoded);
@@ -300,7 +412,71 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 .reject("delivery_over_client_max_packet");
             return None;
         }
+        if let Some((topic, a)) = new_alias {
+            self.out_aliases.insert(topic, a);
+        }
         Some(encoded)
+    }
+
+    /// Delivers what this connection's shared subscription groups hand it,
+    /// within its window. A message the client already has (QoS 0 once
+    /// sent; QoS 1 and 2 at PUBACK/PUBREC) is reported back to its group.
+    fn deliver_shared(&mut self) {
+        if self.shared.is_empty() || !self.resend.is_empty() {
+            return;
+        }
+        let log = self.broker.cx.log.clone();
+        let now = session::now_ms();
+        for i in 0..self.shared.len() {
+            let room = self
+                .send_window
+                .saturating_sub(self.session.inflight.len())
+                .min(READ_RECORDS);
+            if room == 0 || self.out.len() >= OUT_HIGH_WATER {
+                return;
+            }
+            let sub = self.shared[i].clone();
+            for pos in sub.group.take(&log, self.conn_id, room) {
+                let (t, p, offset) = pos.clone();
+                let record = log
+                    .read(&t, p, offset, 1, READ_BYTES)
+                    .ok()
+                    .and_then(|r| r.records.into_iter().next())
+                    .filter(|r| r.offset == offset);
+                let Some(d) = record
+                    .as_ref()
+                    .and_then(|r| mapping::delivery_of(&t, r, now))
+                else {
+                    // Gone by retention, or expired: nothing to deliver.
+                    sub.group.ack(self.conn_id, &pos);
+                    continue;
+                };
+                let Some(r) = record else { continue };
+                let qos = d.qos.min(sub.qos);
+                let retained = sub.retain_as_published
+                    && r.headers.iter().any(|(k, _)| k == mapping::header::RETAIN);
+                let publish = PublishOut {
+                    topic: d.topic,
+                    alias: None,
+                    qos,
+                    retain: retained,
+                    dup: false,
+                    pkid: 0,
+                    payload: Bytes::from(r.value),
+                    props: d.props,
+                    sub_ids: sub.id.map(|i| i as usize).into_iter().collect(),
+                };
+                let at = Inflight::Log {
+                    topic: t,
+                    partition: p,
+                    offset,
+                };
+                let sent = self.send_publish(publish, Some(at), Some(sub.group.clone()));
+                if qos == 0 || !sent {
+                    sub.group.ack(self.conn_id, &pos);
+                }
+            }
+        }
     }
 
     /// Deliveries the client has not acknowledged yet, counted against its window.
@@ -326,10 +502,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 return;
             }
             self.resend.pop_front();
-            let Some((_, entry)) = self.session.inflight.get(&pkid).cloned() else {
+            let Some(entry) = self.session.inflight.get(&pkid).cloned() else {
                 continue;
             };
-            let publish = match entry {
+            if entry.released {
+                // QoS 2 past PUBREC: only the release is repeated.
+                self.send(Out::PubRel(pkid, codec::reason::SUCCESS));
+                continue;
+            }
+            let publish = match entry.at {
                 Inflight::Owned(p) => Some(*p),
                 Inflight::Log {
                     topic,
@@ -343,7 +524,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     .and_then(|r| {
                         mapping::delivery_of(&topic, &r, now).map(|d| PublishOut {
                             topic: d.topic,
-                            qos: 1,
+                            alias: None,
+                            qos: entry.qos,
                             retain: false,
                             dup: true,
                             pkid,

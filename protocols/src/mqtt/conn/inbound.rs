@@ -15,7 +15,7 @@ use crate::auth::Action;
 use crate::ingest::{self, Rejection};
 use crate::mqtt::codec::{self, reason, DecodeError, In, Out, PublishIn, SubFilter, Version};
 use crate::mqtt::session::{Retained, Sub};
-use crate::mqtt::{mapping, topic, Server};
+use crate::mqtt::{mapping, shared, topic, Server};
 
 /// The outcome of one append batch, in packet order.
 pub(super) struct Acked {
@@ -77,10 +77,40 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         match packet {
             In::Publish(p) => self.publish(p),
             In::PubAck(pkid) => {
-                if self.session.inflight.remove(&pkid).is_some() {
-                    self.resend.retain(|p| *p != pkid);
-                    self.dirty = true;
-                    self.tails.notify.notify_one();
+                if self.session.inflight.get(&pkid).is_some_and(|f| f.qos == 1) {
+                    self.delivery_done(pkid);
+                }
+                Ok(())
+            }
+            In::PubRec(pkid, code) => {
+                self.flush_batch();
+                match self.session.inflight.get_mut(&pkid) {
+                    Some(f) if f.qos == 2 && code >= 0x80 => {
+                        // The client refused the message: the delivery ends here.
+                        self.delivery_done(pkid);
+                    }
+                    Some(f) if f.qos == 2 => {
+                        if !f.released {
+                            f.released = true;
+                            let f = f.clone();
+                            self.shared_has(&f);
+                            self.qos2_changed();
+                        }
+                        self.resend.retain(|p| *p != pkid);
+                        self.send(Out::PubRel(pkid, reason::SUCCESS));
+                    }
+                    _ => self.send(Out::PubRel(pkid, reason::PACKET_ID_NOT_FOUND)),
+                }
+                Ok(())
+            }
+            In::PubComp(pkid) => {
+                if self
+                    .session
+                    .inflight
+                    .get(&pkid)
+                    .is_some_and(|f| f.qos == 2 && f.released)
+                {
+                    self.delivery_done(pkid);
                 }
                 Ok(())
             }
@@ -98,8 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             }
             In::Subscribe { pkid, filters, id } => {
                 self.flush_batch();
-                self.subscribe(pkid, filters, id).await;
-                Ok(())
+                self.subscribe(pkid, filters, id).await
             }
             In::Unsubscribe { pkid, filters } => {
                 self.flush_batch();
@@ -124,9 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 Err(Close::Graceful { with_will: r != 0 })
             }
             In::Connect(_) => Err(Close::Server(reason::PROTOCOL_ERROR, "second_connect")),
-            In::PubRec(_) | In::PubComp(_) | In::Unexpected(_) => {
-                Err(Close::Server(reason::PROTOCOL_ERROR, "protocol_error"))
-            }
+            In::Unexpected(_) => Err(Close::Server(reason::PROTOCOL_ERROR, "protocol_error")),
         }
     }
 
@@ -184,6 +211,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 "topic_name_invalid",
             ));
         }
+        if topic::is_sys(&p.topic) {
+            // The node's own statistics: clients do not publish there.
+            return self.refuse_publish(&p, reason::TOPIC_NAME_INVALID, "sys_topic_reserved");
+        }
         if p.qos == 2 && self.session.qos2.contains(&p.pkid) {
             // A resent QoS 2 publish we already stored: acknowledge, do not append again.
             self.batch
@@ -221,12 +252,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         let target = self.broker.router.target(&p.topic);
         let no_local = self.version == Version::V5 && self.session.subs.iter().any(|s| s.no_local);
         let publisher = no_local.then_some(self.client_id.as_str());
-        let (log_topic, record) = match mapping::event_for(
+        let (log_topic, record) = mapping::event_for(
             target, &p.topic, &p.payload, p.qos, p.retain, &p.props, publisher,
-        ) {
-            Ok(x) => x,
-            Err(_) => return self.refuse_publish(&p, reason::TOPIC_NAME_INVALID, "no_log_topic"),
-        };
+        );
         let index = self.batch.count;
         self.batch.count += 1;
         self.batch.records.push(&log_topic, index, record);
@@ -301,28 +329,51 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         Ok(())
     }
 
-    async fn subscribe(&mut self, pkid: u16, filters: Vec<SubFilter>, id: Option<usize>) {
+    async fn subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<SubFilter>,
+        id: Option<usize>,
+    ) -> Result<(), Close> {
         let mut codes = Vec::with_capacity(filters.len());
         let mut retained = Vec::new();
         for f in filters {
-            let code = if f.path.starts_with("$share/") {
-                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-            } else if !topic::valid_filter(&f.path) {
-                reason::TOPIC_FILTER_INVALID
+            // `$share/GROUP/FILTER`: rights and routing follow FILTER.
+            let share = shared::parse(&f.path);
+            let filter = match share {
+                Some(Ok((_, filter))) => filter,
+                _ => f.path.as_str(),
+            };
+            if matches!(share, Some(Ok(_))) && f.no_local {
+                // MQTT-3.8.3-4.
+                return Err(Close::Server(reason::PROTOCOL_ERROR, "shared_no_local"));
+            }
+            let refused = if matches!(share, Some(Err(()))) || !topic::valid_filter(filter) {
+                Some(reason::TOPIC_FILTER_INVALID)
             } else if self.session.subs.len() >= self.broker.config.max_subscriptions
                 && !self.session.subs.iter().any(|s| s.filter == f.path)
             {
-                reason::QUOTA_EXCEEDED
+                Some(reason::QUOTA_EXCEEDED)
             } else if !self
                 .broker
                 .cx
                 .auth
-                .authorize(&self.identity, Action::Subscribe, &f.path)
+                .authorize(&self.identity, Action::Subscribe, filter)
                 .allowed()
             {
-                reason::NOT_AUTHORIZED
+                Some(reason::NOT_AUTHORIZED)
+            } else if let Some(Ok((name, filter))) = share {
+                // Beyond `max_shared_groups`: no room for another group.
+                let log = &self.broker.cx.log;
+                let group = self.broker.shared.hold(log, name, filter, &self.client_id);
+                group.is_none().then_some(reason::QUOTA_EXCEEDED)
             } else {
-                let granted = f.qos.min(1);
+                None
+            };
+            let code = if let Some(code) = refused {
+                code
+            } else {
+                let granted = f.qos.min(2);
                 let sub = Sub {
                     filter: f.path.clone(),
                     qos: granted,
@@ -340,7 +391,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                         false
                     }
                 };
-                if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
+                // A shared subscription gets no retained messages (MQTT 4.8.2).
+                let wants_retained = f.retain_handling == 0 || (f.retain_handling == 1 && !existed);
+                if share.is_none() && wants_retained {
                     retained.push((f.path.clone(), granted));
                 }
                 granted
@@ -350,6 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             }
             codes.push(code);
         }
+        self.attach_shared();
         self.rebuild_tails(false);
         self.save_now().await;
         self.send(Out::SubAck(pkid, codes));
@@ -369,6 +423,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             }
         }
         self.tails.notify.notify_one();
+        Ok(())
     }
 
     async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
@@ -378,12 +433,16 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 let before = self.session.subs.len();
                 self.session.subs.retain(|s| &s.filter != f);
                 if self.session.subs.len() < before {
+                    if let Some(Ok((name, filter))) = shared::parse(f) {
+                        self.broker.shared.release(name, filter, &self.client_id);
+                    }
                     reason::SUCCESS
                 } else {
                     0x11
                 }
             })
             .collect();
+        self.attach_shared();
         self.rebuild_tails(false);
         self.save_now().await;
         self.send(Out::UnsubAck(pkid, codes));

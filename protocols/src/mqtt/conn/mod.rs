@@ -77,6 +77,14 @@ pub(super) struct Connection<S> {
     keep_alive: Option<Duration>,
     will: Option<Will>,
     aliases: HashMap<u16, String>,
+    /// v5 topic aliases we assigned on deliveries, by topic.
+    out_aliases: HashMap<String, u16>,
+    /// v5 topic aliases the client accepts on deliveries.
+    client_alias_max: u16,
+    /// A persistent session's QoS 2 delivery state changed: stored before
+    /// the next bytes go out (a PUBLISH's packet id, a PUBREL's release), so
+    /// a restart resends the same packet id and never a completed message.
+    qos2_unsaved: bool,
     send_window: usize,
     client_max_packet: usize,
     appends: VecDeque<JoinHandle<Acked>>,
@@ -98,6 +106,8 @@ pub(super) struct Connection<S> {
     qos2_pending: HashSet<u16>,
     /// Unacknowledged deliveries of a resumed session still to resend, in send order.
     resend: VecDeque<u16>,
+    /// The shared subscription groups this connection is a member of.
+    shared: Vec<deliver::SharedSub>,
 }
 
 enum Wake {
@@ -189,10 +199,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             client_id,
             identity,
             session,
-            keep_alive: (connect.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
+            keep_alive: Some(connect::granted_keep_alive(&broker, &connect))
+                .filter(|k| *k > 0)
+                .map(|k| Duration::from_millis(u64::from(k) * 1500)),
             will: connect.will.clone(),
             aliases: HashMap::new(),
+            out_aliases: HashMap::new(),
+            client_alias_max: connect.topic_alias_max,
+            qos2_unsaved: false,
             send_window: window,
             client_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
             appends: VecDeque::new(),
@@ -213,6 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             retained_queue: VecDeque::new(),
             qos2_pending: HashSet::new(),
             resend: VecDeque::new(),
+            shared: Vec::new(),
             conn_id,
             broker,
         };
@@ -221,11 +236,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 .session
                 .inflight
                 .iter()
-                .map(|(pkid, (seq, _))| (*seq, *pkid))
+                .map(|(pkid, f)| (f.seq, *pkid))
                 .collect();
             order.sort_unstable();
             h.resend = order.into_iter().map(|(_, pkid)| pkid).collect();
         }
+        h.attach_shared();
         // A resumed session has a cursor for every partition that existed when
         // it subscribed: partitions without one came later, so start at their start.
         h.rebuild_tails(present);
@@ -386,6 +402,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         if self.out.is_empty() {
             return Ok(());
         }
+        if self.qos2_unsaved {
+            self.save_now().await;
+        }
         let bytes = self.out.split().freeze();
         tokio::select! {
             r = tokio::time::timeout(WRITE_STALL, self.writer.send(bytes)) => match r {
@@ -402,9 +421,48 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         codec::encode(packet, self.version, &mut self.out);
     }
 
+    /// A delivery is acknowledged (PUBACK, PUBCOMP, or a refusing PUBREC):
+    /// its packet id and its place in the window are free.
+    fn delivery_done(&mut self, pkid: u16) {
+        if let Some(f) = self.session.inflight.remove(&pkid) {
+            self.shared_has(&f);
+            self.resend.retain(|p| *p != pkid);
+            self.dirty = true;
+            if f.qos == 2 {
+                self.qos2_changed();
+            }
+            self.tails.notify.notify_one();
+        }
+    }
+
+    /// The client has a shared subscription's message: its group is told.
+    fn shared_has(&self, f: &session::Pending) {
+        if let (
+            Some(group),
+            session::Inflight::Log {
+                topic,
+                partition,
+                offset,
+            },
+        ) = (&f.shared, &f.at)
+        {
+            group.ack(self.conn_id, &(topic.clone(), *partition, *offset));
+        }
+    }
+
+    /// QoS 2 delivery state changed; a persistent session stores it before
+    /// more bytes go out.
+    fn qos2_changed(&mut self) {
+        self.dirty = true;
+        if self.session.expiry > 0 {
+            self.qos2_unsaved = true;
+        }
+    }
+
     /// Stores a persistent session now (subscription changes are acknowledged
     /// only once stored).
     async fn save_now(&mut self) {
+        self.qos2_unsaved = false;
         if self.session.expiry > 0 {
             self.dirty = false;
             if let Err(e) =
@@ -433,6 +491,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             }
         };
         // The last bytes (acks, DISCONNECT) go out even though kick/shutdown fired.
+        if self.qos2_unsaved {
+            self.save_now().await;
+        }
         if !self.out.is_empty() {
             let bytes = self.out.split().freeze();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.writer.send(bytes)).await;
@@ -447,6 +508,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             writer.abort();
         }
         self.tails.watchers.drain(..).for_each(|w| w.abort());
+        // Shared subscriptions: what the client has not acknowledged goes to
+        // the group's other members (a QoS 2 message past PUBREC stays here,
+        // for its PUBREL).
+        for s in std::mem::take(&mut self.shared) {
+            s.group.leave(self.conn_id);
+        }
+        self.session
+            .inflight
+            .retain(|_, f| f.shared.is_none() || f.released);
         // Appends still in flight settle the QoS 2 state the session keeps.
         for h in std::mem::take(&mut self.appends) {
             if let Ok(Ok(acked)) = tokio::time::timeout(Duration::from_secs(10), h).await {
@@ -484,6 +554,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             if mine {
                 if expiry == 0 {
                     slots.remove(&self.client_id);
+                    self.broker.shared.release_all(
+                        &self.client_id,
+                        self.session.subs.iter().map(|s| s.filter.as_str()),
+                    );
                     now_will = will;
                 } else if let Some(slot) = slots.get_mut(&self.client_id) {
                     slot.owner = None;
