@@ -179,6 +179,8 @@ pub struct Server {
     metrics: Arc<MqttMetrics>,
     sessions: SessionStore,
     shared: shared::Groups,
+    /// The latest `$SYS/broker/...` statistics.
+    sys: watch::Sender<sys::Snapshot>,
     next_conn: AtomicU64,
     /// Topics holding a retained message (bounded by `max_retained`).
     retained: Mutex<HashSet<String>>,
@@ -220,6 +222,7 @@ impl Server {
         let broker = Arc::new(Server {
             router,
             shared,
+            sys: sys::channel().0,
             cx,
             config,
             metrics,

@@ -6,7 +6,7 @@
 //! key `a/b/c`, header `mqtt.topic`. `[[mqtt.routes]]` map a filter to another log topic and a key
 //! template; the first matching route wins. Topics whose first level is no
 //! log topic name go to `mqtt.default_topic` (key: the whole MQTT topic),
-//! `$SYS/...` to the node's own `mqtt.sys`.
+//! `$SYS/...` is the node's own (not in the log; see `super::sys`).
 
 use tributary_storage::topic::validate_name;
 
@@ -21,9 +21,6 @@ pub use tributary_devices::acl::{matches, overlap, valid_filter};
 pub fn is_sys(topic: &str) -> bool {
     topic == "$SYS" || topic.starts_with("$SYS/")
 }
-
-/// The log topic of `$SYS/...` (one partition, kept an hour: see `sys.rs`).
-pub const SYS_LOG_TOPIC: &str = "mqtt.sys";
 
 /// One `[[mqtt.routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,9 +105,6 @@ impl Router {
     /// else the default topic. The key is the whole MQTT topic unless a
     /// route's template says otherwise.
     pub fn target(&self, topic: &str) -> (String, String) {
-        if is_sys(topic) {
-            return (SYS_LOG_TOPIC.to_owned(), topic.to_owned());
-        }
         if let Some(r) = self.routes.iter().find(|r| matches(topic, &r.filter)) {
             return (r.topic.clone(), r.key_for(topic));
         }
@@ -130,7 +124,7 @@ impl Router {
         }
         let mut out: Vec<String> = Vec::new();
         if first == "$SYS" {
-            out.push(SYS_LOG_TOPIC.to_owned());
+            // The node's statistics are not in the log (see `sys.rs`).
         } else if validate_name(first).is_ok() {
             out.push(first.to_owned());
         } else {
@@ -233,11 +227,7 @@ mod tests {
             assert_eq!(r.target(name), t("mqtt", name));
         }
         assert_eq!(r.sources("/leading/#"), Some(vec!["mqtt".into()]));
-        assert_eq!(
-            r.target("$SYS/broker/uptime"),
-            t("mqtt.sys", "$SYS/broker/uptime")
-        );
-        assert_eq!(r.sources("$SYS/#"), Some(vec!["mqtt.sys".into()]));
+        assert_eq!(r.sources("$SYS/#"), Some(vec![]));
         assert_eq!(
             r.sources("factory/+/+/temp"),
             Some(vec!["factory".into(), "temps".into()])

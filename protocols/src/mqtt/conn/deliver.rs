@@ -23,6 +23,11 @@ const READ_RECORDS: usize = 256;
 /// Bytes read from one partition per delivery pass.
 const READ_BYTES: usize = 256 * 1024;
 
+/// A filter that can match `$SYS/...` (wildcards at the first level cannot).
+pub(super) fn is_sys_filter(filter: &str) -> bool {
+    filter == "$SYS" || filter.starts_with("$SYS/")
+}
+
 /// A shared subscription this connection is a member for.
 #[derive(Clone)]
 pub(super) struct SharedSub {
@@ -149,6 +154,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 }
             }));
         }
+        if self.session.subs.iter().any(|s| is_sys_filter(&s.filter)) {
+            let mut rx = self.broker.sys.subscribe();
+            let notify = self.tails.notify.clone();
+            self.tails.watchers.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    notify.notify_one();
+                }
+            }));
+        }
         // New topics may bring new sources: wildcard filters tail every topic,
         // and a filter's own topic may not exist yet. Otherwise nothing to watch.
         if all || missing {
@@ -200,6 +214,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 self.send_publish(p, None, None);
             }
         }
+        self.deliver_sys();
         self.deliver_shared();
         if self.session.subs.is_empty() || self.tails.sources.is_empty() {
             return;
@@ -416,6 +431,45 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             self.out_aliases.insert(topic, a);
         }
         Some(encoded)
+    }
+
+    /// Sends the `$SYS` statistics that changed since this connection last
+    /// sent them, at QoS 0; the first value of a topic goes as retained.
+    fn deliver_sys(&mut self) {
+        if !self.session.subs.iter().any(|s| is_sys_filter(&s.filter)) {
+            return;
+        }
+        let snapshot = self.broker.sys.borrow().clone();
+        for (topic, value) in snapshot.iter() {
+            if self.sys_sent.get(topic) == Some(value) {
+                continue;
+            }
+            let matching: Vec<&session::Sub> = self
+                .session
+                .subs
+                .iter()
+                .filter(|s| is_sys_filter(&s.filter) && topic::matches(topic, &s.filter))
+                .collect();
+            if matching.is_empty() {
+                continue;
+            }
+            let publish = PublishOut {
+                topic: topic.clone(),
+                alias: None,
+                qos: 0,
+                retain: !self.sys_sent.contains_key(topic),
+                dup: false,
+                pkid: 0,
+                payload: Bytes::from(value.clone().into_bytes()),
+                props: codec::MsgProps::default(),
+                sub_ids: matching
+                    .iter()
+                    .filter_map(|s| s.id.map(|i| i as usize))
+                    .collect(),
+            };
+            self.send_publish(publish, None, None);
+            self.sys_sent.insert(topic.clone(), value.clone());
+        }
     }
 
     /// Delivers what this connection's shared subscription groups hand it,

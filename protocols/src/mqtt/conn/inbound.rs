@@ -395,6 +395,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 let wants_retained = f.retain_handling == 0 || (f.retain_handling == 1 && !existed);
                 if share.is_none() && wants_retained {
                     retained.push((f.path.clone(), granted));
+                    // `$SYS` values count as retained: sent again, current.
+                    self.sys_sent.retain(|t, _| !topic::matches(t, &f.path));
                 }
                 granted
             };

@@ -108,6 +108,8 @@ pub(super) struct Connection<S> {
     resend: VecDeque<u16>,
     /// The shared subscription groups this connection is a member of.
     shared: Vec<deliver::SharedSub>,
+    /// `$SYS` values sent, by topic (a handful: see `sys.rs`).
+    sys_sent: HashMap<String, String>,
 }
 
 enum Wake {
@@ -228,6 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             qos2_pending: HashSet::new(),
             resend: VecDeque::new(),
             shared: Vec::new(),
+            sys_sent: HashMap::new(),
             conn_id,
             broker,
         };
