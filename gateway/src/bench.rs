@@ -331,7 +331,8 @@ pub async fn mqtt(args: MqttBenchArgs) -> anyhow::Result<Report> {
     let qos = match args.qos {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
-        q => bail!("--qos must be 0 or 1, got {q}"),
+        2 => QoS::ExactlyOnce,
+        q => bail!("--qos must be 0, 1 or 2, got {q}"),
     };
     let payload: bytes::Bytes = (0..args.payload)
         .map(|i| b'a' + (i % 26) as u8)
@@ -344,40 +345,55 @@ pub async fn mqtt(args: MqttBenchArgs) -> anyhow::Result<Report> {
     // rumqttc refuses packets over 10 KiB by default.
     let max_packet = (args.payload + args.topic.len() + 64).max(10 * 1024);
 
+    // Subscribers first, so they see every message of the run.
+    let filter = match &args.share {
+        Some(group) => format!("$share/{group}/{}/#", args.topic),
+        None => format!("{}/#", args.topic),
+    };
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut subscribers = Vec::with_capacity(args.subscribers);
+    for i in 0..args.subscribers {
+        let id = format!("tributary-bench-sub-{}-{i}", std::process::id());
+        let (client, eventloop) = mqtt_session(&args, id, max_packet, 1000, inflight).await?;
+        client.subscribe(filter.clone(), qos).await?;
+        subscribers.push((client, eventloop));
+    }
+
     // Connect every session before the clock starts.
     let mut connections = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let id = format!("tributary-bench-{}-{i}", std::process::id());
-        let mut options = MqttOptions::new(id, args.host.clone(), args.port);
-        options
-            .set_inflight(args.inflight)
-            .set_request_channel_capacity(channel_capacity)
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(max_packet, max_packet);
-        let (client, mut eventloop) = AsyncClient::new(options, channel_capacity);
-        let connected = tokio::time::timeout(MQTT_CONNECT_TIMEOUT, async {
+        let (client, eventloop) =
+            mqtt_session(&args, id, max_packet, channel_capacity, inflight).await?;
+        connections.push((client, eventloop, format!("{}/{i}", args.topic)));
+    }
+
+    let mut subscribed = Vec::new();
+    for (client, mut eventloop) in subscribers {
+        let delivered = delivered.clone();
+        // SUBACK before the clock starts; then count until the deadline is set.
+        let suback = tokio::time::timeout(MQTT_CONNECT_TIMEOUT, async {
             loop {
-                if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
                     return Ok::<_, rumqttc::ConnectionError>(());
                 }
             }
         })
         .await;
-        match connected {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("connection {i} to mqtt://{}:{}: {e}", args.host, args.port),
-            Err(_) => bail!(
-                "connection {i} to mqtt://{}:{}: no CONNACK within {:?}",
-                args.host,
-                args.port,
-                MQTT_CONNECT_TIMEOUT
-            ),
+        if !matches!(suback, Ok(Ok(()))) {
+            bail!("a subscriber got no SUBACK for `{filter}`");
         }
-        connections.push((client, eventloop, format!("{}/{i}", args.topic)));
+        subscribed.push(tokio::spawn(async move {
+            let _client = client;
+            while let Ok(ev) = eventloop.poll().await {
+                if let Event::Incoming(Packet::Publish(_)) = ev {
+                    delivered.fetch_add(1, Relaxed);
+                }
+            }
+        }));
     }
-
     let before = args.server_pid.map(proc_sample).transpose()?;
+    let delivered_before = delivered.load(Relaxed);
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + args.duration);
     let workers: Vec<_> = connections
@@ -393,6 +409,10 @@ pub async fn mqtt(args: MqttBenchArgs) -> anyhow::Result<Report> {
     // Sample the server when counting stops, before the connections drain and close.
     let after = args.server_pid.map(proc_sample).transpose()?;
     let elapsed = started.elapsed();
+    let delivered = delivered.load(Relaxed) - delivered_before;
+    for s in subscribed {
+        s.abort();
+    }
 
     let mut latencies = Vec::new();
     let mut events = 0;
@@ -407,6 +427,20 @@ pub async fn mqtt(args: MqttBenchArgs) -> anyhow::Result<Report> {
         }
     }
     latencies.sort_unstable();
+    if args.subscribers > 0 {
+        // Deliveries are what is counted; publishes (acknowledged) are the requests.
+        return Ok(Report {
+            target: "mqtt",
+            counted: "delivered",
+            events: delivered,
+            requests: events,
+            errors,
+            payload_bytes: delivered * args.payload as u64,
+            elapsed,
+            latencies,
+            server: before.zip(after),
+        });
+    }
     Ok(Report {
         target: "mqtt",
         counted: if qos == QoS::AtMostOnce {
@@ -422,6 +456,42 @@ pub async fn mqtt(args: MqttBenchArgs) -> anyhow::Result<Report> {
         latencies,
         server: before.zip(after),
     })
+}
+
+/// A connected `bench mqtt` session (clean, 3.1.1).
+async fn mqtt_session(
+    args: &MqttBenchArgs,
+    id: String,
+    max_packet: usize,
+    channel_capacity: usize,
+    inflight: usize,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let mut options = MqttOptions::new(id, args.host.clone(), args.port);
+    options
+        .set_inflight(u16::try_from(inflight).unwrap_or(u16::MAX))
+        .set_request_channel_capacity(channel_capacity)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(max_packet, max_packet);
+    let (client, mut eventloop) = AsyncClient::new(options, channel_capacity);
+    let connected = tokio::time::timeout(MQTT_CONNECT_TIMEOUT, async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                return Ok::<_, rumqttc::ConnectionError>(());
+            }
+        }
+    })
+    .await;
+    match connected {
+        Ok(Ok(())) => Ok((client, eventloop)),
+        Ok(Err(e)) => bail!("mqtt://{}:{}: {e}", args.host, args.port),
+        Err(_) => bail!(
+            "mqtt://{}:{}: no CONNACK within {:?}",
+            args.host,
+            args.port,
+            MQTT_CONNECT_TIMEOUT
+        ),
+    }
 }
 
 /// One `bench mqtt` connection: publishes while fewer than `inflight` are
@@ -468,13 +538,11 @@ async fn mqtt_connection(
                     *slot = Some(Instant::now());
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+            Ok(Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid })))
+            | Ok(Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid }))) => {
                 outstanding = outstanding.saturating_sub(1);
                 w.counted += 1;
-                if let Some(t0) = sent_at
-                    .get_mut(usize::from(ack.pkid))
-                    .and_then(Option::take)
-                {
+                if let Some(t0) = sent_at.get_mut(usize::from(pkid)).and_then(Option::take) {
                     w.samples.record(t0.elapsed());
                 }
             }
@@ -495,7 +563,7 @@ async fn mqtt_connection(
                     Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
                         outstanding -= 1;
                     }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => outstanding -= 1,
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => outstanding -= 1,
                     Ok(_) => {}
                     Err(_) => return,
                 }

@@ -442,8 +442,8 @@ pub struct MqttBenchArgs {
     /// Bytes per message payload.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
-    /// QoS of every publish: 1 counts PUBACKs, 0 counts publishes written.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// QoS of every publish: 2 counts PUBCOMPs, 1 PUBACKs, 0 publishes written.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
     /// How long to run, e.g. 10s, 500ms, 1m.
     #[arg(long, short, default_value = "10s", value_parser = parse_duration)]
@@ -454,6 +454,14 @@ pub struct MqttBenchArgs {
     /// Sample this process's CPU time and RSS during the run (the server's pid).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Subscriber connections to `{topic}/#` (at `--qos`, at most 1 each way
+    /// for QoS 0/1): the run then counts messages delivered to them.
+    #[arg(long, default_value_t = 0)]
+    pub subscribers: usize,
+    /// With `--subscribers`: they share `$share/GROUP/{topic}/#` (each
+    /// message to one of them) instead of each getting every message.
+    #[arg(long)]
+    pub share: Option<String>,
 }
 
 /// Options of `bench amqp`.
