@@ -85,8 +85,6 @@ pub mod reason {
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     /// Payload format invalid.
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
-    /// Shared subscriptions not supported.
-    pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
 }
 
 /// Message properties (MQTT 5; empty for 3.1.1).

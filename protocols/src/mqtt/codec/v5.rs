@@ -215,7 +215,6 @@ fn suback_v5(code: u8) -> v5::SubscribeReasonCode {
         reason::TOPIC_FILTER_INVALID => R::TopicFilterInvalid,
         reason::PACKET_ID_IN_USE => R::PkidInUse,
         reason::QUOTA_EXCEEDED => R::QuotaExceeded,
-        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED => R::SharedSubscriptionsNotSupported,
         _ => R::Unspecified,
     }
 }
@@ -256,7 +255,7 @@ pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, String
                     user_properties: Vec::new(),
                     wildcard_subscription_available: Some(1),
                     subscription_identifiers_available: Some(1),
-                    shared_subscription_available: Some(0),
+                    shared_subscription_available: Some(1),
                     server_keep_alive: props.server_keep_alive,
                     response_information: props.response_information,
                     server_reference: None,

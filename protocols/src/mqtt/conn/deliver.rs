@@ -282,9 +282,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 };
                 let qos = d.qos.min(granted);
                 // Sent before a restart: a QoS 2 delivery was completed or is
-                // resent from the session's inflight; QoS 0/1 go again as DUP.
+                // resent from the session's inflight, a QoS 0 one is not sent
+                // twice; QoS 1 goes again (unless acknowledged: not known), as DUP.
                 let replayed = r.offset < replay_until;
-                if replayed && qos == 2 {
+                if replayed && qos != 1 {
                     next = r.offset + 1;
                     continue;
                 }

@@ -408,6 +408,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         self.attach_shared();
         self.rebuild_tails(false);
         self.save_now().await;
+        if !self.shared.is_empty() {
+            // A new group's starting cursor is durable before SUBACK.
+            self.broker.shared.save(&self.broker.cx.log).await;
+        }
         self.send(Out::SubAck(pkid, codes));
         if !retained.is_empty() {
             // One scan of the retained topics per SUBSCRIBE; a topic is queued
