@@ -420,3 +420,107 @@ async fn read5(s: &mut TcpStream, buf: &mut BytesMut) -> raw5::Packet {
         assert!(n > 0, "closed");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_in_the_same_read_as_disconnect_are_stored() {
+    let node = InProcessNode::start("").await;
+    for round in 0..20 {
+        let (mut c, _) = Raw::connect(node.mqtt, &format!("last-words-{round}"), true).await;
+        // QoS 0, QoS 1 and a retained clear, then DISCONNECT: one write, so
+        // the node reads them together (the PUBACK is never waited for).
+        let mut b = BytesMut::new();
+        raw4::Publish::new("lw/a", QoS::AtMostOnce, format!("q0-{round}"))
+            .write(&mut b)
+            .expect("encode");
+        let mut q1 = raw4::Publish::new("lw/b", QoS::AtLeastOnce, format!("q1-{round}"));
+        q1.pkid = 1;
+        q1.write(&mut b).expect("encode");
+        raw4::Disconnect.write(&mut b).expect("encode");
+        c.s.write_all(&b).await.expect("write");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.s.read_to_end(&mut rest)).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stored = common::stored_values(&node.url, "lw").await;
+        let missing: Vec<String> = (0..20)
+            .flat_map(|r| [format!("q0-{r}"), format!("q1-{r}")])
+            .filter(|v| !stored.contains_key(v.as_bytes()))
+            .collect();
+        if missing.is_empty() {
+            assert!(stored.values().all(|n| *n == 1), "stored once each");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stored: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_publishes_count_against_receive_maximum_until_pubcomp() {
+    let node = InProcessNode::start("[mqtt]\nmax_inflight = 4\n").await;
+    let mut b = BytesMut::new();
+    raw5::Connect {
+        keep_alive: 30,
+        client_id: "flow2".into(),
+        clean_start: true,
+        properties: None,
+    }
+    .write(&None, &None, &mut b)
+    .expect("encode");
+    let mut s = TcpStream::connect(node.mqtt).await.expect("connect");
+    s.write_all(&b).await.expect("write");
+    let mut buf = BytesMut::new();
+    match read5(&mut s, &mut buf).await {
+        raw5::Packet::ConnAck(a) => assert_eq!(
+            a.properties.and_then(|p| p.receive_max),
+            Some(4),
+            "our receive maximum"
+        ),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    // Four QoS 2 publishes, each PUBREC'd, none released: all four still count.
+    for pkid in 1..=4u16 {
+        let mut p = raw5::Publish::new(
+            "flow/x",
+            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+            b"v".to_vec(),
+            None,
+        );
+        p.pkid = pkid;
+        let mut b = BytesMut::new();
+        p.write(&mut b).expect("encode");
+        s.write_all(&b).await.expect("write");
+        assert!(matches!(read5(&mut s, &mut buf).await, raw5::Packet::PubRec(r) if r.pkid == pkid));
+    }
+    // Releasing one frees one place.
+    let mut b = BytesMut::new();
+    raw5::PubRel::new(1, None).write(&mut b).expect("encode");
+    s.write_all(&b).await.expect("write");
+    assert!(matches!(read5(&mut s, &mut buf).await, raw5::Packet::PubComp(c) if c.pkid == 1));
+    for pkid in [5u16, 6] {
+        let mut p = raw5::Publish::new(
+            "flow/x",
+            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+            b"v".to_vec(),
+            None,
+        );
+        p.pkid = pkid;
+        let mut b = BytesMut::new();
+        p.write(&mut b).expect("encode");
+        s.write_all(&b).await.expect("write");
+    }
+    // The 5th fits (1 released); the 6th exceeds: DISCONNECT 0x93, last.
+    let mut rest = buf.to_vec();
+    let r = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the node closes the connection");
+    assert!(
+        rest.ends_with(&[0xE0, 0x01, 0x93]),
+        "ends with DISCONNECT 0x93: {rest:02x?}"
+    );
+    node.stop().await;
+}

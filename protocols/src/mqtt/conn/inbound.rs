@@ -53,16 +53,22 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
     pub(super) async fn read_packets(&mut self) -> Result<(), Close> {
         let max = self.broker.config.max_packet_bytes;
         loop {
-            match codec::decode(&mut self.buf, self.version, max) {
-                Ok(Some(packet)) => self.packet(packet).await?,
+            let close = match codec::decode(&mut self.buf, self.version, max) {
+                Ok(Some(packet)) => self.packet(packet).await.err(),
                 Ok(None) => break,
                 Err(DecodeError::TooLarge { .. }) => {
-                    return Err(Close::Server(reason::PACKET_TOO_LARGE, "packet_too_large"))
+                    Some(Close::Server(reason::PACKET_TOO_LARGE, "packet_too_large"))
                 }
                 Err(DecodeError::Protocol { why, .. }) => {
-                    return Err(Close::Server(reason::PROTOCOL_ERROR, why))
+                    Some(Close::Server(reason::PROTOCOL_ERROR, why))
                 }
-                Err(_) => return Err(Close::Server(reason::MALFORMED, "malformed_packet")),
+                Err(_) => Some(Close::Server(reason::MALFORMED, "malformed_packet")),
+            };
+            if let Some(close) = close {
+                // What came before the end (a DISCONNECT right after its
+                // publishes, in the same read) is still appended.
+                self.flush_batch();
+                return Err(close);
             }
             if self.out.len() >= OUT_HIGH_WATER {
                 self.flush_batch();
@@ -178,8 +184,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         m.publishes[usize::from(p.qos.min(2))].fetch_add(1, Relaxed);
         if p.qos > 0 {
             self.unacked_in += 1;
+            // v5 flow control counts a QoS 2 publish until PUBCOMP: those
+            // past PUBREC and waiting for PUBREL count too (a resend of one
+            // of them is no new publish).
+            let resent = p.qos == 2 && self.session.qos2.contains(&p.pkid);
+            let released_pending = self.session.qos2.len() - usize::from(resent);
             if self.version == Version::V5
-                && self.unacked_in > usize::from(self.broker.config.max_inflight)
+                && self.unacked_in + released_pending > usize::from(self.broker.config.max_inflight)
             {
                 return Err(Close::Server(
                     reason::RECEIVE_MAXIMUM_EXCEEDED,

@@ -588,8 +588,34 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         if let Some(w) = now_will {
             self.broker.publish_will(&self.identity, w).await;
         }
+        if matches!(close, Close::Server(..)) {
+            // A lingering close: the client may still be sending (PUBRELs
+            // for the PUBRECs it is reading). Closing with its bytes unread
+            // would reset the connection, and a reset can throw away our
+            // DISCONNECT before the client reads it. So read and discard,
+            // briefly and boundedly, until the client closes too.
+            let mut reader = self.reader;
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                let mut left = LINGER_BYTES;
+                let _ = tokio::time::timeout(LINGER, async {
+                    while left > 0 {
+                        match reader.read(&mut sink).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => left = left.saturating_sub(n),
+                        }
+                    }
+                })
+                .await;
+            });
+        }
     }
 }
+
+/// How long a connection the server closes still reads (and discards).
+const LINGER: Duration = Duration::from_secs(2);
+/// How much a closing connection reads at most.
+const LINGER_BYTES: usize = 1024 * 1024;
 
 /// Bytes of its own a connection may buffer without the node's budget: a
 /// packet larger than this reserves its whole size before more of it is read.
