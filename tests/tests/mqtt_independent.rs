@@ -182,3 +182,20 @@ fn mqtt_js_over_websockets() {
     assert!(ok, "mqtt.js: {out}");
     assert!(out.contains("10 acknowledged and delivered"), "{out}");
 }
+
+#[test]
+#[ignore = "needs node with npm package mqtt in tests/clients (scripts/test installs it)"]
+fn mqtt_js_qos2_unusual_topics_and_a_shared_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(dir.path(), &[]);
+    let ws = format!("{}/mqtt", node.url.replacen("http://", "ws://", 1));
+    let (ok, out) = run_within(
+        Command::new("node")
+            .current_dir(clients_dir())
+            .arg("mqttjs_complete.js")
+            .arg(&ws),
+        Duration::from_secs(60),
+    );
+    assert!(ok, "mqtt.js: {out}");
+    assert!(out.contains("mqtt.js complete: 4 QoS 2 topics"), "{out}");
+}
