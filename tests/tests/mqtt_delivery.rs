@@ -74,6 +74,38 @@ impl Raw {
         }
     }
 
+    /// PUBACK for a delivery.
+    async fn puback(&mut self, pkid: u16) {
+        self.send(|b| {
+            raw4::PubAck::new(pkid).write(b).expect("encode");
+        })
+        .await;
+    }
+
+    /// PUBREC for a QoS 2 delivery.
+    async fn pubrec(&mut self, pkid: u16) {
+        self.send(|b| {
+            raw4::PubRec::new(pkid).write(b).expect("encode");
+        })
+        .await;
+    }
+
+    /// PUBREL for a QoS 2 publish.
+    async fn pubrel(&mut self, pkid: u16) {
+        self.send(|b| {
+            raw4::PubRel::new(pkid).write(b).expect("encode");
+        })
+        .await;
+    }
+
+    /// PUBCOMP for a released QoS 2 delivery.
+    async fn pubcomp(&mut self, pkid: u16) {
+        self.send(|b| {
+            raw4::PubComp::new(pkid).write(b).expect("encode");
+        })
+        .await;
+    }
+
     /// A QoS 1 publish, once acknowledged.
     async fn publish_qos1(&mut self, topic: &str, payload: &[u8]) {
         let mut m = raw4::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
@@ -117,11 +149,7 @@ async fn publish_qos2(addr: std::net::SocketAddr, topic: &str, n: usize) {
         })
         .await;
         assert!(matches!(p.next().await, raw4::Packet::PubRec(_)));
-        let rel = raw4::PubRel::new((i + 1) as u16);
-        p.send(|b| {
-            rel.write(b).expect("encode");
-        })
-        .await;
+        p.pubrel((i + 1) as u16).await;
         assert!(matches!(p.next().await, raw4::Packet::PubComp(_)));
     }
 }
@@ -149,22 +177,10 @@ async fn qos2_deliveries_keep_their_packet_id_and_state_across_restarts() {
         }
     }
     // m0 is received (PUBREC → PUBREL) and completed; m1 is received only.
-    let rec = raw4::PubRec::new(ids[0]);
-    sub.send(|b| {
-        rec.write(b).expect("encode");
-    })
-    .await;
+    sub.pubrec(ids[0]).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[0]));
-    let comp = raw4::PubComp::new(ids[0]);
-    sub.send(|b| {
-        comp.write(b).expect("encode");
-    })
-    .await;
-    let rec = raw4::PubRec::new(ids[1]);
-    sub.send(|b| {
-        rec.write(b).expect("encode");
-    })
-    .await;
+    sub.pubcomp(ids[0]).await;
+    sub.pubrec(ids[1]).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[1]));
     drop(sub);
     node.stop().await;
@@ -197,16 +213,8 @@ async fn qos2_deliveries_keep_their_packet_id_and_state_across_restarts() {
     );
     // m1 completes; m2 is received, then the node restarts again (the crash
     // case, kill -9 between the packets, is in mqtt_complete.rs).
-    let comp = raw4::PubComp::new(ids[1]);
-    sub.send(|b| {
-        comp.write(b).expect("encode");
-    })
-    .await;
-    let rec = raw4::PubRec::new(ids[2]);
-    sub.send(|b| {
-        rec.write(b).expect("encode");
-    })
-    .await;
+    sub.pubcomp(ids[1]).await;
+    sub.pubrec(ids[2]).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[2]));
     drop(sub);
     node.stop().await;
@@ -215,11 +223,7 @@ async fn qos2_deliveries_keep_their_packet_id_and_state_across_restarts() {
     let node = InProcessNode::start_in(dir.path(), Mode::Edge, "").await;
     let (mut sub, _) = Raw::connect(node.mqtt, "q2-sub", false).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[2]));
-    let comp = raw4::PubComp::new(ids[2]);
-    sub.send(|b| {
-        comp.write(b).expect("encode");
-    })
-    .await;
+    sub.pubcomp(ids[2]).await;
     assert!(sub.try_next(Duration::from_millis(500)).await.is_none());
     publish_qos2(node.mqtt, "q2/b", 1).await;
     match sub.next().await {
@@ -237,18 +241,10 @@ async fn pubrel_and_pubrec_for_unknown_ids_get_their_answers() {
     let node = InProcessNode::start("").await;
     let (mut c, _) = Raw::connect(node.mqtt, "strays", true).await;
     // A PUBREL for an id never received: PUBCOMP anyway (3.1.1 has no code).
-    let rel = raw4::PubRel::new(77);
-    c.send(|b| {
-        rel.write(b).expect("encode");
-    })
-    .await;
+    c.pubrel(77).await;
     assert!(matches!(c.next().await, raw4::Packet::PubComp(p) if p.pkid == 77));
     // A PUBREC for a delivery that does not exist: PUBREL, the flow can end.
-    let rec = raw4::PubRec::new(78);
-    c.send(|b| {
-        rec.write(b).expect("encode");
-    })
-    .await;
+    c.pubrec(78).await;
     assert!(matches!(c.next().await, raw4::Packet::PubRel(p) if p.pkid == 78));
     c.subscribe("still/#", QoS::AtLeastOnce).await;
     node.stop().await;
@@ -291,22 +287,14 @@ async fn a_shared_group_gives_each_message_to_one_member_and_survives_a_restart(
 
     // b acknowledges its own; a leaves without acknowledging: a's messages go to b.
     for x in &got_b {
-        let ack = raw4::PubAck::new(x.pkid);
-        b.send(|w| {
-            ack.write(w).expect("encode");
-        })
-        .await;
+        b.puback(x.pkid).await;
     }
     drop(a);
     let mut again = Vec::new();
     while again.len() < got_a.len() {
         match b.next().await {
             raw4::Packet::Publish(x) => {
-                let ack = raw4::PubAck::new(x.pkid);
-                b.send(|w| {
-                    ack.write(w).expect("encode");
-                })
-                .await;
+                b.puback(x.pkid).await;
                 again.push(payload(&x));
             }
             other => panic!("unexpected {other:?}"),

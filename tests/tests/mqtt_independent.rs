@@ -166,36 +166,31 @@ fn paho_publishes_and_subscribes_in_3_1_1_and_5() {
     }
 }
 
-#[test]
-#[ignore = "needs node with npm package mqtt in tests/clients (scripts/test installs it)"]
-fn mqtt_js_over_websockets() {
+/// Runs an mqtt.js script against a fresh node's `/mqtt`; its output must
+/// contain `expect`.
+fn mqtt_js(script: &str, expect: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = ChildNode::start(dir.path(), &[]);
     let ws = format!("{}/mqtt", node.url.replacen("http://", "ws://", 1));
     let (ok, out) = run_within(
         Command::new("node")
             .current_dir(clients_dir())
-            .arg("mqttjs_ws.js")
+            .arg(script)
             .arg(&ws),
         Duration::from_secs(60),
     );
-    assert!(ok, "mqtt.js: {out}");
-    assert!(out.contains("10 acknowledged and delivered"), "{out}");
+    assert!(ok, "mqtt.js {script}: {out}");
+    assert!(out.contains(expect), "{out}");
+}
+
+#[test]
+#[ignore = "needs node with npm package mqtt in tests/clients (scripts/test installs it)"]
+fn mqtt_js_over_websockets() {
+    mqtt_js("mqttjs_ws.js", "10 acknowledged and delivered");
 }
 
 #[test]
 #[ignore = "needs node with npm package mqtt in tests/clients (scripts/test installs it)"]
 fn mqtt_js_qos2_unusual_topics_and_a_shared_group() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = ChildNode::start(dir.path(), &[]);
-    let ws = format!("{}/mqtt", node.url.replacen("http://", "ws://", 1));
-    let (ok, out) = run_within(
-        Command::new("node")
-            .current_dir(clients_dir())
-            .arg("mqttjs_complete.js")
-            .arg(&ws),
-        Duration::from_secs(60),
-    );
-    assert!(ok, "mqtt.js: {out}");
-    assert!(out.contains("mqtt.js complete: 4 QoS 2 topics"), "{out}");
+    mqtt_js("mqttjs_complete.js", "mqtt.js complete: 4 QoS 2 topics");
 }
