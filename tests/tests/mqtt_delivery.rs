@@ -512,3 +512,52 @@ async fn qos2_publishes_count_against_receive_maximum_until_pubcomp() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_group_keeps_each_topic_with_one_member() {
+    let node = InProcessNode::start("[mqtt]\nshared_policy = \"sticky\"\n").await;
+    let (mut a, _) = Raw::connect(node.mqtt, "sticky-a", true).await;
+    let (mut b, _) = Raw::connect(node.mqtt, "sticky-b", true).await;
+    a.subscribe("$share/s/st/#", QoS::AtLeastOnce).await;
+    b.subscribe("$share/s/st/#", QoS::AtLeastOnce).await;
+    let (mut p, _) = Raw::connect(node.mqtt, "sticky-pub", true).await;
+    let topics: Vec<String> = (0..8).map(|t| format!("st/{t}")).collect();
+    for round in 0..5 {
+        for t in &topics {
+            p.publish_qos1(t, format!("{t}#{round}").as_bytes()).await;
+        }
+    }
+    // Who got which topic, and in which order.
+    let mut by_member: Vec<Vec<(String, String)>> = vec![Vec::new(), Vec::new()];
+    while by_member[0].len() + by_member[1].len() < 40 {
+        let (m, x) = tokio::select! {
+            Some(raw4::Packet::Publish(x)) = a.try_next(WAIT) => (0, x),
+            Some(raw4::Packet::Publish(x)) = b.try_next(WAIT) => (1, x),
+            else => panic!("deliveries stopped"),
+        };
+        let conn = if m == 0 { &mut a } else { &mut b };
+        conn.puback(x.pkid).await;
+        by_member[m].push((
+            x.topic.clone(),
+            String::from_utf8_lossy(&x.payload).into_owned(),
+        ));
+    }
+    for t in &topics {
+        let holders: Vec<usize> = (0..2)
+            .filter(|&m| by_member[m].iter().any(|(tt, _)| tt == t))
+            .collect();
+        assert_eq!(holders.len(), 1, "{t} went to one member: {by_member:?}");
+        let rounds: Vec<&str> = by_member[holders[0]]
+            .iter()
+            .filter(|(tt, _)| tt == t)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let want: Vec<String> = (0..5).map(|r| format!("{t}#{r}")).collect();
+        assert_eq!(rounds, want, "{t} in order");
+    }
+    assert!(
+        !by_member[0].is_empty() && !by_member[1].is_empty(),
+        "8 topics spread over both members"
+    );
+    node.stop().await;
+}
