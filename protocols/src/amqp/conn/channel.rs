@@ -49,6 +49,31 @@ impl Channel {
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
     /// Sends channel.close and drops the channel's state until close-ok.
+    /// May this connection's device publish to `subject`? If not, the
+    /// channel closes with 403 ACCESS_REFUSED naming `doing` (counted).
+    pub(super) fn may_publish(
+        &mut self,
+        ch: u16,
+        subject: &str,
+        doing: &str,
+        m: Option<&AMQPClass>,
+    ) -> bool {
+        let auth = &self.server.cx.auth;
+        if auth
+            .authorize(&self.identity, Action::Publish, subject)
+            .allowed()
+        {
+            return true;
+        }
+        self.server.metrics.reject("not_authorized");
+        let text = format!(
+            "ACCESS_REFUSED - {doing} '{subject}' is not authorized for {}",
+            self.identity.id
+        );
+        self.close_channel(ch, code::ACCESS_REFUSED, text, m);
+        false
+    }
+
     pub(super) fn close_channel(
         &mut self,
         ch: u16,
@@ -370,23 +395,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             ok(self);
             return;
         }
-        if !self
-            .server
-            .cx
-            .auth
-            .authorize(&self.identity, Action::Publish, &name)
-            .allowed()
-        {
-            self.server.metrics.reject("not_authorized");
-            self.close_channel(
-                ch,
-                code::ACCESS_REFUSED,
-                format!(
-                    "ACCESS_REFUSED - declaring '{name}' is not authorized for {}",
-                    self.identity.id
-                ),
-                Some(m),
-            );
+        if !self.may_publish(ch, &name, "declaring", Some(m)) {
             return;
         }
         let log = &self.server.cx.log;

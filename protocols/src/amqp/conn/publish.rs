@@ -17,7 +17,6 @@ use super::confirm::Outcome;
 use super::{Connection, End};
 use crate::amqp::frame::{self, code, short};
 use crate::amqp::{mapping, Server};
-use crate::auth::Action;
 use crate::ingest::{self, Rejection};
 
 /// A batch gathered behind a waiting append goes at this size anyway.
@@ -230,23 +229,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         // For error replies only (they name the method).
         let publish_method = || AMQPClass::Basic(basic::AMQPMethod::Publish(publish.clone()));
         let subject = acl_subject(exchange, routing_key);
-        if !self
-            .server
-            .cx
-            .auth
-            .authorize(&self.identity, Action::Publish, &subject)
-            .allowed()
-        {
-            self.server.metrics.reject("not_authorized");
-            self.close_channel(
-                ch,
-                code::ACCESS_REFUSED,
-                format!(
-                    "ACCESS_REFUSED - publishing to '{subject}' is not authorized for {}",
-                    self.identity.id
-                ),
-                Some(&publish_method()),
-            );
+        if !self.may_publish(ch, &subject, "publishing to", Some(&publish_method())) {
             return;
         }
         let log = &self.server.cx.log;
