@@ -1,7 +1,10 @@
-//! Two small things every crate of ours needs, kept in one place: the wall
-//! clock in the log's unit (milliseconds since the Unix epoch), and a lock
+//! Small things every crate of ours needs, kept in one place: the wall
+//! clock in the log's unit (milliseconds since the Unix epoch), a lock
 //! that a panicked holder does not poison for everyone after it (a panic
-//! ends only its connection's task, and the state it guarded stays usable).
+//! ends only its connection's task, and the state it guarded stays usable),
+//! and reconnect delays ([`backoff`]: the edge's links and the AMQP bridges).
+
+pub mod backoff;
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};

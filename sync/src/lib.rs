@@ -18,7 +18,7 @@
 //! Nothing here speaks HTTP or knows the gateway: `gateway/` mounts
 //! [`core::SyncCore::serve`] at `/v1/sync` and runs [`edge::Uploader`].
 
-pub mod backoff;
+pub use tributary_storage::util::backoff;
 pub mod core;
 pub mod edge;
 mod metrics;

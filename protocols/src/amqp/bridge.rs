@@ -205,32 +205,3 @@ fn spawn(
     tracing::error!(bridge = %config.name, "this build has no AMQP bridge (feature `amqp-bridge`)");
     None
 }
-
-/// Full jitter: a random delay in `[0, min(max, base × 2^attempt)]`.
-pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let cap = base
-        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
-        .min(max);
-    let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(fastrand::u64(0..=millis))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_jittered_and_capped() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(5);
-        for attempt in 0..40 {
-            let cap = base.saturating_mul(1 << attempt.min(16)).min(max);
-            for _ in 0..50 {
-                assert!(backoff(attempt, base, max) <= cap);
-            }
-        }
-        // Full jitter spreads: not every draw is the cap.
-        let draws: Vec<_> = (0..100).map(|_| backoff(10, base, max)).collect();
-        assert!(draws.iter().any(|d| *d < max / 2));
-    }
-}

@@ -13,9 +13,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
+use tributary_storage::util::backoff::Backoff;
 use tributary_storage::{AppendRecord, GroupOffset, Log};
 
-use super::bridge::{backoff, BridgeConfig, BridgeStats, Direction};
+use super::bridge::{BridgeConfig, BridgeStats, Direction};
 use super::frame::short;
 use super::mapping;
 use crate::FrontendContext;
@@ -51,9 +52,11 @@ async fn timed<T, E: Into<BridgeError>>(
     }
 }
 
-/// Full jitter: a random delay in `[0, min(max, base × 2^attempt)]`.
+/// Runs one bridge until shutdown: connects, bridges, and reconnects after
+/// a delay with exponential backoff and full jitter (reset by a connection
+/// that moved messages).
 pub(super) async fn run(cx: FrontendContext, config: BridgeConfig, stats: Arc<BridgeStats>) {
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     loop {
         let session = async {
             let conn = timed(
@@ -66,8 +69,8 @@ pub(super) async fn run(cx: FrontendContext, config: BridgeConfig, stats: Arc<Br
             stats.connected.store(true, Relaxed);
             tracing::info!(bridge = %config.name, direction = config.direction.label(), "AMQP bridge connected");
             let r = match config.direction {
-                Direction::In => bridge_in(&cx.log, &config, &conn, &stats, &mut attempt).await,
-                Direction::Out => bridge_out(&cx.log, &config, &conn, &stats, &mut attempt).await,
+                Direction::In => bridge_in(&cx.log, &config, &conn, &stats, &mut backoff).await,
+                Direction::Out => bridge_out(&cx.log, &config, &conn, &stats, &mut backoff).await,
             };
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
@@ -82,8 +85,7 @@ pub(super) async fn run(cx: FrontendContext, config: BridgeConfig, stats: Arc<Br
             stats.errors.fetch_add(1, Relaxed);
             tracing::warn!(bridge = %config.name, error = %e, "AMQP bridge disconnected; reconnecting");
         }
-        let delay = backoff(attempt, config.min_backoff, config.max_backoff);
-        attempt = attempt.saturating_add(1);
+        let delay = backoff.next_delay();
         tokio::select! {
             () = cx.shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -96,7 +98,7 @@ async fn bridge_in(
     config: &BridgeConfig,
     conn: &Connection,
     stats: &BridgeStats,
-    attempt: &mut u32,
+    backoff: &mut Backoff,
 ) -> Result<(), BridgeError> {
     let channel = timed("channel.open", config.timeout, conn.create_channel()).await?;
     timed(
@@ -167,7 +169,7 @@ async fn bridge_in(
                     return Err(BridgeError::AckLost);
                 }
                 stats.messages.fetch_add(n, Relaxed);
-                *attempt = 0;
+                backoff.reset();
             }
             Err(e) => {
                 // Back to the queue; the reconnect backoff paces the retry.
@@ -191,7 +193,7 @@ async fn bridge_out(
     config: &BridgeConfig,
     conn: &Connection,
     stats: &BridgeStats,
-    attempt: &mut u32,
+    backoff: &mut Backoff,
 ) -> Result<(), BridgeError> {
     let channel = timed("channel.open", config.timeout, conn.create_channel()).await?;
     timed(
@@ -307,7 +309,7 @@ async fn bridge_out(
             )
             .await?;
             stats.messages.fetch_add(n, Relaxed);
-            *attempt = 0;
+            backoff.reset();
             moved = true;
         }
         if !moved {

@@ -2,6 +2,7 @@
 //! Backoff And Jitter"): the n-th retry waits a uniformly random time in
 //! `[0, min(max, min * 2^n)]`. Thousands of edges cut off by one core restart
 //! spread their reconnects over the whole window instead of arriving in waves.
+//! Used by the edge's links to the core and by the AMQP bridges.
 
 use std::time::Duration;
 
