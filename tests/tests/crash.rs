@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{client, create_topic, read_all, ChildNode};
+use common::{client, crash, create_topic, read_all, ChildNode};
 use serde_json::json;
 
 const TOPIC: &str = "crash";
@@ -19,13 +19,6 @@ const WRITERS: usize = 6;
 
 /// (partition, offset) → (key, value) of every acknowledged record.
 type Acked = Arc<Mutex<BTreeMap<(u32, u64), (Option<Vec<u8>>, Vec<u8>)>>>;
-
-fn cycles() -> usize {
-    std::env::var("CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-}
 
 /// Writes until the node dies: batches of 1..=40 records, binary values of
 /// random sizes (sometimes several hundred KiB, which sled stores as blobs),
@@ -130,15 +123,22 @@ fn acknowledged_records_survive_kill_9_at_random_moments() {
     let mut node = ChildNode::start(dir.path(), &[]);
     rt.block_on(create_topic(&client(), &node.url, TOPIC, PARTITIONS));
     let mut kills_with_writes_in_flight = 0;
-    for cycle in 0..cycles() {
+    for cycle in 0..crash::cycles() {
         let before = acked.lock().expect("lock").len();
         let writers: Vec<_> = (0..WRITERS)
             .map(|id| rt.spawn(writer(node.url.clone(), id, cycle, acked.clone())))
             .collect();
-        std::thread::sleep(Duration::from_millis(rng.u64(30..400)));
-        node.kill9();
-        for w in writers {
-            rt.block_on(w).expect("writer task");
+        let ended = crash::kill_during(
+            &rt,
+            &mut node,
+            &mut rng,
+            30..400,
+            writers,
+            Duration::from_secs(30),
+        );
+        for w in ended {
+            // A writer's own assertion (one offset per record, ...) fails the test.
+            w.expect("writer ended with its node").expect("writer task");
         }
         if acked.lock().expect("lock").len() > before {
             kills_with_writes_in_flight += 1;
@@ -148,7 +148,7 @@ fn acknowledged_records_survive_kill_9_at_random_moments() {
         assert!(total >= acked.lock().expect("lock").len());
     }
     assert!(
-        kills_with_writes_in_flight >= cycles() / 2,
+        kills_with_writes_in_flight >= crash::cycles() / 2,
         "most kills should land while writes are acknowledged"
     );
     // The node still takes writes after all that, at the next dense offset.

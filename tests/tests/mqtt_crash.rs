@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::ChildNode;
+use common::{crash, ChildNode};
 use rumqttc::mqttbytes::v4 as raw4;
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,13 +21,6 @@ const WINDOW: usize = 64;
 
 /// payload → acknowledged.
 type Acked = Arc<Mutex<Vec<Vec<u8>>>>;
-
-fn cycles() -> usize {
-    std::env::var("CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-}
 
 /// Publishes until the connection dies: up to WINDOW in flight, payloads of
 /// 0..2000 random bytes after a unique prefix.
@@ -91,39 +84,26 @@ fn every_pubacked_message_survives_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let acked: Acked = Arc::new(Mutex::new(Vec::new()));
     let mut rng = fastrand::Rng::with_seed(42);
-    for cycle in 0..cycles() {
+    for cycle in 0..crash::cycles() {
         let mut node = ChildNode::start(dir.path(), &[]);
         let addr = node.mqtt;
         let workers: Vec<_> = (0..PUBLISHERS)
             .map(|id| rt.spawn(publisher(addr, id, cycle, acked.clone())))
             .collect();
-        std::thread::sleep(Duration::from_millis(rng.u64(150..700)));
-        node.kill9();
-        rt.block_on(async {
-            for w in workers {
-                let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
-            }
-        });
+        crash::kill_during(
+            &rt,
+            &mut node,
+            &mut rng,
+            150..700,
+            workers,
+            Duration::from_secs(10),
+        );
     }
     let node = ChildNode::start(dir.path(), &[]);
     let have = rt.block_on(common::stored_values(&node.url, "crash"));
     let acked = acked.lock().expect("acked").clone();
-    assert!(
-        acked.len() > 1000,
-        "too few acks to prove anything: {}",
-        acked.len()
-    );
-    let missing: Vec<_> = acked.iter().filter(|p| !have.contains_key(*p)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} PUBACKed messages are missing after {} kill -9 cycles",
-        missing.len(),
-        acked.len(),
-        cycles()
-    );
     // Each payload was sent once (no resends here), so none may appear twice.
-    let doubled = have.values().filter(|&&n| n > 1).count();
-    assert_eq!(doubled, 0, "{doubled} payloads stored twice");
+    crash::assert_each_acked_stored_once(&acked, &have, "PUBACKed");
     // The node still takes publishes after all that.
     rt.block_on(async {
         let mut s = TcpStream::connect(node.mqtt).await.expect("connect");

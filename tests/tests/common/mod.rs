@@ -2,6 +2,8 @@
 //! in process, kill it, and talk to its HTTP API.
 #![allow(dead_code)]
 
+pub mod crash;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
