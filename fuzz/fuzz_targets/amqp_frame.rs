@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tributary_protocols::amqp::frame;
+use tributary_amqp::frame;
 
 fuzz_target!(|data: &[u8]| {
     let _ = frame::nesting_ok(data, 0);

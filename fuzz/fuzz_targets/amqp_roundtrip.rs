@@ -14,7 +14,7 @@ use amq_protocol::types::{
 use arbitrary::Arbitrary;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tributary_protocols::amqp::frame::{self, FrameError, MAX_NESTING};
+use tributary_amqp::frame::{self, FrameError, MAX_NESTING};
 
 #[derive(Debug, Arbitrary)]
 struct Input {

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tributary_protocols::http::records::{Format, ProduceBody, RecordOut};
+use tributary_http::records::{Format, ProduceBody, RecordOut};
 use tributary_storage::Record;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,8 +7,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tributary_protocols::mqtt::codec::{self, In, Version};
-use tributary_protocols::mqtt::{shared, topic};
+use tributary_mqtt::codec::{self, In, Version};
+use tributary_mqtt::{shared, topic};
 
 const MAX: usize = 1024 * 1024;
 

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::{v4, QoS};
 use rumqttc::v5::mqttbytes::{v5, QoS as QoS5};
-use tributary_protocols::mqtt::codec::{self, In, Version};
+use tributary_mqtt::codec::{self, In, Version};
 
 const MAX: usize = 1024 * 1024;
 

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
-use tributary_protocols::tls::{self, TlsFiles};
+use tributary_frontend::tls::{self, TlsFiles};
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.split(|&b| b == 0xFF);

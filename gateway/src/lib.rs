@@ -90,7 +90,7 @@ fn tune_allocator() {}
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    tributary_protocols::panics::install_hook();
+    tributary_frontend::panics::install_hook();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

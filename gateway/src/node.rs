@@ -12,11 +12,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use tributary_amqp as amqp;
 use tributary_devices::{Registry, RegistryConfig};
-use tributary_protocols::frontend::{self, Frontend};
-use tributary_protocols::listener::LimitedListener;
-use tributary_protocols::FrontendContext;
-use tributary_protocols::{amqp, http, mqtt, tls};
+use tributary_frontend::listener::LimitedListener;
+use tributary_frontend::tls;
+use tributary_frontend::FrontendContext;
+use tributary_frontend::{self as frontend, Frontend};
+use tributary_http as http;
+use tributary_mqtt as mqtt;
 use tributary_storage::{Error as LogError, Log};
 
 use crate::config::{AuthMode, Config, Mode};
@@ -133,7 +136,7 @@ pub async fn start(
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     let http_addr = http_listener.local_addr()?;
     let mut cx = FrontendContext::new(log.clone(), shutdown.clone(), mode.as_str());
-    cx.budget = tributary_protocols::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
+    cx.budget = tributary_frontend::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
     let registry = Arc::new(
         Registry::open(
             log.clone(),

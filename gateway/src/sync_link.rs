@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Extension;
 use tokio_util::sync::CancellationToken;
-use tributary_protocols::http::{ApiError, Router};
-use tributary_protocols::listener::ReadHold;
-use tributary_protocols::{FrontendContext, MetricsSource, Peer};
+use tributary_frontend::listener::ReadHold;
+use tributary_frontend::{FrontendContext, MetricsSource, Peer};
+use tributary_http::{ApiError, Router};
 use tributary_sync::{OnMessage, SyncCore, SyncPeer, Uploader};
 
 #[derive(Clone)]

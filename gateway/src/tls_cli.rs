@@ -209,7 +209,7 @@ mod tests {
     use rustls::server::WebPkiClientVerifier;
     use rustls::RootCertStore;
     use std::sync::Arc;
-    use tributary_protocols::tls::{certificate_identity, Tls, TlsFiles};
+    use tributary_frontend::tls::{certificate_identity, Tls, TlsFiles};
 
     fn cert(path: &Path) -> CertificateDer<'static> {
         CertificateDer::from_pem_file(path).expect("certificate PEM")

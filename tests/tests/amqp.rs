@@ -22,13 +22,13 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tributary_protocols::amqp::{self, frame, AmqpConfig};
-use tributary_protocols::auth::{
+use tributary_amqp::{self as amqp, frame, AmqpConfig};
+use tributary_devices::auth::{
     Action, Authenticator, Credentials, Decision, Denial, Identity, Refusal,
 };
-use tributary_protocols::frontend;
-use tributary_protocols::listener::LimitedListener;
-use tributary_protocols::FrontendContext;
+use tributary_frontend as frontend;
+use tributary_frontend::listener::LimitedListener;
+use tributary_frontend::FrontendContext;
 use tributary_storage::{Log, LogConfig, MemStore};
 
 /// Logins: `dev`/`secret` is in, `off`/any is a disabled device, the rest is
@@ -70,7 +70,7 @@ async fn server(core: bool, config: AmqpConfig) -> Server {
     server_with_budget(
         core,
         config,
-        tributary_protocols::budget::MemoryBudget::default(),
+        tributary_frontend::budget::MemoryBudget::default(),
     )
     .await
 }
@@ -78,7 +78,7 @@ async fn server(core: bool, config: AmqpConfig) -> Server {
 async fn server_with_budget(
     core: bool,
     config: AmqpConfig,
-    budget: tributary_protocols::budget::MemoryBudget,
+    budget: tributary_frontend::budget::MemoryBudget,
 ) -> Server {
     let store = MemStore::new();
     let log_config = LogConfig {
@@ -1169,7 +1169,7 @@ async fn announced_bodies_count_against_the_content_budget_before_they_arrive() 
 /// back when the holders leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_bodies_across_connections_draw_from_the_node_budget() {
-    let budget = tributary_protocols::budget::MemoryBudget::new(3 << 20);
+    let budget = tributary_frontend::budget::MemoryBudget::new(3 << 20);
     let s = server_with_budget(
         false,
         AmqpConfig {

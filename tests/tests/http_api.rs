@@ -12,9 +12,9 @@ use base64::Engine as _;
 use common::{client, create_topic, get, post, InProcessNode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tributary_protocols::http::{HttpConfig, OPENAPI, ROUTES};
-use tributary_protocols::listener::LimitedListener;
-use tributary_protocols::FrontendContext;
+use tributary_frontend::listener::LimitedListener;
+use tributary_frontend::FrontendContext;
+use tributary_http::{HttpConfig, OPENAPI, ROUTES};
 use tributary_storage::{Log, LogConfig, MemStore};
 
 fn error_code(body: &Value) -> &str {
@@ -572,12 +572,12 @@ async fn a_log_that_cannot_write_answers_503() {
         16,
     );
     let u = format!("http://{}", listener.local_addr().expect("addr"));
-    let server = tokio::spawn(tributary_protocols::http::serve(
+    let server = tokio::spawn(tributary_http::serve(
         listener,
         None,
         cx,
         HttpConfig::default(),
-        tributary_protocols::http::Router::new(),
+        tributary_http::Router::new(),
     ));
     let c = client();
     create_topic(&c, &u, "t", 1).await;

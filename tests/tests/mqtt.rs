@@ -16,10 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tributary_protocols::frontend;
-use tributary_protocols::listener::LimitedListener;
-use tributary_protocols::mqtt::{self, MqttConfig};
-use tributary_protocols::FrontendContext;
+use tributary_frontend as frontend;
+use tributary_frontend::listener::LimitedListener;
+use tributary_frontend::FrontendContext;
+use tributary_mqtt::{self as mqtt, MqttConfig};
 use tributary_storage::{Log, LogConfig, MemStore};
 
 const WAIT: Duration = Duration::from_secs(10);

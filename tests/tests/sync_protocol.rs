@@ -156,7 +156,7 @@ async fn mem_core(store: &MemStore) -> (String, Log, CancellationToken) {
     .expect("log");
     let core = tributary_sync::SyncCore::open(
         log.clone(),
-        Arc::new(tributary_protocols::auth::Anonymous),
+        Arc::new(tributary_devices::auth::Anonymous),
         Default::default(),
     )
     .await

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tributary_protocols::amqp::bridge::{BridgeConfig, Direction};
-use tributary_protocols::amqp::AmqpConfig;
-use tributary_protocols::http::HttpConfig;
-use tributary_protocols::mqtt::shared::Policy as SharedPolicy;
-use tributary_protocols::mqtt::{MqttConfig, Route};
+use tributary_amqp::bridge::{BridgeConfig, Direction};
+use tributary_amqp::AmqpConfig;
+use tributary_http::HttpConfig;
+use tributary_mqtt::shared::Policy as SharedPolicy;
+use tributary_mqtt::{MqttConfig, Route};
 
 use super::Config;
 
@@ -268,7 +268,7 @@ pub struct LimitsSection {
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
-            max_buffered_bytes: tributary_protocols::budget::DEFAULT_MAX_BUFFERED_BYTES,
+            max_buffered_bytes: tributary_frontend::budget::DEFAULT_MAX_BUFFERED_BYTES,
         }
     }
 }
@@ -370,10 +370,10 @@ pub(super) fn bridge_config(b: &BridgeSection) -> Result<BridgeConfig, String> {
     tributary_storage::log::validate_group(&format!("amqp-bridge-{}", b.name))
         .map_err(|e| format!("`name` makes the consumer group name invalid: {e}"))?;
     tributary_storage::topic::validate_name(&b.topic).map_err(|e| format!("`topic`: {e}"))?;
-    if !tributary_protocols::amqp::bridge::AVAILABLE {
+    if !tributary_amqp::bridge::AVAILABLE {
         return Err("this build has no AMQP bridge (cargo feature `amqp-bridge`)".into());
     }
-    tributary_protocols::amqp::bridge::validate_url(&b.url).map_err(|e| format!("`url` {e}"))?;
+    tributary_amqp::bridge::validate_url(&b.url).map_err(|e| format!("`url` {e}"))?;
     let queue = match (direction, &b.queue) {
         (Direction::In, Some(q)) if !q.is_empty() => q.clone(),
         (Direction::In, _) => return Err("`queue` is required for direction = \"in\"".into()),

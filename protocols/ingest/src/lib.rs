@@ -1,0 +1,224 @@
+//! The one append path. Every front end hands its records to the log here:
+//! records of any topics in, one outcome per record out, and a refusal typed
+//! as a [`Rejection`] that each protocol maps to its own code (an MQTT reason
+//! code, an AMQP nack, an HTTP status). The acknowledgement a front end sends
+//! waits for these outcomes, which come only once the log says durable
+//! (`docs/design.md`, section 3). Its own crate, so the sync core (which
+//! knows nothing of the protocols) appends through it too.
+
+pub mod mapping;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use tributary_storage::{AppendRecord, Error as LogError, Log, Position};
+
+/// Why the log refused records, in the terms every protocol must tell its
+/// client about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The topic does not exist (and is not created by that name).
+    UnknownTopic,
+    /// An event is larger than the topic allows.
+    TooLarge,
+    /// The node's disk quota is used up.
+    Quota,
+    /// The disk is (nearly) full.
+    DiskFull,
+    /// The log cannot write: failed for good, or shutting down.
+    Unwritable,
+}
+
+impl Rejection {
+    /// What a log error means for the client that sent the records.
+    pub fn of(e: &LogError) -> Rejection {
+        match e {
+            LogError::UnknownTopic(_) | LogError::InvalidTopic(_) => Rejection::UnknownTopic,
+            LogError::EventTooLarge { .. } => Rejection::TooLarge,
+            LogError::QuotaExceeded { .. } => Rejection::Quota,
+            LogError::DiskFull { .. } => Rejection::DiskFull,
+            _ => Rejection::Unwritable,
+        }
+    }
+
+    /// The `reason` label a refused publish is counted under.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::UnknownTopic => "unknown_topic",
+            Rejection::TooLarge => "event_too_large",
+            Rejection::Quota => "disk_quota",
+            Rejection::DiskFull => "disk_full",
+            Rejection::Unwritable => "log_unwritable",
+        }
+    }
+}
+
+/// The log refused a group of records: why, and the log's own error (shared
+/// by every record of the group).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// What it means for the client.
+    pub rejection: Rejection,
+    /// What the log said.
+    pub error: Arc<LogError>,
+}
+
+impl Refused {
+    fn new(error: LogError) -> Refused {
+        Refused {
+            rejection: Rejection::of(&error),
+            error: Arc::new(error),
+        }
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Displays as the log's error, which it stands for (so no `source`).
+impl std::error::Error for Refused {}
+
+/// One record's outcome: where it was stored, or why not.
+pub type Outcome = Result<Position, Refused>;
+
+/// Records of any topics, each with the caller's tag (what it needs to answer
+/// that record: an index, a delivery tag), gathered for one append.
+#[derive(Debug)]
+pub struct Batch<T> {
+    topics: BTreeMap<String, Vec<(T, AppendRecord)>>,
+    count: usize,
+}
+
+impl<T> Default for Batch<T> {
+    fn default() -> Self {
+        Batch {
+            topics: BTreeMap::new(),
+            count: 0,
+        }
+    }
+}
+
+impl<T> Batch<T> {
+    /// Adds a record for `topic`.
+    pub fn push(&mut self, topic: &str, tag: T, record: AppendRecord) {
+        match self.topics.get_mut(topic) {
+            Some(records) => records.push((tag, record)),
+            None => {
+                self.topics.insert(topic.to_owned(), vec![(tag, record)]);
+            }
+        }
+        self.count += 1;
+    }
+
+    /// Records gathered.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// No records gathered.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Appends a batch: each topic's records in one [`Log::append`], every topic
+/// at once (so they share a commit cycle). Outcomes come back topic by topic
+/// in name order, each topic's records in the order they were pushed; a
+/// topic's records are stored all or none.
+pub async fn append<T>(log: &Log, batch: Batch<T>) -> Vec<(T, Outcome)> {
+    let appends = batch.topics.into_iter().map(|(topic, items)| async move {
+        let (tags, records): (Vec<T>, Vec<AppendRecord>) = items.into_iter().unzip();
+        let result = append_topic(log, &topic, records).await;
+        (tags, result)
+    });
+    let mut outcomes = Vec::with_capacity(batch.count);
+    for (tags, result) in futures_util::future::join_all(appends).await {
+        match result {
+            Ok(positions) => {
+                let mut positions = positions.into_iter();
+                for tag in tags {
+                    // The log answers a position per record; were one missing,
+                    // that record is not known to be stored.
+                    let outcome = positions
+                        .next()
+                        .ok_or_else(|| Refused::new(LogError::Unwritable("no position".into())));
+                    outcomes.push((tag, outcome));
+                }
+            }
+            Err(refused) => outcomes.extend(tags.into_iter().map(|t| (t, Err(refused.clone())))),
+        }
+    }
+    outcomes
+}
+
+/// Appends one topic's records, all or none: their positions, in order.
+pub async fn append_topic(
+    log: &Log,
+    topic: &str,
+    records: Vec<AppendRecord>,
+) -> Result<Vec<Position>, Refused> {
+    log.append(topic, records).await.map_err(|e| {
+        let refused = Refused::new(e);
+        if refused.rejection == Rejection::Unwritable {
+            tracing::warn!(%topic, error = %refused, "records were not stored");
+        }
+        refused
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_storage::log::LogConfig;
+    use tributary_storage::store::MemStore;
+    use tributary_storage::topic::TopicConfig;
+    use tributary_storage::Event;
+
+    fn record(v: &str) -> AppendRecord {
+        AppendRecord::from(Event::new(v))
+    }
+
+    #[tokio::test]
+    async fn outcomes_per_record_in_order_with_the_refusal_typed() {
+        let config = LogConfig {
+            auto_create_topics: false,
+            ..LogConfig::default()
+        };
+        let log = Log::with_store(Arc::new(MemStore::new()), config).expect("log");
+        let mut small = TopicConfig::new("small", 1);
+        small.max_event_bytes = 64;
+        log.create_topic(small).await.expect("topic");
+        log.create_topic(TopicConfig::new("a", 1))
+            .await
+            .expect("topic");
+
+        let mut batch = Batch::default();
+        batch.push("a", 0, record("a0"));
+        batch.push("missing", 1, record("m"));
+        batch.push("a", 2, record("a1"));
+        batch.push("small", 3, record(&"x".repeat(200)));
+        batch.push("small", 4, record("fits"));
+        assert_eq!(batch.len(), 5);
+        let outcomes = append(&log, batch).await;
+        let got: Vec<(i32, Result<u64, Rejection>)> = outcomes
+            .into_iter()
+            .map(|(t, o)| (t, o.map(|p| p.offset).map_err(|r| r.rejection)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, Ok(0)),
+                (2, Ok(1)),
+                (1, Err(Rejection::UnknownTopic)),
+                // All or none within a topic: the record that fits is refused with it.
+                (3, Err(Rejection::TooLarge)),
+                (4, Err(Rejection::TooLarge)),
+            ]
+        );
+        assert_eq!(log.offsets("small", 0).expect("offsets"), (0, 0));
+    }
+}
