@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::Extension;
 use tokio_util::sync::CancellationToken;
 use tributary_frontend::listener::ReadHold;
-use tributary_frontend::{FrontendContext, MetricsSource, Peer};
+use tributary_frontend::{FrontendContext, Peer};
 use tributary_http::{ApiError, Router};
 use tributary_sync::{OnMessage, SyncCore, SyncPeer, Uploader};
 
@@ -76,25 +76,9 @@ async fn upgrade(
         })
 }
 
-struct CoreMetrics(SyncCore);
-
-impl MetricsSource for CoreMetrics {
-    fn render(&self, out: &mut String) {
-        self.0.render_metrics(out);
-    }
-}
-
-struct EdgeMetrics(Uploader);
-
-impl MetricsSource for EdgeMetrics {
-    fn render(&self, out: &mut String) {
-        self.0.render_metrics(out);
-    }
-}
-
 /// Shows the core's edges in `/metrics`, `/v1/stats` and the dashboard.
 pub fn register_core(cx: &FrontendContext, core: &SyncCore) {
-    cx.metrics.register(Arc::new(CoreMetrics(core.clone())));
+    cx.metrics.register(Arc::new(core.clone()));
     let c = core.clone();
     cx.stats.register("sync", Arc::new(move || c.stats()));
     let c = core.clone();
@@ -104,7 +88,7 @@ pub fn register_core(cx: &FrontendContext, core: &SyncCore) {
 
 /// Shows the edge's forwarding lag in `/metrics`, `/v1/stats` and the dashboard.
 pub fn register_edge(cx: &FrontendContext, up: &Uploader) {
-    cx.metrics.register(Arc::new(EdgeMetrics(up.clone())));
+    cx.metrics.register(Arc::new(up.clone()));
     let u = up.clone();
     cx.stats.register("sync", Arc::new(move || u.stats()));
 }

@@ -1,38 +1,26 @@
-//! Prometheus text for both sides of the link.
+//! Prometheus figures both sides of the link write, through the node's one
+//! writer ([`Text`]).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
-/// A sample's type.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Kind {
-    Counter,
-    Gauge,
-}
+use tributary_telemetry::{Kind, Text};
 
-/// Appends unlabelled samples with their `# HELP` and `# TYPE` lines.
-pub(crate) fn render(out: &mut String, samples: &[(Kind, &str, &str, u64)]) {
+/// Writes unlabelled samples, each a family of its own.
+pub(crate) fn render(out: &mut Text, samples: &[(Kind, &str, &str, u64)]) {
     for (kind, name, help, v) in samples {
-        let kind = match kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        };
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
+        out.family(name, *kind, help).sample(&[], v);
     }
 }
 
-/// Appends a counter labelled by error code (a bounded set of names).
+/// Writes a counter labelled by error code (a bounded set of names).
 pub(crate) fn render_by_code(
-    out: &mut String,
+    out: &mut Text,
     name: &str,
     help: &str,
     counts: &BTreeMap<&'static str, u64>,
 ) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    let mut family = out.family(name, Kind::Counter, help);
     for (code, n) in counts {
-        let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
+        family.sample(&[("code", code)], n);
     }
 }

@@ -14,13 +14,13 @@
 //! around everything that waits on the broker (lapin's auto-recovery once left
 //! a confirm unresolved, so it is not used).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tributary_storage::util::lock;
 
-use tributary_frontend::{FrontendContext, MetricsSource};
+use tributary_frontend::metrics::Kind;
+use tributary_frontend::{FrontendContext, MetricsSource, Text};
 
 /// True when this build has the bridge (cargo feature `amqp-bridge`).
 pub const AVAILABLE: bool = cfg!(feature = "amqp-bridge");
@@ -118,52 +118,51 @@ impl BridgeMetrics {
 }
 
 impl MetricsSource for BridgeMetrics {
-    fn render(&self, out: &mut String) {
+    fn render(&self, out: &mut Text) {
         let bridges = lock(&self.bridges);
         if bridges.is_empty() {
             return;
         }
         type Field = fn(&BridgeStats) -> u64;
-        let series: [(&str, &str, &str, Field); 5] = [
+        let series: [(&str, Kind, &str, Field); 5] = [
             (
                 "messages_total",
-                "counter",
+                Kind::Counter,
                 "Messages moved: appended durably (in) or confirmed by the broker (out).",
                 |s| s.messages.load(Relaxed),
             ),
             (
                 "connects_total",
-                "counter",
+                Kind::Counter,
                 "Connections made to the broker.",
                 |s| s.connects.load(Relaxed),
             ),
             (
                 "errors_total",
-                "counter",
+                Kind::Counter,
                 "Failures that ended a broker connection.",
                 |s| s.errors.load(Relaxed),
             ),
             (
                 "rejected_total",
-                "counter",
+                Kind::Counter,
                 "Messages rejected for good (in: larger than the topic allows).",
                 |s| s.rejected.load(Relaxed),
             ),
             (
                 "connected",
-                "gauge",
+                Kind::Gauge,
                 "1 while connected to the broker.",
                 |s| u64::from(s.connected.load(Relaxed)),
             ),
         ];
         for (name, kind, help, field) in series {
-            let _ = writeln!(out, "# HELP tributary_amqp_bridge_{name} {help}\n# TYPE tributary_amqp_bridge_{name} {kind}");
+            let name = format!("tributary_amqp_bridge_{name}");
+            let mut family = out.family(&name, kind, help);
             for (bridge, direction, stats) in bridges.iter() {
-                let _ = writeln!(
-                    out,
-                    "tributary_amqp_bridge_{name}{{bridge=\"{bridge}\",direction=\"{}\"}} {}",
-                    direction.label(),
-                    field(stats)
+                family.sample(
+                    &[("bridge", bridge), ("direction", &direction.label())],
+                    field(stats),
                 );
             }
         }

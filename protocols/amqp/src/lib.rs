@@ -21,16 +21,17 @@ mod bridge_worker;
 mod conn;
 pub mod frame;
 pub mod mapping;
+mod refusal;
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use refusal::Refusal;
 use tributary_frontend::listener::{ConnectionStats, ListenerSet};
 use tributary_frontend::tls::MaybeTls;
 use tributary_frontend::Frontend;
-use tributary_frontend::{AckHistogram, FrontendContext, MetricsSource, Peer, Rejections};
+use tributary_frontend::{AckHistogram, FrontendContext, MetricsSource, Peer, Reasons, Text};
 
 /// AMQP front-end settings (`[amqp]`).
 #[derive(Debug, Clone)]
@@ -78,14 +79,19 @@ pub struct AmqpMetrics {
     returns: AtomicU64,
     blocked: AtomicU64,
     ack_latency: AckHistogram,
-    rejections: Rejections,
+    rejections: Reasons<Refusal>,
     connections: ListenerSet,
 }
 
 impl AmqpMetrics {
-    /// Counts a refused or failed thing under a bounded reason label.
-    pub fn reject(&self, reason: &'static str) {
-        self.rejections.add(reason);
+    /// Counts a refused or closed thing and logs it, in one call.
+    pub fn refuse(&self, why: Refusal) {
+        self.rejections.record(why);
+    }
+
+    /// [`Self::refuse`], logging what went wrong too.
+    pub fn refuse_with(&self, why: Refusal, detail: &dyn std::fmt::Display) {
+        self.rejections.record_with(why, detail);
     }
 
     /// Rejections so far for `reason` (tests read this).
@@ -104,7 +110,7 @@ impl AmqpMetrics {
 }
 
 impl MetricsSource for AmqpMetrics {
-    fn render(&self, out: &mut String) {
+    fn render(&self, out: &mut Text) {
         let accepted = self.connections.accepted();
         let counters = [
             (
@@ -143,9 +149,13 @@ impl MetricsSource for AmqpMetrics {
                 self.blocked.load(Relaxed),
             ),
         ];
-        let _ = writeln!(out, "# HELP tributary_amqp_connections Open AMQP connections.\n# TYPE tributary_amqp_connections gauge\ntributary_amqp_connections {}", self.open_connections());
+        out.gauge(
+            "tributary_amqp_connections",
+            "Open AMQP connections.",
+            self.open_connections(),
+        );
         for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP tributary_amqp_{name} {help}\n# TYPE tributary_amqp_{name} counter\ntributary_amqp_{name} {v}");
+            out.counter(&format!("tributary_amqp_{name}"), help, v);
         }
         self.ack_latency.render(
             out,

@@ -11,7 +11,8 @@
 //!   whole (`limits.max_buffered_bytes`).
 //! - [`context`]: [`Peer`], [`FrontendContext`], the `/v1/stats` registries.
 //! - [`listener`]: a TCP listener with a connection limit, shared by every front end.
-//! - [`metrics`]: the metrics registry `/metrics` renders, histograms, counters.
+//! - [`metrics`]: the ack-latency histogram; the writer, registry and typed
+//!   reasons of `tributary-telemetry`, re-exported.
 //! - [`panics`]: a panic closes only the connection it hit, and is counted.
 //! - [`serve`](mod@serve): the [`Frontend`] trait and the one accept loop.
 //! - [`tls`]: TLS and mTLS for every listener, with certificate reload.
@@ -30,5 +31,5 @@ pub mod tls;
 pub mod wait;
 
 pub use context::{ConnectionGauges, FrontendContext, Gauge, Peer, StatsSection, StatsSections};
-pub use metrics::{AckHistogram, MetricsHub, MetricsSource, Rejections, ACK_BUCKETS};
+pub use metrics::{AckHistogram, MetricsHub, MetricsSource, Reason, Reasons, Text, ACK_BUCKETS};
 pub use serve::{serve, Frontend};

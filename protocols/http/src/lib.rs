@@ -379,16 +379,21 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         state.started.elapsed(),
     );
     let b = &state.cx.budget;
-    let _ = std::fmt::Write::write_fmt(
-        &mut text,
-        format_args!(
-            "# HELP tributary_buffered_bytes Bytes of unfinished requests, messages and packets held from limits.max_buffered_bytes.\n# TYPE tributary_buffered_bytes gauge\ntributary_buffered_bytes {}\n# HELP tributary_memory_budget_refusals_total Reads refused because limits.max_buffered_bytes was spent.\n# TYPE tributary_memory_budget_refusals_total counter\ntributary_memory_budget_refusals_total {}\n",
-            b.total() - b.available(),
-            b.refused()
-        ),
+    text.gauge(
+        "tributary_buffered_bytes",
+        "Bytes of unfinished requests, messages and packets held from limits.max_buffered_bytes.",
+        b.total() - b.available(),
+    );
+    text.counter(
+        "tributary_memory_budget_refusals_total",
+        "Reads refused because limits.max_buffered_bytes was spent.",
+        b.refused(),
     );
     state.cx.metrics.render(&mut text);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text.finish(),
+    )
 }
 
 fn topic_json(t: TopicInfo) -> serde_json::Value {

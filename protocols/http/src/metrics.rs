@@ -3,16 +3,16 @@
 //! request counts by route template. Nothing is labelled by key or device.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 use std::time::Duration;
 use tributary_storage::util::lock;
 
 use axum::http::{Method, StatusCode};
-use tributary_storage::{Log, COMMIT_BUCKETS};
+use tributary_storage::{Log, PartitionInfo, COMMIT_BUCKETS};
 
 use tributary_frontend::listener::ConnectionStats;
+use tributary_frontend::metrics::{Kind, Text};
 
 /// (method, route template, status class) → (requests, seconds spent).
 type RequestCounts = BTreeMap<(String, String, u16), (u64, f64)>;
@@ -45,42 +45,24 @@ impl HttpMetrics {
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// Renders every metric.
-pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Duration) -> String {
+/// Renders the log's figures, the HTTP listener's and its requests.
+pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Duration) -> Text {
     let s = log.stats();
-    let mut out = String::with_capacity(4096);
-    header(
-        &mut out,
+    let mut out = Text::new();
+    out.gauge(
         "tributary_uptime_seconds",
-        "gauge",
         "Seconds since the node started.",
+        format_args!("{:.3}", uptime.as_secs_f64()),
     );
-    let _ = writeln!(out, "tributary_uptime_seconds {:.3}", uptime.as_secs_f64());
-    header(
-        &mut out,
+    out.counter(
         "tributary_panics_total",
-        "counter",
         "Panics caught: each closed only the connection or task it hit.",
+        tributary_frontend::panics::count(),
     );
-    let _ = writeln!(
-        out,
-        "tributary_panics_total {}",
-        tributary_frontend::panics::count()
-    );
-    header(
-        &mut out,
+    out.gauge(
         "tributary_log_writable",
-        "gauge",
         "1 when the log accepts writes.",
-    );
-    let _ = writeln!(
-        out,
-        "tributary_log_writable {}",
-        u8::from(log.health().is_ok())
+        u8::from(log.health().is_ok()),
     );
     for (name, help, v) in [
         (
@@ -139,131 +121,105 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
             s.disk_full_rejected_appends,
         ),
     ] {
-        header(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
+        out.counter(name, help, v);
     }
-    header(
-        &mut out,
+    // The log keeps cumulative counts; the writer takes them per bucket.
+    let mut below = 0;
+    let per_bucket: Vec<u64> = s
+        .commit_buckets
+        .iter()
+        .map(|&c| {
+            let n = c.saturating_sub(below);
+            below = c;
+            n
+        })
+        .collect();
+    out.histogram(
         "tributary_commit_duration_seconds",
-        "histogram",
         "Commit cycle time: write + flush + fsync.",
+        &COMMIT_BUCKETS,
+        &per_bucket,
+        s.commit_seconds_sum,
+        s.commit_cycles,
     );
-    for (bound, count) in COMMIT_BUCKETS.iter().zip(&s.commit_buckets) {
-        let _ = writeln!(
-            out,
-            "tributary_commit_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "tributary_commit_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        s.commit_cycles
-    );
-    let _ = writeln!(
-        out,
-        "tributary_commit_duration_seconds_sum {}",
-        s.commit_seconds_sum
-    );
-    let _ = writeln!(
-        out,
-        "tributary_commit_duration_seconds_count {}",
-        s.commit_cycles
-    );
-    header(
-        &mut out,
+    out.gauge(
         "tributary_disk_bytes",
-        "gauge",
         "Bytes the log occupies on disk.",
+        log.disk_bytes(),
     );
-    let _ = writeln!(out, "tributary_disk_bytes {}", log.disk_bytes());
 
     let topics = log.topics();
-    header(
-        &mut out,
+    let mut family = out.family(
         "tributary_topic_events_appended_total",
-        "counter",
+        Kind::Counter,
         "Events appended per topic since start.",
     );
     for t in &topics {
-        let _ = writeln!(
-            out,
-            "tributary_topic_events_appended_total{{topic=\"{}\"}} {}",
-            t.config.name, t.events_appended
-        );
+        family.sample(&[("topic", &t.config.name)], t.events_appended);
     }
-    for (name, help) in [
+    type Field = fn(&PartitionInfo) -> u64;
+    let partition_figures: [(&str, &str, Field); 3] = [
         (
             "tributary_partition_start_offset",
             "First offset kept per partition.",
+            |p| p.start_offset,
         ),
         (
             "tributary_partition_end_offset",
             "Next offset per partition.",
+            |p| p.end_offset,
         ),
-        ("tributary_partition_bytes", "Bytes stored per partition."),
-    ] {
-        header(&mut out, name, "gauge", help);
+        (
+            "tributary_partition_bytes",
+            "Bytes stored per partition.",
+            |p| p.bytes,
+        ),
+    ];
+    for (name, help, field) in partition_figures {
+        let mut family = out.family(name, Kind::Gauge, help);
         for t in &topics {
             for p in &t.partitions {
-                let v = match name {
-                    "tributary_partition_start_offset" => p.start_offset,
-                    "tributary_partition_end_offset" => p.end_offset,
-                    _ => p.bytes,
-                };
-                let _ = writeln!(
-                    out,
-                    "{name}{{topic=\"{}\",partition=\"{}\"}} {v}",
-                    t.config.name, p.partition
+                family.sample(
+                    &[("topic", &t.config.name), ("partition", &p.partition)],
+                    field(p),
                 );
             }
         }
     }
 
-    header(
-        &mut out,
+    out.gauge(
         "tributary_http_connections_open",
-        "gauge",
         "HTTP connections open.",
+        conns.open.load(Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "tributary_http_connections_open {}",
-        conns.open.load(Relaxed)
-    );
-    header(
-        &mut out,
+    out.counter(
         "tributary_http_connections_accepted_total",
-        "counter",
         "HTTP connections accepted.",
-    );
-    let _ = writeln!(
-        out,
-        "tributary_http_connections_accepted_total {}",
-        conns.accepted.load(Relaxed)
-    );
-    header(
-        &mut out,
-        "tributary_http_requests_total",
-        "counter",
-        "HTTP requests by method, route and status class.",
+        conns.accepted.load(Relaxed),
     );
     let requests = lock(&http.requests).clone();
+    let mut family = out.family(
+        "tributary_http_requests_total",
+        Kind::Counter,
+        "HTTP requests by method, route and status class.",
+    );
     for ((method, route, class), (count, _)) in &requests {
-        let _ = writeln!(
-            out,
-            "tributary_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{class}xx\"}} {count}"
+        let status = format!("{class}xx");
+        family.sample(
+            &[("method", method), ("route", route), ("status", &status)],
+            count,
         );
     }
-    header(
-        &mut out,
+    let mut family = out.family(
         "tributary_http_request_seconds_sum",
-        "counter",
+        Kind::Counter,
         "Total time spent serving HTTP requests.",
     );
     for ((method, route, class), (_, secs)) in &requests {
-        let _ = writeln!(
-            out,
-            "tributary_http_request_seconds_sum{{method=\"{method}\",route=\"{route}\",status=\"{class}xx\"}} {secs:.6}"
+        let status = format!("{class}xx");
+        family.sample(
+            &[("method", method), ("route", route), ("status", &status)],
+            format_args!("{secs:.6}"),
         );
     }
     out

@@ -214,11 +214,22 @@ pub struct WsCounters {
 }
 
 impl tributary_frontend::MetricsSource for WsCounters {
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(out, "# HELP tributary_ws_connections Open WebSocket connections (publish and live).\n# TYPE tributary_ws_connections gauge\ntributary_ws_connections {}", self.open.load(Relaxed));
-        let _ = writeln!(out, "# HELP tributary_ws_published_total Records appended over WebSockets.\n# TYPE tributary_ws_published_total counter\ntributary_ws_published_total {}", self.published.load(Relaxed));
-        let _ = writeln!(out, "# HELP tributary_ws_delivered_total Records sent to live tails.\n# TYPE tributary_ws_delivered_total counter\ntributary_ws_delivered_total {}", self.delivered.load(Relaxed));
+    fn render(&self, out: &mut tributary_frontend::Text) {
+        out.gauge(
+            "tributary_ws_connections",
+            "Open WebSocket connections (publish and live).",
+            self.open.load(Relaxed),
+        );
+        out.counter(
+            "tributary_ws_published_total",
+            "Records appended over WebSockets.",
+            self.published.load(Relaxed),
+        );
+        out.counter(
+            "tributary_ws_delivered_total",
+            "Records sent to live tails.",
+            self.delivered.load(Relaxed),
+        );
     }
 }
 

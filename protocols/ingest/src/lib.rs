@@ -42,6 +42,15 @@ impl Rejection {
         }
     }
 
+    /// True when the node, not the client, is at fault (the disk, the
+    /// quota, a log that cannot write): worth a warning in the node's log.
+    pub fn is_node_fault(self) -> bool {
+        matches!(
+            self,
+            Rejection::Quota | Rejection::DiskFull | Rejection::Unwritable
+        )
+    }
+
     /// The `reason` label a refused publish is counted under.
     pub fn label(self) -> &'static str {
         match self {

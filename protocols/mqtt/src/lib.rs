@@ -18,13 +18,13 @@
 pub mod codec;
 mod conn;
 pub mod mapping;
+mod refusal;
 mod session;
 pub mod shared;
 mod sys;
 pub mod topic;
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,13 +39,15 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+pub use refusal::Refusal;
 pub use session::{PendingWill, SessionStore};
 pub use topic::Route;
 use tributary_devices::auth::Identity;
 use tributary_frontend::listener::{ConnectionStats, ListenerSet};
+use tributary_frontend::metrics::Kind;
 use tributary_frontend::tls::MaybeTls;
 use tributary_frontend::Frontend;
-use tributary_frontend::{AckHistogram, FrontendContext, MetricsSource, Peer, Rejections};
+use tributary_frontend::{AckHistogram, FrontendContext, MetricsSource, Peer, Reasons, Text};
 use tributary_ingest as ingest;
 
 /// MQTT front-end settings (`[mqtt]`).
@@ -115,14 +117,19 @@ pub struct MqttMetrics {
     publishes: [AtomicU64; 3],
     deliveries: [AtomicU64; 3],
     acks: AckHistogram,
-    rejections: Rejections,
+    rejections: Reasons<Refusal>,
     connections: ListenerSet,
 }
 
 impl MqttMetrics {
-    /// Counts a refused or failed thing under a bounded reason label.
-    pub fn reject(&self, reason: &'static str) {
-        self.rejections.add(reason);
+    /// Counts a refused, closed or skipped thing and logs it, in one call.
+    pub fn refuse(&self, why: Refusal) {
+        self.rejections.record(why);
+    }
+
+    /// [`Self::refuse`], logging what went wrong too.
+    pub fn refuse_with(&self, why: Refusal, detail: &dyn std::fmt::Display) {
+        self.rejections.record_with(why, detail);
     }
 
     fn ack_latency(&self, took: Duration, n: u64) {
@@ -136,26 +143,38 @@ impl MqttMetrics {
 }
 
 impl MetricsSource for MqttMetrics {
-    fn render(&self, out: &mut String) {
-        let (open, accepted) = (self.connections.open(), self.connections.accepted());
-        let _ = writeln!(out, "# HELP tributary_mqtt_connections Open MQTT connections (TCP and WebSocket).\n# TYPE tributary_mqtt_connections gauge\ntributary_mqtt_connections {open}");
-        let _ = writeln!(out, "# HELP tributary_mqtt_connections_accepted_total MQTT TCP connections accepted.\n# TYPE tributary_mqtt_connections_accepted_total counter\ntributary_mqtt_connections_accepted_total {accepted}");
-        let _ = writeln!(out, "# HELP tributary_mqtt_connects_total CONNECTs accepted.\n# TYPE tributary_mqtt_connects_total counter\ntributary_mqtt_connects_total {}", self.connects.load(Relaxed));
-        let _ = writeln!(out, "# HELP tributary_mqtt_publishes_total PUBLISH packets received, by QoS.\n# TYPE tributary_mqtt_publishes_total counter");
-        for (q, c) in self.publishes.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tributary_mqtt_publishes_total{{qos=\"{q}\"}} {}",
-                c.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP tributary_mqtt_deliveries_total PUBLISH packets sent to subscribers, by QoS.\n# TYPE tributary_mqtt_deliveries_total counter");
-        for (q, c) in self.deliveries.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tributary_mqtt_deliveries_total{{qos=\"{q}\"}} {}",
-                c.load(Relaxed)
-            );
+    fn render(&self, out: &mut Text) {
+        out.gauge(
+            "tributary_mqtt_connections",
+            "Open MQTT connections (TCP and WebSocket).",
+            self.connections.open(),
+        );
+        out.counter(
+            "tributary_mqtt_connections_accepted_total",
+            "MQTT TCP connections accepted.",
+            self.connections.accepted(),
+        );
+        out.counter(
+            "tributary_mqtt_connects_total",
+            "CONNECTs accepted.",
+            self.connects.load(Relaxed),
+        );
+        for (name, help, counts) in [
+            (
+                "tributary_mqtt_publishes_total",
+                "PUBLISH packets received, by QoS.",
+                &self.publishes,
+            ),
+            (
+                "tributary_mqtt_deliveries_total",
+                "PUBLISH packets sent to subscribers, by QoS.",
+                &self.deliveries,
+            ),
+        ] {
+            let mut family = out.family(name, Kind::Counter, help);
+            for (qos, c) in counts.iter().enumerate() {
+                family.sample(&[("qos", &qos)], c.load(Relaxed));
+            }
         }
         self.acks.render(
             out,
@@ -273,7 +292,7 @@ impl Server {
                 )
                 .allowed()
         {
-            self.metrics.reject("will_not_authorized");
+            self.metrics.refuse(Refusal::WillNotAuthorized);
             tracing::info!(device = %identity.id, topic = %will.topic, "a will is no longer allowed; dropped");
             return;
         }
@@ -298,8 +317,8 @@ impl Server {
                 }
             }
             Err(e) => {
-                self.metrics.reject("will_not_stored");
-                tracing::warn!(topic = %will.topic, error = %e, "a will could not be stored");
+                let detail = format!("topic {}: {e}", will.topic);
+                self.metrics.refuse_with(Refusal::WillNotStored, &detail);
             }
         }
     }

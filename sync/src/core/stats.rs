@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
+use tributary_telemetry::{MetricsSource, Text};
 
 use super::{lock, EdgeSlot, Stream, SyncCore};
 use crate::wire::code;
@@ -83,10 +84,12 @@ impl SyncCore {
             "edges": list,
         })
     }
+}
 
+impl MetricsSource for SyncCore {
     /// Appends the core's Prometheus metrics (never labelled by edge id).
-    pub fn render_metrics(&self, out: &mut String) {
-        use crate::metrics::Kind::{Counter, Gauge};
+    fn render(&self, out: &mut Text) {
+        use tributary_telemetry::Kind::{Counter, Gauge};
         let m = &self.inner.metrics;
         let known = lock(&self.inner.edges).len() as u64;
         crate::metrics::render(

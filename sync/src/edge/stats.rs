@@ -3,12 +3,12 @@
 //! `sync` section and the Prometheus metrics.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use serde_json::json;
+use tributary_telemetry::{MetricsSource, Text};
 
 use super::{lock, now_ms, Uploader};
 
@@ -135,11 +135,32 @@ impl Uploader {
             "topics": topics,
         })
     }
+}
 
+/// The lag of one forwarded topic.
+#[derive(Debug, Clone, Default)]
+pub struct TopicLag {
+    /// Topic.
+    pub topic: String,
+    /// Events the core does not hold yet.
+    pub events: u64,
+    /// Their stored bytes (estimated).
+    pub bytes: u64,
+    /// Age of the oldest of them (ms).
+    pub oldest_age_ms: u64,
+    /// Events the core holds.
+    pub forwarded_events: u64,
+    /// Acknowledged events per second lately.
+    pub rate: f64,
+    /// `events / rate`, when draining.
+    pub eta_seconds: Option<f64>,
+}
+
+impl MetricsSource for Uploader {
     /// Appends the edge's Prometheus metrics (labelled by topic name, never
     /// by key or device).
-    pub fn render_metrics(&self, out: &mut String) {
-        use crate::metrics::Kind::{Counter, Gauge};
+    fn render(&self, out: &mut Text) {
+        use tributary_telemetry::Kind::{Counter, Gauge};
         let m = &self.inner.metrics;
         crate::metrics::render(
             out,
@@ -162,10 +183,10 @@ impl Uploader {
             &lock(&m.errors),
         );
         let lags = self.topic_lag();
-        let family = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&TopicLag) -> String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        let family = |out: &mut Text, name: &str, help: &str, f: &dyn Fn(&TopicLag) -> String| {
+            let mut family = out.family(name, Gauge, help);
             for l in &lags {
-                let _ = writeln!(out, "{name}{{topic=\"{}\"}} {}", l.topic, f(l));
+                family.sample(&[("topic", &l.topic)], f(l));
             }
         };
         family(
@@ -199,23 +220,4 @@ impl Uploader {
             &|l| format!("{:.1}", l.eta_seconds.unwrap_or(-1.0)),
         );
     }
-}
-
-/// The lag of one forwarded topic.
-#[derive(Debug, Clone, Default)]
-pub struct TopicLag {
-    /// Topic.
-    pub topic: String,
-    /// Events the core does not hold yet.
-    pub events: u64,
-    /// Their stored bytes (estimated).
-    pub bytes: u64,
-    /// Age of the oldest of them (ms).
-    pub oldest_age_ms: u64,
-    /// Events the core holds.
-    pub forwarded_events: u64,
-    /// Acknowledged events per second lately.
-    pub rate: f64,
-    /// `events / rate`, when draining.
-    pub eta_seconds: Option<f64>,
 }

@@ -15,6 +15,7 @@ use super::confirm::Outcome;
 use super::publish::Content;
 use super::{method_name, Connection, End};
 use crate::frame::{self, code, short};
+use crate::Refusal;
 use tributary_devices::auth::Action;
 
 pub(super) struct Channel {
@@ -65,7 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         {
             return true;
         }
-        self.server.metrics.reject("not_authorized");
+        self.server.metrics.refuse(Refusal::NotAuthorized);
         let text = format!(
             "ACCESS_REFUSED - {doing} '{subject}' is not authorized for {}",
             self.identity.id
@@ -126,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
 
     pub(super) async fn channel_method(&mut self, ch: u16, m: AMQPClass) -> Result<(), End> {
         if ch > self.channel_max {
-            self.server.metrics.reject("channel_error");
+            self.server.metrics.refuse(Refusal::ChannelError);
             return Err(End::for_method(
                 code::CHANNEL_ERROR,
                 format!(
@@ -138,7 +139,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
         if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
             if self.channels.contains_key(&ch) {
-                self.server.metrics.reject("channel_error");
+                self.server.metrics.refuse(Refusal::ChannelError);
                 return Err(End::for_method(
                     code::CHANNEL_ERROR,
                     format!("CHANNEL_ERROR - channel {ch} is open already"),
@@ -155,7 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             return Ok(());
         }
         let Some(state) = self.channels.get(&ch) else {
-            self.server.metrics.reject("channel_error");
+            self.server.metrics.refuse(Refusal::ChannelError);
             return Err(End::for_method(
                 code::CHANNEL_ERROR,
                 format!("CHANNEL_ERROR - channel {ch} is not open"),
@@ -180,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             return Ok(());
         }
         if state.content.is_some() {
-            self.server.metrics.reject("unexpected_frame");
+            self.server.metrics.refuse(Refusal::UnexpectedFrame);
             return Err(End::for_method(
                 code::UNEXPECTED_FRAME,
                 format!(
@@ -195,7 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 if p.immediate {
                     // RabbitMQ's answer too: nothing here consumes, so nothing
                     // could ever take a message immediately.
-                    self.server.metrics.reject("not_implemented");
+                    self.server.metrics.refuse(Refusal::NotImplemented);
                     return Err(End::for_method(
                         code::NOT_IMPLEMENTED,
                         "NOT_IMPLEMENTED - immediate=true is not supported",
@@ -268,7 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 | basic::AMQPMethod::Reject(basic::Reject { delivery_tag, .. }),
             ) => {
                 // We deliver nothing, so no tag is ours to settle.
-                self.server.metrics.reject("unknown_delivery_tag");
+                self.server.metrics.refuse(Refusal::UnknownDeliveryTag);
                 self.close_channel(
                     ch,
                     code::PRECONDITION_FAILED,
@@ -366,7 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             ) => Err(self.not_implemented(&m)),
             other => {
                 // Methods only a server sends (deliver, return, *-ok, ...).
-                self.server.metrics.reject("command_invalid");
+                self.server.metrics.refuse(Refusal::CommandInvalid);
                 Err(End::for_method(
                     code::COMMAND_INVALID,
                     format!(
@@ -438,7 +439,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         match created {
             Ok(_) | Err(LogError::TopicExists(_)) => ok(self),
             Err(e) => {
-                self.server.metrics.reject("log_unwritable");
+                self.server.metrics.refuse_with(Refusal::LogUnwritable, &e);
                 self.close_channel(
                     ch,
                     code::INTERNAL_ERROR,

@@ -14,8 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{method_name, End};
 use crate::frame::{self, code, short};
+use crate::Refusal;
 use crate::Server;
-use tributary_devices::auth::{self, Credentials, Identity, Refusal};
+use tributary_devices::auth::{self, Credentials, Identity};
 use tributary_frontend::Peer;
 
 /// Frames are at most this big before tune-ok (the specification's
@@ -117,7 +118,7 @@ where
     }
     if buf[..8] != *b"AMQP\x00\x00\x09\x01" {
         // The specification's answer to a header we do not speak: ours, then close.
-        server.metrics.reject("bad_protocol_header");
+        server.metrics.refuse(Refusal::BadProtocolHeader);
         let mut out = Vec::new();
         frame::encode(
             &AMQPFrame::ProtocolHeader(ProtocolVersion::amqp_0_9_1()),
@@ -151,20 +152,20 @@ where
     let start_ok = match read_frame(reader, buf, HANDSHAKE_FRAME_MAX).await? {
         AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::StartOk(s))) => s,
         other => {
-            server.metrics.reject("handshake_out_of_order");
+            server.metrics.refuse(Refusal::HandshakeOutOfOrder);
             return Err(unexpected_in_handshake(&other, "connection.start-ok"));
         }
     };
     let mechanism = start_ok.mechanism.as_str();
     if mechanism == "EXTERNAL" && peer.certificate.is_none() {
-        server.metrics.reject("bad_auth_mechanism");
+        server.metrics.refuse(Refusal::BadAuthMechanism);
         let why = "ACCESS_REFUSED - EXTERNAL needs a verified client certificate (AMQPS with mTLS)";
         return Err(End::Server(code::ACCESS_REFUSED, why.to_owned(), 10, 11));
     }
     let (user, pass) = match credentials(mechanism, start_ok.response.as_bytes()) {
         Ok(c) => c,
         Err(why) => {
-            server.metrics.reject("bad_auth_mechanism");
+            server.metrics.refuse(Refusal::BadAuthMechanism);
             return Err(End::Server(code::ACCESS_REFUSED, why, 10, 11));
         }
     };
@@ -179,12 +180,12 @@ where
     let identity = match auth::login(&*server.cx.auth, &creds).await {
         Ok(id) => id,
         Err(refusal) => {
-            server.metrics.reject("bad_credentials");
+            server.metrics.refuse(Refusal::BadCredentials);
             let why = match refusal {
-                Refusal::BadCredentials => {
+                auth::Refusal::BadCredentials => {
                     "ACCESS_REFUSED - login refused: bad user name or password"
                 }
-                Refusal::NotAuthorized => "ACCESS_REFUSED - login refused: not authorized",
+                auth::Refusal::NotAuthorized => "ACCESS_REFUSED - login refused: not authorized",
             };
             return Err(End::Server(code::ACCESS_REFUSED, why.to_owned(), 10, 11));
         }
@@ -211,12 +212,12 @@ where
     let tune_ok = match read_frame(reader, buf, HANDSHAKE_FRAME_MAX).await? {
         AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::TuneOk(t))) => t,
         other => {
-            server.metrics.reject("handshake_out_of_order");
+            server.metrics.refuse(Refusal::HandshakeOutOfOrder);
             return Err(unexpected_in_handshake(&other, "connection.tune-ok"));
         }
     };
     if tune_ok.frame_max != 0 && tune_ok.frame_max < 4096 {
-        server.metrics.reject("frame_max_too_small");
+        server.metrics.refuse(Refusal::FrameMaxTooSmall);
         return Err(End::Server(
             530,
             format!(
@@ -241,7 +242,7 @@ where
     match read_frame(reader, buf, frame_max).await? {
         AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(_))) => {}
         other => {
-            server.metrics.reject("handshake_out_of_order");
+            server.metrics.refuse(Refusal::HandshakeOutOfOrder);
             return Err(unexpected_in_handshake(&other, "connection.open"));
         }
     }

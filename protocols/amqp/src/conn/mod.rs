@@ -39,6 +39,7 @@ use self::handshake::{close_frame, drain_until_close_ok, handshake, HANDSHAKE_FR
 use self::publish::{Appended, Batch};
 use super::frame::{self, code, FrameError};
 use super::Server;
+use crate::Refusal;
 use tributary_devices::auth::Identity;
 use tributary_frontend::{wait, Peer};
 
@@ -157,7 +158,7 @@ where
     };
     let accepted = match handshake {
         Err(_) => {
-            server.metrics.reject("handshake_timeout");
+            server.metrics.refuse(Refusal::HandshakeTimeout);
             return;
         }
         Ok(Err(end)) => {
@@ -367,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 }
                 Wake::Heartbeat => frame::encode(&AMQPFrame::Heartbeat, &mut self.out),
                 Wake::PeerSilent => {
-                    self.server.metrics.reject("heartbeat_timeout");
+                    self.server.metrics.refuse(Refusal::HeartbeatTimeout);
                     return End::Lost;
                 }
                 Wake::Resume => self.paused_until = None,
@@ -487,13 +488,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 Ok(Some(f)) => self.frame(f).await?,
                 Ok(None) => break,
                 Err(e) => {
-                    self.server.metrics.reject(match e {
-                        FrameError::TooLarge { .. } => "frame_too_large",
-                        FrameError::UnknownMethod { .. } => "unknown_method",
-                        FrameError::Syntax { .. } => "malformed_method",
-                        FrameError::Malformed(_) => "malformed_frame",
-                        FrameError::TooDeep { .. } => "nesting_too_deep",
-                    });
+                    self.server.metrics.refuse(Refusal::of_frame(&e));
                     return Err(e.into());
                 }
             }
@@ -510,14 +505,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         match f {
             AMQPFrame::Heartbeat => Ok(()),
             AMQPFrame::InvalidHeartbeat(ch) => {
-                self.server.metrics.reject("malformed_frame");
+                self.server.metrics.refuse(Refusal::MalformedFrame);
                 Err(End::server(
                     code::FRAME_ERROR,
                     format!("FRAME_ERROR - heartbeat on channel {ch}"),
                 ))
             }
             AMQPFrame::ProtocolHeader(_) => {
-                self.server.metrics.reject("unexpected_frame");
+                self.server.metrics.refuse(Refusal::UnexpectedFrame);
                 Err(End::server(
                     code::UNEXPECTED_FRAME,
                     "UNEXPECTED_FRAME - protocol header after the handshake",
@@ -549,7 +544,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 Err(self.not_implemented(&m))
             }
             other => {
-                self.server.metrics.reject("command_invalid");
+                self.server.metrics.refuse(Refusal::CommandInvalid);
                 Err(End::for_method(
                     code::COMMAND_INVALID,
                     format!(
@@ -563,7 +558,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
     }
 
     fn not_implemented(&self, m: &AMQPClass) -> End {
-        self.server.metrics.reject("not_implemented");
+        self.server.metrics.refuse(Refusal::NotImplemented);
         End::for_method(
             code::NOT_IMPLEMENTED,
             format!(

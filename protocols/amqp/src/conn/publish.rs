@@ -16,8 +16,9 @@ use tributary_storage::AppendRecord;
 use super::confirm::Outcome;
 use super::{Connection, End};
 use crate::frame::{self, code, short};
+use crate::Refusal;
 use crate::{mapping, Server};
-use tributary_ingest::{self as ingest, Rejection};
+use tributary_ingest as ingest;
 
 /// A batch gathered behind a waiting append goes at this size anyway.
 const GATHER_BYTES: usize = 256 * 1024;
@@ -71,7 +72,7 @@ fn acl_subject(exchange: &str, routing_key: &str) -> String {
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
     pub(super) fn content_header(&mut self, ch: u16, h: AMQPContentHeader) -> Result<(), End> {
         let Some(c) = self.channels.get_mut(&ch) else {
-            self.server.metrics.reject("channel_error");
+            self.server.metrics.refuse(Refusal::ChannelError);
             return Err(End::server(
                 code::CHANNEL_ERROR,
                 format!("CHANNEL_ERROR - channel {ch} is not open"),
@@ -82,14 +83,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
         let confirm = c.confirm;
         let Some(content) = c.content.as_mut().filter(|c| c.header.is_none()) else {
-            self.server.metrics.reject("unexpected_frame");
+            self.server.metrics.refuse(Refusal::UnexpectedFrame);
             return Err(End::server(
                 code::UNEXPECTED_FRAME,
                 format!("UNEXPECTED_FRAME - content header on channel {ch} without basic.publish"),
             ));
         };
         if h.class_id != 60 {
-            self.server.metrics.reject("unexpected_frame");
+            self.server.metrics.refuse(Refusal::UnexpectedFrame);
             return Err(End::server(
                 code::UNEXPECTED_FRAME,
                 format!(
@@ -100,7 +101,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
         let max = self.server.config.max_message_bytes;
         if h.body_size > max {
-            self.server.metrics.reject("message_too_large");
+            self.server.metrics.refuse(Refusal::MessageTooLarge);
             let why = format!(
                 "PRECONDITION_FAILED - message of {} bytes exceeds max_message_bytes {max}",
                 h.body_size
@@ -114,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             // The node-wide budget (all connections, all protocols) first: the
             // newest message is refused when it is spent.
             let Some(held) = self.server.cx.budget.try_reserve(h.body_size as usize) else {
-                self.server.metrics.reject("memory_budget");
+                self.server.metrics.refuse(Refusal::MemoryBudget);
                 let why = format!(
                     "RESOURCE_ERROR - the node holds limits.max_buffered_bytes ({}) of unfinished messages",
                     self.server.cx.budget.total()
@@ -132,7 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             };
             content._budget = Some(held);
             if self.buffered + h.body_size > self.server.config.max_content_bytes {
-                self.server.metrics.reject("content_buffer_full");
+                self.server.metrics.refuse(Refusal::ContentBufferFull);
                 return Err(End::server(
                     code::RESOURCE_ERROR,
                     format!(
@@ -156,7 +157,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
 
     pub(super) fn content_body(&mut self, ch: u16, data: Vec<u8>) -> Result<(), End> {
         let Some(c) = self.channels.get_mut(&ch) else {
-            self.server.metrics.reject("channel_error");
+            self.server.metrics.refuse(Refusal::ChannelError);
             return Err(End::server(
                 code::CHANNEL_ERROR,
                 format!("CHANNEL_ERROR - channel {ch} is not open"),
@@ -166,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             return Ok(());
         }
         let Some(content) = c.content.as_mut().filter(|c| c.header.is_some()) else {
-            self.server.metrics.reject("unexpected_frame");
+            self.server.metrics.refuse(Refusal::UnexpectedFrame);
             return Err(End::server(
                 code::UNEXPECTED_FRAME,
                 format!("UNEXPECTED_FRAME - content body on channel {ch} without a content header"),
@@ -175,7 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         let size = content.header.as_ref().map_or(0, |(s, _)| *s);
         content.received += data.len() as u64;
         if content.received > size {
-            self.server.metrics.reject("unexpected_frame");
+            self.server.metrics.refuse(Refusal::UnexpectedFrame);
             return Err(End::server(
                 code::UNEXPECTED_FRAME,
                 format!("UNEXPECTED_FRAME - body frames on channel {ch} exceed the announced {size} bytes"),
@@ -250,7 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             || (log.config().auto_create_topics
                 && tributary_storage::topic::validate_name(topic).is_ok());
         if !routable {
-            self.server.metrics.reject("no_route");
+            self.server.metrics.refuse(Refusal::NoRoute);
             if publish.mandatory {
                 self.server.metrics.returns.fetch_add(1, Relaxed);
                 let mut frames = Vec::new();
@@ -285,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         let event = mapping::event_from(routing_key, &props, body);
         let max_event = existing.unwrap_or(log.config().topic_defaults.max_event_bytes);
         if event.size() > max_event {
-            self.server.metrics.reject("message_too_large");
+            self.server.metrics.refuse(Refusal::MessageTooLarge);
             if tag.is_some() {
                 self.resolve(origin, Outcome::Nack);
             } else {
@@ -350,11 +351,9 @@ async fn append_batch(server: Arc<Server>, batch: Batch) -> Appended {
         .map(|(origin, outcome)| {
             let error = outcome.err();
             if let Some(refused) = &error {
-                server.metrics.reject(match refused.rejection {
-                    Rejection::UnknownTopic => "no_route",
-                    Rejection::TooLarge => "message_too_large",
-                    other => other.label(),
-                });
+                server
+                    .metrics
+                    .refuse(Refusal::of_rejection(refused.rejection));
             }
             (origin, error)
         })

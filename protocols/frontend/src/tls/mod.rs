@@ -41,7 +41,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::MetricsSource;
+use crate::metrics::{Kind, MetricsSource, Text};
 use config::build;
 
 pub use config::{certificate_identity, server_config};
@@ -310,8 +310,7 @@ impl Tls {
 /// `tributary_tls_handshakes_total{result}` and `tributary_tls_reloads_total{result}`.
 /// Register one `Tls` once, however many listeners share it.
 impl MetricsSource for Tls {
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    fn render(&self, out: &mut Text) {
         let s = self.stats();
         for (name, help, ok, failed) in [
             (
@@ -327,11 +326,9 @@ impl MetricsSource for Tls {
                 s.reloads_failed,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n\
-                 {name}{{result=\"ok\"}} {ok}\n{name}{{result=\"failed\"}} {failed}"
-            );
+            out.family(name, Kind::Counter, help)
+                .sample(&[("result", &"ok")], ok)
+                .sample(&[("result", &"failed")], failed);
         }
     }
 }

@@ -13,17 +13,18 @@ use tokio_util::sync::CancellationToken;
 use super::budgeted_len;
 use crate::codec::{self, reason, ConnAckProps, ConnectIn, DecodeError, In, Out, Version};
 use crate::session::{self, Session};
+use crate::Refusal;
 use crate::{topic, Server, Slot};
-use tributary_devices::auth::{self, Action, Credentials, Identity, Refusal};
+use tributary_devices::auth::{self, Action, Credentials, Identity};
 use tributary_frontend::budget::{MemoryBudget, Reserved, WAIT_FOR_ROOM};
 use tributary_frontend::Peer;
 
 pub(super) enum ConnectFailure {
     Io,
     /// CONNACK with this code in this version's form, then close.
-    Refuse(u8, &'static str, Version),
+    Refuse(u8, Refusal, Version),
     /// Close without a word (not MQTT at all).
-    Drop(&'static str),
+    Drop(Refusal),
 }
 
 pub(super) async fn read_connect<R: AsyncRead + Unpin>(
@@ -39,32 +40,36 @@ pub(super) async fn read_connect<R: AsyncRead + Unpin>(
         match codec::sniff_version(buf, max) {
             Ok(Some(v)) => match codec::decode(buf, v, max) {
                 Ok(Some(In::Connect(c))) => return Ok(*c),
-                Ok(Some(_)) => return Err(ConnectFailure::Drop("not_connect")),
+                Ok(Some(_)) => return Err(ConnectFailure::Drop(Refusal::NotConnect)),
                 Ok(None) => {}
                 Err(DecodeError::TooLarge { .. }) => {
-                    return Err(ConnectFailure::Drop("packet_too_large"))
+                    return Err(ConnectFailure::Drop(Refusal::PacketTooLarge))
                 }
                 // A v5 CONNECT that repeats a property: CONNACK 0x82.
-                Err(DecodeError::Protocol { why, .. }) => {
-                    return Err(ConnectFailure::Refuse(reason::PROTOCOL_ERROR, why, v))
+                Err(e @ DecodeError::Protocol { .. }) => {
+                    return Err(ConnectFailure::Refuse(
+                        reason::PROTOCOL_ERROR,
+                        Refusal::of_decode(&e),
+                        v,
+                    ))
                 }
-                Err(_) => return Err(ConnectFailure::Drop("malformed_connect")),
+                Err(_) => return Err(ConnectFailure::Drop(Refusal::MalformedConnect)),
             },
             Ok(None) => {}
             Err(DecodeError::UnsupportedVersion(_)) => {
                 // A CONNACK a 3.1/3.1.1 client understands.
                 return Err(ConnectFailure::Refuse(
                     reason::UNSUPPORTED_PROTOCOL_VERSION,
-                    "unsupported_protocol_version",
+                    Refusal::UnsupportedProtocolVersion,
                     Version::V4,
                 ));
             }
             Err(DecodeError::TooLarge { .. }) => {
-                return Err(ConnectFailure::Drop("packet_too_large"))
+                return Err(ConnectFailure::Drop(Refusal::PacketTooLarge))
             }
-            Err(DecodeError::NotMqtt(_)) => return Err(ConnectFailure::Drop("not_mqtt")),
+            Err(DecodeError::NotMqtt(_)) => return Err(ConnectFailure::Drop(Refusal::NotMqtt)),
             Err(DecodeError::Malformed(_) | DecodeError::Protocol { .. }) => {
-                return Err(ConnectFailure::Drop("malformed_connect"))
+                return Err(ConnectFailure::Drop(Refusal::MalformedConnect))
             }
         }
         if let Some(size) = budgeted_len(buf) {
@@ -72,7 +77,7 @@ pub(super) async fn read_connect<R: AsyncRead + Unpin>(
                 held = budget
                     .reserve(size, WAIT_FOR_ROOM)
                     .await
-                    .ok_or(ConnectFailure::Drop("memory_budget"))?;
+                    .ok_or(ConnectFailure::Drop(Refusal::MemoryBudget))?;
             }
         }
         buf.reserve(4096);
@@ -101,14 +106,14 @@ pub(super) async fn accept(
     peer: &Peer,
     out: &mut BytesMut,
 ) -> Option<Accepted> {
-    let refuse = |code: u8, why: &'static str, out: &mut BytesMut| {
-        broker.metrics.reject(why);
+    let refuse = |code: u8, why: Refusal, out: &mut BytesMut| {
+        broker.metrics.refuse(why);
         codec::encode(
             Out::ConnAck {
                 session_present: false,
                 code,
                 props: Box::new(ConnAckProps {
-                    reason_string: Some(why.replace('_', " ")),
+                    reason_string: Some(why.label().replace('_', " ")),
                     ..ConnAckProps::default()
                 }),
             },
@@ -117,12 +122,16 @@ pub(super) async fn accept(
         );
     };
     if c.auth_method.is_some() {
-        refuse(reason::BAD_AUTH_METHOD, "enhanced_auth_unsupported", out);
+        refuse(
+            reason::BAD_AUTH_METHOD,
+            Refusal::EnhancedAuthUnsupported,
+            out,
+        );
         return None;
     }
     if c.receive_max == 0 || c.max_packet_size == Some(0) {
         // MQTT-3.1.2.11: zero is a protocol error for both.
-        refuse(reason::PROTOCOL_ERROR, "protocol_error", out);
+        refuse(reason::PROTOCOL_ERROR, Refusal::ProtocolError, out);
         return None;
     }
 
@@ -130,7 +139,7 @@ pub(super) async fn accept(
     let client_id = if c.client_id.is_empty() {
         if c.version == Version::V4 && !c.clean {
             // MQTT-3.1.3-8: an empty id needs clean session in 3.1.1.
-            refuse(reason::CLIENT_ID_NOT_VALID, "client_id_invalid", out);
+            refuse(reason::CLIENT_ID_NOT_VALID, Refusal::ClientIdInvalid, out);
             return None;
         }
         let id = format!("tributary-{:016x}", fastrand::u64(..));
@@ -140,12 +149,12 @@ pub(super) async fn accept(
         c.client_id.clone()
     };
     if client_id.len() > 200 || client_id.contains('\0') {
-        refuse(reason::CLIENT_ID_NOT_VALID, "client_id_invalid", out);
+        refuse(reason::CLIENT_ID_NOT_VALID, Refusal::ClientIdInvalid, out);
         return None;
     }
     if let Some(w) = &c.will {
         if !topic::valid_name(&w.topic) || w.qos > 2 {
-            refuse(reason::PROTOCOL_ERROR, "will_invalid", out);
+            refuse(reason::PROTOCOL_ERROR, Refusal::WillInvalid, out);
             return None;
         }
     }
@@ -159,12 +168,16 @@ pub(super) async fn accept(
     };
     let identity = match auth::login(&*broker.cx.auth, &creds).await {
         Ok(i) => i,
-        Err(Refusal::BadCredentials) => {
-            refuse(reason::BAD_USERNAME_OR_PASSWORD, "bad_credentials", out);
+        Err(auth::Refusal::BadCredentials) => {
+            refuse(
+                reason::BAD_USERNAME_OR_PASSWORD,
+                Refusal::BadCredentials,
+                out,
+            );
             return None;
         }
-        Err(Refusal::NotAuthorized) => {
-            refuse(reason::NOT_AUTHORIZED, "not_authorized", out);
+        Err(auth::Refusal::NotAuthorized) => {
+            refuse(reason::NOT_AUTHORIZED, Refusal::NotAuthorized, out);
             return None;
         }
     };
@@ -175,7 +188,7 @@ pub(super) async fn accept(
             .authorize(&identity, Action::Publish, &w.topic)
             .allowed()
         {
-            refuse(reason::NOT_AUTHORIZED, "not_authorized", out);
+            refuse(reason::NOT_AUTHORIZED, Refusal::NotAuthorized, out);
             return None;
         }
     }
@@ -216,7 +229,7 @@ pub(super) async fn accept(
         let mut slots = broker.sessions.lock();
         if !slots.contains_key(&client_id) && slots.len() >= broker.config.max_sessions {
             drop(slots);
-            refuse(reason::QUOTA_EXCEEDED, "too_many_sessions", out);
+            refuse(reason::QUOTA_EXCEEDED, Refusal::TooManySessions, out);
             return None;
         }
         let old = slots.insert(
@@ -268,7 +281,7 @@ pub(super) async fn accept(
         if let Err(e) = session::persist(&broker.cx.log, &client_id, &mut session).await {
             tracing::warn!(%client_id, error = %e, "cannot store an MQTT session");
             broker.sessions.lock().remove(&client_id);
-            refuse(reason::SERVER_UNAVAILABLE, "log_unwritable", out);
+            refuse(reason::SERVER_UNAVAILABLE, Refusal::LogUnwritable, out);
             return None;
         }
     }

@@ -16,6 +16,7 @@ use super::{Connection, OUT_HIGH_WATER};
 use crate::codec::{self, Out, PublishOut, Version};
 use crate::session::{self, Inflight, Pending, Retained};
 use crate::shared::{self, Group};
+use crate::Refusal;
 use crate::{mapping, topic};
 
 /// Records read from one partition per delivery pass.
@@ -240,7 +241,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     // Retention removed records this session had not read yet.
                     self.broker
                         .metrics
-                        .reject("subscriber_fell_behind_retention");
+                        .refuse(Refusal::SubscriberFellBehindRetention);
                     self.session.cursors.insert(key, start);
                     more = true;
                     continue;
@@ -258,7 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 // A key or header that is no MQTT topic name (wildcards, NUL,
                 // empty, over 65,535 bytes) cannot be delivered over MQTT.
                 if !topic::valid_name(&d.topic) {
-                    self.broker.metrics.reject("undeliverable_topic");
+                    self.broker.metrics.refuse(Refusal::UndeliverableTopic);
                     next = r.offset + 1;
                     continue;
                 }
@@ -425,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         if encoded.len() > self.client_max_packet {
             self.broker
                 .metrics
-                .reject("delivery_over_client_max_packet");
+                .refuse(Refusal::DeliveryOverClientMaxPacket);
             return None;
         }
         if let Some((topic, a)) = new_alias {

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{Close, Connection, OUT_HIGH_WATER};
 use crate::codec::{self, reason, DecodeError, In, Out, PublishIn, SubFilter, Version};
 use crate::session::{Retained, Sub};
+use crate::Refusal;
 use crate::{mapping, shared, topic, Server};
 use tributary_devices::auth::Action;
 use tributary_ingest::{self as ingest, Rejection};
@@ -56,13 +57,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             let close = match codec::decode(&mut self.buf, self.version, max) {
                 Ok(Some(packet)) => self.packet(packet).await.err(),
                 Ok(None) => break,
-                Err(DecodeError::TooLarge { .. }) => {
-                    Some(Close::Server(reason::PACKET_TOO_LARGE, "packet_too_large"))
-                }
-                Err(DecodeError::Protocol { why, .. }) => {
-                    Some(Close::Server(reason::PROTOCOL_ERROR, why))
-                }
-                Err(_) => Some(Close::Server(reason::MALFORMED, "malformed_packet")),
+                Err(DecodeError::TooLarge { .. }) => Some(Close::Server(
+                    reason::PACKET_TOO_LARGE,
+                    Refusal::PacketTooLarge,
+                )),
+                Err(e @ DecodeError::Protocol { .. }) => Some(Close::Server(
+                    reason::PROTOCOL_ERROR,
+                    Refusal::of_decode(&e),
+                )),
+                Err(_) => Some(Close::Server(reason::MALFORMED, Refusal::MalformedPacket)),
             };
             if let Some(close) = close {
                 // What came before the end (a DISCONNECT right after its
@@ -151,21 +154,30 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             } => {
                 if let Some(e) = session_expiry {
                     if self.session.expiry == 0 && e > 0 {
-                        return Err(Close::Server(reason::PROTOCOL_ERROR, "protocol_error"));
+                        return Err(Close::Server(
+                            reason::PROTOCOL_ERROR,
+                            Refusal::ProtocolError,
+                        ));
                     }
                     self.session.expiry = e.min(self.broker.config.max_session_expiry_secs);
                 }
                 // MQTT-3.1.2-8: only reason 0x00 discards the will.
                 Err(Close::Graceful { with_will: r != 0 })
             }
-            In::Connect(_) => Err(Close::Server(reason::PROTOCOL_ERROR, "second_connect")),
-            In::Unexpected(_) => Err(Close::Server(reason::PROTOCOL_ERROR, "protocol_error")),
+            In::Connect(_) => Err(Close::Server(
+                reason::PROTOCOL_ERROR,
+                Refusal::SecondConnect,
+            )),
+            In::Unexpected(_) => Err(Close::Server(
+                reason::PROTOCOL_ERROR,
+                Refusal::ProtocolError,
+            )),
         }
     }
 
     /// Refuses a publish: v5 answers with the reason (QoS > 0), 3.1.1 closes.
-    fn refuse_publish(&mut self, p: &PublishIn, code: u8, why: &'static str) -> Result<(), Close> {
-        self.broker.metrics.reject(why);
+    fn refuse_publish(&mut self, p: &PublishIn, code: u8, why: Refusal) -> Result<(), Close> {
+        self.broker.metrics.refuse(why);
         match (self.version, p.qos) {
             (_, 0) => Ok(()),
             (Version::V4, _) => Err(Close::Server(code, why)),
@@ -178,7 +190,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
 
     fn publish(&mut self, mut p: PublishIn) -> Result<(), Close> {
         if !self.rights_hold() {
-            return Err(Close::Server(reason::NOT_AUTHORIZED, "not_authorized"));
+            return Err(Close::Server(
+                reason::NOT_AUTHORIZED,
+                Refusal::NotAuthorized,
+            ));
         }
         let m = &self.broker.metrics;
         m.publishes[usize::from(p.qos.min(2))].fetch_add(1, Relaxed);
@@ -194,7 +209,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             {
                 return Err(Close::Server(
                     reason::RECEIVE_MAXIMUM_EXCEEDED,
-                    "receive_maximum_exceeded",
+                    Refusal::ReceiveMaximumExceeded,
                 ));
             }
         }
@@ -202,14 +217,17 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             if alias == 0 || alias > self.broker.config.topic_alias_max {
                 return Err(Close::Server(
                     reason::TOPIC_ALIAS_INVALID,
-                    "topic_alias_invalid",
+                    Refusal::TopicAliasInvalid,
                 ));
             }
             if p.topic.is_empty() {
                 match self.aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
-                        return Err(Close::Server(reason::PROTOCOL_ERROR, "topic_alias_unknown"))
+                        return Err(Close::Server(
+                            reason::PROTOCOL_ERROR,
+                            Refusal::TopicAliasUnknown,
+                        ))
                     }
                 }
             } else {
@@ -219,12 +237,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         if !topic::valid_name(&p.topic) {
             return Err(Close::Server(
                 reason::TOPIC_NAME_INVALID,
-                "topic_name_invalid",
+                Refusal::TopicNameInvalid,
             ));
         }
         if topic::is_sys(&p.topic) {
             // The node's own statistics: clients do not publish there.
-            return self.refuse_publish(&p, reason::TOPIC_NAME_INVALID, "sys_topic_reserved");
+            return self.refuse_publish(&p, reason::TOPIC_NAME_INVALID, Refusal::SysTopicReserved);
         }
         if p.qos == 2 && self.session.qos2.contains(&p.pkid) {
             // A resent QoS 2 publish we already stored: acknowledge, do not append again.
@@ -243,7 +261,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             return self.refuse_publish(
                 &p,
                 reason::PAYLOAD_FORMAT_INVALID,
-                "payload_format_invalid",
+                Refusal::PayloadFormatInvalid,
             );
         }
         if !self
@@ -255,10 +273,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         {
             if self.version == Version::V4 {
                 // 3.1.1 has no way to refuse a publish: close, whatever the QoS.
-                self.broker.metrics.reject("not_authorized");
-                return Err(Close::Server(reason::NOT_AUTHORIZED, "not_authorized"));
+                self.broker.metrics.refuse(Refusal::NotAuthorized);
+                return Err(Close::Server(
+                    reason::NOT_AUTHORIZED,
+                    Refusal::NotAuthorized,
+                ));
             }
-            return self.refuse_publish(&p, reason::NOT_AUTHORIZED, "not_authorized");
+            return self.refuse_publish(&p, reason::NOT_AUTHORIZED, Refusal::NotAuthorized);
         }
         let target = self.broker.router.target(&p.topic);
         let no_local = self.version == Version::V5 && self.session.subs.iter().any(|s| s.no_local);
@@ -329,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             self.unacked_in = self.unacked_in.saturating_sub(1);
             if code != reason::SUCCESS && self.version == Version::V4 {
                 // 3.1.1 has no negative acknowledgement: closing is the refusal.
-                return Err(Close::Server(code, "append_failed"));
+                return Err(Close::Server(code, Refusal::AppendFailed));
             }
             self.send(if qos == 1 {
                 Out::PubAck(pkid, code)
@@ -357,7 +378,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             };
             if matches!(share, Some(Ok(_))) && f.no_local {
                 // MQTT-3.8.3-4.
-                return Err(Close::Server(reason::PROTOCOL_ERROR, "shared_no_local"));
+                return Err(Close::Server(
+                    reason::PROTOCOL_ERROR,
+                    Refusal::SharedNoLocal,
+                ));
             }
             let refused = if matches!(share, Some(Err(()))) || !topic::valid_filter(filter) {
                 Some(reason::TOPIC_FILTER_INVALID)
@@ -412,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 granted
             };
             if code >= 0x80 {
-                self.broker.metrics.reject("subscribe_refused");
+                self.broker.metrics.refuse(Refusal::SubscribeRefused);
             }
             codes.push(code);
         }
@@ -473,7 +497,7 @@ async fn append_batch(broker: Arc<Server>, batch: Batch) -> Acked {
     let mut results = vec![reason::SUCCESS; batch.count];
     for (index, outcome) in ingest::append(&broker.cx.log, batch.records).await {
         if let Err(refused) = outcome {
-            broker.metrics.reject(refused.rejection.label());
+            broker.metrics.refuse(Refusal::Log(refused.rejection));
             results[index] = match refused.rejection {
                 Rejection::UnknownTopic => reason::TOPIC_NAME_INVALID,
                 Rejection::TooLarge | Rejection::Quota | Rejection::DiskFull => {
@@ -488,8 +512,8 @@ async fn append_batch(broker: Arc<Server>, batch: Batch) -> Acked {
             continue;
         }
         if let Err(e) = broker.set_retained(&topic, &payload, qos, &props).await {
-            broker.metrics.reject("retain_refused");
-            tracing::warn!(%topic, error = %e, "a retained message was not kept");
+            let detail = format!("topic {topic}: {e}");
+            broker.metrics.refuse_with(Refusal::RetainRefused, &detail);
             results[index] = reason::QUOTA_EXCEEDED;
         }
     }

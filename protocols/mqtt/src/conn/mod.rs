@@ -38,6 +38,7 @@ use self::inbound::{Acked, Batch};
 use super::codec::{self, reason, ConnAckProps, Out, Version, Will};
 use super::session::{self, PendingWill, Session};
 use super::Server;
+use crate::Refusal;
 use tributary_devices::auth::{Action, Identity};
 use tributary_frontend::{wait, Peer};
 
@@ -58,7 +59,7 @@ enum Close {
     /// Socket closed or failed without DISCONNECT.
     Lost,
     /// We close, with a v5 reason code (3.1.1: just close).
-    Server(u8, &'static str),
+    Server(u8, Refusal),
 }
 
 pub(super) struct Connection<S> {
@@ -137,16 +138,16 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         .await;
         let connect = match connect {
             Err(_) => {
-                broker.metrics.reject("connect_timeout");
+                broker.metrics.refuse(Refusal::ConnectTimeout);
                 return;
             }
             Ok(Err(ConnectFailure::Io)) => return,
             Ok(Err(ConnectFailure::Refuse(code, why, version))) => {
-                broker.metrics.reject(why);
+                broker.metrics.refuse(why);
                 // A CONNACK in the client's version, then close.
                 let mut b = BytesMut::new();
                 let props = Box::new(ConnAckProps {
-                    reason_string: (version == Version::V5).then(|| why.replace('_', " ")),
+                    reason_string: (version == Version::V5).then(|| why.label().replace('_', " ")),
                     ..ConnAckProps::default()
                 });
                 codec::encode(
@@ -163,7 +164,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 return;
             }
             Ok(Err(ConnectFailure::Drop(why))) => {
-                broker.metrics.reject(why);
+                broker.metrics.refuse(why);
                 return;
             }
             Ok(Ok(c)) => c,
@@ -284,7 +285,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 Some(size) if can_read && self.held.bytes() < size => {
                     match self.broker.cx.budget.reserve(size, WAIT_FOR_ROOM).await {
                         Some(r) => self.held = r,
-                        None => return Close::Server(reason::QUOTA_EXCEEDED, "memory_budget"),
+                        None => {
+                            return Close::Server(reason::QUOTA_EXCEEDED, Refusal::MemoryBudget)
+                        }
                     }
                 }
                 Some(_) => {}
@@ -318,10 +321,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 }
             };
             match wake {
-                Wake::Kicked => return Close::Server(reason::SESSION_TAKEN_OVER, "taken_over"),
-                Wake::Shutdown => return Close::Server(reason::SERVER_SHUTTING_DOWN, "shutdown"),
+                Wake::Kicked => {
+                    return Close::Server(reason::SESSION_TAKEN_OVER, Refusal::TakenOver)
+                }
+                Wake::Shutdown => {
+                    return Close::Server(reason::SERVER_SHUTTING_DOWN, Refusal::Shutdown)
+                }
                 Wake::KeepAliveExpired => {
-                    return Close::Server(reason::KEEP_ALIVE_TIMEOUT, "keep_alive_timeout")
+                    return Close::Server(reason::KEEP_ALIVE_TIMEOUT, Refusal::KeepAliveTimeout)
                 }
                 Wake::Appended(r) => {
                     self.appends.pop_front();
@@ -331,7 +338,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                                 return close;
                             }
                         }
-                        Err(_) => return Close::Server(reason::UNSPECIFIED, "append_task_failed"),
+                        Err(_) => {
+                            return Close::Server(reason::UNSPECIFIED, Refusal::AppendTaskFailed)
+                        }
                     }
                 }
                 Wake::Read(Ok(0)) => return Close::Lost,
@@ -345,7 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 Wake::Deliver => {
                     self.deliver();
                     if self.revoked {
-                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                        return Close::Server(reason::NOT_AUTHORIZED, Refusal::NotAuthorized);
                     }
                 }
                 Wake::Resume => self.paused_until = None,
@@ -355,7 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     // (at its next connection a restored session keeps only
                     // what is still allowed).
                     if !self.rights_hold() {
-                        return Close::Server(reason::NOT_AUTHORIZED, "not_authorized");
+                        return Close::Server(reason::NOT_AUTHORIZED, Refusal::NotAuthorized);
                     }
                     if self.dirty && self.session.expiry > 0 {
                         self.dirty = false;
@@ -413,10 +422,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             r = tokio::time::timeout(WRITE_STALL, self.writer.send(bytes)) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Close::Lost),
-                Err(_) => Err(Close::Server(reason::UNSPECIFIED, "write_stalled")),
+                Err(_) => Err(Close::Server(reason::UNSPECIFIED, Refusal::WriteStalled)),
             },
-            () = self.kick.cancelled() => Err(Close::Server(reason::SESSION_TAKEN_OVER, "taken_over")),
-            () = self.broker.cx.shutdown.cancelled() => Err(Close::Server(reason::SERVER_SHUTTING_DOWN, "shutdown")),
+            () = self.kick.cancelled() => Err(Close::Server(reason::SESSION_TAKEN_OVER, Refusal::TakenOver)),
+            () = self.broker.cx.shutdown.cancelled() => Err(Close::Server(reason::SERVER_SHUTTING_DOWN, Refusal::Shutdown)),
         }
     }
 
@@ -483,14 +492,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             Close::Graceful { with_will } => *with_will,
             Close::Lost => true,
             Close::Server(code, why) => {
-                if !matches!(*why, "shutdown") {
-                    self.broker.metrics.reject(why);
+                if *why != Refusal::Shutdown {
+                    self.broker.metrics.refuse(*why);
                 }
                 if self.version == Version::V5 {
                     self.send(Out::Disconnect(*code));
                 }
                 // No will for a client let go at shutdown or for lost rights.
-                !matches!(*why, "shutdown" | "not_authorized")
+                !matches!(*why, Refusal::Shutdown | Refusal::NotAuthorized)
             }
         };
         // The last bytes (acks, DISCONNECT) go out even though kick/shutdown fired.
