@@ -243,7 +243,7 @@ pub struct TailArgs {
 }
 
 /// Every `bench` subcommand: the generators that share `bench::run` and its
-/// report, and `amqp` (`bench_amqp::run`, whose report adds confirms and nacks).
+/// report, and `amqp` (`bench::amqp::run`: the same report, counting confirms, with nacks added).
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// `http`, `mqtt` and `ws`.

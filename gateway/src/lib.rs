@@ -8,23 +8,14 @@
 //! - [`client`]: `topics`, `produce`, `tail` and `devices` over the HTTP API.
 //! - [`tls_cli`]: `tributary tls`, development certificates (rcgen).
 //! - [`bench`](mod@bench): `tributary bench`, load generators counting acknowledgements
-//!   ([`bench_ws`]: WebSockets, [`bench_amqp`]: AMQP publisher confirms,
-//!   [`bench_connect`]: MQTT logins, [`bench_drain`]: an edge's backlog
-//!   drained into a core).
+//!   over HTTP, MQTT, WebSockets and AMQP, MQTT logins, and an edge's backlog
+//!   drained into a core.
 //!
 //! The command line, configuration and the rest of the interface are
 //! specified in `docs/contract.md`.
 
 #[cfg(feature = "client")]
 pub mod bench;
-#[cfg(feature = "client")]
-pub mod bench_amqp;
-#[cfg(feature = "client")]
-pub mod bench_connect;
-#[cfg(feature = "client")]
-pub mod bench_drain;
-#[cfg(feature = "client")]
-pub mod bench_ws;
 pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
@@ -131,9 +122,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         #[cfg(feature = "client")]
         Command::Bench { target } => match target {
             cli::BenchCommand::Common(target) => bench::run(target).await,
-            cli::BenchCommand::Amqp(args) => bench_amqp::run(args).await,
-            cli::BenchCommand::Connect(args) => bench_connect::run(args).await,
-            cli::BenchCommand::Drain(args) => bench_drain::run(args).await,
+            cli::BenchCommand::Amqp(args) => bench::amqp::run(args).await,
+            cli::BenchCommand::Connect(args) => bench::connect::run(args).await,
+            cli::BenchCommand::Drain(args) => bench::drain::run(args).await,
         },
     }
 }

@@ -248,7 +248,7 @@ pub async fn start(
     if config.mqtt.enabled {
         let mqtt_config = config.mqtt_config();
         let max = mqtt_config.max_connections;
-        let server = mqtt::Server::new(cx.clone(), mqtt_config).map_err(anyhow::Error::msg)?;
+        let server = mqtt::Server::new(cx.clone(), mqtt_config)?;
         extra_routes = extra_routes.merge(server.websocket_routes());
         let listen = ("mqtt.listen", config.mqtt.listen.as_str());
         mqtt_addr = Some(start_frontend(&server, listen, mqtts, max, &mut tasks).await?);

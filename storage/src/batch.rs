@@ -29,6 +29,7 @@
 //! ```
 //! Record `i` has offset `base + i`: offsets are dense and implicit.
 
+use crate::error::{Error, Result};
 use crate::event::{Event, Record};
 
 /// Header length in bytes.
@@ -161,30 +162,31 @@ pub fn encoded_len(event: &Event) -> usize {
     body + varint_len(body as u64)
 }
 
-/// Reads and checks the header (magic, version, CRC over the whole value).
-pub fn decode_header(value: &[u8]) -> Result<BatchHeader, String> {
+/// Reads and checks the header (magic, version, CRC over the whole value);
+/// a failure is an [`Error::BadBatch`] saying what is wrong.
+pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
     if value.len() < HEADER_LEN {
-        return Err(format!(
+        return Err(bad(format!(
             "batch of {} bytes is shorter than its header",
             value.len()
-        ));
+        )));
     }
     if value[0] != MAGIC {
-        return Err(format!("bad magic byte {:#04x}", value[0]));
+        return Err(bad(format!("bad magic byte {:#04x}", value[0])));
     }
     if value[1] != VERSION {
-        return Err(format!("unknown batch format version {}", value[1]));
+        return Err(bad(format!("unknown batch format version {}", value[1])));
     }
     let stored = u32::from_le_bytes(arr4(&value[2..6]));
     let actual = crc32fast::hash(&value[6..]);
     if stored != actual {
-        return Err(format!(
+        return Err(bad(format!(
             "checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"
-        ));
+        )));
     }
     let count = u32::from_le_bytes(arr4(&value[6..10]));
     if count == 0 {
-        return Err("batch with zero records".into());
+        return Err(bad("batch with zero records"));
     }
     Ok(BatchHeader {
         count,
@@ -196,6 +198,7 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader, String> {
 
 /// Decodes records of a checked batch whose offsets fall in `[from, until)`,
 /// calling `each` until it returns false.
+/// A failure is an [`Error::BadBatch`] saying what is wrong.
 pub fn decode_records(
     value: &[u8],
     base: u64,
@@ -203,7 +206,7 @@ pub fn decode_records(
     from: u64,
     until: u64,
     mut each: impl FnMut(Record) -> bool,
-) -> Result<(), String> {
+) -> Result<()> {
     let header = decode_header(value)?;
     let mut cur = Cursor {
         buf: value,
@@ -214,7 +217,7 @@ pub fn decode_records(
         let body_len = cur.varint()? as usize;
         let body_end = cur.pos.checked_add(body_len).filter(|&e| e <= value.len());
         let Some(body_end) = body_end else {
-            return Err(format!("record {offset} runs past the batch end"));
+            return Err(bad(format!("record {offset} runs past the batch end")));
         };
         if offset >= until {
             return Ok(());
@@ -234,13 +237,18 @@ pub fn decode_records(
         let mut headers = Vec::with_capacity(hcount.min(64));
         for _ in 0..hcount {
             let nlen = cur.varint()? as usize;
-            let name = String::from_utf8(cur.bytes(nlen)?.to_vec())
-                .map_err(|_| format!("record {offset} has a header name that is not UTF-8"))?;
+            let name = String::from_utf8(cur.bytes(nlen)?.to_vec()).map_err(|_| {
+                bad(format!(
+                    "record {offset} has a header name that is not UTF-8"
+                ))
+            })?;
             let hlen = cur.varint()? as usize;
             headers.push((name, cur.bytes(hlen)?.to_vec()));
         }
         if cur.pos != body_end {
-            return Err(format!("record {offset} length does not match its fields"));
+            return Err(bad(format!(
+                "record {offset} length does not match its fields"
+            )));
         }
         let record = Record {
             partition,
@@ -255,7 +263,7 @@ pub fn decode_records(
         }
     }
     if cur.pos != value.len() {
-        return Err("trailing bytes after the last record".into());
+        return Err(bad("trailing bytes after the last record"));
     }
     Ok(())
 }
@@ -266,34 +274,39 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    fn varint(&mut self) -> Result<u64, String> {
+    fn varint(&mut self) -> Result<u64> {
         let mut out = 0u64;
         for shift in (0..70).step_by(7) {
             let Some(&b) = self.buf.get(self.pos) else {
-                return Err("truncated varint".into());
+                return Err(bad("truncated varint"));
             };
             self.pos += 1;
             if shift == 63 && b > 1 {
-                return Err("varint overflows u64".into());
+                return Err(bad("varint overflows u64"));
             }
             out |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(out);
             }
         }
-        Err("varint too long".into())
+        Err(bad("varint too long"))
     }
 
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or("truncated field")?;
+            .ok_or_else(|| bad("truncated field"))?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
     }
+}
+
+/// A decoding failure, as [`Error::BadBatch`].
+fn bad(what: impl Into<String>) -> Error {
+    Error::BadBatch(what.into())
 }
 
 fn put_varint(buf: &mut Vec<u8>, mut v: u64) {

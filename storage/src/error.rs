@@ -26,6 +26,10 @@ pub enum Error {
     /// A topic configuration failed validation.
     #[error("invalid topic config: {0}")]
     InvalidTopic(String),
+    /// A topic name breaks the naming rules; the message says which, and is
+    /// shown as is.
+    #[error("{0}")]
+    InvalidName(String),
     /// One event is larger than the topic allows.
     #[error("event of {size} bytes exceeds the topic's max_event_bytes of {max}")]
     EventTooLarge {
@@ -48,6 +52,11 @@ pub enum Error {
         /// Next offset to be written (reading at it waits for new data).
         end: u64,
     },
+    /// The bytes of a stored batch do not decode (see [`crate::batch`]); the
+    /// message says what is wrong, and is shown as is. The log reports it as
+    /// [`Error::Corruption`], with the batch's place.
+    #[error("{0}")]
+    BadBatch(String),
     /// A stored batch failed its checksum or could not be decoded.
     #[error("corrupt batch in {topic}/{partition} at offset {offset}: {detail}")]
     Corruption {

@@ -57,7 +57,7 @@ impl TopicConfig {
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
         if let Err(e) = validate_name(&self.name) {
-            problems.push(e);
+            problems.push(e.to_string());
         }
         if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
             problems.push(format!(
@@ -85,24 +85,27 @@ impl TopicConfig {
     }
 }
 
-/// Topic names follow Kafka's rules: 1..=249 of `[A-Za-z0-9._-]`.
-pub fn validate_name(name: &str) -> std::result::Result<(), String> {
+/// Topic names follow Kafka's rules: 1..=249 of `[A-Za-z0-9._-]`. A name
+/// that breaks them is an [`Error::InvalidName`] saying how.
+pub fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 249 {
-        return Err(format!(
+        return Err(Error::InvalidName(format!(
             "topic name must be 1..=249 characters, got {}",
             name.len()
-        ));
+        )));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
+        return Err(Error::InvalidName(format!(
             "topic name `{name}` has `{c}`; allowed are A-Z a-z 0-9 . _ -"
-        ));
+        )));
     }
     if name == "." || name == ".." {
-        return Err("topic name may not be `.` or `..`".into());
+        return Err(Error::InvalidName(
+            "topic name may not be `.` or `..`".into(),
+        ));
     }
     Ok(())
 }

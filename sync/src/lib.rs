@@ -14,6 +14,7 @@
 //!   cursors, lag.
 //! - [`ranges`]: offset range sets, the state both sides keep.
 //! - [`backoff`]: exponential backoff with full jitter.
+//! - [`error`]: [`Error`], the crate's one error type.
 //!
 //! Nothing here speaks HTTP or knows the gateway: `gateway/` mounts
 //! [`core::SyncCore::serve`] at `/v1/sync` and runs [`edge::Uploader`].
@@ -21,9 +22,11 @@
 pub use tributary_storage::util::backoff;
 pub mod core;
 pub mod edge;
+pub mod error;
 mod metrics;
 pub mod ranges;
 pub mod wire;
 
 pub use crate::core::{CoreConfig, EdgeStream, OnMessage, SyncCore, SyncPeer};
 pub use crate::edge::{TopicRule, Uploader, UpstreamConfig};
+pub use crate::error::{Error, Result};

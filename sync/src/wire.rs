@@ -49,6 +49,8 @@
 use serde::{Deserialize, Serialize};
 use tributary_storage::Record;
 
+use crate::Error;
+
 /// The newest version this build speaks.
 pub const VERSION: u16 = 1;
 /// The oldest version this build speaks.
@@ -269,28 +271,6 @@ impl ErrorFrame {
     }
 }
 
-/// A frame that could not be decoded.
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    /// Not a postcard frame of a known kind.
-    #[error("undecodable frame: {0}")]
-    Frame(#[from] postcard::Error),
-    /// A records block that does not parse.
-    #[error("bad records block: {0}")]
-    Records(&'static str),
-    /// A records block over the limit.
-    #[error("records block of {size} bytes exceeds {max}")]
-    TooLarge {
-        /// Its size, uncompressed.
-        size: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// zstd failed.
-    #[error("decompression failed: {0}")]
-    Decompress(String),
-}
-
 impl Frame {
     /// The frame as a WebSocket message payload.
     pub fn encode(&self) -> Vec<u8> {
@@ -299,7 +279,7 @@ impl Frame {
     }
 
     /// Parses a message payload.
-    pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
+    pub fn decode(bytes: &[u8]) -> Result<Frame, Error> {
         Ok(postcard::from_bytes(bytes)?)
     }
 }
@@ -379,48 +359,48 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn varint(&mut self) -> Result<u64, WireError> {
+    fn varint(&mut self) -> Result<u64, Error> {
         let mut v = 0u64;
         for shift in (0..70).step_by(7) {
             let (&b, rest) = self
                 .buf
                 .split_first()
-                .ok_or(WireError::Records("truncated varint"))?;
+                .ok_or(Error::Records("truncated varint"))?;
             self.buf = rest;
             if shift == 63 && b > 1 {
-                return Err(WireError::Records("varint overflows 64 bits"));
+                return Err(Error::Records("varint overflows 64 bits"));
             }
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(v);
             }
         }
-        Err(WireError::Records("varint too long"))
+        Err(Error::Records("varint too long"))
     }
 
-    fn bytes(&mut self, len: u64) -> Result<&'a [u8], WireError> {
-        let len = usize::try_from(len).map_err(|_| WireError::Records("length overflows"))?;
+    fn bytes(&mut self, len: u64) -> Result<&'a [u8], Error> {
+        let len = usize::try_from(len).map_err(|_| Error::Records("length overflows"))?;
         if len > self.buf.len() {
-            return Err(WireError::Records("length past the end of the block"));
+            return Err(Error::Records("length past the end of the block"));
         }
         let (b, rest) = self.buf.split_at(len);
         self.buf = rest;
         Ok(b)
     }
 
-    fn sized(&mut self) -> Result<&'a [u8], WireError> {
+    fn sized(&mut self) -> Result<&'a [u8], Error> {
         let len = self.varint()?;
         self.bytes(len)
     }
 }
 
 /// Parses a records block holding exactly `count` records.
-pub fn decode_records(block: &[u8], count: u32) -> Result<Vec<WireRecord>, WireError> {
+pub fn decode_records(block: &[u8], count: u32) -> Result<Vec<WireRecord>, Error> {
     let mut r = Reader { buf: block };
     // Every record takes at least 4 bytes: a count beyond that is a lie, and
     // must not size an allocation.
     if count as usize > block.len() / 4 + 1 {
-        return Err(WireError::Records("count larger than the block can hold"));
+        return Err(Error::Records("count larger than the block can hold"));
     }
     let mut out = Vec::with_capacity(count as usize);
     for _ in 0..count {
@@ -433,12 +413,12 @@ pub fn decode_records(block: &[u8], count: u32) -> Result<Vec<WireRecord>, WireE
         let timestamp = ((z >> 1) as i64) ^ -((z & 1) as i64);
         let n = r.varint()?;
         if n > r.buf.len() as u64 / 2 {
-            return Err(WireError::Records("header count larger than the block"));
+            return Err(Error::Records("header count larger than the block"));
         }
         let mut headers = Vec::with_capacity(n as usize);
         for _ in 0..n {
             let name = std::str::from_utf8(r.sized()?)
-                .map_err(|_| WireError::Records("header name is not UTF-8"))?
+                .map_err(|_| Error::Records("header name is not UTF-8"))?
                 .to_owned();
             headers.push((name, r.sized()?.to_vec()));
         }
@@ -450,7 +430,7 @@ pub fn decode_records(block: &[u8], count: u32) -> Result<Vec<WireRecord>, WireE
         });
     }
     if !r.buf.is_empty() {
-        return Err(WireError::Records("bytes after the last record"));
+        return Err(Error::Records("bytes after the last record"));
     }
     Ok(out)
 }
@@ -465,25 +445,23 @@ pub fn compress(raw: Vec<u8>, level: i32) -> (Compression, Vec<u8>) {
 }
 
 /// Undoes [`compress`], refusing blocks over `max` bytes before any work.
-pub fn decompress(batch: &Batch, max: usize) -> Result<Vec<u8>, WireError> {
+pub fn decompress(batch: &Batch, max: usize) -> Result<Vec<u8>, Error> {
     let size = batch.raw_len as usize;
     if size > max {
-        return Err(WireError::TooLarge { size, max });
+        return Err(Error::TooLarge { size, max });
     }
     match batch.compression {
         Compression::None => {
             if batch.records.len() != size {
-                return Err(WireError::Records("raw_len differs from the block's size"));
+                return Err(Error::Records("raw_len differs from the block's size"));
             }
             Ok(batch.records.clone())
         }
         Compression::Zstd => {
             let out = zstd::bulk::decompress(&batch.records, size)
-                .map_err(|e| WireError::Decompress(e.to_string()))?;
+                .map_err(|e| Error::Decompress(e.to_string()))?;
             if out.len() != size {
-                return Err(WireError::Records(
-                    "raw_len differs from the decompressed size",
-                ));
+                return Err(Error::Records("raw_len differs from the decompressed size"));
             }
             Ok(out)
         }
@@ -586,7 +564,7 @@ mod tests {
         assert_eq!(decompress(&batch, 1 << 20).expect("inflates"), block);
         assert!(matches!(
             decompress(&batch, 100),
-            Err(WireError::TooLarge { .. })
+            Err(Error::TooLarge { .. })
         ));
     }
 
@@ -639,7 +617,7 @@ mod tests {
         };
         assert!(matches!(
             decompress(&batch, 1 << 20),
-            Err(WireError::TooLarge { .. })
+            Err(Error::TooLarge { .. })
         ));
         // Lying about the size does not help: zstd stops at the declared size.
         batch.raw_len = 1000;

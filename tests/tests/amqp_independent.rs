@@ -10,11 +10,7 @@ mod common;
 
 use std::process::Command;
 
-use common::ChildNode;
-
-fn clients_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
-}
+use common::{clients_dir, ChildNode};
 
 /// Runs a client script; returns its stdout (the JSON summary line).
 fn run(program: &str, script: &str, args: &[&str]) -> String {

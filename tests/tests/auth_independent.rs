@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{ChildNode, NODE_BIN};
+use common::{clients_dir, ChildNode, NODE_BIN};
 use serde_json::Value;
 
 const ADMIN: &str = "admin-token-for-outside-clients";
@@ -56,10 +55,6 @@ fn add_device(url: &str, id: &str) -> String {
     assert!(out.status.success(), "{}", text(&out));
     let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     answer["token"].as_str().expect("token").to_owned()
-}
-
-fn clients_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
 }
 
 #[test]

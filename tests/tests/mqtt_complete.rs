@@ -16,11 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::ChildNode;
-
-fn clients_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
-}
+use common::{clients_dir, ChildNode};
 
 /// `python3 -u tests/clients/SCRIPT ARGS...` (unbuffered, so progress lines
 /// such as SUBACK arrive as they are printed).

@@ -20,6 +20,16 @@ use tributary_gateway::config::Mode;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// What [`Raw::ack`] sends: PUBACK for a QoS 1 delivery, PUBREC for a QoS 2
+/// delivery, PUBREL for a QoS 2 publish, PUBCOMP for a released delivery.
+#[derive(Debug, Clone, Copy)]
+enum Ack {
+    Puback,
+    Pubrec,
+    Pubrel,
+    Pubcomp,
+}
+
 /// A raw 3.1.1 connection.
 struct Raw {
     s: TcpStream,
@@ -74,34 +84,16 @@ impl Raw {
         }
     }
 
-    /// PUBACK for a delivery.
-    async fn puback(&mut self, pkid: u16) {
+    /// An acknowledgement packet for `pkid`.
+    async fn ack(&mut self, kind: Ack, pkid: u16) {
         self.send(|b| {
-            raw4::PubAck::new(pkid).write(b).expect("encode");
-        })
-        .await;
-    }
-
-    /// PUBREC for a QoS 2 delivery.
-    async fn pubrec(&mut self, pkid: u16) {
-        self.send(|b| {
-            raw4::PubRec::new(pkid).write(b).expect("encode");
-        })
-        .await;
-    }
-
-    /// PUBREL for a QoS 2 publish.
-    async fn pubrel(&mut self, pkid: u16) {
-        self.send(|b| {
-            raw4::PubRel::new(pkid).write(b).expect("encode");
-        })
-        .await;
-    }
-
-    /// PUBCOMP for a released QoS 2 delivery.
-    async fn pubcomp(&mut self, pkid: u16) {
-        self.send(|b| {
-            raw4::PubComp::new(pkid).write(b).expect("encode");
+            match kind {
+                Ack::Puback => raw4::PubAck::new(pkid).write(b),
+                Ack::Pubrec => raw4::PubRec::new(pkid).write(b),
+                Ack::Pubrel => raw4::PubRel::new(pkid).write(b),
+                Ack::Pubcomp => raw4::PubComp::new(pkid).write(b),
+            }
+            .expect("encode");
         })
         .await;
     }
@@ -149,7 +141,7 @@ async fn publish_qos2(addr: std::net::SocketAddr, topic: &str, n: usize) {
         })
         .await;
         assert!(matches!(p.next().await, raw4::Packet::PubRec(_)));
-        p.pubrel((i + 1) as u16).await;
+        p.ack(Ack::Pubrel, (i + 1) as u16).await;
         assert!(matches!(p.next().await, raw4::Packet::PubComp(_)));
     }
 }
@@ -177,10 +169,10 @@ async fn qos2_deliveries_keep_their_packet_id_and_state_across_restarts() {
         }
     }
     // m0 is received (PUBREC → PUBREL) and completed; m1 is received only.
-    sub.pubrec(ids[0]).await;
+    sub.ack(Ack::Pubrec, ids[0]).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[0]));
-    sub.pubcomp(ids[0]).await;
-    sub.pubrec(ids[1]).await;
+    sub.ack(Ack::Pubcomp, ids[0]).await;
+    sub.ack(Ack::Pubrec, ids[1]).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[1]));
     drop(sub);
     node.stop().await;
@@ -213,8 +205,8 @@ async fn qos2_deliveries_keep_their_packet_id_and_state_across_restarts() {
     );
     // m1 completes; m2 is received, then the node restarts again (the crash
     // case, kill -9 between the packets, is in mqtt_complete.rs).
-    sub.pubcomp(ids[1]).await;
-    sub.pubrec(ids[2]).await;
+    sub.ack(Ack::Pubcomp, ids[1]).await;
+    sub.ack(Ack::Pubrec, ids[2]).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[2]));
     drop(sub);
     node.stop().await;
@@ -223,7 +215,7 @@ async fn qos2_deliveries_keep_their_packet_id_and_state_across_restarts() {
     let node = InProcessNode::start_in(dir.path(), Mode::Edge, "").await;
     let (mut sub, _) = Raw::connect(node.mqtt, "q2-sub", false).await;
     assert!(matches!(sub.next().await, raw4::Packet::PubRel(r) if r.pkid == ids[2]));
-    sub.pubcomp(ids[2]).await;
+    sub.ack(Ack::Pubcomp, ids[2]).await;
     assert!(sub.try_next(Duration::from_millis(500)).await.is_none());
     publish_qos2(node.mqtt, "q2/b", 1).await;
     match sub.next().await {
@@ -241,10 +233,10 @@ async fn pubrel_and_pubrec_for_unknown_ids_get_their_answers() {
     let node = InProcessNode::start("").await;
     let (mut c, _) = Raw::connect(node.mqtt, "strays", true).await;
     // A PUBREL for an id never received: PUBCOMP anyway (3.1.1 has no code).
-    c.pubrel(77).await;
+    c.ack(Ack::Pubrel, 77).await;
     assert!(matches!(c.next().await, raw4::Packet::PubComp(p) if p.pkid == 77));
     // A PUBREC for a delivery that does not exist: PUBREL, the flow can end.
-    c.pubrec(78).await;
+    c.ack(Ack::Pubrec, 78).await;
     assert!(matches!(c.next().await, raw4::Packet::PubRel(p) if p.pkid == 78));
     c.subscribe("still/#", QoS::AtLeastOnce).await;
     node.stop().await;
@@ -287,14 +279,14 @@ async fn a_shared_group_gives_each_message_to_one_member_and_survives_a_restart(
 
     // b acknowledges its own; a leaves without acknowledging: a's messages go to b.
     for x in &got_b {
-        b.puback(x.pkid).await;
+        b.ack(Ack::Puback, x.pkid).await;
     }
     drop(a);
     let mut again = Vec::new();
     while again.len() < got_a.len() {
         match b.next().await {
             raw4::Packet::Publish(x) => {
-                b.puback(x.pkid).await;
+                b.ack(Ack::Puback, x.pkid).await;
                 again.push(payload(&x));
             }
             other => panic!("unexpected {other:?}"),
@@ -536,7 +528,7 @@ async fn a_sticky_group_keeps_each_topic_with_one_member() {
             else => panic!("deliveries stopped"),
         };
         let conn = if m == 0 { &mut a } else { &mut b };
-        conn.puback(x.pkid).await;
+        conn.ack(Ack::Puback, x.pkid).await;
         by_member[m].push((
             x.topic.clone(),
             String::from_utf8_lossy(&x.payload).into_owned(),

@@ -9,11 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ChildNode;
-
-fn clients_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
-}
+use common::{clients_dir, ChildNode};
 
 #[test]
 #[ignore = "needs mosquitto-clients (scripts/test installs it)"]

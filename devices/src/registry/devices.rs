@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::tokens::{from_hex, to_hex};
-use super::{now_ms, DeviceError, Registry, SPACE};
+use super::{now_ms, Registry, SPACE};
 use crate::acl;
 use crate::auth::{ADMIN, ANONYMOUS};
 use crate::throttle::Bucket;
+use crate::Error;
 
 /// A device as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -112,10 +113,9 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    pub(super) fn new(device: Device, last_seen: u64) -> Result<Entry, DeviceError> {
-        let tag = from_hex(&device.token_hash).ok_or_else(|| {
-            DeviceError::Invalid(format!("device `{}`: bad token hash", device.id))
-        })?;
+    pub(super) fn new(device: Device, last_seen: u64) -> Result<Entry, Error> {
+        let tag = from_hex(&device.token_hash)
+            .ok_or_else(|| Error::Invalid(format!("device `{}`: bad token hash", device.id)))?;
         let seen = device.last_seen_ms.unwrap_or(0).max(last_seen);
         Ok(Entry {
             bucket: device
@@ -158,31 +158,29 @@ pub(super) struct Devices {
 }
 
 /// A device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not `admin` or `anonymous`.
-pub fn validate_id(id: &str) -> Result<(), DeviceError> {
+pub fn validate_id(id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !ok {
-        return Err(DeviceError::Invalid(format!(
+        return Err(Error::Invalid(format!(
             "device id must be 1..=128 characters of A-Z a-z 0-9 . _ -, got {id:?}"
         )));
     }
     if id == ADMIN || id == ANONYMOUS {
-        return Err(DeviceError::Invalid(format!(
-            "device id `{id}` is reserved"
-        )));
+        return Err(Error::Invalid(format!("device id `{id}` is reserved")));
     }
     Ok(())
 }
 
-fn validate_patterns(what: &str, patterns: &[String]) -> Result<(), DeviceError> {
+fn validate_patterns(what: &str, patterns: &[String]) -> Result<(), Error> {
     if patterns.len() > 256 {
-        return Err(DeviceError::Invalid(format!("at most 256 {what} patterns")));
+        return Err(Error::Invalid(format!("at most 256 {what} patterns")));
     }
     match patterns.iter().find(|p| !acl::valid_pattern(p)) {
-        Some(p) => Err(DeviceError::Invalid(format!(
+        Some(p) => Err(Error::Invalid(format!(
             "{what} pattern {p:?} is not a valid MQTT-style filter"
         ))),
         None => Ok(()),
@@ -191,7 +189,7 @@ fn validate_patterns(what: &str, patterns: &[String]) -> Result<(), DeviceError>
 
 impl Registry {
     /// Puts `device` in the cache, keeping the last-seen time of its predecessor.
-    fn install(&self, device: Device, previous: Option<&Entry>) -> Result<Arc<Entry>, DeviceError> {
+    fn install(&self, device: Device, previous: Option<&Entry>) -> Result<Arc<Entry>, Error> {
         let seen = previous.map_or(0, |p| p.last_seen.load(Relaxed));
         let mut entry = Entry::new(device, seen)?;
         // Same limit: the debt carries over (a PATCH must not reset it).
@@ -212,13 +210,13 @@ impl Registry {
     }
 
     /// Adds a device; returns it and its token (shown this once).
-    pub async fn add(&self, new: NewDevice) -> Result<(DeviceView, String), DeviceError> {
+    pub async fn add(&self, new: NewDevice) -> Result<(DeviceView, String), Error> {
         validate_id(&new.id)?;
         validate_patterns("publish", &new.publish)?;
         validate_patterns("subscribe", &new.subscribe)?;
         let _w = self.writes.lock().await;
         if self.entry(&new.id).is_some() {
-            return Err(DeviceError::Exists(new.id));
+            return Err(Error::Exists(new.id));
         }
         let (token, tag) = self.new_token()?;
         let device = Device {
@@ -245,14 +243,14 @@ impl Registry {
     }
 
     /// One device.
-    pub fn get(&self, id: &str) -> Result<DeviceView, DeviceError> {
+    pub fn get(&self, id: &str) -> Result<DeviceView, Error> {
         self.entry(id)
             .map(|e| e.view())
-            .ok_or_else(|| DeviceError::NotFound(id.to_owned()))
+            .ok_or_else(|| Error::NotFound(id.to_owned()))
     }
 
     /// Changes a device.
-    pub async fn update(&self, id: &str, patch: DevicePatch) -> Result<DeviceView, DeviceError> {
+    pub async fn update(&self, id: &str, patch: DevicePatch) -> Result<DeviceView, Error> {
         if let Some(p) = &patch.publish {
             validate_patterns("publish", p)?;
         }
@@ -262,7 +260,7 @@ impl Registry {
         let _w = self.writes.lock().await;
         let old = self
             .entry(id)
-            .ok_or_else(|| DeviceError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         let mut device = old.stored();
         if let Some(n) = patch.name {
             device.name = n;
@@ -284,11 +282,11 @@ impl Registry {
     }
 
     /// A new token for a device; the old one stops working at once.
-    pub async fn rotate(&self, id: &str) -> Result<String, DeviceError> {
+    pub async fn rotate(&self, id: &str) -> Result<String, Error> {
         let _w = self.writes.lock().await;
         let old = self
             .entry(id)
-            .ok_or_else(|| DeviceError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         let (token, tag) = self.new_token()?;
         let mut device = old.stored();
         device.token_hash = to_hex(&tag);
@@ -298,11 +296,11 @@ impl Registry {
     }
 
     /// Removes a device.
-    pub async fn remove(&self, id: &str) -> Result<(), DeviceError> {
+    pub async fn remove(&self, id: &str) -> Result<(), Error> {
         let _w = self.writes.lock().await;
         let old = self
             .entry(id)
-            .ok_or_else(|| DeviceError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         self.log
             .put_meta(SPACE, vec![(id.as_bytes().to_vec(), None)])
             .await?;
@@ -331,7 +329,7 @@ mod tests {
                     ..NewDevice::default()
                 })
                 .await;
-            assert!(matches!(r, Err(DeviceError::Invalid(_))), "{id:?}");
+            assert!(matches!(r, Err(Error::Invalid(_))), "{id:?}");
         }
         let r = reg
             .add(NewDevice {
@@ -340,7 +338,7 @@ mod tests {
                 ..NewDevice::default()
             })
             .await;
-        assert!(matches!(r, Err(DeviceError::Invalid(_))));
+        assert!(matches!(r, Err(Error::Invalid(_))));
         reg.add(NewDevice {
             id: "d".into(),
             ..NewDevice::default()
@@ -353,7 +351,7 @@ mod tests {
                 ..NewDevice::default()
             })
             .await;
-        assert!(matches!(again, Err(DeviceError::Exists(_))));
+        assert!(matches!(again, Err(Error::Exists(_))));
         assert!(reg.is_admin("admin-secret"));
         assert!(!reg.is_admin("admin-secreT"));
         assert!(!reg.is_admin(""));

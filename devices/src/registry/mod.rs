@@ -32,6 +32,7 @@ use tributary_storage::Log;
 use crate::acl;
 use crate::auth::{Action, Authenticator, Credentials, Decision, Denial, Identity, Refusal, ADMIN};
 use crate::throttle::{FailureTable, RecentLogins};
+use crate::Error;
 
 mod devices;
 mod limits;
@@ -66,23 +67,6 @@ pub struct RegistryConfig {
     pub token_key: Option<String>,
 }
 
-/// Registry errors.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// No such device.
-    #[error("device `{0}` does not exist")]
-    NotFound(String),
-    /// The id is taken.
-    #[error("device `{0}` already exists")]
-    Exists(String),
-    /// Bad input; the message says what.
-    #[error("{0}")]
-    Invalid(String),
-    /// The log refused the write.
-    #[error(transparent)]
-    Storage(#[from] tributary_storage::Error),
-}
-
 /// The device registry; also the [`Authenticator`] of `mode = "devices"`.
 pub struct Registry {
     log: Log,
@@ -115,7 +99,7 @@ pub fn now_ms() -> u64 {
 impl Registry {
     /// Opens the registry on `log`'s metadata, creating the token key on
     /// first use.
-    pub async fn open(log: Log, config: RegistryConfig) -> Result<Registry, DeviceError> {
+    pub async fn open(log: Log, config: RegistryConfig) -> Result<Registry, Error> {
         let rng = SystemRandom::new();
         let key_bytes = match &config.token_key {
             Some(k) if !k.is_empty() => ring::digest::digest(&ring::digest::SHA256, k.as_bytes())
@@ -126,7 +110,7 @@ impl Registry {
                 _ => {
                     let mut k = vec![0u8; 32];
                     rng.fill(&mut k)
-                        .map_err(|_| DeviceError::Invalid("no system randomness".into()))?;
+                        .map_err(|_| Error::Invalid("no system randomness".into()))?;
                     log.put_meta(KEY_SPACE, vec![(b"hmac-sha256".to_vec(), Some(k.clone()))])
                         .await?;
                     k
@@ -143,7 +127,7 @@ impl Registry {
         for (k, v) in log.meta(SPACE)? {
             let id = String::from_utf8_lossy(&k).into_owned();
             let entry = serde_json::from_slice::<Device>(&v)
-                .map_err(|e| DeviceError::Invalid(format!("stored device `{id}`: {e}")))
+                .map_err(|e| Error::Invalid(format!("stored device `{id}`: {e}")))
                 .and_then(|d| Entry::new(d, 0));
             match entry {
                 Ok(e) => {

@@ -9,12 +9,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::devices::Entry;
-use super::{Device, DeviceError, Registry, SPACE};
+use super::{Device, Registry, SPACE};
+use crate::Error;
 
 impl Registry {
-    pub(super) async fn store(&self, device: &Device) -> Result<(), DeviceError> {
+    pub(super) async fn store(&self, device: &Device) -> Result<(), Error> {
         let doc = serde_json::to_vec(device)
-            .map_err(|e| DeviceError::Invalid(format!("cannot encode device: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("cannot encode device: {e}")))?;
         self.log
             .put_meta(SPACE, vec![(device.id.as_bytes().to_vec(), Some(doc))])
             .await?;
@@ -22,7 +23,7 @@ impl Registry {
     }
 
     /// Writes the last-seen times that changed since the last call.
-    pub async fn persist_last_seen(&self) -> Result<usize, DeviceError> {
+    pub async fn persist_last_seen(&self) -> Result<usize, Error> {
         let _w = self.writes.lock().await;
         let changed: Vec<Arc<Entry>> = self
             .read()
@@ -39,7 +40,7 @@ impl Registry {
         for e in &changed {
             let stored = e.stored();
             let doc = serde_json::to_vec(&stored)
-                .map_err(|err| DeviceError::Invalid(format!("cannot encode device: {err}")))?;
+                .map_err(|err| Error::Invalid(format!("cannot encode device: {err}")))?;
             entries.push((e.device.id.as_bytes().to_vec(), Some(doc)));
             written.push(stored.last_seen_ms.unwrap_or(0));
         }

@@ -9,8 +9,9 @@ use base64::Engine as _;
 use ring::hmac;
 use ring::rand::SecureRandom;
 
-use super::{now_ms, DeviceError, Registry};
+use super::{now_ms, Registry};
 use crate::auth::{Credentials, Identity, Refusal};
+use crate::Error;
 
 /// Prefix of every token: recognisable in logs and secret scanners.
 pub const TOKEN_PREFIX: &str = "trb_";
@@ -51,11 +52,11 @@ impl Registry {
             .is_some_and(|tag| hmac::verify(&self.key, token.as_bytes(), tag).is_ok())
     }
 
-    pub(super) fn new_token(&self) -> Result<(String, Vec<u8>), DeviceError> {
+    pub(super) fn new_token(&self) -> Result<(String, Vec<u8>), Error> {
         let mut secret = [0u8; 32];
         self.rng
             .fill(&mut secret)
-            .map_err(|_| DeviceError::Invalid("no system randomness".into()))?;
+            .map_err(|_| Error::Invalid("no system randomness".into()))?;
         let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
         let tag = hmac::sign(&self.key, token.as_bytes()).as_ref().to_vec();
         Ok((token, tag))

@@ -22,17 +22,22 @@ use tributary_storage::util::lock;
 use tributary_frontend::metrics::Kind;
 use tributary_frontend::{FrontendContext, MetricsSource, Text};
 
+use crate::Error;
+
 /// True when this build has the bridge (cargo feature `amqp-bridge`).
 pub const AVAILABLE: bool = cfg!(feature = "amqp-bridge");
 
-/// Checks a bridge URL (`amqp://user:pass@host:port/vhost`).
-pub fn validate_url(url: &str) -> Result<(), String> {
+/// Checks a bridge URL (`amqp://user:pass@host:port/vhost`); an
+/// [`Error::Url`] says what is wrong.
+pub fn validate_url(url: &str) -> Result<(), Error> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(format!("must start with amqp:// or amqps://, got `{url}`"));
+        return Err(Error::Url(format!(
+            "must start with amqp:// or amqps://, got `{url}`"
+        )));
     }
     url.parse::<amq_protocol::uri::AMQPUri>()
         .map(|_| ())
-        .map_err(|e| format!("not a valid AMQP URI: {e}"))
+        .map_err(|e| Error::Url(format!("not a valid AMQP URI: {e}")))
 }
 
 /// Which way a bridge moves messages.

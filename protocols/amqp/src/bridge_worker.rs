@@ -19,36 +19,17 @@ use tributary_storage::{AppendRecord, GroupOffset, Log};
 use super::bridge::{BridgeConfig, BridgeStats, Direction};
 use super::frame::short;
 use super::mapping;
+use crate::Error;
 use tributary_frontend::FrontendContext;
 
-#[derive(Debug, thiserror::Error)]
-enum BridgeError {
-    #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
-    #[error("log: {0}")]
-    Log(#[from] tributary_storage::Error),
-    #[error("log: {0}")]
-    Refused(#[from] tributary_ingest::Refused),
-    #[error("{0} timed out")]
-    Timeout(&'static str),
-    #[error("the broker refused a message (basic.nack)")]
-    Nacked,
-    #[error("the broker could not route a message to any queue (basic.return)")]
-    Unroutable,
-    #[error("the channel closed before an ack could be sent")]
-    AckLost,
-    #[error("the consumer was cancelled")]
-    Cancelled,
-}
-
-async fn timed<T, E: Into<BridgeError>>(
+async fn timed<T, E: Into<Error>>(
     what: &'static str,
     limit: Duration,
     f: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, BridgeError> {
+) -> Result<T, Error> {
     match tokio::time::timeout(limit, f).await {
         Ok(r) => r.map_err(Into::into),
-        Err(_) => Err(BridgeError::Timeout(what)),
+        Err(_) => Err(Error::Timeout(what)),
     }
 }
 
@@ -99,7 +80,7 @@ async fn bridge_in(
     conn: &Connection,
     stats: &BridgeStats,
     backoff: &mut Backoff,
-) -> Result<(), BridgeError> {
+) -> Result<(), Error> {
     let channel = timed("channel.open", config.timeout, conn.create_channel()).await?;
     timed(
         "basic.qos",
@@ -120,7 +101,7 @@ async fn bridge_in(
     .await?;
     loop {
         let Some(first) = consumer.next().await else {
-            return Err(BridgeError::Cancelled);
+            return Err(Error::Cancelled);
         };
         let mut deliveries = vec![first?];
         // Whatever else is ready joins this append.
@@ -150,7 +131,7 @@ async fn bridge_in(
                     requeue: false,
                 });
                 if !timed("basic.nack", config.timeout, nack).await? {
-                    return Err(BridgeError::AckLost);
+                    return Err(Error::AckLost);
                 }
                 continue;
             }
@@ -166,7 +147,7 @@ async fn bridge_in(
                 // `multiple` covers the rejected ones too: they are settled already.
                 let ack = last.acker.ack(BasicAckOptions { multiple: true });
                 if !timed("basic.ack", config.timeout, ack).await? {
-                    return Err(BridgeError::AckLost);
+                    return Err(Error::AckLost);
                 }
                 stats.messages.fetch_add(n, Relaxed);
                 backoff.reset();
@@ -194,7 +175,7 @@ async fn bridge_out(
     conn: &Connection,
     stats: &BridgeStats,
     backoff: &mut Backoff,
-) -> Result<(), BridgeError> {
+) -> Result<(), Error> {
     let channel = timed("channel.open", config.timeout, conn.create_channel()).await?;
     timed(
         "confirm.select",
@@ -288,14 +269,14 @@ async fn bridge_out(
             let n = confirms.len() as u64;
             let all = futures_util::future::join_all(confirms);
             for c in timed("publisher confirms", config.timeout, async {
-                Ok::<_, BridgeError>(all.await)
+                Ok::<_, Error>(all.await)
             })
             .await?
             {
                 match c? {
                     lapin::Confirmation::Ack(None) => {}
-                    lapin::Confirmation::Ack(Some(_)) => return Err(BridgeError::Unroutable),
-                    _ => return Err(BridgeError::Nacked),
+                    lapin::Confirmation::Ack(Some(_)) => return Err(Error::Unroutable),
+                    _ => return Err(Error::Nacked),
                 }
             }
             *offset = read.next_offset;
@@ -326,7 +307,7 @@ async fn bridge_out(
                 let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
             }
             if conn.status().errored() || !channel.status().connected() {
-                return Err(BridgeError::Timeout("broker connection"));
+                return Err(Error::Timeout("broker connection"));
             }
         }
     }

@@ -1,6 +1,6 @@
 //! AMQP 0-9-1 front end: a publish-only broker on amq-protocol's frame codec
 //! ([`frame`]): the [`Server`] holds what every connection shares and is
-//! served by the one accept loop ([`tributary_frontend::serve`]); a `conn::Connection`
+//! served by the one accept loop ([`tributary_frontend::serve()`]); a `conn::Connection`
 //! per client runs it.
 //!
 //! - `basic.publish(E, R)` appends to topic E (or R on the default exchange)
@@ -14,11 +14,14 @@
 //!   connection.close 540 naming the method: consumers read over HTTP,
 //!   WebSockets or MQTT, or through the [`bridge`] from RabbitMQ.
 //! - The [`bridge`] moves messages between a RabbitMQ and the log with lapin.
+//! - What goes wrong, from a frame that does not parse to a bridge that
+//!   lost its broker, is one [`Error`].
 
 pub mod bridge;
 #[cfg(feature = "amqp-bridge")]
 mod bridge_worker;
 mod conn;
+pub mod error;
 pub mod frame;
 pub mod mapping;
 mod refusal;
@@ -27,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use error::{Error, Result};
 pub use refusal::Refusal;
 use tributary_frontend::listener::{ConnectionStats, ListenerSet};
 use tributary_frontend::tls::MaybeTls;
@@ -199,7 +203,7 @@ impl Server {
     }
 }
 
-/// Served on TCP listeners by [`tributary_frontend::serve`]. Each connection
+/// Served on TCP listeners by [`tributary_frontend::serve()`]. Each connection
 /// runs in its own task; at shutdown it confirms what is durable, then closes
 /// with connection.close 320. On a TLS listener (AMQPS, 5671) a verified
 /// client certificate names the device.

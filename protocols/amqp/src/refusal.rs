@@ -6,7 +6,7 @@ use tracing::Level;
 use tributary_ingest::Rejection;
 use tributary_telemetry::Reason;
 
-use crate::frame::FrameError;
+use crate::Error;
 
 /// Why something was refused or closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,14 +62,19 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The refusal of a frame that could not be read.
-    pub fn of_frame(e: &FrameError) -> Refusal {
+    /// The refusal of a frame that could not be read. The other errors,
+    /// which reading frames never returns, map to what they are closest to.
+    pub fn of_frame(e: &Error) -> Refusal {
         match e {
-            FrameError::TooLarge { .. } => Refusal::FrameTooLarge,
-            FrameError::UnknownMethod { .. } => Refusal::UnknownMethod,
-            FrameError::Syntax { .. } => Refusal::MalformedMethod,
-            FrameError::Malformed(_) => Refusal::MalformedFrame,
-            FrameError::TooDeep { .. } => Refusal::NestingTooDeep,
+            Error::TooLarge { .. } => Refusal::FrameTooLarge,
+            Error::UnknownMethod { .. } => Refusal::UnknownMethod,
+            Error::Syntax { .. } => Refusal::MalformedMethod,
+            Error::Malformed(_) => Refusal::MalformedFrame,
+            Error::TooDeep { .. } => Refusal::NestingTooDeep,
+            Error::Auth(_) => Refusal::BadAuthMechanism,
+            Error::Refused(r) => Refusal::of_rejection(r.rejection),
+            Error::Log(e) => Refusal::of_rejection(Rejection::of(e)),
+            _ => Refusal::LogUnwritable,
         }
     }
 

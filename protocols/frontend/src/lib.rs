@@ -10,6 +10,7 @@
 //! - [`budget`]: the node-wide memory budget for bytes received but not yet
 //!   whole (`limits.max_buffered_bytes`).
 //! - [`context`]: [`Peer`], [`FrontendContext`], the `/v1/stats` registries.
+//! - [`error`]: [`Error`], the crate's one error type (loading the TLS files).
 //! - [`listener`]: a TCP listener with a connection limit, shared by every front end.
 //! - [`metrics`]: the ack-latency histogram; the writer, registry and typed
 //!   reasons of `tributary-telemetry`, re-exported.
@@ -23,6 +24,7 @@
 
 pub mod budget;
 pub mod context;
+pub mod error;
 pub mod listener;
 pub mod metrics;
 pub mod panics;
@@ -31,5 +33,6 @@ pub mod tls;
 pub mod wait;
 
 pub use context::{ConnectionGauges, FrontendContext, Gauge, Peer, StatsSection, StatsSections};
+pub use error::Error;
 pub use metrics::{AckHistogram, MetricsHub, MetricsSource, Reason, Reasons, Text, ACK_BUCKETS};
 pub use serve::{serve, Frontend};

@@ -95,21 +95,19 @@ pub(crate) fn allow(
     }
 }
 
-/// May `who` publish `event` to `topic`? `Err` names the refused subject
-/// (see [`all_publish_subjects`]: every `mqtt.topic` occurrence is checked,
+/// May `who` publish `event` to `topic`? The answer is a decision, not an
+/// error: `None` when it may, else the first subject refused (see
+/// [`all_publish_subjects`]: every `mqtt.topic` occurrence is checked,
 /// although a record repeating it is refused as malformed before this).
-pub(crate) fn may_publish(
+pub(crate) fn refused_publish(
     auth: &dyn Authenticator,
     who: &Identity,
     topic: &str,
     event: &Event,
-) -> Result<(), String> {
-    for subject in all_publish_subjects(topic, event.key.as_deref(), &event.headers) {
-        if !auth.authorize(who, Action::Publish, &subject).allowed() {
-            return Err(subject);
-        }
-    }
-    Ok(())
+) -> Option<String> {
+    all_publish_subjects(topic, event.key.as_deref(), &event.headers)
+        .into_iter()
+        .find(|subject| !auth.authorize(who, Action::Publish, subject).allowed())
 }
 
 /// The filter that stands for reading a whole topic.

@@ -10,21 +10,21 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use tributary_devices::{DeviceError, DevicePatch, NewDevice, Registry};
+use tributary_devices::{DevicePatch, NewDevice, Registry};
 
 use super::{parse_json, path_param, read_body, require_json, ApiError, ApiResult, AppState};
 
-impl From<DeviceError> for ApiError {
-    fn from(e: DeviceError) -> Self {
+impl From<tributary_devices::Error> for ApiError {
+    fn from(e: tributary_devices::Error) -> Self {
         match e {
-            DeviceError::NotFound(_) => {
+            tributary_devices::Error::NotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_device", e.to_string())
             }
-            DeviceError::Exists(_) => {
+            tributary_devices::Error::Exists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "device_exists", e.to_string())
             }
-            DeviceError::Invalid(m) => ApiError::bad_request(m),
-            DeviceError::Storage(s) => s.into(),
+            tributary_devices::Error::Invalid(m) => ApiError::bad_request(m),
+            tributary_devices::Error::Storage(s) => s.into(),
         }
     }
 }

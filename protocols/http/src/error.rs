@@ -9,7 +9,10 @@ use tributary_storage::Error as LogError;
 
 use tributary_ingest::Refused;
 
-/// An error answer.
+/// An error answer; its `Display` is the message. Every failure of the crate
+/// is one: a request it refuses, a log error ([`From`] the storage error), a
+/// registry error. An ACL or login refusal is decided first, then answered
+/// as one (`403`, `401`).
 #[derive(Debug, Clone)]
 pub struct ApiError {
     /// HTTP status.
@@ -34,7 +37,22 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
+
+    /// The same answer, its message prefixed with `what: ` (which record of
+    /// several, say).
+    pub fn prefixed(mut self, what: &str) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
 }
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
 
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
@@ -56,11 +74,15 @@ impl From<&LogError> for ApiError {
             LogError::UnknownTopic(_) => (StatusCode::NOT_FOUND, "unknown_topic"),
             LogError::UnknownPartition { .. } => (StatusCode::NOT_FOUND, "unknown_partition"),
             LogError::TopicExists(_) => (StatusCode::CONFLICT, "topic_exists"),
-            LogError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
+            LogError::InvalidTopic(_) | LogError::InvalidName(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_topic")
+            }
             LogError::EventTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large"),
             LogError::OffsetOutOfRange { .. } => (StatusCode::BAD_REQUEST, "offset_out_of_range"),
             LogError::Config(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            LogError::Corruption { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "corruption"),
+            LogError::Corruption { .. } | LogError::BadBatch(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "corruption")
+            }
             LogError::Unwritable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unwritable"),
             LogError::QuotaExceeded { .. } => (StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded"),
             LogError::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),

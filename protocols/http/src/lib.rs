@@ -682,7 +682,7 @@ async fn produce(
                 .enumerate()
                 .map(|(i, r)| {
                     r.into_append()
-                        .map_err(|m| ApiError::bad_request(format!("records[{i}]: {m}")))
+                        .map_err(|e| e.prefixed(&format!("records[{i}]")))
                 })
                 .collect::<ApiResult<_>>()?;
             _held = bytes;
@@ -717,7 +717,7 @@ async fn produce(
     };
     let who = caller.identity()?;
     for r in &records {
-        if let Err(subject) = auth::may_publish(&*state.cx.auth, who, &topic, &r.event) {
+        if let Some(subject) = auth::refused_publish(&*state.cx.auth, who, &topic, &r.event) {
             return Err(auth::forbidden(who, Action::Publish, &subject));
         }
     }

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tributary_storage::{AppendRecord, Event, Record};
 
+use crate::error::ApiError;
+
 /// How a produced record's fields are encoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,14 +73,15 @@ struct HeaderIn {
     value: String,
 }
 
-fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, String> {
+fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, ApiError> {
     B64.decode(s)
-        .map_err(|e| format!("{what} is not valid base64: {e}"))
+        .map_err(|e| ApiError::bad_request(format!("{what} is not valid base64: {e}")))
 }
 
 impl ProduceRecord<'_> {
-    /// Turns the JSON record into an event; errors say which field is wrong.
-    pub fn into_append(self) -> Result<AppendRecord, String> {
+    /// Turns the JSON record into an event; an error is a 400 `bad_request`
+    /// that says which field is wrong.
+    pub fn into_append(self) -> Result<AppendRecord, ApiError> {
         let b64 = self.encoding == Encoding::Base64;
         let key = match self.key {
             Some(k) if b64 => Some(decode_b64("key", &k)?),
@@ -90,7 +93,10 @@ impl ProduceRecord<'_> {
             (Some(raw), Encoding::Json) => raw.get().as_bytes().to_vec(),
             (Some(raw), enc) => {
                 let s: String = serde_json::from_str(raw.get()).map_err(|_| {
-                    format!("value must be a JSON string with encoding \"{enc:?}\"").to_lowercase()
+                    ApiError::bad_request(
+                        format!("value must be a JSON string with encoding \"{enc:?}\"")
+                            .to_lowercase(),
+                    )
                 })?;
                 if b64 {
                     decode_b64("value", &s)?
@@ -100,7 +106,7 @@ impl ProduceRecord<'_> {
             }
         };
         let mut headers = Vec::new();
-        let header_value = |name: &str, v: String| -> Result<Vec<u8>, String> {
+        let header_value = |name: &str, v: String| -> Result<Vec<u8>, ApiError> {
             if b64 {
                 decode_b64(&format!("header `{name}`"), &v)
             } else {
@@ -118,7 +124,9 @@ impl ProduceRecord<'_> {
             Some(HeadersIn::Map(map)) => {
                 for (name, v) in map {
                     let serde_json::Value::String(v) = v else {
-                        return Err(format!("header `{name}` must have a string value"));
+                        return Err(ApiError::bad_request(format!(
+                            "header `{name}` must have a string value"
+                        )));
                     };
                     let v = header_value(&name, v)?;
                     headers.push((name, v));
@@ -126,9 +134,9 @@ impl ProduceRecord<'_> {
             }
         }
         if let Some(name) = repeated_reserved(&headers) {
-            return Err(format!(
+            return Err(ApiError::bad_request(format!(
                 "header `{name}` is given more than once: names the gateway reads (`mqtt.*`, `amqp.*`, `content-type`) may appear once per record"
-            ));
+            )));
         }
         Ok(AppendRecord {
             partition: self.partition,
@@ -152,7 +160,7 @@ impl ProduceRecord<'_> {
 /// last), so no answer to "which one counts" is safe, and the refusal
 /// needs no ACL, so it tells the producer nothing about its rights. The
 /// ACL check still looks at every `mqtt.topic` occurrence
-/// ([`super::auth::may_publish`]). AMQP producers cannot repeat a name: a
+/// ([`super::auth::refused_publish`]). AMQP producers cannot repeat a name: a
 /// field table's names are unique, and reserved ones are renamed
 /// `amqp.header.<name>` (see `amqp::mapping`).
 fn repeated_reserved(headers: &[(String, Vec<u8>)]) -> Option<&str> {
@@ -462,6 +470,7 @@ mod tests {
                 .expect("one")
                 .into_append()
                 .expect_err("must fail")
+                .message
         };
         assert!(bad(r#"{"records":[{"value":"%%%","encoding":"base64"}]}"#).contains("value"));
         assert!(bad(r#"{"records":[{"value":1,"encoding":"string"}]}"#).contains("string"));

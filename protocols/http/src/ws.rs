@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_storage::{AppendRecord, Error as LogError, Event, Position};
 
-use super::auth::{self, may_publish, Caller};
+use super::auth::{self, refused_publish, Caller};
 use super::error::ApiError;
 use super::records::{Format, ProduceRecord, RecordOut};
 use super::AppState;
@@ -448,7 +448,7 @@ async fn publish_session(
                         }
                         Some(Ok(Message::Text(t))) => Some(
                             match serde_json::from_str::<ProduceRecord<'_>>(t.as_str()) {
-                                Ok(r) => r.into_append().map_err(ApiError::bad_request),
+                                Ok(r) => r.into_append(),
                                 Err(e) => Err(ApiError::bad_request(format!(
                                     "not a record: {e} (expected {{\"key\",\"value\",\"headers\",...}})"
                                 ))),
@@ -458,7 +458,7 @@ async fn publish_session(
                     match parsed.map(|r| r.and_then(|r| precheck(limits_now, &r).map(|()| r))) {
                         None => {}
                         Some(Ok(r)) => {
-                            if let Err(subject) = may_publish(&*auth, &who, &topic, &r.event) {
+                            if let Some(subject) = refused_publish(&*auth, &who, &topic, &r.event) {
                                 let why =
                                     format!("device `{}` may not publish to `{subject}`", who.id);
                                 end = Some(Some((close::POLICY, why)));

@@ -1,6 +1,6 @@
 //! MQTT 3.1.1 and 5 front end: our own session layer over rumqttc's packet
 //! codecs ([`codec`]): the [`Server`] holds what every connection shares and
-//! is served by the one accept loop ([`tributary_frontend::serve`]); a `conn::Connection`
+//! is served by the one accept loop ([`tributary_frontend::serve()`]); a `conn::Connection`
 //! per client runs its session.
 //!
 //! - PUBLISH appends to the log; PUBACK/PUBREC go out only once the log says
@@ -14,9 +14,12 @@
 //! - Retained messages live in the log's metadata (`mqtt.retained`).
 //! - The handler is generic over the byte stream: TCP, TLS and WebSocket
 //!   (`/mqtt` on the HTTP port) wrap the same code.
+//! - What goes wrong, from a packet the codec refuses to a broker that
+//!   cannot load its state, is one [`Error`].
 
 pub mod codec;
 mod conn;
+pub mod error;
 pub mod mapping;
 mod refusal;
 mod session;
@@ -39,6 +42,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+pub use error::{Error, Result};
 pub use refusal::Refusal;
 pub use session::{PendingWill, SessionStore};
 pub use topic::Route;
@@ -207,16 +211,21 @@ pub struct Server {
 
 impl Server {
     /// Builds the broker, loading persistent sessions and registering metrics.
-    pub fn new(cx: FrontendContext, config: MqttConfig) -> Result<Arc<Self>, String> {
+    pub fn new(cx: FrontendContext, config: MqttConfig) -> Result<Arc<Self>> {
         for r in &config.routes {
             r.validate()?;
         }
-        let sessions =
-            SessionStore::load(&cx.log).map_err(|e| format!("cannot load MQTT sessions: {e}"))?;
+        let sessions = SessionStore::load(&cx.log).map_err(|error| Error::Load {
+            what: "MQTT sessions",
+            error,
+        })?;
         let retained = cx
             .log
             .meta(session::RETAINED)
-            .map_err(|e| format!("cannot load retained MQTT messages: {e}"))?
+            .map_err(|error| Error::Load {
+                what: "retained MQTT messages",
+                error,
+            })?
             .into_iter()
             .filter_map(|(k, _)| String::from_utf8(k).ok())
             .collect();
@@ -227,7 +236,10 @@ impl Server {
             config.shared_policy,
             config.max_shared_groups,
         )
-        .map_err(|e| format!("cannot load MQTT shared subscription groups: {e}"))?;
+        .map_err(|error| Error::Load {
+            what: "MQTT shared subscription groups",
+            error,
+        })?;
         // Groups live while a session holds them: the stored sessions say which.
         for (client, session) in sessions.lock().iter() {
             for sub in session.parked.iter().flat_map(|s| s.subs.iter()) {
@@ -330,13 +342,13 @@ impl Server {
         payload: &bytes::Bytes,
         qos: u8,
         props: &codec::MsgProps,
-    ) -> Result<(), RetainError> {
+    ) -> Result<()> {
         let value = if payload.is_empty() {
             None
         } else {
             let mut set = lock(&self.retained);
             if !set.contains(topic) && set.len() >= self.config.max_retained {
-                return Err(RetainError::Full(self.config.max_retained));
+                return Err(Error::RetainedFull(self.config.max_retained));
             }
             set.insert(topic.to_owned());
             Some(session::Retained::new(payload, qos, props).encode())
@@ -346,7 +358,7 @@ impl Server {
             .log
             .put_meta(session::RETAINED, vec![(topic.as_bytes().to_vec(), value)])
             .await
-            .map_err(RetainError::Log)?;
+            .map_err(Error::Log)?;
         if clear {
             lock(&self.retained).remove(topic);
         }
@@ -363,7 +375,7 @@ impl Server {
     }
 }
 
-/// Served on TCP listeners by [`tributary_frontend::serve`]; each connection is
+/// Served on TCP listeners by [`tributary_frontend::serve()`]; each connection is
 /// told to stop (v5: DISCONNECT 0x8B) at shutdown.
 impl Frontend for Server {
     fn context(&self) -> &FrontendContext {
@@ -377,15 +389,6 @@ impl Frontend for Server {
     async fn connection(self: Arc<Self>, stream: MaybeTls, peer: Peer) {
         conn::Connection::run(self, stream, peer).await;
     }
-}
-
-/// Why a retained message was not kept.
-#[derive(Debug, thiserror::Error)]
-enum RetainError {
-    #[error("the retained-message limit ({0}) is reached")]
-    Full(usize),
-    #[error(transparent)]
-    Log(tributary_storage::Error),
 }
 
 type WsState = (Arc<Server>, Arc<ConnectionStats>);

@@ -7,7 +7,7 @@ use tracing::Level;
 use tributary_ingest::Rejection;
 use tributary_telemetry::Reason;
 
-use crate::codec::DecodeError;
+use crate::Error;
 
 /// Why something was refused, closed or skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,18 +138,22 @@ impl Refusal {
         }
     }
 
-    /// The refusal of a packet the codec could not read.
-    pub fn of_decode(e: &DecodeError) -> Refusal {
+    /// The refusal of a packet the codec could not read. The broker's own
+    /// errors, which the codec never returns, map to what they are closest to.
+    pub fn of_decode(e: &Error) -> Refusal {
         match e {
-            DecodeError::TooLarge { .. } => Refusal::PacketTooLarge,
-            DecodeError::Protocol {
+            Error::TooLarge { .. } => Refusal::PacketTooLarge,
+            Error::Protocol {
                 why: "duplicate_property",
                 ..
             } => Refusal::DuplicateProperty,
-            DecodeError::Protocol { .. } => Refusal::ProtocolError,
-            DecodeError::NotMqtt(_) => Refusal::NotMqtt,
-            DecodeError::UnsupportedVersion(_) => Refusal::UnsupportedProtocolVersion,
-            DecodeError::Malformed(_) => Refusal::MalformedPacket,
+            Error::Protocol { .. } => Refusal::ProtocolError,
+            Error::NotMqtt(_) => Refusal::NotMqtt,
+            Error::UnsupportedVersion(_) => Refusal::UnsupportedProtocolVersion,
+            Error::Malformed(_) => Refusal::MalformedPacket,
+            Error::RetainedFull(_) => Refusal::RetainRefused,
+            Error::Log(error) | Error::Load { error, .. } => Refusal::Log(Rejection::of(error)),
+            Error::Encode(_) | Error::Config(_) => Refusal::ProtocolError,
         }
     }
 }

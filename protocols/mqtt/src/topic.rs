@@ -10,6 +10,8 @@
 
 use tributary_storage::topic::validate_name;
 
+use crate::Error;
+
 /// A topic name a client may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_name(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 65_535
@@ -36,26 +38,29 @@ pub struct Route {
 }
 
 impl Route {
-    /// Checks the route; the message names what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the route; an [`Error::Config`] whose message names what is wrong.
+    pub fn validate(&self) -> Result<(), Error> {
         if !valid_filter(&self.filter) {
-            return Err(format!(
+            return Err(Error::Config(format!(
                 "route filter `{}` is not a valid MQTT filter",
                 self.filter
-            ));
+            )));
         }
-        validate_name(&self.topic)?;
+        validate_name(&self.topic).map_err(|e| Error::Config(e.to_string()))?;
         let mut rest = self.key.as_str();
         while let Some(open) = rest.find('{') {
             let Some(close) = rest[open..].find('}') else {
-                return Err(format!("route key `{}` has an unclosed `{{`", self.key));
+                return Err(Error::Config(format!(
+                    "route key `{}` has an unclosed `{{`",
+                    self.key
+                )));
             };
             let name = &rest[open + 1..open + close];
             if name != "topic" && name.parse::<usize>().is_err() {
-                return Err(format!(
+                return Err(Error::Config(format!(
                     "route key `{}`: `{{{name}}}` is neither {{topic}} nor a level number",
                     self.key
-                ));
+                )));
             }
             rest = &rest[open + close + 1..];
         }

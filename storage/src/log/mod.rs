@@ -145,12 +145,12 @@ impl std::fmt::Debug for Log {
     }
 }
 
-fn corruption(topic: &str, partition: u32, offset: u64, detail: String) -> Error {
+fn corruption(topic: &str, partition: u32, offset: u64, detail: Error) -> Error {
     Error::Corruption {
         topic: topic.to_owned(),
         partition,
         offset,
-        detail,
+        detail: detail.to_string(),
     }
 }
 

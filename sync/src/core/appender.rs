@@ -47,7 +47,7 @@ impl SyncCore {
             );
         }
         let raw = wire::decompress(&b, self.inner.config.max_batch_bytes).map_err(|e| {
-            let c = if matches!(e, wire::WireError::TooLarge { .. }) {
+            let c = if matches!(e, crate::Error::TooLarge { .. }) {
                 code::TOO_LARGE
             } else {
                 code::BAD_FRAME

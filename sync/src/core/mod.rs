@@ -22,8 +22,9 @@
 //! ## Where things live
 //! - this file: the [`SyncCore`] handle, its settings ([`CoreConfig`]), the
 //!   types its public API takes and answers with ([`SyncPeer`],
-//!   [`EdgeStream`], [`OnMessage`], [`SyncError`]), the limits, and the
-//!   per-edge state it keeps in memory (held ranges per stream).
+//!   [`EdgeStream`], [`OnMessage`]; its errors are [`crate::Error`]), the
+//!   limits, and the per-edge state it keeps in memory (held ranges per
+//!   stream).
 //! - `recovery`: the checkpoints in the log's metadata (keys and format) and
 //!   [`SyncCore::open`]: loading them and completing them from the log.
 //! - `connection`: [`SyncCore::serve`]: one edge's connection, from its
@@ -51,7 +52,7 @@ use std::time::Duration;
 use axum::extract::ws::WebSocket;
 use tokio_util::sync::CancellationToken;
 use tributary_devices::auth::Authenticator;
-use tributary_storage::{Error as LogError, Log};
+use tributary_storage::Log;
 
 use crate::ranges::RangeSet;
 use crate::wire::{code, ErrorFrame};
@@ -112,22 +113,6 @@ pub struct SyncPeer {
     pub addr: Option<SocketAddr>,
     /// Identity of a verified client certificate (mTLS).
     pub certificate: Option<String>,
-}
-
-/// What went wrong opening the core's sync state.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    /// The log failed.
-    #[error("sync state: {0}")]
-    Log(#[from] LogError),
-    /// A stored checkpoint does not parse.
-    #[error("corrupt sync checkpoint {key}: {detail}")]
-    Corrupt {
-        /// Its key.
-        key: String,
-        /// What is wrong.
-        detail: String,
-    },
 }
 
 #[derive(Debug, Default)]

@@ -12,9 +12,10 @@ use tributary_devices::auth::Authenticator;
 use tributary_storage::{Error as LogError, Log, MetaEntry};
 
 use super::stats::CoreMetrics;
-use super::{CoreConfig, CoreInner, EdgeSlot, EdgeState, Stream, SyncCore, SyncError, META_SPACE};
+use super::{CoreConfig, CoreInner, EdgeSlot, EdgeState, Stream, SyncCore, META_SPACE};
 use crate::ranges::RangeSet;
 use crate::wire::{HEADER_EDGE, HEADER_OFFSET, HEADER_PARTITION};
+use crate::Error;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct EdgeMeta {
@@ -120,13 +121,13 @@ impl SyncCore {
         log: Log,
         auth: Arc<dyn Authenticator>,
         config: CoreConfig,
-    ) -> Result<SyncCore, SyncError> {
+    ) -> Result<SyncCore, Error> {
         let scan_log = log.clone();
-        let (edges, checkpoints) = tokio::task::spawn_blocking(move || -> Result<_, SyncError> {
+        let (edges, checkpoints) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             let log = scan_log;
             let mut edges: HashMap<String, EdgeState> = HashMap::new();
             for (key, value) in log.meta(META_SPACE)? {
-                let corrupt = |detail: String| SyncError::Corrupt {
+                let corrupt = |detail: String| Error::Corrupt {
                     key: String::from_utf8_lossy(&key).into_owned(),
                     detail,
                 };
@@ -161,7 +162,7 @@ impl SyncCore {
             Ok((edges, checkpoints))
         })
         .await
-        .map_err(|e| SyncError::Log(LogError::Io(std::io::Error::other(e.to_string()))))??;
+        .map_err(|e| Error::Log(LogError::Io(std::io::Error::other(e.to_string()))))??;
         if !checkpoints.is_empty() {
             log.put_meta(META_SPACE, checkpoints).await?;
         }

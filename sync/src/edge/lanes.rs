@@ -15,6 +15,7 @@ use super::lock;
 use super::session::{InFlight, Session};
 use crate::ranges::RangeSet;
 use crate::wire::{self, Batch, Frame, Opened, Skip, MAX_RANGES};
+use crate::Error;
 
 /// One lane of one partition: sends `[next, limit)` minus what the core holds.
 #[derive(Debug, Clone)]
@@ -38,7 +39,7 @@ pub(super) struct Part {
 }
 
 impl Session<'_> {
-    pub(super) fn opened(&mut self, o: Opened) -> Result<(), String> {
+    pub(super) fn opened(&mut self, o: Opened) -> Result<(), Error> {
         let up = self.up;
         let log = &up.inner.log;
         let live_first = up.inner.config.live_first;
@@ -46,21 +47,22 @@ impl Session<'_> {
             return Ok(());
         };
         if self.opening.get(&o.topic) != Some(&false) {
-            return Err(format!("the core opened {} twice or unasked", o.topic));
+            return Err(Error::Peer(format!(
+                "the core opened {} twice or unasked",
+                o.topic
+            )));
         }
         self.opening.insert(o.topic.clone(), true);
         let topic: Arc<str> = o.topic.as_str().into();
         for (p, ranges) in o.held.into_iter().enumerate() {
             let partition = p as u32;
             let held = RangeSet::from_ranges(ranges);
-            let (start, end) = log
-                .offsets(&o.topic, partition)
-                .map_err(|e| e.to_string())?;
+            let (start, end) = log.offsets(&o.topic, partition).map_err(Error::Storage)?;
             if held.ranges().last().is_some_and(|&(_, e)| e > end) {
-                return Err(format!(
+                return Err(Error::Peer(format!(
                     "the core holds offsets of {}/{partition} beyond this edge's end {end}; is its data directory the one the core knows?",
                     o.topic
-                ));
+                )));
             }
             {
                 let mut known = lock(&self.up.inner.known);
@@ -189,7 +191,7 @@ impl Session<'_> {
     /// Sends batches while the window and the bandwidth allow: live lanes
     /// first, then backlog lanes; within each, by topic priority, round-robin
     /// among equals.
-    pub(super) async fn fill(&mut self) -> Result<(), String> {
+    pub(super) async fn fill(&mut self) -> Result<(), Error> {
         loop {
             if self.window_full() || self.stop.is_cancelled() {
                 return Ok(());
@@ -249,14 +251,12 @@ impl Session<'_> {
         None
     }
 
-    async fn send_from(&mut self, pi: usize, li: usize) -> Result<(), String> {
+    async fn send_from(&mut self, pi: usize, li: usize) -> Result<(), Error> {
         let inner = &self.up.inner;
         let c = &inner.config;
         let log = &inner.log;
         let p = &mut self.parts[pi];
-        let (start, end) = log
-            .offsets(&p.topic, p.partition)
-            .map_err(|e| e.to_string())?;
+        let (start, end) = log.offsets(&p.topic, p.partition).map_err(Error::Storage)?;
         let lane = &mut p.lanes[li];
         lane.waiting_since = None;
         let from = p.held.next_missing(lane.next);
@@ -302,7 +302,7 @@ impl Session<'_> {
             Ok(r) => r,
             // Retention or the quota moved the start meanwhile: the next round skips.
             Err(LogError::OffsetOutOfRange { .. }) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Error::Storage(e)),
         };
         let mut raw = Vec::with_capacity(max_bytes.min(1 << 20));
         let mut count = 0u32;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::session::Session;
 use super::{lock, now_ms, End, Uploader, UpstreamConfig};
 use crate::wire::{self, code, ErrorFrame, Frame, Hello};
+use crate::Error;
 
 pub(super) struct Target {
     tls: bool,
@@ -24,18 +25,22 @@ pub(super) struct Target {
     port: u16,
 }
 
-pub(super) fn parse_url(url: &str) -> Result<Target, String> {
+pub(super) fn parse_url(url: &str) -> Result<Target, Error> {
     let uri: tokio_tungstenite::tungstenite::http::Uri = url
         .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        .map_err(|e| Error::Url(format!("`{url}` is not a URL: {e}")))?;
     let tls = match uri.scheme_str() {
         Some("ws") => false,
         Some("wss") => true,
-        _ => return Err(format!("`{url}` must start with ws:// or wss://")),
+        _ => {
+            return Err(Error::Url(format!(
+                "`{url}` must start with ws:// or wss://"
+            )))
+        }
     };
     let host = uri
         .host()
-        .ok_or_else(|| format!("`{url}` has no host"))?
+        .ok_or_else(|| Error::Url(format!("`{url}` has no host")))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
@@ -52,7 +57,7 @@ impl Uploader {
             r = connect => match r {
                 Ok(Ok(ws)) => ws,
                 Ok(Err(e)) => return End::Failed(e),
-                Err(_) => return End::Failed("connecting timed out".into()),
+                Err(_) => return End::Failed(Error::Link("connecting timed out".into())),
             },
         };
         self.inner.metrics.connects.fetch_add(1, Relaxed);
@@ -94,10 +99,12 @@ impl Uploader {
                 s.run(&mut frames, &heard, shutdown).await
             }
             Ok(Some(Ok(Frame::Error(e)))) => End::Failed(self.error(&e)),
-            Ok(Some(Ok(_))) => End::Failed("the core did not answer Hello with Welcome".into()),
+            Ok(Some(Ok(_))) => End::Failed(Error::Peer(
+                "the core did not answer Hello with Welcome".into(),
+            )),
             Ok(Some(Err(e))) => End::Failed(e),
-            Ok(None) => End::Failed("the connection closed before Welcome".into()),
-            Err(_) => End::Failed("no Welcome in time".into()),
+            Ok(None) => End::Failed(Error::Link("the connection closed before Welcome".into())),
+            Err(_) => End::Failed(Error::Link("no Welcome in time".into())),
         };
         session_stop.cancel();
         let _ = reader.await;
@@ -105,33 +112,37 @@ impl Uploader {
         end
     }
 
-    pub(super) fn error(&self, e: &ErrorFrame) -> String {
+    /// Counts an error frame from the core, as the error it is here.
+    pub(super) fn error(&self, e: &ErrorFrame) -> Error {
         *lock(&self.inner.metrics.errors)
             .entry(code::name(e.code))
             .or_insert(0) += 1;
-        format!(
-            "the core said {} ({}): {}",
-            code::name(e.code),
-            e.code,
-            e.message
-        )
+        Error::Refused {
+            code: e.code,
+            message: e.message.clone(),
+        }
     }
 
-    async fn connect(&self) -> Result<WsStream, String> {
+    async fn connect(&self) -> Result<WsStream, Error> {
         let c = &self.inner.config;
         let target = parse_url(&c.url)?;
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", target.host, target.port))?;
+            .map_err(|e| {
+                Error::Link(format!(
+                    "cannot connect to {}:{}: {e}",
+                    target.host, target.port
+                ))
+            })?;
         let _ = tcp.set_nodelay(true);
         let stream = if target.tls {
-            let config = client_tls(c).map_err(|e| format!("TLS setup: {e}"))?;
+            let config = client_tls(c)?;
             let name = rustls::pki_types::ServerName::try_from(target.host.clone())
-                .map_err(|e| format!("bad TLS server name {}: {e}", target.host))?;
+                .map_err(|e| Error::Url(format!("bad TLS server name {}: {e}", target.host)))?;
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS handshake with the core failed: {e}"))?;
+                .map_err(|e| Error::Link(format!("TLS handshake with the core failed: {e}")))?;
             MaybeTls::Tls(Box::new(tls))
         } else {
             MaybeTls::Plain(tcp)
@@ -142,24 +153,28 @@ impl Uploader {
         let (ws, _) =
             tokio_tungstenite::client_async_with_config(c.url.as_str(), stream, Some(ws_config))
                 .await
-                .map_err(|e| format!("WebSocket handshake with the core failed: {e}"))?;
+                .map_err(|e| {
+                    Error::Link(format!("WebSocket handshake with the core failed: {e}"))
+                })?;
         Ok(ws)
     }
 }
 
-fn client_tls(c: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+/// The TLS client settings of the link; an error is an [`Error::Tls`].
+fn client_tls(c: &UpstreamConfig) -> Result<rustls::ClientConfig, Error> {
+    let tls = Error::Tls;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     match &c.ca {
         Some(path) => {
             for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
+                .map_err(|e| tls(format!("{}: {e}", path.display())))?
             {
-                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                let cert = cert.map_err(|e| tls(format!("{}: {e}", path.display())))?;
                 roots
                     .add(cert)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                    .map_err(|e| tls(format!("{}: {e}", path.display())))?;
             }
         }
         None => {
@@ -171,19 +186,19 @@ fn client_tls(c: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| tls(e.to_string()))?
         .with_root_certificates(roots);
     match (&c.cert, &c.key) {
         (Some(cert), Some(key)) => {
             let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("{}: {e}", cert.display()))?
+                .map_err(|e| tls(format!("{}: {e}", cert.display())))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{}: {e}", cert.display()))?;
-            let key =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+                .map_err(|e| tls(format!("{}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| tls(format!("{}: {e}", key.display())))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())
+                .map_err(|e| tls(e.to_string()))
         }
         _ => Ok(builder.with_no_client_auth()),
     }
@@ -252,7 +267,7 @@ pub(super) struct Link<'a> {
 
 impl Link<'_> {
     /// Sends a frame; returns its size on the wire.
-    pub(super) async fn send(&mut self, f: Frame) -> Result<usize, String> {
+    pub(super) async fn send(&mut self, f: Frame) -> Result<usize, Error> {
         let bytes = f.encode();
         let n = bytes.len();
         self.wire_bytes.fetch_add(n as u64, Relaxed);
@@ -260,14 +275,15 @@ impl Link<'_> {
         Ok(n)
     }
 
-    pub(super) async fn write(&mut self, m: Message) -> Result<(), String> {
+    /// Writes a message, within the link's timeout.
+    pub(super) async fn write(&mut self, m: Message) -> Result<(), Error> {
         match tokio::time::timeout(self.timeout, self.sink.send(m)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("writing to the core failed: {e}")),
-            Err(_) => Err(format!(
+            Ok(Err(e)) => Err(Error::Link(format!("writing to the core failed: {e}"))),
+            Err(_) => Err(Error::Link(format!(
                 "a write to the core did not complete in {:?} (half-open link?)",
                 self.timeout
-            )),
+            ))),
         }
     }
 }
@@ -275,7 +291,7 @@ impl Link<'_> {
 /// Reads frames until the link ends; every message counts as heard.
 async fn read_frames(
     mut stream: futures_util::stream::SplitStream<WsStream>,
-    tx: mpsc::Sender<Result<Frame, String>>,
+    tx: mpsc::Sender<Result<Frame, Error>>,
     heard: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
@@ -287,13 +303,15 @@ async fn read_frames(
         heard.store(now_ms() as u64, Relaxed);
         let frame = match msg {
             Some(Ok(Message::Binary(b))) => {
-                Frame::decode(&b).map_err(|e| format!("bad frame from the core: {e}"))
+                Frame::decode(&b).map_err(|e| Error::Peer(format!("bad frame from the core: {e}")))
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Text(_))) => Err("the core sent a text message".into()),
-            Some(Ok(Message::Close(c))) => Err(format!("the core closed the link: {c:?}")),
-            Some(Err(e)) => Err(format!("reading from the core failed: {e}")),
-            None => Err("the core closed the link".into()),
+            Some(Ok(Message::Text(_))) => Err(Error::Peer("the core sent a text message".into())),
+            Some(Ok(Message::Close(c))) => {
+                Err(Error::Link(format!("the core closed the link: {c:?}")))
+            }
+            Some(Err(e)) => Err(Error::Link(format!("reading from the core failed: {e}"))),
+            None => Err(Error::Link("the core closed the link".into())),
         };
         let last = frame.is_err();
         // The session may be gone and its queue full: never wait past `stop`.

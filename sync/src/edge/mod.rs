@@ -56,10 +56,11 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tributary_storage::{Error as LogError, Log};
+use tributary_storage::Log;
 
 use crate::backoff::Backoff;
 use crate::ranges::RangeSet;
+use crate::Error;
 use cursors::{parse_cursor_key, Known};
 use lanes::Blocked;
 use link::parse_url;
@@ -249,16 +250,19 @@ enum End {
     /// Shutdown asked for.
     Shutdown,
     /// The link failed or the core said so.
-    Failed(String),
+    Failed(Error),
     /// The core reported a gap: reconnect at once to learn what it holds.
-    Resync(String),
+    Resync(Error),
 }
 
 impl Uploader {
     /// Loads (or creates) the edge's instance id and cursors, and marks the
     /// forwarded prefixes in the log, before anything is sent.
-    pub async fn open(log: Log, config: UpstreamConfig) -> Result<Uploader, LogError> {
-        let instance = match log.meta_get(META_SPACE, b"instance")? {
+    pub async fn open(log: Log, config: UpstreamConfig) -> Result<Uploader, Error> {
+        let instance = match log
+            .meta_get(META_SPACE, b"instance")
+            .map_err(Error::Storage)?
+        {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v.try_into().unwrap_or_default()),
             _ => {
                 let id = fastrand::u64(1..);
@@ -266,12 +270,13 @@ impl Uploader {
                     META_SPACE,
                     vec![(b"instance".to_vec(), Some(id.to_be_bytes().to_vec()))],
                 )
-                .await?;
+                .await
+                .map_err(Error::Storage)?;
                 id
             }
         };
         let mut known = HashMap::new();
-        for (k, v) in log.meta(META_SPACE)? {
+        for (k, v) in log.meta(META_SPACE).map_err(Error::Storage)? {
             let (Some((topic, p)), Ok(b)) =
                 (parse_cursor_key(&k), <[u8; 8]>::try_from(v.as_slice()))
             else {
@@ -341,7 +346,7 @@ impl Uploader {
                 }
             };
             if let End::Failed(why) | End::Resync(why) = end {
-                *lock(&self.inner.last_error) = Some(why);
+                *lock(&self.inner.last_error) = Some(why.to_string());
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,

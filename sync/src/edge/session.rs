@@ -16,6 +16,7 @@ use super::lanes::{Part, BLOCK_RETRY};
 use super::link::Link;
 use super::{lock, now_ms, End, Uploader, UpstreamConfig};
 use crate::wire::{code, Frame, Open};
+use crate::Error;
 
 pub(super) struct InFlight {
     pub(super) topic: Arc<str>,
@@ -72,7 +73,7 @@ impl<'a> Session<'a> {
 
     pub(super) async fn run(
         &mut self,
-        frames: &mut mpsc::Receiver<Result<Frame, String>>,
+        frames: &mut mpsc::Receiver<Result<Frame, Error>>,
         heard: &AtomicU64,
         shutdown: &CancellationToken,
     ) -> End {
@@ -97,7 +98,7 @@ impl<'a> Session<'a> {
                 f = frames.recv() => match f {
                     Some(Ok(frame)) => if let Err(end) = self.handle(frame).await { return end },
                     Some(Err(e)) => return End::Failed(e),
-                    None => return End::Failed("the link ended".into()),
+                    None => return End::Failed(Error::Link("the link ended".into())),
                 },
                 () = self.wake.notified() => {}
                 r = topics_rx.changed() => {
@@ -108,7 +109,7 @@ impl<'a> Session<'a> {
                 _ = ping.tick() => {
                     let silent = (now_ms() as u64).saturating_sub(heard.load(Relaxed));
                     if silent > self.config().timeout.as_millis() as u64 {
-                        return End::Failed(format!("nothing heard from the core for {silent} ms (half-open link?)"));
+                        return End::Failed(Error::Link(format!("nothing heard from the core for {silent} ms (half-open link?)")));
                     }
                     if let Err(e) = self.link.write(Message::Ping(Vec::new().into())).await {
                         return End::Failed(e);
@@ -119,7 +120,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn open_new_topics(&mut self) -> Result<(), String> {
+    async fn open_new_topics(&mut self) -> Result<(), Error> {
         let up = self.up;
         for t in up.inner.log.topics() {
             let name = t.config.name;
@@ -146,10 +147,10 @@ impl<'a> Session<'a> {
                         && f.from == a.base_offset
                         && f.to == a.next_offset
                 }) else {
-                    return Err(End::Failed(format!(
+                    return Err(End::Failed(Error::Peer(format!(
                         "the core acknowledged {}/{} {}..{}, which is not in flight",
                         a.topic, a.partition, a.base_offset, a.next_offset
-                    )));
+                    ))));
                 };
                 let Some(f) = self.in_flight.remove(i) else {
                     return Ok(());
@@ -191,12 +192,12 @@ impl<'a> Session<'a> {
                     _ => Err(End::Failed(msg)),
                 }
             }
-            other => Err(End::Failed(
+            other => Err(End::Failed(Error::Peer(
                 format!("unexpected frame from the core: {other:?}")
                     .chars()
                     .take(200)
                     .collect(),
-            )),
+            ))),
         }
     }
 }

@@ -226,6 +226,12 @@ impl Drop for InProcessNode {
 }
 
 /// A two-worker runtime for tests that also drive child processes synchronously.
+/// `tests/clients/`: the scripts of the clients we did not write (paho-mqtt,
+/// mqtt.js, pika, amqplib) that the installed tier runs.
+pub fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{method_name, End};
 use crate::frame::{self, code, short};
+use crate::Error;
 use crate::Refusal;
 use crate::Server;
 use tributary_devices::auth::{self, Credentials, Identity};
@@ -166,7 +167,7 @@ where
         Ok(c) => c,
         Err(why) => {
             server.metrics.refuse(Refusal::BadAuthMechanism);
-            return Err(End::Server(code::ACCESS_REFUSED, why, 10, 11));
+            return Err(End::Server(code::ACCESS_REFUSED, why.to_string(), 10, 11));
         }
     };
     let creds = Credentials {
@@ -275,8 +276,9 @@ fn unexpected_in_handshake(f: &AMQPFrame, wanted: &str) -> End {
     }
 }
 
-/// User and password from a PLAIN or AMQPLAIN response.
-fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), String> {
+/// User and password from a PLAIN or AMQPLAIN response; an [`Error::Auth`]
+/// holds the connection.close text.
+fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), Error> {
     match mechanism {
         "PLAIN" => {
             // [authzid] NUL authcid NUL passwd (RFC 4616).
@@ -284,7 +286,9 @@ fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), Str
             let (Some(_), Some(user), Some(pass), None) =
                 (parts.next(), parts.next(), parts.next(), parts.next())
             else {
-                return Err("ACCESS_REFUSED - malformed PLAIN response".to_owned());
+                return Err(Error::Auth(
+                    "ACCESS_REFUSED - malformed PLAIN response".to_owned(),
+                ));
             };
             Ok((
                 String::from_utf8_lossy(user).into_owned(),
@@ -295,12 +299,14 @@ fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), Str
             // A field table without its length prefix: LOGIN and PASSWORD.
             let mut framed = (response.len() as u32).to_be_bytes().to_vec();
             framed.extend_from_slice(response);
+            let malformed =
+                || Error::Auth("ACCESS_REFUSED - malformed AMQPLAIN response".to_owned());
             if !frame::nesting_ok(&framed, 0) {
-                return Err("ACCESS_REFUSED - malformed AMQPLAIN response".to_owned());
+                return Err(malformed());
             }
             let table = amq_protocol::types::parsing::parse_field_table(&framed[..])
                 .map(|(_, t)| t)
-                .map_err(|_| "ACCESS_REFUSED - malformed AMQPLAIN response".to_owned())?;
+                .map_err(|_| malformed())?;
             let field = |name: &str| match table.inner().get(name) {
                 Some(AMQPValue::LongString(s)) => {
                     String::from_utf8_lossy(s.as_bytes()).into_owned()
@@ -313,10 +319,10 @@ fn credentials(mechanism: &str, response: &[u8]) -> Result<(String, String), Str
         // The certificate speaks for the client; a response, if any, is the
         // identity it asks for (it must be the certificate's).
         "EXTERNAL" => Ok((String::from_utf8_lossy(response).into_owned(), String::new())),
-        other => Err(format!(
+        other => Err(Error::Auth(format!(
             "ACCESS_REFUSED - mechanism {} is not offered (PLAIN, AMQPLAIN; EXTERNAL with a client certificate)",
             short(other)
-        )),
+        ))),
     }
 }
 
@@ -327,12 +333,12 @@ mod tests {
     #[test]
     fn plain_and_amqplain_credentials() {
         assert_eq!(
-            credentials("PLAIN", b"\0guest\0secret"),
-            Ok(("guest".into(), "secret".into()))
+            credentials("PLAIN", b"\0guest\0secret").expect("PLAIN"),
+            ("guest".into(), "secret".into())
         );
         assert_eq!(
-            credentials("PLAIN", b"admin\0dev-1\0tok"),
-            Ok(("dev-1".into(), "tok".into()))
+            credentials("PLAIN", b"admin\0dev-1\0tok").expect("PLAIN"),
+            ("dev-1".into(), "tok".into())
         );
         assert!(credentials("PLAIN", b"guest").is_err());
         assert!(credentials("PLAIN", b"\0a\0b\0c").is_err());
@@ -345,13 +351,25 @@ mod tests {
             t.extend_from_slice(&(v.len() as u32).to_be_bytes());
             t.extend_from_slice(v.as_bytes());
         }
-        assert_eq!(credentials("AMQPLAIN", &t), Ok(("u".into(), "p".into())));
+        assert_eq!(
+            credentials("AMQPLAIN", &t).expect("AMQPLAIN"),
+            ("u".into(), "p".into())
+        );
         assert!(credentials("AMQPLAIN", b"\x05LOG").is_err());
         // EXTERNAL parses (the handshake refuses it without a certificate).
         assert_eq!(
-            credentials("EXTERNAL", b""),
-            Ok((String::new(), String::new()))
+            credentials("EXTERNAL", b"").expect("EXTERNAL"),
+            (String::new(), String::new())
         );
-        assert!(credentials("CRAM-MD5", b"x").is_err());
+        let Err(e) = credentials("CRAM-MD5", b"x") else {
+            panic!("CRAM-MD5 is not offered")
+        };
+        assert_eq!(
+            e.reply(),
+            (
+                code::ACCESS_REFUSED,
+                "ACCESS_REFUSED - mechanism CRAM-MD5 is not offered (PLAIN, AMQPLAIN; EXTERNAL with a client certificate)".to_owned()
+            )
+        );
     }
 }

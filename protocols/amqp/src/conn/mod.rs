@@ -37,8 +37,9 @@ use tokio::time::Instant;
 use self::channel::Channel;
 use self::handshake::{close_frame, drain_until_close_ok, handshake, HANDSHAKE_FRAME_MAX};
 use self::publish::{Appended, Batch};
-use super::frame::{self, code, FrameError};
+use super::frame::{self, code};
 use super::Server;
+use crate::Error;
 use crate::Refusal;
 use tributary_devices::auth::Identity;
 use tributary_frontend::{wait, Peer};
@@ -87,11 +88,11 @@ impl End {
     }
 }
 
-impl From<FrameError> for End {
-    fn from(e: FrameError) -> End {
+impl From<Error> for End {
+    fn from(e: Error) -> End {
         let (code, text) = e.reply();
         match e {
-            FrameError::UnknownMethod { class, method } | FrameError::Syntax { class, method } => {
+            Error::UnknownMethod { class, method } | Error::Syntax { class, method } => {
                 End::Server(code, text, class, method)
             }
             _ => End::server(code, text),

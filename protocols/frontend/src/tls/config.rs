@@ -13,7 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use super::{TlsError, TlsFiles};
+use super::TlsFiles;
+use crate::Error;
 
 /// The identity a client certificate stands for: its subject common name, or
 /// failing that its first DNS subject alternative name.
@@ -40,22 +41,22 @@ pub(super) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,
     })
 }
 
-fn invalid(path: &Path, reason: impl Into<String>) -> TlsError {
-    TlsError::Invalid {
+fn invalid(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Invalid {
         path: path.to_owned(),
         reason: reason.into(),
     }
 }
 
 /// Every `CERTIFICATE` block of a PEM file; at least one.
-fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(path, format!("not valid PEM: {e}")))?;
@@ -67,9 +68,9 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
 
 /// Reads the files and builds the server configuration and the fingerprint of
 /// what was read.
-pub(super) fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, u64), TlsError> {
+pub(super) fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, u64), Error> {
     if files.require_client_cert && files.client_ca.is_none() {
-        return Err(TlsError::NoClientCa);
+        return Err(Error::NoClientCa);
     }
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
@@ -93,9 +94,9 @@ pub fn server_config(
     cert_pem: &[u8],
     key_pem: &[u8],
     client_ca_pem: Option<&[u8]>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<Arc<ServerConfig>, Error> {
     if files.require_client_cert && client_ca_pem.is_none() {
-        return Err(TlsError::NoClientCa);
+        return Err(Error::NoClientCa);
     }
     let certs = certificates(&files.cert, cert_pem)?;
     warn_if_not_valid_now(&files.cert, &certs[0]);
@@ -246,7 +247,7 @@ mod tests {
 
         let mut files = f.files.clone();
         files.client_ca = None;
-        assert!(matches!(Tls::load(files), Err(TlsError::NoClientCa)));
+        assert!(matches!(Tls::load(files), Err(Error::NoClientCa)));
 
         // Certificate and key in one file is fine.
         let both = f.dir.path().join("both.pem");

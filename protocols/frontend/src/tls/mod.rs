@@ -17,10 +17,10 @@
 //! default provider). No ALPN protocol is advertised.
 //!
 //! This file holds [`Tls`] (loading, reload, the handshake, metrics) and its
-//! files and errors; `config.rs` turns the PEM files into a rustls server
-//! configuration and names a client certificate's identity; `listener.rs`
-//! starts connections: [`establish`] for MQTT and AMQP, [`TlsListener`] for
-//! HTTPS.
+//! files (what goes wrong loading them is a [`crate::Error`]); `config.rs`
+//! turns the PEM files into a rustls server configuration and names a client
+//! certificate's identity; `listener.rs` starts connections: [`establish`]
+//! for MQTT and AMQP, [`TlsListener`] for HTTPS.
 
 mod config;
 mod listener;
@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Kind, MetricsSource, Text};
+use crate::Error;
 use config::build;
 
 pub use config::{certificate_identity, server_config};
@@ -62,34 +63,6 @@ pub struct TlsFiles {
     /// Refuse clients without a certificate (needs `client_ca`). When false, a
     /// client may present none, but one it presents must still verify.
     pub require_client_cert: bool,
-}
-
-/// Why the TLS files could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
-    },
-    /// A file was read but holds nothing usable.
-    #[error("{}: {reason}", path.display())]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// `require_client_cert` without a `client_ca` to verify them against.
-    #[error("client certificates are required but no client CA file is set")]
-    NoClientCa,
-    /// rustls refused the configuration.
-    #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
 }
 
 /// Counters since start, for `/metrics`.
@@ -136,7 +109,7 @@ impl fmt::Debug for Tls {
 
 impl Tls {
     /// Reads and checks the files. Errors name the file and what is wrong.
-    pub fn load(files: TlsFiles) -> Result<Tls, TlsError> {
+    pub fn load(files: TlsFiles) -> Result<Tls, Error> {
         let (config, fingerprint) = build(&files)?;
         Ok(Tls {
             inner: Arc::new(Inner {
@@ -161,7 +134,7 @@ impl Tls {
     /// Re-reads the files. `Ok(true)` when their contents changed and the next
     /// handshake uses them, `Ok(false)` when they are as before. On error the
     /// previous configuration stays in use.
-    pub fn reload(&self) -> Result<bool, TlsError> {
+    pub fn reload(&self) -> Result<bool, Error> {
         match build(&self.inner.files) {
             Ok((config, fingerprint)) => {
                 self.inner.reloads_ok.fetch_add(1, Relaxed);
@@ -451,7 +424,7 @@ mod tests {
         std::fs::write(&f.files.cert, &good_cert).expect("write");
         std::fs::remove_file(f.files.client_ca.as_ref().expect("CA path")).expect("rm");
         let err = tls.reload().expect_err("reload without the CA failed");
-        assert!(matches!(err, TlsError::Read { .. }), "{err}");
+        assert!(matches!(err, Error::Read { .. }), "{err}");
 
         assert_eq!(tls.stats().reloads_failed, 3);
         let (server, client) = handshake(&tls, f.client(None)).await;

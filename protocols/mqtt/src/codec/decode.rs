@@ -10,16 +10,17 @@ use rumqttc::v5::mqttbytes::v5;
 
 use super::v4::{from_v4, malformed4};
 use super::v5::{from_v5, malformed5};
-use super::{DecodeError, In, Version};
+use super::{In, Version};
+use crate::Error;
 
 /// Looks at a buffer that should start with CONNECT: `Ok(None)` wants more
 /// bytes; otherwise the protocol version to decode it with.
-pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, DecodeError> {
+pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, Error> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
     if first != 0x10 {
-        return Err(DecodeError::NotMqtt(format!(
+        return Err(Error::NotMqtt(format!(
             "the first packet must be CONNECT, got type {}",
             first >> 4
         )));
@@ -28,7 +29,7 @@ pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, DecodeEr
         return Ok(None);
     };
     if 1 + header_len + remaining > max {
-        return Err(DecodeError::TooLarge {
+        return Err(Error::TooLarge {
             size: 1 + header_len + remaining,
             max,
         });
@@ -40,7 +41,7 @@ pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, DecodeEr
     let name_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
     if body.len() < 2 + name_len + 1 {
         return if remaining < 2 + name_len + 1 {
-            Err(DecodeError::Malformed("CONNECT is truncated".into()))
+            Err(Error::Malformed("CONNECT is truncated".into()))
         } else {
             Ok(None)
         };
@@ -50,14 +51,14 @@ pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, DecodeEr
     if let Some(flags) = body.get(2 + name_len + 1) {
         // MQTT-3.1.2-3: the reserved flag is 0.
         if flags & 1 != 0 && name == b"MQTT" {
-            return Err(DecodeError::Malformed("reserved CONNECT flag set".into()));
+            return Err(Error::Malformed("reserved CONNECT flag set".into()));
         }
     }
     match (name, level) {
         (b"MQTT", 4) => Ok(Some(Version::V4)),
         (b"MQTT", 5) => Ok(Some(Version::V5)),
-        (b"MQTT", l) | (b"MQIsdp", l) => Err(DecodeError::UnsupportedVersion(l)),
-        (other, _) => Err(DecodeError::NotMqtt(format!(
+        (b"MQTT", l) | (b"MQIsdp", l) => Err(Error::UnsupportedVersion(l)),
+        (other, _) => Err(Error::NotMqtt(format!(
             "protocol name {:?} is not MQTT",
             String::from_utf8_lossy(other)
         ))),
@@ -65,7 +66,7 @@ pub fn sniff_version(buf: &[u8], max: usize) -> Result<Option<Version>, DecodeEr
 }
 
 /// Variable-length remaining length: (value, bytes used), `None` if incomplete.
-fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, Error> {
     let mut value = 0usize;
     for (i, b) in buf.iter().enumerate().take(4) {
         value |= usize::from(b & 0x7F) << (7 * i);
@@ -74,9 +75,7 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
         }
     }
     if buf.len() >= 4 {
-        return Err(DecodeError::Malformed(
-            "remaining length over 4 bytes".into(),
-        ));
+        return Err(Error::Malformed("remaining length over 4 bytes".into()));
     }
     Ok(None)
 }
@@ -95,7 +94,7 @@ pub fn pending_len(buf: &[u8]) -> Option<usize> {
 /// (0; 15 in 3.1.1), flags the type forbids, or a type only servers send is
 /// refused before its body is waited for, whatever length it announces.
 /// v5 property blocks are scanned before decoding ([`repeated_property`]).
-pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option<In>, DecodeError> {
+pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option<In>, Error> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -110,14 +109,14 @@ pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option
         _ => flags == 0,
     };
     if !flags_ok {
-        return Err(DecodeError::Malformed(format!(
+        return Err(Error::Malformed(format!(
             "packet type {kind} with flags {flags:#06b}"
         )));
     }
     // CONNACK, SUBACK, UNSUBACK, PINGRESP, and AUTH (we offer no enhanced
     // authentication, so a client never has a reason to send it).
     if matches!(kind, 2 | 9 | 11 | 13 | 15) {
-        return Err(DecodeError::Protocol {
+        return Err(Error::Protocol {
             why: "protocol_error",
             detail: format!("a client does not send packet type {kind}"),
         });
@@ -127,7 +126,7 @@ pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option
     };
     let size = 1 + header_len + remaining;
     if size > max {
-        return Err(DecodeError::TooLarge { size, max });
+        return Err(Error::TooLarge { size, max });
     }
     if buf.len() < size {
         return Ok(None);
@@ -136,12 +135,12 @@ pub fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Option
         match repeated_property(kind, flags, &buf[1 + header_len..size]) {
             Ok(None) => {}
             Ok(Some(id)) => {
-                return Err(DecodeError::Protocol {
+                return Err(Error::Protocol {
                     why: "duplicate_property",
                     detail: format!("property {id:#04x} given more than once"),
                 })
             }
-            Err(why) => return Err(DecodeError::Malformed(why.to_owned())),
+            Err(e) => return Err(e),
         }
     }
     // v5 DISCONNECT may omit the reason code, or the property length after it
@@ -276,9 +275,15 @@ fn scan_properties(c: &mut Cursor<'_>) -> Result<Option<u8>, &'static str> {
 /// The first property an MQTT 5 packet from a client repeats although the
 /// spec allows it once (a protocol error), in any of its property blocks
 /// (CONNECT has two: its own and the will's). `Err`: a property block that
-/// does not parse (a malformed packet). `body` is the packet after its
+/// does not parse ([`Error::Malformed`]). `body` is the packet after its
 /// fixed header; packets without properties give `Ok(None)`.
-pub fn repeated_property(kind: u8, flags: u8, body: &[u8]) -> Result<Option<u8>, &'static str> {
+pub fn repeated_property(kind: u8, flags: u8, body: &[u8]) -> Result<Option<u8>, Error> {
+    scan_packet(kind, flags, body).map_err(|why| Error::Malformed(why.to_owned()))
+}
+
+/// [`repeated_property`], with the scanner's reason for a block that does
+/// not parse.
+fn scan_packet(kind: u8, flags: u8, body: &[u8]) -> Result<Option<u8>, &'static str> {
     let mut c = Cursor::new(body);
     match kind {
         // CONNECT: protocol name, level, flags, keep alive, properties;
@@ -368,15 +373,15 @@ mod tests {
     fn refuses_other_protocols_and_oversize_declarations() {
         assert!(matches!(
             sniff_version(b"\x30\x00", 1024),
-            Err(DecodeError::NotMqtt(_))
+            Err(Error::NotMqtt(_))
         ));
         assert!(matches!(
             sniff_version(b"\x10\x0a\x00\x06MQIsdp\x03", 1024),
-            Err(DecodeError::UnsupportedVersion(3))
+            Err(Error::UnsupportedVersion(3))
         ));
         assert!(matches!(
             sniff_version(b"\x10\x0a\x00\x04HTTP\x04", 1024),
-            Err(DecodeError::NotMqtt(_))
+            Err(Error::NotMqtt(_))
         ));
         // 2 MiB declared, nothing buffered: refused from the header alone.
         assert!(matches!(
@@ -385,7 +390,7 @@ mod tests {
                 Version::V4,
                 1 << 20
             ),
-            Err(DecodeError::TooLarge { .. })
+            Err(Error::TooLarge { .. })
         ));
         assert!(matches!(
             decode(
@@ -393,7 +398,7 @@ mod tests {
                 Version::V4,
                 1 << 20
             ),
-            Err(DecodeError::Malformed(_))
+            Err(Error::Malformed(_))
         ));
     }
 
@@ -452,7 +457,7 @@ mod tests {
         packet(0x82, &body)
     }
 
-    fn repeated(p: &BytesMut) -> Result<Option<u8>, &'static str> {
+    fn repeated(p: &BytesMut) -> Result<Option<u8>, Error> {
         let Some((_, header_len)) = remaining_length(&p[1..]).expect("length") else {
             panic!("incomplete test packet")
         };
@@ -464,40 +469,49 @@ mod tests {
         let twice = |p: &[u8]| [p, p].concat();
         // Once each, and user properties as often as wanted: fine.
         let fine = [EXPIRY_1.as_slice(), &USER_KV, &USER_KV, &[0x23, 0, 1]].concat();
-        assert_eq!(repeated(&publish5(&fine)), Ok(None));
-        assert_eq!(repeated(&publish5(&[])), Ok(None));
-        assert_eq!(repeated(&connect5(&[0x21, 0, 10], Some(&fine))), Ok(None));
+        assert!(matches!(repeated(&publish5(&fine)), Ok(None)));
+        assert!(matches!(repeated(&publish5(&[])), Ok(None)));
+        assert!(matches!(
+            repeated(&connect5(&[0x21, 0, 10], Some(&fine))),
+            Ok(None)
+        ));
         // Repeats, in each kind of block.
-        assert_eq!(repeated(&publish5(&twice(&EXPIRY_1))), Ok(Some(0x02)));
+        assert!(matches!(
+            repeated(&publish5(&twice(&EXPIRY_1))),
+            Ok(Some(0x02))
+        ));
         let ct = [0x03, 0, 1, b't'];
-        assert_eq!(
+        assert!(matches!(
             repeated(&publish5(&[&ct[..], &USER_KV, &ct].concat())),
             Ok(Some(0x03))
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             repeated(&connect5(&twice(&[0x21, 0, 10]), None)),
             Ok(Some(0x21))
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             repeated(&connect5(&[], Some(&twice(&[0x18, 0, 0, 0, 5])))),
             Ok(Some(0x18))
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             repeated(&subscribe5(&twice(&[0x0B, 0x81, 0x01]))),
             Ok(Some(0x0B))
-        );
+        ));
         let mut unsub = vec![0, 1];
         unsub.extend(block(&twice(&[0x1F, 0, 1, b'r'])));
         unsub.extend_from_slice(&[0, 1, b'a']);
-        assert_eq!(repeated(&packet(0xA2, &unsub)), Ok(Some(0x1F)));
+        assert!(matches!(repeated(&packet(0xA2, &unsub)), Ok(Some(0x1F))));
         let mut puback = vec![0, 1, 0x00];
         puback.extend(block(&twice(&[0x1F, 0, 0])));
-        assert_eq!(repeated(&packet(0x40, &puback)), Ok(Some(0x1F)));
-        assert_eq!(repeated(&packet(0x40, &[0, 1])), Ok(None));
-        assert_eq!(repeated(&packet(0x40, &[0, 1, 0x10])), Ok(None));
+        assert!(matches!(repeated(&packet(0x40, &puback)), Ok(Some(0x1F))));
+        assert!(matches!(repeated(&packet(0x40, &[0, 1])), Ok(None)));
+        assert!(matches!(repeated(&packet(0x40, &[0, 1, 0x10])), Ok(None)));
         let mut disconnect = vec![0x04];
         disconnect.extend(block(&twice(&[0x11, 0, 0, 0, 9])));
-        assert_eq!(repeated(&packet(0xE0, &disconnect)), Ok(Some(0x11)));
+        assert!(matches!(
+            repeated(&packet(0xE0, &disconnect)),
+            Ok(Some(0x11))
+        ));
         // Blocks that do not parse: unknown ids, lengths past the packet.
         assert!(repeated(&publish5(&[0x7F, 0])).is_err());
         assert!(repeated(&publish5(&[0x03, 0, 9, b'x'])).is_err());
@@ -509,7 +523,7 @@ mod tests {
         let mut b = publish5(&twice(&EXPIRY_1));
         assert!(matches!(
             decode(&mut b, Version::V5, 1024),
-            Err(DecodeError::Protocol {
+            Err(Error::Protocol {
                 why: "duplicate_property",
                 ..
             })
@@ -517,7 +531,7 @@ mod tests {
         let mut b = connect5(&[], Some(&twice(&ct)));
         assert!(matches!(
             decode(&mut b, Version::V5, 1024),
-            Err(DecodeError::Protocol { .. })
+            Err(Error::Protocol { .. })
         ));
         let mut b = publish5(&fine);
         let Some(In::Publish(p)) = decode(&mut b, Version::V5, 1024).expect("decode") else {
@@ -538,7 +552,7 @@ mod tests {
         ] {
             let mut b = BytesMut::from(&[first, 0xC0, 0x84, 0x3D][..]);
             assert!(
-                matches!(decode(&mut b, v, 1 << 20), Err(DecodeError::Malformed(_))),
+                matches!(decode(&mut b, v, 1 << 20), Err(Error::Malformed(_))),
                 "{first:#04x} {v:?}"
             );
             // The first byte alone is enough.
@@ -550,7 +564,7 @@ mod tests {
             assert!(
                 matches!(
                     decode(&mut b, Version::V5, 1 << 20),
-                    Err(DecodeError::Protocol { .. })
+                    Err(Error::Protocol { .. })
                 ),
                 "{first:#04x}"
             );

@@ -10,11 +10,11 @@
 //! The session layer works on [`In`] and [`Out`] only; the version decides the
 //! wire form here and nowhere else.
 //!
-//! This file holds the types (version, reason codes, packets in and out, the
-//! decode error); `decode.rs` sniffs the version and reads packets, with the
-//! fixed-header and v5 property checks the codecs lack; `v4.rs` and `v5.rs`
-//! convert from and to each version's `mqttbytes` packets; `encode.rs` writes
-//! packets out.
+//! This file holds the types (version, reason codes, packets in and out; what
+//! the codec refuses is a [`crate::Error`]); `decode.rs` sniffs the version
+//! and reads packets, with the fixed-header and v5 property checks the codecs
+//! lack; `v4.rs` and `v5.rs` convert from and to each version's `mqttbytes`
+//! packets; `encode.rs` writes packets out.
 
 mod decode;
 mod encode;
@@ -304,35 +304,4 @@ pub enum Out {
     PingResp,
     /// DISCONNECT (v5 only; 3.1.1 just closes).
     Disconnect(u8),
-}
-
-/// Why a packet could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// The first packet is CONNECT for a protocol level we do not speak.
-    #[error("unsupported protocol level {0}")]
-    UnsupportedVersion(u8),
-    /// The first packet is not CONNECT, or names another protocol.
-    #[error("{0}")]
-    NotMqtt(String),
-    /// The declared length exceeds the limit.
-    #[error("packet of {size} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// Declared size.
-        size: usize,
-        /// Limit.
-        max: usize,
-    },
-    /// Anything else the codec refuses.
-    #[error("malformed packet: {0}")]
-    Malformed(String),
-    /// Well formed, but a protocol error (v5 reason 0x82): a property the
-    /// spec allows once given twice, a packet type only servers send.
-    #[error("protocol error: {detail}")]
-    Protocol {
-        /// A short reason for metrics.
-        why: &'static str,
-        /// What was wrong.
-        detail: String,
-    },
 }

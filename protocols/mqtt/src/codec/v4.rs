@@ -4,19 +4,18 @@
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self as m4, v4};
 
-use super::{
-    reason, ConnectIn, DecodeError, In, MsgProps, Out, PublishIn, SubFilter, Version, Will,
-};
+use super::{reason, ConnectIn, In, MsgProps, Out, PublishIn, SubFilter, Version, Will};
+use crate::Error;
 
-pub(super) fn malformed4(e: m4::Error) -> DecodeError {
-    DecodeError::Malformed(e.to_string())
+pub(super) fn malformed4(e: m4::Error) -> Error {
+    Error::Malformed(e.to_string())
 }
 
 fn qos4(q: m4::QoS) -> u8 {
     q as u8
 }
 
-pub(super) fn from_v4(p: v4::Packet) -> Result<In, DecodeError> {
+pub(super) fn from_v4(p: v4::Packet) -> Result<In, Error> {
     Ok(match p {
         v4::Packet::Connect(c) => In::Connect(Box::new(ConnectIn {
             version: Version::V4,
@@ -69,7 +68,7 @@ pub(super) fn from_v4(p: v4::Packet) -> Result<In, DecodeError> {
             id: None,
         },
         v4::Packet::Unsubscribe(u) if u.topics.is_empty() => {
-            return Err(DecodeError::Malformed("UNSUBSCRIBE without filters".into()))
+            return Err(Error::Malformed("UNSUBSCRIBE without filters".into()))
         }
         v4::Packet::Unsubscribe(u) => In::Unsubscribe {
             pkid: u.pkid,
@@ -108,7 +107,7 @@ fn q4(q: u8) -> m4::QoS {
     }
 }
 
-pub(super) fn encode_v4(packet: Out, buf: &mut BytesMut) -> Result<usize, String> {
+pub(super) fn encode_v4(packet: Out, buf: &mut BytesMut) -> Result<usize, Error> {
     let r = match packet {
         Out::ConnAck {
             session_present,
@@ -141,5 +140,5 @@ pub(super) fn encode_v4(packet: Out, buf: &mut BytesMut) -> Result<usize, String
         Out::PingResp => v4::PingResp.write(buf),
         Out::Disconnect(_) => Ok(0),
     };
-    r.map_err(|e| e.to_string())
+    r.map_err(|e| Error::Encode(e.to_string()))
 }

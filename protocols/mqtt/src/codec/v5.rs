@@ -4,12 +4,11 @@
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::{self as m5, v5};
 
-use super::{
-    reason, ConnectIn, DecodeError, In, MsgProps, Out, PublishIn, SubFilter, Version, Will,
-};
+use super::{reason, ConnectIn, In, MsgProps, Out, PublishIn, SubFilter, Version, Will};
+use crate::Error;
 
-pub(super) fn malformed5(e: m5::Error) -> DecodeError {
-    DecodeError::Malformed(e.to_string())
+pub(super) fn malformed5(e: m5::Error) -> Error {
+    Error::Malformed(e.to_string())
 }
 
 fn qos5(q: m5::QoS) -> u8 {
@@ -34,7 +33,7 @@ fn props_from_publish(p: Option<v5::PublishProperties>) -> (MsgProps, Option<u16
     )
 }
 
-pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
+pub(super) fn from_v5(p: v5::Packet) -> Result<In, Error> {
     Ok(match p {
         v5::Packet::Connect(c, will, login) => {
             let props = c.properties.unwrap_or_else(|| v5::ConnectProperties {
@@ -60,7 +59,7 @@ pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
                 });
                 Ok(Will {
                     topic: String::from_utf8(w.topic.to_vec())
-                        .map_err(|_| DecodeError::Malformed("will topic is not UTF-8".into()))?,
+                        .map_err(|_| Error::Malformed("will topic is not UTF-8".into()))?,
                     payload: w.message,
                     qos: qos5(w.qos),
                     retain: w.retain,
@@ -96,7 +95,7 @@ pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
             let (props, alias, _) = props_from_publish(p.properties);
             In::Publish(PublishIn {
                 topic: String::from_utf8(p.topic.to_vec())
-                    .map_err(|_| DecodeError::Malformed("topic name is not UTF-8".into()))?,
+                    .map_err(|_| Error::Malformed("topic name is not UTF-8".into()))?,
                 qos: qos5(p.qos),
                 retain: p.retain,
                 pkid: p.pkid,
@@ -117,7 +116,7 @@ pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
         v5::Packet::PubRel(a) => In::PubRel(a.pkid),
         v5::Packet::PubComp(a) => In::PubComp(a.pkid),
         v5::Packet::Subscribe(s) if s.properties.as_ref().and_then(|p| p.id) == Some(0) => {
-            return Err(DecodeError::Malformed("subscription identifier 0".into()))
+            return Err(Error::Malformed("subscription identifier 0".into()))
         }
         v5::Packet::Subscribe(s) => In::Subscribe {
             pkid: s.pkid,
@@ -139,7 +138,7 @@ pub(super) fn from_v5(p: v5::Packet) -> Result<In, DecodeError> {
                 .collect(),
         },
         v5::Packet::Unsubscribe(u) if u.filters.is_empty() => {
-            return Err(DecodeError::Malformed("UNSUBSCRIBE without filters".into()))
+            return Err(Error::Malformed("UNSUBSCRIBE without filters".into()))
         }
         v5::Packet::Unsubscribe(u) => In::Unsubscribe {
             pkid: u.pkid,
@@ -235,7 +234,7 @@ fn some_if<T>(cond: bool, v: T) -> Option<T> {
     cond.then_some(v)
 }
 
-pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, String> {
+pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, Error> {
     let r = match packet {
         Out::ConnAck {
             session_present,
@@ -365,5 +364,5 @@ pub(super) fn encode_v5(packet: Out, buf: &mut BytesMut) -> Result<usize, String
             Ok(3)
         }
     };
-    r.map_err(|e| e.to_string())
+    r.map_err(|e| Error::Encode(e.to_string()))
 }

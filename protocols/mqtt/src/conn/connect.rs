@@ -11,8 +11,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::budgeted_len;
-use crate::codec::{self, reason, ConnAckProps, ConnectIn, DecodeError, In, Out, Version};
+use crate::codec::{self, reason, ConnAckProps, ConnectIn, In, Out, Version};
 use crate::session::{self, Session};
+use crate::Error;
 use crate::Refusal;
 use crate::{topic, Server, Slot};
 use tributary_devices::auth::{self, Action, Credentials, Identity};
@@ -42,11 +43,11 @@ pub(super) async fn read_connect<R: AsyncRead + Unpin>(
                 Ok(Some(In::Connect(c))) => return Ok(*c),
                 Ok(Some(_)) => return Err(ConnectFailure::Drop(Refusal::NotConnect)),
                 Ok(None) => {}
-                Err(DecodeError::TooLarge { .. }) => {
+                Err(Error::TooLarge { .. }) => {
                     return Err(ConnectFailure::Drop(Refusal::PacketTooLarge))
                 }
                 // A v5 CONNECT that repeats a property: CONNACK 0x82.
-                Err(e @ DecodeError::Protocol { .. }) => {
+                Err(e @ Error::Protocol { .. }) => {
                     return Err(ConnectFailure::Refuse(
                         reason::PROTOCOL_ERROR,
                         Refusal::of_decode(&e),
@@ -56,7 +57,7 @@ pub(super) async fn read_connect<R: AsyncRead + Unpin>(
                 Err(_) => return Err(ConnectFailure::Drop(Refusal::MalformedConnect)),
             },
             Ok(None) => {}
-            Err(DecodeError::UnsupportedVersion(_)) => {
+            Err(Error::UnsupportedVersion(_)) => {
                 // A CONNACK a 3.1/3.1.1 client understands.
                 return Err(ConnectFailure::Refuse(
                     reason::UNSUPPORTED_PROTOCOL_VERSION,
@@ -64,13 +65,12 @@ pub(super) async fn read_connect<R: AsyncRead + Unpin>(
                     Version::V4,
                 ));
             }
-            Err(DecodeError::TooLarge { .. }) => {
+            Err(Error::TooLarge { .. }) => {
                 return Err(ConnectFailure::Drop(Refusal::PacketTooLarge))
             }
-            Err(DecodeError::NotMqtt(_)) => return Err(ConnectFailure::Drop(Refusal::NotMqtt)),
-            Err(DecodeError::Malformed(_) | DecodeError::Protocol { .. }) => {
-                return Err(ConnectFailure::Drop(Refusal::MalformedConnect))
-            }
+            Err(Error::NotMqtt(_)) => return Err(ConnectFailure::Drop(Refusal::NotMqtt)),
+            // Malformed or a protocol error (sniffing returns no other).
+            Err(_) => return Err(ConnectFailure::Drop(Refusal::MalformedConnect)),
         }
         if let Some(size) = budgeted_len(buf) {
             if held.bytes() < size {

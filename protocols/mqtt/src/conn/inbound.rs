@@ -11,8 +11,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Close, Connection, OUT_HIGH_WATER};
-use crate::codec::{self, reason, DecodeError, In, Out, PublishIn, SubFilter, Version};
+use crate::codec::{self, reason, In, Out, PublishIn, SubFilter, Version};
 use crate::session::{Retained, Sub};
+use crate::Error;
 use crate::Refusal;
 use crate::{mapping, shared, topic, Server};
 use tributary_devices::auth::Action;
@@ -57,11 +58,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             let close = match codec::decode(&mut self.buf, self.version, max) {
                 Ok(Some(packet)) => self.packet(packet).await.err(),
                 Ok(None) => break,
-                Err(DecodeError::TooLarge { .. }) => Some(Close::Server(
+                Err(Error::TooLarge { .. }) => Some(Close::Server(
                     reason::PACKET_TOO_LARGE,
                     Refusal::PacketTooLarge,
                 )),
-                Err(e @ DecodeError::Protocol { .. }) => Some(Close::Server(
+                Err(e @ Error::Protocol { .. }) => Some(Close::Server(
                     reason::PROTOCOL_ERROR,
                     Refusal::of_decode(&e),
                 )),

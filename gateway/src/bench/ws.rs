@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::{proc_sample, Report, Samples};
+use super::{proc_sample, Report, Samples};
 use crate::cli::{WsBenchArgs, WsMode};
 use crate::client::ApiClient;
 
@@ -125,6 +125,8 @@ async fn ingest(args: WsBenchArgs) -> anyhow::Result<Report> {
         elapsed,
         latencies,
         server: before.zip(after),
+        generator: None,
+        extra: Vec::new(),
     })
 }
 
@@ -264,5 +266,7 @@ async fn fanout(args: WsBenchArgs) -> anyhow::Result<Report> {
         elapsed,
         latencies,
         server: before.zip(after),
+        generator: None,
+        extra: Vec::new(),
     })
 }

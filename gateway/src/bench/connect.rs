@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::bench::{proc_sample, Report, Samples};
+use super::{proc_sample, Report, Samples};
 use crate::cli::ConnectBenchArgs;
 
 /// Runs `bench connect`.
@@ -122,6 +122,8 @@ pub async fn run(args: ConnectBenchArgs) -> anyhow::Result<()> {
         elapsed,
         latencies,
         server: before.zip(after),
+        generator: None,
+        extra: Vec::new(),
     }
     .print();
     Ok(())

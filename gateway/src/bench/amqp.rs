@@ -30,7 +30,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::json;
 
-use crate::bench::{percentile_json, percentile_ms, proc_sample, ProcSample, Samples};
+use super::{proc_sample, Report, Samples};
 use crate::cli::AmqpBenchArgs;
 
 /// How long each connection may take to connect, open its channel and enter
@@ -58,112 +58,11 @@ struct Worker {
     error: Option<String>,
 }
 
-/// What `bench amqp` measured.
-#[derive(Debug)]
-pub struct AmqpReport {
-    /// Acks inside the window.
-    pub confirmed: u64,
-    /// Nacks inside the window.
-    pub nacked: u64,
-    /// Connections that failed during the run.
-    pub errors: u64,
-    /// Body bytes per message.
-    pub size: usize,
-    /// The measured window (after the warm-up).
-    pub elapsed: Duration,
-    /// Confirm latency of every counted ack, µs, sorted.
-    pub latencies: Vec<u32>,
-    /// Server CPU and memory at the window's two ends, if a pid was given.
-    pub server: Option<(ProcSample, ProcSample)>,
-    /// This process's own CPU over the measured window (before, after).
-    pub generator: Option<(ProcSample, ProcSample)>,
-}
-
-impl AmqpReport {
-    fn percentile(&self, p: f64) -> f64 {
-        percentile_ms(&self.latencies, p)
-    }
-
-    fn percentile_json(&self, p: f64) -> serde_json::Value {
-        percentile_json(&self.latencies, p)
-    }
-
-    /// Prints a human summary and one JSON line (prefixed `RESULT `) for
-    /// scripts, with the field names of the other benches (`events`,
-    /// `events_per_sec`, `p50_ms`, `server_cpu_us_per_event`, ...) plus the
-    /// AMQP ones (`msg_per_sec`, `confirmed`, `nacked`, `server_cpu_us_per_msg`).
-    pub fn print(&self) {
-        let secs = self.elapsed.as_secs_f64();
-        let rate = self.confirmed as f64 / secs;
-        println!(
-            "amqp: {} messages confirmed in {:.2}s = {:.0} msg/s, {:.1} MB/s payload, {} nacked or returned, {} connection errors",
-            self.confirmed,
-            secs,
-            rate,
-            (self.confirmed * self.size as u64) as f64 / secs / 1e6,
-            self.nacked,
-            self.errors
-        );
-        if self.latencies.is_empty() {
-            println!("confirm latency (ms): n/a (nothing confirmed)");
-        } else {
-            println!(
-                "confirm latency (ms): p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-                self.percentile(0.5),
-                self.percentile(0.9),
-                self.percentile(0.99),
-                self.percentile(0.999),
-                self.percentile(1.0)
-            );
-        }
-        let mut result = json!({
-            "target": "amqp", "counted": "acked", "events": self.confirmed, "seconds": secs,
-            "events_per_sec": rate, "msg_per_sec": rate,
-            "confirmed": self.confirmed, "nacked": self.nacked, "errors": self.errors,
-            "size": self.size,
-            "p50_ms": self.percentile_json(0.5), "p90_ms": self.percentile_json(0.9),
-            "p99_ms": self.percentile_json(0.99), "max_ms": self.percentile_json(1.0),
-        });
-        if let Some((before, after)) = self.server {
-            let (cpu, us_per_msg) = self.cpu(before, after);
-            println!(
-                "server: {:.2} CPU-s, {:.2} µs CPU per message, RSS {:.1} MiB, peak RSS {:.1} MiB",
-                cpu,
-                us_per_msg,
-                after.rss_kib as f64 / 1024.0,
-                after.peak_rss_kib as f64 / 1024.0
-            );
-            result["server_cpu_us_per_event"] = json!(us_per_msg);
-            result["server_cpu_us_per_msg"] = json!(us_per_msg);
-            result["server_peak_rss_mib"] = json!(after.peak_rss_kib as f64 / 1024.0);
-        }
-        if let Some((before, after)) = self.generator {
-            // The generator shares the machine: when it takes a core, the
-            // figures say as much about the client as about the server.
-            let (cpu, us_per_msg) = self.cpu(before, after);
-            println!("generator: {cpu:.2} CPU-s, {us_per_msg:.2} µs CPU per message");
-            result["generator_cpu_us_per_msg"] = json!(us_per_msg);
-        }
-        println!("RESULT {result}");
-    }
-
-    /// CPU seconds between two samples, and µs of it per confirmed message.
-    fn cpu(&self, before: ProcSample, after: ProcSample) -> (f64, f64) {
-        let cpu = after.cpu_seconds - before.cpu_seconds;
-        let per_msg = if self.confirmed > 0 {
-            cpu * 1e6 / self.confirmed as f64
-        } else {
-            0.0
-        };
-        (cpu, per_msg)
-    }
-}
-
 /// Runs `bench amqp` and prints its report; fails when nothing was confirmed.
 pub async fn run(args: AmqpBenchArgs) -> anyhow::Result<()> {
     let report = amqp(args).await?;
     report.print();
-    if report.confirmed == 0 {
+    if report.events == 0 {
         bail!("no message was confirmed");
     }
     Ok(())
@@ -184,7 +83,7 @@ fn payload(size: usize) -> Vec<u8> {
 
 /// `bench amqp`: connects every connection (the clock has not started), runs
 /// warm-up and measured window, and collects what each connection counted.
-pub async fn amqp(args: AmqpBenchArgs) -> anyhow::Result<AmqpReport> {
+pub async fn amqp(args: AmqpBenchArgs) -> anyhow::Result<Report> {
     if args.connections == 0 || args.inflight == 0 {
         bail!("--connections and --inflight must be at least 1");
     }
@@ -251,15 +150,18 @@ pub async fn amqp(args: AmqpBenchArgs) -> anyhow::Result<AmqpReport> {
         }
     }
     latencies.sort_unstable();
-    Ok(AmqpReport {
-        confirmed,
-        nacked,
+    Ok(Report {
+        target: "amqp",
+        counted: "acked",
+        events: confirmed,
+        requests: confirmed,
         errors,
-        size: args.size,
+        payload_bytes: confirmed * args.size as u64,
         elapsed: args.duration,
         latencies,
         server: before.zip(after),
         generator: me_before.zip(me_after),
+        extra: vec![("nacked", json!(nacked)), ("size", json!(args.size))],
     })
 }
 

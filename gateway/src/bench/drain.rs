@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
-use crate::bench::{proc_sample, ProcSample};
+use super::{proc_sample, ProcSample};
 use crate::cli::{DrainBenchArgs, DrainPhase};
 use crate::client::ApiClient;
 
