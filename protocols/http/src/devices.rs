@@ -12,7 +12,8 @@ use axum::Json;
 use serde_json::json;
 use tributary_devices::{DevicePatch, NewDevice, Registry};
 
-use super::{parse_json, path_param, read_body, require_json, ApiError, ApiResult, AppState};
+use super::body::{parse_json, path_param, read_body, require_json};
+use super::{ApiError, ApiResult, AppState};
 
 impl From<tributary_devices::Error> for ApiError {
     fn from(e: tributary_devices::Error) -> Self {

@@ -1,0 +1,146 @@
+//! The append path: [`Log::append`] checks the log is writable and has disk,
+//! creates the topic if allowed, places each event in a partition (explicit,
+//! by key, or one rotating partition per keyless call), encodes the events into
+//! batch-sized chunks on the producer's task, reserves disk-quota room and
+//! pending-byte permits, then queues one command for the committer and maps
+//! the first offsets it answers with back to each event's position.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::sync::oneshot;
+
+use super::committer::{Command, Part};
+use super::Log;
+use crate::batch::{encoded_len, BatchBuilder, HEADER_LEN};
+use crate::error::{Error, Result};
+use crate::event::{AppendRecord, Position};
+use crate::partitioner::partition_for_key;
+use crate::util::now_ms;
+
+impl Log {
+    /// Appends events to `topic`; resolves with each event's position, in input
+    /// order, once they are durable (per [`Durability`](super::Durability)). Events with a key go to
+    /// `murmur2(key) % partitions`; keyless events of one call go to one partition,
+    /// rotating per call; an explicit partition wins over both.
+    pub async fn append(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+        let result = self.append_inner(topic, records).await;
+        let stats = &self.shared().stats;
+        match &result {
+            Ok(p) => {
+                stats.append_requests.fetch_add(1, Relaxed);
+                stats.append_events.fetch_add(p.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                stats.append_errors.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn append_inner(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+        self.shared().check_writable()?;
+        self.shared().check_disk().inspect_err(|_| {
+            self.shared()
+                .stats
+                .disk_full_rejected_appends
+                .fetch_add(1, Relaxed);
+        })?;
+        let t = self.topic_or_create(topic).await?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = t.config.partitions;
+        let now = now_ms();
+        let keyless = t.round_robin.fetch_add(1, Relaxed) % n;
+        let batch_bytes = self.shared().config.batch_bytes;
+        let mut slot_of_partition = vec![u32::MAX; n as usize];
+        let mut parts: Vec<Part> = Vec::new();
+        let mut placement = Vec::with_capacity(records.len());
+        // A chunk's first allocation fits the whole call (up to a batch): calls of
+        // one small event do not hold a batch-sized buffer while they queue.
+        let lens: Vec<usize> = records.iter().map(|r| encoded_len(&r.event)).collect();
+        let first_capacity = batch_bytes.min(lens.iter().sum::<usize>() + HEADER_LEN);
+        // Encode here, on the producer's task: the committer thread, which every
+        // producer waits on, then only moves or concatenates finished chunks.
+        for (AppendRecord { partition, event }, len) in records.into_iter().zip(lens) {
+            let size = event.size();
+            if size > t.config.max_event_bytes {
+                return Err(Error::EventTooLarge {
+                    size,
+                    max: t.config.max_event_bytes,
+                });
+            }
+            let p = match (partition, &event.key) {
+                (Some(p), _) => t.partition(p)?.id,
+                (None, Some(k)) => partition_for_key(k, n),
+                (None, None) => keyless,
+            };
+            let slot = &mut slot_of_partition[p as usize];
+            if *slot == u32::MAX {
+                *slot = parts.len() as u32;
+                parts.push(Part {
+                    partition: p,
+                    count: 0,
+                    chunks: Vec::new(),
+                });
+            }
+            let part = &mut parts[*slot as usize];
+            let chunk = match part.chunks.last_mut() {
+                Some(c) if c.is_empty() || c.len() + len <= batch_bytes => c,
+                _ => {
+                    part.chunks.push(BatchBuilder::with_capacity(
+                        first_capacity.max(len + HEADER_LEN),
+                    ));
+                    part.chunks.last_mut().ok_or(Error::Closed)?
+                }
+            };
+            chunk.push(&event, event.timestamp.unwrap_or(now));
+            placement.push((*slot, u64::from(part.count)));
+            part.count += 1;
+        }
+        let bytes: usize = parts
+            .iter()
+            .flat_map(|p| &p.chunks)
+            .map(BatchBuilder::len)
+            .sum();
+        // Travels with the command (see [`Reservation`]).
+        let reservation = match self.shared().config.max_disk_bytes {
+            Some(max) => Some(self.make_room(&t, bytes as u64, max).await?),
+            None => None,
+        };
+        let partition_of_slot: Vec<u32> = parts.iter().map(|p| p.partition).collect();
+        let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
+        let permit = self
+            .inner
+            .pending
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Append {
+            topic: t.clone(),
+            parts,
+            bytes,
+            reply,
+            _permit: permit,
+            _reservation: reservation,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        let firsts = answer.await.map_err(|_| Error::Closed)??;
+        t.bytes.fetch_add(bytes as u64, Relaxed);
+        t.events.fetch_add(placement.len() as u64, Relaxed);
+        self.shared()
+            .stats
+            .append_bytes
+            .fetch_add(bytes as u64, Relaxed);
+        let partition_of_slot: Vec<u32> = partition_of_slot;
+        Ok(placement
+            .into_iter()
+            .map(|(slot, i)| Position {
+                partition: partition_of_slot[slot as usize],
+                offset: firsts[slot as usize] + i,
+            })
+            .collect())
+    }
+}

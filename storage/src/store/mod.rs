@@ -1,0 +1,93 @@
+//! The storage backend behind the log: a trait with two implementations,
+//! [`SledStore`] (the real one) and [`MemStore`] (an in-memory twin for tests,
+//! which can also hold a commit or simulate a crash).
+//!
+//! Backends only store bytes: batch values under base offsets per partition,
+//! topic configs, group offsets, and each partition's "floor" (the first offset
+//! retention kept). Offsets, batching, checksums and durability ordering are the
+//! log's business. Writes become durable only at [`Store::sync`].
+//!
+//! ## Where things live
+//! - this file: the [`Store`] and [`PartitionStore`] traits and [`StoredBatch`].
+//! - `keys`: how keys are laid out in the backends' trees (batch, floor,
+//!   group-offset and metadata keys).
+//! - `sled`: [`SledOptions`] and [`SledStore`]: opening a data directory,
+//!   durable syncs, the topic, floor, group and metadata trees.
+//! - `sled/partition`: one sled partition, with large batches stored in chunks
+//!   ([`CHUNKED_OVER`], [`CHUNK`]; the format is documented there).
+//! - `mem`: [`MemStore`], the in-memory twin, and its test hooks (held or
+//!   failing syncs, crashes, a filling disk).
+
+mod keys;
+mod mem;
+mod sled;
+
+pub use self::sled::{SledOptions, SledStore, CHUNK, CHUNKED_OVER};
+pub use mem::MemStore;
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::topic::TopicConfig;
+
+/// One stored batch: base offset and value.
+pub type StoredBatch = (u64, Vec<u8>);
+
+/// A partition's batches, keyed by base offset.
+pub trait PartitionStore: Send + Sync {
+    /// Stores a batch (durable at the next [`Store::sync`]).
+    fn insert(&self, base: u64, value: Vec<u8>) -> Result<()>;
+    /// Removes a batch.
+    fn remove(&self, base: u64) -> Result<()>;
+    /// The batch with the smallest base offset.
+    fn first(&self) -> Result<Option<StoredBatch>>;
+    /// The batch with the largest base offset.
+    fn last(&self) -> Result<Option<StoredBatch>>;
+    /// The batch whose base is the greatest ≤ `from` (if any), then following
+    /// batches in order, until at least `max_bytes` of values are collected.
+    fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredBatch>>;
+}
+
+/// A whole log's storage.
+pub trait Store: Send + Sync {
+    /// Topic configs that were stored.
+    fn load_topics(&self) -> Result<Vec<TopicConfig>>;
+    /// Stores a topic config.
+    fn put_topic(&self, config: &TopicConfig) -> Result<()>;
+    /// Opens (creating if needed) a partition's batch store.
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionStore>>;
+    /// Records the first offset a partition keeps after retention.
+    fn put_floor(&self, topic: &str, partition: u32, start: u64) -> Result<()>;
+    /// The recorded floor, if any.
+    fn floor(&self, topic: &str, partition: u32) -> Result<Option<u64>>;
+    /// Stores a consumer group's position.
+    fn put_group_offset(&self, group: &str, topic: &str, partition: u32, offset: u64)
+        -> Result<()>;
+    /// A group's positions as (topic, partition, offset).
+    fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>>;
+    /// Writes (`Some`) or removes (`None`) a small metadata value: front ends
+    /// keep sessions and retained messages here, durable with the next sync.
+    fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()>;
+    /// Every metadata entry of `space`, sorted by key.
+    fn meta(&self, space: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// One metadata value.
+    fn get_meta(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .meta(space)?
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v))
+    }
+    /// The keys of a metadata space, sorted (values are not copied).
+    fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
+        Ok(self.meta(space)?.into_iter().map(|(k, _)| k).collect())
+    }
+    /// Makes every earlier write durable.
+    fn sync(&self) -> Result<()>;
+    /// Bytes the store occupies on disk (0 in memory).
+    fn disk_bytes(&self) -> u64;
+    /// Bytes free for this store on its file system (`None`: not on a disk).
+    fn free_bytes(&self) -> Option<u64> {
+        None
+    }
+}
