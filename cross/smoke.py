@@ -26,7 +26,7 @@ def fail(msg, data_dir=None):
 
 
 def start(data_dir, mode="edge", extra=None):
-    env = dict(os.environ, TRIBUTARY_DATA_DIR=data_dir, TRIBUTARY_HTTP__LISTEN="127.0.0.1:0", TRIBUTARY_MQTT__LISTEN="127.0.0.1:0", TRIBUTARY_AMQP__LISTEN="127.0.0.1:0", TRIBUTARY_LOG="info", **(extra or {}))
+    env = dict(os.environ, TRIBUTARY_DATA_DIR=data_dir, TRIBUTARY_HTTP__LISTEN="127.0.0.1:0", TRIBUTARY_MQTT__LISTEN="127.0.0.1:0", TRIBUTARY_AMQP__LISTEN="127.0.0.1:0", TRIBUTARY_KAFKA__LISTEN="127.0.0.1:0", TRIBUTARY_LOG="info", **(extra or {}))
     log = open(os.path.join(data_dir, "node.log"), "a")
     t0 = time.monotonic()
     proc = subprocess.Popen(CMD + [mode, "--profile", "small"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)

@@ -19,6 +19,7 @@ use tributary_frontend::tls;
 use tributary_frontend::FrontendContext;
 use tributary_frontend::{self as frontend, Frontend};
 use tributary_http as http;
+use tributary_kafka as kafka;
 use tributary_mqtt as mqtt;
 use tributary_storage::{Error as LogError, Log};
 
@@ -55,10 +56,14 @@ pub async fn run_until(
     if let Some(amqp) = node.amqp_addr {
         line.push_str(&format!(" amqp={amqp}"));
     }
+    if let Some(kafka) = node.kafka_addr {
+        line.push_str(&format!(" kafka={kafka}"));
+    }
     for (name, addr) in [
         ("https", node.https_addr),
         ("mqtts", node.mqtts_addr),
         ("amqps", node.amqps_addr),
+        ("kafkas", node.kafkas_addr),
     ] {
         if let Some(a) = addr {
             line.push_str(&format!(" {name}={a}"));
@@ -85,6 +90,10 @@ pub struct RunningNode {
     pub mqtts_addr: Option<SocketAddr>,
     /// Where AMQPS listens (with `[tls]`).
     pub amqps_addr: Option<SocketAddr>,
+    /// Where Kafka listens (if enabled).
+    pub kafka_addr: Option<SocketAddr>,
+    /// Where Kafka over TLS listens (with `[tls]`).
+    pub kafkas_addr: Option<SocketAddr>,
     /// The log (for in-process tests and tools).
     pub log: Log,
     task: JoinHandle<anyhow::Result<()>>,
@@ -208,10 +217,17 @@ pub async fn start(
         config.amqp.enabled,
     )
     .await?;
+    let kafkas = bind_tls(
+        "kafka.tls_listen",
+        &config.kafka.tls_listen,
+        config.kafka.enabled,
+    )
+    .await?;
     let https = bind_tls("http.tls_listen", &config.http.tls_listen, true).await?;
     let addr_of =
         |b: &Option<(TcpListener, tls::Tls)>| b.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let (mqtts_addr, amqps_addr, https_addr) = (addr_of(&mqtts), addr_of(&amqps), addr_of(&https));
+    let kafkas_addr = addr_of(&kafkas);
     if mode == Mode::Core && config.forwards() {
         anyhow::bail!(
             "`upstream.url` is set, but only edges forward upstream (run `tributary edge`)"
@@ -264,6 +280,15 @@ pub async fn start(
         amqp_addr = Some(start_frontend(&server, listen, amqps, max, &mut tasks).await?);
         amqp_server = Some(server);
     }
+    let mut kafka_addr = None;
+    let mut kafka_server = None;
+    if config.kafka.enabled {
+        let server = kafka::Server::new(cx.clone(), config.kafka_config());
+        let listen = ("kafka.listen", config.kafka.listen.as_str());
+        let max = config.kafka.max_connections;
+        kafka_addr = Some(start_frontend(&server, listen, kafkas, max, &mut tasks).await?);
+        kafka_server = Some(server);
+    }
     let bridges = amqp::bridge::start(&cx, config.amqp_bridges());
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
@@ -279,7 +304,7 @@ pub async fn start(
         http_config,
         extra_routes,
     ));
-    tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, amqp = ?amqp_addr, data_dir = %config.data_dir.display(), "node ready");
+    tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, amqp = ?amqp_addr, kafka = ?kafka_addr, data_dir = %config.data_dir.display(), "node ready");
 
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let task_log = log.clone();
@@ -323,6 +348,9 @@ pub async fn start(
                 + amqp_server
                     .as_ref()
                     .map_or(0, |s| s.metrics().open_connections())
+                + kafka_server
+                    .as_ref()
+                    .map_or(0, |s| s.metrics().open_connections())
                 + sync_core.as_ref().map_or(0, |c| c.open_connections())
         };
         while open() > 0 && tokio::time::Instant::now() < deadline {
@@ -341,6 +369,8 @@ pub async fn start(
         https_addr,
         mqtts_addr,
         amqps_addr,
+        kafka_addr,
+        kafkas_addr,
         log,
         task,
     })

@@ -164,6 +164,7 @@ fn without_the_reserve_a_full_disk_fails_writes_cleanly_and_keeps_every_acknowle
         .env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY_MQTT__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY_AMQP__LISTEN", "127.0.0.1:0")
+        .env("TRIBUTARY_KAFKA__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY_STORAGE__MIN_FREE_BYTES", "0")
         .output()
         .expect("run");

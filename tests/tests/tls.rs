@@ -75,6 +75,8 @@ tls_listen = "127.0.0.1:0"
 tls_listen = "127.0.0.1:0"
 [amqp]
 tls_listen = "127.0.0.1:0"
+[kafka]
+tls_listen = "127.0.0.1:0"
 
 [[topics]]
 name = "sensors"

@@ -27,7 +27,8 @@ mod validate;
 
 pub use auth::{AuthMode, AuthSection};
 pub use protocols::{
-    AmqpSection, BridgeSection, HttpSection, LimitsSection, MqttSection, RouteSection, TlsSection,
+    AmqpSection, BridgeSection, HttpSection, KafkaSection, LimitsSection, MqttSection,
+    RouteSection, TlsSection,
 };
 pub use storage::{DurabilityMode, StorageSection, TopicSection};
 pub use sync::{CompressionMode, SyncSection, UpstreamSection, UpstreamTopic};
@@ -67,6 +68,8 @@ pub struct Config {
     pub mqtt: MqttSection,
     /// The AMQP 0-9-1 front end and its bridges.
     pub amqp: AmqpSection,
+    /// The Kafka wire-protocol front end.
+    pub kafka: KafkaSection,
     /// Topics declared up front (created at start if missing).
     pub topics: Vec<TopicSection>,
     /// Who may connect: anonymous access or device credentials.
@@ -90,6 +93,7 @@ impl Default for Config {
             http: HttpSection::default(),
             mqtt: MqttSection::default(),
             amqp: AmqpSection::default(),
+            kafka: KafkaSection::default(),
             topics: Vec::new(),
             auth: AuthSection::default(),
             tls: TlsSection::default(),

@@ -1,4 +1,4 @@
-//! The front ends' sections: `[http]`, `[mqtt]` (and its routes), `[amqp]`
+//! The front ends' sections: `[http]`, `[mqtt]` (and its routes), `[kafka]`, `[amqp]`
 //! (and its bridges to RabbitMQ), `[tls]` and the node-wide `[limits]`, and
 //! their conversion into [`HttpConfig`], [`MqttConfig`], [`AmqpConfig`] and
 //! [`BridgeConfig`].
@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tributary_amqp::bridge::{BridgeConfig, Direction};
 use tributary_amqp::AmqpConfig;
 use tributary_http::HttpConfig;
+use tributary_kafka::KafkaConfig;
 use tributary_mqtt::shared::Policy as SharedPolicy;
 use tributary_mqtt::{MqttConfig, Route};
 
@@ -177,6 +178,48 @@ impl Default for AmqpSection {
     }
 }
 
+/// `[kafka]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct KafkaSection {
+    /// Serve the Kafka protocol at all.
+    pub enabled: bool,
+    /// TCP address.
+    pub listen: String,
+    /// Kafka over TLS, used when `[tls]` has a certificate; empty: none.
+    pub tls_listen: String,
+    /// Host named to clients in Metadata answers; empty: the address each
+    /// client connected to.
+    pub advertised_host: String,
+    /// Connections held open at most.
+    pub max_connections: usize,
+    /// Largest request, bytes (checked from its size prefix, before buffering).
+    pub max_request_bytes: usize,
+    /// Requests one connection may have in progress.
+    pub max_in_flight: usize,
+    /// Longest a fetch waits for records, whatever the client asks.
+    pub max_fetch_wait_ms: u64,
+    /// Largest fetch answer, bytes (held from `limits.max_buffered_bytes`).
+    pub max_fetch_bytes: usize,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        let d = KafkaConfig::default();
+        KafkaSection {
+            enabled: true,
+            listen: "0.0.0.0:9092".into(),
+            tls_listen: "0.0.0.0:9093".into(),
+            advertised_host: String::new(),
+            max_connections: 10_000,
+            max_request_bytes: d.max_request_bytes,
+            max_in_flight: d.max_in_flight,
+            max_fetch_wait_ms: d.max_fetch_wait_ms,
+            max_fetch_bytes: d.max_fetch_bytes,
+        }
+    }
+}
+
 /// `[[amqp.bridges]]`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BridgeSection {
@@ -329,6 +372,18 @@ impl Config {
             max_message_bytes: a.max_message_bytes,
             max_content_bytes: a.max_content_bytes,
             max_pending_appends: a.max_pending_appends,
+        }
+    }
+
+    /// The Kafka front end's settings.
+    pub fn kafka_config(&self) -> KafkaConfig {
+        let k = &self.kafka;
+        KafkaConfig {
+            max_request_bytes: k.max_request_bytes,
+            advertised_host: (!k.advertised_host.is_empty()).then(|| k.advertised_host.clone()),
+            max_in_flight: k.max_in_flight,
+            max_fetch_wait_ms: k.max_fetch_wait_ms,
+            max_fetch_bytes: k.max_fetch_bytes,
         }
     }
 

@@ -76,6 +76,31 @@ impl Config {
                 errors.push(format!("`{key}` must be positive"));
             }
         }
+        let k = &self.kafka;
+        if k.enabled {
+            match k.listen.parse::<SocketAddr>() {
+                Ok(addr) => listeners.push(("kafka.listen", addr)),
+                Err(_) => errors.push(format!(
+                    "`kafka.listen`: `{}` is not an address like 0.0.0.0:9092",
+                    k.listen
+                )),
+            }
+        }
+        for (key, v) in [
+            ("kafka.max_connections", k.max_connections as u64),
+            ("kafka.max_in_flight", k.max_in_flight as u64),
+            ("kafka.max_fetch_bytes", k.max_fetch_bytes as u64),
+        ] {
+            if v == 0 {
+                errors.push(format!("`{key}` must be positive"));
+            }
+        }
+        if !(1024..=1 << 30).contains(&k.max_request_bytes) {
+            errors.push(format!(
+                "`kafka.max_request_bytes` must be 1024..=1073741824, got {}",
+                k.max_request_bytes
+            ));
+        }
         let a = &self.amqp;
         if a.enabled {
             match a.listen.parse::<SocketAddr>() {

@@ -406,6 +406,14 @@ pub struct LimitedStream {
     stats: Arc<ConnectionStats>,
 }
 
+impl LimitedStream {
+    /// The local address the client reached (what a protocol that names
+    /// brokers to its clients, such as Kafka, advertises).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+}
+
 impl Drop for LimitedStream {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Relaxed);

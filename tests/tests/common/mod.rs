@@ -35,6 +35,8 @@ pub struct ChildNode {
     pub mqtts: Option<SocketAddr>,
     /// Its AMQPS address (with `[tls]`).
     pub amqps: Option<SocketAddr>,
+    /// Its Kafka address.
+    pub kafka: SocketAddr,
 }
 
 impl ChildNode {
@@ -58,6 +60,7 @@ impl ChildNode {
             .env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY_MQTT__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY_AMQP__LISTEN", "127.0.0.1:0")
+            .env("TRIBUTARY_KAFKA__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -105,6 +108,9 @@ impl ChildNode {
             https: field("https=").and_then(|a| a.parse().ok()),
             mqtts: field("mqtts=").and_then(|a| a.parse().ok()),
             amqps: field("amqps=").and_then(|a| a.parse().ok()),
+            kafka: field("kafka=")
+                .and_then(|a| a.parse().ok())
+                .expect("kafka address"),
         }
     }
 
@@ -159,6 +165,8 @@ pub struct InProcessNode {
     pub mqtt: SocketAddr,
     /// Its AMQP address.
     pub amqp: SocketAddr,
+    /// Its Kafka address.
+    pub kafka: SocketAddr,
     /// The running node (its log, for tests that look inside).
     pub running: Option<RunningNode>,
     shutdown: CancellationToken,
@@ -190,6 +198,10 @@ impl InProcessNode {
                 "TRIBUTARY_AMQP__LISTEN".to_owned(),
                 "127.0.0.1:0".to_owned(),
             ),
+            (
+                "TRIBUTARY_KAFKA__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
         ];
         let config = Config::from_parts(extra_toml, env).expect("valid test config");
         let shutdown = CancellationToken::new();
@@ -199,11 +211,13 @@ impl InProcessNode {
         let addr = running.http_addr;
         let mqtt = running.mqtt_addr.expect("mqtt enabled");
         let amqp = running.amqp_addr.expect("amqp enabled");
+        let kafka = running.kafka_addr.expect("kafka enabled");
         InProcessNode {
             url: format!("http://{addr}"),
             addr,
             mqtt,
             amqp,
+            kafka,
             shutdown,
             running: Some(running),
             _dir: None,

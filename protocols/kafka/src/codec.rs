@@ -1,0 +1,174 @@
+//! Kafka record batches ↔ the log's records.
+//!
+//! Produce: every batch's CRC and format are checked, compressed batches
+//! (gzip, snappy — raw or the Java client's xerial framing —, lz4 frames,
+//! zstd) are decompressed by our own decoders, each stopping at
+//! [`MAX_DECOMPRESSED`] so a small batch cannot claim gigabytes, and each
+//! Kafka record becomes an event byte for byte: key, value, headers, and its
+//! CreateTime timestamp. Fetch: stored records go back as one uncompressed
+//! v2 batch per read (consumers accept any codec, and none saves CPU here).
+//!
+//! Two things Kafka has that the log's records do not: a null value (stored
+//! as an empty one) and a header name given twice (the protocol crate keeps
+//! headers in a map, so the last value of a repeated name wins).
+
+use std::io::Read;
+
+use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::indexmap::IndexMap;
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder,
+    RecordEncodeOptions, TimestampType,
+};
+use tributary_storage::{AppendRecord, Event, Record};
+
+use crate::Error;
+
+/// A produce batch may decompress to this much at most.
+pub const MAX_DECOMPRESSED: usize = 32 << 20;
+
+/// The events of one partition's produce payload, in order.
+pub fn events_of(records: &Bytes, partition: u32) -> Result<Vec<AppendRecord>, Error> {
+    let infos = RecordBatchDecoder::decode_batch_info(&mut records.clone())
+        .map_err(|e| Error::CorruptBatch(e.to_string()))?;
+    if infos.is_empty() && !records.is_empty() {
+        return Err(Error::CorruptBatch(
+            "no record batch of format v2 (magic 2)".to_owned(),
+        ));
+    }
+    if infos.iter().any(|i| i.transactional || i.control) {
+        return Err(Error::Transactional);
+    }
+    let mut out = Vec::new();
+    let mut buf = records.clone();
+    while buf.has_remaining() {
+        let set = RecordBatchDecoder::decode_with_custom_compression(&mut buf, Some(decompress))
+            .map_err(|e| match e.downcast_ref::<Error>() {
+                Some(Error::BatchTooLarge) => Error::BatchTooLarge,
+                _ => Error::CorruptBatch(e.to_string()),
+            })?;
+        out.extend(set.records.into_iter().map(|r| AppendRecord {
+            partition: Some(partition),
+            event: event_of(r),
+        }));
+    }
+    Ok(out)
+}
+
+fn event_of(r: KafkaRecord) -> Event {
+    Event {
+        key: r.key.map(|k| k.to_vec()),
+        value: r.value.map(|v| v.to_vec()).unwrap_or_default(),
+        // -1: the producer set none; the log stamps its append time.
+        timestamp: (r.timestamp >= 0).then_some(r.timestamp),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.map(|v| v.to_vec()).unwrap_or_default()))
+            .collect(),
+    }
+}
+
+/// Stored records as one uncompressed v2 batch.
+pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
+    let Some(first) = records.first() else {
+        return Ok(Bytes::new());
+    };
+    let base = first.offset;
+    let kafka: Vec<KafkaRecord> = records
+        .iter()
+        .map(|r| KafkaRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: r.offset as i64,
+            // Constant offset − sequence keeps every record in one batch
+            // (the encoder starts a new batch when the difference changes).
+            sequence: (r.offset - base) as i32,
+            timestamp: r.timestamp,
+            key: r.key.as_ref().map(|k| Bytes::copy_from_slice(k)),
+            value: Some(Bytes::copy_from_slice(&r.value)),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        StrBytes::from_string(k.clone()),
+                        Some(Bytes::copy_from_slice(v)),
+                    )
+                })
+                .collect::<IndexMap<_, _>>(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression: Compression::None,
+    };
+    RecordBatchEncoder::encode(&mut buf, &kafka, &options)
+        .map_err(|e| Error::Encode(e.to_string()))?;
+    Ok(buf.freeze())
+}
+
+/// Decompresses one batch's records, stopping past [`MAX_DECOMPRESSED`].
+fn decompress(buf: &mut Bytes, c: Compression) -> anyhow::Result<Bytes> {
+    let input = buf.split_to(buf.len());
+    let capped = |r: &mut dyn Read| -> anyhow::Result<Bytes> {
+        let mut out = Vec::new();
+        r.take(MAX_DECOMPRESSED as u64 + 1).read_to_end(&mut out)?;
+        if out.len() > MAX_DECOMPRESSED {
+            return Err(Error::BatchTooLarge.into());
+        }
+        Ok(Bytes::from(out))
+    };
+    match c {
+        Compression::None => Ok(input),
+        Compression::Gzip => capped(&mut flate2::read::GzDecoder::new(input.reader())),
+        Compression::Lz4 => capped(&mut lz4_flex::frame::FrameDecoder::new(input.reader())),
+        Compression::Zstd => capped(&mut zstd::stream::read::Decoder::new(input.reader())?),
+        Compression::Snappy => snappy(&input),
+    }
+}
+
+/// The xerial framing the Java client writes around snappy blocks.
+const XERIAL_MAGIC: &[u8] = b"\x82SNAPPY\x00";
+
+/// Raw snappy, or xerial-framed blocks (header, then `[u32 BE length][raw
+/// snappy block]` repeated); each block's declared length is checked before
+/// anything is allocated.
+fn snappy(input: &[u8]) -> anyhow::Result<Bytes> {
+    let mut decoder = snap::raw::Decoder::new();
+    let mut out = Vec::new();
+    let mut block = |raw: &[u8], out: &mut Vec<u8>| -> anyhow::Result<()> {
+        let len = snap::raw::decompress_len(raw)?;
+        if out.len() + len > MAX_DECOMPRESSED {
+            return Err(Error::BatchTooLarge.into());
+        }
+        let at = out.len();
+        out.resize(at + len, 0);
+        decoder.decompress(raw, &mut out[at..])?;
+        Ok(())
+    };
+    if input.len() >= 16 && input.starts_with(XERIAL_MAGIC) {
+        let mut rest = &input[16..];
+        while !rest.is_empty() {
+            if rest.len() < 4 {
+                return Err(Error::CorruptBatch("truncated xerial block".to_owned()).into());
+            }
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let Some(raw) = rest.get(4..4 + len) else {
+                return Err(Error::CorruptBatch("truncated xerial block".to_owned()).into());
+            };
+            block(raw, &mut out)?;
+            rest = &rest[4 + len..];
+        }
+    } else {
+        block(input, &mut out)?;
+    }
+    Ok(Bytes::from(out))
+}

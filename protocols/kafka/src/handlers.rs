@@ -1,0 +1,699 @@
+//! One request in, one answer out: ApiVersions, Metadata, Produce, Fetch and
+//! ListOffsets.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::ResponseError;
+use tributary_devices::auth::Action;
+use tributary_frontend::budget::Reserved;
+use tributary_ingest::mapping::all_publish_subjects;
+use tributary_ingest::{self as ingest, Rejection};
+use tributary_storage::{Error as LogError, TopicInfo};
+
+use crate::conn::Session;
+use crate::{codec, versions, Api, Error, Refusal};
+
+/// This node's id in every Metadata answer (a single broker).
+const NODE_ID: i32 = 1;
+
+/// A request read off the wire, decoded at its version.
+#[derive(Debug)]
+pub enum Request {
+    /// ApiVersions at a version we know.
+    ApiVersions(ApiVersionsRequest),
+    /// ApiVersions newer than ours (answered at v0 with our ranges).
+    NewerApiVersions,
+    /// Metadata.
+    Metadata(MetadataRequest),
+    /// Produce.
+    Produce(ProduceRequest),
+    /// Fetch.
+    Fetch(FetchRequest),
+    /// ListOffsets.
+    ListOffsets(ListOffsetsRequest),
+}
+
+/// A decoded request with what its answer needs.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The API.
+    pub api: ApiKey,
+    /// Its version.
+    pub version: i16,
+    /// The correlation id the answer repeats.
+    pub correlation: i32,
+    /// The body.
+    pub request: Request,
+}
+
+/// Decodes one request frame (without its size prefix; at least 8 bytes):
+/// the API must be served at that version and the body must decode, else the
+/// refusal that closes the connection.
+pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
+    if frame.len() < 8 {
+        return Err((Refusal::RequestTooSmall, None));
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let api = ApiKey::try_from(key).map_err(|()| (Refusal::UnknownApiKey, None))?;
+    let parsed = |request| Parsed {
+        api,
+        version,
+        correlation,
+        request,
+    };
+    if api == ApiKey::ApiVersions && versions::served(api, version) != Some(true) {
+        return Ok(parsed(Request::NewerApiVersions));
+    }
+    match versions::served(api, version) {
+        None => return Err((Refusal::UnsupportedApi, None)),
+        Some(false) => return Err((Refusal::UnsupportedVersion, None)),
+        Some(true) => {}
+    }
+    let malformed = |e: anyhow::Error| {
+        (
+            Refusal::MalformedRequest,
+            Some(Error::Malformed(e.to_string())),
+        )
+    };
+    RequestHeader::decode(&mut frame, api.request_header_version(version)).map_err(malformed)?;
+    let request = match api {
+        ApiKey::ApiVersions => Request::ApiVersions(
+            ApiVersionsRequest::decode(&mut frame, version).map_err(malformed)?,
+        ),
+        ApiKey::Metadata => {
+            Request::Metadata(MetadataRequest::decode(&mut frame, version).map_err(malformed)?)
+        }
+        ApiKey::Produce => {
+            Request::Produce(ProduceRequest::decode(&mut frame, version).map_err(malformed)?)
+        }
+        ApiKey::Fetch => {
+            Request::Fetch(FetchRequest::decode(&mut frame, version).map_err(malformed)?)
+        }
+        ApiKey::ListOffsets => Request::ListOffsets(
+            ListOffsetsRequest::decode(&mut frame, version).map_err(malformed)?,
+        ),
+        _ => return Err((Refusal::UnsupportedApi, None)),
+    };
+    Ok(parsed(request))
+}
+
+/// Answers one request: `Ok(None)` for a request that gets no answer
+/// (produce with acks 0); `Err` closes the connection.
+pub(crate) async fn handle(
+    s: Arc<Session>,
+    frame: Bytes,
+    _held: Reserved,
+) -> Result<Option<BytesMut>, Refusal> {
+    let Parsed {
+        api,
+        version,
+        correlation,
+        request,
+    } = parse(frame).map_err(|(why, detail)| {
+        if let Some(detail) = detail {
+            s.server.metrics.refuse_with(why, &detail);
+            // Counted here; the connection only closes.
+            Refusal::Counted
+        } else {
+            why
+        }
+    })?;
+    let header = api.response_header_version(version);
+    match request {
+        Request::NewerApiVersions => {
+            // KIP-511: a newer ApiVersions than ours gets our ranges at v0,
+            // with UNSUPPORTED_VERSION, so the client can retry at one we know.
+            s.server.metrics.request(Api::Other);
+            let answer = ApiVersionsResponse::default()
+                .with_error_code(ResponseError::UnsupportedVersion.code())
+                .with_api_keys(versions::advertised());
+            respond(&s, correlation, 0, &answer, 0).map(Some)
+        }
+        Request::ApiVersions(_) => {
+            s.server.metrics.request(Api::Other);
+            let answer = ApiVersionsResponse::default().with_api_keys(versions::advertised());
+            respond(&s, correlation, 0, &answer, version).map(Some)
+        }
+        Request::Metadata(req) => {
+            s.server.metrics.request(Api::Metadata);
+            let answer = metadata(&s, req, version).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::Produce(req) => {
+            s.server.metrics.request(Api::Produce);
+            let started = Instant::now();
+            let acks = req.acks;
+            let answer = produce(&s, req).await;
+            if acks == 0 {
+                return Ok(None);
+            }
+            s.server.metrics.acks.observe(started.elapsed(), 1);
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::Fetch(req) => {
+            s.server.metrics.request(Api::Fetch);
+            let answer = fetch(&s, req).await?;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::ListOffsets(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = list_offsets(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+    }
+}
+
+/// `[i32 size][response header][body]`.
+fn respond<M: Encodable + HeaderVersion>(
+    s: &Session,
+    correlation: i32,
+    header_version: i16,
+    body: &M,
+    version: i16,
+) -> Result<BytesMut, Refusal> {
+    let encode = || -> anyhow::Result<BytesMut> {
+        let header = ResponseHeader::default().with_correlation_id(correlation);
+        let size = header.compute_size(header_version)? + body.compute_size(version)?;
+        let mut out = BytesMut::with_capacity(4 + size);
+        out.put_i32(i32::try_from(size)?);
+        header.encode(&mut out, header_version)?;
+        body.encode(&mut out, version)?;
+        Ok(out)
+    };
+    encode().map_err(|e| {
+        s.server
+            .metrics
+            .refuse_with(Refusal::EncodeFailed, &Error::Encode(e.to_string()));
+        Refusal::Counted
+    })
+}
+
+fn topic_name(name: &str) -> TopicName {
+    TopicName(StrBytes::from_string(name.to_owned()))
+}
+
+/// Kafka's code for a refusal of the log.
+fn error_code(r: Rejection) -> i16 {
+    match r {
+        Rejection::UnknownTopic => ResponseError::UnknownTopicOrPartition.code(),
+        Rejection::TooLarge => ResponseError::MessageTooLarge.code(),
+        // Retriable: the disk or the quota may have room again soon.
+        Rejection::Quota | Rejection::DiskFull | Rejection::Unwritable => {
+            ResponseError::KafkaStorageError.code()
+        }
+    }
+}
+
+async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataResponse {
+    let log = &s.server.cx.log;
+    let auth = &*s.server.cx.auth;
+    let wanted: Option<Vec<String>> = match req.topics {
+        None => None,
+        Some(ts) if ts.is_empty() && version == 0 => None,
+        Some(ts) => Some(
+            ts.into_iter()
+                .filter_map(|t| t.name.map(|n| n.0.to_string()))
+                .collect(),
+        ),
+    };
+    let create = log.config().auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let mut topics = Vec::new();
+    match wanted {
+        None => {
+            for t in log.topics() {
+                if auth.may_see(&s.who, &t.config.name) {
+                    topics.push(topic_metadata(&t));
+                }
+            }
+        }
+        Some(names) => {
+            for name in names {
+                topics.push(named_topic(s, &name, create).await);
+            }
+        }
+    }
+    let (host, port) = advertised(s);
+    let mut answer = MetadataResponse::default()
+        .with_brokers(vec![MetadataResponseBroker::default()
+            .with_node_id(BrokerId(NODE_ID))
+            .with_host(StrBytes::from_string(host))
+            .with_port(port)])
+        .with_topics(topics);
+    if version >= 1 {
+        answer = answer.with_controller_id(BrokerId(NODE_ID));
+    }
+    if version >= 2 {
+        answer = answer.with_cluster_id(Some(StrBytes::from_static_str("tributary")));
+    }
+    answer
+}
+
+/// A topic a client named: described, created (when the node creates topics
+/// on first use and the device may publish there), or an error.
+async fn named_topic(s: &Session, name: &str, create: bool) -> MetadataResponseTopic {
+    let log = &s.server.cx.log;
+    let auth = &*s.server.cx.auth;
+    let failed = |code: i16| {
+        MetadataResponseTopic::default()
+            .with_name(Some(topic_name(name)))
+            .with_error_code(code)
+    };
+    if !auth.may_see(&s.who, name) {
+        return failed(ResponseError::TopicAuthorizationFailed.code());
+    }
+    match log.topic(name) {
+        Ok(t) => topic_metadata(&t),
+        Err(LogError::UnknownTopic(_)) if create => {
+            if !auth.authorize(&s.who, Action::Publish, name).allowed() {
+                return failed(ResponseError::UnknownTopicOrPartition.code());
+            }
+            let config = log.config().topic_defaults.config(name);
+            match log.create_topic(config).await {
+                Ok(t) => topic_metadata(&t),
+                Err(LogError::TopicExists(_)) => match log.topic(name) {
+                    Ok(t) => topic_metadata(&t),
+                    Err(_) => failed(ResponseError::UnknownTopicOrPartition.code()),
+                },
+                Err(LogError::InvalidTopic(_) | LogError::InvalidName(_)) => {
+                    failed(ResponseError::InvalidTopicException.code())
+                }
+                Err(e) => failed(error_code(Rejection::of(&e))),
+            }
+        }
+        Err(LogError::InvalidTopic(_) | LogError::InvalidName(_)) => {
+            failed(ResponseError::InvalidTopicException.code())
+        }
+        Err(_) => failed(ResponseError::UnknownTopicOrPartition.code()),
+    }
+}
+
+fn topic_metadata(t: &TopicInfo) -> MetadataResponseTopic {
+    let node = BrokerId(NODE_ID);
+    MetadataResponseTopic::default()
+        .with_name(Some(topic_name(&t.config.name)))
+        .with_partitions(
+            t.partitions
+                .iter()
+                .map(|p| {
+                    MetadataResponsePartition::default()
+                        .with_partition_index(p.partition as i32)
+                        .with_leader_id(node)
+                        .with_leader_epoch(0)
+                        .with_replica_nodes(vec![node])
+                        .with_isr_nodes(vec![node])
+                })
+                .collect(),
+        )
+}
+
+/// Host and port Metadata names: `kafka.advertised_host` or the address the
+/// client reached, and the port it reached.
+fn advertised(s: &Session) -> (String, i32) {
+    let port = s.local.map_or(9092, |a| i32::from(a.port()));
+    let host = match (&s.server.config.advertised_host, s.local) {
+        (Some(h), _) => h.clone(),
+        (None, Some(a)) => a.ip().to_string(),
+        (None, None) => "localhost".to_owned(),
+    };
+    (host, port)
+}
+
+async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
+    let log = &s.server.cx.log;
+    let auth = &*s.server.cx.auth;
+    // (topic, partition) → its answer; records of accepted partitions go
+    // into one append through the one write path.
+    let mut answers: Vec<(String, Vec<PartitionProduceResponse>)> = Vec::new();
+    let mut batch = ingest::Batch::default();
+    for (ti, topic) in req.topic_data.into_iter().enumerate() {
+        let name = topic.name.0.to_string();
+        let known = log.topic(&name).ok();
+        let mut partitions = Vec::new();
+        for (pi, p) in topic.partition_data.into_iter().enumerate() {
+            let refuse = |code: i16| {
+                PartitionProduceResponse::default()
+                    .with_index(p.index)
+                    .with_error_code(code)
+                    .with_base_offset(-1)
+            };
+            let Ok(partition) = u32::try_from(p.index) else {
+                partitions.push(refuse(ResponseError::UnknownTopicOrPartition.code()));
+                continue;
+            };
+            if known
+                .as_ref()
+                .is_some_and(|t| partition >= t.config.partitions)
+            {
+                partitions.push(refuse(ResponseError::UnknownTopicOrPartition.code()));
+                continue;
+            }
+            let records = p.records.unwrap_or_default();
+            let events = match codec::events_of(&records, partition) {
+                Ok(events) => events,
+                Err(e) => {
+                    let (why, code) = match e {
+                        Error::BatchTooLarge => (
+                            Refusal::DecompressedTooLarge,
+                            ResponseError::MessageTooLarge.code(),
+                        ),
+                        Error::Transactional => (
+                            Refusal::UnsupportedBatch,
+                            ResponseError::InvalidRequest.code(),
+                        ),
+                        _ => (Refusal::CorruptBatch, ResponseError::CorruptMessage.code()),
+                    };
+                    s.server.metrics.refuse_with(why, &e);
+                    partitions.push(refuse(code));
+                    continue;
+                }
+            };
+            let allowed = events.iter().all(|r| {
+                all_publish_subjects(&name, r.event.key.as_deref(), &r.event.headers)
+                    .iter()
+                    .all(|subject| auth.authorize(&s.who, Action::Publish, subject).allowed())
+            });
+            if !allowed {
+                s.server.metrics.refuse(Refusal::NotAuthorized);
+                partitions.push(refuse(ResponseError::TopicAuthorizationFailed.code()));
+                continue;
+            }
+            if events.is_empty() {
+                partitions.push(refuse(0));
+                continue;
+            }
+            for event in events {
+                batch.push(&name, (ti, pi), event);
+            }
+            // Filled in once the append has answered.
+            partitions.push(refuse(0));
+        }
+        answers.push((name, partitions));
+    }
+    // First outcome per (topic, partition): its base offset or its refusal.
+    let mut outcome: BTreeMap<(usize, usize), Result<u64, Rejection>> = BTreeMap::new();
+    let mut stored = 0u64;
+    for ((ti, pi), result) in ingest::append(log, batch).await {
+        match result {
+            Ok(position) => {
+                stored += 1;
+                outcome.entry((ti, pi)).or_insert(Ok(position.offset));
+            }
+            Err(refused) => {
+                s.server.metrics.refuse(Refusal::Log(refused.rejection));
+                outcome.insert((ti, pi), Err(refused.rejection));
+            }
+        }
+    }
+    s.server.metrics.produced.fetch_add(stored, Relaxed);
+    let responses = answers
+        .into_iter()
+        .enumerate()
+        .map(|(ti, (name, partitions))| {
+            let partitions = partitions
+                .into_iter()
+                .enumerate()
+                .map(|(pi, mut p)| {
+                    match outcome.get(&(ti, pi)) {
+                        Some(Ok(base)) => p.base_offset = *base as i64,
+                        Some(Err(r)) => p.error_code = error_code(*r),
+                        None => {}
+                    }
+                    if p.error_code == 0 {
+                        if let Ok(start) = log.topic(&name).map(|t| {
+                            t.partitions
+                                .get(p.index as usize)
+                                .map_or(0, |x| x.start_offset)
+                        }) {
+                            p.log_start_offset = start as i64;
+                        }
+                    }
+                    p
+                })
+                .collect();
+            TopicProduceResponse::default()
+                .with_name(topic_name(&name))
+                .with_partition_responses(partitions)
+        })
+        .collect();
+    ProduceResponse::default().with_responses(responses)
+}
+
+/// A partition a fetch asks for: (partition, offset, partition max bytes).
+type Wanted = (i32, i64, usize);
+
+/// What one partition of a fetch read.
+struct PartitionRead {
+    index: i32,
+    error: i16,
+    high_watermark: i64,
+    log_start: i64,
+    records: Bytes,
+}
+
+async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal> {
+    let log = &s.server.cx.log;
+    let auth = &*s.server.cx.auth;
+    let max_wait = Duration::from_millis(
+        u64::try_from(req.max_wait_ms)
+            .unwrap_or(0)
+            .min(s.server.config.max_fetch_wait_ms),
+    );
+    let deadline = Instant::now() + max_wait;
+    let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);
+    let max_bytes = usize::try_from(req.max_bytes)
+        .unwrap_or(0)
+        .clamp(1, s.server.config.max_fetch_bytes.max(1));
+    // The answer is held in memory until sent: it comes out of the node's
+    // budget. With none left the fetch answers empty (the client asks
+    // again), so consumers slow down instead of being cut off.
+    let Some(_held) = s
+        .server
+        .cx
+        .budget
+        .reserve(max_bytes, max_wait.min(Duration::from_secs(2)))
+        .await
+    else {
+        s.server.metrics.refuse(Refusal::MemoryBudget);
+        return Ok(FetchResponse::default());
+    };
+    let mut wanted: Vec<(String, Vec<Wanted>)> = Vec::new();
+    for t in req.topics {
+        let name = t.topic.0.to_string();
+        let parts = t
+            .partitions
+            .into_iter()
+            .map(|p| {
+                let max = usize::try_from(p.partition_max_bytes).unwrap_or(0).max(1);
+                (p.partition, p.fetch_offset, max)
+            })
+            .collect();
+        wanted.push((name, parts));
+    }
+    loop {
+        let mut total = 0usize;
+        let mut out: Vec<(String, Vec<PartitionRead>)> = Vec::new();
+        let mut ends = Vec::new();
+        for (name, parts) in &wanted {
+            let allowed = auth
+                .authorize(&s.who, Action::Subscribe, &format!("{name}/#"))
+                .allowed();
+            let mut reads = Vec::new();
+            for &(index, offset, part_max) in parts {
+                let mut read = PartitionRead {
+                    index,
+                    error: 0,
+                    high_watermark: -1,
+                    log_start: -1,
+                    records: Bytes::new(),
+                };
+                if !allowed {
+                    read.error = ResponseError::TopicAuthorizationFailed.code();
+                    reads.push(read);
+                    continue;
+                }
+                let (Ok(partition), Ok(offset)) = (u32::try_from(index), u64::try_from(offset))
+                else {
+                    read.error = ResponseError::OffsetOutOfRange.code();
+                    reads.push(read);
+                    continue;
+                };
+                let room = max_bytes.saturating_sub(total).min(part_max);
+                match log
+                    .fetch(name, partition, offset, 10_000, room.max(1), Duration::ZERO)
+                    .await
+                {
+                    Ok(r) => {
+                        read.high_watermark = r.end_offset as i64;
+                        read.log_start = r.start_offset as i64;
+                        // Over the response's budget only when nothing was
+                        // read yet: the first batch always goes (progress).
+                        if room > 0 || total == 0 {
+                            read.records = codec::batch_of(&r.records).map_err(|e| {
+                                s.server.metrics.refuse_with(Refusal::EncodeFailed, &e);
+                                Refusal::Counted
+                            })?;
+                            total += read.records.len();
+                            s.server
+                                .metrics
+                                .fetched
+                                .fetch_add(r.records.len() as u64, Relaxed);
+                        }
+                        if let Ok(end) = log.watch_end(name, partition) {
+                            ends.push(end);
+                        }
+                    }
+                    Err(LogError::OffsetOutOfRange { start, end, .. }) => {
+                        read.error = ResponseError::OffsetOutOfRange.code();
+                        read.high_watermark = end as i64;
+                        read.log_start = start as i64;
+                    }
+                    Err(LogError::UnknownTopic(_) | LogError::UnknownPartition { .. }) => {
+                        read.error = ResponseError::UnknownTopicOrPartition.code();
+                    }
+                    Err(e) => {
+                        read.error = error_code(Rejection::of(&e));
+                    }
+                }
+                reads.push(read);
+            }
+            out.push((name.clone(), reads));
+        }
+        let now = Instant::now();
+        if total >= min_bytes.max(1) || now >= deadline || ends.is_empty() {
+            return Ok(fetch_response(out));
+        }
+        // Wait for any partition's end to move, or the deadline.
+        let changed =
+            futures_util::future::select_all(ends.iter_mut().map(|e| Box::pin(e.changed())));
+        let _ = tokio::time::timeout(deadline - now, changed).await;
+    }
+}
+
+fn fetch_response(out: Vec<(String, Vec<PartitionRead>)>) -> FetchResponse {
+    FetchResponse::default().with_responses(
+        out.into_iter()
+            .map(|(name, reads)| {
+                FetchableTopicResponse::default()
+                    .with_topic(topic_name(&name))
+                    .with_partitions(
+                        reads
+                            .into_iter()
+                            .map(|r| {
+                                PartitionData::default()
+                                    .with_partition_index(r.index)
+                                    .with_error_code(r.error)
+                                    .with_high_watermark(r.high_watermark)
+                                    .with_last_stable_offset(r.high_watermark)
+                                    .with_log_start_offset(r.log_start)
+                                    .with_records(Some(r.records))
+                            })
+                            .collect(),
+                    )
+            })
+            .collect(),
+    )
+}
+
+/// ListOffsets timestamps with a meaning of their own.
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+
+async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let log = &s.server.cx.log;
+    let auth = &*s.server.cx.auth;
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|t| {
+            let name = t.name.0.to_string();
+            let allowed = auth
+                .authorize(&s.who, Action::Subscribe, &format!("{name}/#"))
+                .allowed();
+            let partitions = t
+                .partitions
+                .into_iter()
+                .map(|p| {
+                    let answer = ListOffsetsPartitionResponse::default()
+                        .with_partition_index(p.partition_index)
+                        .with_timestamp(-1)
+                        .with_offset(-1);
+                    if !allowed {
+                        return answer
+                            .with_error_code(ResponseError::TopicAuthorizationFailed.code());
+                    }
+                    let offsets = u32::try_from(p.partition_index)
+                        .ok()
+                        .and_then(|i| log.offsets(&name, i).ok().map(|o| (i, o)));
+                    let Some((partition, (start, end))) = offsets else {
+                        return answer
+                            .with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    };
+                    match p.timestamp {
+                        LATEST => answer.with_offset(end as i64),
+                        EARLIEST => answer.with_offset(start as i64),
+                        ts if ts >= 0 => {
+                            match first_at_or_after(s, &name, partition, start, end, ts) {
+                                Some((offset, at)) => {
+                                    answer.with_offset(offset as i64).with_timestamp(at)
+                                }
+                                None => answer,
+                            }
+                        }
+                        // Other specials (max timestamp, tiered storage) are
+                        // not served: the client is told there is no such offset.
+                        _ => answer,
+                    }
+                })
+                .collect();
+            ListOffsetsTopicResponse::default()
+                .with_name(topic_name(&name))
+                .with_partitions(partitions)
+        })
+        .collect();
+    ListOffsetsResponse::default().with_topics(topics)
+}
+
+/// The first record with a timestamp at or after `ts`, read in bounded steps
+/// from the start of the partition: (offset, its timestamp).
+fn first_at_or_after(
+    s: &Session,
+    topic: &str,
+    partition: u32,
+    start: u64,
+    end: u64,
+    ts: i64,
+) -> Option<(u64, i64)> {
+    let log = &s.server.cx.log;
+    let mut offset = start;
+    while offset < end {
+        let read = log.read(topic, partition, offset, 1000, 1 << 20).ok()?;
+        if let Some(r) = read.records.iter().find(|r| r.timestamp >= ts) {
+            return Some((r.offset, r.timestamp));
+        }
+        if read.next_offset <= offset {
+            return None;
+        }
+        offset = read.next_offset;
+    }
+    None
+}

@@ -1,0 +1,231 @@
+//! Kafka wire-protocol front end: Kafka clients (librdkafka and everything
+//! built on it, the Java client, kafka-python, kafkajs, kcat) produce to and
+//! fetch from the log unchanged. The [`Server`] holds what every connection
+//! shares and is served by the one accept loop
+//! ([`tributary_frontend::serve()`]); a connection per client answers its
+//! requests in order (`conn`).
+//!
+//! - Requests are framed by a 4-byte size, checked against
+//!   `kafka.max_request_bytes` and reserved from the node's memory budget
+//!   before a byte of the body is buffered; a malformed request, an unknown
+//!   API key or an API this node does not serve closes the connection (counted
+//!   by reason), as Apache Kafka does.
+//! - Produce appends through the one write path (`tributary-ingest`); an
+//!   acknowledgement (acks 1 or -1) goes out only once the log says durable;
+//!   acks 0 gets no answer, as the protocol says. Records keep their key,
+//!   value, headers and timestamp byte for byte ([`codec`]).
+//! - Fetch long-polls the log (max_wait, min_bytes, partition and response
+//!   max_bytes); ListOffsets answers earliest and latest; Metadata names
+//!   this node as the leader of every partition, and creates a topic a
+//!   client asks for when the node creates topics on first use.
+//! - Kafka's consumer groups, idempotent producers, SASL and the admin APIs
+//!   are not served yet: ApiVersions does not advertise them, so clients do
+//!   not try them.
+
+pub mod codec;
+mod conn;
+mod handlers;
+
+pub use handlers::{parse, Parsed, Request};
+mod refusal;
+pub mod versions;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use tributary_frontend::listener::{ConnectionStats, ListenerSet};
+use tributary_frontend::metrics::Kind;
+use tributary_frontend::tls::MaybeTls;
+use tributary_frontend::{
+    AckHistogram, Frontend, FrontendContext, MetricsSource, Peer, Reasons, Text,
+};
+
+pub use refusal::Refusal;
+
+/// Kafka front-end settings (`[kafka]`).
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Largest request accepted, bytes (its size prefix is checked before
+    /// the body is read).
+    pub max_request_bytes: usize,
+    /// Host named in Metadata answers; `None`: the address the client
+    /// connected to.
+    pub advertised_host: Option<String>,
+    /// Requests one connection may have in progress (Kafka clients pipeline:
+    /// librdkafka sends up to `max.in.flight` produce requests).
+    pub max_in_flight: usize,
+    /// Longest a fetch waits for records, whatever the client asks.
+    pub max_fetch_wait_ms: u64,
+    /// Largest fetch answer, bytes, whatever the client asks; reserved from
+    /// the node's memory budget while the answer is read and sent.
+    pub max_fetch_bytes: usize,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            max_request_bytes: 16 << 20,
+            advertised_host: None,
+            max_in_flight: 16,
+            max_fetch_wait_ms: 30_000,
+            max_fetch_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Why the Kafka front end failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Not a v2 record batch, a bad CRC, truncated, or a codec error.
+    #[error("corrupt record batch: {0}")]
+    CorruptBatch(String),
+    /// A batch decompresses to more than [`codec::MAX_DECOMPRESSED`].
+    #[error(
+        "a record batch decompresses to more than {} bytes",
+        codec::MAX_DECOMPRESSED
+    )]
+    BatchTooLarge,
+    /// A transactional or control batch (transactions are not served yet).
+    #[error("transactional and control batches are not supported")]
+    Transactional,
+    /// A request that does not decode.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// A response that could not be encoded (a bug).
+    #[error("cannot encode: {0}")]
+    Encode(String),
+}
+
+/// Kafka counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct KafkaMetrics {
+    requests: [AtomicU64; 4],
+    produced: AtomicU64,
+    fetched: AtomicU64,
+    acks: AckHistogram,
+    rejections: Reasons<Refusal>,
+    connections: ListenerSet,
+}
+
+/// The request kinds counted apart in `tributary_kafka_requests_total`.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    Produce = 0,
+    Fetch = 1,
+    Metadata = 2,
+    Other = 3,
+}
+
+impl KafkaMetrics {
+    /// Counts a refusal and logs it, in one call.
+    pub fn refuse(&self, why: Refusal) {
+        self.rejections.record(why);
+    }
+
+    /// [`Self::refuse`], logging what went wrong too.
+    pub fn refuse_with(&self, why: Refusal, detail: &dyn std::fmt::Display) {
+        self.rejections.record_with(why, detail);
+    }
+
+    /// Refusals so far for `reason` (tests read this).
+    pub fn rejections(&self, reason: &str) -> u64 {
+        self.rejections.get(reason)
+    }
+
+    /// Kafka connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.connections.open()
+    }
+
+    fn request(&self, api: Api) {
+        self.requests[api as usize].fetch_add(1, Relaxed);
+    }
+}
+
+impl MetricsSource for KafkaMetrics {
+    fn render(&self, out: &mut Text) {
+        out.gauge(
+            "tributary_kafka_connections",
+            "Open Kafka connections.",
+            self.connections.open(),
+        );
+        out.counter(
+            "tributary_kafka_connections_accepted_total",
+            "Kafka connections accepted.",
+            self.connections.accepted(),
+        );
+        let mut family = out.family(
+            "tributary_kafka_requests_total",
+            Kind::Counter,
+            "Kafka requests answered, by API.",
+        );
+        for (api, name) in ["produce", "fetch", "metadata", "other"].iter().enumerate() {
+            family.sample(&[("api", name)], self.requests[api].load(Relaxed));
+        }
+        out.counter(
+            "tributary_kafka_produced_records_total",
+            "Records appended from Kafka producers (durable).",
+            self.produced.load(Relaxed),
+        );
+        out.counter(
+            "tributary_kafka_fetched_records_total",
+            "Records sent to Kafka consumers.",
+            self.fetched.load(Relaxed),
+        );
+        self.acks.render(
+            out,
+            "tributary_kafka_ack_seconds",
+            "Time from a produce request read to its answer (durable).",
+        );
+        self.rejections.render(
+            out,
+            "tributary_kafka_rejections_total",
+            "Closed connections and refused requests and records, by reason.",
+        );
+    }
+}
+
+/// State shared by every Kafka connection of a node.
+#[derive(Debug)]
+pub struct Server {
+    cx: FrontendContext,
+    config: KafkaConfig,
+    metrics: Arc<KafkaMetrics>,
+}
+
+impl Server {
+    /// Builds the server and registers its metrics and connection gauge.
+    pub fn new(cx: FrontendContext, config: KafkaConfig) -> Arc<Self> {
+        let metrics = Arc::new(KafkaMetrics::default());
+        cx.metrics.register(metrics.clone());
+        let gauge = metrics.clone();
+        cx.connections
+            .register("kafka", Arc::new(move || gauge.open_connections()));
+        Arc::new(Server {
+            cx,
+            config,
+            metrics,
+        })
+    }
+
+    /// Counters (tests and `/metrics`).
+    pub fn metrics(&self) -> &Arc<KafkaMetrics> {
+        &self.metrics
+    }
+}
+
+/// Served on TCP listeners by [`tributary_frontend::serve()`] (9092, and 9093
+/// with TLS, where a verified client certificate names the device).
+impl Frontend for Server {
+    fn context(&self) -> &FrontendContext {
+        &self.cx
+    }
+
+    fn listening(&self, stats: Arc<ConnectionStats>) {
+        self.metrics.connections.add(stats);
+    }
+
+    async fn connection(self: Arc<Self>, stream: MaybeTls, peer: Peer) {
+        conn::run(self, stream, peer).await;
+    }
+}

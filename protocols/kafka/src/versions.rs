@@ -1,0 +1,73 @@
+//! The APIs this node serves and the versions it advertises in ApiVersions.
+//!
+//! A client uses, per API, the highest version both sides know, so these
+//! ranges decide what clients send. The choices (each checked against the
+//! clients' own sources; see `docs/kafka.md`):
+//! - Produce is advertised from v0 although only v3+ (record batch v2) is
+//!   decoded: librdkafka up to 2.11.0 turns gzip, snappy and lz4 off when a
+//!   broker's Produce range does not start at 0 (Apache Kafka 4 does the same;
+//!   v0–2 requests close the connection, as there).
+//! - Produce and Fetch stop at v12: v13 names topics by id.
+//! - Fetch starts at v4 (record batch v2); ListOffsets at v1 (lookup by
+//!   timestamp).
+
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::ApiKey;
+
+/// (API, lowest advertised, lowest decoded, highest).
+const SERVED: &[(ApiKey, i16, i16, i16)] = &[
+    (ApiKey::Produce, 0, 3, 12),
+    (ApiKey::Fetch, 4, 4, 12),
+    (ApiKey::ListOffsets, 1, 1, 10),
+    (ApiKey::Metadata, 0, 0, 12),
+    (ApiKey::ApiVersions, 0, 0, 4),
+];
+
+/// What ApiVersions answers.
+pub fn advertised() -> Vec<ApiVersion> {
+    SERVED
+        .iter()
+        .map(|&(key, min, _, max)| {
+            ApiVersion::default()
+                .with_api_key(key as i16)
+                .with_min_version(min)
+                .with_max_version(max)
+        })
+        .collect()
+}
+
+/// Whether `version` of `key` is served: `None` when the API is not served
+/// at all, `Some(false)` for a version outside what is decoded.
+pub fn served(key: ApiKey, version: i16) -> Option<bool> {
+    SERVED
+        .iter()
+        .find(|(k, ..)| *k == key)
+        .map(|&(_, _, min, max)| (min..=max).contains(&version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::{
+        ApiVersionsRequest, FetchRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest,
+    };
+    use kafka_protocol::protocol::Message;
+
+    #[test]
+    fn every_decoded_range_is_within_what_the_codec_supports() {
+        for &(key, _, min, max) in SERVED {
+            let codec = match key {
+                ApiKey::Produce => ProduceRequest::VERSIONS,
+                ApiKey::Fetch => FetchRequest::VERSIONS,
+                ApiKey::ListOffsets => ListOffsetsRequest::VERSIONS,
+                ApiKey::Metadata => MetadataRequest::VERSIONS,
+                ApiKey::ApiVersions => ApiVersionsRequest::VERSIONS,
+                other => panic!("{other:?} has no codec check"),
+            };
+            assert!(codec.min <= min && max <= codec.max, "{key:?}");
+        }
+        assert_eq!(served(ApiKey::Produce, 2), Some(false));
+        assert_eq!(served(ApiKey::Produce, 3), Some(true));
+        assert_eq!(served(ApiKey::JoinGroup, 0), None);
+    }
+}
