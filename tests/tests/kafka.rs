@@ -544,3 +544,26 @@ async fn a_produce_is_answered_only_once_durable_and_pipelined_answers_keep_thei
     assert_eq!(log.offsets("d", 0).expect("offsets"), (0, 6));
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_device_auth_a_client_without_credentials_is_closed_and_counted() {
+    // SASL is not served yet: with device authentication on, only a client a
+    // verified certificate names gets in; anyone else is closed, unanswered.
+    let node = InProcessNode::start(
+        "[auth]\nmode = \"devices\"\nadmin_token = \"kafka-admin-token-0123456789\"\n",
+    )
+    .await;
+    let mut c = Client::connect(&node).await;
+    c.send(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())
+        .await;
+    assert!(
+        c.answer(ApiKey::ApiVersions, 3).await.is_none(),
+        "no answer without credentials"
+    );
+    let text = common::metrics_text(&node.url, Some("kafka-admin-token-0123456789")).await;
+    assert!(
+        text.contains("tributary_kafka_rejections_total{reason=\"not_authorized\"} 1"),
+        "{text}"
+    );
+    node.stop().await;
+}
