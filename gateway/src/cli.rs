@@ -40,6 +40,21 @@ pub enum Command {
         url: String,
     },
     #[cfg(feature = "client")]
+    /// List and describe consumer groups: members, assignments, offsets, lag.
+    Groups {
+        /// Which group operation.
+        #[command(subcommand)]
+        op: GroupsOp,
+        /// The node's HTTP API.
+        #[arg(
+            long,
+            global = true,
+            env = "TRIBUTARY_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+    },
+    #[cfg(feature = "client")]
     /// Append lines from stdin to a topic, one event per line.
     Produce(ProduceArgs),
     #[cfg(feature = "client")]
@@ -197,6 +212,18 @@ pub enum TopicsOp {
     /// Show a topic's settings and offsets.
     Describe {
         /// Topic name.
+        name: String,
+    },
+}
+
+/// `groups` operations.
+#[derive(Debug, Subcommand)]
+pub enum GroupsOp {
+    /// List groups: state, members, total lag.
+    List,
+    /// Show a group's members, their partitions, and offsets with lag.
+    Describe {
+        /// Group name.
         name: String,
     },
 }

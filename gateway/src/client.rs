@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::cli::{DevicesOp, ProduceArgs, TailArgs, TopicsOp};
+use crate::cli::{DevicesOp, GroupsOp, ProduceArgs, TailArgs, TopicsOp};
 
 /// A thin client of the HTTP API that turns API errors into readable ones.
 #[derive(Debug, Clone)]
@@ -261,6 +261,90 @@ pub async fn topics(url: &str, op: TopicsOp) -> anyhow::Result<()> {
         TopicsOp::Describe { name } => {
             let t = api.get(&format!("/v1/topics/{name}")).await?;
             println!("{}", serde_json::to_string_pretty(&t)?);
+        }
+    }
+    Ok(())
+}
+
+/// A path segment with everything but unreserved characters percent-encoded.
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `tributary groups …`.
+pub async fn groups(url: &str, op: GroupsOp) -> anyhow::Result<()> {
+    let api = ApiClient::new(url)?;
+    match op {
+        GroupsOp::List => {
+            let all = api.get("/v1/groups").await?;
+            println!(
+                "{:<40} {:<20} {:>8} {:>12}",
+                "GROUP", "STATE", "MEMBERS", "LAG"
+            );
+            for g in all["groups"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<20} {:>8} {:>12}",
+                    g["group"].as_str().unwrap_or("?"),
+                    g["state"].as_str().unwrap_or("?"),
+                    g["members"].as_u64().unwrap_or(0),
+                    g["lag"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+        GroupsOp::Describe { name } => {
+            let g = api.get(&format!("/v1/groups/{}", segment(&name))).await?;
+            println!(
+                "group {}  state {}  protocol {}  generation {}",
+                g["group"].as_str().unwrap_or("?"),
+                g["state"].as_str().unwrap_or("?"),
+                g["protocol"].as_str().unwrap_or(""),
+                g["generation"].as_i64().unwrap_or(0)
+            );
+            println!("\n{:<50} {:<24} PARTITIONS", "MEMBER", "HOST");
+            for m in g["members"].as_array().into_iter().flatten() {
+                let parts: Vec<String> = m["assignment"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        let ps: Vec<String> = a["partitions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|p| p.to_string())
+                            .collect();
+                        format!("{}[{}]", a["topic"].as_str().unwrap_or("?"), ps.join(","))
+                    })
+                    .collect();
+                println!(
+                    "{:<50} {:<24} {}",
+                    m["member_id"].as_str().unwrap_or("?"),
+                    m["client_host"].as_str().unwrap_or(""),
+                    parts.join(" ")
+                );
+            }
+            println!(
+                "\n{:<40} {:>9} {:>14} {:>14} {:>12}",
+                "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
+            );
+            for o in g["offsets"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:>9} {:>14} {:>14} {:>12}",
+                    o["topic"].as_str().unwrap_or("?"),
+                    o["partition"].as_u64().unwrap_or(0),
+                    o["offset"].as_u64().unwrap_or(0),
+                    o["end"].as_u64().unwrap_or(0),
+                    o["lag"].as_u64().unwrap_or(0)
+                );
+            }
         }
     }
     Ok(())

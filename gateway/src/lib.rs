@@ -109,6 +109,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         #[cfg(feature = "client")]
         Command::Topics { op, url } => client::topics(&url, op).await,
         #[cfg(feature = "client")]
+        Command::Groups { op, url } => client::groups(&url, op).await,
+        #[cfg(feature = "client")]
         Command::Produce(args) => client::produce(args).await,
         #[cfg(feature = "client")]
         Command::Tail(args) => client::tail(args).await,

@@ -144,7 +144,13 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     let http_addr = http_listener.local_addr()?;
-    let mut cx = FrontendContext::new(log.clone(), shutdown.clone(), mode.as_str());
+    let mut cx = FrontendContext::with_groups(
+        log.clone(),
+        shutdown.clone(),
+        mode.as_str(),
+        config.groups_config(),
+    );
+    cx.metrics.register(Arc::new(cx.groups.clone()));
     cx.budget = tributary_frontend::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
     let registry = Arc::new(
         Registry::open(

@@ -52,6 +52,35 @@ pub enum Error {
         /// Next offset to be written (reading at it waits for new data).
         end: u64,
     },
+    /// An idempotent producer's batch does not continue its sequence (a
+    /// batch before it is missing).
+    #[error("producer {producer_id}: sequence {got} out of order, expected {expected}")]
+    OutOfOrderSequence {
+        /// The producer.
+        producer_id: i64,
+        /// The sequence that would continue it.
+        expected: i32,
+        /// The batch's first sequence.
+        got: i32,
+    },
+    /// An idempotent producer's batch carries an epoch older than one
+    /// already seen: a newer incarnation of the producer fenced it.
+    #[error("producer {producer_id}: epoch {epoch} is fenced by epoch {current}")]
+    ProducerFenced {
+        /// The producer.
+        producer_id: i64,
+        /// The batch's epoch.
+        epoch: i16,
+        /// The newest epoch seen.
+        current: i16,
+    },
+    /// An idempotent producer this partition has no state for sent a batch
+    /// that does not start a sequence (its state expired, or was never kept).
+    #[error("producer {producer_id} is not known in this partition")]
+    UnknownProducer {
+        /// The producer.
+        producer_id: i64,
+    },
     /// The bytes of a stored batch do not decode (see [`crate::batch`]); the
     /// message says what is wrong, and is shown as is. The log reports it as
     /// [`Error::Corruption`], with the batch's place.

@@ -1410,6 +1410,12 @@ impl Store for GatedStore {
     fn group_offsets(&self, group: &str) -> tributary_storage::Result<Vec<(String, u32, u64)>> {
         self.inner.group_offsets(group)
     }
+    fn forget_group(&self, group: &str) -> tributary_storage::Result<()> {
+        self.inner.forget_group(group)
+    }
+    fn group_names(&self) -> tributary_storage::Result<Vec<String>> {
+        self.inner.group_names()
+    }
     fn put_meta(
         &self,
         space: &str,

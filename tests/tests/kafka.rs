@@ -14,18 +14,35 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use common::InProcessNode;
 use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::offset_fetch_request::{
+    OffsetFetchRequestGroup, OffsetFetchRequestTopic, OffsetFetchRequestTopics,
+};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, FetchRequest, FetchResponse,
-    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, DeleteGroupsRequest, DeleteGroupsResponse,
+    DescribeGroupsRequest, DescribeGroupsResponse, FetchRequest, FetchResponse,
+    FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
+    InitProducerIdRequest, InitProducerIdResponse, JoinGroupRequest, JoinGroupResponse,
+    LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    ProduceRequest, ProduceResponse, ProducerId, RequestHeader, ResponseHeader,
+    SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    SyncGroupRequest, SyncGroupResponse, TopicName, TransactionalId,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
+use kafka_protocol::ResponseError;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -278,10 +295,13 @@ async fn api_versions_names_what_is_served_and_answers_newer_versions_at_v0() {
     assert_eq!(range(ApiKey::Produce), Some((0, 12)));
     assert_eq!(range(ApiKey::Fetch), Some((4, 12)));
     assert_eq!(range(ApiKey::Metadata), Some((0, 12)));
+    assert_eq!(range(ApiKey::JoinGroup), Some((0, 9)));
+    assert_eq!(range(ApiKey::OffsetCommit), Some((2, 9)));
+    assert_eq!(range(ApiKey::InitProducerId), Some((0, 5)));
     assert_eq!(
-        range(ApiKey::JoinGroup),
+        range(ApiKey::AddPartitionsToTxn),
         None,
-        "groups are not advertised yet"
+        "transactions are not advertised yet"
     );
 
     // A version newer than ours: our ranges at v0 with UNSUPPORTED_VERSION.
@@ -545,25 +565,481 @@ async fn a_produce_is_answered_only_once_durable_and_pipelined_answers_keep_thei
     shutdown.cancel();
 }
 
+async fn sasl_plain(c: &mut Client, user: &str, token: &str) -> SaslAuthenticateResponse {
+    let mut b = c
+        .call(
+            ApiKey::SaslHandshake,
+            1,
+            &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+        )
+        .await;
+    let h = SaslHandshakeResponse::decode(&mut b, 1).expect("handshake");
+    assert_eq!(h.error_code, 0);
+    assert_eq!(h.mechanisms[0].as_str(), "PLAIN");
+    let creds = Bytes::from(format!("\0{user}\0{token}"));
+    let mut b = c
+        .call(
+            ApiKey::SaslAuthenticate,
+            2,
+            &SaslAuthenticateRequest::default().with_auth_bytes(creds),
+        )
+        .await;
+    SaslAuthenticateResponse::decode(&mut b, 2).expect("authenticate")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_device_auth_a_client_without_credentials_is_closed_and_counted() {
-    // SASL is not served yet: with device authentication on, only a client a
-    // verified certificate names gets in; anyone else is closed, unanswered.
-    let node = InProcessNode::start(
-        "[auth]\nmode = \"devices\"\nadmin_token = \"kafka-admin-token-0123456789\"\n",
+async fn with_device_auth_sasl_plain_logs_in_and_the_devices_acls_apply() {
+    const ADMIN: &str = "kafka-admin-token-0123456789";
+    let node = InProcessNode::start(&format!(
+        "[auth]\nmode = \"devices\"\nadmin_token = \"{ADMIN}\"\n"
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/devices", node.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"id": "pump-7", "publish": ["plant/#"],
+                                  "subscribe": ["plant/#", "$groups/pumps"]}))
+        .send()
+        .await
+        .expect("create device")
+        .json()
+        .await
+        .expect("json");
+    let token = created["token"].as_str().expect("token").to_owned();
+
+    // Without a login: ApiVersions is answered, anything else closes.
+    let mut c = Client::connect(&node).await;
+    c.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())
+        .await;
+    c.send(ApiKey::Metadata, 12, &MetadataRequest::default())
+        .await;
+    assert!(c.answer(ApiKey::Metadata, 12).await.is_none(), "closed");
+
+    // A wrong token: SASL_AUTHENTICATION_FAILED, then closed.
+    let mut c = Client::connect(&node).await;
+    let r = sasl_plain(&mut c, "pump-7", "not-the-token").await;
+    assert_eq!(r.error_code, ResponseError::SaslAuthenticationFailed.code());
+    assert!(c.closed().await);
+
+    // The device's token: its ACLs apply to produce, groups and offsets.
+    let mut c = Client::connect(&node).await;
+    let r = sasl_plain(&mut c, "pump-7", &token).await;
+    assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+    let m = metadata(&mut c, "plant").await;
+    assert_eq!(m.topics[0].error_code, 0);
+    produce(
+        &mut c,
+        "plant",
+        0,
+        batch(&[record(0, "k", b"v", &[])], Compression::None),
+        -1,
     )
     .await;
-    let mut c = Client::connect(&node).await;
-    c.send(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())
-        .await;
-    assert!(
-        c.answer(ApiKey::ApiVersions, 3).await.is_none(),
-        "no answer without credentials"
+    let m = metadata(&mut c, "office").await;
+    assert_eq!(
+        m.topics[0].error_code,
+        ResponseError::TopicAuthorizationFailed.code()
     );
-    let text = common::metrics_text(&node.url, Some("kafka-admin-token-0123456789")).await;
+    let find = |group: &str| {
+        FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_owned()))
+    };
+    let mut b = c.call(ApiKey::FindCoordinator, 2, &find("pumps")).await;
+    assert_eq!(
+        FindCoordinatorResponse::decode(&mut b, 2)
+            .expect("find")
+            .error_code,
+        0
+    );
+    let mut b = c.call(ApiKey::FindCoordinator, 2, &find("others")).await;
+    assert_eq!(
+        FindCoordinatorResponse::decode(&mut b, 2)
+            .expect("find")
+            .error_code,
+        ResponseError::GroupAuthorizationFailed.code()
+    );
+    let text = common::metrics_text(&node.url, Some(ADMIN)).await;
     assert!(
-        text.contains("tributary_kafka_rejections_total{reason=\"not_authorized\"} 1"),
+        text.contains("tributary_kafka_rejections_total{reason=\"not_authorized\"} 2"),
         "{text}"
     );
+    node.stop().await;
+}
+
+fn group(s: &str) -> kafka_protocol::messages::GroupId {
+    kafka_protocol::messages::GroupId(StrBytes::from_string(s.to_owned()))
+}
+
+fn join_request(member: &str) -> JoinGroupRequest {
+    JoinGroupRequest::default()
+        .with_group_id(group("g"))
+        .with_session_timeout_ms(10_000)
+        .with_rebalance_timeout_ms(10_000)
+        .with_member_id(StrBytes::from_string(member.to_owned()))
+        .with_protocol_type(StrBytes::from_static_str("consumer"))
+        .with_protocols(vec![JoinGroupRequestProtocol::default()
+            .with_name(StrBytes::from_static_str("range"))
+            .with_metadata(Bytes::from_static(b"subscription"))])
+}
+
+async fn join_answer(c: &mut Client) -> JoinGroupResponse {
+    let mut b = c.answer(ApiKey::JoinGroup, 5).await.expect("join answer");
+    JoinGroupResponse::decode(&mut b, 5).expect("join")
+}
+
+async fn heartbeat(c: &mut Client, generation: i32, member: &str) -> i16 {
+    let req = HeartbeatRequest::default()
+        .with_group_id(group("g"))
+        .with_generation_id(generation)
+        .with_member_id(StrBytes::from_string(member.to_owned()));
+    let mut b = c.call(ApiKey::Heartbeat, 4, &req).await;
+    HeartbeatResponse::decode(&mut b, 4)
+        .expect("heartbeat")
+        .error_code
+}
+
+async fn commit(c: &mut Client, generation: i32, member: &str, offset: i64) -> i16 {
+    let req = OffsetCommitRequest::default()
+        .with_group_id(group("g"))
+        .with_generation_id_or_member_epoch(generation)
+        .with_member_id(StrBytes::from_string(member.to_owned()))
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(name("gt"))
+            .with_partitions(vec![OffsetCommitRequestPartition::default()
+                .with_partition_index(0)
+                .with_committed_offset(offset)])]);
+    let mut b = c.call(ApiKey::OffsetCommit, 8, &req).await;
+    let r = OffsetCommitResponse::decode(&mut b, 8).expect("commit");
+    r.topics[0].partitions[0].error_code
+}
+
+async fn committed(c: &mut Client) -> (i64, i64) {
+    // v8+ asks per group; v5 is the older single-group form: both answer.
+    let req = OffsetFetchRequest::default().with_groups(vec![OffsetFetchRequestGroup::default()
+        .with_group_id(group("g"))
+        .with_topics(Some(vec![OffsetFetchRequestTopics::default()
+            .with_name(name("gt"))
+            .with_partition_indexes(vec![0])]))]);
+    let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
+    let r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch v8");
+    let new = r.groups[0].topics[0].partitions[0].committed_offset;
+    let req = OffsetFetchRequest::default()
+        .with_group_id(group("g"))
+        .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+            .with_name(name("gt"))
+            .with_partition_indexes(vec![0])]));
+    let mut b = c.call(ApiKey::OffsetFetch, 5, &req).await;
+    let r = OffsetFetchResponse::decode(&mut b, 5).expect("offset fetch v5");
+    (new, r.topics[0].partitions[0].committed_offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_join_sync_heartbeat_commit_and_leave_with_kafkas_error_codes() {
+    let node = InProcessNode::start("[groups]\ninitial_rebalance_delay_ms = 200\n").await;
+    let (mut a, mut b) = (Client::connect(&node).await, Client::connect(&node).await);
+    metadata(&mut a, "gt").await;
+    produce(
+        &mut a,
+        "gt",
+        0,
+        batch(&[record(0, "k", b"v", &[])], Compression::None),
+        -1,
+    )
+    .await;
+
+    // JoinGroup v4+: a new member is handed its id first (KIP-394).
+    let mut ids = Vec::new();
+    for c in [&mut a, &mut b] {
+        c.send(ApiKey::JoinGroup, 5, &join_request("")).await;
+        let r = join_answer(c).await;
+        assert_eq!(r.error_code, ResponseError::MemberIdRequired.code());
+        assert!(r.member_id.starts_with("tests-"), "{:?}", r.member_id);
+        ids.push(r.member_id.to_string());
+    }
+    // Both rejoin with their ids; one generation forms with both.
+    a.send(ApiKey::JoinGroup, 5, &join_request(&ids[0])).await;
+    b.send(ApiKey::JoinGroup, 5, &join_request(&ids[1])).await;
+    let (ja, jb) = (join_answer(&mut a).await, join_answer(&mut b).await);
+    assert_eq!((ja.error_code, jb.error_code), (0, 0));
+    assert_eq!((ja.generation_id, jb.generation_id), (1, 1));
+    assert_eq!(ja.leader, jb.leader);
+    assert_eq!(ja.protocol_name.as_deref(), Some("range"));
+    let (leader, follower) = if ja.leader == ja.member_id {
+        ((&mut a, &ja), (&mut b, &jb))
+    } else {
+        ((&mut b, &jb), (&mut a, &ja))
+    };
+    assert_eq!(leader.1.members.len(), 2, "the leader sees every member");
+    assert!(follower.1.members.is_empty());
+    assert_eq!(
+        leader.1.members[0].metadata,
+        Bytes::from_static(b"subscription")
+    );
+
+    // The leader's assignment reaches both.
+    let assignments = vec![
+        SyncGroupRequestAssignment::default()
+            .with_member_id(leader.1.member_id.clone())
+            .with_assignment(Bytes::from_static(b"for the leader")),
+        SyncGroupRequestAssignment::default()
+            .with_member_id(follower.1.member_id.clone())
+            .with_assignment(Bytes::from_static(b"for the follower")),
+    ];
+    let sync = |member: &StrBytes, assignments| {
+        SyncGroupRequest::default()
+            .with_group_id(group("g"))
+            .with_generation_id(1)
+            .with_member_id(member.clone())
+            .with_assignments(assignments)
+    };
+    follower
+        .0
+        .send(ApiKey::SyncGroup, 3, &sync(&follower.1.member_id, vec![]))
+        .await;
+    let mut l = leader
+        .0
+        .call(
+            ApiKey::SyncGroup,
+            3,
+            &sync(&leader.1.member_id, assignments),
+        )
+        .await;
+    let mut f = follower.0.answer(ApiKey::SyncGroup, 3).await.expect("sync");
+    let (l, f) = (
+        SyncGroupResponse::decode(&mut l, 3).expect("sync"),
+        SyncGroupResponse::decode(&mut f, 3).expect("sync"),
+    );
+    assert_eq!(l.assignment, Bytes::from_static(b"for the leader"));
+    assert_eq!(f.assignment, Bytes::from_static(b"for the follower"));
+
+    let (lid, fid) = (
+        leader.1.member_id.to_string(),
+        follower.1.member_id.to_string(),
+    );
+    let (lc, fc) = (leader.0, follower.0);
+    assert_eq!(heartbeat(lc, 1, &lid).await, 0);
+    assert_eq!(
+        heartbeat(lc, 2, &lid).await,
+        ResponseError::IllegalGeneration.code()
+    );
+    assert_eq!(
+        heartbeat(lc, 1, "stranger").await,
+        ResponseError::UnknownMemberId.code()
+    );
+    // A member commits; a stale generation may not; past the end is refused.
+    assert_eq!(commit(lc, 1, &lid, 1).await, 0);
+    assert_eq!(
+        commit(lc, 0, &lid, 0).await,
+        ResponseError::IllegalGeneration.code()
+    );
+    assert_eq!(
+        commit(lc, 1, &lid, 99).await,
+        ResponseError::OffsetOutOfRange.code()
+    );
+    assert_eq!(committed(lc).await, (1, 1));
+
+    // The node describes the group over Kafka and over HTTP alike.
+    let req = DescribeGroupsRequest::default().with_groups(vec![group("g")]);
+    let mut d = lc.call(ApiKey::DescribeGroups, 5, &req).await;
+    let d = DescribeGroupsResponse::decode(&mut d, 5).expect("describe");
+    assert_eq!(d.groups[0].group_state.as_str(), "Stable");
+    assert_eq!(d.groups[0].protocol_data.as_str(), "range");
+    assert_eq!(d.groups[0].members.len(), 2);
+    assert!(d.groups[0]
+        .members
+        .iter()
+        .all(|m| m.client_id.as_str() == "tests"));
+    let http = reqwest::Client::new();
+    let g: serde_json::Value = http
+        .get(format!("{}/v1/groups/g", node.url))
+        .send()
+        .await
+        .expect("describe")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(g["state"], "Stable", "{g}");
+    assert_eq!(g["members"].as_array().map(Vec::len), Some(2), "{g}");
+    assert_eq!(g["offsets"][0]["offset"], 1, "{g}");
+    assert_eq!(g["offsets"][0]["lag"], 0, "{g}");
+    let plain = http
+        .post(format!("{}/v1/groups/g/offsets", node.url))
+        .json(&serde_json::json!({"offsets": [{"topic": "gt", "partition": 0, "offset": 0}]}))
+        .send()
+        .await
+        .expect("commit");
+    assert_eq!(
+        plain.status(),
+        409,
+        "a plain commit may not move members' positions"
+    );
+    let mut lg = lc
+        .call(ApiKey::ListGroups, 4, &ListGroupsRequest::default())
+        .await;
+    let lg = ListGroupsResponse::decode(&mut lg, 4).expect("list");
+    assert!(lg
+        .groups
+        .iter()
+        .any(|x| x.group_id.as_str() == "g" && x.group_state.as_str() == "Stable"));
+
+    // The follower leaves: the leader must rejoin and forms generation 2 alone.
+    let leave = LeaveGroupRequest::default()
+        .with_group_id(group("g"))
+        .with_members(vec![
+            MemberIdentity::default().with_member_id(StrBytes::from_string(fid.clone()))
+        ]);
+    let mut lv = fc.call(ApiKey::LeaveGroup, 3, &leave).await;
+    let lv = LeaveGroupResponse::decode(&mut lv, 3).expect("leave");
+    assert_eq!((lv.error_code, lv.members[0].error_code), (0, 0));
+    assert_eq!(
+        heartbeat(lc, 1, &lid).await,
+        ResponseError::RebalanceInProgress.code()
+    );
+    lc.send(ApiKey::JoinGroup, 5, &join_request(&lid)).await;
+    let j = join_answer(lc).await;
+    assert_eq!((j.error_code, j.generation_id, j.members.len()), (0, 2, 1));
+
+    // Only an empty group is deleted; its offsets go with it.
+    let del = DeleteGroupsRequest::default().with_groups_names(vec![group("g")]);
+    let mut r = lc.call(ApiKey::DeleteGroups, 2, &del).await;
+    let r = DeleteGroupsResponse::decode(&mut r, 2).expect("delete");
+    assert_eq!(r.results[0].error_code, ResponseError::NonEmptyGroup.code());
+    let leave = LeaveGroupRequest::default()
+        .with_group_id(group("g"))
+        .with_member_id(StrBytes::from_string(lid));
+    let mut lv = lc.call(ApiKey::LeaveGroup, 1, &leave).await;
+    assert_eq!(
+        LeaveGroupResponse::decode(&mut lv, 1)
+            .expect("leave")
+            .error_code,
+        0
+    );
+    let mut r = lc.call(ApiKey::DeleteGroups, 2, &del).await;
+    let r = DeleteGroupsResponse::decode(&mut r, 2).expect("delete");
+    assert_eq!(r.results[0].error_code, 0);
+    assert_eq!(committed(lc).await, (-1, -1));
+    node.stop().await;
+}
+
+/// A batch from an idempotent producer: `n` records from `first`.
+fn idempotent_batch(id: i64, epoch: i16, first: i32, n: i32) -> Bytes {
+    let records: Vec<Record> = (0..n)
+        .map(|i| {
+            let mut r = record(
+                i64::from(i),
+                "k",
+                format!("{id}/{epoch}/{}", first + i).as_bytes(),
+                &[],
+            );
+            r.producer_id = id;
+            r.producer_epoch = epoch;
+            r.sequence = first + i;
+            r
+        })
+        .collect();
+    batch(&records, Compression::None)
+}
+
+async fn produce_code(c: &mut Client, records: Bytes) -> (i16, i64) {
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(name("idem"))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(records))])]);
+    let mut b = c.call(ApiKey::Produce, 9, &req).await;
+    let r = ProduceResponse::decode(&mut b, 9).expect("produce");
+    let p = &r.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_producer_s_retried_batch_is_stored_once_and_sequences_are_enforced() {
+    let node = InProcessNode::start("").await;
+    let mut c = Client::connect(&node).await;
+    metadata(&mut c, "idem").await;
+    let mut b = c
+        .call(
+            ApiKey::InitProducerId,
+            4,
+            &InitProducerIdRequest::default()
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        )
+        .await;
+    let init = InitProducerIdResponse::decode(&mut b, 4).expect("init");
+    assert_eq!(init.error_code, 0);
+    let (id, epoch) = (init.producer_id.0, init.producer_epoch);
+    assert!(id >= 0);
+
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id, epoch, 0, 3)).await,
+        (0, 0)
+    );
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id, epoch, 3, 2)).await,
+        (0, 3)
+    );
+    // The same batch again (its answer was lost): the first answer again.
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id, epoch, 3, 2)).await,
+        (0, 3)
+    );
+    let (code, records, end) = fetch(&mut c, "idem", 0, 0, 0).await;
+    assert_eq!((code, records.len(), end), (0, 5, 5), "stored once");
+    // A gap: OUT_OF_ORDER_SEQUENCE_NUMBER; a stranger: UNKNOWN_PRODUCER_ID.
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id, epoch, 9, 1))
+            .await
+            .0,
+        ResponseError::OutOfOrderSequenceNumber.code()
+    );
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id + 1000, 0, 7, 1))
+            .await
+            .0,
+        ResponseError::UnknownProducerId.code()
+    );
+    // The producer bumps its epoch (KIP-360): sequences start again and the
+    // old epoch is fenced.
+    let mut b = c
+        .call(
+            ApiKey::InitProducerId,
+            4,
+            &InitProducerIdRequest::default()
+                .with_producer_id(ProducerId(id))
+                .with_producer_epoch(epoch),
+        )
+        .await;
+    let bumped = InitProducerIdResponse::decode(&mut b, 4).expect("init");
+    assert_eq!(
+        (bumped.producer_id.0, bumped.producer_epoch),
+        (id, epoch + 1)
+    );
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id, epoch + 1, 0, 1)).await,
+        (0, 5)
+    );
+    assert_eq!(
+        produce_code(&mut c, idempotent_batch(id, epoch, 5, 1))
+            .await
+            .0,
+        ResponseError::InvalidProducerEpoch.code()
+    );
+    // A transactional id has no coordinator here.
+    let mut b = c
+        .call(
+            ApiKey::InitProducerId,
+            4,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("tx"))))
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        )
+        .await;
+    let tx = InitProducerIdResponse::decode(&mut b, 4).expect("init");
+    assert_eq!(tx.error_code, ResponseError::CoordinatorNotAvailable.code());
     node.stop().await;
 }

@@ -90,3 +90,270 @@ fn librdkafka_produces_with_every_codec_and_consumes_byte_for_byte() {
     assert_eq!(summary["consumed"], 1000);
     assert_eq!(summary["mismatched"], 0);
 }
+
+/// Runs the group scenario (three members; one killed, one leaving, one
+/// joining late) with one client-side assignor, then checks what the node
+/// itself says about the group.
+async fn group_of_librdkafka_consumers(assignor: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A short first-rebalance delay keeps the scenario quick; the rest is
+    // Kafka's defaults.
+    let node = ChildNode::start(
+        dir.path(),
+        &[("TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS", "500")],
+    );
+    let http = reqwest::Client::new();
+    let created = http
+        .post(format!("{}/v1/topics", node.url))
+        .json(&serde_json::json!({"name": "grp", "partitions": 6}))
+        .send()
+        .await
+        .expect("create topic");
+    assert!(created.status().is_success(), "{}", created.status());
+    let group = format!("g-{assignor}");
+    let args = [
+        clients_dir()
+            .join("kafka_group_check.py")
+            .to_string_lossy()
+            .into_owned(),
+        node.kafka.to_string(),
+        "grp".into(),
+        group.clone(),
+        assignor.into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(&args)
+            .output()
+            .expect("python3")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line");
+    assert_eq!(summary["produced"], 1800);
+    assert_eq!(summary["consumed_distinct"], 1800);
+    assert_eq!(summary["committed"], 1800);
+
+    // The node's own view: every member gone, nothing left to read.
+    let g: serde_json::Value = http
+        .get(format!("{}/v1/groups/{group}", node.url))
+        .send()
+        .await
+        .expect("describe")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(g["state"], "Empty", "{g}");
+    assert_eq!(g["lag"], 0, "{g}");
+    assert_eq!(g["offsets"].as_array().map(Vec::len), Some(6), "{g}");
+    let metrics = common::metrics_text(&node.url, None).await;
+    let expired = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tributary_group_sessions_expired_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(
+        expired.is_some_and(|n| n >= 1),
+        "the killed member's session ended: {expired:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+async fn a_group_of_librdkafka_consumers_with_the_range_assignor_survives_a_kill_a_leave_and_a_late_join(
+) {
+    group_of_librdkafka_consumers("range").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+async fn a_group_of_librdkafka_consumers_with_the_cooperative_sticky_assignor_survives_a_kill_a_leave_and_a_late_join(
+) {
+    group_of_librdkafka_consumers("cooperative-sticky").await;
+}
+
+#[test]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+fn an_idempotent_librdkafka_producer_across_repeated_kill_9_stores_each_acked_record_once_in_order()
+{
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The producer reconnects to the same address after every restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [("TRIBUTARY_KAFKA__LISTEN", listen.as_str())];
+    let mut node = ChildNode::start(dir.path(), &env);
+    rt.block_on(async {
+        let r = common::client()
+            .post(format!("{}/v1/topics", node.url))
+            .json(&serde_json::json!({"name": "idem", "partitions": 3}))
+            .send()
+            .await
+            .expect("create topic");
+        assert!(r.status().is_success(), "{}", r.status());
+    });
+    let producer = Command::new("python3")
+        .arg(clients_dir().join("kafka_idempotent.py"))
+        .args([&listen, "idem", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut rng = fastrand::Rng::with_seed(23);
+    let cycles = common::crash::cycles().div_ceil(2);
+    for _ in 0..cycles {
+        std::thread::sleep(std::time::Duration::from_millis(rng.u64(400..1500)));
+        node.kill9();
+        std::thread::sleep(std::time::Duration::from_millis(rng.u64(20..400)));
+        node = ChildNode::start(dir.path(), &env);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let stopped = Command::new("kill")
+        .args(["-TERM", &producer.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let out = producer.wait_with_output().expect("producer output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line");
+    assert!(summary["fatal"].is_null(), "{}", summary["fatal"]);
+    assert_eq!(summary["errors"], serde_json::json!([]), "{stdout}");
+    let acked: Vec<(u64, String)> = summary["acked"]
+        .as_array()
+        .expect("acked")
+        .iter()
+        .map(|a| {
+            (
+                a[0].as_u64().expect("partition"),
+                a[1].as_str().expect("value").to_owned(),
+            )
+        })
+        .collect();
+    assert!(acked.len() > 1000, "too few acknowledged: {}", acked.len());
+
+    // Per partition: every acknowledged value once, and all stored values in
+    // the order they were sent (each value was sent once, so no repeats).
+    let c = common::client();
+    for partition in 0..3u32 {
+        let stored: Vec<String> = rt
+            .block_on(common::read_all(&c, &node.url, "idem", partition))
+            .into_iter()
+            .map(|(_, _, v)| String::from_utf8(v).expect("utf-8"))
+            .collect();
+        let numbers: Vec<u64> = stored
+            .iter()
+            .map(|v| {
+                let (p, n) = v.split_once('-').expect("p<partition>-<n>");
+                assert_eq!(p, format!("p{partition}"), "{v} in partition {partition}");
+                n.parse().expect("n")
+            })
+            .collect();
+        let in_order = numbers.windows(2).all(|w| w[0] < w[1]);
+        assert!(
+            in_order,
+            "partition {partition}: stored twice or out of order: {:?}",
+            numbers
+                .windows(2)
+                .find(|w| w[0] >= w[1])
+                .expect("a pair out of order")
+        );
+        let have: std::collections::HashSet<&str> = stored.iter().map(String::as_str).collect();
+        let missing: Vec<&str> = acked
+            .iter()
+            .filter(|(p, _)| *p == u64::from(partition))
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !have.contains(v))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "partition {partition}: {} acknowledged records missing, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs kcat (scripts/test installs it)"]
+async fn kcat_logs_in_with_sasl_plain_as_a_device_and_its_acls_apply() {
+    const ADMIN: &str = "kcat-admin-token-0123456789abcdef";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[
+            ("TRIBUTARY_AUTH__MODE", "devices"),
+            ("TRIBUTARY_AUTH__ADMIN_TOKEN", ADMIN),
+        ],
+    );
+    let created: serde_json::Value = common::client()
+        .post(format!("{}/v1/devices", node.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"id": "gw-1", "publish": ["site/#"], "subscribe": ["site/#"]}))
+        .send()
+        .await
+        .expect("create device")
+        .json()
+        .await
+        .expect("json");
+    let token = created["token"].as_str().expect("token").to_owned();
+    let broker = node.kafka.to_string();
+    let kcat = move |topic: &str, password: &str, input: Option<&str>| {
+        let mut cmd = Command::new("kcat");
+        cmd.args(["-b", &broker, "-t", topic])
+            .args(["-X", "security.protocol=SASL_PLAINTEXT"])
+            .args(["-X", "sasl.mechanisms=PLAIN"])
+            .args(["-X", "sasl.username=gw-1"])
+            .args(["-X", &format!("sasl.password={password}")])
+            .args(["-m", "10"]);
+        match input {
+            Some(lines) => {
+                let mut p = cmd
+                    .args(["-P", "-X", "message.timeout.ms=5000"])
+                    .stdin(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("kcat");
+                p.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(lines.as_bytes())
+                    .expect("write");
+                p.wait_with_output().expect("kcat -P")
+            }
+            None => cmd
+                .args(["-C", "-o", "beginning", "-e", "-f", "%s\\n"])
+                .output()
+                .expect("kcat -C"),
+        }
+    };
+    let (k, t) = (kcat.clone(), token.clone());
+    let produced = tokio::task::spawn_blocking(move || k("site", &t, Some("a\nb\n")))
+        .await
+        .expect("join");
+    assert!(produced.status.success(), "{produced:?}");
+    let (k, t) = (kcat.clone(), token.clone());
+    let read = tokio::task::spawn_blocking(move || k("site", &t, None))
+        .await
+        .expect("join");
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "a\nb\n", "{read:?}");
+    // A wrong password is refused; a topic outside the ACL is refused.
+    let k = kcat.clone();
+    let wrong = tokio::task::spawn_blocking(move || k("site", "wrong", Some("c\n")))
+        .await
+        .expect("join");
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let (k, t) = (kcat, token);
+    let other = tokio::task::spawn_blocking(move || k("office", &t, Some("d\n")))
+        .await
+        .expect("join");
+    assert!(!other.status.success(), "{other:?}");
+}

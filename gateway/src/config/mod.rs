@@ -27,8 +27,8 @@ mod validate;
 
 pub use auth::{AuthMode, AuthSection};
 pub use protocols::{
-    AmqpSection, BridgeSection, HttpSection, KafkaSection, LimitsSection, MqttSection,
-    RouteSection, TlsSection,
+    AmqpSection, BridgeSection, GroupsSection, HttpSection, KafkaSection, LimitsSection,
+    MqttSection, RouteSection, TlsSection,
 };
 pub use storage::{DurabilityMode, StorageSection, TopicSection};
 pub use sync::{CompressionMode, SyncSection, UpstreamSection, UpstreamTopic};
@@ -70,6 +70,8 @@ pub struct Config {
     pub amqp: AmqpSection,
     /// The Kafka wire-protocol front end.
     pub kafka: KafkaSection,
+    /// Consumer groups (Kafka's group protocol).
+    pub groups: GroupsSection,
     /// Topics declared up front (created at start if missing).
     pub topics: Vec<TopicSection>,
     /// Who may connect: anonymous access or device credentials.
@@ -94,6 +96,7 @@ impl Default for Config {
             mqtt: MqttSection::default(),
             amqp: AmqpSection::default(),
             kafka: KafkaSection::default(),
+            groups: GroupsSection::default(),
             topics: Vec::new(),
             auth: AuthSection::default(),
             tls: TlsSection::default(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tributary_amqp::bridge::{BridgeConfig, Direction};
 use tributary_amqp::AmqpConfig;
+use tributary_groups::GroupsConfig;
 use tributary_http::HttpConfig;
 use tributary_kafka::KafkaConfig;
 use tributary_mqtt::shared::Policy as SharedPolicy;
@@ -220,6 +221,35 @@ impl Default for KafkaSection {
     }
 }
 
+/// `[groups]`: the consumer-group coordinator (Kafka's group protocol).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GroupsSection {
+    /// An empty group's first rebalance waits this long for more members.
+    pub initial_rebalance_delay_ms: u64,
+    /// Shortest session timeout a member may ask for.
+    pub min_session_timeout_ms: u64,
+    /// Longest session timeout a member may ask for.
+    pub max_session_timeout_ms: u64,
+    /// Members across every group of the node.
+    pub max_members: usize,
+    /// Subscription and assignment bytes held for members, across the node.
+    pub max_state_bytes: usize,
+}
+
+impl Default for GroupsSection {
+    fn default() -> Self {
+        let d = GroupsConfig::default();
+        GroupsSection {
+            initial_rebalance_delay_ms: d.initial_rebalance_delay.as_millis() as u64,
+            min_session_timeout_ms: d.min_session_timeout.as_millis() as u64,
+            max_session_timeout_ms: d.max_session_timeout.as_millis() as u64,
+            max_members: d.max_members,
+            max_state_bytes: d.max_state_bytes,
+        }
+    }
+}
+
 /// `[[amqp.bridges]]`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BridgeSection {
@@ -384,6 +414,18 @@ impl Config {
             max_in_flight: k.max_in_flight,
             max_fetch_wait_ms: k.max_fetch_wait_ms,
             max_fetch_bytes: k.max_fetch_bytes,
+        }
+    }
+
+    /// The group coordinator's settings.
+    pub fn groups_config(&self) -> GroupsConfig {
+        let g = &self.groups;
+        GroupsConfig {
+            initial_rebalance_delay: Duration::from_millis(g.initial_rebalance_delay_ms),
+            min_session_timeout: Duration::from_millis(g.min_session_timeout_ms),
+            max_session_timeout: Duration::from_millis(g.max_session_timeout_ms),
+            max_members: g.max_members,
+            max_state_bytes: g.max_state_bytes,
         }
     }
 

@@ -54,6 +54,9 @@ pub struct StorageSection {
     pub min_free_bytes: u64,
     /// `on_full` of auto-created topics: `reject` or `drop_oldest`.
     pub default_on_full: OnFull,
+    /// Idempotent producers' states kept (one per producer and partition);
+    /// the least recently used are forgotten past it.
+    pub max_producer_states: usize,
 }
 
 impl Default for StorageSection {
@@ -66,6 +69,7 @@ impl Default for StorageSection {
             cache_capacity_bytes: sled.cache_capacity,
             segment_size_bytes: sled.segment_size,
             max_pending_bytes: log.max_pending_bytes,
+            max_producer_states: log.max_producer_states,
             retention_check_ms: log.retention_interval.as_millis() as u64,
             auto_create_topics: None,
             default_partitions: log.topic_defaults.partitions,
@@ -133,6 +137,7 @@ impl Config {
                 }
             },
             max_pending_bytes: s.max_pending_bytes,
+            max_producer_states: s.max_producer_states,
             retention_interval: Duration::from_millis(s.retention_check_ms),
             auto_create_topics: s.auto_create_topics.unwrap_or(mode == Mode::Edge),
             topic_defaults: self.topic_defaults(),

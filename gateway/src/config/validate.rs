@@ -38,6 +38,9 @@ impl Config {
         if s.retention_check_ms == 0 {
             errors.push("`storage.retention_check_ms` must be positive".into());
         }
+        if s.max_producer_states == 0 {
+            errors.push("`storage.max_producer_states` must be positive".into());
+        }
         if let Err(e) = self.topic_defaults().config("defaults").validate() {
             errors.push(format!("`storage` topic defaults: {e}"));
         }
@@ -100,6 +103,22 @@ impl Config {
                 "`kafka.max_request_bytes` must be 1024..=1073741824, got {}",
                 k.max_request_bytes
             ));
+        }
+        let g = &self.groups;
+        if g.min_session_timeout_ms == 0 || g.min_session_timeout_ms > g.max_session_timeout_ms {
+            errors.push(format!(
+                "`groups.min_session_timeout_ms` must be positive and at most \
+                 `groups.max_session_timeout_ms`, got {} and {}",
+                g.min_session_timeout_ms, g.max_session_timeout_ms
+            ));
+        }
+        for (key, v) in [
+            ("groups.max_members", g.max_members as u64),
+            ("groups.max_state_bytes", g.max_state_bytes as u64),
+        ] {
+            if v == 0 {
+                errors.push(format!("`{key}` must be positive"));
+            }
         }
         let a = &self.amqp;
         if a.enabled {

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use tributary_groups::{Coordinator, GroupsConfig};
 
 use tokio_util::sync::CancellationToken;
 use tributary_devices::auth;
@@ -43,12 +44,27 @@ pub struct FrontendContext {
     pub stats: StatsSections,
     /// Bytes buffered from peers, across every connection and protocol.
     pub budget: budget::MemoryBudget,
+    /// Consumer groups: membership and committed offsets.
+    pub groups: Coordinator,
 }
 
 impl FrontendContext {
-    /// A context with anonymous access and no extra metrics.
+    /// A context with anonymous access and no extra metrics; its group
+    /// coordinator runs on the current runtime.
     pub fn new(log: Log, shutdown: CancellationToken, mode: &'static str) -> Self {
+        Self::with_groups(log, shutdown, mode, GroupsConfig::default())
+    }
+
+    /// [`Self::new`] with group coordinator settings.
+    pub fn with_groups(
+        log: Log,
+        shutdown: CancellationToken,
+        mode: &'static str,
+        groups: GroupsConfig,
+    ) -> Self {
+        let groups = Coordinator::start(log.clone(), groups, shutdown.clone());
         FrontendContext {
+            groups,
             log,
             shutdown,
             mode,

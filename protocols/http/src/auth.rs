@@ -50,7 +50,7 @@ fn websocket_route(path: &str) -> bool {
 /// not covered by leading wildcards, so `#` grants no group: devices need
 /// an explicit `$groups/...` subscribe pattern.
 pub(crate) fn group_subject(group: &str) -> String {
-    format!("$groups/{group}")
+    tributary_ingest::mapping::group_subject(group)
 }
 
 fn refusal(r: Refusal) -> ApiError {

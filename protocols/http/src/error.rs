@@ -87,6 +87,10 @@ impl From<&LogError> for ApiError {
             LogError::QuotaExceeded { .. } => (StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded"),
             LogError::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
             LogError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            // Only Kafka's idempotent producers send sequences.
+            LogError::OutOfOrderSequence { .. }
+            | LogError::ProducerFenced { .. }
+            | LogError::UnknownProducer { .. } => (StatusCode::CONFLICT, "producer_sequence"),
             LogError::Engine(_) | LogError::Io(_) => {
                 tracing::error!(error = %e, "storage error while serving a request");
                 return ApiError::new(

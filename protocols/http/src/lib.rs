@@ -36,7 +36,7 @@ use axum::routing::get;
 
 /// The router type other front ends hand to [`serve()`] (MQTT over WebSockets).
 pub use axum::Router;
-use groups::{commit_offsets, group_offsets};
+use groups::{commit_offsets, describe_group, group_offsets, list_groups};
 use status::{health, index, metrics_text, openapi, stats};
 use topics::{create_topic, describe_topic, fetch, list_topics, produce};
 
@@ -98,6 +98,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/topics/{topic}/live"),
     ("GET", "/v1/stats"),
     ("GET", "/v1/topics/{topic}/partitions/{partition}/records"),
+    ("GET", "/v1/groups"),
+    ("GET", "/v1/groups/{group}"),
     ("GET", "/v1/groups/{group}/offsets"),
     ("POST", "/v1/groups/{group}/offsets"),
     ("GET", "/mqtt"),
@@ -174,6 +176,8 @@ pub fn router(
             "/v1/topics/{topic}/partitions/{partition}/records",
             get(fetch),
         )
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/groups/{group}", get(describe_group))
         .route(
             "/v1/groups/{group}/offsets",
             get(group_offsets).post(commit_offsets),

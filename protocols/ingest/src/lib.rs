@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use tributary_storage::{AppendRecord, Error as LogError, Log, Position};
+use tokio::sync::oneshot;
+use tributary_storage::{
+    AppendOptions, AppendRecord, Error as LogError, Log, Position, ProducerBatch,
+};
 
 /// Why the log refused records, in the terms every protocol must tell its
 /// client about.
@@ -146,8 +149,16 @@ pub async fn append<T>(log: &Log, batch: Batch<T>) -> Vec<(T, Outcome)> {
         let result = append_topic(log, &topic, records).await;
         (tags, result)
     });
-    let mut outcomes = Vec::with_capacity(batch.count);
-    for (tags, result) in futures_util::future::join_all(appends).await {
+    per_record(futures_util::future::join_all(appends).await, batch.count)
+}
+
+/// One topic's records (their tags) and the log's answer for them.
+type TopicAnswer<T> = (Vec<T>, Result<Vec<Position>, Refused>);
+
+/// Each topic's answer spread over its records, in order.
+fn per_record<T>(topics: Vec<TopicAnswer<T>>, count: usize) -> Vec<(T, Outcome)> {
+    let mut outcomes = Vec::with_capacity(count);
+    for (tags, result) in topics {
         match result {
             Ok(positions) => {
                 let mut positions = positions.into_iter();
@@ -166,13 +177,123 @@ pub async fn append<T>(log: &Log, batch: Batch<T>) -> Vec<(T, Outcome)> {
     outcomes
 }
 
+/// A client's place in the order of its appends: taken when its request is
+/// read ([`Turn::next`]), so requests a client pipelines are written in the
+/// order it sent them even though they are handled at once.
+#[derive(Debug, Default)]
+pub struct Turn {
+    after: Option<oneshot::Receiver<()>>,
+    then: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// The turn after the one `last` was handed to; `last` keeps what the
+    /// next turn waits for.
+    pub fn next(last: &mut Option<oneshot::Receiver<()>>) -> Turn {
+        let (then, next) = oneshot::channel();
+        Turn {
+            after: last.replace(next),
+            then: Some(then),
+        }
+    }
+}
+
+/// One idempotent producer's records for one partition of a topic.
+#[derive(Debug)]
+pub struct Sequenced<T> {
+    /// The caller's tag.
+    pub tag: T,
+    /// The topic.
+    pub topic: String,
+    /// Who sent them and their first sequence number.
+    pub producer: ProducerBatch,
+    /// The records, every one naming the partition.
+    pub records: Vec<AppendRecord>,
+}
+
+/// [`append`] in the client's turn, with idempotent producers' batches
+/// beside: once the client's earlier request is queued, every topic's
+/// records and every sequenced batch are queued at once, then the next
+/// request's turn comes. A sequenced batch the log already holds answers
+/// with the positions it got then; one out of sequence or fenced is refused
+/// with the log's error.
+pub async fn append_in_turn<T, S>(
+    log: &Log,
+    batch: Batch<T>,
+    sequenced: Vec<Sequenced<S>>,
+    turn: Turn,
+) -> (Vec<(T, Outcome)>, Vec<(S, Result<Vec<Position>, Refused>)>) {
+    let Turn { after, then } = turn;
+    if let Some(after) = after {
+        let _ = after.await;
+    }
+    let mut queued = Vec::new();
+    let mut hook = || {
+        let (tx, rx) = oneshot::channel();
+        queued.push(rx);
+        AppendOptions {
+            queued: Some(tx),
+            ..AppendOptions::default()
+        }
+    };
+    let plain: Vec<_> = batch
+        .topics
+        .into_iter()
+        .map(|(topic, items)| {
+            let options = hook();
+            async move {
+                let (tags, records): (Vec<T>, Vec<AppendRecord>) = items.into_iter().unzip();
+                (tags, append_topic_with(log, &topic, records, options).await)
+            }
+        })
+        .collect();
+    let sequenced: Vec<_> = sequenced
+        .into_iter()
+        .map(|s| {
+            let options = AppendOptions {
+                producer: Some(s.producer),
+                ..hook()
+            };
+            async move {
+                (
+                    s.tag,
+                    append_topic_with(log, &s.topic, s.records, options).await,
+                )
+            }
+        })
+        .collect();
+    let release = async move {
+        for rx in queued {
+            let _ = rx.await;
+        }
+        drop(then);
+    };
+    let (plain, sequenced, ()) = futures_util::future::join3(
+        futures_util::future::join_all(plain),
+        futures_util::future::join_all(sequenced),
+        release,
+    )
+    .await;
+    (per_record(plain, batch.count), sequenced)
+}
+
 /// Appends one topic's records, all or none: their positions, in order.
 pub async fn append_topic(
     log: &Log,
     topic: &str,
     records: Vec<AppendRecord>,
 ) -> Result<Vec<Position>, Refused> {
-    log.append(topic, records).await.map_err(|e| {
+    append_topic_with(log, topic, records, AppendOptions::default()).await
+}
+
+/// [`append_topic`] with the log's [`AppendOptions`].
+pub async fn append_topic_with(
+    log: &Log,
+    topic: &str,
+    records: Vec<AppendRecord>,
+    options: AppendOptions,
+) -> Result<Vec<Position>, Refused> {
+    log.append_with(topic, records, options).await.map_err(|e| {
         let refused = Refused::new(e);
         if refused.rejection == Rejection::Unwritable {
             tracing::warn!(%topic, error = %refused, "records were not stored");

@@ -140,6 +140,12 @@ fn claimed_topics<'a>(
         .filter(move |c| c != plain)
 }
 
+/// The ACL subject a consumer group is authorized under (subscribe on it):
+/// the same for every protocol that has groups.
+pub fn group_subject(group: &str) -> String {
+    format!("$groups/{group}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,15 +21,19 @@ use kafka_protocol::records::{
     Compression, Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder,
     RecordEncodeOptions, TimestampType,
 };
-use tributary_storage::{AppendRecord, Event, Record};
+use tributary_storage::{AppendRecord, Event, ProducerBatch, Record};
 
 use crate::Error;
 
 /// A produce batch may decompress to this much at most.
 pub const MAX_DECOMPRESSED: usize = 32 << 20;
 
-/// The events of one partition's produce payload, in order.
-pub fn events_of(records: &Bytes, partition: u32) -> Result<Vec<AppendRecord>, Error> {
+/// The events of one partition's produce payload, in order, and the
+/// idempotent producer that sent them (one batch only, as Kafka requires).
+pub fn events_of(
+    records: &Bytes,
+    partition: u32,
+) -> Result<(Vec<AppendRecord>, Option<ProducerBatch>), Error> {
     let infos = RecordBatchDecoder::decode_batch_info(&mut records.clone())
         .map_err(|e| Error::CorruptBatch(e.to_string()))?;
     if infos.is_empty() && !records.is_empty() {
@@ -40,6 +44,19 @@ pub fn events_of(records: &Bytes, partition: u32) -> Result<Vec<AppendRecord>, E
     if infos.iter().any(|i| i.transactional || i.control) {
         return Err(Error::Transactional);
     }
+    let producer = match infos.as_slice() {
+        [one] if one.producer_id >= 0 => Some(ProducerBatch {
+            producer_id: one.producer_id,
+            epoch: one.producer_epoch,
+            first_sequence: one.base_sequence,
+        }),
+        many if many.iter().any(|i| i.producer_id >= 0) => {
+            return Err(Error::CorruptBatch(
+                "an idempotent producer sends one batch per partition".to_owned(),
+            ))
+        }
+        _ => None,
+    };
     let mut out = Vec::new();
     let mut buf = records.clone();
     while buf.has_remaining() {
@@ -53,7 +70,7 @@ pub fn events_of(records: &Bytes, partition: u32) -> Result<Vec<AppendRecord>, E
             event: event_of(r),
         }));
     }
-    Ok(out)
+    Ok((out, producer))
 }
 
 fn event_of(r: KafkaRecord) -> Event {

@@ -4,16 +4,18 @@
 //! the order they came, as the protocol requires.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tributary_devices::auth::{self, Credentials, Identity};
+use tributary_devices::auth::{Credentials, Identity};
 use tributary_frontend::budget::Reserved;
 use tributary_frontend::tls::MaybeTls;
 use tributary_frontend::Peer;
+use tributary_ingest as ingest;
 
 use crate::{handlers, Refusal, Server};
 
@@ -24,10 +26,21 @@ const BUDGET_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) server: Arc<Server>,
-    /// Who is connected (anonymous, or the device a client certificate names).
-    pub(crate) who: Identity,
+    /// Who is connected (anonymous, the device a client certificate names,
+    /// or the one SASL PLAIN logged in); `None` until SASL succeeds when the
+    /// node requires credentials.
+    pub(crate) who: Mutex<Option<Identity>>,
+    /// SASL: PLAIN was chosen with SaslHandshake.
+    pub(crate) plain: AtomicBool,
+    /// SASL: a v0 handshake chose PLAIN, so the next frame is the bare
+    /// PLAIN token, not a Kafka request.
+    pub(crate) bare_token: AtomicBool,
+    /// SASL failed: the connection closes once its answer is sent.
+    pub(crate) closing: AtomicBool,
     /// The address the client reached us at: what Metadata advertises.
     pub(crate) local: Option<SocketAddr>,
+    /// The client's address (DescribeGroups names it).
+    pub(crate) peer: Option<SocketAddr>,
 }
 
 /// Serves one connection until the client leaves, a request is refused, or
@@ -43,19 +56,18 @@ pub(crate) async fn run(server: Arc<Server>, stream: MaybeTls, peer: Peer) {
         certificate: peer.certificate.as_deref(),
         ..Credentials::default()
     };
-    // SASL is not served yet: a node that requires credentials admits only
-    // clients a verified certificate names.
-    let who = match auth::login(&*server.cx.auth, &creds).await {
-        Ok(who) => who,
-        Err(_) => {
-            server.metrics.refuse(Refusal::NotAuthorized);
-            return;
-        }
-    };
+    // Anonymous access or a verified client certificate logs in now; else
+    // the client must log in with SASL PLAIN before anything but
+    // ApiVersions and SASL (no login delay here: nothing was guessed).
+    let who = server.cx.auth.authenticate(&creds).ok();
     let session = Arc::new(Session {
         server: server.clone(),
-        who,
+        who: Mutex::new(who),
+        plain: AtomicBool::new(false),
+        bare_token: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
         local,
+        peer: peer.addr,
     });
     let (mut rd, mut wr) = tokio::io::split(stream);
     let shutdown = server.cx.shutdown.clone();
@@ -63,13 +75,25 @@ pub(crate) async fn run(server: Arc<Server>, stream: MaybeTls, peer: Peer) {
     let mut buf = BytesMut::with_capacity(4096);
     let mut held = Reserved::none();
     let mut pending = FuturesOrdered::new();
+    let mut last_produce = None;
+    let mut alone = false;
     let mut reading = true;
     loop {
-        // Whole requests already read go to the queue first.
-        while reading && pending.len() < max_in_flight {
+        // Whole requests already read go to the queue first. A SASL request
+        // is handled alone: nothing after it starts before its answer, so
+        // requests that follow a login run as the one logged in.
+        while reading && pending.len() < max_in_flight && !alone {
             match next_request(&mut buf, &mut held, &server).await {
                 Ok(Some((frame, reserved))) => {
-                    pending.push_back(handlers::handle(session.clone(), frame, reserved));
+                    alone = is_sasl(&frame) || session.bare_token.load(Relaxed);
+                    // A produce takes its turn now, as it is read: its records
+                    // are queued after the ones of produces read before it.
+                    let turn = if frame.starts_with(&[0, 0]) {
+                        ingest::Turn::next(&mut last_produce)
+                    } else {
+                        ingest::Turn::default()
+                    };
+                    pending.push_back(handlers::handle(session.clone(), frame, reserved, turn));
                 }
                 Ok(None) => break,
                 Err(why) => {
@@ -80,7 +104,7 @@ pub(crate) async fn run(server: Arc<Server>, stream: MaybeTls, peer: Peer) {
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            read = rd.read_buf(&mut buf), if reading && pending.len() < max_in_flight => {
+            read = rd.read_buf(&mut buf), if reading && pending.len() < max_in_flight && !alone => {
                 match read {
                     Ok(0) | Err(_) => reading = false,
                     Ok(_) => {}
@@ -89,7 +113,9 @@ pub(crate) async fn run(server: Arc<Server>, stream: MaybeTls, peer: Peer) {
             answer = pending.next(), if !pending.is_empty() => {
                 match answer {
                     Some(Ok(Some(bytes))) => {
-                        if wr.write_all(&bytes).await.is_err() {
+                        if wr.write_all(&bytes).await.is_err()
+                            || session.closing.load(Relaxed)
+                        {
                             return;
                         }
                     }
@@ -104,6 +130,38 @@ pub(crate) async fn run(server: Arc<Server>, stream: MaybeTls, peer: Peer) {
             }
             else => return,
         }
+        if pending.is_empty() {
+            alone = false;
+        }
+    }
+}
+
+/// SaslHandshake (17) or SaslAuthenticate (36).
+fn is_sasl(frame: &[u8]) -> bool {
+    frame.starts_with(&[0, 17]) || frame.starts_with(&[0, 36])
+}
+
+impl Session {
+    /// Who is logged in; checked by [`crate::handlers::handle`] before any
+    /// request but ApiVersions and SASL, so `None` does not reach here but
+    /// would authorize nothing.
+    pub(crate) fn who(&self) -> Identity {
+        self.who
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| Identity {
+                id: String::new(),
+                credential: 0,
+            })
+    }
+
+    /// Whether someone is logged in.
+    pub(crate) fn logged_in(&self) -> bool {
+        self.who
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 }
 

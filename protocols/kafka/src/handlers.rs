@@ -16,9 +16,13 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse,
-    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, DeleteGroupsRequest,
+    DescribeGroupsRequest, FetchRequest, FetchResponse, FindCoordinatorRequest, HeartbeatRequest,
+    InitProducerIdRequest, InitProducerIdResponse, JoinGroupRequest, LeaveGroupRequest,
+    ListGroupsRequest, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, ProduceResponse, ProducerId,
+    RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest, SyncGroupRequest,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use kafka_protocol::ResponseError;
@@ -29,10 +33,10 @@ use tributary_ingest::{self as ingest, Rejection};
 use tributary_storage::{Error as LogError, TopicInfo};
 
 use crate::conn::Session;
-use crate::{codec, versions, Api, Error, Refusal};
+use crate::{codec, groups, sasl, versions, Api, Error, Refusal};
 
 /// This node's id in every Metadata answer (a single broker).
-const NODE_ID: i32 = 1;
+pub(crate) const NODE_ID: i32 = 1;
 
 /// A request read off the wire, decoded at its version.
 #[derive(Debug)]
@@ -49,6 +53,32 @@ pub enum Request {
     Fetch(FetchRequest),
     /// ListOffsets.
     ListOffsets(ListOffsetsRequest),
+    /// FindCoordinator.
+    FindCoordinator(FindCoordinatorRequest),
+    /// JoinGroup.
+    JoinGroup(JoinGroupRequest),
+    /// SyncGroup.
+    SyncGroup(SyncGroupRequest),
+    /// Heartbeat.
+    Heartbeat(HeartbeatRequest),
+    /// LeaveGroup.
+    LeaveGroup(LeaveGroupRequest),
+    /// OffsetCommit.
+    OffsetCommit(OffsetCommitRequest),
+    /// OffsetFetch.
+    OffsetFetch(OffsetFetchRequest),
+    /// ListGroups.
+    ListGroups(ListGroupsRequest),
+    /// DescribeGroups.
+    DescribeGroups(DescribeGroupsRequest),
+    /// DeleteGroups.
+    DeleteGroups(DeleteGroupsRequest),
+    /// InitProducerId.
+    InitProducerId(InitProducerIdRequest),
+    /// SaslHandshake.
+    SaslHandshake(SaslHandshakeRequest),
+    /// SaslAuthenticate.
+    SaslAuthenticate(SaslAuthenticateRequest),
 }
 
 /// A decoded request with what its answer needs.
@@ -60,6 +90,8 @@ pub struct Parsed {
     pub version: i16,
     /// The correlation id the answer repeats.
     pub correlation: i32,
+    /// The client's id from the request header (`""` when absent).
+    pub client_id: String,
     /// The body.
     pub request: Request,
 }
@@ -75,14 +107,14 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
     let version = i16::from_be_bytes([frame[2], frame[3]]);
     let correlation = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
     let api = ApiKey::try_from(key).map_err(|()| (Refusal::UnknownApiKey, None))?;
-    let parsed = |request| Parsed {
-        api,
-        version,
-        correlation,
-        request,
-    };
     if api == ApiKey::ApiVersions && versions::served(api, version) != Some(true) {
-        return Ok(parsed(Request::NewerApiVersions));
+        return Ok(Parsed {
+            api,
+            version,
+            correlation,
+            client_id: String::new(),
+            request: Request::NewerApiVersions,
+        });
     }
     match versions::served(api, version) {
         None => return Err((Refusal::UnsupportedApi, None)),
@@ -95,7 +127,21 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
             Some(Error::Malformed(e.to_string())),
         )
     };
-    RequestHeader::decode(&mut frame, api.request_header_version(version)).map_err(malformed)?;
+    let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
+        .map_err(malformed)?;
+    let client_id = header.client_id.map(|c| c.to_string()).unwrap_or_default();
+    let parsed = |request| Parsed {
+        api,
+        version,
+        correlation,
+        client_id,
+        request,
+    };
+    macro_rules! body {
+        ($variant:ident, $ty:ty) => {
+            Request::$variant(<$ty>::decode(&mut frame, version).map_err(malformed)?)
+        };
+    }
     let request = match api {
         ApiKey::ApiVersions => Request::ApiVersions(
             ApiVersionsRequest::decode(&mut frame, version).map_err(malformed)?,
@@ -112,6 +158,19 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::ListOffsets => Request::ListOffsets(
             ListOffsetsRequest::decode(&mut frame, version).map_err(malformed)?,
         ),
+        ApiKey::FindCoordinator => body!(FindCoordinator, FindCoordinatorRequest),
+        ApiKey::JoinGroup => body!(JoinGroup, JoinGroupRequest),
+        ApiKey::SyncGroup => body!(SyncGroup, SyncGroupRequest),
+        ApiKey::Heartbeat => body!(Heartbeat, HeartbeatRequest),
+        ApiKey::LeaveGroup => body!(LeaveGroup, LeaveGroupRequest),
+        ApiKey::OffsetCommit => body!(OffsetCommit, OffsetCommitRequest),
+        ApiKey::OffsetFetch => body!(OffsetFetch, OffsetFetchRequest),
+        ApiKey::ListGroups => body!(ListGroups, ListGroupsRequest),
+        ApiKey::DescribeGroups => body!(DescribeGroups, DescribeGroupsRequest),
+        ApiKey::DeleteGroups => body!(DeleteGroups, DeleteGroupsRequest),
+        ApiKey::InitProducerId => body!(InitProducerId, InitProducerIdRequest),
+        ApiKey::SaslHandshake => body!(SaslHandshake, SaslHandshakeRequest),
+        ApiKey::SaslAuthenticate => body!(SaslAuthenticate, SaslAuthenticateRequest),
         _ => return Err((Refusal::UnsupportedApi, None)),
     };
     Ok(parsed(request))
@@ -123,11 +182,16 @@ pub(crate) async fn handle(
     s: Arc<Session>,
     frame: Bytes,
     _held: Reserved,
+    turn: ingest::Turn,
 ) -> Result<Option<BytesMut>, Refusal> {
+    if s.bare_token.swap(false, Relaxed) {
+        return sasl::bare_token(&s, &frame).await.map(Some);
+    }
     let Parsed {
         api,
         version,
         correlation,
+        client_id,
         request,
     } = parse(frame).map_err(|(why, detail)| {
         if let Some(detail) = detail {
@@ -139,6 +203,14 @@ pub(crate) async fn handle(
         }
     })?;
     let header = api.response_header_version(version);
+    let open = matches!(
+        api,
+        ApiKey::ApiVersions | ApiKey::SaslHandshake | ApiKey::SaslAuthenticate
+    );
+    if !open && !s.logged_in() {
+        // Kafka closes a connection that skips its SASL login.
+        return Err(Refusal::NotAuthorized);
+    }
     match request {
         Request::NewerApiVersions => {
             // KIP-511: a newer ApiVersions than ours gets our ranges at v0,
@@ -163,7 +235,7 @@ pub(crate) async fn handle(
             s.server.metrics.request(Api::Produce);
             let started = Instant::now();
             let acks = req.acks;
-            let answer = produce(&s, req).await;
+            let answer = produce(&s, req, turn).await;
             if acks == 0 {
                 return Ok(None);
             }
@@ -179,6 +251,67 @@ pub(crate) async fn handle(
             s.server.metrics.request(Api::Other);
             let answer = list_offsets(&s, req).await;
             respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::SaslHandshake(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = sasl::handshake(&s, req, version);
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::SaslAuthenticate(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = sasl::authenticate(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::InitProducerId(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = init_producer_id(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        group_request => {
+            s.server.metrics.request(Api::Group);
+            match group_request {
+                Request::FindCoordinator(req) => {
+                    let a = groups::find_coordinator(&s, req, version);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::JoinGroup(req) => {
+                    let a = groups::join_group(&s, req, version, &client_id).await;
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::SyncGroup(req) => {
+                    let a = groups::sync_group(&s, req, version).await;
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::Heartbeat(req) => {
+                    let a = groups::heartbeat(&s, req);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::LeaveGroup(req) => {
+                    let a = groups::leave_group(&s, req, version);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::OffsetCommit(req) => {
+                    let a = groups::offset_commit(&s, req).await;
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::OffsetFetch(req) => {
+                    let a = groups::offset_fetch(&s, req, version);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::ListGroups(req) => {
+                    let a = groups::list_groups(&s, req, version);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::DescribeGroups(req) => {
+                    let a = groups::describe_groups(&s, req, version);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::DeleteGroups(req) => {
+                    let a = groups::delete_groups(&s, req).await;
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                _ => Err(Refusal::UnsupportedApi),
+            }
         }
     }
 }
@@ -241,7 +374,7 @@ async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataRe
     match wanted {
         None => {
             for t in log.topics() {
-                if auth.may_see(&s.who, &t.config.name) {
+                if auth.may_see(&s.who(), &t.config.name) {
                     topics.push(topic_metadata(&t));
                 }
             }
@@ -278,13 +411,13 @@ async fn named_topic(s: &Session, name: &str, create: bool) -> MetadataResponseT
             .with_name(Some(topic_name(name)))
             .with_error_code(code)
     };
-    if !auth.may_see(&s.who, name) {
+    if !auth.may_see(&s.who(), name) {
         return failed(ResponseError::TopicAuthorizationFailed.code());
     }
     match log.topic(name) {
         Ok(t) => topic_metadata(&t),
         Err(LogError::UnknownTopic(_)) if create => {
-            if !auth.authorize(&s.who, Action::Publish, name).allowed() {
+            if !auth.authorize(&s.who(), Action::Publish, name).allowed() {
                 return failed(ResponseError::UnknownTopicOrPartition.code());
             }
             let config = log.config().topic_defaults.config(name);
@@ -326,9 +459,42 @@ fn topic_metadata(t: &TopicInfo) -> MetadataResponseTopic {
         )
 }
 
+/// InitProducerId for an idempotent producer: a new producer id (unique on
+/// this node, also across restarts), or the same id with the next epoch when
+/// the producer asks to bump its own (KIP-360, v3+: its sequences start
+/// again). Transactional ids are not served: their coordinator is not
+/// available.
+async fn init_producer_id(s: &Session, req: InitProducerIdRequest) -> InitProducerIdResponse {
+    let failed = |e: ResponseError| {
+        InitProducerIdResponse::default()
+            .with_error_code(e.code())
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1)
+    };
+    if req.transactional_id.as_ref().is_some_and(|t| !t.is_empty()) {
+        return failed(ResponseError::CoordinatorNotAvailable);
+    }
+    if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {
+        return InitProducerIdResponse::default()
+            .with_producer_id(req.producer_id)
+            .with_producer_epoch(req.producer_epoch + 1);
+    }
+    match s.server.cx.log.allocate_producer_id().await {
+        Ok(id) => InitProducerIdResponse::default()
+            .with_producer_id(ProducerId(id))
+            .with_producer_epoch(0),
+        Err(e) => {
+            s.server
+                .metrics
+                .refuse_with(Refusal::Log(Rejection::of(&e)), &e);
+            failed(ResponseError::CoordinatorNotAvailable)
+        }
+    }
+}
+
 /// Host and port Metadata names: `kafka.advertised_host` or the address the
 /// client reached, and the port it reached.
-fn advertised(s: &Session) -> (String, i32) {
+pub(crate) fn advertised(s: &Session) -> (String, i32) {
     let port = s.local.map_or(9092, |a| i32::from(a.port()));
     let host = match (&s.server.config.advertised_host, s.local) {
         (Some(h), _) => h.clone(),
@@ -338,13 +504,14 @@ fn advertised(s: &Session) -> (String, i32) {
     (host, port)
 }
 
-async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
+async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> ProduceResponse {
     let log = &s.server.cx.log;
     let auth = &*s.server.cx.auth;
     // (topic, partition) → its answer; records of accepted partitions go
     // into one append through the one write path.
     let mut answers: Vec<(String, Vec<PartitionProduceResponse>)> = Vec::new();
     let mut batch = ingest::Batch::default();
+    let mut sequenced = Vec::new();
     for (ti, topic) in req.topic_data.into_iter().enumerate() {
         let name = topic.name.0.to_string();
         let known = log.topic(&name).ok();
@@ -368,8 +535,8 @@ async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
                 continue;
             }
             let records = p.records.unwrap_or_default();
-            let events = match codec::events_of(&records, partition) {
-                Ok(events) => events,
+            let (events, producer) = match codec::events_of(&records, partition) {
+                Ok(decoded) => decoded,
                 Err(e) => {
                     let (why, code) = match e {
                         Error::BatchTooLarge => (
@@ -390,7 +557,7 @@ async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
             let allowed = events.iter().all(|r| {
                 all_publish_subjects(&name, r.event.key.as_deref(), &r.event.headers)
                     .iter()
-                    .all(|subject| auth.authorize(&s.who, Action::Publish, subject).allowed())
+                    .all(|subject| auth.authorize(&s.who(), Action::Publish, subject).allowed())
             });
             if !allowed {
                 s.server.metrics.refuse(Refusal::NotAuthorized);
@@ -401,8 +568,18 @@ async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
                 partitions.push(refuse(0));
                 continue;
             }
-            for event in events {
-                batch.push(&name, (ti, pi), event);
+            match producer {
+                Some(producer) => sequenced.push(ingest::Sequenced {
+                    tag: (ti, pi),
+                    topic: name.clone(),
+                    producer,
+                    records: events,
+                }),
+                None => {
+                    for event in events {
+                        batch.push(&name, (ti, pi), event);
+                    }
+                }
             }
             // Filled in once the append has answered.
             partitions.push(refuse(0));
@@ -410,9 +587,10 @@ async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
         answers.push((name, partitions));
     }
     // First outcome per (topic, partition): its base offset or its refusal.
-    let mut outcome: BTreeMap<(usize, usize), Result<u64, Rejection>> = BTreeMap::new();
+    let mut outcome: BTreeMap<(usize, usize), Result<u64, i16>> = BTreeMap::new();
     let mut stored = 0u64;
-    for ((ti, pi), result) in ingest::append(log, batch).await {
+    let (plain, sequenced) = ingest::append_in_turn(log, batch, sequenced, turn).await;
+    for ((ti, pi), result) in plain {
         match result {
             Ok(position) => {
                 stored += 1;
@@ -420,7 +598,38 @@ async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
             }
             Err(refused) => {
                 s.server.metrics.refuse(Refusal::Log(refused.rejection));
-                outcome.insert((ti, pi), Err(refused.rejection));
+                outcome.insert((ti, pi), Err(error_code(refused.rejection)));
+            }
+        }
+    }
+    for ((ti, pi), result) in sequenced {
+        match result {
+            Ok(positions) => {
+                stored += positions.len() as u64;
+                if let Some(first) = positions.first() {
+                    outcome.insert((ti, pi), Ok(first.offset));
+                }
+            }
+            Err(refused) => {
+                let sequence = match &*refused.error {
+                    LogError::OutOfOrderSequence { .. } => {
+                        Some(ResponseError::OutOfOrderSequenceNumber)
+                    }
+                    LogError::ProducerFenced { .. } => Some(ResponseError::InvalidProducerEpoch),
+                    LogError::UnknownProducer { .. } => Some(ResponseError::UnknownProducerId),
+                    _ => None,
+                };
+                let code = match sequence {
+                    Some(e) => {
+                        s.server.metrics.refuse_with(Refusal::Sequence, &refused);
+                        e.code()
+                    }
+                    None => {
+                        s.server.metrics.refuse(Refusal::Log(refused.rejection));
+                        error_code(refused.rejection)
+                    }
+                };
+                outcome.insert((ti, pi), Err(code));
             }
         }
     }
@@ -435,7 +644,7 @@ async fn produce(s: &Session, req: ProduceRequest) -> ProduceResponse {
                 .map(|(pi, mut p)| {
                     match outcome.get(&(ti, pi)) {
                         Some(Ok(base)) => p.base_offset = *base as i64,
-                        Some(Err(r)) => p.error_code = error_code(*r),
+                        Some(Err(code)) => p.error_code = *code,
                         None => {}
                     }
                     if p.error_code == 0 {
@@ -515,7 +724,7 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
         let mut ends = Vec::new();
         for (name, parts) in &wanted {
             let allowed = auth
-                .authorize(&s.who, Action::Subscribe, &format!("{name}/#"))
+                .authorize(&s.who(), Action::Subscribe, &format!("{name}/#"))
                 .allowed();
             let mut reads = Vec::new();
             for &(index, offset, part_max) in parts {
@@ -627,7 +836,7 @@ async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsRespon
         .map(|t| {
             let name = t.name.0.to_string();
             let allowed = auth
-                .authorize(&s.who, Action::Subscribe, &format!("{name}/#"))
+                .authorize(&s.who(), Action::Subscribe, &format!("{name}/#"))
                 .allowed();
             let partitions = t
                 .partitions

@@ -18,13 +18,24 @@
 //!   max_bytes); ListOffsets answers earliest and latest; Metadata names
 //!   this node as the leader of every partition, and creates a topic a
 //!   client asks for when the node creates topics on first use.
-//! - Kafka's consumer groups, idempotent producers, SASL and the admin APIs
-//!   are not served yet: ApiVersions does not advertise them, so clients do
-//!   not try them.
+//! - Consumer groups (`groups`): Kafka's classic group protocol over the
+//!   node's one coordinator (`tributary-groups`), offsets shared with the
+//!   HTTP API.
+//! - Idempotent producers: InitProducerId hands out producer ids; a produce
+//!   batch carrying one is checked against its sequence by the log, in the
+//!   order the connection sent it (`tributary_ingest::Turn`), so a retried
+//!   batch is stored once, also across a restart of the node.
+//! - SASL PLAIN (`sasl`): device id and token, as every other protocol logs
+//!   in; without it (or a client certificate) a node that requires
+//!   credentials answers only ApiVersions and SASL.
+//! - Transactions and the admin APIs (topic creation and deletion,
+//!   configs) are not served yet: ApiVersions does not advertise them.
 
 pub mod codec;
 mod conn;
+mod groups;
 mod handlers;
+mod sasl;
 
 pub use handlers::{parse, Parsed, Request};
 mod refusal;
@@ -99,7 +110,7 @@ pub enum Error {
 /// Kafka counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct KafkaMetrics {
-    requests: [AtomicU64; 4],
+    requests: [AtomicU64; 5],
     produced: AtomicU64,
     fetched: AtomicU64,
     acks: AckHistogram,
@@ -113,7 +124,8 @@ enum Api {
     Produce = 0,
     Fetch = 1,
     Metadata = 2,
-    Other = 3,
+    Group = 3,
+    Other = 4,
 }
 
 impl KafkaMetrics {
@@ -159,7 +171,10 @@ impl MetricsSource for KafkaMetrics {
             Kind::Counter,
             "Kafka requests answered, by API.",
         );
-        for (api, name) in ["produce", "fetch", "metadata", "other"].iter().enumerate() {
+        for (api, name) in ["produce", "fetch", "metadata", "group", "other"]
+            .iter()
+            .enumerate()
+        {
             family.sample(&[("api", name)], self.requests[api].load(Relaxed));
         }
         out.counter(

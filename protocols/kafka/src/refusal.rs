@@ -33,6 +33,10 @@ pub enum Refusal {
     NotAuthorized,
     /// A response that could not be encoded (a bug).
     EncodeFailed,
+    /// An idempotent producer's batch out of sequence, from a fenced epoch,
+    /// or from a producer the partition does not know (answered with
+    /// Kafka's code; the client recovers).
+    Sequence,
     /// The log refused records.
     Log(Rejection),
     /// Already counted (with its detail) where it happened: close only.
@@ -55,6 +59,7 @@ impl Refusal {
             Refusal::MemoryBudget => "memory_budget",
             Refusal::NotAuthorized => "not_authorized",
             Refusal::EncodeFailed => "encode_failed",
+            Refusal::Sequence => "producer_sequence",
             Refusal::Log(r) => r.label(),
             Refusal::Counted => "counted",
         }

@@ -21,6 +21,19 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::ListOffsets, 1, 1, 10),
     (ApiKey::Metadata, 0, 0, 12),
     (ApiKey::ApiVersions, 0, 0, 4),
+    (ApiKey::OffsetCommit, 2, 2, 9),
+    (ApiKey::OffsetFetch, 1, 1, 9),
+    (ApiKey::FindCoordinator, 0, 0, 6),
+    (ApiKey::JoinGroup, 0, 0, 9),
+    (ApiKey::Heartbeat, 0, 0, 4),
+    (ApiKey::LeaveGroup, 0, 0, 5),
+    (ApiKey::SyncGroup, 0, 0, 5),
+    (ApiKey::DescribeGroups, 0, 0, 5),
+    (ApiKey::ListGroups, 0, 0, 5),
+    (ApiKey::DeleteGroups, 0, 0, 2),
+    (ApiKey::InitProducerId, 0, 0, 5),
+    (ApiKey::SaslHandshake, 0, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 0, 2),
 ];
 
 /// What ApiVersions answers.
@@ -49,7 +62,11 @@ pub fn served(key: ApiKey, version: i16) -> Option<bool> {
 mod tests {
     use super::*;
     use kafka_protocol::messages::{
-        ApiVersionsRequest, FetchRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest,
+        ApiVersionsRequest, DeleteGroupsRequest, DescribeGroupsRequest, FetchRequest,
+        FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest,
+        LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest,
+        OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, SaslAuthenticateRequest,
+        SaslHandshakeRequest, SyncGroupRequest,
     };
     use kafka_protocol::protocol::Message;
 
@@ -62,12 +79,25 @@ mod tests {
                 ApiKey::ListOffsets => ListOffsetsRequest::VERSIONS,
                 ApiKey::Metadata => MetadataRequest::VERSIONS,
                 ApiKey::ApiVersions => ApiVersionsRequest::VERSIONS,
+                ApiKey::OffsetCommit => OffsetCommitRequest::VERSIONS,
+                ApiKey::OffsetFetch => OffsetFetchRequest::VERSIONS,
+                ApiKey::FindCoordinator => FindCoordinatorRequest::VERSIONS,
+                ApiKey::JoinGroup => JoinGroupRequest::VERSIONS,
+                ApiKey::Heartbeat => HeartbeatRequest::VERSIONS,
+                ApiKey::LeaveGroup => LeaveGroupRequest::VERSIONS,
+                ApiKey::SyncGroup => SyncGroupRequest::VERSIONS,
+                ApiKey::DescribeGroups => DescribeGroupsRequest::VERSIONS,
+                ApiKey::ListGroups => ListGroupsRequest::VERSIONS,
+                ApiKey::DeleteGroups => DeleteGroupsRequest::VERSIONS,
+                ApiKey::InitProducerId => InitProducerIdRequest::VERSIONS,
+                ApiKey::SaslHandshake => SaslHandshakeRequest::VERSIONS,
+                ApiKey::SaslAuthenticate => SaslAuthenticateRequest::VERSIONS,
                 other => panic!("{other:?} has no codec check"),
             };
             assert!(codec.min <= min && max <= codec.max, "{key:?}");
         }
         assert_eq!(served(ApiKey::Produce, 2), Some(false));
         assert_eq!(served(ApiKey::Produce, 3), Some(true));
-        assert_eq!(served(ApiKey::JoinGroup, 0), None);
+        assert_eq!(served(ApiKey::AddPartitionsToTxn, 0), None);
     }
 }

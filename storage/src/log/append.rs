@@ -11,11 +11,40 @@ use tokio::sync::oneshot;
 
 use super::committer::{Command, Part};
 use super::Log;
+use super::ProducerBatch;
 use crate::batch::{encoded_len, BatchBuilder, HEADER_LEN};
 use crate::error::{Error, Result};
 use crate::event::{AppendRecord, Position};
 use crate::partitioner::partition_for_key;
 use crate::util::now_ms;
+
+/// How an append is queued, beyond its records.
+#[derive(Debug, Default)]
+pub struct AppendOptions {
+    /// An idempotent producer's batch: every record must name the same
+    /// partition; a batch sent before is not stored again (its first offset
+    /// comes back), one out of sequence or from a fenced epoch is refused.
+    pub producer: Option<ProducerBatch>,
+    /// Waited for before the append is queued to the committer: a client's
+    /// earlier append fires it once queued, so the client's appends are
+    /// written in the order it sent them.
+    pub after: Option<oneshot::Receiver<()>>,
+    /// Fired (dropped) once this append is queued, or refused before.
+    pub queued: Option<oneshot::Sender<()>>,
+}
+
+impl AppendOptions {
+    /// Options that queue this append after the one `last` was handed to,
+    /// and leave in `last` what the next append waits for.
+    pub fn in_order(last: &mut Option<oneshot::Receiver<()>>) -> AppendOptions {
+        let (queued, next) = oneshot::channel();
+        AppendOptions {
+            producer: None,
+            after: last.replace(next),
+            queued: Some(queued),
+        }
+    }
+}
 
 impl Log {
     /// Appends events to `topic`; resolves with each event's position, in input
@@ -23,7 +52,18 @@ impl Log {
     /// `murmur2(key) % partitions`; keyless events of one call go to one partition,
     /// rotating per call; an explicit partition wins over both.
     pub async fn append(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
-        let result = self.append_inner(topic, records).await;
+        self.append_with(topic, records, AppendOptions::default())
+            .await
+    }
+
+    /// [`Log::append`] with [`AppendOptions`].
+    pub async fn append_with(
+        &self,
+        topic: &str,
+        records: Vec<AppendRecord>,
+        options: AppendOptions,
+    ) -> Result<Vec<Position>> {
+        let result = self.append_inner(topic, records, options).await;
         let stats = &self.shared().stats;
         match &result {
             Ok(p) => {
@@ -37,7 +77,25 @@ impl Log {
         result
     }
 
-    async fn append_inner(&self, topic: &str, records: Vec<AppendRecord>) -> Result<Vec<Position>> {
+    async fn append_inner(
+        &self,
+        topic: &str,
+        records: Vec<AppendRecord>,
+        options: AppendOptions,
+    ) -> Result<Vec<Position>> {
+        let AppendOptions {
+            producer,
+            after,
+            queued,
+        } = options;
+        // Fired when this function returns, queued or not.
+        let _queued = queued;
+        if let Some(after) = after {
+            // Our turn once the earlier append is queued (or gave up). Waiting
+            // here, before any permit is taken, so an earlier append never
+            // waits for permits a later one holds.
+            let _ = after.await;
+        }
         self.shared().check_writable()?;
         self.shared().check_disk().inspect_err(|_| {
             self.shared()
@@ -117,6 +175,11 @@ impl Log {
             .acquire_many_owned(permits)
             .await
             .map_err(|_| Error::Closed)?;
+        if producer.is_some() && parts.len() != 1 {
+            return Err(Error::BadBatch(
+                "an idempotent producer's batch is for one partition".into(),
+            ));
+        }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Append {
             topic: t.clone(),
@@ -125,8 +188,10 @@ impl Log {
             reply,
             _permit: permit,
             _reservation: reservation,
+            producer,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        drop(_queued);
         let firsts = answer.await.map_err(|_| Error::Closed)??;
         t.bytes.fetch_add(bytes as u64, Relaxed);
         t.events.fetch_add(placement.len() as u64, Relaxed);

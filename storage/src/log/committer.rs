@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
+use super::producers::{self, ProducerBatch, Verdict};
 use super::retention::Reservation;
 use super::state::{Shared, TopicState};
 use super::{Durability, GroupOffset, MetaEntry};
@@ -34,10 +35,16 @@ pub(super) enum Command {
         /// Its bytes under the disk quota, released with the command (after
         /// its batch is sealed and counted), also if the producer gave up.
         _reservation: Option<Reservation>,
+        /// An idempotent producer's batch (then `parts` has one part).
+        producer: Option<ProducerBatch>,
     },
     Commit {
         group: String,
         offsets: Vec<GroupOffset>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    ForgetGroup {
+        group: String,
         reply: oneshot::Sender<Result<()>>,
     },
     Meta {
@@ -60,6 +67,7 @@ impl Command {
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
                 .sum(),
             Command::Barrier { .. } => 0,
+            Command::ForgetGroup { group, .. } => group.len(),
         }
     }
 }
@@ -71,7 +79,7 @@ const PIPELINE_MIN_BYTES: usize = 256 * 1024;
 /// One cycle written to the engine, on its way to the syncer.
 pub(super) struct Job {
     cycle: Vec<Command>,
-    answers: Vec<Vec<u64>>,
+    answers: Vec<Result<Vec<u64>>>,
     written: Result<Written>,
     started: Instant,
 }
@@ -234,14 +242,32 @@ impl OpenBatch {
 fn write_cycle(
     shared: &Shared,
     cycle: &mut [Command],
-    answers: &mut Vec<Vec<u64>>,
+    answers: &mut Vec<Result<Vec<u64>>>,
 ) -> Result<Written> {
     let batch_bytes = shared.config.batch_bytes;
     let mut open: HashMap<(usize, u32), OpenBatch> = HashMap::new();
     let mut must_sync = shared.config.durability == Durability::Fsync;
     for cmd in cycle {
         match cmd {
-            Command::Append { topic, parts, .. } => {
+            Command::Append {
+                topic,
+                parts,
+                producer,
+                ..
+            } => {
+                if let Some(b) = producer {
+                    match sequence(shared, topic, parts, b)? {
+                        Ok(Verdict::Append) => {}
+                        Ok(Verdict::Duplicate(base)) => {
+                            answers.push(Ok(vec![base]));
+                            continue;
+                        }
+                        Err(refused) => {
+                            answers.push(Err(refused));
+                            continue;
+                        }
+                    }
+                }
                 let mut firsts = Vec::with_capacity(parts.len());
                 for part in parts {
                     let ps = &topic.partitions[part.partition as usize];
@@ -271,7 +297,7 @@ fn write_cycle(
                         ps.next.fetch_add(count, Relaxed);
                     }
                 }
-                answers.push(firsts);
+                answers.push(Ok(firsts));
             }
             Command::Commit { group, offsets, .. } => {
                 for o in offsets {
@@ -280,6 +306,7 @@ fn write_cycle(
                         .put_group_offset(group, &o.topic, o.partition, o.offset)?;
                 }
             }
+            Command::ForgetGroup { group, .. } => shared.store.forget_group(group)?,
             Command::Meta { space, entries, .. } => {
                 for (k, v) in entries.iter() {
                     shared.store.put_meta(space, k, v.as_deref())?;
@@ -303,7 +330,59 @@ fn write_cycle(
     Ok(Written { must_sync, ends })
 }
 
-fn answer(cycle: Vec<Command>, answers: Vec<Vec<u64>>, outcome: &Result<()>) {
+/// Checks an idempotent producer's batch against its sequence and, when it
+/// is new, records it: the entry is written before the batch (see
+/// `producers`). `Err` for the engine, `Ok(Err)` for a refused batch.
+fn sequence(
+    shared: &Shared,
+    topic: &TopicState,
+    parts: &[Part],
+    b: &ProducerBatch,
+) -> Result<Result<Verdict>> {
+    let [part] = parts else {
+        return Ok(Err(Error::BadBatch(
+            "an idempotent producer's batch is for one partition".into(),
+        )));
+    };
+    let name = &topic.config.name;
+    let key = (name.clone(), part.partition, b.producer_id);
+    let mut table = crate::util::lock(&shared.producers);
+    let verdict = match producers::check(table.entries.get(&key), b, part.count) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
+    };
+    table.clock += 1;
+    let clock = table.clock;
+    if matches!(verdict, Verdict::Duplicate(_)) {
+        if let Some(e) = table.entries.get_mut(&key) {
+            e.used = clock;
+        }
+        return Ok(Ok(verdict));
+    }
+    if !table.entries.contains_key(&key) {
+        for gone in table.evictions(shared.config.max_producer_states) {
+            table.entries.remove(&gone);
+            shared.store.put_meta(
+                producers::SPACE,
+                &producers::key(&gone.0, gone.1, gone.2),
+                None,
+            )?;
+        }
+    }
+    let base = topic.partitions[part.partition as usize].next.load(Relaxed);
+    let mut entry = producers::after(table.entries.get(&key), b, part.count, base);
+    entry.used = clock;
+    let stored = postcard::to_allocvec(&entry).map_err(|e| Error::BadBatch(e.to_string()))?;
+    shared.store.put_meta(
+        producers::SPACE,
+        &producers::key(name, part.partition, b.producer_id),
+        Some(&stored),
+    )?;
+    table.entries.insert(key, entry);
+    Ok(Ok(verdict))
+}
+
+fn answer(cycle: Vec<Command>, answers: Vec<Result<Vec<u64>>>, outcome: &Result<()>) {
     let mut answers = answers.into_iter();
     for cmd in cycle {
         let err = || match &outcome {
@@ -315,12 +394,13 @@ fn answer(cycle: Vec<Command>, answers: Vec<Vec<u64>>, outcome: &Result<()>) {
         match cmd {
             Command::Append { reply, .. } => {
                 let r = match (outcome, answers.next()) {
-                    (Ok(_), Some(firsts)) => Ok(firsts),
+                    (Ok(_), Some(answer)) => answer,
                     _ => Err(err()),
                 };
                 let _ = reply.send(r);
             }
             Command::Commit { reply, .. }
+            | Command::ForgetGroup { reply, .. }
             | Command::Meta { reply, .. }
             | Command::Barrier { reply } => {
                 let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|_| err()));

@@ -93,6 +93,9 @@ pub struct LogConfig {
     ///
     /// [`Log::mark_forwarded`]: super::Log::mark_forwarded
     pub forwarded: Forwarded,
+    /// Idempotent producer states (one per producer and partition) kept
+    /// across the node; past this the least recently used are forgotten.
+    pub max_producer_states: usize,
 }
 
 /// Which topics an edge forwards upstream.
@@ -131,6 +134,7 @@ impl Default for LogConfig {
             max_disk_bytes: None,
             min_free_bytes: 16 * 1024 * 1024,
             forwarded: Forwarded::None,
+            max_producer_states: 100_000,
         }
     }
 }

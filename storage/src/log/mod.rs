@@ -35,11 +35,14 @@
 mod append;
 mod committer;
 mod config;
+mod producers;
 mod recovery;
 mod retention;
 mod state;
 
+pub use append::AppendOptions;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
+pub use producers::ProducerBatch;
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
@@ -451,6 +454,48 @@ impl Log {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    /// A producer id no other producer of this node got or will get, also
+    /// across restarts (ids are reserved on disk a block at a time).
+    pub async fn allocate_producer_id(&self) -> Result<i64> {
+        const BLOCK: i64 = 1000;
+        let mut ids = self.shared().producer_ids.lock().await;
+        if ids.0 >= ids.1 {
+            let limit = ids.1 + BLOCK;
+            self.put_meta(
+                producers::ID_SPACE,
+                vec![(b"next".to_vec(), Some(limit.to_be_bytes().to_vec()))],
+            )
+            .await?;
+            ids.1 = limit;
+        }
+        let id = ids.0;
+        ids.0 += 1;
+        Ok(id)
+    }
+
+    /// Idempotent producer states held now (one per producer and partition).
+    pub fn producer_states(&self) -> usize {
+        crate::util::lock(&self.shared().producers).entries.len()
+    }
+
+    /// Removes every committed position of a group, durably.
+    pub async fn forget_group(&self, group: &str) -> Result<()> {
+        validate_group(group)?;
+        self.shared().check_writable()?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::ForgetGroup {
+            group: group.to_owned(),
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The groups with committed positions, sorted by name.
+    pub fn group_names(&self) -> Result<Vec<String>> {
+        self.shared().store.group_names()
     }
 
     /// Writes or removes small metadata values under `space` (front ends keep

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::committer::{committer, syncer};
+use super::producers;
 use super::retention::enforce_retention;
 use super::state::{PartitionState, Shared, Stopper, TopicState};
 use super::{corruption, Durability, Forwarded, Inner, Log, LogConfig};
@@ -60,6 +61,37 @@ fn recover_partition(
     })
 }
 
+/// The producer table as stored, less what the recovered partitions do not
+/// hold: a batch past a partition's end was not durable (the crash came
+/// between its entry and its sync), so its producer will send it again.
+fn recover_producers(
+    store: &dyn Store,
+    topics: &BTreeMap<String, Arc<TopicState>>,
+) -> Result<producers::Table> {
+    let mut table = producers::Table::default();
+    for (k, v) in store.meta(producers::SPACE)? {
+        let Some((topic, partition, id)) = producers::parse_key(&k) else {
+            continue;
+        };
+        let Some(end) = topics
+            .get(&topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .map(|p| p.next.load(SeqCst))
+        else {
+            continue;
+        };
+        let Ok(mut entry) = postcard::from_bytes::<producers::Entry>(&v) else {
+            tracing::warn!(%topic, partition, producer = id, "unreadable producer state dropped");
+            continue;
+        };
+        entry.recent.retain(|s| s.base + u64::from(s.count) <= end);
+        if !entry.recent.is_empty() {
+            table.entries.insert((topic, partition, id), entry);
+        }
+    }
+    Ok(table)
+}
+
 pub(super) fn build_topic(
     store: &dyn Store,
     config: TopicConfig,
@@ -103,6 +135,11 @@ impl Log {
             topics.insert(name, Arc::new(state));
         }
         let topic_total = topics.len();
+        let producer_table = recover_producers(store.as_ref(), &topics)?;
+        let id_floor = store
+            .get_meta(producers::ID_SPACE, b"next")?
+            .and_then(|v| v.try_into().ok().map(i64::from_be_bytes))
+            .unwrap_or(0);
         let shared = Arc::new(Shared {
             store,
             config,
@@ -119,6 +156,8 @@ impl Log {
             topic_count: watch::Sender::new(topic_total),
             reserved: AtomicU64::new(0),
             evicting: tokio::sync::Mutex::new(()),
+            producers: Mutex::new(producer_table),
+            producer_ids: tokio::sync::Mutex::new((id_floor, id_floor)),
         });
         let (tx, rx) = mpsc::channel(4096);
         let stopper = Arc::new(Stopper::default());

@@ -107,6 +107,11 @@ pub(super) struct Shared {
     pub(super) reserved: AtomicU64,
     /// One quota evictor at a time (waiting appends do not hold threads).
     pub(super) evicting: tokio::sync::Mutex<()>,
+    /// Idempotent producers' sequences (see `producers`).
+    pub(super) producers: Mutex<super::producers::Table>,
+    /// Producer ids: the next to hand out and the end of the block reserved
+    /// on disk.
+    pub(super) producer_ids: tokio::sync::Mutex<(i64, i64)>,
 }
 
 impl Shared {

@@ -33,6 +33,12 @@ pub(super) fn group_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
     k
 }
 
+/// The group a group-offset key belongs to.
+pub(super) fn group_of_key(key: &[u8]) -> Option<&str> {
+    let end = key.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&key[..end]).ok()
+}
+
 pub(super) fn meta_key(space: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(space.len() + 1 + key.len());
     k.extend_from_slice(space.as_bytes());

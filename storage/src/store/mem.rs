@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::keys::{group_key, meta_key, parse_group_key};
+use super::keys::{group_key, group_of_key, meta_key, parse_group_key};
 use super::{PartitionStore, Store, StoredBatch};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
@@ -30,6 +30,7 @@ enum MemOp {
     Remove(String, u32, u64),
     Floor(String, u32, u64),
     Group(Vec<u8>, u64),
+    ForgetGroup(String),
     Meta(Vec<u8>, Option<Vec<u8>>),
 }
 
@@ -52,6 +53,10 @@ impl MemState {
             }
             MemOp::Group(k, o) => {
                 self.groups.insert(k, o);
+            }
+            MemOp::ForgetGroup(g) => {
+                self.groups
+                    .retain(|k, _| group_of_key(k) != Some(g.as_str()));
             }
             MemOp::Meta(k, Some(v)) => {
                 self.meta.insert(k, v);
@@ -143,6 +148,7 @@ fn clone_op(op: &MemOp) -> MemOp {
         MemOp::Remove(t, p, b) => MemOp::Remove(t.clone(), *p, *b),
         MemOp::Floor(t, p, s) => MemOp::Floor(t.clone(), *p, *s),
         MemOp::Group(k, o) => MemOp::Group(k.clone(), *o),
+        MemOp::ForgetGroup(g) => MemOp::ForgetGroup(g.clone()),
         MemOp::Meta(k, v) => MemOp::Meta(k.clone(), v.clone()),
     }
 }
@@ -259,6 +265,23 @@ impl Store for MemStore {
             .iter()
             .filter_map(|(k, v)| parse_group_key(group, k, &v.to_be_bytes()))
             .collect())
+    }
+
+    fn forget_group(&self, group: &str) -> Result<()> {
+        self.write(MemOp::ForgetGroup(group.to_owned()));
+        Ok(())
+    }
+
+    fn group_names(&self) -> Result<Vec<String>> {
+        let g = lock(&self.inner.0);
+        let mut out: Vec<String> = g
+            .live
+            .groups
+            .keys()
+            .filter_map(|k| group_of_key(k).map(str::to_owned))
+            .collect();
+        out.dedup();
+        Ok(out)
     }
 
     fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()> {

@@ -65,6 +65,10 @@ pub trait Store: Send + Sync {
         -> Result<()>;
     /// A group's positions as (topic, partition, offset).
     fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>>;
+    /// Removes every position of a group, durable with the next sync.
+    fn forget_group(&self, group: &str) -> Result<()>;
+    /// The names of the groups with committed positions, sorted.
+    fn group_names(&self) -> Result<Vec<String>>;
     /// Writes (`Some`) or removes (`None`) a small metadata value: front ends
     /// keep sessions and retained messages here, durable with the next sync.
     fn put_meta(&self, space: &str, key: &[u8], value: Option<&[u8]>) -> Result<()>;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::keys::{be, floor_key, group_key, key_offset, meta_key, parse_group_key};
+use super::keys::{be, floor_key, group_key, group_of_key, key_offset, meta_key, parse_group_key};
 use super::{PartitionStore, Store};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
@@ -243,6 +243,36 @@ impl Store for SledStore {
             if let Some(entry) = parse_group_key(group, &k, &v) {
                 out.push(entry);
             }
+        }
+        Ok(out)
+    }
+
+    fn forget_group(&self, group: &str) -> Result<()> {
+        let mut prefix = group.as_bytes().to_vec();
+        prefix.push(0);
+        for item in self.groups.scan_prefix(prefix) {
+            let (k, _) = item?;
+            self.groups.remove(k)?;
+        }
+        Ok(())
+    }
+
+    fn group_names(&self) -> Result<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        let mut next: Option<Vec<u8>> = None;
+        // One key per group: after each, skip past every key of that group.
+        loop {
+            let item = match &next {
+                None => self.groups.iter().next(),
+                Some(from) => self.groups.range(from.clone()..).next(),
+            };
+            let Some(item) = item else { break };
+            let (k, _) = item?;
+            let Some(name) = group_of_key(&k) else { break };
+            out.push(name.to_owned());
+            let mut after = name.as_bytes().to_vec();
+            after.push(1);
+            next = Some(after);
         }
         Ok(out)
     }

@@ -1,0 +1,692 @@
+//! Consumer groups: the node's one coordinator of group membership, the same
+//! for every protocol that has groups (Kafka's classic group protocol today)
+//! and read by the HTTP API, the CLI, `/metrics` and the dashboard.
+//!
+//! - Membership lives in memory (as in a Kafka coordinator between restarts):
+//!   members join, the first to join leads, the leader assigns partitions
+//!   with the client's own assignor (range, roundrobin, cooperative-sticky:
+//!   the coordinator only carries the bytes), everyone gets its assignment,
+//!   heartbeats keep sessions alive, and a member whose session ends is
+//!   removed and the others rebalance. Static members (`group.instance.id`)
+//!   come back after a restart of the client with their assignment and no
+//!   rebalance. After a restart of the node, members find their ids unknown
+//!   and rejoin: the group forms again from their committed offsets.
+//! - Committed offsets are the log's (`Log::commit_offsets`), durable in the
+//!   same commit cycle as appends: the HTTP API and Kafka read and write the
+//!   same positions. A commit from a member is checked against the current
+//!   generation first, so a member that was rebalanced away cannot move the
+//!   new owner's position.
+//! - Memory is bounded for the whole node: `max_members` members (and ids
+//!   handed out but not used yet) across all groups, `max_state_bytes` of
+//!   protocol metadata and assignments; a join past either is refused with
+//!   [`GroupError::GroupMaxSizeReached`].
+
+mod group;
+
+pub use group::State;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tributary_storage::{validate_group, GroupOffset, Log};
+use tributary_telemetry::{Kind, MetricsSource, Text};
+
+use group::{Delta, Group, Timing};
+
+/// Group coordinator settings (`[groups]`).
+#[derive(Debug, Clone)]
+pub struct GroupsConfig {
+    /// An empty group's first rebalance waits this long for more members to
+    /// join, so a group starting together gets one rebalance, not one per
+    /// member (Kafka's `group.initial.rebalance.delay.ms`).
+    pub initial_rebalance_delay: Duration,
+    /// Shortest session timeout a member may ask for.
+    pub min_session_timeout: Duration,
+    /// Longest session timeout a member may ask for.
+    pub max_session_timeout: Duration,
+    /// Members across every group of the node.
+    pub max_members: usize,
+    /// Protocol metadata and assignment bytes across every group.
+    pub max_state_bytes: usize,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            initial_rebalance_delay: Duration::from_secs(3),
+            min_session_timeout: Duration::from_secs(6),
+            max_session_timeout: Duration::from_secs(30 * 60),
+            max_members: 10_000,
+            max_state_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a group operation was refused; each is one of Kafka's error codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The group name is empty, too long or has a NUL.
+    #[error("invalid group id")]
+    InvalidGroupId,
+    /// The session timeout is outside the node's bounds.
+    #[error("session timeout outside the node's bounds")]
+    InvalidSessionTimeout,
+    /// Protocol type or protocols do not match the group's.
+    #[error("inconsistent group protocol")]
+    InconsistentGroupProtocol,
+    /// The member is not (or no longer) in the group.
+    #[error("unknown member id")]
+    UnknownMemberId,
+    /// Rejoin with this member id (KIP-394).
+    #[error("member id required")]
+    MemberIdRequired(String),
+    /// Another client took over this static member's instance id.
+    #[error("fenced instance id")]
+    FencedInstanceId,
+    /// The member's generation is not the group's.
+    #[error("illegal generation")]
+    IllegalGeneration,
+    /// The group is rebalancing: rejoin.
+    #[error("rebalance in progress")]
+    RebalanceInProgress,
+    /// The node's member or state limit is reached.
+    #[error("group size limit reached")]
+    GroupMaxSizeReached,
+    /// No such group.
+    #[error("group not found")]
+    GroupIdNotFound,
+    /// The group has members (delete refused).
+    #[error("group is not empty")]
+    NonEmptyGroup,
+    /// The node is shutting down, or the log refused a write.
+    #[error("coordinator not available")]
+    CoordinatorNotAvailable,
+}
+
+/// A JoinGroup.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    /// The group.
+    pub group: String,
+    /// `""` for a member joining for the first time.
+    pub member_id: String,
+    /// `group.instance.id` of a static member.
+    pub instance_id: Option<String>,
+    /// The client's id (prefix of a new member id).
+    pub client_id: String,
+    /// The client's address.
+    pub client_host: String,
+    /// How long without a heartbeat before the member is removed.
+    pub session_timeout: Duration,
+    /// How long a rebalance may wait for this member to rejoin.
+    pub rebalance_timeout: Duration,
+    /// `consumer` for consumers.
+    pub protocol_type: String,
+    /// (assignor name, subscription metadata), in the client's preference.
+    pub protocols: Vec<(String, Bytes)>,
+    /// A new dynamic member gets its id first and must rejoin with it
+    /// (JoinGroup v4+).
+    pub require_known_member_id: bool,
+}
+
+/// The answer to a JoinGroup.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The generation formed.
+    pub generation: i32,
+    /// The group's protocol type.
+    pub protocol_type: Option<String>,
+    /// The assignor chosen.
+    pub protocol_name: Option<String>,
+    /// The leader's member id.
+    pub leader: String,
+    /// This member's id.
+    pub member_id: String,
+    /// Every member with its metadata: for the leader only.
+    pub members: Vec<JoinedMember>,
+}
+
+/// One member, as the leader sees it.
+#[derive(Debug, Clone)]
+pub struct JoinedMember {
+    /// Its id.
+    pub member_id: String,
+    /// Its instance id, if static.
+    pub instance_id: Option<String>,
+    /// Its subscription for the chosen protocol.
+    pub metadata: Bytes,
+}
+
+/// The answer to a SyncGroup.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    /// The group's protocol type.
+    pub protocol_type: Option<String>,
+    /// The assignor chosen.
+    pub protocol_name: Option<String>,
+    /// This member's assignment, as the leader encoded it.
+    pub assignment: Bytes,
+}
+
+/// A member, as DescribeGroups and the HTTP API show it.
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    /// Its id.
+    pub member_id: String,
+    /// Its instance id, if static.
+    pub instance_id: Option<String>,
+    /// The client's id.
+    pub client_id: String,
+    /// The client's address.
+    pub client_host: String,
+    /// Its subscription for the chosen protocol.
+    pub metadata: Bytes,
+    /// Its assignment.
+    pub assignment: Bytes,
+}
+
+/// A group: its membership and its committed offsets.
+#[derive(Debug, Clone)]
+pub struct GroupView {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: State,
+    /// `consumer`, or `""` for a group that only has committed offsets.
+    pub protocol_type: String,
+    /// The assignor chosen, `""` while none.
+    pub protocol: String,
+    /// The generation.
+    pub generation: i32,
+    /// The leader's member id, `""` while none.
+    pub leader: String,
+    /// Members, in join order.
+    pub members: Vec<MemberView>,
+}
+
+/// Node-wide counters.
+#[derive(Debug, Default)]
+struct Counters {
+    members: AtomicU64,
+    bytes: AtomicU64,
+    rebalances: AtomicU64,
+    expired: AtomicU64,
+    joins: AtomicU64,
+    refused_full: AtomicU64,
+}
+
+struct Inner {
+    log: Log,
+    config: GroupsConfig,
+    groups: Mutex<HashMap<String, Group>>,
+    counters: Counters,
+    /// Prefix that makes member ids unique across restarts of the node.
+    epoch: u64,
+    next_id: AtomicU64,
+}
+
+/// The node's group coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").finish_non_exhaustive()
+    }
+}
+
+/// How often sessions and rebalance deadlines are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+impl Coordinator {
+    /// A coordinator over `log`'s committed offsets whose timer runs on the
+    /// current runtime until `shutdown`.
+    pub fn start(log: Log, config: GroupsConfig, shutdown: CancellationToken) -> Self {
+        let c = Coordinator::new(log, config);
+        tokio::spawn(c.clone().run(shutdown));
+        c
+    }
+
+    /// A coordinator over `log`'s committed offsets. Call
+    /// [`Coordinator::run`] on a runtime to make sessions expire.
+    pub fn new(log: Log, config: GroupsConfig) -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Coordinator {
+            inner: Arc::new(Inner {
+                log,
+                config,
+                groups: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+                epoch,
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Ends sessions and completes rebalances that are due, until
+    /// `shutdown`; then answers every waiting member.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => self.tick(Instant::now()),
+            }
+        }
+        let mut groups = self.lock();
+        let mut delta = Delta::default();
+        for g in groups.values_mut() {
+            g.close(&mut delta);
+        }
+        groups.clear();
+        drop(groups);
+        self.account(delta);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Group>> {
+        self.inner
+            .groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            initial_delay: self.inner.config.initial_rebalance_delay,
+        }
+    }
+
+    fn account(&self, d: Delta) {
+        let c = &self.inner.counters;
+        if d.members >= 0 {
+            c.members.fetch_add(d.members as u64, Relaxed);
+        } else {
+            c.members
+                .fetch_sub(d.members.unsigned_abs() as u64, Relaxed);
+        }
+        if d.bytes >= 0 {
+            c.bytes.fetch_add(d.bytes as u64, Relaxed);
+        } else {
+            c.bytes.fetch_sub(d.bytes.unsigned_abs() as u64, Relaxed);
+        }
+        c.rebalances.fetch_add(d.rebalances, Relaxed);
+        c.expired.fetch_add(d.expired, Relaxed);
+    }
+
+    fn tick(&self, now: Instant) {
+        let timing = self.timing();
+        let mut total = Delta::default();
+        let mut groups = self.lock();
+        groups.retain(|_, g| {
+            let d = g.tick(now, timing);
+            total.members += d.members;
+            total.bytes += d.bytes;
+            total.rebalances += d.rebalances;
+            total.expired += d.expired;
+            !(g.is_empty() && g.state == State::Empty)
+        });
+        drop(groups);
+        self.account(total);
+    }
+
+    fn new_member_id(&self, client_id: &str) -> String {
+        let n = self.inner.next_id.fetch_add(1, Relaxed);
+        // Kafka's form: the client id, a dash, something unique.
+        let prefix: String = client_id.chars().take(64).collect();
+        format!("{prefix}-{:x}-{n:x}", self.inner.epoch)
+    }
+
+    /// JoinGroup: resolves when the next generation forms (or at once with
+    /// an error, or with the current generation when nothing changed).
+    pub async fn join(&self, req: JoinRequest) -> Result<Joined, GroupError> {
+        validate_group(&req.group).map_err(|_| GroupError::InvalidGroupId)?;
+        let cfg = &self.inner.config;
+        if req.session_timeout < cfg.min_session_timeout
+            || req.session_timeout > cfg.max_session_timeout
+        {
+            return Err(GroupError::InvalidSessionTimeout);
+        }
+        let bytes: usize = req
+            .protocols
+            .iter()
+            .map(|(n, m)| n.len() + m.len())
+            .sum::<usize>()
+            + req.member_id.len()
+            + req.client_id.len()
+            + group::MEMBER_OVERHEAD;
+        let c = &self.inner.counters;
+        c.joins.fetch_add(1, Relaxed);
+        let rx = {
+            let mut groups = self.lock();
+            let is_new_member = req.member_id.is_empty()
+                && !req.instance_id.as_ref().is_some_and(|i| {
+                    groups
+                        .get(&req.group)
+                        .is_some_and(|g| g.has_static(i.as_str()))
+                });
+            if is_new_member
+                && (c.members.load(Relaxed) as usize >= cfg.max_members
+                    || c.bytes.load(Relaxed) as usize + bytes > cfg.max_state_bytes)
+            {
+                c.refused_full.fetch_add(1, Relaxed);
+                return Err(GroupError::GroupMaxSizeReached);
+            }
+            let timing = self.timing();
+            let group = groups.entry(req.group.clone()).or_insert_with(Group::new);
+            let mut delta = Delta::default();
+            let client_id = req.client_id.clone();
+            let r = group.join(
+                req,
+                || self.new_member_id(&client_id),
+                Instant::now(),
+                timing,
+                &mut delta,
+            );
+            drop(groups);
+            self.account(delta);
+            r?
+        };
+        rx.await.unwrap_or(Err(GroupError::CoordinatorNotAvailable))
+    }
+
+    /// SyncGroup: the leader hands in every member's assignment; each member
+    /// gets its own once the leader's has come.
+    pub async fn sync(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+        protocol: (Option<&str>, Option<&str>),
+        assignments: Vec<(String, Bytes)>,
+    ) -> Result<Synced, GroupError> {
+        let bytes: usize = assignments.iter().map(|(_, a)| a.len()).sum();
+        let cfg = &self.inner.config;
+        if self.inner.counters.bytes.load(Relaxed) as usize + bytes > cfg.max_state_bytes {
+            self.inner.counters.refused_full.fetch_add(1, Relaxed);
+            return Err(GroupError::GroupMaxSizeReached);
+        }
+        let rx = {
+            let mut groups = self.lock();
+            let g = groups.get_mut(group).ok_or(GroupError::UnknownMemberId)?;
+            let mut delta = Delta::default();
+            let r = g.sync(
+                generation,
+                member_id,
+                instance_id,
+                protocol.0,
+                protocol.1,
+                assignments,
+                Instant::now(),
+                &mut delta,
+            );
+            drop(groups);
+            self.account(delta);
+            r?
+        };
+        rx.await.unwrap_or(Err(GroupError::CoordinatorNotAvailable))
+    }
+
+    /// Heartbeat.
+    pub fn heartbeat(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+    ) -> Result<(), GroupError> {
+        let mut groups = self.lock();
+        let g = groups.get_mut(group).ok_or(GroupError::UnknownMemberId)?;
+        g.heartbeat(generation, member_id, instance_id, Instant::now())
+    }
+
+    /// LeaveGroup for each (member id, instance id); the answer per member.
+    pub fn leave(
+        &self,
+        group: &str,
+        members: &[(String, Option<String>)],
+    ) -> Result<Vec<Result<(), GroupError>>, GroupError> {
+        let timing = self.timing();
+        let mut groups = self.lock();
+        let Some(g) = groups.get_mut(group) else {
+            return Err(GroupError::UnknownMemberId);
+        };
+        let mut delta = Delta::default();
+        let now = Instant::now();
+        let out = members
+            .iter()
+            .map(|(id, instance)| g.leave(id, instance.as_deref(), now, timing, &mut delta))
+            .collect();
+        drop(groups);
+        self.account(delta);
+        Ok(out)
+    }
+
+    /// Checks that a member (or a consumer outside the group protocol, with
+    /// generation -1 and no member id) may commit offsets now, then commits
+    /// them durably.
+    pub async fn commit(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+        offsets: Vec<GroupOffset>,
+    ) -> Result<Result<(), tributary_storage::Error>, GroupError> {
+        validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        {
+            let groups = self.lock();
+            match groups.get(group) {
+                Some(g) => g.may_commit(generation, member_id, instance_id)?,
+                None if generation < 0 => {}
+                None => return Err(GroupError::UnknownMemberId),
+            }
+        }
+        Ok(self.inner.log.commit_offsets(group, offsets).await)
+    }
+
+    /// Whether a group has live members (the HTTP API refuses plain commits
+    /// to such a group, as Kafka does).
+    pub fn has_members(&self, group: &str) -> bool {
+        self.lock().get(group).is_some_and(|g| !g.is_empty())
+    }
+
+    /// One group: membership and state (committed offsets come from the log).
+    pub fn describe(&self, group: &str) -> Option<GroupView> {
+        let groups = self.lock();
+        if let Some(g) = groups.get(group) {
+            return Some(view(group, g));
+        }
+        drop(groups);
+        let offsets = self.inner.log.group_offsets(group).ok()?;
+        (!offsets.is_empty()).then(|| empty_view(group))
+    }
+
+    /// Every group: those with members and those with committed offsets.
+    pub fn list(&self) -> Vec<GroupView> {
+        let mut out: Vec<GroupView> = {
+            let groups = self.lock();
+            groups.iter().map(|(n, g)| view(n, g)).collect()
+        };
+        for name in self.inner.log.group_names().unwrap_or_default() {
+            if !out.iter().any(|g| g.name == name) {
+                out.push(empty_view(&name));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Deletes a group that has no members: its committed offsets go, durably.
+    pub async fn delete(&self, group: &str) -> Result<(), GroupError> {
+        validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        if self.lock().get(group).is_some_and(|g| !g.is_empty()) {
+            return Err(GroupError::NonEmptyGroup);
+        }
+        let known = self
+            .inner
+            .log
+            .group_offsets(group)
+            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+        if known.is_empty() {
+            return Err(GroupError::GroupIdNotFound);
+        }
+        self.inner
+            .log
+            .forget_group(group)
+            .await
+            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+        let mut groups = self.lock();
+        if groups.get(group).is_some_and(Group::is_empty) {
+            groups.remove(group);
+        }
+        Ok(())
+    }
+
+    /// Members across the node now.
+    pub fn member_count(&self) -> u64 {
+        self.inner.counters.members.load(Relaxed)
+    }
+
+    /// Rebalances started so far.
+    pub fn rebalances(&self) -> u64 {
+        self.inner.counters.rebalances.load(Relaxed)
+    }
+
+    /// The log the offsets live in.
+    pub fn log(&self) -> &Log {
+        &self.inner.log
+    }
+}
+
+fn view(name: &str, g: &Group) -> GroupView {
+    GroupView {
+        name: name.to_owned(),
+        state: g.state,
+        protocol_type: g.protocol_type.clone().unwrap_or_default(),
+        protocol: g.protocol.clone().unwrap_or_default(),
+        generation: g.generation,
+        leader: g.leader.clone().unwrap_or_default(),
+        members: g.members(),
+    }
+}
+
+fn empty_view(name: &str) -> GroupView {
+    GroupView {
+        name: name.to_owned(),
+        state: State::Empty,
+        protocol_type: String::new(),
+        protocol: String::new(),
+        generation: 0,
+        leader: String::new(),
+        members: Vec::new(),
+    }
+}
+
+impl MetricsSource for Coordinator {
+    fn render(&self, out: &mut Text) {
+        let c = &self.inner.counters;
+        out.gauge(
+            "tributary_group_members",
+            "Consumer-group members across the node.",
+            c.members.load(Relaxed),
+        );
+        out.gauge(
+            "tributary_group_state_bytes",
+            "Protocol metadata and assignment bytes held for group members.",
+            c.bytes.load(Relaxed),
+        );
+        let mut by_state: [u64; 4] = [0; 4];
+        for g in self.lock().values() {
+            by_state[g.state as usize] += 1;
+        }
+        let mut family = out.family(
+            "tributary_groups",
+            Kind::Gauge,
+            "Consumer groups with members, by state.",
+        );
+        for s in [
+            State::Empty,
+            State::PreparingRebalance,
+            State::CompletingRebalance,
+            State::Stable,
+        ] {
+            family.sample(&[("state", &s.name())], by_state[s as usize]);
+        }
+        out.counter(
+            "tributary_group_joins_total",
+            "JoinGroup requests.",
+            c.joins.load(Relaxed),
+        );
+        out.counter(
+            "tributary_group_rebalances_total",
+            "Rebalances started.",
+            c.rebalances.load(Relaxed),
+        );
+        out.counter(
+            "tributary_group_sessions_expired_total",
+            "Members removed because their session ended without a heartbeat.",
+            c.expired.load(Relaxed),
+        );
+        out.counter(
+            "tributary_group_refused_full_total",
+            "Joins refused because the node's member or group-state limit was reached.",
+            c.refused_full.load(Relaxed),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// The partitions in a `consumer`-protocol assignment (Kafka's
+/// ConsumerProtocolAssignment, every version: `i16` version, then topics
+/// with their partitions; what follows is ignored), for showing which member
+/// reads what. `None` when the bytes are not such an assignment.
+pub fn consumer_assignment(bytes: &[u8]) -> Option<Vec<(String, Vec<i32>)>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Some(head)
+    }
+    fn i16_of(b: &mut &[u8]) -> Option<i16> {
+        take(b, 2).map(|x| i16::from_be_bytes([x[0], x[1]]))
+    }
+    fn i32_of(b: &mut &[u8]) -> Option<i32> {
+        take(b, 4).map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]))
+    }
+    let mut b = bytes;
+    if b.is_empty() {
+        return Some(Vec::new());
+    }
+    i16_of(&mut b)?;
+    let topics = usize::try_from(i32_of(&mut b)?).ok()?;
+    let mut out = Vec::new();
+    for _ in 0..topics {
+        let len = usize::try_from(i16_of(&mut b)?).ok()?;
+        let name = std::str::from_utf8(take(&mut b, len)?).ok()?.to_owned();
+        let n = usize::try_from(i32_of(&mut b)?).ok()?;
+        // Each partition takes 4 bytes: a count beyond the bytes left is a lie.
+        if n > b.len() / 4 {
+            return None;
+        }
+        let parts = (0..n)
+            .map(|_| i32_of(&mut b))
+            .collect::<Option<Vec<i32>>>()?;
+        out.push((name, parts));
+    }
+    Some(out)
+}

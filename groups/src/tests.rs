@@ -1,0 +1,377 @@
+//! The state machine under paused time: every rule is tried with the
+//! answers a client would see.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tributary_storage::store::MemStore;
+use tributary_storage::{GroupOffset, Log, LogConfig, TopicConfig};
+
+use super::*;
+
+fn coordinator(config: GroupsConfig) -> (Coordinator, CancellationToken) {
+    let log = Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log");
+    let c = Coordinator::new(log, config);
+    let stop = CancellationToken::new();
+    tokio::spawn(c.clone().run(stop.clone()));
+    (c, stop)
+}
+
+fn quick() -> GroupsConfig {
+    GroupsConfig {
+        initial_rebalance_delay: Duration::from_millis(300),
+        ..GroupsConfig::default()
+    }
+}
+
+fn join_req(member: &str, client: &str, protocols: &[&str]) -> JoinRequest {
+    JoinRequest {
+        group: "g".into(),
+        member_id: member.into(),
+        instance_id: None,
+        client_id: client.into(),
+        client_host: "/127.0.0.1".into(),
+        session_timeout: Duration::from_secs(10),
+        rebalance_timeout: Duration::from_secs(20),
+        protocol_type: "consumer".into(),
+        protocols: protocols
+            .iter()
+            .map(|p| ((*p).to_owned(), Bytes::from(format!("{client}:{p}"))))
+            .collect(),
+        require_known_member_id: false,
+    }
+}
+
+async fn sync(c: &Coordinator, j: &Joined, assign: Vec<(String, Bytes)>) -> Synced {
+    c.sync("g", j.generation, &j.member_id, None, (None, None), assign)
+        .await
+        .expect("sync")
+}
+
+/// Three members join together, the leader assigns, everyone gets its part.
+async fn three_stable(c: &Coordinator) -> Vec<Joined> {
+    let joins = ["a", "b", "c"].map(|n| {
+        let c = c.clone();
+        tokio::spawn(async move { c.join(join_req("", n, &["range", "roundrobin"])).await })
+    });
+    let mut joined = Vec::new();
+    for j in joins {
+        joined.push(j.await.expect("task").expect("join"));
+    }
+    let leader = joined
+        .iter()
+        .find(|j| j.leader == j.member_id)
+        .expect("leader");
+    let assign: Vec<(String, Bytes)> = leader
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.member_id.clone(),
+                Bytes::from(format!("for {}", m.member_id)),
+            )
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for j in joined.clone() {
+        let c = c.clone();
+        let a = if j.leader == j.member_id {
+            assign.clone()
+        } else {
+            Vec::new()
+        };
+        tasks.push(tokio::spawn(async move { sync(&c, &j, a).await }));
+    }
+    for (t, j) in tasks.into_iter().zip(&joined) {
+        let s = t.await.expect("task");
+        assert_eq!(s.assignment, Bytes::from(format!("for {}", j.member_id)));
+        assert_eq!(s.protocol_name.as_deref(), Some("range"));
+    }
+    joined
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_joining_together_form_one_generation_and_get_the_leaders_assignment() {
+    let (c, _stop) = coordinator(quick());
+    let joined = three_stable(&c).await;
+    assert!(joined.iter().all(|j| j.generation == 1));
+    let leaders: Vec<_> = joined.iter().filter(|j| !j.members.is_empty()).collect();
+    assert_eq!(leaders.len(), 1, "only the leader sees the members");
+    assert_eq!(leaders[0].members.len(), 3);
+    // The leader sees each member's metadata for the chosen protocol.
+    for m in &leaders[0].members {
+        let j = joined
+            .iter()
+            .find(|j| j.member_id == m.member_id)
+            .expect("member");
+        let client = j.member_id.split('-').next().expect("prefix");
+        assert_eq!(m.metadata, Bytes::from(format!("{client}:range")));
+    }
+    for j in &joined {
+        c.heartbeat("g", j.generation, &j.member_id, None)
+            .expect("heartbeat");
+    }
+    let view = c.describe("g").expect("described");
+    assert_eq!(view.state, State::Stable);
+    assert_eq!(view.members.len(), 3);
+    assert_eq!(c.member_count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_that_stops_heartbeating_is_removed_and_the_others_rebalance() {
+    let (c, _stop) = coordinator(quick());
+    let joined = three_stable(&c).await;
+    let (dead, alive) = (&joined[0], &joined[1..]);
+    // The others keep heartbeating; the first falls silent.
+    for _ in 0..12 {
+        sleep(Duration::from_secs(1)).await;
+        for j in alive {
+            match c.heartbeat("g", j.generation, &j.member_id, None) {
+                Ok(()) | Err(GroupError::RebalanceInProgress) => {}
+                Err(e) => panic!("heartbeat: {e}"),
+            }
+        }
+    }
+    assert_eq!(
+        c.heartbeat("g", dead.generation, &dead.member_id, None),
+        Err(GroupError::UnknownMemberId)
+    );
+    assert_eq!(
+        c.heartbeat("g", alive[0].generation, &alive[0].member_id, None),
+        Err(GroupError::RebalanceInProgress)
+    );
+    // The survivors rejoin with their ids and form generation 2.
+    let rejoins: Vec<_> = alive
+        .iter()
+        .map(|j| {
+            let c = c.clone();
+            let client = j.member_id.split('-').next().expect("prefix").to_owned();
+            let req = join_req(&j.member_id, &client, &["range", "roundrobin"]);
+            tokio::spawn(async move { c.join(req).await })
+        })
+        .collect();
+    for r in rejoins {
+        let j = r.await.expect("task").expect("rejoin");
+        assert_eq!(j.generation, 2);
+        if j.leader == j.member_id {
+            assert_eq!(j.members.len(), 2);
+        }
+    }
+    assert_eq!(c.member_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_member_gets_an_id_first_and_an_unknown_id_is_refused() {
+    let (c, _stop) = coordinator(quick());
+    let mut req = join_req("", "x", &["range"]);
+    req.require_known_member_id = true;
+    let Err(GroupError::MemberIdRequired(id)) = c.join(req.clone()).await else {
+        panic!("expected MEMBER_ID_REQUIRED");
+    };
+    assert!(id.starts_with("x-"));
+    req.member_id = id.clone();
+    let j = c.join(req.clone()).await.expect("join with the id");
+    assert_eq!(j.member_id, id);
+    assert_eq!(j.leader, id);
+    req.member_id = "nobody".into();
+    assert_eq!(c.join(req).await.err(), Some(GroupError::UnknownMemberId));
+    // The wrong generation, a stranger, a rebalance: Kafka's codes.
+    assert_eq!(
+        c.heartbeat("g", j.generation + 1, &id, None),
+        Err(GroupError::IllegalGeneration)
+    );
+    assert_eq!(
+        c.heartbeat("g", j.generation, "nobody", None),
+        Err(GroupError::UnknownMemberId)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn protocols_must_agree_and_session_timeouts_stay_in_bounds() {
+    let (c, _stop) = coordinator(quick());
+    let first = tokio::spawn({
+        let c = c.clone();
+        async move { c.join(join_req("", "a", &["range"])).await }
+    });
+    sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        c.join(join_req("", "b", &["sticky"])).await.err(),
+        Some(GroupError::InconsistentGroupProtocol)
+    );
+    let mut short = join_req("", "b", &["range"]);
+    short.session_timeout = Duration::from_secs(1);
+    assert_eq!(
+        c.join(short).await.err(),
+        Some(GroupError::InvalidSessionTimeout)
+    );
+    first.await.expect("task").expect("join");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_static_member_that_comes_back_keeps_its_assignment_without_a_rebalance() {
+    let (c, _stop) = coordinator(quick());
+    let mut req = join_req("", "s", &["range"]);
+    req.instance_id = Some("pump-1".into());
+    let j = c.join(req.clone()).await.expect("join");
+    let s = sync(
+        &c,
+        &j,
+        vec![(j.member_id.clone(), Bytes::from_static(b"p0"))],
+    )
+    .await;
+    assert_eq!(s.assignment, Bytes::from_static(b"p0"));
+    let rebalances = c.rebalances();
+    // The client restarts: a new connection, no member id, the same instance.
+    let again = c.join(req.clone()).await.expect("rejoin");
+    assert_ne!(again.member_id, j.member_id);
+    assert_eq!(again.generation, j.generation, "no new generation");
+    assert_eq!(c.rebalances(), rebalances, "no rebalance");
+    let s = c
+        .sync(
+            "g",
+            again.generation,
+            &again.member_id,
+            Some("pump-1"),
+            (None, None),
+            Vec::new(),
+        )
+        .await
+        .expect("sync");
+    assert_eq!(s.assignment, Bytes::from_static(b"p0"));
+    // The old incarnation is fenced.
+    assert_eq!(
+        c.heartbeat("g", j.generation, &j.member_id, Some("pump-1")),
+        Err(GroupError::FencedInstanceId)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaving_rebalances_and_only_an_empty_group_is_deleted() {
+    let (c, _stop) = coordinator(quick());
+    c.log()
+        .create_topic(TopicConfig::new("t", 2))
+        .await
+        .expect("topic");
+    let joined = three_stable(&c).await;
+    let j = &joined[0];
+    // A member commits; a stale generation may not.
+    let offsets = vec![GroupOffset {
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+    }];
+    c.commit("g", j.generation, &j.member_id, None, offsets.clone())
+        .await
+        .expect("allowed")
+        .expect("stored");
+    assert_eq!(
+        c.commit("g", j.generation - 1, &j.member_id, None, offsets.clone())
+            .await
+            .err(),
+        Some(GroupError::IllegalGeneration)
+    );
+    assert_eq!(
+        c.commit("g", -1, "", None, offsets.clone()).await.err(),
+        Some(GroupError::UnknownMemberId),
+        "a plain commit may not move a live group's positions"
+    );
+    assert_eq!(c.delete("g").await, Err(GroupError::NonEmptyGroup));
+    let all: Vec<(String, Option<String>)> =
+        joined.iter().map(|j| (j.member_id.clone(), None)).collect();
+    let answers = c.leave("g", &all).expect("leave");
+    assert!(answers.iter().all(Result::is_ok));
+    assert_eq!(c.member_count(), 0);
+    assert_eq!(c.describe("g").map(|v| v.state), Some(State::Empty));
+    c.delete("g").await.expect("deleted");
+    assert!(c.describe("g").is_none());
+    assert!(c.log().group_offsets("g").expect("offsets").is_empty());
+    assert_eq!(c.delete("g").await, Err(GroupError::GroupIdNotFound));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_node_wide_member_limit_refuses_more_members() {
+    let (c, _stop) = coordinator(GroupsConfig {
+        max_members: 2,
+        ..quick()
+    });
+    let mut req = join_req("", "a", &["range"]);
+    req.require_known_member_id = true;
+    for _ in 0..2 {
+        assert!(matches!(
+            c.join(req.clone()).await,
+            Err(GroupError::MemberIdRequired(_))
+        ));
+    }
+    assert_eq!(
+        c.join(req).await.err(),
+        Some(GroupError::GroupMaxSizeReached)
+    );
+    // Ids handed out and never used are forgotten after their session.
+    sleep(Duration::from_secs(25)).await;
+    assert_eq!(c.member_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_never_assigns_lets_the_waiting_members_rejoin() {
+    let (c, _stop) = coordinator(quick());
+    let joined = {
+        let a = tokio::spawn({
+            let c = c.clone();
+            async move { c.join(join_req("", "a", &["range"])).await }
+        });
+        let b = tokio::spawn({
+            let c = c.clone();
+            async move { c.join(join_req("", "b", &["range"])).await }
+        });
+        [
+            a.await.expect("a").expect("a"),
+            b.await.expect("b").expect("b"),
+        ]
+    };
+    let follower = joined
+        .iter()
+        .find(|j| j.leader != j.member_id)
+        .expect("follower")
+        .clone();
+    // The follower asks for its assignment; the leader never sends one.
+    let waiting = c
+        .sync(
+            "g",
+            follower.generation,
+            &follower.member_id,
+            None,
+            (None, None),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(waiting.err(), Some(GroupError::RebalanceInProgress));
+    // The leader is gone; the follower rejoins alone.
+    let j = c
+        .join(join_req(&follower.member_id, "b", &["range"]))
+        .await
+        .expect("rejoin");
+    assert_eq!(j.leader, follower.member_id);
+    assert_eq!(c.member_count(), 1);
+}
+
+#[test]
+fn a_consumer_assignment_decodes_and_garbage_does_not() {
+    // version 3, topics [("t", [0, 2])], no user data.
+    let mut b = vec![
+        0, 3, 0, 0, 0, 1, 0, 1, b't', 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 2,
+    ];
+    b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    assert_eq!(
+        consumer_assignment(&b),
+        Some(vec![("t".to_owned(), vec![0, 2])])
+    );
+    assert_eq!(consumer_assignment(&[]), Some(Vec::new()));
+    assert_eq!(consumer_assignment(&[0, 3, 0, 0, 0, 9]), None);
+    assert_eq!(
+        consumer_assignment(&[0, 3, 0, 0, 0, 1, 0, 1, b't', 0x7f, 0xff, 0xff, 0xff]),
+        None
+    );
+}

@@ -1,0 +1,287 @@
+//! Idempotent producers: per (topic, partition, producer id) the producer's
+//! epoch and its last batches' sequence numbers, so a batch a producer sends
+//! again (its answer was lost, it reconnected, the node restarted) is stored
+//! once and answered with the offset it got the first time.
+//!
+//! - The committer checks and updates this table as it writes a cycle, in
+//!   the order appends were queued: a batch continues its producer's
+//!   sequence, repeats one of its last [`RECENT`] batches (a duplicate: not
+//!   written, answered with the first offset it was given), or is refused
+//!   ([`Error::OutOfOrderSequence`], [`Error::ProducerFenced`],
+//!   [`Error::UnknownProducer`]). A duplicate of a batch in a cycle not yet
+//!   durable is answered only after a later sync, so never before the
+//!   original is durable.
+//! - Durable with the batch: the entry is written to the metadata space
+//!   [`SPACE`] in the same write cycle, before the batch itself, and the
+//!   cycle's one sync covers both; the engine recovers a prefix of its
+//!   writes, so a recovered batch always has its entry. An entry can be
+//!   ahead of the batches (the crash came between the two): at recovery its
+//!   batches past the partition's recovered end are dropped, so a retry of
+//!   a batch that was lost is written, not taken for a duplicate.
+//! - Bounded: at most `LogConfig::max_producer_states` entries across the
+//!   node; past that the least recently used are forgotten (their producers
+//!   get [`Error::UnknownProducer`] on their next batch and start a new
+//!   sequence, as Kafka clients do when a broker expired their id).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Metadata space of the producer entries.
+pub(super) const SPACE: &str = "__producers";
+/// Metadata space of the producer id allocator.
+pub(super) const ID_SPACE: &str = "__producer_ids";
+/// Batches remembered per producer and partition (Kafka's in-flight limit
+/// for idempotent producers is 5).
+pub(super) const RECENT: usize = 5;
+
+/// Who sent a batch, as an idempotent producer names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerBatch {
+    /// The id the node handed out ([`crate::Log::allocate_producer_id`]).
+    pub producer_id: i64,
+    /// The producer's epoch: a higher one fences the lower.
+    pub epoch: i16,
+    /// Sequence number of the batch's first record (per partition, from 0).
+    pub first_sequence: i32,
+}
+
+/// One batch remembered: its sequence range and first offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Sent {
+    pub first: i32,
+    pub last: i32,
+    pub base: u64,
+    pub count: u32,
+}
+
+/// A producer's state in one partition (also its stored form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Entry {
+    pub epoch: i16,
+    /// Oldest first, at most [`RECENT`].
+    pub recent: Vec<Sent>,
+    #[serde(skip)]
+    pub used: u64,
+}
+
+/// What the committer does with a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// New: write it.
+    Append,
+    /// Sent before: answer with this first offset, write nothing.
+    Duplicate(u64),
+}
+
+/// The last sequence of a batch of `count` records from `first` (sequences
+/// wrap from `i32::MAX` to 0, as Kafka's do).
+pub(super) fn last_sequence(first: i32, count: u32) -> i32 {
+    let last = i64::from(first) + i64::from(count) - 1;
+    (last % (i64::from(i32::MAX) + 1)) as i32
+}
+
+fn next_sequence(last: i32) -> i32 {
+    if last == i32::MAX {
+        0
+    } else {
+        last + 1
+    }
+}
+
+/// Kafka's rules for a batch of `count` records from `b`.
+pub(super) fn check(entry: Option<&Entry>, b: &ProducerBatch, count: u32) -> Result<Verdict> {
+    let last = last_sequence(b.first_sequence, count);
+    let Some(e) = entry else {
+        return if b.first_sequence == 0 {
+            Ok(Verdict::Append)
+        } else {
+            Err(Error::UnknownProducer {
+                producer_id: b.producer_id,
+            })
+        };
+    };
+    if b.epoch < e.epoch {
+        return Err(Error::ProducerFenced {
+            producer_id: b.producer_id,
+            epoch: b.epoch,
+            current: e.epoch,
+        });
+    }
+    if b.epoch > e.epoch {
+        // A new epoch starts its sequences again.
+        return if b.first_sequence == 0 {
+            Ok(Verdict::Append)
+        } else {
+            Err(Error::OutOfOrderSequence {
+                producer_id: b.producer_id,
+                expected: 0,
+                got: b.first_sequence,
+            })
+        };
+    }
+    if let Some(s) = e
+        .recent
+        .iter()
+        .find(|s| s.first == b.first_sequence && s.last == last)
+    {
+        return Ok(Verdict::Duplicate(s.base));
+    }
+    let expected = e.recent.last().map_or(0, |s| next_sequence(s.last));
+    if b.first_sequence == expected {
+        Ok(Verdict::Append)
+    } else {
+        Err(Error::OutOfOrderSequence {
+            producer_id: b.producer_id,
+            expected,
+            got: b.first_sequence,
+        })
+    }
+}
+
+/// The entry after `b` was appended at `base`.
+pub(super) fn after(entry: Option<&Entry>, b: &ProducerBatch, count: u32, base: u64) -> Entry {
+    let sent = Sent {
+        first: b.first_sequence,
+        last: last_sequence(b.first_sequence, count),
+        base,
+        count,
+    };
+    match entry {
+        Some(e) if e.epoch == b.epoch => {
+            let mut recent = e.recent.clone();
+            if recent.len() == RECENT {
+                recent.remove(0);
+            }
+            recent.push(sent);
+            Entry {
+                epoch: b.epoch,
+                recent,
+                used: 0,
+            }
+        }
+        _ => Entry {
+            epoch: b.epoch,
+            recent: vec![sent],
+            used: 0,
+        },
+    }
+}
+
+/// The key of an entry in [`SPACE`]: topic, NUL, partition, producer id.
+pub(super) fn key(topic: &str, partition: u32, producer_id: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + 13);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&producer_id.to_be_bytes());
+    k
+}
+
+/// The parts of a key in [`SPACE`].
+pub(super) fn parse_key(k: &[u8]) -> Option<(String, u32, i64)> {
+    let nul = k.iter().position(|&b| b == 0)?;
+    let (topic, rest) = k.split_at(nul);
+    let rest = &rest[1..];
+    if rest.len() != 12 {
+        return None;
+    }
+    let partition = u32::from_be_bytes(rest[..4].try_into().ok()?);
+    let id = i64::from_be_bytes(rest[4..].try_into().ok()?);
+    Some((String::from_utf8(topic.to_vec()).ok()?, partition, id))
+}
+
+/// The node's producer table: (topic, partition, producer id) → entry.
+/// Only the committer thread changes it (recovery fills it before).
+#[derive(Debug, Default)]
+pub(super) struct Table {
+    pub entries: HashMap<(String, u32, i64), Entry>,
+    /// Ticks on every use: the least recently used go first.
+    pub clock: u64,
+}
+
+impl Table {
+    /// Keys to forget so `incoming` more entries fit in `max`: the least
+    /// recently used sixteenth (at least what is needed), so a full table
+    /// is not scanned on every new producer.
+    pub fn evictions(&self, max: usize) -> Vec<(String, u32, i64)> {
+        if self.entries.len() < max {
+            return Vec::new();
+        }
+        let n = (self.entries.len() - max + 1).max(max / 16).max(1);
+        let mut by_use: Vec<(&(String, u32, i64), u64)> =
+            self.entries.iter().map(|(k, e)| (k, e.used)).collect();
+        by_use.sort_by_key(|(_, used)| *used);
+        by_use.into_iter().take(n).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(epoch: i16, first: i32) -> ProducerBatch {
+        ProducerBatch {
+            producer_id: 7,
+            epoch,
+            first_sequence: first,
+        }
+    }
+
+    #[test]
+    fn sequences_continue_repeat_or_are_refused_as_kafka_says() {
+        assert_eq!(check(None, &b(0, 0), 3).ok(), Some(Verdict::Append));
+        assert!(matches!(
+            check(None, &b(0, 5), 3),
+            Err(Error::UnknownProducer { .. })
+        ));
+        let e = after(None, &b(0, 0), 3, 100);
+        let e = after(Some(&e), &b(0, 3), 2, 103);
+        assert_eq!(check(Some(&e), &b(0, 5), 1).ok(), Some(Verdict::Append));
+        assert_eq!(
+            check(Some(&e), &b(0, 0), 3).ok(),
+            Some(Verdict::Duplicate(100))
+        );
+        assert_eq!(
+            check(Some(&e), &b(0, 3), 2).ok(),
+            Some(Verdict::Duplicate(103))
+        );
+        assert!(matches!(
+            check(Some(&e), &b(0, 9), 1),
+            Err(Error::OutOfOrderSequence { expected: 5, .. })
+        ));
+        assert!(matches!(
+            check(Some(&e), &b(-1, 5), 1),
+            Err(Error::ProducerFenced { .. })
+        ));
+        assert_eq!(check(Some(&e), &b(1, 0), 1).ok(), Some(Verdict::Append));
+        assert!(matches!(
+            check(Some(&e), &b(1, 4), 1),
+            Err(Error::OutOfOrderSequence { .. })
+        ));
+        // Only the last RECENT batches are remembered.
+        let mut e = e;
+        for i in 0..RECENT as u64 {
+            let first = 5 + i as i32;
+            e = after(Some(&e), &b(0, first), 1, 105 + i);
+        }
+        assert_eq!(e.recent.len(), RECENT);
+        assert!(matches!(
+            check(Some(&e), &b(0, 0), 3),
+            Err(Error::OutOfOrderSequence { .. })
+        ));
+    }
+
+    #[test]
+    fn sequences_wrap_and_keys_round_trip() {
+        assert_eq!(last_sequence(i32::MAX, 1), i32::MAX);
+        assert_eq!(last_sequence(i32::MAX, 3), 1);
+        let e = after(None, &b(0, i32::MAX - 1), 2, 0);
+        assert_eq!(check(Some(&e), &b(0, 0), 1).ok(), Some(Verdict::Append));
+        let k = key("t\u{e9}", 3, -9);
+        assert_eq!(parse_key(&k), Some(("t\u{e9}".to_owned(), 3, -9)));
+        assert_eq!(parse_key(b"t\0\0"), None);
+    }
+}
