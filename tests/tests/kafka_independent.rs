@@ -1,6 +1,7 @@
-//! Kafka through clients we did not write: kcat (Debian; librdkafka) and
-//! confluent-kafka (PyPI; the librdkafka it bundles). Ignored by plain
-//! `cargo test`; `scripts/test` installs the clients and runs them.
+//! Kafka through clients we did not write: kcat (Debian; librdkafka),
+//! confluent-kafka (PyPI; the librdkafka it bundles), kafka-python (PyPI;
+//! pure Python), kafkajs (npm), and mosquitto for MQTT ↔ Kafka. Ignored by
+//! plain `cargo test`; `scripts/test` installs the clients and runs them.
 
 mod common;
 
@@ -205,6 +206,8 @@ fn an_idempotent_librdkafka_producer_across_repeated_kill_9_stores_each_acked_re
         .arg(clients_dir().join("kafka_idempotent.py"))
         .args([&listen, "idem", "3"])
         .stdout(Stdio::piped())
+        // librdkafka logs every lost connection: kept for a failure message.
+        .stderr(Stdio::piped())
         .spawn()
         .expect("python3");
     let mut rng = fastrand::Rng::with_seed(23);
@@ -225,7 +228,9 @@ fn an_idempotent_librdkafka_producer_across_repeated_kill_9_stores_each_acked_re
     let stdout = String::from_utf8_lossy(&out.stdout);
     let summary: serde_json::Value =
         serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line");
-    assert!(summary["fatal"].is_null(), "{}", summary["fatal"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+    assert!(summary["fatal"].is_null(), "{}\n{tail}", summary["fatal"]);
     assert_eq!(summary["errors"], serde_json::json!([]), "{stdout}");
     let acked: Vec<(u64, String)> = summary["acked"]
         .as_array()
@@ -356,4 +361,114 @@ async fn kcat_logs_in_with_sasl_plain_as_a_device_and_its_acls_apply() {
         .await
         .expect("join");
     assert!(!other.status.success(), "{other:?}");
+}
+
+/// Runs a client script (`python3` or `node`) against a fresh node whose
+/// topic `name` has 3 partitions; asserts it succeeded and returns its
+/// summary line.
+async fn client_script(program: &str, script: &str, name: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(
+        dir.path(),
+        &[("TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS", "300")],
+    );
+    let r = common::client()
+        .post(format!("{}/v1/topics", node.url))
+        .json(&serde_json::json!({"name": name, "partitions": 3}))
+        .send()
+        .await
+        .expect("create topic");
+    assert!(r.status().is_success(), "{}", r.status());
+    let (program, script, broker, name) = (
+        program.to_owned(),
+        clients_dir().join(script),
+        node.kafka.to_string(),
+        name.to_owned(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(program)
+            .arg(script)
+            .args([&broker, &name, &format!("{name}-group")])
+            .output()
+            .expect("the client runs")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs node and kafkajs (scripts/test installs them)"]
+async fn kafkajs_produces_and_a_group_of_two_consumes_and_commits_everything() {
+    let s = client_script("node", "kafkajs_check.js", "kjs").await;
+    assert_eq!(s["produced"], 400, "{s}");
+    assert_eq!(s["consumed"], 400, "{s}");
+    assert_eq!(s["committed"], s["ends"], "{s}");
+    assert_eq!(s["ends"], 400, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs kafka-python (scripts/test installs it)"]
+async fn kafka_python_produces_and_a_group_consumer_reads_and_commits_everything() {
+    let s = client_script("python3", "kafka_python_check.py", "kpy").await;
+    assert_eq!(s["produced"], 400, "{s}");
+    assert_eq!(s["consumed"], 400, "{s}");
+    assert_eq!(s["committed"], 400, "{s}");
+}
+
+#[test]
+#[ignore = "needs mosquitto-clients and kcat (scripts/test installs them)"]
+fn records_cross_between_mqtt_and_kafka_both_ways() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(dir.path(), &[]);
+    let broker = node.kafka.to_string();
+    let mqtt_port = node.mqtt.port().to_string();
+    // MQTT → Kafka: a QoS 1 publish is read by a Kafka consumer, topic
+    // levels as the key.
+    let published = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port, "-q", "1"])
+        .args(["-t", "plant/line1/temp", "-m", "21.5 from mqtt"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(published.success());
+    let read = Command::new("kcat")
+        .args(["-b", &broker, "-t", "plant", "-C", "-o", "beginning", "-e"])
+        .args(["-f", "%k=%s\\n"])
+        .output()
+        .expect("kcat -C");
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout),
+        "plant/line1/temp=21.5 from mqtt\n"
+    );
+    // Kafka → MQTT: a subscriber gets what kcat produces, the key as the
+    // topic's levels.
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port, "-q", "1"])
+        .args(["-t", "plant/line2/#", "-C", "1", "-v", "-W", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut p = Command::new("kcat")
+        .args(["-b", &broker, "-t", "plant", "-P", "-K:"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat -P");
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"line2/pressure:3.2 from kafka\n")
+        .expect("write");
+    assert!(p.wait().expect("kcat -P").success());
+    let got = sub.wait_with_output().expect("mosquitto_sub");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "plant/line2/pressure 3.2 from kafka\n"
+    );
 }
