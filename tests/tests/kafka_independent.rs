@@ -448,7 +448,7 @@ fn records_cross_between_mqtt_and_kafka_both_ways() {
     );
     // Kafka → MQTT: a subscriber gets what kcat produces, the key as the
     // topic's levels.
-    let mut sub = Command::new("mosquitto_sub")
+    let sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &mqtt_port, "-q", "1"])
         .args(["-t", "plant/line2/#", "-C", "1", "-v", "-W", "30"])
         .stdout(Stdio::piped())
