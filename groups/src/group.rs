@@ -80,6 +80,21 @@ impl Member {
             + MEMBER_OVERHEAD
     }
 
+    /// Takes what a join says about the member (protocols, timeouts,
+    /// client); whether its protocols changed.
+    fn rejoin(&mut self, req: JoinRequest, delta: &mut Delta) -> bool {
+        let before = self.bytes();
+        let changed = self.protocols != req.protocols;
+        self.protocols = req.protocols;
+        self.protocol_type = req.protocol_type;
+        self.session_timeout = req.session_timeout;
+        self.rebalance_timeout = req.rebalance_timeout;
+        self.client_id = req.client_id;
+        self.client_host = req.client_host;
+        delta.bytes += self.bytes() as isize - before as isize;
+        changed
+    }
+
     fn metadata(&self, protocol: &str) -> Bytes {
         self.protocols
             .iter()
@@ -257,18 +272,11 @@ impl Group {
             self.add_member(id, req, tx, now, timing, delta);
             return Ok(rx);
         }
-        let Some(member) = self.members.get_mut(&req.member_id) else {
+        let member_id = req.member_id.clone();
+        let Some(member) = self.members.get_mut(&member_id) else {
             return Err(GroupError::UnknownMemberId);
         };
-        let changed = member.protocols != req.protocols;
-        let before = member.bytes();
-        member.protocols = req.protocols;
-        member.protocol_type = req.protocol_type;
-        member.session_timeout = req.session_timeout;
-        member.rebalance_timeout = req.rebalance_timeout;
-        member.client_id = req.client_id;
-        member.client_host = req.client_host;
-        delta.bytes += member.bytes() as isize - before as isize;
+        let changed = member.rejoin(req, delta);
         let is_leader = self.leader.as_deref() == Some(member.id.as_str());
         match self.state {
             State::PreparingRebalance => {
@@ -278,7 +286,7 @@ impl Group {
             State::CompletingRebalance | State::Stable if !changed && !is_leader => {
                 // Nothing changed: the current generation again.
                 member.deadline = now + member.session_timeout;
-                let answer = self.joined_for(&req.member_id, false);
+                let answer = self.joined_for(&member_id, false);
                 let _ = tx.send(Ok(answer));
             }
             State::CompletingRebalance | State::Stable | State::Empty => {
@@ -356,17 +364,10 @@ impl Group {
         if let Some(w) = member.syncing.take() {
             let _ = w.send(Err(GroupError::FencedInstanceId));
         }
-        let before = member.bytes();
-        let changed = member.protocols != req.protocols;
+        delta.bytes += id.len() as isize - member.id.len() as isize;
         member.id = id.clone();
-        member.protocols = req.protocols;
-        member.protocol_type = req.protocol_type;
-        member.session_timeout = req.session_timeout;
-        member.rebalance_timeout = req.rebalance_timeout;
-        member.client_id = req.client_id;
-        member.client_host = req.client_host;
+        let changed = member.rejoin(req, delta);
         member.deadline = now + member.session_timeout;
-        delta.bytes += member.bytes() as isize - before as isize;
         if let Some(instance) = &member.instance_id {
             self.statics.insert(instance.clone(), id.clone());
         }
