@@ -189,6 +189,13 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
     }
 }
 
+/// May `who` delete topics and change their settings? Anyone while devices
+/// are not enforced; with device auth only the admin token's holder (a
+/// device's ACL speaks of publishing and reading, not of destroying data).
+pub fn may_administer(auth: &dyn Authenticator, who: &Identity) -> bool {
+    !auth.enforcing() || who.id == ADMIN
+}
+
 /// Checks a login, then waits out the source's failure delay before the
 /// answer. Every front end logs clients in through here.
 pub async fn login(auth: &dyn Authenticator, creds: &Credentials<'_>) -> Result<Identity, Refusal> {

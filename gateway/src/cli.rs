@@ -25,7 +25,7 @@ pub enum Command {
     /// Run a central (core) node.
     Core(RunArgs),
     #[cfg(feature = "client")]
-    /// Create, list and describe topics.
+    /// Create, list, describe, change and delete topics.
     Topics {
         /// Which topic operation.
         #[command(subcommand)]
@@ -214,6 +214,46 @@ pub enum TopicsOp {
         /// Topic name.
         name: String,
     },
+    /// Delete a topic with its records and the groups' positions in it
+    /// (under device auth: TRIBUTARY_TOKEN must be the admin token).
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+    /// Change a topic's settings: add partitions, change or remove limits
+    /// (under device auth: TRIBUTARY_TOKEN must be the admin token).
+    Alter {
+        /// Topic name.
+        name: String,
+        /// The new partition count (partitions can only be added).
+        #[arg(long, short)]
+        partitions: Option<u32>,
+        /// Remove events older than this (ms); `none` removes the limit.
+        #[arg(long, value_parser = limit)]
+        retention_ms: Option<Limit>,
+        /// Keep each partition under this many bytes; `none` removes the limit.
+        #[arg(long, value_parser = limit)]
+        retention_bytes: Option<Limit>,
+        /// Largest event accepted.
+        #[arg(long)]
+        max_event_bytes: Option<usize>,
+        /// What the topic does at the disk quota: `reject` or `drop_oldest`.
+        #[arg(long)]
+        on_full: Option<String>,
+    },
+}
+
+/// A limit given on the command line: a number, or `none` for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<u64>);
+
+fn limit(s: &str) -> Result<Limit, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    s.parse()
+        .map(|n| Limit(Some(n)))
+        .map_err(|_| format!("`{s}` is neither a number nor `none`"))
 }
 
 /// `groups` operations.

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::cli::{DevicesOp, GroupsOp, ProduceArgs, TailArgs, TopicsOp};
+use crate::cli::{DevicesOp, GroupsOp, Limit, ProduceArgs, TailArgs, TopicsOp};
 
 /// A thin client of the HTTP API that turns API errors into readable ones.
 #[derive(Debug, Clone)]
@@ -78,7 +78,6 @@ impl ApiClient {
         self.call(reqwest::Method::GET, path, None).await
     }
 
-    /// POST a JSON document.
     /// Creates `topic` with `partitions` unless it exists.
     pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> anyhow::Result<()> {
         let body = serde_json::json!({"name": topic, "partitions": partitions});
@@ -89,6 +88,7 @@ impl ApiClient {
         }
     }
 
+    /// POST a JSON document.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
@@ -259,7 +259,43 @@ pub async fn topics(url: &str, op: TopicsOp) -> anyhow::Result<()> {
             }
         }
         TopicsOp::Describe { name } => {
-            let t = api.get(&format!("/v1/topics/{name}")).await?;
+            let t = api.get(&format!("/v1/topics/{}", segment(&name))).await?;
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        }
+        TopicsOp::Delete { name } => {
+            let path = format!("/v1/topics/{}", segment(&name));
+            api.call(reqwest::Method::DELETE, &path, None).await?;
+            println!("topic {name} deleted");
+        }
+        TopicsOp::Alter {
+            name,
+            partitions,
+            retention_ms,
+            retention_bytes,
+            max_event_bytes,
+            on_full,
+        } => {
+            let mut body = json!({});
+            if let Some(p) = partitions {
+                body["partitions"] = json!(p);
+            }
+            if let Some(Limit(v)) = retention_ms {
+                body["retention_ms"] = json!(v);
+            }
+            if let Some(Limit(v)) = retention_bytes {
+                body["retention_bytes"] = json!(v);
+            }
+            if let Some(v) = max_event_bytes {
+                body["max_event_bytes"] = json!(v);
+            }
+            if let Some(v) = on_full {
+                body["on_full"] = json!(v);
+            }
+            if body.as_object().is_some_and(|o| o.is_empty()) {
+                bail!("nothing to change: give --partitions, --retention-ms, --retention-bytes, --max-event-bytes or --on-full");
+            }
+            let path = format!("/v1/topics/{}", segment(&name));
+            let t = api.call(reqwest::Method::PATCH, &path, Some(&body)).await?;
             println!("{}", serde_json::to_string_pretty(&t)?);
         }
     }

@@ -23,6 +23,9 @@ pub enum Error {
     /// A topic with this name exists already.
     #[error("topic `{0}` already exists")]
     TopicExists(String),
+    /// The topic is being deleted: its name is free again once that ends.
+    #[error("topic `{0}` is being deleted; try again shortly")]
+    TopicDeleting(String),
     /// A topic configuration failed validation.
     #[error("invalid topic config: {0}")]
     InvalidTopic(String),

@@ -35,4 +35,4 @@ pub use log::{
 };
 pub use stats::{StatsSnapshot, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};
-pub use topic::{OnFull, TopicConfig};
+pub use topic::{OnFull, TopicChange, TopicConfig};

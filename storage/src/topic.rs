@@ -85,6 +85,81 @@ impl TopicConfig {
     }
 }
 
+/// A change to a topic's settings: each field that is `Some` is set, the
+/// others stay. For the optional limits, `Some(None)` removes the limit (in
+/// JSON: `"retention_ms": null`). Partitions can only be added.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicChange {
+    /// The new partition count (more than now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// The new age limit, or `Some(None)` for none.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention_ms: Option<Option<u64>>,
+    /// The new size limit per partition, or `Some(None)` for none.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention_bytes: Option<Option<u64>>,
+    /// The new largest event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_bytes: Option<usize>,
+    /// The new policy when the disk quota is reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_full: Option<OnFull>,
+}
+
+/// A field that is present, even as `null`, is `Some`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl TopicChange {
+    /// True when it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == TopicChange::default()
+    }
+
+    /// `config` with this change, validated: partitions may only grow.
+    pub fn applied_to(&self, config: &TopicConfig) -> Result<TopicConfig> {
+        let mut c = config.clone();
+        if let Some(p) = self.partitions {
+            if p < config.partitions {
+                return Err(Error::InvalidTopic(format!(
+                    "topic `{}` has {} partitions; partitions can be added, not removed (asked for {p})",
+                    config.name, config.partitions
+                )));
+            }
+            c.partitions = p;
+        }
+        if let Some(v) = self.retention_ms {
+            c.retention_ms = v;
+        }
+        if let Some(v) = self.retention_bytes {
+            c.retention_bytes = v;
+        }
+        if let Some(v) = self.max_event_bytes {
+            c.max_event_bytes = v;
+        }
+        if let Some(v) = self.on_full {
+            c.on_full = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 /// Topic names follow Kafka's rules: 1..=249 of `[A-Za-z0-9._-]`. A name
 /// that breaks them is an [`Error::InvalidName`] saying how.
 pub fn validate_name(name: &str) -> Result<()> {
@@ -136,5 +211,37 @@ mod tests {
         assert!(msg.contains("partitions"), "{msg}");
         assert!(msg.contains("retention_ms"), "{msg}");
         assert!(TopicConfig::new("ok", 3).validate().is_ok());
+    }
+
+    #[test]
+    fn a_change_sets_what_it_names_and_partitions_only_grow() {
+        let mut c = TopicConfig::new("t", 2);
+        c.retention_ms = Some(1000);
+        let change: TopicChange = serde_json::from_str(
+            r#"{"partitions": 4, "retention_ms": null, "retention_bytes": 10}"#,
+        )
+        .expect("json");
+        let after = change.applied_to(&c).expect("valid");
+        assert_eq!(after.partitions, 4);
+        assert_eq!(after.retention_ms, None);
+        assert_eq!(after.retention_bytes, Some(10));
+        assert_eq!(after.max_event_bytes, c.max_event_bytes);
+        let absent: TopicChange = serde_json::from_str("{}").expect("json");
+        assert!(absent.is_empty());
+        assert_eq!(absent.applied_to(&c).expect("valid"), c);
+        let shrink = TopicChange {
+            partitions: Some(1),
+            ..TopicChange::default()
+        };
+        let Err(Error::InvalidTopic(msg)) = shrink.applied_to(&c) else {
+            panic!("partitions shrank")
+        };
+        assert!(msg.contains("added, not removed"), "{msg}");
+        let zero = TopicChange {
+            retention_bytes: Some(Some(0)),
+            ..TopicChange::default()
+        };
+        assert!(zero.applied_to(&c).is_err());
+        assert!(serde_json::from_str::<TopicChange>(r#"{"name": "x"}"#).is_err());
     }
 }

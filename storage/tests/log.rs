@@ -1381,6 +1381,15 @@ impl Store for GatedStore {
     fn put_topic(&self, config: &TopicConfig) -> tributary_storage::Result<()> {
         self.inner.put_topic(config)
     }
+    fn remove_topic(&self, topic: &str) -> tributary_storage::Result<()> {
+        self.inner.remove_topic(topic)
+    }
+    fn drop_partitions(&self, topic: &str) -> tributary_storage::Result<()> {
+        self.inner.drop_partitions(topic)
+    }
+    fn partition_topics(&self) -> tributary_storage::Result<Vec<String>> {
+        self.inner.partition_topics()
+    }
     fn partition(
         &self,
         topic: &str,

@@ -1,4 +1,5 @@
-//! The `tributary` command line as a user runs it: config errors, `topics`,
+//! The `tributary` command line as a user runs it: config errors, `topics`
+//! (create, list, describe, alter, delete),
 //! `produce` from stdin and `tail`, against a running node.
 
 mod common;
@@ -134,6 +135,38 @@ fn produce_then_tail_round_trips_lines_byte_for_byte() {
         "{out}"
     );
     let (code, _, err) = run(&["topics", "describe", "missing", "--url", &url], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown_topic"), "{err}");
+
+    // Changed, then deleted.
+    let alter = |args: &[&str]| {
+        let mut all = vec!["topics", "alter", "lines", "--url", &url];
+        all.extend_from_slice(args);
+        run(&all, None)
+    };
+    let (code, out, err) = alter(&["--partitions", "3", "--retention-ms", "60000"]);
+    assert_eq!(code, 0, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).expect("the topic as JSON");
+    assert_eq!(
+        (t["partition_count"].as_u64(), t["retention_ms"].as_u64()),
+        (Some(3), Some(60_000))
+    );
+    let (code, out, err) = alter(&["--retention-ms", "none"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"retention_ms\": null"), "{out}");
+    let (code, _, err) = alter(&["--partitions", "1"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("invalid_topic") && err.contains("added, not removed"),
+        "{err}"
+    );
+    let (code, _, err) = alter(&[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to change"), "{err}");
+    let (code, out, err) = run(&["topics", "delete", "lines", "--url", &url], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("topic lines deleted"), "{out}");
+    let (code, _, err) = run(&["topics", "delete", "lines", "--url", &url], None);
     assert_eq!(code, 1);
     assert!(err.contains("unknown_topic"), "{err}");
     assert_eq!(node.terminate().code(), Some(0));

@@ -70,6 +70,88 @@ async fn topics_create_list_describe_and_their_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_are_changed_and_deleted_and_their_errors() {
+    let node = InProcessNode::start("").await;
+    let (c, u) = (client(), node.url.clone());
+    create_topic(&c, &u, "temps", 2).await;
+    let patch = |body: Value| {
+        let c = c.clone();
+        let url = format!("{u}/v1/topics/temps");
+        async move {
+            let r = c.patch(url).json(&body).send().await.expect("patch");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, t) =
+        patch(json!({"partitions": 3, "retention_bytes": 4096, "on_full": "drop_oldest"})).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["partition_count"], 3);
+    assert_eq!(t["partitions"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        (t["retention_bytes"].clone(), t["on_full"].clone()),
+        (json!(4096), json!("drop_oldest"))
+    );
+    let (s, t) = patch(json!({"retention_bytes": null})).await;
+    assert_eq!(
+        (
+            s,
+            t["retention_bytes"].clone(),
+            t["partition_count"].clone()
+        ),
+        (200, Value::Null, json!(3))
+    );
+    for (bad, code) in [
+        (json!({"partitions": 2}), "invalid_topic"),
+        (json!({"max_event_bytes": 0}), "invalid_topic"),
+        (json!({"name": "other"}), "malformed_body"),
+        (json!({"partitions": "many"}), "malformed_body"),
+    ] {
+        let (s, b) = patch(bad.clone()).await;
+        assert_eq!((s, error_code(&b)), (400, code), "{bad}");
+    }
+    let r = c
+        .patch(format!("{u}/v1/topics/nope"))
+        .json(&json!({"partitions": 5}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 404);
+    post(
+        &c,
+        &format!("{u}/v1/topics/temps/records"),
+        &json!({"records": [{"value": "x"}]}),
+    )
+    .await;
+    let r = c
+        .delete(format!("{u}/v1/topics/temps"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let (s, b) = get(&c, &format!("{u}/v1/topics/temps")).await;
+    assert_eq!((s, error_code(&b)), (404, "unknown_topic"));
+    let r = c
+        .delete(format!("{u}/v1/topics/temps"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 404);
+    // The name is free again at once, for a new empty topic (its offsets
+    // go on where the deleted one's ended).
+    create_topic(&c, &u, "temps", 3).await;
+    let (_, t) = get(&c, &format!("{u}/v1/topics/temps")).await;
+    let parts = t["partitions"].as_array().expect("partitions");
+    assert!(
+        parts.iter().all(|p| p["start_offset"] == p["end_offset"]),
+        "{t}"
+    );
+    let ends: u64 = parts.iter().filter_map(|p| p["end_offset"].as_u64()).sum();
+    assert_eq!(ends, 1, "{t}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_json_in_every_encoding_and_fetch_it_back() {
     let node = InProcessNode::start("").await;
     let (c, u) = (client(), node.url.clone());
@@ -350,7 +432,7 @@ async fn bad_input_gets_clear_errors() {
     let (s, b) = get(&c, &format!("{u}/v2/anything")).await;
     assert_eq!((s, error_code(&b)), (404, "not_found"));
     let r = c
-        .delete(format!("{u}/v1/topics/t"))
+        .delete(format!("{u}/v1/topics/t/records"))
         .send()
         .await
         .expect("send");
@@ -542,6 +624,11 @@ async fn openapi_document_matches_the_real_routes() {
         );
         let req = match method.as_str() {
             "GET" => c.get(&url),
+            "DELETE" => c.delete(&url),
+            "PATCH" => c
+                .patch(&url)
+                .header("content-type", "application/json")
+                .body("{}"),
             _ => c
                 .post(&url)
                 .header("content-type", "application/json")

@@ -11,6 +11,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use common::kafka::{name, sasl_plain, Client};
 use common::InProcessNode;
 use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -34,11 +35,10 @@ use kafka_protocol::messages::{
     LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
     ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
     OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
-    ProduceRequest, ProduceResponse, ProducerId, RequestHeader, ResponseHeader,
-    SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
-    SyncGroupRequest, SyncGroupResponse, TopicName, TransactionalId,
+    ProduceRequest, ProduceResponse, ProducerId, SyncGroupRequest, SyncGroupResponse,
+    TransactionalId,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
+use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -54,108 +54,6 @@ use tributary_kafka::KafkaConfig;
 use tributary_storage::log::LogConfig;
 use tributary_storage::store::MemStore;
 use tributary_storage::Log;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-/// A Kafka connection speaking raw requests.
-struct Client {
-    s: TcpStream,
-    /// Correlation id of the last request sent.
-    sent: i32,
-    /// Correlation id of the last answer read.
-    answered: i32,
-}
-
-impl Client {
-    async fn connect(node: &InProcessNode) -> Client {
-        Client::at(node.kafka).await
-    }
-
-    async fn at(addr: std::net::SocketAddr) -> Client {
-        Client {
-            s: TcpStream::connect(addr).await.expect("connect"),
-            sent: 0,
-            answered: 0,
-        }
-    }
-
-    /// Sends `req` at `version`; returns the answer's body (header stripped).
-    async fn call<Req: Encodable + HeaderVersion + Message>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> Bytes {
-        self.send(key, version, req).await;
-        self.answer(key, version).await.expect("an answer")
-    }
-
-    async fn send<Req: Encodable>(&mut self, key: ApiKey, version: i16, req: &Req) {
-        self.send_as(key, version, version, req).await;
-    }
-
-    /// Sends `req` encoded at `body_version` under a header naming `version`
-    /// (a version newer than the codec knows).
-    async fn send_as<Req: Encodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        body_version: i16,
-        req: &Req,
-    ) {
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.sent + 1)
-            .with_client_id(Some(StrBytes::from_static_str("tests")));
-        let hv = key.request_header_version(version);
-        let mut body = BytesMut::new();
-        header.encode(&mut body, hv).expect("header");
-        req.encode(&mut body, body_version).expect("body");
-        let mut frame = BytesMut::new();
-        frame.put_i32(body.len() as i32);
-        frame.extend_from_slice(&body);
-        self.s.write_all(&frame).await.expect("write");
-        self.sent += 1;
-    }
-
-    /// The next answer's body; `None` when the connection closed.
-    async fn answer(&mut self, key: ApiKey, version: i16) -> Option<Bytes> {
-        let mut size = [0u8; 4];
-        tokio::time::timeout(WAIT, self.s.read_exact(&mut size))
-            .await
-            .expect("answer in time")
-            .ok()?;
-        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-        self.s.read_exact(&mut body).await.ok()?;
-        let mut body = Bytes::from(body);
-        let hv = if key == ApiKey::ApiVersions {
-            0
-        } else {
-            key.response_header_version(version)
-        };
-        let header = ResponseHeader::decode(&mut body, hv).expect("response header");
-        self.answered += 1;
-        assert_eq!(
-            header.correlation_id, self.answered,
-            "answers come in order"
-        );
-        Some(body)
-    }
-
-    /// True when the server closed the connection (within the wait).
-    async fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(
-            tokio::time::timeout(WAIT, self.s.read(&mut b)).await,
-            Ok(Ok(0) | Err(_))
-        )
-    }
-}
-
-fn name(s: &str) -> TopicName {
-    TopicName(StrBytes::from_string(s.to_owned()))
-}
 
 async fn metadata(c: &mut Client, topic: &str) -> MetadataResponse {
     let req = MetadataRequest::default()
@@ -565,28 +463,6 @@ async fn a_produce_is_answered_only_once_durable_and_pipelined_answers_keep_thei
     shutdown.cancel();
 }
 
-async fn sasl_plain(c: &mut Client, user: &str, token: &str) -> SaslAuthenticateResponse {
-    let mut b = c
-        .call(
-            ApiKey::SaslHandshake,
-            1,
-            &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
-        )
-        .await;
-    let h = SaslHandshakeResponse::decode(&mut b, 1).expect("handshake");
-    assert_eq!(h.error_code, 0);
-    assert_eq!(h.mechanisms[0].as_str(), "PLAIN");
-    let creds = Bytes::from(format!("\0{user}\0{token}"));
-    let mut b = c
-        .call(
-            ApiKey::SaslAuthenticate,
-            2,
-            &SaslAuthenticateRequest::default().with_auth_bytes(creds),
-        )
-        .await;
-    SaslAuthenticateResponse::decode(&mut b, 2).expect("authenticate")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_device_auth_sasl_plain_logs_in_and_the_devices_acls_apply() {
     const ADMIN: &str = "kafka-admin-token-0123456789";
@@ -594,19 +470,14 @@ async fn with_device_auth_sasl_plain_logs_in_and_the_devices_acls_apply() {
         "[auth]\nmode = \"devices\"\nadmin_token = \"{ADMIN}\"\n"
     ))
     .await;
-    let http = reqwest::Client::new();
-    let created: serde_json::Value = http
-        .post(format!("{}/v1/devices", node.url))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"id": "pump-7", "publish": ["plant/#"],
-                                  "subscribe": ["plant/#", "$groups/pumps"]}))
-        .send()
-        .await
-        .expect("create device")
-        .json()
-        .await
-        .expect("json");
-    let token = created["token"].as_str().expect("token").to_owned();
+    let token = common::add_device(
+        &node.url,
+        ADMIN,
+        "pump-7",
+        &["plant/#"],
+        &["plant/#", "$groups/pumps"],
+    )
+    .await;
 
     // Without a login: ApiVersions is answered, anything else closes.
     let mut c = Client::connect(&node).await;

@@ -299,17 +299,7 @@ async fn kcat_logs_in_with_sasl_plain_as_a_device_and_its_acls_apply() {
             ("TRIBUTARY_AUTH__ADMIN_TOKEN", ADMIN),
         ],
     );
-    let created: serde_json::Value = common::client()
-        .post(format!("{}/v1/devices", node.url))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"id": "gw-1", "publish": ["site/#"], "subscribe": ["site/#"]}))
-        .send()
-        .await
-        .expect("create device")
-        .json()
-        .await
-        .expect("json");
-    let token = created["token"].as_str().expect("token").to_owned();
+    let token = common::add_device(&node.url, ADMIN, "gw-1", &["site/#"], &["site/#"]).await;
     let broker = node.kafka.to_string();
     let kcat = move |topic: &str, password: &str, input: Option<&str>| {
         let mut cmd = Command::new("kcat");
@@ -420,6 +410,39 @@ async fn kafka_python_produces_and_a_group_consumer_reads_and_commits_everything
     assert_eq!(s["produced"], 400, "{s}");
     assert_eq!(s["consumed"], 400, "{s}");
     assert_eq!(s["committed"], 400, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+async fn librdkafkas_admin_client_creates_describes_changes_grows_and_deletes_a_topic() {
+    let s = client_script("python3", "kafka_admin_check.py", "rdk").await;
+    assert_eq!(s["created"], 3, "{s}");
+    assert_eq!(s["again"], "TOPIC_ALREADY_EXISTS", "{s}");
+    assert_eq!(s["retention_ms"], "3600000", "{s}");
+    assert_eq!(s["max_message_bytes"], "4096", "{s}");
+    assert_eq!(s["retention_bytes"], "1048576", "{s}");
+    assert_eq!(s["max_message_bytes_after"], "1048576", "{s}");
+    assert_eq!(s["compact"], "INVALID_CONFIG", "{s}");
+    assert_eq!(s["partitions"], 5, "{s}");
+    assert_eq!(s["read_back"], "in the fifth", "{s}");
+    assert_eq!(s["listed_after_delete"], false, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs node and kafkajs (scripts/test installs them)"]
+async fn kafkajs_admin_creates_describes_changes_grows_and_deletes_a_topic() {
+    let s = client_script("node", "kafkajs_admin.js", "kjs").await;
+    assert_eq!(s["created"], true, "{s}");
+    assert_eq!(
+        s["created_again"], false,
+        "an existing topic is not created: {s}"
+    );
+    assert_eq!(s["retention_ms"], "60000", "{s}");
+    assert_eq!(s["retention_bytes"], "2097152", "{s}");
+    // AlterConfigs replaces the whole set: what it did not name is reset.
+    assert_eq!(s["retention_ms_after"], "-1", "{s}");
+    assert_eq!(s["partitions"], 4, "{s}");
+    assert_eq!(s["listed_after_delete"], false, "{s}");
 }
 
 #[test]

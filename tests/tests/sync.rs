@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::sync::*;
 use common::{client, create_topic, get, metric, post, ChildNode};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const T: &str = "sensors";
 
@@ -549,6 +549,61 @@ async fn two_edges_with_the_same_topics_share_one_core() {
     }
     let (_, stats) = get(&c, &format!("{}/v1/stats", core.url)).await;
     assert_eq!(stats["sync"]["edges_connected"], 2, "{stats}");
+}
+
+/// Partitions added at the edge are forwarded (the edge opens the topic
+/// again), and partitions added at the core do not move a stream: each edge
+/// partition's records stay in the one core partition it was given, which
+/// is where the core's crash recovery looks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_at_the_edge_and_the_core_are_forwarded_exactly_once() {
+    let dir = tmp();
+    let core = start_core(&dir.path().join("core"), &[]);
+    let url = sync_url(&http_addr(&core));
+    let edge = start_edge(&dir.path().join("edge"), &url, "edge-1", &[]);
+    let c = client();
+    create_topic(&c, &core.url, T, 2).await;
+    create_topic(&c, &edge.url, T, 4).await;
+    let before = produce_all(&edge.url, T, "before", 0, 8, 25).await;
+    wait_drained(&edge.url, Duration::from_secs(120)).await;
+    for (base, partitions) in [(&core.url, 3), (&edge.url, 6)] {
+        let r = c
+            .patch(format!("{base}/v1/topics/{T}"))
+            .json(&json!({"partitions": partitions}))
+            .send()
+            .await
+            .expect("patch");
+        assert_eq!(r.status(), 200);
+    }
+    // Pinned to every partition, old and new.
+    for p in 0..6u32 {
+        let records: Vec<Value> = (0..20)
+            .map(|i| json!({"value": format!("after-{p}-{i}"), "partition": p}))
+            .collect();
+        let (s, b) = post(
+            &c,
+            &format!("{}/v1/topics/{T}/records", edge.url),
+            &json!({"records": records}),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    wait_drained(&edge.url, Duration::from_secs(120)).await;
+    let f = check_topic("edge-1", &edge.url, &core.url, T).await;
+    assert_eq!(f.records as u64, before + 120);
+    let mut homes: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for (&(p, _), &(cp, _)) in &f.at_core {
+        homes.entry(p).or_default().insert(cp);
+    }
+    assert_eq!(homes.len(), 6, "{homes:?}");
+    for (p, cps) in &homes {
+        let want = if *p < 4 { p % 2 } else { p % 3 };
+        assert_eq!(
+            cps,
+            &BTreeSet::from([want]),
+            "edge partition {p}: {homes:?}"
+        );
+    }
 }
 
 /// The link over `wss://` to a core in devices mode: an edge with a device

@@ -74,6 +74,7 @@ impl From<&LogError> for ApiError {
             LogError::UnknownTopic(_) => (StatusCode::NOT_FOUND, "unknown_topic"),
             LogError::UnknownPartition { .. } => (StatusCode::NOT_FOUND, "unknown_partition"),
             LogError::TopicExists(_) => (StatusCode::CONFLICT, "topic_exists"),
+            LogError::TopicDeleting(_) => (StatusCode::CONFLICT, "topic_being_deleted"),
             LogError::InvalidTopic(_) | LogError::InvalidName(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_topic")
             }

@@ -3,7 +3,8 @@
 //! the dashboard, the device admin API ([`ROUTES`] lists every route) and an
 //! OpenAPI document. Handlers only translate JSON to and from the log.
 //!
-//! - `topics`: the topic routes (list, create, describe, produce, fetch);
+//! - `topics`: the topic routes (list, create, describe, change, delete,
+//!   produce, fetch);
 //!   `groups`: consumer-group offsets; `status`: the dashboard, health, stats,
 //!   metrics and the OpenAPI document; `body`: reading bodies (held from the
 //!   memory budget), JSON and parameters; `auth`: who is calling; `devices`:
@@ -93,6 +94,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/topics"),
     ("POST", "/v1/topics"),
     ("GET", "/v1/topics/{topic}"),
+    ("PATCH", "/v1/topics/{topic}"),
+    ("DELETE", "/v1/topics/{topic}"),
     ("POST", "/v1/topics/{topic}/records"),
     ("GET", "/v1/topics/{topic}/publish"),
     ("GET", "/v1/topics/{topic}/live"),
@@ -167,7 +170,12 @@ pub fn router(
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
         .route("/v1/topics", get(list_topics).post(create_topic))
-        .route("/v1/topics/{topic}", get(describe_topic))
+        .route(
+            "/v1/topics/{topic}",
+            get(describe_topic)
+                .patch(topics::alter_topic)
+                .delete(topics::delete_topic),
+        )
         .route("/v1/topics/{topic}/records", axum::routing::post(produce))
         .route("/v1/topics/{topic}/publish", get(ws::publish))
         .route("/v1/topics/{topic}/live", get(ws::live))

@@ -1,5 +1,5 @@
-//! The topic routes: list, create and describe topics, produce records and
-//! fetch them.
+//! The topic routes: list, create, describe, change and delete topics,
+//! produce records and fetch them.
 
 use std::time::Duration;
 
@@ -12,7 +12,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tributary_devices::auth::Action;
 use tributary_ingest as ingest;
-use tributary_storage::{AppendRecord, Event, OnFull, Position, TopicConfig, TopicInfo};
+use tributary_storage::{
+    AppendRecord, Event, OnFull, Position, TopicChange, TopicConfig, TopicInfo,
+};
 
 use crate::auth::{self, Caller};
 use crate::body::{
@@ -90,6 +92,58 @@ pub(crate) async fn create_topic(
     };
     let info = state.cx.log.create_topic(config).await?;
     Ok((StatusCode::CREATED, Json(topic_json(info))).into_response())
+}
+
+/// Deleting or changing a topic takes the admin token under device auth.
+fn require_admin(
+    state: &AppState,
+    who: &tributary_devices::auth::Identity,
+    topic: &str,
+) -> ApiResult<()> {
+    if tributary_devices::auth::may_administer(&*state.cx.auth, who) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "device `{}` may not delete or change topic `{topic}`: that takes the admin token",
+                who.id
+            ),
+        ))
+    }
+}
+
+/// `DELETE /v1/topics/{topic}`: the topic, its records, the groups'
+/// positions in it; 204 once durable.
+pub(crate) async fn delete_topic(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    topic: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<StatusCode> {
+    let topic = path_param(topic)?;
+    require_admin(&state, caller.identity()?, &topic)?;
+    state.cx.log.delete_topic(&topic).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PATCH /v1/topics/{topic}`: partitions (more), retention_ms,
+/// retention_bytes (`null` removes a limit), max_event_bytes, on_full.
+pub(crate) async fn alter_topic(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    topic: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let topic = path_param(topic)?;
+    require_admin(&state, caller.identity()?, &topic)?;
+    require_json(&headers)?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let change: TopicChange = parse_json(&bytes)?;
+    Ok(Json(topic_json(
+        state.cx.log.alter_topic(&topic, &change).await?,
+    )))
 }
 
 pub(crate) async fn describe_topic(

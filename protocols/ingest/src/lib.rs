@@ -37,9 +37,10 @@ impl Rejection {
     /// What a log error means for the client that sent the records.
     pub fn of(e: &LogError) -> Rejection {
         match e {
-            LogError::UnknownTopic(_) | LogError::InvalidTopic(_) | LogError::InvalidName(_) => {
-                Rejection::UnknownTopic
-            }
+            LogError::UnknownTopic(_)
+            | LogError::TopicDeleting(_)
+            | LogError::InvalidTopic(_)
+            | LogError::InvalidName(_) => Rejection::UnknownTopic,
             LogError::EventTooLarge { .. } => Rejection::TooLarge,
             LogError::QuotaExceeded { .. } => Rejection::Quota,
             LogError::DiskFull { .. } => Rejection::DiskFull,

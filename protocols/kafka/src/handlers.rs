@@ -1,5 +1,6 @@
-//! One request in, one answer out: ApiVersions, Metadata, Produce, Fetch and
-//! ListOffsets.
+//! One request in, one answer out: decoding ([`parse`]), the dispatch to
+//! every API, and ApiVersions, Metadata, Produce, Fetch and ListOffsets
+//! (groups, SASL and the admin APIs have their own modules).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,6 +16,10 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{
+    AlterConfigsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
+    DescribeConfigsRequest, IncrementalAlterConfigsRequest,
+};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, DeleteGroupsRequest,
     DescribeGroupsRequest, FetchRequest, FetchResponse, FindCoordinatorRequest, HeartbeatRequest,
@@ -33,7 +38,7 @@ use tributary_ingest::{self as ingest, Rejection};
 use tributary_storage::{Error as LogError, TopicInfo};
 
 use crate::conn::Session;
-use crate::{codec, groups, sasl, versions, Api, Error, Refusal};
+use crate::{admin, codec, groups, sasl, versions, Api, Error, Refusal};
 
 /// This node's id in every Metadata answer (a single broker).
 pub(crate) const NODE_ID: i32 = 1;
@@ -79,6 +84,18 @@ pub enum Request {
     SaslHandshake(SaslHandshakeRequest),
     /// SaslAuthenticate.
     SaslAuthenticate(SaslAuthenticateRequest),
+    /// CreateTopics.
+    CreateTopics(CreateTopicsRequest),
+    /// DeleteTopics.
+    DeleteTopics(DeleteTopicsRequest),
+    /// CreatePartitions.
+    CreatePartitions(CreatePartitionsRequest),
+    /// DescribeConfigs.
+    DescribeConfigs(DescribeConfigsRequest),
+    /// AlterConfigs.
+    AlterConfigs(AlterConfigsRequest),
+    /// IncrementalAlterConfigs.
+    IncrementalAlterConfigs(IncrementalAlterConfigsRequest),
 }
 
 /// A decoded request with what its answer needs.
@@ -171,6 +188,14 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::InitProducerId => body!(InitProducerId, InitProducerIdRequest),
         ApiKey::SaslHandshake => body!(SaslHandshake, SaslHandshakeRequest),
         ApiKey::SaslAuthenticate => body!(SaslAuthenticate, SaslAuthenticateRequest),
+        ApiKey::CreateTopics => body!(CreateTopics, CreateTopicsRequest),
+        ApiKey::DeleteTopics => body!(DeleteTopics, DeleteTopicsRequest),
+        ApiKey::CreatePartitions => body!(CreatePartitions, CreatePartitionsRequest),
+        ApiKey::DescribeConfigs => body!(DescribeConfigs, DescribeConfigsRequest),
+        ApiKey::AlterConfigs => body!(AlterConfigs, AlterConfigsRequest),
+        ApiKey::IncrementalAlterConfigs => {
+            body!(IncrementalAlterConfigs, IncrementalAlterConfigsRequest)
+        }
         _ => return Err((Refusal::UnsupportedApi, None)),
     };
     Ok(parsed(request))
@@ -265,6 +290,36 @@ pub(crate) async fn handle(
         Request::InitProducerId(req) => {
             s.server.metrics.request(Api::Other);
             let answer = init_producer_id(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::CreateTopics(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::create_topics(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::DeleteTopics(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::delete_topics(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::CreatePartitions(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::create_partitions(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::DescribeConfigs(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::describe_configs(&s, req);
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::AlterConfigs(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::alter_configs(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::IncrementalAlterConfigs(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::incremental_alter_configs(&s, req).await;
             respond(&s, correlation, header, &answer, version).map(Some)
         }
         group_request => {

@@ -28,9 +28,13 @@
 //! - SASL PLAIN (`sasl`): device id and token, as every other protocol logs
 //!   in; without it (or a client certificate) a node that requires
 //!   credentials answers only ApiVersions and SASL.
-//! - Transactions and the admin APIs (topic creation and deletion,
-//!   configs) are not served yet: ApiVersions does not advertise them.
+//! - The admin APIs (`admin`): CreateTopics, DeleteTopics,
+//!   CreatePartitions, DescribeConfigs, AlterConfigs and
+//!   IncrementalAlterConfigs over the log's topic operations, Kafka's config
+//!   names mapped to ours.
+//! - Transactions are not served yet: ApiVersions does not advertise them.
 
+mod admin;
 pub mod codec;
 mod conn;
 mod groups;
@@ -110,7 +114,7 @@ pub enum Error {
 /// Kafka counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct KafkaMetrics {
-    requests: [AtomicU64; 5],
+    requests: [AtomicU64; 6],
     produced: AtomicU64,
     fetched: AtomicU64,
     acks: AckHistogram,
@@ -126,6 +130,7 @@ enum Api {
     Metadata = 2,
     Group = 3,
     Other = 4,
+    Admin = 5,
 }
 
 impl KafkaMetrics {
@@ -171,7 +176,7 @@ impl MetricsSource for KafkaMetrics {
             Kind::Counter,
             "Kafka requests answered, by API.",
         );
-        for (api, name) in ["produce", "fetch", "metadata", "group", "other"]
+        for (api, name) in ["produce", "fetch", "metadata", "group", "other", "admin"]
             .iter()
             .enumerate()
         {

@@ -2,7 +2,7 @@
 //!
 //! A client uses, per API, the highest version both sides know, so these
 //! ranges decide what clients send. The choices (each checked against the
-//! clients' own sources; see `docs/kafka.md`):
+//! clients' own sources; the ranges are listed in `docs/contract.md` §5a):
 //! - Produce is advertised from v0 although only v3+ (record batch v2) is
 //!   decoded: librdkafka up to 2.11.0 turns gzip, snappy and lz4 off when a
 //!   broker's Produce range does not start at 0 (Apache Kafka 4 does the same;
@@ -10,6 +10,8 @@
 //! - Produce and Fetch stop at v12: v13 names topics by id.
 //! - Fetch starts at v4 (record batch v2); ListOffsets at v1 (lookup by
 //!   timestamp).
+//! - The admin APIs start where the codec does (CreateTopics v2,
+//!   DeleteTopics v1, DescribeConfigs v1): Apache Kafka 4 starts there too.
 
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::ApiKey;
@@ -34,6 +36,12 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::InitProducerId, 0, 0, 5),
     (ApiKey::SaslHandshake, 0, 0, 1),
     (ApiKey::SaslAuthenticate, 0, 0, 2),
+    (ApiKey::CreateTopics, 2, 2, 7),
+    (ApiKey::DeleteTopics, 1, 1, 6),
+    (ApiKey::CreatePartitions, 0, 0, 3),
+    (ApiKey::DescribeConfigs, 1, 1, 4),
+    (ApiKey::AlterConfigs, 0, 0, 2),
+    (ApiKey::IncrementalAlterConfigs, 0, 0, 1),
 ];
 
 /// What ApiVersions answers.
@@ -61,6 +69,10 @@ pub fn served(key: ApiKey, version: i16) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kafka_protocol::messages::{
+        AlterConfigsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
+        DescribeConfigsRequest, IncrementalAlterConfigsRequest,
+    };
     use kafka_protocol::messages::{
         ApiVersionsRequest, DeleteGroupsRequest, DescribeGroupsRequest, FetchRequest,
         FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest,
@@ -92,6 +104,12 @@ mod tests {
                 ApiKey::InitProducerId => InitProducerIdRequest::VERSIONS,
                 ApiKey::SaslHandshake => SaslHandshakeRequest::VERSIONS,
                 ApiKey::SaslAuthenticate => SaslAuthenticateRequest::VERSIONS,
+                ApiKey::CreateTopics => CreateTopicsRequest::VERSIONS,
+                ApiKey::DeleteTopics => DeleteTopicsRequest::VERSIONS,
+                ApiKey::CreatePartitions => CreatePartitionsRequest::VERSIONS,
+                ApiKey::DescribeConfigs => DescribeConfigsRequest::VERSIONS,
+                ApiKey::AlterConfigs => AlterConfigsRequest::VERSIONS,
+                ApiKey::IncrementalAlterConfigs => IncrementalAlterConfigsRequest::VERSIONS,
                 other => panic!("{other:?} has no codec check"),
             };
             assert!(codec.min <= min && max <= codec.max, "{key:?}");

@@ -109,7 +109,7 @@ impl Log {
         }
         let n = t.config.partitions;
         let now = now_ms();
-        let keyless = t.round_robin.fetch_add(1, Relaxed) % n;
+        let keyless = t.live.round_robin.fetch_add(1, Relaxed) % n;
         let batch_bytes = self.shared().config.batch_bytes;
         let mut slot_of_partition = vec![u32::MAX; n as usize];
         let mut parts: Vec<Part> = Vec::new();
@@ -193,8 +193,8 @@ impl Log {
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         drop(_queued);
         let firsts = answer.await.map_err(|_| Error::Closed)??;
-        t.bytes.fetch_add(bytes as u64, Relaxed);
-        t.events.fetch_add(placement.len() as u64, Relaxed);
+        t.live.bytes.fetch_add(bytes as u64, Relaxed);
+        t.live.events.fetch_add(placement.len() as u64, Relaxed);
         self.shared()
             .stats
             .append_bytes

@@ -245,7 +245,7 @@ fn write_cycle(
     answers: &mut Vec<Result<Vec<u64>>>,
 ) -> Result<Written> {
     let batch_bytes = shared.config.batch_bytes;
-    let mut open: HashMap<(usize, u32), OpenBatch> = HashMap::new();
+    let mut open: HashMap<usize, OpenBatch> = HashMap::new();
     let mut must_sync = shared.config.durability == Durability::Fsync;
     for cmd in cycle {
         match cmd {
@@ -255,6 +255,10 @@ fn write_cycle(
                 producer,
                 ..
             } => {
+                if topic.live.deleted.load(SeqCst) {
+                    answers.push(Err(Error::UnknownTopic(topic.config.name.clone())));
+                    continue;
+                }
                 if let Some(b) = producer {
                     match sequence(shared, topic, parts, b)? {
                         Ok(Verdict::Append) => {}
@@ -272,8 +276,11 @@ fn write_cycle(
                 for part in parts {
                     let ps = &topic.partitions[part.partition as usize];
                     firsts.push(ps.next.load(Relaxed));
+                    // By partition, not by topic state: an append queued
+                    // before a topic change holds the old state, which shares
+                    // its partitions with the new one.
                     let ob = open
-                        .entry((Arc::as_ptr(topic) as usize, part.partition))
+                        .entry(Arc::as_ptr(ps) as usize)
                         .or_insert_with(|| OpenBatch {
                             topic: topic.clone(),
                             partition: part.partition,
@@ -300,7 +307,8 @@ fn write_cycle(
                 answers.push(Ok(firsts));
             }
             Command::Commit { group, offsets, .. } => {
-                for o in offsets {
+                // Not for a topic deleted since the commit was checked.
+                for o in offsets.iter().filter(|o| shared.topic(&o.topic).is_some()) {
                     shared
                         .store
                         .put_group_offset(group, &o.topic, o.partition, o.offset)?;

@@ -55,9 +55,9 @@ use crate::batch::decode_records;
 use crate::error::{Error, Result};
 use crate::event::Record;
 use crate::stats::StatsSnapshot;
-use crate::topic::TopicConfig;
+use crate::topic::{TopicChange, TopicConfig};
 use committer::Command;
-use recovery::build_topic;
+use recovery::{build_topic, recover_partition};
 use retention::enforce_retention;
 use state::{Shared, Stopper, TopicState};
 
@@ -199,6 +199,9 @@ impl Log {
             if topics.contains_key(&config.name) {
                 return Err(Error::TopicExists(config.name));
             }
+            if crate::util::lock(&shared.deleting).contains(&config.name) {
+                return Err(Error::TopicDeleting(config.name));
+            }
             // Stored before any append can name it: the committer's sync that makes
             // the first events durable makes the topic durable with or before them.
             shared.store.put_topic(&config)?;
@@ -214,6 +217,101 @@ impl Log {
         tracing::info!(topic = %state.config.name, partitions = state.config.partitions, "topic created");
         self.barrier().await?;
         Ok(state.info())
+    }
+
+    /// Changes a topic's settings (see [`TopicChange`]); durable when this
+    /// returns. Added partitions are empty; records already stored stay in
+    /// their partitions, and keys map to partitions by the new count from
+    /// now on.
+    pub async fn alter_topic(&self, name: &str, change: &TopicChange) -> Result<TopicInfo> {
+        self.shared().check_writable()?;
+        let state = {
+            let shared = self.shared();
+            let mut topics = shared.topics.write().unwrap_or_else(|p| p.into_inner());
+            let old = topics
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
+            let config = change.applied_to(&old.config)?;
+            if config == old.config {
+                return Ok(old.info());
+            }
+            shared.store.put_topic(&config)?;
+            let forwarded = shared.config.forwarded.includes(name);
+            let mut partitions = old.partitions.clone();
+            for p in old.config.partitions..config.partitions {
+                let added = recover_partition(shared.store.as_ref(), name, p, forwarded)?;
+                partitions.push(Arc::new(added));
+            }
+            let state = Arc::new(TopicState {
+                config,
+                partitions,
+                live: old.live.clone(),
+            });
+            topics.insert(name.to_owned(), state.clone());
+            // Watchers of the topic list look again (new partitions).
+            shared.topic_count.send_replace(topics.len());
+            state
+        };
+        tracing::info!(topic = %name, partitions = state.config.partitions, "topic changed");
+        self.barrier().await?;
+        Ok(state.info())
+    }
+
+    /// Deletes a topic with its records, the groups' positions in it and
+    /// its idempotent producers' states; done (and durable) when this
+    /// returns. Appends to it that were queued are refused; its name is
+    /// free again when this returns, and a topic created under it continues
+    /// each partition's offsets where the deleted one ended (Kafka starts
+    /// again at 0; here a position stored anywhere, by a synced edge, an
+    /// MQTT session or a client, never points into other records). A crash
+    /// part way leaves either the whole topic or none of it (partitions a
+    /// removed topic left behind are removed when the log opens).
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.shared().check_writable()?;
+        let state = {
+            let shared = self.shared();
+            let mut topics = shared.topics.write().unwrap_or_else(|p| p.into_inner());
+            let state = topics
+                .remove(name)
+                .ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
+            crate::util::lock(&shared.deleting).insert(name.to_owned());
+            state.live.deleted.store(true, SeqCst);
+            shared.topic_count.send_replace(topics.len());
+            state
+        };
+        // Every append queued before the flag was set is written by now;
+        // the committer refuses those after it.
+        self.barrier().await?;
+        let shared = self.inner.shared.clone();
+        let (topic, gone) = (name.to_owned(), state.clone());
+        let removed = tokio::task::spawn_blocking(move || -> Result<()> {
+            // Not while retention or the quota evictor works on its partitions.
+            let _pass = crate::util::lock(&shared.retention);
+            producers::forget_topic(&shared, &topic)?;
+            shared.store.remove_topic(&topic)?;
+            // The name never reuses an offset: a topic created under it
+            // later continues each partition where this one ended.
+            for ps in &gone.partitions {
+                shared
+                    .store
+                    .put_floor(&topic, ps.id, ps.next.load(SeqCst))?;
+            }
+            Ok(())
+        });
+        removed
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        self.barrier().await?;
+        // Durably gone: now its batches.
+        let shared = self.inner.shared.clone();
+        let topic = name.to_owned();
+        tokio::task::spawn_blocking(move || shared.store.drop_partitions(&topic))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        crate::util::lock(&self.shared().deleting).remove(name);
+        tracing::info!(topic = %name, partitions = state.config.partitions, "topic deleted");
+        Ok(())
     }
 
     async fn topic_or_create(&self, name: &str) -> Result<Arc<TopicState>> {
@@ -307,7 +405,14 @@ impl Log {
         let mut next = offset;
         if offset < end && max_records > 0 {
             let mut bytes = 0usize;
-            for (base, value) in ps.store.read(offset, max_bytes)? {
+            let batches = ps.store.read(offset, max_bytes).map_err(|e| {
+                if t.live.deleted.load(SeqCst) {
+                    Error::UnknownTopic(topic.to_owned())
+                } else {
+                    e
+                }
+            })?;
+            for (base, value) in batches {
                 if base > next {
                     // Retention removed the batch holding `next` while we read.
                     if records.is_empty() {

@@ -193,8 +193,24 @@ pub(super) fn parse_key(k: &[u8]) -> Option<(String, u32, i64)> {
     Some((String::from_utf8(topic.to_vec()).ok()?, partition, id))
 }
 
+/// Forgets every producer state of a deleted topic, in memory and (durable
+/// with the next sync) on disk. Called once no append to it can be
+/// written any more.
+pub(super) fn forget_topic(shared: &super::state::Shared, topic: &str) -> Result<()> {
+    crate::util::lock(&shared.producers)
+        .entries
+        .retain(|(t, _, _), _| t != topic);
+    for k in shared.store.meta_keys(SPACE)? {
+        if parse_key(&k).is_some_and(|(t, _, _)| t == topic) {
+            shared.store.put_meta(SPACE, &k, None)?;
+        }
+    }
+    Ok(())
+}
+
 /// The node's producer table: (topic, partition, producer id) → entry.
-/// Only the committer thread changes it (recovery fills it before).
+/// Only the committer thread changes it (recovery fills it before), but
+/// for a deleted topic's entries ([`forget_topic`]).
 #[derive(Debug, Default)]
 pub(super) struct Table {
     pub entries: HashMap<(String, u32, i64), Entry>,

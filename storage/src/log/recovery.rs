@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::stats::Stats;
 use crate::store::{SledOptions, SledStore, Store};
 use crate::topic::TopicConfig;
 
-fn recover_partition(
+pub(super) fn recover_partition(
     store: &dyn Store,
     topic: &str,
     id: u32,
@@ -92,6 +92,25 @@ fn recover_producers(
     Ok(table)
 }
 
+/// Removes the partitions of topics that no longer exist: a crash came
+/// after a deletion was durable and before its partitions were removed.
+fn remove_orphans(store: &dyn Store, topics: &[TopicConfig]) -> Result<()> {
+    let mut removed = false;
+    for name in store.partition_topics()? {
+        if topics.iter().any(|t| t.name == name) {
+            continue;
+        }
+        tracing::info!(topic = %name, "removing the partitions of a deleted topic");
+        store.remove_topic(&name)?;
+        store.drop_partitions(&name)?;
+        removed = true;
+    }
+    if removed {
+        store.sync()?;
+    }
+    Ok(())
+}
+
 pub(super) fn build_topic(
     store: &dyn Store,
     config: TopicConfig,
@@ -99,14 +118,12 @@ pub(super) fn build_topic(
 ) -> Result<TopicState> {
     let forwarded = fwd.includes(&config.name);
     let partitions = (0..config.partitions)
-        .map(|p| recover_partition(store, &config.name, p, forwarded))
+        .map(|p| recover_partition(store, &config.name, p, forwarded).map(Arc::new))
         .collect::<Result<_>>()?;
     Ok(TopicState {
         config,
         partitions,
-        round_robin: AtomicU32::new(0),
-        events: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
+        live: Arc::default(),
     })
 }
 
@@ -128,8 +145,10 @@ impl Log {
             ));
         }
         config.topic_defaults.config("defaults").validate()?;
+        let stored = store.load_topics()?;
+        remove_orphans(store.as_ref(), &stored)?;
         let mut topics = BTreeMap::new();
-        for tc in store.load_topics()? {
+        for tc in stored {
             let name = tc.name.clone();
             let state = build_topic(store.as_ref(), tc, &config.forwarded)?;
             topics.insert(name, Arc::new(state));
@@ -156,6 +175,7 @@ impl Log {
             topic_count: watch::Sender::new(topic_total),
             reserved: AtomicU64::new(0),
             evicting: tokio::sync::Mutex::new(()),
+            deleting: Mutex::default(),
             producers: Mutex::new(producer_table),
             producer_ids: tokio::sync::Mutex::new((id_floor, id_floor)),
         });

@@ -120,7 +120,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .flat_map(|t| &t.partitions)
-            .map(PartitionState::stored_bytes)
+            .map(|p| p.stored_bytes())
             .sum()
     }
 }
@@ -139,7 +139,7 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
         candidates
             .iter()
             .flat_map(|t| &t.partitions)
-            .map(PartitionState::stored_bytes)
+            .map(|p| p.stored_bytes())
             .sum()
     };
     let now = now_ms();

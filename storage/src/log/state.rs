@@ -5,7 +5,7 @@
 //!
 //! [`Log`]: super::Log
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -43,18 +43,32 @@ impl PartitionState {
     }
 }
 
+/// A topic as it is now. Changing a topic (its config, more partitions)
+/// puts a new `TopicState` in the map that shares the partitions and
+/// [`TopicLive`] of the old one: whoever still holds the old one (an append
+/// in flight) works on the same partitions and sees the same deletion.
 pub(super) struct TopicState {
     pub(super) config: TopicConfig,
-    pub(super) partitions: Vec<PartitionState>,
+    pub(super) partitions: Vec<Arc<PartitionState>>,
+    pub(super) live: Arc<TopicLive>,
+}
+
+/// What every version of a topic's state shares.
+#[derive(Default)]
+pub(super) struct TopicLive {
     pub(super) round_robin: AtomicU32,
     pub(super) events: AtomicU64,
     pub(super) bytes: AtomicU64,
+    /// Set when the topic is deleted: the committer refuses appends that
+    /// were queued before, readers answer that the topic does not exist.
+    pub(super) deleted: AtomicBool,
 }
 
 impl TopicState {
     pub(super) fn partition(&self, partition: u32) -> Result<&PartitionState> {
         self.partitions
             .get(partition as usize)
+            .map(|p| &**p)
             .ok_or_else(|| Error::UnknownPartition {
                 topic: self.config.name.clone(),
                 partition,
@@ -75,8 +89,8 @@ impl TopicState {
                     bytes: p.stored_bytes(),
                 })
                 .collect(),
-            events_appended: self.events.load(Relaxed),
-            bytes_appended: self.bytes.load(Relaxed),
+            events_appended: self.live.events.load(Relaxed),
+            bytes_appended: self.live.bytes.load(Relaxed),
         }
     }
 }
@@ -107,6 +121,9 @@ pub(super) struct Shared {
     pub(super) reserved: AtomicU64,
     /// One quota evictor at a time (waiting appends do not hold threads).
     pub(super) evicting: tokio::sync::Mutex<()>,
+    /// Topics being deleted: their names are not free again until their
+    /// partitions are gone from the store.
+    pub(super) deleting: Mutex<BTreeSet<String>>,
     /// Idempotent producers' sequences (see `producers`).
     pub(super) producers: Mutex<super::producers::Table>,
     /// Producer ids: the next to hand out and the end of the block reserved

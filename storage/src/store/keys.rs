@@ -39,6 +39,27 @@ pub(super) fn group_of_key(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(&key[..end]).ok()
 }
 
+/// The topic a group-offset key names (`group NUL topic NUL partition`).
+pub(super) fn topic_of_group_key(key: &[u8]) -> Option<&[u8]> {
+    let start = key.iter().position(|&b| b == 0)? + 1;
+    let end = key.len().checked_sub(5)?;
+    (start <= end && key[end] == 0).then(|| &key[start..end])
+}
+
+/// The names of a partition's trees in sled: `p/TOPIC/N` (and
+/// `p/TOPIC/N/chunks`); topic names have no `/`, so `p/TOPIC/` prefixes
+/// exactly one topic's.
+pub(super) fn partition_tree_prefix(topic: &str) -> String {
+    format!("p/{topic}/")
+}
+
+/// The topic a partition tree belongs to.
+pub(super) fn topic_of_tree(name: &[u8]) -> Option<&str> {
+    let rest = name.strip_prefix(b"p/")?;
+    let end = rest.iter().position(|&b| b == b'/')?;
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
 pub(super) fn meta_key(space: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(space.len() + 1 + key.len());
     k.extend_from_slice(space.as_bytes());
@@ -76,5 +97,17 @@ mod tests {
         let mut got = s.group_offsets("g").expect("get");
         got.sort();
         assert_eq!(got, vec![("t".to_owned(), 0, 1), ("t.a".to_owned(), 3, 42)]);
+    }
+
+    #[test]
+    fn a_group_key_names_its_topic_whatever_the_partition_bytes() {
+        use super::{group_key, topic_of_group_key, topic_of_tree};
+        for partition in [0, 1, 256, u32::MAX] {
+            let k = group_key("g", "t.a", partition);
+            assert_eq!(topic_of_group_key(&k), Some(&b"t.a"[..]));
+        }
+        assert_eq!(topic_of_group_key(b"g"), None);
+        assert_eq!(topic_of_tree(b"p/t.a/3/chunks"), Some("t.a"));
+        assert_eq!(topic_of_tree(b"__topics"), None);
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::keys::{group_key, group_of_key, meta_key, parse_group_key};
+use super::keys::{group_key, group_of_key, meta_key, parse_group_key, topic_of_group_key};
 use super::{PartitionStore, Store, StoredBatch};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
@@ -32,6 +32,8 @@ enum MemOp {
     Group(Vec<u8>, u64),
     ForgetGroup(String),
     Meta(Vec<u8>, Option<Vec<u8>>),
+    RemoveTopic(String),
+    DropPartitions(String),
 }
 
 impl MemState {
@@ -64,6 +66,12 @@ impl MemState {
             MemOp::Meta(k, None) => {
                 self.meta.remove(&k);
             }
+            MemOp::RemoveTopic(t) => {
+                self.topics.remove(&t);
+                self.groups
+                    .retain(|k, _| topic_of_group_key(k) != Some(t.as_bytes()));
+            }
+            MemOp::DropPartitions(t) => self.partitions.retain(|(topic, _), _| *topic != t),
         }
     }
 }
@@ -150,6 +158,8 @@ fn clone_op(op: &MemOp) -> MemOp {
         MemOp::Group(k, o) => MemOp::Group(k.clone(), *o),
         MemOp::ForgetGroup(g) => MemOp::ForgetGroup(g.clone()),
         MemOp::Meta(k, v) => MemOp::Meta(k.clone(), v.clone()),
+        MemOp::RemoveTopic(t) => MemOp::RemoveTopic(t.clone()),
+        MemOp::DropPartitions(t) => MemOp::DropPartitions(t.clone()),
     }
 }
 
@@ -223,6 +233,23 @@ impl Store for MemStore {
     fn put_topic(&self, config: &TopicConfig) -> Result<()> {
         self.write(MemOp::Topic(config.clone()));
         Ok(())
+    }
+
+    fn remove_topic(&self, topic: &str) -> Result<()> {
+        self.write(MemOp::RemoveTopic(topic.to_owned()));
+        Ok(())
+    }
+
+    fn drop_partitions(&self, topic: &str) -> Result<()> {
+        self.write(MemOp::DropPartitions(topic.to_owned()));
+        Ok(())
+    }
+
+    fn partition_topics(&self) -> Result<Vec<String>> {
+        let g = lock(&self.inner.0);
+        let mut out: Vec<String> = g.live.partitions.keys().map(|(t, _)| t.clone()).collect();
+        out.dedup();
+        Ok(out)
     }
 
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionStore>> {

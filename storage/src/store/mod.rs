@@ -54,6 +54,18 @@ pub trait Store: Send + Sync {
     fn load_topics(&self) -> Result<Vec<TopicConfig>>;
     /// Stores a topic config.
     fn put_topic(&self, config: &TopicConfig) -> Result<()>;
+    /// Removes a topic's config and every group's committed positions in
+    /// it, durable with the next sync. Its batches stay until
+    /// [`Store::drop_partitions`]; its floors stay (the log sets them to
+    /// where the topic ended, so its name never reuses an offset).
+    fn remove_topic(&self, topic: &str) -> Result<()>;
+    /// Removes every partition store of `topic` with its batches. Called
+    /// once the removal of its config is durable, so that a crash in between
+    /// leaves partitions no topic names ([`Store::partition_topics`] finds
+    /// them when the log opens).
+    fn drop_partitions(&self, topic: &str) -> Result<()>;
+    /// The topics that have partition stores, sorted.
+    fn partition_topics(&self) -> Result<Vec<String>>;
     /// Opens (creating if needed) a partition's batch store.
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionStore>>;
     /// Records the first offset a partition keeps after retention.

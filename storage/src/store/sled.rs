@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::keys::{be, floor_key, group_key, group_of_key, key_offset, meta_key, parse_group_key};
+use super::keys::{
+    be, floor_key, group_key, group_of_key, key_offset, meta_key, parse_group_key,
+    partition_tree_prefix, topic_of_group_key, topic_of_tree,
+};
 use super::{PartitionStore, Store};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
@@ -201,6 +204,39 @@ impl Store for SledStore {
         let bytes = postcard::to_stdvec(config).map_err(|e| Error::Config(e.to_string()))?;
         self.topics.insert(config.name.as_bytes(), bytes)?;
         Ok(())
+    }
+
+    fn remove_topic(&self, topic: &str) -> Result<()> {
+        self.topics.remove(topic.as_bytes())?;
+        for item in self.groups.iter() {
+            let (k, _) = item?;
+            if topic_of_group_key(&k) == Some(topic.as_bytes()) {
+                self.groups.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_partitions(&self, topic: &str) -> Result<()> {
+        let prefix = partition_tree_prefix(topic);
+        for name in self.db.tree_names() {
+            if name.starts_with(prefix.as_bytes()) {
+                self.db.drop_tree(name)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn partition_topics(&self) -> Result<Vec<String>> {
+        let mut out: Vec<String> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| topic_of_tree(n).map(str::to_owned))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionStore>> {

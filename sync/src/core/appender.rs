@@ -24,11 +24,11 @@ use crate::wire::{
 impl SyncCore {
     pub(super) fn check_batch(
         &self,
-        opened: &HashMap<String, (u32, u32)>,
+        opened: &HashMap<String, Vec<u32>>,
         b: Batch,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Work, ErrorFrame> {
-        let Some(&(edge_parts, core_parts)) = opened.get(&b.topic) else {
+        let Some(mapping) = opened.get(&b.topic) else {
             return Err(match self.inner.log.topic(&b.topic) {
                 Err(LogError::UnknownTopic(_)) => ErrorFrame {
                     topic: Some(b.topic.clone()),
@@ -40,12 +40,12 @@ impl SyncCore {
                 _ => not_opened(&b.topic),
             });
         };
-        if b.partition >= edge_parts {
+        let Some(&core_partition) = mapping.get(b.partition as usize) else {
             return Err(
                 ErrorFrame::new(code::BAD_FRAME, "batch for a partition the topic lacks")
                     .at(&b.topic, b.partition),
             );
-        }
+        };
         let raw = wire::decompress(&b, self.inner.config.max_batch_bytes).map_err(|e| {
             let c = if matches!(e, crate::Error::TooLarge { .. }) {
                 code::TOO_LARGE
@@ -64,7 +64,7 @@ impl SyncCore {
         }
         self.inner.metrics.batches.fetch_add(1, Relaxed);
         Ok(Work::Batch {
-            core_partition: b.partition % core_parts,
+            core_partition,
             bytes: charge(&b),
             _permit: permit,
             batch: Batch {

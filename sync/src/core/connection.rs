@@ -237,7 +237,8 @@ impl SyncCore {
         };
         let mut appending = tokio::spawn(appender.run(work_rx));
         let mut appender_ended = None;
-        let mut opened: HashMap<String, (u32, u32)> = HashMap::new();
+        // Per opened topic, the core partition of each edge partition.
+        let mut opened: HashMap<String, Vec<u32>> = HashMap::new();
         let silent_after = core.config.heartbeat * 3;
         let mut last_heard = Instant::now();
         let mut ping = tokio::time::interval(core.config.heartbeat);
@@ -286,8 +287,8 @@ impl SyncCore {
                                 break Err(ErrorFrame::new(code::BAD_FRAME, "too many topics on one connection"));
                             }
                             match self.open_topic(edge, who, &o).await {
-                                Ok(reply) => {
-                                    opened.insert(o.topic.clone(), (o.partitions, reply.partitions));
+                                Ok((reply, mapping)) => {
+                                    opened.insert(o.topic.clone(), mapping);
                                     if let Err(e) = send(out, Frame::Opened(reply)).await { break Err(e) }
                                 }
                                 // A refused topic is refused alone: the edge forwards the others.
@@ -313,13 +314,12 @@ impl SyncCore {
                             }
                         }
                         Frame::Skip(s) => {
-                            let Some(&(edge_parts, core_parts)) = opened.get(&s.topic) else {
+                            let Some(mapping) = opened.get(&s.topic) else {
                                 break Err(not_opened(&s.topic));
                             };
-                            if s.partition >= edge_parts || s.from >= s.to {
+                            if s.partition as usize >= mapping.len() || s.from >= s.to {
                                 break Err(ErrorFrame::new(code::BAD_FRAME, "skip of no offsets or of a partition the topic lacks").at(&s.topic, s.partition));
                             }
-                            let _ = core_parts;
                             if work_tx.send(Work::Skip(s)).await.is_err() {
                                 continue;
                             }
@@ -344,7 +344,17 @@ impl SyncCore {
         result
     }
 
-    async fn open_topic(&self, edge: &str, who: &Identity, o: &Open) -> Result<Opened, ErrorFrame> {
+    /// Opens a topic an edge forwards: the answer, and the core partition
+    /// each edge partition's batches go to. A stream keeps the core
+    /// partition it was first given (stored with its checkpoints), also
+    /// when the core's topic gains partitions later: its records and the
+    /// scan that recovers them after a crash stay in one partition.
+    async fn open_topic(
+        &self,
+        edge: &str,
+        who: &Identity,
+        o: &Open,
+    ) -> Result<(Opened, Vec<u32>), ErrorFrame> {
         let core = &self.inner;
         let refuse = |c: u16, m: String| {
             Err(ErrorFrame {
@@ -408,7 +418,7 @@ impl SyncCore {
         // anything of it is acknowledged: after a crash the core then scans
         // its partition from here, never from records older than the stream
         // (another instance's, for one), and never misses its first rounds.
-        let (held, fresh) = {
+        let (held, fresh, mapping) = {
             let mut st = lock(&slot.state);
             if !st.streams.contains_key(&(o.topic.clone(), 0))
                 && st.streams.len() + o.partitions as usize > MAX_STREAMS_PER_EDGE
@@ -419,10 +429,17 @@ impl SyncCore {
                 );
             }
             let mut fresh = Vec::new();
+            let mut mapping = Vec::with_capacity(o.partitions as usize);
             let held: Vec<Vec<(u64, u64)>> = (0..o.partitions)
                 .map(|p| {
                     let key = (o.topic.clone(), p);
-                    let core_partition = p % partitions;
+                    let core_partition = st
+                        .streams
+                        .get(&key)
+                        .map(|s| s.core_partition)
+                        .filter(|&c| c < partitions)
+                        .unwrap_or(p % partitions);
+                    mapping.push(core_partition);
                     let s = st.streams.entry(key).or_insert_with(|| {
                         let end = core
                             .log
@@ -440,7 +457,7 @@ impl SyncCore {
                     s.held.ranges().to_vec()
                 })
                 .collect();
-            (held, fresh)
+            (held, fresh, mapping)
         };
         if !fresh.is_empty() {
             core.log
@@ -448,11 +465,12 @@ impl SyncCore {
                 .await
                 .map_err(storage_error)?;
         }
-        Ok(Opened {
+        let opened = Opened {
             topic: o.topic.clone(),
             partitions,
             held,
-        })
+        };
+        Ok((opened, mapping))
     }
 }
 

@@ -124,7 +124,22 @@ impl<'a> Session<'a> {
         let up = self.up;
         for t in up.inner.log.topics() {
             let name = t.config.name;
-            if up.inner.config.priority(&name).is_none() || self.opening.contains_key(&name) {
+            if up.inner.config.priority(&name).is_none() {
+                continue;
+            }
+            if self.opening.get(&name) == Some(&true) {
+                // Opened with fewer partitions than it has now: the next
+                // connection opens it again, with all of them.
+                let open = self.parts.iter().filter(|p| *p.topic == *name).count();
+                if open < t.config.partitions as usize {
+                    return Err(Error::Link(format!(
+                        "topic {name} has {} partitions now ({open} forwarded): reconnecting to forward them all",
+                        t.config.partitions
+                    )));
+                }
+                continue;
+            }
+            if self.opening.contains_key(&name) {
                 continue;
             }
             self.opening.insert(name.clone(), false);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod crash;
+pub mod kafka;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -374,6 +375,31 @@ pub async fn publish_confirmed(
 }
 
 /// One unlabelled sample of `/metrics` (with `token` as bearer, if given).
+/// Adds device `id` with these ACL patterns through the admin API and
+/// returns its token.
+pub async fn add_device(
+    base: &str,
+    admin_token: &str,
+    id: &str,
+    publish: &[&str],
+    subscribe: &[&str],
+) -> String {
+    let created: Value = client()
+        .post(format!("{base}/v1/devices"))
+        .bearer_auth(admin_token)
+        .json(&json!({"id": id, "publish": publish, "subscribe": subscribe}))
+        .send()
+        .await
+        .expect("create device")
+        .json()
+        .await
+        .expect("json");
+    created["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token: {created}"))
+        .to_owned()
+}
+
 pub async fn metric(base: &str, name: &str, token: Option<&str>) -> u64 {
     metrics_text(base, token)
         .await

@@ -1,0 +1,731 @@
+//! The admin APIs: CreateTopics, DeleteTopics, CreatePartitions,
+//! DescribeConfigs, AlterConfigs and IncrementalAlterConfigs, over the
+//! log's own topic operations (the same the HTTP API and the CLI use).
+//!
+//! Topic configs, Kafka's names for ours:
+//! - `retention.ms`, `retention.bytes` (per partition; `-1` = no limit),
+//!   `max.message.bytes` (ours is per record: `max_event_bytes`),
+//!   `tributary.on.full` (`reject` or `drop_oldest`, at the disk quota);
+//! - `cleanup.policy` is `delete` (compaction is not served: `compact` is
+//!   refused with INVALID_CONFIG);
+//! - Kafka topic configs that mean nothing on this node (segments,
+//!   indexes, replication, flushing: see [`NO_EFFECT`]) are accepted and
+//!   ignored, so tools that always send them work; any other name is
+//!   INVALID_CONFIG, as Apache Kafka answers.
+//!
+//! Rights under device auth: creating a topic takes publish on it (as over
+//! HTTP); deleting a topic, adding partitions and changing configs take the
+//! admin ([`tributary_devices::auth::may_administer`]), which a device
+//! logged in over SASL is not: TOPIC_AUTHORIZATION_FAILED.
+
+use std::collections::BTreeSet;
+
+use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult,
+};
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
+use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse as IncrementalResult;
+use kafka_protocol::messages::{
+    AlterConfigsRequest, AlterConfigsResponse, CreatePartitionsRequest, CreatePartitionsResponse,
+    CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    DescribeConfigsRequest, DescribeConfigsResponse, IncrementalAlterConfigsRequest,
+    IncrementalAlterConfigsResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+use tributary_devices::auth::{may_administer, Action};
+use tributary_storage::topic::{validate_name, MAX_PARTITIONS};
+use tributary_storage::{Error as LogError, OnFull, TopicChange, TopicConfig};
+
+use crate::conn::Session;
+use crate::handlers::NODE_ID;
+
+/// Config resource types (`DescribeConfigs`, `AlterConfigs`).
+const TOPIC: i8 = 2;
+const BROKER: i8 = 4;
+
+/// Config sources and types, as Kafka numbers them.
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_DEFAULT: i8 = 5;
+const TYPE_STRING: i8 = 2;
+const TYPE_INT: i8 = 3;
+const TYPE_LONG: i8 = 5;
+const TYPE_LIST: i8 = 7;
+
+const RETENTION_MS: &str = "retention.ms";
+const RETENTION_BYTES: &str = "retention.bytes";
+const MAX_MESSAGE_BYTES: &str = "max.message.bytes";
+const CLEANUP_POLICY: &str = "cleanup.policy";
+const ON_FULL: &str = "tributary.on.full";
+
+/// Kafka topic configs accepted and ignored: what they tune (log segments
+/// and indexes, replicas, flushing, tiered storage, timestamps, the
+/// cleaner) does not exist on this node.
+const NO_EFFECT: &[&str] = &[
+    "compression.type",
+    "delete.retention.ms",
+    "file.delete.delay.ms",
+    "flush.messages",
+    "flush.ms",
+    "follower.replication.throttled.replicas",
+    "index.interval.bytes",
+    "leader.replication.throttled.replicas",
+    "local.retention.bytes",
+    "local.retention.ms",
+    "max.compaction.lag.ms",
+    "message.downconversion.enable",
+    "message.format.version",
+    "message.timestamp.after.max.ms",
+    "message.timestamp.before.max.ms",
+    "message.timestamp.difference.max.ms",
+    "message.timestamp.type",
+    "min.cleanable.dirty.ratio",
+    "min.compaction.lag.ms",
+    "min.insync.replicas",
+    "preallocate",
+    "remote.storage.enable",
+    "segment.bytes",
+    "segment.index.bytes",
+    "segment.jitter.ms",
+    "segment.ms",
+    "unclean.leader.election.enable",
+];
+
+fn st(v: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(v.into())
+}
+
+/// An answer for one topic or resource that carries an error code and
+/// message.
+trait Refusable: Sized {
+    fn refused(self, failure: Failure) -> Self;
+
+    /// `self` as is when `outcome` is Ok, else refused with its failure.
+    fn settled(self, outcome: Result<(), Failure>) -> Self {
+        match outcome {
+            Ok(()) => self,
+            Err(f) => self.refused(f),
+        }
+    }
+}
+
+macro_rules! refusable {
+    ($($ty:ty),*) => {$(
+        impl Refusable for $ty {
+            fn refused(self, (code, message): Failure) -> Self {
+                self.with_error_code(code.code())
+                    .with_error_message(Some(st(message)))
+            }
+        }
+    )*};
+}
+
+refusable!(
+    CreatableTopicResult,
+    DeletableTopicResult,
+    CreatePartitionsTopicResult,
+    DescribeConfigsResult,
+    AlterConfigsResourceResponse,
+    IncrementalResult
+);
+
+fn may_admin(s: &Session) -> bool {
+    may_administer(&*s.server.cx.auth, &s.who())
+}
+
+/// An answer's code and message.
+type Failure = (ResponseError, String);
+
+fn fail(code: ResponseError, message: impl Into<String>) -> Failure {
+    (code, message.into())
+}
+
+/// Kafka's answer to a refusal of the log's topic operations.
+fn log_failure(e: &LogError) -> Failure {
+    let code = match e {
+        LogError::UnknownTopic(_) => ResponseError::UnknownTopicOrPartition,
+        LogError::TopicExists(_) | LogError::TopicDeleting(_) => ResponseError::TopicAlreadyExists,
+        LogError::InvalidName(_) => ResponseError::InvalidTopicException,
+        LogError::InvalidTopic(_) => ResponseError::InvalidConfig,
+        LogError::Unwritable(_) | LogError::DiskFull { .. } | LogError::Closed => {
+            ResponseError::KafkaStorageError
+        }
+        _ => ResponseError::UnknownServerError,
+    };
+    (code, e.to_string())
+}
+
+fn limit(name: &str, value: &str) -> Result<Option<u64>, String> {
+    match value.trim().parse::<i64>() {
+        Ok(-1) => Ok(None),
+        Ok(v) if v > 0 => Ok(Some(v as u64)),
+        _ => Err(format!(
+            "{name} must be a positive number or -1, got `{value}`"
+        )),
+    }
+}
+
+/// Sets one config (`None`: back to the node's default for topics).
+fn set(
+    config: &mut TopicConfig,
+    defaults: &TopicConfig,
+    name: &str,
+    value: Option<&str>,
+) -> Result<(), String> {
+    match (name, value) {
+        (RETENTION_MS, None) => config.retention_ms = defaults.retention_ms,
+        (RETENTION_MS, Some(v)) => config.retention_ms = limit(name, v)?,
+        (RETENTION_BYTES, None) => config.retention_bytes = defaults.retention_bytes,
+        (RETENTION_BYTES, Some(v)) => config.retention_bytes = limit(name, v)?,
+        (MAX_MESSAGE_BYTES, None) => config.max_event_bytes = defaults.max_event_bytes,
+        (MAX_MESSAGE_BYTES, Some(v)) => {
+            config.max_event_bytes = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("{name} must be a positive number, got `{v}`"))?;
+        }
+        (ON_FULL, None) => config.on_full = defaults.on_full,
+        (ON_FULL, Some(v)) => {
+            config.on_full = match v.trim() {
+                "reject" => OnFull::Reject,
+                "drop_oldest" => OnFull::DropOldest,
+                _ => return Err(format!("{name} is `reject` or `drop_oldest`, got `{v}`")),
+            }
+        }
+        (CLEANUP_POLICY, None) => {}
+        (CLEANUP_POLICY, Some(v)) => {
+            if v.split(',').any(|p| p.trim() != "delete") {
+                return Err(format!(
+                    "{name} `{v}`: this node deletes by retention; log compaction is not served"
+                ));
+            }
+        }
+        (other, _) if NO_EFFECT.contains(&other) => {}
+        (other, _) => return Err(format!("unknown topic config `{other}`")),
+    }
+    Ok(())
+}
+
+/// A config entry as DescribeConfigs (and CreateTopics v5+) show it.
+struct Entry {
+    name: &'static str,
+    value: String,
+    default: bool,
+    kind: i8,
+}
+
+fn entries(config: &TopicConfig, defaults: &TopicConfig) -> Vec<Entry> {
+    let opt = |v: Option<u64>| v.map_or_else(|| "-1".to_owned(), |v| v.to_string());
+    let on_full = |o: OnFull| match o {
+        OnFull::Reject => "reject",
+        OnFull::DropOldest => "drop_oldest",
+    };
+    vec![
+        Entry {
+            name: CLEANUP_POLICY,
+            value: "delete".into(),
+            default: true,
+            kind: TYPE_LIST,
+        },
+        Entry {
+            name: MAX_MESSAGE_BYTES,
+            value: config.max_event_bytes.to_string(),
+            default: config.max_event_bytes == defaults.max_event_bytes,
+            kind: TYPE_INT,
+        },
+        Entry {
+            name: RETENTION_BYTES,
+            value: opt(config.retention_bytes),
+            default: config.retention_bytes == defaults.retention_bytes,
+            kind: TYPE_LONG,
+        },
+        Entry {
+            name: RETENTION_MS,
+            value: opt(config.retention_ms),
+            default: config.retention_ms == defaults.retention_ms,
+            kind: TYPE_LONG,
+        },
+        Entry {
+            name: ON_FULL,
+            value: on_full(config.on_full).into(),
+            default: config.on_full == defaults.on_full,
+            kind: TYPE_STRING,
+        },
+    ]
+}
+
+fn source(e: &Entry) -> i8 {
+    if e.default {
+        SOURCE_DEFAULT
+    } else {
+        SOURCE_TOPIC
+    }
+}
+
+/// Everything of `config` but its name and partitions, as a change.
+fn change_to(config: &TopicConfig) -> TopicChange {
+    TopicChange {
+        partitions: None,
+        retention_ms: Some(config.retention_ms),
+        retention_bytes: Some(config.retention_bytes),
+        max_event_bytes: Some(config.max_event_bytes),
+        on_full: Some(config.on_full),
+    }
+}
+
+fn defaults(s: &Session, topic: &str) -> TopicConfig {
+    s.server.cx.log.config().topic_defaults.config(topic)
+}
+
+/// CreateTopics: a topic with one replica (this node), the partitions and
+/// configs asked for; `validate_only` checks without creating.
+pub(crate) async fn create_topics(s: &Session, req: CreateTopicsRequest) -> CreateTopicsResponse {
+    let mut seen = BTreeSet::new();
+    let repeated: BTreeSet<String> = req
+        .topics
+        .iter()
+        .filter(|t| !seen.insert(t.name.0.to_string()))
+        .map(|t| t.name.0.to_string())
+        .collect();
+    let mut results = Vec::new();
+    for topic in req.topics {
+        let name = topic.name.0.to_string();
+        let result = CreatableTopicResult::default().with_name(topic.name.clone());
+        let outcome = if repeated.contains(&name) {
+            Err(fail(
+                ResponseError::InvalidRequest,
+                format!("topic `{name}` is named more than once in the request"),
+            ))
+        } else {
+            create_one(s, &name, &topic, req.validate_only).await
+        };
+        results.push(match outcome {
+            Ok(config) => {
+                let d = defaults(s, &name);
+                let configs = entries(&config, &d)
+                    .into_iter()
+                    .map(|e| {
+                        CreatableTopicConfigs::default()
+                            .with_config_source(source(&e))
+                            .with_name(st(e.name))
+                            .with_value(Some(st(e.value)))
+                    })
+                    .collect();
+                result
+                    .with_num_partitions(config.partitions as i32)
+                    .with_replication_factor(1)
+                    .with_configs(Some(configs))
+            }
+            Err(failure) => result
+                .refused(failure)
+                .with_num_partitions(-1)
+                .with_replication_factor(-1),
+        });
+    }
+    CreateTopicsResponse::default().with_topics(results)
+}
+
+async fn create_one(
+    s: &Session,
+    name: &str,
+    topic: &kafka_protocol::messages::create_topics_request::CreatableTopic,
+    validate_only: bool,
+) -> Result<TopicConfig, Failure> {
+    let auth = &*s.server.cx.auth;
+    if !auth.authorize(&s.who(), Action::Publish, name).allowed() {
+        return Err(fail(
+            ResponseError::TopicAuthorizationFailed,
+            format!("creating topic `{name}` takes the right to publish to it"),
+        ));
+    }
+    validate_name(name).map_err(|e| log_failure(&e))?;
+    let d = defaults(s, name);
+    let mut config = d.clone();
+    if !topic.assignments.is_empty() {
+        let mut indexes: Vec<i32> = topic
+            .assignments
+            .iter()
+            .map(|a| a.partition_index)
+            .collect();
+        indexes.sort_unstable();
+        let dense = indexes.iter().enumerate().all(|(i, &p)| p == i as i32);
+        let here = topic
+            .assignments
+            .iter()
+            .all(|a| a.broker_ids.len() == 1 && a.broker_ids[0].0 == NODE_ID);
+        if !dense || !here {
+            return Err(fail(
+                ResponseError::InvalidReplicaAssignment,
+                format!(
+                    "this node is the one broker ({NODE_ID}): each partition 0..n gets exactly it"
+                ),
+            ));
+        }
+        config.partitions = indexes.len() as u32;
+    } else if topic.num_partitions != -1 {
+        if topic.num_partitions < 1 || topic.num_partitions as u32 > MAX_PARTITIONS {
+            return Err(fail(
+                ResponseError::InvalidPartitions,
+                format!(
+                    "partitions must be 1..={MAX_PARTITIONS}, got {}",
+                    topic.num_partitions
+                ),
+            ));
+        }
+        config.partitions = topic.num_partitions as u32;
+    }
+    if !matches!(topic.replication_factor, -1 | 1) {
+        return Err(fail(
+            ResponseError::InvalidReplicationFactor,
+            format!(
+                "replication factor {} is more than the one broker this node is",
+                topic.replication_factor
+            ),
+        ));
+    }
+    for c in &topic.configs {
+        set(&mut config, &d, &c.name, c.value.as_deref())
+            .map_err(|m| fail(ResponseError::InvalidConfig, m))?;
+    }
+    config.validate().map_err(|e| log_failure(&e))?;
+    if validate_only {
+        return match s.server.cx.log.topic(name) {
+            Ok(_) => Err(log_failure(&LogError::TopicExists(name.to_owned()))),
+            Err(_) => Ok(config),
+        };
+    }
+    s.server
+        .cx
+        .log
+        .create_topic(config)
+        .await
+        .map(|info| info.config)
+        .map_err(|e| log_failure(&e))
+}
+
+/// DeleteTopics: by name (v6 may name a topic by id: topics here have none,
+/// so UNKNOWN_TOPIC_ID).
+pub(crate) async fn delete_topics(s: &Session, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    let mut asked: Vec<DeletableTopicResult> = req
+        .topic_names
+        .into_iter()
+        .map(|n| DeletableTopicResult::default().with_name(Some(n)))
+        .collect();
+    asked.extend(req.topics.into_iter().map(|t| {
+        DeletableTopicResult::default()
+            .with_name(t.name)
+            .with_topic_id(t.topic_id)
+    }));
+    let mut responses = Vec::new();
+    for result in asked {
+        let outcome = match result.name.clone() {
+            None => Err(fail(
+                ResponseError::UnknownTopicId,
+                "topics on this node have no ids: name the topic",
+            )),
+            Some(_) if !may_admin(s) => Err(fail(
+                ResponseError::TopicAuthorizationFailed,
+                "deleting topics takes the admin",
+            )),
+            Some(n) => s
+                .server
+                .cx
+                .log
+                .delete_topic(&n.0)
+                .await
+                .map_err(|e| log_failure(&e)),
+        };
+        responses.push(result.settled(outcome));
+    }
+    DeleteTopicsResponse::default().with_responses(responses)
+}
+
+/// CreatePartitions: a topic grows to `count` partitions.
+pub(crate) async fn create_partitions(
+    s: &Session,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
+    let mut results = Vec::new();
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let outcome = grow(s, &name, &t, req.validate_only).await;
+        let result = CreatePartitionsTopicResult::default().with_name(t.name);
+        results.push(result.settled(outcome));
+    }
+    CreatePartitionsResponse::default().with_results(results)
+}
+
+async fn grow(
+    s: &Session,
+    name: &str,
+    t: &kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic,
+    validate_only: bool,
+) -> Result<(), Failure> {
+    if !may_admin(s) {
+        return Err(fail(
+            ResponseError::TopicAuthorizationFailed,
+            "adding partitions takes the admin",
+        ));
+    }
+    let log = &s.server.cx.log;
+    let now = log
+        .topic(name)
+        .map_err(|e| log_failure(&e))?
+        .config
+        .partitions;
+    let count = u32::try_from(t.count).unwrap_or(0);
+    if count <= now || count > MAX_PARTITIONS {
+        let message = if count == now {
+            format!("topic `{name}` already has {now} partitions")
+        } else if count < now {
+            format!("topic `{name}` has {now} partitions, more than the {count} asked for: partitions can be added, not removed")
+        } else {
+            format!(
+                "partitions must be at most {MAX_PARTITIONS}, got {}",
+                t.count
+            )
+        };
+        return Err(fail(ResponseError::InvalidPartitions, message));
+    }
+    if let Some(assignments) = t.assignments.as_ref().filter(|a| !a.is_empty()) {
+        let here = assignments
+            .iter()
+            .all(|a| a.broker_ids.len() == 1 && a.broker_ids[0].0 == NODE_ID);
+        if !here || assignments.len() as u32 != count - now {
+            return Err(fail(
+                ResponseError::InvalidReplicaAssignment,
+                format!(
+                    "this node is the one broker ({NODE_ID}): each new partition gets exactly it"
+                ),
+            ));
+        }
+    }
+    if validate_only {
+        return Ok(());
+    }
+    let change = TopicChange {
+        partitions: Some(count),
+        ..TopicChange::default()
+    };
+    log.alter_topic(name, &change)
+        .await
+        .map(drop)
+        .map_err(|e| log_failure(&e))
+}
+
+/// DescribeConfigs: a topic's configs (all, or the keys asked for); a
+/// broker has none that clients can change here (its settings are the
+/// node's config file).
+pub(crate) fn describe_configs(
+    s: &Session,
+    req: DescribeConfigsRequest,
+) -> DescribeConfigsResponse {
+    let auth = &*s.server.cx.auth;
+    let mut results = Vec::new();
+    for r in req.resources {
+        let result = DescribeConfigsResult::default()
+            .with_resource_type(r.resource_type)
+            .with_resource_name(r.resource_name.clone());
+        let name = r.resource_name.to_string();
+        let outcome = match r.resource_type {
+            BROKER => Ok(Vec::new()),
+            TOPIC if !auth.may_see(&s.who(), &name) => Err(fail(
+                ResponseError::TopicAuthorizationFailed,
+                format!("topic `{name}` is not visible to this client"),
+            )),
+            TOPIC => match s.server.cx.log.topic(&name) {
+                Ok(info) => {
+                    let wanted = r.configuration_keys.as_ref();
+                    let configs = entries(&info.config, &defaults(s, &name))
+                        .into_iter()
+                        .filter(|e| wanted.is_none_or(|w| w.iter().any(|k| **k == *e.name)))
+                        .map(|e| {
+                            DescribeConfigsResourceResult::default()
+                                .with_config_source(source(&e))
+                                .with_config_type(e.kind)
+                                .with_name(st(e.name))
+                                .with_value(Some(st(e.value)))
+                        })
+                        .collect();
+                    Ok(configs)
+                }
+                Err(e) => Err(log_failure(&e)),
+            },
+            other => Err(fail(
+                ResponseError::InvalidRequest,
+                format!(
+                    "config resource type {other} is not served: topics (2) and brokers (4) are"
+                ),
+            )),
+        };
+        results.push(match outcome {
+            Ok(configs) => result.with_configs(configs),
+            Err(failure) => result.refused(failure),
+        });
+    }
+    DescribeConfigsResponse::default().with_results(results)
+}
+
+/// How a resource's configs change: AlterConfigs replaces every config
+/// (those not named go back to the defaults), IncrementalAlterConfigs
+/// sets or deletes the ones named.
+enum Edit<'a> {
+    Replace(Vec<(&'a str, Option<&'a str>)>),
+    Incremental(Vec<(&'a str, i8, Option<&'a str>)>),
+}
+
+async fn alter_resource(
+    s: &Session,
+    resource_type: i8,
+    name: &str,
+    edit: Edit<'_>,
+    validate_only: bool,
+) -> Result<(), Failure> {
+    if resource_type != TOPIC {
+        return Err(fail(
+            ResponseError::InvalidRequest,
+            "only topic configs change here: a broker's settings are the node's config file",
+        ));
+    }
+    if !may_admin(s) {
+        return Err(fail(
+            ResponseError::TopicAuthorizationFailed,
+            "changing topic configs takes the admin",
+        ));
+    }
+    let log = &s.server.cx.log;
+    let current = log.topic(name).map_err(|e| log_failure(&e))?.config;
+    let d = defaults(s, name);
+    let invalid = |m| fail(ResponseError::InvalidConfig, m);
+    let config = match edit {
+        Edit::Replace(configs) => {
+            let mut c = TopicConfig {
+                name: current.name.clone(),
+                partitions: current.partitions,
+                ..d.clone()
+            };
+            for (k, v) in configs {
+                set(&mut c, &d, k, v).map_err(invalid)?;
+            }
+            c
+        }
+        Edit::Incremental(ops) => {
+            let mut c = current.clone();
+            for (k, op, v) in ops {
+                match op {
+                    0 => set(&mut c, &d, k, v).map_err(invalid)?,
+                    1 => set(&mut c, &d, k, None).map_err(invalid)?,
+                    _ => {
+                        return Err(invalid(format!(
+                            "`{k}`: only SET (0) and DELETE (1) apply to this node's topic configs"
+                        )))
+                    }
+                }
+            }
+            c
+        }
+    };
+    let change = change_to(&config);
+    change.applied_to(&current).map_err(|e| log_failure(&e))?;
+    if validate_only {
+        return Ok(());
+    }
+    log.alter_topic(name, &change)
+        .await
+        .map(drop)
+        .map_err(|e| log_failure(&e))
+}
+
+/// AlterConfigs: a topic's configs replaced as a whole.
+pub(crate) async fn alter_configs(s: &Session, req: AlterConfigsRequest) -> AlterConfigsResponse {
+    let mut responses = Vec::new();
+    for r in req.resources {
+        let name = r.resource_name.to_string();
+        let edit = Edit::Replace(
+            r.configs
+                .iter()
+                .map(|c| (&*c.name, c.value.as_deref()))
+                .collect(),
+        );
+        let outcome = alter_resource(s, r.resource_type, &name, edit, req.validate_only).await;
+        let result = AlterConfigsResourceResponse::default()
+            .with_resource_type(r.resource_type)
+            .with_resource_name(r.resource_name.clone());
+        responses.push(result.settled(outcome));
+    }
+    AlterConfigsResponse::default().with_responses(responses)
+}
+
+/// IncrementalAlterConfigs: the configs named are set or reset.
+pub(crate) async fn incremental_alter_configs(
+    s: &Session,
+    req: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
+    let mut responses = Vec::new();
+    for r in req.resources {
+        let name = r.resource_name.to_string();
+        let edit = Edit::Incremental(
+            r.configs
+                .iter()
+                .map(|c| (&*c.name, c.config_operation, c.value.as_deref()))
+                .collect(),
+        );
+        let outcome = alter_resource(s, r.resource_type, &name, edit, req.validate_only).await;
+        let result = IncrementalResult::default()
+            .with_resource_type(r.resource_type)
+            .with_resource_name(r.resource_name.clone());
+        responses.push(result.settled(outcome));
+    }
+    IncrementalAlterConfigsResponse::default().with_responses(responses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_config_names_map_to_ours() {
+        let d = TopicConfig::new("t", 1);
+        let mut c = d.clone();
+        set(&mut c, &d, RETENTION_MS, Some("60000")).expect("ms");
+        set(&mut c, &d, RETENTION_BYTES, Some("-1")).expect("bytes");
+        set(&mut c, &d, MAX_MESSAGE_BYTES, Some("2048")).expect("max");
+        set(&mut c, &d, ON_FULL, Some("drop_oldest")).expect("on full");
+        set(&mut c, &d, CLEANUP_POLICY, Some("delete")).expect("delete");
+        set(&mut c, &d, "segment.bytes", Some("1")).expect("no effect");
+        assert_eq!(c.retention_ms, Some(60_000));
+        assert_eq!(c.retention_bytes, None);
+        assert_eq!(c.max_event_bytes, 2048);
+        assert_eq!(c.on_full, OnFull::DropOldest);
+        set(&mut c, &d, RETENTION_MS, None).expect("reset");
+        assert_eq!(c.retention_ms, d.retention_ms);
+        for (k, v) in [
+            (RETENTION_MS, "0"),
+            (RETENTION_MS, "-2"),
+            (RETENTION_BYTES, "lots"),
+            (MAX_MESSAGE_BYTES, "-1"),
+            (ON_FULL, "panic"),
+            (CLEANUP_POLICY, "compact"),
+            (CLEANUP_POLICY, "delete,compact"),
+            ("no.such.config", "1"),
+        ] {
+            assert!(set(&mut c, &d, k, Some(v)).is_err(), "{k}={v}");
+        }
+        let shown = entries(&c, &d);
+        let ms = shown
+            .iter()
+            .find(|e| e.name == RETENTION_MS)
+            .expect("shown");
+        assert_eq!((ms.value.as_str(), ms.default), ("-1", true));
+        let max = shown
+            .iter()
+            .find(|e| e.name == MAX_MESSAGE_BYTES)
+            .expect("shown");
+        assert_eq!((max.value.as_str(), max.default), ("2048", false));
+    }
+}
