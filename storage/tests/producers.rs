@@ -50,6 +50,11 @@ async fn a_batch_sent_again_is_stored_once_and_sequences_are_enforced() {
     assert_eq!(send(&log, id, 0, 0, 3).await.expect("again"), 0);
     assert_eq!(send(&log, id, 0, 3, 2).await.expect("again"), 3);
     assert_eq!(end(&log), 5, "nothing stored twice");
+    assert_eq!(
+        log.topic("t").expect("t").events_appended,
+        5,
+        "a duplicate is not counted as appended"
+    );
     assert_eq!(read_all(&log, "t", 0).len(), 5);
     // A gap, an old epoch, a stranger: refused, nothing stored.
     assert!(matches!(

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use common::kafka::{name, sasl_plain, Client};
 use common::InProcessNode;
-use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
@@ -87,7 +86,7 @@ fn record(i: i64, key: &str, value: &[u8], headers: &[(&str, &[u8])]) -> Record 
                     Some(Bytes::copy_from_slice(v)),
                 )
             })
-            .collect::<IndexMap<_, _>>(),
+            .collect(),
     }
 }
 
@@ -237,7 +236,12 @@ async fn produced_records_come_back_byte_for_byte_with_every_codec_and_over_http
                     n,
                     &format!("k{n}"),
                     format!("{c_:?}-{n}").as_bytes(),
-                    &[("h", &[0, 1, 2, 255][..]), ("content-type", b"text/plain")],
+                    // A name given twice keeps both values, in order.
+                    &[
+                        ("h", &[0, 1, 2, 255][..]),
+                        ("content-type", b"text/plain"),
+                        ("h", b"again"),
+                    ],
                 )
             })
             .collect();
@@ -256,7 +260,23 @@ async fn produced_records_come_back_byte_for_byte_with_every_codec_and_over_http
         assert_eq!(g.timestamp, s.timestamp);
         assert_eq!(g.headers, s.headers);
     }
-    // The same records over HTTP: produced once, readable by every protocol.
+    // The same records over HTTP: produced once, readable by every protocol,
+    // the repeated header too.
+    let (_, page) = common::get(
+        &common::client(),
+        &format!(
+            "{}/v1/topics/kt/partitions/0/records?offset=0&limit=1",
+            node.url
+        ),
+    )
+    .await;
+    let names: Vec<&str> = page["records"][0]["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter_map(|h| h["key"].as_str())
+        .collect();
+    assert_eq!(names, ["h", "content-type", "h"], "{page}");
     let values = common::stored_values(&node.url, "kt").await;
     assert_eq!(values.len(), sent.len());
     assert_eq!(values.get(&b"Zstd-14"[..]), Some(&1));

@@ -8,14 +8,13 @@
 //! CreateTime timestamp. Fetch: stored records go back as one uncompressed
 //! v2 batch per read (consumers accept any codec, and none saves CPU here).
 //!
-//! Two things Kafka has that the log's records do not: a null value (stored
-//! as an empty one) and a header name given twice (the protocol crate keeps
-//! headers in a map, so the last value of a repeated name wins).
+//! Headers keep their order, and a name may repeat (both ways). One thing
+//! Kafka has that the log's records do not: a null value, or a null header
+//! value (stored as an empty one).
 
 use std::io::Read;
 
 use bytes::{Buf, Bytes, BytesMut};
-use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression, Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder,
@@ -119,7 +118,7 @@ pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
                         Some(Bytes::copy_from_slice(v)),
                     )
                 })
-                .collect::<IndexMap<_, _>>(),
+                .collect(),
         })
         .collect();
     let mut buf = BytesMut::new();

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::oneshot;
 
-use super::committer::{Command, Part};
+use super::committer::{Appended, Command, Part};
 use super::Log;
 use super::ProducerBatch;
 use crate::batch::{encoded_len, BatchBuilder, HEADER_LEN};
@@ -192,13 +192,15 @@ impl Log {
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         drop(_queued);
-        let firsts = answer.await.map_err(|_| Error::Closed)??;
-        t.live.bytes.fetch_add(bytes as u64, Relaxed);
-        t.live.events.fetch_add(placement.len() as u64, Relaxed);
-        self.shared()
-            .stats
-            .append_bytes
-            .fetch_add(bytes as u64, Relaxed);
+        let Appended { firsts, written } = answer.await.map_err(|_| Error::Closed)??;
+        if written {
+            t.live.bytes.fetch_add(bytes as u64, Relaxed);
+            t.live.events.fetch_add(placement.len() as u64, Relaxed);
+            self.shared()
+                .stats
+                .append_bytes
+                .fetch_add(bytes as u64, Relaxed);
+        }
         let partition_of_slot: Vec<u32> = partition_of_slot;
         Ok(placement
             .into_iter()

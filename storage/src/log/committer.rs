@@ -25,12 +25,19 @@ pub(super) struct Part {
     pub(super) chunks: Vec<BatchBuilder>,
 }
 
+/// The committer's answer to an append: each part's first offset, and
+/// whether it was written (an idempotent producer's duplicate is not).
+pub(super) struct Appended {
+    pub(super) firsts: Vec<u64>,
+    pub(super) written: bool,
+}
+
 pub(super) enum Command {
     Append {
         topic: Arc<TopicState>,
         parts: Vec<Part>,
         bytes: usize,
-        reply: oneshot::Sender<Result<Vec<u64>>>,
+        reply: oneshot::Sender<Result<Appended>>,
         _permit: OwnedSemaphorePermit,
         /// Its bytes under the disk quota, released with the command (after
         /// its batch is sealed and counted), also if the producer gave up.
@@ -79,7 +86,7 @@ const PIPELINE_MIN_BYTES: usize = 256 * 1024;
 /// One cycle written to the engine, on its way to the syncer.
 pub(super) struct Job {
     cycle: Vec<Command>,
-    answers: Vec<Result<Vec<u64>>>,
+    answers: Vec<Result<Appended>>,
     written: Result<Written>,
     started: Instant,
 }
@@ -242,7 +249,7 @@ impl OpenBatch {
 fn write_cycle(
     shared: &Shared,
     cycle: &mut [Command],
-    answers: &mut Vec<Result<Vec<u64>>>,
+    answers: &mut Vec<Result<Appended>>,
 ) -> Result<Written> {
     let batch_bytes = shared.config.batch_bytes;
     let mut open: HashMap<usize, OpenBatch> = HashMap::new();
@@ -263,7 +270,10 @@ fn write_cycle(
                     match sequence(shared, topic, parts, b)? {
                         Ok(Verdict::Append) => {}
                         Ok(Verdict::Duplicate(base)) => {
-                            answers.push(Ok(vec![base]));
+                            answers.push(Ok(Appended {
+                                firsts: vec![base],
+                                written: false,
+                            }));
                             continue;
                         }
                         Err(refused) => {
@@ -304,7 +314,10 @@ fn write_cycle(
                         ps.next.fetch_add(count, Relaxed);
                     }
                 }
-                answers.push(Ok(firsts));
+                answers.push(Ok(Appended {
+                    firsts,
+                    written: true,
+                }));
             }
             Command::Commit { group, offsets, .. } => {
                 // Not for a topic deleted since the commit was checked.
@@ -390,7 +403,7 @@ fn sequence(
     Ok(Ok(verdict))
 }
 
-fn answer(cycle: Vec<Command>, answers: Vec<Result<Vec<u64>>>, outcome: &Result<()>) {
+fn answer(cycle: Vec<Command>, answers: Vec<Result<Appended>>, outcome: &Result<()>) {
     let mut answers = answers.into_iter();
     for cmd in cycle {
         let err = || match &outcome {
