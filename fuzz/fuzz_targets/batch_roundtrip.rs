@@ -18,7 +18,7 @@ struct Input {
 #[derive(Debug, Arbitrary)]
 struct ArbEvent {
     key: Option<Vec<u8>>,
-    value: Vec<u8>,
+    value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
 }
 

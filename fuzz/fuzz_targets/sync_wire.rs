@@ -8,11 +8,13 @@ use tributary_sync::wire::{self, Frame};
 fuzz_target!(|data: &[u8]| {
     if let Ok(Frame::Batch(batch)) = Frame::decode(data) {
         if let Ok(block) = wire::decompress(&batch, 1 << 20) {
-            let _ = wire::decode_records(&block, batch.count);
+            let _ = wire::decode_records(&block, batch.count, wire::VERSION);
         }
     }
     // The records block on its own, whatever count a peer claims.
+    // Both versions of the records.
     if let Some((&n, block)) = data.split_first() {
-        let _ = wire::decode_records(block, u32::from(n));
+        let _ = wire::decode_records(block, u32::from(n), wire::VERSION);
+        let _ = wire::decode_records(block, u32::from(n), 1);
     }
 });

@@ -222,7 +222,7 @@ fn read_phase(dir: &tempfile::TempDir, expected: u64) {
             bytes += r
                 .records
                 .iter()
-                .map(|rec| rec.value.len() as u64)
+                .map(|rec| rec.bytes().len() as u64)
                 .sum::<u64>();
             offset = r.next_offset;
         }

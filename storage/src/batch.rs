@@ -6,7 +6,7 @@
 //! ```text
 //! offset  size  field
 //! 0       1     magic 0x54 ('T')
-//! 1       1     format version (1)
+//! 1       1     format version (2; 1 is still read)
 //! 2       4     CRC-32 (IEEE, little-endian) of bytes 6..end
 //! 6       4     record count (LE u32, ≥ 1)
 //! 10      8     min timestamp (LE i64, ms)
@@ -23,7 +23,8 @@
 //! varint  body length
 //! zigzag  timestamp (i64)
 //! varint  key length + 1 (0 = no key), key bytes
-//! varint  value length, value bytes
+//! varint  value length + 1 (0 = null value), value bytes
+//!         (version 1: value length, value bytes; no null values)
 //! varint  header count, then per header: varint name length, name (UTF-8),
 //!         varint value length, value bytes
 //! ```
@@ -35,7 +36,10 @@ use crate::event::{Event, Record};
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 34;
 const MAGIC: u8 = 0x54;
-const VERSION: u8 = 1;
+/// The version written.
+const VERSION: u8 = 2;
+/// The first version, still read: values are never null.
+const VERSION_1: u8 = 1;
 
 /// Summary of a batch read from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,8 +113,13 @@ impl BatchBuilder {
             }
             None => put_varint(buf, 0),
         }
-        put_varint(buf, event.value.len() as u64);
-        buf.extend_from_slice(&event.value);
+        match &event.value {
+            Some(v) => {
+                put_varint(buf, v.len() as u64 + 1);
+                buf.extend_from_slice(v);
+            }
+            None => put_varint(buf, 0),
+        }
         put_varint(buf, event.headers.len() as u64);
         for (name, value) in &event.headers {
             put_varint(buf, name.len() as u64);
@@ -145,7 +154,10 @@ fn encoded_body_len(event: &Event, timestamp: i64) -> usize {
         Some(k) => varint_len(k.len() as u64 + 1) + k.len(),
         None => 1,
     };
-    n += varint_len(event.value.len() as u64) + event.value.len();
+    n += match &event.value {
+        Some(v) => varint_len(v.len() as u64 + 1) + v.len(),
+        None => 1,
+    };
     n += varint_len(event.headers.len() as u64);
     for (name, value) in &event.headers {
         n += varint_len(name.len() as u64)
@@ -174,7 +186,7 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
     if value[0] != MAGIC {
         return Err(bad(format!("bad magic byte {:#04x}", value[0])));
     }
-    if value[1] != VERSION {
+    if value[1] != VERSION && value[1] != VERSION_1 {
         return Err(bad(format!("unknown batch format version {}", value[1])));
     }
     let stored = u32::from_le_bytes(arr4(&value[2..6]));
@@ -208,6 +220,7 @@ pub fn decode_records(
     mut each: impl FnMut(Record) -> bool,
 ) -> Result<()> {
     let header = decode_header(value)?;
+    let nullable = value[1] != VERSION_1;
     let mut cur = Cursor {
         buf: value,
         pos: HEADER_LEN,
@@ -231,8 +244,11 @@ pub fn decode_records(
             0 => None,
             n => Some(cur.bytes(n as usize - 1)?.to_vec()),
         };
-        let vlen = cur.varint()? as usize;
-        let value_bytes = cur.bytes(vlen)?.to_vec();
+        let value_bytes = match (nullable, cur.varint()?) {
+            (true, 0) => None,
+            (true, n) => Some(cur.bytes(n as usize - 1)?.to_vec()),
+            (false, n) => Some(cur.bytes(n as usize)?.to_vec()),
+        };
         let hcount = cur.varint()? as usize;
         let mut headers = Vec::with_capacity(hcount.min(64));
         for _ in 0..hcount {
@@ -380,7 +396,53 @@ mod tests {
             assert_eq!(r.headers, e.headers);
         }
         assert_eq!(got[10].key, None);
-        assert!(got[10].value.is_empty());
+        assert_eq!(got[10].value, Some(Vec::new()), "empty, not null");
+    }
+
+    #[test]
+    fn a_null_value_stays_null_and_version_1_batches_still_read() {
+        let mut b = BatchBuilder::with_capacity(64);
+        b.push(&Event::null().with_key("gone"), 7);
+        b.push(&Event::new(Vec::new()).with_key("empty"), 8);
+        let (value, _) = b.finish(0);
+        let mut got = Vec::new();
+        decode_records(&value, 0, 0, 0, u64::MAX, |r| {
+            got.push(r);
+            true
+        })
+        .expect("decode");
+        assert_eq!(got[0].value, None);
+        assert_eq!(got[1].value, Some(Vec::new()));
+        // A batch as version 1 wrote it (value length, no null): 2 records.
+        let mut v1 = vec![0u8; HEADER_LEN];
+        for (key, val) in [(&b"a"[..], &b"xy"[..]), (&b""[..], &b""[..])] {
+            let mut body = Vec::new();
+            put_varint(&mut body, zigzag(5));
+            put_varint(&mut body, key.len() as u64 + 1);
+            body.extend_from_slice(key);
+            put_varint(&mut body, val.len() as u64);
+            body.extend_from_slice(val);
+            put_varint(&mut body, 0);
+            put_varint(&mut v1, body.len() as u64);
+            v1.extend_from_slice(&body);
+        }
+        v1[0] = MAGIC;
+        v1[1] = VERSION_1;
+        v1[6..10].copy_from_slice(&2u32.to_le_bytes());
+        let end = v1.len() as u64;
+        v1[26..34].copy_from_slice(&end.to_le_bytes());
+        let crc = crc32fast::hash(&v1[6..]);
+        v1[2..6].copy_from_slice(&crc.to_le_bytes());
+        let mut old = Vec::new();
+        decode_records(&v1, 0, 0, 0, u64::MAX, |r| {
+            old.push(r);
+            true
+        })
+        .expect("a version 1 batch decodes");
+        assert_eq!(old[0].value.as_deref(), Some(&b"xy"[..]));
+        assert_eq!(old[1].value, Some(Vec::new()), "version 1 has no null");
+        v1[1] = 3;
+        assert!(decode_header(&v1).is_err(), "unknown versions are refused");
     }
 
     #[test]

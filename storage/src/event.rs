@@ -5,8 +5,9 @@
 pub struct Event {
     /// Optional key; decides the partition when present.
     pub key: Option<Vec<u8>>,
-    /// The payload.
-    pub value: Vec<u8>,
+    /// The payload; `None` is a null value (Kafka's tombstone), which is
+    /// not the same as an empty one.
+    pub value: Option<Vec<u8>>,
     /// Milliseconds since the Unix epoch. `None` on input means "stamp at ingest".
     pub timestamp: Option<i64>,
     /// Ordered headers; names may repeat.
@@ -17,9 +18,19 @@ impl Event {
     /// An event with only a value.
     pub fn new(value: impl Into<Vec<u8>>) -> Self {
         Event {
-            value: value.into(),
+            value: Some(value.into()),
             ..Event::default()
         }
+    }
+
+    /// An event with a null value (a tombstone: a key's value removed).
+    pub fn null() -> Self {
+        Event::default()
+    }
+
+    /// The value's bytes; a null value reads as empty.
+    pub fn bytes(&self) -> &[u8] {
+        self.value.as_deref().unwrap_or_default()
     }
 
     /// Builder: set the key.
@@ -43,7 +54,7 @@ impl Event {
     /// Bytes this event counts against `max_event_bytes`: key, value and headers.
     pub fn size(&self) -> usize {
         self.key.as_ref().map_or(0, Vec::len)
-            + self.value.len()
+            + self.value.as_ref().map_or(0, Vec::len)
             + self
                 .headers
                 .iter()
@@ -61,12 +72,20 @@ pub struct Record {
     pub offset: u64,
     /// Key, if any.
     pub key: Option<Vec<u8>>,
-    /// Payload.
-    pub value: Vec<u8>,
+    /// Payload; `None` is a null value.
+    pub value: Option<Vec<u8>>,
     /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
     /// Ordered headers.
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    /// The value's bytes; a null value reads as empty (for protocols whose
+    /// payloads cannot be null: MQTT, AMQP, WebSocket frames).
+    pub fn bytes(&self) -> &[u8] {
+        self.value.as_deref().unwrap_or_default()
+    }
 }
 
 /// An event to append, optionally pinned to a partition.

@@ -40,7 +40,7 @@ fn rich_events(seed: u64) -> Vec<Event> {
         Event::new(Vec::new()),
         Event {
             key: Some(Vec::new()),
-            value: binary.clone(),
+            value: Some(binary.clone()),
             timestamp: Some(0),
             headers: vec![
                 ("ünïcödé".into(), vec![0, 255, 0]),
@@ -225,7 +225,7 @@ async fn keys_land_like_kafka_keyless_calls_rotate_explicit_partition_wins() {
             .read("p", pos.partition, pos.offset, 1, MAX)
             .expect("read keyed");
         assert_eq!(r.records[0].key.as_deref(), Some(k.as_bytes()));
-        assert_eq!(r.records[0].value, k.as_bytes());
+        assert_eq!(r.records[0].bytes(), k.as_bytes());
     }
 
     // Keyless: every event of one call goes to one partition; calls rotate.
@@ -360,7 +360,7 @@ async fn thousand_concurrent_appends(log: &Log) {
         assert_eq!(records.len() as u64, n);
         for r in records {
             assert_eq!(
-                r.value,
+                r.bytes(),
                 expected[&(p, r.offset)].as_bytes(),
                 "wrong payload at {p}/{}",
                 r.offset
@@ -438,7 +438,7 @@ async fn large_events_are_chunked_on_sled_and_read_back_whole() {
     let check = |log: &Log| {
         let got: Vec<Vec<u8>> = read_all_paged(log, "large", 0, 3)
             .into_iter()
-            .map(|r| r.value)
+            .map(|r| r.bytes().to_vec())
             .collect();
         assert_eq!(got.len(), values.len());
         for (i, (g, w)) in got.iter().zip(&values).enumerate() {
@@ -468,7 +468,7 @@ async fn large_events_are_chunked_on_sled_and_read_back_whole() {
     assert!(start > 6, "the large batches were removed: start {start}");
     let kept = read_all(&log, "large", 0);
     assert_eq!(kept.len() as u64, end - start);
-    assert_eq!(kept.last().map(|r| r.value.len()), Some(50_000));
+    assert_eq!(kept.last().map(|r| r.bytes().len()), Some(50_000));
 }
 
 // ---------------------------------------------------------------------------
@@ -550,7 +550,7 @@ async fn append_is_neither_acknowledged_nor_visible_before_its_sync() {
     commit.await.expect("join").expect("commit after release");
     let tailed = tail.await.expect("join").expect("tail after release");
     assert_eq!(tailed.records.len(), 1);
-    assert_eq!(tailed.records[0].value, b"held");
+    assert_eq!(tailed.records[0].bytes(), b"held");
     end_rx.changed().await.expect("end changes");
     assert_eq!(*end_rx.borrow(), 1);
     assert_eq!(
@@ -610,7 +610,7 @@ async fn crash_keeps_acknowledged_records_and_loses_unsynced_ones() {
     for p in 0..2 {
         let got: Vec<(u64, Vec<u8>)> = read_all(&log, "c", p)
             .into_iter()
-            .map(|r| (r.offset, r.value))
+            .map(|r| (r.offset, r.bytes().to_vec()))
             .collect();
         let want: Vec<(u64, Vec<u8>)> = acked
             .iter()
@@ -644,7 +644,7 @@ async fn crash_keeps_acknowledged_records_and_loses_unsynced_ones() {
     for p in 0..2 {
         let records = read_all(&log, "c", p);
         assert_eq!(records.len(), 28);
-        assert_eq!(records[27].value, format!("after-{}", 4 + p).into_bytes());
+        assert_eq!(records[27].bytes(), format!("after-{}", 4 + p).into_bytes());
     }
 }
 
@@ -688,7 +688,7 @@ async fn a_disk_under_the_reserve_refuses_appends_keeps_reads_and_recovers_by_it
     // Every stored event stays readable while the disk is full.
     let values: Vec<Vec<u8>> = read_all(&log, "d", 0)
         .into_iter()
-        .map(|r| r.value)
+        .map(|r| r.bytes().to_vec())
         .collect();
     assert_eq!(
         values,
@@ -806,7 +806,7 @@ async fn failed_sync_makes_the_log_unwritable_for_good() {
     let log = mem_log(&store.crashed(), strict_config());
     let records = read_all(&log, "f", 0);
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].value, b"ok");
+    assert_eq!(records[0].bytes(), b"ok");
     assert_eq!(append_one(&log, "f", "after restart").await, 1);
 }
 
@@ -861,7 +861,7 @@ async fn close_refuses_new_appends_and_keeps_what_was_accepted() {
     );
     drop(log);
     let log = mem_log(&store.crashed(), strict_config());
-    assert_eq!(read_all(&log, "t", 0)[0].value, b"kept");
+    assert_eq!(read_all(&log, "t", 0)[0].bytes(), b"kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -881,7 +881,7 @@ async fn interval_durability_acks_early_and_flush_makes_durable() {
         .expect("interval mode must not wait for a sync")
         .expect("append");
     assert_eq!(pos[0].offset, 0);
-    assert_eq!(read_all(&log, "iv", 0)[0].value, b"fast");
+    assert_eq!(read_all(&log, "iv", 0)[0].bytes(), b"fast");
     assert_eq!(
         live_batches(&store.crashed(), "iv", 0),
         0,
@@ -912,7 +912,7 @@ async fn interval_durability_acks_early_and_flush_makes_durable() {
     let log = mem_log(&store.crashed(), config);
     let values: Vec<Vec<u8>> = read_all(&log, "iv", 0)
         .into_iter()
-        .map(|r| r.value)
+        .map(|r| r.bytes().to_vec())
         .collect();
     assert_eq!(values, vec![b"fast".to_vec(), b"second".to_vec()]);
 }
@@ -1162,7 +1162,7 @@ async fn size_retention_advances_start_and_never_reuses_offsets() {
     let kept = read_all(&log, "sized", 0);
     assert_eq!(kept.first().map(|r| r.offset), Some(start));
     for r in &kept {
-        assert_eq!(r.value, value(r.offset));
+        assert_eq!(r.bytes(), value(r.offset));
     }
 
     // A topic where retention removes every batch.
@@ -1235,7 +1235,7 @@ async fn time_retention_removes_old_batches_by_producer_timestamp() {
     assert_eq!(offsets(&log, "aged", 0), (5, 8));
     let values: Vec<Vec<u8>> = read_all(&log, "aged", 0)
         .into_iter()
-        .map(|r| r.value)
+        .map(|r| r.bytes().to_vec())
         .collect();
     assert_eq!(
         values,
@@ -1577,7 +1577,7 @@ async fn retention_racing_appends_and_readers_never_serves_wrong_data() {
                         for (i, rec) in r.records.iter().enumerate() {
                             assert_eq!(rec.offset, offset + i as u64, "not contiguous");
                             assert_eq!(
-                                rec.value,
+                                rec.bytes(),
                                 format!("v{}", rec.offset).into_bytes(),
                                 "wrong data"
                             );
@@ -1724,7 +1724,7 @@ async fn corrupt_batches_are_reported_with_their_location_never_a_panic() {
     // Intact batches still read.
     for offset in [0, 3, 5, 7, 9] {
         let r = log.read("c", 1, offset, 1, MAX).expect("intact batch");
-        assert_eq!(r.records[0].value, format!("value-{offset}").into_bytes());
+        assert_eq!(r.records[0].bytes(), format!("value-{offset}").into_bytes());
     }
     // Appends continue after the corrupt middle.
     let pos = log
@@ -1880,15 +1880,15 @@ async fn one_mebibyte_event_round_trips_and_larger_ones_are_refused() {
     let log = sled_log(dir.path(), strict_config());
     let records = read_all(&log, "big", 0);
     assert_eq!(records.len(), 3);
-    assert_eq!(records[0].value, b"before");
+    assert_eq!(records[0].bytes(), b"before");
     assert!(
-        records[1].value == big,
+        records[1].bytes() == big,
         "the 1 MiB event changed across reopen"
     );
-    assert_eq!(records[2].value, b"after");
+    assert_eq!(records[2].bytes(), b"after");
     let large = read_all(&log, "large", 0);
     assert!(
-        large.len() == 1 && large[0].value == huge,
+        large.len() == 1 && large[0].bytes() == huge,
         "the 4 MiB event changed across reopen"
     );
 }
@@ -2091,7 +2091,7 @@ async fn fetch_at_the_end_returns_when_another_task_appends() {
         "the waiting fetch must return the appended record"
     );
     assert_eq!(
-        (r.records[0].offset, r.records[0].value.as_slice()),
+        (r.records[0].offset, r.records[0].bytes()),
         (1, &b"second"[..])
     );
     assert_eq!(r.next_offset, 2);
@@ -2121,7 +2121,7 @@ async fn fetch_at_the_end_returns_when_another_task_appends() {
             "a waiter returned empty although records arrived"
         );
         assert_eq!(r.records[0].offset, 2);
-        assert_eq!(r.records[0].value, b"many-0");
+        assert_eq!(r.records[0].bytes(), b"many-0");
     }
 
     // Nothing arrives: the fetch returns empty at the end, not an error.
@@ -2292,7 +2292,7 @@ async fn a_drop_oldest_topic_evicts_its_oldest_batches_and_counts_them() {
         .map(|p| {
             read_all(&log, "ring", p)
                 .iter()
-                .filter(|r| r.value.starts_with(b"r99-"))
+                .filter(|r| r.bytes().starts_with(b"r99-"))
                 .count()
         })
         .sum();

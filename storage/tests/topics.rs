@@ -98,13 +98,13 @@ async fn a_deleted_topic_takes_its_records_offsets_and_producers_and_its_name_ne
     let log = sled_log(dir.path(), strict_config());
     let records = read_all(&log, "t", 0);
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].value, b"new");
+    assert_eq!(records[0].bytes(), b"new");
     assert_eq!(log.topic("t").expect("t").config.partitions, 1);
     assert_eq!(
         log.group_offsets("g").expect("offsets"),
         vec![offset("u", 0, 1)]
     );
-    assert_eq!(read_all(&log, "u", 0)[0].value, b"kept");
+    assert_eq!(read_all(&log, "u", 0)[0].bytes(), b"kept");
     assert_eq!(log.producer_states(), 0);
 }
 
@@ -233,7 +233,7 @@ async fn appends_racing_a_deletion_never_leak_into_the_name_reused() {
             .filter(|(o, v)| {
                 o.checked_sub(start)
                     .and_then(|i| stored.get(i as usize))
-                    .is_some_and(|r| r.offset == *o && r.value == v.as_bytes())
+                    .is_some_and(|r| r.offset == *o && r.bytes() == v.as_bytes())
             })
             .collect();
         assert_eq!(
@@ -308,8 +308,8 @@ async fn a_topic_gains_partitions_and_new_limits_durably() {
     assert_eq!(info.config.partitions, 4);
     assert_eq!(info.config.max_event_bytes, 100);
     assert_eq!(info.config.retention_ms, None);
-    assert_eq!(read_all(&log, "t", 0)[0].value, b"before");
-    assert_eq!(read_all(&log, "t", 3)[0].value, b"in the new partition");
+    assert_eq!(read_all(&log, "t", 0)[0].bytes(), b"before");
+    assert_eq!(read_all(&log, "t", 3)[0].bytes(), b"in the new partition");
 }
 
 /// Appends queued with the topic's old state and with its new one share a
@@ -358,7 +358,7 @@ async fn appends_racing_topic_changes_keep_dense_offsets() {
     assert_eq!(stored.len(), acked.len());
     for (offset, value) in acked {
         assert_eq!(
-            stored[offset as usize].value,
+            stored[offset as usize].bytes(),
             value.as_bytes(),
             "at {offset}"
         );

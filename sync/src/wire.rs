@@ -1,4 +1,4 @@
-//! The sync wire format, version 1.
+//! The sync wire format, versions 1 and 2.
 //!
 //! One edge keeps one WebSocket connection to its core (`GET /v1/sync` on the
 //! core's HTTP or HTTPS port, so it passes the proxies HTTP passes). Every
@@ -36,9 +36,13 @@
 //! record, with LEB128 varints:
 //!
 //! ```text
-//! key_len+1 (0: no key) | key | value_len | value | timestamp (zigzag) |
+//! key_len+1 (0: no key) | key | value_len+1 (0: null) | value | timestamp (zigzag) |
 //! header_count | { name_len | name (UTF-8) | value_len | value } …
 //! ```
+//!
+//! Version 1 writes `value_len` (no null values: a null one travels
+//! empty); version 2 (this build's) writes `value_len+1`, so a tombstone
+//! reaches the core as one.
 //!
 //! Why zstd and not lz4: on 100-byte JSON sensor events in 512-record
 //! batches, zstd level 1 compressed 6.8× at ~0.2 µs of CPU per event, lz4
@@ -52,7 +56,9 @@ use tributary_storage::Record;
 use crate::Error;
 
 /// The newest version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The first version whose records carry null values.
+pub const NULL_VALUES: u16 = 2;
 /// The oldest version this build speaks.
 pub const MIN_VERSION: u16 = 1;
 
@@ -290,8 +296,8 @@ impl Frame {
 pub struct WireRecord {
     /// Key, if any.
     pub key: Option<Vec<u8>>,
-    /// Value.
-    pub value: Vec<u8>,
+    /// Value (`None`: null).
+    pub value: Option<Vec<u8>>,
     /// Milliseconds since the epoch (the edge's stored timestamp).
     pub timestamp: i64,
     /// Headers in order.
@@ -312,7 +318,11 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 /// Appends `records` to a records block (uncompressed).
-pub fn encode_records<'a>(records: impl IntoIterator<Item = &'a Record>, out: &mut Vec<u8>) {
+pub fn encode_records<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    out: &mut Vec<u8>,
+    version: u16,
+) {
     for r in records {
         match &r.key {
             Some(k) => {
@@ -321,7 +331,14 @@ pub fn encode_records<'a>(records: impl IntoIterator<Item = &'a Record>, out: &m
             }
             None => put_varint(out, 0),
         }
-        put_bytes(out, &r.value);
+        match (&r.value, version >= NULL_VALUES) {
+            (Some(v), true) => {
+                put_varint(out, v.len() as u64 + 1);
+                out.extend_from_slice(v);
+            }
+            (None, true) => put_varint(out, 0),
+            (v, false) => put_bytes(out, v.as_deref().unwrap_or_default()),
+        }
         put_varint(out, ((r.timestamp << 1) ^ (r.timestamp >> 63)) as u64);
         put_varint(out, r.headers.len() as u64);
         for (name, value) in &r.headers {
@@ -333,7 +350,7 @@ pub fn encode_records<'a>(records: impl IntoIterator<Item = &'a Record>, out: &m
 
 /// Bytes one record takes in a block, exactly (batches are sized by it
 /// before encoding, and must not exceed the core's limit by a byte).
-pub fn encoded_len(r: &Record) -> usize {
+pub fn encoded_len(r: &Record, version: u16) -> usize {
     let sized = |n: usize| varint_len(n as u64) + n;
     let key = r
         .key
@@ -344,7 +361,12 @@ pub fn encoded_len(r: &Record) -> usize {
         .iter()
         .map(|(n, v)| sized(n.len()) + sized(v.len()))
         .sum();
-    key + sized(r.value.len())
+    let value = match (&r.value, version >= NULL_VALUES) {
+        (Some(v), true) => varint_len(v.len() as u64 + 1) + v.len(),
+        (None, true) => 1,
+        (v, false) => sized(v.as_ref().map_or(0, Vec::len)),
+    };
+    key + value
         + varint_len(((r.timestamp << 1) ^ (r.timestamp >> 63)) as u64)
         + varint_len(r.headers.len() as u64)
         + headers
@@ -395,7 +417,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Parses a records block holding exactly `count` records.
-pub fn decode_records(block: &[u8], count: u32) -> Result<Vec<WireRecord>, Error> {
+pub fn decode_records(block: &[u8], count: u32, version: u16) -> Result<Vec<WireRecord>, Error> {
     let mut r = Reader { buf: block };
     // Every record takes at least 4 bytes: a count beyond that is a lie, and
     // must not size an allocation.
@@ -408,7 +430,14 @@ pub fn decode_records(block: &[u8], count: u32) -> Result<Vec<WireRecord>, Error
             0 => None,
             n => Some(r.bytes(n - 1)?.to_vec()),
         };
-        let value = r.sized()?.to_vec();
+        let value = if version >= NULL_VALUES {
+            match r.varint()? {
+                0 => None,
+                n => Some(r.bytes(n - 1)?.to_vec()),
+            }
+        } else {
+            Some(r.sized()?.to_vec())
+        };
         let z = r.varint()?;
         let timestamp = ((z >> 1) as i64) ^ -((z & 1) as i64);
         let n = r.varint()?;
@@ -477,7 +506,7 @@ mod tests {
             partition: 0,
             offset: i,
             key: (!i.is_multiple_of(3)).then(|| format!("k{i}").into_bytes()),
-            value: format!("{{\"seq\":{i},\"temp\":21.5}}").into_bytes(),
+            value: Some(format!("{{\"seq\":{i},\"temp\":21.5}}").into_bytes()),
             timestamp: if i == 2 {
                 -5
             } else {
@@ -504,18 +533,24 @@ mod tests {
         for (key, value, timestamp, headers) in [
             (
                 Some(vec![7u8; 200]),
-                vec![1u8; 1 << 21],
+                Some(vec![1u8; 1 << 21]),
                 i64::MIN,
                 Vec::new(),
             ),
-            (None, Vec::new(), 0, Vec::new()),
+            (None, Some(Vec::new()), 0, Vec::new()),
+            (None, None, 0, Vec::new()),
             (
                 Some(Vec::new()),
-                vec![0u8; 127],
+                Some(vec![0u8; 127]),
                 i64::MAX,
                 big_header.clone(),
             ),
-            (Some(vec![0u8; 16_383]), vec![0u8; 128], -1, big_header),
+            (
+                Some(vec![0u8; 16_383]),
+                Some(vec![0u8; 128]),
+                -1,
+                big_header,
+            ),
         ] {
             let r = Record {
                 partition: 0,
@@ -525,27 +560,51 @@ mod tests {
                 timestamp,
                 headers,
             };
-            let mut block = Vec::new();
-            encode_records(std::iter::once(&r), &mut block);
-            assert_eq!(encoded_len(&r), block.len());
+            for version in MIN_VERSION..=VERSION {
+                let mut block = Vec::new();
+                encode_records(std::iter::once(&r), &mut block, version);
+                assert_eq!(encoded_len(&r, version), block.len());
+            }
         }
     }
 
     #[test]
     fn records_round_trip_byte_for_byte() {
-        let records: Vec<Record> = (0..100).map(record).collect();
+        let mut records: Vec<Record> = (0..100).map(record).collect();
+        records[7].value = None;
+        records[8].value = Some(Vec::new());
         let mut block = Vec::new();
-        encode_records(&records, &mut block);
-        assert_eq!(records.iter().map(encoded_len).sum::<usize>(), block.len());
-        let back = decode_records(&block, 100).expect("decodes");
+        encode_records(&records, &mut block, VERSION);
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| encoded_len(r, VERSION))
+                .sum::<usize>(),
+            block.len()
+        );
+        let back = decode_records(&block, 100, VERSION).expect("decodes");
         for (r, w) in records.iter().zip(&back) {
             assert_eq!(
                 (&r.key, &r.value, r.timestamp, &r.headers),
                 (&w.key, &w.value, w.timestamp, &w.headers)
             );
         }
-        assert!(decode_records(&block, 99).is_err(), "trailing bytes");
-        assert!(decode_records(&block, 101).is_err(), "too few records");
+        assert_eq!(back[7].value, None, "a null value stays null");
+        assert_eq!(back[8].value, Some(Vec::new()), "an empty one stays empty");
+        // Version 1 has no null values: a null one travels empty.
+        let mut v1 = Vec::new();
+        encode_records(&records, &mut v1, 1);
+        let back = decode_records(&v1, 100, 1).expect("decodes");
+        assert_eq!(back[7].value, Some(Vec::new()));
+        assert_eq!(back[9].value, records[9].value);
+        assert!(
+            decode_records(&block, 99, VERSION).is_err(),
+            "trailing bytes"
+        );
+        assert!(
+            decode_records(&block, 101, VERSION).is_err(),
+            "too few records"
+        );
         let (c, packed) = compress(block.clone(), 1);
         assert_eq!(c, Compression::Zstd);
         let batch = Batch {
@@ -572,7 +631,7 @@ mod tests {
     fn garbage_never_panics() {
         let mut rng = fastrand::Rng::with_seed(3);
         let mut good = Vec::new();
-        encode_records(&(0..20).map(record).collect::<Vec<_>>(), &mut good);
+        encode_records(&(0..20).map(record).collect::<Vec<_>>(), &mut good, VERSION);
         for _ in 0..20_000 {
             let mut b = good.clone();
             for _ in 0..rng.usize(1..8) {
@@ -580,7 +639,8 @@ mod tests {
                 b[i] = rng.u8(..);
             }
             b.truncate(rng.usize(..=b.len()));
-            let _ = decode_records(&b, rng.u32(0..40));
+            let _ = decode_records(&b, rng.u32(0..40), VERSION);
+            let _ = decode_records(&b, rng.u32(0..40), 1);
             let _ = Frame::decode(&b);
             let lie = Batch {
                 topic: "t".into(),
@@ -595,8 +655,8 @@ mod tests {
             };
             let _ = decompress(&lie, 1 << 16);
         }
-        assert!(decode_records(&[0xff; 11], 1).is_err());
-        assert!(decode_records(&[], u32::MAX).is_err());
+        assert!(decode_records(&[0xff; 11], 1, VERSION).is_err());
+        assert!(decode_records(&[], u32::MAX, VERSION).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """confluent-kafka (librdkafka) against a Tributary node: produce with every
 codec and acks=all, then read everything back by assignment (no group) and
-check keys, values, headers and timestamps byte for byte.
+check keys, values (null ones too), headers and timestamps byte for byte.
 
 usage: kafka_check.py BOOTSTRAP TOPIC
 Prints one JSON line: {"produced": N, "consumed": N, "codecs": [...]}; exits 1
@@ -42,7 +42,8 @@ for codec in codecs:
         p.produce(
             topic,
             key=f"{codec}-{i % 7}".encode(),
-            value=(f"{codec} value {i} " + "x" * (i % 50)).encode(),
+            # Every tenth a tombstone: a null value, not an empty one.
+            value=None if i % 10 == 0 else (f"{codec} value {i} " + "x" * (i % 50)).encode(),
             headers=headers_of(codec),
             timestamp=1_700_000_000_000 + i,
             on_delivery=delivered,
@@ -82,5 +83,7 @@ c.close()
 bad = [k for k in sent if got.get(k) != sent[k]]
 if bad:
     print("first mismatch:", sent[bad[0]], got.get(bad[0]), file=sys.stderr)
-print(json.dumps({"produced": len(sent), "consumed": len(got), "codecs": codecs, "mismatched": len(bad)}))
+nulls = sum(1 for v in got.values() if v[1] is None)
+print(json.dumps({"produced": len(sent), "consumed": len(got), "codecs": codecs,
+                  "mismatched": len(bad), "nulls": nulls}))
 sys.exit(0 if not bad and len(got) == len(sent) else 1)

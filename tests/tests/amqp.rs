@@ -575,7 +575,7 @@ async fn multi_frame_bodies_and_empty_bodies_arrive_whole() {
             .is_ack());
     }
     let read = s.log.read("blobs", 0, 0, 10, 1 << 22).expect("read");
-    let values: Vec<&[u8]> = read.records.iter().map(|r| r.value.as_slice()).collect();
+    let values: Vec<&[u8]> = read.records.iter().map(|r| r.bytes()).collect();
     assert_eq!(values, vec![&big[..], &b""[..], &b"small"[..]]);
 }
 

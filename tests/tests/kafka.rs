@@ -283,6 +283,63 @@ async fn produced_records_come_back_byte_for_byte_with_every_codec_and_over_http
     node.stop().await;
 }
 
+/// A null value (a tombstone) is not an empty one: it stays null from a
+/// Kafka producer to a Kafka consumer and to HTTP (`"value": null`), and
+/// from HTTP to Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_value_stays_null_across_kafka_and_http() {
+    let node = InProcessNode::start("").await;
+    let mut c = Client::connect(&node).await;
+    metadata(&mut c, "states").await;
+    let mut gone = record(0, "pump-1", b"", &[]);
+    gone.value = None;
+    let empty = record(1, "pump-2", b"", &[]);
+    produce(
+        &mut c,
+        "states",
+        0,
+        batch(&[gone, empty], Compression::None),
+        -1,
+    )
+    .await;
+    let (s, b) = common::post(
+        &common::client(),
+        &format!("{}/v1/topics/states/records", node.url),
+        &serde_json::json!({"records": [
+            {"key": "pump-3", "value": null, "partition": 0},
+            {"key": "pump-4", "partition": 0},
+        ]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (code, got, _) = fetch(&mut c, "states", 0, 0, 0).await;
+    assert_eq!(code, 0);
+    let values: Vec<Option<Bytes>> = got.iter().map(|r| r.value.clone()).collect();
+    assert_eq!(
+        values,
+        [None, Some(Bytes::new()), None, Some(Bytes::new())],
+        "null, empty, null over HTTP, absent over HTTP (empty)"
+    );
+    let (_, page) = common::get(
+        &common::client(),
+        &format!(
+            "{}/v1/topics/states/partitions/0/records?offset=0",
+            node.url
+        ),
+    )
+    .await;
+    let over_http: Vec<&serde_json::Value> = page["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| &r["value"])
+        .collect();
+    assert_eq!(over_http[0], &serde_json::Value::Null, "{page}");
+    assert_eq!(over_http[2], &serde_json::Value::Null, "{page}");
+    assert_ne!(over_http[1], &serde_json::Value::Null, "{page}");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_at_the_end_waits_for_the_next_record_and_list_offsets_answers() {
     let node = InProcessNode::start("").await;

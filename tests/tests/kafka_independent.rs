@@ -90,6 +90,10 @@ fn librdkafka_produces_with_every_codec_and_consumes_byte_for_byte() {
     assert_eq!(summary["produced"], 1000);
     assert_eq!(summary["consumed"], 1000);
     assert_eq!(summary["mismatched"], 0);
+    assert_eq!(
+        summary["nulls"], 100,
+        "tombstones come back null: {summary}"
+    );
 }
 
 /// Runs the group scenario (three members; one killed, one leaving, one

@@ -551,6 +551,43 @@ async fn two_edges_with_the_same_topics_share_one_core() {
     assert_eq!(stats["sync"]["edges_connected"], 2, "{stats}");
 }
 
+/// A null value (a tombstone) reaches the core as one, not as an empty
+/// value (wire version 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_value_reaches_the_core_null() {
+    let dir = tmp();
+    let core = start_core(&dir.path().join("core"), &[]);
+    let url = sync_url(&http_addr(&core));
+    let edge = start_edge(&dir.path().join("edge"), &url, "edge-1", &[]);
+    let c = client();
+    create_topic(&c, &edge.url, T, 1).await;
+    let records = json!({"records": [
+        {"key": "pump-1", "value": null},
+        {"key": "pump-2", "value": ""},
+        {"key": "pump-3", "value": {"on": true}},
+    ]});
+    let (s, b) = post(&c, &format!("{}/v1/topics/{T}/records", edge.url), &records).await;
+    assert_eq!(s, 200, "{b}");
+    wait_drained(&edge.url, Duration::from_secs(60)).await;
+    let (s, page) = get(
+        &c,
+        &format!("{}/v1/topics/{T}/partitions/0/records?offset=0", core.url),
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    let values: Vec<Value> = page["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["value"].clone())
+        .collect();
+    assert_eq!(
+        values,
+        [Value::Null, json!(""), json!({"on": true})],
+        "{page}"
+    );
+}
+
 /// Partitions added at the edge are forwarded (the edge opens the topic
 /// again), and partitions added at the core do not move a stream: each edge
 /// partition's records stay in the one core partition it was given, which

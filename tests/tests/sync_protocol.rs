@@ -86,7 +86,7 @@ fn records(from: u64, n: u64) -> Vec<Record> {
             partition: 0,
             offset: i,
             key: Some(format!("k{i}").into_bytes()),
-            value: format!("{{\"v\":{i}}}").into_bytes(),
+            value: Some(format!("{{\"v\":{i}}}").into_bytes()),
             timestamp: 1_700_000_000_000 + i as i64,
             headers: vec![("h".into(), vec![0, 255])],
         })
@@ -95,7 +95,7 @@ fn records(from: u64, n: u64) -> Vec<Record> {
 
 fn batch(topic: &str, from: u64, n: u64) -> Frame {
     let mut raw = Vec::new();
-    wire::encode_records(&records(from, n), &mut raw);
+    wire::encode_records(&records(from, n), &mut raw, wire::VERSION);
     let raw_len = raw.len() as u32;
     let (compression, records) = wire::compress(raw, 1);
     Frame::Batch(Batch {
@@ -174,6 +174,72 @@ async fn mem_core(store: &MemStore) -> (String, Log, CancellationToken) {
             .await
     });
     (format!("ws://{addr}/v1/sync"), log, shutdown)
+}
+
+/// An edge of an earlier build speaks only version 1: the core answers at
+/// version 1 and reads its records (values as version 1 writes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_speaking_only_version_1_is_served_at_version_1() {
+    let store = MemStore::new();
+    let (url, log, shutdown) = mem_core(&store).await;
+    log.create_topic(tributary_storage::TopicConfig::new("old", 1))
+        .await
+        .expect("topic");
+    let mut ws = connect(&url).await;
+    send(
+        &mut ws,
+        Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            edge_id: "old-edge".into(),
+            instance: 1,
+            token: None,
+        }),
+    )
+    .await;
+    let Some(Frame::Welcome(w)) = next(&mut ws).await else {
+        panic!("no Welcome")
+    };
+    assert_eq!(w.version, 1);
+    send(
+        &mut ws,
+        Frame::Open(Open {
+            topic: "old".into(),
+            partitions: 1,
+        }),
+    )
+    .await;
+    assert!(matches!(next(&mut ws).await, Some(Frame::Opened(_))));
+    let mut sent = records(0, 3);
+    sent[1].value = None;
+    let mut raw = Vec::new();
+    wire::encode_records(&sent, &mut raw, 1);
+    let raw_len = raw.len() as u32;
+    send(
+        &mut ws,
+        Frame::Batch(Batch {
+            topic: "old".into(),
+            partition: 0,
+            base_offset: 0,
+            count: 3,
+            new_lane: false,
+            edge_end: 3,
+            compression: wire::Compression::None,
+            raw_len,
+            records: raw,
+        }),
+    )
+    .await;
+    assert_eq!(ack_of(next(&mut ws).await), (0, 3));
+    let stored = log.read("old", 0, 0, 10, usize::MAX).expect("read").records;
+    assert_eq!(stored[0].value, sent[0].value);
+    assert_eq!(
+        stored[1].value,
+        Some(Vec::new()),
+        "version 1 has no null values"
+    );
+    assert_eq!(stored[2].value, sent[2].value);
+    shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -259,7 +259,7 @@ async fn bridge_out(
                             mandatory: true,
                             immediate: false,
                         },
-                        &r.value,
+                        r.bytes(),
                         mapping::properties_for(&r.headers, r.timestamp),
                     ),
                 )

@@ -79,7 +79,7 @@ pub fn event_from(routing_key: &str, props: &AMQPProperties, body: Vec<u8>) -> E
         .and_then(|s| s.checked_mul(1000));
     Event {
         key: (!routing_key.is_empty()).then(|| routing_key.as_bytes().to_vec()),
-        value: body,
+        value: Some(body),
         timestamp,
         headers,
     }

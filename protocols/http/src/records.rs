@@ -50,8 +50,9 @@ pub struct ProduceBody<'a> {
 #[serde(deny_unknown_fields)]
 pub struct ProduceRecord<'a> {
     key: Option<String>,
-    #[serde(borrow)]
-    value: Option<&'a RawValue>,
+    /// Absent: an empty value; `null`: a null value (a tombstone).
+    #[serde(default, borrow, deserialize_with = "present")]
+    value: Option<Option<&'a RawValue>>,
     headers: Option<HeadersIn>,
     timestamp: Option<i64>,
     partition: Option<u32>,
@@ -73,6 +74,15 @@ struct HeaderIn {
     value: String,
 }
 
+/// A field that is present: `Some(None)` when it is `null`.
+fn present<'de, D>(d: D) -> Result<Option<Option<&'de RawValue>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let raw = <&'de RawValue as Deserialize>::deserialize(d)?;
+    Ok(Some((raw.get() != "null").then_some(raw)))
+}
+
 fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, ApiError> {
     B64.decode(s)
         .map_err(|e| ApiError::bad_request(format!("{what} is not valid base64: {e}")))
@@ -89,20 +99,21 @@ impl ProduceRecord<'_> {
             None => None,
         };
         let value = match (self.value, self.encoding) {
-            (None, _) => Vec::new(),
-            (Some(raw), Encoding::Json) => raw.get().as_bytes().to_vec(),
-            (Some(raw), enc) => {
+            (None, _) => Some(Vec::new()),
+            (Some(None), _) => None,
+            (Some(Some(raw)), Encoding::Json) => Some(raw.get().as_bytes().to_vec()),
+            (Some(Some(raw)), enc) => {
                 let s: String = serde_json::from_str(raw.get()).map_err(|_| {
                     ApiError::bad_request(
                         format!("value must be a JSON string with encoding \"{enc:?}\"")
                             .to_lowercase(),
                     )
                 })?;
-                if b64 {
+                Some(if b64 {
                     decode_b64("value", &s)?
                 } else {
                     s.into_bytes()
-                }
+                })
             }
         };
         let mut headers = Vec::new();
@@ -204,6 +215,8 @@ pub enum ValueOut {
     Json(Box<RawValue>),
     /// Text or base64 text.
     Text(String),
+    /// A null value.
+    Null,
 }
 
 /// A header in fetch output.
@@ -257,10 +270,16 @@ impl RecordOut {
             .as_ref()
             .map(|k| std::str::from_utf8(k).is_ok())
             .unwrap_or(true);
-        let as_json = (format == Format::Json && key_text)
-            .then(|| json_or_text(&r.value))
-            .flatten();
+        let as_json = match &r.value {
+            None => Some(ValueOut::Null),
+            Some(v) => (format == Format::Json && key_text)
+                .then(|| json_or_text(v))
+                .flatten(),
+        };
         let (key, value, encoding) = match as_json {
+            Some(ValueOut::Null) if format != Format::Json || !key_text => {
+                (r.key.map(|k| B64.encode(k)), ValueOut::Null, Some("base64"))
+            }
             Some(value) => (
                 r.key.map(|k| String::from_utf8_lossy(&k).into_owned()),
                 value,
@@ -268,7 +287,7 @@ impl RecordOut {
             ),
             None => (
                 r.key.map(|k| B64.encode(k)),
-                ValueOut::Text(B64.encode(&r.value)),
+                ValueOut::Text(B64.encode(r.value.as_deref().unwrap_or_default())),
                 Some("base64"),
             ),
         };
@@ -344,7 +363,7 @@ mod tests {
             partition: 0,
             offset: 7,
             key: key.map(<[u8]>::to_vec),
-            value: value.to_vec(),
+            value: Some(value.to_vec()),
             timestamp: 1,
             headers: vec![("h".into(), vec![0xff])],
         }
@@ -451,10 +470,10 @@ mod tests {
             .into_iter()
             .map(|r| r.into_append().expect("valid"))
             .collect();
-        assert_eq!(recs[0].event.value, br#"{"a": [1, 2]}"#.to_vec());
-        assert_eq!(recs[1].event.value, b"text".to_vec());
+        assert_eq!(recs[0].event.bytes(), br#"{"a": [1, 2]}"#);
+        assert_eq!(recs[1].event.bytes(), b"text");
         assert_eq!(recs[1].event.headers, vec![("x".into(), b"y".to_vec())]);
-        assert_eq!(recs[2].event.value, vec![0, 1, 2]);
+        assert_eq!(recs[2].event.bytes(), [0, 1, 2]);
         assert_eq!(recs[2].event.key, Some(vec![1]));
         assert_eq!(recs[2].event.headers, vec![("h".into(), vec![0xff])]);
     }

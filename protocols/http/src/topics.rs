@@ -208,7 +208,7 @@ pub(crate) async fn produce(
                 event: Event {
                     key: raw.key.map(String::into_bytes),
                     // One copy: the held body stays (and counts) until the append is done.
-                    value: bytes.to_vec(),
+                    value: Some(bytes.to_vec()),
                     timestamp: raw.timestamp,
                     headers: Vec::new(),
                 },

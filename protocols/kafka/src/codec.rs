@@ -8,9 +8,9 @@
 //! CreateTime timestamp. Fetch: stored records go back as one uncompressed
 //! v2 batch per read (consumers accept any codec, and none saves CPU here).
 //!
-//! Headers keep their order, and a name may repeat (both ways). One thing
-//! Kafka has that the log's records do not: a null value, or a null header
-//! value (stored as an empty one).
+//! Null values (tombstones) stay null, headers keep their order and a name
+//! may repeat (both ways). One thing Kafka has that the log's records do
+//! not: a null header value (stored as an empty one).
 
 use std::io::Read;
 
@@ -75,7 +75,7 @@ pub fn events_of(
 fn event_of(r: KafkaRecord) -> Event {
     Event {
         key: r.key.map(|k| k.to_vec()),
-        value: r.value.map(|v| v.to_vec()).unwrap_or_default(),
+        value: r.value.map(|v| v.to_vec()),
         // -1: the producer set none; the log stamps its append time.
         timestamp: (r.timestamp >= 0).then_some(r.timestamp),
         headers: r
@@ -108,7 +108,7 @@ pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
             sequence: (r.offset - base) as i32,
             timestamp: r.timestamp,
             key: r.key.as_ref().map(|k| Bytes::copy_from_slice(k)),
-            value: Some(Bytes::copy_from_slice(&r.value)),
+            value: r.value.as_deref().map(Bytes::copy_from_slice),
             headers: r
                 .headers
                 .iter()

@@ -68,7 +68,7 @@ pub fn event_for(
     }
     let event = Event {
         key: Some(key.into_bytes()),
-        value: payload.to_vec(),
+        value: Some(payload.to_vec()),
         timestamp: None,
         headers,
     };

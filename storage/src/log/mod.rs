@@ -422,7 +422,7 @@ impl Log {
                 }
                 let mut full = false;
                 decode_records(&value, base, partition, next, end, |r| {
-                    bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
+                    bytes += r.bytes().len() + r.key.as_ref().map_or(0, Vec::len);
                     next = r.offset + 1;
                     records.push(r);
                     full = records.len() >= max_records || bytes >= max_bytes;

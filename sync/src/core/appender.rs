@@ -25,6 +25,7 @@ impl SyncCore {
     pub(super) fn check_batch(
         &self,
         opened: &HashMap<String, Vec<u32>>,
+        version: u16,
         b: Batch,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Work, ErrorFrame> {
@@ -54,7 +55,7 @@ impl SyncCore {
             };
             ErrorFrame::new(c, e.to_string()).at(&b.topic, b.partition)
         })?;
-        let records = wire::decode_records(&raw, b.count).map_err(|e| {
+        let records = wire::decode_records(&raw, b.count, version).map_err(|e| {
             ErrorFrame::new(code::BAD_FRAME, e.to_string()).at(&b.topic, b.partition)
         })?;
         if b.base_offset.checked_add(u64::from(b.count)).is_none() {

@@ -305,7 +305,7 @@ impl SyncCore {
                             let Ok(permit) = budget.clone().acquire_many_owned(want).await else {
                                 break Ok(());
                             };
-                            let work = match self.check_batch(&opened, b, permit) {
+                            let work = match self.check_batch(&opened, version, b, permit) {
                                 Ok(w) => w,
                                 Err(e) => break Err(e),
                             };

@@ -307,10 +307,12 @@ impl Session<'_> {
         let mut raw = Vec::with_capacity(max_bytes.min(1 << 20));
         let mut count = 0u32;
         for r in &read.records {
-            if r.offset >= hole_end || (count > 0 && raw.len() + wire::encoded_len(r) > max_bytes) {
+            if r.offset >= hole_end
+                || (count > 0 && raw.len() + wire::encoded_len(r, self.version) > max_bytes)
+            {
                 break;
             }
-            wire::encode_records(std::iter::once(r), &mut raw);
+            wire::encode_records(std::iter::once(r), &mut raw, self.version);
             count += 1;
         }
         if count == 0 {

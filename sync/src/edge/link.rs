@@ -91,11 +91,20 @@ impl Uploader {
             f = tokio::time::timeout(c.timeout, frames.recv()) => f,
         };
         let end = match welcome {
+            Ok(Some(Ok(Frame::Welcome(w))))
+                if !(wire::MIN_VERSION..=wire::VERSION).contains(&w.version) =>
+            {
+                End::Failed(Error::Peer(format!(
+                    "the core chose sync version {}, this edge speaks {}..={}",
+                    w.version,
+                    wire::MIN_VERSION,
+                    wire::VERSION
+                )))
+            }
             Ok(Some(Ok(Frame::Welcome(w)))) => {
                 tracing::info!(version = w.version, url = %c.url, "sync: connected to the core");
                 self.inner.connected.store(true, Relaxed);
-                let mut s =
-                    Session::new(self, link, w.max_batch_bytes as usize, session_stop.clone());
+                let mut s = Session::new(self, link, &w, session_stop.clone());
                 s.run(&mut frames, &heard, shutdown).await
             }
             Ok(Some(Ok(Frame::Error(e)))) => End::Failed(self.error(&e)),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::lanes::{Part, BLOCK_RETRY};
 use super::link::Link;
 use super::{lock, now_ms, End, Uploader, UpstreamConfig};
-use crate::wire::{code, Frame, Open};
+use crate::wire::{code, Frame, Open, Welcome};
 use crate::Error;
 
 pub(super) struct InFlight {
@@ -31,6 +31,8 @@ pub(super) struct Session<'a> {
     pub(super) up: &'a Uploader,
     pub(super) link: Link<'a>,
     pub(super) max_batch_bytes: usize,
+    /// The wire version the core chose (how records are encoded).
+    pub(super) version: u16,
     pub(super) parts: Vec<Part>,
     /// Topics opened or being opened on this connection.
     pub(super) opening: HashMap<String, bool>,
@@ -48,13 +50,14 @@ impl<'a> Session<'a> {
     pub(super) fn new(
         up: &'a Uploader,
         link: Link<'a>,
-        max_batch_bytes: usize,
+        welcome: &Welcome,
         stop: CancellationToken,
     ) -> Self {
         Session {
             up,
             link,
-            max_batch_bytes,
+            max_batch_bytes: welcome.max_batch_bytes as usize,
+            version: welcome.version,
             parts: Vec::new(),
             opening: HashMap::new(),
             in_flight: VecDeque::new(),

@@ -303,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     retain: retained_flag,
                     dup: replayed && qos > 0,
                     pkid: 0,
-                    payload: Bytes::from(r.value.clone()),
+                    payload: Bytes::from(r.value.clone().unwrap_or_default()),
                     props: d.props,
                     sub_ids: ids,
                 };
@@ -518,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     retain: retained,
                     dup: false,
                     pkid: 0,
-                    payload: Bytes::from(r.value),
+                    payload: Bytes::from(r.value.unwrap_or_default()),
                     props: d.props,
                     sub_ids: sub.id.map(|i| i as usize).into_iter().collect(),
                 };
@@ -585,7 +585,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                             retain: false,
                             dup: true,
                             pkid,
-                            payload: Bytes::from(r.value),
+                            payload: Bytes::from(r.value.unwrap_or_default()),
                             props: d.props,
                             sub_ids: Vec::new(),
                         })
