@@ -365,3 +365,30 @@ async fn appends_racing_topic_changes_keep_dense_offsets() {
     }
     assert_eq!(log.topic("t").expect("t").config.partitions, partitions);
 }
+
+/// Lookup by timestamp: the first record in offset order at or after it,
+/// with timestamps out of order within and across batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_record_at_or_after_a_timestamp_is_found_in_offset_order() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "t", 1).await;
+    for batch in [&[100i64, 200, 150][..], &[50], &[300, 250]] {
+        let records = batch
+            .iter()
+            .map(|&ts| pinned(0, Event::new(format!("{ts}")).with_timestamp(ts)))
+            .collect();
+        log.append("t", records).await.expect("append");
+    }
+    let at = |ts| log.offset_for_timestamp("t", 0, ts).expect("lookup");
+    assert_eq!(at(0), Some((0, 100)));
+    assert_eq!(at(100), Some((0, 100)));
+    assert_eq!(at(101), Some((1, 200)));
+    assert_eq!(at(201), Some((4, 300)));
+    assert_eq!(at(300), Some((4, 300)));
+    assert_eq!(at(301), None);
+    assert!(matches!(
+        log.offset_for_timestamp("nope", 0, 0),
+        Err(Error::UnknownTopic(_))
+    ));
+}

@@ -447,5 +447,25 @@ async fn with_device_auth_deleting_and_changing_topics_take_the_admin() {
         partitions_in_metadata(&mut c, "plant").await,
         Err(ResponseError::UnknownTopicOrPartition.code())
     );
+    // Over Kafka: SASL as `admin` with the admin token may; a wrong admin
+    // token is a failed login.
+    let mut admin = Client::connect(&node).await;
+    assert_eq!(sasl_plain(&mut admin, "admin", ADMIN).await.error_code, 0);
+    let r = create(&mut admin, vec![topic("office", 1, &[])], false).await;
+    assert_eq!(r.topics[0].error_code, 0, "the admin may publish anywhere");
+    assert_eq!(grow(&mut admin, "office", 3).await, 0);
+    assert_eq!(
+        alter(&mut admin, "office", &[("retention.ms", "1000")]).await,
+        0
+    );
+    assert_eq!(delete(&mut admin, "office").await, 0);
+    let mut wrong = Client::connect(&node).await;
+    assert_eq!(
+        sasl_plain(&mut wrong, "admin", "not-the-admin-token")
+            .await
+            .error_code,
+        ResponseError::SaslAuthenticationFailed.code()
+    );
+    assert!(wrong.closed().await);
     node.stop().await;
 }

@@ -15,8 +15,8 @@
 //!
 //! Rights under device auth: creating a topic takes publish on it (as over
 //! HTTP); deleting a topic, adding partitions and changing configs take the
-//! admin ([`tributary_devices::auth::may_administer`]), which a device
-//! logged in over SASL is not: TOPIC_AUTHORIZATION_FAILED.
+//! admin ([`tributary_devices::auth::may_administer`]: SASL PLAIN as `admin`
+//! with the admin token), which a device is not: TOPIC_AUTHORIZATION_FAILED.
 
 use std::collections::BTreeSet;
 
@@ -430,7 +430,7 @@ pub(crate) async fn delete_topics(s: &Session, req: DeleteTopicsRequest) -> Dele
             )),
             Some(_) if !may_admin(s) => Err(fail(
                 ResponseError::TopicAuthorizationFailed,
-                "deleting topics takes the admin",
+                "deleting topics takes the admin (SASL PLAIN as admin with the admin token)",
             )),
             Some(n) => s
                 .server
@@ -469,7 +469,7 @@ async fn grow(
     if !may_admin(s) {
         return Err(fail(
             ResponseError::TopicAuthorizationFailed,
-            "adding partitions takes the admin",
+            "adding partitions takes the admin (SASL PLAIN as admin with the admin token)",
         ));
     }
     let log = &s.server.cx.log;
@@ -595,7 +595,7 @@ async fn alter_resource(
     if !may_admin(s) {
         return Err(fail(
             ResponseError::TopicAuthorizationFailed,
-            "changing topic configs takes the admin",
+            "changing topic configs takes the admin (SASL PLAIN as admin with the admin token)",
         ));
     }
     let log = &s.server.cx.log;

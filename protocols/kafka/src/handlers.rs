@@ -915,14 +915,12 @@ async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsRespon
                     match p.timestamp {
                         LATEST => answer.with_offset(end as i64),
                         EARLIEST => answer.with_offset(start as i64),
-                        ts if ts >= 0 => {
-                            match first_at_or_after(s, &name, partition, start, end, ts) {
-                                Some((offset, at)) => {
-                                    answer.with_offset(offset as i64).with_timestamp(at)
-                                }
-                                None => answer,
+                        ts if ts >= 0 => match log.offset_for_timestamp(&name, partition, ts) {
+                            Ok(Some((offset, at))) => {
+                                answer.with_offset(offset as i64).with_timestamp(at)
                             }
-                        }
+                            Ok(None) | Err(_) => answer,
+                        },
                         // Other specials (max timestamp, tiered storage) are
                         // not served: the client is told there is no such offset.
                         _ => answer,
@@ -935,29 +933,4 @@ async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsRespon
         })
         .collect();
     ListOffsetsResponse::default().with_topics(topics)
-}
-
-/// The first record with a timestamp at or after `ts`, read in bounded steps
-/// from the start of the partition: (offset, its timestamp).
-fn first_at_or_after(
-    s: &Session,
-    topic: &str,
-    partition: u32,
-    start: u64,
-    end: u64,
-    ts: i64,
-) -> Option<(u64, i64)> {
-    let log = &s.server.cx.log;
-    let mut offset = start;
-    while offset < end {
-        let read = log.read(topic, partition, offset, 1000, 1 << 20).ok()?;
-        if let Some(r) = read.records.iter().find(|r| r.timestamp >= ts) {
-            return Some((r.offset, r.timestamp));
-        }
-        if read.next_offset <= offset {
-            return None;
-        }
-        offset = read.next_offset;
-    }
-    None
 }

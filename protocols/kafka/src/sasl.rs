@@ -1,8 +1,12 @@
 //! SASL PLAIN (SaslHandshake v1, then SaslAuthenticate): the user name is
 //! the device id, the password its token, checked by the node's one
 //! authenticator with the same login delay after failures as every other
-//! protocol. A failed login is answered `SASL_AUTHENTICATION_FAILED` and the
-//! connection closes, as in Apache Kafka.
+//! protocol. The user name `admin` with the node's `auth.admin_token` logs
+//! in as the admin (what HTTP's bearer admin token is): Kafka's admin tools
+//! may then delete and change topics; a wrong admin token counts against
+//! the source like any failed login. A failed login is answered
+//! `SASL_AUTHENTICATION_FAILED` and the connection closes, as in Apache
+//! Kafka.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::PoisonError;
@@ -13,7 +17,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
-use tributary_devices::auth::{self, Credentials};
+use tributary_devices::auth::{self, Credentials, Identity, ADMIN};
 
 use crate::conn::Session;
 use crate::Refusal;
@@ -91,6 +95,24 @@ pub(crate) async fn authenticate(
             "malformed PLAIN credentials",
         );
     };
+    if let (ADMIN, Some(registry)) = (user, &s.server.cx.devices) {
+        let ok = registry.is_admin(password);
+        if !ok {
+            registry.admin_failure(s.peer);
+        }
+        let delay = registry.admin_delay(s.peer, ok);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if !ok {
+            return failed(
+                ResponseError::SaslAuthenticationFailed,
+                "authentication failed: wrong admin token",
+            );
+        }
+        *s.who.lock().unwrap_or_else(PoisonError::into_inner) = Some(Identity::new(ADMIN));
+        return SaslAuthenticateResponse::default().with_auth_bytes(Bytes::new());
+    }
     let creds = Credentials {
         protocol: "kafka",
         username: Some(user),

@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use crate::batch::decode_records;
+use crate::batch::{decode_header, decode_records};
 use crate::error::{Error, Result};
 use crate::event::Record;
 use crate::stats::StatsSnapshot;
@@ -443,6 +443,56 @@ impl Log {
             start_offset: start,
             end_offset: end,
         })
+    }
+
+    /// The first record (in offset order) whose timestamp is at or after
+    /// `timestamp`: its offset and timestamp, `None` when there is none.
+    /// Batches whose newest record is older are skipped by their header,
+    /// without decoding a record; only the batch holding the answer is
+    /// decoded. (The partition is still read from its start: there is no
+    /// time index.)
+    pub fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<Option<(u64, i64)>> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let end = *ps.end.borrow();
+        let mut from = ps.start.load(SeqCst);
+        while from < end {
+            let batches = ps.store.read(from, 1 << 20)?;
+            let before = from;
+            for (base, value) in batches {
+                let h = decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
+                let next = base + u64::from(h.count);
+                if next <= from {
+                    continue;
+                }
+                if h.max_ts >= timestamp {
+                    let mut found = None;
+                    decode_records(&value, base, partition, from, end, |r| {
+                        if r.timestamp >= timestamp {
+                            found = Some((r.offset, r.timestamp));
+                        }
+                        found.is_none()
+                    })
+                    .map_err(|d| corruption(topic, partition, base, d))?;
+                    if found.is_some() {
+                        return Ok(found);
+                    }
+                }
+                from = next;
+                if from >= end {
+                    break;
+                }
+            }
+            if from == before {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     /// Like [`Log::read`], but when `offset` is the end, waits up to `wait` for
