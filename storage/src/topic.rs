@@ -126,11 +126,6 @@ where
 }
 
 impl TopicChange {
-    /// True when it changes nothing.
-    pub fn is_empty(&self) -> bool {
-        *self == TopicChange::default()
-    }
-
     /// `config` with this change, validated: partitions may only grow.
     pub fn applied_to(&self, config: &TopicConfig) -> Result<TopicConfig> {
         let mut c = config.clone();
@@ -227,7 +222,7 @@ mod tests {
         assert_eq!(after.retention_bytes, Some(10));
         assert_eq!(after.max_event_bytes, c.max_event_bytes);
         let absent: TopicChange = serde_json::from_str("{}").expect("json");
-        assert!(absent.is_empty());
+        assert_eq!(absent, TopicChange::default());
         assert_eq!(absent.applied_to(&c).expect("valid"), c);
         let shrink = TopicChange {
             partitions: Some(1),
