@@ -6,7 +6,7 @@
 //! ```text
 //! offset  size  field
 //! 0       1     magic 0x54 ('T')
-//! 1       1     format version (2; 1 is still read)
+//! 1       1     format version (2; 1 is still read; 3: compacted, below)
 //! 2       4     CRC-32 (IEEE, little-endian) of bytes 6..end
 //! 6       4     record count (LE u32, ≥ 1)
 //! 10      8     min timestamp (LE i64, ms)
@@ -29,6 +29,24 @@
 //!         varint value length, value bytes
 //! ```
 //! Record `i` has offset `base + i`: offsets are dense and implicit.
+//!
+//! ## Version 3: compacted batches
+//! Only the cleaner writes them (`log/compaction`): a compacted batch holds
+//! the records of one or more original batches that compaction kept, so its
+//! offsets have gaps. The header is 8 bytes longer, and records carry their
+//! offsets:
+//!
+//! ```text
+//! 6       4     record count (may be 0: every record of the range was removed)
+//! 34      8     span (LE u64): the batch covers offsets base..base+span,
+//!               whether or not a record is left at each
+//! 42      ..    records
+//! ```
+//!
+//! Each record's body starts with a varint offset delta (from the base;
+//! strictly increasing, below the span), and a null value is followed by a
+//! varint delete horizon (ms since the epoch; 0 = not set): the first pass
+//! that keeps a tombstone stamps when a later pass may remove it.
 
 use crate::error::{Error, Result};
 use crate::event::{Event, Record};
@@ -40,12 +58,19 @@ const MAGIC: u8 = 0x54;
 const VERSION: u8 = 2;
 /// The first version, still read: values are never null.
 const VERSION_1: u8 = 1;
+/// Compacted batches (written by the cleaner only).
+const VERSION_3: u8 = 3;
+/// Header length of a compacted batch (with its span).
+pub const HEADER_LEN_V3: usize = HEADER_LEN + 8;
 
 /// Summary of a batch read from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchHeader {
     /// Number of records.
     pub count: u32,
+    /// Offsets the batch covers from its base (records may be missing from
+    /// a compacted batch; equal to `count` in the others).
+    pub span: u64,
     /// Smallest record timestamp.
     pub min_ts: i64,
     /// Largest record timestamp.
@@ -148,6 +173,114 @@ impl BatchBuilder {
     }
 }
 
+/// Builds one compacted (version 3) batch from records the cleaner keeps.
+#[derive(Debug)]
+pub(crate) struct CompactBuilder {
+    buf: Vec<u8>,
+    base: u64,
+    count: u32,
+    min_ts: i64,
+    max_ts: i64,
+}
+
+impl CompactBuilder {
+    /// A batch whose offsets start at `base`.
+    pub(crate) fn new(base: u64, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN_V3));
+        buf.resize(HEADER_LEN_V3, 0);
+        CompactBuilder {
+            buf,
+            base,
+            count: 0,
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+        }
+    }
+
+    /// Bytes so far, header included.
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes `r` would add.
+    pub(crate) fn record_len(&self, r: &Record, horizon: Option<i64>) -> usize {
+        let body = self.body_len(r, horizon);
+        varint_len(body as u64) + body
+    }
+
+    fn body_len(&self, r: &Record, horizon: Option<i64>) -> usize {
+        let mut n = varint_len(r.offset - self.base) + varint_len(zigzag(r.timestamp));
+        n += r.key.as_ref().map_or(1, |k| varint_len(k.len() as u64 + 1) + k.len());
+        n += match &r.value {
+            Some(v) => varint_len(v.len() as u64 + 1) + v.len(),
+            None => 1 + varint_len(horizon.map_or(0, |h| h.max(1) as u64)),
+        };
+        n += varint_len(r.headers.len() as u64);
+        for (name, value) in &r.headers {
+            n += varint_len(name.len() as u64)
+                + name.len()
+                + varint_len(value.len() as u64)
+                + value.len();
+        }
+        n
+    }
+
+    /// Appends a record (offsets must grow, from the base on); a tombstone
+    /// carries its delete horizon.
+    pub(crate) fn push(&mut self, r: &Record, horizon: Option<i64>) {
+        let body_len = self.body_len(r, horizon);
+        let buf = &mut self.buf;
+        put_varint(buf, body_len as u64);
+        put_varint(buf, r.offset - self.base);
+        put_varint(buf, zigzag(r.timestamp));
+        match &r.key {
+            Some(k) => {
+                put_varint(buf, k.len() as u64 + 1);
+                buf.extend_from_slice(k);
+            }
+            None => put_varint(buf, 0),
+        }
+        match &r.value {
+            Some(v) => {
+                put_varint(buf, v.len() as u64 + 1);
+                buf.extend_from_slice(v);
+            }
+            None => {
+                put_varint(buf, 0);
+                put_varint(buf, horizon.map_or(0, |h| h.max(1) as u64));
+            }
+        }
+        put_varint(buf, r.headers.len() as u64);
+        for (name, value) in &r.headers {
+            put_varint(buf, name.len() as u64);
+            buf.extend_from_slice(name.as_bytes());
+            put_varint(buf, value.len() as u64);
+            buf.extend_from_slice(value);
+        }
+        self.count += 1;
+        self.min_ts = self.min_ts.min(r.timestamp);
+        self.max_ts = self.max_ts.max(r.timestamp);
+    }
+
+    /// Seals the batch: it covers `base..base + span` and ends at partition
+    /// position `end_position`.
+    pub(crate) fn finish(mut self, span: u64, end_position: u64) -> Vec<u8> {
+        if self.count == 0 {
+            (self.min_ts, self.max_ts) = (i64::MIN, i64::MIN);
+        }
+        self.buf[0] = MAGIC;
+        self.buf[1] = VERSION_3;
+        self.buf[6..10].copy_from_slice(&self.count.to_le_bytes());
+        self.buf[10..18].copy_from_slice(&self.min_ts.to_le_bytes());
+        self.buf[18..26].copy_from_slice(&self.max_ts.to_le_bytes());
+        self.buf[26..34].copy_from_slice(&end_position.to_le_bytes());
+        self.buf[34..42].copy_from_slice(&span.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[6..]);
+        self.buf[2..6].copy_from_slice(&crc.to_le_bytes());
+        self.buf
+    }
+}
+
 fn encoded_body_len(event: &Event, timestamp: i64) -> usize {
     let mut n = varint_len(zigzag(timestamp));
     n += match &event.key {
@@ -186,8 +319,12 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
     if value[0] != MAGIC {
         return Err(bad(format!("bad magic byte {:#04x}", value[0])));
     }
-    if value[1] != VERSION && value[1] != VERSION_1 {
+    if !matches!(value[1], VERSION | VERSION_1 | VERSION_3) {
         return Err(bad(format!("unknown batch format version {}", value[1])));
+    }
+    let compacted = value[1] == VERSION_3;
+    if compacted && value.len() < HEADER_LEN_V3 {
+        return Err(bad("compacted batch shorter than its header"));
     }
     let stored = u32::from_le_bytes(arr4(&value[2..6]));
     let actual = crc32fast::hash(&value[6..]);
@@ -197,11 +334,20 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
         )));
     }
     let count = u32::from_le_bytes(arr4(&value[6..10]));
-    if count == 0 {
+    let span = if compacted {
+        u64::from_le_bytes(arr8(&value[34..42]))
+    } else {
+        u64::from(count)
+    };
+    if count == 0 && !compacted {
         return Err(bad("batch with zero records"));
+    }
+    if span == 0 || span < u64::from(count) {
+        return Err(bad(format!("batch of {count} records spans {span} offsets")));
     }
     Ok(BatchHeader {
         count,
+        span,
         min_ts: i64::from_le_bytes(arr8(&value[10..18])),
         max_ts: i64::from_le_bytes(arr8(&value[18..26])),
         end_position: u64::from_le_bytes(arr8(&value[26..34])),
@@ -219,21 +365,46 @@ pub fn decode_records(
     until: u64,
     mut each: impl FnMut(Record) -> bool,
 ) -> Result<()> {
+    walk(value, base, partition, from, until, |r, _| each(r)).map(drop)
+}
+
+/// Like [`decode_records`], with each tombstone's delete horizon (ms since
+/// the epoch; `None` when no pass stamped it yet); answers the header.
+pub(crate) fn walk(
+    value: &[u8],
+    base: u64,
+    partition: u32,
+    from: u64,
+    until: u64,
+    mut each: impl FnMut(Record, Option<i64>) -> bool,
+) -> Result<BatchHeader> {
     let header = decode_header(value)?;
     let nullable = value[1] != VERSION_1;
+    let compacted = value[1] == VERSION_3;
     let mut cur = Cursor {
         buf: value,
-        pos: HEADER_LEN,
+        pos: if compacted { HEADER_LEN_V3 } else { HEADER_LEN },
     };
+    let mut next_offset = base;
     for i in 0..u64::from(header.count) {
-        let offset = base + i;
         let body_len = cur.varint()? as usize;
         let body_end = cur.pos.checked_add(body_len).filter(|&e| e <= value.len());
         let Some(body_end) = body_end else {
-            return Err(bad(format!("record {offset} runs past the batch end")));
+            return Err(bad(format!("record {} runs past the batch end", base + i)));
         };
+        let offset = if compacted {
+            let delta = cur.varint()?;
+            let offset = base.checked_add(delta).filter(|&o| o >= next_offset);
+            match offset {
+                Some(o) if delta < header.span => o,
+                _ => return Err(bad(format!("record offset delta {delta} out of order or span"))),
+            }
+        } else {
+            base + i
+        };
+        next_offset = offset + 1;
         if offset >= until {
-            return Ok(());
+            return Ok(header);
         }
         if offset < from {
             cur.pos = body_end;
@@ -248,6 +419,13 @@ pub fn decode_records(
             (true, 0) => None,
             (true, n) => Some(cur.bytes(n as usize - 1)?.to_vec()),
             (false, n) => Some(cur.bytes(n as usize)?.to_vec()),
+        };
+        let horizon = match (compacted, &value_bytes) {
+            (true, None) => match cur.varint()? {
+                0 => None,
+                h => Some(i64::try_from(h).map_err(|_| bad("delete horizon overflows"))?),
+            },
+            _ => None,
         };
         let hcount = cur.varint()? as usize;
         let mut headers = Vec::with_capacity(hcount.min(64));
@@ -274,14 +452,14 @@ pub fn decode_records(
             timestamp,
             headers,
         };
-        if !each(record) {
-            return Ok(());
+        if !each(record, horizon) {
+            return Ok(header);
         }
     }
     if cur.pos != value.len() {
         return Err(bad("trailing bytes after the last record"));
     }
-    Ok(())
+    Ok(header)
 }
 
 struct Cursor<'a> {

@@ -34,6 +34,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidName(String),
     /// One event is larger than the topic allows.
+    /// A compacted topic keeps the latest record per key: a keyless one has
+    /// no place in it.
+    #[error("topic `{0}` is compacted: every record needs a key")]
+    KeyRequired(String),
     #[error("event of {size} bytes exceeds the topic's max_event_bytes of {max}")]
     EventTooLarge {
         /// Encoded size of the event.

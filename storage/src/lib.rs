@@ -35,4 +35,4 @@ pub use log::{
 };
 pub use stats::{StatsSnapshot, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};
-pub use topic::{OnFull, TopicChange, TopicConfig};
+pub use topic::{CleanupPolicy, OnFull, TopicChange, TopicConfig};

@@ -25,6 +25,9 @@ pub struct Stats {
     pub(crate) quota_rejected_appends: AtomicU64,
     pub(crate) quota_dropped_unforwarded_events: AtomicU64,
     pub(crate) disk_full_rejected_appends: AtomicU64,
+    pub(crate) compaction_passes: AtomicU64,
+    pub(crate) compaction_records_removed: AtomicU64,
+    pub(crate) compaction_bytes_reclaimed: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -59,6 +62,12 @@ pub struct StatsSnapshot {
     pub quota_dropped_unforwarded_events: u64,
     /// Appends refused because the disk was under the free-space reserve.
     pub disk_full_rejected_appends: u64,
+    /// Compaction passes.
+    pub compaction_passes: u64,
+    /// Records compaction removed.
+    pub compaction_records_removed: u64,
+    /// Bytes compaction gave back.
+    pub compaction_bytes_reclaimed: u64,
 }
 
 impl Stats {
@@ -97,6 +106,9 @@ impl Stats {
             quota_rejected_appends: self.quota_rejected_appends.load(Relaxed),
             quota_dropped_unforwarded_events: self.quota_dropped_unforwarded_events.load(Relaxed),
             disk_full_rejected_appends: self.disk_full_rejected_appends.load(Relaxed),
+            compaction_passes: self.compaction_passes.load(Relaxed),
+            compaction_records_removed: self.compaction_records_removed.load(Relaxed),
+            compaction_bytes_reclaimed: self.compaction_bytes_reclaimed.load(Relaxed),
         }
     }
 }

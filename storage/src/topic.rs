@@ -23,8 +23,77 @@ pub enum OnFull {
     DropOldest,
 }
 
+/// How a topic's old records go: Kafka's `cleanup.policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CleanupPolicy {
+    /// Retention removes the oldest batches by age and size.
+    #[default]
+    #[serde(rename = "delete")]
+    Delete,
+    /// The cleaner keeps the latest record of each key, for ever; retention
+    /// limits do not apply.
+    #[serde(rename = "compact")]
+    Compact,
+    /// Both: compacted, and retention removes what is too old or too much.
+    #[serde(rename = "compact,delete", alias = "delete,compact")]
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    /// Kafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::CompactDelete => "compact,delete",
+        }
+    }
+
+    /// Parses Kafka's spelling (a list of `delete` and `compact`, in any
+    /// order, spaces allowed).
+    pub fn parse(s: &str) -> Option<CleanupPolicy> {
+        let (mut compact, mut delete) = (false, false);
+        for part in s.split(',').map(str::trim) {
+            match part {
+                "compact" => compact = true,
+                "delete" => delete = true,
+                _ => return None,
+            }
+        }
+        match (compact, delete) {
+            (true, true) => Some(CleanupPolicy::CompactDelete),
+            (true, false) => Some(CleanupPolicy::Compact),
+            (false, true) => Some(CleanupPolicy::Delete),
+            (false, false) => None,
+        }
+    }
+
+    /// Is the topic compacted?
+    pub fn compacts(self) -> bool {
+        self != CleanupPolicy::Delete
+    }
+
+    /// Do the retention limits apply?
+    pub fn deletes(self) -> bool {
+        self != CleanupPolicy::Compact
+    }
+}
+
+/// Kafka's default `delete.retention.ms`: a day.
+pub const DEFAULT_DELETE_RETENTION_MS: u64 = 86_400_000;
+/// Kafka's default `min.cleanable.dirty.ratio`.
+pub const DEFAULT_MIN_CLEANABLE_DIRTY_RATIO: f64 = 0.5;
+
+fn default_delete_retention_ms() -> u64 {
+    DEFAULT_DELETE_RETENTION_MS
+}
+
+fn default_dirty_ratio() -> f64 {
+    DEFAULT_MIN_CLEANABLE_DIRTY_RATIO
+}
+
 /// A topic's settings, persisted with the topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopicConfig {
     /// `[A-Za-z0-9._-]{1,249}`.
     pub name: String,
@@ -38,6 +107,54 @@ pub struct TopicConfig {
     pub max_event_bytes: usize,
     /// Policy when the disk quota is reached.
     pub on_full: OnFull,
+    /// Retention, compaction or both.
+    #[serde(default)]
+    pub cleanup_policy: CleanupPolicy,
+    /// How long a tombstone stays after the cleaner first kept it (so
+    /// consumers behind see the deletion), in ms.
+    #[serde(default = "default_delete_retention_ms")]
+    pub delete_retention_ms: u64,
+    /// Records younger than this (ms) are not compacted.
+    #[serde(default)]
+    pub min_compaction_lag_ms: u64,
+    /// A record older than this (ms) is compacted even when the partition's
+    /// dirty ratio is low; `None`: no limit.
+    #[serde(default)]
+    pub max_compaction_lag_ms: Option<u64>,
+    /// The share of a partition's bytes written since its last pass that
+    /// starts a pass (0..=1).
+    #[serde(default = "default_dirty_ratio")]
+    pub min_cleanable_dirty_ratio: f64,
+}
+
+/// [`TopicConfig`] as stored before compaction settings existed: configs
+/// are stored with postcard, which has no optional trailing fields.
+#[derive(Deserialize)]
+struct StoredV1 {
+    name: String,
+    partitions: u32,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+    max_event_bytes: usize,
+    on_full: OnFull,
+}
+
+/// Reads a stored topic config, in either layout.
+pub(crate) fn decode_stored(bytes: &[u8]) -> std::result::Result<TopicConfig, postcard::Error> {
+    match postcard::from_bytes::<TopicConfig>(bytes) {
+        Ok(c) => Ok(c),
+        Err(current) => match postcard::from_bytes::<StoredV1>(bytes) {
+            Ok(v1) => {
+                let mut c = TopicConfig::new(v1.name, v1.partitions);
+                c.retention_ms = v1.retention_ms;
+                c.retention_bytes = v1.retention_bytes;
+                c.max_event_bytes = v1.max_event_bytes;
+                c.on_full = v1.on_full;
+                Ok(c)
+            }
+            Err(_) => Err(current),
+        },
+    }
 }
 
 impl TopicConfig {
@@ -50,6 +167,11 @@ impl TopicConfig {
             retention_bytes: None,
             max_event_bytes: 1024 * 1024,
             on_full: OnFull::Reject,
+            cleanup_policy: CleanupPolicy::Delete,
+            delete_retention_ms: DEFAULT_DELETE_RETENTION_MS,
+            min_compaction_lag_ms: 0,
+            max_compaction_lag_ms: None,
+            min_cleanable_dirty_ratio: DEFAULT_MIN_CLEANABLE_DIRTY_RATIO,
         }
     }
 
@@ -77,6 +199,23 @@ impl TopicConfig {
                 self.max_event_bytes
             ));
         }
+        if !(0.0..=1.0).contains(&self.min_cleanable_dirty_ratio) {
+            problems.push(format!(
+                "min_cleanable_dirty_ratio must be 0..=1, got {}",
+                self.min_cleanable_dirty_ratio
+            ));
+        }
+        if self.max_compaction_lag_ms == Some(0) {
+            problems.push("max_compaction_lag_ms must be positive (omit it for none)".into());
+        }
+        if let Some(max) = self.max_compaction_lag_ms {
+            if max < self.min_compaction_lag_ms {
+                problems.push(format!(
+                    "max_compaction_lag_ms ({max}) is below min_compaction_lag_ms ({})",
+                    self.min_compaction_lag_ms
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -88,7 +227,7 @@ impl TopicConfig {
 /// A change to a topic's settings: each field that is `Some` is set, the
 /// others stay. For the optional limits, `Some(None)` removes the limit (in
 /// JSON: `"retention_ms": null`). Partitions can only be added.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicChange {
     /// The new partition count (more than now).
@@ -114,6 +253,26 @@ pub struct TopicChange {
     /// The new policy when the disk quota is reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_full: Option<OnFull>,
+    /// Retention, compaction or both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_policy: Option<CleanupPolicy>,
+    /// How long tombstones stay (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_retention_ms: Option<u64>,
+    /// Records younger than this are not compacted (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_compaction_lag_ms: Option<u64>,
+    /// Records older than this are compacted whatever the dirty ratio, or
+    /// `Some(None)` for no limit.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_compaction_lag_ms: Option<Option<u64>>,
+    /// The dirty ratio that starts a pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cleanable_dirty_ratio: Option<f64>,
 }
 
 /// A field that is present, even as `null`, is `Some`.
@@ -149,6 +308,21 @@ impl TopicChange {
         }
         if let Some(v) = self.on_full {
             c.on_full = v;
+        }
+        if let Some(v) = self.cleanup_policy {
+            c.cleanup_policy = v;
+        }
+        if let Some(v) = self.delete_retention_ms {
+            c.delete_retention_ms = v;
+        }
+        if let Some(v) = self.min_compaction_lag_ms {
+            c.min_compaction_lag_ms = v;
+        }
+        if let Some(v) = self.max_compaction_lag_ms {
+            c.max_compaction_lag_ms = v;
+        }
+        if let Some(v) = self.min_cleanable_dirty_ratio {
+            c.min_cleanable_dirty_ratio = v;
         }
         c.validate()?;
         Ok(c)

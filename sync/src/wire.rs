@@ -1,4 +1,4 @@
-//! The sync wire format, versions 1 and 2.
+//! The sync wire format, versions 1 to 3.
 //!
 //! One edge keeps one WebSocket connection to its core (`GET /v1/sync` on the
 //! core's HTTP or HTTPS port, so it passes the proxies HTTP passes). Every
@@ -17,6 +17,8 @@
 //!  │ ◀─ Ack{topic, partition, base_offset, next_offset}  once durable at the core
 //!  │ Skip{topic, partition, from, to}    ─▶  offsets the edge no longer has
 //!  │ ◀─ Ack                                  (evicted by its disk quota)
+//!  │ Compacted{topic, partition, from, to} ─▶  offsets compaction removed (v3)
+//!  │ ◀─ Ack
 //!  │ ◀─ Error{code, message, topic, partition, expected}  then close
 //! ```
 //!
@@ -41,8 +43,16 @@
 //! ```
 //!
 //! Version 1 writes `value_len` (no null values: a null one travels
-//! empty); version 2 (this build's) writes `value_len+1`, so a tombstone
-//! reaches the core as one.
+//! empty); version 2 writes `value_len+1`, so a tombstone reaches the core
+//! as one.
+//!
+//! **Version 3** (this build's) adds two frames for compacted topics: an
+//! edge opens a topic with `OpenTopic` (an `Open` with the topic's
+//! compaction settings, which a core creating the topic gives its copy),
+//! and reports the offsets its compaction removed with `Compacted` (a
+//! `Skip` the core counts as compacted, not as lost). A batch's records
+//! stay dense: a gap ends it. With a version 2 core an edge sends `Open`
+//! and reports gaps as `Skip`s.
 //!
 //! Why zstd and not lz4: on 100-byte JSON sensor events in 512-record
 //! batches, zstd level 1 compressed 6.8× at ~0.2 µs of CPU per event, lz4
@@ -56,7 +66,9 @@ use tributary_storage::Record;
 use crate::Error;
 
 /// The newest version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
+/// The first version with `OpenTopic` and `Compacted` frames.
+pub const COMPACTION: u16 = 3;
 /// The first version whose records carry null values.
 pub const NULL_VALUES: u16 = 2;
 /// The oldest version this build speaks.
@@ -92,6 +104,34 @@ pub enum Frame {
     Skip(Skip),
     /// Either way: what went wrong; the sender closes after it.
     Error(ErrorFrame),
+    /// Edge → core (v3): [`Open`] with the topic's compaction settings.
+    OpenTopic(OpenTopic),
+    /// Edge → core (v3): offsets the edge's compaction removed.
+    Compacted(Skip),
+}
+
+/// Edge → core (v3): opens a forwarded topic, saying how it is compacted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenTopic {
+    /// What [`Open`] says.
+    pub open: Open,
+    /// The edge topic's compaction, if it is compacted.
+    pub compaction: Option<Compaction>,
+}
+
+/// A compacted topic's settings, as an edge has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compaction {
+    /// `compact` or `compact,delete`.
+    pub policy: String,
+    /// How long tombstones stay (ms).
+    pub delete_retention_ms: u64,
+    /// Records younger than this are not compacted (ms).
+    pub min_compaction_lag_ms: u64,
+    /// Records older than this are compacted whatever the dirty ratio (ms).
+    pub max_compaction_lag_ms: Option<u64>,
+    /// The dirty ratio that starts a pass, in millionths.
+    pub min_cleanable_dirty_ratio_ppm: u32,
 }
 
 /// Edge → core, first frame.

@@ -499,3 +499,375 @@ fn records_cross_between_mqtt_and_kafka_both_ways() {
         "plant/line2/pressure 3.2 from kafka\n"
     );
 }
+
+/// Runs `kafka_compaction_check.py` (confluent-kafka) with `args`; asserts it
+/// succeeded and returns its summary line.
+fn compaction_check(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(clients_dir().join("kafka_compaction_check.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // librdkafka logs every lost connection: only the end is of interest.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+    assert!(
+        out.status.success(),
+        "kafka_compaction_check.py {args:?}:\n{stdout}\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line")
+}
+
+/// A topic's records read over HTTP: key (`None`: keyless) → (partition,
+/// offset, value (`None`: a tombstone)) in offset order.
+type RecordsByKey = std::collections::BTreeMap<Option<String>, Vec<(u64, u64, Option<String>)>>;
+
+/// Every record of `topic` over HTTP (`format=binary`), each partition from
+/// its earliest offset to its end, stepping over the offsets compaction
+/// removed: a page may come back empty with `next_offset` past a gap, but a
+/// `next_offset` that does not move before the end is a reader stuck.
+async fn http_records_by_key(base: &str, topic: &str, partitions: u64) -> RecordsByKey {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = |v: &serde_json::Value| {
+        v.as_str().map(|s| {
+            String::from_utf8(b64.decode(s).expect("base64")).expect("utf-8 from the script")
+        })
+    };
+    let c = common::client();
+    let mut out = RecordsByKey::new();
+    for partition in 0..partitions {
+        let mut offset: Option<u64> = None;
+        for page_no in 0.. {
+            assert!(
+                page_no < 100_000,
+                "{topic}/{partition}: no end after {page_no} pages"
+            );
+            let at = offset.map_or_else(|| "earliest".to_owned(), |o| o.to_string());
+            let (s, page) = common::get(
+                &c,
+                &format!("{base}/v1/topics/{topic}/partitions/{partition}/records?offset={at}&limit=1000&format=binary"),
+            )
+            .await;
+            assert_eq!(s, 200, "fetch {topic}/{partition}@{at}: {page}");
+            for r in page["records"].as_array().expect("records array") {
+                out.entry(text(&r["key"])).or_default().push((
+                    r["partition"].as_u64().expect("partition"),
+                    r["offset"].as_u64().expect("offset"),
+                    text(&r["value"]),
+                ));
+            }
+            let next = page["next_offset"].as_u64().expect("next_offset");
+            let end = page["end_offset"].as_u64().expect("end_offset");
+            if next >= end {
+                break;
+            }
+            assert!(
+                offset.is_none_or(|o| next > o),
+                "{topic}/{partition}: a fetch at {at} answers next_offset {next} (end {end}): \
+                 an HTTP reader does not get past the gap"
+            );
+            offset = Some(next);
+        }
+    }
+    out
+}
+
+/// A key's final acknowledged write as the script's state file has it:
+/// (partition, offset, value), the value `None` for a tombstone.
+fn final_writes(state: &serde_json::Value) -> Vec<(String, (u64, u64, Option<String>))> {
+    state["keys"]
+        .as_object()
+        .expect("keys in the state file")
+        .iter()
+        .map(|(k, e)| {
+            (
+                k.clone(),
+                (
+                    e["partition"].as_u64().expect("partition"),
+                    e["offset"].as_u64().expect("offset"),
+                    e["value"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Fully compacted: every live key is exactly its final write (that value,
+/// at the offset it was acknowledged with), a deleted key is not there at
+/// all, and there is no other record.
+fn assert_compacted(via: &str, state: &serde_json::Value, got: &RecordsByKey) {
+    let finals = final_writes(state);
+    let mut wrong = Vec::new();
+    for (k, last) in &finals {
+        let have = got.get(&Some(k.clone())).map_or(&[][..], Vec::as_slice);
+        let want = if last.2.is_some() {
+            vec![last.clone()]
+        } else {
+            Vec::new()
+        };
+        if have != want.as_slice() {
+            wrong.push(format!(
+                "{k}: want {want:?}, have {:?}",
+                &have[have.len().saturating_sub(3)..]
+            ));
+        }
+    }
+    let known: std::collections::HashSet<&str> = finals.iter().map(|(k, _)| k.as_str()).collect();
+    for (k, records) in got {
+        if !k.as_deref().is_some_and(|k| known.contains(k)) {
+            wrong.push(format!("unexpected key {k:?}: {} records", records.len()));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{via}: {} keys differ from their final acknowledged write, e.g.\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(8)].join("\n")
+    );
+}
+
+/// What holds at every moment, mid-pass and right after a crash alike: the
+/// newest record of each key is its final acknowledged write (older ones may
+/// wait for a pass), and a key whose final write was a tombstone has either
+/// that tombstone newest or nothing left. Reads racing a pass are fine as
+/// long as one read takes less than `delete.retention.ms`.
+fn assert_latest_kept(via: &str, state: &serde_json::Value, got: &RecordsByKey) {
+    let finals = final_writes(state);
+    let mut wrong = Vec::new();
+    for (k, last) in &finals {
+        let have = got.get(&Some(k.clone())).map_or(&[][..], Vec::as_slice);
+        let fine = match have.last() {
+            None => last.2.is_none(),
+            Some(newest) => newest == last,
+        };
+        if !fine {
+            wrong.push(format!(
+                "{k}: final {last:?}, newest read {:?}",
+                have.last()
+            ));
+        }
+    }
+    let known: std::collections::HashSet<&str> = finals.iter().map(|(k, _)| k.as_str()).collect();
+    for (k, records) in got {
+        if !k.as_deref().is_some_and(|k| known.contains(k)) {
+            wrong.push(format!("unexpected key {k:?}: {} records", records.len()));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{via}: {} keys lost their final write or came back from a tombstone, e.g.\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(8)].join("\n")
+    );
+}
+
+fn read_state(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("state file")).expect("state JSON")
+}
+
+#[test]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+fn librdkafka_reads_a_compacted_topic_as_the_latest_value_of_every_live_key() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let statefile = scratch.path().join("state.json");
+    let statefile = statefile.to_str().expect("utf-8 path");
+    let node = ChildNode::start(
+        dir.path(),
+        &[("TRIBUTARY_STORAGE__RETENTION_CHECK_MS", "100")],
+    );
+    let broker = node.kafka.to_string();
+    let mqtt = node.mqtt.to_string();
+    let common_args = ["--partitions", "3", "--delete-retention-ms", "3000"];
+    let run = |mode: &str, extra: &[&str]| {
+        let mut args = vec![broker.as_str(), "cmp", mode, statefile];
+        args.extend_from_slice(&common_args);
+        args.extend_from_slice(extra);
+        compaction_check(&args)
+    };
+
+    // Created over Kafka with Kafka's names, and described back.
+    let s = run("create", &[]);
+    let configs = &s["configs"];
+    assert_eq!(configs["cleanup.policy"], "compact", "{s}");
+    assert_eq!(configs["delete.retention.ms"], "3000", "{s}");
+    assert_eq!(configs["min.compaction.lag.ms"], "0", "{s}");
+    assert_eq!(configs["max.compaction.lag.ms"], "100", "{s}");
+    assert_eq!(configs["min.cleanable.dirty.ratio"], "0.01", "{s}");
+
+    // A persistent MQTT session subscribed before anything is written, then
+    // away: when it comes back it reads the topic from where it left, as
+    // compaction has left it.
+    let s = run(
+        "mqtt-subscribe",
+        &["--mqtt", &mqtt, "--client-id", "cmp-session"],
+    );
+    assert_eq!(s["granted"], serde_json::json!([1]), "{s}");
+
+    let s = run("produce", &["--records", "100000", "--keys", "1000"]);
+    assert_eq!(s["produced"], 100_003, "{s}");
+    assert_eq!(s["keyless_error"], "INVALID_RECORD", "{s}");
+    assert_eq!(s["order_ok"], true, "{s}");
+    assert_eq!(s["live_keys"], 900, "{s}");
+    assert_eq!(s["deleted_keys"], 100, "{s}");
+
+    let s = run("verify", &["--deadline-s", "60"]);
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["latest_ok"], true, "{s}");
+    assert_eq!(s["offsets_ok"], true, "{s}");
+    assert_eq!(s["deleted_seen"], 0, "{s}");
+    assert_eq!(s["duplicates"], 0, "{s}");
+    assert_eq!(s["unexpected"], 0, "{s}");
+    assert_eq!(s["read"], 903, "900 live keys and 3 filler records: {s}");
+
+    // Over HTTP: the same records at the same offsets.
+    let state = read_state(std::path::Path::new(statefile));
+    let got = rt.block_on(http_records_by_key(&node.url, "cmp", 3));
+    assert_compacted("HTTP", &state, &got);
+
+    // The topic as HTTP describes it, and what its cleaner did: every record
+    // acknowledged and not read back was removed by a pass (no restart, so
+    // the counters cover the topic's whole life).
+    let (status, t) = rt.block_on(common::get(
+        &common::client(),
+        &format!("{}/v1/topics/cmp", node.url),
+    ));
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["cleanup_policy"], "compact", "{t}");
+    assert_eq!(t["delete_retention_ms"], 3000, "{t}");
+    assert_eq!(t["min_compaction_lag_ms"], 0, "{t}");
+    assert_eq!(t["max_compaction_lag_ms"], 100, "{t}");
+    assert_eq!(t["min_cleanable_dirty_ratio"], 0.01, "{t}");
+    let compaction = &t["compaction"];
+    assert!(compaction["passes"].as_u64().is_some_and(|n| n >= 1), "{t}");
+    assert_eq!(
+        compaction["records_removed"].as_u64(),
+        Some(100_003 - 903),
+        "{t}"
+    );
+    assert!(
+        compaction["bytes_reclaimed"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{t}"
+    );
+    assert!(
+        compaction["dirty_ratio"]
+            .as_f64()
+            .is_some_and(|r| (0.0..=1.0).contains(&r)),
+        "{t}"
+    );
+
+    // Over MQTT: the session resumes at offset 0 of a compacted log and gets
+    // one message per live key (topic `cmp/<key>`), its latest value.
+    let s = run(
+        "mqtt-verify",
+        &[
+            "--mqtt",
+            &mqtt,
+            "--client-id",
+            "cmp-session",
+            "--deadline-s",
+            "60",
+        ],
+    );
+    assert_eq!(s["session_present"], true, "{s}");
+    assert_eq!(s["received"], 903, "{s}");
+    assert_eq!(s["missing"], 0, "{s}");
+    assert_eq!(s["duplicates"], 0, "{s}");
+    assert_eq!(s["stale"], 0, "{s}");
+    assert_eq!(s["deleted_seen"], 0, "{s}");
+    assert_eq!(s["unexpected"], 0, "{s}");
+}
+
+#[test]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+fn a_compacted_topic_survives_kill_9_during_cleaning_passes() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let statefile = scratch.path().join("state.json");
+    let statefile_str = statefile.to_str().expect("utf-8 path");
+    let env = [("TRIBUTARY_STORAGE__RETENTION_CHECK_MS", "100")];
+    // One partition, larger values: one long pass to kill. Tombstones stay
+    // 10 s after the pass that first cleaned them, longer than a full read,
+    // so the reads between kills cannot race their removal.
+    let run = |kafka: &std::net::SocketAddr, mode: &str, extra: &[&str]| {
+        let broker = kafka.to_string();
+        let mut args = vec![broker.as_str(), "cmpkill", mode, statefile_str];
+        args.extend_from_slice(&["--partitions", "1", "--delete-retention-ms", "10000"]);
+        args.extend_from_slice(&["--value-bytes", "200"]);
+        args.extend_from_slice(extra);
+        compaction_check(&args)
+    };
+    let mut rng = fastrand::Rng::with_seed(29);
+    let ms = |rng: &mut fastrand::Rng, r: std::ops::Range<u64>| {
+        std::time::Duration::from_millis(rng.u64(r))
+    };
+
+    // Round 0: 200,000 updates over 1,000 keys. Passes run while they come
+    // in (max.compaction.lag.ms 100); the first kill lands right after.
+    let mut node = ChildNode::start(dir.path(), &env);
+    let s = run(
+        &node.kafka,
+        "produce",
+        &["--records", "200000", "--keys", "1000"],
+    );
+    assert_eq!(s["produced"], 200_001, "{s}");
+    assert_eq!(s["keyless_error"], "INVALID_RECORD", "{s}");
+    std::thread::sleep(ms(&mut rng, 0..300));
+    node.kill9();
+
+    // The restarted node resumes cleaning what the cut pass left: killed
+    // again at once, without a read in between to keep the timing.
+    node = ChildNode::start(dir.path(), &env);
+    std::thread::sleep(ms(&mut rng, 50..500));
+    node.kill9();
+
+    // What two kills left, read while the third node cleans; then round 1
+    // deletes other keys and brings the deleted ones back, and the third
+    // kill lands in its passes.
+    node = ChildNode::start(dir.path(), &env);
+    let state = read_state(&statefile);
+    let got = rt.block_on(http_records_by_key(&node.url, "cmpkill", 1));
+    assert_latest_kept("HTTP after two kills", &state, &got);
+    let s = run(
+        &node.kafka,
+        "produce",
+        &["--records", "100000", "--keys", "1000", "--round", "1"],
+    );
+    assert_eq!(s["produced"], 100_001, "{s}");
+    assert_eq!(s["order_ok"], true, "{s}");
+    std::thread::sleep(ms(&mut rng, 0..300));
+    node.kill9();
+
+    node = ChildNode::start(dir.path(), &env);
+    let state = read_state(&statefile);
+    let got = rt.block_on(http_records_by_key(&node.url, "cmpkill", 1));
+    assert_latest_kept("HTTP after three kills", &state, &got);
+
+    // Then, cleaned to the end: over Kafka and over HTTP, exactly the final
+    // write of each live key, nothing of a deleted one.
+    let s = run(&node.kafka, "verify", &["--deadline-s", "120"]);
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["latest_ok"], true, "{s}");
+    assert_eq!(s["offsets_ok"], true, "{s}");
+    assert_eq!(s["deleted_seen"], 0, "{s}");
+    assert_eq!(s["duplicates"], 0, "{s}");
+    assert_eq!(s["unexpected"], 0, "{s}");
+    assert_eq!(s["live_keys"], 900, "{s}");
+    assert_eq!(s["read"], 901, "900 live keys and the filler: {s}");
+    let state = read_state(&statefile);
+    let got = rt.block_on(http_records_by_key(&node.url, "cmpkill", 1));
+    assert_compacted("HTTP after three kills", &state, &got);
+    let (status, t) = rt.block_on(common::get(
+        &common::client(),
+        &format!("{}/v1/topics/cmpkill", node.url),
+    ));
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["cleanup_policy"], "compact", "the policy survives: {t}");
+}

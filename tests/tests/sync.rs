@@ -795,3 +795,82 @@ async fn a_record_too_large_for_the_core_waits_alone() {
     let f = assert_forwarded("edge-a", &edge_big, &read_topic(&core.url, "big").await);
     assert_eq!(f.records, 6);
 }
+
+/// A compacted topic whose backlog was compacted during an outage forwards
+/// only what compaction kept, reports the gaps as compacted (not lost), and
+/// the core creates its copy compacted alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_backlog_forwards_only_what_survived_to_a_core_copy_compacted_alike() {
+    let dir = tmp();
+    let quick = [("TRIBUTARY_STORAGE__RETENTION_CHECK_MS", "100")];
+    let core = start_core(&dir.path().join("core"), &quick);
+    let proxy = core_proxy(&core).await;
+    proxy.refuse(true);
+    let url = sync_url(&proxy.addr().to_string());
+    let edge = start_edge(&dir.path().join("edge"), &url, "edge-c", &quick);
+    let c = client();
+    let topic = json!({"name": "state", "partitions": 1, "cleanup_policy": "compact",
+        "min_cleanable_dirty_ratio": 0.1, "delete_retention_ms": 3_600_000});
+    let (s, b) = post(&c, &format!("{}/v1/topics", edge.url), &topic).await;
+    assert_eq!(s, 201, "{b}");
+    // 40 rounds of 10 keys, each round its own request (and batch).
+    let mut latest: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for round in 0..40 {
+        let records: Vec<Value> = (0..10)
+            .map(|k| json!({"key": format!("dev-{k}"), "value": format!("r{round}")}))
+            .collect();
+        let (s, b) = post(
+            &c,
+            &format!("{}/v1/topics/state/records", edge.url),
+            &json!({ "records": records }),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        for (k, o) in b["offsets"].as_array().expect("offsets").iter().enumerate() {
+            let offset = o["offset"].as_u64().expect("offset");
+            latest.insert(format!("dev-{k}"), (offset, format!("r{round}")));
+        }
+    }
+    // The edge compacts its backlog while it cannot forward it.
+    wait_for(|| async {
+        read_topic(&edge.url, "state").await.len() <= 20
+    })
+    .await;
+    let survivors = read_topic(&edge.url, "state").await;
+    proxy.refuse(false);
+    wait_drained(&edge.url, Duration::from_secs(60)).await;
+    let at_core: Vec<Rec> = read_topic(&core.url, "state").await;
+    assert!(
+        at_core.len() <= survivors.len() && !at_core.is_empty(),
+        "{} at the core, {} kept at the edge of 400",
+        at_core.len(),
+        survivors.len()
+    );
+    let by_edge_offset: HashMap<u64, &Rec> = survivors.iter().map(|r| (r.offset, r)).collect();
+    let mut newest: BTreeMap<Vec<u8>, (u64, Vec<u8>)> = BTreeMap::new();
+    for r in &at_core {
+        let (edge_id, _, offset) = r.origin().expect("origin headers");
+        assert_eq!(edge_id, "edge-c");
+        let kept = by_edge_offset.get(&offset).expect("an edge record compaction kept");
+        assert_eq!((&r.key, &r.value), (&kept.key, &kept.value));
+        let k = r.key.clone().expect("key");
+        if newest.get(&k).is_none_or(|(o, _)| *o < offset) {
+            newest.insert(k, (offset, r.value.clone()));
+        }
+    }
+    for (k, (offset, value)) in &latest {
+        let got = newest.get(k.as_bytes()).expect("every key at the core");
+        assert_eq!(got.0, *offset, "{k}: its latest record");
+        assert_eq!(serde_json::from_slice::<Value>(&got.1).expect("json"), json!(value));
+    }
+    let (s, t) = get(&c, &format!("{}/v1/topics/state", core.url)).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["cleanup_policy"], "compact", "{t}");
+    assert_eq!(t["min_cleanable_dirty_ratio"], 0.1, "{t}");
+    let edge_stats = edge_sync_stats(&edge.url).await;
+    assert!(edge_stats["compacted_offsets"].as_u64().expect("count") > 0, "{edge_stats}");
+    assert_eq!(edge_stats["skipped_events"], 0, "nothing was lost: {edge_stats}");
+    let (_, core_stats) = get(&c, &format!("{}/v1/stats", core.url)).await;
+    assert!(core_stats["sync"]["compacted_offsets"].as_u64().expect("count") > 0, "{core_stats}");
+    assert_eq!(core_stats["sync"]["skipped_events"], 0, "{core_stats}");
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tributary_storage::{
-    Durability, Forwarded, LogConfig, OnFull, SledOptions, TopicConfig, TopicDefaults,
+    CleanupPolicy, Durability, Forwarded, LogConfig, OnFull, SledOptions, TopicConfig,
+    TopicDefaults,
 };
 
 use super::{Config, Mode};
@@ -35,8 +36,11 @@ pub struct StorageSection {
     pub segment_size_bytes: usize,
     /// Appends waiting for the committer, in bytes; producers beyond it wait.
     pub max_pending_bytes: usize,
-    /// Retention pass period.
+    /// Retention and compaction pass period.
     pub retention_check_ms: u64,
+    /// Memory of the compaction cleaner's key map (24 bytes per key, 3/4
+    /// usable); more keys than it holds take several passes.
+    pub compaction_map_bytes: usize,
     /// Create topics on first write (default: true on edge, false on core).
     pub auto_create_topics: Option<bool>,
     /// Partitions of auto-created topics.
@@ -70,6 +74,7 @@ impl Default for StorageSection {
             segment_size_bytes: sled.segment_size,
             max_pending_bytes: log.max_pending_bytes,
             max_producer_states: log.max_producer_states,
+            compaction_map_bytes: log.compaction_map_bytes,
             retention_check_ms: log.retention_interval.as_millis() as u64,
             auto_create_topics: None,
             default_partitions: log.topic_defaults.partitions,
@@ -98,6 +103,17 @@ pub struct TopicSection {
     pub max_event_bytes: Option<usize>,
     /// Policy at the disk quota.
     pub on_full: Option<OnFull>,
+    /// `delete` (retention), `compact` (latest record per key) or
+    /// `compact,delete`.
+    pub cleanup_policy: Option<CleanupPolicy>,
+    /// How long tombstones stay after compaction first kept them.
+    pub delete_retention_ms: Option<u64>,
+    /// Records younger than this are not compacted.
+    pub min_compaction_lag_ms: Option<u64>,
+    /// Records older than this are compacted whatever the dirty ratio.
+    pub max_compaction_lag_ms: Option<u64>,
+    /// The dirty share of a partition that starts a compaction pass.
+    pub min_cleanable_dirty_ratio: Option<f64>,
 }
 
 impl Config {
@@ -116,13 +132,21 @@ impl Config {
     /// A declared topic's full config.
     pub fn topic_config(&self, t: &TopicSection) -> TopicConfig {
         let d = self.topic_defaults();
+        let base = d.config(&t.name);
         TopicConfig {
-            name: t.name.clone(),
             partitions: t.partitions.unwrap_or(d.partitions),
             retention_ms: t.retention_ms.or(d.retention_ms),
             retention_bytes: t.retention_bytes.or(d.retention_bytes),
             max_event_bytes: t.max_event_bytes.unwrap_or(d.max_event_bytes),
             on_full: t.on_full.unwrap_or(d.on_full),
+            cleanup_policy: t.cleanup_policy.unwrap_or(base.cleanup_policy),
+            delete_retention_ms: t.delete_retention_ms.unwrap_or(base.delete_retention_ms),
+            min_compaction_lag_ms: t.min_compaction_lag_ms.unwrap_or(base.min_compaction_lag_ms),
+            max_compaction_lag_ms: t.max_compaction_lag_ms.or(base.max_compaction_lag_ms),
+            min_cleanable_dirty_ratio: t
+                .min_cleanable_dirty_ratio
+                .unwrap_or(base.min_cleanable_dirty_ratio),
+            ..base
         }
     }
 
@@ -138,6 +162,7 @@ impl Config {
             },
             max_pending_bytes: s.max_pending_bytes,
             max_producer_states: s.max_producer_states,
+            compaction_map_bytes: s.compaction_map_bytes,
             retention_interval: Duration::from_millis(s.retention_check_ms),
             auto_create_topics: s.auto_create_topics.unwrap_or(mode == Mode::Edge),
             topic_defaults: self.topic_defaults(),

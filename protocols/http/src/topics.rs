@@ -13,7 +13,7 @@ use serde_json::json;
 use tributary_devices::auth::Action;
 use tributary_ingest as ingest;
 use tributary_storage::{
-    AppendRecord, Event, OnFull, Position, TopicChange, TopicConfig, TopicInfo,
+    AppendRecord, CleanupPolicy, Event, OnFull, Position, TopicChange, TopicInfo,
 };
 
 use crate::auth::{self, Caller};
@@ -33,6 +33,18 @@ fn topic_json(t: TopicInfo) -> serde_json::Value {
         "retention_bytes": c.retention_bytes,
         "max_event_bytes": c.max_event_bytes,
         "on_full": c.on_full,
+        "cleanup_policy": c.cleanup_policy,
+        "delete_retention_ms": c.delete_retention_ms,
+        "min_compaction_lag_ms": c.min_compaction_lag_ms,
+        "max_compaction_lag_ms": c.max_compaction_lag_ms,
+        "min_cleanable_dirty_ratio": c.min_cleanable_dirty_ratio,
+        "compaction": t.compaction.map(|k| json!({
+            "dirty_ratio": k.dirty_ratio,
+            "passes": k.passes,
+            "records_removed": k.records_removed,
+            "bytes_reclaimed": k.bytes_reclaimed,
+            "last_pass_ms": k.last_pass_ms,
+        })),
         "partitions": t.partitions.iter().map(|p| json!({
             "partition": p.partition,
             "start_offset": p.start_offset,
@@ -68,6 +80,11 @@ struct CreateTopic {
     retention_bytes: Option<u64>,
     max_event_bytes: Option<usize>,
     on_full: Option<OnFull>,
+    cleanup_policy: Option<CleanupPolicy>,
+    delete_retention_ms: Option<u64>,
+    min_compaction_lag_ms: Option<u64>,
+    max_compaction_lag_ms: Option<u64>,
+    min_cleanable_dirty_ratio: Option<f64>,
 }
 
 pub(crate) async fn create_topic(
@@ -82,14 +99,25 @@ pub(crate) async fn create_topic(
     // Creating a topic takes the right to publish to it.
     auth::allow(&state, caller.identity()?, Action::Publish, &req.name)?;
     let d = &state.cx.log.config().topic_defaults;
-    let config = TopicConfig {
-        name: req.name,
-        partitions: req.partitions.unwrap_or(d.partitions),
-        retention_ms: req.retention_ms.or(d.retention_ms),
-        retention_bytes: req.retention_bytes.or(d.retention_bytes),
-        max_event_bytes: req.max_event_bytes.unwrap_or(d.max_event_bytes),
-        on_full: req.on_full.unwrap_or(d.on_full),
-    };
+    let mut config = d.config(&req.name);
+    config.partitions = req.partitions.unwrap_or(d.partitions);
+    config.retention_ms = req.retention_ms.or(d.retention_ms);
+    config.retention_bytes = req.retention_bytes.or(d.retention_bytes);
+    config.max_event_bytes = req.max_event_bytes.unwrap_or(d.max_event_bytes);
+    config.on_full = req.on_full.unwrap_or(d.on_full);
+    if let Some(v) = req.cleanup_policy {
+        config.cleanup_policy = v;
+    }
+    if let Some(v) = req.delete_retention_ms {
+        config.delete_retention_ms = v;
+    }
+    if let Some(v) = req.min_compaction_lag_ms {
+        config.min_compaction_lag_ms = v;
+    }
+    config.max_compaction_lag_ms = req.max_compaction_lag_ms.or(config.max_compaction_lag_ms);
+    if let Some(v) = req.min_cleanable_dirty_ratio {
+        config.min_cleanable_dirty_ratio = v;
+    }
     let info = state.cx.log.create_topic(config).await?;
     Ok((StatusCode::CREATED, Json(topic_json(info))).into_response())
 }

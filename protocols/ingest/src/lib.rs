@@ -25,6 +25,8 @@ pub enum Rejection {
     UnknownTopic,
     /// An event is larger than the topic allows.
     TooLarge,
+    /// A keyless event for a compacted topic.
+    KeyRequired,
     /// The node's disk quota is used up.
     Quota,
     /// The disk is (nearly) full.
@@ -42,6 +44,7 @@ impl Rejection {
             | LogError::InvalidTopic(_)
             | LogError::InvalidName(_) => Rejection::UnknownTopic,
             LogError::EventTooLarge { .. } => Rejection::TooLarge,
+            LogError::KeyRequired(_) => Rejection::KeyRequired,
             LogError::QuotaExceeded { .. } => Rejection::Quota,
             LogError::DiskFull { .. } => Rejection::DiskFull,
             _ => Rejection::Unwritable,
@@ -62,6 +65,7 @@ impl Rejection {
         match self {
             Rejection::UnknownTopic => "unknown_topic",
             Rejection::TooLarge => "event_too_large",
+            Rejection::KeyRequired => "key_required",
             Rejection::Quota => "disk_quota",
             Rejection::DiskFull => "disk_full",
             Rejection::Unwritable => "log_unwritable",

@@ -40,7 +40,7 @@ use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 use tributary_devices::auth::{may_administer, Action};
 use tributary_storage::topic::{validate_name, MAX_PARTITIONS};
-use tributary_storage::{Error as LogError, OnFull, TopicChange, TopicConfig};
+use tributary_storage::{CleanupPolicy, Error as LogError, OnFull, TopicChange, TopicConfig};
 
 use crate::conn::Session;
 use crate::handlers::NODE_ID;
@@ -55,6 +55,7 @@ const SOURCE_DEFAULT: i8 = 5;
 const TYPE_STRING: i8 = 2;
 const TYPE_INT: i8 = 3;
 const TYPE_LONG: i8 = 5;
+const TYPE_DOUBLE: i8 = 6;
 const TYPE_LIST: i8 = 7;
 
 const RETENTION_MS: &str = "retention.ms";
@@ -62,13 +63,16 @@ const RETENTION_BYTES: &str = "retention.bytes";
 const MAX_MESSAGE_BYTES: &str = "max.message.bytes";
 const CLEANUP_POLICY: &str = "cleanup.policy";
 const ON_FULL: &str = "tributary.on.full";
+const DELETE_RETENTION_MS: &str = "delete.retention.ms";
+const MIN_COMPACTION_LAG_MS: &str = "min.compaction.lag.ms";
+const MAX_COMPACTION_LAG_MS: &str = "max.compaction.lag.ms";
+const MIN_CLEANABLE_DIRTY_RATIO: &str = "min.cleanable.dirty.ratio";
 
 /// Kafka topic configs accepted and ignored: what they tune (log segments
 /// and indexes, replicas, flushing, tiered storage, timestamps, the
-/// cleaner) does not exist on this node.
+/// cleaner's threads and buffers) does not exist on this node.
 const NO_EFFECT: &[&str] = &[
     "compression.type",
-    "delete.retention.ms",
     "file.delete.delay.ms",
     "flush.messages",
     "flush.ms",
@@ -77,15 +81,12 @@ const NO_EFFECT: &[&str] = &[
     "leader.replication.throttled.replicas",
     "local.retention.bytes",
     "local.retention.ms",
-    "max.compaction.lag.ms",
     "message.downconversion.enable",
     "message.format.version",
     "message.timestamp.after.max.ms",
     "message.timestamp.before.max.ms",
     "message.timestamp.difference.max.ms",
     "message.timestamp.type",
-    "min.cleanable.dirty.ratio",
-    "min.compaction.lag.ms",
     "min.insync.replicas",
     "preallocate",
     "remote.storage.enable",
@@ -197,18 +198,50 @@ fn set(
                 _ => return Err(format!("{name} is `reject` or `drop_oldest`, got `{v}`")),
             }
         }
-        (CLEANUP_POLICY, None) => {}
+        (CLEANUP_POLICY, None) => config.cleanup_policy = defaults.cleanup_policy,
         (CLEANUP_POLICY, Some(v)) => {
-            if v.split(',').any(|p| p.trim() != "delete") {
-                return Err(format!(
-                    "{name} `{v}`: this node deletes by retention; log compaction is not served"
-                ));
+            config.cleanup_policy = CleanupPolicy::parse(v).ok_or_else(|| {
+                format!("{name} is a list of `delete` and `compact`, got `{v}`")
+            })?;
+        }
+        (DELETE_RETENTION_MS, None) => config.delete_retention_ms = defaults.delete_retention_ms,
+        (DELETE_RETENTION_MS, Some(v)) => config.delete_retention_ms = millis(name, v)?,
+        (MIN_COMPACTION_LAG_MS, None) => {
+            config.min_compaction_lag_ms = defaults.min_compaction_lag_ms
+        }
+        (MIN_COMPACTION_LAG_MS, Some(v)) => config.min_compaction_lag_ms = millis(name, v)?,
+        (MAX_COMPACTION_LAG_MS, None) => {
+            config.max_compaction_lag_ms = defaults.max_compaction_lag_ms
+        }
+        (MAX_COMPACTION_LAG_MS, Some(v)) => {
+            config.max_compaction_lag_ms = match millis(name, v)? {
+                0 => return Err(format!("{name} must be positive, got `{v}`")),
+                u if u >= i64::MAX as u64 => None,
+                u => Some(u),
             }
+        }
+        (MIN_CLEANABLE_DIRTY_RATIO, None) => {
+            config.min_cleanable_dirty_ratio = defaults.min_cleanable_dirty_ratio
+        }
+        (MIN_CLEANABLE_DIRTY_RATIO, Some(v)) => {
+            config.min_cleanable_dirty_ratio = v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| format!("{name} must be 0..=1, got `{v}`"))?;
         }
         (other, _) if NO_EFFECT.contains(&other) => {}
         (other, _) => return Err(format!("unknown topic config `{other}`")),
     }
     Ok(())
+}
+
+fn millis(name: &str, value: &str) -> Result<u64, String> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{name} must be a number of ms ≥ 0, got `{value}`"))
 }
 
 /// A config entry as DescribeConfigs (and CreateTopics v5+) show it.
@@ -228,9 +261,36 @@ fn entries(config: &TopicConfig, defaults: &TopicConfig) -> Vec<Entry> {
     vec![
         Entry {
             name: CLEANUP_POLICY,
-            value: "delete".into(),
-            default: true,
+            value: config.cleanup_policy.as_str().into(),
+            default: config.cleanup_policy == defaults.cleanup_policy,
             kind: TYPE_LIST,
+        },
+        Entry {
+            name: DELETE_RETENTION_MS,
+            value: config.delete_retention_ms.to_string(),
+            default: config.delete_retention_ms == defaults.delete_retention_ms,
+            kind: TYPE_LONG,
+        },
+        Entry {
+            name: MAX_COMPACTION_LAG_MS,
+            value: config
+                .max_compaction_lag_ms
+                .unwrap_or(i64::MAX as u64)
+                .to_string(),
+            default: config.max_compaction_lag_ms == defaults.max_compaction_lag_ms,
+            kind: TYPE_LONG,
+        },
+        Entry {
+            name: MIN_CLEANABLE_DIRTY_RATIO,
+            value: config.min_cleanable_dirty_ratio.to_string(),
+            default: config.min_cleanable_dirty_ratio == defaults.min_cleanable_dirty_ratio,
+            kind: TYPE_DOUBLE,
+        },
+        Entry {
+            name: MIN_COMPACTION_LAG_MS,
+            value: config.min_compaction_lag_ms.to_string(),
+            default: config.min_compaction_lag_ms == defaults.min_compaction_lag_ms,
+            kind: TYPE_LONG,
         },
         Entry {
             name: MAX_MESSAGE_BYTES,
@@ -275,6 +335,11 @@ fn change_to(config: &TopicConfig) -> TopicChange {
         retention_bytes: Some(config.retention_bytes),
         max_event_bytes: Some(config.max_event_bytes),
         on_full: Some(config.on_full),
+        cleanup_policy: Some(config.cleanup_policy),
+        delete_retention_ms: Some(config.delete_retention_ms),
+        min_compaction_lag_ms: Some(config.min_compaction_lag_ms),
+        max_compaction_lag_ms: Some(config.max_compaction_lag_ms),
+        min_cleanable_dirty_ratio: Some(config.min_cleanable_dirty_ratio),
     }
 }
 

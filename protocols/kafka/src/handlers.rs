@@ -405,6 +405,8 @@ fn error_code(r: Rejection) -> i16 {
     match r {
         Rejection::UnknownTopic => ResponseError::UnknownTopicOrPartition.code(),
         Rejection::TooLarge => ResponseError::MessageTooLarge.code(),
+        // As Kafka refuses a keyless record for a compacted topic.
+        Rejection::KeyRequired => ResponseError::InvalidRecord.code(),
         // Retriable: the disk or the quota may have room again soon.
         Rejection::Quota | Rejection::DiskFull | Rejection::Unwritable => {
             ResponseError::KafkaStorageError.code()

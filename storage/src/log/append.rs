@@ -128,6 +128,9 @@ impl Log {
                     max: t.config.max_event_bytes,
                 });
             }
+            if event.key.is_none() && t.config.cleanup_policy.compacts() {
+                return Err(Error::KeyRequired(t.config.name.clone()));
+            }
             let p = match (partition, &event.key) {
                 (Some(p), _) => t.partition(p)?.id,
                 (None, Some(k)) => partition_for_key(k, n),

@@ -47,12 +47,11 @@ impl TopicDefaults {
     /// A topic config for `name` with these defaults.
     pub fn config(&self, name: &str) -> TopicConfig {
         TopicConfig {
-            name: name.to_owned(),
-            partitions: self.partitions,
             retention_ms: self.retention_ms,
             retention_bytes: self.retention_bytes,
             max_event_bytes: self.max_event_bytes,
             on_full: self.on_full,
+            ..TopicConfig::new(name, self.partitions)
         }
     }
 }
@@ -96,6 +95,10 @@ pub struct LogConfig {
     /// Idempotent producer states (one per producer and partition) kept
     /// across the node; past this the least recently used are forgotten.
     pub max_producer_states: usize,
+    /// Memory of the cleaner's key map (24 bytes a key, 3/4 usable): a
+    /// compaction pass maps at most this many keys' bytes of a partition's
+    /// new records, and leaves the rest to the next pass.
+    pub compaction_map_bytes: usize,
 }
 
 /// Which topics an edge forwards upstream.
@@ -135,6 +138,7 @@ impl Default for LogConfig {
             min_free_bytes: 16 * 1024 * 1024,
             forwarded: Forwarded::None,
             max_producer_states: 100_000,
+            compaction_map_bytes: 8 * 1024 * 1024,
         }
     }
 }

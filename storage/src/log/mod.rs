@@ -34,6 +34,7 @@
 
 mod append;
 mod committer;
+mod compaction;
 mod config;
 mod producers;
 mod recovery;
@@ -41,6 +42,7 @@ mod retention;
 mod state;
 
 pub use append::AppendOptions;
+pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 pub use producers::ProducerBatch;
 
@@ -51,7 +53,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use crate::batch::{decode_header, decode_records};
+use crate::batch::{decode_header, decode_records, walk};
 use crate::error::{Error, Result};
 use crate::event::Record;
 use crate::stats::StatsSnapshot;
@@ -85,6 +87,8 @@ pub struct TopicInfo {
     pub events_appended: u64,
     /// Encoded bytes appended since the process started.
     pub bytes_appended: u64,
+    /// What the cleaner did (compacted topics only).
+    pub compaction: Option<CompactionInfo>,
 }
 
 /// The answer to a read.
@@ -289,6 +293,7 @@ impl Log {
             // Not while retention or the quota evictor works on its partitions.
             let _pass = crate::util::lock(&shared.retention);
             producers::forget_topic(&shared, &topic)?;
+            compaction::forget_topic(shared.store.as_ref(), &topic, gone.config.partitions)?;
             shared.store.remove_topic(&topic)?;
             // The name never reuses an offset: a topic created under it
             // later continues each partition where this one ended.
@@ -403,25 +408,28 @@ impl Log {
         }
         let mut records = Vec::new();
         let mut next = offset;
-        if offset < end && max_records > 0 {
-            let mut bytes = 0usize;
-            let batches = ps.store.read(offset, max_bytes).map_err(|e| {
+        let mut bytes = 0usize;
+        let mut full = max_records == 0;
+        // A compacted partition has gaps: a read goes on past batches
+        // whose records compaction removed until it has one or reaches the end.
+        'reading: while next < end && !full {
+            let batches = ps.store.read(next, max_bytes).map_err(|e| {
                 if t.live.deleted.load(SeqCst) {
                     Error::UnknownTopic(topic.to_owned())
                 } else {
                     e
                 }
             })?;
+            let before = next;
             for (base, value) in batches {
                 if base > next {
                     // Retention removed the batch holding `next` while we read.
                     if records.is_empty() {
                         return Err(current_range());
                     }
-                    break;
+                    break 'reading;
                 }
-                let mut full = false;
-                decode_records(&value, base, partition, next, end, |r| {
+                let h = walk(&value, base, partition, next, end, |r, _| {
                     bytes += r.bytes().len() + r.key.as_ref().map_or(0, Vec::len);
                     next = r.offset + 1;
                     records.push(r);
@@ -429,13 +437,23 @@ impl Log {
                     !full
                 })
                 .map_err(|d| corruption(topic, partition, base, d))?;
-                if full || next >= end {
-                    break;
+                if full {
+                    break 'reading;
+                }
+                // Past the batch's gaps (a batch starting inside one read
+                // before is an original a compaction pass is replacing: its
+                // records below `next` were skipped).
+                next = next.max((base + h.span).min(end));
+                if next >= end {
+                    break 'reading;
                 }
             }
-            if records.is_empty() {
-                return Err(current_range());
+            if next == before {
+                break;
             }
+        }
+        if next == offset && offset < end && max_records > 0 {
+            return Err(current_range());
         }
         Ok(ReadResult {
             records,
@@ -466,7 +484,7 @@ impl Log {
             let before = from;
             for (base, value) in batches {
                 let h = decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
-                let next = base + u64::from(h.count);
+                let next = base + h.span;
                 if next <= from {
                     continue;
                 }
@@ -691,6 +709,12 @@ impl Log {
     /// so wildcard subscribers pick up new topics without polling.
     pub fn watch_topics(&self) -> watch::Receiver<usize> {
         self.shared().topic_count.subscribe()
+    }
+
+    /// Runs a compaction pass now over each compacted partition that needs
+    /// one (the background thread does this every `retention_interval`).
+    pub fn compact(&self) {
+        compaction::clean(self.shared(), &self.inner.stopper, &mut None);
     }
 
     /// Runs one retention pass now (the background thread does this every

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::committer::{committer, syncer};
+use super::compaction;
 use super::producers;
 use super::retention::enforce_retention;
 use super::state::{PartitionState, Shared, Stopper, TopicState};
@@ -32,7 +33,7 @@ pub(super) fn recover_partition(
     let (next, next_pos) = match handle.last()? {
         Some((base, value)) => {
             let h = decode_header(&value).map_err(|d| corruption(topic, id, base, d))?;
-            (base + u64::from(h.count), h.end_position)
+            (base + h.span, h.end_position)
         }
         None => (0, 0),
     };
@@ -58,6 +59,11 @@ pub(super) fn recover_partition(
         // Forwarded topics start protected: the uploader raises the mark from
         // its durable cursors before anything is sent.
         forwarded: AtomicU64::new(if forwarded { 0 } else { u64::MAX }),
+        cleaner: {
+            let (dirty, dirty_pos, horizon) = compaction::checkpoint(store, topic, id)?
+                .unwrap_or((start, start_pos, i64::MIN));
+            compaction::CleanerState::new(dirty, dirty_pos, horizon)
+        },
     })
 }
 
@@ -147,6 +153,7 @@ impl Log {
         config.topic_defaults.config("defaults").validate()?;
         let stored = store.load_topics()?;
         remove_orphans(store.as_ref(), &stored)?;
+        compaction::recover_intents(store.as_ref())?;
         let mut topics = BTreeMap::new();
         for tc in stored {
             let name = tc.name.clone();
@@ -211,6 +218,20 @@ impl Log {
                                     shared.fail(format!("interval flush failed: {e}"));
                                 }
                             }
+                        }
+                    })?,
+            );
+        }
+        {
+            let (shared, stopper) = (shared.clone(), stopper.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("log-cleaner".into())
+                    .spawn(move || {
+                        // Allocated at the first pass, kept after.
+                        let mut map = None;
+                        while !stopper.sleep(shared.config.retention_interval) {
+                            compaction::clean(&shared, &stopper, &mut map);
                         }
                     })?,
             );

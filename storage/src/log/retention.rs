@@ -89,7 +89,7 @@ const MAX_REMOVALS_PER_PASS: usize = 4096;
 
 pub(super) fn enforce_retention(shared: &Shared, stopper: &Stopper) {
     let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
-    for t in shared.topic_states(|_| true) {
+    for t in shared.topic_states(|c| c.cleanup_policy.deletes()) {
         if t.config.retention_ms.is_none() && t.config.retention_bytes.is_none() {
             continue;
         }
@@ -154,7 +154,8 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
         }
         // The partition whose first durable batch is the oldest, among
         // batches already forwarded upstream first, then among all.
-        let mut oldest: Option<(bool, i64, &TopicState, &PartitionState, u64, BatchHeader)> = None;
+        type Candidate<'a> = (bool, bool, i64, &'a TopicState, &'a PartitionState, u64, BatchHeader);
+        let mut oldest: Option<Candidate> = None;
         for t in &candidates {
             for ps in &t.partitions {
                 let Some((base, value)) = ps.store.first()? else {
@@ -162,21 +163,22 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
                 };
                 let h = decode_header(&value)
                     .map_err(|d| corruption(&t.config.name, ps.id, base, d))?;
-                let next_start = base + u64::from(h.count);
+                let next_start = base + h.span;
                 if next_start > *ps.end.borrow() {
                     continue; // not durable yet
                 }
+                // Compacted topics last: what they hold is each key's latest.
+                let compacted = t.config.cleanup_policy.compacts();
                 let unforwarded = next_start > ps.forwarded.load(SeqCst);
                 let age = h.max_ts.min(now);
-                if oldest
-                    .as_ref()
-                    .is_none_or(|(u, ts, ..)| (unforwarded, age) < (*u, *ts))
-                {
-                    oldest = Some((unforwarded, age, t, ps, base, h));
+                if oldest.as_ref().is_none_or(|(c, u, ts, ..)| {
+                    (compacted, unforwarded, age) < (*c, *u, *ts)
+                }) {
+                    oldest = Some((compacted, unforwarded, age, t, ps, base, h));
                 }
             }
         }
-        let Some((unforwarded, _, t, ps, base, h)) = oldest else {
+        let Some((_, unforwarded, _, t, ps, base, h)) = oldest else {
             return Ok(None);
         };
         drop_first_batch(shared, t, ps, base, &h)?;
@@ -187,7 +189,7 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
             .fetch_add(u64::from(h.count), Relaxed);
         if unforwarded {
             // Only the part above the mark was never forwarded.
-            let end = base + u64::from(h.count);
+            let end = base + h.span;
             let lost = end - ps.forwarded.load(SeqCst).clamp(base, end);
             stats
                 .quota_dropped_unforwarded_events
@@ -206,7 +208,7 @@ fn drop_first_batch(
     base: u64,
     h: &BatchHeader,
 ) -> Result<()> {
-    let next_start = base + u64::from(h.count);
+    let next_start = base + h.span;
     shared.store.put_floor(&t.config.name, ps.id, next_start)?;
     ps.start.fetch_max(next_start, SeqCst);
     ps.start_pos.store(h.end_position, Relaxed);
@@ -234,7 +236,7 @@ fn retain_partition(
             return Ok(());
         };
         let h = decode_header(&value).map_err(|d| corruption(&t.config.name, ps.id, base, d))?;
-        let next_start = base + u64::from(h.count);
+        let next_start = base + h.span;
         // Not durable yet, or not forwarded upstream yet: retention keeps it
         // (the disk quota is what bounds an edge that cannot reach its core).
         if next_start > *ps.end.borrow() || next_start > ps.forwarded.load(SeqCst) {

@@ -32,6 +32,8 @@ pub(super) struct PartitionState {
     /// Offsets below this are forwarded upstream (or need not be: `u64::MAX`
     /// for topics that are not forwarded). Retention keeps what is above it.
     pub(super) forwarded: AtomicU64,
+    /// The cleaner's progress (compacted topics).
+    pub(super) cleaner: super::compaction::CleanerState,
 }
 
 impl PartitionState {
@@ -89,6 +91,11 @@ impl TopicState {
                     bytes: p.stored_bytes(),
                 })
                 .collect(),
+            compaction: self
+                .config
+                .cleanup_policy
+                .compacts()
+                .then(|| super::compaction::CompactionInfo::of(self)),
             events_appended: self.live.events.load(Relaxed),
             bytes_appended: self.live.bytes.load(Relaxed),
         }

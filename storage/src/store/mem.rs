@@ -85,6 +85,9 @@ struct MemInner {
     held: bool,
     fail_sync: Option<String>,
     free_bytes: Option<u64>,
+    /// When recording: the durable state it started from, and every write
+    /// since, in order.
+    tape: Option<(MemState, Vec<MemOp>)>,
 }
 
 /// An in-memory [`Store`]: what is synced survives [`MemStore::crashed`], what is
@@ -140,10 +143,48 @@ impl MemStore {
         }
     }
 
+    /// Records every write from now on, for [`MemStore::crashed_after`]
+    /// (everything not yet synced counts as written after the start).
+    pub fn record_writes(&self) {
+        let mut g = lock(&self.inner.0);
+        let ops = g.journal.iter().map(clone_op).collect();
+        g.tape = Some((g.durable.clone(), ops));
+    }
+
+    /// Writes recorded since [`MemStore::record_writes`].
+    pub fn recorded_writes(&self) -> usize {
+        lock(&self.inner.0).tape.as_ref().map_or(0, |t| t.1.len())
+    }
+
+    /// The state after a crash that kept the first `n` recorded writes and
+    /// none after, syncs or not: a disk that makes writes durable in the
+    /// order they were made, cut at any point.
+    pub fn crashed_after(&self, n: usize) -> MemStore {
+        let g = lock(&self.inner.0);
+        let mut state = MemState::default();
+        if let Some((start, ops)) = &g.tape {
+            state = start.clone();
+            for op in ops.iter().take(n) {
+                state.apply(clone_op(op));
+            }
+        }
+        let inner = MemInner {
+            live: state.clone(),
+            durable: state,
+            ..MemInner::default()
+        };
+        MemStore {
+            inner: Arc::new((Mutex::new(inner), Condvar::new())),
+        }
+    }
+
     /// Applies `op` now; it becomes durable at the next sync.
     fn write(&self, op: MemOp) {
         let mirror = clone_op(&op);
         let mut g = lock(&self.inner.0);
+        if let Some((_, ops)) = &mut g.tape {
+            ops.push(clone_op(&op));
+        }
         g.live.apply(op);
         g.journal.push(mirror);
     }

@@ -189,7 +189,7 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.topics.iter() {
             let (k, v) = item?;
-            let config: TopicConfig = postcard::from_bytes(&v).map_err(|e| Error::Corruption {
+            let config: TopicConfig = crate::topic::decode_stored(&v).map_err(|e| Error::Corruption {
                 topic: String::from_utf8_lossy(&k).into_owned(),
                 partition: 0,
                 offset: 0,

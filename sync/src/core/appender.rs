@@ -98,14 +98,16 @@ pub(super) enum Work {
         /// Its share of the connection's [`QUEUED_BYTES`](super::QUEUED_BYTES), given back after its round.
         _permit: tokio::sync::OwnedSemaphorePermit,
     },
-    Skip(Skip),
+    /// Offsets the edge no longer has; true when its compaction removed
+    /// them (not lost: each key's latest record is still sent).
+    Skip(Skip, bool),
 }
 
 impl Work {
     fn bytes(&self) -> usize {
         match self {
             Work::Batch { bytes, .. } => *bytes,
-            Work::Skip(_) => 64,
+            Work::Skip(..) => 64,
         }
     }
 
@@ -117,7 +119,7 @@ impl Work {
                 batch.base_offset,
                 batch.base_offset + u64::from(batch.count),
             ),
-            Work::Skip(s) => (&s.topic, s.partition, s.from, s.to),
+            Work::Skip(s, _) => (&s.topic, s.partition, s.from, s.to),
         }
     }
 }
@@ -182,6 +184,7 @@ impl Appender {
         let mut per_topic: Vec<(String, Vec<AppendRecord>)> = Vec::new();
         let mut duplicates = 0u64;
         let mut skipped = 0u64;
+        let mut compacted_offsets = 0u64;
         let mut has_skip = false;
         let mut new_events = Vec::with_capacity(round.len());
         // Works left out of this round: a stream stops at a record the core
@@ -224,8 +227,12 @@ impl Appender {
                 .fold(0u64, |n, (a, b)| n.saturating_add(b - a));
             new_events.push(fresh);
             match w {
-                Work::Skip(..) => {
-                    skipped = skipped.saturating_add(fresh);
+                Work::Skip(_, compacted) => {
+                    if *compacted {
+                        compacted_offsets = compacted_offsets.saturating_add(fresh);
+                    } else {
+                        skipped = skipped.saturating_add(fresh);
+                    }
                     has_skip = true;
                 }
                 Work::Batch {
@@ -329,7 +336,10 @@ impl Appender {
                 Err(_) if failed.contains(topic) => {}
                 Err(refused) => {
                     let frame = match refused.rejection {
-                        Rejection::TooLarge => {
+                        // A record this core can never store: the edge sets it
+                        // aside and goes on (a keyless one for a topic
+                        // compacted here is refused as one too large is).
+                        Rejection::TooLarge | Rejection::KeyRequired => {
                             ErrorFrame::new(code::TOO_LARGE, format!("topic {topic}: {refused}"))
                         }
                         _ => storage_error(&refused),
@@ -343,7 +353,7 @@ impl Appender {
             !excluded[i]
                 && match w {
                     Work::Batch { batch, .. } => !failed.contains(&batch.topic),
-                    Work::Skip(_) => true,
+                    Work::Skip(..) => true,
                 }
         };
         core.metrics.rounds.fetch_add(1, Relaxed);
@@ -356,6 +366,7 @@ impl Appender {
         core.metrics.events.fetch_add(appended, Relaxed);
         core.metrics.duplicates.fetch_add(duplicates, Relaxed);
         core.metrics.skipped.fetch_add(skipped, Relaxed);
+        core.metrics.compacted.fetch_add(compacted_offsets, Relaxed);
         // Durable now: the shared ranges grow, checkpoints follow.
         let mut checkpoints = Vec::new();
         {
@@ -405,7 +416,7 @@ impl Appender {
             }
         }
         for (i, w) in round.iter().enumerate() {
-            if !done_at(i, w) || (matches!(w, Work::Skip(_)) && !skips_durable) {
+            if !done_at(i, w) || (matches!(w, Work::Skip(..)) && !skips_durable) {
                 continue;
             }
             let (topic, partition, from, to) = w.at();

@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tributary_devices::auth::{self, Action, Credentials, Identity};
-use tributary_storage::{Error as LogError, MetaEntry, TopicConfig};
+use tributary_storage::{CleanupPolicy, Error as LogError, MetaEntry, TopicConfig};
 
 use super::appender::{charge, Appender, Work};
 use super::recovery::{checkpoint, edge_key, stream_key, EdgeMeta};
@@ -24,7 +24,7 @@ use super::{
     SyncPeer, HELLO_TIMEOUT, MAX_EDGES, MAX_STREAMS_PER_EDGE, MAX_TOPICS_PER_CONNECTION,
     META_SPACE, ORIGIN_HEADER_ROOM, PIPELINE, QUEUED_BYTES, SEND_STALL, TAKEOVER_TIMEOUT,
 };
-use crate::wire::{self, code, ErrorFrame, Frame, Hello, Open, Opened, Welcome};
+use crate::wire::{self, code, Compaction, ErrorFrame, Frame, Hello, Open, Opened, Welcome};
 
 impl SyncCore {
     /// Serves one edge connection until it ends, the edge is replaced, or
@@ -281,12 +281,18 @@ impl SyncCore {
                         Ok(f) => f,
                         Err(e) => break Err(ErrorFrame::new(code::BAD_FRAME, e.to_string())),
                     };
+                    // Version 3's frames are version 2's with more said.
+                    let (frame, compaction, compacted) = match frame {
+                        Frame::OpenTopic(t) => (Frame::Open(t.open), t.compaction, false),
+                        Frame::Compacted(s) => (Frame::Skip(s), None, true),
+                        f => (f, None, false),
+                    };
                     match frame {
                         Frame::Open(o) => {
                             if opened.len() >= MAX_TOPICS_PER_CONNECTION && !opened.contains_key(&o.topic) {
                                 break Err(ErrorFrame::new(code::BAD_FRAME, "too many topics on one connection"));
                             }
-                            match self.open_topic(edge, who, &o).await {
+                            match self.open_topic(edge, who, &o, compaction.as_ref()).await {
                                 Ok((reply, mapping)) => {
                                     opened.insert(o.topic.clone(), mapping);
                                     if let Err(e) = send(out, Frame::Opened(reply)).await { break Err(e) }
@@ -320,7 +326,7 @@ impl SyncCore {
                             if s.partition as usize >= mapping.len() || s.from >= s.to {
                                 break Err(ErrorFrame::new(code::BAD_FRAME, "skip of no offsets or of a partition the topic lacks").at(&s.topic, s.partition));
                             }
-                            if work_tx.send(Work::Skip(s)).await.is_err() {
+                            if work_tx.send(Work::Skip(s, compacted)).await.is_err() {
                                 continue;
                             }
                         }
@@ -354,6 +360,7 @@ impl SyncCore {
         edge: &str,
         who: &Identity,
         o: &Open,
+        compaction: Option<&Compaction>,
     ) -> Result<(Opened, Vec<u32>), ErrorFrame> {
         let core = &self.inner;
         let refuse = |c: u16, m: String| {
@@ -386,6 +393,17 @@ impl SyncCore {
                 // Room for the three origin headers on an edge's largest events.
                 config.max_event_bytes = (config.max_event_bytes + ORIGIN_HEADER_ROOM)
                     .min(tributary_storage::topic::MAX_EVENT_BYTES_LIMIT);
+                // The core's copy of an edge's compacted topic is compacted alike.
+                if let Some(c) = compaction {
+                    config.cleanup_policy = CleanupPolicy::parse(&c.policy).ok_or_else(|| {
+                        ErrorFrame::new(code::BAD_FRAME, format!("cleanup policy `{}`", c.policy))
+                    })?;
+                    config.delete_retention_ms = c.delete_retention_ms;
+                    config.min_compaction_lag_ms = c.min_compaction_lag_ms;
+                    config.max_compaction_lag_ms = c.max_compaction_lag_ms;
+                    config.min_cleanable_dirty_ratio =
+                        f64::from(c.min_cleanable_dirty_ratio_ppm.min(1_000_000)) / 1e6;
+                }
                 match core.log.create_topic(config).await {
                     Ok(t) => t.config.partitions,
                     Err(LogError::TopicExists(_)) => {
@@ -484,6 +502,8 @@ fn kind(f: &Frame) -> &'static str {
         Frame::Ack(_) => "Ack",
         Frame::Skip(_) => "Skip",
         Frame::Error(_) => "Error",
+        Frame::OpenTopic(_) => "OpenTopic",
+        Frame::Compacted(_) => "Compacted",
     }
 }
 

@@ -19,6 +19,8 @@ pub(super) struct CoreMetrics {
     pub(super) events: AtomicU64,
     pub(super) duplicates: AtomicU64,
     pub(super) skipped: AtomicU64,
+    /// Offsets edges' compaction removed before they were forwarded.
+    pub(super) compacted: AtomicU64,
     pub(super) wire_bytes: AtomicU64,
     pub(super) rounds: AtomicU64,
     pub(super) errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
@@ -81,6 +83,7 @@ impl SyncCore {
             "received_events": m.events.load(Relaxed),
             "duplicate_events": m.duplicates.load(Relaxed),
             "skipped_events": m.skipped.load(Relaxed),
+            "compacted_offsets": m.compacted.load(Relaxed),
             "edges": list,
         })
     }
@@ -103,6 +106,7 @@ impl MetricsSource for SyncCore {
                 (Counter, "tributary_sync_received_events_total", "Events from edges appended (durable).", m.events.load(Relaxed)),
                 (Counter, "tributary_sync_duplicate_events_total", "Events from edges the core already held (replays, dropped).", m.duplicates.load(Relaxed)),
                 (Counter, "tributary_sync_skipped_events_total", "Events edges lost before forwarding them (their disk quota), recorded as gaps.", m.skipped.load(Relaxed)),
+                (Counter, "tributary_sync_compacted_offsets_total", "Offsets edges' compaction removed before forwarding (each key's latest record still came), recorded as held.", m.compacted.load(Relaxed)),
                 (Counter, "tributary_sync_core_wire_bytes_total", "Bytes of sync frames received.", m.wire_bytes.load(Relaxed)),
                 (Counter, "tributary_sync_append_rounds_total", "Append rounds (each one log append per topic covering many batches).", m.rounds.load(Relaxed)),
             ],

@@ -304,10 +304,45 @@ impl Session<'_> {
             Err(LogError::OffsetOutOfRange { .. }) => return Ok(()),
             Err(e) => return Err(Error::Storage(e)),
         };
+        // Compaction leaves gaps: one is reported on its own, and a batch
+        // carries a dense run of records.
+        let gap_end = read
+            .records
+            .first()
+            .map_or(read.next_offset, |r| r.offset)
+            .min(hole_end);
+        if gap_end > from {
+            lane.next = gap_end;
+            inner
+                .metrics
+                .compacted_offsets
+                .fetch_add(gap_end - from, Relaxed);
+            self.in_flight.push_back(InFlight {
+                topic: topic.clone(),
+                partition,
+                from,
+                to: gap_end,
+                bytes: 0,
+                events: 0,
+            });
+            let skip = Skip {
+                topic: topic.to_string(),
+                partition,
+                from,
+                to: gap_end,
+            };
+            let frame = if self.version >= wire::COMPACTION {
+                Frame::Compacted(skip)
+            } else {
+                Frame::Skip(skip)
+            };
+            return self.link.send(frame).await.map(drop);
+        }
         let mut raw = Vec::with_capacity(max_bytes.min(1 << 20));
         let mut count = 0u32;
         for r in &read.records {
             if r.offset >= hole_end
+                || r.offset != from + u64::from(count)
                 || (count > 0 && raw.len() + wire::encoded_len(r, self.version) > max_bytes)
             {
                 break;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::lanes::{Part, BLOCK_RETRY};
 use super::link::Link;
 use super::{lock, now_ms, End, Uploader, UpstreamConfig};
-use crate::wire::{code, Frame, Open, Welcome};
+use crate::wire::{self, code, Compaction, Frame, Open, OpenTopic, Welcome};
 use crate::Error;
 
 pub(super) struct InFlight {
@@ -126,7 +126,7 @@ impl<'a> Session<'a> {
     async fn open_new_topics(&mut self) -> Result<(), Error> {
         let up = self.up;
         for t in up.inner.log.topics() {
-            let name = t.config.name;
+            let name = t.config.name.clone();
             if up.inner.config.priority(&name).is_none() {
                 continue;
             }
@@ -150,7 +150,22 @@ impl<'a> Session<'a> {
                 topic: name,
                 partitions: t.config.partitions,
             };
-            self.link.send(Frame::Open(open)).await?;
+            let c = &t.config;
+            let frame = if self.version >= wire::COMPACTION {
+                Frame::OpenTopic(OpenTopic {
+                    open,
+                    compaction: c.cleanup_policy.compacts().then(|| Compaction {
+                        policy: c.cleanup_policy.as_str().to_owned(),
+                        delete_retention_ms: c.delete_retention_ms,
+                        min_compaction_lag_ms: c.min_compaction_lag_ms,
+                        max_compaction_lag_ms: c.max_compaction_lag_ms,
+                        min_cleanable_dirty_ratio_ppm: (c.min_cleanable_dirty_ratio * 1e6) as u32,
+                    }),
+                })
+            } else {
+                Frame::Open(open)
+            };
+            self.link.send(frame).await?;
         }
         Ok(())
     }

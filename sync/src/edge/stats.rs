@@ -21,6 +21,9 @@ pub(super) struct EdgeMetrics {
     pub(super) sent_events: AtomicU64,
     pub(super) acked_events: AtomicU64,
     pub(super) skipped_events: AtomicU64,
+    /// Offsets compaction removed before they were forwarded (each key's
+    /// latest record is still sent).
+    pub(super) compacted_offsets: AtomicU64,
     pub(super) raw_bytes: AtomicU64,
     pub(super) wire_bytes: AtomicU64,
     pub(super) errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -130,6 +133,7 @@ impl Uploader {
             "sent_events": m.sent_events.load(Relaxed),
             "acked_events": m.acked_events.load(Relaxed),
             "skipped_events": m.skipped_events.load(Relaxed),
+            "compacted_offsets": m.compacted_offsets.load(Relaxed),
             "raw_bytes": m.raw_bytes.load(Relaxed),
             "wire_bytes": m.wire_bytes.load(Relaxed),
             "topics": topics,
@@ -172,6 +176,7 @@ impl MetricsSource for Uploader {
                 (Counter, "tributary_sync_sent_events_total", "Events sent to the core (resends after a reconnect included).", m.sent_events.load(Relaxed)),
                 (Counter, "tributary_sync_acked_events_total", "Events the core acknowledged as durable.", m.acked_events.load(Relaxed)),
                 (Counter, "tributary_sync_skipped_events_total", "Events lost before forwarding (evicted by the disk quota) and reported to the core as a gap.", m.skipped_events.load(Relaxed)),
+                (Counter, "tributary_sync_compacted_offsets_total", "Offsets compaction removed before forwarding (each key's latest record is still sent).", m.compacted_offsets.load(Relaxed)),
                 (Counter, "tributary_sync_raw_bytes_total", "Record bytes sent, before compression.", m.raw_bytes.load(Relaxed)),
                 (Counter, "tributary_sync_wire_bytes_total", "Bytes of sync frames sent, after compression.", m.wire_bytes.load(Relaxed)),
             ],

@@ -504,7 +504,8 @@ async fn append_batch(broker: Arc<Server>, batch: Batch) -> Acked {
                 Rejection::TooLarge | Rejection::Quota | Rejection::DiskFull => {
                     reason::QUOTA_EXCEEDED
                 }
-                Rejection::Unwritable => reason::IMPLEMENTATION_SPECIFIC,
+                // "Valid, but the receiver is not willing to accept it".
+                Rejection::Unwritable | Rejection::KeyRequired => reason::IMPLEMENTATION_SPECIFIC,
             };
         }
     }
