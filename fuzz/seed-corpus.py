@@ -72,3 +72,17 @@ cert, key, der = open("cert.pem","rb").read(), open("key.pem","rb").read(), open
 put("tls_certs", "cert-key", cert + b"\xff" + key)
 put("tls_certs", "cert-key-ca", cert + b"\xff" + key + b"\xff" + cert)
 put("tls_certs", "der", der)
+
+# A compacted (version 3) stored batch: span after the header, records with
+# offset deltas, a tombstone with its delete horizon (storage/src/batch.rs).
+import zlib
+def zz(n): return (n << 1) ^ (n >> 63)
+def v3_record(delta, ts, key, value, horizon=0):
+    body = varint(delta) + varint(zz(ts)) + varint(len(key) + 1) + key
+    body += (varint(len(value) + 1) + value) if value is not None else (varint(0) + varint(horizon))
+    body += varint(1) + varint(1) + b"h" + varint(2) + b"hv"
+    return varint(len(body)) + body
+records = v3_record(0, 1_700_000_000_000, b"dev-1", b"on") + v3_record(7, 1_700_000_000_500, b"dev-2", None, 1_700_086_400_000)
+count, span, end = 2, 12, 4096
+tail = struct.pack("<IqqQQ", count, 1_700_000_000_000, 1_700_000_000_500, end, span) + records
+put("stored_batch", "compacted-v3", bytes([0x54, 3]) + struct.pack("<I", zlib.crc32(tail)) + tail)

@@ -206,6 +206,9 @@ pub enum TopicsOp {
         /// Largest event accepted.
         #[arg(long)]
         max_event_bytes: Option<usize>,
+        /// Compaction settings.
+        #[command(flatten)]
+        compaction: CompactionArgs,
     },
     /// List topics.
     List,
@@ -240,7 +243,56 @@ pub enum TopicsOp {
         /// What the topic does at the disk quota: `reject` or `drop_oldest`.
         #[arg(long)]
         on_full: Option<String>,
+        /// Compaction settings.
+        #[command(flatten)]
+        compaction: CompactionArgs,
     },
+}
+
+/// A topic's compaction settings on the command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CompactionArgs {
+    /// `delete` (retention), `compact` (the latest record of each key) or
+    /// `compact,delete`.
+    #[arg(long)]
+    pub cleanup_policy: Option<String>,
+    /// How long a tombstone stays after compaction first kept it (ms).
+    #[arg(long)]
+    pub delete_retention_ms: Option<u64>,
+    /// Records younger than this are not compacted (ms).
+    #[arg(long)]
+    pub min_compaction_lag_ms: Option<u64>,
+    /// Records older than this are compacted whatever the dirty ratio (ms);
+    /// `none` removes the limit.
+    #[arg(long, value_parser = limit)]
+    pub max_compaction_lag_ms: Option<Limit>,
+    /// The share of a partition written since its last pass that starts a
+    /// pass (0..=1).
+    #[arg(long)]
+    pub min_cleanable_dirty_ratio: Option<f64>,
+}
+
+impl CompactionArgs {
+    /// Sets what was given in a topic's JSON body; true when anything was.
+    pub fn fill(&self, body: &mut serde_json::Value) -> bool {
+        let before = body.as_object().map_or(0, |o| o.len());
+        if let Some(v) = &self.cleanup_policy {
+            body["cleanup_policy"] = serde_json::json!(v);
+        }
+        if let Some(v) = self.delete_retention_ms {
+            body["delete_retention_ms"] = serde_json::json!(v);
+        }
+        if let Some(v) = self.min_compaction_lag_ms {
+            body["min_compaction_lag_ms"] = serde_json::json!(v);
+        }
+        if let Some(Limit(v)) = self.max_compaction_lag_ms {
+            body["max_compaction_lag_ms"] = serde_json::json!(v);
+        }
+        if let Some(v) = self.min_cleanable_dirty_ratio {
+            body["min_cleanable_dirty_ratio"] = serde_json::json!(v);
+        }
+        body.as_object().map_or(0, |o| o.len()) > before
+    }
 }
 
 /// A limit given on the command line: a number, or `none` for no limit.

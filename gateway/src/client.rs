@@ -215,8 +215,10 @@ pub async fn topics(url: &str, op: TopicsOp) -> anyhow::Result<()> {
             retention_ms,
             retention_bytes,
             max_event_bytes,
+            compaction,
         } => {
             let mut body = json!({ "name": name });
+            compaction.fill(&mut body);
             for (k, v) in [
                 ("partitions", partitions.map(u64::from)),
                 ("retention_ms", retention_ms),
@@ -274,8 +276,10 @@ pub async fn topics(url: &str, op: TopicsOp) -> anyhow::Result<()> {
             retention_bytes,
             max_event_bytes,
             on_full,
+            compaction,
         } => {
             let mut body = json!({});
+            compaction.fill(&mut body);
             if let Some(p) = partitions {
                 body["partitions"] = json!(p);
             }
@@ -292,7 +296,7 @@ pub async fn topics(url: &str, op: TopicsOp) -> anyhow::Result<()> {
                 body["on_full"] = json!(v);
             }
             if body.as_object().is_some_and(|o| o.is_empty()) {
-                bail!("nothing to change: give --partitions, --retention-ms, --retention-bytes, --max-event-bytes or --on-full");
+                bail!("nothing to change: give --partitions, --retention-ms, --retention-bytes, --max-event-bytes, --on-full or a compaction setting");
             }
             let path = format!("/v1/topics/{}", segment(&name));
             let t = api.call(reqwest::Method::PATCH, &path, Some(&body)).await?;

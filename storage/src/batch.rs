@@ -210,7 +210,10 @@ impl CompactBuilder {
 
     fn body_len(&self, r: &Record, horizon: Option<i64>) -> usize {
         let mut n = varint_len(r.offset - self.base) + varint_len(zigzag(r.timestamp));
-        n += r.key.as_ref().map_or(1, |k| varint_len(k.len() as u64 + 1) + k.len());
+        n += r
+            .key
+            .as_ref()
+            .map_or(1, |k| varint_len(k.len() as u64 + 1) + k.len());
         n += match &r.value {
             Some(v) => varint_len(v.len() as u64 + 1) + v.len(),
             None => 1 + varint_len(horizon.map_or(0, |h| h.max(1) as u64)),
@@ -343,7 +346,9 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
         return Err(bad("batch with zero records"));
     }
     if span == 0 || span < u64::from(count) {
-        return Err(bad(format!("batch of {count} records spans {span} offsets")));
+        return Err(bad(format!(
+            "batch of {count} records spans {span} offsets"
+        )));
     }
     Ok(BatchHeader {
         count,
@@ -397,7 +402,11 @@ pub(crate) fn walk(
             let offset = base.checked_add(delta).filter(|&o| o >= next_offset);
             match offset {
                 Some(o) if delta < header.span => o,
-                _ => return Err(bad(format!("record offset delta {delta} out of order or span"))),
+                _ => {
+                    return Err(bad(format!(
+                        "record offset delta {delta} out of order or span"
+                    )))
+                }
             }
         } else {
             base + i
@@ -619,8 +628,67 @@ mod tests {
         .expect("a version 1 batch decodes");
         assert_eq!(old[0].value.as_deref(), Some(&b"xy"[..]));
         assert_eq!(old[1].value, Some(Vec::new()), "version 1 has no null");
-        v1[1] = 3;
+        v1[1] = 4;
         assert!(decode_header(&v1).is_err(), "unknown versions are refused");
+    }
+
+    #[test]
+    fn a_compacted_batch_keeps_offsets_gaps_and_tombstone_horizons() {
+        let rec = |offset, key: &str, value: Option<&[u8]>| Record {
+            partition: 2,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            value: value.map(<[u8]>::to_vec),
+            timestamp: 1_000 + offset as i64,
+            headers: vec![("h".into(), vec![offset as u8])],
+        };
+        let mut b = CompactBuilder::new(100, 64);
+        let kept = [
+            (rec(100, "a", Some(b"x")), None),
+            (rec(103, "b", None), Some(9_999)),
+            (rec(150, "c", Some(b"")), None),
+        ];
+        let mut expected_len = b.len();
+        for (r, h) in &kept {
+            expected_len += b.record_len(r, *h);
+            b.push(r, *h);
+        }
+        assert_eq!(b.len(), expected_len, "record_len is exact");
+        let value = b.finish(60, 5_000);
+        let h = decode_header(&value).expect("header");
+        assert_eq!((h.count, h.span, h.end_position), (3, 60, 5_000));
+        let mut got = Vec::new();
+        walk(&value, 100, 2, 0, u64::MAX, |r, horizon| {
+            got.push((r, horizon));
+            true
+        })
+        .expect("decode");
+        assert_eq!(got, kept.to_vec());
+        // A window over the gaps: only offsets in it.
+        let mut offsets = Vec::new();
+        decode_records(&value, 100, 2, 101, 150, |r| {
+            offsets.push(r.offset);
+            true
+        })
+        .expect("decode");
+        assert_eq!(offsets, vec![103]);
+        // Empty (every record of the range removed) is a valid batch.
+        let empty = CompactBuilder::new(7, 64).finish(3, 10);
+        let h = decode_header(&empty).expect("an empty compacted batch");
+        assert_eq!((h.count, h.span), (0, 3));
+        // Offsets out of order or past the span are refused.
+        for (span, second) in [(60, 100), (3, 103), (60, 130)] {
+            let mut bad = CompactBuilder::new(100, 64);
+            bad.push(&rec(100, "a", Some(b"x")), None);
+            bad.push(&rec(second, "b", Some(b"y")), None);
+            let v = bad.finish(span, 10);
+            let ok = walk(&v, 100, 0, 0, u64::MAX, |_, _| true).is_ok();
+            assert_eq!(
+                ok,
+                second > 100 && second < 100 + span,
+                "span {span}, second {second}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ use tributary_storage::{
     CleanupPolicy, Error, Event, Log, LogConfig, MemStore, Record, TopicChange, TopicConfig,
 };
 
+/// Each key's writes, in order: (offset, value; `None` for a tombstone).
+type Written = BTreeMap<String, Vec<(u64, Option<Vec<u8>>)>>;
+
 /// Small batches, so a few hundred records make many of them.
 fn small_batches() -> LogConfig {
     LogConfig {
@@ -42,8 +45,8 @@ async fn write_rounds(
     keys: usize,
     rounds: usize,
     deleted: impl Fn(usize) -> bool,
-) -> BTreeMap<String, Vec<(u64, Option<Vec<u8>>)>> {
-    let mut written: BTreeMap<String, Vec<(u64, Option<Vec<u8>>)>> = BTreeMap::new();
+) -> Written {
+    let mut written: Written = BTreeMap::new();
     for round in 0..rounds {
         let events: Vec<_> = (0..keys)
             .map(|i| {
@@ -91,7 +94,7 @@ fn read_all(log: &Log, topic: &str, partition: u32) -> Vec<Record> {
 
 /// Every record read was written, at the offset it was written at, in
 /// offset order, and the latest write of each key is among them.
-fn assert_sound(read: &[Record], written: &BTreeMap<String, Vec<(u64, Option<Vec<u8>>)>>) {
+fn assert_sound(read: &[Record], written: &Written) {
     let by_offset: BTreeMap<u64, (&str, &Option<Vec<u8>>)> = written
         .iter()
         .flat_map(|(k, w)| w.iter().map(move |(o, v)| (*o, (k.as_str(), v))))
@@ -115,11 +118,7 @@ fn assert_sound(read: &[Record], written: &BTreeMap<String, Vec<(u64, Option<Vec
 
 /// Exactly the latest write of each key, except that records of the last
 /// batch (never cleaned) and the keys it updates may keep older values.
-fn assert_compacted(
-    read: &[Record],
-    written: &BTreeMap<String, Vec<(u64, Option<Vec<u8>>)>>,
-    last_batch_from: u64,
-) {
+fn assert_compacted(read: &[Record], written: &Written, last_batch_from: u64) {
     assert_sound(read, written);
     for r in read.iter().filter(|r| r.offset < last_batch_from) {
         let k = std::str::from_utf8(r.key.as_deref().expect("key")).expect("utf8");
@@ -160,19 +159,32 @@ async fn a_pass_keeps_the_latest_record_of_each_key_at_its_offset_and_reads_step
         before.partitions[0].bytes,
         after.partitions[0].bytes
     );
-    assert_eq!(info.bytes_reclaimed, before.partitions[0].bytes - after.partitions[0].bytes);
-    assert_eq!(log.offsets("c", 0).expect("offsets"), (start, end), "offsets never change");
+    assert_eq!(
+        info.bytes_reclaimed,
+        before.partitions[0].bytes - after.partitions[0].bytes
+    );
+    assert_eq!(
+        log.offsets("c", 0).expect("offsets"),
+        (start, end),
+        "offsets never change"
+    );
     // A read from any offset, gap or not, answers the first record at or
     // after it.
     for at in start..end {
         let r = log.read("c", 0, at, 1, 1 << 20).expect("read");
-        let expected = read.iter().find(|r| r.offset >= at).expect("a record after");
+        let expected = read
+            .iter()
+            .find(|r| r.offset >= at)
+            .expect("a record after");
         assert_eq!(r.records[0].offset, expected.offset, "read from {at}");
     }
     // A second pass with nothing new does nothing; new updates are cleaned
     // by the next.
     log.compact();
-    assert_eq!(log.topic("c").expect("c").compaction.expect("info").passes, 1);
+    assert_eq!(
+        log.topic("c").expect("c").compaction.expect("info").passes,
+        1
+    );
     let more = write_rounds(&log, "c", 10, 3, |_| false).await;
     let mut all = written.clone();
     for (k, w) in more {
@@ -207,7 +219,11 @@ async fn a_crash_at_any_write_of_a_pass_loses_nothing_compaction_keeps() {
     for n in 0..=writes {
         let crashed = store.crashed_after(n);
         let reopened = mem_log(&crashed, small_batches());
-        assert_eq!(reopened.offsets("c", 0).expect("offsets").1, end, "crash after {n} writes");
+        assert_eq!(
+            reopened.offsets("c", 0).expect("offsets").1,
+            end,
+            "crash after {n} writes"
+        );
         assert_sound(&read_all(&reopened, "c", 0), &written);
         // The next pass finishes the work.
         reopened.compact();
@@ -229,7 +245,9 @@ async fn tombstones_delete_their_key_and_go_after_their_horizon() {
         .await
         .expect("append");
     let mut all = written.clone();
-    all.get_mut("k5").expect("k5").push((tail[0].offset, Some(b"tail".to_vec())));
+    all.get_mut("k5")
+        .expect("k5")
+        .push((tail[0].offset, Some(b"tail".to_vec())));
     log.compact();
     let read = read_all(&log, "c", 0);
     assert_sound(&read, &all);
@@ -242,10 +260,17 @@ async fn tombstones_delete_their_key_and_go_after_their_horizon() {
         log.compact();
         let read = read_all(&log, "c", 0);
         if read.iter().all(|r| r.value.is_some()) {
-            assert_eq!(read.len(), 5, "k2..k5, k5 twice (its tail is the last batch)");
+            assert_eq!(
+                read.len(),
+                5,
+                "k2..k5, k5 twice (its tail is the last batch)"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the tombstones never went");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tombstones never went"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -263,12 +288,16 @@ async fn more_keys_than_the_map_holds_take_several_passes_and_end_exactly_compac
     log.create_topic(compacted("c", 1)).await.expect("create");
     // The smallest map holds 49,152 keys; 60,000 keys written twice.
     let keys = 60_000;
-    let mut written: BTreeMap<String, Vec<(u64, Option<Vec<u8>>)>> = BTreeMap::new();
+    let mut written: Written = BTreeMap::new();
     for round in 0..2 {
         for chunk in (0..keys).collect::<Vec<_>>().chunks(2000) {
             let events = chunk
                 .iter()
-                .map(|i| Event::new(format!("{round}")).with_key(format!("k{i}")).into())
+                .map(|i| {
+                    Event::new(format!("{round}"))
+                        .with_key(format!("k{i}"))
+                        .into()
+                })
                 .collect();
             let positions = log.append("c", events).await.expect("append");
             for (i, p) in chunk.iter().zip(positions) {
@@ -297,12 +326,18 @@ async fn more_keys_than_the_map_holds_take_several_passes_and_end_exactly_compac
     let last_append = log.offsets("c", 0).expect("offsets").1 - 2000;
     let mut seen = std::collections::BTreeSet::new();
     for r in read.iter().filter(|r| r.offset < last_append) {
-        assert!(seen.insert(r.key.clone()), "one record per key below the tail");
+        assert!(
+            seen.insert(r.key.clone()),
+            "one record per key below the tail"
+        );
         let i: usize = std::str::from_utf8(&r.key.as_deref().expect("key")[1..])
             .expect("utf8")
             .parse()
             .expect("index");
-        assert!(r.value.as_deref() == Some(b"1") || i >= keys - 2000, "k{i} kept its first value");
+        assert!(
+            r.value.as_deref() == Some(b"1") || i >= keys - 2000,
+            "k{i} kept its first value"
+        );
     }
 }
 
@@ -325,7 +360,10 @@ async fn a_compacted_topic_refuses_keyless_records_and_changes_policy_durably() 
         min_cleanable_dirty_ratio: Some(1.5),
         ..TopicChange::default()
     };
-    assert!(matches!(log.alter_topic("c", &bad).await, Err(Error::InvalidTopic(_))));
+    assert!(matches!(
+        log.alter_topic("c", &bad).await,
+        Err(Error::InvalidTopic(_))
+    ));
     log.close().await.expect("close");
     drop(log);
     let log = mem_log(&store.crashed(), small_batches());
@@ -353,5 +391,8 @@ async fn a_sled_log_compacts_reopens_with_the_same_records_and_reads_old_configs
     read.extend(kept.1.clone());
     let keys: std::collections::BTreeSet<_> = read.iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys.len(), written.len(), "every key is still there");
-    assert_eq!(log.topic("plain").expect("plain").config.cleanup_policy, CleanupPolicy::Delete);
+    assert_eq!(
+        log.topic("plain").expect("plain").config.cleanup_policy,
+        CleanupPolicy::Delete
+    );
 }

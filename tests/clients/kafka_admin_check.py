@@ -50,12 +50,24 @@ summary["retention_bytes"] = described["retention.bytes"].value
 summary["max_message_bytes_after"] = described["max.message.bytes"].value
 try:
     bad = ConfigResource("topic", topic, incremental_configs=[
-        ConfigEntry("cleanup.policy", "compact",
+        ConfigEntry("cleanup.policy", "compact,shred",
                     incremental_operation=AlterConfigOpType.SET)])
     wait(admin.incremental_alter_configs([bad]))
-    errors.append("compaction accepted")
+    errors.append("an unknown cleanup policy accepted")
 except Exception as e:
-    summary["compact"] = e.args[0].name()
+    summary["bad_policy"] = e.args[0].name()
+compact = ConfigResource("topic", topic, incremental_configs=[
+    ConfigEntry("cleanup.policy", "compact,delete",
+                incremental_operation=AlterConfigOpType.SET),
+    ConfigEntry("min.cleanable.dirty.ratio", "0.2",
+                incremental_operation=AlterConfigOpType.SET)])
+wait(admin.incremental_alter_configs([compact]))
+described = wait(admin.describe_configs([resource]))[resource]
+summary["cleanup_policy"] = described["cleanup.policy"].value
+summary["dirty_ratio"] = described["min.cleanable.dirty.ratio"].value
+back = ConfigResource("topic", topic, incremental_configs=[
+    ConfigEntry("cleanup.policy", None, incremental_operation=AlterConfigOpType.DELETE)])
+wait(admin.incremental_alter_configs([back]))
 
 wait(admin.create_partitions([NewPartitions(topic, 5)]))
 summary["partitions"] = len(admin.list_topics(topic, timeout=10).topics[topic].partitions)

@@ -36,11 +36,12 @@ Why filler records: the cleaner never touches the newest stored batch of a
 partition (Kafka's active segment), so a key whose final write sits in that
 batch may keep older duplicates until more arrives. After every update is
 acknowledged, one record per partition is written alone (key
-`filler-<partition>`, with an explicit partition), in its own produce: it is
-its own stored batch, the newest, and every other key's final write lies
-below it. The filler keys are live keys with a single record at the top, so
-the expectation stays exact for them too; from the second round on, their
-earlier records lie below the newest batch and must be cleaned like any.
+`filler-<partition>-r<round>`, with an explicit partition), in its own
+produce: it is its own stored batch, the newest, and every other key's final
+write lies below it. Each round's filler keys are new (as in Kafka, the
+newest batch is not in the cleaner's map either, so a key written again only
+there would keep its older record): an earlier round's filler is then an
+ordinary live key with one record.
 """
 import argparse
 import functools
@@ -204,7 +205,7 @@ def produce():
 
     # The filler: alone in a produce of its own, after every update is
     # acknowledged, so it is the newest stored batch of its partition.
-    filler = [f"filler-{q}" for q in range(partitions)]
+    filler = [f"filler-{q}-r{rnd}" for q in range(partitions)]
     for q, k in enumerate(filler):
         last_sent[k] = 0
         p.produce(topic, key=k.encode(), value=f"{k} r{rnd}".encode(), partition=q,

@@ -163,6 +163,29 @@ fn produce_then_tail_round_trips_lines_byte_for_byte() {
     let (code, _, err) = alter(&[]);
     assert_eq!(code, 1);
     assert!(err.contains("nothing to change"), "{err}");
+    let (code, out, err) = alter(&[
+        "--cleanup-policy",
+        "compact",
+        "--min-cleanable-dirty-ratio",
+        "0.25",
+        "--max-compaction-lag-ms",
+        "5000",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).expect("the topic as JSON");
+    assert_eq!(
+        (
+            t["cleanup_policy"].as_str(),
+            t["min_cleanable_dirty_ratio"].as_f64(),
+            t["max_compaction_lag_ms"].as_u64()
+        ),
+        (Some("compact"), Some(0.25), Some(5000))
+    );
+    assert!(t["compaction"]["passes"].is_u64(), "{t}");
+    // Compacted: a keyless record has no place.
+    let (code, _, err) = run(&["produce", "lines", "--url", &url], Some(b"no key"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("key_required"), "{err}");
     let (code, out, err) = run(&["topics", "delete", "lines", "--url", &url], None);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("topic lines deleted"), "{out}");

@@ -213,7 +213,7 @@ async fn topics_are_created_described_changed_grown_and_deleted_with_kafkas_code
         vec![
             topic("orders", 1, &[]),
             bad_factor,
-            topic("compacted", 1, &[("cleanup.policy", "compact")]),
+            topic("compacted", 1, &[("cleanup.policy", "compact,shred")]),
             topic("odd", 1, &[("no.such.config", "1")]),
             topic("bad name", 1, &[]),
             topic("empty", 0, &[]),
@@ -285,7 +285,12 @@ async fn topics_are_created_described_changed_grown_and_deleted_with_kafkas_code
         (json!(1_048_576), json!(1_048_576), json!(3_600_000))
     );
     assert_eq!(
-        incremental_alter(&mut c, "orders", &[("cleanup.policy", 2, Some("compact"))]).await,
+        incremental_alter(
+            &mut c,
+            "orders",
+            &[("min.cleanable.dirty.ratio", 0, Some("2"))]
+        )
+        .await,
         ResponseError::InvalidConfig.code()
     );
     assert_eq!(

@@ -426,7 +426,9 @@ async fn librdkafkas_admin_client_creates_describes_changes_grows_and_deletes_a_
     assert_eq!(s["max_message_bytes"], "4096", "{s}");
     assert_eq!(s["retention_bytes"], "1048576", "{s}");
     assert_eq!(s["max_message_bytes_after"], "1048576", "{s}");
-    assert_eq!(s["compact"], "INVALID_CONFIG", "{s}");
+    assert_eq!(s["bad_policy"], "INVALID_CONFIG", "{s}");
+    assert_eq!(s["cleanup_policy"], "compact,delete", "{s}");
+    assert_eq!(s["dirty_ratio"], "0.2", "{s}");
     assert_eq!(s["partitions"], 5, "{s}");
     assert_eq!(s["read_back"], "in the fifth", "{s}");
     assert_eq!(s["listed_after_delete"], false, "{s}");
@@ -577,7 +579,10 @@ async fn http_records_by_key(base: &str, topic: &str, partitions: u64) -> Record
 
 /// A key's final acknowledged write as the script's state file has it:
 /// (partition, offset, value), the value `None` for a tombstone.
-fn final_writes(state: &serde_json::Value) -> Vec<(String, (u64, u64, Option<String>))> {
+/// A key's final write: (partition, offset, value; `None` for a tombstone).
+type FinalWrite = (u64, u64, Option<String>);
+
+fn final_writes(state: &serde_json::Value) -> Vec<(String, FinalWrite)> {
     state["keys"]
         .as_object()
         .expect("keys in the state file")
@@ -859,8 +864,11 @@ fn a_compacted_topic_survives_kill_9_during_cleaning_passes() {
     assert_eq!(s["deleted_seen"], 0, "{s}");
     assert_eq!(s["duplicates"], 0, "{s}");
     assert_eq!(s["unexpected"], 0, "{s}");
-    assert_eq!(s["live_keys"], 900, "{s}");
-    assert_eq!(s["read"], 901, "900 live keys and the filler: {s}");
+    assert_eq!(
+        s["live_keys"], 901,
+        "900 keys and the first round's filler: {s}"
+    );
+    assert_eq!(s["read"], 902, "901 live keys and the last filler: {s}");
     let state = read_state(&statefile);
     let got = rt.block_on(http_records_by_key(&node.url, "cmpkill", 1));
     assert_compacted("HTTP after three kills", &state, &got);

@@ -832,10 +832,7 @@ async fn a_compacted_backlog_forwards_only_what_survived_to_a_core_copy_compacte
         }
     }
     // The edge compacts its backlog while it cannot forward it.
-    wait_for(|| async {
-        read_topic(&edge.url, "state").await.len() <= 20
-    })
-    .await;
+    wait_for(|| async { read_topic(&edge.url, "state").await.len() <= 20 }).await;
     let survivors = read_topic(&edge.url, "state").await;
     proxy.refuse(false);
     wait_drained(&edge.url, Duration::from_secs(60)).await;
@@ -851,7 +848,9 @@ async fn a_compacted_backlog_forwards_only_what_survived_to_a_core_copy_compacte
     for r in &at_core {
         let (edge_id, _, offset) = r.origin().expect("origin headers");
         assert_eq!(edge_id, "edge-c");
-        let kept = by_edge_offset.get(&offset).expect("an edge record compaction kept");
+        let kept = by_edge_offset
+            .get(&offset)
+            .expect("an edge record compaction kept");
         assert_eq!((&r.key, &r.value), (&kept.key, &kept.value));
         let k = r.key.clone().expect("key");
         if newest.get(&k).is_none_or(|(o, _)| *o < offset) {
@@ -861,16 +860,31 @@ async fn a_compacted_backlog_forwards_only_what_survived_to_a_core_copy_compacte
     for (k, (offset, value)) in &latest {
         let got = newest.get(k.as_bytes()).expect("every key at the core");
         assert_eq!(got.0, *offset, "{k}: its latest record");
-        assert_eq!(serde_json::from_slice::<Value>(&got.1).expect("json"), json!(value));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&got.1).expect("json"),
+            json!(value)
+        );
     }
     let (s, t) = get(&c, &format!("{}/v1/topics/state", core.url)).await;
     assert_eq!(s, 200, "{t}");
     assert_eq!(t["cleanup_policy"], "compact", "{t}");
     assert_eq!(t["min_cleanable_dirty_ratio"], 0.1, "{t}");
     let edge_stats = edge_sync_stats(&edge.url).await;
-    assert!(edge_stats["compacted_offsets"].as_u64().expect("count") > 0, "{edge_stats}");
-    assert_eq!(edge_stats["skipped_events"], 0, "nothing was lost: {edge_stats}");
+    assert!(
+        edge_stats["compacted_offsets"].as_u64().expect("count") > 0,
+        "{edge_stats}"
+    );
+    assert_eq!(
+        edge_stats["skipped_events"], 0,
+        "nothing was lost: {edge_stats}"
+    );
     let (_, core_stats) = get(&c, &format!("{}/v1/stats", core.url)).await;
-    assert!(core_stats["sync"]["compacted_offsets"].as_u64().expect("count") > 0, "{core_stats}");
+    assert!(
+        core_stats["sync"]["compacted_offsets"]
+            .as_u64()
+            .expect("count")
+            > 0,
+        "{core_stats}"
+    );
     assert_eq!(core_stats["sync"]["skipped_events"], 0, "{core_stats}");
 }

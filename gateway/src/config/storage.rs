@@ -141,7 +141,9 @@ impl Config {
             on_full: t.on_full.unwrap_or(d.on_full),
             cleanup_policy: t.cleanup_policy.unwrap_or(base.cleanup_policy),
             delete_retention_ms: t.delete_retention_ms.unwrap_or(base.delete_retention_ms),
-            min_compaction_lag_ms: t.min_compaction_lag_ms.unwrap_or(base.min_compaction_lag_ms),
+            min_compaction_lag_ms: t
+                .min_compaction_lag_ms
+                .unwrap_or(base.min_compaction_lag_ms),
             max_compaction_lag_ms: t.max_compaction_lag_ms.or(base.max_compaction_lag_ms),
             min_cleanable_dirty_ratio: t
                 .min_cleanable_dirty_ratio

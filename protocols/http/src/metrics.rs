@@ -9,7 +9,7 @@ use std::time::Duration;
 use tributary_storage::util::lock;
 
 use axum::http::{Method, StatusCode};
-use tributary_storage::{Log, PartitionInfo, COMMIT_BUCKETS};
+use tributary_storage::{CompactionInfo, Log, PartitionInfo, COMMIT_BUCKETS};
 
 use tributary_frontend::listener::ConnectionStats;
 use tributary_frontend::metrics::{Kind, Text};
@@ -120,6 +120,21 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
             "Appends refused because the disk had less free space than storage.min_free_bytes.",
             s.disk_full_rejected_appends,
         ),
+        (
+            "tributary_compaction_passes_total",
+            "Compaction passes over partitions of compacted topics.",
+            s.compaction_passes,
+        ),
+        (
+            "tributary_compaction_records_removed_total",
+            "Records compaction removed (superseded by a later record of their key, or tombstones past their horizon).",
+            s.compaction_records_removed,
+        ),
+        (
+            "tributary_compaction_bytes_reclaimed_total",
+            "Bytes of stored batches compaction gave back.",
+            s.compaction_bytes_reclaimed,
+        ),
     ] {
         out.counter(name, help, v);
     }
@@ -156,6 +171,41 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
     );
     for t in &topics {
         family.sample(&[("topic", &t.config.name)], t.events_appended);
+    }
+    type Compaction = fn(&CompactionInfo) -> f64;
+    let compaction_figures: [(&str, Kind, &str, Compaction); 4] = [
+        (
+            "tributary_compaction_dirty_ratio",
+            Kind::Gauge,
+            "Per compacted topic, the largest share of a partition's bytes written since its last pass.",
+            |c| c.dirty_ratio,
+        ),
+        (
+            "tributary_compaction_last_pass_timestamp_seconds",
+            Kind::Gauge,
+            "Per compacted topic, when its last pass ended (0: none since start).",
+            |c| c.last_pass_ms.unwrap_or(0) as f64 / 1e3,
+        ),
+        (
+            "tributary_compaction_topic_bytes_reclaimed_total",
+            Kind::Counter,
+            "Per compacted topic, bytes its passes gave back since start.",
+            |c| c.bytes_reclaimed as f64,
+        ),
+        (
+            "tributary_compaction_topic_records_removed_total",
+            Kind::Counter,
+            "Per compacted topic, records its passes removed since start.",
+            |c| c.records_removed as f64,
+        ),
+    ];
+    for (name, kind, help, field) in compaction_figures {
+        let mut family = out.family(name, kind, help);
+        for t in &topics {
+            if let Some(c) = &t.compaction {
+                family.sample(&[("topic", &t.config.name)], field(c));
+            }
+        }
     }
     type Field = fn(&PartitionInfo) -> u64;
     let partition_figures: [(&str, &str, Field); 3] = [

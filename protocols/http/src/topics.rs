@@ -43,6 +43,7 @@ fn topic_json(t: TopicInfo) -> serde_json::Value {
             "passes": k.passes,
             "records_removed": k.records_removed,
             "bytes_reclaimed": k.bytes_reclaimed,
+            "pass_seconds": k.pass_seconds,
             "last_pass_ms": k.last_pass_ms,
         })),
         "partitions": t.partitions.iter().map(|p| json!({

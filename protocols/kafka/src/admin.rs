@@ -200,9 +200,8 @@ fn set(
         }
         (CLEANUP_POLICY, None) => config.cleanup_policy = defaults.cleanup_policy,
         (CLEANUP_POLICY, Some(v)) => {
-            config.cleanup_policy = CleanupPolicy::parse(v).ok_or_else(|| {
-                format!("{name} is a list of `delete` and `compact`, got `{v}`")
-            })?;
+            config.cleanup_policy = CleanupPolicy::parse(v)
+                .ok_or_else(|| format!("{name} is a list of `delete` and `compact`, got `{v}`"))?;
         }
         (DELETE_RETENTION_MS, None) => config.delete_retention_ms = defaults.delete_retention_ms,
         (DELETE_RETENTION_MS, Some(v)) => config.delete_retention_ms = millis(name, v)?,
@@ -775,8 +774,11 @@ mod tests {
             (RETENTION_BYTES, "lots"),
             (MAX_MESSAGE_BYTES, "-1"),
             (ON_FULL, "panic"),
-            (CLEANUP_POLICY, "compact"),
-            (CLEANUP_POLICY, "delete,compact"),
+            (CLEANUP_POLICY, "compact,shred"),
+            (CLEANUP_POLICY, ""),
+            (MIN_CLEANABLE_DIRTY_RATIO, "1.5"),
+            (MAX_COMPACTION_LAG_MS, "0"),
+            (DELETE_RETENTION_MS, "-1"),
             ("no.such.config", "1"),
         ] {
             assert!(set(&mut c, &d, k, Some(v)).is_err(), "{k}={v}");
@@ -792,5 +794,31 @@ mod tests {
             .find(|e| e.name == MAX_MESSAGE_BYTES)
             .expect("shown");
         assert_eq!((max.value.as_str(), max.default), ("2048", false));
+        // Compaction's settings, in Kafka's spelling both ways.
+        set(&mut c, &d, CLEANUP_POLICY, Some("delete, compact")).expect("both");
+        set(&mut c, &d, MIN_CLEANABLE_DIRTY_RATIO, Some("0.25")).expect("ratio");
+        set(
+            &mut c,
+            &d,
+            MAX_COMPACTION_LAG_MS,
+            Some("9223372036854775807"),
+        )
+        .expect("max lag");
+        set(&mut c, &d, MIN_COMPACTION_LAG_MS, Some("1000")).expect("min lag");
+        assert_eq!(c.cleanup_policy, CleanupPolicy::CompactDelete);
+        assert_eq!(c.max_compaction_lag_ms, None, "Long.MAX is no limit");
+        let shown = entries(&c, &d);
+        let value = |name| {
+            shown
+                .iter()
+                .find(|e| e.name == name)
+                .map(|e| e.value.clone())
+                .expect("shown")
+        };
+        assert_eq!(value(CLEANUP_POLICY), "compact,delete");
+        assert_eq!(value(MIN_CLEANABLE_DIRTY_RATIO), "0.25");
+        assert_eq!(value(MAX_COMPACTION_LAG_MS), "9223372036854775807");
+        assert_eq!(value(MIN_COMPACTION_LAG_MS), "1000");
+        assert_eq!(value(DELETE_RETENTION_MS), "86400000");
     }
 }

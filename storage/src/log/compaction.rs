@@ -80,6 +80,8 @@ pub(super) struct CleanerState {
     pub(super) passes: AtomicU64,
     pub(super) records_removed: AtomicU64,
     pub(super) bytes_reclaimed: AtomicU64,
+    /// Time spent in passes (µs).
+    pub(super) busy_us: AtomicU64,
     /// When the last pass ended (ms since the epoch; 0: none yet).
     pub(super) last_pass_ms: AtomicI64,
 }
@@ -94,6 +96,7 @@ impl CleanerState {
             passes: AtomicU64::new(0),
             records_removed: AtomicU64::new(0),
             bytes_reclaimed: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
             last_pass_ms: AtomicI64::new(0),
         }
     }
@@ -111,6 +114,8 @@ pub struct CompactionInfo {
     pub records_removed: u64,
     /// Bytes of batches given back since the process started.
     pub bytes_reclaimed: u64,
+    /// Seconds spent in passes since the process started.
+    pub pass_seconds: f64,
     /// When the last pass ended (ms since the epoch), if one ran.
     pub last_pass_ms: Option<i64>,
 }
@@ -120,12 +125,11 @@ impl CompactionInfo {
         let mut info = CompactionInfo::default();
         for p in &t.partitions {
             let c = &p.cleaner;
-            info.dirty_ratio = info
-                .dirty_ratio
-                .max(c.dirty_ppm.load(Relaxed) as f64 / 1e6);
+            info.dirty_ratio = info.dirty_ratio.max(c.dirty_ppm.load(Relaxed) as f64 / 1e6);
             info.passes += c.passes.load(Relaxed);
             info.records_removed += c.records_removed.load(Relaxed);
             info.bytes_reclaimed += c.bytes_reclaimed.load(Relaxed);
+            info.pass_seconds += c.busy_us.load(Relaxed) as f64 / 1e6;
             let last = c.last_pass_ms.load(Relaxed);
             if last > 0 {
                 info.last_pass_ms = Some(info.last_pass_ms.unwrap_or(0).max(last));
@@ -199,7 +203,9 @@ pub(super) fn recover_intents(store: &dyn Store) -> Result<()> {
         return Ok(());
     }
     for (k, v) in intents {
-        if let (Some((topic, partition)), Some((from, until))) = (parse_meta_key(&k), parse_pair(&v)) {
+        if let (Some((topic, partition)), Some((from, until))) =
+            (parse_meta_key(&k), parse_pair(&v))
+        {
             if store.partition_topics()?.contains(&topic) {
                 let part = store.partition(&topic, partition)?;
                 let removed = resolve(part.as_ref(), &topic, partition, from, until)?;
@@ -213,7 +219,13 @@ pub(super) fn recover_intents(store: &dyn Store) -> Result<()> {
 
 /// Removes the batches in `from..until` that start inside the batch before
 /// them (originals a compacted batch replaced); returns how many.
-fn resolve(part: &dyn PartitionStore, topic: &str, partition: u32, from: u64, until: u64) -> Result<u64> {
+fn resolve(
+    part: &dyn PartitionStore,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    until: u64,
+) -> Result<u64> {
     let mut covered = from;
     let mut doomed = Vec::new();
     scan(part, topic, partition, from, until, |base, _, h| {
@@ -355,7 +367,8 @@ pub(super) fn clean(shared: &Shared, stopper: &Stopper, map: &mut Option<KeyMap>
             if stopper.sleep(Duration::ZERO) || shared.failed.load(SeqCst) {
                 return;
             }
-            let map = map.get_or_insert_with(|| KeyMap::with_bytes(shared.config.compaction_map_bytes));
+            let map =
+                map.get_or_insert_with(|| KeyMap::with_bytes(shared.config.compaction_map_bytes));
             let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
             if t.live.deleted.load(SeqCst) {
                 break;
@@ -413,7 +426,8 @@ pub(super) fn clean_partition(
     let (topic, id) = (t.config.name.as_str(), ps.id);
     let c = &t.config;
     let bad = |base, d| corruption(topic, id, base, d);
-    let (Some((first, first_v)), Some((last, last_v))) = (ps.store.first()?, ps.store.last()?) else {
+    let (Some((first, first_v)), Some((last, last_v))) = (ps.store.first()?, ps.store.last()?)
+    else {
         return Ok(false);
     };
     if first == last {
@@ -438,7 +452,12 @@ pub(super) fn clean_partition(
     if !due && dirty_bytes > 0 {
         if let Some(max_lag) = c.max_compaction_lag_ms {
             let max_lag = i64::try_from(max_lag).unwrap_or(i64::MAX);
-            if let Some((base, v)) = ps.store.read(dirty, 1)?.into_iter().find(|(b, _)| *b >= dirty) {
+            if let Some((base, v)) = ps
+                .store
+                .read(dirty, 1)?
+                .into_iter()
+                .find(|(b, _)| *b >= dirty)
+            {
                 let h = decode_header(&v).map_err(|d| bad(base, d))?;
                 due = h.min_ts <= now.saturating_sub(max_lag);
             }
@@ -449,35 +468,43 @@ pub(super) fn clean_partition(
     }
 
     // 1. Map the dirty section.
+    let started = std::time::Instant::now();
     map.clear();
     let durable = *ps.end.borrow();
     let lag_cut = now.saturating_sub(i64::try_from(c.min_compaction_lag_ms).unwrap_or(i64::MAX));
     let (mut until, mut until_pos) = (dirty, dirty_pos);
     if due {
-        scan(ps.store.as_ref(), topic, id, dirty, last, |base, value, h| {
-            if base + h.span > durable || h.max_ts > lag_cut {
-                return Ok(false);
-            }
-            let mut full = false;
-            let mut offsets = Vec::new();
-            walk(value, base, id, 0, u64::MAX, |r, _| {
-                if let Some(k) = &r.key {
-                    offsets.push((key_hash(k), r.offset));
+        scan(
+            ps.store.as_ref(),
+            topic,
+            id,
+            dirty,
+            last,
+            |base, value, h| {
+                if base + h.span > durable || h.max_ts > lag_cut {
+                    return Ok(false);
                 }
-                true
-            })
-            .map_err(|d| bad(base, d))?;
-            for (h, o) in offsets {
-                full |= !map.put(h, o);
-            }
-            if full {
-                // Keys of this batch already in the map point at records
-                // that exist, beyond the range: still true, and safe.
-                return Ok(false);
-            }
-            (until, until_pos) = (base + h.span, h.end_position);
-            Ok(true)
-        })?;
+                let mut full = false;
+                let mut offsets = Vec::new();
+                walk(value, base, id, 0, u64::MAX, |r, _| {
+                    if let Some(k) = &r.key {
+                        offsets.push((key_hash(k), r.offset));
+                    }
+                    true
+                })
+                .map_err(|d| bad(base, d))?;
+                for (h, o) in offsets {
+                    full |= !map.put(h, o);
+                }
+                if full {
+                    // Keys of this batch already in the map point at records
+                    // that exist, beyond the range: still true, and safe.
+                    return Ok(false);
+                }
+                (until, until_pos) = (base + h.span, h.end_position);
+                Ok(true)
+            },
+        )?;
     }
     if until == first || (until == dirty && !horizon_due) {
         return Ok(false);
@@ -485,10 +512,14 @@ pub(super) fn clean_partition(
 
     // 2. Intent.
     let key = meta_key(topic, id);
-    shared.store.put_meta(INTENTS, &key, Some(&pair(first, until)))?;
+    shared
+        .store
+        .put_meta(INTENTS, &key, Some(&pair(first, until)))?;
     let synced = |what: &str| {
         shared.store.sync().inspect_err(|e| {
-            shared.fail(format!("compaction of {topic}/{id}: {what} sync failed: {e}"));
+            shared.fail(format!(
+                "compaction of {topic}/{id}: {what} sync failed: {e}"
+            ));
         })
     };
     synced("intent")?;
@@ -503,10 +534,19 @@ pub(super) fn clean_partition(
         removed: 0,
         next_horizon: i64::MAX,
     };
-    rewrite(ps.store.as_ref(), topic, id, first, until, target, &mut verdicts, |_, _, b| {
-        sizes.push(b.len() as u64);
-        Ok(())
-    })?;
+    rewrite(
+        ps.store.as_ref(),
+        topic,
+        id,
+        first,
+        until,
+        target,
+        &mut verdicts,
+        |_, _, b| {
+            sizes.push(b.len() as u64);
+            Ok(())
+        },
+    )?;
     let total: u64 = sizes.iter().sum();
     let mut pos = until_pos.saturating_sub(total);
     let new_start_pos = pos;
@@ -514,23 +554,32 @@ pub(super) fn clean_partition(
     let mut written = 0usize;
     verdicts.removed = 0;
     verdicts.next_horizon = i64::MAX;
-    let result = rewrite(ps.store.as_ref(), topic, id, first, until, target, &mut verdicts, |base, span, b| {
-        if sizes.get(i) != Some(&(b.len() as u64)) {
-            return Err(Error::BadBatch(format!(
-                "compaction of {topic}/{id}: batch at {base} sized {} then {}",
-                sizes.get(i).copied().unwrap_or(0),
-                b.len()
-            )));
-        }
-        i += 1;
-        pos += b.len() as u64;
-        ps.store.insert(base, b.finish(span, pos))?;
-        written += 1;
-        if written % 64 == 0 {
-            stopper.sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    });
+    let result = rewrite(
+        ps.store.as_ref(),
+        topic,
+        id,
+        first,
+        until,
+        target,
+        &mut verdicts,
+        |base, span, b| {
+            if sizes.get(i) != Some(&(b.len() as u64)) {
+                return Err(Error::BadBatch(format!(
+                    "compaction of {topic}/{id}: batch at {base} sized {} then {}",
+                    sizes.get(i).copied().unwrap_or(0),
+                    b.len()
+                )));
+            }
+            i += 1;
+            pos += b.len() as u64;
+            ps.store.insert(base, b.finish(span, pos))?;
+            written += 1;
+            if written.is_multiple_of(64) {
+                stopper.sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        },
+    );
     if let Err(e) = result {
         shared.fail(format!("compaction of {topic}/{id} stopped half way: {e}"));
         return Err(e);
@@ -559,12 +608,27 @@ pub(super) fn clean_partition(
     cleaner.records_removed.fetch_add(verdicts.removed, Relaxed);
     cleaner.bytes_reclaimed.fetch_add(reclaimed, Relaxed);
     cleaner.last_pass_ms.store(now_ms(), Relaxed);
+    cleaner
+        .busy_us
+        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
     let stats = &shared.stats;
     stats.compaction_passes.fetch_add(1, Relaxed);
-    stats.compaction_records_removed.fetch_add(verdicts.removed, Relaxed);
-    stats.compaction_bytes_reclaimed.fetch_add(reclaimed, Relaxed);
+    stats
+        .compaction_records_removed
+        .fetch_add(verdicts.removed, Relaxed);
+    stats
+        .compaction_bytes_reclaimed
+        .fetch_add(reclaimed, Relaxed);
     synced("checkpoint")?;
-    tracing::debug!(topic, partition = id, from = first, until, removed = verdicts.removed, reclaimed, "compaction pass");
+    tracing::debug!(
+        topic,
+        partition = id,
+        from = first,
+        until,
+        removed = verdicts.removed,
+        reclaimed,
+        "compaction pass"
+    );
     Ok(true)
 }
 

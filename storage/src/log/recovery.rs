@@ -60,8 +60,8 @@ pub(super) fn recover_partition(
         // its durable cursors before anything is sent.
         forwarded: AtomicU64::new(if forwarded { 0 } else { u64::MAX }),
         cleaner: {
-            let (dirty, dirty_pos, horizon) = compaction::checkpoint(store, topic, id)?
-                .unwrap_or((start, start_pos, i64::MIN));
+            let (dirty, dirty_pos, horizon) =
+                compaction::checkpoint(store, topic, id)?.unwrap_or((start, start_pos, i64::MIN));
             compaction::CleanerState::new(dirty, dirty_pos, horizon)
         },
     })

@@ -154,7 +154,15 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
         }
         // The partition whose first durable batch is the oldest, among
         // batches already forwarded upstream first, then among all.
-        type Candidate<'a> = (bool, bool, i64, &'a TopicState, &'a PartitionState, u64, BatchHeader);
+        type Candidate<'a> = (
+            bool,
+            bool,
+            i64,
+            &'a TopicState,
+            &'a PartitionState,
+            u64,
+            BatchHeader,
+        );
         let mut oldest: Option<Candidate> = None;
         for t in &candidates {
             for ps in &t.partitions {
@@ -171,9 +179,10 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
                 let compacted = t.config.cleanup_policy.compacts();
                 let unforwarded = next_start > ps.forwarded.load(SeqCst);
                 let age = h.max_ts.min(now);
-                if oldest.as_ref().is_none_or(|(c, u, ts, ..)| {
-                    (compacted, unforwarded, age) < (*c, *u, *ts)
-                }) {
+                if oldest
+                    .as_ref()
+                    .is_none_or(|(c, u, ts, ..)| (compacted, unforwarded, age) < (*c, *u, *ts))
+                {
                     oldest = Some((compacted, unforwarded, age, t, ps, base, h));
                 }
             }

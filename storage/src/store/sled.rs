@@ -189,12 +189,13 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.topics.iter() {
             let (k, v) = item?;
-            let config: TopicConfig = crate::topic::decode_stored(&v).map_err(|e| Error::Corruption {
-                topic: String::from_utf8_lossy(&k).into_owned(),
-                partition: 0,
-                offset: 0,
-                detail: format!("topic config does not decode: {e}"),
-            })?;
+            let config: TopicConfig =
+                crate::topic::decode_stored(&v).map_err(|e| Error::Corruption {
+                    topic: String::from_utf8_lossy(&k).into_owned(),
+                    partition: 0,
+                    offset: 0,
+                    detail: format!("topic config does not decode: {e}"),
+                })?;
             out.push(config);
         }
         Ok(out)
