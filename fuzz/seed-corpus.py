@@ -85,4 +85,4 @@ def v3_record(delta, ts, key, value, horizon=0):
 records = v3_record(0, 1_700_000_000_000, b"dev-1", b"on") + v3_record(7, 1_700_000_000_500, b"dev-2", None, 1_700_086_400_000)
 count, span, end = 2, 12, 4096
 tail = struct.pack("<IqqQQ", count, 1_700_000_000_000, 1_700_000_000_500, end, span) + records
-put("stored_batch", "compacted-v3", bytes([0x54, 3]) + struct.pack("<I", zlib.crc32(tail)) + tail)
+put("stored_batch", "compacted-v3", bytes([0x54, 3]) + struct.pack("<I", zlib.crc32(b"\x03" + tail)) + tail)

@@ -43,6 +43,10 @@
 //! 42      ..    records
 //! ```
 //!
+//! The CRC of a compacted batch also covers its version byte (the CRC
+//! field follows it): a flipped bit there must not turn another version's
+//! batch into one read as compacted.
+//!
 //! Each record's body starts with a varint offset delta (from the base;
 //! strictly increasing, below the span), and a null value is followed by a
 //! varint delete horizon (ms since the epoch; 0 = not set): the first pass
@@ -278,10 +282,18 @@ impl CompactBuilder {
         self.buf[18..26].copy_from_slice(&self.max_ts.to_le_bytes());
         self.buf[26..34].copy_from_slice(&end_position.to_le_bytes());
         self.buf[34..42].copy_from_slice(&span.to_le_bytes());
-        let crc = crc32fast::hash(&self.buf[6..]);
+        let crc = compacted_crc(&self.buf);
         self.buf[2..6].copy_from_slice(&crc.to_le_bytes());
         self.buf
     }
+}
+
+/// A compacted batch's CRC: over its version byte, then bytes 6.. .
+pub fn compacted_crc(value: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&value[1..2]);
+    h.update(&value[6..]);
+    h.finalize()
 }
 
 fn encoded_body_len(event: &Event, timestamp: i64) -> usize {
@@ -330,7 +342,11 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
         return Err(bad("compacted batch shorter than its header"));
     }
     let stored = u32::from_le_bytes(arr4(&value[2..6]));
-    let actual = crc32fast::hash(&value[6..]);
+    let actual = if compacted {
+        compacted_crc(value)
+    } else {
+        crc32fast::hash(&value[6..])
+    };
     if stored != actual {
         return Err(bad(format!(
             "checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"
@@ -672,6 +688,14 @@ mod tests {
         })
         .expect("decode");
         assert_eq!(offsets, vec![103]);
+        // Every flipped bit is caught, the version byte's too.
+        for i in 0..value.len() {
+            for bit in 0..8 {
+                let mut bad = value.clone();
+                bad[i] ^= 1 << bit;
+                assert!(decode_header(&bad).is_err(), "flip of bit {bit} at {i}");
+            }
+        }
         // Empty (every record of the range removed) is a valid batch.
         let empty = CompactBuilder::new(7, 64).finish(3, 10);
         let h = decode_header(&empty).expect("an empty compacted batch");
@@ -714,12 +738,14 @@ mod tests {
         b.push(&sample(8), 2);
         let (value, _) = b.finish(0);
         for i in 0..value.len() {
-            let mut bad = value.clone();
-            bad[i] ^= 0x40;
-            assert!(
-                decode_header(&bad).is_err(),
-                "flip at byte {i} went unnoticed"
-            );
+            for bit in 0..8 {
+                let mut bad = value.clone();
+                bad[i] ^= 1 << bit;
+                assert!(
+                    decode_header(&bad).is_err(),
+                    "flip of bit {bit} at byte {i} went unnoticed"
+                );
+            }
         }
         for cut in 0..value.len() {
             assert!(decode_records(&value[..cut], 0, 0, 0, u64::MAX, |_| true).is_err());
