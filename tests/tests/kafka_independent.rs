@@ -579,6 +579,17 @@ async fn http_records_by_key(base: &str, topic: &str, partitions: u64) -> Record
 
 /// A key's final acknowledged write as the script's state file has it:
 /// (partition, offset, value), the value `None` for a tombstone.
+/// A `verify` summary that found exactly the latest record of each live
+/// key at its offset, no deleted key, nothing twice, nothing unexpected.
+fn assert_verified(s: &serde_json::Value) {
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["latest_ok"], true, "{s}");
+    assert_eq!(s["offsets_ok"], true, "{s}");
+    assert_eq!(s["deleted_seen"], 0, "{s}");
+    assert_eq!(s["duplicates"], 0, "{s}");
+    assert_eq!(s["unexpected"], 0, "{s}");
+}
+
 /// A key's final write: (partition, offset, value; `None` for a tombstone).
 type FinalWrite = (u64, u64, Option<String>);
 
@@ -721,12 +732,7 @@ fn librdkafka_reads_a_compacted_topic_as_the_latest_value_of_every_live_key() {
     assert_eq!(s["deleted_keys"], 100, "{s}");
 
     let s = run("verify", &["--deadline-s", "60"]);
-    assert_eq!(s["ok"], true, "{s}");
-    assert_eq!(s["latest_ok"], true, "{s}");
-    assert_eq!(s["offsets_ok"], true, "{s}");
-    assert_eq!(s["deleted_seen"], 0, "{s}");
-    assert_eq!(s["duplicates"], 0, "{s}");
-    assert_eq!(s["unexpected"], 0, "{s}");
+    assert_verified(&s);
     assert_eq!(s["read"], 903, "900 live keys and 3 filler records: {s}");
 
     // Over HTTP: the same records at the same offsets.
@@ -858,12 +864,7 @@ fn a_compacted_topic_survives_kill_9_during_cleaning_passes() {
     // Then, cleaned to the end: over Kafka and over HTTP, exactly the final
     // write of each live key, nothing of a deleted one.
     let s = run(&node.kafka, "verify", &["--deadline-s", "120"]);
-    assert_eq!(s["ok"], true, "{s}");
-    assert_eq!(s["latest_ok"], true, "{s}");
-    assert_eq!(s["offsets_ok"], true, "{s}");
-    assert_eq!(s["deleted_seen"], 0, "{s}");
-    assert_eq!(s["duplicates"], 0, "{s}");
-    assert_eq!(s["unexpected"], 0, "{s}");
+    assert_verified(&s);
     assert_eq!(
         s["live_keys"], 901,
         "900 keys and the first round's filler: {s}"

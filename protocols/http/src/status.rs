@@ -45,14 +45,7 @@ pub(crate) async fn stats(
                 "retention_ms": t.config.retention_ms,
                 "retention_bytes": t.config.retention_bytes,
                 "cleanup_policy": t.config.cleanup_policy,
-                "compaction": t.compaction.as_ref().map(|k| json!({
-                    "dirty_ratio": k.dirty_ratio,
-                    "passes": k.passes,
-                    "records_removed": k.records_removed,
-                    "bytes_reclaimed": k.bytes_reclaimed,
-                    "pass_seconds": k.pass_seconds,
-                    "last_pass_ms": k.last_pass_ms,
-                })),
+                "compaction": t.compaction.as_ref().map(crate::topics::compaction_json),
             })
         })
         .collect();

@@ -13,7 +13,7 @@ use serde_json::json;
 use tributary_devices::auth::Action;
 use tributary_ingest as ingest;
 use tributary_storage::{
-    AppendRecord, CleanupPolicy, Event, OnFull, Position, TopicChange, TopicInfo,
+    AppendRecord, CleanupPolicy, CompactionInfo, Event, OnFull, Position, TopicChange, TopicInfo,
 };
 
 use crate::auth::{self, Caller};
@@ -23,6 +23,18 @@ use crate::body::{
 use crate::error::{ApiError, ApiResult};
 use crate::records::{FetchOut, Format, ProduceBody, RecordOut};
 use crate::AppState;
+
+/// What a compacted topic's cleaner did, as `/v1/topics` and `/v1/stats` show it.
+pub(crate) fn compaction_json(k: &CompactionInfo) -> serde_json::Value {
+    json!({
+        "dirty_ratio": k.dirty_ratio,
+        "passes": k.passes,
+        "records_removed": k.records_removed,
+        "bytes_reclaimed": k.bytes_reclaimed,
+        "pass_seconds": k.pass_seconds,
+        "last_pass_ms": k.last_pass_ms,
+    })
+}
 
 fn topic_json(t: TopicInfo) -> serde_json::Value {
     let c = t.config;
@@ -38,14 +50,7 @@ fn topic_json(t: TopicInfo) -> serde_json::Value {
         "min_compaction_lag_ms": c.min_compaction_lag_ms,
         "max_compaction_lag_ms": c.max_compaction_lag_ms,
         "min_cleanable_dirty_ratio": c.min_cleanable_dirty_ratio,
-        "compaction": t.compaction.map(|k| json!({
-            "dirty_ratio": k.dirty_ratio,
-            "passes": k.passes,
-            "records_removed": k.records_removed,
-            "bytes_reclaimed": k.bytes_reclaimed,
-            "pass_seconds": k.pass_seconds,
-            "last_pass_ms": k.last_pass_ms,
-        })),
+        "compaction": t.compaction.as_ref().map(compaction_json),
         "partitions": t.partitions.iter().map(|p| json!({
             "partition": p.partition,
             "start_offset": p.start_offset,

@@ -251,6 +251,39 @@ impl Session<'_> {
         None
     }
 
+    /// Tells the core it will not get `from..to` of a partition: evicted
+    /// by the disk quota (a `Skip`), or removed by compaction (a
+    /// `Compacted`, a `Skip` to a core older than that).
+    async fn send_gap(
+        &mut self,
+        topic: Arc<str>,
+        partition: u32,
+        from: u64,
+        to: u64,
+        compacted: bool,
+    ) -> Result<(), Error> {
+        let skip = Skip {
+            topic: topic.to_string(),
+            partition,
+            from,
+            to,
+        };
+        self.in_flight.push_back(InFlight {
+            topic,
+            partition,
+            from,
+            to,
+            bytes: 0,
+            events: 0,
+        });
+        let frame = if compacted && self.version >= wire::COMPACTION {
+            Frame::Compacted(skip)
+        } else {
+            Frame::Skip(skip)
+        };
+        self.link.send(frame).await.map(drop)
+    }
+
     async fn send_from(&mut self, pi: usize, li: usize) -> Result<(), Error> {
         let inner = &self.up.inner;
         let c = &inner.config;
@@ -280,21 +313,7 @@ impl Session<'_> {
             lane.next = to;
             tracing::warn!(%topic, partition, from, to, "sync: events were evicted before they were forwarded");
             inner.metrics.skipped_events.fetch_add(to - from, Relaxed);
-            self.in_flight.push_back(InFlight {
-                topic: topic.clone(),
-                partition,
-                from,
-                to,
-                bytes: 0,
-                events: 0,
-            });
-            let skip = Skip {
-                topic: topic.to_string(),
-                partition,
-                from,
-                to,
-            };
-            return self.link.send(Frame::Skip(skip)).await.map(drop);
+            return self.send_gap(topic, partition, from, to, false).await;
         }
         let max_bytes = c.batch_max_bytes.min(self.max_batch_bytes);
         let want = (hole_end - from).min(c.batch_max_records as u64) as usize;
@@ -317,26 +336,7 @@ impl Session<'_> {
                 .metrics
                 .compacted_offsets
                 .fetch_add(gap_end - from, Relaxed);
-            self.in_flight.push_back(InFlight {
-                topic: topic.clone(),
-                partition,
-                from,
-                to: gap_end,
-                bytes: 0,
-                events: 0,
-            });
-            let skip = Skip {
-                topic: topic.to_string(),
-                partition,
-                from,
-                to: gap_end,
-            };
-            let frame = if self.version >= wire::COMPACTION {
-                Frame::Compacted(skip)
-            } else {
-                Frame::Skip(skip)
-            };
-            return self.link.send(frame).await.map(drop);
+            return self.send_gap(topic, partition, from, gap_end, true).await;
         }
         let mut raw = Vec::with_capacity(max_bytes.min(1 << 20));
         let mut count = 0u32;
