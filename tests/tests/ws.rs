@@ -387,3 +387,77 @@ async fn a_stalled_tail_holds_back_no_other_and_dropped_clients_free_their_sessi
     }
     node.stop().await;
 }
+
+/// A live tail over a compacted partition: the offsets it sends are those
+/// the log kept (gaps stepped over, nothing twice), also from the shared
+/// ring a second tail reads, and new records follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_over_a_compacted_topic_sends_what_was_kept_once() {
+    let node = InProcessNode::start("[storage]\nretention_check_ms = 100\n").await;
+    let c = client();
+    let topic = json!({"name": "state", "partitions": 1, "cleanup_policy": "compact",
+        "min_cleanable_dirty_ratio": 0.0});
+    let (s, b) = post(&c, &format!("{}/v1/topics", node.url), &topic).await;
+    assert_eq!(s, 201, "{b}");
+    for round in 0..20 {
+        let records: Vec<Value> = (0..5)
+            .map(|k| json!({"key": format!("k{k}"), "value": {"i": round * 5 + k}}))
+            .collect();
+        let url = format!("{}/v1/topics/state/records", node.url);
+        let (s, b) = post(&c, &url, &json!({ "records": records })).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    let kept: Vec<u64> = loop {
+        let (_, t) = get(&c, &format!("{}/v1/topics/state", node.url)).await;
+        let url = format!(
+            "{}/v1/topics/state/partitions/0/records?offset=0&limit=1000",
+            node.url
+        );
+        let (_, page) = get(&c, &url).await;
+        let offsets: Vec<u64> = page["records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .map(|r| r["offset"].as_u64().expect("offset"))
+            .collect();
+        if t["compaction"]["passes"].as_u64() >= Some(1) && offsets.len() < 100 {
+            break offsets;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction pass: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(kept.len() <= 10, "5 keys, the last batch aside: {kept:?}");
+    // The second tail is served from the ring the first one filled.
+    let mut tails = Vec::new();
+    for _ in 0..2 {
+        let mut ws = open(&node.url, "/v1/topics/state/live?from=earliest").await;
+        let mut got = Vec::new();
+        for _ in 0..kept.len() {
+            got.push(next_json(&mut ws).await["offset"].as_u64().expect("offset"));
+        }
+        assert_eq!(got, kept, "the kept records, each once, in order");
+        tails.push(ws);
+    }
+    let url = format!("{}/v1/topics/state/records", node.url);
+    let (s, b) = post(
+        &c,
+        &url,
+        &json!({"records": [{"key": "k9", "value": {"i": 999}}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let new = b["offsets"][0]["offset"].as_u64().expect("offset");
+    for ws in &mut tails {
+        let r = next_json(ws).await;
+        assert_eq!(
+            r["offset"].as_u64(),
+            Some(new),
+            "the next is the new record: {r}"
+        );
+    }
+    node.stop().await;
+}

@@ -98,45 +98,63 @@ pub struct TopicTail {
 
 #[derive(Debug, Default)]
 struct Ring {
-    /// Offset of `msgs[0]`.
+    /// The first offset the ring covers.
     start: u64,
-    msgs: std::collections::VecDeque<Utf8Bytes>,
+    /// One past the last offset it covers: `start..end` was read, and every
+    /// record in it is in `msgs` (a compacted partition has gaps, so records
+    /// carry their offsets).
+    end: u64,
+    msgs: std::collections::VecDeque<(u64, Utf8Bytes)>,
     bytes: usize,
 }
 
+/// Rendered records and where the next read starts (past any gap).
+#[derive(Debug, PartialEq)]
+struct Page {
+    msgs: Vec<Utf8Bytes>,
+    next: u64,
+}
+
 impl Ring {
-    /// Up to `max` rendered records from `from`, if the ring holds `from`.
-    fn get(&self, from: u64, max: usize) -> Option<Vec<Utf8Bytes>> {
-        let end = self.start + self.msgs.len() as u64;
-        if from < self.start || from >= end {
+    /// Up to `max` rendered records from `from`, if the ring covers `from`.
+    fn get(&self, from: u64, max: usize) -> Option<Page> {
+        if from < self.start || from >= self.end {
             return None;
         }
-        let skip = (from - self.start) as usize;
-        Some(self.msgs.iter().skip(skip).take(max).cloned().collect())
+        let skip = self.msgs.partition_point(|(o, _)| *o < from);
+        let msgs: Vec<_> = self.msgs.iter().skip(skip).take(max).collect();
+        let next = match msgs.last() {
+            Some((o, _)) if msgs.len() == max => o + 1,
+            _ => self.end,
+        };
+        Some(Page {
+            msgs: msgs.into_iter().map(|(_, m)| m.clone()).collect(),
+            next,
+        })
     }
 
-    /// Adds rendered records starting at `first`. Older records than the ring
-    /// holds are not kept (a lagging tail must not push the live ones out);
-    /// a jump past the ring's end starts it over.
-    fn extend(&mut self, first: u64, msgs: &[Utf8Bytes]) {
-        let end = self.start + self.msgs.len() as u64;
-        if self.msgs.is_empty() || first > end {
+    /// Adds what a read of `first..next` rendered. Older records than the
+    /// ring holds are not kept (a lagging tail must not push the live ones
+    /// out); a jump past the ring's end starts it over.
+    fn extend(&mut self, first: u64, next: u64, msgs: &[(u64, Utf8Bytes)]) {
+        if self.end == self.start || first > self.end {
             self.msgs.clear();
             self.bytes = 0;
             self.start = first;
+            self.end = first;
         } else if first < self.start {
             return;
         }
-        let held = (self.start + self.msgs.len() as u64 - first) as usize;
-        for m in msgs.iter().skip(held) {
+        for (o, m) in msgs.iter().filter(|(o, _)| *o >= self.end) {
             self.bytes += m.len();
-            self.msgs.push_back(m.clone());
+            self.msgs.push_back((*o, m.clone()));
         }
+        self.end = self.end.max(next);
         while self.msgs.len() > RING_RECORDS || self.bytes > RING_BYTES {
             match self.msgs.pop_front() {
-                Some(m) => {
+                Some((o, m)) => {
                     self.bytes -= m.len();
-                    self.start += 1;
+                    self.start = o + 1;
                 }
                 None => break,
             }
@@ -148,34 +166,69 @@ impl Ring {
 mod tests {
     use super::*;
 
-    fn msgs(from: u64, n: u64) -> Vec<Utf8Bytes> {
+    fn msgs(from: u64, n: u64) -> Vec<(u64, Utf8Bytes)> {
         (from..from + n)
-            .map(|i| Utf8Bytes::from(i.to_string()))
+            .map(|i| (i, Utf8Bytes::from(i.to_string())))
             .collect()
+    }
+
+    fn page(from: u64, n: u64) -> Page {
+        Page {
+            msgs: msgs(from, n).into_iter().map(|(_, m)| m).collect(),
+            next: from + n,
+        }
     }
 
     #[test]
     fn the_ring_serves_what_it_holds_and_stays_bounded() {
         let mut r = Ring::default();
         assert!(r.get(0, 10).is_none());
-        r.extend(10, &msgs(10, 5));
-        assert_eq!(r.get(12, 10).expect("held"), msgs(12, 3));
+        r.extend(10, 15, &msgs(10, 5));
+        assert_eq!(r.get(12, 10).expect("held"), page(12, 3));
         assert!(r.get(15, 10).is_none(), "past the end: read the log");
         assert!(r.get(9, 10).is_none(), "before the start: read the log");
         // Overlapping extension keeps each offset once.
-        r.extend(13, &msgs(13, 4));
-        assert_eq!(r.get(10, 100).expect("held"), msgs(10, 7));
+        r.extend(13, 17, &msgs(13, 4));
+        assert_eq!(r.get(10, 100).expect("held"), page(10, 7));
         // Older data is not cached; a jump restarts the ring.
-        r.extend(0, &msgs(0, 3));
+        r.extend(0, 3, &msgs(0, 3));
         assert_eq!(r.start, 10);
-        r.extend(100, &msgs(100, 2));
+        r.extend(100, 102, &msgs(100, 2));
         assert_eq!((r.start, r.msgs.len()), (100, 2));
-        r.extend(102, &msgs(102, RING_RECORDS as u64 + 10));
-        assert_eq!(r.msgs.len(), RING_RECORDS);
-        assert_eq!(
-            r.start + r.msgs.len() as u64,
-            102 + RING_RECORDS as u64 + 10
+        r.extend(
+            102,
+            102 + RING_RECORDS as u64 + 10,
+            &msgs(102, RING_RECORDS as u64 + 10),
         );
+        assert_eq!(r.msgs.len(), RING_RECORDS);
+        assert_eq!(r.end, 102 + RING_RECORDS as u64 + 10);
+    }
+
+    #[test]
+    fn the_ring_steps_over_a_compacted_partitions_gaps() {
+        let mut r = Ring::default();
+        let sparse: Vec<_> = [3u64, 7, 8]
+            .iter()
+            .map(|&o| (o, Utf8Bytes::from(o.to_string())))
+            .collect();
+        // A read from 0 found records at 3, 7 and 8, and went on to 12.
+        r.extend(0, 12, &sparse);
+        let all = r.get(0, 10).expect("covered");
+        assert_eq!(all.msgs.len(), 3);
+        assert_eq!(all.next, 12, "past the trailing gap");
+        let from_gap = r.get(4, 10).expect("covered");
+        assert_eq!(
+            from_gap.msgs,
+            vec![Utf8Bytes::from("7"), Utf8Bytes::from("8")]
+        );
+        let one = r.get(0, 1).expect("covered");
+        assert_eq!(
+            (one.msgs.len(), one.next),
+            (1, 4),
+            "the cursor moves past what was sent"
+        );
+        let none = r.get(9, 10).expect("covered");
+        assert_eq!((none.msgs.len(), none.next), (0, 12));
     }
 }
 
@@ -844,7 +897,7 @@ async fn live_session(
                 continue;
             }
             let batch = match fetch_rendered(&log, &topic, p, *cursor, ring, fill).await {
-                Fetched::Records(b) => b,
+                Fetched::Records(page) => page,
                 Fetched::Gap(to) => {
                     let gap = json!({"gap": {"partition": p, "from": *cursor, "to": to}});
                     if !send_within(&mut tx, Message::Text(Utf8Bytes::from(gap.to_string()))).await
@@ -860,12 +913,12 @@ async fn live_session(
                     break 'serve Some(close_frame(close::INTERNAL, &e.message));
                 }
             };
-            let n = batch.len() as u64;
+            let n = batch.msgs.len() as u64;
             if n > 0 {
                 // Waits while the client's socket is full: a slow client slows
                 // its own reads, nothing piles up here (and no lock is held).
                 let sent = tokio::time::timeout(SEND_STALL, async {
-                    for text in batch {
+                    for text in batch.msgs {
                         tx.feed(Message::Text(text)).await?;
                     }
                     tx.flush().await
@@ -876,7 +929,8 @@ async fn live_session(
                 }
                 state.ws.delivered.fetch_add(n, Relaxed);
             }
-            *cursor += n;
+            // Past what was sent and any gap compaction left after it.
+            *cursor = batch.next.max(*cursor);
             if *cursor < end {
                 more = true;
             }
@@ -896,8 +950,8 @@ async fn live_session(
 
 /// What one read for a live tail produced.
 enum Fetched {
-    /// Rendered records from the cursor on (consecutive offsets).
-    Records(Vec<Utf8Bytes>),
+    /// Rendered records from the cursor on, and where the next read starts.
+    Records(Page),
     /// Retention passed the cursor: continue here.
     Gap(u64),
     /// The log cannot serve.
@@ -950,22 +1004,27 @@ async fn fetch_rendered(
             ))))
         }
     };
-    let rendered: Vec<Utf8Bytes> = read
+    let next = read.next_offset;
+    let rendered: Vec<(u64, Utf8Bytes)> = read
         .records
         .into_iter()
         .map(|r| {
             let (partition, offset) = (r.partition, r.offset);
             // One message per record, always, so offsets and the cursor agree.
-            serde_json::to_string(&RecordOut::new(r, Format::Json))
+            let text = serde_json::to_string(&RecordOut::new(r, Format::Json))
                 .unwrap_or_else(|_| {
                     json!({"partition": partition, "offset": offset, "error": "unrenderable"})
                         .to_string()
                 })
-                .into()
+                .into();
+            (offset, text)
         })
         .collect();
-    if !behind && !rendered.is_empty() {
-        lock(ring).extend(cursor, &rendered);
+    if !behind && next > cursor {
+        lock(ring).extend(cursor, next, &rendered);
     }
-    Fetched::Records(rendered)
+    Fetched::Records(Page {
+        msgs: rendered.into_iter().map(|(_, m)| m).collect(),
+        next,
+    })
 }
