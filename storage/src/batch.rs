@@ -361,7 +361,9 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader> {
     if count == 0 && !compacted {
         return Err(bad("batch with zero records"));
     }
-    if span == 0 || span < u64::from(count) {
+    // A span beyond 2^48 offsets is no batch this log wrote (and would
+    // overflow offset arithmetic).
+    if span == 0 || span < u64::from(count) || span > 1 << 48 {
         return Err(bad(format!(
             "batch of {count} records spans {span} offsets"
         )));

@@ -396,3 +396,52 @@ async fn a_sled_log_compacts_reopens_with_the_same_records_and_reads_old_configs
         CleanupPolicy::Delete
     );
 }
+
+/// A compacted batch of a MiB or more covering several offsets (a large
+/// record kept with originals emptied around it): the next pass reads on
+/// past it and keeps everything after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_reads_past_a_compacted_batch_of_a_mib_or_more() {
+    let store = MemStore::new();
+    let log = mem_log(&store, small_batches());
+    let mut config = compacted("c", 1);
+    config.max_event_bytes = 2 * 1024 * 1024;
+    log.create_topic(config).await.expect("create");
+    let mut written: Written = BTreeMap::new();
+    let mut put = |key: &str, value: Vec<u8>, offset: u64| {
+        written
+            .entry(key.to_owned())
+            .or_default()
+            .push((offset, Some(value)));
+    };
+    let big = vec![7u8; 1_200_000];
+    for (key, value) in [
+        ("k1", b"a".to_vec()),
+        ("big", big.clone()),
+        ("k1", b"b".to_vec()),
+        ("tail", b"t".to_vec()),
+    ] {
+        let p = log
+            .append("c", vec![Event::new(value.clone()).with_key(key).into()])
+            .await
+            .expect("append");
+        put(key, value, p[0].offset);
+    }
+    log.compact();
+    // More updates, then a second pass over the range holding the big batch.
+    for (i, key) in ["k2", "k2", "k3", "k1", "k3", "end"].iter().enumerate() {
+        let value = format!("v{i}").into_bytes();
+        let p = log
+            .append("c", vec![Event::new(value.clone()).with_key(*key).into()])
+            .await
+            .expect("append");
+        put(key, value, p[0].offset);
+    }
+    log.compact();
+    assert_eq!(
+        log.topic("c").expect("c").compaction.expect("info").passes,
+        2
+    );
+    let last = written["end"][0].0;
+    assert_compacted(&read_all(&log, "c", 0), &written, last);
+}

@@ -1372,6 +1372,14 @@ impl PartitionStore for GatedPartition {
         self.read_gate.pass();
         self.inner.read(from, max_bytes)
     }
+    fn read_after(
+        &self,
+        after: u64,
+        max_bytes: usize,
+    ) -> tributary_storage::Result<Vec<(u64, Vec<u8>)>> {
+        self.read_gate.pass();
+        self.inner.read_after(after, max_bytes)
+    }
 }
 
 impl Store for GatedStore {

@@ -17,22 +17,25 @@
 //!    batch (never cleaned, as Kafka never cleans the active segment), before
 //!    any batch younger than `min_compaction_lag_ms`, before any batch not yet
 //!    durable, and where the map is full: the rest waits for the next pass.
-//! 2. **Intent**: the range the pass rewrites (from the first batch to the
-//!    end of the mapped section) is written to the metadata and synced.
-//! 3. **Rewrite**: the range's batches are read in order; a record is kept
+//! 2. **Size**: the range the pass would rewrite (from the first batch to
+//!    the end of the mapped section) is read once to size the new batches;
+//!    a range where nothing would be removed is only marked clean, and a
+//!    pass for which the disk lacks room (twice the range above the
+//!    append reserve) is put off.
+//! 3. **Intent**: the range is written to the metadata and synced.
+//! 4. **Rewrite**: the range's batches are read in order; a record is kept
 //!    unless a later record of its key is in the map, or it is a tombstone
 //!    whose horizon has passed. Kept records are packed into compacted
 //!    batches (format version 3, `batch`) of about `batch_bytes`, each stored
 //!    under the base offset of the first original batch it replaces and
-//!    covering exactly the original batches' offsets. The range is read
-//!    twice: once to size the new batches (their positions are aligned to
-//!    the range's end, so the partition's byte count stays exact), once to
-//!    write them. Then a sync.
-//! 4. **Resolve**: the original batches now covered by a new one are removed;
+//!    covering exactly the original batches' offsets, their positions
+//!    aligned to the range's end (so the partition's byte count stays
+//!    exact) by the sizes step 2 found. Then a sync.
+//! 5. **Resolve**: the original batches now covered by a new one are removed;
 //!    the dirty offset moves to the range's end; the intent is removed; a
 //!    sync.
 //!
-//! A crash at any moment loses nothing compaction keeps: before 3 ends every
+//! A crash at any moment loses nothing compaction keeps: before 4 ends every
 //! original batch a new one did not overwrite is still there, and readers
 //! (and [`recover_intents`] when the log opens) treat a batch that starts
 //! inside the one before it as covered. The pass holds the retention lock
@@ -253,10 +256,15 @@ fn scan(
     mut f: impl FnMut(u64, &[u8], &BatchHeader) -> Result<bool>,
 ) -> Result<()> {
     let mut seen: Option<u64> = None;
-    let mut at = from;
     loop {
+        // After the first read, strictly after the last batch seen: a
+        // batch of a MiB or more must not be read again and again.
+        let batches = match seen {
+            None => part.read(from, 1 << 20)?,
+            Some(s) => part.read_after(s, 1 << 20)?,
+        };
         let mut progressed = false;
-        for (base, value) in part.read(at, 1 << 20)? {
+        for (base, value) in batches {
             if base < from || seen.is_some_and(|s| base <= s) {
                 continue;
             }
@@ -270,9 +278,8 @@ fn scan(
                 return Ok(());
             }
         }
-        match seen {
-            Some(s) if progressed => at = s + 1,
-            _ => return Ok(()),
+        if !progressed {
+            return Ok(());
         }
     }
 }
@@ -362,17 +369,22 @@ pub(super) fn clean(shared: &Shared, stopper: &Stopper, map: &mut Option<KeyMap>
         .filter(|t| t.config.cleanup_policy.compacts())
         .cloned()
         .collect();
-    for t in topics {
-        for ps in &t.partitions {
+    for listed in topics {
+        for p in 0..listed.partitions.len() {
             if stopper.sleep(Duration::ZERO) || shared.failed.load(SeqCst) {
                 return;
             }
             let map =
                 map.get_or_insert_with(|| KeyMap::with_bytes(shared.config.compaction_map_bytes));
             let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
-            if t.live.deleted.load(SeqCst) {
+            // The topic as it is now: deleted or changed since it was listed.
+            let Some(t) = shared.topic(&listed.config.name) else {
+                break;
+            };
+            if t.live.deleted.load(SeqCst) || !t.config.cleanup_policy.compacts() {
                 break;
             }
+            let ps = &t.partitions[p];
             if let Err(e) = clean_partition(shared, &t, ps, map, stopper, now_ms()) {
                 tracing::warn!(topic = %t.config.name, partition = ps.id, error = %e, "compaction pass failed");
             }
@@ -438,12 +450,20 @@ pub(super) fn clean_partition(
     let start_pos = first_h.end_position.saturating_sub(first_v.len() as u64);
     let last_pos = last_h.end_position.saturating_sub(last_v.len() as u64);
     let cleaner = &ps.cleaner;
-    let dirty = cleaner.dirty.load(SeqCst).max(first);
-    let dirty_pos = if dirty == first {
+    let mut dirty = cleaner.dirty.load(SeqCst).max(first);
+    let mut dirty_pos = if dirty == first {
         start_pos
     } else {
         cleaner.dirty_pos.load(SeqCst).max(start_pos)
     };
+    // A pass cut by a crash may have written a compacted batch across the
+    // stored dirty offset: it is clean up to that batch's end.
+    if let Some((base, v)) = ps.store.read(dirty, 1)?.into_iter().next() {
+        let h = decode_header(&v).map_err(|d| bad(base, d))?;
+        if base < dirty && base + h.span > dirty {
+            (dirty, dirty_pos) = (base + h.span, h.end_position);
+        }
+    }
     let dirty_bytes = last_pos.saturating_sub(dirty_pos);
     let ratio = dirty_bytes as f64 / last_pos.saturating_sub(start_pos).max(1) as f64;
     cleaner.dirty_ppm.store((ratio * 1e6) as u64, Relaxed);
@@ -499,6 +519,9 @@ pub(super) fn clean_partition(
                 if full {
                     // Keys of this batch already in the map point at records
                     // that exist, beyond the range: still true, and safe.
+                    if until == dirty {
+                        tracing::warn!(topic, partition = id, "compaction: one batch has more keys than storage.compaction_map_bytes holds; raise it");
+                    }
                     return Ok(false);
                 }
                 (until, until_pos) = (base + h.span, h.end_position);
@@ -510,21 +533,7 @@ pub(super) fn clean_partition(
         return Ok(false);
     }
 
-    // 2. Intent.
-    let key = meta_key(topic, id);
-    shared
-        .store
-        .put_meta(INTENTS, &key, Some(&pair(first, until)))?;
-    let synced = |what: &str| {
-        shared.store.sync().inspect_err(|e| {
-            shared.fail(format!(
-                "compaction of {topic}/{id}: {what} sync failed: {e}"
-            ));
-        })
-    };
-    synced("intent")?;
-
-    // 3. Rewrite, sized first.
+    // 2. Sized first (reads only): what the rewrite would write.
     let target = shared.config.batch_bytes;
     let mut sizes = Vec::new();
     let mut verdicts = Verdicts {
@@ -547,6 +556,61 @@ pub(super) fn clean_partition(
             Ok(())
         },
     )?;
+    let key = meta_key(topic, id);
+    let checkpoint = |horizon: i64| {
+        let mut v = pair(until, until_pos);
+        v.extend_from_slice(&horizon.to_be_bytes());
+        shared.store.put_meta(CHECKPOINTS, &key, Some(&v))
+    };
+    if verdicts.removed == 0 {
+        // Nothing to remove: the section is clean as it is (tombstones not
+        // yet stamped are stamped by the pass that next writes).
+        checkpoint(verdicts.next_horizon)?;
+        cleaner.dirty_pos.store(until_pos, SeqCst);
+        cleaner.dirty.store(until, SeqCst);
+        cleaner.next_horizon.store(verdicts.next_horizon, SeqCst);
+        cleaner.passes.fetch_add(1, Relaxed);
+        shared.stats.compaction_passes.fetch_add(1, Relaxed);
+        cleaner.last_pass_ms.store(now_ms(), Relaxed);
+        cleaner
+            .busy_us
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        return Ok(true);
+    }
+    let range_bytes = until_pos.saturating_sub(start_pos);
+    if let Some(free) = shared.store.free_bytes() {
+        // The originals stay until the new batches are durable: room for
+        // both, above the reserve appends keep.
+        if free
+            < shared
+                .config
+                .min_free_bytes
+                .saturating_add(range_bytes.saturating_mul(2))
+        {
+            tracing::warn!(
+                topic,
+                partition = id,
+                free,
+                "compaction pass put off: too little free disk"
+            );
+            return Ok(false);
+        }
+    }
+
+    // 3. Intent.
+    shared
+        .store
+        .put_meta(INTENTS, &key, Some(&pair(first, until)))?;
+    let synced = |what: &str| {
+        shared.store.sync().inspect_err(|e| {
+            shared.fail(format!(
+                "compaction of {topic}/{id}: {what} sync failed: {e}"
+            ));
+        })
+    };
+    synced("intent")?;
+
+    // 4. Rewrite.
     let total: u64 = sizes.iter().sum();
     let mut pos = until_pos.saturating_sub(total);
     let new_start_pos = pos;
@@ -586,13 +650,9 @@ pub(super) fn clean_partition(
     }
     synced("rewrite")?;
 
-    // 4. Resolve.
+    // 5. Resolve.
     let resolved = resolve(ps.store.as_ref(), topic, id, first, until)
-        .and_then(|_| {
-            let mut v = pair(until, until_pos);
-            v.extend_from_slice(&verdicts.next_horizon.to_be_bytes());
-            shared.store.put_meta(CHECKPOINTS, &key, Some(&v))
-        })
+        .and_then(|_| checkpoint(verdicts.next_horizon))
         .and_then(|_| shared.store.put_meta(INTENTS, &key, None));
     if let Err(e) = resolved {
         shared.fail(format!("compaction of {topic}/{id} stopped half way: {e}"));
@@ -656,6 +716,14 @@ fn rewrite(
             return Ok(true);
         }
         covered = base + h.span;
+        if covered > until {
+            return Err(corruption(
+                topic,
+                id,
+                base,
+                Error::BadBatch(format!("a pass's range ends at {until}, inside this batch")),
+            ));
+        }
         kept.clear();
         walk(value, base, id, 0, u64::MAX, |r, horizon| {
             if let Some(h) = verdicts.keep(&r, horizon) {

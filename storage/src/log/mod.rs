@@ -410,6 +410,10 @@ impl Log {
         let mut next = offset;
         let mut bytes = 0usize;
         let mut full = max_records == 0;
+        // A batch missing where a read stands: retention removed it, or a
+        // compaction pass removed an original between two reads of the
+        // store (which are no snapshot). The latter is read again.
+        let mut retries = 0;
         // A compacted partition has gaps: a read goes on past batches
         // whose records compaction removed until it has one or reaches the end.
         'reading: while next < end && !full {
@@ -423,11 +427,14 @@ impl Log {
             let before = next;
             for (base, value) in batches {
                 if base > next {
-                    // Retention removed the batch holding `next` while we read.
-                    if records.is_empty() {
+                    if !records.is_empty() {
+                        break 'reading;
+                    }
+                    if next < ps.start.load(SeqCst) || retries == 3 {
                         return Err(current_range());
                     }
-                    break 'reading;
+                    retries += 1;
+                    continue 'reading;
                 }
                 let h = walk(&value, base, partition, next, end, |r, _| {
                     bytes += r.bytes().len() + r.key.as_ref().map_or(0, Vec::len);

@@ -264,6 +264,24 @@ impl PartitionStore for MemPartition {
             out
         }))
     }
+
+    fn read_after(&self, after: u64, max_bytes: usize) -> Result<Vec<StoredBatch>> {
+        Ok(self.with_tree(|t| {
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for (k, v) in t
+                .into_iter()
+                .flat_map(|t| t.range((Excluded(after), Unbounded)))
+            {
+                if bytes >= max_bytes && !out.is_empty() {
+                    break;
+                }
+                bytes += v.len();
+                out.push((*k, v.clone()));
+            }
+            out
+        }))
+    }
 }
 
 impl Store for MemStore {

@@ -46,6 +46,9 @@ pub trait PartitionStore: Send + Sync {
     /// The batch whose base is the greatest ≤ `from` (if any), then following
     /// batches in order, until at least `max_bytes` of values are collected.
     fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredBatch>>;
+    /// The batches whose base is greater than `after`, in order, until at
+    /// least `max_bytes` of values (at least one batch) are collected.
+    fn read_after(&self, after: u64, max_bytes: usize) -> Result<Vec<StoredBatch>>;
 }
 
 /// A whole log's storage.

@@ -42,10 +42,16 @@ impl Session<'_> {
     pub(super) fn opened(&mut self, o: Opened) -> Result<(), Error> {
         let up = self.up;
         let log = &up.inner.log;
-        let live_first = up.inner.config.live_first;
         let Some(priority) = up.inner.config.priority(&o.topic) else {
             return Ok(());
         };
+        // Not for a compacted topic: records must reach the core in the
+        // edge's order, or a core copy compacted by its own offsets would
+        // keep a key's older value sent after its newer one.
+        let compacted = log
+            .topic(&o.topic)
+            .is_ok_and(|t| t.config.cleanup_policy.compacts());
+        let live_first = up.inner.config.live_first && !compacted;
         if self.opening.get(&o.topic) != Some(&false) {
             return Err(Error::Peer(format!(
                 "the core opened {} twice or unasked",

@@ -21,15 +21,21 @@ use crate::store::{PartitionStore, StoredBatch};
 ///
 /// ```text
 /// 0  1  magic 0x55 ('U': chunked; a whole batch starts with 0x54)
-/// 1  1  version (1)
+/// 1  1  version (1 or 2)
 /// 2  8  total length (LE u64)
 /// 10 4  chunk count (LE u32)
+/// 14 4  generation (LE u32; version 2 only)
 /// ```
 ///
-/// Chunks are written before the stub and removed after it, in the same commit
-/// cycle as any other write, so a stub never outlives its chunks (a crash can
-/// only leave orphan chunks of a batch whose stub was not yet durable, which
-/// nothing reads; the offset is then written again and overwrites them).
+/// Version 1 chunks are keyed `base, i` (12 bytes). Version 2 chunks, written
+/// since the compaction cleaner rewrites batches under the base they had, are
+/// keyed `0xFF, base, generation, i` (17 bytes; no offset's first byte is
+/// 0xFF, so the two layouts never meet in a range): a batch rewritten in place
+/// gets its new chunks under the next generation, then its new stub, and only
+/// then are the old chunks removed, so a reader (or a crash, sled keeping a
+/// prefix of the writes) sees the old stub with its chunks or the new one
+/// with its. Chunks are removed after their stub (a crash can leave orphan
+/// chunks, which nothing reads).
 pub(super) struct SledPartition {
     pub(super) tree: sled::Tree,
     pub(super) chunks: sled::Tree,
@@ -41,31 +47,76 @@ pub const CHUNKED_OVER: usize = 12 * 1024;
 pub const CHUNK: usize = 8 * 1024;
 const STUB_MAGIC: u8 = 0x55;
 const STUB_LEN: usize = 14;
+const STUB_V2_LEN: usize = 18;
 
-fn chunk_key(base: u64, i: u32) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(&base.to_be_bytes());
-    k[8..].copy_from_slice(&i.to_be_bytes());
-    k
+/// A stub: where a chunked batch's chunks are.
+#[derive(Debug, Clone, Copy)]
+struct Stub {
+    total: u64,
+    count: u32,
+    /// `None`: version 1 chunk keys.
+    generation: Option<u32>,
 }
 
-/// (total length, chunk count) when `v` is a stub.
-fn stub(v: &[u8]) -> Option<(u64, u32)> {
-    if v.len() != STUB_LEN || v[0] != STUB_MAGIC || v[1] != 1 {
+impl Stub {
+    fn key(&self, base: u64, i: u32) -> Vec<u8> {
+        match self.generation {
+            None => {
+                let mut k = base.to_be_bytes().to_vec();
+                k.extend_from_slice(&i.to_be_bytes());
+                k
+            }
+            Some(g) => {
+                let mut k = vec![0xFF];
+                k.extend_from_slice(&base.to_be_bytes());
+                k.extend_from_slice(&g.to_be_bytes());
+                k.extend_from_slice(&i.to_be_bytes());
+                k
+            }
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut s = vec![STUB_MAGIC, 2];
+        s.extend_from_slice(&self.total.to_le_bytes());
+        s.extend_from_slice(&self.count.to_le_bytes());
+        s.extend_from_slice(&self.generation.unwrap_or(0).to_le_bytes());
+        s
+    }
+}
+
+/// The stub `v` is, if it is one.
+fn stub(v: &[u8]) -> Option<Stub> {
+    if v.first() != Some(&STUB_MAGIC) {
         return None;
     }
-    let total = u64::from_le_bytes(v[2..10].try_into().ok()?);
-    let count = u32::from_le_bytes(v[10..14].try_into().ok()?);
-    Some((total, count))
+    let generation = match (v.len(), v.get(1)) {
+        (STUB_LEN, Some(1)) => None,
+        (STUB_V2_LEN, Some(2)) => Some(u32::from_le_bytes(v[14..18].try_into().ok()?)),
+        _ => return None,
+    };
+    Some(Stub {
+        total: u64::from_le_bytes(v[2..10].try_into().ok()?),
+        count: u32::from_le_bytes(v[10..14].try_into().ok()?),
+        generation,
+    })
 }
 
 impl SledPartition {
+    fn remove_chunks(&self, base: u64, st: Stub) -> Result<()> {
+        for i in 0..st.count {
+            self.chunks.remove(st.key(base, i))?;
+        }
+        Ok(())
+    }
+
     /// The stored batch under `k`, put back together when it was chunked.
     fn batch(&self, (k, v): (sled::IVec, sled::IVec)) -> Result<StoredBatch> {
         let base = key_offset(&k)?;
-        let Some((total, count)) = stub(&v) else {
+        let Some(st) = stub(&v) else {
             return Ok((base, v.to_vec()));
         };
+        let (total, count) = (st.total, st.count);
         let broken = |detail: String| Error::Corruption {
             topic: String::from_utf8_lossy(&self.tree.name()).into_owned(),
             partition: 0,
@@ -75,10 +126,7 @@ impl SledPartition {
         let total = usize::try_from(total).map_err(|_| broken("chunked batch too large".into()))?;
         let mut out = Vec::with_capacity(total.min(64 * 1024 * 1024));
         let mut seen = 0u32;
-        for item in self
-            .chunks
-            .range(chunk_key(base, 0)..chunk_key(base, count))
-        {
+        for item in self.chunks.range(st.key(base, 0)..st.key(base, count)) {
             let (_, chunk) = item?;
             out.extend_from_slice(&chunk);
             seen += 1;
@@ -95,31 +143,37 @@ impl SledPartition {
 
 impl PartitionStore for SledPartition {
     fn insert(&self, base: u64, value: Vec<u8>) -> Result<()> {
-        if value.len() <= CHUNKED_OVER {
-            self.tree.insert(be(base), value)?;
-            return Ok(());
+        let old = if value.len() <= CHUNKED_OVER {
+            self.tree.insert(be(base), value)?
+        } else {
+            // A rewrite in place (the cleaner) takes the next generation.
+            let before = self.tree.get(be(base))?.as_deref().and_then(stub);
+            let generation = before
+                .and_then(|s| s.generation)
+                .map_or(0, |g| g.wrapping_add(1));
+            let count = u32::try_from(value.len().div_ceil(CHUNK))
+                .map_err(|_| Error::Config("batch too large".into()))?;
+            let new = Stub {
+                total: value.len() as u64,
+                count,
+                generation: Some(generation),
+            };
+            for (i, chunk) in (0u32..).zip(value.chunks(CHUNK)) {
+                self.chunks.insert(new.key(base, i), chunk)?;
+            }
+            self.tree.insert(be(base), new.encode())?
+        };
+        // What the value replaced: its chunks go, after the new stub or value.
+        if let Some(old) = old.as_deref().and_then(stub) {
+            self.remove_chunks(base, old)?;
         }
-        let mut count = 0u32;
-        for (i, chunk) in value.chunks(CHUNK).enumerate() {
-            let i = u32::try_from(i).map_err(|_| Error::Config("batch too large".into()))?;
-            self.chunks.insert(chunk_key(base, i), chunk)?;
-            count = i + 1;
-        }
-        let mut s = [0u8; STUB_LEN];
-        s[0] = STUB_MAGIC;
-        s[1] = 1;
-        s[2..10].copy_from_slice(&(value.len() as u64).to_le_bytes());
-        s[10..14].copy_from_slice(&count.to_le_bytes());
-        self.tree.insert(be(base), &s[..])?;
         Ok(())
     }
 
     fn remove(&self, base: u64) -> Result<()> {
         if let Some(old) = self.tree.remove(be(base))? {
-            if let Some((_, count)) = stub(&old) {
-                for i in 0..count {
-                    self.chunks.remove(chunk_key(base, i))?;
-                }
+            if let Some(st) = stub(&old) {
+                self.remove_chunks(base, st)?;
             }
         }
         Ok(())
@@ -131,6 +185,20 @@ impl PartitionStore for SledPartition {
 
     fn last(&self) -> Result<Option<StoredBatch>> {
         self.tree.last()?.map(|kv| self.batch(kv)).transpose()
+    }
+
+    fn read_after(&self, after: u64, max_bytes: usize) -> Result<Vec<StoredBatch>> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.tree.range((Excluded(be(after)), Unbounded)) {
+            if bytes >= max_bytes && !out.is_empty() {
+                break;
+            }
+            let b = self.batch(item?)?;
+            bytes += b.1.len();
+            out.push(b);
+        }
+        Ok(out)
     }
 
     fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredBatch>> {
@@ -207,7 +275,50 @@ mod tests {
         );
         // A stub whose chunks are missing is corruption, not a panic.
         p.insert(7, vec![9u8; 100 * 1024]).expect("insert");
-        chunks.remove(chunk_key(7, 3)).expect("damage");
+        let third = Stub {
+            total: 0,
+            count: 0,
+            generation: Some(0),
+        }
+        .key(7, 3);
+        chunks.remove(third).expect("damage");
         assert!(matches!(p.last(), Err(Error::Corruption { offset: 7, .. })));
+    }
+
+    #[test]
+    fn a_chunked_batch_rewritten_in_place_leaves_one_generation_of_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(dir.path(), &SledOptions::default()).expect("open");
+        let p = s.partition("t", 0).expect("partition");
+        let chunks = s.db.open_tree("p/t/0/chunks").expect("chunks");
+        // A batch as version 1 stored it: stub and 12-byte chunk keys.
+        let old: Vec<u8> = (0..40 * 1024u32).map(|i| (i % 7) as u8).collect();
+        let v1 = Stub {
+            total: old.len() as u64,
+            count: 5,
+            generation: None,
+        };
+        for (i, c) in (0u32..).zip(old.chunks(CHUNK)) {
+            chunks.insert(v1.key(3, i), c).expect("chunk");
+        }
+        let mut stub_v1 = vec![STUB_MAGIC, 1];
+        stub_v1.extend_from_slice(&v1.total.to_le_bytes());
+        stub_v1.extend_from_slice(&v1.count.to_le_bytes());
+        p.insert(2, vec![1; 10]).expect("small before");
+        s.partition("t", 0).expect("again");
+        let tree = s.db.open_tree("p/t/0").expect("tree");
+        tree.insert(be(3), stub_v1).expect("stub");
+        assert_eq!(p.read(3, 1).expect("read")[0], (3, old));
+        // Rewritten larger, smaller, then inline: each time exactly the
+        // chunks of what is stored now remain.
+        for (n, len) in [(1u8, 50 * 1024usize), (2, 20 * 1024), (3, 100)] {
+            let value = vec![n; len];
+            p.insert(3, value.clone()).expect("rewrite");
+            assert_eq!(p.read(3, 1).expect("read")[0], (3, value));
+            assert_eq!(
+                chunks.len(),
+                len.div_ceil(CHUNK) * usize::from(len > CHUNKED_OVER)
+            );
+        }
     }
 }
