@@ -880,3 +880,434 @@ fn a_compacted_topic_survives_kill_9_during_cleaning_passes() {
     assert_eq!(status, 200, "{t}");
     assert_eq!(t["cleanup_policy"], "compact", "the policy survives: {t}");
 }
+
+/// `kafka_txn_check.py` (confluent-kafka): the transactional scenarios.
+fn txn_script() -> std::path::PathBuf {
+    clients_dir().join("kafka_txn_check.py")
+}
+
+/// Asserts a client run succeeded and returns its summary line (the last
+/// line of its standard output); a failure shows that line and the end of
+/// its standard error (librdkafka logs every lost connection there).
+fn summary_of(what: &str, out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}\n{}",
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line")
+}
+
+/// The `basic` transactional scenario as a client reports it (Python and
+/// Java alike): 10 committed transactions of 30 records, 5 aborted, a zombie
+/// fenced with one of `fenced`, a transaction the node aborted on its
+/// timeout; read_committed sees exactly the committed records, once each and
+/// in order, read_uncommitted every record written, neither a control record.
+fn assert_transactions_seen_right(s: &serde_json::Value, fenced: &[&str]) {
+    // Committed: 10 × 30, the fencer's 30 and the 30 after the hung one.
+    assert_eq!(s["rc_expected"], 360, "{s}");
+    assert_eq!(s["rc_seen"], 360, "read_committed: {s}");
+    // Also the 5 aborted, the zombie's and the hung transaction's.
+    assert_eq!(s["ru_expected"], 570, "{s}");
+    assert_eq!(s["ru_seen"], 570, "read_uncommitted: {s}");
+    assert_eq!(s["ru_aborted_seen"], 210, "{s}");
+    for zero in [
+        "rc_missing",
+        "rc_duplicates",
+        "rc_unexpected",
+        "rc_aborted_seen",
+        "ru_missing",
+        "ru_duplicates",
+        "ru_unexpected",
+        "zombie_late_stored",
+        "hung_after_seen_early",
+        "hung_seen_read_committed",
+    ] {
+        assert_eq!(s[zero], 0, "{zero}: {s}");
+    }
+    for yes in [
+        "rc_order_ok",
+        "ru_order_ok",
+        "rc_to_end",
+        "ru_to_end",
+        "hung_blocked",
+    ] {
+        assert_eq!(s[yes], true, "{yes}: {s}");
+    }
+    assert_eq!(s["zombie_committed"], false, "{s}");
+    let name = s["fenced_error"].as_str().unwrap_or_default();
+    assert!(
+        fenced.contains(&name),
+        "the zombie's commit fails with one of {fenced:?}: {s}"
+    );
+    assert!(
+        s["hung_released_s"].as_f64().is_some(),
+        "the node never aborted the hung transaction (transaction.timeout.ms): {s}"
+    );
+    assert_eq!(s["delivery_errors"], serde_json::json!([]), "{s}");
+    assert_eq!(s["ok"], true, "{s}");
+}
+
+/// The values of one partition over HTTP (`format=binary`), in offset order.
+/// A page may come back empty with `next_offset` moved past what a reader
+/// must not see (aborted records, control records); a `next_offset` that
+/// does not move before the end is a reader stuck.
+async fn http_values(base: &str, topic: &str, partition: u64) -> Vec<String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let c = common::client();
+    let mut values = Vec::new();
+    let mut offset = 0u64;
+    for page_no in 0.. {
+        assert!(
+            page_no < 10_000,
+            "{topic}/{partition}: no end after {page_no} pages"
+        );
+        let (s, page) = common::get(
+            &c,
+            &format!("{base}/v1/topics/{topic}/partitions/{partition}/records?offset={offset}&limit=1000&format=binary"),
+        )
+        .await;
+        assert_eq!(s, 200, "fetch {topic}/{partition}@{offset}: {page}");
+        for r in page["records"].as_array().expect("records array") {
+            values.push(r["value"].as_str().map_or_else(
+                || "<null>".to_owned(),
+                |v| String::from_utf8_lossy(&b64.decode(v).expect("base64")).into_owned(),
+            ));
+        }
+        let next = page["next_offset"].as_u64().expect("next_offset");
+        let end = page["end_offset"].as_u64().expect("end_offset");
+        if next >= end {
+            break;
+        }
+        assert!(
+            next > offset,
+            "{topic}/{partition}: a fetch at {offset} answers next_offset {next} (end {end})"
+        );
+        offset = next;
+    }
+    values
+}
+
+/// `have` is `want`, value for value, in order: otherwise how many are
+/// missing, extra or repeated, and the first difference.
+fn assert_same_values(via: &str, have: &[String], want: &[String]) {
+    if have == want {
+        return;
+    }
+    let want_set: std::collections::HashSet<&String> = want.iter().collect();
+    let have_set: std::collections::HashSet<&String> = have.iter().collect();
+    let extra: Vec<&String> = have.iter().filter(|v| !want_set.contains(v)).collect();
+    let missing = want.iter().filter(|v| !have_set.contains(v)).count();
+    let first = have
+        .iter()
+        .zip(want)
+        .position(|(h, w)| h != w)
+        .unwrap_or(have.len().min(want.len()));
+    panic!(
+        "{via}: {} values, {} wanted; {missing} missing, {} not wanted (e.g. {:?}), {} repeated; \
+         first difference at {first}: have {:?}, want {:?}",
+        have.len(),
+        want.len(),
+        extra.len(),
+        &extra[..extra.len().min(3)],
+        have.len() - have_set.len(),
+        have.get(first),
+        want.get(first),
+    );
+}
+
+/// Over HTTP, each partition of `topic` holds the committed values of the
+/// summary's `committed_by_partition`, in order, and nothing else: no
+/// aborted record, no control record.
+async fn assert_http_reads_committed_only(base: &str, topic: &str, s: &serde_json::Value) {
+    for partition in 0..3u64 {
+        let want: Vec<String> = s["committed_by_partition"][partition.to_string()]
+            .as_array()
+            .expect("committed_by_partition")
+            .iter()
+            .map(|v| v.as_str().expect("a value").to_owned())
+            .collect();
+        let have = http_values(base, topic, partition).await;
+        assert_same_values(&format!("{topic}/{partition} over HTTP"), &have, &want);
+    }
+}
+
+#[test]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+fn librdkafka_transactions_commit_abort_fence_a_zombie_and_time_out_and_http_reads_committed_records_only(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(dir.path(), &[]);
+    let out = Command::new("python3")
+        .arg(txn_script())
+        .args(["basic", &node.kafka.to_string(), "rtx"])
+        .output()
+        .expect("python3");
+    let s = summary_of("kafka_txn_check.py basic", &out);
+    assert_transactions_seen_right(
+        &s,
+        &["_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"],
+    );
+    common::runtime().block_on(assert_http_reads_committed_only(&node.url, "rtx", &s));
+}
+
+/// Compiles `tests/clients/java/TxnCheck.java` against the jars
+/// `scripts/test` downloads into `target/java-clients`; returns the class
+/// directory (kept while it lives) and the class path to run it with.
+fn java_txn_check() -> (tempfile::TempDir, String) {
+    let jars = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/java-clients");
+    let mut cp: Vec<String> = std::fs::read_dir(&jars)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/test downloads kafka-clients there)",
+                jars.display()
+            )
+        })
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jar"))
+        .map(|p| p.display().to_string())
+        .collect();
+    cp.sort();
+    assert!(
+        cp.iter().any(|j| j.contains("kafka-clients-")),
+        "no kafka-clients jar in {} (scripts/test downloads it)",
+        jars.display()
+    );
+    let classes = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .arg("-cp")
+        .arg(cp.join(":"))
+        .arg(clients_dir().join("java").join("TxnCheck.java"))
+        .output()
+        .expect("javac (scripts/test installs a JDK)");
+    assert!(
+        out.status.success(),
+        "javac TxnCheck.java:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.push(classes.path().display().to_string());
+    (classes, cp.join(":"))
+}
+
+#[test]
+#[ignore = "needs a JDK and kafka-clients (scripts/test installs them)"]
+fn the_java_client_commits_aborts_is_fenced_describes_and_lists_transactions_and_http_reads_committed_records_only(
+) {
+    let (_classes, cp) = java_txn_check();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(dir.path(), &[]);
+    let out = Command::new("java")
+        .args([
+            "-cp",
+            &cp,
+            "TxnCheck",
+            "basic",
+            &node.kafka.to_string(),
+            "jtx",
+        ])
+        .output()
+        .expect("java (scripts/test installs a JDK)");
+    let s = summary_of("TxnCheck basic", &out);
+    assert_transactions_seen_right(
+        &s,
+        &["ProducerFencedException", "InvalidProducerEpochException"],
+    );
+    // DescribeTransactions: the hung one while open and once aborted, the
+    // main one after its last commit (its epoch bumped by the fencing).
+    assert_eq!(s["describe_hung_open_state"], "Ongoing", "{s}");
+    assert_eq!(s["describe_hung_open_partitions"], 3, "{s}");
+    assert_eq!(s["describe_hung_open_timeout_ms"], 6000, "{s}");
+    assert_eq!(s["describe_hung_final_state"], "CompleteAbort", "{s}");
+    assert_eq!(s["describe_txn_state"], "CompleteCommit", "{s}");
+    assert!(
+        s["describe_txn_epoch"].as_i64().is_some_and(|e| e >= 1),
+        "{s}"
+    );
+    // ListTransactions: both transactional ids.
+    assert_eq!(s["listed"]["jtx-txn"], "CompleteCommit", "{s}");
+    assert_eq!(s["listed"]["jtx-hung"], "CompleteAbort", "{s}");
+    common::runtime().block_on(assert_http_reads_committed_only(&node.url, "jtx", &s));
+}
+
+/// A child process killed (SIGKILL) when dropped: a failed assertion leaves
+/// no client running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+fn a_librdkafka_consume_transform_produce_loop_across_repeated_kill_9_turns_each_input_into_exactly_one_output(
+) {
+    const CHUNK: u64 = 3000;
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let statefile = scratch.path().join("ctp-state.json");
+    // The clients reconnect to the same address after every restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [
+        ("TRIBUTARY_KAFKA__LISTEN", listen.as_str()),
+        ("TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS", "300"),
+    ];
+    let mut node = ChildNode::start(dir.path(), &env);
+    rt.block_on(async {
+        let c = common::client();
+        common::create_topic(&c, &node.url, "ctpin", 3).await;
+        common::create_topic(&c, &node.url, "ctpout", 3).await;
+    });
+    let script = txn_script();
+    // More input while the loop runs: CHUNK records from `from` on.
+    let seed = |from: u64| {
+        let out = Command::new("python3")
+            .arg(script.as_path())
+            .args(["ctp-seed", &listen, "ctpin", "3"])
+            .args([from.to_string(), CHUNK.to_string()])
+            .output()
+            .expect("python3");
+        let s = summary_of("kafka_txn_check.py ctp-seed", &out);
+        assert_eq!(s["seeded"], CHUNK, "{s}");
+    };
+    // The loop in the background, its output in files (a full pipe would
+    // block it): ctp-<run>.out, ctp-<run>.err.
+    let log = |run: usize, ext: &str| scratch.path().join(format!("ctp-{run}.{ext}"));
+    let spawn_loop = |run: usize| {
+        let file = |ext| std::fs::File::create(log(run, ext)).expect("log file");
+        Command::new("python3")
+            .arg(script.as_path())
+            .args(["ctp", &listen, "ctpin", "ctpout", "ctp-group"])
+            .arg(statefile.as_path())
+            .args(["--follow", "--deadline-s", "1800"])
+            .stdout(file("out"))
+            .stderr(file("err"))
+            .spawn()
+            .map(KillOnDrop)
+            .expect("python3")
+    };
+    let output_of = |run: usize| {
+        let out = std::fs::read_to_string(log(run, "out")).unwrap_or_default();
+        let err = std::fs::read_to_string(log(run, "err")).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(30).collect();
+        format!(
+            "{out}\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    };
+
+    seed(0);
+    let mut seeded = CHUNK;
+    let mut run = 0;
+    let mut ctp = spawn_loop(run);
+    let mut rng = fastrand::Rng::with_seed(31);
+    let ms = |rng: &mut fastrand::Rng, r: std::ops::Range<u64>| {
+        std::time::Duration::from_millis(rng.u64(r))
+    };
+    let cycles = common::crash::cycles().div_ceil(2);
+    for cycle in 0..cycles {
+        seed(seeded);
+        seeded += CHUNK;
+        std::thread::sleep(ms(&mut rng, 200..1500));
+        node.kill9();
+        // Every third cycle the loop dies with the node: the next one
+        // resumes from the group's committed offsets, and its
+        // init_transactions ends the transaction the dead one left open.
+        let kill_loop = cycle % 3 == 2;
+        if kill_loop {
+            let _ = ctp.0.kill();
+            let _ = ctp.0.wait();
+        }
+        std::thread::sleep(ms(&mut rng, 20..400));
+        node = ChildNode::start(dir.path(), &env);
+        if kill_loop {
+            run += 1;
+            ctp = spawn_loop(run);
+        } else if let Some(status) = ctp.0.try_wait().expect("try_wait") {
+            panic!(
+                "the loop ended by itself ({status}) in cycle {cycle}:\n{}",
+                output_of(run)
+            );
+        }
+    }
+    // Some work on a node left up, then the loop stops between transactions.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let stopped = Command::new("kill")
+        .args(["-TERM", &ctp.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = ctp.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        if waited.elapsed() > std::time::Duration::from_secs(120) {
+            panic!("the loop did not stop on SIGTERM:\n{}", output_of(run));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}:\n{}", output_of(run));
+
+    // The rest of the input, by a loop that ends once the group's committed
+    // offsets are at the input's ends.
+    let out = Command::new("python3")
+        .arg(script.as_path())
+        .args(["ctp", &listen, "ctpin", "ctpout", "ctp-group"])
+        .arg(statefile.as_path())
+        .args(["--deadline-s", "300"])
+        .output()
+        .expect("python3");
+    let s = summary_of("kafka_txn_check.py ctp (the rest)", &out);
+    assert_eq!(s["done"], true, "{s}");
+    eprintln!(
+        "consume-transform-produce across {cycles} kill -9: {}",
+        s["state"]
+    );
+
+    // Over Kafka (read_committed): each input's result once, in order.
+    let out = Command::new("python3")
+        .arg(script.as_path())
+        .args(["ctp-verify", &listen, "ctpin", "ctpout", "ctp-group"])
+        .output()
+        .expect("python3");
+    let v = summary_of("kafka_txn_check.py ctp-verify", &out);
+    assert_eq!(v["in_records"], seeded, "{v}");
+    assert_eq!(v["out_records"], seeded, "{v}");
+    for zero in ["missing", "duplicates", "unexpected"] {
+        assert_eq!(v[zero], 0, "{zero}: {v}");
+    }
+    for yes in ["equal", "to_end", "committed_ok", "ok"] {
+        assert_eq!(v[yes], true, "{yes}: {v}");
+    }
+    eprintln!(
+        "results of aborted transactions left in the log: {}",
+        v["aborted_outputs"]
+    );
+
+    // Over HTTP: the same, and no record of an aborted transaction, no
+    // control record.
+    rt.block_on(async {
+        for partition in 0..3u64 {
+            let inputs = http_values(&node.url, "ctpin", partition).await;
+            assert!(!inputs.is_empty(), "ctpin/{partition} over HTTP is empty");
+            let want: Vec<String> = inputs.iter().map(|v| format!("f({v})")).collect();
+            let have = http_values(&node.url, "ctpout", partition).await;
+            assert_same_values(&format!("ctpout/{partition} over HTTP"), &have, &want);
+        }
+    });
+}
