@@ -1,7 +1,7 @@
 //! A stored record batch as a damaged disk might hand it back: header and
 //! records decoded, every failure an error, never a panic. Twice: as it
 //! came (the checksum refuses almost everything), and with magic, version
-//! and checksum made right (versions 1 to 3), so the records decoder meets
+//! and checksum made right (versions 1 to 4), so the records decoder meets
 //! every body a write bug could have sealed.
 #![no_main]
 
@@ -19,9 +19,10 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= batch::HEADER_LEN {
         let mut sealed = data.to_vec();
         sealed[0] = 0x54;
-        // Every version the decoder reads: 1, 2 and 3 (compacted).
-        sealed[1] = 1 + data[1] % 3;
-        let crc = if sealed[1] == 3 {
+        // Every version the decoder reads: 1, 2, 3 (compacted) and 4
+        // (transactional).
+        sealed[1] = 1 + data[1] % 4;
+        let crc = if sealed[1] >= 3 {
             batch::compacted_crc(&sealed)
         } else {
             crc32fast::hash(&sealed[6..])
