@@ -30,8 +30,9 @@ pub mod util;
 pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
-    validate_group, AppendOptions, CompactionInfo, Durability, Forwarded, GroupOffset, Log,
-    LogConfig, MetaEntry, PartitionInfo, ProducerBatch, ReadResult, TopicDefaults, TopicInfo,
+    validate_group, AppendOptions, CompactionInfo, Durability, Forwarded, GroupOffset, Isolation,
+    Log, LogConfig, Marker, MetaEntry, PartitionInfo, ProducerBatch, ReadResult, TopicDefaults,
+    TopicInfo,
 };
 pub use stats::{StatsSnapshot, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};

@@ -31,6 +31,11 @@ pub struct AppendOptions {
     pub after: Option<oneshot::Receiver<()>>,
     /// Fired (dropped) once this append is queued, or refused before.
     pub queued: Option<oneshot::Sender<()>>,
+    /// The producer's batch belongs to its open transaction: stored as a
+    /// batch of its own naming the producer (the first one opens the
+    /// transaction in the partition), read by committed readers only once
+    /// a commit marker closes it. Needs `producer`.
+    pub transactional: bool,
 }
 
 impl AppendOptions {
@@ -42,6 +47,7 @@ impl AppendOptions {
             producer: None,
             after: last.replace(next),
             queued: Some(queued),
+            transactional: false,
         }
     }
 }
@@ -87,7 +93,13 @@ impl Log {
             producer,
             after,
             queued,
+            transactional,
         } = options;
+        if transactional && producer.is_none() {
+            return Err(Error::BadBatch(
+                "a transactional batch names its producer".into(),
+            ));
+        }
         // Fired when this function returns, queued or not.
         let _queued = queued;
         if let Some(after) = after {
@@ -192,6 +204,7 @@ impl Log {
             _permit: permit,
             _reservation: reservation,
             producer,
+            transactional,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         drop(_queued);

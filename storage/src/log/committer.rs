@@ -13,9 +13,11 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use super::producers::{self, ProducerBatch, Verdict};
 use super::retention::Reservation;
 use super::state::{Shared, TopicState};
+use super::txns;
 use super::{Durability, GroupOffset, MetaEntry};
-use crate::batch::{BatchBuilder, HEADER_LEN};
+use crate::batch::{BatchBuilder, Marker, TxnBatch, HEADER_LEN};
 use crate::error::{Error, Result};
+use crate::util::now_ms;
 
 /// One partition's share of an append, already encoded by the producer's task
 /// into batch-sized chunks, so the committer only copies bytes.
@@ -44,6 +46,20 @@ pub(super) enum Command {
         _reservation: Option<Reservation>,
         /// An idempotent producer's batch (then `parts` has one part).
         producer: Option<ProducerBatch>,
+        /// Its producer's open transaction's (see `txns`).
+        transactional: bool,
+    },
+    /// A transaction marker for one partition.
+    Marker {
+        topic: Arc<TopicState>,
+        partition: u32,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+        coordinator_epoch: i32,
+        /// The marker's offset, or `None` when the producer had no
+        /// transaction open in the partition (nothing is written).
+        reply: oneshot::Sender<Result<Option<u64>>>,
     },
     Commit {
         group: String,
@@ -74,6 +90,7 @@ impl Command {
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
                 .sum(),
             Command::Barrier { .. } => 0,
+            Command::Marker { .. } => 64,
             Command::ForgetGroup { group, .. } => group.len(),
         }
     }
@@ -87,6 +104,7 @@ const PIPELINE_MIN_BYTES: usize = 256 * 1024;
 pub(super) struct Job {
     cycle: Vec<Command>,
     answers: Vec<Result<Appended>>,
+    marks: Vec<Result<Option<u64>>>,
     written: Result<Written>,
     started: Instant,
 }
@@ -162,9 +180,10 @@ pub(super) fn committer(
             }
         }
         let mut answers = Vec::new();
+        let mut marks = Vec::new();
         let written = match shared.check_writable() {
             Err(e) if !matches!(e, Error::Closed) => Err(e),
-            _ => write_cycle(shared, &mut cycle[..], &mut answers).map_err(|e| {
+            _ => write_cycle(shared, &mut cycle[..], &mut answers, &mut marks).map_err(|e| {
                 let msg = e.to_string();
                 shared.fail(msg.clone());
                 Error::Unwritable(msg)
@@ -174,6 +193,7 @@ pub(super) fn committer(
             .send(Job {
                 cycle,
                 answers,
+                marks,
                 written,
                 started,
             })
@@ -216,7 +236,7 @@ pub(super) fn syncer(shared: &Shared, jobs: std::sync::mpsc::Receiver<Job>) {
         if let Some(t) = shared.committer_thread.get() {
             t.unpark();
         }
-        answer(job.cycle, job.answers, &outcome);
+        answer(job.cycle, job.answers, job.marks, &outcome);
     }
     if !shared.failed.load(SeqCst) {
         if let Err(e) = shared.store.sync() {
@@ -250,6 +270,7 @@ fn write_cycle(
     shared: &Shared,
     cycle: &mut [Command],
     answers: &mut Vec<Result<Appended>>,
+    marks: &mut Vec<Result<Option<u64>>>,
 ) -> Result<Written> {
     let batch_bytes = shared.config.batch_bytes;
     let mut open: HashMap<usize, OpenBatch> = HashMap::new();
@@ -260,6 +281,7 @@ fn write_cycle(
                 topic,
                 parts,
                 producer,
+                transactional,
                 ..
             } => {
                 if topic.live.deleted.load(SeqCst) {
@@ -281,6 +303,14 @@ fn write_cycle(
                             continue;
                         }
                     }
+                }
+                if let (true, Some(b)) = (*transactional, producer.as_ref()) {
+                    let firsts = write_transactional(shared, topic, parts, b, &mut open)?;
+                    answers.push(Ok(Appended {
+                        firsts,
+                        written: true,
+                    }));
+                    continue;
                 }
                 let mut firsts = Vec::with_capacity(parts.len());
                 for part in parts {
@@ -334,6 +364,62 @@ fn write_cycle(
                 }
             }
             Command::Barrier { .. } => must_sync = true,
+            Command::Marker {
+                topic,
+                partition,
+                producer_id,
+                epoch,
+                marker,
+                coordinator_epoch,
+                ..
+            } => {
+                if topic.live.deleted.load(SeqCst) {
+                    marks.push(Err(Error::UnknownTopic(topic.config.name.clone())));
+                    continue;
+                }
+                // A coordinator acts on a marker once answered: durable
+                // whatever the durability mode.
+                must_sync = true;
+                let ob = open_batch(&mut open, topic, *partition);
+                ob.seal()?;
+                let ps = &topic.partitions[*partition as usize];
+                let mut t = crate::util::lock(&ps.txns);
+                let Some(first) = t.open_of(*producer_id) else {
+                    marks.push(Ok(None));
+                    continue;
+                };
+                let name = &topic.config.name;
+                let at = ps.next.load(Relaxed);
+                shared.store.put_meta(
+                    txns::OPEN,
+                    &txns::open_key(name, *partition, *producer_id, first),
+                    None,
+                )?;
+                if *marker == Marker::Abort {
+                    shared.store.put_meta(
+                        txns::ABORTED,
+                        &txns::aborted_key(name, *partition, at, *producer_id),
+                        Some(&first.to_be_bytes()),
+                    )?;
+                    t.aborted.insert((*producer_id, at), first);
+                }
+                let (value, end_pos) = BatchBuilder::marker(
+                    *marker,
+                    *coordinator_epoch,
+                    now_ms(),
+                    *producer_id,
+                    *epoch,
+                    ps.next_pos.load(Relaxed),
+                );
+                ps.store.insert(at, value)?;
+                ps.next_pos.store(end_pos, Relaxed);
+                ps.next.store(at + 1, Relaxed);
+                ob.base = at + 1;
+                if let Some(x) = t.open.get_mut(&(*producer_id, first)) {
+                    x.closing = Some(at);
+                }
+                marks.push(Ok(Some(at)));
+            }
         }
     }
     for ob in open.values_mut() {
@@ -349,6 +435,73 @@ fn write_cycle(
         })
         .collect();
     Ok(Written { must_sync, ends })
+}
+
+/// The partition's open batch in this cycle (created empty).
+fn open_batch<'a>(
+    open: &'a mut HashMap<usize, OpenBatch>,
+    topic: &Arc<TopicState>,
+    partition: u32,
+) -> &'a mut OpenBatch {
+    let ps = &topic.partitions[partition as usize];
+    open.entry(Arc::as_ptr(ps) as usize)
+        .or_insert_with(|| OpenBatch {
+            topic: topic.clone(),
+            partition,
+            base: ps.next.load(Relaxed),
+            builder: None,
+        })
+}
+
+/// Writes a transactional producer's batch (one part) as stored batches of
+/// its own naming the producer, opening its transaction in the partition
+/// with the first; answers the part's first offset.
+fn write_transactional(
+    shared: &Shared,
+    topic: &Arc<TopicState>,
+    parts: &mut [Part],
+    b: &ProducerBatch,
+    open: &mut HashMap<usize, OpenBatch>,
+) -> Result<Vec<u64>> {
+    let mut firsts = Vec::new();
+    for part in parts {
+        let ob = open_batch(open, topic, part.partition);
+        ob.seal()?;
+        let ps = &topic.partitions[part.partition as usize];
+        let base = ps.next.load(Relaxed);
+        firsts.push(base);
+        {
+            let mut t = crate::util::lock(&ps.txns);
+            if t.open_of(b.producer_id).is_none() {
+                let key = txns::open_key(&topic.config.name, part.partition, b.producer_id, base);
+                shared
+                    .store
+                    .put_meta(txns::OPEN, &key, Some(&b.epoch.to_be_bytes()))?;
+                t.open.insert(
+                    (b.producer_id, base),
+                    txns::Txn {
+                        epoch: b.epoch,
+                        closing: None,
+                    },
+                );
+            }
+        }
+        let txn = TxnBatch {
+            producer_id: b.producer_id,
+            epoch: b.epoch,
+            control: false,
+        };
+        for chunk in std::mem::take(&mut part.chunks) {
+            let at = ps.next.load(Relaxed);
+            let count = u64::from(chunk.count());
+            let (value, end_pos) = chunk.finish_transactional(ps.next_pos.load(Relaxed), txn);
+            ps.store.insert(at, value)?;
+            ps.next_pos.store(end_pos, Relaxed);
+            ps.next.store(at + count, Relaxed);
+        }
+        ob.base = ps.next.load(Relaxed);
+    }
+    Ok(firsts)
 }
 
 /// Checks an idempotent producer's batch against its sequence and, when it
@@ -403,8 +556,14 @@ fn sequence(
     Ok(Ok(verdict))
 }
 
-fn answer(cycle: Vec<Command>, answers: Vec<Result<Appended>>, outcome: &Result<()>) {
+fn answer(
+    cycle: Vec<Command>,
+    answers: Vec<Result<Appended>>,
+    marks: Vec<Result<Option<u64>>>,
+    outcome: &Result<()>,
+) {
     let mut answers = answers.into_iter();
+    let mut marks = marks.into_iter();
     for cmd in cycle {
         let err = || match &outcome {
             Err(Error::Unwritable(m)) => Error::Unwritable(m.clone()),
@@ -426,6 +585,13 @@ fn answer(cycle: Vec<Command>, answers: Vec<Result<Appended>>, outcome: &Result<
                 drop(_reservation);
                 drop(_permit);
                 let r = match (outcome, answers.next()) {
+                    (Ok(_), Some(answer)) => answer,
+                    _ => Err(err()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Marker { reply, .. } => {
+                let r = match (outcome, marks.next()) {
                     (Ok(_), Some(answer)) => answer,
                     _ => Err(err()),
                 };

@@ -490,7 +490,8 @@ pub(super) fn clean_partition(
     // 1. Map the dirty section.
     let started = std::time::Instant::now();
     map.clear();
-    let durable = *ps.end.borrow();
+    // Never past an undecided transaction.
+    let durable = crate::util::lock(&ps.txns).last_stable(*ps.end.borrow());
     let lag_cut = now.saturating_sub(i64::try_from(c.min_compaction_lag_ms).unwrap_or(i64::MAX));
     let (mut until, mut until_pos) = (dirty, dirty_pos);
     if due {
@@ -533,6 +534,9 @@ pub(super) fn clean_partition(
         return Ok(false);
     }
 
+    let end = *ps.end.borrow();
+    let aborted =
+        |producer: i64, base: u64| crate::util::lock(&ps.txns).aborted_at(producer, base, end);
     // 2. Sized first (reads only): what the rewrite would write.
     let target = shared.config.batch_bytes;
     let mut sizes = Vec::new();
@@ -551,6 +555,7 @@ pub(super) fn clean_partition(
         until,
         target,
         &mut verdicts,
+        &aborted,
         |_, _, b| {
             sizes.push(b.len() as u64);
             Ok(())
@@ -626,6 +631,7 @@ pub(super) fn clean_partition(
         until,
         target,
         &mut verdicts,
+        &aborted,
         |base, span, b| {
             if sizes.get(i) != Some(&(b.len() as u64)) {
                 return Err(Error::BadBatch(format!(
@@ -704,6 +710,7 @@ fn rewrite(
     until: u64,
     target: usize,
     verdicts: &mut Verdicts<'_>,
+    aborted: &dyn Fn(i64, u64) -> bool,
     mut emit: impl FnMut(u64, u64, CompactBuilder) -> Result<()>,
 ) -> Result<()> {
     let mut group: Option<CompactBuilder> = None;
@@ -713,6 +720,27 @@ fn rewrite(
     scan(part, topic, id, from, until, |base, value, h| {
         if base < covered {
             // An original a crashed pass already replaced (see `resolve`).
+            return Ok(true);
+        }
+        // Markers and aborted transactions' records go; committed ones
+        // stay as plain records (the range is below the last stable offset).
+        if h.txn
+            .is_some_and(|x| x.control || aborted(x.producer_id, base))
+        {
+            verdicts.removed += u64::from(h.count);
+            covered = base + h.span;
+            if covered > until {
+                return Err(corruption(
+                    topic,
+                    id,
+                    base,
+                    Error::BadBatch(format!("a pass's range ends at {until}, inside this batch")),
+                ));
+            }
+            if group.is_none() {
+                group_base = base;
+                group = Some(CompactBuilder::new(base, target));
+            }
             return Ok(true);
         }
         covered = base + h.span;

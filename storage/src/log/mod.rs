@@ -40,7 +40,9 @@ mod producers;
 mod recovery;
 mod retention;
 mod state;
+mod txns;
 
+pub use crate::batch::Marker;
 pub use append::AppendOptions;
 pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
@@ -102,6 +104,22 @@ pub struct ReadResult {
     pub start_offset: u64,
     /// End offset when read.
     pub end_offset: u64,
+    /// The last stable offset when read: committed reads stop there (the
+    /// first offset of the oldest transaction not yet decided).
+    pub last_stable: u64,
+}
+
+/// Which records a read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// Only what is decided: no record past the last stable offset, none
+    /// of an aborted transaction, no marker. What every reader but Kafka's
+    /// `read_uncommitted` consumers gets.
+    #[default]
+    Committed,
+    /// Every data record to the end, aborted transactions' too (markers
+    /// are never records).
+    Uncommitted,
 }
 
 /// A consumer group's position in one partition.
@@ -378,9 +396,10 @@ impl Log {
         self.barrier().await
     }
 
-    /// Reads up to `max_records` records (and about `max_bytes` of keys and
-    /// values, at least one record) from `offset`. Reading at the end offset
-    /// returns no records; outside `start..=end` is an error naming the range.
+    /// Reads up to `max_records` committed records (and about `max_bytes`
+    /// of keys and values, at least one record) from `offset`. Reading at the
+    /// end offset (or the last stable one) returns no records; outside
+    /// `start..=end` is an error naming the range.
     pub fn read(
         &self,
         topic: &str,
@@ -389,10 +408,35 @@ impl Log {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<ReadResult> {
+        self.read_isolated(
+            topic,
+            partition,
+            offset,
+            max_records,
+            max_bytes,
+            Isolation::Committed,
+        )
+    }
+
+    /// [`Log::read`] with an [`Isolation`].
+    pub fn read_isolated(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+        isolation: Isolation,
+    ) -> Result<ReadResult> {
         let t = self.existing(topic)?;
         let ps = t.partition(partition)?;
         let start = ps.start.load(SeqCst);
-        let end = *ps.end.borrow();
+        let durable = *ps.end.borrow();
+        let last_stable = crate::util::lock(&ps.txns).last_stable(durable);
+        let end = match isolation {
+            Isolation::Committed => last_stable,
+            Isolation::Uncommitted => durable,
+        };
         let out_of_range = |start, end| Error::OffsetOutOfRange {
             topic: topic.to_owned(),
             partition,
@@ -403,8 +447,8 @@ impl Log {
         // Retention moved the start while we read: report the range as it is now
         // (start first: both only grow, so the range stays valid).
         let current_range = || out_of_range(ps.start.load(SeqCst), *ps.end.borrow());
-        if offset < start || offset > end {
-            return Err(out_of_range(start, end));
+        if offset < start || offset > durable {
+            return Err(out_of_range(start, durable));
         }
         let mut records = Vec::new();
         let mut next = offset;
@@ -436,6 +480,28 @@ impl Log {
                     retries += 1;
                     continue 'reading;
                 }
+                // A transactional batch (version 4): markers are never
+                // records, and committed readers skip aborted transactions.
+                if value.get(1) == Some(&4) {
+                    let h =
+                        decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
+                    let skip = h.txn.is_some_and(|x| {
+                        x.control
+                            || (isolation == Isolation::Committed
+                                && crate::util::lock(&ps.txns).aborted_at(
+                                    x.producer_id,
+                                    base,
+                                    durable,
+                                ))
+                    });
+                    if skip {
+                        next = next.max((base + h.span).min(end));
+                        if next >= end {
+                            break 'reading;
+                        }
+                        continue;
+                    }
+                }
                 let h = walk(&value, base, partition, next, end, |r, _| {
                     bytes += r.bytes().len() + r.key.as_ref().map_or(0, Vec::len);
                     next = r.offset + 1;
@@ -466,7 +532,8 @@ impl Log {
             records,
             next_offset: next,
             start_offset: start,
-            end_offset: end,
+            end_offset: durable,
+            last_stable,
         })
     }
 
@@ -544,8 +611,11 @@ impl Log {
                 end,
             });
         }
-        if offset == end && !wait.is_zero() {
-            let _ = tokio::time::timeout(wait, end_rx.wait_for(|&e| e > offset)).await;
+        // At the end, or at the last stable offset (a transaction still
+        // undecided): wait for the end to move (new records or a marker).
+        let stable = crate::util::lock(&ps.txns).last_stable(end);
+        if offset >= stable && !wait.is_zero() {
+            let _ = tokio::time::timeout(wait, end_rx.wait_for(|&e| e > end)).await;
         }
         let log = self.clone();
         let topic = topic.to_owned();
@@ -589,6 +659,39 @@ impl Log {
     pub fn forwarded(&self, topic: &str, partition: u32) -> Result<u64> {
         let t = self.existing(topic)?;
         Ok(t.partition(partition)?.forwarded.load(SeqCst))
+    }
+
+    /// Closes `producer_id`'s open transaction in a partition with a commit
+    /// or abort marker (one offset); durable when this returns, and from
+    /// then on committed readers see its records (commit) or never will
+    /// (abort). `Ok(None)` when the producer had no transaction open there:
+    /// nothing is written (so writing the markers of a transaction again,
+    /// after a crash, is harmless).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_marker(
+        &self,
+        topic: &str,
+        partition: u32,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+        coordinator_epoch: i32,
+    ) -> Result<Option<u64>> {
+        self.shared().check_writable()?;
+        let t = self.existing(topic)?;
+        t.partition(partition)?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Marker {
+            topic: t,
+            partition,
+            producer_id,
+            epoch,
+            marker,
+            coordinator_epoch,
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
     }
 
     /// Stores a consumer group's positions durably (same commit cycle as appends).

@@ -59,6 +59,7 @@ pub(super) fn recover_partition(
         // Forwarded topics start protected: the uploader raises the mark from
         // its durable cursors before anything is sent.
         forwarded: AtomicU64::new(if forwarded { 0 } else { u64::MAX }),
+        txns: std::sync::Mutex::new(super::txns::recover(store, topic, id, next)?),
         cleaner: {
             let (dirty, dirty_pos, horizon) =
                 compaction::checkpoint(store, topic, id)?.unwrap_or((start, start_pos, i64::MIN));

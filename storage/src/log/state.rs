@@ -34,6 +34,8 @@ pub(super) struct PartitionState {
     pub(super) forwarded: AtomicU64,
     /// The cleaner's progress (compacted topics).
     pub(super) cleaner: super::compaction::CleanerState,
+    /// Transactions open and aborted in the partition.
+    pub(super) txns: Mutex<super::txns::Txns>,
 }
 
 impl PartitionState {

@@ -1,0 +1,159 @@
+//! Transactions in the log: a producer's transactional batches are read by
+//! committed readers only once its commit marker is durable, never when it
+//! aborts; the last stable offset holds everyone's later records back while
+//! a transaction is undecided; markers are never records; all of it
+//! survives a crash and a reopen.
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use tributary_storage::{
+    AppendOptions, Event, Isolation, Log, Marker, MemStore, ProducerBatch, Record,
+};
+
+async fn txn_append(log: &Log, producer: i64, seq: i32, values: &[&str]) -> u64 {
+    let options = AppendOptions {
+        producer: Some(ProducerBatch {
+            producer_id: producer,
+            epoch: 0,
+            first_sequence: seq,
+        }),
+        transactional: true,
+        ..AppendOptions::default()
+    };
+    let records = values
+        .iter()
+        .map(|v| pinned(0, Event::new(*v).with_key("k")))
+        .collect();
+    log.append_with("t", records, options)
+        .await
+        .expect("append")[0]
+        .offset
+}
+
+fn values(log: &Log, isolation: Isolation) -> (Vec<String>, u64) {
+    let (start, _) = log.offsets("t", 0).expect("offsets");
+    let mut out = Vec::new();
+    let mut at = start;
+    loop {
+        let r = log
+            .read_isolated("t", 0, at, 100, 1 << 20, isolation)
+            .expect("read");
+        let done = r.records.is_empty() && r.next_offset == at;
+        out.extend(
+            r.records
+                .iter()
+                .map(|r: &Record| String::from_utf8_lossy(r.bytes()).into_owned()),
+        );
+        if done || r.next_offset >= r.end_offset {
+            return (out, r.last_stable);
+        }
+        at = r.next_offset;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_readers_see_a_transaction_once_committed_and_never_when_aborted() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "t", 1).await;
+    append_one(&log, "t", "before").await;
+    let first = txn_append(&log, 7, 0, &["a1", "a2"]).await;
+    append_one(&log, "t", "plain during").await;
+    txn_append(&log, 7, 2, &["a3"]).await;
+    txn_append(&log, 9, 0, &["b1"]).await;
+    // Undecided: committed readers stop at the first transactional offset.
+    let (seen, stable) = values(&log, Isolation::Committed);
+    assert_eq!(seen, ["before"]);
+    assert_eq!(stable, first);
+    let (all, _) = values(&log, Isolation::Uncommitted);
+    assert_eq!(all, ["before", "a1", "a2", "plain during", "a3", "b1"]);
+    // 7 commits, 9 aborts; a marker for a producer with nothing open writes nothing.
+    let commit = log
+        .write_marker("t", 0, 7, 0, Marker::Commit, 0)
+        .await
+        .expect("marker");
+    assert!(commit.is_some());
+    let (seen, _) = values(&log, Isolation::Committed);
+    assert_eq!(
+        seen,
+        ["before", "a1", "a2", "plain during", "a3"],
+        "9 still undecided"
+    );
+    log.write_marker("t", 0, 9, 0, Marker::Abort, 0)
+        .await
+        .expect("marker");
+    assert_eq!(
+        log.write_marker("t", 0, 9, 0, Marker::Abort, 0)
+            .await
+            .expect("again"),
+        None
+    );
+    append_one(&log, "t", "after").await;
+    let committed = ["before", "a1", "a2", "plain during", "a3", "after"];
+    assert_eq!(values(&log, Isolation::Committed).0, committed);
+    assert_eq!(
+        values(&log, Isolation::Uncommitted).0,
+        ["before", "a1", "a2", "plain during", "a3", "b1", "after"],
+        "markers are never records"
+    );
+    // The same after a crash (everything above was durable when answered).
+    drop(log);
+    let log = mem_log(&store.crashed(), strict_config());
+    assert_eq!(values(&log, Isolation::Committed).0, committed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_at_a_crash_stays_undecided_until_its_marker() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "t", 1).await;
+    let first = txn_append(&log, 5, 0, &["x1", "x2"]).await;
+    append_one(&log, "t", "later").await;
+    drop(log);
+    let store = store.crashed();
+    let log = mem_log(&store, strict_config());
+    let (seen, stable) = values(&log, Isolation::Committed);
+    assert!(seen.is_empty(), "{seen:?}");
+    assert_eq!(stable, first, "still open after the crash");
+    // The coordinator aborts what was open when it comes back.
+    log.write_marker("t", 0, 5, 1, Marker::Abort, 0)
+        .await
+        .expect("abort");
+    assert_eq!(values(&log, Isolation::Committed).0, ["later"]);
+    drop(log);
+    let log = mem_log(&store.crashed(), strict_config());
+    assert_eq!(
+        values(&log, Isolation::Committed).0,
+        ["later"],
+        "the abort is durable"
+    );
+    assert_eq!(
+        values(&log, Isolation::Uncommitted).0,
+        ["x1", "x2", "later"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_not_readable_before_its_marker_is_durable() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "t", 1).await;
+    txn_append(&log, 3, 0, &["c1"]).await;
+    store.hold_sync();
+    let writer = log.clone();
+    let marker = tokio::spawn(async move {
+        writer
+            .write_marker("t", 0, 3, 0, Marker::Commit, 0)
+            .await
+            .expect("marker")
+    });
+    // The marker is written but not durable: still undecided for readers.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(values(&log, Isolation::Committed).0.is_empty());
+    store.release_sync();
+    assert!(marker.await.expect("join").is_some());
+    assert_eq!(values(&log, Isolation::Committed).0, ["c1"]);
+}
