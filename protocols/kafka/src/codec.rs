@@ -86,6 +86,49 @@ fn event_of(r: KafkaRecord) -> Event {
     }
 }
 
+/// Stored records and transaction markers, in offset order, as
+/// uncompressed v2 batches: runs of records as one batch each, every marker
+/// as a control batch of its own (consumers skip it and move past it).
+pub fn batches_of(
+    records: &[Record],
+    markers: &[(u64, i64, i16, tributary_storage::Marker)],
+) -> Result<Bytes, Error> {
+    if markers.is_empty() {
+        return batch_of(records);
+    }
+    let mut out = BytesMut::new();
+    let mut rest = records;
+    for &(offset, producer_id, epoch, marker) in markers {
+        let cut = rest.partition_point(|r| r.offset < offset);
+        out.extend_from_slice(&batch_of(&rest[..cut])?);
+        rest = &rest[cut..];
+        let (key, value) = marker.record(0);
+        let control = KafkaRecord {
+            transactional: true,
+            control: true,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id,
+            producer_epoch: epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: offset as i64,
+            sequence: -1,
+            timestamp: tributary_storage::util::now_ms(),
+            key: Some(Bytes::from(key)),
+            value: Some(Bytes::from(value)),
+            headers: Default::default(),
+        };
+        let options = RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        };
+        RecordBatchEncoder::encode(&mut out, &[control], &options)
+            .map_err(|e| Error::Encode(e.to_string()))?;
+    }
+    out.extend_from_slice(&batch_of(rest)?);
+    Ok(out.freeze())
+}
+
 /// Stored records as one uncompressed v2 batch.
 pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
     let Some(first) = records.first() else {

@@ -35,7 +35,7 @@ use tributary_devices::auth::Action;
 use tributary_frontend::budget::Reserved;
 use tributary_ingest::mapping::all_publish_subjects;
 use tributary_ingest::{self as ingest, Rejection};
-use tributary_storage::{Error as LogError, TopicInfo};
+use tributary_storage::{Error as LogError, Isolation, TopicInfo};
 
 use crate::conn::Session;
 use crate::{admin, codec, groups, sasl, versions, Api, Error, Refusal};
@@ -732,6 +732,7 @@ struct PartitionRead {
     index: i32,
     error: i16,
     high_watermark: i64,
+    last_stable: i64,
     log_start: i64,
     records: Bytes,
 }
@@ -746,6 +747,13 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
     );
     let deadline = Instant::now() + max_wait;
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);
+    // read_committed: only what is decided (aborted transactions' records
+    // are left out here, so the answer's list of them stays empty).
+    let isolation = if req.isolation_level == 1 {
+        Isolation::Committed
+    } else {
+        Isolation::Uncommitted
+    };
     let max_bytes = usize::try_from(req.max_bytes)
         .unwrap_or(0)
         .clamp(1, s.server.config.max_fetch_bytes.max(1));
@@ -789,6 +797,7 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
                     index,
                     error: 0,
                     high_watermark: -1,
+                    last_stable: -1,
                     log_start: -1,
                     records: Bytes::new(),
                 };
@@ -805,16 +814,24 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
                 };
                 let room = max_bytes.saturating_sub(total).min(part_max);
                 match log
-                    .fetch(name, partition, offset, 10_000, room.max(1), Duration::ZERO)
+                    .fetch_isolated(
+                        name,
+                        partition,
+                        offset,
+                        (10_000, room.max(1)),
+                        Duration::ZERO,
+                        isolation,
+                    )
                     .await
                 {
                     Ok(r) => {
                         read.high_watermark = r.end_offset as i64;
+                        read.last_stable = r.last_stable as i64;
                         read.log_start = r.start_offset as i64;
                         // Over the response's budget only when nothing was
                         // read yet: the first batch always goes (progress).
                         if room > 0 || total == 0 {
-                            read.records = codec::batch_of(&r.records).map_err(|e| {
+                            read.records = codec::batches_of(&r.records, &r.markers).map_err(|e| {
                                 s.server.metrics.refuse_with(Refusal::EncodeFailed, &e);
                                 Refusal::Counted
                             })?;
@@ -831,6 +848,7 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
                     Err(LogError::OffsetOutOfRange { start, end, .. }) => {
                         read.error = ResponseError::OffsetOutOfRange.code();
                         read.high_watermark = end as i64;
+                        read.last_stable = end as i64;
                         read.log_start = start as i64;
                     }
                     Err(LogError::UnknownTopic(_) | LogError::UnknownPartition { .. }) => {
@@ -869,7 +887,8 @@ fn fetch_response(out: Vec<(String, Vec<PartitionRead>)>) -> FetchResponse {
                                     .with_partition_index(r.index)
                                     .with_error_code(r.error)
                                     .with_high_watermark(r.high_watermark)
-                                    .with_last_stable_offset(r.high_watermark)
+                                    .with_last_stable_offset(r.last_stable)
+                                    .with_aborted_transactions(Some(Vec::new()))
                                     .with_log_start_offset(r.log_start)
                                     .with_records(Some(r.records))
                             })
@@ -886,6 +905,7 @@ const EARLIEST: i64 = -2;
 
 async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let log = &s.server.cx.log;
+    let committed = req.isolation_level == 1;
     let auth = &*s.server.cx.auth;
     let topics = req
         .topics
@@ -913,6 +933,12 @@ async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsRespon
                     let Some((partition, (start, end))) = offsets else {
                         return answer
                             .with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    };
+                    // read_committed consumers end at the last stable offset.
+                    let end = if committed {
+                        log.last_stable(&name, partition).unwrap_or(end)
+                    } else {
+                        end
                     };
                     match p.timestamp {
                         LATEST => answer.with_offset(end as i64),

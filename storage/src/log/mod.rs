@@ -107,6 +107,10 @@ pub struct ReadResult {
     /// The last stable offset when read: committed reads stop there (the
     /// first offset of the oldest transaction not yet decided).
     pub last_stable: u64,
+    /// Transaction markers among the offsets read, never records: (offset,
+    /// producer, epoch, marker). Kafka's consumers are handed them (as
+    /// control batches) to move past them; other readers ignore them.
+    pub markers: Vec<(u64, i64, i16, Marker)>,
 }
 
 /// Which records a read returns.
@@ -451,6 +455,7 @@ impl Log {
             return Err(out_of_range(start, durable));
         }
         let mut records = Vec::new();
+        let mut markers = Vec::new();
         let mut next = offset;
         let mut bytes = 0usize;
         let mut full = max_records == 0;
@@ -494,6 +499,17 @@ impl Log {
                                     durable,
                                 ))
                     });
+                    if let Some(x) = h.txn.filter(|x| x.control && base >= next && base < end) {
+                        let mut kind = None;
+                        walk(&value, base, partition, base, base + 1, |r, _| {
+                            kind = r.key.as_deref().and_then(Marker::of_key);
+                            false
+                        })
+                        .map_err(|d| corruption(topic, partition, base, d))?;
+                        if let Some(kind) = kind {
+                            markers.push((base, x.producer_id, x.epoch, kind));
+                        }
+                    }
                     if skip {
                         next = next.max((base + h.span).min(end));
                         if next >= end {
@@ -534,6 +550,7 @@ impl Log {
             start_offset: start,
             end_offset: durable,
             last_stable,
+            markers,
         })
     }
 
@@ -598,6 +615,28 @@ impl Log {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<ReadResult> {
+        self.fetch_isolated(
+            topic,
+            partition,
+            offset,
+            (max_records, max_bytes),
+            wait,
+            Isolation::Committed,
+        )
+        .await
+    }
+
+    /// [`Log::fetch`] with an [`Isolation`]; `limits` = (records, bytes).
+    pub async fn fetch_isolated(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        limits: (usize, usize),
+        wait: Duration,
+        isolation: Isolation,
+    ) -> Result<ReadResult> {
+        let (max_records, max_bytes) = limits;
         let t = self.existing(topic)?;
         let ps = t.partition(partition)?;
         let mut end_rx = ps.end.subscribe();
@@ -613,14 +652,17 @@ impl Log {
         }
         // At the end, or at the last stable offset (a transaction still
         // undecided): wait for the end to move (new records or a marker).
-        let stable = crate::util::lock(&ps.txns).last_stable(end);
+        let stable = match isolation {
+            Isolation::Committed => crate::util::lock(&ps.txns).last_stable(end),
+            Isolation::Uncommitted => end,
+        };
         if offset >= stable && !wait.is_zero() {
             let _ = tokio::time::timeout(wait, end_rx.wait_for(|&e| e > end)).await;
         }
         let log = self.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
-            log.read(&topic, partition, offset, max_records, max_bytes)
+            log.read_isolated(&topic, partition, offset, max_records, max_bytes, isolation)
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
@@ -638,6 +680,16 @@ impl Log {
         let ps = t.partition(partition)?;
         let end = *ps.end.borrow();
         Ok((ps.start.load(SeqCst), end))
+    }
+
+    /// A partition's last stable offset: the first offset of its oldest
+    /// undecided transaction, or its end.
+    pub fn last_stable(&self, topic: &str, partition: u32) -> Result<u64> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let end = *ps.end.borrow();
+        let stable = crate::util::lock(&ps.txns).last_stable(end);
+        Ok(stable)
     }
 
     /// A receiver of a partition's end offset: it changes when new records
