@@ -40,6 +40,7 @@ mod conn;
 mod groups;
 mod handlers;
 mod sasl;
+mod txn;
 
 pub use handlers::{parse, Parsed, Request};
 mod refusal;

@@ -1,0 +1,464 @@
+//! The transaction coordinator (Kafka's transaction protocol V1, as
+//! librdkafka and the Java client without `transaction.version` 2 speak
+//! it): transactional ids → producer id, epoch and the state of their
+//! current transaction, durable in the log's metadata.
+//!
+//! - A transaction's state is written (and durable) before anything acts on
+//!   it: `PrepareCommit`/`PrepareAbort` before its markers, `Complete*`
+//!   after. At start, a transaction found prepared is completed (its commit
+//!   was, or could have been, acknowledged: the markers are written again,
+//!   which the log makes harmless), one found `Ongoing` is aborted with the
+//!   epoch bumped (its producer is fenced, as a timeout fences it).
+//! - Offsets committed in a transaction are kept with it and written as
+//!   the group's offsets when it commits; an abort drops them.
+//! - One lock serializes the coordinator: each request holds it while its
+//!   state is written, as Kafka's coordinator handles one request of a
+//!   transactional id at a time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tributary_storage::util::now_ms;
+use tributary_storage::{Error as LogError, GroupOffset, Log, Marker};
+
+/// Metadata space of the transactional ids.
+const SPACE: &str = "__transactions";
+/// Kafka's `transaction.max.timeout.ms` default.
+pub(crate) const MAX_TIMEOUT_MS: i32 = 900_000;
+
+/// Kafka's transaction states (`DescribeTransactions` spells them so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum State {
+    Empty,
+    Ongoing,
+    PrepareCommit,
+    PrepareAbort,
+    CompleteCommit,
+    CompleteAbort,
+    PrepareEpochFence,
+}
+
+impl State {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            State::Empty => "Empty",
+            State::Ongoing => "Ongoing",
+            State::PrepareCommit => "PrepareCommit",
+            State::PrepareAbort => "PrepareAbort",
+            State::CompleteCommit => "CompleteCommit",
+            State::CompleteAbort => "CompleteAbort",
+            State::PrepareEpochFence => "PrepareEpochFence",
+        }
+    }
+}
+
+/// One transactional id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Txn {
+    pub(crate) producer_id: i64,
+    pub(crate) epoch: i16,
+    /// The epoch before the last bump (a retried InitProducerId gets the
+    /// current one back); -1 after a fence.
+    pub(crate) last_epoch: i16,
+    pub(crate) state: State,
+    pub(crate) timeout_ms: i32,
+    /// When the current transaction began (ms), -1 when none.
+    pub(crate) started_ms: i64,
+    pub(crate) partitions: BTreeSet<(String, u32)>,
+    pub(crate) groups: BTreeSet<String>,
+    /// Offsets committed in the transaction: (group, topic, partition, offset).
+    pub(crate) offsets: Vec<(String, String, u32, u64)>,
+}
+
+/// Why a transactional request is refused (each is a Kafka error code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// CONCURRENT_TRANSACTIONS (51): a transaction is completing; retry.
+    Concurrent,
+    /// PRODUCER_FENCED (90) / INVALID_PRODUCER_EPOCH (47) on old versions.
+    Fenced,
+    /// INVALID_PRODUCER_ID_MAPPING (49).
+    Mapping,
+    /// INVALID_TXN_STATE (48).
+    State,
+    /// INVALID_TRANSACTION_TIMEOUT (50).
+    Timeout,
+    /// The log could not write (KAFKA_STORAGE_ERROR 56, retriable).
+    Storage(String),
+}
+
+impl From<LogError> for Refused {
+    fn from(e: LogError) -> Self {
+        Refused::Storage(e.to_string())
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    txns: BTreeMap<String, Txn>,
+    by_producer: HashMap<i64, String>,
+}
+
+/// The node's transaction coordinator.
+pub(crate) struct Coordinator {
+    log: Log,
+    table: tokio::sync::Mutex<Table>,
+}
+
+impl Coordinator {
+    /// Loads the transactional ids, completes what a stop left prepared,
+    /// aborts what it left open, and starts the timeout check.
+    pub(crate) async fn start(log: Log) -> Result<Arc<Coordinator>, LogError> {
+        let mut table = Table::default();
+        for (k, v) in log.meta(SPACE)? {
+            let (Ok(id), Ok(txn)) = (String::from_utf8(k), postcard::from_bytes::<Txn>(&v)) else {
+                tracing::warn!("unreadable transactional id state dropped");
+                continue;
+            };
+            table.by_producer.insert(txn.producer_id, id.clone());
+            table.txns.insert(id, txn);
+        }
+        let c = Arc::new(Coordinator {
+            log,
+            table: tokio::sync::Mutex::new(table),
+        });
+        {
+            let mut t = c.table.lock().await;
+            let ids: Vec<String> = t.txns.keys().cloned().collect();
+            for id in ids {
+                match t.txns.get(&id).map(|x| x.state) {
+                    Some(State::PrepareCommit) => c.complete(&mut t, &id, true).await?,
+                    Some(State::PrepareAbort | State::PrepareEpochFence) => {
+                        c.complete(&mut t, &id, false).await?
+                    }
+                    Some(State::Ongoing) => c.fence(&mut t, &id).await?,
+                    _ => {}
+                }
+            }
+        }
+        let weak = Arc::downgrade(&c);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                if let Err(e) = c.abort_timed_out().await {
+                    tracing::warn!(error = %e, "aborting timed-out transactions failed");
+                }
+            }
+        });
+        Ok(c)
+    }
+
+    async fn store(&self, id: &str, txn: &Txn) -> Result<(), LogError> {
+        let v = postcard::to_allocvec(txn).map_err(|e| LogError::Config(e.to_string()))?;
+        self.log
+            .put_meta(SPACE, vec![(id.as_bytes().to_vec(), Some(v))])
+            .await
+    }
+
+    /// Writes the markers of `id`'s transaction (prepared), its offsets on a
+    /// commit, then `Complete*`.
+    async fn complete(&self, t: &mut Table, id: &str, commit: bool) -> Result<(), LogError> {
+        let Some(txn) = t.txns.get_mut(id) else {
+            return Ok(());
+        };
+        let marker = if commit { Marker::Commit } else { Marker::Abort };
+        for (topic, p) in &txn.partitions {
+            match self
+                .log
+                .write_marker(topic, *p, txn.producer_id, txn.epoch, marker, 0)
+                .await
+            {
+                Ok(_) | Err(LogError::UnknownTopic(_) | LogError::UnknownPartition { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if commit {
+            let mut by_group: BTreeMap<&str, Vec<GroupOffset>> = BTreeMap::new();
+            for (group, topic, partition, offset) in &txn.offsets {
+                by_group.entry(group).or_default().push(GroupOffset {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                });
+            }
+            for (group, offsets) in by_group {
+                self.log.commit_offsets(group, offsets).await?;
+            }
+        }
+        txn.state = if commit {
+            State::CompleteCommit
+        } else {
+            State::CompleteAbort
+        };
+        txn.partitions.clear();
+        txn.groups.clear();
+        txn.offsets.clear();
+        txn.started_ms = -1;
+        let txn = txn.clone();
+        self.store(id, &txn).await
+    }
+
+    /// Aborts `id`'s open transaction with the epoch bumped: its producer
+    /// is fenced.
+    async fn fence(&self, t: &mut Table, id: &str) -> Result<(), LogError> {
+        let Some(txn) = t.txns.get_mut(id) else {
+            return Ok(());
+        };
+        txn.epoch = txn.epoch.saturating_add(1);
+        txn.last_epoch = -1;
+        txn.state = State::PrepareEpochFence;
+        let txn = txn.clone();
+        self.store(id, &txn).await?;
+        self.complete(t, id, false).await
+    }
+
+    async fn abort_timed_out(&self) -> Result<(), LogError> {
+        let mut t = self.table.lock().await;
+        let now = now_ms();
+        let expired: Vec<String> = t
+            .txns
+            .iter()
+            .filter(|(_, x)| {
+                x.state == State::Ongoing && x.started_ms + i64::from(x.timeout_ms) < now
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            tracing::info!(transactional_id = %id, "transaction timed out: aborted");
+            self.fence(&mut t, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// InitProducerId with a transactional id: the producer id and the
+    /// epoch it is to use (bumped: an older instance is fenced).
+    pub(crate) async fn init(
+        &self,
+        id: &str,
+        timeout_ms: i32,
+        given: Option<(i64, i16)>,
+    ) -> Result<(i64, i16), Refused> {
+        if timeout_ms <= 0 || timeout_ms > MAX_TIMEOUT_MS {
+            return Err(Refused::Timeout);
+        }
+        let mut t = self.table.lock().await;
+        if !t.txns.contains_key(id) {
+            let producer_id = self.log.allocate_producer_id().await?;
+            let txn = Txn {
+                producer_id,
+                epoch: -1,
+                last_epoch: -1,
+                state: State::Empty,
+                timeout_ms,
+                started_ms: -1,
+                partitions: BTreeSet::new(),
+                groups: BTreeSet::new(),
+                offsets: Vec::new(),
+            };
+            t.by_producer.insert(producer_id, id.to_owned());
+            t.txns.insert(id.to_owned(), txn);
+        }
+        let state = t.txns.get(id).map(|x| x.state);
+        match state {
+            Some(State::PrepareCommit | State::PrepareAbort | State::PrepareEpochFence) => {
+                return Err(Refused::Concurrent)
+            }
+            Some(State::Ongoing) => {
+                // The old instance's transaction is aborted; the caller
+                // retries and gets the epoch after.
+                self.fence(&mut t, id).await?;
+                return Err(Refused::Concurrent);
+            }
+            _ => {}
+        }
+        let Some(txn) = t.txns.get_mut(id) else {
+            return Err(Refused::Mapping);
+        };
+        if let Some((pid, epoch)) = given {
+            if pid != txn.producer_id {
+                return Err(Refused::Fenced);
+            }
+            if epoch == txn.last_epoch && epoch >= 0 {
+                return Ok((txn.producer_id, txn.epoch));
+            }
+            if epoch != txn.epoch {
+                return Err(Refused::Fenced);
+            }
+        }
+        let old = (txn.producer_id, txn.epoch);
+        if txn.epoch >= i16::MAX - 1 {
+            let fresh = self.log.allocate_producer_id().await?;
+            txn.producer_id = fresh;
+            txn.epoch = 0;
+            txn.last_epoch = -1;
+        } else {
+            txn.last_epoch = txn.epoch;
+            txn.epoch += 1;
+        }
+        txn.state = State::Empty;
+        txn.timeout_ms = timeout_ms;
+        txn.started_ms = -1;
+        txn.partitions.clear();
+        txn.groups.clear();
+        txn.offsets.clear();
+        let txn = txn.clone();
+        if old.0 != txn.producer_id {
+            t.by_producer.remove(&old.0);
+            t.by_producer.insert(txn.producer_id, id.to_owned());
+        }
+        self.store(id, &txn).await?;
+        Ok((txn.producer_id, txn.epoch))
+    }
+
+    /// The transaction `id` names, checked against the caller's producer
+    /// id and epoch, and not completing.
+    fn current<'a>(
+        t: &'a mut Table,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+    ) -> Result<&'a mut Txn, Refused> {
+        let txn = t.txns.get_mut(id).ok_or(Refused::Mapping)?;
+        if txn.producer_id != producer_id {
+            return Err(Refused::Mapping);
+        }
+        if txn.epoch != epoch {
+            return Err(Refused::Fenced);
+        }
+        if matches!(
+            txn.state,
+            State::PrepareCommit | State::PrepareAbort | State::PrepareEpochFence
+        ) {
+            return Err(Refused::Concurrent);
+        }
+        Ok(txn)
+    }
+
+    fn begin(txn: &mut Txn) {
+        if txn.state != State::Ongoing {
+            txn.state = State::Ongoing;
+            txn.started_ms = now_ms();
+        }
+    }
+
+    /// AddPartitionsToTxn: the partitions join the transaction (which
+    /// begins with the first).
+    pub(crate) async fn add_partitions(
+        &self,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        partitions: &[(String, u32)],
+    ) -> Result<(), Refused> {
+        let mut t = self.table.lock().await;
+        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        if txn.state == State::Ongoing && partitions.iter().all(|p| txn.partitions.contains(p)) {
+            return Ok(());
+        }
+        Self::begin(txn);
+        txn.partitions.extend(partitions.iter().cloned());
+        let txn = txn.clone();
+        self.store(id, &txn).await?;
+        Ok(())
+    }
+
+    /// AddOffsetsToTxn: the group's offsets will be committed with it.
+    pub(crate) async fn add_group(
+        &self,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        group: &str,
+    ) -> Result<(), Refused> {
+        let mut t = self.table.lock().await;
+        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        Self::begin(txn);
+        txn.groups.insert(group.to_owned());
+        let txn = txn.clone();
+        self.store(id, &txn).await?;
+        Ok(())
+    }
+
+    /// TxnOffsetCommit: offsets kept with the transaction until it ends.
+    pub(crate) async fn offsets(
+        &self,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        group: &str,
+        offsets: &[(String, u32, u64)],
+    ) -> Result<(), Refused> {
+        let mut t = self.table.lock().await;
+        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        if txn.state != State::Ongoing || !txn.groups.contains(group) {
+            return Err(Refused::State);
+        }
+        for (topic, partition, offset) in offsets {
+            txn.offsets
+                .retain(|(g, tp, p, _)| !(g == group && tp == topic && p == partition));
+            txn.offsets
+                .push((group.to_owned(), topic.clone(), *partition, *offset));
+        }
+        let txn = txn.clone();
+        self.store(id, &txn).await?;
+        Ok(())
+    }
+
+    /// EndTxn: commits or aborts; done (markers durable) when answered.
+    pub(crate) async fn end(
+        &self,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        commit: bool,
+    ) -> Result<(), Refused> {
+        let mut t = self.table.lock().await;
+        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        match (txn.state, commit) {
+            (State::CompleteCommit, true) | (State::CompleteAbort, false) => return Ok(()),
+            (State::Ongoing, _) => {}
+            _ => return Err(Refused::State),
+        }
+        txn.state = if commit {
+            State::PrepareCommit
+        } else {
+            State::PrepareAbort
+        };
+        let txn = txn.clone();
+        self.store(id, &txn).await?;
+        self.complete(&mut t, id, commit).await?;
+        Ok(())
+    }
+
+    /// Whether a transactional produce of `producer_id` at `epoch` to a
+    /// partition may be written: its transaction is ongoing and holds it.
+    pub(crate) async fn may_produce(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(), Refused> {
+        let t = self.table.lock().await;
+        let id = t.by_producer.get(&producer_id).ok_or(Refused::Mapping)?;
+        let txn = t.txns.get(id).ok_or(Refused::Mapping)?;
+        if txn.epoch != epoch {
+            return Err(Refused::Fenced);
+        }
+        if txn.state != State::Ongoing || !txn.partitions.contains(&(topic.to_owned(), partition)) {
+            return Err(Refused::State);
+        }
+        Ok(())
+    }
+
+    /// Every transactional id with its state (ListTransactions,
+    /// DescribeTransactions).
+    pub(crate) async fn snapshot(&self) -> Vec<(String, Txn)> {
+        let t = self.table.lock().await;
+        t.txns.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
