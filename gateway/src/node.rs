@@ -289,7 +289,7 @@ pub async fn start(
     let mut kafka_addr = None;
     let mut kafka_server = None;
     if config.kafka.enabled {
-        let server = kafka::Server::new(cx.clone(), config.kafka_config());
+        let server = kafka::Server::start(cx.clone(), config.kafka_config()).await?;
         let listen = ("kafka.listen", config.kafka.listen.as_str());
         let max = config.kafka.max_connections;
         kafka_addr = Some(start_frontend(&server, listen, kafkas, max, &mut tasks).await?);

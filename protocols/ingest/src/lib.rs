@@ -214,6 +214,8 @@ pub struct Sequenced<T> {
     pub producer: ProducerBatch,
     /// The records, every one naming the partition.
     pub records: Vec<AppendRecord>,
+    /// They belong to the producer's open transaction.
+    pub transactional: bool,
 }
 
 /// [`append`] in the client's turn, with idempotent producers' batches
@@ -257,6 +259,7 @@ pub async fn append_in_turn<T, S>(
         .map(|s| {
             let options = AppendOptions {
                 producer: Some(s.producer),
+                transactional: s.transactional,
                 ..hook()
             };
             async move {

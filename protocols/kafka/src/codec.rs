@@ -27,12 +27,13 @@ use crate::Error;
 /// A produce batch may decompress to this much at most.
 pub const MAX_DECOMPRESSED: usize = 32 << 20;
 
-/// The events of one partition's produce payload, in order, and the
-/// idempotent producer that sent them (one batch only, as Kafka requires).
+/// The events of one partition's produce payload, in order, the
+/// idempotent producer that sent them (one batch only, as Kafka requires),
+/// and whether the batch is transactional.
 pub fn events_of(
     records: &Bytes,
     partition: u32,
-) -> Result<(Vec<AppendRecord>, Option<ProducerBatch>), Error> {
+) -> Result<(Vec<AppendRecord>, Option<ProducerBatch>, bool), Error> {
     let infos = RecordBatchDecoder::decode_batch_info(&mut records.clone())
         .map_err(|e| Error::CorruptBatch(e.to_string()))?;
     if infos.is_empty() && !records.is_empty() {
@@ -40,8 +41,15 @@ pub fn events_of(
             "no record batch of format v2 (magic 2)".to_owned(),
         ));
     }
-    if infos.iter().any(|i| i.transactional || i.control) {
+    // Markers are the coordinator's, never a client's.
+    if infos.iter().any(|i| i.control) {
         return Err(Error::Transactional);
+    }
+    let transactional = infos.iter().any(|i| i.transactional);
+    if transactional && !infos.iter().all(|i| i.transactional && i.producer_id >= 0) {
+        return Err(Error::CorruptBatch(
+            "a transactional batch names its producer".to_owned(),
+        ));
     }
     let producer = match infos.as_slice() {
         [one] if one.producer_id >= 0 => Some(ProducerBatch {
@@ -69,7 +77,7 @@ pub fn events_of(
             event: event_of(r),
         }));
     }
-    Ok((out, producer))
+    Ok((out, producer, transactional))
 }
 
 fn event_of(r: KafkaRecord) -> Event {

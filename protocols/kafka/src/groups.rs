@@ -89,7 +89,11 @@ pub(crate) fn find_coordinator(
 ) -> FindCoordinatorResponse {
     let (host, port) = advertised(s);
     let answer = |key: &StrBytes| -> (i16, i32, String, i32) {
-        // Key type 0 is a group; transactions (1) are not served yet.
+        // Key type 0 is a group, 1 a transactional id: this node
+        // coordinates both.
+        if req.key_type == 1 {
+            return (0, NODE_ID, host.clone(), port);
+        }
         if req.key_type != 0 {
             return (
                 ResponseError::CoordinatorNotAvailable.code(),

@@ -17,6 +17,9 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
+    AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, EndTxnRequest, TxnOffsetCommitRequest,
+};
+use kafka_protocol::messages::{
     AlterConfigsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
     DescribeConfigsRequest, IncrementalAlterConfigsRequest,
 };
@@ -96,6 +99,14 @@ pub enum Request {
     AlterConfigs(AlterConfigsRequest),
     /// IncrementalAlterConfigs.
     IncrementalAlterConfigs(IncrementalAlterConfigsRequest),
+    /// AddPartitionsToTxn.
+    AddPartitionsToTxn(AddPartitionsToTxnRequest),
+    /// AddOffsetsToTxn.
+    AddOffsetsToTxn(AddOffsetsToTxnRequest),
+    /// TxnOffsetCommit.
+    TxnOffsetCommit(TxnOffsetCommitRequest),
+    /// EndTxn.
+    EndTxn(EndTxnRequest),
 }
 
 /// A decoded request with what its answer needs.
@@ -196,6 +207,10 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::IncrementalAlterConfigs => {
             body!(IncrementalAlterConfigs, IncrementalAlterConfigsRequest)
         }
+        ApiKey::AddPartitionsToTxn => body!(AddPartitionsToTxn, AddPartitionsToTxnRequest),
+        ApiKey::AddOffsetsToTxn => body!(AddOffsetsToTxn, AddOffsetsToTxnRequest),
+        ApiKey::TxnOffsetCommit => body!(TxnOffsetCommit, TxnOffsetCommitRequest),
+        ApiKey::EndTxn => body!(EndTxn, EndTxnRequest),
         _ => return Err((Refusal::UnsupportedApi, None)),
     };
     Ok(parsed(request))
@@ -289,7 +304,7 @@ pub(crate) async fn handle(
         }
         Request::InitProducerId(req) => {
             s.server.metrics.request(Api::Other);
-            let answer = init_producer_id(&s, req).await;
+            let answer = init_producer_id(&s, req, version).await;
             respond(&s, correlation, header, &answer, version).map(Some)
         }
         Request::CreateTopics(req) => {
@@ -320,6 +335,26 @@ pub(crate) async fn handle(
         Request::IncrementalAlterConfigs(req) => {
             s.server.metrics.request(Api::Admin);
             let answer = admin::incremental_alter_configs(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::AddPartitionsToTxn(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = crate::txn::api::add_partitions(&s, req, version).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::AddOffsetsToTxn(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = crate::txn::api::add_offsets(&s, req, version).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::TxnOffsetCommit(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = crate::txn::api::offset_commit(&s, req, version).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::EndTxn(req) => {
+            s.server.metrics.request(Api::Other);
+            let answer = crate::txn::api::end(&s, req, version).await;
             respond(&s, correlation, header, &answer, version).map(Some)
         }
         group_request => {
@@ -521,15 +556,38 @@ fn topic_metadata(t: &TopicInfo) -> MetadataResponseTopic {
 /// the producer asks to bump its own (KIP-360, v3+: its sequences start
 /// again). Transactional ids are not served: their coordinator is not
 /// available.
-async fn init_producer_id(s: &Session, req: InitProducerIdRequest) -> InitProducerIdResponse {
+async fn init_producer_id(
+    s: &Session,
+    req: InitProducerIdRequest,
+    version: i16,
+) -> InitProducerIdResponse {
     let failed = |e: ResponseError| {
         InitProducerIdResponse::default()
             .with_error_code(e.code())
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
     };
-    if req.transactional_id.as_ref().is_some_and(|t| !t.is_empty()) {
-        return failed(ResponseError::CoordinatorNotAvailable);
+    if (req.producer_id.0 < 0) != (req.producer_epoch < 0) {
+        return failed(ResponseError::InvalidRequest);
+    }
+    if let Some(id) = req.transactional_id.as_ref() {
+        if id.is_empty() {
+            return failed(ResponseError::InvalidRequest);
+        }
+        let given = (req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
+        let result = match s.server.coordinator().await {
+            Ok(c) => c.init(id, req.transaction_timeout_ms, given).await,
+            Err(e) => Err(crate::txn::Refused::from(e)),
+        };
+        return match result {
+            Ok((pid, epoch)) => InitProducerIdResponse::default()
+                .with_producer_id(ProducerId(pid))
+                .with_producer_epoch(epoch),
+            Err(r) => InitProducerIdResponse::default()
+                .with_error_code(crate::txn::api::code(&r, version, 4))
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        };
     }
     if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {
         return InitProducerIdResponse::default()
@@ -592,7 +650,7 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
                 continue;
             }
             let records = p.records.unwrap_or_default();
-            let (events, producer) = match codec::events_of(&records, partition) {
+            let (events, producer, transactional) = match codec::events_of(&records, partition) {
                 Ok(decoded) => decoded,
                 Err(e) => {
                     let (why, code) = match e {
@@ -602,7 +660,7 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
                         ),
                         Error::Transactional => (
                             Refusal::UnsupportedBatch,
-                            ResponseError::InvalidRequest.code(),
+                            ResponseError::InvalidRecord.code(),
                         ),
                         _ => (Refusal::CorruptBatch, ResponseError::CorruptMessage.code()),
                     };
@@ -625,12 +683,25 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
                 partitions.push(refuse(0));
                 continue;
             }
+            if let (true, Some(b)) = (transactional, producer.as_ref()) {
+                // Only into a partition its ongoing transaction holds.
+                let checked = match s.server.coordinator().await {
+                    Ok(c) => c.may_produce(b.producer_id, b.epoch, &name, partition).await,
+                    Err(e) => Err(crate::txn::Refused::from(e)),
+                };
+                if let Err(r) = checked {
+                    s.server.metrics.refuse(Refusal::Sequence);
+                    partitions.push(refuse(crate::txn::api::code(&r, 0, i16::MAX)));
+                    continue;
+                }
+            }
             match producer {
                 Some(producer) => sequenced.push(ingest::Sequenced {
                     tag: (ti, pi),
                     topic: name.clone(),
                     producer,
                     records: events,
+                    transactional,
                 }),
                 None => {
                     for event in events {

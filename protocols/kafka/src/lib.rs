@@ -212,6 +212,8 @@ pub struct Server {
     cx: FrontendContext,
     config: KafkaConfig,
     metrics: Arc<KafkaMetrics>,
+    /// The transaction coordinator, started by [`Server::start`].
+    txns: tokio::sync::OnceCell<Arc<txn::Coordinator>>,
 }
 
 impl Server {
@@ -226,7 +228,29 @@ impl Server {
             cx,
             config,
             metrics,
+            txns: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Builds the server and starts its transaction coordinator, which
+    /// completes or aborts what a stop left of transactions.
+    pub async fn start(
+        cx: FrontendContext,
+        config: KafkaConfig,
+    ) -> Result<Arc<Self>, tributary_storage::Error> {
+        let server = Server::new(cx, config);
+        server.coordinator().await?;
+        Ok(server)
+    }
+
+    /// The transaction coordinator (started on first use when the server
+    /// was built with [`Server::new`]).
+    pub(crate) async fn coordinator(
+        &self,
+    ) -> Result<&Arc<txn::Coordinator>, tributary_storage::Error> {
+        self.txns
+            .get_or_try_init(|| txn::Coordinator::start(self.cx.log.clone()))
+            .await
     }
 
     /// Counters (tests and `/metrics`).

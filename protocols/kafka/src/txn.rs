@@ -107,6 +107,12 @@ pub(crate) struct Coordinator {
     table: tokio::sync::Mutex<Table>,
 }
 
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").finish_non_exhaustive()
+    }
+}
+
 impl Coordinator {
     /// Loads the transactional ids, completes what a stop left prepared,
     /// aborts what it left open, and starts the timeout check.
@@ -460,5 +466,204 @@ impl Coordinator {
     pub(crate) async fn snapshot(&self) -> Vec<(String, Txn)> {
         let t = self.table.lock().await;
         t.txns.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// The Kafka requests of the coordinator.
+pub(crate) mod api {
+    use kafka_protocol::messages::add_partitions_to_txn_response::{
+        AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+    };
+    use kafka_protocol::messages::txn_offset_commit_response::{
+        TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+    };
+    use kafka_protocol::messages::{
+        AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest,
+        AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse, TxnOffsetCommitRequest,
+        TxnOffsetCommitResponse,
+    };
+    use kafka_protocol::ResponseError;
+
+    use super::Refused;
+    use crate::conn::Session;
+
+    /// Kafka's code for a refusal at a request's `version`; PRODUCER_FENCED
+    /// exists from `fenced_from` on (INVALID_PRODUCER_EPOCH before).
+    pub(crate) fn code(r: &Refused, version: i16, fenced_from: i16) -> i16 {
+        match r {
+            Refused::Concurrent => ResponseError::ConcurrentTransactions.code(),
+            Refused::Fenced if version >= fenced_from => ResponseError::ProducerFenced.code(),
+            Refused::Fenced => ResponseError::InvalidProducerEpoch.code(),
+            Refused::Mapping => ResponseError::InvalidProducerIdMapping.code(),
+            Refused::State => ResponseError::InvalidTxnState.code(),
+            Refused::Timeout => ResponseError::InvalidTransactionTimeout.code(),
+            Refused::Storage(_) => ResponseError::KafkaStorageError.code(),
+        }
+    }
+
+    fn outcome(r: Result<(), Refused>, version: i16) -> i16 {
+        r.err().map_or(0, |e| code(&e, version, 2))
+    }
+
+    /// AddPartitionsToTxn v0–3 (the clients' form).
+    pub(crate) async fn add_partitions(
+        s: &Session,
+        req: AddPartitionsToTxnRequest,
+        version: i16,
+    ) -> AddPartitionsToTxnResponse {
+        let log = &s.server.cx.log;
+        let mut wanted = Vec::new();
+        let mut unknown = Vec::new();
+        for t in &req.v3_and_below_topics {
+            let name = t.name.0.to_string();
+            let partitions = log.topic(&name).map(|i| i.config.partitions).unwrap_or(0);
+            for &p in &t.partitions {
+                match u32::try_from(p) {
+                    Ok(p) if p < partitions => wanted.push((name.clone(), p)),
+                    _ => unknown.push((name.clone(), p)),
+                }
+            }
+        }
+        let code = if !unknown.is_empty() {
+            None
+        } else {
+            let result = match s.server.coordinator().await {
+                Ok(c) => {
+                    c.add_partitions(
+                        &req.v3_and_below_transactional_id.0,
+                        req.v3_and_below_producer_id.0,
+                        req.v3_and_below_producer_epoch,
+                        &wanted,
+                    )
+                    .await
+                }
+                Err(e) => Err(Refused::from(e)),
+            };
+            Some(outcome(result, version))
+        };
+        let results = req
+            .v3_and_below_topics
+            .iter()
+            .map(|t| {
+                let name = t.name.0.to_string();
+                AddPartitionsToTxnTopicResult::default()
+                    .with_name(t.name.clone())
+                    .with_results_by_partition(
+                        t.partitions
+                            .iter()
+                            .map(|&p| {
+                                let c = match code {
+                                    Some(c) => c,
+                                    None if unknown.contains(&(name.clone(), p)) => {
+                                        ResponseError::UnknownTopicOrPartition.code()
+                                    }
+                                    None => ResponseError::OperationNotAttempted.code(),
+                                };
+                                AddPartitionsToTxnPartitionResult::default()
+                                    .with_partition_index(p)
+                                    .with_partition_error_code(c)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(results)
+    }
+
+    /// AddOffsetsToTxn.
+    pub(crate) async fn add_offsets(
+        s: &Session,
+        req: AddOffsetsToTxnRequest,
+        version: i16,
+    ) -> AddOffsetsToTxnResponse {
+        let result = match s.server.coordinator().await {
+            Ok(c) => {
+                c.add_group(
+                    &req.transactional_id.0,
+                    req.producer_id.0,
+                    req.producer_epoch,
+                    &req.group_id.0,
+                )
+                .await
+            }
+            Err(e) => Err(Refused::from(e)),
+        };
+        AddOffsetsToTxnResponse::default().with_error_code(outcome(result, version))
+    }
+
+    /// TxnOffsetCommit.
+    pub(crate) async fn offset_commit(
+        s: &Session,
+        req: TxnOffsetCommitRequest,
+        version: i16,
+    ) -> TxnOffsetCommitResponse {
+        let offsets: Vec<(String, u32, u64)> = req
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().filter_map(move |p| {
+                    Some((
+                        t.name.0.to_string(),
+                        u32::try_from(p.partition_index).ok()?,
+                        u64::try_from(p.committed_offset).ok()?,
+                    ))
+                })
+            })
+            .collect();
+        let result = match s.server.coordinator().await {
+            Ok(c) => {
+                c.offsets(
+                    &req.transactional_id.0,
+                    req.producer_id.0,
+                    req.producer_epoch,
+                    &req.group_id.0,
+                    &offsets,
+                )
+                .await
+            }
+            Err(e) => Err(Refused::from(e)),
+        };
+        // TxnOffsetCommit knows PRODUCER_FENCED from v0 in Kafka's schema;
+        // librdkafka and Java read 47 and 90 alike here.
+        let code = result.err().map_or(0, |e| code(&e, version, 0));
+        let topics = req
+            .topics
+            .iter()
+            .map(|t| {
+                TxnOffsetCommitResponseTopic::default()
+                    .with_name(t.name.clone())
+                    .with_partitions(
+                        t.partitions
+                            .iter()
+                            .map(|p| {
+                                TxnOffsetCommitResponsePartition::default()
+                                    .with_partition_index(p.partition_index)
+                                    .with_error_code(code)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        TxnOffsetCommitResponse::default().with_topics(topics)
+    }
+
+    /// EndTxn: answered once the markers (and a commit's offsets) are durable.
+    pub(crate) async fn end(s: &Session, req: EndTxnRequest, version: i16) -> EndTxnResponse {
+        let result = match s.server.coordinator().await {
+            Ok(c) => {
+                c.end(
+                    &req.transactional_id.0,
+                    req.producer_id.0,
+                    req.producer_epoch,
+                    req.committed,
+                )
+                .await
+            }
+            Err(e) => Err(Refused::from(e)),
+        };
+        EndTxnResponse::default()
+            .with_error_code(outcome(result, version))
+            .with_producer_id(req.producer_id)
+            .with_producer_epoch(req.producer_epoch)
     }
 }

@@ -42,6 +42,12 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 1, 4),
     (ApiKey::AlterConfigs, 0, 0, 2),
     (ApiKey::IncrementalAlterConfigs, 0, 0, 1),
+    // Transactions, protocol V1 (no `transaction.version` feature is
+    // advertised, so Kafka 4 Java clients use it too).
+    (ApiKey::AddPartitionsToTxn, 0, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 0, 4),
+    (ApiKey::TxnOffsetCommit, 0, 0, 4),
+    (ApiKey::EndTxn, 0, 0, 4),
 ];
 
 /// What ApiVersions answers.
@@ -110,12 +116,19 @@ mod tests {
                 ApiKey::DescribeConfigs => DescribeConfigsRequest::VERSIONS,
                 ApiKey::AlterConfigs => AlterConfigsRequest::VERSIONS,
                 ApiKey::IncrementalAlterConfigs => IncrementalAlterConfigsRequest::VERSIONS,
+                ApiKey::AddPartitionsToTxn => {
+                    kafka_protocol::messages::AddPartitionsToTxnRequest::VERSIONS
+                }
+                ApiKey::AddOffsetsToTxn => kafka_protocol::messages::AddOffsetsToTxnRequest::VERSIONS,
+                ApiKey::TxnOffsetCommit => kafka_protocol::messages::TxnOffsetCommitRequest::VERSIONS,
+                ApiKey::EndTxn => kafka_protocol::messages::EndTxnRequest::VERSIONS,
                 other => panic!("{other:?} has no codec check"),
             };
             assert!(codec.min <= min && max <= codec.max, "{key:?}");
         }
         assert_eq!(served(ApiKey::Produce, 2), Some(false));
         assert_eq!(served(ApiKey::Produce, 3), Some(true));
-        assert_eq!(served(ApiKey::AddPartitionsToTxn, 0), None);
+        assert_eq!(served(ApiKey::AddPartitionsToTxn, 4), Some(false));
+        assert_eq!(served(ApiKey::DescribeProducers, 0), None);
     }
 }
