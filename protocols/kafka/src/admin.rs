@@ -97,7 +97,7 @@ const NO_EFFECT: &[&str] = &[
     "unclean.leader.election.enable",
 ];
 
-fn st(v: impl Into<String>) -> StrBytes {
+pub(crate) fn st(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
 }
 

@@ -107,6 +107,10 @@ pub enum Request {
     TxnOffsetCommit(TxnOffsetCommitRequest),
     /// EndTxn.
     EndTxn(EndTxnRequest),
+    /// DescribeTransactions.
+    DescribeTransactions(kafka_protocol::messages::DescribeTransactionsRequest),
+    /// ListTransactions.
+    ListTransactions(kafka_protocol::messages::ListTransactionsRequest),
 }
 
 /// A decoded request with what its answer needs.
@@ -211,6 +215,16 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::AddOffsetsToTxn => body!(AddOffsetsToTxn, AddOffsetsToTxnRequest),
         ApiKey::TxnOffsetCommit => body!(TxnOffsetCommit, TxnOffsetCommitRequest),
         ApiKey::EndTxn => body!(EndTxn, EndTxnRequest),
+        ApiKey::DescribeTransactions => body!(
+            DescribeTransactions,
+            kafka_protocol::messages::DescribeTransactionsRequest
+        ),
+        ApiKey::ListTransactions => {
+            body!(
+                ListTransactions,
+                kafka_protocol::messages::ListTransactionsRequest
+            )
+        }
         _ => return Err((Refusal::UnsupportedApi, None)),
     };
     Ok(parsed(request))
@@ -355,6 +369,16 @@ pub(crate) async fn handle(
         Request::EndTxn(req) => {
             s.server.metrics.request(Api::Other);
             let answer = crate::txn::api::end(&s, req, version).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::DescribeTransactions(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = crate::txn::api::describe(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::ListTransactions(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = crate::txn::api::list(&s, req).await;
             respond(&s, correlation, header, &answer, version).map(Some)
         }
         group_request => {
@@ -686,7 +710,10 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
             if let (true, Some(b)) = (transactional, producer.as_ref()) {
                 // Only into a partition its ongoing transaction holds.
                 let checked = match s.server.coordinator().await {
-                    Ok(c) => c.may_produce(b.producer_id, b.epoch, &name, partition).await,
+                    Ok(c) => {
+                        c.may_produce(b.producer_id, b.epoch, &name, partition)
+                            .await
+                    }
                     Err(e) => Err(crate::txn::Refused::from(e)),
                 };
                 if let Err(r) = checked {
@@ -902,10 +929,11 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
                         // Over the response's budget only when nothing was
                         // read yet: the first batch always goes (progress).
                         if room > 0 || total == 0 {
-                            read.records = codec::batches_of(&r.records, &r.markers).map_err(|e| {
-                                s.server.metrics.refuse_with(Refusal::EncodeFailed, &e);
-                                Refusal::Counted
-                            })?;
+                            read.records =
+                                codec::batches_of(&r.records, &r.markers).map_err(|e| {
+                                    s.server.metrics.refuse_with(Refusal::EncodeFailed, &e);
+                                    Refusal::Counted
+                                })?;
                             total += read.records.len();
                             s.server
                                 .metrics

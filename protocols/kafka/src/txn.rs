@@ -171,7 +171,11 @@ impl Coordinator {
         let Some(txn) = t.txns.get_mut(id) else {
             return Ok(());
         };
-        let marker = if commit { Marker::Commit } else { Marker::Abort };
+        let marker = if commit {
+            Marker::Commit
+        } else {
+            Marker::Abort
+        };
         for (topic, p) in &txn.partitions {
             match self
                 .log
@@ -645,6 +649,119 @@ pub(crate) mod api {
             })
             .collect();
         TxnOffsetCommitResponse::default().with_topics(topics)
+    }
+
+    /// DescribeTransactions v0.
+    pub(crate) async fn describe(
+        s: &Session,
+        req: kafka_protocol::messages::DescribeTransactionsRequest,
+    ) -> kafka_protocol::messages::DescribeTransactionsResponse {
+        use kafka_protocol::messages::describe_transactions_response::{
+            TopicData, TransactionState,
+        };
+        let all = match s.server.coordinator().await {
+            Ok(c) => c.snapshot().await,
+            Err(_) => Vec::new(),
+        };
+        let states = req
+            .transactional_ids
+            .iter()
+            .map(|id| {
+                let answer = TransactionState::default().with_transactional_id(id.clone());
+                let Some((_, txn)) = all.iter().find(|(k, _)| **k == *id.0) else {
+                    return answer
+                        .with_error_code(ResponseError::TransactionalIdNotFound.code())
+                        .with_producer_id(kafka_protocol::messages::ProducerId(-1))
+                        .with_producer_epoch(-1)
+                        .with_transaction_start_time_ms(-1);
+                };
+                let mut topics: std::collections::BTreeMap<&str, Vec<i32>> = Default::default();
+                for (t, p) in &txn.partitions {
+                    topics.entry(t).or_default().push(*p as i32);
+                }
+                answer
+                    .with_transaction_state(crate::admin::st(txn.state.name()))
+                    .with_transaction_timeout_ms(txn.timeout_ms)
+                    .with_transaction_start_time_ms(txn.started_ms)
+                    .with_producer_id(kafka_protocol::messages::ProducerId(txn.producer_id))
+                    .with_producer_epoch(txn.epoch)
+                    .with_topics(
+                        topics
+                            .into_iter()
+                            .map(|(t, ps)| {
+                                TopicData::default()
+                                    .with_topic(kafka_protocol::messages::TopicName(
+                                        crate::admin::st(t),
+                                    ))
+                                    .with_partitions(ps)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        kafka_protocol::messages::DescribeTransactionsResponse::default()
+            .with_transaction_states(states)
+    }
+
+    /// ListTransactions v0–2 (a pattern is matched as the literal id, `.*` as all).
+    pub(crate) async fn list(
+        s: &Session,
+        req: kafka_protocol::messages::ListTransactionsRequest,
+    ) -> kafka_protocol::messages::ListTransactionsResponse {
+        use kafka_protocol::messages::list_transactions_response::TransactionState;
+        let all = match s.server.coordinator().await {
+            Ok(c) => c.snapshot().await,
+            Err(_) => Vec::new(),
+        };
+        const STATES: [&str; 7] = [
+            "Empty",
+            "Ongoing",
+            "PrepareCommit",
+            "PrepareAbort",
+            "CompleteCommit",
+            "CompleteAbort",
+            "PrepareEpochFence",
+        ];
+        let unknown: Vec<_> = req
+            .state_filters
+            .iter()
+            .filter(|f| !STATES.contains(&f.as_str()))
+            .cloned()
+            .collect();
+        let now = tributary_storage::util::now_ms();
+        let states = all
+            .into_iter()
+            .filter(|(_, t)| {
+                req.state_filters.is_empty()
+                    || req
+                        .state_filters
+                        .iter()
+                        .any(|f| f.as_str() == t.state.name())
+            })
+            .filter(|(_, t)| {
+                req.producer_id_filters.is_empty()
+                    || req.producer_id_filters.iter().any(|p| p.0 == t.producer_id)
+            })
+            .filter(|(_, t)| {
+                req.duration_filter < 0
+                    || (t.started_ms >= 0 && now - t.started_ms >= req.duration_filter)
+            })
+            .filter(|(id, _)| match req.transactional_id_pattern.as_deref() {
+                None | Some(".*") | Some("") => true,
+                Some(p) => p == id.as_str(),
+            })
+            .map(|(id, t)| {
+                TransactionState::default()
+                    .with_transactional_id(kafka_protocol::messages::TransactionalId(
+                        crate::admin::st(id),
+                    ))
+                    .with_producer_id(kafka_protocol::messages::ProducerId(t.producer_id))
+                    .with_transaction_state(crate::admin::st(t.state.name()))
+            })
+            .collect();
+        kafka_protocol::messages::ListTransactionsResponse::default()
+            .with_unknown_state_filters(unknown)
+            .with_transaction_states(states)
     }
 
     /// EndTxn: answered once the markers (and a commit's offsets) are durable.

@@ -48,6 +48,8 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::AddOffsetsToTxn, 0, 0, 4),
     (ApiKey::TxnOffsetCommit, 0, 0, 4),
     (ApiKey::EndTxn, 0, 0, 4),
+    (ApiKey::DescribeTransactions, 0, 0, 0),
+    (ApiKey::ListTransactions, 0, 0, 2),
 ];
 
 /// What ApiVersions answers.
@@ -119,9 +121,19 @@ mod tests {
                 ApiKey::AddPartitionsToTxn => {
                     kafka_protocol::messages::AddPartitionsToTxnRequest::VERSIONS
                 }
-                ApiKey::AddOffsetsToTxn => kafka_protocol::messages::AddOffsetsToTxnRequest::VERSIONS,
-                ApiKey::TxnOffsetCommit => kafka_protocol::messages::TxnOffsetCommitRequest::VERSIONS,
+                ApiKey::AddOffsetsToTxn => {
+                    kafka_protocol::messages::AddOffsetsToTxnRequest::VERSIONS
+                }
+                ApiKey::TxnOffsetCommit => {
+                    kafka_protocol::messages::TxnOffsetCommitRequest::VERSIONS
+                }
                 ApiKey::EndTxn => kafka_protocol::messages::EndTxnRequest::VERSIONS,
+                ApiKey::DescribeTransactions => {
+                    kafka_protocol::messages::DescribeTransactionsRequest::VERSIONS
+                }
+                ApiKey::ListTransactions => {
+                    kafka_protocol::messages::ListTransactionsRequest::VERSIONS
+                }
                 other => panic!("{other:?} has no codec check"),
             };
             assert!(codec.min <= min && max <= codec.max, "{key:?}");
