@@ -195,11 +195,12 @@ async fn api_versions_names_what_is_served_and_answers_newer_versions_at_v0() {
     assert_eq!(range(ApiKey::JoinGroup), Some((0, 9)));
     assert_eq!(range(ApiKey::OffsetCommit), Some((2, 9)));
     assert_eq!(range(ApiKey::InitProducerId), Some((0, 5)));
-    assert_eq!(
-        range(ApiKey::AddPartitionsToTxn),
-        None,
-        "transactions are not advertised yet"
-    );
+    // Transactions, protocol V1: what librdkafka and the Java client use.
+    assert_eq!(range(ApiKey::AddPartitionsToTxn), Some((0, 3)));
+    assert_eq!(range(ApiKey::EndTxn), Some((0, 4)));
+    assert_eq!(range(ApiKey::TxnOffsetCommit), Some((0, 4)));
+    assert_eq!(range(ApiKey::ListTransactions), Some((0, 2)));
+    assert_eq!(range(ApiKey::DescribeProducers), None);
 
     // A version newer than ours: our ranges at v0 with UNSUPPORTED_VERSION.
     c.send_as(ApiKey::ApiVersions, 9, 3, &ApiVersionsRequest::default())
@@ -976,18 +977,33 @@ async fn an_idempotent_producer_s_retried_batch_is_stored_once_and_sequences_are
             .0,
         ResponseError::InvalidProducerEpoch.code()
     );
-    // A transactional id has no coordinator here.
-    let mut b = c
-        .call(
-            ApiKey::InitProducerId,
-            4,
-            &InitProducerIdRequest::default()
-                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("tx"))))
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
-        )
-        .await;
-    let tx = InitProducerIdResponse::decode(&mut b, 4).expect("init");
-    assert_eq!(tx.error_code, ResponseError::CoordinatorNotAvailable.code());
+    // A transactional id: a timeout outside 1..=900000 ms is refused, a
+    // good one gets an id at epoch 0, and asking again bumps the epoch.
+    let mut init_tx = async |timeout: i32| {
+        let mut b = c
+            .call(
+                ApiKey::InitProducerId,
+                4,
+                &InitProducerIdRequest::default()
+                    .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("tx"))))
+                    .with_transaction_timeout_ms(timeout)
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1),
+            )
+            .await;
+        InitProducerIdResponse::decode(&mut b, 4).expect("init")
+    };
+    let tx = init_tx(0).await;
+    assert_eq!(
+        tx.error_code,
+        ResponseError::InvalidTransactionTimeout.code()
+    );
+    let tx = init_tx(60_000).await;
+    assert_eq!((tx.error_code, tx.producer_epoch), (0, 0));
+    let again = init_tx(60_000).await;
+    assert_eq!(
+        (again.producer_id, again.producer_epoch),
+        (tx.producer_id, 1)
+    );
     node.stop().await;
 }

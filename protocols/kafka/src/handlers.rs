@@ -594,10 +594,9 @@ async fn init_producer_id(
     if (req.producer_id.0 < 0) != (req.producer_epoch < 0) {
         return failed(ResponseError::InvalidRequest);
     }
-    if let Some(id) = req.transactional_id.as_ref() {
-        if id.is_empty() {
-            return failed(ResponseError::InvalidRequest);
-        }
+    // An empty transactional id is taken for none, as before transactions
+    // were served (clients send null).
+    if let Some(id) = req.transactional_id.as_ref().filter(|t| !t.is_empty()) {
         let given = (req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
         let result = match s.server.coordinator().await {
             Ok(c) => c.init(id, req.transaction_timeout_ms, given).await,
