@@ -1007,3 +1007,130 @@ async fn an_idempotent_producer_s_retried_batch_is_stored_once_and_sequences_are
     );
     node.stop().await;
 }
+
+/// Transactions refused with Kafka's own codes, raw: an unknown
+/// transactional id (49), EndTxn with nothing begun (48), an unknown
+/// partition (3, the rest of the request 55), a stale epoch (90 at v2+, 47
+/// below), a transactional batch for a partition not in the transaction
+/// (48), a control batch from a client (87); then the same producer commits
+/// normally and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_requests_are_refused_with_kafkas_codes() {
+    use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
+    use kafka_protocol::messages::{
+        AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse,
+    };
+    let node = InProcessNode::start("").await;
+    let mut c = Client::connect(&node).await;
+    metadata(&mut c, "idem").await;
+    let mut b = c
+        .call(
+            ApiKey::InitProducerId,
+            4,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("t1"))))
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        )
+        .await;
+    let init = InitProducerIdResponse::decode(&mut b, 4).expect("init");
+    assert_eq!(init.error_code, 0);
+    let (pid, epoch) = (init.producer_id, init.producer_epoch);
+    let end = async |c: &mut Client, id: &'static str, pid: ProducerId, epoch: i16| {
+        let req = EndTxnRequest::default()
+            .with_transactional_id(TransactionalId(StrBytes::from_static_str(id)))
+            .with_producer_id(pid)
+            .with_producer_epoch(epoch)
+            .with_committed(true);
+        let mut b = c.call(ApiKey::EndTxn, 3, &req).await;
+        EndTxnResponse::decode(&mut b, 3).expect("end").error_code
+    };
+    assert_eq!(
+        end(&mut c, "nope", pid, epoch).await,
+        ResponseError::InvalidProducerIdMapping.code()
+    );
+    assert_eq!(
+        end(&mut c, "t1", pid, epoch).await,
+        ResponseError::InvalidTxnState.code(),
+        "nothing begun"
+    );
+    let add = async |c: &mut Client, version: i16, epoch: i16, topics: &[(&str, i32)]| {
+        let req = AddPartitionsToTxnRequest::default()
+            .with_v3_and_below_transactional_id(TransactionalId(StrBytes::from_static_str("t1")))
+            .with_v3_and_below_producer_id(pid)
+            .with_v3_and_below_producer_epoch(epoch)
+            .with_v3_and_below_topics(
+                topics
+                    .iter()
+                    .map(|(t, p)| {
+                        AddPartitionsToTxnTopic::default()
+                            .with_name(name(t))
+                            .with_partitions(vec![*p])
+                    })
+                    .collect(),
+            );
+        let mut b = c.call(ApiKey::AddPartitionsToTxn, version, &req).await;
+        let r = AddPartitionsToTxnResponse::decode(&mut b, version).expect("add");
+        r.results_by_topic_v3_and_below
+            .iter()
+            .map(|t| t.results_by_partition[0].partition_error_code)
+            .collect::<Vec<i16>>()
+    };
+    assert_eq!(
+        add(&mut c, 3, epoch, &[("idem", 0), ("missing", 0)]).await,
+        vec![
+            ResponseError::OperationNotAttempted.code(),
+            ResponseError::UnknownTopicOrPartition.code()
+        ]
+    );
+    assert_eq!(
+        add(&mut c, 3, epoch + 1, &[("idem", 0)]).await,
+        vec![ResponseError::ProducerFenced.code()]
+    );
+    assert_eq!(
+        add(&mut c, 1, epoch + 1, &[("idem", 0)]).await,
+        vec![ResponseError::InvalidProducerEpoch.code()]
+    );
+    // Not added yet: a transactional batch is refused.
+    let txn_batch = |seq: i32| {
+        let mut r = record(0, "k", b"in a transaction", &[]);
+        r.producer_id = pid.0;
+        r.producer_epoch = epoch;
+        r.sequence = seq;
+        r.transactional = true;
+        batch(&[r], Compression::None)
+    };
+    assert_eq!(
+        produce_code(&mut c, txn_batch(0)).await.0,
+        ResponseError::InvalidTxnState.code()
+    );
+    let mut marker = record(0, "k", b"forged", &[]);
+    marker.transactional = true;
+    marker.control = true;
+    marker.producer_id = pid.0;
+    marker.producer_epoch = epoch;
+    marker.sequence = -1;
+    assert_eq!(
+        produce_code(&mut c, batch(&[marker], Compression::None))
+            .await
+            .0,
+        ResponseError::InvalidRecord.code()
+    );
+    // Added: written, committed, readable.
+    assert_eq!(add(&mut c, 3, epoch, &[("idem", 0)]).await, vec![0]);
+    let (code, offset) = produce_code(&mut c, txn_batch(0)).await;
+    assert_eq!(code, 0);
+    assert_eq!(end(&mut c, "t1", pid, epoch).await, 0);
+    let (status, page) = common::get(
+        &common::client(),
+        &format!(
+            "{}/v1/topics/idem/partitions/0/records?offset={offset}",
+            node.url
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["records"][0]["value"], "in a transaction", "{page}");
+    node.stop().await;
+}
