@@ -483,16 +483,27 @@ impl Coordinator {
         instance_id: Option<&str>,
         offsets: Vec<GroupOffset>,
     ) -> Result<Result<(), tributary_storage::Error>, GroupError> {
-        validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
-        {
-            let groups = self.lock();
-            match groups.get(group) {
-                Some(g) => g.may_commit(generation, member_id, instance_id)?,
-                None if generation < 0 => {}
-                None => return Err(GroupError::UnknownMemberId),
-            }
-        }
+        self.may_commit(group, generation, member_id, instance_id)?;
         Ok(self.inner.log.commit_offsets(group, offsets).await)
+    }
+
+    /// Whether `member_id` at `generation` may commit `group`'s offsets now
+    /// (OffsetCommit; TxnOffsetCommit v3+ asks it too, so a consumer fenced
+    /// by a rebalance cannot commit through a transaction either).
+    pub fn may_commit(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+    ) -> Result<(), GroupError> {
+        validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        let groups = self.lock();
+        match groups.get(group) {
+            Some(g) => g.may_commit(generation, member_id, instance_id),
+            None if generation < 0 => Ok(()),
+            None => Err(GroupError::UnknownMemberId),
+        }
     }
 
     /// Whether a group has live members (the HTTP API refuses plain commits

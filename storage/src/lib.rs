@@ -34,6 +34,6 @@ pub use log::{
     Log, LogConfig, Marker, MetaEntry, PartitionInfo, ProducerBatch, ReadResult, TopicDefaults,
     TopicInfo,
 };
-pub use stats::{StatsSnapshot, COMMIT_BUCKETS};
+pub use stats::{StatsSnapshot, TxnEvent, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};
 pub use topic::{CleanupPolicy, OnFull, TopicChange, TopicConfig};

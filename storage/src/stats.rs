@@ -28,6 +28,26 @@ pub struct Stats {
     pub(crate) compaction_passes: AtomicU64,
     pub(crate) compaction_records_removed: AtomicU64,
     pub(crate) compaction_bytes_reclaimed: AtomicU64,
+    txn_open: AtomicU64,
+    txn_committed: AtomicU64,
+    txn_aborted: AtomicU64,
+    txn_timed_out: AtomicU64,
+    txn_fenced: AtomicU64,
+}
+
+/// What a transaction coordinator tells the log's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnEvent {
+    /// A transaction began.
+    Begun,
+    /// A transaction committed (its markers durable).
+    Committed,
+    /// A transaction aborted (its markers durable).
+    Aborted,
+    /// A transaction ran past its timeout and was aborted.
+    TimedOut,
+    /// A request from a fenced producer (an older epoch) was refused.
+    Fenced,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -68,6 +88,16 @@ pub struct StatsSnapshot {
     pub compaction_records_removed: u64,
     /// Bytes compaction gave back.
     pub compaction_bytes_reclaimed: u64,
+    /// Transactions begun and not yet committed or aborted.
+    pub transactions_open: u64,
+    /// Transactions committed.
+    pub transactions_committed: u64,
+    /// Transactions aborted (timed out ones too).
+    pub transactions_aborted: u64,
+    /// Of the aborted, those aborted by their timeout.
+    pub transactions_timed_out: u64,
+    /// Requests refused because their producer was fenced by a newer epoch.
+    pub transactions_fenced: u64,
 }
 
 impl Stats {
@@ -79,6 +109,32 @@ impl Stats {
         }
         self.commit_sum_micros
             .fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// Counts a transaction coordinator's `event`.
+    pub(crate) fn transaction(&self, event: TxnEvent) {
+        match event {
+            TxnEvent::Begun => {
+                self.txn_open.fetch_add(1, Relaxed);
+            }
+            TxnEvent::Committed | TxnEvent::Aborted => {
+                let _ = self
+                    .txn_open
+                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+                let done = if event == TxnEvent::Committed {
+                    &self.txn_committed
+                } else {
+                    &self.txn_aborted
+                };
+                done.fetch_add(1, Relaxed);
+            }
+            TxnEvent::TimedOut => {
+                self.txn_timed_out.fetch_add(1, Relaxed);
+            }
+            TxnEvent::Fenced => {
+                self.txn_fenced.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -109,6 +165,11 @@ impl Stats {
             compaction_passes: self.compaction_passes.load(Relaxed),
             compaction_records_removed: self.compaction_records_removed.load(Relaxed),
             compaction_bytes_reclaimed: self.compaction_bytes_reclaimed.load(Relaxed),
+            transactions_open: self.txn_open.load(Relaxed),
+            transactions_committed: self.txn_committed.load(Relaxed),
+            transactions_aborted: self.txn_aborted.load(Relaxed),
+            transactions_timed_out: self.txn_timed_out.load(Relaxed),
+            transactions_fenced: self.txn_fenced.load(Relaxed),
         }
     }
 }

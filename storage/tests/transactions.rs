@@ -10,7 +10,8 @@ mod common;
 
 use common::*;
 use tributary_storage::{
-    AppendOptions, Event, Isolation, Log, Marker, MemStore, ProducerBatch, Record,
+    AppendOptions, CleanupPolicy, Event, Isolation, Log, Marker, MemStore, ProducerBatch, Record,
+    TopicConfig,
 };
 
 async fn txn_append(log: &Log, producer: i64, seq: i32, values: &[&str]) -> u64 {
@@ -156,4 +157,80 @@ async fn a_commit_is_not_readable_before_its_marker_is_durable() {
     store.release_sync();
     assert!(marker.await.expect("join").is_some());
     assert_eq!(values(&log, Isolation::Committed).0, ["c1"]);
+}
+
+/// Three aborted transactions of producer 7, each followed by a plain
+/// keyed record "kept".
+async fn three_aborts(log: &Log) {
+    for round in 0..3 {
+        txn_append(log, 7, round * 2, &["x", "y"]).await;
+        log.write_marker("t", 0, 7, 0, Marker::Abort, 0)
+            .await
+            .expect("marker")
+            .expect("written");
+        log.append("t", vec![Event::new("kept").with_key("p").into()])
+            .await
+            .expect("append");
+    }
+}
+
+/// Aborted transactions are kept in the metadata (not in memory): a reopen
+/// still hides their records, and they are forgotten once retention has
+/// removed their markers, or a compaction pass their records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactions_are_forgotten_once_retention_or_compaction_removes_them() {
+    // Retention.
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    let mut config = TopicConfig::new("t", 1);
+    config.retention_bytes = Some(1);
+    log.create_topic(config).await.expect("create");
+    three_aborts(&log).await;
+    assert_eq!(log.meta("__txn_aborted").expect("meta").len(), 3);
+    assert_eq!(values(&log, Isolation::Committed).0, ["kept"; 3]);
+    drop(log);
+    let log = mem_log(&store, strict_config());
+    assert_eq!(
+        values(&log, Isolation::Committed).0,
+        ["kept"; 3],
+        "aborted records stay hidden after a reopen"
+    );
+    log.enforce_retention();
+    assert_eq!(
+        log.meta("__txn_aborted").expect("meta"),
+        Vec::new(),
+        "retention removed every marker"
+    );
+    drop(log);
+
+    // Compaction.
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    let config = TopicConfig {
+        cleanup_policy: CleanupPolicy::Compact,
+        min_cleanable_dirty_ratio: 0.0,
+        ..TopicConfig::new("t", 1)
+    };
+    log.create_topic(config).await.expect("create");
+    three_aborts(&log).await;
+    // The newest batch is never cleaned: one more.
+    log.append("t", vec![Event::new("tail").with_key("q").into()])
+        .await
+        .expect("append");
+    assert_eq!(log.meta("__txn_aborted").expect("meta").len(), 3);
+    log.compact();
+    assert_eq!(
+        log.meta("__txn_aborted").expect("meta"),
+        Vec::new(),
+        "the pass removed the aborted records"
+    );
+    assert_eq!(values(&log, Isolation::Committed).0, ["kept", "tail"]);
+    assert_eq!(
+        values(&log, Isolation::Uncommitted).0,
+        ["kept", "tail"],
+        "gone for every reader"
+    );
+    drop(log);
+    let log = mem_log(&store, strict_config());
+    assert_eq!(values(&log, Isolation::Committed).0, ["kept", "tail"]);
 }

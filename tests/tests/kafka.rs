@@ -890,7 +890,19 @@ fn idempotent_batch(id: i64, epoch: i16, first: i32, n: i32) -> Bytes {
 }
 
 async fn produce_code(c: &mut Client, records: Bytes) -> (i16, i64) {
+    produce_code_as(c, records, None).await
+}
+
+/// [`produce_code`] in the name of a transactional id.
+async fn produce_code_as(
+    c: &mut Client,
+    records: Bytes,
+    transactional_id: Option<&'static str>,
+) -> (i16, i64) {
     let req = ProduceRequest::default()
+        .with_transactional_id(
+            transactional_id.map(|t| TransactionalId(StrBytes::from_static_str(t))),
+        )
         .with_acks(-1)
         .with_timeout_ms(5000)
         .with_topic_data(vec![TopicProduceData::default()
@@ -1008,12 +1020,31 @@ async fn an_idempotent_producer_s_retried_batch_is_stored_once_and_sequences_are
     node.stop().await;
 }
 
+/// InitProducerId v4 for transactional id `id` (timeout 60 s), as a fresh
+/// producer asks it.
+async fn init_txn(c: &mut Client, id: &'static str) -> InitProducerIdResponse {
+    let mut b = c
+        .call(
+            ApiKey::InitProducerId,
+            4,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str(id))))
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        )
+        .await;
+    InitProducerIdResponse::decode(&mut b, 4).expect("init")
+}
+
 /// Transactions refused with Kafka's own codes, raw: an unknown
 /// transactional id (49), EndTxn with nothing begun (48), an unknown
 /// partition (3, the rest of the request 55), a stale epoch (90 at v2+, 47
 /// below), a transactional batch for a partition not in the transaction
-/// (48), a control batch from a client (87); then the same producer commits
-/// normally and the node keeps serving.
+/// (48), a transactional batch in a request naming no transactional id
+/// (53), a control batch from a client (87); then the same producer commits
+/// normally, the node keeps serving, and `/v1/stats` and `/metrics` count
+/// the commit and the fenced requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactional_requests_are_refused_with_kafkas_codes() {
     use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
@@ -1023,18 +1054,7 @@ async fn transactional_requests_are_refused_with_kafkas_codes() {
     let node = InProcessNode::start("").await;
     let mut c = Client::connect(&node).await;
     metadata(&mut c, "idem").await;
-    let mut b = c
-        .call(
-            ApiKey::InitProducerId,
-            4,
-            &InitProducerIdRequest::default()
-                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("t1"))))
-                .with_transaction_timeout_ms(60_000)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
-        )
-        .await;
-    let init = InitProducerIdResponse::decode(&mut b, 4).expect("init");
+    let init = init_txn(&mut c, "t1").await;
     assert_eq!(init.error_code, 0);
     let (pid, epoch) = (init.producer_id, init.producer_epoch);
     let end = async |c: &mut Client, id: &'static str, pid: ProducerId, epoch: i16| {
@@ -1102,8 +1122,13 @@ async fn transactional_requests_are_refused_with_kafkas_codes() {
         batch(&[r], Compression::None)
     };
     assert_eq!(
-        produce_code(&mut c, txn_batch(0)).await.0,
+        produce_code_as(&mut c, txn_batch(0), Some("t1")).await.0,
         ResponseError::InvalidTxnState.code()
+    );
+    assert_eq!(
+        produce_code(&mut c, txn_batch(0)).await.0,
+        ResponseError::TransactionalIdAuthorizationFailed.code(),
+        "a transactional batch without a transactional id"
     );
     let mut marker = record(0, "k", b"forged", &[]);
     marker.transactional = true;
@@ -1112,16 +1137,42 @@ async fn transactional_requests_are_refused_with_kafkas_codes() {
     marker.producer_epoch = epoch;
     marker.sequence = -1;
     assert_eq!(
-        produce_code(&mut c, batch(&[marker], Compression::None))
+        produce_code_as(&mut c, batch(&[marker], Compression::None), Some("t1"))
             .await
             .0,
         ResponseError::InvalidRecord.code()
     );
     // Added: written, committed, readable.
     assert_eq!(add(&mut c, 3, epoch, &[("idem", 0)]).await, vec![0]);
-    let (code, offset) = produce_code(&mut c, txn_batch(0)).await;
+    let (code, offset) = produce_code_as(&mut c, txn_batch(0), Some("t1")).await;
     assert_eq!(code, 0);
+    let (_, stats) = common::get(&common::client(), &format!("{}/v1/stats", node.url)).await;
+    assert_eq!(stats["transactions"]["open"], 1, "{stats}");
     assert_eq!(end(&mut c, "t1", pid, epoch).await, 0);
+    let (_, stats) = common::get(&common::client(), &format!("{}/v1/stats", node.url)).await;
+    let t = &stats["transactions"];
+    assert_eq!(
+        (
+            &t["open"],
+            &t["committed"],
+            &t["aborted"],
+            &t["fenced_requests"]
+        ),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(1),
+            &serde_json::json!(0),
+            &serde_json::json!(2)
+        ),
+        "{stats}"
+    );
+    for (name, want) in [
+        ("tributary_transactions_committed_total", 1),
+        ("tributary_transactions_fenced_requests_total", 2),
+        ("tributary_transactions_open", 0),
+    ] {
+        assert_eq!(common::metric(&node.url, name, None).await, want, "{name}");
+    }
     let (status, page) = common::get(
         &common::client(),
         &format!(
@@ -1132,5 +1183,165 @@ async fn transactional_requests_are_refused_with_kafkas_codes() {
     .await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["records"][0]["value"], "in a transaction", "{page}");
+    node.stop().await;
+}
+
+/// The coordinator keeps at most `kafka.max_transactional_ids`: a new id
+/// beyond is refused with THROTTLING_QUOTA_EXCEEDED while the node keeps
+/// serving the ids it has; once idle ids expire
+/// (`kafka.transactional_id_expiration_ms`) the new one gets in, and an
+/// expired id starts again with a new producer id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_ids_are_bounded_and_idle_ones_expire() {
+    use kafka_protocol::messages::{ListTransactionsRequest, ListTransactionsResponse};
+    let node = InProcessNode::start(
+        "[kafka]\nmax_transactional_ids = 2\ntransactional_id_expiration_ms = 1500\n",
+    )
+    .await;
+    let mut c = Client::connect(&node).await;
+    let a = init_txn(&mut c, "a").await;
+    assert_eq!(a.error_code, 0);
+    assert_eq!(init_txn(&mut c, "b").await.error_code, 0);
+    assert_eq!(
+        init_txn(&mut c, "c").await.error_code,
+        ResponseError::ThrottlingQuotaExceeded.code()
+    );
+    let again = init_txn(&mut c, "a").await;
+    assert_eq!(
+        (again.error_code, again.producer_id, again.producer_epoch),
+        (0, a.producer_id, a.producer_epoch + 1),
+        "a kept id is still served"
+    );
+    // Idle ids expire (checked every second): ListTransactions empties,
+    // then "c" gets in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut b = c
+            .call(
+                ApiKey::ListTransactions,
+                0,
+                &ListTransactionsRequest::default(),
+            )
+            .await;
+        let listed = ListTransactionsResponse::decode(&mut b, 0).expect("list");
+        assert_eq!(listed.error_code, 0);
+        if listed.transaction_states.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle ids never expired: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(init_txn(&mut c, "c").await.error_code, 0);
+    let fresh = init_txn(&mut c, "a").await;
+    assert_eq!(fresh.error_code, 0);
+    assert_ne!(
+        fresh.producer_id, a.producer_id,
+        "an expired id starts again with a new producer id"
+    );
+    assert_eq!(fresh.producer_epoch, 0);
+    node.stop().await;
+}
+
+/// Offsets committed inside a transaction are pending until it ends:
+/// OffsetFetch with `require_stable` answers UNSTABLE_OFFSET_COMMIT (88)
+/// for them (read_committed consumers ask so, and retry), without it the
+/// offset before; after the commit both see the new offset. A TxnOffsetCommit
+/// v3 naming a member the group does not have is refused (25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_pending_in_a_transaction_are_unstable_until_it_commits() {
+    use kafka_protocol::messages::txn_offset_commit_request::{
+        TxnOffsetCommitRequestPartition, TxnOffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::{
+        AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, EndTxnRequest, EndTxnResponse,
+        TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    };
+    let node = InProcessNode::start("").await;
+    let mut c = Client::connect(&node).await;
+    metadata(&mut c, "gt").await;
+    let id = || TransactionalId(StrBytes::from_static_str("stable"));
+    let init = init_txn(&mut c, "stable").await;
+    assert_eq!(init.error_code, 0);
+    let (pid, epoch) = (init.producer_id, init.producer_epoch);
+    let fetch = async |c: &mut Client, require_stable: bool| {
+        let req = OffsetFetchRequest::default()
+            .with_require_stable(require_stable)
+            .with_groups(vec![OffsetFetchRequestGroup::default()
+                .with_group_id(group("g"))
+                .with_topics(Some(vec![OffsetFetchRequestTopics::default()
+                    .with_name(name("gt"))
+                    .with_partition_indexes(vec![0])]))]);
+        let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
+        let r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch");
+        let p = &r.groups[0].topics[0].partitions[0];
+        (p.error_code, p.committed_offset)
+    };
+    let req = AddOffsetsToTxnRequest::default()
+        .with_transactional_id(id())
+        .with_producer_id(pid)
+        .with_producer_epoch(epoch)
+        .with_group_id(group("g"));
+    let mut b = c.call(ApiKey::AddOffsetsToTxn, 3, &req).await;
+    assert_eq!(
+        AddOffsetsToTxnResponse::decode(&mut b, 3)
+            .expect("add offsets")
+            .error_code,
+        0
+    );
+    let req = TxnOffsetCommitRequest::default()
+        .with_transactional_id(id())
+        .with_group_id(group("g"))
+        .with_producer_id(pid)
+        .with_producer_epoch(epoch)
+        .with_topics(vec![TxnOffsetCommitRequestTopic::default()
+            .with_name(name("gt"))
+            .with_partitions(vec![TxnOffsetCommitRequestPartition::default()
+                .with_partition_index(0)
+                .with_committed_offset(0)])]);
+    // Past the partition's end: refused as OffsetCommit refuses it.
+    let mut beyond = req.clone();
+    beyond.topics[0].partitions[0].committed_offset = 5;
+    let mut b = c.call(ApiKey::TxnOffsetCommit, 3, &beyond).await;
+    let r = TxnOffsetCommitResponse::decode(&mut b, 3).expect("txn offset commit");
+    assert_eq!(
+        r.topics[0].partitions[0].error_code,
+        ResponseError::OffsetOutOfRange.code()
+    );
+    // v3 names a member: one the group does not have is refused, as by
+    // OffsetCommit.
+    let ghost = req
+        .clone()
+        .with_generation_id(7)
+        .with_member_id(StrBytes::from_static_str("ghost"));
+    let mut b = c.call(ApiKey::TxnOffsetCommit, 3, &ghost).await;
+    let r = TxnOffsetCommitResponse::decode(&mut b, 3).expect("txn offset commit");
+    assert_eq!(
+        r.topics[0].partitions[0].error_code,
+        ResponseError::UnknownMemberId.code()
+    );
+    assert_eq!(fetch(&mut c, true).await, (0, -1), "nothing pending");
+    let mut b = c.call(ApiKey::TxnOffsetCommit, 3, &req).await;
+    let r = TxnOffsetCommitResponse::decode(&mut b, 3).expect("txn offset commit");
+    assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    assert_eq!(
+        fetch(&mut c, true).await,
+        (ResponseError::UnstableOffsetCommit.code(), -1)
+    );
+    assert_eq!(fetch(&mut c, false).await, (0, -1), "nothing committed yet");
+    let req = EndTxnRequest::default()
+        .with_transactional_id(id())
+        .with_producer_id(pid)
+        .with_producer_epoch(epoch)
+        .with_committed(true);
+    let mut b = c.call(ApiKey::EndTxn, 3, &req).await;
+    assert_eq!(
+        EndTxnResponse::decode(&mut b, 3).expect("end").error_code,
+        0
+    );
+    assert_eq!(fetch(&mut c, true).await, (0, 0));
+    assert_eq!(fetch(&mut c, false).await, (0, 0));
     node.stop().await;
 }

@@ -202,6 +202,10 @@ pub struct KafkaSection {
     pub max_fetch_wait_ms: u64,
     /// Largest fetch answer, bytes (held from `limits.max_buffered_bytes`).
     pub max_fetch_bytes: usize,
+    /// Transactional ids kept at most (a new one beyond is refused).
+    pub max_transactional_ids: usize,
+    /// An idle transactional id is forgotten after this long.
+    pub transactional_id_expiration_ms: u64,
 }
 
 impl Default for KafkaSection {
@@ -217,6 +221,8 @@ impl Default for KafkaSection {
             max_in_flight: d.max_in_flight,
             max_fetch_wait_ms: d.max_fetch_wait_ms,
             max_fetch_bytes: d.max_fetch_bytes,
+            max_transactional_ids: d.max_transactional_ids,
+            transactional_id_expiration_ms: d.transactional_id_expiration_ms,
         }
     }
 }
@@ -414,6 +420,8 @@ impl Config {
             max_in_flight: k.max_in_flight,
             max_fetch_wait_ms: k.max_fetch_wait_ms,
             max_fetch_bytes: k.max_fetch_bytes,
+            max_transactional_ids: k.max_transactional_ids,
+            transactional_id_expiration_ms: k.transactional_id_expiration_ms,
         }
     }
 

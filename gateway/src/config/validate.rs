@@ -93,6 +93,14 @@ impl Config {
             ("kafka.max_connections", k.max_connections as u64),
             ("kafka.max_in_flight", k.max_in_flight as u64),
             ("kafka.max_fetch_bytes", k.max_fetch_bytes as u64),
+            (
+                "kafka.max_transactional_ids",
+                k.max_transactional_ids as u64,
+            ),
+            (
+                "kafka.transactional_id_expiration_ms",
+                k.transactional_id_expiration_ms,
+            ),
         ] {
             if v == 0 {
                 errors.push(format!("`{key}` must be positive"));

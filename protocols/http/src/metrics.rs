@@ -135,6 +135,26 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
             "Bytes of stored batches compaction gave back.",
             s.compaction_bytes_reclaimed,
         ),
+        (
+            "tributary_transactions_committed_total",
+            "Kafka transactions committed (their commit markers durable).",
+            s.transactions_committed,
+        ),
+        (
+            "tributary_transactions_aborted_total",
+            "Kafka transactions aborted (by their producer, by a fence or by their timeout).",
+            s.transactions_aborted,
+        ),
+        (
+            "tributary_transactions_timed_out_total",
+            "Kafka transactions aborted because they ran past transaction.timeout.ms.",
+            s.transactions_timed_out,
+        ),
+        (
+            "tributary_transactions_fenced_requests_total",
+            "Transactional requests refused because a newer epoch of their transactional id fenced the producer.",
+            s.transactions_fenced,
+        ),
     ] {
         out.counter(name, help, v);
     }
@@ -156,6 +176,11 @@ pub fn render(log: &Log, http: &HttpMetrics, conns: &ConnectionStats, uptime: Du
         &per_bucket,
         s.commit_seconds_sum,
         s.commit_cycles,
+    );
+    out.gauge(
+        "tributary_transactions_open",
+        "Kafka transactions begun and not yet committed or aborted.",
+        s.transactions_open,
     );
     out.gauge(
         "tributary_disk_bytes",

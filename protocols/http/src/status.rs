@@ -80,6 +80,13 @@ pub(crate) async fn stats(
             "refused": state.cx.budget.refused(),
         },
         "topics": topics,
+        "transactions": {
+            "open": log.stats().transactions_open,
+            "committed": log.stats().transactions_committed,
+            "aborted": log.stats().transactions_aborted,
+            "timed_out": log.stats().transactions_timed_out,
+            "fenced_requests": log.stats().transactions_fenced,
+        },
         "websocket": {
             "published_total": state.ws.published.load(std::sync::atomic::Ordering::Relaxed),
             "delivered_total": state.ws.delivered.load(std::sync::atomic::Ordering::Relaxed),

@@ -412,7 +412,14 @@ pub(crate) async fn offset_commit(s: &Session, req: OffsetCommitRequest) -> Offs
 /// asked for (or every committed one), -1 where nothing is committed.
 type Fetched = Result<Vec<(String, Vec<(i32, i64, i16)>)>, i16>;
 
-fn fetch_offsets(s: &Session, group: &str, topics: Option<Vec<(String, Vec<i32>)>>) -> Fetched {
+/// With `require_stable`, a partition whose offset an open transaction
+/// holds answers UNSTABLE_OFFSET_COMMIT (the client asks again).
+fn fetch_offsets(
+    s: &Session,
+    group: &str,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+    require_stable: bool,
+) -> Fetched {
     if !may_use(s, group) {
         return Err(ResponseError::GroupAuthorizationFailed.code());
     }
@@ -446,6 +453,9 @@ fn fetch_offsets(s: &Session, group: &str, topics: Option<Vec<(String, Vec<i32>)
                     if !readable {
                         return (p, -1, ResponseError::TopicAuthorizationFailed.code());
                     }
+                    if require_stable && s.server.offsets_pending(group, &topic, p) {
+                        return (p, -1, ResponseError::UnstableOffsetCommit.code());
+                    }
                     let offset = committed
                         .iter()
                         .find(|o| o.topic == topic && o.partition as i32 == p)
@@ -474,7 +484,7 @@ pub(crate) fn offset_fetch(
                         .collect()
                 });
                 let answer = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
-                match fetch_offsets(s, &g.group_id, topics) {
+                match fetch_offsets(s, &g.group_id, topics, req.require_stable) {
                     Err(code) => answer.with_error_code(code),
                     Ok(found) => answer.with_topics(
                         found
@@ -508,7 +518,7 @@ pub(crate) fn offset_fetch(
             .map(|t| (t.name.0.to_string(), t.partition_indexes))
             .collect()
     });
-    let found = fetch_offsets(s, &req.group_id, topics);
+    let found = fetch_offsets(s, &req.group_id, topics, req.require_stable);
     let (code, found) = match found {
         Ok(f) => (0, f),
         Err(code) => (code, Vec::new()),

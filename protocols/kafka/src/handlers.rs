@@ -650,6 +650,9 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
     let mut answers: Vec<(String, Vec<PartitionProduceResponse>)> = Vec::new();
     let mut batch = ingest::Batch::default();
     let mut sequenced = Vec::new();
+    // Kafka refuses transactional batches in a request naming no
+    // transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED).
+    let has_transactional_id = req.transactional_id.as_ref().is_some_and(|t| !t.is_empty());
     for (ti, topic) in req.topic_data.into_iter().enumerate() {
         let name = topic.name.0.to_string();
         let known = log.topic(&name).ok();
@@ -704,6 +707,13 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
             }
             if events.is_empty() {
                 partitions.push(refuse(0));
+                continue;
+            }
+            if transactional && !has_transactional_id {
+                s.server.metrics.refuse(Refusal::Sequence);
+                partitions.push(refuse(
+                    ResponseError::TransactionalIdAuthorizationFailed.code(),
+                ));
                 continue;
             }
             if let (true, Some(b)) = (transactional, producer.as_ref()) {

@@ -75,6 +75,13 @@ pub struct KafkaConfig {
     /// Largest fetch answer, bytes, whatever the client asks; reserved from
     /// the node's memory budget while the answer is read and sent.
     pub max_fetch_bytes: usize,
+    /// Transactional ids the coordinator keeps at most (each holds its
+    /// producer id, epoch and current transaction in memory); a new one
+    /// beyond is refused until idle ones expire.
+    pub max_transactional_ids: usize,
+    /// An idle transactional id (no transaction open) is forgotten after
+    /// this long (Kafka's `transactional.id.expiration.ms`).
+    pub transactional_id_expiration_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -85,6 +92,8 @@ impl Default for KafkaConfig {
             max_in_flight: 16,
             max_fetch_wait_ms: 30_000,
             max_fetch_bytes: 4 << 20,
+            max_transactional_ids: 10_000,
+            transactional_id_expiration_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -101,8 +110,8 @@ pub enum Error {
         codec::MAX_DECOMPRESSED
     )]
     BatchTooLarge,
-    /// A transactional or control batch (transactions are not served yet).
-    #[error("transactional and control batches are not supported")]
+    /// A control batch from a client (only the coordinator writes markers).
+    #[error("control batches are written by the transaction coordinator, not by clients")]
     Transactional,
     /// A request that does not decode.
     #[error("malformed request: {0}")]
@@ -243,13 +252,29 @@ impl Server {
         Ok(server)
     }
 
+    /// Whether a transaction still open holds offsets of `group` for
+    /// `topic`/`partition` (OffsetFetch with `require_stable`).
+    pub(crate) fn offsets_pending(&self, group: &str, topic: &str, partition: i32) -> bool {
+        self.txns
+            .get()
+            .is_some_and(|c| c.offsets_pending(group, topic, partition))
+    }
+
     /// The transaction coordinator (started on first use when the server
     /// was built with [`Server::new`]).
     pub(crate) async fn coordinator(
         &self,
     ) -> Result<&Arc<txn::Coordinator>, tributary_storage::Error> {
         self.txns
-            .get_or_try_init(|| txn::Coordinator::start(self.cx.log.clone()))
+            .get_or_try_init(|| {
+                txn::Coordinator::start(
+                    self.cx.log.clone(),
+                    txn::Limits {
+                        max_ids: self.config.max_transactional_ids,
+                        expiration_ms: self.config.transactional_id_expiration_ms,
+                    },
+                )
+            })
             .await
     }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tributary_storage::util::now_ms;
-use tributary_storage::{Error as LogError, GroupOffset, Log, Marker};
+use tributary_storage::{Error as LogError, GroupOffset, Log, Marker, TxnEvent};
 
 /// Metadata space of the transactional ids.
 const SPACE: &str = "__transactions";
@@ -85,6 +85,9 @@ pub(crate) enum Refused {
     State,
     /// INVALID_TRANSACTION_TIMEOUT (50).
     Timeout,
+    /// THROTTLING_QUOTA_EXCEEDED (89): `kafka.max_transactional_ids` are
+    /// kept already; a new one waits until idle ones expire.
+    TooMany,
     /// The log could not write (KAFKA_STORAGE_ERROR 56, retriable).
     Storage(String),
 }
@@ -99,12 +102,41 @@ impl From<LogError> for Refused {
 struct Table {
     txns: BTreeMap<String, Txn>,
     by_producer: HashMap<i64, String>,
+    /// When each id was last used (ms; in memory: a restart starts every
+    /// id's idle time again).
+    used_ms: HashMap<String, i64>,
+}
+
+impl Table {
+    fn touch(&mut self, id: &str) {
+        let now = now_ms();
+        match self.used_ms.get_mut(id) {
+            Some(t) => *t = now,
+            None => {
+                self.used_ms.insert(id.to_owned(), now);
+            }
+        }
+    }
+}
+
+/// The coordinator's bounds (`[kafka]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Transactional ids kept at most.
+    pub(crate) max_ids: usize,
+    /// An idle id is forgotten after this long (ms).
+    pub(crate) expiration_ms: u64,
 }
 
 /// The node's transaction coordinator.
 pub(crate) struct Coordinator {
     log: Log,
+    limits: Limits,
     table: tokio::sync::Mutex<Table>,
+    /// (group, topic, partition) of offsets open transactions hold, and
+    /// how many hold each (OffsetFetch's `require_stable` reads it without
+    /// waiting for the table).
+    pending: std::sync::Mutex<HashMap<(String, String, u32), usize>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -116,7 +148,7 @@ impl std::fmt::Debug for Coordinator {
 impl Coordinator {
     /// Loads the transactional ids, completes what a stop left prepared,
     /// aborts what it left open, and starts the timeout check.
-    pub(crate) async fn start(log: Log) -> Result<Arc<Coordinator>, LogError> {
+    pub(crate) async fn start(log: Log, limits: Limits) -> Result<Arc<Coordinator>, LogError> {
         let mut table = Table::default();
         for (k, v) in log.meta(SPACE)? {
             let (Ok(id), Ok(txn)) = (String::from_utf8(k), postcard::from_bytes::<Txn>(&v)) else {
@@ -124,11 +156,14 @@ impl Coordinator {
                 continue;
             };
             table.by_producer.insert(txn.producer_id, id.clone());
+            table.touch(&id);
             table.txns.insert(id, txn);
         }
         let c = Arc::new(Coordinator {
             log,
+            limits,
             table: tokio::sync::Mutex::new(table),
+            pending: std::sync::Mutex::new(HashMap::new()),
         });
         {
             let mut t = c.table.lock().await;
@@ -152,6 +187,9 @@ impl Coordinator {
                 let Some(c) = weak.upgrade() else { return };
                 if let Err(e) = c.abort_timed_out().await {
                     tracing::warn!(error = %e, "aborting timed-out transactions failed");
+                }
+                if let Err(e) = c.expire_idle().await {
+                    tracing::warn!(error = %e, "forgetting idle transactional ids failed");
                 }
             }
         });
@@ -196,7 +234,28 @@ impl Coordinator {
                 });
             }
             for (group, offsets) in by_group {
-                self.log.commit_offsets(group, offsets).await?;
+                match self.log.commit_offsets(group, offsets.clone()).await {
+                    Err(
+                        LogError::OffsetOutOfRange { .. }
+                        | LogError::UnknownTopic(_)
+                        | LogError::UnknownPartition { .. },
+                    ) => {
+                        // A topic deleted since TxnOffsetCommit checked it:
+                        // the rest are committed, one at a time.
+                        for o in offsets {
+                            match self.log.commit_offsets(group, vec![o]).await {
+                                Ok(())
+                                | Err(
+                                    LogError::OffsetOutOfRange { .. }
+                                    | LogError::UnknownTopic(_)
+                                    | LogError::UnknownPartition { .. },
+                                ) => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    }
+                    other => other?,
+                }
             }
         }
         txn.state = if commit {
@@ -204,12 +263,48 @@ impl Coordinator {
         } else {
             State::CompleteAbort
         };
+        self.log.count_transaction(if commit {
+            TxnEvent::Committed
+        } else {
+            TxnEvent::Aborted
+        });
+        self.unpend(&txn.offsets);
         txn.partitions.clear();
         txn.groups.clear();
         txn.offsets.clear();
         txn.started_ms = -1;
         let txn = txn.clone();
         self.store(id, &txn).await
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, u32), usize>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A transaction's offsets are no longer pending.
+    fn unpend(&self, offsets: &[(String, String, u32, u64)]) {
+        let mut pending = self.pending();
+        for (group, topic, partition, _) in offsets {
+            let k = (group.clone(), topic.clone(), *partition);
+            if let Some(n) = pending.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    pending.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Whether an open transaction holds offsets of `group` for
+    /// `topic`/`partition`.
+    pub(crate) fn offsets_pending(&self, group: &str, topic: &str, partition: i32) -> bool {
+        let Ok(partition) = u32::try_from(partition) else {
+            return false;
+        };
+        self.pending()
+            .contains_key(&(group.to_owned(), topic.to_owned(), partition))
     }
 
     /// Aborts `id`'s open transaction with the epoch bumped: its producer
@@ -239,7 +334,38 @@ impl Coordinator {
             .collect();
         for id in expired {
             tracing::info!(transactional_id = %id, "transaction timed out: aborted");
+            self.log.count_transaction(TxnEvent::TimedOut);
             self.fence(&mut t, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the ids idle (no transaction open) for longer than
+    /// `expiration_ms`, as Kafka does after `transactional.id.expiration.ms`.
+    async fn expire_idle(&self) -> Result<(), LogError> {
+        let mut t = self.table.lock().await;
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(self.limits.expiration_ms).unwrap_or(i64::MAX));
+        let idle: Vec<String> = t
+            .txns
+            .iter()
+            .filter(|(id, x)| {
+                matches!(
+                    x.state,
+                    State::Empty | State::CompleteCommit | State::CompleteAbort
+                ) && t.used_ms.get(*id).is_none_or(|&used| used < cutoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle {
+            self.log
+                .put_meta(SPACE, vec![(id.as_bytes().to_vec(), None)])
+                .await?;
+            if let Some(x) = t.txns.remove(&id) {
+                t.by_producer.remove(&x.producer_id);
+            }
+            t.used_ms.remove(&id);
+            tracing::debug!(transactional_id = %id, "idle transactional id forgotten");
         }
         Ok(())
     }
@@ -257,6 +383,14 @@ impl Coordinator {
         }
         let mut t = self.table.lock().await;
         if !t.txns.contains_key(id) {
+            if t.txns.len() >= self.limits.max_ids {
+                tracing::warn!(
+                    transactional_id = %id,
+                    kept = t.txns.len(),
+                    "a new transactional id refused: kafka.max_transactional_ids are kept"
+                );
+                return Err(Refused::TooMany);
+            }
             let producer_id = self.log.allocate_producer_id().await?;
             let txn = Txn {
                 producer_id,
@@ -272,6 +406,7 @@ impl Coordinator {
             t.by_producer.insert(producer_id, id.to_owned());
             t.txns.insert(id.to_owned(), txn);
         }
+        t.touch(id);
         let state = t.txns.get(id).map(|x| x.state);
         match state {
             Some(State::PrepareCommit | State::PrepareAbort | State::PrepareEpochFence) => {
@@ -290,13 +425,13 @@ impl Coordinator {
         };
         if let Some((pid, epoch)) = given {
             if pid != txn.producer_id {
-                return Err(Refused::Fenced);
+                return Err(self.fenced());
             }
             if epoch == txn.last_epoch && epoch >= 0 {
                 return Ok((txn.producer_id, txn.epoch));
             }
             if epoch != txn.epoch {
-                return Err(Refused::Fenced);
+                return Err(self.fenced());
             }
         }
         let old = (txn.producer_id, txn.epoch);
@@ -324,20 +459,30 @@ impl Coordinator {
         Ok((txn.producer_id, txn.epoch))
     }
 
+    /// PRODUCER_FENCED, counted.
+    fn fenced(&self) -> Refused {
+        self.log.count_transaction(TxnEvent::Fenced);
+        Refused::Fenced
+    }
+
     /// The transaction `id` names, checked against the caller's producer
     /// id and epoch, and not completing.
     fn current<'a>(
+        &self,
         t: &'a mut Table,
         id: &str,
         producer_id: i64,
         epoch: i16,
     ) -> Result<&'a mut Txn, Refused> {
+        if t.txns.contains_key(id) {
+            t.touch(id);
+        }
         let txn = t.txns.get_mut(id).ok_or(Refused::Mapping)?;
         if txn.producer_id != producer_id {
             return Err(Refused::Mapping);
         }
         if txn.epoch != epoch {
-            return Err(Refused::Fenced);
+            return Err(self.fenced());
         }
         if matches!(
             txn.state,
@@ -348,10 +493,11 @@ impl Coordinator {
         Ok(txn)
     }
 
-    fn begin(txn: &mut Txn) {
+    fn begin(&self, txn: &mut Txn) {
         if txn.state != State::Ongoing {
             txn.state = State::Ongoing;
             txn.started_ms = now_ms();
+            self.log.count_transaction(TxnEvent::Begun);
         }
     }
 
@@ -365,11 +511,11 @@ impl Coordinator {
         partitions: &[(String, u32)],
     ) -> Result<(), Refused> {
         let mut t = self.table.lock().await;
-        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        let txn = self.current(&mut t, id, producer_id, epoch)?;
         if txn.state == State::Ongoing && partitions.iter().all(|p| txn.partitions.contains(p)) {
             return Ok(());
         }
-        Self::begin(txn);
+        self.begin(txn);
         txn.partitions.extend(partitions.iter().cloned());
         let txn = txn.clone();
         self.store(id, &txn).await?;
@@ -385,8 +531,8 @@ impl Coordinator {
         group: &str,
     ) -> Result<(), Refused> {
         let mut t = self.table.lock().await;
-        let txn = Self::current(&mut t, id, producer_id, epoch)?;
-        Self::begin(txn);
+        let txn = self.current(&mut t, id, producer_id, epoch)?;
+        self.begin(txn);
         txn.groups.insert(group.to_owned());
         let txn = txn.clone();
         self.store(id, &txn).await?;
@@ -403,15 +549,22 @@ impl Coordinator {
         offsets: &[(String, u32, u64)],
     ) -> Result<(), Refused> {
         let mut t = self.table.lock().await;
-        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        let txn = self.current(&mut t, id, producer_id, epoch)?;
         if txn.state != State::Ongoing || !txn.groups.contains(group) {
             return Err(Refused::State);
         }
         for (topic, partition, offset) in offsets {
+            let before = txn.offsets.len();
             txn.offsets
                 .retain(|(g, tp, p, _)| !(g == group && tp == topic && p == partition));
             txn.offsets
                 .push((group.to_owned(), topic.clone(), *partition, *offset));
+            if txn.offsets.len() > before {
+                *self
+                    .pending()
+                    .entry((group.to_owned(), topic.clone(), *partition))
+                    .or_insert(0) += 1;
+            }
         }
         let txn = txn.clone();
         self.store(id, &txn).await?;
@@ -427,7 +580,7 @@ impl Coordinator {
         commit: bool,
     ) -> Result<(), Refused> {
         let mut t = self.table.lock().await;
-        let txn = Self::current(&mut t, id, producer_id, epoch)?;
+        let txn = self.current(&mut t, id, producer_id, epoch)?;
         match (txn.state, commit) {
             (State::CompleteCommit, true) | (State::CompleteAbort, false) => return Ok(()),
             (State::Ongoing, _) => {}
@@ -457,7 +610,7 @@ impl Coordinator {
         let id = t.by_producer.get(&producer_id).ok_or(Refused::Mapping)?;
         let txn = t.txns.get(id).ok_or(Refused::Mapping)?;
         if txn.epoch != epoch {
-            return Err(Refused::Fenced);
+            return Err(self.fenced());
         }
         if txn.state != State::Ongoing || !txn.partitions.contains(&(topic.to_owned(), partition)) {
             return Err(Refused::State);
@@ -501,6 +654,7 @@ pub(crate) mod api {
             Refused::Mapping => ResponseError::InvalidProducerIdMapping.code(),
             Refused::State => ResponseError::InvalidTxnState.code(),
             Refused::Timeout => ResponseError::InvalidTransactionTimeout.code(),
+            Refused::TooMany => ResponseError::ThrottlingQuotaExceeded.code(),
             Refused::Storage(_) => ResponseError::KafkaStorageError.code(),
         }
     }
@@ -601,20 +755,49 @@ pub(crate) mod api {
         req: TxnOffsetCommitRequest,
         version: i16,
     ) -> TxnOffsetCommitResponse {
-        let offsets: Vec<(String, u32, u64)> = req
-            .topics
-            .iter()
-            .flat_map(|t| {
-                t.partitions.iter().filter_map(move |p| {
-                    Some((
-                        t.name.0.to_string(),
-                        u32::try_from(p.partition_index).ok()?,
-                        u64::try_from(p.committed_offset).ok()?,
-                    ))
-                })
-            })
-            .collect();
+        // Each offset checked as OffsetCommit checks it; the valid ones are
+        // kept with the transaction.
+        let log = &s.server.cx.log;
+        let mut offsets: Vec<(String, u32, u64)> = Vec::new();
+        let mut refused: Vec<(String, i32, i16)> = Vec::new();
+        for t in &req.topics {
+            let name = t.name.0.to_string();
+            for p in &t.partitions {
+                let at = u32::try_from(p.partition_index)
+                    .ok()
+                    .and_then(|i| log.offsets(&name, i).ok().map(|o| (i, o)));
+                match (at, u64::try_from(p.committed_offset)) {
+                    (None, _) => refused.push((
+                        name.clone(),
+                        p.partition_index,
+                        ResponseError::UnknownTopicOrPartition.code(),
+                    )),
+                    (Some((i, (_, end))), Ok(o)) if o <= end => {
+                        offsets.push((name.clone(), i, o));
+                    }
+                    _ => refused.push((
+                        name.clone(),
+                        p.partition_index,
+                        ResponseError::OffsetOutOfRange.code(),
+                    )),
+                }
+            }
+        }
+        // v3+ names the consumer's member and generation: a member a
+        // rebalance fenced is refused, as by OffsetCommit (an unnamed
+        // member, generation -1, is not checked, as Kafka does not).
+        if version >= 3 && (!req.member_id.is_empty() || req.generation_id >= 0) {
+            if let Err(e) = s.server.cx.groups.may_commit(
+                &req.group_id.0,
+                req.generation_id,
+                &req.member_id,
+                req.group_instance_id.as_deref(),
+            ) {
+                return offset_commit_answer(&req, crate::groups::group_code(&e));
+            }
+        }
         let result = match s.server.coordinator().await {
+            Ok(_) if offsets.is_empty() => Ok(()),
             Ok(c) => {
                 c.offsets(
                     &req.transactional_id.0,
@@ -629,7 +812,23 @@ pub(crate) mod api {
         };
         // TxnOffsetCommit knows PRODUCER_FENCED from v0 in Kafka's schema;
         // librdkafka and Java read 47 and 90 alike here.
-        let code = result.err().map_or(0, |e| code(&e, version, 0));
+        let mut answer =
+            offset_commit_answer(&req, result.err().map_or(0, |e| code(&e, version, 0)));
+        for t in &mut answer.topics {
+            for p in &mut t.partitions {
+                if let Some((_, _, c)) = refused
+                    .iter()
+                    .find(|(n, i, _)| *n == t.name.0.as_str() && *i == p.partition_index)
+                {
+                    p.error_code = *c;
+                }
+            }
+        }
+        answer
+    }
+
+    /// TxnOffsetCommit's answer: `code` for every partition.
+    fn offset_commit_answer(req: &TxnOffsetCommitRequest, code: i16) -> TxnOffsetCommitResponse {
         let topics = req
             .topics
             .iter()

@@ -398,10 +398,10 @@ fn write_cycle(
                 if *marker == Marker::Abort {
                     shared.store.put_meta(
                         txns::ABORTED,
-                        &txns::aborted_key(name, *partition, at, *producer_id),
+                        &txns::aborted_key(name, *partition, *producer_id, at),
                         Some(&first.to_be_bytes()),
                     )?;
-                    t.aborted.insert((*producer_id, at), first);
+                    t.aborted += 1;
                 }
                 let (value, end_pos) = BatchBuilder::marker(
                     *marker,

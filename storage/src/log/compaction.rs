@@ -535,8 +535,13 @@ pub(super) fn clean_partition(
     }
 
     let end = *ps.end.borrow();
-    let aborted =
-        |producer: i64, base: u64| crate::util::lock(&ps.txns).aborted_at(producer, base, end);
+    let any_aborted = crate::util::lock(&ps.txns).aborted > 0;
+    let index = super::txns::Aborted {
+        store: &*shared.store,
+        topic,
+        partition: id,
+    };
+    let aborted = |producer: i64, base: u64| index.at(any_aborted, producer, base, end);
     // 2. Sized first (reads only): what the rewrite would write.
     let target = shared.config.batch_bytes;
     let mut sizes = Vec::new();
@@ -686,6 +691,12 @@ pub(super) fn clean_partition(
         .compaction_bytes_reclaimed
         .fetch_add(reclaimed, Relaxed);
     synced("checkpoint")?;
+    // Aborted transactions whose records the pass removed.
+    let forgotten = index.forget_below(until)?;
+    if forgotten > 0 {
+        let mut txns = crate::util::lock(&ps.txns);
+        txns.aborted = txns.aborted.saturating_sub(forgotten);
+    }
     tracing::debug!(
         topic,
         partition = id,
@@ -710,7 +721,7 @@ fn rewrite(
     until: u64,
     target: usize,
     verdicts: &mut Verdicts<'_>,
-    aborted: &dyn Fn(i64, u64) -> bool,
+    aborted: &dyn Fn(i64, u64) -> Result<bool>,
     mut emit: impl FnMut(u64, u64, CompactBuilder) -> Result<()>,
 ) -> Result<()> {
     let mut group: Option<CompactBuilder> = None;
@@ -724,9 +735,11 @@ fn rewrite(
         }
         // Markers and aborted transactions' records go; committed ones
         // stay as plain records (the range is below the last stable offset).
-        if h.txn
-            .is_some_and(|x| x.control || aborted(x.producer_id, base))
-        {
+        let gone = match h.txn {
+            Some(x) => x.control || aborted(x.producer_id, base)?,
+            None => false,
+        };
+        if gone {
             verdicts.removed += u64::from(h.count);
             covered = base + h.span;
             if covered > until {

@@ -205,6 +205,11 @@ impl Log {
         self.shared().stats.snapshot()
     }
 
+    /// Counts a transaction coordinator's `event` in [`Log::stats`].
+    pub fn count_transaction(&self, event: crate::stats::TxnEvent) {
+        self.shared().stats.transaction(event);
+    }
+
     /// Bytes free on the log's file system (`None`: not on a disk).
     pub fn free_disk_bytes(&self) -> Option<u64> {
         self.shared().store.free_bytes()
@@ -436,7 +441,15 @@ impl Log {
         let ps = t.partition(partition)?;
         let start = ps.start.load(SeqCst);
         let durable = *ps.end.borrow();
-        let last_stable = crate::util::lock(&ps.txns).last_stable(durable);
+        let (last_stable, any_aborted) = {
+            let mut txns = crate::util::lock(&ps.txns);
+            (txns.last_stable(durable), txns.aborted > 0)
+        };
+        let aborted = txns::Aborted {
+            store: &*self.shared().store,
+            topic,
+            partition,
+        };
         let end = match isolation {
             Isolation::Committed => last_stable,
             Isolation::Uncommitted => durable,
@@ -490,15 +503,13 @@ impl Log {
                 if value.get(1) == Some(&4) {
                     let h =
                         decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
-                    let skip = h.txn.is_some_and(|x| {
-                        x.control
-                            || (isolation == Isolation::Committed
-                                && crate::util::lock(&ps.txns).aborted_at(
-                                    x.producer_id,
-                                    base,
-                                    durable,
-                                ))
-                    });
+                    let skip = match h.txn {
+                        Some(x) if x.control => true,
+                        Some(x) if isolation == Isolation::Committed => {
+                            aborted.at(any_aborted, x.producer_id, base, durable)?
+                        }
+                        _ => false,
+                    };
                     if let Some(x) = h.txn.filter(|x| x.control && base >= next && base < end) {
                         let mut kind = None;
                         walk(&value, base, partition, base, base + 1, |r, _| {

@@ -221,7 +221,19 @@ fn drop_first_batch(
     shared.store.put_floor(&t.config.name, ps.id, next_start)?;
     ps.start.fetch_max(next_start, SeqCst);
     ps.start_pos.store(h.end_position, Relaxed);
-    ps.store.remove(base)
+    ps.store.remove(base)?;
+    // A marker gone: an aborted transaction it ended is forgotten.
+    if h.txn.is_some_and(|x| x.control) && crate::util::lock(&ps.txns).aborted > 0 {
+        let forgotten = super::txns::Aborted {
+            store: &*shared.store,
+            topic: &t.config.name,
+            partition: ps.id,
+        }
+        .forget_below(next_start)?;
+        let mut txns = crate::util::lock(&ps.txns);
+        txns.aborted = txns.aborted.saturating_sub(forgotten);
+    }
+    Ok(())
 }
 
 fn retain_partition(

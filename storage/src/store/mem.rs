@@ -386,6 +386,27 @@ impl Store for MemStore {
             .collect())
     }
 
+    fn meta_range(
+        &self,
+        space: &str,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let skip = meta_key(space, b"").len();
+        let (from, to) = (meta_key(space, from), meta_key(space, to));
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let g = lock(&self.inner.0);
+        Ok(g.live
+            .meta
+            .range(from..to)
+            .take(limit)
+            .map(|(k, v)| (k[skip..].to_vec(), v.clone()))
+            .collect())
+    }
+
     fn sync(&self) -> Result<()> {
         let (m, cv) = &*self.inner;
         let mut g = lock(m);

@@ -97,6 +97,22 @@ pub trait Store: Send + Sync {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v))
     }
+    /// The entries of `space` whose keys are in `from..to`, sorted by key,
+    /// at most `limit` of them.
+    fn meta_range(
+        &self,
+        space: &str,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .meta(space)?
+            .into_iter()
+            .filter(|(k, _)| k.as_slice() >= from && k.as_slice() < to)
+            .take(limit)
+            .collect())
+    }
     /// The keys of a metadata space, sorted (values are not copied).
     fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
         Ok(self.meta(space)?.into_iter().map(|(k, _)| k).collect())

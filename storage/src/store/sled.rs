@@ -337,6 +337,26 @@ impl Store for SledStore {
         Ok(self.meta.get(meta_key(space, key))?.map(|v| v.to_vec()))
     }
 
+    fn meta_range(
+        &self,
+        space: &str,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let skip = meta_key(space, b"").len();
+        let (from, to) = (meta_key(space, from), meta_key(space, to));
+        let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
+        for item in self.meta.range(from..to).take(limit) {
+            let (k, v) = item?;
+            out.push((k[skip..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
         let prefix = meta_key(space, b"");
         let mut out = Vec::new();

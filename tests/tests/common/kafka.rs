@@ -73,6 +73,13 @@ impl Client {
         let mut body = BytesMut::new();
         header.encode(&mut body, hv).expect("header");
         req.encode(&mut body, body_version).expect("body");
+        // Seeds for the `kafka_request` fuzz target: every request a test
+        // sends, when asked (`TRIBUTARY_KAFKA_SEEDS=dir`).
+        if let Some(dir) = std::env::var_os("TRIBUTARY_KAFKA_SEEDS") {
+            let path =
+                std::path::Path::new(&dir).join(format!("{key:?}_v{version}_{}", body.len()));
+            std::fs::write(path, &body).expect("write a seed");
+        }
         let mut frame = BytesMut::new();
         frame.put_i32(body.len() as i32);
         frame.extend_from_slice(&body);
