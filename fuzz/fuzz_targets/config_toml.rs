@@ -1,5 +1,5 @@
-//! The config file (TOML) with environment overrides: every problem is an
-//! error that names the key, never a panic.
+//! The config file (TOML, `[[connectors]]` too) with environment overrides:
+//! every problem is an error that names the key, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

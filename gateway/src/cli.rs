@@ -66,22 +66,18 @@ pub enum Command {
         /// Which device operation.
         #[command(subcommand)]
         op: DevicesOp,
-        /// The node's HTTP API.
-        #[arg(
-            long,
-            global = true,
-            env = "TRIBUTARY_URL",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        url: String,
-        /// The node's `auth.admin_token`.
-        #[arg(
-            long,
-            global = true,
-            env = "TRIBUTARY_ADMIN_TOKEN",
-            hide_env_values = true
-        )]
-        admin_token: Option<String>,
+        #[command(flatten)]
+        node: AdminApi,
+    },
+    #[cfg(feature = "client")]
+    /// Connectors: list, create (JSON, as `POST /v1/connectors`), describe,
+    /// delete, pause, resume, restart.
+    Connectors {
+        /// Which connector operation.
+        #[command(subcommand)]
+        op: ConnectorsOp,
+        #[command(flatten)]
+        node: AdminApi,
     },
     /// Development certificates for the TLS listeners.
     Tls {
@@ -306,6 +302,66 @@ fn limit(s: &str) -> Result<Limit, String> {
     s.parse()
         .map(|n| Limit(Some(n)))
         .map_err(|_| format!("`{s}` is neither a number nor `none`"))
+}
+
+/// The node's HTTP API and admin token, for commands that may need it
+/// (`devices` always; `connectors` with device auth).
+#[derive(Debug, Args)]
+pub struct AdminApi {
+    /// The node's HTTP API.
+    #[arg(
+        long,
+        global = true,
+        env = "TRIBUTARY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// The node's `auth.admin_token`.
+    #[arg(
+        long,
+        global = true,
+        env = "TRIBUTARY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+}
+
+/// `connectors` operations.
+#[derive(Debug, Subcommand)]
+pub enum ConnectorsOp {
+    /// List connectors: kind, state, delivered, lag.
+    List,
+    /// Create a connector from its JSON (a file, or `-` for stdin).
+    Create {
+        /// The JSON file (`-`: stdin).
+        file: std::path::PathBuf,
+    },
+    /// Show a connector: settings (secrets as their references), state,
+    /// counters, last error.
+    Describe {
+        /// Connector name.
+        name: String,
+    },
+    /// Stop and remove a connector created over the API (and its position).
+    Delete {
+        /// Connector name.
+        name: String,
+    },
+    /// Hold a connector between batches.
+    Pause {
+        /// Connector name.
+        name: String,
+    },
+    /// Let a paused connector go on.
+    Resume {
+        /// Connector name.
+        name: String,
+    },
+    /// Start a connector's task again (secrets read again).
+    Restart {
+        /// Connector name.
+        name: String,
+    },
 }
 
 /// `groups` operations.

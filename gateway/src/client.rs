@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::cli::{DevicesOp, GroupsOp, Limit, ProduceArgs, TailArgs, TopicsOp};
+use crate::cli::{ConnectorsOp, DevicesOp, GroupsOp, Limit, ProduceArgs, TailArgs, TopicsOp};
 
 /// A thin client of the HTTP API that turns API errors into readable ones.
 #[derive(Debug, Clone)]
@@ -317,6 +317,74 @@ fn segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// `tributary connectors …`.
+pub async fn connectors(
+    url: &str,
+    admin_token: Option<String>,
+    op: ConnectorsOp,
+) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let api = ApiClient::new(url)?.with_token(admin_token);
+    let one = |name: &str, what: &str| {
+        let base = format!("/v1/connectors/{}", segment(name));
+        if what.is_empty() {
+            base
+        } else {
+            format!("{base}/{what}")
+        }
+    };
+    let answer = match op {
+        ConnectorsOp::List => {
+            let all = api.get("/v1/connectors").await?;
+            println!(
+                "{:<30} {:<12} {:<8} {:>12} {:>10} {:>8}  LAST ERROR",
+                "CONNECTOR", "KIND", "STATE", "DELIVERED", "LAG", "DEAD"
+            );
+            for c in all["connectors"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<30} {:<12} {:<8} {:>12} {:>10} {:>8}  {}",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["kind"].as_str().unwrap_or("?"),
+                    c["state"].as_str().unwrap_or("?"),
+                    c["delivered_records"].as_u64().unwrap_or(0),
+                    c["lag_records"].as_u64().unwrap_or(0),
+                    c["dead_letters"].as_u64().unwrap_or(0),
+                    c["last_error"].as_str().unwrap_or("")
+                );
+            }
+            return Ok(());
+        }
+        ConnectorsOp::Create { file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .context("reading stdin")?;
+                s
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let body: Value = serde_json::from_str(&text).context("the connector is not JSON")?;
+            api.post("/v1/connectors", &body).await?
+        }
+        ConnectorsOp::Describe { name } => api.get(&one(&name, "")).await?,
+        ConnectorsOp::Delete { name } => {
+            api.call(Method::DELETE, &one(&name, ""), None).await?;
+            println!("deleted {name}");
+            return Ok(());
+        }
+        ConnectorsOp::Pause { name } => api.call(Method::POST, &one(&name, "pause"), None).await?,
+        ConnectorsOp::Resume { name } => {
+            api.call(Method::POST, &one(&name, "resume"), None).await?
+        }
+        ConnectorsOp::Restart { name } => {
+            api.call(Method::POST, &one(&name, "restart"), None).await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
 }
 
 /// `tributary groups …`.

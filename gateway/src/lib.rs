@@ -115,11 +115,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         #[cfg(feature = "client")]
         Command::Tail(args) => client::tail(args).await,
         #[cfg(feature = "client")]
-        Command::Devices {
-            op,
-            url,
-            admin_token,
-        } => client::devices(&url, admin_token, op).await,
+        Command::Devices { op, node } => client::devices(&node.url, node.admin_token, op).await,
+        #[cfg(feature = "client")]
+        Command::Connectors { op, node } => {
+            client::connectors(&node.url, node.admin_token, op).await
+        }
         Command::Tls { op } => tls_command(op),
         #[cfg(feature = "client")]
         Command::Bench { target } => match target {

@@ -28,5 +28,5 @@ pub mod ranges;
 pub mod wire;
 
 pub use crate::core::{CoreConfig, EdgeStream, OnMessage, SyncCore, SyncPeer};
-pub use crate::edge::{TopicRule, Uploader, UpstreamConfig};
+pub use crate::edge::{client_config as tls_client_config, TopicRule, Uploader, UpstreamConfig};
 pub use crate::error::{Error, Result};

@@ -1,5 +1,5 @@
 //! The `tributary` command line as a user runs it: config errors, `topics`
-//! (create, list, describe, alter, delete),
+//! (create, list, describe, alter, delete), `connectors`,
 //! `produce` from stdin and `tail`, against a running node.
 
 mod common;
@@ -237,4 +237,46 @@ fn bench_http_counts_acknowledged_events() {
         end >= events && end <= events + 2 * 10,
         "log {end} vs acked {events}"
     );
+}
+
+/// `tributary connectors`: create from stdin, list, describe, pause,
+/// resume, restart, delete; a bad connector's error names the key.
+#[test]
+fn connectors_are_created_listed_described_paused_and_deleted_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(dir.path(), &[]);
+    let url = node.url.clone();
+    // Nothing listens on port 9: the sink keeps retrying, which is fine here.
+    let hook = br#"{"name": "cli-hook", "kind": "http_sink", "topics": ["t"], "url": "http://127.0.0.1:9/x"}"#;
+    let (code, out, err) = run(&["connectors", "create", "-", "--url", &url], Some(hook));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"name\": \"cli-hook\""), "{out}");
+    let (code, out, _) = run(&["connectors", "list", "--url", &url], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cli-hook") && l.contains("http_sink")),
+        "{out}"
+    );
+    let (code, out, _) = run(&["connectors", "pause", "cli-hook", "--url", &url], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"state\": \"paused\""), "{out}");
+    for op in ["resume", "restart"] {
+        let (code, out, _) = run(&["connectors", op, "cli-hook", "--url", &url], None);
+        assert_eq!(code, 0);
+        assert!(out.contains("\"state\": \"running\""), "{op}: {out}");
+    }
+    let (code, out, _) = run(&["connectors", "describe", "cli-hook", "--url", &url], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"group\": \"connector-cli-hook\""), "{out}");
+    let bad =
+        br#"{"name": "x", "kind": "http_sink", "topics": ["t"], "url": "http://h", "retries": 3}"#;
+    let (code, _, err) = run(&["connectors", "create", "-", "--url", &url], Some(bad));
+    assert_ne!(code, 0);
+    assert!(err.contains("`retries`"), "{err}");
+    let (code, _, err) = run(&["connectors", "delete", "cli-hook", "--url", &url], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["connectors", "describe", "cli-hook", "--url", &url], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown_connector"), "{err}");
 }

@@ -665,6 +665,7 @@ async fn a_log_that_cannot_write_answers_503() {
         cx,
         HttpConfig::default(),
         tributary_http::Router::new(),
+        tributary_http::Router::new(),
     ));
     let c = client();
     create_topic(&c, &u, "t", 1).await;

@@ -84,6 +84,8 @@ pub struct Config {
     pub sync: SyncSection,
     /// Node-wide limits across every front end.
     pub limits: LimitsSection,
+    /// Connectors (`[[connectors]]`: the JSON of `POST /v1/connectors`).
+    pub connectors: Vec<serde_json::Value>,
 }
 
 impl Default for Config {
@@ -103,6 +105,7 @@ impl Default for Config {
             upstream: UpstreamSection::default(),
             sync: SyncSection::default(),
             limits: LimitsSection::default(),
+            connectors: Vec::new(),
         }
     }
 }

@@ -9,7 +9,29 @@ use super::protocols::bridge_config;
 use super::{Config, DurabilityMode};
 
 impl Config {
+    /// The `[[connectors]]`, parsed (the invalid ones are left out; the
+    /// validation names them).
+    pub fn connector_configs(&self) -> Vec<tributary_connectors::ConnectorConfig> {
+        self.connectors
+            .iter()
+            .filter_map(|c| tributary_connectors::ConnectorConfig::from_json(c.clone()).ok())
+            .collect()
+    }
+
     pub(super) fn validate(&self, errors: &mut Vec<String>) {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in self.connectors.iter().enumerate() {
+            match tributary_connectors::ConnectorConfig::from_json(c.clone()) {
+                Ok(c) if !names.insert(c.name.clone()) => {
+                    errors.push(format!(
+                        "`connectors[{i}]`: a second connector named `{}`",
+                        c.name
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("`connectors[{i}]`: {e}")),
+            }
+        }
         let s = &self.storage;
         if self.data_dir.as_os_str().is_empty() {
             errors.push("`data_dir` must not be empty".into());

@@ -252,9 +252,14 @@ pub(crate) async fn authenticate(
         (Ok(Presented::Token(t)), Some(reg)) => reg.is_admin(t),
         _ => false,
     };
+    let enforcing = state.cx.auth.enforcing();
+    // Connectors send topics out of the node: with device auth, admin only.
     let admin_route = path == "/v1/devices"
         || path.starts_with("/v1/devices/")
-        || (path == "/metrics" && state.cx.auth.enforcing());
+        || (enforcing
+            && (path == "/metrics"
+                || path == "/v1/connectors"
+                || path.starts_with("/v1/connectors/")));
     if let (true, Some(reg)) = (admin || admin_route, &state.cx.devices) {
         // Admin-token checks are slowed like logins: a source that guessed
         // wrong waits before any answer, right or wrong.
@@ -285,7 +290,7 @@ pub(crate) async fn authenticate(
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the device admin API and, with device auth, /metrics take the admin token: Authorization: Bearer ADMIN_TOKEN",
+                "the device admin API and, with device auth, /metrics and /v1/connectors take the admin token: Authorization: Bearer ADMIN_TOKEN",
             )
             .into_response();
             resp.headers_mut().insert(

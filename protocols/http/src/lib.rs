@@ -113,6 +113,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/v1/devices/{id}"),
     ("DELETE", "/v1/devices/{id}"),
     ("POST", "/v1/devices/{id}/rotate"),
+    ("GET", "/v1/connectors"),
+    ("POST", "/v1/connectors"),
+    ("GET", "/v1/connectors/{name}"),
+    ("DELETE", "/v1/connectors/{name}"),
+    ("POST", "/v1/connectors/{name}/pause"),
+    ("POST", "/v1/connectors/{name}/resume"),
+    ("POST", "/v1/connectors/{name}/restart"),
 ];
 
 /// The OpenAPI 3 document served at `/openapi.json`.
@@ -134,6 +141,17 @@ pub fn router(
     cx: FrontendContext,
     config: HttpConfig,
     connections: Arc<ConnectionStats>,
+) -> Router {
+    router_with(cx, config, connections, Router::new())
+}
+
+/// [`router`] with other parts' routes (`protected`, the connectors' API)
+/// behind the same authentication and request counting.
+pub fn router_with(
+    cx: FrontendContext,
+    config: HttpConfig,
+    connections: Arc<ConnectionStats>,
+    protected: Router,
 ) -> Router {
     let ws_counters = Arc::new(ws::WsCounters::default());
     {
@@ -201,6 +219,7 @@ pub fn router(
             "/v1/devices/{id}/rotate",
             axum::routing::post(devices::rotate),
         )
+        .merge(protected.with_state(()))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(
@@ -216,7 +235,8 @@ pub fn router(
 
 /// Serves the API on `listener` until `cx.shutdown` is cancelled, then lets
 /// in-flight requests finish. `extra` holds other front ends' routes on this
-/// port (MQTT over WebSockets at `/mqtt`).
+/// port (MQTT over WebSockets at `/mqtt`); `protected` other parts' routes
+/// that go through the API's authentication (see [`router_with`]).
 ///
 /// `tls` is the HTTPS listener (WSS and the sync link too), serving the
 /// same routes; its connections count with the plain ones.
@@ -226,10 +246,11 @@ pub async fn serve(
     cx: FrontendContext,
     config: HttpConfig,
     extra: Router,
+    protected: Router,
 ) -> std::io::Result<()> {
     let shutdown = cx.shutdown.clone();
     let budget = cx.budget.clone();
-    let app = extra.merge(router(cx, config.clone(), listener.stats()));
+    let app = extra.merge(router_with(cx, config.clone(), listener.stats(), protected));
     let hygiene = serve::Hygiene {
         request_head_timeout: config.request_head_timeout,
         idle_timeout: config.idle_timeout,

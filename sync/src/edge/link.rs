@@ -171,19 +171,26 @@ impl Uploader {
 
 /// The TLS client settings of the link; an error is an [`Error::Tls`].
 fn client_tls(c: &UpstreamConfig) -> Result<rustls::ClientConfig, Error> {
-    let tls = Error::Tls;
+    client_config(c.ca.as_deref(), c.cert.as_deref().zip(c.key.as_deref())).map_err(Error::Tls)
+}
+
+/// TLS client settings (ring): the certificates of `ca` (PEM) as roots, or
+/// the system's when none; a client certificate and key (PEM) when given.
+/// An error names the file.
+pub fn client_config(
+    ca: Option<&std::path::Path>,
+    cert_and_key: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
-    match &c.ca {
+    match ca {
         Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| tls(format!("{}: {e}", path.display())))?
-            {
-                let cert = cert.map_err(|e| tls(format!("{}: {e}", path.display())))?;
+            let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| named(&e))? {
                 roots
-                    .add(cert)
-                    .map_err(|e| tls(format!("{}: {e}", path.display())))?;
+                    .add(cert.map_err(|e| named(&e))?)
+                    .map_err(|e| named(&e))?;
             }
         }
         None => {
@@ -195,21 +202,21 @@ fn client_tls(c: &UpstreamConfig) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
-    match (&c.cert, &c.key) {
-        (Some(cert), Some(key)) => {
+    match cert_and_key {
+        Some((cert, key)) => {
             let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| tls(format!("{}: {e}", cert.display())))?
+                .map_err(|e| format!("{}: {e}", cert.display()))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls(format!("{}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| tls(format!("{}: {e}", key.display())))?;
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| tls(e.to_string()))
+                .map_err(|e| e.to_string())
         }
-        _ => Ok(builder.with_no_client_auth()),
+        None => Ok(builder.with_no_client_auth()),
     }
 }
 

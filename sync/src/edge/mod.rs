@@ -43,6 +43,7 @@
 mod cursors;
 mod lanes;
 mod link;
+pub use link::client_config;
 mod session;
 mod stats;
 

@@ -1,0 +1,379 @@
+//! The node's connectors: those of the config file (`[[connectors]]`) and
+//! those created over the API (kept in the log's metadata, so they survive
+//! a restart), each a task with a state, counters, pause and restart.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tributary_frontend::metrics::Kind as MetricKind;
+use tributary_frontend::{FrontendContext, MetricsSource, Text};
+use tributary_storage::util::lock;
+use tributary_storage::Log;
+
+use crate::config::{ConnectorConfig, Kind};
+use crate::http_sink::Webhook;
+use crate::sink::{self, Settings, Status};
+
+/// Metadata space of the connectors created over the API.
+const SPACE: &str = "__connectors";
+
+/// Why a connector request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad settings (the message names the key).
+    #[error("{0}")]
+    Invalid(String),
+    /// No connector of that name.
+    #[error("no connector named `{0}`")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("a connector named `{0}` exists")]
+    Exists(String),
+    /// Defined in the config file: change it there.
+    #[error("connector `{0}` is defined in the config file; change it there")]
+    FromFile(String),
+    /// The log could not store it.
+    #[error(transparent)]
+    Log(#[from] tributary_storage::Error),
+}
+
+/// What is stored per API-created connector.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    config: serde_json::Value,
+    paused: bool,
+}
+
+/// A connector's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Delivering (or waiting for records).
+    Running,
+    /// Held by `pause`.
+    Paused,
+    /// Could not start (the error says why); `restart` tries again.
+    Failed(String),
+}
+
+struct Running {
+    config: ConnectorConfig,
+    from_file: bool,
+    status: Arc<Status>,
+    paused: watch::Sender<bool>,
+    cancel: CancellationToken,
+    failed: Option<String>,
+}
+
+/// The node's connectors.
+pub struct Manager {
+    log: Log,
+    shutdown: CancellationToken,
+    connectors: Mutex<BTreeMap<String, Running>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Starts the config file's connectors and the stored ones, and adds
+    /// the `connectors` section to `/v1/stats` and their series to
+    /// `/metrics`.
+    pub fn start(
+        cx: &FrontendContext,
+        from_file: Vec<ConnectorConfig>,
+    ) -> Result<Arc<Manager>, Error> {
+        let m = Arc::new(Manager {
+            log: cx.log.clone(),
+            shutdown: cx.shutdown.clone(),
+            connectors: Mutex::new(BTreeMap::new()),
+        });
+        for config in from_file {
+            m.launch(config, true, false);
+        }
+        for (k, v) in cx.log.meta(SPACE)? {
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let stored: Stored = match serde_json::from_slice(&v) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(connector = %name, error = %e, "a stored connector is unreadable: skipped");
+                    continue;
+                }
+            };
+            if lock(&m.connectors).contains_key(&name) {
+                tracing::warn!(connector = %name, "a connector created over the API has the name of one in the config file: the file's runs");
+                continue;
+            }
+            match ConnectorConfig::from_json(stored.config) {
+                Ok(config) => m.launch(config, false, stored.paused),
+                Err(e) => {
+                    tracing::warn!(connector = %name, error = %e, "a stored connector is no longer valid: skipped")
+                }
+            }
+        }
+        let weak = Arc::downgrade(&m);
+        cx.stats.register(
+            "connectors",
+            Arc::new(move || {
+                weak.upgrade()
+                    .map_or_else(|| json!([]), |m| json!(m.list()))
+            }),
+        );
+        cx.metrics.register(Arc::new(Metrics(Arc::downgrade(&m))));
+        Ok(m)
+    }
+
+    /// Starts `config`'s task (or records why it cannot run).
+    fn launch(&self, config: ConnectorConfig, from_file: bool, paused: bool) {
+        let status = Arc::new(Status::default());
+        let cancel = self.shutdown.child_token();
+        let (paused_tx, paused_rx) = watch::channel(paused);
+        let failed = match &config.kind {
+            Kind::HttpSink(h) => match Webhook::new(h) {
+                Ok(hook) => {
+                    let settings = Settings {
+                        name: config.name.clone(),
+                        topics: h.topics.clone(),
+                        batch_size: h.batch_size,
+                        max_attempts: h.max_attempts,
+                        min_backoff: Duration::from_millis(h.min_backoff_ms),
+                        max_backoff: Duration::from_millis(h.max_backoff_ms.max(h.min_backoff_ms)),
+                        dead_letter_topic: h.dead_letters(&config.name),
+                        start: h.start,
+                    };
+                    tokio::spawn(sink::run(
+                        self.log.clone(),
+                        settings,
+                        hook,
+                        status.clone(),
+                        cancel.clone(),
+                        paused_rx,
+                    ));
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(connector = %config.name, error = %e, "connector cannot start");
+                    Some(e)
+                }
+            },
+        };
+        let name = config.name.clone();
+        let old = lock(&self.connectors).insert(
+            name,
+            Running {
+                config,
+                from_file,
+                status,
+                paused: paused_tx,
+                cancel,
+                failed,
+            },
+        );
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+    }
+
+    fn state_of(r: &Running) -> State {
+        match &r.failed {
+            Some(e) => State::Failed(e.clone()),
+            None if *r.paused.borrow() => State::Paused,
+            None => State::Running,
+        }
+    }
+
+    fn info(&self, r: &Running) -> serde_json::Value {
+        let s = &r.status;
+        let (state, error) = match Self::state_of(r) {
+            State::Running => ("running", lock(&s.last_error).clone()),
+            State::Paused => ("paused", lock(&s.last_error).clone()),
+            State::Failed(e) => ("failed", Some(e)),
+        };
+        json!({
+            "name": r.config.name,
+            "kind": r.config.kind.label(),
+            "source": if r.from_file { "config" } else { "api" },
+            "state": state,
+            "last_error": error,
+            "group": sink::group_of(&r.config.name),
+            "delivered_records": s.delivered.load(Relaxed),
+            "delivered_batches": s.batches.load(Relaxed),
+            "retries": s.retries.load(Relaxed),
+            "dead_letters": s.dead_letters.load(Relaxed),
+            "lag_records": s.lag(&self.log),
+            "config": r.config,
+        })
+    }
+
+    /// Every connector, as `GET /v1/connectors` lists them.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        lock(&self.connectors)
+            .values()
+            .map(|r| self.info(r))
+            .collect()
+    }
+
+    /// One connector.
+    pub fn get(&self, name: &str) -> Result<serde_json::Value, Error> {
+        lock(&self.connectors)
+            .get(name)
+            .map(|r| self.info(r))
+            .ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
+    async fn store(&self, config: &ConnectorConfig, paused: bool) -> Result<(), Error> {
+        let stored = Stored {
+            config: serde_json::to_value(config).map_err(|e| Error::Invalid(e.to_string()))?,
+            paused,
+        };
+        let v = serde_json::to_vec(&stored).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.log
+            .put_meta(SPACE, vec![(config.name.as_bytes().to_vec(), Some(v))])
+            .await?;
+        Ok(())
+    }
+
+    /// Creates and starts a connector (stored durably first).
+    pub async fn create(&self, v: serde_json::Value) -> Result<serde_json::Value, Error> {
+        let config = ConnectorConfig::from_json(v).map_err(Error::Invalid)?;
+        if lock(&self.connectors).contains_key(&config.name) {
+            return Err(Error::Exists(config.name));
+        }
+        self.store(&config, false).await?;
+        let name = config.name.clone();
+        self.launch(config, false, false);
+        self.get(&name)
+    }
+
+    fn api_created(&self, name: &str) -> Result<(), Error> {
+        match lock(&self.connectors).get(name) {
+            None => Err(Error::NotFound(name.to_owned())),
+            Some(r) if r.from_file => Err(Error::FromFile(name.to_owned())),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Stops and removes a connector created over the API, and its
+    /// consumer group's positions.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.api_created(name)?;
+        self.log
+            .put_meta(SPACE, vec![(name.as_bytes().to_vec(), None)])
+            .await?;
+        if let Some(r) = lock(&self.connectors).remove(name) {
+            r.cancel.cancel();
+        }
+        self.log.forget_group(&sink::group_of(name)).await?;
+        Ok(())
+    }
+
+    /// Holds (`true`) or lets go (`false`) a connector; kept across
+    /// restarts for API-created ones.
+    pub async fn pause(&self, name: &str, paused: bool) -> Result<serde_json::Value, Error> {
+        let config = {
+            let c = lock(&self.connectors);
+            let r = c
+                .get(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            (!r.from_file).then(|| r.config.clone())
+        };
+        if let Some(config) = config {
+            self.store(&config, paused).await?;
+        }
+        if let Some(r) = lock(&self.connectors).get(name) {
+            r.paused.send_replace(paused);
+        }
+        self.get(name)
+    }
+
+    /// Stops a connector's task and starts it again (secrets read again;
+    /// a failed one tries to start).
+    pub fn restart(&self, name: &str) -> Result<serde_json::Value, Error> {
+        let (config, from_file, paused) = {
+            let c = lock(&self.connectors);
+            let r = c
+                .get(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let paused = *r.paused.borrow();
+            (r.config.clone(), r.from_file, paused)
+        };
+        self.launch(config, from_file, paused);
+        self.get(name)
+    }
+}
+
+/// `/metrics` series of every connector.
+struct Metrics(std::sync::Weak<Manager>);
+
+impl MetricsSource for Metrics {
+    fn render(&self, out: &mut Text) {
+        let Some(m) = self.0.upgrade() else { return };
+        let rows: Vec<(String, &'static str, [u64; 6])> = lock(&m.connectors)
+            .values()
+            .map(|r| {
+                let s = &r.status;
+                (
+                    r.config.name.clone(),
+                    r.config.kind.label(),
+                    [
+                        s.delivered.load(Relaxed),
+                        s.batches.load(Relaxed),
+                        s.retries.load(Relaxed),
+                        s.dead_letters.load(Relaxed),
+                        s.lag(&m.log),
+                        u64::from(Manager::state_of(r) == State::Running),
+                    ],
+                )
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let series: [(&str, MetricKind, &str); 6] = [
+            (
+                "tributary_connector_delivered_records_total",
+                MetricKind::Counter,
+                "Records a sink delivered.",
+            ),
+            (
+                "tributary_connector_delivered_batches_total",
+                MetricKind::Counter,
+                "Batches a sink delivered.",
+            ),
+            (
+                "tributary_connector_retries_total",
+                MetricKind::Counter,
+                "Failed deliveries tried again.",
+            ),
+            (
+                "tributary_connector_dead_letters_total",
+                MetricKind::Counter,
+                "Records sent to a dead-letter topic.",
+            ),
+            (
+                "tributary_connector_lag_records",
+                MetricKind::Gauge,
+                "Records written to a sink's topics and not yet delivered.",
+            ),
+            (
+                "tributary_connector_running",
+                MetricKind::Gauge,
+                "1 while a connector runs (0: paused or failed).",
+            ),
+        ];
+        for (i, (name, kind, help)) in series.into_iter().enumerate() {
+            let mut family = out.family(name, kind, help);
+            for (connector, label, values) in &rows {
+                family.sample(&[("connector", connector), ("kind", label)], values[i]);
+            }
+        }
+    }
+}
