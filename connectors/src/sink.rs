@@ -155,83 +155,91 @@ pub async fn run<D: Deliver>(
         }
         let mut moved = false;
         let mut failed = false;
+        // Every partition placed first (so the lag covers them all, also
+        // while one partition's delivery is being retried).
+        let mut work = Vec::new();
         for topic in &settings.topics {
             let Ok(info) = log.topic(topic) else {
                 continue;
             };
             for p in &info.partitions {
-                let partition = p.partition;
-                let key = (topic.clone(), partition);
-                let pos = match positions.get(&key) {
-                    Some(&pos) => pos,
-                    None => {
-                        let pos = match settings.start {
-                            Start::Earliest => p.start_offset,
-                            Start::Latest => p.end_offset,
-                        };
-                        // Committed at once, so "latest" means where it
-                        // first looked, also after a restart.
-                        if settings.start == Start::Latest {
-                            if let Err(e) = commit(&log, &group, topic, partition, pos).await {
-                                status.failed(&e.to_string());
-                                failed = true;
-                                continue;
-                            }
+                let key = (topic.clone(), p.partition);
+                if !positions.contains_key(&key) {
+                    let pos = match settings.start {
+                        Start::Earliest => p.start_offset,
+                        Start::Latest => p.end_offset,
+                    };
+                    // Committed at once, so "latest" means where it first
+                    // looked, also after a restart.
+                    if settings.start == Start::Latest {
+                        if let Err(e) = commit(&log, &group, topic, p.partition, pos).await {
+                            status.failed(&e.to_string());
+                            failed = true;
+                            continue;
                         }
-                        positions.insert(key.clone(), pos);
-                        pos
                     }
-                };
-                let read = log.read(topic, partition, pos, settings.batch_size, MAX_READ_BYTES);
-                let batch = match read {
-                    Ok(r) => r,
-                    Err(LogError::OffsetOutOfRange { start, .. }) if pos < start => {
-                        // Retention removed them before they were delivered.
-                        tracing::warn!(connector = %settings.name, topic, partition, from = pos, to = start, "records removed by retention before delivery");
-                        positions.insert(key.clone(), start);
-                        moved = true;
-                        continue;
-                    }
-                    Err(e) => {
-                        status.failed(&e.to_string());
-                        failed = true;
-                        continue;
-                    }
-                };
-                lock(&status.positions).insert(key.clone(), pos);
-                if batch.records.is_empty() {
-                    if batch.next_offset > pos {
-                        positions.insert(key.clone(), batch.next_offset);
-                        lock(&status.positions).insert(key.clone(), batch.next_offset);
-                    }
+                    positions.insert(key.clone(), pos);
+                }
+                if let Some(&pos) = positions.get(&key) {
+                    lock(&status.positions).insert(key.clone(), pos);
+                }
+                work.push(key);
+            }
+        }
+        for key in work {
+            let (topic, partition) = (&key.0, key.1);
+            let Some(&pos) = positions.get(&key) else {
+                continue;
+            };
+            let read = log.read(topic, partition, pos, settings.batch_size, MAX_READ_BYTES);
+            let batch = match read {
+                Ok(r) => r,
+                Err(LogError::OffsetOutOfRange { start, .. }) if pos < start => {
+                    // Retention removed them before they were delivered.
+                    tracing::warn!(connector = %settings.name, topic, partition, from = pos, to = start, "records removed by retention before delivery");
+                    positions.insert(key.clone(), start);
+                    moved = true;
                     continue;
                 }
-                let done = deliver(
-                    &log,
-                    &settings,
-                    &mut target,
-                    &status,
-                    &cancel,
-                    topic,
-                    &batch.records,
-                )
-                .await;
-                if !done {
-                    // Cancelled, or the dead-letter topic cannot be written:
-                    // the position stays.
+                Err(e) => {
+                    status.failed(&e.to_string());
                     failed = true;
                     continue;
                 }
-                match commit(&log, &group, topic, partition, batch.next_offset).await {
-                    Ok(()) => {
-                        positions.insert(key.clone(), batch.next_offset);
-                        lock(&status.positions).insert(key.clone(), batch.next_offset);
-                        moved = true;
-                    }
-                    Err(e) => {
-                        status.failed(&format!("cannot commit its position: {e}"));
-                        failed = true;
-                    }
+            };
+            lock(&status.positions).insert(key.clone(), pos);
+            if batch.records.is_empty() {
+                if batch.next_offset > pos {
+                    positions.insert(key.clone(), batch.next_offset);
+                    lock(&status.positions).insert(key.clone(), batch.next_offset);
+                }
+                continue;
+            }
+            let done = deliver(
+                &log,
+                &settings,
+                &mut target,
+                &status,
+                &cancel,
+                topic,
+                &batch.records,
+            )
+            .await;
+            if !done {
+                // Cancelled, or the dead-letter topic cannot be written:
+                // the position stays.
+                failed = true;
+                continue;
+            }
+            match commit(&log, &group, topic, partition, batch.next_offset).await {
+                Ok(()) => {
+                    positions.insert(key.clone(), batch.next_offset);
+                    lock(&status.positions).insert(key.clone(), batch.next_offset);
+                    moved = true;
+                }
+                Err(e) => {
+                    status.failed(&format!("cannot commit its position: {e}"));
+                    failed = true;
                 }
             }
         }

@@ -669,6 +669,29 @@ async fn drive(base: &str) {
         )
         .await;
 
+    // A connector shows up in its table, with its state and, as nothing
+    // listens where it delivers, its last error.
+    let (status, body) = common::post(
+        &c,
+        &format!("{base}/v1/connectors"),
+        &json!({"name": "dash-hook", "kind": "http_sink", "topics": ["dash"],
+                "url": "http://127.0.0.1:9/hook", "min_backoff_ms": 50, "max_backoff_ms": 200}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    browser
+        .wait_for(
+            "the connector's row: running, with its error",
+            r#"const r = document.querySelector('#connector-rows tr[data-connector="dash-hook"]');
+               if (!r) return 'no row for dash-hook';
+               const cells = [...r.cells].map(c => c.textContent);
+               return (cells[1] === 'http_sink' && cells[2] === 'running' && cells[7] !== '')
+                 || 'cells: ' + JSON.stringify(cells);"#,
+            Value::Null,
+            WAIT,
+        )
+        .await;
+
     // No uncaught script errors on the way.
     let errors = script_errors(&browser).await;
     assert!(errors.is_empty(), "script errors in the page: {errors:#?}");
