@@ -296,8 +296,13 @@ pub async fn start(
         kafka_server = Some(server);
     }
     let bridges = amqp::bridge::start(&cx, config.amqp_bridges());
-    let connectors = tributary_connectors::Manager::start(&cx, config.connector_configs())
-        .context("cannot start the connectors")?;
+    #[cfg(feature = "connectors")]
+    let connector_routes = tributary_connectors::api::routes(
+        tributary_connectors::Manager::start(&cx, config.connector_configs())
+            .context("cannot start the connectors")?,
+    );
+    #[cfg(not(feature = "connectors"))]
+    let connector_routes = axum::Router::new();
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
     let https_listener = https.map(|(bound, tls)| {
@@ -311,7 +316,7 @@ pub async fn start(
         cx,
         http_config,
         extra_routes,
-        tributary_connectors::api::routes(connectors),
+        connector_routes,
     ));
     tracing::info!(mode = mode.as_str(), http = %http_addr, mqtt = ?mqtt_addr, amqp = ?amqp_addr, kafka = ?kafka_addr, data_dir = %config.data_dir.display(), "node ready");
 

@@ -11,6 +11,7 @@ use super::{Config, DurabilityMode};
 impl Config {
     /// The `[[connectors]]`, parsed (the invalid ones are left out; the
     /// validation names them).
+    #[cfg(feature = "connectors")]
     pub fn connector_configs(&self) -> Vec<tributary_connectors::ConnectorConfig> {
         self.connectors
             .iter()
@@ -18,7 +19,17 @@ impl Config {
             .collect()
     }
 
-    pub(super) fn validate(&self, errors: &mut Vec<String>) {
+    #[cfg(not(feature = "connectors"))]
+    fn validate_connectors(&self, errors: &mut Vec<String>) {
+        if !self.connectors.is_empty() {
+            errors.push(
+                "`connectors`: this build has no connectors (cargo feature `connectors`)".into(),
+            );
+        }
+    }
+
+    #[cfg(feature = "connectors")]
+    fn validate_connectors(&self, errors: &mut Vec<String>) {
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.connectors.iter().enumerate() {
             match tributary_connectors::ConnectorConfig::from_json(c.clone()) {
@@ -32,6 +43,10 @@ impl Config {
                 Err(e) => errors.push(format!("`connectors[{i}]`: {e}")),
             }
         }
+    }
+
+    pub(super) fn validate(&self, errors: &mut Vec<String>) {
+        self.validate_connectors(errors);
         let s = &self.storage;
         if self.data_dir.as_os_str().is_empty() {
             errors.push("`data_dir` must not be empty".into());
