@@ -25,21 +25,112 @@ pub struct ConnectorConfig {
 pub enum Kind {
     /// Webhooks: records POSTed as JSON.
     HttpSink(HttpSink),
+    /// Rows in a PostgreSQL table, exactly once.
+    PostgresSink(PostgresSink),
+    /// Records published to an outside MQTT broker.
+    MqttSink(MqttSink),
+    /// An outside MQTT broker's messages appended to a topic.
+    MqttSource(MqttSource),
 }
+
+/// The kinds, as `kind` names them.
+pub const KINDS: &str = "http_sink, postgres_sink, mqtt_sink, mqtt_source";
 
 impl Kind {
     /// The `kind` label.
     pub fn label(&self) -> &'static str {
         match self {
             Kind::HttpSink(_) => "http_sink",
+            Kind::PostgresSink(_) => "postgres_sink",
+            Kind::MqttSink(_) => "mqtt_sink",
+            Kind::MqttSource(_) => "mqtt_source",
         }
     }
 
-    /// The topics a sink reads.
-    pub fn topics(&self) -> &[String] {
+    /// A sink's delivery settings (none for a source).
+    pub fn delivery(&self) -> Option<&Delivery> {
         match self {
-            Kind::HttpSink(h) => &h.topics,
+            Kind::HttpSink(h) => Some(&h.delivery),
+            Kind::PostgresSink(p) => Some(&p.delivery),
+            Kind::MqttSink(m) => Some(&m.delivery),
+            Kind::MqttSource(_) => None,
         }
+    }
+}
+
+/// What every sink has: its topics, batches, retries and dead letters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Delivery {
+    /// The topics delivered.
+    pub topics: Vec<String>,
+    /// Records per batch (1..=10,000; none: the kind's default, 100 for
+    /// webhooks, 5,000 for PostgreSQL).
+    pub batch_size: Option<usize>,
+    /// Partitions delivered at once, each over its own connection (1..=32;
+    /// none: the kind's default, 1 for webhooks, 4 for PostgreSQL). A
+    /// partition's batches always go one after another, in order.
+    pub concurrency: Option<usize>,
+    /// Tries of one batch before it goes to the dead-letter topic (a
+    /// PostgreSQL sink retries an unreachable database without limit).
+    pub max_attempts: u32,
+    /// First retry delay ceiling (ms).
+    pub min_backoff_ms: u64,
+    /// Largest retry delay (ms); a longer `Retry-After` is cut to it.
+    pub max_backoff_ms: u64,
+    /// Where undeliverable records go (with headers naming the error and
+    /// where they came from); none: `<name>.dead-letter`.
+    pub dead_letter_topic: Option<String>,
+    /// Where a partition with no committed position starts.
+    pub start: Start,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            topics: Vec::new(),
+            batch_size: None,
+            concurrency: None,
+            max_attempts: 10,
+            min_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+            dead_letter_topic: None,
+            start: Start::Earliest,
+        }
+    }
+}
+
+impl Delivery {
+    /// The dead-letter topic of connector `name`.
+    pub fn dead_letters(&self, name: &str) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}.dead-letter"))
+    }
+
+    fn validate(&self, name: &str) -> Result<(), String> {
+        if self.topics.is_empty() {
+            return Err("`topics`: name at least one topic".into());
+        }
+        for t in &self.topics {
+            tributary_storage::topic::validate_name(t).map_err(|e| format!("`topics`: {e}"))?;
+        }
+        if self.batch_size.is_some_and(|b| !(1..=10_000).contains(&b)) {
+            return Err("`batch_size`: 1 to 10000".into());
+        }
+        if self.concurrency.is_some_and(|c| !(1..=32).contains(&c)) {
+            return Err("`concurrency`: 1 to 32".into());
+        }
+        if self.max_attempts == 0 || self.min_backoff_ms == 0 {
+            return Err("`max_attempts` and `min_backoff_ms` must be positive".into());
+        }
+        let dead = self.dead_letters(name);
+        tributary_storage::topic::validate_name(&dead)
+            .map_err(|e| format!("`dead_letter_topic`: {e}"))?;
+        if self.topics.contains(&dead) {
+            return Err("`dead_letter_topic` is one of the topics it reads".into());
+        }
+        Ok(())
     }
 }
 
@@ -65,55 +156,230 @@ pub enum Start {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HttpSink {
-    /// The topics delivered.
-    pub topics: Vec<String>,
+    /// Topics, batches, retries, dead letters.
+    #[serde(flatten)]
+    pub delivery: Delivery,
     /// `http://` or `https://` URL.
     pub url: String,
     /// Extra request headers; values may be secret references.
     pub headers: BTreeMap<String, String>,
-    /// Records per request (1..=10,000).
-    pub batch_size: usize,
     /// A request's time limit (ms).
     pub timeout_ms: u64,
-    /// Tries of one batch before it goes to the dead-letter topic.
-    pub max_attempts: u32,
-    /// First retry delay ceiling (ms).
-    pub min_backoff_ms: u64,
-    /// Largest retry delay (ms); a longer `Retry-After` is cut to it.
-    pub max_backoff_ms: u64,
-    /// Where undeliverable records go (with headers naming the error and
-    /// where they came from); none: `<name>.dead-letter`.
-    pub dead_letter_topic: Option<String>,
     /// PEM roots for `https://` (none: the system's).
     pub ca_file: Option<PathBuf>,
-    /// Where a partition with no committed position starts.
-    pub start: Start,
 }
 
 impl Default for HttpSink {
     fn default() -> Self {
         HttpSink {
-            topics: Vec::new(),
+            delivery: Delivery::default(),
             url: String::new(),
             headers: BTreeMap::new(),
-            batch_size: 100,
             timeout_ms: 10_000,
-            max_attempts: 10,
-            min_backoff_ms: 200,
-            max_backoff_ms: 30_000,
-            dead_letter_topic: None,
             ca_file: None,
-            start: Start::Earliest,
         }
     }
 }
 
-impl HttpSink {
-    /// The dead-letter topic of connector `name`.
-    pub fn dead_letters(&self, name: &str) -> String {
-        self.dead_letter_topic
+/// `kind = "postgres_sink"`: records as rows of `table`, exactly once —
+/// the rows and the connector's position in each partition (a row of
+/// `offsets_table`) are written in one transaction, and each transaction
+/// first reads the position back, so a batch delivered again after a crash
+/// or a lost answer is skipped. A row the table refuses (type, constraint)
+/// goes to the dead-letter topic with the database's error; the rest of
+/// its batch is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostgresSink {
+    /// Topics, batches, retries, dead letters.
+    #[serde(flatten)]
+    pub delivery: Delivery,
+    /// `postgres://user@host:port/database` (or a secret reference to
+    /// one); `?sslmode=require` connects with TLS and verifies the server
+    /// against `ca_file` or the system's roots.
+    pub url: String,
+    /// The password (a secret reference), if not in `url`.
+    pub password: Option<String>,
+    /// The target table (`name` or `schema.name`).
+    pub table: String,
+    /// Column → where its value comes from: a field of the record's JSON
+    /// value (`"temp"`, nested `"a.b"`), or `_key`, `_value`, `_ts`,
+    /// `_topic`, `_partition`, `_offset`.
+    pub columns: BTreeMap<String, String>,
+    /// `insert`, or `upsert` on the table's primary key (the latest record
+    /// per key wins).
+    pub mode: PgMode,
+    /// The table of positions (created if missing).
+    pub offsets_table: String,
+    /// PEM roots for `sslmode=require` (none: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Time limit of connecting and of one batch (ms).
+    pub timeout_ms: u64,
+}
+
+/// `kind = "mqtt_sink"`: each record published to an outside broker (MQTT
+/// 3.1.1, persistent session) at QoS 1 or 2; a batch's position is
+/// committed only when the broker has acknowledged every record of it
+/// (PUBACK, or PUBCOMP at QoS 2): at least once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MqttSink {
+    /// Topics, batches, retries, dead letters.
+    #[serde(flatten)]
+    pub delivery: Delivery,
+    /// The broker and how to log in.
+    #[serde(flatten)]
+    pub broker: Broker,
+    /// 1 or 2.
+    pub qos: u8,
+    /// The MQTT topic of each record: a template with `{key}`, `{topic}`,
+    /// `{partition}`, `{header.NAME}`; none: the record's `mqtt.topic`
+    /// header, else its key.
+    pub mqtt_topic: Option<String>,
+    /// Publish with the retain flag.
+    pub retain: bool,
+}
+
+impl Default for MqttSink {
+    fn default() -> Self {
+        MqttSink {
+            delivery: Delivery::default(),
+            broker: Broker::default(),
+            qos: 1,
+            mqtt_topic: None,
+            retain: false,
+        }
+    }
+}
+
+/// An outside MQTT broker, as both MQTT kinds name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Broker {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
+    pub url: String,
+    /// User name.
+    pub username: Option<String>,
+    /// Password (a secret reference).
+    pub password: Option<String>,
+    /// Client id (none: `tributary-<name>`); the broker keeps the
+    /// persistent session under it.
+    pub client_id: Option<String>,
+    /// Keep-alive (s).
+    pub keep_alive_s: u16,
+    /// Time limit of connecting and of each wait for the broker (ms).
+    pub timeout_ms: u64,
+    /// PEM roots for `mqtts://` (none: the system's).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            url: String::new(),
+            username: None,
+            password: None,
+            client_id: None,
+            keep_alive_s: 30,
+            timeout_ms: 10_000,
+            ca_file: None,
+        }
+    }
+}
+
+impl Broker {
+    /// The client id of connector `name`.
+    pub fn client_id(&self, name: &str) -> String {
+        self.client_id
             .clone()
-            .unwrap_or_else(|| format!("{name}.dead-letter"))
+            .unwrap_or_else(|| format!("tributary-{name}"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::mqtt_link::parse_url(&self.url).map_err(|e| format!("`url`: {e}"))?;
+        if let Some(p) = &self.password {
+            if reference(p).is_none() {
+                return Err("`password`: give it as `${env:NAME}` or `${file:PATH}`".into());
+            }
+            check_reference(p).map_err(|e| format!("`password`: {e}"))?;
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err("`password` without `username`".into());
+        }
+        if self
+            .client_id
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c.len() > 65_535)
+        {
+            return Err("`client_id`: 1 to 65535 bytes".into());
+        }
+        if self.keep_alive_s == 0 || self.timeout_ms == 0 {
+            return Err("`keep_alive_s` and `timeout_ms` must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// `kind = "mqtt_source"`: subscribes to `mqtt_topics` on an outside broker
+/// (MQTT 3.1.1, persistent session, QoS 1) and appends each message to
+/// `topic` (key and `mqtt.topic` header: its MQTT topic), acknowledging it
+/// only once the append is durable: at least once, also across a restart
+/// of either side (the broker keeps what arrives meanwhile).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MqttSource {
+    /// The broker and how to log in.
+    #[serde(flatten)]
+    pub broker: Broker,
+    /// Topic filters subscribed to (wildcards allowed).
+    pub mqtt_topics: Vec<String>,
+    /// The log topic the messages go to.
+    pub topic: String,
+    /// Messages per append at most (1..=10,000).
+    pub batch_size: usize,
+    /// First reconnect delay ceiling (ms).
+    pub min_backoff_ms: u64,
+    /// Largest reconnect delay (ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for MqttSource {
+    fn default() -> Self {
+        MqttSource {
+            broker: Broker::default(),
+            mqtt_topics: Vec::new(),
+            topic: String::new(),
+            batch_size: 500,
+            min_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// How a PostgreSQL sink writes rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgMode {
+    /// Every record a new row (`COPY`).
+    #[default]
+    Insert,
+    /// One row per primary key, the latest record's.
+    Upsert,
+}
+
+impl Default for PostgresSink {
+    fn default() -> Self {
+        PostgresSink {
+            delivery: Delivery::default(),
+            url: String::new(),
+            password: None,
+            table: String::new(),
+            columns: BTreeMap::new(),
+            mode: PgMode::Insert,
+            offsets_table: "tributary_offsets".into(),
+            ca_file: None,
+            timeout_ms: 30_000,
+        }
     }
 }
 
@@ -128,9 +394,9 @@ impl ConnectorConfig {
         let config: ConnectorConfig = serde_json::from_value(v).map_err(|e| {
             let e = e.to_string();
             if e.contains("unknown variant") {
-                format!("`kind`: {e} (known: http_sink)")
+                format!("`kind`: {e} (known: {KINDS})")
             } else if e.contains("missing field `kind`") {
-                "`kind` is missing (known: http_sink)".to_owned()
+                format!("`kind` is missing (known: {KINDS})")
             } else {
                 e
             }
@@ -151,42 +417,88 @@ impl ConnectorConfig {
     /// Checks every setting; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.name)?;
+        if let Some(d) = self.kind.delivery() {
+            d.validate(&self.name)?;
+        }
         match &self.kind {
             Kind::HttpSink(h) => {
-                if h.topics.is_empty() {
-                    return Err("`topics`: name at least one topic".into());
-                }
-                for t in &h.topics {
-                    tributary_storage::topic::validate_name(t)
-                        .map_err(|e| format!("`topics`: {e}"))?;
-                }
                 let url = reqwest::Url::parse(&h.url)
                     .map_err(|e| format!("`url`: `{}` is not a URL: {e}", h.url))?;
                 if !matches!(url.scheme(), "http" | "https") {
                     return Err(format!("`url`: `{}` is not http:// or https://", h.url));
                 }
-                if !(1..=10_000).contains(&h.batch_size) {
-                    return Err("`batch_size`: 1 to 10000".into());
-                }
-                if h.timeout_ms == 0 || h.max_attempts == 0 || h.min_backoff_ms == 0 {
-                    return Err(
-                        "`timeout_ms`, `max_attempts` and `min_backoff_ms` must be positive".into(),
-                    );
+                if h.timeout_ms == 0 {
+                    return Err("`timeout_ms` must be positive".into());
                 }
                 for (k, v) in &h.headers {
                     reqwest::header::HeaderName::from_bytes(k.as_bytes())
                         .map_err(|_| format!("`headers`: `{k}` is not a header name"))?;
                     check_reference(v).map_err(|e| format!("`headers.{k}`: {e}"))?;
                 }
-                let dead = h.dead_letters(&self.name);
-                tributary_storage::topic::validate_name(&dead)
-                    .map_err(|e| format!("`dead_letter_topic`: {e}"))?;
-                if h.topics.contains(&dead) {
-                    return Err("`dead_letter_topic` is one of the topics it reads".into());
+                Ok(())
+            }
+            Kind::PostgresSink(p) => p.validate(),
+            Kind::MqttSink(m) => {
+                m.broker.validate()?;
+                if !matches!(m.qos, 1 | 2) {
+                    return Err("`qos`: 1 or 2".into());
+                }
+                if let Some(t) = &m.mqtt_topic {
+                    crate::mqtt::check_template(t).map_err(|e| format!("`mqtt_topic`: {e}"))?;
+                }
+                Ok(())
+            }
+            Kind::MqttSource(m) => {
+                m.broker.validate()?;
+                if m.mqtt_topics.is_empty() {
+                    return Err("`mqtt_topics`: name at least one topic filter".into());
+                }
+                for f in &m.mqtt_topics {
+                    crate::mqtt::check_filter(f).map_err(|e| format!("`mqtt_topics`: {e}"))?;
+                }
+                tributary_storage::topic::validate_name(&m.topic)
+                    .map_err(|e| format!("`topic`: {e}"))?;
+                if !(1..=10_000).contains(&m.batch_size) {
+                    return Err("`batch_size`: 1 to 10000".into());
+                }
+                if m.min_backoff_ms == 0 {
+                    return Err("`min_backoff_ms` must be positive".into());
                 }
                 Ok(())
             }
         }
+    }
+}
+
+impl PostgresSink {
+    fn validate(&self) -> Result<(), String> {
+        check_reference(&self.url).map_err(|e| format!("`url`: {e}"))?;
+        if reference(&self.url).is_none() {
+            crate::postgres_sink::parse_url(&self.url).map_err(|e| format!("`url`: {e}"))?;
+        }
+        if let Some(p) = &self.password {
+            if reference(p).is_none() {
+                return Err("`password`: give it as `${env:NAME}` or `${file:PATH}`".into());
+            }
+            check_reference(p).map_err(|e| format!("`password`: {e}"))?;
+        }
+        crate::postgres_sink::quote_table(&self.table).map_err(|e| format!("`table`: {e}"))?;
+        crate::postgres_sink::quote_table(&self.offsets_table)
+            .map_err(|e| format!("`offsets_table`: {e}"))?;
+        if self.columns.is_empty() {
+            return Err("`columns`: map at least one column to a field".into());
+        }
+        for (column, field) in &self.columns {
+            if column.is_empty() || column.contains('\0') {
+                return Err(format!("`columns`: `{column}` is not a column name"));
+            }
+            crate::postgres_sink::Field::parse(field)
+                .map_err(|e| format!("`columns.{column}`: {e}"))?;
+        }
+        if self.timeout_ms == 0 {
+            return Err("`timeout_ms` must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -246,9 +558,11 @@ mod tests {
             "headers": {"Authorization": "${env:HOOK_TOKEN}"}
         }))
         .expect("valid");
-        let Kind::HttpSink(h) = &c.kind;
-        assert_eq!(h.batch_size, 100);
-        assert_eq!(h.dead_letters("hooks"), "hooks.dead-letter");
+        let Kind::HttpSink(h) = &c.kind else {
+            panic!("an http_sink")
+        };
+        assert_eq!(h.delivery.batch_size, None);
+        assert_eq!(h.delivery.dead_letters("hooks"), "hooks.dead-letter");
         let bad = |v: serde_json::Value, names: &str| {
             let e = ConnectorConfig::from_json(v).expect_err("invalid");
             assert!(e.contains(names), "{e} should name {names}");

@@ -13,8 +13,8 @@ use crate::sink::{Deliver, Outcome};
 /// Longest piece of an error answer's body kept in the error.
 const ERROR_BODY_CHARS: usize = 200;
 
-/// One webhook.
-#[derive(Debug)]
+/// One webhook (clones share the client and its connections).
+#[derive(Debug, Clone)]
 pub struct Webhook {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -50,7 +50,7 @@ impl Webhook {
             client,
             url,
             headers,
-            one_per_request: config.batch_size == 1,
+            one_per_request: config.delivery.batch_size == Some(1),
         })
     }
 }
@@ -92,7 +92,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 impl Deliver for Webhook {
-    async fn deliver(&mut self, topic: &str, records: &[Record]) -> Outcome {
+    async fn deliver(&mut self, topic: &str, records: &[Record], _next: u64) -> Outcome {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Outcome::Delivered;
         };

@@ -8,6 +8,9 @@
 //! - [`sink`], the engine every sink runs (positions, batches, retries,
 //!   dead letters, commits after delivery).
 //! - [`http_sink`], webhooks.
+//! - [`postgres_sink`], rows in PostgreSQL, exactly once.
+//! - [`mqtt`], the bridge to an outside MQTT broker (sink and source), over
+//!   [`mqtt_link`].
 //! - [`manager`], the node's connectors, their state and counters
 //!   (`/v1/stats` section `connectors`, `tributary_connector_*` metrics).
 //! - [`api`], the routes of `/v1/connectors`.
@@ -16,7 +19,10 @@ pub mod api;
 pub mod config;
 pub mod http_sink;
 pub mod manager;
+pub mod mqtt;
+pub mod mqtt_link;
+pub mod postgres_sink;
 pub mod sink;
 
 pub use config::ConnectorConfig;
-pub use manager::Manager;
+pub use manager::{check_at_start, Manager};

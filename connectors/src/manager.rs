@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -18,6 +17,9 @@ use tributary_storage::Log;
 
 use crate::config::{ConnectorConfig, Kind};
 use crate::http_sink::Webhook;
+use crate::mqtt::{self, MqttOut};
+use crate::mqtt_link::{Endpoint, LinkError};
+use crate::postgres_sink::{ConnectError as PgError, PgSink};
 use crate::sink::{self, Settings, Status};
 
 /// Metadata space of the connectors created over the API.
@@ -136,35 +138,89 @@ impl Manager {
         let status = Arc::new(Status::default());
         let cancel = self.shutdown.child_token();
         let (paused_tx, paused_rx) = watch::channel(paused);
-        let failed = match &config.kind {
-            Kind::HttpSink(h) => match Webhook::new(h) {
-                Ok(hook) => {
-                    let settings = Settings {
-                        name: config.name.clone(),
-                        topics: h.topics.clone(),
-                        batch_size: h.batch_size,
-                        max_attempts: h.max_attempts,
-                        min_backoff: Duration::from_millis(h.min_backoff_ms),
-                        max_backoff: Duration::from_millis(h.max_backoff_ms.max(h.min_backoff_ms)),
-                        dead_letter_topic: h.dead_letters(&config.name),
-                        start: h.start,
-                    };
-                    tokio::spawn(sink::run(
-                        self.log.clone(),
-                        settings,
-                        hook,
+        let log = &self.log;
+        let started = match &config.kind {
+            Kind::HttpSink(h) => Webhook::new(h).map(|hook| {
+                let settings = Settings::new(&config.name, &h.delivery, (100, 1));
+                let hooks = vec![hook; settings.concurrency];
+                let run = sink::run(
+                    log.clone(),
+                    settings,
+                    hooks,
+                    status.clone(),
+                    cancel.clone(),
+                    paused_rx,
+                );
+                tokio::spawn(run);
+            }),
+            Kind::PostgresSink(p) => {
+                let settings = Settings::new(&config.name, &p.delivery, (5000, 4));
+                (0..settings.concurrency)
+                    .map(|_| PgSink::new(&config.name, p, settings.dead_letters(log)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|sinks| {
+                        let run = sink::run(
+                            log.clone(),
+                            settings,
+                            sinks,
+                            status.clone(),
+                            cancel.clone(),
+                            paused_rx,
+                        );
+                        tokio::spawn(run);
+                    })
+            }
+            Kind::MqttSink(m) => {
+                let settings = Settings::new(&config.name, &m.delivery, (100, 1));
+                let id = m.broker.client_id(&config.name);
+                (0..settings.concurrency)
+                    .map(|i| {
+                        // One session per connection.
+                        let id = if i == 0 {
+                            id.clone()
+                        } else {
+                            format!("{id}-{i}")
+                        };
+                        let endpoint = Endpoint::new(&m.broker, id)?;
+                        MqttOut::new(
+                            endpoint,
+                            m.qos,
+                            m.retain,
+                            m.mqtt_topic.as_deref(),
+                            settings.dead_letters(log),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|outs| {
+                        let run = sink::run(
+                            log.clone(),
+                            settings,
+                            outs,
+                            status.clone(),
+                            cancel.clone(),
+                            paused_rx,
+                        );
+                        tokio::spawn(run);
+                    })
+            }
+            Kind::MqttSource(m) => {
+                Endpoint::new(&m.broker, m.broker.client_id(&config.name)).map(|endpoint| {
+                    let run = mqtt::run_source(
+                        log.clone(),
+                        m.clone(),
+                        endpoint,
                         status.clone(),
                         cancel.clone(),
                         paused_rx,
-                    ));
-                    None
-                }
-                Err(e) => {
-                    tracing::error!(connector = %config.name, error = %e, "connector cannot start");
-                    Some(e)
-                }
-            },
+                    );
+                    tokio::spawn(run);
+                })
+            }
         };
+        let failed = started.err();
+        if let Some(e) = &failed {
+            tracing::error!(connector = %config.name, error = %e, "connector cannot start");
+        }
         let name = config.name.clone();
         let old = lock(&self.connectors).insert(
             name,
@@ -247,6 +303,11 @@ impl Manager {
         if lock(&self.connectors).contains_key(&config.name) {
             return Err(Error::Exists(config.name));
         }
+        // The operator is there to see it: a target that cannot be
+        // reached is refused too.
+        probe(&config)
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         self.store(&config, false).await?;
         let name = config.name.clone();
         self.launch(config, false, false);
@@ -308,6 +369,41 @@ impl Manager {
         self.launch(config, from_file, paused);
         self.get(name)
     }
+}
+
+/// Connects to a connector's target and checks its settings there (the
+/// table and columns of a PostgreSQL sink); webhooks are not called.
+async fn probe(config: &ConnectorConfig) -> Result<(), PgError> {
+    let broker = match &config.kind {
+        Kind::HttpSink(_) => return Ok(()),
+        Kind::PostgresSink(p) => return PgSink::check(&config.name, p).await,
+        Kind::MqttSink(m) => &m.broker,
+        Kind::MqttSource(m) => &m.broker,
+    };
+    let endpoint =
+        Endpoint::new(broker, broker.client_id(&config.name)).map_err(PgError::Invalid)?;
+    mqtt::probe(&endpoint).await.map_err(|e| match e {
+        LinkError::Refused(e) => PgError::Invalid(format!("`url`: {e}")),
+        LinkError::Unreachable(e) => PgError::Unreachable(format!("`url`: cannot connect: {e}")),
+    })
+}
+
+/// Checks the config file's connectors against their targets before the
+/// node starts: a target that answers that the settings are wrong (no such
+/// table or column, login refused) stops the start with the message; one
+/// that cannot be reached is only logged — a gateway must start while the
+/// database is down, and its sink retries until it is back.
+pub async fn check_at_start(configs: &[ConnectorConfig]) -> Result<(), String> {
+    for c in configs {
+        match probe(c).await {
+            Ok(()) => {}
+            Err(PgError::Invalid(e)) => return Err(format!("connector `{}`: {e}", c.name)),
+            Err(PgError::Unreachable(e)) => {
+                tracing::warn!(connector = %c.name, error = %e, "connector's target unreachable at start; it retries");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `/metrics` series of every connector.

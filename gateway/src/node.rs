@@ -114,6 +114,10 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningNode> {
+    #[cfg(feature = "connectors")]
+    tributary_connectors::check_at_start(&config.connector_configs())
+        .await
+        .map_err(|e| anyhow::anyhow!("`connectors`: {e}"))?;
     let log_dir = config.data_dir.join("log");
     let log_config = config.log_config(mode);
     let sled = config.sled_options();
