@@ -31,10 +31,14 @@ pub enum Kind {
     MqttSink(MqttSink),
     /// An outside MQTT broker's messages appended to a topic.
     MqttSource(MqttSource),
+    /// A topic published to an AMQP 0-9-1 exchange (RabbitMQ).
+    AmqpSink(AmqpSink),
+    /// An AMQP 0-9-1 queue (RabbitMQ) consumed into a topic.
+    AmqpSource(AmqpSource),
 }
 
 /// The kinds, as `kind` names them.
-pub const KINDS: &str = "http_sink, postgres_sink, mqtt_sink, mqtt_source";
+pub const KINDS: &str = "http_sink, postgres_sink, mqtt_sink, mqtt_source, amqp_sink, amqp_source";
 
 impl Kind {
     /// The `kind` label.
@@ -44,6 +48,8 @@ impl Kind {
             Kind::PostgresSink(_) => "postgres_sink",
             Kind::MqttSink(_) => "mqtt_sink",
             Kind::MqttSource(_) => "mqtt_source",
+            Kind::AmqpSink(_) => "amqp_sink",
+            Kind::AmqpSource(_) => "amqp_source",
         }
     }
 
@@ -53,7 +59,7 @@ impl Kind {
             Kind::HttpSink(h) => Some(&h.delivery),
             Kind::PostgresSink(p) => Some(&p.delivery),
             Kind::MqttSink(m) => Some(&m.delivery),
-            Kind::MqttSource(_) => None,
+            Kind::MqttSource(_) | Kind::AmqpSink(_) | Kind::AmqpSource(_) => None,
         }
     }
 }
@@ -65,7 +71,7 @@ pub struct Delivery {
     /// The topics delivered.
     pub topics: Vec<String>,
     /// Records per batch (1..=10,000; none: the kind's default, 100 for
-    /// webhooks, 5,000 for PostgreSQL).
+    /// webhooks, 5,000 for PostgreSQL, 500 for MQTT).
     pub batch_size: Option<usize>,
     /// Partitions delivered at once, each over its own connection (1..=32;
     /// none: the kind's default, 1 for webhooks, 4 for PostgreSQL). A
@@ -356,6 +362,112 @@ impl Default for MqttSource {
     }
 }
 
+/// `kind = "amqp_sink"`: the records of `topic` published to an AMQP 0-9-1
+/// exchange with publisher confirms, the position (consumer group
+/// `connector-<name>`) committed only after the broker confirmed everything
+/// before it: at least once, in partition order. (The RabbitMQ bridge of
+/// `[[amqp.bridges]]`, direction `out`, as a connector.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AmqpSink {
+    /// `amqp://user:pass@host:port/vhost` or `amqps://…` (or a secret
+    /// reference to one).
+    pub url: String,
+    /// The topic forwarded.
+    pub topic: String,
+    /// The exchange (`""`: the default exchange).
+    pub exchange: String,
+    /// A fixed routing key; none: the record's key, else the topic.
+    pub routing_key: Option<String>,
+    /// Messages per confirm round (1..=65,535).
+    pub batch_size: u16,
+    /// Time limit of connecting and of a confirm round (ms).
+    pub timeout_ms: u64,
+    /// First reconnect delay ceiling (ms).
+    pub min_backoff_ms: u64,
+    /// Largest reconnect delay (ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for AmqpSink {
+    fn default() -> Self {
+        AmqpSink {
+            url: String::new(),
+            topic: String::new(),
+            exchange: String::new(),
+            routing_key: None,
+            batch_size: 256,
+            timeout_ms: 10_000,
+            min_backoff_ms: 500,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// `kind = "amqp_source"`: a queue consumed into `topic`; deliveries ready
+/// together are one append, acknowledged (`basic.ack`, multiple) only once
+/// it is durable: at least once. (The RabbitMQ bridge of `[[amqp.bridges]]`,
+/// direction `in`, as a connector.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AmqpSource {
+    /// `amqp://user:pass@host:port/vhost` or `amqps://…` (or a secret
+    /// reference to one).
+    pub url: String,
+    /// The queue consumed.
+    pub queue: String,
+    /// The topic appended to.
+    pub topic: String,
+    /// Messages per append at most, also the prefetch (1..=65,535).
+    pub batch_size: u16,
+    /// Time limit of connecting and of an acknowledgement (ms).
+    pub timeout_ms: u64,
+    /// First reconnect delay ceiling (ms).
+    pub min_backoff_ms: u64,
+    /// Largest reconnect delay (ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for AmqpSource {
+    fn default() -> Self {
+        AmqpSource {
+            url: String::new(),
+            queue: String::new(),
+            topic: String::new(),
+            batch_size: 256,
+            timeout_ms: 10_000,
+            min_backoff_ms: 500,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// Checks what both AMQP kinds have.
+fn check_amqp(
+    url: &str,
+    topic: &str,
+    batch: u16,
+    timeout_ms: u64,
+    min: u64,
+    max: u64,
+) -> Result<(), String> {
+    if !tributary_amqp::bridge::AVAILABLE {
+        return Err("this build has no AMQP bridge (cargo feature `amqp-bridge`)".into());
+    }
+    check_reference(url).map_err(|e| format!("`url`: {e}"))?;
+    if reference(url).is_none() {
+        tributary_amqp::bridge::validate_url(url).map_err(|e| format!("`url`: {e}"))?;
+    }
+    tributary_storage::topic::validate_name(topic).map_err(|e| format!("`topic`: {e}"))?;
+    if batch == 0 || timeout_ms == 0 || min == 0 {
+        return Err("`batch_size`, `timeout_ms` and `min_backoff_ms` must be positive".into());
+    }
+    if max < min {
+        return Err("`max_backoff_ms` must be at least `min_backoff_ms`".into());
+    }
+    Ok(())
+}
+
 /// How a PostgreSQL sink writes rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -447,6 +559,27 @@ impl ConnectorConfig {
                     crate::mqtt::check_template(t).map_err(|e| format!("`mqtt_topic`: {e}"))?;
                 }
                 Ok(())
+            }
+            Kind::AmqpSink(a) => check_amqp(
+                &a.url,
+                &a.topic,
+                a.batch_size,
+                a.timeout_ms,
+                a.min_backoff_ms,
+                a.max_backoff_ms,
+            ),
+            Kind::AmqpSource(a) => {
+                if a.queue.is_empty() {
+                    return Err("`queue`: name the queue to consume".into());
+                }
+                check_amqp(
+                    &a.url,
+                    &a.topic,
+                    a.batch_size,
+                    a.timeout_ms,
+                    a.min_backoff_ms,
+                    a.max_backoff_ms,
+                )
             }
             Kind::MqttSource(m) => {
                 m.broker.validate()?;

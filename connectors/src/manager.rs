@@ -15,7 +15,11 @@ use tributary_frontend::{FrontendContext, MetricsSource, Text};
 use tributary_storage::util::lock;
 use tributary_storage::Log;
 
-use crate::config::{ConnectorConfig, Kind};
+use std::time::Duration;
+
+use tributary_amqp::bridge::{BridgeConfig, BridgeStats, Direction};
+
+use crate::config::{resolve, ConnectorConfig, Kind};
 use crate::http_sink::Webhook;
 use crate::mqtt::{self, MqttOut};
 use crate::mqtt_link::{Endpoint, LinkError};
@@ -67,6 +71,8 @@ struct Running {
     config: ConnectorConfig,
     from_file: bool,
     status: Arc<Status>,
+    /// An AMQP kind: the bridge's own counters.
+    bridge: Option<Arc<BridgeStats>>,
     paused: watch::Sender<bool>,
     cancel: CancellationToken,
     failed: Option<String>,
@@ -139,6 +145,7 @@ impl Manager {
         let cancel = self.shutdown.child_token();
         let (paused_tx, paused_rx) = watch::channel(paused);
         let log = &self.log;
+        let mut bridge = None;
         let started = match &config.kind {
             Kind::HttpSink(h) => Webhook::new(h).map(|hook| {
                 let settings = Settings::new(&config.name, &h.delivery, (100, 1));
@@ -171,7 +178,7 @@ impl Manager {
                     })
             }
             Kind::MqttSink(m) => {
-                let settings = Settings::new(&config.name, &m.delivery, (100, 1));
+                let settings = Settings::new(&config.name, &m.delivery, (500, 1));
                 let id = m.broker.client_id(&config.name);
                 (0..settings.concurrency)
                     .map(|i| {
@@ -216,6 +223,20 @@ impl Manager {
                     tokio::spawn(run);
                 })
             }
+            Kind::AmqpSink(_) | Kind::AmqpSource(_) => amqp_bridge(&config).map(|bridge_config| {
+                let stats = Arc::new(BridgeStats::default());
+                bridge = Some(stats.clone());
+                let log = log.clone();
+                let run = pausable(cancel.clone(), paused_rx, move |cancel| {
+                    tributary_amqp::bridge::run(
+                        log.clone(),
+                        bridge_config.clone(),
+                        stats.clone(),
+                        cancel,
+                    )
+                });
+                tokio::spawn(run);
+            }),
         };
         let failed = started.err();
         if let Some(e) = &failed {
@@ -228,6 +249,7 @@ impl Manager {
                 config,
                 from_file,
                 status,
+                bridge,
                 paused: paused_tx,
                 cancel,
                 failed,
@@ -246,13 +268,48 @@ impl Manager {
         }
     }
 
+    /// A connector's counters: delivered records and batches, retries,
+    /// dead letters, lag.
+    fn counters(&self, r: &Running) -> [u64; 5] {
+        let s = &r.status;
+        match (&r.bridge, &r.config.kind) {
+            (Some(b), kind) => {
+                let lag = match kind {
+                    Kind::AmqpSink(a) => {
+                        group_lag(&self.log, &sink::group_of(&r.config.name), &a.topic)
+                    }
+                    _ => 0,
+                };
+                [
+                    b.messages.load(Relaxed),
+                    b.batches.load(Relaxed),
+                    b.errors.load(Relaxed),
+                    b.rejected.load(Relaxed),
+                    lag,
+                ]
+            }
+            (None, _) => [
+                s.delivered.load(Relaxed),
+                s.batches.load(Relaxed),
+                s.retries.load(Relaxed),
+                s.dead_letters.load(Relaxed),
+                s.lag(&self.log),
+            ],
+        }
+    }
+
     fn info(&self, r: &Running) -> serde_json::Value {
         let s = &r.status;
+        let last_error = match &r.bridge {
+            Some(b) => lock(&b.last_error).clone(),
+            None => lock(&s.last_error).clone(),
+        };
         let (state, error) = match Self::state_of(r) {
-            State::Running => ("running", lock(&s.last_error).clone()),
-            State::Paused => ("paused", lock(&s.last_error).clone()),
+            State::Running => ("running", last_error),
+            State::Paused => ("paused", last_error),
             State::Failed(e) => ("failed", Some(e)),
         };
+        let [delivered, batches, retries, dead_letters, lag] = self.counters(r);
         json!({
             "name": r.config.name,
             "kind": r.config.kind.label(),
@@ -260,11 +317,11 @@ impl Manager {
             "state": state,
             "last_error": error,
             "group": sink::group_of(&r.config.name),
-            "delivered_records": s.delivered.load(Relaxed),
-            "delivered_batches": s.batches.load(Relaxed),
-            "retries": s.retries.load(Relaxed),
-            "dead_letters": s.dead_letters.load(Relaxed),
-            "lag_records": s.lag(&self.log),
+            "delivered_records": delivered,
+            "delivered_batches": batches,
+            "retries": retries,
+            "dead_letters": dead_letters,
+            "lag_records": lag,
             "config": r.config,
         })
     }
@@ -371,6 +428,102 @@ impl Manager {
     }
 }
 
+/// Records of `topic` not yet past `group`'s committed positions.
+fn group_lag(log: &Log, group: &str, topic: &str) -> u64 {
+    let Ok(info) = log.topic(topic) else {
+        return 0;
+    };
+    let committed: BTreeMap<u32, u64> = log
+        .group_offsets(group)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.topic == topic)
+        .map(|o| (o.partition, o.offset))
+        .collect();
+    info.partitions
+        .iter()
+        .map(|p| {
+            let at = committed
+                .get(&p.partition)
+                .copied()
+                .unwrap_or(p.start_offset);
+            p.end_offset.saturating_sub(at.max(p.start_offset))
+        })
+        .sum()
+}
+
+/// The bridge settings of an `amqp_sink` or `amqp_source` (its URL's
+/// secret resolved).
+fn amqp_bridge(c: &ConnectorConfig) -> Result<BridgeConfig, String> {
+    let (direction, url, topic, queue, exchange, routing_key, batch, timeout, min, max) =
+        match &c.kind {
+            Kind::AmqpSink(a) => (
+                Direction::Out,
+                &a.url,
+                &a.topic,
+                String::new(),
+                a.exchange.clone(),
+                a.routing_key.clone(),
+                a.batch_size,
+                a.timeout_ms,
+                a.min_backoff_ms,
+                a.max_backoff_ms,
+            ),
+            Kind::AmqpSource(a) => (
+                Direction::In,
+                &a.url,
+                &a.topic,
+                a.queue.clone(),
+                String::new(),
+                None,
+                a.batch_size,
+                a.timeout_ms,
+                a.min_backoff_ms,
+                a.max_backoff_ms,
+            ),
+            _ => return Err("not an AMQP connector".into()),
+        };
+    Ok(BridgeConfig {
+        name: c.name.clone(),
+        direction,
+        url: resolve(url).map_err(|e| format!("`url`: {e}"))?,
+        topic: topic.clone(),
+        queue,
+        exchange,
+        routing_key,
+        batch,
+        timeout: Duration::from_millis(timeout),
+        min_backoff: Duration::from_millis(min),
+        max_backoff: Duration::from_millis(max.max(min)),
+        group: sink::group_of(&c.name),
+    })
+}
+
+/// Runs `run` while not paused: a pause cancels it, a resume starts it
+/// again; until `cancel`.
+async fn pausable<F, Fut>(cancel: CancellationToken, mut paused: watch::Receiver<bool>, run: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        if *paused.borrow_and_update() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = paused.changed() => continue,
+            }
+        }
+        let child = cancel.child_token();
+        tokio::select! {
+            () = run(child.clone()) => return,
+            _ = paused.changed() => child.cancel(),
+        }
+    }
+}
+
 /// Connects to a connector's target and checks its settings there (the
 /// table and columns of a PostgreSQL sink); webhooks are not called.
 async fn probe(config: &ConnectorConfig) -> Result<(), PgError> {
@@ -379,6 +532,12 @@ async fn probe(config: &ConnectorConfig) -> Result<(), PgError> {
         Kind::PostgresSink(p) => return PgSink::check(&config.name, p).await,
         Kind::MqttSink(m) => &m.broker,
         Kind::MqttSource(m) => &m.broker,
+        Kind::AmqpSink(_) | Kind::AmqpSource(_) => {
+            let bridge = amqp_bridge(config).map_err(PgError::Invalid)?;
+            return tributary_amqp::bridge::probe(&bridge)
+                .await
+                .map_err(|e| PgError::Unreachable(format!("`url`: cannot connect: {e}")));
+        }
     };
     let endpoint =
         Endpoint::new(broker, broker.client_id(&config.name)).map_err(PgError::Invalid)?;
@@ -415,16 +574,16 @@ impl MetricsSource for Metrics {
         let rows: Vec<(String, &'static str, [u64; 6])> = lock(&m.connectors)
             .values()
             .map(|r| {
-                let s = &r.status;
+                let [delivered, batches, retries, dead_letters, lag] = m.counters(r);
                 (
                     r.config.name.clone(),
                     r.config.kind.label(),
                     [
-                        s.delivered.load(Relaxed),
-                        s.batches.load(Relaxed),
-                        s.retries.load(Relaxed),
-                        s.dead_letters.load(Relaxed),
-                        s.lag(&m.log),
+                        delivered,
+                        batches,
+                        retries,
+                        dead_letters,
+                        lag,
                         u64::from(Manager::state_of(r) == State::Running),
                     ],
                 )

@@ -85,6 +85,13 @@ fn parse_template(t: &str) -> Result<Vec<Piece>, String> {
     Ok(pieces)
 }
 
+/// The MQTT topic a sink with `template` publishes record `r` of `topic`
+/// to.
+pub fn topic_for(template: Option<&str>, topic: &str, r: &Record) -> Result<String, String> {
+    let pieces = template.map(parse_template).transpose()?;
+    topic_of(pieces.as_deref(), topic, r)
+}
+
 /// Checks an `mqtt_topic` template.
 pub fn check_template(t: &str) -> Result<(), String> {
     parse_template(t).map(|_| ())

@@ -615,6 +615,31 @@ async fn write(
     Ok(())
 }
 
+/// A PostgreSQL column type (for [`copy_row`]).
+pub use tokio_postgres::types::Type as ColumnType;
+
+/// `r` as one row of COPY's text format for columns of `columns` (what a
+/// batch writes; also the fuzz target's way in).
+pub fn copy_row(columns: &[(Field, ColumnType)], topic: &str, r: &Record) -> Result<Vec<u8>, String> {
+    let plan = Plan {
+        columns: columns
+            .iter()
+            .map(|(field, ty)| Column {
+                field: field.clone(),
+                ty: ty.clone(),
+            })
+            .collect(),
+        copy: String::new(),
+        upsert: None,
+        read_position: None,
+        write_position: None,
+        read_positions: None,
+    };
+    let mut out = Vec::new();
+    render(&plan, topic, r, &mut out)?;
+    Ok(out)
+}
+
 /// `fmt::Write` into a byte buffer.
 struct Text<'a>(&'a mut Vec<u8>);
 

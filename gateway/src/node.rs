@@ -299,7 +299,14 @@ pub async fn start(
         kafka_addr = Some(start_frontend(&server, listen, kafkas, max, &mut tasks).await?);
         kafka_server = Some(server);
     }
-    let bridges = amqp::bridge::start(&cx, config.amqp_bridges());
+    let amqp_bridges = config.amqp_bridges();
+    if !amqp_bridges.is_empty() {
+        tracing::warn!(
+            "`[[amqp.bridges]]` is deprecated: the same bridge is a connector, \
+             `[[connectors]]` with kind = \"amqp_source\" (direction in) or \"amqp_sink\" (out)"
+        );
+    }
+    let bridges = amqp::bridge::start(&cx, amqp_bridges);
     #[cfg(feature = "connectors")]
     let connector_routes = tributary_connectors::api::routes(
         tributary_connectors::Manager::start(&cx, config.connector_configs())

@@ -395,3 +395,157 @@ fn a_topic_is_forwarded_to_rabbitmq_across_a_rabbitmq_restart() {
     );
     rt.block_on(node.stop());
 }
+
+/// The same bridge as connectors (`amqp_source`, `amqp_sink`) created over
+/// the API: a queue consumed into a topic and that topic forwarded to
+/// another queue, with the connectors' counters, lag and pause; a broker
+/// that cannot be reached is refused when the connector is created.
+#[test]
+#[ignore = "needs rabbitmq-server (scripts/test installs it)"]
+fn the_bridge_runs_as_amqp_source_and_amqp_sink_connectors() {
+    let rt = common::runtime();
+    let rabbit = Rabbit::start();
+    let url = rabbit.url();
+    rt.block_on(declare_queue(&url, "conn-in"));
+    rt.block_on(declare_queue(&url, "conn-out"));
+    let node = rt.block_on(InProcessNode::start(""));
+    let c = common::client();
+    let create = |body: Value| {
+        let (s, v) = rt.block_on(common::post(
+            &c,
+            &format!("{}/v1/connectors", node.url),
+            &body,
+        ));
+        (s, v)
+    };
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let (s, v) = create(
+        json!({"name": "nowhere", "kind": "amqp_source", "queue": "q",
+        "topic": "t", "url": format!("amqp://guest:guest@127.0.0.1:{dead}/%2f"), "timeout_ms": 2000}),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`url`"),
+        "{v}"
+    );
+    let (s, v) = create(
+        json!({"name": "rabbit-in", "kind": "amqp_source", "url": url,
+        "queue": "conn-in", "topic": "via-rabbit", "min_backoff_ms": 200}),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = create(
+        json!({"name": "rabbit-out", "kind": "amqp_sink", "url": url,
+        "topic": "via-rabbit", "exchange": "", "routing_key": "conn-out", "batch_size": 50,
+        "min_backoff_ms": 200}),
+    );
+    assert_eq!(s, 201, "{v}");
+    const TOTAL: usize = 500;
+    rt.block_on(async {
+        let conn = connect(&url).await.expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        for i in 0..TOTAL {
+            ch.basic_publish(
+                "".into(),
+                "conn-in".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    });
+    // In through one connector, out through the other, into conn-out.
+    let want: BTreeSet<String> = (0..TOTAL).map(|i| format!("m{i}")).collect();
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        let conn = connect(&url).await.expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        while got.len() < TOTAL && Instant::now() < deadline {
+            match ch
+                .basic_get("conn-out".into(), BasicGetOptions::default())
+                .await
+                .expect("get")
+            {
+                Some(m) => {
+                    got.insert(String::from_utf8_lossy(&m.delivery.data).into_owned());
+                    m.delivery
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .expect("ack");
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    });
+    assert_eq!(got, want);
+    let connector = |name: &str| {
+        let (s, v) = rt.block_on(common::get(
+            &c,
+            &format!("{}/v1/connectors/{name}", node.url),
+        ));
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (i, o) = (connector("rabbit-in"), connector("rabbit-out"));
+        if i["delivered_records"] == TOTAL
+            && o["delivered_records"] == TOTAL
+            && o["lag_records"] == 0
+        {
+            assert_eq!(i["state"], "running");
+            assert_eq!(o["group"], "connector-rabbit-out");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{i} {o}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Paused, the sink holds; the lag shows what waits; resumed, it goes on.
+    let (s, v) = rt.block_on(common::post(
+        &c,
+        &format!("{}/v1/connectors/rabbit-out/pause", node.url),
+        &json!({}),
+    ));
+    assert_eq!(s, 200, "{v}");
+    let records: Vec<Value> = (0..20).map(|i| json!({"value": format!("p{i}")})).collect();
+    let (s, v) = rt.block_on(common::post(
+        &c,
+        &format!("{}/v1/topics/via-rabbit/records", node.url),
+        &json!({ "records": records }),
+    ));
+    assert_eq!(s, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(500));
+    let o = connector("rabbit-out");
+    assert_eq!(
+        (o["state"].clone(), o["lag_records"].clone()),
+        (json!("paused"), json!(20)),
+        "{o}"
+    );
+    let (s, v) = rt.block_on(common::post(
+        &c,
+        &format!("{}/v1/connectors/rabbit-out/resume", node.url),
+        &json!({}),
+    ));
+    assert_eq!(s, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while connector("rabbit-out")["lag_records"] != 0 {
+        assert!(Instant::now() < deadline, "not resumed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rt.block_on(node.stop());
+}

@@ -509,5 +509,6 @@ pub(super) fn bridge_config(b: &BridgeSection) -> Result<BridgeConfig, String> {
         timeout: Duration::from_millis(b.timeout_ms.unwrap_or(10_000).max(1)),
         min_backoff,
         max_backoff,
+        group: format!("amqp-bridge-{}", b.name),
     })
 }

@@ -84,12 +84,16 @@ pub struct BridgeConfig {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// The consumer group an `out` bridge keeps its position in
+    /// (`amqp-bridge-<name>` for `[[amqp.bridges]]`, `connector-<name>` for
+    /// the connector kinds).
+    pub group: String,
 }
 
 impl BridgeConfig {
     /// The consumer group an `out` bridge keeps its position in.
     pub fn group(&self) -> String {
-        format!("amqp-bridge-{}", self.name)
+        self.group.clone()
     }
 }
 
@@ -98,6 +102,10 @@ impl BridgeConfig {
 pub struct BridgeStats {
     /// Messages moved (appended durably, or confirmed by the broker).
     pub messages: AtomicU64,
+    /// Appends (in) or confirm rounds (out) that moved messages.
+    pub batches: AtomicU64,
+    /// Why the last connection ended (cleared when one is made).
+    pub last_error: Mutex<Option<String>>,
     /// Connections made.
     pub connects: AtomicU64,
     /// Failures that ended a connection (broker gone, timeout, nack).
@@ -183,29 +191,46 @@ pub fn start(cx: &FrontendContext, bridges: Vec<BridgeConfig>) -> Vec<tokio::tas
     cx.metrics.register(metrics.clone());
     bridges
         .into_iter()
-        .filter_map(|config| {
+        .map(|config| {
             let stats = metrics.add(&config.name, config.direction);
-            spawn(cx.clone(), config, stats)
+            tokio::spawn(run(cx.log.clone(), config, stats, cx.shutdown.clone()))
         })
         .collect()
 }
 
+/// Runs one bridge until `cancel` (the connectors' `amqp_sink` and
+/// `amqp_source` run it too).
 #[cfg(feature = "amqp-bridge")]
-fn spawn(
-    cx: FrontendContext,
+pub async fn run(
+    log: tributary_storage::Log,
     config: BridgeConfig,
     stats: Arc<BridgeStats>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    Some(tokio::spawn(super::bridge_worker::run(cx, config, stats)))
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    super::bridge_worker::run(log, config, stats, cancel).await;
 }
 
+/// Connects to the bridge's broker and closes again: it is there and takes
+/// the credentials.
+#[cfg(feature = "amqp-bridge")]
+pub async fn probe(config: &BridgeConfig) -> Result<(), String> {
+    super::bridge_worker::probe(config).await
+}
+
+/// Connects to the bridge's broker: in this build, never.
 #[cfg(not(feature = "amqp-bridge"))]
-fn spawn(
-    _: FrontendContext,
+pub async fn probe(_: &BridgeConfig) -> Result<(), String> {
+    Err("this build has no AMQP bridge (feature `amqp-bridge`)".into())
+}
+
+/// Runs one bridge: in this build, none (feature `amqp-bridge`).
+#[cfg(not(feature = "amqp-bridge"))]
+pub async fn run(
+    _: tributary_storage::Log,
     config: BridgeConfig,
     _: Arc<BridgeStats>,
-) -> Option<tokio::task::JoinHandle<()>> {
+    _: tokio_util::sync::CancellationToken,
+) {
     // Config validation refuses bridges in such a build; this is the backstop.
     tracing::error!(bridge = %config.name, "this build has no AMQP bridge (feature `amqp-bridge`)");
-    None
 }

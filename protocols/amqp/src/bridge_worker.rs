@@ -14,13 +14,13 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tributary_storage::util::backoff::Backoff;
+use tributary_storage::util::lock;
 use tributary_storage::{AppendRecord, GroupOffset, Log};
 
 use super::bridge::{BridgeConfig, BridgeStats, Direction};
 use super::frame::short;
 use super::mapping;
 use crate::Error;
-use tributary_frontend::FrontendContext;
 
 async fn timed<T, E: Into<Error>>(
     what: &'static str,
@@ -36,7 +36,12 @@ async fn timed<T, E: Into<Error>>(
 /// Runs one bridge until shutdown: connects, bridges, and reconnects after
 /// a delay with exponential backoff and full jitter (reset by a connection
 /// that moved messages).
-pub(super) async fn run(cx: FrontendContext, config: BridgeConfig, stats: Arc<BridgeStats>) {
+pub(super) async fn run(
+    log: Log,
+    config: BridgeConfig,
+    stats: Arc<BridgeStats>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     loop {
         let session = async {
@@ -48,30 +53,45 @@ pub(super) async fn run(cx: FrontendContext, config: BridgeConfig, stats: Arc<Br
             .await?;
             stats.connects.fetch_add(1, Relaxed);
             stats.connected.store(true, Relaxed);
+            *lock(&stats.last_error) = None;
             tracing::info!(bridge = %config.name, direction = config.direction.label(), "AMQP bridge connected");
             let r = match config.direction {
-                Direction::In => bridge_in(&cx.log, &config, &conn, &stats, &mut backoff).await,
-                Direction::Out => bridge_out(&cx.log, &config, &conn, &stats, &mut backoff).await,
+                Direction::In => bridge_in(&log, &config, &conn, &stats, &mut backoff).await,
+                Direction::Out => bridge_out(&log, &config, &conn, &stats, &mut backoff).await,
             };
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
             r
         };
         let result = tokio::select! {
-            () = cx.shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             r = session => r,
         };
         stats.connected.store(false, Relaxed);
         if let Err(e) = result {
             stats.errors.fetch_add(1, Relaxed);
+            *lock(&stats.last_error) = Some(e.to_string());
             tracing::warn!(bridge = %config.name, error = %e, "AMQP bridge disconnected; reconnecting");
         }
         let delay = backoff.next_delay();
         tokio::select! {
-            () = cx.shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Connects and closes.
+pub(super) async fn probe(config: &BridgeConfig) -> Result<(), String> {
+    let conn = timed(
+        "connect",
+        config.timeout,
+        Connection::connect(&config.url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let _ = tokio::time::timeout(config.timeout, conn.close(200, "bye".into())).await;
+    Ok(())
 }
 
 async fn bridge_in(
@@ -150,6 +170,7 @@ async fn bridge_in(
                     return Err(Error::AckLost);
                 }
                 stats.messages.fetch_add(n, Relaxed);
+                stats.batches.fetch_add(1, Relaxed);
                 backoff.reset();
             }
             Err(e) => {
@@ -290,6 +311,7 @@ async fn bridge_out(
             )
             .await?;
             stats.messages.fetch_add(n, Relaxed);
+            stats.batches.fetch_add(1, Relaxed);
             backoff.reset();
             moved = true;
         }
