@@ -303,12 +303,7 @@ impl Broker {
 
     fn validate(&self) -> Result<(), String> {
         crate::mqtt_link::parse_url(&self.url).map_err(|e| format!("`url`: {e}"))?;
-        if let Some(p) = &self.password {
-            if reference(p).is_none() {
-                return Err("`password`: give it as `${env:NAME}` or `${file:PATH}`".into());
-            }
-            check_reference(p).map_err(|e| format!("`password`: {e}"))?;
-        }
+        secret_only("password", self.password.as_deref())?;
         if self.password.is_some() && self.username.is_none() {
             return Err("`password` without `username`".into());
         }
@@ -609,12 +604,7 @@ impl PostgresSink {
         if reference(&self.url).is_none() {
             crate::postgres_sink::parse_url(&self.url).map_err(|e| format!("`url`: {e}"))?;
         }
-        if let Some(p) = &self.password {
-            if reference(p).is_none() {
-                return Err("`password`: give it as `${env:NAME}` or `${file:PATH}`".into());
-            }
-            check_reference(p).map_err(|e| format!("`password`: {e}"))?;
-        }
+        secret_only("password", self.password.as_deref())?;
         crate::postgres_sink::quote_table(&self.table).map_err(|e| format!("`table`: {e}"))?;
         crate::postgres_sink::quote_table(&self.offsets_table)
             .map_err(|e| format!("`offsets_table`: {e}"))?;
@@ -654,6 +644,18 @@ fn validate_name(name: &str) -> Result<(), String> {
 fn reference(v: &str) -> Option<(&str, &str)> {
     let inner = v.strip_prefix("${")?.strip_suffix('}')?;
     inner.split_once(':')
+}
+
+/// A setting that may only be a secret reference (never the secret in
+/// the config itself).
+fn secret_only(key: &str, v: Option<&str>) -> Result<(), String> {
+    let Some(v) = v else { return Ok(()) };
+    if reference(v).is_none() {
+        return Err(format!(
+            "`{key}`: give it as `${{env:NAME}}` or `${{file:PATH}}`"
+        ));
+    }
+    check_reference(v).map_err(|e| format!("`{key}`: {e}"))
 }
 
 fn check_reference(v: &str) -> Result<(), String> {

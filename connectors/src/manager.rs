@@ -507,14 +507,8 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     loop {
-        if cancel.is_cancelled() {
+        if !sink::unpaused(&cancel, &mut paused).await {
             return;
-        }
-        if *paused.borrow_and_update() {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = paused.changed() => continue,
-            }
         }
         let child = cancel.child_token();
         tokio::select! {

@@ -32,7 +32,7 @@ use tributary_storage::{Event, Log, Record};
 
 use crate::config::MqttSource;
 use crate::mqtt_link::{Endpoint, Link, LinkError};
-use crate::sink::{DeadLetters, Deliver, Outcome, Status};
+use crate::sink::{unpaused, DeadLetters, Deliver, Outcome, Status};
 
 /// A piece of an `mqtt_topic` template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -438,14 +438,8 @@ pub async fn run_source(
         Duration::from_millis(config.max_backoff_ms.max(config.min_backoff_ms)),
     );
     loop {
-        if cancel.is_cancelled() {
+        if !unpaused(&cancel, &mut paused).await {
             return;
-        }
-        if *paused.borrow_and_update() {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = paused.changed() => continue,
-            }
         }
         let error = match endpoint.connect().await {
             Ok((link, _)) => {

@@ -620,7 +620,11 @@ pub use tokio_postgres::types::Type as ColumnType;
 
 /// `r` as one row of COPY's text format for columns of `columns` (what a
 /// batch writes; also the fuzz target's way in).
-pub fn copy_row(columns: &[(Field, ColumnType)], topic: &str, r: &Record) -> Result<Vec<u8>, String> {
+pub fn copy_row(
+    columns: &[(Field, ColumnType)],
+    topic: &str,
+    r: &Record,
+) -> Result<Vec<u8>, String> {
     let plan = Plan {
         columns: columns
             .iter()

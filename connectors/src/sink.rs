@@ -232,15 +232,11 @@ pub async fn run<D: Deliver>(
     let mut saved_at = Instant::now();
     let mut idle = Backoff::new(settings.min_backoff, settings.max_backoff);
     loop {
-        if cancel.is_cancelled() {
-            return;
-        }
-        if *paused.borrow_and_update() {
+        if *paused.borrow() {
             save(&log, &group, &mut unsaved, &status).await;
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = paused.changed() => continue,
-            }
+        }
+        if !unpaused(&cancel, &mut paused).await {
+            return;
         }
         let mut moved = false;
         let mut failed = false;
@@ -367,6 +363,25 @@ pub async fn run<D: Deliver>(
             _ = topics.changed() => {}
             () = any_end, if !failed => {}
             () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Waits while `paused` holds; false once `cancel` fires.
+pub(crate) async fn unpaused(
+    cancel: &CancellationToken,
+    paused: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        if !*paused.borrow_and_update() {
+            return true;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return false,
+            _ = paused.changed() => {}
         }
     }
 }

@@ -396,30 +396,9 @@ async fn bad_postgres_settings_are_refused_naming_the_key() {
         )
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = tributary_gateway::config::Config::from_parts(
+    let config = common::InProcessNode::config(
+        dir.path(),
         &toml(&sink("x", &pg, "nope", json!({"a": "a"}), json!({}))),
-        [
-            (
-                "TRIBUTARY_DATA_DIR".to_owned(),
-                dir.path().display().to_string(),
-            ),
-            (
-                "TRIBUTARY_HTTP__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-            (
-                "TRIBUTARY_MQTT__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-            (
-                "TRIBUTARY_AMQP__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-            (
-                "TRIBUTARY_KAFKA__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-        ],
     )
     .expect("valid config");
     let started = tributary_gateway::node::start(

@@ -183,28 +183,22 @@ impl InProcessNode {
         node
     }
 
+    /// The config of a test node in `dir` with TOML `extra_toml`: every
+    /// listener on an ephemeral loopback port.
+    pub fn config(dir: &Path, extra_toml: &str) -> Result<Config, String> {
+        let mut env = vec![("TRIBUTARY_DATA_DIR".to_owned(), dir.display().to_string())];
+        for listener in ["HTTP", "MQTT", "AMQP", "KAFKA"] {
+            env.push((
+                format!("TRIBUTARY_{listener}__LISTEN"),
+                "127.0.0.1:0".to_owned(),
+            ));
+        }
+        Config::from_parts(extra_toml, env).map_err(|e| e.to_string())
+    }
+
     /// Starts a node in `dir` in `mode`.
     pub async fn start_in(dir: &Path, mode: Mode, extra_toml: &str) -> InProcessNode {
-        let env = vec![
-            ("TRIBUTARY_DATA_DIR".to_owned(), dir.display().to_string()),
-            (
-                "TRIBUTARY_HTTP__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-            (
-                "TRIBUTARY_MQTT__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-            (
-                "TRIBUTARY_AMQP__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-            (
-                "TRIBUTARY_KAFKA__LISTEN".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ),
-        ];
-        let config = Config::from_parts(extra_toml, env).expect("valid test config");
+        let config = Self::config(dir, extra_toml).expect("valid test config");
         let shutdown = CancellationToken::new();
         let running = node::start(mode, config, shutdown.clone())
             .await
