@@ -34,6 +34,9 @@ use crate::config::MqttSource;
 use crate::mqtt_link::{Endpoint, Link, LinkError};
 use crate::sink::{unpaused, DeadLetters, Deliver, Outcome, Status};
 
+/// Bytes of payload a source gathers into one append at most.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
 /// A piece of an `mqtt_topic` template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -519,8 +522,11 @@ impl Source<'_> {
             };
             heard = Instant::now();
             self.take(packet, &mut batch).await?;
-            // What else has arrived already goes in the same append.
-            while batch.len() < self.config.batch_size {
+            // What else has arrived already goes in the same append, up to
+            // `batch_size` messages and MAX_BATCH_BYTES.
+            while batch.len() < self.config.batch_size
+                && batch.iter().map(|p| p.payload.len()).sum::<usize>() < MAX_BATCH_BYTES
+            {
                 match self.link.buffered()? {
                     Some(p) => self.take(p, &mut batch).await?,
                     None => break,
@@ -564,10 +570,27 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// Appends `batch` (durably) and then acknowledges it.
+    /// Appends `batch` (durably) and then acknowledges it. A message larger
+    /// than the topic takes is acknowledged without being appended (else
+    /// the broker would send it for ever), logged and counted as a dead
+    /// letter.
     async fn append(&mut self, batch: &mut Vec<Publish>) -> Result<(), String> {
+        let log = self.log;
+        let max_event = log
+            .topic(&self.config.topic)
+            .map_or(log.config().topic_defaults.max_event_bytes, |t| {
+                t.config.max_event_bytes
+            });
+        let too_large = batch.iter().filter(|p| p.payload.len() > max_event).count();
+        if too_large > 0 {
+            tracing::warn!(topic = %self.config.topic, messages = too_large, max_event, "MQTT source: messages larger than the topic takes, dropped");
+            self.status
+                .dead_letters
+                .fetch_add(too_large as u64, Relaxed);
+        }
         let events = batch
             .iter()
+            .filter(|p| p.payload.len() <= max_event)
             .map(|p| {
                 let mut e = Event::new(p.payload.to_vec())
                     .with_key(p.topic.clone().into_bytes())
@@ -581,9 +604,11 @@ impl Source<'_> {
                 e.into()
             })
             .collect();
-        tributary_ingest::append_topic(self.log, &self.config.topic, events)
-            .await
-            .map_err(|e| format!("cannot append to {}: {e}", self.config.topic))?;
+        if too_large < batch.len() {
+            tributary_ingest::append_topic(log, &self.config.topic, events)
+                .await
+                .map_err(|e| format!("cannot append to {}: {e}", self.config.topic))?;
+        }
         for p in batch.iter() {
             match p.qos {
                 QoS::AtMostOnce => {}
@@ -595,7 +620,9 @@ impl Source<'_> {
             }
         }
         self.link.flush().await?;
-        self.status.delivered.fetch_add(batch.len() as u64, Relaxed);
+        self.status
+            .delivered
+            .fetch_add((batch.len() - too_large) as u64, Relaxed);
         self.status.batches.fetch_add(1, Relaxed);
         batch.clear();
         Ok(())

@@ -286,6 +286,13 @@ async fn an_mqtt_source_appends_every_message_through_kill_9_and_a_broker_restar
     let mut broker = Mosquitto::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = common::ChildNode::start(dir.path(), &[]);
+    let (s, v) = post(
+        &client(),
+        &format!("{}/v1/topics", node.url),
+        &json!({"name": "from-broker", "partitions": 1, "max_event_bytes": 1024}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
     create(
         &node.url,
         json!({"name": "in", "kind": "mqtt_source", "url": broker.url(),
@@ -304,7 +311,18 @@ async fn an_mqtt_source_appends_every_message_through_kill_9_and_a_broker_restar
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Larger than the topic takes: acknowledged, counted, not appended
+    // (else the broker would send it for ever).
+    publish(&broker, "sensors/big", std::iter::once("x".repeat(2000)));
     publish(&broker, "sensors/a", (0..1000).map(|i| format!("n={i}")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while connector(&node.url, "in").await["dead_letters"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the large message is not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     node.kill9();
     publish(&broker, "sensors/b", (1000..2000).map(|i| format!("n={i}")));
     broker.restart();
@@ -324,6 +342,10 @@ async fn an_mqtt_source_appends_every_message_through_kill_9_and_a_broker_restar
             .collect();
         if got.len() == 2000 {
             assert!(got.iter().copied().eq(0..2000));
+            assert!(
+                stored.keys().all(|v| v.len() < 1024),
+                "the large one appended"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "{} of 2000 appended", got.len());
