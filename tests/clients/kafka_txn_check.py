@@ -255,7 +255,13 @@ class Basic:
         try:
             self.produce(p1, "zlate", txn, PER_TXN)
             txn += 1
-            p1.flush(15)
+            try:
+                p1.flush(15)
+            except SystemError:
+                # confluent-kafka can lose the fatal error a flush() meets
+                # ("returned NULL without setting an exception", seen in CI);
+                # the next call raises it.
+                pass
             p1.commit_transaction(15)
             out["zombie_committed"] = True
         except KafkaException as e:
