@@ -35,10 +35,15 @@ pub enum Kind {
     AmqpSink(AmqpSink),
     /// An AMQP 0-9-1 queue (RabbitMQ) consumed into a topic.
     AmqpSource(AmqpSource),
+    /// Records produced into an outside Kafka cluster, exactly once.
+    KafkaSink(KafkaSink),
+    /// An outside Kafka cluster's topics appended to the log, exactly once.
+    KafkaSource(KafkaSource),
 }
 
 /// The kinds, as `kind` names them.
-pub const KINDS: &str = "http_sink, postgres_sink, mqtt_sink, mqtt_source, amqp_sink, amqp_source";
+pub const KINDS: &str =
+    "http_sink, postgres_sink, mqtt_sink, mqtt_source, amqp_sink, amqp_source, kafka_sink, kafka_source";
 
 impl Kind {
     /// The `kind` label.
@@ -50,6 +55,8 @@ impl Kind {
             Kind::MqttSource(_) => "mqtt_source",
             Kind::AmqpSink(_) => "amqp_sink",
             Kind::AmqpSource(_) => "amqp_source",
+            Kind::KafkaSink(_) => "kafka_sink",
+            Kind::KafkaSource(_) => "kafka_source",
         }
     }
 
@@ -59,7 +66,11 @@ impl Kind {
             Kind::HttpSink(h) => Some(&h.delivery),
             Kind::PostgresSink(p) => Some(&p.delivery),
             Kind::MqttSink(m) => Some(&m.delivery),
-            Kind::MqttSource(_) | Kind::AmqpSink(_) | Kind::AmqpSource(_) => None,
+            Kind::KafkaSink(k) => Some(&k.delivery),
+            Kind::MqttSource(_)
+            | Kind::AmqpSink(_)
+            | Kind::AmqpSource(_)
+            | Kind::KafkaSource(_) => None,
         }
     }
 }
@@ -463,6 +474,198 @@ fn check_amqp(
     Ok(())
 }
 
+/// An outside Kafka cluster, as both Kafka kinds name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KafkaCluster {
+    /// `host:port` of brokers to ask first.
+    pub bootstrap_servers: Vec<String>,
+    /// Connect with TLS, verified against `ca_file` or the system's roots.
+    pub tls: bool,
+    /// PEM roots for `tls`.
+    pub ca_file: Option<PathBuf>,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; none: no SASL.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub username: Option<String>,
+    /// SASL password (a secret reference).
+    pub password: Option<String>,
+    /// The client id (none: `tributary-<name>`).
+    pub client_id: Option<String>,
+    /// Time limit of connecting and of each answer (ms).
+    pub timeout_ms: u64,
+}
+
+impl Default for KafkaCluster {
+    fn default() -> Self {
+        KafkaCluster {
+            bootstrap_servers: Vec::new(),
+            tls: false,
+            ca_file: None,
+            sasl_mechanism: None,
+            username: None,
+            password: None,
+            client_id: None,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+impl KafkaCluster {
+    /// The client options of connector `name` (secrets resolved).
+    pub fn options(&self, name: &str) -> Result<crate::kafka_link::Options, String> {
+        let sasl = match &self.sasl_mechanism {
+            None => None,
+            Some(m) => {
+                let m = crate::kafka_link::Mechanism::parse(m)
+                    .map_err(|e| format!("`sasl_mechanism`: {e}"))?;
+                let user = self.username.clone().unwrap_or_default();
+                let password = match &self.password {
+                    Some(p) => resolve(p).map_err(|e| format!("`password`: {e}"))?,
+                    None => String::new(),
+                };
+                Some((m, user, password))
+            }
+        };
+        crate::kafka_link::Options::new(
+            &self.bootstrap_servers,
+            self.tls,
+            self.ca_file.as_deref(),
+            sasl,
+            std::time::Duration::from_millis(self.timeout_ms),
+            self.client_id
+                .clone()
+                .unwrap_or_else(|| format!("tributary-{name}")),
+        )
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.bootstrap_servers.is_empty() {
+            return Err("`bootstrap_servers`: name at least one `host:port`".into());
+        }
+        for s in &self.bootstrap_servers {
+            crate::kafka_link::parse_server(s).map_err(|e| format!("`bootstrap_servers`: {e}"))?;
+        }
+        if let Some(m) = &self.sasl_mechanism {
+            crate::kafka_link::Mechanism::parse(m).map_err(|e| format!("`sasl_mechanism`: {e}"))?;
+            if self.username.is_none() {
+                return Err("`sasl_mechanism` without `username`".into());
+            }
+        } else if self.username.is_some() || self.password.is_some() {
+            return Err("`username` and `password` need `sasl_mechanism`".into());
+        }
+        secret_only("password", self.password.as_deref())?;
+        if self.ca_file.is_some() && !self.tls {
+            return Err("`ca_file` without `tls = true`".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("`timeout_ms` must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// `kind = "kafka_sink"`: the records of `topics` produced into an outside
+/// Kafka cluster (a topic of the same name, or `kafka_topic`), exactly
+/// once: each batch is one Kafka transaction holding the records and the
+/// sink's next position in each partition (a record of `positions_topic`,
+/// compacted), and the positions are read back (read_committed) at start
+/// and after any failure, so a batch is never written twice. Keyed records
+/// go to Kafka's partition for their key, keyless ones to the partition
+/// of the same number (modulo the count).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KafkaSink {
+    /// Topics, batches, retries, dead letters.
+    #[serde(flatten)]
+    pub delivery: Delivery,
+    /// The cluster and how to log in.
+    #[serde(flatten)]
+    pub cluster: KafkaCluster,
+    /// The Kafka topic: a name, or a template with `{topic}`; none: the
+    /// topic's own name.
+    pub kafka_topic: Option<String>,
+    /// Create a missing Kafka topic (with the topic's partition count and
+    /// the cluster's default replication).
+    pub create_topics: bool,
+    /// The compacted Kafka topic holding the positions (created if
+    /// missing, one partition).
+    pub positions_topic: String,
+    /// The transactional id (none: `tributary-<name>`; `-<n>` added per
+    /// connection beyond the first). A second sink with the same id fences
+    /// the first.
+    pub transactional_id: Option<String>,
+    /// `none`, `gzip`, `lz4` or `zstd`.
+    pub compression: String,
+    /// A record larger than this (its key, value and headers) goes to the
+    /// dead-letter topic instead (Kafka's default `max.message.bytes` is
+    /// 1 MiB).
+    pub max_record_bytes: usize,
+}
+
+impl Default for KafkaSink {
+    fn default() -> Self {
+        KafkaSink {
+            delivery: Delivery::default(),
+            cluster: KafkaCluster::default(),
+            kafka_topic: None,
+            create_topics: true,
+            positions_topic: "tributary-sink-positions".into(),
+            transactional_id: None,
+            compression: "none".into(),
+            max_record_bytes: 1_000_000,
+        }
+    }
+}
+
+/// `kind = "kafka_source"`: `kafka_topics` of an outside Kafka cluster
+/// read (read_committed by default) and appended to `topic` (none: a topic
+/// of the same name), each Kafka partition into the partition of the same
+/// number (modulo the count), key, value, timestamp and headers kept.
+/// Exactly once: every record appended carries a header
+/// `tributary.kafka` = `<name>/<topic>/<partition>/<offset>` in the same
+/// append, and the position in each Kafka partition is checkpointed in
+/// the log's metadata after each append; at start the partitions are read
+/// from the checkpoint on, so the position always equals what the log
+/// holds, whenever a crash hit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KafkaSource {
+    /// The cluster and how to log in.
+    #[serde(flatten)]
+    pub cluster: KafkaCluster,
+    /// The Kafka topics read.
+    pub kafka_topics: Vec<String>,
+    /// The log topic they go to; none: each to a topic of its own name.
+    pub topic: Option<String>,
+    /// Where a Kafka partition never read starts.
+    pub start: Start,
+    /// Skip records of aborted transactions and wait for open ones
+    /// (`read_committed`); false: `read_uncommitted`.
+    pub read_committed: bool,
+    /// Bytes one fetch asks for at most (the memory it holds).
+    pub fetch_max_bytes: usize,
+    /// First reconnect delay ceiling (ms).
+    pub min_backoff_ms: u64,
+    /// Largest reconnect delay (ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for KafkaSource {
+    fn default() -> Self {
+        KafkaSource {
+            cluster: KafkaCluster::default(),
+            kafka_topics: Vec::new(),
+            topic: None,
+            start: Start::Earliest,
+            read_committed: true,
+            fetch_max_bytes: 4 << 20,
+            min_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
 /// How a PostgreSQL sink writes rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -575,6 +778,52 @@ impl ConnectorConfig {
                     a.min_backoff_ms,
                     a.max_backoff_ms,
                 )
+            }
+            Kind::KafkaSink(k) => {
+                k.cluster.validate()?;
+                if let Some(t) = &k.kafka_topic {
+                    let sample = t.replace("{topic}", "t");
+                    crate::kafka::check_topic_name(&sample)
+                        .map_err(|e| format!("`kafka_topic`: {e}"))?;
+                }
+                crate::kafka::check_topic_name(&k.positions_topic)
+                    .map_err(|e| format!("`positions_topic`: {e}"))?;
+                crate::kafka::compression(&k.compression)
+                    .map_err(|e| format!("`compression`: {e}"))?;
+                if let Some(id) = &k.transactional_id {
+                    if id.is_empty() || id.len() > 200 {
+                        return Err("`transactional_id`: 1 to 200 bytes".into());
+                    }
+                }
+                if !(1024..=(64 << 20)).contains(&k.max_record_bytes) {
+                    return Err("`max_record_bytes`: 1024 to 67108864".into());
+                }
+                Ok(())
+            }
+            Kind::KafkaSource(k) => {
+                k.cluster.validate()?;
+                if k.kafka_topics.is_empty() {
+                    return Err("`kafka_topics`: name at least one topic".into());
+                }
+                for t in &k.kafka_topics {
+                    crate::kafka::check_topic_name(t)
+                        .map_err(|e| format!("`kafka_topics`: {e}"))?;
+                    if k.topic.is_none() {
+                        tributary_storage::topic::validate_name(t)
+                            .map_err(|e| format!("`kafka_topics` (as a log topic): {e}"))?;
+                    }
+                }
+                if let Some(t) = &k.topic {
+                    tributary_storage::topic::validate_name(t)
+                        .map_err(|e| format!("`topic`: {e}"))?;
+                }
+                if !((64 << 10)..=(64 << 20)).contains(&k.fetch_max_bytes) {
+                    return Err("`fetch_max_bytes`: 65536 to 67108864".into());
+                }
+                if k.min_backoff_ms == 0 {
+                    return Err("`min_backoff_ms` must be positive".into());
+                }
+                Ok(())
             }
             Kind::MqttSource(m) => {
                 m.broker.validate()?;

@@ -11,6 +11,8 @@
 //! - [`postgres_sink`], rows in PostgreSQL, exactly once.
 //! - [`mqtt`], the bridge to an outside MQTT broker (sink and source), over
 //!   [`mqtt_link`].
+//! - [`kafka`], the Kafka sink and source, exactly once, over
+//!   [`kafka_link`].
 //! - [`manager`], the node's connectors, their state and counters
 //!   (`/v1/stats` section `connectors`, `tributary_connector_*` metrics).
 //! - [`api`], the routes of `/v1/connectors`.
@@ -18,6 +20,8 @@
 pub mod api;
 pub mod config;
 pub mod http_sink;
+pub mod kafka;
+pub mod kafka_link;
 pub mod manager;
 pub mod mqtt;
 pub mod mqtt_link;

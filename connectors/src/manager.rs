@@ -21,6 +21,8 @@ use tributary_amqp::bridge::{BridgeConfig, BridgeStats, Direction};
 
 use crate::config::{resolve, ConnectorConfig, Kind};
 use crate::http_sink::Webhook;
+use crate::kafka::{self, KafkaOut};
+use crate::kafka_link::LinkError as KafkaError;
 use crate::mqtt::{self, MqttOut};
 use crate::mqtt_link::{Endpoint, LinkError};
 use crate::postgres_sink::{ConnectError as PgError, PgSink};
@@ -223,6 +225,36 @@ impl Manager {
                     tokio::spawn(run);
                 })
             }
+            Kind::KafkaSink(k) => {
+                let settings = Settings::new(&config.name, &k.delivery, (5000, 1));
+                (0..settings.concurrency)
+                    .map(|i| {
+                        KafkaOut::new(&config.name, i, k, log.clone(), settings.dead_letters(log))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|outs| {
+                        let run = sink::run(
+                            log.clone(),
+                            settings,
+                            outs,
+                            status.clone(),
+                            cancel.clone(),
+                            paused_rx,
+                        );
+                        tokio::spawn(run);
+                    })
+            }
+            Kind::KafkaSource(k) => k.cluster.options(&config.name).map(|_| {
+                let run = kafka::run_source(
+                    log.clone(),
+                    config.name.clone(),
+                    k.clone(),
+                    status.clone(),
+                    cancel.clone(),
+                    paused_rx,
+                );
+                tokio::spawn(run);
+            }),
             Kind::AmqpSink(_) | Kind::AmqpSource(_) => amqp_bridge(&config).map(|bridge_config| {
                 let stats = Arc::new(BridgeStats::default());
                 bridge = Some(stats.clone());
@@ -526,6 +558,8 @@ async fn probe(config: &ConnectorConfig) -> Result<(), PgError> {
         Kind::PostgresSink(p) => return PgSink::check(&config.name, p).await,
         Kind::MqttSink(m) => &m.broker,
         Kind::MqttSource(m) => &m.broker,
+        Kind::KafkaSink(k) => return probe_kafka(&config.name, &k.cluster).await,
+        Kind::KafkaSource(k) => return probe_kafka(&config.name, &k.cluster).await,
         Kind::AmqpSink(_) | Kind::AmqpSource(_) => {
             let bridge = amqp_bridge(config).map_err(PgError::Invalid)?;
             return tributary_amqp::bridge::probe(&bridge)
@@ -538,6 +572,15 @@ async fn probe(config: &ConnectorConfig) -> Result<(), PgError> {
     mqtt::probe(&endpoint).await.map_err(|e| match e {
         LinkError::Refused(e) => PgError::Invalid(format!("`url`: {e}")),
         LinkError::Unreachable(e) => PgError::Unreachable(format!("`url`: cannot connect: {e}")),
+    })
+}
+
+/// Logs in to a Kafka connector's cluster and reads its metadata.
+async fn probe_kafka(name: &str, cluster: &crate::config::KafkaCluster) -> Result<(), PgError> {
+    let options = cluster.options(name).map_err(PgError::Invalid)?;
+    kafka::probe(&options).await.map_err(|e| match e {
+        KafkaError::Refused(e) => PgError::Invalid(format!("`bootstrap_servers`: {e}")),
+        e => PgError::Unreachable(format!("`bootstrap_servers`: cannot connect: {e}")),
     })
 }
 

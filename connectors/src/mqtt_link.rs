@@ -20,28 +20,28 @@ use crate::config::{resolve, Broker};
 /// when it is appended).
 const MAX_PACKET: usize = 16 << 20;
 
-/// The connection: TCP, or TLS over TCP.
-enum Io {
+/// The connection: TCP, or TLS over TCP (the Kafka link uses it too).
+pub(crate) enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Io {
-    fn tcp(&self) -> &TcpStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             Io::Plain(s) => s,
             Io::Tls(s) => s.get_ref().0,
         }
     }
 
-    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+    pub(crate) async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
             Io::Plain(s) => s.read_buf(buf).await,
             Io::Tls(s) => s.read_buf(buf).await,
         }
     }
 
-    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Io::Plain(s) => {
                 s.write_all(data).await?;

@@ -14,7 +14,7 @@
 
 use std::io::Read;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression, Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder,
@@ -180,6 +180,117 @@ pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
     RecordBatchEncoder::encode(&mut buf, &kafka, &options)
         .map_err(|e| Error::Encode(e.to_string()))?;
     Ok(buf.freeze())
+}
+
+/// One batch of a fetch answer, as a client reads it.
+#[derive(Debug)]
+pub struct FetchedBatch {
+    /// Its records (each knows its offset), none for a batch compaction
+    /// emptied.
+    pub records: Vec<KafkaRecord>,
+    /// The offset after the batch (its base offset + last offset delta +
+    /// 1), where the next fetch goes even when its last records are gone.
+    pub next_offset: i64,
+    /// The producer that wrote it (−1: none).
+    pub producer_id: i64,
+    /// Part of a transaction.
+    pub transactional: bool,
+    /// A transaction marker.
+    pub control: bool,
+}
+
+/// The complete v2 batches of a fetch answer's `records`, decompressed
+/// (each capped at [`MAX_DECOMPRESSED`]); a batch cut short at the end (a
+/// broker may send part of the next batch) is left for the next fetch.
+pub fn fetched_batches(records: &Bytes) -> Result<Vec<FetchedBatch>, Error> {
+    let mut out = Vec::new();
+    let mut rest = records.clone();
+    while rest.len() >= 12 {
+        let len = i32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        let total = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(12))
+            .filter(|&t| t >= 61)
+            .ok_or_else(|| Error::CorruptBatch(format!("a batch length of {len}")))?;
+        if rest.len() < total {
+            break;
+        }
+        let batch = rest.split_to(total);
+        if batch[16] != 2 {
+            return Err(Error::CorruptBatch(format!(
+                "a batch of format v{} (magic 2 only)",
+                batch[16]
+            )));
+        }
+        let be64 = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&batch[at..at + 8]);
+            i64::from_be_bytes(b)
+        };
+        let base = be64(0);
+        let attributes = u16::from_be_bytes([batch[21], batch[22]]);
+        let delta = i32::from_be_bytes([batch[23], batch[24], batch[25], batch[26]]);
+        let producer_id = be64(43);
+        let set = RecordBatchDecoder::decode_with_custom_compression(
+            &mut batch.clone(),
+            Some(decompress),
+        )
+        .map_err(|e| match e.downcast_ref::<Error>() {
+            Some(Error::BatchTooLarge) => Error::BatchTooLarge,
+            _ => Error::CorruptBatch(e.to_string()),
+        })?;
+        out.push(FetchedBatch {
+            records: set.records,
+            next_offset: base.saturating_add(i64::from(delta)).saturating_add(1),
+            producer_id,
+            transactional: attributes & 0x10 != 0,
+            control: attributes & 0x20 != 0,
+        });
+    }
+    Ok(out)
+}
+
+/// Records as v2 batches for a producer: `producer_id`/`epoch` with
+/// sequences from `first_sequence` (−1: none), transactional or not,
+/// compressed with `compression` (gzip, lz4 frames, zstd or none).
+pub fn produce_batch(records: &[KafkaRecord], compression: Compression) -> Result<Bytes, Error> {
+    let mut buf = BytesMut::new();
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression,
+    };
+    RecordBatchEncoder::encode_with_custom_compression(
+        &mut buf,
+        records.iter(),
+        &options,
+        Some(compress),
+    )
+    .map_err(|e| Error::Encode(e.to_string()))?;
+    Ok(buf.freeze())
+}
+
+fn compress(input: &mut BytesMut, out: &mut BytesMut, c: Compression) -> anyhow::Result<()> {
+    use std::io::Write;
+    match c {
+        Compression::None => out.extend_from_slice(input),
+        Compression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(out.writer(), flate2::Compression::fast());
+            e.write_all(input)?;
+            e.finish()?;
+        }
+        Compression::Lz4 => {
+            let mut e = lz4_flex::frame::FrameEncoder::new(out.writer());
+            e.write_all(input)?;
+            e.finish()?;
+        }
+        Compression::Zstd => {
+            let mut e = zstd::stream::write::Encoder::new(out.writer(), 3)?;
+            e.write_all(input)?;
+            e.finish()?;
+        }
+        Compression::Snappy => anyhow::bail!("snappy is not offered for producing"),
+    }
+    Ok(())
 }
 
 /// Decompresses one batch's records, stopping past [`MAX_DECOMPRESSED`].

@@ -1,0 +1,318 @@
+//! Apache Kafka's own command-line tools against Tributary's Kafka port:
+//! `kafka-topics`, `kafka-configs`, the console producer and consumer,
+//! `kafka-consumer-groups` (list, describe with lag, reset offsets),
+//! `kafka-transactions` (list, describe), the producer and consumer perf
+//! tests — run from Maven Central's jars (scripts/kafka-reference `tool`,
+//! as the shell wrappers are not in Maven). Each asserts on what the tool
+//! printed, as an operator would read it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+const TOPICS: &str = "org.apache.kafka.tools.TopicCommand";
+const CONFIGS: &str = "org.apache.kafka.tools.ConfigCommand";
+const PRODUCER: &str = "org.apache.kafka.tools.ConsoleProducer";
+const CONSUMER: &str = "org.apache.kafka.tools.consumer.ConsoleConsumer";
+const GROUPS: &str = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand";
+const TRANSACTIONS: &str = "org.apache.kafka.tools.TransactionsCommand";
+const PRODUCER_PERF: &str = "org.apache.kafka.tools.ProducerPerformance";
+const CONSUMER_PERF: &str = "org.apache.kafka.tools.ConsumerPerformance";
+
+/// Runs a Kafka tool with `stdin`; its stdout (asserting it succeeded).
+fn tool(class: &str, args: &[&str], stdin: &str) -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-reference");
+    let mut child = Command::new(script)
+        .arg("tool")
+        .arg(class)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("scripts/kafka-reference tool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("the tool ends");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{class} {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The LAG column of `kafka-consumer-groups --describe`, summed.
+fn total_lag(describe: &str) -> u64 {
+    let mut lines = describe.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .by_ref()
+        .find(|l| l.contains("LAG"))
+        .expect("a header line")
+        .split_whitespace()
+        .collect();
+    let col = header.iter().position(|&h| h == "LAG").expect("LAG column");
+    lines
+        .map(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            cells[col].parse::<u64>().expect("a lag")
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Apache Kafka 4.4's tools from Maven Central (scripts/kafka-reference: a JDK and maven); scripts/test installs them"]
+async fn kafkas_own_tools_manage_and_move_data_on_tributary() {
+    let node = common::InProcessNode::start("").await;
+    let b = node.kafka.to_string();
+    let b = b.as_str();
+
+    // kafka-topics: create with a config, describe, alter partitions, list.
+    tool(
+        TOPICS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--create",
+            "--topic",
+            "tools.a",
+            "--partitions",
+            "3",
+            "--config",
+            "retention.ms=3600000",
+        ],
+        "",
+    );
+    let d = tool(
+        TOPICS,
+        &["--bootstrap-server", b, "--describe", "--topic", "tools.a"],
+        "",
+    );
+    assert!(d.contains("PartitionCount: 3"), "{d}");
+    assert!(d.contains("retention.ms=3600000"), "{d}");
+    assert_eq!(d.matches("Partition: ").count(), 3, "{d}");
+    tool(
+        TOPICS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--alter",
+            "--topic",
+            "tools.a",
+            "--partitions",
+            "5",
+        ],
+        "",
+    );
+    let d = tool(
+        TOPICS,
+        &["--bootstrap-server", b, "--describe", "--topic", "tools.a"],
+        "",
+    );
+    assert!(d.contains("PartitionCount: 5"), "{d}");
+    let l = tool(TOPICS, &["--bootstrap-server", b, "--list"], "");
+    assert!(l.lines().any(|t| t == "tools.a"), "{l}");
+
+    // kafka-configs: alter, then describe shows it.
+    tool(
+        CONFIGS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "tools.a",
+            "--alter",
+            "--add-config",
+            "retention.ms=7200000",
+        ],
+        "",
+    );
+    let c = tool(
+        CONFIGS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "tools.a",
+            "--describe",
+        ],
+        "",
+    );
+    assert!(c.contains("retention.ms=7200000"), "{c}");
+
+    // The console producer and consumer (a group, keys printed).
+    let lines: String = (0..100).map(|i| format!("k{}:v{i}\n", i % 10)).collect();
+    tool(
+        PRODUCER,
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            "tools.a",
+            "--property",
+            "parse.key=true",
+            "--property",
+            "key.separator=:",
+        ],
+        &lines,
+    );
+    let consumed = tool(
+        CONSUMER,
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            "tools.a",
+            "--from-beginning",
+            "--max-messages",
+            "100",
+            "--group",
+            "tools-g",
+            "--property",
+            "print.key=true",
+            "--property",
+            "key.separator=:",
+            "--timeout-ms",
+            "30000",
+        ],
+        "",
+    );
+    let mut got: Vec<&str> = consumed.lines().filter(|l| l.contains(':')).collect();
+    got.sort_unstable();
+    let mut want: Vec<String> = (0..100).map(|i| format!("k{}:v{i}", i % 10)).collect();
+    want.sort_unstable();
+    assert_eq!(
+        got, want,
+        "the console consumer reads what the console producer wrote"
+    );
+
+    // kafka-consumer-groups: list, describe with lag, reset offsets.
+    let g = tool(GROUPS, &["--bootstrap-server", b, "--list"], "");
+    assert!(g.lines().any(|l| l.trim() == "tools-g"), "{g}");
+    let d = tool(
+        GROUPS,
+        &["--bootstrap-server", b, "--describe", "--group", "tools-g"],
+        "",
+    );
+    assert_eq!(total_lag(&d), 0, "{d}");
+    let more: String = (0..10).map(|i| format!("m{i}\n")).collect();
+    tool(
+        PRODUCER,
+        &["--bootstrap-server", b, "--topic", "tools.a"],
+        &more,
+    );
+    let d = tool(
+        GROUPS,
+        &["--bootstrap-server", b, "--describe", "--group", "tools-g"],
+        "",
+    );
+    assert_eq!(total_lag(&d), 10, "{d}");
+    let r = tool(
+        GROUPS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--reset-offsets",
+            "--group",
+            "tools-g",
+            "--topic",
+            "tools.a",
+            "--to-earliest",
+            "--execute",
+        ],
+        "",
+    );
+    assert!(r.contains("tools.a"), "{r}");
+    let d = tool(
+        GROUPS,
+        &["--bootstrap-server", b, "--describe", "--group", "tools-g"],
+        "",
+    );
+    assert_eq!(total_lag(&d), 110, "{d}");
+
+    // The producer perf test in transactions, then kafka-transactions.
+    let p = tool(
+        PRODUCER_PERF,
+        &[
+            "--topic",
+            "tools.t",
+            "--num-records",
+            "2000",
+            "--record-size",
+            "100",
+            "--throughput",
+            "-1",
+            "--transactional-id",
+            "tools-tx",
+            "--transaction-duration-ms",
+            "50",
+            "--command-property",
+            &format!("bootstrap.servers={b}"),
+            "acks=all",
+        ],
+        "",
+    );
+    assert!(p.contains("2000 records sent"), "{p}");
+    let t = tool(TRANSACTIONS, &["--bootstrap-server", b, "list"], "");
+    assert!(t.contains("tools-tx"), "{t}");
+    let t = tool(
+        TRANSACTIONS,
+        &[
+            "--bootstrap-server",
+            b,
+            "describe",
+            "--transactional-id",
+            "tools-tx",
+        ],
+        "",
+    );
+    assert!(
+        t.contains("CompleteCommit") || t.contains("Empty"),
+        "the transaction ended committed: {t}"
+    );
+    let c = tool(
+        CONSUMER_PERF,
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            "tools.t",
+            "--num-records",
+            "2000",
+            "--timeout",
+            "30000",
+        ],
+        "",
+    );
+    let row = c.lines().last().expect("a result row");
+    // start, end, MB, MB/s, records, ...
+    let records: u64 = row
+        .split(',')
+        .nth(4)
+        .expect("records column")
+        .trim()
+        .parse()
+        .expect("count");
+    assert_eq!(records, 2000, "{c}");
+
+    // kafka-topics --delete.
+    tool(
+        TOPICS,
+        &["--bootstrap-server", b, "--delete", "--topic", "tools.a"],
+        "",
+    );
+    let l = tool(TOPICS, &["--bootstrap-server", b, "--list"], "");
+    assert!(!l.lines().any(|t| t == "tools.a"), "{l}");
+}
