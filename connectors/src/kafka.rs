@@ -35,7 +35,7 @@ use tributary_storage::{AppendRecord, Event, Isolation, Log, Record};
 
 use crate::config::{KafkaSink, KafkaSource, Start};
 use crate::kafka_link::{code, topic_name, version, Cluster, LinkError, Options};
-use crate::sink::{unpaused, DeadLetters, Deliver, Outcome, Position, Status};
+use crate::sink::{unpaused, wait_after_failure, DeadLetters, Deliver, Outcome, Position, Status};
 
 /// Kafka's topic names: 1–249 of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn check_topic_name(t: &str) -> Result<(), String> {
@@ -570,6 +570,21 @@ impl KafkaOut {
         for (leader, batches) in &per_leader {
             self.produce(*leader, batches).await?;
         }
+        // Records too large for the cluster go to the dead-letter topic,
+        // durably before the commit: after a crash a dead letter may repeat,
+        // a record is never lost.
+        let dead_lettered = too_large.len() as u64;
+        if !too_large.is_empty() {
+            let owned: Vec<Record> = too_large.into_iter().cloned().collect();
+            let error = format!(
+                "larger than `max_record_bytes` ({} bytes)",
+                self.max_record_bytes
+            );
+            self.dead
+                .send(topic, &owned, &error)
+                .await
+                .map_err(LinkError::Unreachable)?;
+        }
         self.end(p, true).await?;
         for batches in per_leader.values() {
             for (t, kp, _, count) in batches {
@@ -577,22 +592,10 @@ impl KafkaOut {
             }
         }
         self.known.insert((topic.to_owned(), partition), next);
-        if too_large.is_empty() {
-            return Ok(Outcome::Delivered);
-        }
-        let owned: Vec<Record> = too_large.into_iter().cloned().collect();
-        let error = format!(
-            "larger than `max_record_bytes` ({} bytes)",
-            self.max_record_bytes
-        );
-        // Rare, and after the commit: a crash right here loses nothing (the
-        // records are still in the log) but skips their dead letters.
-        self.dead
-            .send(topic, &owned, &error)
-            .await
-            .map_err(LinkError::Unreachable)?;
-        Ok(Outcome::DeliveredExcept {
-            dead_lettered: owned.len() as u64,
+        Ok(if dead_lettered == 0 {
+            Outcome::Delivered
+        } else {
+            Outcome::DeliveredExcept { dead_lettered }
         })
     }
 
@@ -1002,14 +1005,9 @@ pub async fn run_source(
             _ = paused.changed() => continue,
             e = source.run(&mut backoff) => e,
         };
-        status.failed(&error);
-        status.retries.fetch_add(1, Relaxed);
-        let wait = backoff.next_delay();
-        tracing::debug!(?wait, error, connector = %name, "Kafka source: trying again");
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = paused.changed() => {}
-            () = tokio::time::sleep(wait) => {}
+        let what = format!("Kafka source {name}");
+        if !wait_after_failure(&status, &mut backoff, &cancel, &mut paused, &error, &what).await {
+            return;
         }
     }
 }

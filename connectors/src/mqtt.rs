@@ -32,7 +32,7 @@ use tributary_storage::{Event, Log, Record};
 
 use crate::config::MqttSource;
 use crate::mqtt_link::{Endpoint, Link, LinkError};
-use crate::sink::{unpaused, DeadLetters, Deliver, Outcome, Status};
+use crate::sink::{unpaused, wait_after_failure, DeadLetters, Deliver, Outcome, Status};
 
 /// Bytes of payload a source gathers into one append at most.
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -461,18 +461,17 @@ pub async fn run_source(
             }
             Err(e) => e.to_string(),
         };
-        status.failed(&error);
-        status.retries.fetch_add(1, Relaxed);
-        let wait = backoff.next_delay();
-        tracing::debug!(
-            ?wait,
-            error,
-            "MQTT source: connection lost; connecting again"
-        );
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = paused.changed() => {}
-            () = tokio::time::sleep(wait) => {}
+        if !wait_after_failure(
+            &status,
+            &mut backoff,
+            &cancel,
+            &mut paused,
+            &error,
+            "MQTT source",
+        )
+        .await
+        {
+            return;
         }
     }
 }

@@ -52,6 +52,28 @@ pub enum Outcome {
     Unavailable(String),
 }
 
+/// A source's wait after its connection failed: the error recorded and
+/// counted as a retry, then the backoff's delay (cut short by a pause or
+/// resume); false once cancelled.
+pub(crate) async fn wait_after_failure(
+    status: &Status,
+    backoff: &mut tributary_storage::util::backoff::Backoff,
+    cancel: &CancellationToken,
+    paused: &mut watch::Receiver<bool>,
+    error: &str,
+    what: &str,
+) -> bool {
+    status.failed(error);
+    status.retries.fetch_add(1, Relaxed);
+    let wait = backoff.next_delay();
+    tracing::debug!(?wait, error, "{what}: trying again");
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        _ = paused.changed() => true,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
 /// A partition's position: ((topic, partition), next offset).
 pub type Position = ((String, u32), u64);
 

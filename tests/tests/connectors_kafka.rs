@@ -186,6 +186,105 @@ async fn a_kafka_source_copies_exactly_once_from_a_kafka_port_through_kill_9() {
     assert_eq!(t["partitions"].as_array().map(Vec::len), Some(2), "{t}");
 }
 
+/// A record larger than `max_record_bytes` goes to the dead-letter topic
+/// (before its batch's transaction commits); the rest of its batch is
+/// delivered; the sink does not stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_dead_letters_records_too_large_and_delivers_the_rest() {
+    let cluster = common::InProcessNode::start("").await;
+    let node = common::InProcessNode::start("").await;
+    create_topic(&client(), &node.url, "events", 1).await;
+    let mut records: Vec<Value> = (0..20u64)
+        .map(|i| json!({"value": format!("n={i}"), "encoding": "string"}))
+        .collect();
+    records.insert(7, json!({"value": "x".repeat(5000), "encoding": "string"}));
+    let (s, b) = post(
+        &client(),
+        &format!("{}/v1/topics/events/records", node.url),
+        &json!({ "records": records }),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    create(
+        &node.url,
+        json!({"name": "fwd", "kind": "kafka_sink", "topics": ["events"],
+               "bootstrap_servers": [cluster.kafka.to_string()], "max_record_bytes": 1024}),
+    )
+    .await;
+    let values = wait_count(&cluster.url, "events", 20, 60).await;
+    assert_exactly_once(&values, 20, "the records that fit");
+    let dead = wait_count(&node.url, "fwd.dead-letter", 1, 30).await;
+    assert_eq!(total(&dead), 1, "one dead letter");
+    assert!(
+        dead.contains_key("x".repeat(5000).as_bytes()),
+        "the large record"
+    );
+    let (_, v) = get(&client(), &format!("{}/v1/connectors/fwd", node.url)).await;
+    assert_eq!(v["dead_letters"], 1, "{v}");
+}
+
+/// SASL PLAIN with the password as a secret reference: a cluster that
+/// checks logins (the node's devices) takes the sink's records under the
+/// device's name; a wrong password is refused at creation, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_logs_in_with_sasl_plain() {
+    const ADMIN: &str = "admin-token-of-the-test-cluster";
+    let cluster = common::InProcessNode::start(&format!(
+        "[auth]\nmode = \"devices\"\nadmin_token = \"{ADMIN}\"\n"
+    ))
+    .await;
+    let token = common::add_device(&cluster.url, ADMIN, "edge-7", &["#"], &["#"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good");
+    std::fs::write(&good, format!("{token}\n")).expect("write");
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "not-the-token").expect("write");
+    let node = common::InProcessNode::start("").await;
+    create_topic(&client(), &node.url, "events", 2).await;
+    produce(&node.url, "events", 0..500).await;
+    let sink = |name: &str, secret: &std::path::Path| {
+        json!({"name": name, "kind": "kafka_sink", "topics": ["events"],
+               "bootstrap_servers": [cluster.kafka.to_string()], "sasl_mechanism": "PLAIN",
+               "username": "edge-7", "password": format!("${{file:{}}}", secret.display())})
+    };
+    let (s, v) = post(
+        &client(),
+        &format!("{}/v1/connectors", node.url),
+        &sink("nope", &bad),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("bootstrap_servers"), "{v}");
+    assert!(
+        !v.to_string().contains("not-the-token"),
+        "no secret in errors: {v}"
+    );
+    create(&node.url, sink("fwd", &good)).await;
+    // The cluster's HTTP API needs the admin token to read.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    while Instant::now() < deadline {
+        let (_, t) = get(&client(), &format!("{}/v1/connectors/fwd", node.url)).await;
+        n = t["delivered_records"].as_u64().unwrap_or(0);
+        if n >= 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 500, "delivered through a SASL login");
+    let log = cluster.running.as_ref().expect("running").log.clone();
+    let stored: u64 = (0..2)
+        .map(|p| {
+            let r = log.read("events", p, 0, 10_000, 64 << 20).expect("read");
+            r.records.len() as u64
+        })
+        .sum();
+    assert_eq!(
+        stored, 500,
+        "on the cluster, committed (markers are not records)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_connector_settings_are_checked_and_named() {
     let node = common::InProcessNode::start("").await;
