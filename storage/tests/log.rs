@@ -2507,3 +2507,50 @@ async fn the_quota_evicts_forwarded_events_first_then_counts_unforwarded_ones() 
         offsets(&log, "old", 0).0 + offsets(&log, "new", 0).0
     );
 }
+
+/// DeleteRecords: the start moves exactly to the offset asked (inside a
+/// batch too), reads below it are out of range, whole batches below it are
+/// gone, and the start survives a reopen; past the end is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_records_moves_the_start_exactly_and_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = sled_log(dir.path(), config());
+    create(&log, "t", 1).await;
+    for chunk in 0..10u64 {
+        let events = (0..10u64)
+            .map(|i| pinned(0, Event::new(format!("v{}", chunk * 10 + i))))
+            .collect();
+        log.append("t", events).await.expect("append");
+    }
+    assert_eq!(offsets(&log, "t", 0), (0, 100));
+    assert!(matches!(
+        log.delete_records("t", 0, Some(101)).await,
+        Err(tributary_storage::Error::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(
+        log.delete_records("t", 0, Some(37)).await.expect("delete"),
+        37
+    );
+    assert_eq!(offsets(&log, "t", 0), (37, 100));
+    assert!(
+        log.read("t", 0, 36, 10, 1 << 20).is_err(),
+        "below the start"
+    );
+    let r = log.read("t", 0, 37, 1, 1 << 20).expect("read at the start");
+    assert_eq!(r.records[0].offset, 37);
+    assert_eq!(r.records[0].value.as_deref(), Some(&b"v37"[..]));
+    // Asking below the start changes nothing.
+    assert_eq!(
+        log.delete_records("t", 0, Some(5)).await.expect("no-op"),
+        37
+    );
+    log.close().await.expect("close");
+    drop(log);
+    let log = sled_log(dir.path(), config());
+    assert_eq!(offsets(&log, "t", 0), (37, 100), "after a reopen");
+    assert_eq!(read_all(&log, "t", 0).len(), 63);
+    // −1: everything.
+    assert_eq!(log.delete_records("t", 0, None).await.expect("all"), 100);
+    assert!(read_all(&log, "t", 0).is_empty());
+    assert_eq!(offsets(&log, "t", 0), (100, 100));
+}

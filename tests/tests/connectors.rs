@@ -346,7 +346,7 @@ async fn the_connector_api_checks_pauses_resumes_restarts_deletes_and_survives_a
     let api = format!("{}/v1/connectors", node.url);
     // Refused, each naming what is wrong.
     for (bad, names) in [
-        (json!({"name": "x", "kind": "kafka_sink"}), "kind"),
+        (json!({"name": "x", "kind": "smtp_sink"}), "kind"),
         (http_sink("x", "gopher://h", json!({})), "url"),
         (http_sink("x", &url, json!({"batch": 5})), "batch"),
         (http_sink("bad name", &url, json!({})), "name"),

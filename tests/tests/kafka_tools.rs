@@ -2,7 +2,7 @@
 //! `kafka-topics`, `kafka-configs`, the console producer and consumer,
 //! `kafka-consumer-groups` (list, describe with lag, reset offsets),
 //! `kafka-transactions` (list, describe), the producer and consumer perf
-//! tests — run from Maven Central's jars (scripts/kafka-reference `tool`,
+//! tests, `kafka-delete-records` and `kafka-get-offsets` — run from Maven Central's jars (scripts/kafka-reference `tool`,
 //! as the shell wrappers are not in Maven). Each asserts on what the tool
 //! printed, as an operator would read it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,6 +20,8 @@ const GROUPS: &str = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand
 const TRANSACTIONS: &str = "org.apache.kafka.tools.TransactionsCommand";
 const PRODUCER_PERF: &str = "org.apache.kafka.tools.ProducerPerformance";
 const CONSUMER_PERF: &str = "org.apache.kafka.tools.ConsumerPerformance";
+const DELETE_RECORDS: &str = "org.apache.kafka.tools.DeleteRecordsCommand";
+const OFFSETS: &str = "org.apache.kafka.tools.GetOffsetShell";
 
 /// Runs a Kafka tool with `stdin`; its stdout (asserting it succeeded).
 fn tool(class: &str, args: &[&str], stdin: &str) -> String {
@@ -306,6 +308,39 @@ async fn kafkas_own_tools_manage_and_move_data_on_tributary() {
         .parse()
         .expect("count");
     assert_eq!(records, 2000, "{c}");
+
+    // kafka-delete-records moves partition 0's start; kafka-get-offsets sees it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("offsets.json");
+    std::fs::write(
+        &json,
+        r#"{"partitions": [{"topic": "tools.a", "partition": 0, "offset": 3}], "version": 1}"#,
+    )
+    .expect("write");
+    let d = tool(
+        DELETE_RECORDS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--offset-json-file",
+            &json.display().to_string(),
+        ],
+        "",
+    );
+    assert!(d.contains("low_watermark: 3"), "{d}");
+    let o = tool(
+        OFFSETS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            "tools.a",
+            "--time",
+            "earliest",
+        ],
+        "",
+    );
+    assert!(o.lines().any(|l| l == "tools.a:0:3"), "{o}");
 
     // kafka-topics --delete.
     tool(

@@ -67,6 +67,7 @@ const DELETE_RETENTION_MS: &str = "delete.retention.ms";
 const MIN_COMPACTION_LAG_MS: &str = "min.compaction.lag.ms";
 const MAX_COMPACTION_LAG_MS: &str = "max.compaction.lag.ms";
 const MIN_CLEANABLE_DIRTY_RATIO: &str = "min.cleanable.dirty.ratio";
+const TIMESTAMP_TYPE: &str = "message.timestamp.type";
 
 /// Kafka topic configs accepted and ignored: what they tune (log segments
 /// and indexes, replicas, flushing, tiered storage, timestamps, the
@@ -230,6 +231,13 @@ fn set(
                 .filter(|r| (0.0..=1.0).contains(r))
                 .ok_or_else(|| format!("{name} must be 0..=1, got `{v}`"))?;
         }
+        // Producers' timestamps are kept (CreateTime); the broker's clock
+        // is never stamped over them.
+        (TIMESTAMP_TYPE, Some(v)) if v.trim() != "CreateTime" => {
+            return Err(format!(
+                "{name}: this node keeps producers' timestamps (CreateTime), got `{v}`"
+            ))
+        }
         (other, _) if NO_EFFECT.contains(&other) => {}
         (other, _) => return Err(format!("unknown topic config `{other}`")),
     }
@@ -308,6 +316,12 @@ fn entries(config: &TopicConfig, defaults: &TopicConfig) -> Vec<Entry> {
             value: opt(config.retention_ms),
             default: config.retention_ms == defaults.retention_ms,
             kind: TYPE_LONG,
+        },
+        Entry {
+            name: TIMESTAMP_TYPE,
+            value: "CreateTime".into(),
+            default: true,
+            kind: TYPE_STRING,
         },
         Entry {
             name: ON_FULL,
@@ -474,6 +488,64 @@ async fn create_one(
 
 /// DeleteTopics: by name (v6 may name a topic by id: topics here have none,
 /// so UNKNOWN_TOPIC_ID).
+/// DeleteRecords: each partition's records below the asked offset (−1:
+/// the end) removed, the start moved exactly there; the answer's low
+/// watermark is the new start. It takes the right to publish to the topic.
+pub(crate) async fn delete_records(
+    s: &Session,
+    req: kafka_protocol::messages::DeleteRecordsRequest,
+) -> kafka_protocol::messages::DeleteRecordsResponse {
+    use kafka_protocol::messages::delete_records_response::{
+        DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
+    };
+    let auth = &*s.server.cx.auth;
+    let log = &s.server.cx.log;
+    let mut topics = Vec::new();
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let allowed = auth.authorize(&s.who(), Action::Publish, &name).allowed();
+        let mut partitions = Vec::new();
+        for p in t.partitions {
+            let answer = DeleteRecordsPartitionResult::default()
+                .with_partition_index(p.partition_index)
+                .with_low_watermark(-1);
+            let code = if !allowed {
+                Err(ResponseError::TopicAuthorizationFailed)
+            } else {
+                match (u32::try_from(p.partition_index), p.offset) {
+                    (Ok(partition), -1) => Ok((partition, None)),
+                    (Ok(partition), o) if o >= 0 => Ok((partition, Some(o as u64))),
+                    (Ok(_), _) => Err(ResponseError::OffsetOutOfRange),
+                    (Err(_), _) => Err(ResponseError::UnknownTopicOrPartition),
+                }
+            };
+            let outcome = match code {
+                Err(c) => Err(c),
+                Ok((partition, before)) => log
+                    .delete_records(&name, partition, before)
+                    .await
+                    .map_err(|e| match e {
+                        LogError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
+                        LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => {
+                            ResponseError::UnknownTopicOrPartition
+                        }
+                        other => log_failure(&other).0,
+                    }),
+            };
+            partitions.push(match outcome {
+                Ok(start) => answer.with_low_watermark(start as i64),
+                Err(c) => answer.with_error_code(c.code()),
+            });
+        }
+        topics.push(
+            DeleteRecordsTopicResult::default()
+                .with_name(t.name)
+                .with_partitions(partitions),
+        );
+    }
+    kafka_protocol::messages::DeleteRecordsResponse::default().with_topics(topics)
+}
+
 pub(crate) async fn delete_topics(s: &Session, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
     let mut asked: Vec<DeletableTopicResult> = req
         .topic_names

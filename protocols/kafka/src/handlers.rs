@@ -111,6 +111,8 @@ pub enum Request {
     DescribeTransactions(kafka_protocol::messages::DescribeTransactionsRequest),
     /// ListTransactions.
     ListTransactions(kafka_protocol::messages::ListTransactionsRequest),
+    /// DeleteRecords.
+    DeleteRecords(kafka_protocol::messages::DeleteRecordsRequest),
 }
 
 /// A decoded request with what its answer needs.
@@ -215,6 +217,10 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::AddOffsetsToTxn => body!(AddOffsetsToTxn, AddOffsetsToTxnRequest),
         ApiKey::TxnOffsetCommit => body!(TxnOffsetCommit, TxnOffsetCommitRequest),
         ApiKey::EndTxn => body!(EndTxn, EndTxnRequest),
+        ApiKey::DeleteRecords => body!(
+            DeleteRecords,
+            kafka_protocol::messages::DeleteRecordsRequest
+        ),
         ApiKey::DescribeTransactions => body!(
             DescribeTransactions,
             kafka_protocol::messages::DescribeTransactionsRequest
@@ -374,6 +380,11 @@ pub(crate) async fn handle(
         Request::DescribeTransactions(req) => {
             s.server.metrics.request(Api::Admin);
             let answer = crate::txn::api::describe(&s, req).await;
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
+        Request::DeleteRecords(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::delete_records(&s, req).await;
             respond(&s, correlation, header, &answer, version).map(Some)
         }
         Request::ListTransactions(req) => {

@@ -40,6 +40,7 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::DeleteTopics, 1, 1, 6),
     (ApiKey::CreatePartitions, 0, 0, 3),
     (ApiKey::DescribeConfigs, 1, 1, 4),
+    (ApiKey::DeleteRecords, 0, 0, 2),
     (ApiKey::AlterConfigs, 0, 0, 2),
     (ApiKey::IncrementalAlterConfigs, 0, 0, 1),
     // Transactions, protocol V1 (no `transaction.version` feature is
@@ -134,6 +135,7 @@ mod tests {
                 ApiKey::ListTransactions => {
                     kafka_protocol::messages::ListTransactionsRequest::VERSIONS
                 }
+                ApiKey::DeleteRecords => kafka_protocol::messages::DeleteRecordsRequest::VERSIONS,
                 other => panic!("{other:?} has no codec check"),
             };
             assert!(codec.min <= min && max <= codec.max, "{key:?}");

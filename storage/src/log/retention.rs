@@ -84,6 +84,71 @@ impl Log {
     }
 }
 
+impl Log {
+    /// Deletes a partition's records below `before` (Kafka's DeleteRecords;
+    /// `None`: below the end): the start offset moves there exactly (a read
+    /// below it is out of range), the batches wholly below it are removed,
+    /// and the new start is durable before the answer. Records not yet
+    /// forwarded upstream are kept (the start stops at the forwarded mark).
+    /// Returns the new start.
+    pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        before: Option<u64>,
+    ) -> Result<u64> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let end = *ps.end.borrow();
+        let start = ps.start.load(SeqCst);
+        let target = before.unwrap_or(end);
+        if target > end {
+            return Err(Error::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                partition,
+                offset: target,
+                start,
+                end,
+            });
+        }
+        let target = target.min(ps.forwarded.load(SeqCst));
+        if target <= start {
+            return Ok(start);
+        }
+        // One remover at a time (the quota's evictor takes the same lock).
+        let _one_evictor = self.inner.shared.evicting.lock().await;
+        let shared = self.inner.shared.clone();
+        let name = topic.to_owned();
+        let removed = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let t = shared
+                .topic(&name)
+                .ok_or_else(|| Error::UnknownTopic(name.clone()))?;
+            let ps = t.partition(partition)?;
+            ps.start.fetch_max(target, SeqCst);
+            shared.store.put_floor(&name, partition, target)?;
+            let mut removed = 0u64;
+            while let Some((base, value)) = ps.store.first()? {
+                let h = decode_header(&value).map_err(|d| corruption(&name, partition, base, d))?;
+                if base + h.span > target {
+                    break;
+                }
+                drop_first_batch(&shared, &t, ps, base, &h)?;
+                removed += u64::from(h.count);
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        self.inner
+            .shared
+            .stats
+            .retention_removed_events
+            .fetch_add(removed, Relaxed);
+        self.flush().await?;
+        Ok(ps.start.load(SeqCst))
+    }
+}
+
 /// Most batches one partition loses per pass; the rest waits for the next pass.
 const MAX_REMOVALS_PER_PASS: usize = 4096;
 
@@ -218,7 +283,9 @@ fn drop_first_batch(
     h: &BatchHeader,
 ) -> Result<()> {
     let next_start = base + h.span;
-    shared.store.put_floor(&t.config.name, ps.id, next_start)?;
+    // Never below a start DeleteRecords set inside this batch.
+    let floor = next_start.max(ps.start.load(SeqCst));
+    shared.store.put_floor(&t.config.name, ps.id, floor)?;
     ps.start.fetch_max(next_start, SeqCst);
     ps.start_pos.store(h.end_position, Relaxed);
     ps.store.remove(base)?;
