@@ -756,9 +756,31 @@ async fn alter_resource(
                 match op {
                     0 => set(&mut c, &d, k, v).map_err(invalid)?,
                     1 => set(&mut c, &d, k, None).map_err(invalid)?,
+                    // APPEND and SUBTRACT: the one list config.
+                    2 | 3 if k == CLEANUP_POLICY => {
+                        let mut items: BTreeSet<String> = c
+                            .cleanup_policy
+                            .as_str()
+                            .split(',')
+                            .map(str::to_owned)
+                            .collect();
+                        for item in v.unwrap_or("").split(',').map(str::trim) {
+                            if item.is_empty() {
+                                continue;
+                            }
+                            if op == 2 {
+                                items.insert(item.to_owned());
+                            } else {
+                                items.remove(item);
+                            }
+                        }
+                        let joined = items.into_iter().collect::<Vec<_>>().join(",");
+                        set(&mut c, &d, k, Some(&joined)).map_err(invalid)?;
+                    }
                     _ => {
                         return Err(invalid(format!(
-                            "`{k}`: only SET (0) and DELETE (1) apply to this node's topic configs"
+                            "`{k}`: APPEND (2) and SUBTRACT (3) apply to list configs \
+                             (cleanup.policy); SET (0) and DELETE (1) to all"
                         )))
                     }
                 }

@@ -538,6 +538,10 @@ async fn named_topic(s: &Session, name: &str, create: bool) -> MetadataResponseT
             .with_name(Some(topic_name(name)))
             .with_error_code(code)
     };
+    // A name no topic can have, as Kafka answers it (before any rights).
+    if tributary_storage::topic::validate_name(name).is_err() {
+        return failed(ResponseError::InvalidTopicException.code());
+    }
     if !auth.may_see(&s.who(), name) {
         return failed(ResponseError::TopicAuthorizationFailed.code());
     }
