@@ -66,6 +66,9 @@ fn ok(what: &str, out: &Output) -> String {
     stdout
 }
 
+/// The two JVM-heavy checks run one at a time (2 cores).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -76,6 +79,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a JDK and Apache Kafka 4.4's jars from Maven Central (scripts/kafka-reference fetch); scripts/test installs them"]
 async fn kafka_streams_counts_words_exactly_once_while_the_node_is_killed() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let (_classes, cp) = compile(&["StreamsWordCount.java"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port().to_string();
@@ -175,6 +179,7 @@ async fn kafka_streams_counts_words_exactly_once_while_the_node_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a JDK and Apache Kafka 4.4's jars from Maven Central (scripts/kafka-reference fetch); scripts/test installs them"]
 async fn kafka_connect_keeps_its_topics_on_tributary_and_moves_records_end_to_end() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let (_classes, cp) = compile(&["ConnectCheck.java"]);
     let node = common::InProcessNode::start("[groups]\ninitial_rebalance_delay_ms = 0\n").await;
     let b = node.kafka.to_string();
