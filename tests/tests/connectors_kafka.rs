@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{client, create_topic, get, post, stored_values};
@@ -347,89 +346,11 @@ async fn kafka_connector_settings_are_checked_and_named() {
 
 // ------------------------------------------------- against Apache Kafka
 
-/// A private Apache Kafka 4.4 broker (scripts/kafka-reference).
-struct Kafka {
-    dir: tempfile::TempDir,
-    bootstrap: String,
-}
+use common::reference::Kafka;
 
-fn script() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-reference")
-}
-
-impl Kafka {
-    fn start() -> Kafka {
-        let dir = tempfile::Builder::new()
-            .prefix("tributary-kafka-")
-            .tempdir()
-            .expect("tempdir");
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .output()
-            .expect("run scripts/kafka-reference");
-        assert!(
-            out.status.success(),
-            "the reference broker did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bootstrap = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        Kafka { dir, bootstrap }
-    }
-
-    fn run(&self, what: &str) {
-        let out = Command::new(script())
-            .arg(what)
-            .arg(self.dir.path())
-            .output()
-            .expect("run scripts/kafka-reference");
-        assert!(
-            out.status.success(),
-            "kafka-reference {what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Every value of `topic` as a read_committed consumer (kcat, on
-    /// librdkafka) reads it, with how often.
-    fn committed_values(&self, topic: &str) -> BTreeMap<Vec<u8>, usize> {
-        let out = Command::new("kcat")
-            .args(["-C", "-b", &self.bootstrap, "-t", topic, "-e", "-q", "-u"])
-            .args(["-X", "isolation.level=read_committed", "-f", "%s\\n"])
-            .output()
-            .expect("kcat (Debian kcat)");
-        let mut values = BTreeMap::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if !line.is_empty() {
-                *values.entry(line.as_bytes().to_vec()).or_insert(0) += 1;
-            }
-        }
-        values
-    }
-
-    fn produce(&self, topic: &str, ids: std::ops::Range<u64>) {
-        use std::io::Write;
-        let mut child = Command::new("kcat")
-            .args(["-P", "-b", &self.bootstrap, "-t", topic, "-K", ":"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("kcat (Debian kcat)");
-        let mut stdin = child.stdin.take().expect("stdin");
-        for i in ids {
-            writeln!(stdin, "s{}:n={i}", i % 11).expect("write");
-        }
-        drop(stdin);
-        assert!(child.wait().expect("kcat").success(), "kcat produced");
-    }
-}
-
-impl Drop for Kafka {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("crash")
-            .arg(self.dir.path())
-            .output();
-    }
+/// kcat's `key:value` lines of values `n=i`.
+fn lines(ids: std::ops::Range<u64>) -> impl Iterator<Item = String> {
+    ids.map(|i| format!("s{}:n={i}", i % 11))
 }
 
 /// The test: 100,000 records forwarded into Apache Kafka with the
@@ -438,7 +359,7 @@ impl Drop for Kafka {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Apache Kafka 4.4 from Maven Central (scripts/kafka-reference, a JDK) and kcat; scripts/test installs them"]
 async fn a_kafka_sink_delivers_exactly_once_into_apache_kafka_through_kills_and_a_broker_restart() {
-    let kafka = Kafka::start();
+    let kafka = Kafka::start(&[]);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = common::ChildNode::start(dir.path(), &[]);
     create_topic(&client(), &node.url, "events", 3).await;
@@ -484,8 +405,8 @@ async fn a_kafka_sink_delivers_exactly_once_into_apache_kafka_through_kills_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Apache Kafka 4.4 from Maven Central (scripts/kafka-reference, a JDK) and kcat; scripts/test installs them"]
 async fn a_kafka_source_copies_apache_kafka_exactly_once_through_kills_and_a_broker_restart() {
-    let kafka = Kafka::start();
-    kafka.produce("remote", 0..30_000);
+    let kafka = Kafka::start(&[]);
+    kafka.produce("remote", lines(0..30_000));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = common::ChildNode::start(dir.path(), &[]);
     create(
@@ -498,7 +419,7 @@ async fn a_kafka_source_copies_apache_kafka_exactly_once_through_kills_and_a_bro
     let url = node.url.clone();
     kill_at(&mut node, dir.path(), &url, "copy", 5_000).await;
     kafka.run("restart");
-    kafka.produce("remote", 30_000..40_000);
+    kafka.produce("remote", lines(30_000..40_000));
     let url = node.url.clone();
     kill_at(&mut node, dir.path(), &url, "copy", 20_000).await;
     let values = wait_count(&node.url, "copy", 40_000, 180).await;

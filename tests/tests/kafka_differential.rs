@@ -9,14 +9,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use tributary_gateway::config::Mode;
+use common::reference::{root, Kafka};
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
+use tributary_gateway::config::Mode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a JDK and Apache Kafka 4.4 from Maven Central (scripts/kafka-reference); scripts/test installs them"]
@@ -65,28 +62,9 @@ async fn tributary_answers_the_java_client_as_apache_kafka_does_but_for_the_list
     };
 
     // The reference: auto-creation off, as a Tributary core.
-    let kafka_dir = tempfile::Builder::new()
-        .prefix("tributary-kafka-")
-        .tempdir()
-        .expect("tempdir");
-    let script = root().join("scripts/kafka-reference");
-    let out = Command::new(&script)
-        .arg("start")
-        .arg(kafka_dir.path())
-        .arg("auto.create.topics.enable=false")
-        .output()
-        .expect("scripts/kafka-reference");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kafka = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    run(kafka, "kafka.json").await;
-    let _ = Command::new(&script)
-        .arg("stop")
-        .arg(kafka_dir.path())
-        .output();
+    let kafka = Kafka::start(&["auto.create.topics.enable=false"]);
+    run(kafka.bootstrap.clone(), "kafka.json").await;
+    kafka.run("stop");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let node = common::InProcessNode::start_in(dir.path(), Mode::Core, "").await;

@@ -5,7 +5,8 @@
 //! killed -9 mid-run; and a distributed Kafka Connect worker keeping its
 //! config, offset and status topics (compacted) on Tributary, running a
 //! source and a sink connector end to end across a worker restart, also
-//! with exactly-once source support. The Java programs are in
+//! with exactly-once source support; and MirrorMaker 2 copying a topic from
+//! Tributary into the reference broker and another back. The Java programs are in
 //! `tests/clients/java/` (each proven against the reference broker first).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,6 +14,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
 use std::time::{Duration, Instant};
 
 use common::{client, clients_dir, get};
@@ -202,4 +204,129 @@ async fn kafka_connect_keeps_its_topics_on_tributary_and_moves_records_end_to_en
             assert_eq!(v["cleanup_policy"], "compact", "{prefix}-{t}: {v}");
         }
     }
+}
+
+/// MirrorMaker 2 (its own 4.3.1 set of jars: no connect-mirror 4.4.0 on
+/// Maven Central) between Tributary (`edge`) and the reference broker
+/// (`central`): a Tributary topic into Kafka, a Kafka topic into Tributary,
+/// counts and contents equal, each read by kcat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a JDK, Apache Kafka 4.4 and MirrorMaker 2 from Maven Central (scripts/kafka-reference) and kcat; scripts/test installs them"]
+async fn mirror_maker_2_copies_a_topic_each_way_between_tributary_and_apache_kafka() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mm2_lib = common::reference::root().join("target/kafka-reference/mirror-maker-lib");
+    assert!(
+        mm2_lib.is_dir(),
+        "scripts/kafka-reference fetch puts MirrorMaker 2 in {}",
+        mm2_lib.display()
+    );
+    let kafka = common::reference::Kafka::start(&[]);
+    let node = common::InProcessNode::start("[groups]\ninitial_rebalance_delay_ms = 0\n").await;
+    let edge = node.kafka.to_string();
+    common::create_topic(&client(), &node.url, "readings", 2).await;
+    let n = 5000u64;
+    common::reference::produce(
+        &edge,
+        "readings",
+        (0..n).map(|i| format!("s{}:e{i}", i % 5)),
+    );
+    let tool = |args: &[&str]| {
+        let out = Command::new(common::reference::root().join("scripts/kafka-reference"))
+            .arg("tool")
+            .args(args)
+            .output()
+            .expect("kafka-reference tool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    tool(&[
+        "org.apache.kafka.tools.TopicCommand",
+        "--bootstrap-server",
+        &kafka.bootstrap,
+        "--create",
+        "--topic",
+        "commands",
+        "--partitions",
+        "2",
+    ]);
+    kafka.produce("commands", (0..n).map(|i| format!("c{}:k{i}", i % 5)));
+    let work = tempfile::tempdir().expect("workdir");
+    let properties = work.path().join("mm2.properties");
+    std::fs::write(
+        &properties,
+        format!(
+            "clusters = edge, central\nedge.bootstrap.servers = {edge}\n\
+             central.bootstrap.servers = {}\n\
+             edge->central.enabled = true\nedge->central.topics = readings\n\
+             central->edge.enabled = true\ncentral->edge.topics = commands\n\
+             replication.factor = 1\ncheckpoints.topic.replication.factor = 1\n\
+             heartbeats.topic.replication.factor = 1\noffset-syncs.topic.replication.factor = 1\n\
+             offset.storage.replication.factor = 1\nstatus.storage.replication.factor = 1\n\
+             config.storage.replication.factor = 1\nsync.topic.acls.enabled = false\n\
+             emit.heartbeats.interval.seconds = 1\nrefresh.topics.interval.seconds = 5\n",
+            kafka.bootstrap
+        ),
+    )
+    .expect("write mm2.properties");
+    let log_config = work.path().join("log4j2.properties");
+    std::fs::write(
+        &log_config,
+        format!(
+            "rootLogger.level = WARN\nrootLogger.appenderRef.f.ref = F\nappender.f.type = File\n\
+             appender.f.name = F\nappender.f.fileName = {}\nappender.f.layout.type = PatternLayout\n\
+             appender.f.layout.pattern = %d %p %c{{1}} %m%n\n",
+            work.path().join("mm2.log").display()
+        ),
+    )
+    .expect("write log4j2.properties");
+    let mut mm2 = Command::new("java")
+        .arg("-Xmx512m")
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            log_config.display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", mm2_lib.display()))
+        .arg("org.apache.kafka.connect.mirror.MirrorMaker")
+        .arg(&properties)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("java");
+    // MirrorMaker names a copy after its source cluster.
+    let want_central: std::collections::BTreeMap<Vec<u8>, usize> =
+        (0..n).map(|i| (format!("e{i}").into_bytes(), 1)).collect();
+    let want_edge: std::collections::BTreeMap<Vec<u8>, usize> =
+        (0..n).map(|i| (format!("k{i}").into_bytes(), 1)).collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (mut central, mut at_edge) = Default::default();
+    while Instant::now() < deadline {
+        central = kafka.committed_values("edge.readings");
+        at_edge = common::reference::committed_values(&edge, "central.commands");
+        if central == want_central && at_edge == want_edge {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = mm2.kill();
+    let _ = mm2.wait();
+    let log = std::fs::read_to_string(work.path().join("mm2.log")).unwrap_or_default();
+    assert_eq!(
+        central.values().sum::<usize>() as u64,
+        n,
+        "Tributary's topic on Apache Kafka (edge.readings); MirrorMaker's log:\n{log}"
+    );
+    assert!(
+        central == want_central,
+        "every record once, the same values"
+    );
+    assert_eq!(
+        at_edge.values().sum::<usize>() as u64,
+        n,
+        "Apache Kafka's topic on Tributary (central.commands); MirrorMaker's log:\n{log}"
+    );
+    assert!(at_edge == want_edge, "every record once, the same values");
 }

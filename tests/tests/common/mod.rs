@@ -4,6 +4,7 @@
 
 pub mod crash;
 pub mod kafka;
+pub mod reference;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
