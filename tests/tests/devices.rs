@@ -1009,6 +1009,9 @@ async fn sessions_belong_to_devices_and_disabled_devices_stop_receiving() {
     )
     .await
     .expect("queue");
+    // Sent and stored (the tail wakes on it), not only queued: else only
+    // the tail's 20 s ping tick would notice, racing this test's 20 s wait.
+    puback(&mut good_el, "after-disable").await;
     assert_eq!(close_code(&mut live).await, Some(1008));
     // A 3.1.1 QoS 0 publish to a denied topic closes the connection too.
     let (c, mut el) = mqtt_v4(&node, "qos0", Some(("good", &fleet.good)));
