@@ -24,11 +24,11 @@ use kafka_protocol::messages::{
     TransactionalId,
 };
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{Compression, Record as KafkaRecord, TimestampType};
+use kafka_protocol::records::{Compression, Record as KafkaRecord};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tributary_kafka::codec::{fetched_batches, produce_batch, FetchedBatch};
+use tributary_kafka::codec::{fetched_batches, kafka_record, produce_batch, FetchedBatch};
 use tributary_storage::partitioner::partition_for_key;
 use tributary_storage::util::backoff::Backoff;
 use tributary_storage::{AppendRecord, Event, Isolation, Log, Record};
@@ -682,27 +682,10 @@ fn encode(
         .enumerate()
         .map(|(i, r)| KafkaRecord {
             transactional: true,
-            control: false,
-            delete_horizon: false,
             partition_leader_epoch: -1,
             producer_id: p.id,
             producer_epoch: p.epoch,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: seq.wrapping_add(i as i32),
-            timestamp: r.timestamp,
-            key: r.key.as_ref().map(|k| Bytes::copy_from_slice(k)),
-            value: r.value.as_deref().map(Bytes::copy_from_slice),
-            headers: r
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        StrBytes::from_string(k.clone()),
-                        Some(Bytes::copy_from_slice(v)),
-                    )
-                })
-                .collect(),
+            ..kafka_record(r, i as i64, seq.wrapping_add(i as i32))
         })
         .collect();
     produce_batch(&kafka, compression)
@@ -1390,6 +1373,7 @@ pub async fn probe(options: &Options) -> Result<(), LinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kafka_protocol::records::TimestampType;
 
     fn batch(first: i64, count: i64, pid: i64, transactional: bool, control: bool) -> FetchedBatch {
         FetchedBatch {

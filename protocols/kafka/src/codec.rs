@@ -145,32 +145,9 @@ pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
     let base = first.offset;
     let kafka: Vec<KafkaRecord> = records
         .iter()
-        .map(|r| KafkaRecord {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: r.offset as i64,
-            // Constant offset − sequence keeps every record in one batch
-            // (the encoder starts a new batch when the difference changes).
-            sequence: (r.offset - base) as i32,
-            timestamp: r.timestamp,
-            key: r.key.as_ref().map(|k| Bytes::copy_from_slice(k)),
-            value: r.value.as_deref().map(Bytes::copy_from_slice),
-            headers: r
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        StrBytes::from_string(k.clone()),
-                        Some(Bytes::copy_from_slice(v)),
-                    )
-                })
-                .collect(),
-        })
+        // Constant offset − sequence keeps every record in one batch
+        // (the encoder starts a new batch when the difference changes).
+        .map(|r| kafka_record(r, r.offset as i64, (r.offset - base) as i32))
         .collect();
     let mut buf = BytesMut::new();
     let options = RecordEncodeOptions {
@@ -180,6 +157,36 @@ pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
     RecordBatchEncoder::encode(&mut buf, &kafka, &options)
         .map_err(|e| Error::Encode(e.to_string()))?;
     Ok(buf.freeze())
+}
+
+/// A stored record as a Kafka record — key, value, timestamp and headers
+/// byte for byte — at `offset` with `sequence`, as a broker answers it (no
+/// producer, not transactional); a producer overrides those fields.
+pub fn kafka_record(r: &Record, offset: i64, sequence: i32) -> KafkaRecord {
+    KafkaRecord {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: 0,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset,
+        sequence,
+        timestamp: r.timestamp,
+        key: r.key.as_ref().map(|k| Bytes::copy_from_slice(k)),
+        value: r.value.as_deref().map(Bytes::copy_from_slice),
+        headers: r
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    StrBytes::from_string(k.clone()),
+                    Some(Bytes::copy_from_slice(v)),
+                )
+            })
+            .collect(),
+    }
 }
 
 /// One batch of a fetch answer, as a client reads it.
