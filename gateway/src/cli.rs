@@ -79,6 +79,16 @@ pub enum Command {
         #[command(flatten)]
         node: AdminApi,
     },
+    #[cfg(feature = "client")]
+    /// Pipelines (continuous SQL): list, create, describe, delete, pause,
+    /// resume.
+    Pipelines {
+        /// Which pipeline operation.
+        #[command(subcommand)]
+        op: PipelinesOp,
+        #[command(flatten)]
+        node: AdminApi,
+    },
     /// Development certificates for the TLS listeners.
     Tls {
         /// Which certificate to write.
@@ -360,6 +370,44 @@ pub enum ConnectorsOp {
     /// Start a connector's task again (secrets read again).
     Restart {
         /// Connector name.
+        name: String,
+    },
+}
+
+/// `pipelines` operations.
+#[derive(Debug, Subcommand)]
+pub enum PipelinesOp {
+    /// List pipelines: state, rows in and out, late, errors, lag.
+    List,
+    /// Create a pipeline from one `INSERT INTO … SELECT …` statement.
+    Create {
+        /// Pipeline name.
+        name: String,
+        /// The SQL (`-`: read it from stdin).
+        sql: String,
+        /// Create it paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Show a pipeline: SQL, counters, watermark, state size, newest rows.
+    Describe {
+        /// Pipeline name.
+        name: String,
+    },
+    /// Stop and remove a pipeline created over the API, and its state (its
+    /// output topic stays).
+    Delete {
+        /// Pipeline name.
+        name: String,
+    },
+    /// Hold a pipeline between steps.
+    Pause {
+        /// Pipeline name.
+        name: String,
+    },
+    /// Let a paused pipeline go on.
+    Resume {
+        /// Pipeline name.
         name: String,
     },
 }

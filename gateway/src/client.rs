@@ -9,7 +9,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::cli::{ConnectorsOp, DevicesOp, GroupsOp, Limit, ProduceArgs, TailArgs, TopicsOp};
+use crate::cli::{
+    ConnectorsOp, DevicesOp, GroupsOp, Limit, PipelinesOp, ProduceArgs, TailArgs, TopicsOp,
+};
 
 /// A thin client of the HTTP API that turns API errors into readable ones.
 #[derive(Debug, Clone)]
@@ -382,6 +384,69 @@ pub async fn connectors(
         ConnectorsOp::Restart { name } => {
             api.call(Method::POST, &one(&name, "restart"), None).await?
         }
+    };
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}
+
+/// `tributary pipelines …`.
+pub async fn pipelines(
+    url: &str,
+    admin_token: Option<String>,
+    op: PipelinesOp,
+) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let api = ApiClient::new(url)?.with_token(admin_token);
+    let one = |name: &str, what: &str| {
+        let base = format!("/v1/pipelines/{}", segment(name));
+        if what.is_empty() {
+            base
+        } else {
+            format!("{base}/{what}")
+        }
+    };
+    let answer = match op {
+        PipelinesOp::List => {
+            let all = api.get("/v1/pipelines").await?;
+            println!(
+                "{:<24} {:<8} {:>12} {:>12} {:>8} {:>8} {:>10}  LAST ERROR",
+                "PIPELINE", "STATE", "ROWS IN", "ROWS OUT", "LATE", "ERRORS", "LAG"
+            );
+            for p in all["pipelines"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:<8} {:>12} {:>12} {:>8} {:>8} {:>10}  {}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["state"].as_str().unwrap_or("?"),
+                    p["rows_in"].as_u64().unwrap_or(0),
+                    p["rows_out"].as_u64().unwrap_or(0),
+                    p["late"].as_u64().unwrap_or(0),
+                    p["errors"].as_u64().unwrap_or(0),
+                    p["lag"].as_u64().unwrap_or(0),
+                    p["last_error"].as_str().unwrap_or("")
+                );
+            }
+            return Ok(());
+        }
+        PipelinesOp::Create { name, sql, paused } => {
+            let sql = if sql == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .context("reading stdin")?;
+                s
+            } else {
+                sql
+            };
+            let body = serde_json::json!({"name": name, "sql": sql, "paused": paused});
+            api.post("/v1/pipelines", &body).await?
+        }
+        PipelinesOp::Describe { name } => api.get(&one(&name, "")).await?,
+        PipelinesOp::Delete { name } => {
+            api.call(Method::DELETE, &one(&name, ""), None).await?;
+            println!("deleted {name}");
+            return Ok(());
+        }
+        PipelinesOp::Pause { name } => api.call(Method::POST, &one(&name, "pause"), None).await?,
+        PipelinesOp::Resume { name } => api.call(Method::POST, &one(&name, "resume"), None).await?,
     };
     println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(())

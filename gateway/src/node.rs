@@ -314,6 +314,11 @@ pub async fn start(
     );
     #[cfg(not(feature = "connectors"))]
     let connector_routes = axum::Router::new();
+    #[cfg(feature = "processing")]
+    let connector_routes = connector_routes.merge(tributary_processing::api::routes(
+        tributary_processing::Manager::start(&cx, config.pipeline_configs())
+            .context("cannot start the pipelines")?,
+    ));
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
     let https_listener = https.map(|(bound, tls)| {

@@ -86,6 +86,9 @@ pub struct Config {
     pub limits: LimitsSection,
     /// Connectors (`[[connectors]]`: the JSON of `POST /v1/connectors`).
     pub connectors: Vec<serde_json::Value>,
+    /// Pipelines (`[[pipelines]]`: `name`, `sql`, `paused`; the JSON of
+    /// `POST /v1/pipelines`).
+    pub pipelines: Vec<serde_json::Value>,
 }
 
 impl Default for Config {
@@ -106,6 +109,7 @@ impl Default for Config {
             sync: SyncSection::default(),
             limits: LimitsSection::default(),
             connectors: Vec::new(),
+            pipelines: Vec::new(),
         }
     }
 }

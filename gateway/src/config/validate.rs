@@ -45,8 +45,51 @@ impl Config {
         }
     }
 
+    /// The `[[pipelines]]`, parsed (the invalid ones are left out; the
+    /// validation names them).
+    #[cfg(feature = "processing")]
+    pub fn pipeline_configs(&self) -> Vec<tributary_processing::manager::PipelineConfig> {
+        self.pipelines
+            .iter()
+            .filter_map(|c| serde_json::from_value(c.clone()).ok())
+            .collect()
+    }
+
+    #[cfg(not(feature = "processing"))]
+    fn validate_pipelines(&self, errors: &mut Vec<String>) {
+        if !self.pipelines.is_empty() {
+            errors.push(
+                "`pipelines`: this build has no stream processing (cargo feature `processing`)"
+                    .into(),
+            );
+        }
+    }
+
+    #[cfg(feature = "processing")]
+    fn validate_pipelines(&self, errors: &mut Vec<String>) {
+        use tributary_processing::manager::{check, PipelineConfig};
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in self.pipelines.iter().enumerate() {
+            match serde_json::from_value::<PipelineConfig>(c.clone()) {
+                Ok(c) if !names.insert(c.name.clone()) => {
+                    errors.push(format!(
+                        "`pipelines[{i}]`: a second pipeline named `{}`",
+                        c.name
+                    ));
+                }
+                Ok(c) => {
+                    if let Err(e) = check(&c) {
+                        errors.push(format!("`pipelines[{i}]` (`{}`): {e}", c.name));
+                    }
+                }
+                Err(e) => errors.push(format!("`pipelines[{i}]`: {e}")),
+            }
+        }
+    }
+
     pub(super) fn validate(&self, errors: &mut Vec<String>) {
         self.validate_connectors(errors);
+        self.validate_pipelines(errors);
         let s = &self.storage;
         if self.data_dir.as_os_str().is_empty() {
             errors.push("`data_dir` must not be empty".into());

@@ -1,0 +1,386 @@
+//! The node's pipelines: those of the config file (`[[pipelines]]`) and
+//! those created over the API (kept in the log's metadata, so they survive
+//! a restart), each a task with counters, pause and resume; their section
+//! of `/v1/stats` and their `/metrics` series.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tributary_frontend::metrics::Kind as MetricKind;
+use tributary_frontend::{FrontendContext, MetricsSource, Text};
+use tributary_storage::util::lock;
+use tributary_storage::Log;
+
+use crate::plan::{compile, Plan, SqlError};
+use crate::runner::{self, Status};
+
+/// Metadata space of the pipelines created over the API.
+const SPACE: &str = "__pipelines";
+
+/// A pipeline as the config file and the API give it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// `[A-Za-z0-9._-]{1,100}`.
+    pub name: String,
+    /// One `INSERT INTO … SELECT …` statement.
+    pub sql: String,
+    /// Created paused.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Why a pipeline request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad settings.
+    #[error("{0}")]
+    Invalid(String),
+    /// The SQL does not compile.
+    #[error("{0}")]
+    Sql(#[from] SqlError),
+    /// No pipeline of that name.
+    #[error("no pipeline named `{0}`")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("a pipeline named `{0}` exists")]
+    Exists(String),
+    /// Defined in the config file: change it there.
+    #[error("pipeline `{0}` is defined in the config file; change it there")]
+    FromFile(String),
+    /// The log could not store it.
+    #[error(transparent)]
+    Log(#[from] tributary_storage::Error),
+}
+
+/// Checks a pipeline's name and SQL (the config file's, at start).
+pub fn check(config: &PipelineConfig) -> Result<Plan, Error> {
+    let name_ok = !config.name.is_empty()
+        && config.name.len() <= 100
+        && config
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !name_ok {
+        return Err(Error::Invalid(format!(
+            "pipeline name `{}`: 1 to 100 of A-Z a-z 0-9 . _ -",
+            config.name
+        )));
+    }
+    Ok(compile(&config.sql)?)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    sql: String,
+    paused: bool,
+}
+
+struct Running {
+    plan: Arc<Plan>,
+    from_file: bool,
+    status: Arc<Status>,
+    paused: watch::Sender<bool>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The node's pipelines.
+pub struct Manager {
+    log: Log,
+    shutdown: CancellationToken,
+    pipelines: Mutex<BTreeMap<String, Running>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Starts the config file's pipelines and the stored ones, and adds the
+    /// `pipelines` section to `/v1/stats` and their series to `/metrics`.
+    pub fn start(
+        cx: &FrontendContext,
+        from_file: Vec<PipelineConfig>,
+    ) -> Result<Arc<Manager>, Error> {
+        let m = Arc::new(Manager {
+            log: cx.log.clone(),
+            shutdown: cx.shutdown.clone(),
+            pipelines: Mutex::new(BTreeMap::new()),
+        });
+        for config in from_file {
+            let plan = check(&config)?;
+            m.launch(&config.name, plan, true, config.paused);
+        }
+        for (k, v) in cx.log.meta(SPACE)? {
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let stored: Stored = match serde_json::from_slice(&v) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(pipeline = %name, error = %e, "a stored pipeline is unreadable: skipped");
+                    continue;
+                }
+            };
+            if lock(&m.pipelines).contains_key(&name) {
+                tracing::warn!(pipeline = %name, "a pipeline created over the API has the name of one in the config file: the file's runs");
+                continue;
+            }
+            match compile(&stored.sql) {
+                Ok(plan) => m.launch(&name, plan, false, stored.paused),
+                Err(e) => {
+                    tracing::warn!(pipeline = %name, error = %e, "a stored pipeline no longer compiles: skipped")
+                }
+            }
+        }
+        let weak = Arc::downgrade(&m);
+        cx.stats.register(
+            "pipelines",
+            Arc::new(move || {
+                weak.upgrade()
+                    .map_or_else(|| json!([]), |m| json!(m.list()))
+            }),
+        );
+        cx.metrics.register(Arc::new(Metrics(Arc::downgrade(&m))));
+        Ok(m)
+    }
+
+    fn launch(&self, name: &str, plan: Plan, from_file: bool, paused: bool) {
+        let plan = Arc::new(plan);
+        let status = Arc::new(Status::default());
+        let cancel = self.shutdown.child_token();
+        let (paused_tx, paused_rx) = watch::channel(paused);
+        let task = tokio::spawn(runner::run(
+            self.log.clone(),
+            name.to_owned(),
+            plan.clone(),
+            status.clone(),
+            cancel.clone(),
+            paused_rx,
+        ));
+        let old = lock(&self.pipelines).insert(
+            name.to_owned(),
+            Running {
+                plan,
+                from_file,
+                status,
+                paused: paused_tx,
+                cancel,
+                task: Some(task),
+            },
+        );
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+    }
+
+    fn info(&self, name: &str, r: &Running, recent: bool) -> serde_json::Value {
+        let s = &r.status;
+        let wm = s.watermark.load(Relaxed);
+        let mut v = json!({
+            "name": name,
+            "sql": r.plan.sql,
+            "state": if *r.paused.borrow() { "paused" } else { "running" },
+            "from_file": r.from_file,
+            "inputs": r.plan.inputs(),
+            "output": r.plan.output,
+            "rows_in": s.rows_in.load(Relaxed),
+            "rows_out": s.rows_out.load(Relaxed),
+            "late": s.late.load(Relaxed),
+            "errors": s.errors.load(Relaxed),
+            "dropped": s.dropped.load(Relaxed),
+            "skipped": s.skipped.load(Relaxed),
+            "recovered": s.recovered.load(Relaxed),
+            "lag": s.lag(&self.log),
+            "state_bytes": s.state_bytes.load(Relaxed),
+            "open_groups": s.open_groups.load(Relaxed),
+            "watermark": if wm == i64::MIN { None } else { Some(wm) },
+            "step": s.step.load(Relaxed),
+            "checkpoints": s.checkpoints.load(Relaxed),
+            "last_error": lock(&s.last_error).clone(),
+        });
+        if recent {
+            let rows: Vec<serde_json::Value> = lock(&s.recent)
+                .iter()
+                .map(|(ts, row)| json!({"ts": ts, "row": row}))
+                .collect();
+            v["recent"] = json!(rows);
+        }
+        v
+    }
+
+    /// Every pipeline, by name.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        lock(&self.pipelines)
+            .iter()
+            .map(|(n, r)| self.info(n, r, false))
+            .collect()
+    }
+
+    /// One pipeline, with its newest output rows.
+    pub fn get(&self, name: &str) -> Result<serde_json::Value, Error> {
+        let p = lock(&self.pipelines);
+        let r = p
+            .get(name)
+            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        Ok(self.info(name, r, true))
+    }
+
+    /// Creates a pipeline from the API's JSON (`{"name", "sql", "paused"?}`).
+    pub async fn create(&self, body: serde_json::Value) -> Result<serde_json::Value, Error> {
+        let config: PipelineConfig =
+            serde_json::from_value(body).map_err(|e| Error::Invalid(format!("the body: {e}")))?;
+        let plan = check(&config)?;
+        if lock(&self.pipelines).contains_key(&config.name) {
+            return Err(Error::Exists(config.name));
+        }
+        let stored = Stored {
+            sql: config.sql.clone(),
+            paused: config.paused,
+        };
+        let bytes = serde_json::to_vec(&stored).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.log
+            .put_meta(SPACE, vec![(config.name.as_bytes().to_vec(), Some(bytes))])
+            .await?;
+        // A pipeline of this name deleted before left no checkpoint.
+        self.launch(&config.name, plan, false, config.paused);
+        self.get(&config.name)
+    }
+
+    /// Deletes a pipeline and its state (its output stays).
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        let task = {
+            let mut p = lock(&self.pipelines);
+            let r = p
+                .get(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            if r.from_file {
+                return Err(Error::FromFile(name.to_owned()));
+            }
+            let Some(mut r) = p.remove(name) else {
+                return Err(Error::NotFound(name.to_owned()));
+            };
+            r.cancel.cancel();
+            r.task.take()
+        };
+        // The task must have stopped before its checkpoint goes, or it could
+        // write it back.
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+        self.log
+            .put_meta(SPACE, vec![(name.as_bytes().to_vec(), None)])
+            .await?;
+        runner::forget(&self.log, name).await?;
+        Ok(())
+    }
+
+    /// Pauses (`true`) or resumes a pipeline.
+    pub async fn pause(&self, name: &str, paused: bool) -> Result<serde_json::Value, Error> {
+        let from_file = {
+            let p = lock(&self.pipelines);
+            let r = p
+                .get(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            r.paused.send_replace(paused);
+            r.from_file
+        };
+        if !from_file {
+            let sql = lock(&self.pipelines)
+                .get(name)
+                .map(|r| r.plan.sql.clone())
+                .unwrap_or_default();
+            let bytes = serde_json::to_vec(&Stored { sql, paused })
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            self.log
+                .put_meta(SPACE, vec![(name.as_bytes().to_vec(), Some(bytes))])
+                .await?;
+        }
+        self.get(name)
+    }
+}
+
+struct Metrics(std::sync::Weak<Manager>);
+
+impl MetricsSource for Metrics {
+    fn render(&self, out: &mut Text) {
+        let Some(m) = self.0.upgrade() else { return };
+        let rows: Vec<(String, [u64; 8])> = lock(&m.pipelines)
+            .iter()
+            .map(|(n, r)| {
+                let s = &r.status;
+                (
+                    n.clone(),
+                    [
+                        s.rows_in.load(Relaxed),
+                        s.rows_out.load(Relaxed),
+                        s.late.load(Relaxed),
+                        s.errors.load(Relaxed),
+                        s.dropped.load(Relaxed),
+                        s.lag(&m.log),
+                        s.state_bytes.load(Relaxed),
+                        s.open_groups.load(Relaxed),
+                    ],
+                )
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let series: [(&str, MetricKind, &str); 8] = [
+            (
+                "tributary_pipeline_rows_in_total",
+                MetricKind::Counter,
+                "Records a pipeline read.",
+            ),
+            (
+                "tributary_pipeline_rows_out_total",
+                MetricKind::Counter,
+                "Rows a pipeline wrote to its output.",
+            ),
+            (
+                "tributary_pipeline_late_total",
+                MetricKind::Counter,
+                "Events behind a pipeline's watermark.",
+            ),
+            (
+                "tributary_pipeline_errors_total",
+                MetricKind::Counter,
+                "Rows whose expressions failed.",
+            ),
+            (
+                "tributary_pipeline_dropped_total",
+                MetricKind::Counter,
+                "Events refused because a pipeline's state was full.",
+            ),
+            (
+                "tributary_pipeline_lag_records",
+                MetricKind::Gauge,
+                "Records a pipeline has yet to read.",
+            ),
+            (
+                "tributary_pipeline_state_bytes",
+                MetricKind::Gauge,
+                "A pipeline's checkpointed state, in bytes.",
+            ),
+            (
+                "tributary_pipeline_open_groups",
+                MetricKind::Gauge,
+                "A pipeline's open windows, groups, table rows and buffered events.",
+            ),
+        ];
+        for (i, (name, kind, help)) in series.into_iter().enumerate() {
+            let mut family = out.family(name, kind, help);
+            for (pipeline, values) in &rows {
+                family.sample(&[("pipeline", pipeline)], values[i]);
+            }
+        }
+    }
+}
