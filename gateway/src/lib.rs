@@ -118,6 +118,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Devices { op, node } => client::devices(&node.url, node.admin_token, op).await,
         #[cfg(feature = "client")]
         Command::Pipelines { op, node } => client::pipelines(&node.url, node.admin_token, op).await,
+        #[cfg(feature = "client")]
         Command::Connectors { op, node } => {
             client::connectors(&node.url, node.admin_token, op).await
         }
