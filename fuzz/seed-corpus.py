@@ -86,3 +86,20 @@ records = v3_record(0, 1_700_000_000_000, b"dev-1", b"on") + v3_record(7, 1_700_
 count, span, end = 2, 12, 4096
 tail = struct.pack("<IqqQQ", count, 1_700_000_000_000, 1_700_000_000_500, end, span) + records
 put("stored_batch", "compacted-v3", bytes([0x54, 3]) + struct.pack("<I", zlib.crc32(b"\x03" + tail)) + tail)
+
+# Pipelines: statements of every shape, then records (NUL, then lines:
+# eight bytes of time, then the value).
+rec = b"\x00" + b"\n".join([
+    struct.pack("<q", 1_700_000_000_000 + i * 700) + json.dumps({"t": i * 1.5, "v": i % 3, "id": i, "n": "abc"}).encode()
+    for i in range(12)
+]) + b"\n" + struct.pack("<q", 5) + b"not json"
+for name, sql in [
+    ("tumble", "INSERT INTO o SELECT _key, COUNT(*) AS n, AVG(t), STDDEV(t), APPROX_PERCENTILE(t, 0.9), window_start FROM s WHERE t IS NOT NULL GROUP BY _key, TUMBLE(_ts, INTERVAL '2' SECOND) HAVING COUNT(*) > 1 WITH (lateness = '1s')"),
+    ("hop", "INSERT INTO o SELECT COUNT(*), SUM(v) FROM s GROUP BY HOP(_ts, INTERVAL '1' SECOND, INTERVAL '3' SECOND)"),
+    ("session", "INSERT INTO o SELECT _key, FIRST_VALUE(t), LAST_VALUE(t) FROM s GROUP BY _key, SESSION(_ts, INTERVAL '1' SECOND)"),
+    ("count", "INSERT INTO o SELECT _key, MIN(t), MAX(n) FROM s GROUP BY _key, COUNT_WINDOW(3)"),
+    ("project", "INSERT INTO o SELECT id, CASE WHEN t > 3 THEN 'hi' ELSE 'lo' END AS b, CAST(t AS INT), UPPER(n), _headers['h'] FROM s WHERE v IN (0, 1)"),
+    ("table-join", "INSERT INTO o SELECT s.id, t.n FROM s LEFT JOIN t ON s._key = t._key"),
+    ("interval-join", "INSERT INTO o SELECT a.id, b.id FROM a JOIN b ON a.v = b.v AND b._ts BETWEEN a._ts - INTERVAL '1' SECOND AND a._ts + INTERVAL '1' SECOND"),
+]:
+    put("pipeline_sql", name, sql.encode() + rec)

@@ -742,7 +742,10 @@ impl Engine {
             {
                 new += 1;
             }
-            start += slide;
+            match start.checked_add(slide) {
+                Some(s) => start = s,
+                None => break,
+            }
         }
         if new > 0 && (self.over_bytes || self.state.open + new > plan.options.max_groups) {
             return Err(Refused::Full);
@@ -761,7 +764,10 @@ impl Engine {
                 }
             };
             fold(&g.aggs, accs, values, seq)?;
-            start += slide;
+            match start.checked_add(slide) {
+                Some(s) => start = s,
+                None => break,
+            }
         }
         Ok(())
     }
