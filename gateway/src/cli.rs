@@ -483,6 +483,54 @@ pub enum BenchCommand {
     /// down, then time its drain into the core (events/s, bytes on the
     /// wire, CPU and RSS of both).
     Drain(DrainBenchArgs),
+    #[cfg(feature = "processing")]
+    /// Continuous SQL: a filter + projection and a tumbling-window GROUP BY
+    /// over generated readings, the engine alone on one core or a whole
+    /// pipeline through a log on disk; one JSON line with events/s and
+    /// peak RSS.
+    Pipeline(PipelineBenchArgs),
+}
+
+/// Options of `bench pipeline`.
+#[cfg(feature = "processing")]
+#[derive(Debug, Args, Clone)]
+pub struct PipelineBenchArgs {
+    /// Which query.
+    #[arg(long, value_enum, default_value_t = PipelineQuery::Filter)]
+    pub query: PipelineQuery,
+    /// The operator alone, or a pipeline through the log.
+    #[arg(long, value_enum, default_value_t = PipelineStage::Engine)]
+    pub stage: PipelineStage,
+    /// Readings.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub events: u64,
+    /// Devices (group keys).
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Data directory of the `log` stage (default: a new one under the
+    /// temporary directory, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// `bench pipeline --query`.
+#[cfg(feature = "processing")]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PipelineQuery {
+    /// `WHERE temp > 25`, three columns, one computed.
+    Filter,
+    /// GROUP BY device over 10-second tumbling windows: COUNT, AVG, MAX.
+    Tumble,
+}
+
+/// `bench pipeline --stage`.
+#[cfg(feature = "processing")]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PipelineStage {
+    /// The operator on this thread over readings in memory.
+    Engine,
+    /// A pipeline over readings appended to a log first.
+    Log,
 }
 
 /// Options of `bench connect`.

@@ -129,6 +129,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             cli::BenchCommand::Amqp(args) => bench::amqp::run(args).await,
             cli::BenchCommand::Connect(args) => bench::connect::run(args).await,
             cli::BenchCommand::Drain(args) => bench::drain::run(args).await,
+            #[cfg(feature = "processing")]
+            cli::BenchCommand::Pipeline(args) => bench::pipeline::run(args).await,
         },
     }
 }

@@ -21,6 +21,8 @@ pub mod connect;
 pub mod drain;
 pub mod http;
 pub mod mqtt;
+#[cfg(feature = "processing")]
+pub mod pipeline;
 pub mod ws;
 
 /// At most this many latency samples per worker (older ones are overwritten
