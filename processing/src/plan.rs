@@ -473,6 +473,9 @@ fn compile_select(
     if select.distinct.is_some() {
         return err("DISTINCT is not supported", select);
     }
+    if select.projection.is_empty() {
+        return err("SELECT lists no columns", select);
+    }
     let [from] = select.from.as_slice() else {
         return err("FROM names one topic (and at most one JOIN)", select);
     };
@@ -1485,6 +1488,7 @@ mod tests {
             ("INSERT INTO o SELECT s.x FROM s JOIN t ON s.a = t.b", "table's key"),
             ("INSERT INTO o SELECT x, x FROM s", "two output columns"),
             ("INSERT INTO o SELECT window_start FROM s", "windowed"),
+            ("INSERT INTO o SELECT FROM s", "no columns"),
         ];
         for (sql, want) in cases {
             match compile(sql) {

@@ -201,7 +201,7 @@ pub async fn run(
     loop {
         let result = run_once(&log, &name, &plan, &status, &cancel, &mut paused).await;
         match result {
-            Ok(()) | Err(StepError::Stopped) => return,
+            Ok(()) | Err(StepError::Stopped) | Err(StepError::Log(LogError::Closed)) => return,
             Err(e) => {
                 tracing::warn!(pipeline = %name, error = %e, "pipeline step failed; resuming from its checkpoint");
                 *lock(&status.last_error) = Some(e.to_string());
@@ -594,6 +594,11 @@ async fn step(
         }
     }
     status.add(&counts);
+    status.open_groups.store(engine.state.open() as u64, Relaxed);
+    status.watermark.store(
+        engine.state.watermark(plan.options.lateness).unwrap_or(i64::MIN),
+        Relaxed,
+    );
     progress.positions = next;
     progress.step += 1;
     progress.outputs = output_ends(log, plan)?;

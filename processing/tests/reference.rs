@@ -550,3 +550,84 @@ async fn a_stream_stream_join_finds_every_pair_within_the_bound() {
     assert!(expected.len() > 20, "{}", expected.len());
     assert_eq!(got, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_new_groups_count_them_and_dead_letter_them() {
+    let log = log();
+    create(&log, "in").await;
+    let cx = FrontendContext::new(log.clone(), CancellationToken::new(), "core");
+    let m = Manager::start(
+        &cx,
+        vec![PipelineConfig {
+            name: "capped".into(),
+            sql: "INSERT INTO capped SELECT _key, COUNT(*) AS n FROM in GROUP BY _key \
+                  WITH (max_groups = 5, dead_letter_topic = 'capped_bad')"
+                .into(),
+            paused: false,
+        }],
+    )
+    .unwrap();
+    // Ten keys, three events each: the first five keys take the five groups.
+    let events: Vec<Event> = (0..30)
+        .map(|i| event(&format!("k{}", i % 10), json!({"i": i}), BASE + i))
+        .collect();
+    append(&log, "in", events).await;
+    settle(&m, &["capped"]).await;
+    let info = m.get("capped").unwrap();
+    assert_eq!(info["dropped"], json!(15), "{info}");
+    assert_eq!(info["open_groups"], json!(5), "{info}");
+    let out = read_all(&log, "capped");
+    assert_eq!(out.len(), 15);
+    let mut keys: Vec<&str> = out.iter().map(|(k, _, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4"]);
+    let bad = read_all(&log, "capped_bad");
+    assert_eq!(bad.len(), 15);
+    assert!(bad.iter().all(|(k, _, _)| k.as_str() >= "k5"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_rows_are_counted_and_dead_lettered_and_the_pipeline_goes_on() {
+    let log = log();
+    create(&log, "in").await;
+    let cx = FrontendContext::new(log.clone(), CancellationToken::new(), "core");
+    let m = Manager::start(
+        &cx,
+        vec![PipelineConfig {
+            name: "strict".into(),
+            sql: "INSERT INTO strict SELECT 100 / d AS q, UPPER(name) AS n FROM in \
+                  WITH (dead_letter_topic = 'strict_bad')"
+                .into(),
+            paused: false,
+        }],
+    )
+    .unwrap();
+    let values = [
+        json!({"d": 4, "name": "a"}),
+        json!({"d": 0, "name": "b"}),
+        json!({"d": 5, "name": 7}),
+        json!({"d": "x", "name": "c"}),
+        json!({"d": 10}),
+    ];
+    let mut events: Vec<Event> = values.iter().map(|v| event("k", v.clone(), BASE)).collect();
+    events.insert(2, Event::new(b"not json".to_vec()));
+    append(&log, "in", events).await;
+    settle(&m, &["strict"]).await;
+    let info = m.get("strict").unwrap();
+    assert_eq!(
+        (info["rows_in"].as_u64(), info["errors"].as_u64()),
+        (Some(6), Some(4)),
+        "{info}"
+    );
+    let out: Vec<Value> = read_all(&log, "strict")
+        .into_iter()
+        .map(|(_, v, _)| v)
+        .collect();
+    assert_eq!(
+        out,
+        vec![json!({"q": 25, "n": "A"}), json!({"q": 10, "n": null})]
+    );
+    let bad = read_all(&log, "strict_bad");
+    assert_eq!(bad.len(), 4);
+}

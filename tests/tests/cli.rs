@@ -280,3 +280,107 @@ fn connectors_are_created_listed_described_paused_and_deleted_from_the_command_l
     assert_ne!(code, 0);
     assert!(err.contains("unknown_connector"), "{err}");
 }
+
+/// `tributary pipelines`: create (SQL from an argument and from stdin),
+/// list, describe with its rows, pause, resume, delete; bad SQL is refused
+/// with its place; a config file's `[[pipelines]]` with bad SQL stops the
+/// node before it starts, naming the pipeline.
+#[test]
+fn pipelines_are_created_listed_described_paused_and_deleted_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ChildNode::start(dir.path(), &[]);
+    let url = node.url.clone();
+    let sql = "INSERT INTO cli_hot SELECT _key AS k, v * 2 AS v2 FROM cli_in WHERE v > 1";
+    let (code, out, err) = run(&["pipelines", "create", "hot", sql, "--url", &url], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"name\": \"hot\""), "{out}");
+    let (code, _, err) = run(
+        &[
+            "pipelines",
+            "create",
+            "from-stdin",
+            "-",
+            "--paused",
+            "--url",
+            &url,
+        ],
+        Some(b"INSERT INTO cli_all SELECT * FROM cli_in"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(
+        &["produce", "cli_in", "--key", "a", "--url", &url],
+        Some(b"{\"v\": 1}\n{\"v\": 5}\n"),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (code, out, _) = run(&["pipelines", "describe", "hot", "--url", &url], None);
+        assert_eq!(code, 0);
+        if out.contains("\"v2\": 10") {
+            assert!(out.contains("\"rows_out\": 1"), "{out}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, out, _) = run(&["pipelines", "list", "--url", &url], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("from-stdin") && l.contains("paused")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("hot") && l.contains("running")),
+        "{out}"
+    );
+    let (code, out, _) = run(&["pipelines", "resume", "from-stdin", "--url", &url], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"state\": \"running\""), "{out}");
+    let (code, out, _) = run(&["pipelines", "pause", "hot", "--url", &url], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"state\": \"paused\""), "{out}");
+    let (code, _, err) = run(
+        &[
+            "pipelines",
+            "create",
+            "bad",
+            "INSERT INTO o SELECT FROM s",
+            "--url",
+            &url,
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("bad_sql") && err.contains("line 1, column"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["pipelines", "delete", "hot", "--url", &url], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["pipelines", "describe", "hot", "--url", &url], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown_pipeline"), "{err}");
+
+    let cfg = dir.path().join("pipelines.toml");
+    std::fs::write(
+        &cfg,
+        "[[pipelines]]\nname = \"broken\"\nsql = \"INSERT INTO o SELECT x, COUNT(*) FROM s GROUP BY y\"\n",
+    )
+    .expect("write");
+    let out = Command::new(NODE_BIN)
+        .args(["edge", "--config"])
+        .arg(&cfg)
+        .env("TRIBUTARY_DATA_DIR", dir.path().join("other"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pipelines[0]")
+            && err.contains("broken")
+            && err.contains("neither in GROUP BY"),
+        "{err}"
+    );
+}

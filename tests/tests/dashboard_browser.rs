@@ -692,6 +692,53 @@ async fn drive(base: &str) {
         )
         .await;
 
+    // A pipeline shows up with its counters, and its chart plots a chosen
+    // numeric column of its output over time.
+    let (status, body) = common::post(
+        &c,
+        &format!("{base}/v1/pipelines"),
+        &json!({"name": "dash-stats", "sql": "INSERT INTO dash_stats SELECT _key AS k, COUNT(*) AS n, \
+                 SUM(v) AS total, window_start FROM readings GROUP BY _key, TUMBLE(_ts, INTERVAL '1' SECOND)"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let readings: Vec<Value> = (0..400)
+        .map(|i| json!({"key": "s1", "value": {"v": i % 17}, "timestamp": 1_700_000_000_000i64 + i * 100}))
+        .collect();
+    let (status, body) = common::post(
+        &c,
+        &format!("{base}/v1/topics/readings/records"),
+        &json!({"records": readings}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    browser
+        .wait_for(
+            "the pipeline's row with rows in and out",
+            r#"const r = document.querySelector('#pipeline-rows tr[data-pipeline="dash-stats"]');
+               if (!r) return 'no row for dash-stats';
+               const cells = [...r.cells].map(c => c.textContent);
+               return (cells[1] === 'running' && cells[3] === '400' && cells[4] === '39')
+                 || 'cells: ' + JSON.stringify(cells);"#,
+            Value::Null,
+            WAIT,
+        )
+        .await;
+    browser
+        .wait_for(
+            "the pipeline chart plots its rows",
+            r#"const sel = document.getElementById('pipeline-chart-column');
+               const cols = [...sel.options].map(o => o.value);
+               if (!cols.includes('total')) return 'columns: ' + JSON.stringify(cols);
+               if (sel.value !== 'total') { sel.value = 'total'; sel.dispatchEvent(new Event('change')); return 'chose total'; }
+               const pts = (document.querySelector('#pipeline-chart polyline').getAttribute('points') || '').trim().split(' ');
+               const range = document.getElementById('pipeline-chart-range').textContent;
+               return (pts.length === 39 && range.includes('39 rows')) || 'points ' + pts.length + ', ' + range;"#,
+            Value::Null,
+            WAIT,
+        )
+        .await;
+
     // No uncaught script errors on the way.
     let errors = script_errors(&browser).await;
     assert!(errors.is_empty(), "script errors in the page: {errors:#?}");
