@@ -316,8 +316,15 @@ pub async fn start(
     let connector_routes = axum::Router::new();
     #[cfg(feature = "processing")]
     let connector_routes = connector_routes.merge(tributary_processing::api::routes(
-        tributary_processing::Manager::start(&cx, config.pipeline_configs())
-            .context("cannot start the pipelines")?,
+        tributary_processing::Manager::start(
+            &cx,
+            config.pipeline_configs(),
+            tributary_processing::manager::NodeLimits {
+                max_pipelines: config.limits.max_pipelines,
+                max_state_bytes: config.limits.max_pipeline_state_bytes,
+            },
+        )
+        .context("cannot start the pipelines")?,
     ));
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);

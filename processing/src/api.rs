@@ -22,6 +22,7 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_pipeline", message),
             Error::Exists(_) => ApiError::new(StatusCode::CONFLICT, "pipeline_exists", message),
             Error::FromFile(_) => ApiError::new(StatusCode::CONFLICT, "defined_in_config", message),
+            Error::Full(_) => ApiError::new(StatusCode::CONFLICT, "too_many_pipelines", message),
             Error::Log(l) => l.into(),
         }
     }

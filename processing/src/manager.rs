@@ -18,7 +18,25 @@ use tributary_storage::util::lock;
 use tributary_storage::Log;
 
 use crate::plan::{compile, Plan, SqlError};
-use crate::runner::{self, Status};
+use crate::runner::{self, Budget, Status};
+
+/// Node-wide bounds on pipelines (`[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct NodeLimits {
+    /// Pipelines at most (config file and API together).
+    pub max_pipelines: usize,
+    /// Every pipeline's checkpointed state together, in bytes.
+    pub max_state_bytes: u64,
+}
+
+impl Default for NodeLimits {
+    fn default() -> NodeLimits {
+        NodeLimits {
+            max_pipelines: 32,
+            max_state_bytes: 256 << 20,
+        }
+    }
+}
 
 /// Metadata space of the pipelines created over the API.
 const SPACE: &str = "__pipelines";
@@ -54,6 +72,9 @@ pub enum Error {
     /// Defined in the config file: change it there.
     #[error("pipeline `{0}` is defined in the config file; change it there")]
     FromFile(String),
+    /// The node runs as many pipelines as it may.
+    #[error("the node runs {0} pipelines, its limit (limits.max_pipelines)")]
+    Full(usize),
     /// The log could not store it.
     #[error(transparent)]
     Log(#[from] tributary_storage::Error),
@@ -94,6 +115,8 @@ struct Running {
 /// The node's pipelines.
 pub struct Manager {
     log: Log,
+    limits: NodeLimits,
+    budget: Arc<Budget>,
     shutdown: CancellationToken,
     pipelines: Mutex<BTreeMap<String, Running>>,
 }
@@ -110,9 +133,15 @@ impl Manager {
     pub fn start(
         cx: &FrontendContext,
         from_file: Vec<PipelineConfig>,
+        limits: NodeLimits,
     ) -> Result<Arc<Manager>, Error> {
+        if from_file.len() > limits.max_pipelines {
+            return Err(Error::Full(limits.max_pipelines));
+        }
         let m = Arc::new(Manager {
             log: cx.log.clone(),
+            limits,
+            budget: Arc::new(Budget::new(limits.max_state_bytes)),
             shutdown: cx.shutdown.clone(),
             pipelines: Mutex::new(BTreeMap::new()),
         });
@@ -131,6 +160,10 @@ impl Manager {
             };
             if lock(&m.pipelines).contains_key(&name) {
                 tracing::warn!(pipeline = %name, "a pipeline created over the API has the name of one in the config file: the file's runs");
+                continue;
+            }
+            if lock(&m.pipelines).len() >= limits.max_pipelines {
+                tracing::warn!(pipeline = %name, max = limits.max_pipelines, "a stored pipeline is over limits.max_pipelines: not started");
                 continue;
             }
             match compile(&stored.sql) {
@@ -164,6 +197,7 @@ impl Manager {
             status.clone(),
             cancel.clone(),
             paused_rx,
+            self.budget.clone(),
         ));
         let old = lock(&self.pipelines).insert(
             name.to_owned(),
@@ -238,8 +272,14 @@ impl Manager {
         let config: PipelineConfig =
             serde_json::from_value(body).map_err(|e| Error::Invalid(format!("the body: {e}")))?;
         let plan = check(&config)?;
-        if lock(&self.pipelines).contains_key(&config.name) {
-            return Err(Error::Exists(config.name));
+        {
+            let p = lock(&self.pipelines);
+            if p.contains_key(&config.name) {
+                return Err(Error::Exists(config.name));
+            }
+            if p.len() >= self.limits.max_pipelines {
+                return Err(Error::Full(self.limits.max_pipelines));
+            }
         }
         let stored = Stored {
             sql: config.sql.clone(),
@@ -268,13 +308,15 @@ impl Manager {
                 return Err(Error::NotFound(name.to_owned()));
             };
             r.cancel.cancel();
-            r.task.take()
+            (r.task.take(), r.status.clone())
         };
+        let (task, status) = task;
         // The task must have stopped before its checkpoint goes, or it could
         // write it back.
         if let Some(t) = task {
             let _ = t.await;
         }
+        self.budget.release(status.state_bytes.load(Relaxed));
         self.log
             .put_meta(SPACE, vec![(name.as_bytes().to_vec(), None)])
             .await?;

@@ -376,8 +376,8 @@ fn parse_options(tokens: &[TokenWithSpan]) -> Result<Options, SqlError> {
                 None => return bad("a positive whole number"),
             },
             "max_batch" => match number(&text) {
-                Some(n) => o.max_batch = usize::try_from(n).unwrap_or(usize::MAX),
-                None => return bad("a positive whole number"),
+                Some(n) if n <= 1_000_000 => o.max_batch = n as usize,
+                _ => return bad("a whole number from 1 to 1000000"),
             },
             "commit_interval" => match duration_ms(&text) {
                 Some(ms) if ms > 0 => o.commit_interval = ms.unsigned_abs(),

@@ -102,6 +102,40 @@ impl Status {
     }
 }
 
+/// The node's budget for every pipeline's state together.
+#[derive(Debug)]
+pub struct Budget {
+    /// The checkpoints' sizes, summed over the node's pipelines.
+    pub used: AtomicU64,
+    /// `limits.max_pipeline_state_bytes`.
+    pub max: u64,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub fn new(max: u64) -> Budget {
+        Budget {
+            used: AtomicU64::new(0),
+            max,
+        }
+    }
+
+    /// Moves one pipeline's share from `old` to `new` bytes.
+    fn change(&self, old: u64, new: u64) {
+        if new >= old {
+            self.used.fetch_add(new - old, Relaxed);
+        } else {
+            self.used
+                .fetch_sub((old - new).min(self.used.load(Relaxed)), Relaxed);
+        }
+    }
+
+    /// Gives back a removed pipeline's share.
+    pub fn release(&self, bytes: u64) {
+        self.change(bytes, 0);
+    }
+}
+
 type Positions = BTreeMap<(String, u32), u64>;
 
 /// A checkpoint as stored.
@@ -196,10 +230,11 @@ pub async fn run(
     status: Arc<Status>,
     cancel: CancellationToken,
     mut paused: watch::Receiver<bool>,
+    budget: Arc<Budget>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let result = run_once(&log, &name, &plan, &status, &cancel, &mut paused).await;
+        let result = run_once(&log, &name, &plan, &status, &cancel, &mut paused, &budget).await;
         match result {
             Ok(()) | Err(StepError::Stopped) | Err(StepError::Log(LogError::Closed)) => return,
             Err(e) => {
@@ -224,6 +259,7 @@ async fn run_once(
     status: &Status,
     cancel: &CancellationToken,
     paused: &mut watch::Receiver<bool>,
+    budget: &Budget,
 ) -> Result<(), StepError> {
     for t in plan.inputs() {
         wait_for_topic(log, &t, cancel, status).await?;
@@ -231,8 +267,12 @@ async fn run_once(
     for t in plan.outputs() {
         ensure_topic(log, &t).await?;
     }
+    let before = status.state_bytes.load(Relaxed);
     let (mut engine, mut progress) = load(log, name, plan, status).await?;
-    engine.over_bytes = status.state_bytes.load(Relaxed) > plan.options.max_state_bytes as u64;
+    let bytes = status.state_bytes.load(Relaxed);
+    budget.change(before, bytes);
+    engine.over_bytes =
+        bytes > plan.options.max_state_bytes as u64 || budget.used.load(Relaxed) > budget.max;
     let mut last_checkpoint = Instant::now();
     // A step chosen before a crash: run it again, writing only what is missing.
     if progress.next.is_some() {
@@ -249,7 +289,7 @@ async fn run_once(
         )
         .await?;
         progress.next = choose(log, plan, &progress.positions)?;
-        checkpoint(log, name, plan, &mut engine, &progress, status).await?;
+        checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
     }
     loop {
         if cancel.is_cancelled() {
@@ -270,7 +310,7 @@ async fn run_once(
             }
             progress.next = choose(log, plan, &progress.positions)?;
             if progress.next.is_some() {
-                checkpoint(log, name, plan, &mut engine, &progress, status).await?;
+                checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
                 last_checkpoint = Instant::now();
             }
             continue;
@@ -292,7 +332,7 @@ async fn run_once(
             _ = tokio::time::sleep_until(due.into()) => {}
         }
         progress.next = choose(log, plan, &progress.positions)?;
-        checkpoint(log, name, plan, &mut engine, &progress, status).await?;
+        checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
         last_checkpoint = Instant::now();
         *lock(&status.last_error) = None;
     }
@@ -594,9 +634,14 @@ async fn step(
         }
     }
     status.add(&counts);
-    status.open_groups.store(engine.state.open() as u64, Relaxed);
+    status
+        .open_groups
+        .store(engine.state.open() as u64, Relaxed);
     status.watermark.store(
-        engine.state.watermark(plan.options.lateness).unwrap_or(i64::MIN),
+        engine
+            .state
+            .watermark(plan.options.lateness)
+            .unwrap_or(i64::MIN),
         Relaxed,
     );
     progress.positions = next;
@@ -614,6 +659,7 @@ async fn checkpoint(
     engine: &mut Engine,
     progress: &Progress,
     status: &Status,
+    budget: &Budget,
 ) -> Result<(), StepError> {
     let bytes = postcard::to_allocvec(&CheckpointRef {
         version: VERSION,
@@ -630,9 +676,12 @@ async fn checkpoint(
         state: &engine.state,
     })
     .map_err(|e| StepError::Encode(e.to_string()))?;
-    status.state_bytes.store(bytes.len() as u64, Relaxed);
-    // Over the limit: new groups are refused until the state shrinks.
-    engine.over_bytes = bytes.len() > plan.options.max_state_bytes;
+    let old = status.state_bytes.swap(bytes.len() as u64, Relaxed);
+    budget.change(old, bytes.len() as u64);
+    // Over the pipeline's limit or the node's: new groups are refused until
+    // the state shrinks.
+    engine.over_bytes =
+        bytes.len() > plan.options.max_state_bytes || budget.used.load(Relaxed) > budget.max;
     log.put_meta(STATE_SPACE, vec![(name.as_bytes().to_vec(), Some(bytes))])
         .await?;
     status.checkpoints.fetch_add(1, Relaxed);

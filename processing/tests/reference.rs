@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tributary_frontend::FrontendContext;
-use tributary_processing::manager::PipelineConfig;
+use tributary_processing::manager::{NodeLimits, PipelineConfig};
 use tributary_processing::Manager;
 use tributary_storage::{AppendRecord, Event, Log, LogConfig, MemStore};
 
@@ -274,7 +274,7 @@ async fn pipelines_match_a_reference_fold() {
                  CAST(temp * 10 AS INT) AS deci, ROUND(temp / 3, 2) AS third, hum % 7 AS m \
                  FROM sensors WHERE hum BETWEEN 10 AND 60 AND temp IS NOT NULL",
             ),
-        ],
+        ], NodeLimits::default()
     )
     .unwrap();
     let events: Vec<Event> = rs
@@ -501,6 +501,7 @@ async fn a_stream_stream_join_finds_every_pair_within_the_bound() {
                 .into(),
             paused: false,
         }],
+        NodeLimits::default(),
     )
     .unwrap();
     let ev = |(id, ts): &(u32, i64), extra: Value| {
@@ -565,6 +566,7 @@ async fn limits_refuse_new_groups_count_them_and_dead_letter_them() {
                 .into(),
             paused: false,
         }],
+        NodeLimits::default(),
     )
     .unwrap();
     // Ten keys, three events each: the first five keys take the five groups.
@@ -601,6 +603,7 @@ async fn failing_rows_are_counted_and_dead_lettered_and_the_pipeline_goes_on() {
                 .into(),
             paused: false,
         }],
+        NodeLimits::default(),
     )
     .unwrap();
     let values = [
@@ -630,4 +633,59 @@ async fn failing_rows_are_counted_and_dead_lettered_and_the_pipeline_goes_on() {
     );
     let bad = read_all(&log, "strict_bad");
     assert_eq!(bad.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_wide_state_budget_holds_every_pipeline() {
+    let log = log();
+    create(&log, "in").await;
+    let cx = FrontendContext::new(log.clone(), CancellationToken::new(), "core");
+    let sql = |name: &str| {
+        PipelineConfig {
+        name: name.into(),
+        sql: format!("INSERT INTO {name}_out SELECT _key, COUNT(*) AS n, LAST_VALUE(pad) AS p FROM in GROUP BY _key"),
+        paused: false,
+    }
+    };
+    // Two pipelines, each far below its own 64 MiB, together over 200 kB.
+    let m = Manager::start(
+        &cx,
+        vec![sql("a"), sql("b")],
+        NodeLimits {
+            max_pipelines: 2,
+            max_state_bytes: 200_000,
+        },
+    )
+    .unwrap();
+    for round in 0..20 {
+        let events: Vec<Event> = (0..100)
+            .map(|i| {
+                event(
+                    &format!("k{round}-{i}"),
+                    json!({"pad": "x".repeat(100)}),
+                    BASE + i,
+                )
+            })
+            .collect();
+        append(&log, "in", events).await;
+        settle(&m, &["a", "b"]).await;
+        // Let a checkpoint measure the state.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let (a, b) = (m.get("a").unwrap(), m.get("b").unwrap());
+    let dropped = a["dropped"].as_u64().unwrap() + b["dropped"].as_u64().unwrap();
+    assert!(dropped > 0, "{a} {b}");
+    let kept = a["state_bytes"].as_u64().unwrap() + b["state_bytes"].as_u64().unwrap();
+    // Over by at most the groups of the step that crossed it.
+    assert!(kept < 200_000 + 2 * 100 * 400, "{kept}");
+    let more = PipelineConfig {
+        name: "c".into(),
+        sql: "INSERT INTO c_out SELECT * FROM in".into(),
+        paused: false,
+    };
+    let refused = m.create(serde_json::to_value(more).unwrap()).await;
+    assert!(matches!(
+        refused,
+        Err(tributary_processing::manager::Error::Full(2))
+    ));
 }

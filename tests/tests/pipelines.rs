@@ -271,7 +271,7 @@ fn pipeline_api_refuses_bad_requests_with_the_reason() {
     let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
-        let node = ChildNode::start(dir.path(), &[]);
+        let node = ChildNode::start(dir.path(), &[("TRIBUTARY_LIMITS__MAX_PIPELINES", "2")]);
         let c = client();
         let url = format!("{}/v1/pipelines", node.url);
         let (s, b) = post(
@@ -340,6 +340,27 @@ fn pipeline_api_refuses_bad_requests_with_the_reason() {
         );
         let (s, _) = get(&c, &format!("{url}/nope")).await;
         assert_eq!(s, 404);
+        // limits.max_pipelines = 2: a third is refused.
+        let (s, _) = post(
+            &c,
+            &url,
+            &json!({"name": "q", "sql": "INSERT INTO o3 SELECT x FROM s"}),
+        )
+        .await;
+        assert_eq!(s, 201);
+        let (s, b) = post(
+            &c,
+            &url,
+            &json!({"name": "r", "sql": "INSERT INTO o4 SELECT x FROM s"}),
+        )
+        .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (409, Some("too_many_pipelines")),
+            "{b}"
+        );
+        let r = c.delete(format!("{url}/q")).send().await.unwrap();
+        assert_eq!(r.status(), 204);
         // Nothing ran for the refused ones.
         let (_, all) = get(&c, &url).await;
         assert_eq!(all["pipelines"].as_array().map(Vec::len), Some(1), "{all}");

@@ -150,6 +150,7 @@ async fn through_the_log(args: &PipelineBenchArgs) -> anyhow::Result<()> {
             sql: sql(args.query).into(),
             paused: false,
         }],
+        tributary_processing::manager::NodeLimits::default(),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let info = loop {

@@ -342,12 +342,19 @@ pub struct LimitsSection {
     /// every connection and protocol; past it readers wait, then the newest
     /// request is refused with its protocol's code.
     pub max_buffered_bytes: usize,
+    /// Pipelines the node runs at most (config file and API together).
+    pub max_pipelines: usize,
+    /// Every pipeline's state together (the checkpoints' sizes), in bytes;
+    /// past it pipelines refuse events that need a new group.
+    pub max_pipeline_state_bytes: u64,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_buffered_bytes: tributary_frontend::budget::DEFAULT_MAX_BUFFERED_BYTES,
+            max_pipelines: 32,
+            max_pipeline_state_bytes: 256 << 20,
         }
     }
 }

@@ -68,6 +68,13 @@ impl Config {
     #[cfg(feature = "processing")]
     fn validate_pipelines(&self, errors: &mut Vec<String>) {
         use tributary_processing::manager::{check, PipelineConfig};
+        if self.pipelines.len() > self.limits.max_pipelines {
+            errors.push(format!(
+                "`pipelines`: {} pipelines, over `limits.max_pipelines` ({})",
+                self.pipelines.len(),
+                self.limits.max_pipelines
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.pipelines.iter().enumerate() {
             match serde_json::from_value::<PipelineConfig>(c.clone()) {
