@@ -212,6 +212,17 @@ enum StepError {
     Encode(String),
     #[error("stopped")]
     Stopped,
+    #[error("the log refused the rows: {0}")]
+    Refused(String),
+}
+
+/// The topic rows of `dest` go to (`None`: only counted).
+fn destination(plan: &Plan, dest: Dest) -> Option<&str> {
+    match dest {
+        Dest::Output => Some(plan.output.as_str()),
+        Dest::Late => plan.options.late_topic.as_deref(),
+        Dest::Dead => plan.options.dead_letter_topic.as_deref(),
+    }
 }
 
 /// Where the task is between steps.
@@ -581,28 +592,63 @@ async fn step(
             }
         }
     }
+    // Rows a topic could never take (larger than its max_event_bytes,
+    // keyless for a compacted topic) become dead letters, without their
+    // value if need be, or are only counted: decided from the topics'
+    // settings, so a replayed step decides the same; else a step would fail
+    // for ever.
+    let mut limits: BTreeMap<&str, (usize, bool)> = BTreeMap::new();
+    for t in [Dest::Output, Dest::Late, Dest::Dead]
+        .into_iter()
+        .filter_map(|d| destination(plan, d))
+    {
+        if let Ok(info) = log.topic(t) {
+            let c = info.config;
+            limits.insert(t, (c.max_event_bytes, c.cleanup_policy.compacts()));
+        }
+    }
+    let refusal = |topic: &str, event: &Event, room: usize| {
+        let (max, compacts) = limits.get(topic).copied()?;
+        if event.size() + room > max {
+            Some(format!(
+                "a row of {} bytes is over {topic}'s max_event_bytes ({max})",
+                event.size() + room
+            ))
+        } else if compacts && event.key.is_none() {
+            Some(format!("{topic} is compacted and the row has no key"))
+        } else {
+            None
+        }
+    };
     // Write the rows, each with its origin, but those already written.
     let mut by_topic: BTreeMap<&str, Vec<AppendRecord>> = BTreeMap::new();
-    for (i, (dest, mut event)) in out.into_iter().enumerate() {
+    'rows: for (i, (mut dest, mut event)) in out.into_iter().enumerate() {
         let i = i as u64;
+        let origin = format!("{name}:{}:{i}", progress.step).into_bytes();
+        let room = ORIGIN.len() + origin.len();
+        let topic = loop {
+            let Some(topic) = destination(plan, dest) else {
+                continue 'rows;
+            };
+            let Some(why) = refusal(topic, &event, room) else {
+                break topic;
+            };
+            if dest == Dest::Output {
+                counts.rows_out -= 1;
+                counts.errors += 1;
+            }
+            if dest == Dest::Dead && event.value.is_none() {
+                // Not even the bare dead letter fits: counted only.
+                continue 'rows;
+            }
+            dest = Dest::Dead;
+            event.value = None;
+            event.headers = vec![("tributary.error".into(), why.into_bytes())];
+        };
         if present.contains(&i) {
             continue;
         }
-        let topic = match dest {
-            Dest::Output => plan.output.as_str(),
-            Dest::Late => match &plan.options.late_topic {
-                Some(t) => t.as_str(),
-                None => continue,
-            },
-            Dest::Dead => match &plan.options.dead_letter_topic {
-                Some(t) => t.as_str(),
-                None => continue,
-            },
-        };
-        event.headers.push((
-            ORIGIN.into(),
-            format!("{name}:{}:{i}", progress.step).into_bytes(),
-        ));
+        event.headers.push((ORIGIN.into(), origin));
         by_topic
             .entry(topic)
             .or_default()
@@ -622,7 +668,9 @@ async fn step(
         })
         .unwrap_or_default();
     for (topic, records) in by_topic {
-        log.append(topic, records).await?;
+        tributary_ingest::append_topic(log, topic, records)
+            .await
+            .map_err(|r| StepError::Refused(r.to_string()))?;
     }
     {
         let mut r = lock(&status.recent);

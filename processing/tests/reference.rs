@@ -689,3 +689,41 @@ async fn the_node_wide_state_budget_holds_every_pipeline() {
         Err(tributary_processing::manager::Error::Full(2))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_output_cannot_take_are_dead_letters_not_a_stuck_pipeline() {
+    let log = log();
+    create(&log, "in").await;
+    let mut tiny = log.config().topic_defaults.config("tiny_out");
+    tiny.max_event_bytes = 120;
+    log.create_topic(tiny).await.unwrap();
+    let cx = FrontendContext::new(log.clone(), CancellationToken::new(), "core");
+    let m = Manager::start(
+        &cx,
+        vec![PipelineConfig {
+            name: "tiny".into(),
+            sql: "INSERT INTO tiny_out SELECT s FROM in WITH (dead_letter_topic = 'tiny_bad')"
+                .into(),
+            paused: false,
+        }],
+        NodeLimits::default(),
+    )
+    .unwrap();
+    let events: Vec<Event> = [5, 500, 7]
+        .iter()
+        .map(|n| event("k", json!({"s": "x".repeat(*n)}), BASE))
+        .collect();
+    append(&log, "in", events).await;
+    settle(&m, &["tiny"]).await;
+    let out = read_all(&log, "tiny_out");
+    assert_eq!(out.len(), 2, "{out:?}");
+    let bad = read_all(&log, "tiny_bad");
+    assert_eq!(bad.len(), 1);
+    let info = m.get("tiny").unwrap();
+    assert_eq!(
+        (info["rows_out"].as_u64(), info["errors"].as_u64()),
+        (Some(2), Some(1)),
+        "{info}"
+    );
+    assert_eq!(info["last_error"], Value::Null);
+}
