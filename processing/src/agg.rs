@@ -110,14 +110,8 @@ impl Aggregate {
         match (self.func, acc) {
             (AggFn::Count, Acc::Count(n)) => *n += 1,
             (AggFn::Sum, Acc::Sum(total)) => {
-                *total = match (&*total, v) {
-                    (Value::Null, Value::Int(i)) => Value::Int(*i),
-                    (Value::Int(a), Value::Int(b)) => match a.checked_add(*b) {
-                        Some(s) => Value::Int(s),
-                        None => Value::Float(*a as f64 + *b as f64),
-                    },
-                    (t, v) => Value::Float(t.as_f64().unwrap_or(0.0) + number(v)?),
-                }
+                number(v)?;
+                *total = sum(total, v);
             }
             (AggFn::Avg, Acc::Avg { sum, n }) => {
                 *sum += number(v)?;
@@ -172,6 +166,19 @@ impl Aggregate {
             }
             _ => Value::Null,
         }
+    }
+}
+
+/// `a + b` for SUM (both numbers or NULL): whole numbers stay whole until
+/// a fraction or an overflow.
+pub fn sum(a: &Value, b: &Value) -> Value {
+    match (a, b) {
+        (Value::Null, x) | (x, Value::Null) => x.clone(),
+        (Value::Int(x), Value::Int(y)) => match x.checked_add(*y) {
+            Some(s) => Value::Int(s),
+            None => Value::Float(*x as f64 + *y as f64),
+        },
+        (x, y) => Value::Float(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0)),
     }
 }
 
@@ -304,6 +311,94 @@ impl Sketch {
             }
         }
         self.pos.keys().next_back().map(|i| Self::value_of(*i))
+    }
+}
+
+impl AggFn {
+    /// Whether the accumulator tracks arrival order.
+    fn ordered(self) -> bool {
+        matches!(self, AggFn::FirstValue | AggFn::LastValue)
+    }
+}
+
+impl Aggregate {
+    /// [`Aggregate::add`] for a row that arrived `seq`-th.
+    pub fn add_at(&self, acc: &mut Acc, v: Option<&Value>, seq: u64) -> Result<(), EvalError> {
+        if self.func.ordered() {
+            if let (Acc::Ordered(at, cur), Some(v)) = (&mut *acc, v) {
+                if v.is_null() {
+                    return Ok(());
+                }
+                let take = match self.func {
+                    AggFn::FirstValue => cur.is_null() || seq < *at,
+                    _ => cur.is_null() || seq > *at,
+                };
+                if take {
+                    *at = seq;
+                    *cur = v.clone();
+                }
+                return Ok(());
+            }
+        }
+        self.add(acc, v)
+    }
+
+    /// Merges `other` into `acc` (two session windows joined by an event).
+    pub fn merge(&self, acc: &mut Acc, other: Acc) {
+        match (acc, other) {
+            (Acc::Count(a), Acc::Count(b)) => *a += b,
+            (Acc::Sum(a), Acc::Sum(b)) => *a = sum(a, &b),
+            (Acc::Avg { sum, n }, Acc::Avg { sum: s2, n: n2 }) => {
+                *sum += s2;
+                *n += n2;
+            }
+            (Acc::One(a), Acc::One(b)) => {
+                let take = match self.func {
+                    AggFn::Min => !b.is_null() && (a.is_null() || b.total_cmp(a).is_lt()),
+                    AggFn::Max => !b.is_null() && (a.is_null() || b.total_cmp(a).is_gt()),
+                    _ => false,
+                };
+                if take {
+                    *a = b;
+                }
+            }
+            (Acc::Ordered(at, a), Acc::Ordered(bt, b)) => {
+                let take = !b.is_null()
+                    && (a.is_null()
+                        || match self.func {
+                            AggFn::FirstValue => bt < *at,
+                            _ => bt > *at,
+                        });
+                if take {
+                    *at = bt;
+                    *a = b;
+                }
+            }
+            (
+                Acc::Var { n, mean, m2 },
+                Acc::Var {
+                    n: n2,
+                    mean: mean2,
+                    m2: m22,
+                },
+            ) => {
+                // Chan et al.'s parallel combination.
+                if n2 == 0 {
+                    return;
+                }
+                if *n == 0 {
+                    (*n, *mean, *m2) = (n2, mean2, m22);
+                    return;
+                }
+                let total = (*n + n2) as f64;
+                let d = mean2 - *mean;
+                *m2 += m22 + d * d * (*n as f64) * (n2 as f64) / total;
+                *mean += d * n2 as f64 / total;
+                *n += n2;
+            }
+            (Acc::Sketch(a), Acc::Sketch(b)) => a.merge(b),
+            _ => {}
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tributary_storage::{Event, Record};
 
-use crate::agg::{Acc, AggFn, Aggregate};
+use crate::agg::{Acc, Aggregate};
 use crate::expr::{truth, EvalError, Input, Scope};
 use crate::plan::{Column, JoinKind, Plan, Window};
 use crate::value::{Key, Value};
@@ -997,103 +997,5 @@ impl State {
                 .flat_map(|e| e.values())
                 .map(Kept::size)
                 .sum::<usize>()
-    }
-}
-
-impl AggFn {
-    /// Whether the accumulator tracks arrival order.
-    fn ordered(self) -> bool {
-        matches!(self, AggFn::FirstValue | AggFn::LastValue)
-    }
-}
-
-impl Aggregate {
-    /// [`Aggregate::add`] for a row that arrived `seq`-th.
-    pub fn add_at(&self, acc: &mut Acc, v: Option<&Value>, seq: u64) -> Result<(), EvalError> {
-        if self.func.ordered() {
-            if let (Acc::Ordered(at, cur), Some(v)) = (&mut *acc, v) {
-                if v.is_null() {
-                    return Ok(());
-                }
-                let take = match self.func {
-                    AggFn::FirstValue => cur.is_null() || seq < *at,
-                    _ => cur.is_null() || seq > *at,
-                };
-                if take {
-                    *at = seq;
-                    *cur = v.clone();
-                }
-                return Ok(());
-            }
-        }
-        self.add(acc, v)
-    }
-
-    /// Merges `other` into `acc` (two session windows joined by an event).
-    pub fn merge(&self, acc: &mut Acc, other: Acc) {
-        match (acc, other) {
-            (Acc::Count(a), Acc::Count(b)) => *a += b,
-            (Acc::Sum(a), Acc::Sum(b)) => {
-                *a = match (&*a, &b) {
-                    (Value::Null, _) => b,
-                    (_, Value::Null) => a.clone(),
-                    (Value::Int(x), Value::Int(y)) => match x.checked_add(*y) {
-                        Some(s) => Value::Int(s),
-                        None => Value::Float(*x as f64 + *y as f64),
-                    },
-                    (x, y) => Value::Float(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0)),
-                }
-            }
-            (Acc::Avg { sum, n }, Acc::Avg { sum: s2, n: n2 }) => {
-                *sum += s2;
-                *n += n2;
-            }
-            (Acc::One(a), Acc::One(b)) => {
-                let take = match self.func {
-                    AggFn::Min => !b.is_null() && (a.is_null() || b.total_cmp(a).is_lt()),
-                    AggFn::Max => !b.is_null() && (a.is_null() || b.total_cmp(a).is_gt()),
-                    _ => false,
-                };
-                if take {
-                    *a = b;
-                }
-            }
-            (Acc::Ordered(at, a), Acc::Ordered(bt, b)) => {
-                let take = !b.is_null()
-                    && (a.is_null()
-                        || match self.func {
-                            AggFn::FirstValue => bt < *at,
-                            _ => bt > *at,
-                        });
-                if take {
-                    *at = bt;
-                    *a = b;
-                }
-            }
-            (
-                Acc::Var { n, mean, m2 },
-                Acc::Var {
-                    n: n2,
-                    mean: mean2,
-                    m2: m22,
-                },
-            ) => {
-                // Chan et al.'s parallel combination.
-                if n2 == 0 {
-                    return;
-                }
-                if *n == 0 {
-                    (*n, *mean, *m2) = (n2, mean2, m22);
-                    return;
-                }
-                let total = (*n + n2) as f64;
-                let d = mean2 - *mean;
-                *m2 += m22 + d * d * (*n as f64) * (n2 as f64) / total;
-                *mean += d * n2 as f64 / total;
-                *n += n2;
-            }
-            (Acc::Sketch(a), Acc::Sketch(b)) => a.merge(b),
-            _ => {}
-        }
     }
 }

@@ -370,3 +370,90 @@ fn pipeline_api_refuses_bad_requests_with_the_reason() {
         assert_eq!(all["pipelines"], json!([]));
     });
 }
+
+/// A pipeline on an edge: its output is a topic like any other, forwarded
+/// to the core exactly once; the same statement on the core, over the
+/// readings the edge forwarded, computes the same rows.
+#[test]
+fn a_pipeline_on_an_edge_forwards_its_rows_and_the_core_computes_the_same() {
+    use common::sync::{check_topic, http_addr, start_core, start_edge, sync_url, wait_drained};
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let core = start_core(&dir.path().join("core"), &[]);
+        let url = sync_url(&http_addr(&core));
+        let edge = start_edge(&dir.path().join("edge"), &url, "edge-p", &[]);
+        let c = client();
+        create_topic(&c, &edge.url, "readings", 1).await;
+        let sql = |out: &str| {
+            format!(
+                "INSERT INTO {out} SELECT _key AS k, COUNT(*) AS n, AVG(temp) AS avg_temp, window_start \
+                 FROM readings GROUP BY _key, TUMBLE(_ts, INTERVAL '100' MILLISECOND)"
+            )
+        };
+        let (s, b) = post(&c, &format!("{}/v1/pipelines", edge.url), &json!({"name": "temps", "sql": sql("temps")})).await;
+        assert_eq!(s, 201, "{b}");
+        for seq in (0..2000).step_by(200) {
+            common::sync::produce(&c, &edge.url, "readings", "p", seq, 200).await.unwrap();
+        }
+        wait_caught_up(&edge.url, &["temps"]).await;
+        wait_drained(&edge.url, Duration::from_secs(120)).await;
+        let f = check_topic("edge-p", &edge.url, &core.url, "temps").await;
+        assert_eq!(f.records, 19 * 7, "the edge's windows reached the core once each");
+        let (s, b) = post(&c, &format!("{}/v1/pipelines", core.url), &json!({"name": "temps-core", "sql": sql("temps_core")})).await;
+        assert_eq!(s, 201, "{b}");
+        wait_caught_up(&core.url, &["temps-core"]).await;
+        let sorted = |mut v: Vec<(Option<Vec<u8>>, Value)>| {
+            v.sort_by_key(|(k, v)| (k.clone(), v.to_string()));
+            v
+        };
+        let at_edge = sorted(records(&edge.url, "temps").await);
+        let at_core = sorted(records(&core.url, "temps_core").await);
+        assert_eq!(at_core.len(), 19 * 7);
+        assert_eq!(at_core, at_edge);
+    });
+}
+
+/// With device auth, `/v1/pipelines` takes the admin token: a pipeline
+/// reads and writes any topic.
+#[test]
+fn with_device_auth_pipelines_take_the_admin_token() {
+    const ADMIN: &str = "admin-token-for-pipelines-0123";
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let node = ChildNode::start(
+            dir.path(),
+            &[
+                ("TRIBUTARY_AUTH__MODE", "devices"),
+                ("TRIBUTARY_AUTH__ADMIN_TOKEN", ADMIN),
+            ],
+        );
+        let url = format!("{}/v1/pipelines", node.url);
+        let body = json!({"name": "p", "sql": "INSERT INTO o SELECT x FROM s"});
+        let r = client().post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = client()
+            .get(&url)
+            .bearer_auth("not-the-admin-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let r = client()
+            .post(&url)
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = client()
+            .get(format!("{url}/p"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+}

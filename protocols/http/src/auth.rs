@@ -253,13 +253,16 @@ pub(crate) async fn authenticate(
         _ => false,
     };
     let enforcing = state.cx.auth.enforcing();
-    // Connectors send topics out of the node: with device auth, admin only.
+    // Connectors send topics out of the node, pipelines read and write any
+    // topic: with device auth, admin only.
     let admin_route = path == "/v1/devices"
         || path.starts_with("/v1/devices/")
         || (enforcing
             && (path == "/metrics"
                 || path == "/v1/connectors"
-                || path.starts_with("/v1/connectors/")));
+                || path.starts_with("/v1/connectors/")
+                || path == "/v1/pipelines"
+                || path.starts_with("/v1/pipelines/")));
     if let (true, Some(reg)) = (admin || admin_route, &state.cx.devices) {
         // Admin-token checks are slowed like logins: a source that guessed
         // wrong waits before any answer, right or wrong.
@@ -290,7 +293,7 @@ pub(crate) async fn authenticate(
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the device admin API and, with device auth, /metrics and /v1/connectors take the admin token: Authorization: Bearer ADMIN_TOKEN",
+                "the device admin API and, with device auth, /metrics, /v1/connectors and /v1/pipelines take the admin token: Authorization: Bearer ADMIN_TOKEN",
             )
             .into_response();
             resp.headers_mut().insert(

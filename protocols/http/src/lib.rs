@@ -120,6 +120,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/connectors/{name}/pause"),
     ("POST", "/v1/connectors/{name}/resume"),
     ("POST", "/v1/connectors/{name}/restart"),
+    ("GET", "/v1/pipelines"),
+    ("POST", "/v1/pipelines"),
+    ("GET", "/v1/pipelines/{name}"),
+    ("DELETE", "/v1/pipelines/{name}"),
+    ("POST", "/v1/pipelines/{name}/pause"),
+    ("POST", "/v1/pipelines/{name}/resume"),
 ];
 
 /// The OpenAPI 3 document served at `/openapi.json`.
