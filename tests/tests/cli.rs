@@ -312,7 +312,7 @@ fn pipelines_are_created_listed_described_paused_and_deleted_from_the_command_li
         Some(b"{\"v\": 1}\n{\"v\": 5}\n"),
     );
     assert_eq!(code, 0, "{out}{err}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     loop {
         let (code, out, _) = run(&["pipelines", "describe", "hot", "--url", &url], None);
         assert_eq!(code, 0);
