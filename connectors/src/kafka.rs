@@ -94,6 +94,44 @@ struct Producer {
     coordinator: i32,
 }
 
+/// A transaction of the sink whose end is not seen yet in its partitions.
+///
+/// Apache Kafka can record a transaction as ended without writing its
+/// markers: when a partition has no leader at that moment (a controlled
+/// shutdown or a restart of the broker that alone holds it), the coordinator
+/// takes the partition for deleted and skips it. The records then stay open,
+/// and the producer's next marker in that partition ends them, whichever it
+/// is (docs/kafka-compatibility.md, "Found in Apache Kafka itself"). So the
+/// sink starts no transaction before the last one's markers are seen, and
+/// after a failure (its own crash included: the last transaction is kept in
+/// the log's metadata, durably, before it is ended) it ends whatever was left
+/// open, the way the transaction was meant to end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    /// EndTxn commit was sent (answered or not); else it ends in an abort.
+    commit_sent: bool,
+    /// Every partition added to it, with the last offset of its records
+    /// there when the produce was answered.
+    parts: Vec<(String, i32, Option<i64>)>,
+}
+
+/// What follows a producer's records in a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Commit,
+    Abort,
+    /// No marker of the producer yet: still open.
+    Open,
+    /// The records are gone (retention): nothing to end.
+    Gone,
+}
+
+/// Metadata space of the Kafka sinks' last transactions.
+const PENDING_SPACE: &str = "kafka_sink";
+
+/// How long the markers of a transaction may take to appear.
+const MARKERS_WITHIN: Duration = Duration::from_secs(10);
+
 /// One connection of a `kafka_sink`.
 pub struct KafkaOut {
     name: String,
@@ -116,6 +154,8 @@ pub struct KafkaOut {
     stale: bool,
     /// Kafka topics known to exist.
     ensured: HashSet<String>,
+    /// The last transaction, until its markers are seen.
+    pending: Option<Pending>,
 }
 
 impl KafkaOut {
@@ -153,7 +193,47 @@ impl KafkaOut {
             known: HashMap::new(),
             stale: true,
             ensured: HashSet::new(),
-        })
+            pending: None,
+        }
+        .with_pending())
+    }
+
+    /// The last transaction as the metadata keeps it (a stored value that
+    /// does not decode is ignored, with a warning).
+    fn with_pending(mut self) -> KafkaOut {
+        match self
+            .log
+            .meta_get(PENDING_SPACE, self.transactional_id.as_bytes())
+        {
+            Ok(Some(v)) => match serde_json::from_slice::<Pending>(&v) {
+                Ok(p) => self.pending = Some(p),
+                Err(e) => {
+                    tracing::warn!(connector = %self.name, error = %e, "Kafka sink: its last transaction's record does not decode; ignored");
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(connector = %self.name, error = %e, "Kafka sink: cannot read its last transaction's record");
+            }
+        }
+        self
+    }
+
+    /// Keeps `self.pending` in the metadata, durably.
+    async fn save_pending(&self) -> Result<(), LinkError> {
+        let value = match &self.pending {
+            Some(p) => {
+                Some(serde_json::to_vec(p).map_err(|e| LinkError::Unreachable(e.to_string()))?)
+            }
+            None => None,
+        };
+        self.log
+            .put_meta(
+                PENDING_SPACE,
+                vec![(self.transactional_id.as_bytes().to_vec(), value)],
+            )
+            .await
+            .map_err(|e| LinkError::Unreachable(format!("writing the transaction's record: {e}")))
     }
 
     fn target(&self, topic: &str) -> String {
@@ -225,6 +305,7 @@ impl KafkaOut {
                     };
                     self.producer = Some(p);
                     self.sequences.clear();
+                    tracing::debug!(connector = %self.name, producer = p.id, epoch = p.epoch, "Kafka sink: producer initialised");
                     return Ok(p);
                 }
                 c if code::retriable(c) && Instant::now() < deadline => {
@@ -375,6 +456,7 @@ impl KafkaOut {
                 )));
             }
         }
+        tracing::debug!(connector = %self.name, positions = ?known, stable = offset, "Kafka sink: positions read back");
         self.known = known;
         self.stale = false;
         Ok(())
@@ -439,6 +521,143 @@ impl KafkaOut {
         }
     }
 
+    /// What follows this producer's records in each partition (`last`:
+    /// their last offset).
+    async fn markers(
+        &mut self,
+        pid: i64,
+        wanted: &[((String, i32), i64)],
+    ) -> Result<Vec<Seen>, LinkError> {
+        let from: Vec<(String, i32, i64)> = wanted
+            .iter()
+            .map(|((t, kp), last)| (t.clone(), *kp, last + 1))
+            .collect();
+        let fetched = fetch(&mut self.cluster, &from, false, 1 << 20, Duration::ZERO).await?;
+        let mut out = vec![Seen::Open; wanted.len()];
+        for ((t, kp), mut f) in fetched {
+            let Some(i) = wanted
+                .iter()
+                .position(|((wt, wp), _)| *wt == t && *wp == kp)
+            else {
+                continue;
+            };
+            // Other producers' records can come between: read on, up to
+            // the partition's end, for a few requests at most.
+            for _ in 0..16 {
+                // Removed by retention, or cut off by the broker's recovery.
+                if f.error == code::OFFSET_OUT_OF_RANGE {
+                    out[i] = Seen::Gone;
+                    break;
+                }
+                if f.error != code::NONE {
+                    return Err(LinkError::kafka(f.error, format!("fetching {t}/{kp}")));
+                }
+                if let Some(commit) = marker_of(&f.batches, pid) {
+                    out[i] = if commit { Seen::Commit } else { Seen::Abort };
+                    break;
+                }
+                let Some(next) = f.batches.last().map(|b| b.next_offset) else {
+                    break;
+                };
+                if next >= f.stable {
+                    break;
+                }
+                f = fetch_partition(
+                    &mut self.cluster,
+                    &t,
+                    kp,
+                    next,
+                    false,
+                    1 << 20,
+                    Duration::ZERO,
+                )
+                .await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until the markers of `parts` (`commit`: commit markers) are
+    /// in every partition whose records' offsets are known; an error when
+    /// one does not come within [`MARKERS_WITHIN`] or is the other kind.
+    async fn confirm(
+        &mut self,
+        p: Producer,
+        parts: &[(String, i32, Option<i64>)],
+        commit: bool,
+    ) -> Result<(), LinkError> {
+        let wanted: Vec<((String, i32), i64)> = parts
+            .iter()
+            .filter_map(|(t, kp, last)| last.map(|l| ((t.clone(), *kp), l)))
+            .collect();
+        let other = if commit { Seen::Abort } else { Seen::Commit };
+        let deadline = Instant::now() + MARKERS_WITHIN;
+        let mut wait = Duration::from_millis(1);
+        loop {
+            let seen = self.markers(p.id, &wanted).await?;
+            if let Some(i) = seen.iter().position(|m| *m == other) {
+                return Err(LinkError::Unreachable(format!(
+                    "the transaction was to {} but {}/{} holds the other marker",
+                    if commit { "commit" } else { "abort" },
+                    wanted[i].0 .0,
+                    wanted[i].0 .1
+                )));
+            }
+            if seen.iter().all(|m| *m != Seen::Open) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LinkError::Unreachable(
+                    "the transaction's markers did not appear in its partitions".into(),
+                ));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Ends what `pending` left open, as it was meant to end: a transaction
+    /// of the current producer over those partitions, committed or aborted,
+    /// whose markers end the open records too. Then the positions are read
+    /// again.
+    async fn settle(&mut self, p: Producer, pending: Pending) -> Result<(), LinkError> {
+        let known: Vec<((String, i32), i64)> = pending
+            .parts
+            .iter()
+            .filter_map(|(t, kp, last)| last.map(|l| ((t.clone(), *kp), l)))
+            .collect();
+        let seen = self.markers(p.id, &known).await?;
+        // Never sent EndTxn: abort. Sent it: as a marker already written
+        // says, else commit (every produce had been answered before).
+        let commit = pending.commit_sent && !seen.contains(&Seen::Abort);
+        let open: Vec<(String, i32, Option<i64>)> = pending
+            .parts
+            .iter()
+            .filter(|(t, kp, last)| match last {
+                None => true,
+                Some(_) => known
+                    .iter()
+                    .position(|(k, _)| k.0 == *t && k.1 == *kp)
+                    .is_none_or(|i| seen[i] == Seen::Open),
+            })
+            .cloned()
+            .collect();
+        if !open.is_empty() {
+            tracing::warn!(connector = %self.name, partitions = ?open, commit, "Kafka sink: ending its last transaction in the partitions no marker ended it in");
+            let mut parts: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+            for (t, kp, _) in &open {
+                parts.entry(t.clone()).or_default().push(*kp);
+            }
+            self.add_partitions(p, &parts).await?;
+            self.end(p, commit).await?;
+            self.confirm(p, &open, commit).await?;
+        }
+        self.pending = None;
+        self.save_pending().await?;
+        self.stale = true;
+        Ok(())
+    }
+
     async fn end(&mut self, p: Producer, commit: bool) -> Result<(), LinkError> {
         let req = EndTxnRequest::default()
             .with_transactional_id(TransactionalId(StrBytes::from_string(
@@ -477,6 +696,9 @@ impl KafkaOut {
             Some(p) => p,
             None => self.init_producer().await?,
         };
+        if let Some(pending) = self.pending.clone() {
+            self.settle(p, pending).await?;
+        }
         if self.stale {
             self.read_positions().await?;
         }
@@ -491,6 +713,9 @@ impl KafkaOut {
             .unwrap_or(0);
         if at >= next {
             return Ok(Outcome::Delivered);
+        }
+        if at < first.offset {
+            tracing::warn!(connector = %self.name, topic, partition, cluster = at, from = first.offset, "Kafka sink: the cluster holds less of the partition than the sink delivered");
         }
         let fresh: Vec<&Record> = records.iter().filter(|r| r.offset >= at).collect();
         let (fit, too_large): (Vec<&Record>, Vec<&Record>) = fresh
@@ -525,6 +750,15 @@ impl KafkaOut {
                 "the positions topic is also a target".into(),
             ));
         }
+        // From here the transaction may leave records open.
+        self.pending = Some(Pending {
+            commit_sent: false,
+            parts: parts
+                .iter()
+                .flat_map(|(t, ps)| ps.iter().map(move |kp| (t.clone(), *kp, None)))
+                .collect(),
+        });
+        self.save_pending().await?;
         self.add_partitions(p, &parts).await?;
         // Produce, one request per leader.
         let mut per_leader: BTreeMap<i32, Vec<(String, i32, Bytes, i32)>> = BTreeMap::new();
@@ -568,7 +802,16 @@ impl KafkaOut {
             .or_default()
             .push((positions_topic.clone(), 0, batch, 1));
         for (leader, batches) in &per_leader {
-            self.produce(*leader, batches).await?;
+            let mut written = BTreeMap::new();
+            let produced = self.produce(*leader, batches, &mut written).await;
+            if let Some(pending) = &mut self.pending {
+                for (t, kp, last) in &mut pending.parts {
+                    if let Some(l) = written.get(&(t.clone(), *kp)) {
+                        *last = Some(*l);
+                    }
+                }
+            }
+            produced?;
         }
         // Records too large for the cluster go to the dead-letter topic,
         // durably before the commit: after a crash a dead letter may repeat,
@@ -585,12 +828,23 @@ impl KafkaOut {
                 .await
                 .map_err(LinkError::Unreachable)?;
         }
+        if let Some(pending) = &mut self.pending {
+            pending.commit_sent = true;
+        }
+        self.save_pending().await?;
         self.end(p, true).await?;
+        if let Some(pending) = self.pending.clone() {
+            self.confirm(p, &pending.parts, true).await?;
+            // The record stays (the next transaction overwrites it): after
+            // a crash its markers are found written.
+            self.pending = None;
+        }
         for batches in per_leader.values() {
             for (t, kp, _, count) in batches {
                 *self.sequences.entry((t.clone(), *kp)).or_insert(0) += count;
             }
         }
+        tracing::debug!(connector = %self.name, topic, partition, from = at, next, records = fit.len(), producer = p.id, epoch = p.epoch, "Kafka sink: committed");
         self.known.insert((topic.to_owned(), partition), next);
         Ok(if dead_lettered == 0 {
             Outcome::Delivered
@@ -599,10 +853,13 @@ impl KafkaOut {
         })
     }
 
+    /// Sends `batches` to `leader`; `written` gets the last offset of each
+    /// partition's batch the broker took.
     async fn produce(
         &mut self,
         leader: i32,
         batches: &[(String, i32, Bytes, i32)],
+        written: &mut BTreeMap<(String, i32), i64>,
     ) -> Result<(), LinkError> {
         let mut topics: BTreeMap<&str, Vec<PartitionProduceData>> = BTreeMap::new();
         for (t, kp, bytes, _) in batches {
@@ -634,6 +891,20 @@ impl KafkaOut {
             .await?
             .call(version::PRODUCE, &req)
             .await?;
+        for t in &r.responses {
+            for p in &t.partition_responses {
+                if p.error_code == code::NONE {
+                    let count = batches
+                        .iter()
+                        .find(|(bt, kp, _, _)| bt.as_str() == t.name.0.as_str() && *kp == p.index)
+                        .map_or(1, |b| b.3);
+                    written.insert(
+                        (t.name.0.to_string(), p.index),
+                        p.base_offset + i64::from(count) - 1,
+                    );
+                }
+            }
+        }
         for t in &r.responses {
             for p in &t.partition_responses {
                 if p.error_code != code::NONE {
@@ -704,6 +975,7 @@ impl Deliver for KafkaOut {
         };
         // Whatever state the transaction is in, the next try fences it
         // (InitProducerId) and reads the positions again.
+        tracing::debug!(connector = %self.name, topic, next, %error, "Kafka sink: the batch failed");
         self.reset();
         match error {
             LinkError::Kafka {
@@ -721,8 +993,12 @@ impl Deliver for KafkaOut {
     async fn positions(&mut self) -> Result<Vec<Position>, String> {
         let limit = self.timeout * 3;
         let read = async {
-            if self.producer.is_none() {
-                self.init_producer().await?;
+            let p = match self.producer {
+                Some(p) => p,
+                None => self.init_producer().await?,
+            };
+            if let Some(pending) = self.pending.clone() {
+                self.settle(p, pending).await?;
             }
             self.read_positions().await
         };
@@ -742,6 +1018,18 @@ impl Deliver for KafkaOut {
             }
         }
     }
+}
+
+/// The end of `pid`'s open records in these batches: the first of its
+/// markers (`true`: commit).
+fn marker_of(batches: &[FetchedBatch], pid: i64) -> Option<bool> {
+    batches
+        .iter()
+        .find(|b| b.control && b.producer_id == pid)
+        .and_then(|b| b.records.first())
+        .and_then(|r| r.key.as_ref())
+        .filter(|k| k.len() >= 4)
+        .map(|k| i16::from_be_bytes([k[2], k[3]]) == 1)
 }
 
 /// One partition's fetch answer.
@@ -1421,6 +1709,26 @@ mod tests {
             .collect();
         assert_eq!(got, vec![1, 5, 6, 8, 9]);
         assert_eq!(next, 11, "past the last marker");
+    }
+
+    #[test]
+    fn the_marker_that_ends_a_producers_records_is_its_first_one_after_them() {
+        let marker = |pid: i64, commit: bool| {
+            let mut b = batch(0, 1, pid, true, true);
+            b.records[0].key = Some(Bytes::from(vec![0, 0, 0, u8::from(commit)]));
+            b
+        };
+        // Another producer's marker and records come first.
+        let batches = vec![
+            marker(8, true),
+            batch(1, 3, 8, true, false),
+            marker(7, false),
+            marker(7, true),
+        ];
+        assert_eq!(marker_of(&batches, 7), Some(false));
+        assert_eq!(marker_of(&batches, 8), Some(true));
+        assert_eq!(marker_of(&batches, 9), None);
+        assert_eq!(marker_of(&batches[1..2], 8), None, "records are no marker");
     }
 
     #[test]

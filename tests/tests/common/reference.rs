@@ -44,6 +44,11 @@ impl Kafka {
         Kafka { dir, bootstrap }
     }
 
+    /// Its data directory (the broker's log is `server.log` in it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// `stop`, `restart` or `crash`.
     pub fn run(&self, what: &str) {
         let out = Command::new(script())
