@@ -593,7 +593,20 @@ pub(crate) fn describe_groups(
                 return d.with_error_code(ResponseError::GroupAuthorizationFailed.code());
             }
             let Some(g) = s.server.cx.groups.describe(&name) else {
-                // Kafka describes an unknown group as Dead, without an error.
+                // A group whose members all left long ago (or before a
+                // restart) is still there while it has positions: Empty.
+                let positions = s.server.cx.log.group_offsets(&name);
+                if positions.is_ok_and(|o| !o.is_empty()) {
+                    return d.with_group_state(st("Empty"));
+                }
+                // An unknown group: v6 says so, as Kafka does; older
+                // versions describe it as Dead, without an error.
+                if version >= 6 {
+                    return d
+                        .with_group_state(st("Dead"))
+                        .with_error_code(ResponseError::GroupIdNotFound.code())
+                        .with_error_message(Some(st(&format!("Group {} not found.", name.0))));
+                }
                 return d.with_group_state(st("Dead"));
             };
             d = d

@@ -30,7 +30,7 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::Heartbeat, 0, 0, 4),
     (ApiKey::LeaveGroup, 0, 0, 5),
     (ApiKey::SyncGroup, 0, 0, 5),
-    (ApiKey::DescribeGroups, 0, 0, 5),
+    (ApiKey::DescribeGroups, 0, 0, 6),
     (ApiKey::ListGroups, 0, 0, 5),
     (ApiKey::DeleteGroups, 0, 0, 2),
     (ApiKey::InitProducerId, 0, 0, 5),
