@@ -366,6 +366,32 @@ async fn appends_racing_topic_changes_keep_dense_offsets() {
     assert_eq!(log.topic("t").expect("t").config.partitions, partitions);
 }
 
+/// ListOffsets' "max timestamp": the record with the largest timestamp,
+/// the first of them when several share it, within the end asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_with_the_largest_timestamp_is_found() {
+    let store = MemStore::new();
+    let log = mem_log(&store, strict_config());
+    create(&log, "t", 1).await;
+    assert_eq!(log.max_timestamp("t", 0, u64::MAX).expect("empty"), None);
+    for batch in [&[100i64, 200, 150][..], &[50], &[300, 250], &[300, 10]] {
+        let records = batch
+            .iter()
+            .map(|&ts| pinned(0, Event::new(format!("{ts}")).with_timestamp(ts)))
+            .collect();
+        log.append("t", records).await.expect("append");
+    }
+    let max = |end| log.max_timestamp("t", 0, end).expect("lookup");
+    assert_eq!(max(u64::MAX), Some((4, 300)), "the first of two at 300");
+    assert_eq!(max(4), Some((1, 200)), "below offset 4");
+    assert_eq!(max(1), Some((0, 100)));
+    assert_eq!(max(0), None);
+    assert!(matches!(
+        log.max_timestamp("nope", 0, u64::MAX),
+        Err(Error::UnknownTopic(_))
+    ));
+}
+
 /// Lookup by timestamp: the first record in offset order at or after it,
 /// with timestamps out of order within and across batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

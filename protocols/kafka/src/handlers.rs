@@ -1025,6 +1025,8 @@ fn fetch_response(out: Vec<(String, Vec<PartitionRead>)>) -> FetchResponse {
 /// ListOffsets timestamps with a meaning of their own.
 const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
+/// ListOffsets' "the record with the largest timestamp" (KIP-734, v7+).
+const MAX_TIMESTAMP: i64 = -3;
 
 async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let log = &s.server.cx.log;
@@ -1072,8 +1074,15 @@ async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsRespon
                             }
                             Ok(None) | Err(_) => answer,
                         },
-                        // Other specials (max timestamp, tiered storage) are
-                        // not served: the client is told there is no such offset.
+                        MAX_TIMESTAMP => match log.max_timestamp(&name, partition, end) {
+                            Ok(Some((offset, at))) => {
+                                answer.with_offset(offset as i64).with_timestamp(at)
+                            }
+                            Ok(None) | Err(_) => answer,
+                        },
+                        // Other specials (tiered storage, the earliest
+                        // pending upload) are not served: the client is told
+                        // there is no such offset.
                         _ => answer,
                     }
                 })

@@ -565,6 +565,85 @@ impl Log {
         })
     }
 
+    /// The record with the largest timestamp below `end` (the first of
+    /// them in offset order): its offset and timestamp, `None` when the
+    /// partition has no record there (ListOffsets' "max timestamp", KIP-734).
+    /// Each batch's header says its largest timestamp, so only the batch
+    /// holding the answer is decoded; transaction markers are no records.
+    /// (The partition is read from its start: there is no time index.)
+    pub fn max_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        end: u64,
+    ) -> Result<Option<(u64, i64)>> {
+        let t = self.existing(topic)?;
+        let ps = t.partition(partition)?;
+        let end = end.min(*ps.end.borrow());
+        let mut from = ps.start.load(SeqCst);
+        // The batch holding the largest timestamp so far: (timestamp, base).
+        let mut best: Option<(i64, u64)> = None;
+        while from < end {
+            let batches = ps.store.read(from, 1 << 20)?;
+            let before = from;
+            for (base, value) in batches {
+                let h = decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
+                let next = base + h.span;
+                if next <= from {
+                    continue;
+                }
+                let marker = h.txn.is_some_and(|x| x.control);
+                if marker || h.count == 0 || best.is_some_and(|(ts, _)| h.max_ts <= ts) {
+                    // Nothing larger here.
+                } else if base >= from && next <= end {
+                    best = Some((h.max_ts, base));
+                } else {
+                    // Cut by the range: its records inside it, one by one.
+                    let mut largest: Option<(i64, u64)> = None;
+                    decode_records(&value, base, partition, from, end, |r| {
+                        if largest.is_none_or(|(ts, _)| r.timestamp > ts) {
+                            largest = Some((r.timestamp, r.offset));
+                        }
+                        true
+                    })
+                    .map_err(|d| corruption(topic, partition, base, d))?;
+                    if let Some((ts, offset)) = largest {
+                        if best.is_none_or(|(b, _)| ts > b) {
+                            // A record's own offset: decoding it again
+                            // below finds it first.
+                            best = Some((ts, offset));
+                        }
+                    }
+                }
+                from = next;
+                if from >= end {
+                    break;
+                }
+            }
+            if from == before {
+                break;
+            }
+        }
+        let Some((max, base)) = best else {
+            return Ok(None);
+        };
+        for (b, value) in ps.store.read(base, 1)? {
+            if b > base {
+                continue;
+            }
+            let mut found = None;
+            decode_records(&value, b, partition, base, end, |r| {
+                if r.timestamp == max {
+                    found = Some((r.offset, r.timestamp));
+                }
+                found.is_none()
+            })
+            .map_err(|d| corruption(topic, partition, b, d))?;
+            return Ok(found);
+        }
+        Ok(None)
+    }
+
     /// The first record (in offset order) whose timestamp is at or after
     /// `timestamp`: its offset and timestamp, `None` when there is none.
     /// Batches whose newest record is older are skipped by their header,
