@@ -103,6 +103,9 @@ pub enum GroupError {
     /// The group has members (delete refused).
     #[error("group is not empty")]
     NonEmptyGroup,
+    /// A member subscribes to the topic (its positions may not be deleted).
+    #[error("the group subscribes to the topic")]
+    GroupSubscribedToTopic,
     /// The node is shutting down, or the log refused a write.
     #[error("coordinator not available")]
     CoordinatorNotAvailable,
@@ -564,6 +567,61 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Removes a group's positions in these partitions, durably (Kafka's
+    /// OffsetDelete): refused as a whole for a group with neither members nor
+    /// positions, or with members of another protocol than `consumer`; per
+    /// partition, refused in a topic a member subscribes to. A partition
+    /// without a position is no error.
+    pub async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: Vec<(String, u32)>,
+    ) -> Result<Vec<(String, u32, Result<(), GroupError>)>, GroupError> {
+        validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        let subscribed = match self.lock().get(group) {
+            Some(g) if !g.is_empty() => {
+                if g.protocol_type.as_deref() != Some("consumer") {
+                    return Err(GroupError::NonEmptyGroup);
+                }
+                // As Kafka: a member whose subscription does not parse makes
+                // the group subscribe to nothing known.
+                g.members()
+                    .iter()
+                    .map(|m| consumer_subscription(&m.metadata))
+                    .collect::<Option<Vec<Vec<String>>>>()
+                    .unwrap_or_default()
+                    .concat()
+            }
+            _ => {
+                let known = self
+                    .inner
+                    .log
+                    .group_offsets(group)
+                    .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+                if known.is_empty() {
+                    return Err(GroupError::GroupIdNotFound);
+                }
+                Vec::new()
+            }
+        };
+        let (refused, deleted): (Vec<_>, Vec<_>) = partitions
+            .into_iter()
+            .partition(|(topic, _)| subscribed.contains(topic));
+        self.inner
+            .log
+            .forget_group_offsets(group, deleted.clone())
+            .await
+            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+        let refused = refused
+            .into_iter()
+            .map(|(t, p)| (t, p, Err(GroupError::GroupSubscribedToTopic)));
+        Ok(deleted
+            .into_iter()
+            .map(|(t, p)| (t, p, Ok(())))
+            .chain(refused)
+            .collect())
+    }
+
     /// Members across the node now.
     pub fn member_count(&self) -> u64 {
         self.inner.counters.members.load(Relaxed)
@@ -660,44 +718,65 @@ impl MetricsSource for Coordinator {
 #[cfg(test)]
 mod tests;
 
+/// Reads Kafka's embedded protocol structures (big-endian, `i16` string
+/// lengths, `i32` array counts); `None` once the bytes run out.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn i16(&mut self) -> Option<i16> {
+        self.take(2).map(|x| i16::from_be_bytes([x[0], x[1]]))
+    }
+    fn i32(&mut self) -> Option<i32> {
+        self.take(4)
+            .map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]))
+    }
+    fn string(&mut self) -> Option<String> {
+        let len = usize::try_from(self.i16()?).ok()?;
+        Some(std::str::from_utf8(self.take(len)?).ok()?.to_owned())
+    }
+    /// An array count no larger than the bytes left could hold at `each`
+    /// bytes per element: a count beyond them is a lie.
+    fn count(&mut self, each: usize) -> Option<usize> {
+        let n = usize::try_from(self.i32()?).ok()?;
+        (n <= self.0.len() / each).then_some(n)
+    }
+}
+
 /// The partitions in a `consumer`-protocol assignment (Kafka's
 /// ConsumerProtocolAssignment, every version: `i16` version, then topics
 /// with their partitions; what follows is ignored), for showing which member
 /// reads what. `None` when the bytes are not such an assignment.
 pub fn consumer_assignment(bytes: &[u8]) -> Option<Vec<(String, Vec<i32>)>> {
-    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        if b.len() < n {
-            return None;
-        }
-        let (head, rest) = b.split_at(n);
-        *b = rest;
-        Some(head)
-    }
-    fn i16_of(b: &mut &[u8]) -> Option<i16> {
-        take(b, 2).map(|x| i16::from_be_bytes([x[0], x[1]]))
-    }
-    fn i32_of(b: &mut &[u8]) -> Option<i32> {
-        take(b, 4).map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]))
-    }
-    let mut b = bytes;
-    if b.is_empty() {
+    let mut b = Reader(bytes);
+    if bytes.is_empty() {
         return Some(Vec::new());
     }
-    i16_of(&mut b)?;
-    let topics = usize::try_from(i32_of(&mut b)?).ok()?;
+    b.i16()?;
+    let topics = b.count(6)?;
     let mut out = Vec::new();
     for _ in 0..topics {
-        let len = usize::try_from(i16_of(&mut b)?).ok()?;
-        let name = std::str::from_utf8(take(&mut b, len)?).ok()?.to_owned();
-        let n = usize::try_from(i32_of(&mut b)?).ok()?;
-        // Each partition takes 4 bytes: a count beyond the bytes left is a lie.
-        if n > b.len() / 4 {
-            return None;
-        }
-        let parts = (0..n)
-            .map(|_| i32_of(&mut b))
-            .collect::<Option<Vec<i32>>>()?;
+        let name = b.string()?;
+        let n = b.count(4)?;
+        let parts = (0..n).map(|_| b.i32()).collect::<Option<Vec<i32>>>()?;
         out.push((name, parts));
     }
     Some(out)
+}
+
+/// The topics in a `consumer`-protocol subscription (Kafka's
+/// ConsumerProtocolSubscription, every version: `i16` version, then the topic
+/// names; what follows is ignored). `None` when the bytes are not one.
+pub fn consumer_subscription(bytes: &[u8]) -> Option<Vec<String>> {
+    let mut b = Reader(bytes);
+    b.i16()?;
+    let topics = b.count(2)?;
+    (0..topics).map(|_| b.string()).collect()
 }

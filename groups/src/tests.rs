@@ -360,6 +360,113 @@ async fn a_leader_that_never_assigns_lets_the_waiting_members_rejoin() {
     assert_eq!(c.member_count(), 1);
 }
 
+/// A `consumer`-protocol subscription (version 1) to these topics.
+fn subscription(topics: &[&str]) -> Bytes {
+    let mut b = vec![0, 1];
+    b.extend_from_slice(&(topics.len() as i32).to_be_bytes());
+    for t in topics {
+        b.extend_from_slice(&(t.len() as i16).to_be_bytes());
+        b.extend_from_slice(t.as_bytes());
+    }
+    // Null user data, no owned partitions.
+    b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    Bytes::from(b)
+}
+
+#[test]
+fn a_consumer_subscription_decodes_and_garbage_does_not() {
+    assert_eq!(
+        consumer_subscription(&subscription(&["a", "bc"])),
+        Some(vec!["a".to_owned(), "bc".to_owned()])
+    );
+    assert_eq!(consumer_subscription(&[]), None);
+    assert_eq!(consumer_subscription(&[0, 1, 0x7f, 0xff, 0xff, 0xff]), None);
+    assert_eq!(consumer_subscription(&[0, 1, 0, 0, 0, 1, 0, 5, b'a']), None);
+    assert_eq!(consumer_subscription(&[0, 1, 0, 0, 0, 1, 0, 1, 0xff]), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn offsets_are_deleted_only_in_topics_no_member_subscribes_to() {
+    let (c, _stop) = coordinator(quick());
+    for t in ["t", "u"] {
+        c.log()
+            .create_topic(TopicConfig::new(t, 2))
+            .await
+            .expect("topic");
+    }
+    assert_eq!(
+        c.delete_offsets("g", vec![("t".into(), 0)]).await.err(),
+        Some(GroupError::GroupIdNotFound)
+    );
+    let mut req = join_req("", "a", &["range"]);
+    req.protocols = vec![("range".into(), subscription(&["t"]))];
+    let j = c.join(req).await.expect("join");
+    sync(&c, &j, vec![(j.member_id.clone(), Bytes::new())]).await;
+    let at = |topic: &str, partition: u32| GroupOffset {
+        topic: topic.into(),
+        partition,
+        offset: 0,
+    };
+    c.commit(
+        "g",
+        j.generation,
+        &j.member_id,
+        None,
+        vec![at("t", 0), at("t", 1), at("u", 0), at("u", 1)],
+    )
+    .await
+    .expect("allowed")
+    .expect("stored");
+    // With a member subscribed to t: t's positions stay, u's go.
+    let answers = c
+        .delete_offsets("g", vec![("t".into(), 0), ("u".into(), 1)])
+        .await
+        .expect("answered");
+    assert_eq!(
+        answers,
+        vec![
+            ("u".to_owned(), 1, Ok(())),
+            ("t".to_owned(), 0, Err(GroupError::GroupSubscribedToTopic)),
+        ]
+    );
+    assert_eq!(
+        c.log().group_offsets("g").expect("offsets"),
+        vec![at("t", 0), at("t", 1), at("u", 0)]
+    );
+    // Once the group is empty, t's go too.
+    c.leave("g", &[(j.member_id.clone(), None)]).expect("leave");
+    let answers = c
+        .delete_offsets("g", vec![("t".into(), 0), ("t".into(), 1)])
+        .await
+        .expect("answered");
+    assert!(answers.iter().all(|(_, _, r)| r.is_ok()), "{answers:?}");
+    assert_eq!(
+        c.log().group_offsets("g").expect("offsets"),
+        vec![at("u", 0)]
+    );
+    assert_eq!(
+        c.delete_offsets("", vec![]).await.err(),
+        Some(GroupError::InvalidGroupId)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_of_another_protocol_with_members_keeps_its_offsets() {
+    let (c, _stop) = coordinator(quick());
+    c.log()
+        .create_topic(TopicConfig::new("t", 1))
+        .await
+        .expect("topic");
+    let mut req = join_req("", "a", &["x"]);
+    req.protocol_type = "connect".into();
+    let j = c.join(req).await.expect("join");
+    sync(&c, &j, vec![(j.member_id.clone(), Bytes::new())]).await;
+    assert_eq!(
+        c.delete_offsets("g", vec![("t".into(), 0)]).await.err(),
+        Some(GroupError::NonEmptyGroup)
+    );
+}
+
 #[test]
 fn a_consumer_assignment_decodes_and_garbage_does_not() {
     // version 3, topics [("t", [0, 2])], no user data.

@@ -178,6 +178,11 @@ impl BatchBuilder {
         self.count
     }
 
+    /// The largest timestamp so far (`i64::MIN` while empty).
+    pub fn max_timestamp(&self) -> i64 {
+        self.max_ts
+    }
+
     /// Bytes so far, header included.
     pub fn len(&self) -> usize {
         self.buf.len()

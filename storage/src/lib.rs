@@ -31,8 +31,8 @@ pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
     validate_group, AppendOptions, CompactionInfo, Durability, Forwarded, GroupOffset, Isolation,
-    Log, LogConfig, Marker, MetaEntry, PartitionInfo, ProducerBatch, ReadResult, TopicDefaults,
-    TopicInfo,
+    Log, LogConfig, Marker, MetaEntry, PartitionInfo, ProducerBatch, ProducerState, ReadResult,
+    TopicDefaults, TopicInfo,
 };
 pub use stats::{StatsSnapshot, TxnEvent, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};

@@ -951,6 +951,58 @@ async fn interval_durability_on_sled_survives_reopen() {
 // Recovery on sled
 // ---------------------------------------------------------------------------
 
+#[tokio::test]
+async fn a_groups_positions_in_chosen_partitions_are_forgotten_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |topic: &str, partition: u32, offset: u64| GroupOffset {
+        topic: topic.into(),
+        partition,
+        offset,
+    };
+    {
+        let log = sled_log(dir.path(), config());
+        create(&log, "a", 2).await;
+        create(&log, "b", 1).await;
+        for p in 0..2 {
+            log.append("a", vec![pinned(p, Event::new("x").with_timestamp(1))])
+                .await
+                .expect("append");
+        }
+        log.append("b", vec![AppendRecord::from(Event::new("y"))])
+            .await
+            .expect("append");
+        log.commit_offsets("g", vec![at("a", 0, 1), at("a", 1, 1), at("b", 0, 1)])
+            .await
+            .expect("commit");
+        log.commit_offsets("h", vec![at("a", 1, 0)])
+            .await
+            .expect("commit h");
+        // One position of g, and one g never had: no error.
+        log.forget_group_offsets("g", vec![("a".into(), 1), ("b".into(), 7)])
+            .await
+            .expect("forget");
+        assert_eq!(
+            log.group_offsets("g").expect("g"),
+            vec![at("a", 0, 1), at("b", 0, 1)]
+        );
+    }
+    let log = sled_log(dir.path(), config());
+    assert_eq!(
+        log.group_offsets("g").expect("g"),
+        vec![at("a", 0, 1), at("b", 0, 1)],
+        "the removal is on disk"
+    );
+    assert_eq!(
+        log.group_offsets("h").expect("h"),
+        vec![at("a", 1, 0)],
+        "another group's position in that partition stays"
+    );
+    assert!(matches!(
+        log.forget_group_offsets("bad\0group", vec![]).await,
+        Err(Error::Config(_))
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_reopen_keeps_topics_offsets_data_and_group_offsets() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1429,6 +1481,14 @@ impl Store for GatedStore {
     }
     fn forget_group(&self, group: &str) -> tributary_storage::Result<()> {
         self.inner.forget_group(group)
+    }
+    fn forget_group_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> tributary_storage::Result<()> {
+        self.inner.forget_group_offset(group, topic, partition)
     }
     fn group_names(&self) -> tributary_storage::Result<Vec<String>> {
         self.inner.group_names()

@@ -234,3 +234,89 @@ async fn aborted_transactions_are_forgotten_once_retention_or_compaction_removes
     let log = mem_log(&store, strict_config());
     assert_eq!(values(&log, Isolation::Committed).0, ["kept", "tail"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_describes_its_producers_and_their_open_transactions_across_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let append = |log: Log, producer: i64, seq: i32, transactional: bool, ts: &[i64]| {
+        let records = ts
+            .iter()
+            .map(|t| pinned(0, Event::new("v").with_key("k").with_timestamp(*t)))
+            .collect();
+        let options = AppendOptions {
+            producer: Some(ProducerBatch {
+                producer_id: producer,
+                epoch: 3,
+                first_sequence: seq,
+            }),
+            transactional,
+            ..AppendOptions::default()
+        };
+        async move {
+            log.append_with("t", records, options)
+                .await
+                .expect("append")[0]
+                .offset
+        }
+    };
+    let open = {
+        let log = sled_log(dir.path(), strict_config());
+        create(&log, "t", 2).await;
+        append_one(&log, "t", "plain").await;
+        // 5: idempotent, two batches; 8: a transaction committed, another open.
+        append(log.clone(), 5, 0, false, &[100, 300, 200]).await;
+        append(log.clone(), 5, 3, false, &[150]).await;
+        append(log.clone(), 8, 0, true, &[50]).await;
+        log.write_marker("t", 0, 8, 3, Marker::Commit, 12)
+            .await
+            .expect("marker");
+        let open = append(log.clone(), 8, 1, true, &[60, 70]).await;
+        let states = log.producers("t", 0).expect("producers");
+        assert_eq!(states.len(), 2, "{states:?}");
+        let (idem, txn) = (&states[0], &states[1]);
+        assert_eq!(
+            (idem.producer_id, idem.epoch, idem.last_sequence),
+            (5, 3, 3)
+        );
+        assert_eq!(idem.last_timestamp, 150, "the last batch's largest");
+        assert_eq!((idem.coordinator_epoch, idem.transaction_start), (-1, None));
+        assert_eq!((txn.producer_id, txn.last_sequence), (8, 2));
+        assert_eq!(txn.last_timestamp, 70);
+        assert_eq!(txn.coordinator_epoch, 12, "from the marker");
+        assert_eq!(txn.transaction_start, Some(open));
+        assert!(log.producers("t", 1).expect("p1").is_empty());
+        assert!(log.producers("nosuch", 0).is_err());
+        assert!(log.producers("t", 2).is_err());
+        open
+    };
+    let log = sled_log(dir.path(), strict_config());
+    let states = log.producers("t", 0).expect("producers");
+    let brief: Vec<(i64, i32, i64, i32, Option<u64>)> = states
+        .iter()
+        .map(|s| {
+            (
+                s.producer_id,
+                s.last_sequence,
+                s.last_timestamp,
+                s.coordinator_epoch,
+                s.transaction_start,
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        [(5, 3, 150, -1, None), (8, 2, 70, 12, Some(open))],
+        "the same after a reopen"
+    );
+    // The marker ends the open transaction; its time is the producer's last.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    log.write_marker("t", 0, 8, 3, Marker::Abort, 13)
+        .await
+        .expect("marker");
+    let txn = log.producers("t", 0).expect("producers").remove(1);
+    assert_eq!((txn.coordinator_epoch, txn.transaction_start), (13, None));
+    assert!(txn.last_timestamp >= before, "{txn:?}");
+}

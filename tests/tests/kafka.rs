@@ -200,7 +200,9 @@ async fn api_versions_names_what_is_served_and_answers_newer_versions_at_v0() {
     assert_eq!(range(ApiKey::EndTxn), Some((0, 4)));
     assert_eq!(range(ApiKey::TxnOffsetCommit), Some((0, 4)));
     assert_eq!(range(ApiKey::ListTransactions), Some((0, 2)));
-    assert_eq!(range(ApiKey::DescribeProducers), None);
+    assert_eq!(range(ApiKey::DescribeProducers), Some((0, 0)));
+    assert_eq!(range(ApiKey::OffsetDelete), Some((0, 0)));
+    assert_eq!(range(ApiKey::AlterReplicaLogDirs), None);
 
     // A version newer than ours: our ranges at v0 with UNSUPPORTED_VERSION.
     c.send_as(ApiKey::ApiVersions, 9, 3, &ApiVersionsRequest::default())

@@ -474,3 +474,160 @@ async fn with_device_auth_deleting_and_changing_topics_take_the_admin() {
     assert!(wrong.closed().await);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_device_auth_offset_delete_and_describe_producers_take_reading_rights() {
+    use kafka_protocol::messages::offset_delete_request::{
+        OffsetDeleteRequestPartition, OffsetDeleteRequestTopic,
+    };
+    use kafka_protocol::messages::{
+        describe_producers_request::TopicRequest, DescribeProducersRequest,
+        DescribeProducersResponse, GroupId, OffsetDeleteRequest, OffsetDeleteResponse,
+    };
+    const ADMIN: &str = "kafka-admin-token-0123456789";
+    let node = InProcessNode::start(&format!(
+        "[auth]\nmode = \"devices\"\nadmin_token = \"{ADMIN}\"\n"
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    for (t, events) in [("plant", "a"), ("office", "b")] {
+        let r = http
+            .post(format!("{}/v1/topics/{t}/records", node.url))
+            .bearer_auth(ADMIN)
+            .json(&json!({"records": [{"value": events}]}))
+            .send()
+            .await
+            .expect("publish");
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let r = http
+        .post(format!("{}/v1/groups/mine/offsets", node.url))
+        .bearer_auth(ADMIN)
+        .json(
+            &json!({"offsets": [{"topic": "plant", "partition": 0, "offset": 1},
+                                  {"topic": "office", "partition": 0, "offset": 1}]}),
+        )
+        .send()
+        .await
+        .expect("commit");
+    assert!(r.status().is_success(), "{}", r.status());
+    let token = common::add_device(
+        &node.url,
+        ADMIN,
+        "pump-7",
+        &["plant/#"],
+        &["plant/#", "$groups/mine"],
+    )
+    .await;
+    let mut c = Client::connect(&node).await;
+    assert_eq!(sasl_plain(&mut c, "pump-7", &token).await.error_code, 0);
+
+    let offset_delete = |group: &str, topics: &[(&str, &[i32])]| {
+        OffsetDeleteRequest::default()
+            .with_group_id(GroupId(st(group)))
+            .with_topics(
+                topics
+                    .iter()
+                    .map(|(t, ps)| {
+                        OffsetDeleteRequestTopic::default()
+                            .with_name(name(t))
+                            .with_partitions(
+                                ps.iter()
+                                    .map(|p| {
+                                        OffsetDeleteRequestPartition::default()
+                                            .with_partition_index(*p)
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect(),
+            )
+    };
+    let mut b = c
+        .call(
+            ApiKey::OffsetDelete,
+            0,
+            &offset_delete("theirs", &[("plant", &[0])]),
+        )
+        .await;
+    let r = OffsetDeleteResponse::decode(&mut b, 0).expect("offset delete");
+    assert_eq!(r.error_code, ResponseError::GroupAuthorizationFailed.code());
+    assert!(r.topics.is_empty());
+
+    let mut b = c
+        .call(
+            ApiKey::OffsetDelete,
+            0,
+            &offset_delete("mine", &[("office", &[0]), ("plant", &[0, 9])]),
+        )
+        .await;
+    let r = OffsetDeleteResponse::decode(&mut b, 0).expect("offset delete");
+    assert_eq!(r.error_code, 0);
+    let codes: Vec<(String, i32, i16)> = r
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|p| (t.name.0.to_string(), p.partition_index, p.error_code))
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (
+                "office".to_owned(),
+                0,
+                ResponseError::TopicAuthorizationFailed.code()
+            ),
+            (
+                "plant".to_owned(),
+                9,
+                ResponseError::UnknownTopicOrPartition.code()
+            ),
+            ("plant".to_owned(), 0, 0),
+        ]
+    );
+    let left = node
+        .running
+        .as_ref()
+        .expect("running")
+        .log
+        .group_offsets("mine")
+        .expect("offsets");
+    assert_eq!(left.len(), 1, "office's position stays: {left:?}");
+    assert_eq!(left[0].topic, "office");
+
+    let describe = DescribeProducersRequest::default().with_topics(vec![
+        TopicRequest::default()
+            .with_name(name("plant"))
+            .with_partition_indexes(vec![0, 9]),
+        TopicRequest::default()
+            .with_name(name("office"))
+            .with_partition_indexes(vec![0]),
+    ]);
+    let mut b = c.call(ApiKey::DescribeProducers, 0, &describe).await;
+    let r = DescribeProducersResponse::decode(&mut b, 0).expect("describe producers");
+    let codes: Vec<(i32, i16)> = r
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|p| (p.partition_index, p.error_code))
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (0, 0),
+            (9, ResponseError::UnknownTopicOrPartition.code()),
+            (0, ResponseError::TopicAuthorizationFailed.code()),
+        ]
+    );
+    assert!(
+        r.topics[0].partitions[0].active_producers.is_empty(),
+        "HTTP appends have no producer state"
+    );
+    node.stop().await;
+}

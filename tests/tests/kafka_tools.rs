@@ -243,6 +243,26 @@ async fn kafkas_own_tools_manage_and_move_data_on_tributary() {
         "",
     );
     assert_eq!(total_lag(&d), 110, "{d}");
+    // --delete-offsets: the group's positions in tools.a go (OffsetDelete).
+    let log = node.running.as_ref().expect("running").log.clone();
+    let before = log.group_offsets("tools-g").expect("offsets");
+    assert!(before.iter().any(|o| o.topic == "tools.a"), "{before:?}");
+    let r = tool(
+        GROUPS,
+        &[
+            "--bootstrap-server",
+            b,
+            "--delete-offsets",
+            "--group",
+            "tools-g",
+            "--topic",
+            "tools.a",
+        ],
+        "",
+    );
+    assert!(r.contains("Successful") && !r.contains("Error"), "{r}");
+    let after = log.group_offsets("tools-g").expect("offsets");
+    assert!(after.iter().all(|o| o.topic != "tools.a"), "{after:?}");
 
     // The producer perf test in transactions, then kafka-transactions.
     let p = tool(
@@ -284,6 +304,51 @@ async fn kafkas_own_tools_manage_and_move_data_on_tributary() {
         t.contains("CompleteCommit") || t.contains("Empty"),
         "the transaction ended committed: {t}"
     );
+    // describe-producers (DescribeProducers): the perf test's one producer
+    // in the partitions it wrote to, no transaction left open.
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let partitions = node
+        .running
+        .as_ref()
+        .expect("running")
+        .log
+        .topic("tools.t")
+        .expect("tools.t")
+        .config
+        .partitions;
+    for partition in 0..partitions {
+        let partition = partition.to_string();
+        let t = tool(
+            TRANSACTIONS,
+            &[
+                "--bootstrap-server",
+                b,
+                "describe-producers",
+                "--topic",
+                "tools.t",
+                "--partition",
+                &partition,
+            ],
+            "",
+        );
+        // ProducerId ProducerEpoch LatestCoordinatorEpoch LastSequence
+        // LastTimestamp CurrentTransactionStartOffset
+        rows.extend(
+            t.lines()
+                .skip_while(|l| !l.contains("ProducerId"))
+                .skip(1)
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().map(str::to_owned).collect()),
+        );
+    }
+    assert!(!rows.is_empty(), "the producer is described");
+    for r in &rows {
+        assert_eq!(r.len(), 6, "{rows:?}");
+        assert_eq!(r[0], rows[0][0], "one producer id: {rows:?}");
+        assert_eq!(r[5], "None", "no transaction open: {rows:?}");
+        assert!(r[3].parse::<i32>().is_ok_and(|s| s >= 0), "{rows:?}");
+        assert!(r[4].parse::<i64>().is_ok_and(|t| t > 0), "{rows:?}");
+    }
     let c = tool(
         CONSUMER_PERF,
         &[

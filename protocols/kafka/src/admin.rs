@@ -842,6 +842,77 @@ pub(crate) async fn incremental_alter_configs(
     IncrementalAlterConfigsResponse::default().with_responses(responses)
 }
 
+/// DescribeProducers (`kafka-transactions describe-producers`,
+/// `Admin.describeProducers`): per partition, the idempotent and
+/// transactional producers it holds state for. As Kafka: reading the topic
+/// is the permission (subscribe, in devices mode); an unknown topic or
+/// partition is UNKNOWN_TOPIC_OR_PARTITION.
+pub(crate) fn describe_producers(
+    s: &Session,
+    req: kafka_protocol::messages::DescribeProducersRequest,
+) -> kafka_protocol::messages::DescribeProducersResponse {
+    use kafka_protocol::messages::describe_producers_response::{
+        PartitionResponse, ProducerState, TopicResponse,
+    };
+    use kafka_protocol::messages::ProducerId;
+    let auth = &*s.server.cx.auth;
+    let log = &s.server.cx.log;
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|t| {
+            let name = t.name.0.to_string();
+            let allowed = auth
+                .authorize(&s.who(), Action::Subscribe, &format!("{name}/#"))
+                .allowed();
+            let partitions = t
+                .partition_indexes
+                .into_iter()
+                .map(|index| {
+                    let answer = PartitionResponse::default().with_partition_index(index);
+                    if !allowed {
+                        return answer
+                            .with_error_code(ResponseError::TopicAuthorizationFailed.code());
+                    }
+                    let states = u32::try_from(index)
+                        .map_err(|_| ResponseError::UnknownTopicOrPartition)
+                        .and_then(|p| {
+                            log.producers(&name, p).map_err(|e| match e {
+                                LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => {
+                                    ResponseError::UnknownTopicOrPartition
+                                }
+                                other => log_failure(&other).0,
+                            })
+                        });
+                    match states {
+                        Err(code) => answer.with_error_code(code.code()),
+                        Ok(states) => answer.with_active_producers(
+                            states
+                                .into_iter()
+                                .map(|p| {
+                                    ProducerState::default()
+                                        .with_producer_id(ProducerId(p.producer_id))
+                                        .with_producer_epoch(i32::from(p.epoch))
+                                        .with_last_sequence(p.last_sequence)
+                                        .with_last_timestamp(p.last_timestamp)
+                                        .with_coordinator_epoch(p.coordinator_epoch)
+                                        .with_current_txn_start_offset(
+                                            p.transaction_start.map_or(-1, |o| o as i64),
+                                        )
+                                })
+                                .collect(),
+                        ),
+                    }
+                })
+                .collect();
+            TopicResponse::default()
+                .with_name(t.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    kafka_protocol::messages::DescribeProducersResponse::default().with_topics(topics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! Kafka's classic consumer-group APIs over the node's one coordinator
 //! (`tributary-groups`): FindCoordinator, JoinGroup, SyncGroup, Heartbeat,
-//! LeaveGroup, OffsetCommit, OffsetFetch, ListGroups, DescribeGroups and
-//! DeleteGroups. The coordinator carries the client assignors' bytes
+//! LeaveGroup, OffsetCommit, OffsetFetch, OffsetDelete, ListGroups,
+//! DescribeGroups and DeleteGroups. The coordinator carries the client assignors' bytes
 //! untouched, so range, roundrobin and cooperative-sticky all work; offsets
 //! are the same committed positions the HTTP API reads and writes.
 //!
@@ -20,6 +20,9 @@ use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
 };
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
 use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
@@ -29,8 +32,8 @@ use kafka_protocol::messages::{
     DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse, GroupId,
     HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
     LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest,
-    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest,
-    SyncGroupResponse, TopicName,
+    OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse, OffsetFetchRequest,
+    OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
@@ -60,6 +63,7 @@ pub(crate) fn group_code(e: &GroupError) -> i16 {
         GroupError::GroupMaxSizeReached => ResponseError::GroupMaxSizeReached,
         GroupError::GroupIdNotFound => ResponseError::GroupIdNotFound,
         GroupError::NonEmptyGroup => ResponseError::NonEmptyGroup,
+        GroupError::GroupSubscribedToTopic => ResponseError::GroupSubscribedToTopic,
         GroupError::CoordinatorNotAvailable => ResponseError::CoordinatorNotAvailable,
     }
     .code()
@@ -654,4 +658,68 @@ pub(crate) async fn delete_groups(s: &Session, req: DeleteGroupsRequest) -> Dele
         );
     }
     DeleteGroupsResponse::default().with_results(results)
+}
+
+/// OffsetDelete (`kafka-consumer-groups --delete-offsets`,
+/// `Admin.deleteConsumerGroupOffsets`): as Kafka, per partition
+/// TOPIC_AUTHORIZATION_FAILED or UNKNOWN_TOPIC_OR_PARTITION first, then the
+/// coordinator's answer (GROUP_SUBSCRIBED_TO_TOPIC for a topic a member
+/// reads); a group-wide refusal is the top-level code with no topics.
+pub(crate) async fn offset_delete(s: &Session, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+    let group = req.group_id.0.to_string();
+    if !may_use(s, &group) {
+        return OffsetDeleteResponse::default()
+            .with_error_code(ResponseError::GroupAuthorizationFailed.code());
+    }
+    let log = &s.server.cx.log;
+    let mut answers: Vec<(TopicName, i32, i16)> = Vec::new();
+    let mut wanted: Vec<(String, u32)> = Vec::new();
+    for topic in req.topics {
+        let name = topic.name.0.to_string();
+        let known = log.topic(&name).ok();
+        let readable = may_read(s, &name);
+        for p in topic.partitions {
+            let index = p.partition_index;
+            let partition = u32::try_from(index)
+                .ok()
+                .filter(|i| known.as_ref().is_some_and(|k| *i < k.config.partitions));
+            match (readable, partition) {
+                (false, _) => answers.push((
+                    topic.name.clone(),
+                    index,
+                    ResponseError::TopicAuthorizationFailed.code(),
+                )),
+                (true, None) => answers.push((
+                    topic.name.clone(),
+                    index,
+                    ResponseError::UnknownTopicOrPartition.code(),
+                )),
+                (true, Some(i)) => wanted.push((name.clone(), i)),
+            }
+        }
+    }
+    match s.server.cx.groups.delete_offsets(&group, wanted).await {
+        Err(e) => OffsetDeleteResponse::default().with_error_code(group_code(&e)),
+        Ok(done) => {
+            for (topic, partition, r) in done {
+                let code = r.err().map_or(0, |e| group_code(&e));
+                answers.push((TopicName(st(&topic)), partition as i32, code));
+            }
+            let mut topics: Vec<OffsetDeleteResponseTopic> = Vec::new();
+            for (name, index, code) in answers {
+                let p = OffsetDeleteResponsePartition::default()
+                    .with_partition_index(index)
+                    .with_error_code(code);
+                match topics.iter_mut().find(|t| t.name == name) {
+                    Some(t) => t.partitions.push(p),
+                    None => topics.push(
+                        OffsetDeleteResponseTopic::default()
+                            .with_name(name)
+                            .with_partitions(vec![p]),
+                    ),
+                }
+            }
+            OffsetDeleteResponse::default().with_topics(topics)
+        }
+    }
 }

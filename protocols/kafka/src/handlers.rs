@@ -75,6 +75,8 @@ pub enum Request {
     OffsetCommit(OffsetCommitRequest),
     /// OffsetFetch.
     OffsetFetch(OffsetFetchRequest),
+    /// OffsetDelete.
+    OffsetDelete(kafka_protocol::messages::OffsetDeleteRequest),
     /// ListGroups.
     ListGroups(ListGroupsRequest),
     /// DescribeGroups.
@@ -113,6 +115,8 @@ pub enum Request {
     ListTransactions(kafka_protocol::messages::ListTransactionsRequest),
     /// DeleteRecords.
     DeleteRecords(kafka_protocol::messages::DeleteRecordsRequest),
+    /// DescribeProducers.
+    DescribeProducers(kafka_protocol::messages::DescribeProducersRequest),
 }
 
 /// A decoded request with what its answer needs.
@@ -199,6 +203,7 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::LeaveGroup => body!(LeaveGroup, LeaveGroupRequest),
         ApiKey::OffsetCommit => body!(OffsetCommit, OffsetCommitRequest),
         ApiKey::OffsetFetch => body!(OffsetFetch, OffsetFetchRequest),
+        ApiKey::OffsetDelete => body!(OffsetDelete, kafka_protocol::messages::OffsetDeleteRequest),
         ApiKey::ListGroups => body!(ListGroups, ListGroupsRequest),
         ApiKey::DescribeGroups => body!(DescribeGroups, DescribeGroupsRequest),
         ApiKey::DeleteGroups => body!(DeleteGroups, DeleteGroupsRequest),
@@ -220,6 +225,10 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, (Refusal, Option<Error>)> {
         ApiKey::DeleteRecords => body!(
             DeleteRecords,
             kafka_protocol::messages::DeleteRecordsRequest
+        ),
+        ApiKey::DescribeProducers => body!(
+            DescribeProducers,
+            kafka_protocol::messages::DescribeProducersRequest
         ),
         ApiKey::DescribeTransactions => body!(
             DescribeTransactions,
@@ -387,6 +396,11 @@ pub(crate) async fn handle(
             let answer = admin::delete_records(&s, req).await;
             respond(&s, correlation, header, &answer, version).map(Some)
         }
+        Request::DescribeProducers(req) => {
+            s.server.metrics.request(Api::Admin);
+            let answer = admin::describe_producers(&s, req);
+            respond(&s, correlation, header, &answer, version).map(Some)
+        }
         Request::ListTransactions(req) => {
             s.server.metrics.request(Api::Admin);
             let answer = crate::txn::api::list(&s, req).await;
@@ -421,6 +435,10 @@ pub(crate) async fn handle(
                 }
                 Request::OffsetFetch(req) => {
                     let a = groups::offset_fetch(&s, req, version);
+                    respond(&s, correlation, header, &a, version).map(Some)
+                }
+                Request::OffsetDelete(req) => {
+                    let a = groups::offset_delete(&s, req).await;
                     respond(&s, correlation, header, &a, version).map(Some)
                 }
                 Request::ListGroups(req) => {

@@ -25,6 +25,7 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::ApiVersions, 0, 0, 4),
     (ApiKey::OffsetCommit, 2, 2, 9),
     (ApiKey::OffsetFetch, 1, 1, 9),
+    (ApiKey::OffsetDelete, 0, 0, 0),
     (ApiKey::FindCoordinator, 0, 0, 6),
     (ApiKey::JoinGroup, 0, 0, 9),
     (ApiKey::Heartbeat, 0, 0, 4),
@@ -50,6 +51,7 @@ const SERVED: &[(ApiKey, i16, i16, i16)] = &[
     (ApiKey::TxnOffsetCommit, 0, 0, 4),
     (ApiKey::EndTxn, 0, 0, 4),
     (ApiKey::DescribeTransactions, 0, 0, 0),
+    (ApiKey::DescribeProducers, 0, 0, 0),
     (ApiKey::ListTransactions, 0, 0, 2),
 ];
 
@@ -136,6 +138,10 @@ mod tests {
                     kafka_protocol::messages::ListTransactionsRequest::VERSIONS
                 }
                 ApiKey::DeleteRecords => kafka_protocol::messages::DeleteRecordsRequest::VERSIONS,
+                ApiKey::OffsetDelete => kafka_protocol::messages::OffsetDeleteRequest::VERSIONS,
+                ApiKey::DescribeProducers => {
+                    kafka_protocol::messages::DescribeProducersRequest::VERSIONS
+                }
                 other => panic!("{other:?} has no codec check"),
             };
             assert!(codec.min <= min && max <= codec.max, "{key:?}");
@@ -143,6 +149,8 @@ mod tests {
         assert_eq!(served(ApiKey::Produce, 2), Some(false));
         assert_eq!(served(ApiKey::Produce, 3), Some(true));
         assert_eq!(served(ApiKey::AddPartitionsToTxn, 4), Some(false));
-        assert_eq!(served(ApiKey::DescribeProducers, 0), None);
+        assert_eq!(served(ApiKey::DescribeProducers, 0), Some(true));
+        assert_eq!(served(ApiKey::DescribeProducers, 1), Some(false));
+        assert_eq!(served(ApiKey::AlterReplicaLogDirs, 0), None);
     }
 }

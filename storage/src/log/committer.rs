@@ -68,6 +68,8 @@ pub(super) enum Command {
     },
     ForgetGroup {
         group: String,
+        /// `None`: every position of the group; else these partitions'.
+        partitions: Option<Vec<(String, u32)>>,
         reply: oneshot::Sender<Result<()>>,
     },
     Meta {
@@ -91,7 +93,14 @@ impl Command {
                 .sum(),
             Command::Barrier { .. } => 0,
             Command::Marker { .. } => 64,
-            Command::ForgetGroup { group, .. } => group.len(),
+            Command::ForgetGroup {
+                group, partitions, ..
+            } => {
+                group.len()
+                    + partitions
+                        .as_ref()
+                        .map_or(0, |l| l.iter().map(|(t, _)| t.len() + 4).sum())
+            }
         }
     }
 }
@@ -357,7 +366,20 @@ fn write_cycle(
                         .put_group_offset(group, &o.topic, o.partition, o.offset)?;
                 }
             }
-            Command::ForgetGroup { group, .. } => shared.store.forget_group(group)?,
+            Command::ForgetGroup {
+                group,
+                partitions: None,
+                ..
+            } => shared.store.forget_group(group)?,
+            Command::ForgetGroup {
+                group,
+                partitions: Some(partitions),
+                ..
+            } => {
+                for (topic, partition) in partitions {
+                    shared.store.forget_group_offset(group, topic, *partition)?;
+                }
+            }
             Command::Meta { space, entries, .. } => {
                 for (k, v) in entries.iter() {
                     shared.store.put_meta(space, k, v.as_deref())?;
@@ -403,10 +425,19 @@ fn write_cycle(
                     )?;
                     t.aborted += 1;
                 }
+                let written_at = now_ms();
+                remember_marker(
+                    shared,
+                    name,
+                    *partition,
+                    *producer_id,
+                    *coordinator_epoch,
+                    written_at,
+                )?;
                 let (value, end_pos) = BatchBuilder::marker(
                     *marker,
                     *coordinator_epoch,
-                    now_ms(),
+                    written_at,
                     *producer_id,
                     *epoch,
                     ps.next_pos.load(Relaxed),
@@ -544,7 +575,14 @@ fn sequence(
         }
     }
     let base = topic.partitions[part.partition as usize].next.load(Relaxed);
-    let mut entry = producers::after(table.entries.get(&key), b, part.count, base);
+    let timestamp = part
+        .chunks
+        .iter()
+        .map(BatchBuilder::max_timestamp)
+        .max()
+        .filter(|&t| t != i64::MIN)
+        .unwrap_or(-1);
+    let mut entry = producers::after(table.entries.get(&key), b, part.count, base, timestamp);
     entry.used = clock;
     let stored = postcard::to_allocvec(&entry).map_err(|e| Error::BadBatch(e.to_string()))?;
     shared.store.put_meta(
@@ -554,6 +592,33 @@ fn sequence(
     )?;
     table.entries.insert(key, entry);
     Ok(Ok(verdict))
+}
+
+/// A marker ends the producer's transaction: its state shows the marker's
+/// coordinator epoch and time (stored in the same cycle, before the marker).
+fn remember_marker(
+    shared: &Shared,
+    topic: &str,
+    partition: u32,
+    producer_id: i64,
+    coordinator_epoch: i32,
+    at: i64,
+) -> Result<()> {
+    let mut table = crate::util::lock(&shared.producers);
+    let Some(entry) = table
+        .entries
+        .get_mut(&(topic.to_owned(), partition, producer_id))
+    else {
+        return Ok(());
+    };
+    entry.coordinator_epoch = coordinator_epoch;
+    entry.last_timestamp = at;
+    let stored = postcard::to_allocvec(&*entry).map_err(|e| Error::BadBatch(e.to_string()))?;
+    shared.store.put_meta(
+        producers::SPACE,
+        &producers::key(topic, partition, producer_id),
+        Some(&stored),
+    )
 }
 
 fn answer(

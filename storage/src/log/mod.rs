@@ -46,7 +46,7 @@ pub use crate::batch::Marker;
 pub use append::AppendOptions;
 pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
-pub use producers::ProducerBatch;
+pub use producers::{ProducerBatch, ProducerState};
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
@@ -580,50 +580,34 @@ impl Log {
         let t = self.existing(topic)?;
         let ps = t.partition(partition)?;
         let end = end.min(*ps.end.borrow());
-        let mut from = ps.start.load(SeqCst);
         // The batch holding the largest timestamp so far: (timestamp, base).
         let mut best: Option<(i64, u64)> = None;
-        while from < end {
-            let batches = ps.store.read(from, 1 << 20)?;
-            let before = from;
-            for (base, value) in batches {
-                let h = decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
-                let next = base + h.span;
-                if next <= from {
-                    continue;
-                }
-                let marker = h.txn.is_some_and(|x| x.control);
-                if marker || h.count == 0 || best.is_some_and(|(ts, _)| h.max_ts <= ts) {
-                    // Nothing larger here.
-                } else if base >= from && next <= end {
-                    best = Some((h.max_ts, base));
-                } else {
-                    // Cut by the range: its records inside it, one by one.
-                    let mut largest: Option<(i64, u64)> = None;
-                    decode_records(&value, base, partition, from, end, |r| {
-                        if largest.is_none_or(|(ts, _)| r.timestamp > ts) {
-                            largest = Some((r.timestamp, r.offset));
-                        }
-                        true
-                    })
-                    .map_err(|d| corruption(topic, partition, base, d))?;
-                    if let Some((ts, offset)) = largest {
-                        if best.is_none_or(|(b, _)| ts > b) {
-                            // A record's own offset: decoding it again
-                            // below finds it first.
-                            best = Some((ts, offset));
-                        }
+        batch_headers(topic, partition, ps, end, |base, h, value, from| {
+            let marker = h.txn.is_some_and(|x| x.control);
+            if marker || h.count == 0 || best.is_some_and(|(ts, _)| h.max_ts <= ts) {
+                // Nothing larger here.
+            } else if base >= from && base + h.span <= end {
+                best = Some((h.max_ts, base));
+            } else {
+                // Cut by the range: its records inside it, one by one.
+                let mut largest: Option<(i64, u64)> = None;
+                decode_records(value, base, partition, from, end, |r| {
+                    if largest.is_none_or(|(ts, _)| r.timestamp > ts) {
+                        largest = Some((r.timestamp, r.offset));
+                    }
+                    true
+                })
+                .map_err(|d| corruption(topic, partition, base, d))?;
+                if let Some((ts, offset)) = largest {
+                    if best.is_none_or(|(b, _)| ts > b) {
+                        // A record's own offset: decoding it again
+                        // below finds it first.
+                        best = Some((ts, offset));
                     }
                 }
-                from = next;
-                if from >= end {
-                    break;
-                }
             }
-            if from == before {
-                break;
-            }
-        }
+            Ok(true)
+        })?;
         let Some((max, base)) = best else {
             return Ok(None);
         };
@@ -659,39 +643,20 @@ impl Log {
         let t = self.existing(topic)?;
         let ps = t.partition(partition)?;
         let end = *ps.end.borrow();
-        let mut from = ps.start.load(SeqCst);
-        while from < end {
-            let batches = ps.store.read(from, 1 << 20)?;
-            let before = from;
-            for (base, value) in batches {
-                let h = decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
-                let next = base + h.span;
-                if next <= from {
-                    continue;
-                }
-                if h.max_ts >= timestamp {
-                    let mut found = None;
-                    decode_records(&value, base, partition, from, end, |r| {
-                        if r.timestamp >= timestamp {
-                            found = Some((r.offset, r.timestamp));
-                        }
-                        found.is_none()
-                    })
-                    .map_err(|d| corruption(topic, partition, base, d))?;
-                    if found.is_some() {
-                        return Ok(found);
+        let mut found = None;
+        batch_headers(topic, partition, ps, end, |base, h, value, from| {
+            if h.max_ts >= timestamp {
+                decode_records(value, base, partition, from, end, |r| {
+                    if r.timestamp >= timestamp {
+                        found = Some((r.offset, r.timestamp));
                     }
-                }
-                from = next;
-                if from >= end {
-                    break;
-                }
+                    found.is_none()
+                })
+                .map_err(|d| corruption(topic, partition, base, d))?;
             }
-            if from == before {
-                break;
-            }
-        }
-        Ok(None)
+            Ok(found.is_none())
+        })?;
+        Ok(found)
     }
 
     /// Like [`Log::read`], but when `offset` is the end, waits up to `wait` for
@@ -900,6 +865,35 @@ impl Log {
         Ok(id)
     }
 
+    /// The producers a partition holds state for (DescribeProducers), by id:
+    /// the idempotent and transactional producers whose batches it
+    /// remembers, each with its open transaction's first offset.
+    pub fn producers(&self, topic: &str, partition: u32) -> Result<Vec<ProducerState>> {
+        let t = self.existing(topic)?;
+        let p = t.partition(partition)?;
+        let mut out: Vec<ProducerState> = crate::util::lock(&self.shared().producers)
+            .entries
+            .iter()
+            .filter(|((name, at, _), _)| name == topic && *at == partition)
+            .filter_map(|(&(_, _, producer_id), e)| {
+                Some(ProducerState {
+                    producer_id,
+                    epoch: e.epoch,
+                    last_sequence: e.recent.last()?.last,
+                    last_timestamp: e.last_timestamp,
+                    coordinator_epoch: e.coordinator_epoch,
+                    transaction_start: None,
+                })
+            })
+            .collect();
+        let txns = crate::util::lock(&p.txns);
+        for s in &mut out {
+            s.transaction_start = txns.open_of(s.producer_id);
+        }
+        out.sort_by_key(|s| s.producer_id);
+        Ok(out)
+    }
+
     /// Idempotent producer states held now (one per producer and partition).
     pub fn producer_states(&self) -> usize {
         crate::util::lock(&self.shared().producers).entries.len()
@@ -912,6 +906,26 @@ impl Log {
         let (reply, answer) = oneshot::channel();
         let cmd = Command::ForgetGroup {
             group: group.to_owned(),
+            partitions: None,
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Removes a group's committed positions in these partitions, durably
+    /// (a partition without one is no error).
+    pub async fn forget_group_offsets(
+        &self,
+        group: &str,
+        partitions: Vec<(String, u32)>,
+    ) -> Result<()> {
+        validate_group(group)?;
+        self.shared().check_writable()?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::ForgetGroup {
+            group: group.to_owned(),
+            partitions: Some(partitions),
             reply,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
@@ -974,6 +988,42 @@ impl Log {
     pub fn enforce_retention(&self) {
         enforce_retention(self.shared(), &self.inner.stopper);
     }
+}
+
+/// Walks a partition's batches in offset order from its start up to `end`,
+/// decoding only their headers: `visit(base, header, batch, from)` for each
+/// batch reaching past `from` (the offset the walk has reached: the first
+/// batch may begin before it), until it answers `false`.
+fn batch_headers(
+    topic: &str,
+    partition: u32,
+    ps: &state::PartitionState,
+    end: u64,
+    mut visit: impl FnMut(u64, &crate::batch::BatchHeader, &[u8], u64) -> Result<bool>,
+) -> Result<()> {
+    let mut from = ps.start.load(SeqCst);
+    while from < end {
+        let batches = ps.store.read(from, 1 << 20)?;
+        let before = from;
+        for (base, value) in batches {
+            let h = decode_header(&value).map_err(|d| corruption(topic, partition, base, d))?;
+            let next = base + h.span;
+            if next <= from {
+                continue;
+            }
+            if !visit(base, &h, &value, from)? {
+                return Ok(());
+            }
+            from = next;
+            if from >= end {
+                break;
+            }
+        }
+        if from == before {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Group names: 1..=249 bytes, no NUL (it separates key parts on disk).

@@ -63,8 +63,55 @@ pub(super) struct Entry {
     pub epoch: i16,
     /// Oldest first, at most [`RECENT`].
     pub recent: Vec<Sent>,
+    /// The largest timestamp of its last batch, or the time of its last
+    /// transaction marker (ms); -1 when not known (an entry stored before
+    /// this field).
+    pub last_timestamp: i64,
+    /// The coordinator epoch of its last transaction marker, -1 before one.
+    pub coordinator_epoch: i32,
     #[serde(skip)]
     pub used: u64,
+}
+
+/// The stored form of an [`Entry`] written before it had
+/// `last_timestamp` and `coordinator_epoch` (postcard is not
+/// self-describing: the two are missing at its end).
+#[derive(Deserialize)]
+struct EntryV1 {
+    epoch: i16,
+    recent: Vec<Sent>,
+}
+
+/// A stored entry, in either form.
+pub(super) fn decode(v: &[u8]) -> Option<Entry> {
+    postcard::from_bytes::<Entry>(v).ok().or_else(|| {
+        let old = postcard::from_bytes::<EntryV1>(v).ok()?;
+        Some(Entry {
+            epoch: old.epoch,
+            recent: old.recent,
+            last_timestamp: -1,
+            coordinator_epoch: -1,
+            used: 0,
+        })
+    })
+}
+
+/// A producer's state in a partition as DescribeProducers shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerState {
+    /// Its id.
+    pub producer_id: i64,
+    /// Its epoch.
+    pub epoch: i16,
+    /// The sequence number of its last record.
+    pub last_sequence: i32,
+    /// The largest timestamp of its last batch, or the time of its last
+    /// transaction marker (ms); -1 when not known.
+    pub last_timestamp: i64,
+    /// The coordinator epoch of its last transaction marker, -1 before one.
+    pub coordinator_epoch: i32,
+    /// The first offset of its open transaction, if one is open.
+    pub transaction_start: Option<u64>,
 }
 
 /// What the committer does with a batch.
@@ -142,7 +189,13 @@ pub(super) fn check(entry: Option<&Entry>, b: &ProducerBatch, count: u32) -> Res
 }
 
 /// The entry after `b` was appended at `base`.
-pub(super) fn after(entry: Option<&Entry>, b: &ProducerBatch, count: u32, base: u64) -> Entry {
+pub(super) fn after(
+    entry: Option<&Entry>,
+    b: &ProducerBatch,
+    count: u32,
+    base: u64,
+    timestamp: i64,
+) -> Entry {
     let sent = Sent {
         first: b.first_sequence,
         last: last_sequence(b.first_sequence, count),
@@ -159,12 +212,16 @@ pub(super) fn after(entry: Option<&Entry>, b: &ProducerBatch, count: u32, base: 
             Entry {
                 epoch: b.epoch,
                 recent,
+                last_timestamp: timestamp,
+                coordinator_epoch: e.coordinator_epoch,
                 used: 0,
             }
         }
         _ => Entry {
             epoch: b.epoch,
             recent: vec![sent],
+            last_timestamp: timestamp,
+            coordinator_epoch: entry.map_or(-1, |e| e.coordinator_epoch),
             used: 0,
         },
     }
@@ -253,8 +310,8 @@ mod tests {
             check(None, &b(0, 5), 3),
             Err(Error::UnknownProducer { .. })
         ));
-        let e = after(None, &b(0, 0), 3, 100);
-        let e = after(Some(&e), &b(0, 3), 2, 103);
+        let e = after(None, &b(0, 0), 3, 100, 1);
+        let e = after(Some(&e), &b(0, 3), 2, 103, 2);
         assert_eq!(check(Some(&e), &b(0, 5), 1).ok(), Some(Verdict::Append));
         assert_eq!(
             check(Some(&e), &b(0, 0), 3).ok(),
@@ -281,7 +338,7 @@ mod tests {
         let mut e = e;
         for i in 0..RECENT as u64 {
             let first = 5 + i as i32;
-            e = after(Some(&e), &b(0, first), 1, 105 + i);
+            e = after(Some(&e), &b(0, first), 1, 105 + i, 3);
         }
         assert_eq!(e.recent.len(), RECENT);
         assert!(matches!(
@@ -294,10 +351,38 @@ mod tests {
     fn sequences_wrap_and_keys_round_trip() {
         assert_eq!(last_sequence(i32::MAX, 1), i32::MAX);
         assert_eq!(last_sequence(i32::MAX, 3), 1);
-        let e = after(None, &b(0, i32::MAX - 1), 2, 0);
+        let e = after(None, &b(0, i32::MAX - 1), 2, 0, 4);
         assert_eq!(check(Some(&e), &b(0, 0), 1).ok(), Some(Verdict::Append));
         let k = key("t\u{e9}", 3, -9);
         assert_eq!(parse_key(&k), Some(("t\u{e9}".to_owned(), 3, -9)));
         assert_eq!(parse_key(b"t\0\0"), None);
+    }
+
+    #[test]
+    fn an_entry_stored_before_its_timestamp_field_still_reads() {
+        #[derive(Serialize)]
+        struct Old {
+            epoch: i16,
+            recent: Vec<Sent>,
+        }
+        let recent = vec![Sent {
+            first: 0,
+            last: 2,
+            base: 10,
+            count: 3,
+        }];
+        let old = postcard::to_allocvec(&Old {
+            epoch: 4,
+            recent: recent.clone(),
+        })
+        .expect("encode");
+        let e = decode(&old).expect("old form");
+        assert_eq!((e.epoch, &e.recent), (4, &recent));
+        assert_eq!((e.last_timestamp, e.coordinator_epoch), (-1, -1));
+        let new = after(Some(&e), &b(4, 3), 1, 13, 99);
+        let back = decode(&postcard::to_allocvec(&new).expect("encode")).expect("new form");
+        assert_eq!(back, new);
+        assert_eq!((back.last_timestamp, back.recent.len()), (99, 2));
+        assert!(decode(&[0xff]).is_none());
     }
 }

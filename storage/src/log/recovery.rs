@@ -87,7 +87,7 @@ fn recover_producers(
         else {
             continue;
         };
-        let Ok(mut entry) = postcard::from_bytes::<producers::Entry>(&v) else {
+        let Some(mut entry) = producers::decode(&v) else {
             tracing::warn!(%topic, partition, producer = id, "unreadable producer state dropped");
             continue;
         };

@@ -31,6 +31,7 @@ enum MemOp {
     Floor(String, u32, u64),
     Group(Vec<u8>, u64),
     ForgetGroup(String),
+    ForgetGroupOffset(Vec<u8>),
     Meta(Vec<u8>, Option<Vec<u8>>),
     RemoveTopic(String),
     DropPartitions(String),
@@ -59,6 +60,9 @@ impl MemState {
             MemOp::ForgetGroup(g) => {
                 self.groups
                     .retain(|k, _| group_of_key(k) != Some(g.as_str()));
+            }
+            MemOp::ForgetGroupOffset(k) => {
+                self.groups.remove(&k);
             }
             MemOp::Meta(k, Some(v)) => {
                 self.meta.insert(k, v);
@@ -198,6 +202,7 @@ fn clone_op(op: &MemOp) -> MemOp {
         MemOp::Floor(t, p, s) => MemOp::Floor(t.clone(), *p, *s),
         MemOp::Group(k, o) => MemOp::Group(k.clone(), *o),
         MemOp::ForgetGroup(g) => MemOp::ForgetGroup(g.clone()),
+        MemOp::ForgetGroupOffset(k) => MemOp::ForgetGroupOffset(k.clone()),
         MemOp::Meta(k, v) => MemOp::Meta(k.clone(), v.clone()),
         MemOp::RemoveTopic(t) => MemOp::RemoveTopic(t.clone()),
         MemOp::DropPartitions(t) => MemOp::DropPartitions(t.clone()),
@@ -355,6 +360,11 @@ impl Store for MemStore {
 
     fn forget_group(&self, group: &str) -> Result<()> {
         self.write(MemOp::ForgetGroup(group.to_owned()));
+        Ok(())
+    }
+
+    fn forget_group_offset(&self, group: &str, topic: &str, partition: u32) -> Result<()> {
+        self.write(MemOp::ForgetGroupOffset(group_key(group, topic, partition)));
         Ok(())
     }
 

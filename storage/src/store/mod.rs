@@ -82,6 +82,8 @@ pub trait Store: Send + Sync {
     fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>>;
     /// Removes every position of a group, durable with the next sync.
     fn forget_group(&self, group: &str) -> Result<()>;
+    /// Removes a group's position in one partition, durable with the next sync.
+    fn forget_group_offset(&self, group: &str, topic: &str, partition: u32) -> Result<()>;
     /// The names of the groups with committed positions, sorted.
     fn group_names(&self) -> Result<Vec<String>>;
     /// Writes (`Some`) or removes (`None`) a small metadata value: front ends

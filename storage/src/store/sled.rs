@@ -294,6 +294,11 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn forget_group_offset(&self, group: &str, topic: &str, partition: u32) -> Result<()> {
+        self.groups.remove(group_key(group, topic, partition))?;
+        Ok(())
+    }
+
     fn group_names(&self) -> Result<Vec<String>> {
         let mut out: Vec<String> = Vec::new();
         let mut next: Option<Vec<u8>> = None;

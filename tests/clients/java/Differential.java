@@ -1122,6 +1122,8 @@ public class Differential {
             Map.of(p0, new OffsetAndMetadata(0))).all().get(FUTURE_S, TimeUnit.SECONDS));
         c.attempt("delete_group_while_member", () -> a.deleteConsumerGroups(List.of(group)).all()
             .get(FUTURE_S, TimeUnit.SECONDS));
+        c.attempt("admin_delete_offsets_while_member", () -> a.deleteConsumerGroupOffsets(group, Set.of(p1))
+            .all().get(FUTURE_S, TimeUnit.SECONDS));
         g.close(CloseOptions.timeout(Duration.ofSeconds(10)));
         c.resources.remove(g);
         c.attempt("admin_alter_empty", () -> a.alterConsumerGroupOffsets(group,
@@ -1130,6 +1132,10 @@ public class Differential {
         c.attempt("admin_delete_offsets", () -> a.deleteConsumerGroupOffsets(group, Set.of(p1)).all()
             .get(FUTURE_S, TimeUnit.SECONDS));
         c.put("after_delete_offsets", committed(a, group));
+        c.attempt("delete_offsets_unknown_group", () -> a.deleteConsumerGroupOffsets(c.group("nosuch"),
+            Set.of(p0)).all().get(FUTURE_S, TimeUnit.SECONDS));
+        c.attempt("delete_offsets_unknown_partition", () -> a.deleteConsumerGroupOffsets(group,
+            Set.of(new TopicPartition(topic, 9))).all().get(FUTURE_S, TimeUnit.SECONDS));
         Set<String> listed = new TreeSet<>();
         a.listGroups().all().get(FUTURE_S, TimeUnit.SECONDS).forEach(x -> listed.add(x.groupId()));
         c.put("listed", listed.contains(group));
@@ -1182,6 +1188,12 @@ public class Differential {
         }
         c.put("read_back_count", all.size());
         c.put("read_back_in_send_order", inOrder);
+        for (int part = 0; part < 2; part++) {
+            TopicPartition tp = new TopicPartition(topic, part);
+            c.attempt("describe_producers_p" + part, () -> String.valueOf(producersOf(a, tp, true)));
+        }
+        TopicPartition beyond = new TopicPartition(topic, 7);
+        c.attempt("describe_producers_unknown_partition", () -> String.valueOf(producersOf(a, beyond, true)));
 
         // Hand-built batches: a duplicate, a gap, an unknown producer.
         String t2 = c.topic("raw");
@@ -1221,12 +1233,23 @@ public class Differential {
         }
         c.put("raw_records", fmtAll(readAll(c, t2, 1, "read_uncommitted", 15000)));
         TopicPartition rp = new TopicPartition(t2, 0);
-        c.attempt("describe_producers", () -> {
-            var ps = a.describeProducers(List.of(rp)).partitionResult(rp).get(FUTURE_S, TimeUnit.SECONDS)
-                .activeProducers();
-            return "ok " + ps.size() + " producers, last sequences " + ps.stream()
-                .map(x -> String.valueOf(x.lastSequence())).sorted().collect(Collectors.toList());
-        });
+        c.attempt("describe_producers", () -> String.valueOf(producersOf(a, rp, true)));
+    }
+
+    /** What DescribeProducers says of a partition, without the producer ids (they differ). */
+    static List<String> producersOf(Admin a, TopicPartition tp, boolean withEpoch) throws Exception {
+        List<String> out = new ArrayList<>();
+        for (var x : a.describeProducers(List.of(tp)).partitionResult(tp).get(FUTURE_S, TimeUnit.SECONDS)
+                .activeProducers()) {
+            out.add("seq=" + x.lastSequence() + (withEpoch ? " epoch=" + x.producerEpoch() : "")
+                + " ts=" + rel(x.lastTimestamp())
+                + " coordinator_epoch=" + (x.coordinatorEpoch().isPresent()
+                    ? String.valueOf(x.coordinatorEpoch().getAsInt()) : "none")
+                + " txn_start=" + (x.currentTransactionStartOffset().isPresent()
+                    ? String.valueOf(x.currentTransactionStartOffset().getAsLong()) : "none"));
+        }
+        Collections.sort(out);
+        return out;
     }
 
     static void transactions(Ctx c) throws Exception {
@@ -1263,6 +1286,9 @@ public class Differential {
         c.put("open_latest_uncommitted", offsets(a, topic, 2, OffsetSpec.latest(), IsolationLevel.READ_UNCOMMITTED));
         c.put("open_read_committed", fmtAll(readAll(c, topic, 2, "read_committed", 15000)));
         c.put("describe_open", describeTxn(a, txid));
+        // Epochs apart: Kafka's transaction protocol V2 bumps them at every commit (see `zombie`).
+        TopicPartition t1 = new TopicPartition(topic, 1);
+        c.attempt("describe_producers_open", () -> String.valueOf(producersOf(a, t1, false)));
         Set<String> listed = new HashSet<>();
         for (TransactionListing tl : a.listTransactions().all().get(FUTURE_S, TimeUnit.SECONDS)) {
             if (tl.transactionalId().equals(txid)) listed.add(String.valueOf(tl.state()));
@@ -1817,6 +1843,7 @@ public class Differential {
             return ix != iy ? Integer.compare(ix, iy) : 0;
         });
         int bad = 0, ok = 0, same = 0;
+        StringBuilder unexpected = new StringBuilder(), listed = new StringBuilder();
         String la = a.path("meta").path("bootstrap").asText("A"), lb = b.path("meta").path("bootstrap").asText("B");
         System.out.println("A = " + aPath + " (" + la + ")\nB = " + bPath + " (" + lb + ")\n");
         for (String k : sorted) {
@@ -1833,22 +1860,27 @@ public class Differential {
                     break;
                 }
             }
+            // What fails is printed first: a long report is cut in the middle
+            // by whoever shows it, and the allowed lines come last.
+            StringBuilder to = hit == null ? unexpected : listed;
             if (hit == null) bad++;
             else ok++;
-            System.out.println((hit == null ? "DIFFERENT " : "allowed   ") + k
-                + (hit == null ? "" : "  [" + hit.pattern() + ": " + hit.reason() + "]"));
-            System.out.println("    A: " + va);
-            System.out.println("    B: " + vb);
+            to.append(hit == null ? "DIFFERENT " : "allowed   ").append(k)
+                .append(hit == null ? "" : "  [" + hit.pattern() + ": " + hit.reason() + "]").append('\n')
+                .append("    A: ").append(va).append('\n')
+                .append("    B: ").append(vb).append('\n');
         }
         int stale = 0;
         for (Allowed al : allowed) {
             if (!used.contains(al.pattern())) {
                 stale++;
-                System.out.println("stale allow-list entry (no such difference now): " + al.pattern());
+                unexpected.append("stale allow-list entry (no such difference now): ").append(al.pattern()).append('\n');
             }
         }
-        System.out.printf("%n%d fields equal, %d allowed differences, %d unexpected differences, %d stale entries%n",
+        System.out.print(unexpected);
+        System.out.printf("%n%d fields equal, %d allowed differences, %d unexpected differences, %d stale entries%n%n",
             same, ok, bad, stale);
+        System.out.print(listed);
         // A stale entry fails too: a fixed difference is then guarded.
         return bad == 0 && stale == 0 ? 0 : 1;
     }
