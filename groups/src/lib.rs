@@ -547,14 +547,7 @@ impl Coordinator {
         if self.lock().get(group).is_some_and(|g| !g.is_empty()) {
             return Err(GroupError::NonEmptyGroup);
         }
-        let known = self
-            .inner
-            .log
-            .group_offsets(group)
-            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
-        if known.is_empty() {
-            return Err(GroupError::GroupIdNotFound);
-        }
+        self.require_positions(group)?;
         self.inner
             .log
             .forget_group(group)
@@ -593,14 +586,7 @@ impl Coordinator {
                     .concat()
             }
             _ => {
-                let known = self
-                    .inner
-                    .log
-                    .group_offsets(group)
-                    .map_err(|_| GroupError::CoordinatorNotAvailable)?;
-                if known.is_empty() {
-                    return Err(GroupError::GroupIdNotFound);
-                }
+                self.require_positions(group)?;
                 Vec::new()
             }
         };
@@ -620,6 +606,19 @@ impl Coordinator {
             .map(|(t, p)| (t, p, Ok(())))
             .chain(refused)
             .collect())
+    }
+
+    /// A group without members exists while it has positions.
+    fn require_positions(&self, group: &str) -> Result<(), GroupError> {
+        let known = self
+            .inner
+            .log
+            .group_offsets(group)
+            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+        if known.is_empty() {
+            return Err(GroupError::GroupIdNotFound);
+        }
+        Ok(())
     }
 
     /// Members across the node now.

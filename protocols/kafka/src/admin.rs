@@ -855,16 +855,13 @@ pub(crate) fn describe_producers(
         PartitionResponse, ProducerState, TopicResponse,
     };
     use kafka_protocol::messages::ProducerId;
-    let auth = &*s.server.cx.auth;
     let log = &s.server.cx.log;
     let topics = req
         .topics
         .into_iter()
         .map(|t| {
             let name = t.name.0.to_string();
-            let allowed = auth
-                .authorize(&s.who(), Action::Subscribe, &format!("{name}/#"))
-                .allowed();
+            let allowed = crate::groups::may_read(s, &name);
             let partitions = t
                 .partition_indexes
                 .into_iter()

@@ -78,7 +78,9 @@ fn may_use(s: &Session, group: &str) -> bool {
         .allowed()
 }
 
-fn may_read(s: &Session, topic: &str) -> bool {
+/// Whether the client may read `topic` (subscribe on `topic/#` in devices
+/// mode): fetching, listing offsets, its group positions, its producers.
+pub(crate) fn may_read(s: &Session, topic: &str) -> bool {
     s.server
         .cx
         .auth

@@ -879,7 +879,6 @@ struct PartitionRead {
 
 async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal> {
     let log = &s.server.cx.log;
-    let auth = &*s.server.cx.auth;
     let max_wait = Duration::from_millis(
         u64::try_from(req.max_wait_ms)
             .unwrap_or(0)
@@ -928,9 +927,7 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
         let mut out: Vec<(String, Vec<PartitionRead>)> = Vec::new();
         let mut ends = Vec::new();
         for (name, parts) in &wanted {
-            let allowed = auth
-                .authorize(&s.who(), Action::Subscribe, &format!("{name}/#"))
-                .allowed();
+            let allowed = groups::may_read(s, name);
             let mut reads = Vec::new();
             for &(index, offset, part_max) in parts {
                 let mut read = PartitionRead {
@@ -1049,15 +1046,12 @@ const MAX_TIMESTAMP: i64 = -3;
 async fn list_offsets(s: &Session, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let log = &s.server.cx.log;
     let committed = req.isolation_level == 1;
-    let auth = &*s.server.cx.auth;
     let topics = req
         .topics
         .into_iter()
         .map(|t| {
             let name = t.name.0.to_string();
-            let allowed = auth
-                .authorize(&s.who(), Action::Subscribe, &format!("{name}/#"))
-                .allowed();
+            let allowed = groups::may_read(s, &name);
             let partitions = t
                 .partitions
                 .into_iter()
