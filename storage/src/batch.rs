@@ -533,6 +533,92 @@ pub(crate) fn walk(
     until: u64,
     mut each: impl FnMut(Record, Option<i64>) -> bool,
 ) -> Result<BatchHeader> {
+    let mut failed = None;
+    let header = walk_refs(value, base, from, until, |r, horizon| {
+        match r.to_record(partition) {
+            Ok(record) => each(record, horizon),
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(header),
+    }
+}
+
+/// A stored record read in place: its fields borrow the batch's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// Offset within the partition.
+    pub offset: u64,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    /// Key, if any.
+    pub key: Option<&'a [u8]>,
+    /// Payload; `None` is a null value.
+    pub value: Option<&'a [u8]>,
+    /// How many headers.
+    pub header_count: usize,
+    /// The headers as stored: per header, varint name length, name, varint
+    /// value length, value ([`RecordRef::headers`] reads them).
+    pub raw_headers: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    /// The headers, in order: (name, value). The batch was checked when it
+    /// was read (every length within it), so this reads what it found.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut cur = Cursor {
+            buf: self.raw_headers,
+            pos: 0,
+        };
+        (0..self.header_count).map_while(move |_| {
+            let n = cur.varint().ok()? as usize;
+            let name = cur.bytes(n).ok()?;
+            let n = cur.varint().ok()? as usize;
+            Some((name, cur.bytes(n).ok()?))
+        })
+    }
+
+    /// The payload's bytes plus the key's: what read limits count.
+    pub fn size(&self) -> usize {
+        self.value.map_or(0, <[u8]>::len) + self.key.map_or(0, <[u8]>::len)
+    }
+
+    /// An owned [`Record`] of it (header names must be UTF-8).
+    pub fn to_record(&self, partition: u32) -> Result<Record> {
+        let mut headers = Vec::with_capacity(self.header_count.min(64));
+        for (name, value) in self.headers() {
+            let name = String::from_utf8(name.to_vec()).map_err(|_| {
+                bad(format!(
+                    "record {} has a header name that is not UTF-8",
+                    self.offset
+                ))
+            })?;
+            headers.push((name, value.to_vec()));
+        }
+        Ok(Record {
+            partition,
+            offset: self.offset,
+            key: self.key.map(<[u8]>::to_vec),
+            value: self.value.map(<[u8]>::to_vec),
+            timestamp: self.timestamp,
+            headers,
+        })
+    }
+}
+
+/// [`walk`] without copying: each record borrows the batch's bytes.
+pub(crate) fn walk_refs<'a>(
+    value: &'a [u8],
+    base: u64,
+    from: u64,
+    until: u64,
+    mut each: impl FnMut(RecordRef<'a>, Option<i64>) -> bool,
+) -> Result<BatchHeader> {
     let header = decode_header(value)?;
     let nullable = value[1] != VERSION_1;
     let compacted = value[1] == VERSION_3;
@@ -576,12 +662,12 @@ pub(crate) fn walk(
         let timestamp = unzigzag(cur.varint()?);
         let key = match cur.varint()? {
             0 => None,
-            n => Some(cur.bytes(n as usize - 1)?.to_vec()),
+            n => Some(cur.bytes(n as usize - 1)?),
         };
         let value_bytes = match (nullable, cur.varint()?) {
             (true, 0) => None,
-            (true, n) => Some(cur.bytes(n as usize - 1)?.to_vec()),
-            (false, n) => Some(cur.bytes(n as usize)?.to_vec()),
+            (true, n) => Some(cur.bytes(n as usize - 1)?),
+            (false, n) => Some(cur.bytes(n as usize)?),
         };
         let horizon = match (compacted, &value_bytes) {
             (true, None) => match cur.varint()? {
@@ -590,30 +676,26 @@ pub(crate) fn walk(
             },
             _ => None,
         };
-        let hcount = cur.varint()? as usize;
-        let mut headers = Vec::with_capacity(hcount.min(64));
-        for _ in 0..hcount {
+        let header_count = cur.varint()? as usize;
+        let headers_from = cur.pos;
+        for _ in 0..header_count {
             let nlen = cur.varint()? as usize;
-            let name = String::from_utf8(cur.bytes(nlen)?.to_vec()).map_err(|_| {
-                bad(format!(
-                    "record {offset} has a header name that is not UTF-8"
-                ))
-            })?;
+            cur.bytes(nlen)?;
             let hlen = cur.varint()? as usize;
-            headers.push((name, cur.bytes(hlen)?.to_vec()));
+            cur.bytes(hlen)?;
         }
         if cur.pos != body_end {
             return Err(bad(format!(
                 "record {offset} length does not match its fields"
             )));
         }
-        let record = Record {
-            partition,
+        let record = RecordRef {
             offset,
+            timestamp,
             key,
             value: value_bytes,
-            timestamp,
-            headers,
+            header_count,
+            raw_headers: &value[headers_from..body_end],
         };
         if !each(record, horizon) {
             return Ok(header);

@@ -27,12 +27,13 @@ pub mod store;
 pub mod topic;
 pub mod util;
 
+pub use batch::RecordRef;
 pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
     validate_group, AppendOptions, CompactionInfo, Durability, Forwarded, GroupOffset, Isolation,
-    Log, LogConfig, Marker, MetaEntry, PartitionInfo, ProducerBatch, ProducerState, ReadResult,
-    TopicDefaults, TopicInfo,
+    Log, LogConfig, Marker, MetaEntry, PartitionInfo, ProducerBatch, ProducerState, ReadRange,
+    ReadResult, ReadSink, TopicDefaults, TopicInfo,
 };
 pub use stats::{StatsSnapshot, TxnEvent, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};

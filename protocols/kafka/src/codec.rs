@@ -20,7 +20,7 @@ use kafka_protocol::records::{
     Compression, Record as KafkaRecord, RecordBatchDecoder, RecordBatchEncoder,
     RecordEncodeOptions, TimestampType,
 };
-use tributary_storage::{AppendRecord, Event, ProducerBatch, Record};
+use tributary_storage::{AppendRecord, Event, ProducerBatch, Record, RecordRef};
 
 use crate::Error;
 
@@ -94,47 +94,131 @@ fn event_of(r: KafkaRecord) -> Event {
     }
 }
 
-/// Stored records and transaction markers, in offset order, as
-/// uncompressed v2 batches: runs of records as one batch each, every marker
-/// as a control batch of its own (consumers skip it and move past it).
-pub fn batches_of(
-    records: &[Record],
-    markers: &[(u64, i64, i16, tributary_storage::Marker)],
-) -> Result<Bytes, Error> {
-    if markers.is_empty() {
-        return batch_of(records);
+/// One partition's part of a Fetch answer, written as the log reads it
+/// ([`tributary_storage::Log::fetch_into`]): the records of each stored
+/// batch as one uncompressed v2 batch, straight from the stored bytes, and
+/// every transaction marker as a control batch of its own (consumers skip
+/// it and move past it).
+#[derive(Default)]
+pub struct FetchBatches {
+    /// The batches so far.
+    pub out: BytesMut,
+    /// An encoding failure: the answer is not sent (the rest of the read
+    /// is not written either).
+    pub failed: Option<Error>,
+}
+
+impl tributary_storage::ReadSink for FetchBatches {
+    fn records(
+        &mut self,
+        _partition: u32,
+        records: &[RecordRef<'_>],
+    ) -> tributary_storage::Result<()> {
+        if self.failed.is_none() {
+            self.failed = put_batch(&mut self.out, records).err();
+        }
+        Ok(())
     }
-    let mut out = BytesMut::new();
-    let mut rest = records;
-    for &(offset, producer_id, epoch, marker) in markers {
-        let cut = rest.partition_point(|r| r.offset < offset);
-        put_batch(&mut out, &rest[..cut])?;
-        rest = &rest[cut..];
-        let (key, value) = marker.record(0);
-        let control = KafkaRecord {
-            transactional: true,
-            control: true,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id,
-            producer_epoch: epoch,
-            timestamp_type: TimestampType::Creation,
-            offset: offset as i64,
-            sequence: -1,
-            timestamp: tributary_storage::util::now_ms(),
-            key: Some(Bytes::from(key)),
-            value: Some(Bytes::from(value)),
-            headers: Default::default(),
-        };
-        let options = RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        };
-        RecordBatchEncoder::encode(&mut out, &[control], &options)
-            .map_err(|e| Error::Encode(e.to_string()))?;
+
+    fn marker(
+        &mut self,
+        offset: u64,
+        producer_id: i64,
+        epoch: i16,
+        marker: tributary_storage::Marker,
+    ) -> tributary_storage::Result<()> {
+        if self.failed.is_none() {
+            self.failed = put_marker(&mut self.out, offset, producer_id, epoch, marker).err();
+        }
+        Ok(())
     }
-    put_batch(&mut out, rest)?;
-    Ok(out.freeze())
+}
+
+/// A transaction marker as a control batch of its own.
+fn put_marker(
+    out: &mut BytesMut,
+    offset: u64,
+    producer_id: i64,
+    epoch: i16,
+    marker: tributary_storage::Marker,
+) -> Result<(), Error> {
+    let (key, value) = marker.record(0);
+    let control = KafkaRecord {
+        transactional: true,
+        control: true,
+        delete_horizon: false,
+        partition_leader_epoch: 0,
+        producer_id,
+        producer_epoch: epoch,
+        timestamp_type: TimestampType::Creation,
+        offset: offset as i64,
+        sequence: -1,
+        timestamp: tributary_storage::util::now_ms(),
+        key: Some(Bytes::from(key)),
+        value: Some(Bytes::from(value)),
+        headers: Default::default(),
+    };
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression: Compression::None,
+    };
+    RecordBatchEncoder::encode(out, &[control], &options).map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// What a v2 batch is written from: a stored record, owned or read in place.
+trait Stored {
+    fn offset(&self) -> u64;
+    fn timestamp(&self) -> i64;
+    fn key(&self) -> Option<&[u8]>;
+    fn value(&self) -> Option<&[u8]>;
+    fn header_count(&self) -> usize;
+    fn each_header(&self, f: impl FnMut(&[u8], &[u8]));
+}
+
+impl Stored for Record {
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn timestamp(&self) -> i64 {
+        self.timestamp
+    }
+    fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+    fn value(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+    fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+    fn each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        for (k, v) in &self.headers {
+            f(k.as_bytes(), v);
+        }
+    }
+}
+
+impl Stored for RecordRef<'_> {
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn timestamp(&self) -> i64 {
+        self.timestamp
+    }
+    fn key(&self) -> Option<&[u8]> {
+        self.key
+    }
+    fn value(&self) -> Option<&[u8]> {
+        self.value
+    }
+    fn header_count(&self) -> usize {
+        self.header_count
+    }
+    fn each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        for (k, v) in self.headers() {
+            f(k, v);
+        }
+    }
 }
 
 /// Stored records as one uncompressed v2 batch, as a broker answers it (no
@@ -148,21 +232,21 @@ pub fn batch_of(records: &[Record]) -> Result<Bytes, Error> {
 }
 
 /// Appends `records` to `out` as one v2 batch (nothing for none).
-fn put_batch(out: &mut BytesMut, records: &[Record]) -> Result<(), Error> {
+fn put_batch<R: Stored>(out: &mut BytesMut, records: &[R]) -> Result<(), Error> {
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Ok(());
     };
     let too_far = || Error::Encode("offsets too far apart for one batch".into());
-    let base = i64::try_from(first.offset).map_err(|_| too_far())?;
-    let last_delta = i32::try_from(last.offset - first.offset).map_err(|_| too_far())?;
+    let base = i64::try_from(first.offset()).map_err(|_| too_far())?;
+    let last_delta = i32::try_from(last.offset() - first.offset()).map_err(|_| too_far())?;
     let count = i32::try_from(records.len()).map_err(|_| too_far())?;
     let (min_ts, max_ts) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
-        (lo.min(r.timestamp), hi.max(r.timestamp))
+        (lo.min(r.timestamp()), hi.max(r.timestamp()))
     });
     let bodies: usize = records
         .iter()
         .map(|r| {
-            let b = record_body_len(r, first.offset, min_ts);
+            let b = record_body_len(r, first.offset(), min_ts);
             b + varint_len(b as i64)
         })
         .sum();
@@ -183,18 +267,18 @@ fn put_batch(out: &mut BytesMut, records: &[Record]) -> Result<(), Error> {
     out.put_i32(0); // base sequence
     out.put_i32(count);
     for r in records {
-        let body = record_body_len(r, first.offset, min_ts);
+        let body = record_body_len(r, first.offset(), min_ts);
         put_varint(out, body as i64);
         out.put_i8(0); // attributes
-        put_varint(out, r.timestamp.wrapping_sub(min_ts));
-        put_varint(out, (r.offset - first.offset) as i64);
-        put_bytes(out, r.key.as_deref());
-        put_bytes(out, r.value.as_deref());
-        put_varint(out, r.headers.len() as i64);
-        for (k, v) in &r.headers {
-            put_bytes(out, Some(k.as_bytes()));
+        put_varint(out, r.timestamp().wrapping_sub(min_ts));
+        put_varint(out, (r.offset() - first.offset()) as i64);
+        put_bytes(out, r.key());
+        put_bytes(out, r.value());
+        put_varint(out, r.header_count() as i64);
+        r.each_header(|k, v| {
+            put_bytes(out, Some(k));
             put_bytes(out, Some(v));
-        }
+        });
     }
     let length = i32::try_from(out.len() - start - 12).map_err(|_| too_far())?;
     out[start + 8..start + 12].copy_from_slice(&length.to_be_bytes());
@@ -204,17 +288,16 @@ fn put_batch(out: &mut BytesMut, records: &[Record]) -> Result<(), Error> {
 }
 
 /// A record's bytes after its length field.
-fn record_body_len(r: &Record, base: u64, min_ts: i64) -> usize {
+fn record_body_len<R: Stored>(r: &R, base: u64, min_ts: i64) -> usize {
     let bytes = |b: Option<&[u8]>| b.map_or(1, |b| varint_len(b.len() as i64) + b.len());
-    1 + varint_len(r.timestamp.wrapping_sub(min_ts))
-        + varint_len((r.offset - base) as i64)
-        + bytes(r.key.as_deref())
-        + bytes(r.value.as_deref())
-        + varint_len(r.headers.len() as i64)
-        + r.headers
-            .iter()
-            .map(|(k, v)| bytes(Some(k.as_bytes())) + bytes(Some(v)))
-            .sum::<usize>()
+    let mut headers = 0;
+    r.each_header(|k, v| headers += bytes(Some(k)) + bytes(Some(v)));
+    1 + varint_len(r.timestamp().wrapping_sub(min_ts))
+        + varint_len((r.offset() - base) as i64)
+        + bytes(r.key())
+        + bytes(r.value())
+        + varint_len(r.header_count() as i64)
+        + headers
 }
 
 /// Length-prefixed bytes (−1: null).
@@ -507,5 +590,116 @@ mod tests {
             assert_eq!(ours, batch_by_kafka_protocol(&records), "round {round}");
         }
         assert!(batch_of(&[]).expect("empty").is_empty());
+    }
+
+    /// Records of each stored batch as owned records, encoded batch by batch.
+    struct Owned {
+        out: BytesMut,
+        batches: usize,
+    }
+
+    impl tributary_storage::ReadSink for Owned {
+        fn records(
+            &mut self,
+            partition: u32,
+            records: &[RecordRef<'_>],
+        ) -> tributary_storage::Result<()> {
+            let owned: Vec<Record> = records
+                .iter()
+                .map(|r| r.to_record(partition))
+                .collect::<tributary_storage::Result<_>>()?;
+            put_batch(&mut self.out, &owned).expect("encode");
+            self.batches += 1;
+            Ok(())
+        }
+
+        fn marker(
+            &mut self,
+            offset: u64,
+            producer_id: i64,
+            epoch: i16,
+            marker: tributary_storage::Marker,
+        ) -> tributary_storage::Result<()> {
+            put_marker(&mut self.out, offset, producer_id, epoch, marker).expect("encode");
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_read_in_place_are_written_as_owned_records_are() {
+        use std::sync::Arc;
+        use tributary_storage::{AppendRecord, Event, Isolation, Log, LogConfig, MemStore};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        runtime.block_on(async {
+            let log =
+                Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log");
+            for _ in 0..60 {
+                let n = 1 + (next() % 30) as usize;
+                let events: Vec<AppendRecord> = (0..n)
+                    .map(|_| {
+                        let bytes = |len: u64| (0..len).map(|i| i as u8).collect::<Vec<u8>>();
+                        let mut e = Event::new(bytes(next() % 400))
+                            .with_timestamp(1_700_000_000_000 + (next() % 100_000) as i64);
+                        if next() % 3 > 0 {
+                            e = e.with_key(bytes(next() % 40));
+                        }
+                        if next() % 5 == 0 {
+                            e.value = None;
+                        }
+                        for i in 0..next() % 3 {
+                            e = e.with_header(format!("h{i}"), bytes(next() % 20));
+                        }
+                        AppendRecord {
+                            partition: Some(0),
+                            event: e,
+                        }
+                    })
+                    .collect();
+                log.append("t", events).await.expect("append");
+            }
+            let (start, end) = log.offsets("t", 0).expect("offsets");
+            let mut in_place = FetchBatches::default();
+            let mut owned = Owned {
+                out: BytesMut::new(),
+                batches: 0,
+            };
+            let limits = (usize::MAX, usize::MAX);
+            let a = log
+                .read_into("t", 0, start, limits, Isolation::Uncommitted, &mut in_place)
+                .expect("read");
+            let b = log
+                .read_into("t", 0, start, limits, Isolation::Uncommitted, &mut owned)
+                .expect("read");
+            assert_eq!(a, b);
+            assert_eq!(a.next_offset, end);
+            assert!(in_place.failed.is_none());
+            assert!(owned.batches > 1, "several stored batches");
+            assert_eq!(in_place.out, owned.out);
+            // And a read from the middle of a batch.
+            let mid = start + (end - start) / 2 + 1;
+            let mut in_place = FetchBatches::default();
+            let mut owned = Owned {
+                out: BytesMut::new(),
+                batches: 0,
+            };
+            log.read_into("t", 0, mid, limits, Isolation::Uncommitted, &mut in_place)
+                .expect("read");
+            log.read_into("t", 0, mid, limits, Isolation::Uncommitted, &mut owned)
+                .expect("read");
+            assert_eq!(in_place.out, owned.out);
+            let first =
+                RecordBatchDecoder::decode(&mut in_place.out.clone().freeze()).expect("decode");
+            assert_eq!(first.records[0].offset as u64, mid);
+        });
     }
 }

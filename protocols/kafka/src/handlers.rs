@@ -950,35 +950,35 @@ async fn fetch(s: &Session, req: FetchRequest) -> Result<FetchResponse, Refusal>
                     continue;
                 };
                 let room = max_bytes.saturating_sub(total).min(part_max);
-                match log
-                    .fetch_isolated(
+                // Over the response's budget only when nothing was read yet:
+                // the first batch always goes (progress).
+                let records = if room > 0 || total == 0 { 10_000 } else { 0 };
+                let fetched = log
+                    .fetch_into(
                         name,
                         partition,
                         offset,
-                        (10_000, room.max(1)),
+                        (records, room.max(1)),
                         Duration::ZERO,
                         isolation,
+                        codec::FetchBatches::default(),
                     )
-                    .await
-                {
-                    Ok(r) => {
+                    .await;
+                match fetched {
+                    Ok((batches, r)) => {
+                        if let Some(e) = batches.failed {
+                            s.server.metrics.refuse_with(Refusal::EncodeFailed, &e);
+                            return Err(Refusal::Counted);
+                        }
                         read.high_watermark = r.end_offset as i64;
                         read.last_stable = r.last_stable as i64;
                         read.log_start = r.start_offset as i64;
-                        // Over the response's budget only when nothing was
-                        // read yet: the first batch always goes (progress).
-                        if room > 0 || total == 0 {
-                            read.records =
-                                codec::batches_of(&r.records, &r.markers).map_err(|e| {
-                                    s.server.metrics.refuse_with(Refusal::EncodeFailed, &e);
-                                    Refusal::Counted
-                                })?;
-                            total += read.records.len();
-                            s.server
-                                .metrics
-                                .fetched
-                                .fetch_add(r.records.len() as u64, Relaxed);
-                        }
+                        read.records = batches.out.freeze();
+                        total += read.records.len();
+                        s.server
+                            .metrics
+                            .fetched
+                            .fetch_add(r.records as u64, Relaxed);
                         if let Ok(end) = log.watch_end(name, partition) {
                             ends.push(end);
                         }

@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use crate::batch::{decode_header, decode_records, walk};
+use crate::batch::{decode_header, decode_records, walk, walk_refs, RecordRef};
 use crate::error::{Error, Result};
 use crate::event::Record;
 use crate::stats::StatsSnapshot;
@@ -111,6 +111,54 @@ pub struct ReadResult {
     /// producer, epoch, marker). Kafka's consumers are handed them (as
     /// control batches) to move past them; other readers ignore them.
     pub markers: Vec<(u64, i64, i16, Marker)>,
+}
+
+/// Where a read puts what it finds, in offset order: the records of each
+/// stored batch in its range, and the transaction markers between them.
+/// [`Log::read_isolated`] makes owned [`Record`]s of them; Kafka's fetch
+/// writes them into its answer's batches without that copy.
+pub trait ReadSink {
+    /// The records (at least one) of one stored batch that the read takes,
+    /// borrowing the batch's bytes.
+    fn records(&mut self, partition: u32, records: &[RecordRef<'_>]) -> Result<()>;
+    /// A transaction marker at `offset`: (producer, epoch, marker).
+    fn marker(&mut self, offset: u64, producer_id: i64, epoch: i16, marker: Marker) -> Result<()>;
+}
+
+/// A read's range, as [`ReadResult`] has it, for a read into a [`ReadSink`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRange {
+    /// Where the next read should start.
+    pub next_offset: u64,
+    /// First offset stored when read.
+    pub start_offset: u64,
+    /// End offset when read.
+    pub end_offset: u64,
+    /// The last stable offset when read.
+    pub last_stable: u64,
+    /// Records handed to the sink.
+    pub records: usize,
+}
+
+/// The owned reading: [`Record`]s and the markers apart.
+struct Collect {
+    records: Vec<Record>,
+    markers: Vec<(u64, i64, i16, Marker)>,
+}
+
+impl ReadSink for Collect {
+    fn records(&mut self, partition: u32, records: &[RecordRef<'_>]) -> Result<()> {
+        self.records.reserve(records.len());
+        for r in records {
+            self.records.push(r.to_record(partition)?);
+        }
+        Ok(())
+    }
+
+    fn marker(&mut self, offset: u64, producer_id: i64, epoch: i16, marker: Marker) -> Result<()> {
+        self.markers.push((offset, producer_id, epoch, marker));
+        Ok(())
+    }
 }
 
 /// Which records a read returns.
@@ -437,6 +485,40 @@ impl Log {
         max_bytes: usize,
         isolation: Isolation,
     ) -> Result<ReadResult> {
+        let mut sink = Collect {
+            records: Vec::new(),
+            markers: Vec::new(),
+        };
+        let range = self.read_into(
+            topic,
+            partition,
+            offset,
+            (max_records, max_bytes),
+            isolation,
+            &mut sink,
+        )?;
+        Ok(ReadResult {
+            records: sink.records,
+            next_offset: range.next_offset,
+            start_offset: range.start_offset,
+            end_offset: range.end_offset,
+            last_stable: range.last_stable,
+            markers: sink.markers,
+        })
+    }
+
+    /// [`Log::read_isolated`] into a [`ReadSink`]: the records are handed
+    /// over in place, batch by batch; `limits` = (records, bytes).
+    pub fn read_into(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        limits: (usize, usize),
+        isolation: Isolation,
+        sink: &mut dyn ReadSink,
+    ) -> Result<ReadRange> {
+        let (max_records, max_bytes) = limits;
         let t = self.existing(topic)?;
         let ps = t.partition(partition)?;
         let start = ps.start.load(SeqCst);
@@ -467,8 +549,7 @@ impl Log {
         if offset < start || offset > durable {
             return Err(out_of_range(start, durable));
         }
-        let mut records = Vec::new();
-        let mut markers = Vec::new();
+        let mut count = 0usize;
         let mut next = offset;
         let mut bytes = 0usize;
         let mut full = max_records == 0;
@@ -489,7 +570,7 @@ impl Log {
             let before = next;
             for (base, value) in batches {
                 if base > next {
-                    if !records.is_empty() {
+                    if count > 0 {
                         break 'reading;
                     }
                     if next < ps.start.load(SeqCst) || retries == 3 {
@@ -518,7 +599,7 @@ impl Log {
                         })
                         .map_err(|d| corruption(topic, partition, base, d))?;
                         if let Some(kind) = kind {
-                            markers.push((base, x.producer_id, x.epoch, kind));
+                            sink.marker(base, x.producer_id, x.epoch, kind)?;
                         }
                     }
                     if skip {
@@ -529,14 +610,25 @@ impl Log {
                         continue;
                     }
                 }
-                let h = walk(&value, base, partition, next, end, |r, _| {
-                    bytes += r.bytes().len() + r.key.as_ref().map_or(0, Vec::len);
+                let mut taken: Vec<RecordRef<'_>> = Vec::new();
+                let h = walk_refs(&value, base, next, end, |r, _| {
+                    bytes += r.size();
                     next = r.offset + 1;
-                    records.push(r);
-                    full = records.len() >= max_records || bytes >= max_bytes;
+                    taken.push(r);
+                    full = count + taken.len() >= max_records || bytes >= max_bytes;
                     !full
                 })
                 .map_err(|d| corruption(topic, partition, base, d))?;
+                if !taken.is_empty() {
+                    count += taken.len();
+                    // A stored record a reader cannot take (a header name
+                    // that is not UTF-8 for an owned record) is damage;
+                    // the sink's own failures pass as they are.
+                    sink.records(partition, &taken).map_err(|d| match d {
+                        Error::BadBatch(_) => corruption(topic, partition, base, d),
+                        other => other,
+                    })?;
+                }
                 if full {
                     break 'reading;
                 }
@@ -555,13 +647,12 @@ impl Log {
         if next == offset && offset < end && max_records > 0 {
             return Err(current_range());
         }
-        Ok(ReadResult {
-            records,
+        Ok(ReadRange {
             next_offset: next,
             start_offset: start,
             end_offset: durable,
             last_stable,
-            markers,
+            records: count,
         })
     }
 
@@ -692,6 +783,54 @@ impl Log {
         isolation: Isolation,
     ) -> Result<ReadResult> {
         let (max_records, max_bytes) = limits;
+        self.wait_to_read(topic, partition, offset, wait, isolation)
+            .await?;
+        let log = self.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            log.read_isolated(&topic, partition, offset, max_records, max_bytes, isolation)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// [`Log::fetch_isolated`] into a [`ReadSink`], which is handed back
+    /// with the read's range (the read runs on the blocking pool).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch_into<S: ReadSink + Send + 'static>(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        limits: (usize, usize),
+        wait: Duration,
+        isolation: Isolation,
+        mut sink: S,
+    ) -> Result<(S, ReadRange)> {
+        self.wait_to_read(topic, partition, offset, wait, isolation)
+            .await?;
+        let log = self.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let range = log.read_into(&topic, partition, offset, limits, isolation, &mut sink)?;
+            Ok((sink, range))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// Checks that `offset` is in a partition's range and, when it is at
+    /// the end or at the last stable offset (a transaction still
+    /// undecided), waits up to `wait` for the end to move (new records or a
+    /// marker).
+    async fn wait_to_read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        wait: Duration,
+        isolation: Isolation,
+    ) -> Result<()> {
         let t = self.existing(topic)?;
         let ps = t.partition(partition)?;
         let mut end_rx = ps.end.subscribe();
@@ -705,8 +844,6 @@ impl Log {
                 end,
             });
         }
-        // At the end, or at the last stable offset (a transaction still
-        // undecided): wait for the end to move (new records or a marker).
         let stable = match isolation {
             Isolation::Committed => crate::util::lock(&ps.txns).last_stable(end),
             Isolation::Uncommitted => end,
@@ -714,13 +851,7 @@ impl Log {
         if offset >= stable && !wait.is_zero() {
             let _ = tokio::time::timeout(wait, end_rx.wait_for(|&e| e > end)).await;
         }
-        let log = self.clone();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            log.read_isolated(&topic, partition, offset, max_records, max_bytes, isolation)
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+        Ok(())
     }
 
     /// Event bytes stored now, across all topics (what the disk quota counts).
