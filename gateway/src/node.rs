@@ -258,7 +258,7 @@ pub async fn start(
             .await
             .context("cannot open the upstream cursors")?;
         crate::sync_link::register_edge(&cx, &up);
-        tracing::info!(url = %config.upstream.url, edge_id = %config.upstream.edge_id, "forwarding upstream");
+        tracing::info!(urls = ?config.upstream_urls(), edge_id = %config.upstream.edge_id, "forwarding upstream");
         Some(up.spawn(shutdown.clone()))
     } else {
         None

@@ -371,6 +371,59 @@ async fn a_link_cut_mid_frame_and_a_silent_stall_are_survived() {
     assert_eq!(f.records as u64, produced);
 }
 
+/// An edge given several core URLs (`upstream.urls`) links to the next one
+/// when its link fails: here two routes (proxies) to one core, the first
+/// refusing from the start, then the second cut for good while events
+/// flow. Everything arrives exactly once, whichever route carried it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_fails_over_between_the_core_urls_it_was_given() {
+    let dir = tmp();
+    let core = start_core(&dir.path().join("core"), &[]);
+    let (first, second) = (core_proxy(&core).await, core_proxy(&core).await);
+    first.refuse(true);
+    let (url_a, url_b) = (
+        sync_url(&first.addr().to_string()),
+        sync_url(&second.addr().to_string()),
+    );
+    let edge = start_edge(
+        &dir.path().join("edge"),
+        &url_a,
+        "edge-a",
+        &[("TRIBUTARY_UPSTREAM__URLS", url_b.as_str())],
+    );
+    let c = client();
+    create_topic(&c, &edge.url, T, 2).await;
+    let before = produce_all(&edge.url, T, "before", 0, 10, 20).await;
+    wait_drained(&edge.url, Duration::from_secs(60)).await;
+    let stats = edge_sync_stats(&edge.url).await;
+    assert_eq!(stats["upstream"], url_b.as_str(), "{stats}");
+    assert_eq!(stats["upstreams"], json!([url_a, url_b]), "{stats}");
+    assert_eq!(first.bytes(), (0, 0), "the refusing route carried nothing");
+
+    // The route in use fails for good while events flow: back to the first.
+    first.refuse(false);
+    let base = edge.url.clone();
+    let producer = tokio::spawn(async move {
+        let mut n = 0;
+        for _ in 0..40 {
+            n += produce_all(&base, T, "during", n, 1, 20).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        n
+    });
+    wait_for(|| async { metric(&edge.url, "tributary_sync_acked_events_total", None).await > 400 })
+        .await;
+    second.refuse(true);
+    second.cut();
+    let during = producer.await.expect("producer");
+    wait_drained(&edge.url, Duration::from_secs(60)).await;
+    let stats = edge_sync_stats(&edge.url).await;
+    assert_eq!(stats["upstream"], url_a.as_str(), "{stats}");
+    assert!(first.bytes().0 > 0, "the first route carries the link now");
+    let f = check_topic("edge-a", &edge.url, &core.url, T).await;
+    assert_eq!(f.records as u64, before + during);
+}
+
 /// Polls `f` until it holds (60 s at most).
 async fn wait_for<F, Fut>(f: F)
 where

@@ -303,6 +303,26 @@ max_content_bytes = 4194304
 "#;
 
 /// Deep-merges `over` into `base` (tables merge, everything else replaces).
+/// A list of strings, given as a TOML array or as one comma-separated
+/// string (how an environment variable gives it).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(match Given::deserialize(de)? {
+        Given::List(l) => l,
+        Given::Commas(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {

@@ -16,6 +16,11 @@ use super::Config;
 pub struct UpstreamSection {
     /// `ws://core:8080/v1/sync` or `wss://core:8443/v1/sync`; empty: no upstream.
     pub url: String,
+    /// More nodes of the core cluster, tried in turn after `url` when a link
+    /// fails (a list, or one comma-separated string:
+    /// `TRIBUTARY_UPSTREAM__URLS=ws://a/v1/sync,ws://b/v1/sync`).
+    #[serde(deserialize_with = "super::list_or_commas")]
+    pub urls: Vec<String>,
     /// This edge's id at the core (its device id when the core uses devices).
     pub edge_id: String,
     /// Device token at the core.
@@ -84,6 +89,7 @@ impl Default for UpstreamSection {
         let d = tributary_sync::UpstreamConfig::default();
         UpstreamSection {
             url: String::new(),
+            urls: Vec::new(),
             edge_id: String::new(),
             token: None,
             ca: None,
@@ -137,14 +143,26 @@ impl Default for SyncSection {
 impl Config {
     /// Is an upstream configured (this node forwards when it runs as an edge)?
     pub fn forwards(&self) -> bool {
-        !self.upstream.url.is_empty()
+        !self.upstream.url.is_empty() || !self.upstream.urls.is_empty()
+    }
+
+    /// The core URLs an edge links to: `upstream.url`, then `upstream.urls`
+    /// (each once).
+    pub fn upstream_urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = Vec::new();
+        for u in std::iter::once(&self.upstream.url).chain(&self.upstream.urls) {
+            if !u.is_empty() && !urls.contains(u) {
+                urls.push(u.clone());
+            }
+        }
+        urls
     }
 
     /// The uploader's settings.
     pub fn upstream_config(&self) -> tributary_sync::UpstreamConfig {
         let u = &self.upstream;
         tributary_sync::UpstreamConfig {
-            url: u.url.clone(),
+            urls: self.upstream_urls(),
             edge_id: u.edge_id.clone(),
             token: u.token.clone(),
             ca: u.ca.clone(),
@@ -194,6 +212,39 @@ mod tests {
     use super::super::Mode;
     use super::*;
     use tributary_storage::Forwarded;
+
+    #[test]
+    fn an_edge_takes_several_core_urls_from_a_list_or_one_variable() {
+        let from_env = Config::from_parts(
+            "[upstream]\nedge_id = \"e\"\n",
+            env(&[(
+                "TRIBUTARY_UPSTREAM__URLS",
+                "ws://a:1/v1/sync, ws://b:2/v1/sync,ws://a:1/v1/sync",
+            )]),
+        )
+        .expect("valid");
+        assert!(from_env.forwards());
+        assert_eq!(
+            from_env.upstream_config().urls,
+            ["ws://a:1/v1/sync", "ws://b:2/v1/sync"]
+        );
+        let both = Config::from_parts(
+            "[upstream]\nurl = \"ws://a:1/v1/sync\"\nurls = [\"ws://c:3/v1/sync\"]\nedge_id = \"e\"\n",
+            env(&[]),
+        )
+        .expect("valid");
+        assert_eq!(
+            both.upstream_config().urls,
+            ["ws://a:1/v1/sync", "ws://c:3/v1/sync"]
+        );
+        let err = Config::from_parts(
+            "[upstream]\nurls = [\"ws://a/v1/sync\", \"http://b/v1/sync\"]\nedge_id = \"e\"\n",
+            env(&[]),
+        )
+        .expect_err("a bad second url")
+        .to_string();
+        assert!(err.contains("http://b/v1/sync"), "{err}");
+    }
 
     #[test]
     fn upstream_settings_are_validated_and_decide_what_is_forwarded() {

@@ -102,7 +102,7 @@ impl Uploader {
                 )))
             }
             Ok(Some(Ok(Frame::Welcome(w)))) => {
-                tracing::info!(version = w.version, url = %c.url, "sync: connected to the core");
+                tracing::info!(version = w.version, url = %self.url(), "sync: connected to the core");
                 self.inner.connected.store(true, Relaxed);
                 let mut s = Session::new(self, link, &w, session_stop.clone());
                 s.run(&mut frames, &heard, shutdown).await
@@ -134,7 +134,8 @@ impl Uploader {
 
     async fn connect(&self) -> Result<WsStream, Error> {
         let c = &self.inner.config;
-        let target = parse_url(&c.url)?;
+        let url = self.url();
+        let target = parse_url(url)?;
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| {
@@ -159,12 +160,9 @@ impl Uploader {
         let mut ws_config = WebSocketConfig::default();
         ws_config.max_message_size = Some(64 << 20);
         ws_config.max_frame_size = Some(64 << 20);
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(c.url.as_str(), stream, Some(ws_config))
-                .await
-                .map_err(|e| {
-                    Error::Link(format!("WebSocket handshake with the core failed: {e}"))
-                })?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config))
+            .await
+            .map_err(|e| Error::Link(format!("WebSocket handshake with the core failed: {e}")))?;
         Ok(ws)
     }
 }

@@ -51,7 +51,7 @@ pub use stats::TopicLag;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,8 +82,11 @@ pub struct TopicRule {
 /// The edge's `[upstream]` settings.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// `ws://host:port/v1/sync` or `wss://host:port/v1/sync`.
-    pub url: String,
+    /// The core's sync endpoints, `ws://host:port/v1/sync` or
+    /// `wss://host:port/v1/sync`: the nodes of one core cluster. The edge
+    /// links to one at a time and, when a link fails, tries the next after
+    /// the reconnect backoff.
+    pub urls: Vec<String>,
     /// This edge's id at the core (its device id in devices mode).
     pub edge_id: String,
     /// Device token at the core.
@@ -128,7 +131,7 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            url: String::new(),
+            urls: Vec::new(),
             edge_id: String::new(),
             token: None,
             ca: None,
@@ -167,9 +170,13 @@ impl UpstreamConfig {
     /// Checks the settings; every problem, naming the key.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        match parse_url(&self.url) {
-            Ok(_) => {}
-            Err(e) => errors.push(format!("`upstream.url`: {e}")),
+        if self.urls.is_empty() {
+            errors.push("`upstream.url` (or `upstream.urls`) names no core".into());
+        }
+        for url in &self.urls {
+            if let Err(e) = parse_url(url) {
+                errors.push(format!("`upstream.url`: {e}"));
+            }
         }
         if !crate::core::valid_edge_id(&self.edge_id) {
             errors.push("`upstream.edge_id` must be 1..=128 characters of [A-Za-z0-9._-]".into());
@@ -226,6 +233,8 @@ struct EdgeInner {
     acked: Mutex<HashMap<String, u64>>,
     samples: Mutex<VecDeque<(Instant, HashMap<String, u64>)>>,
     connected: AtomicBool,
+    /// Which of `config.urls` the link uses (or tries) now.
+    target: AtomicUsize,
     last_error: Mutex<Option<String>>,
     /// Records the core refused as too large: (topic, partition) → (offset,
     /// retry after, why). Lanes go around them until then.
@@ -305,6 +314,7 @@ impl Uploader {
                 acked: Mutex::new(HashMap::new()),
                 samples: Mutex::new(VecDeque::new()),
                 connected: AtomicBool::new(false),
+                target: AtomicUsize::new(0),
                 last_error: Mutex::new(None),
                 blocked: Mutex::new(HashMap::new()),
                 metrics: EdgeMetrics::default(),
@@ -342,7 +352,10 @@ impl Uploader {
                         backoff.reset();
                     }
                     let d = backoff.next_delay();
-                    tracing::warn!(reason = %why, retry_in = ?d, "sync: link to the core lost");
+                    let failed = self.url().to_owned();
+                    // The next core of the cluster, if there are several.
+                    self.inner.target.fetch_add(1, Relaxed);
+                    tracing::warn!(reason = %why, url = %failed, retry_in = ?d, next = %self.url(), "sync: link to the core lost");
                     d
                 }
             };
@@ -356,6 +369,15 @@ impl Uploader {
         }
         let _ = persister.await;
         self.persist().await;
+    }
+
+    /// The core URL the link uses now, or tries next.
+    pub fn url(&self) -> &str {
+        let urls = &self.inner.config.urls;
+        match urls.len() {
+            0 => "",
+            n => &urls[self.inner.target.load(Relaxed) % n],
+        }
     }
 
     /// Is the link up?

@@ -116,7 +116,8 @@ impl Uploader {
             .collect();
         json!({
             "role": "edge",
-            "upstream": self.inner.config.url,
+            "upstream": self.url(),
+            "upstreams": self.inner.config.urls,
             "edge_id": self.inner.config.edge_id,
             "connected": self.is_connected(),
             "last_error": lock(&self.inner.last_error).clone(),
