@@ -101,7 +101,7 @@ pub struct TxnBatch {
 }
 
 /// What a transaction marker says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Marker {
     /// The producer's transaction was aborted: its records before this are not to be read.
     Abort,
@@ -152,7 +152,7 @@ pub struct BatchHeader {
 }
 
 /// Builds one batch value.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BatchBuilder {
     buf: Vec<u8>,
     count: u32,

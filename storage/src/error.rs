@@ -5,7 +5,10 @@ use std::io;
 /// Everything that can go wrong in the log. Expected outcomes that a caller
 /// must handle (unknown topic, offset out of range) are variants too, so a front
 /// end can map each to its protocol's own error.
-#[derive(Debug, thiserror::Error)]
+///
+/// Serializable, so that an outcome applied on a cluster's leader reaches the
+/// node that asked for it (engine and I/O errors travel as their message).
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// The topic does not exist (and auto-creation is off).
     #[error("topic `{0}` does not exist")]
@@ -137,10 +140,34 @@ pub enum Error {
     Config(String),
     /// An error from sled.
     #[error("storage engine error: {0}")]
-    Engine(#[from] sled::Error),
+    Engine(
+        #[from]
+        #[serde(with = "as_message")]
+        sled::Error,
+    ),
     /// A filesystem error.
     #[error("i/o error: {0}")]
-    Io(#[from] io::Error),
+    Io(
+        #[from]
+        #[serde(with = "as_message")]
+        io::Error,
+    ),
+}
+
+/// Engine and I/O errors on the wire: their message, read back as an I/O
+/// error of kind `Other`.
+mod as_message {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<E: std::fmt::Display, S: Serializer>(e: &E, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&e.to_string())
+    }
+
+    pub fn deserialize<'de, E: From<std::io::Error>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<E, D::Error> {
+        Ok(E::from(std::io::Error::other(String::deserialize(d)?)))
+    }
 }
 
 /// Result alias for this crate.

@@ -1411,6 +1411,12 @@ impl PartitionStore for GatedPartition {
     fn insert(&self, base: u64, value: Vec<u8>) -> tributary_storage::Result<()> {
         self.inner.insert(base, value)
     }
+    fn insert_marked(&self, base: u64, value: Vec<u8>, mark: u64) -> tributary_storage::Result<()> {
+        self.inner.insert_marked(base, value, mark)
+    }
+    fn mark(&self) -> tributary_storage::Result<Option<u64>> {
+        self.inner.mark()
+    }
     fn remove(&self, base: u64) -> tributary_storage::Result<()> {
         self.inner.remove(base)
     }

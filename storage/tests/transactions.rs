@@ -161,6 +161,57 @@ async fn a_commit_is_not_readable_before_its_marker_is_durable() {
 
 /// Three aborted transactions of producer 7, each followed by a plain
 /// keyed record "kept".
+/// A crash at any write of a marker leaves the transaction either open
+/// (the marker lost: the coordinator writes it again) or decided with its
+/// marker in the log, never decided without one; written again after the
+/// crash, the marker is in the log once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_write_of_a_marker_leaves_it_whole_or_absent() {
+    for marker in [Marker::Commit, Marker::Abort] {
+        let store = MemStore::new();
+        let log = mem_log(&store, strict_config());
+        create(&log, "t", 1).await;
+        append_one(&log, "t", "before").await;
+        let first = txn_append(&log, 7, 0, &["a1", "a2"]).await;
+        store.record_writes();
+        log.write_marker("t", 0, 7, 0, marker, 0)
+            .await
+            .expect("marker")
+            .expect("written");
+        let writes = store.recorded_writes();
+        assert!(writes >= 2, "{writes} writes");
+        drop(log);
+        for n in 0..=writes {
+            let log = mem_log(&store.crashed_after(n), strict_config());
+            let (_, end) = log.offsets("t", 0).expect("offsets");
+            let (_, stable) = values(&log, Isolation::Committed);
+            let marker_kept = end == first + 3;
+            if marker_kept {
+                assert_eq!(stable, end, "crash after {n}: decided with its marker");
+            } else {
+                assert_eq!(end, first + 2, "crash after {n}");
+                assert_eq!(stable, first, "crash after {n}: still open");
+            }
+            // The coordinator writes the markers of a transaction again
+            // after a crash: once in the log, whatever the crash kept.
+            let again = log
+                .write_marker("t", 0, 7, 0, marker, 0)
+                .await
+                .expect("marker again");
+            assert_eq!(again.is_some(), !marker_kept, "crash after {n}");
+            let (_, end) = log.offsets("t", 0).expect("offsets");
+            assert_eq!(end, first + 3, "crash after {n}: one marker");
+            let (seen, stable) = values(&log, Isolation::Committed);
+            assert_eq!(stable, end);
+            let expected: &[&str] = match marker {
+                Marker::Commit => &["before", "a1", "a2"],
+                Marker::Abort => &["before"],
+            };
+            assert_eq!(seen, expected, "crash after {n}");
+        }
+    }
+}
+
 async fn three_aborts(log: &Log) {
     for round in 0..3 {
         txn_append(log, 7, round * 2, &["x", "y"]).await;

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::oneshot;
 
 use super::committer::{Appended, Command, Part};
+use super::replica::{Applied, Op, OpPart};
 use super::Log;
 use super::ProducerBatch;
 use crate::batch::{encoded_len, BatchBuilder, HEADER_LEN};
@@ -195,6 +196,27 @@ impl Log {
                 "an idempotent producer's batch is for one partition".into(),
             ));
         }
+        if let Some(r) = self.replicator() {
+            // Handed to the replicated log; the permit and the quota room
+            // are held until it is applied here.
+            let op = Op::Append {
+                topic: t.config.name.clone(),
+                parts: parts.into_iter().map(OpPart::from).collect(),
+                producer,
+                transactional,
+            };
+            let pending = r.submit(op).await?;
+            drop(_queued);
+            let applied = pending.await;
+            drop((permit, reservation));
+            let Applied::Appended { firsts, .. } = applied? else {
+                return Err(Error::Unwritable(
+                    "the replicated log answered an append with something else".into(),
+                ));
+            };
+            // Counted where it was applied.
+            return positions(placement, &partition_of_slot, &firsts);
+        }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Append {
             topic: t.clone(),
@@ -205,6 +227,7 @@ impl Log {
             _reservation: reservation,
             producer,
             transactional,
+            applied: None,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         drop(_queued);
@@ -217,13 +240,26 @@ impl Log {
                 .append_bytes
                 .fetch_add(bytes as u64, Relaxed);
         }
-        let partition_of_slot: Vec<u32> = partition_of_slot;
-        Ok(placement
-            .into_iter()
-            .map(|(slot, i)| Position {
-                partition: partition_of_slot[slot as usize],
-                offset: firsts[slot as usize] + i,
-            })
-            .collect())
+        positions(placement, &partition_of_slot, &firsts)
     }
+}
+
+/// Each event's position: its part's first offset plus its place in the part.
+fn positions(
+    placement: Vec<(u32, u64)>,
+    partition_of_slot: &[u32],
+    firsts: &[u64],
+) -> Result<Vec<Position>> {
+    placement
+        .into_iter()
+        .map(|(slot, i)| {
+            let first = firsts.get(slot as usize).ok_or_else(|| {
+                Error::Unwritable("the committer answered fewer parts than it was given".into())
+            })?;
+            Ok(Position {
+                partition: partition_of_slot[slot as usize],
+                offset: first + i,
+            })
+        })
+        .collect()
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::producers::{self, ProducerBatch, Verdict};
 use super::retention::Reservation;
-use super::state::{Shared, TopicState};
+use super::state::{PartitionState, Shared, TopicState};
 use super::txns;
 use super::{Durability, GroupOffset, MetaEntry};
 use crate::batch::{BatchBuilder, Marker, TxnBatch, HEADER_LEN};
@@ -48,6 +48,10 @@ pub(super) enum Command {
         producer: Option<ProducerBatch>,
         /// Its producer's open transaction's (see `txns`).
         transactional: bool,
+        /// The replicated log's entry it applies (see `replica`): its
+        /// records in a partition whose mark says they are stored already
+        /// are not written again.
+        applied: Option<u64>,
     },
     /// A transaction marker for one partition.
     Marker {
@@ -57,6 +61,10 @@ pub(super) enum Command {
         epoch: i16,
         marker: Marker,
         coordinator_epoch: i32,
+        /// The marker's time; `None`: now.
+        written_at: Option<i64>,
+        /// The replicated log's entry it applies (see `Append`).
+        applied: Option<u64>,
         /// The marker's offset, or `None` when the producer had no
         /// transaction open in the partition (nothing is written).
         reply: oneshot::Sender<Result<Option<u64>>>,
@@ -259,6 +267,9 @@ struct OpenBatch {
     partition: u32,
     base: u64,
     builder: Option<BatchBuilder>,
+    /// The last replicated entry whose records are all in `builder` or
+    /// sealed before it: the mark the batch is stored with.
+    mark: Option<u64>,
 }
 
 impl OpenBatch {
@@ -268,11 +279,41 @@ impl OpenBatch {
         };
         let ps = &self.topic.partitions[self.partition as usize];
         let (value, end_pos) = builder.finish(ps.next_pos.load(Relaxed));
-        ps.store.insert(self.base, value)?;
+        store_batch(ps, self.base, value, self.mark)?;
         ps.next_pos.store(end_pos, Relaxed);
         self.base = ps.next.load(Relaxed);
         Ok(())
     }
+}
+
+/// Stores a batch, with the replicated log's mark when it completes an
+/// entry (batch and mark in one atomic write).
+fn store_batch(ps: &PartitionState, base: u64, value: Vec<u8>, mark: Option<u64>) -> Result<()> {
+    match mark {
+        None => ps.store.insert(base, value),
+        Some(m) => {
+            ps.store.insert_marked(base, value, m)?;
+            ps.applied.fetch_max(m.saturating_add(1), Relaxed);
+            Ok(())
+        }
+    }
+}
+
+/// Did the partition store the records of replicated entry `index` already
+/// (a replay after a restart)?
+fn replayed(ps: &PartitionState, index: Option<u64>) -> bool {
+    index.is_some_and(|i| i < ps.applied.load(Relaxed))
+}
+
+/// One chunk holding all of `chunks` (a replicated entry's records in a
+/// partition go into one stored batch, so that its mark covers them all).
+fn merged(chunks: Vec<BatchBuilder>) -> Option<BatchBuilder> {
+    let mut chunks = chunks.into_iter();
+    let mut first = chunks.next()?;
+    for c in chunks {
+        first.append(&c);
+    }
+    Some(first)
 }
 
 fn write_cycle(
@@ -291,10 +332,22 @@ fn write_cycle(
                 parts,
                 producer,
                 transactional,
+                applied,
                 ..
             } => {
                 if topic.live.deleted.load(SeqCst) {
                     answers.push(Err(Error::UnknownTopic(topic.config.name.clone())));
+                    continue;
+                }
+                // A replay: what the partitions hold already is not written
+                // again, and nobody waits for the answer.
+                let before = parts.len();
+                parts.retain(|p| !replayed(&topic.partitions[p.partition as usize], *applied));
+                if parts.len() < before {
+                    if !parts.is_empty() {
+                        write_parts(topic, parts, *applied, batch_bytes, &mut open)?;
+                    }
+                    answers.push(Err(Error::Closed));
                     continue;
                 }
                 if let Some(b) = producer {
@@ -314,45 +367,14 @@ fn write_cycle(
                     }
                 }
                 if let (true, Some(b)) = (*transactional, producer.as_ref()) {
-                    let firsts = write_transactional(shared, topic, parts, b, &mut open)?;
+                    let firsts = write_transactional(shared, topic, parts, b, *applied, &mut open)?;
                     answers.push(Ok(Appended {
                         firsts,
                         written: true,
                     }));
                     continue;
                 }
-                let mut firsts = Vec::with_capacity(parts.len());
-                for part in parts {
-                    let ps = &topic.partitions[part.partition as usize];
-                    firsts.push(ps.next.load(Relaxed));
-                    // By partition, not by topic state: an append queued
-                    // before a topic change holds the old state, which shares
-                    // its partitions with the new one.
-                    let ob = open
-                        .entry(Arc::as_ptr(ps) as usize)
-                        .or_insert_with(|| OpenBatch {
-                            topic: topic.clone(),
-                            partition: part.partition,
-                            base: ps.next.load(Relaxed),
-                            builder: None,
-                        });
-                    // Small chunks from many producers share a batch (a memcpy);
-                    // a full chunk becomes a batch as it is.
-                    for chunk in std::mem::take(&mut part.chunks) {
-                        let count = u64::from(chunk.count());
-                        match &mut ob.builder {
-                            Some(b) if b.len() + chunk.len() - HEADER_LEN <= batch_bytes => {
-                                b.append(&chunk)
-                            }
-                            Some(_) => {
-                                ob.seal()?;
-                                ob.builder = Some(chunk);
-                            }
-                            None => ob.builder = Some(chunk),
-                        }
-                        ps.next.fetch_add(count, Relaxed);
-                    }
-                }
+                let firsts = write_parts(topic, parts, *applied, batch_bytes, &mut open)?;
                 answers.push(Ok(Appended {
                     firsts,
                     written: true,
@@ -393,10 +415,16 @@ fn write_cycle(
                 epoch,
                 marker,
                 coordinator_epoch,
+                written_at,
+                applied,
                 ..
             } => {
                 if topic.live.deleted.load(SeqCst) {
                     marks.push(Err(Error::UnknownTopic(topic.config.name.clone())));
+                    continue;
+                }
+                if replayed(&topic.partitions[*partition as usize], *applied) {
+                    marks.push(Err(Error::Closed));
                     continue;
                 }
                 // A coordinator acts on a marker once answered: durable
@@ -412,11 +440,11 @@ fn write_cycle(
                 };
                 let name = &topic.config.name;
                 let at = ps.next.load(Relaxed);
-                shared.store.put_meta(
-                    txns::OPEN,
-                    &txns::open_key(name, *partition, *producer_id, first),
-                    None,
-                )?;
+                // The abort's entry, then the marker, then the open entry
+                // goes: a crash between the marker and that last write
+                // leaves an open entry whose marker is in the log, which
+                // recovery removes (`txns::recover`); one before the marker
+                // leaves an abort entry past the end, also removed.
                 if *marker == Marker::Abort {
                     shared.store.put_meta(
                         txns::ABORTED,
@@ -425,7 +453,7 @@ fn write_cycle(
                     )?;
                     t.aborted += 1;
                 }
-                let written_at = now_ms();
+                let written_at = written_at.unwrap_or_else(now_ms);
                 remember_marker(
                     shared,
                     name,
@@ -442,7 +470,12 @@ fn write_cycle(
                     *epoch,
                     ps.next_pos.load(Relaxed),
                 );
-                ps.store.insert(at, value)?;
+                store_batch(ps, at, value, *applied)?;
+                shared.store.put_meta(
+                    txns::OPEN,
+                    &txns::open_key(name, *partition, *producer_id, first),
+                    None,
+                )?;
                 ps.next_pos.store(end_pos, Relaxed);
                 ps.next.store(at + 1, Relaxed);
                 ob.base = at + 1;
@@ -481,7 +514,52 @@ fn open_batch<'a>(
             partition,
             base: ps.next.load(Relaxed),
             builder: None,
+            mark: None,
         })
+}
+
+/// Writes an append's parts into their partitions' open batches; answers
+/// each part's first offset.
+fn write_parts(
+    topic: &Arc<TopicState>,
+    parts: &mut [Part],
+    applied: Option<u64>,
+    batch_bytes: usize,
+    open: &mut HashMap<usize, OpenBatch>,
+) -> Result<Vec<u64>> {
+    let mut firsts = Vec::with_capacity(parts.len());
+    for part in parts {
+        let ps = &topic.partitions[part.partition as usize];
+        firsts.push(ps.next.load(Relaxed));
+        // By partition, not by topic state: an append queued before a topic
+        // change holds the old state, which shares its partitions with the
+        // new one.
+        let ob = open_batch(open, topic, part.partition);
+        let mut chunks = std::mem::take(&mut part.chunks);
+        if applied.is_some() {
+            // A replicated entry's records in one stored batch: its mark
+            // then never covers a part of them.
+            chunks = merged(chunks).into_iter().collect();
+        }
+        // Small chunks from many producers share a batch (a memcpy); a full
+        // chunk becomes a batch as it is.
+        for chunk in chunks {
+            let count = u64::from(chunk.count());
+            match &mut ob.builder {
+                Some(b) if b.len() + chunk.len() - HEADER_LEN <= batch_bytes => b.append(&chunk),
+                Some(_) => {
+                    ob.seal()?;
+                    ob.builder = Some(chunk);
+                }
+                None => ob.builder = Some(chunk),
+            }
+            ps.next.fetch_add(count, Relaxed);
+        }
+        if applied.is_some() {
+            ob.mark = applied;
+        }
+    }
+    Ok(firsts)
 }
 
 /// Writes a transactional producer's batch (one part) as stored batches of
@@ -492,6 +570,7 @@ fn write_transactional(
     topic: &Arc<TopicState>,
     parts: &mut [Part],
     b: &ProducerBatch,
+    applied: Option<u64>,
     open: &mut HashMap<usize, OpenBatch>,
 ) -> Result<Vec<u64>> {
     let mut firsts = Vec::new();
@@ -522,11 +601,15 @@ fn write_transactional(
             epoch: b.epoch,
             control: false,
         };
-        for chunk in std::mem::take(&mut part.chunks) {
+        let mut chunks = std::mem::take(&mut part.chunks);
+        if applied.is_some() {
+            chunks = merged(chunks).into_iter().collect();
+        }
+        for chunk in chunks {
             let at = ps.next.load(Relaxed);
             let count = u64::from(chunk.count());
             let (value, end_pos) = chunk.finish_transactional(ps.next_pos.load(Relaxed), txn);
-            ps.store.insert(at, value)?;
+            store_batch(ps, at, value, applied)?;
             ps.next_pos.store(end_pos, Relaxed);
             ps.next.store(at + count, Relaxed);
         }

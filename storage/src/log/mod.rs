@@ -38,6 +38,7 @@ mod compaction;
 mod config;
 mod producers;
 mod recovery;
+mod replica;
 mod retention;
 mod state;
 mod txns;
@@ -47,6 +48,7 @@ pub use append::AppendOptions;
 pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 pub use producers::{ProducerBatch, ProducerState};
+pub use replica::{Applied, Op, OpPart, Pending, Replicator};
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
@@ -175,7 +177,7 @@ pub enum Isolation {
 }
 
 /// A consumer group's position in one partition.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct GroupOffset {
     /// Topic.
     pub topic: String,
@@ -191,6 +193,8 @@ pub type MetaEntry = (Vec<u8>, Option<Vec<u8>>);
 struct Inner {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Command>,
+    /// Where writes go when this log is one node's copy of a replicated log.
+    replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
     pending: Arc<Semaphore>,
     stopper: Arc<Stopper>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -270,6 +274,20 @@ impl Log {
 
     /// Creates a topic; durable when this returns.
     pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicInfo> {
+        let Some(r) = self.replicator() else {
+            return self.create_topic_here(config).await;
+        };
+        config.validate()?;
+        self.shared().check_writable()?;
+        if self.shared().topic(&config.name).is_some() {
+            return Err(Error::TopicExists(config.name));
+        }
+        let name = config.name.clone();
+        self.replicate(r, replica::Op::CreateTopic(config)).await?;
+        self.topic(&name)
+    }
+
+    async fn create_topic_here(&self, config: TopicConfig) -> Result<TopicInfo> {
         config.validate()?;
         self.shared().check_writable()?;
         let state = {
@@ -303,6 +321,27 @@ impl Log {
     /// their partitions, and keys map to partitions by the new count from
     /// now on.
     pub async fn alter_topic(&self, name: &str, change: &TopicChange) -> Result<TopicInfo> {
+        let Some(r) = self.replicator() else {
+            return self
+                .alter_topic_here(name, |old| change.applied_to(old))
+                .await;
+        };
+        self.shared().check_writable()?;
+        let old = self.existing(name)?;
+        let config = change.applied_to(&old.config)?;
+        if config == old.config {
+            return Ok(old.info());
+        }
+        self.replicate(r, replica::Op::AlterTopic(config)).await?;
+        self.topic(name)
+    }
+
+    /// Changes a topic's settings here to what `change` makes of them.
+    async fn alter_topic_here(
+        &self,
+        name: &str,
+        change: impl FnOnce(&TopicConfig) -> Result<TopicConfig>,
+    ) -> Result<TopicInfo> {
         self.shared().check_writable()?;
         let state = {
             let shared = self.shared();
@@ -311,7 +350,7 @@ impl Log {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
-            let config = change.applied_to(&old.config)?;
+            let config = change(&old.config)?;
             if config == old.config {
                 return Ok(old.info());
             }
@@ -347,6 +386,17 @@ impl Log {
     /// part way leaves either the whole topic or none of it (partitions a
     /// removed topic left behind are removed when the log opens).
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let Some(r) = self.replicator() else {
+            return self.delete_topic_here(name).await;
+        };
+        self.shared().check_writable()?;
+        self.existing(name)?;
+        self.replicate(r, replica::Op::DeleteTopic(name.to_owned()))
+            .await
+            .map(drop)
+    }
+
+    async fn delete_topic_here(&self, name: &str) -> Result<()> {
         self.shared().check_writable()?;
         let state = {
             let shared = self.shared();
@@ -918,6 +968,21 @@ impl Log {
         self.shared().check_writable()?;
         let t = self.existing(topic)?;
         t.partition(partition)?;
+        if let Some(r) = self.replicator() {
+            let op = replica::Op::Marker {
+                topic: topic.to_owned(),
+                partition,
+                producer_id,
+                epoch,
+                marker,
+                coordinator_epoch,
+                written_at: crate::util::now_ms(),
+            };
+            return match self.replicate(r, op).await? {
+                replica::Applied::Marker(at) => Ok(at),
+                other => Err(unexpected(&other)),
+            };
+        }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Marker {
             topic: t,
@@ -926,6 +991,8 @@ impl Log {
             epoch,
             marker,
             coordinator_epoch,
+            written_at: None,
+            applied: None,
             reply,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
@@ -948,6 +1015,13 @@ impl Log {
                     end,
                 });
             }
+        }
+        if let Some(r) = self.replicator() {
+            let op = replica::Op::Commit {
+                group: group.to_owned(),
+                offsets,
+            };
+            return self.replicate(r, op).await.map(drop);
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Commit {
@@ -983,13 +1057,23 @@ impl Log {
         const BLOCK: i64 = 1000;
         let mut ids = self.shared().producer_ids.lock().await;
         if ids.0 >= ids.1 {
-            let limit = ids.1 + BLOCK;
-            self.put_meta(
-                producers::ID_SPACE,
-                vec![(b"next".to_vec(), Some(limit.to_be_bytes().to_vec()))],
-            )
-            .await?;
-            ids.1 = limit;
+            if let Some(r) = self.replicator() {
+                // In a cluster the replicated log hands out the blocks, in
+                // its order: no two nodes ever get the same one.
+                let op = replica::Op::ReserveProducerIds { count: BLOCK };
+                match self.replicate(r, op).await? {
+                    replica::Applied::Reserved(from) => *ids = (from, from + BLOCK),
+                    other => return Err(unexpected(&other)),
+                }
+            } else {
+                let limit = ids.1 + BLOCK;
+                self.put_meta(
+                    producers::ID_SPACE,
+                    vec![(b"next".to_vec(), Some(limit.to_be_bytes().to_vec()))],
+                )
+                .await?;
+                ids.1 = limit;
+            }
         }
         let id = ids.0;
         ids.0 += 1;
@@ -1034,6 +1118,13 @@ impl Log {
     pub async fn forget_group(&self, group: &str) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
+        if let Some(r) = self.replicator() {
+            let op = replica::Op::ForgetGroup {
+                group: group.to_owned(),
+                partitions: None,
+            };
+            return self.replicate(r, op).await.map(drop);
+        }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::ForgetGroup {
             group: group.to_owned(),
@@ -1053,6 +1144,13 @@ impl Log {
     ) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
+        if let Some(r) = self.replicator() {
+            let op = replica::Op::ForgetGroup {
+                group: group.to_owned(),
+                partitions: Some(partitions),
+            };
+            return self.replicate(r, op).await.map(drop);
+        }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::ForgetGroup {
             group: group.to_owned(),
@@ -1074,6 +1172,13 @@ impl Log {
     pub async fn put_meta(&self, space: &str, entries: Vec<MetaEntry>) -> Result<()> {
         validate_group(space)?;
         self.shared().check_writable()?;
+        if let Some(r) = self.replicator() {
+            let op = replica::Op::Meta {
+                space: space.to_owned(),
+                entries,
+            };
+            return self.replicate(r, op).await.map(drop);
+        }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Meta {
             space: space.to_owned(),
@@ -1155,6 +1260,11 @@ fn batch_headers(
         }
     }
     Ok(())
+}
+
+/// An answer of the wrong kind from the replicated log.
+fn unexpected(applied: &replica::Applied) -> Error {
+    Error::Unwritable(format!("the replicated log answered {applied:?}"))
 }
 
 /// Group names: 1..=249 bytes, no NUL (it separates key parts on disk).

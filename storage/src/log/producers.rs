@@ -33,12 +33,28 @@ use crate::error::{Error, Result};
 pub(super) const SPACE: &str = "__producers";
 /// Metadata space of the producer id allocator.
 pub(super) const ID_SPACE: &str = "__producer_ids";
+
+/// The stored end of the last block of producer ids (`next` in
+/// [`ID_SPACE`]): 8 bytes, then in a cluster the 8-byte index of the
+/// replicated op that reserved it.
+pub(super) fn id_block(stored: Option<&[u8]>) -> (i64, Option<u64>) {
+    let Some(v) = stored else { return (0, None) };
+    let end = v
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i64::from_be_bytes);
+    let by = v
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes);
+    (end, by)
+}
 /// Batches remembered per producer and partition (Kafka's in-flight limit
 /// for idempotent producers is 5).
 pub(super) const RECENT: usize = 5;
 
 /// Who sent a batch, as an idempotent producer names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerBatch {
     /// The id the node handed out ([`crate::Log::allocate_producer_id`]).
     pub producer_id: i64,

@@ -48,6 +48,8 @@ pub(super) fn recover_partition(
         }
         None => (next, next_pos),
     };
+    let applied = handle.mark()?.map_or(0, |m| m.saturating_add(1));
+    let txns = super::txns::recover(store, handle.as_ref(), topic, id, next)?;
     Ok(PartitionState {
         id,
         store: handle,
@@ -59,7 +61,8 @@ pub(super) fn recover_partition(
         // Forwarded topics start protected: the uploader raises the mark from
         // its durable cursors before anything is sent.
         forwarded: AtomicU64::new(if forwarded { 0 } else { u64::MAX }),
-        txns: std::sync::Mutex::new(super::txns::recover(store, topic, id, next)?),
+        txns: std::sync::Mutex::new(txns),
+        applied: AtomicU64::new(applied),
         cleaner: {
             let (dirty, dirty_pos, horizon) =
                 compaction::checkpoint(store, topic, id)?.unwrap_or((start, start_pos, i64::MIN));
@@ -163,10 +166,8 @@ impl Log {
         }
         let topic_total = topics.len();
         let producer_table = recover_producers(store.as_ref(), &topics)?;
-        let id_floor = store
-            .get_meta(producers::ID_SPACE, b"next")?
-            .and_then(|v| v.try_into().ok().map(i64::from_be_bytes))
-            .unwrap_or(0);
+        let id_floor =
+            producers::id_block(store.get_meta(producers::ID_SPACE, b"next")?.as_deref()).0;
         let shared = Arc::new(Shared {
             store,
             config,
@@ -254,6 +255,7 @@ impl Log {
             inner: Arc::new(Inner {
                 shared,
                 tx,
+                replicator: std::sync::OnceLock::new(),
                 pending,
                 stopper,
                 threads: Mutex::new(threads),

@@ -36,6 +36,10 @@ pub(super) struct PartitionState {
     pub(super) cleaner: super::compaction::CleanerState,
     /// Transactions open and aborted in the partition.
     pub(super) txns: Mutex<super::txns::Txns>,
+    /// A replicated log's mark: one more than the index of the last entry
+    /// whose records in this partition are all stored (0: none). The
+    /// committer's; see `replica`.
+    pub(super) applied: AtomicU64,
 }
 
 impl PartitionState {

@@ -23,8 +23,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::batch::decode_header;
 use crate::error::Result;
-use crate::store::Store;
+use crate::store::{PartitionStore, Store};
 
 /// Metadata space of open transactions.
 pub(super) const OPEN: &str = "__txn_open";
@@ -176,11 +177,24 @@ fn parse(k: &[u8]) -> Option<(String, u32, i64, u64)> {
 /// A partition's transactions as stored, less what its recovered `end`
 /// does not hold (a crash came between an entry and its batch: such
 /// entries are removed).
-pub(super) fn recover(store: &dyn Store, topic: &str, partition: u32, end: u64) -> Result<Txns> {
+pub(super) fn recover(
+    store: &dyn Store,
+    batches: &dyn PartitionStore,
+    topic: &str,
+    partition: u32,
+    end: u64,
+) -> Result<Txns> {
     let mut txns = Txns::default();
     let (from, to) = partition_range(topic, partition);
     for (k, v) in store.meta_range(OPEN, &from, &to, usize::MAX)? {
         match parse(&k) {
+            // Its marker is in the log: the crash came before the entry's
+            // removal, the marker's last write.
+            Some((_, _, producer, first))
+                if first < end && marker_after(batches, producer, first)? =>
+            {
+                store.put_meta(OPEN, &k, None)?;
+            }
             Some((_, _, producer, first)) if first < end => {
                 let epoch = v
                     .get(..2)
@@ -204,6 +218,27 @@ pub(super) fn recover(store: &dyn Store, topic: &str, partition: u32, end: u64) 
         }
     }
     Ok(txns)
+}
+
+/// Is there a marker of `producer` in the partition at or after `first`?
+/// Read at recovery only, for the transactions left open (few).
+fn marker_after(batches: &dyn PartitionStore, producer: i64, first: u64) -> Result<bool> {
+    let mut found = batches.read(first, 1 << 20)?;
+    while let Some(&(last, _)) = found.last() {
+        for (base, value) in &found {
+            let Ok(h) = decode_header(value) else {
+                continue;
+            };
+            if *base >= first
+                && h.txn
+                    .is_some_and(|t| t.control && t.producer_id == producer)
+            {
+                return Ok(true);
+            }
+        }
+        found = batches.read_after(last, 1 << 20)?;
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -279,10 +314,12 @@ mod tests {
         assert_eq!(a.forget_below(31).expect("forget"), 1);
         assert!(!a.at(true, 9, 13, 31).expect("at"), "forgotten");
         assert!(a.at(true, 9, 45, 51).expect("at"), "kept");
-        let r = recover(&store, "t", 0, 45).expect("recover");
+        let r =
+            recover(&store, &*store.partition("t", 0).expect("p"), "t", 0, 45).expect("recover");
         assert_eq!(r.aborted, 0, "its marker is past the recovered end");
         assert!(!a.at(true, 9, 45, 51).expect("at"), "removed at recovery");
-        let r = recover(&store, "t", 1, 45).expect("recover");
+        let r =
+            recover(&store, &*store.partition("t", 1).expect("p"), "t", 1, 45).expect("recover");
         assert_eq!(r.aborted, 1, "another partition untouched");
         let k = aborted_key("t\u{e9}", 3, 9, 30);
         assert_eq!(parse(&k), Some(("t\u{e9}".to_owned(), 3, 9, 30)));

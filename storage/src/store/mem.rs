@@ -22,11 +22,14 @@ struct MemState {
     floors: BTreeMap<(String, u32), u64>,
     groups: BTreeMap<Vec<u8>, u64>,
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
+    marks: BTreeMap<(String, u32), u64>,
 }
 
 enum MemOp {
     Topic(TopicConfig),
     Insert(String, u32, u64, Vec<u8>),
+    /// An insert and the partition's new mark, as one write.
+    InsertMarked(String, u32, u64, Vec<u8>, u64),
     Remove(String, u32, u64),
     Floor(String, u32, u64),
     Group(Vec<u8>, u64),
@@ -45,6 +48,13 @@ impl MemState {
             }
             MemOp::Insert(t, p, base, v) => {
                 self.partitions.entry((t, p)).or_default().insert(base, v);
+            }
+            MemOp::InsertMarked(t, p, base, v, mark) => {
+                self.partitions
+                    .entry((t.clone(), p))
+                    .or_default()
+                    .insert(base, v);
+                self.marks.insert((t, p), mark);
             }
             MemOp::Remove(t, p, base) => {
                 if let Some(tree) = self.partitions.get_mut(&(t, p)) {
@@ -75,7 +85,10 @@ impl MemState {
                 self.groups
                     .retain(|k, _| topic_of_group_key(k) != Some(t.as_bytes()));
             }
-            MemOp::DropPartitions(t) => self.partitions.retain(|(topic, _), _| *topic != t),
+            MemOp::DropPartitions(t) => {
+                self.partitions.retain(|(topic, _), _| *topic != t);
+                self.marks.retain(|(topic, _), _| *topic != t);
+            }
         }
     }
 }
@@ -198,6 +211,7 @@ fn clone_op(op: &MemOp) -> MemOp {
     match op {
         MemOp::Topic(c) => MemOp::Topic(c.clone()),
         MemOp::Insert(t, p, b, v) => MemOp::Insert(t.clone(), *p, *b, v.clone()),
+        MemOp::InsertMarked(t, p, b, v, m) => MemOp::InsertMarked(t.clone(), *p, *b, v.clone(), *m),
         MemOp::Remove(t, p, b) => MemOp::Remove(t.clone(), *p, *b),
         MemOp::Floor(t, p, s) => MemOp::Floor(t.clone(), *p, *s),
         MemOp::Group(k, o) => MemOp::Group(k.clone(), *o),
@@ -235,6 +249,25 @@ impl PartitionStore for MemPartition {
             value,
         ));
         Ok(())
+    }
+
+    fn insert_marked(&self, base: u64, value: Vec<u8>, mark: u64) -> Result<()> {
+        self.op(MemOp::InsertMarked(
+            self.topic.clone(),
+            self.partition,
+            base,
+            value,
+            mark,
+        ));
+        Ok(())
+    }
+
+    fn mark(&self) -> Result<Option<u64>> {
+        let g = lock(&self.store.inner.0);
+        Ok(g.live
+            .marks
+            .get(&(self.topic.clone(), self.partition))
+            .copied())
     }
 
     fn remove(&self, base: u64) -> Result<()> {

@@ -37,6 +37,13 @@ pub type StoredBatch = (u64, Vec<u8>);
 pub trait PartitionStore: Send + Sync {
     /// Stores a batch (durable at the next [`Store::sync`]).
     fn insert(&self, base: u64, value: Vec<u8>) -> Result<()>;
+    /// Stores a batch and sets the partition's mark to `mark` in one atomic
+    /// write: after a crash both are there or neither is. A replicated log
+    /// marks each batch with the index of the last entry it completes, so an
+    /// entry applied again after a crash is recognized (see `log::replica`).
+    fn insert_marked(&self, base: u64, value: Vec<u8>, mark: u64) -> Result<()>;
+    /// The partition's mark, if one was ever set.
+    fn mark(&self) -> Result<Option<u64>>;
     /// Removes a batch.
     fn remove(&self, base: u64) -> Result<()>;
     /// The batch with the smallest base offset.

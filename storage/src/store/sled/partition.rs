@@ -1,7 +1,7 @@
 //! One sled partition: a tree of batches keyed by base offset, and a second
 //! tree holding the chunks of its large batches (why and how: [`SledPartition`]).
 
-use std::ops::Bound::{Excluded, Unbounded};
+use std::ops::Bound::Excluded;
 
 use crate::error::{Error, Result};
 use crate::store::keys::{be, key_offset};
@@ -45,6 +45,13 @@ pub(super) struct SledPartition {
 pub const CHUNKED_OVER: usize = 12 * 1024;
 /// Size of one chunk of a large batch.
 pub const CHUNK: usize = 8 * 1024;
+/// The partition's mark (see [`PartitionStore::insert_marked`]), in the
+/// batch tree so that a batch and its mark are one atomic sled batch. No
+/// offset key (8 bytes) starts with 0xFF, so reads, bounded below [`END`],
+/// never meet it.
+const MARK: [u8; 9] = [0xFF; 9];
+/// Above every offset key, below [`MARK`].
+const END: [u8; 1] = [0xFF];
 const STUB_MAGIC: u8 = 0x55;
 const STUB_LEN: usize = 14;
 const STUB_V2_LEN: usize = 18;
@@ -141,14 +148,23 @@ impl SledPartition {
     }
 }
 
-impl PartitionStore for SledPartition {
-    fn insert(&self, base: u64, value: Vec<u8>) -> Result<()> {
-        let old = if value.len() <= CHUNKED_OVER {
-            self.tree.insert(be(base), value)?
+impl SledPartition {
+    /// Writes a batch (its chunks first when it is large), with the mark
+    /// when given, in one atomic write of the batch tree.
+    fn put(&self, base: u64, value: Vec<u8>, mark: Option<u64>) -> Result<()> {
+        let large = value.len() > CHUNKED_OVER;
+        // What is there now: for a large value's generation, and for a
+        // marked write (a sled batch does not answer the old value).
+        let before = if large || mark.is_some() {
+            self.tree.get(be(base))?
         } else {
+            None
+        };
+        let stored = if large {
             // A rewrite in place (the cleaner) takes the next generation.
-            let before = self.tree.get(be(base))?.as_deref().and_then(stub);
             let generation = before
+                .as_deref()
+                .and_then(stub)
                 .and_then(|s| s.generation)
                 .map_or(0, |g| g.wrapping_add(1));
             let count = u32::try_from(value.len().div_ceil(CHUNK))
@@ -161,13 +177,43 @@ impl PartitionStore for SledPartition {
             for (i, chunk) in (0u32..).zip(value.chunks(CHUNK)) {
                 self.chunks.insert(new.key(base, i), chunk)?;
             }
-            self.tree.insert(be(base), new.encode())?
+            new.encode()
+        } else {
+            value
+        };
+        let old = match mark {
+            None => self.tree.insert(be(base), stored)?,
+            Some(m) => {
+                let mut b = sled::Batch::default();
+                b.insert(&be(base)[..], stored);
+                b.insert(&MARK[..], &m.to_be_bytes()[..]);
+                self.tree.apply_batch(b)?;
+                before
+            }
         };
         // What the value replaced: its chunks go, after the new stub or value.
         if let Some(old) = old.as_deref().and_then(stub) {
             self.remove_chunks(base, old)?;
         }
         Ok(())
+    }
+}
+
+impl PartitionStore for SledPartition {
+    fn insert(&self, base: u64, value: Vec<u8>) -> Result<()> {
+        self.put(base, value, None)
+    }
+
+    fn insert_marked(&self, base: u64, value: Vec<u8>, mark: u64) -> Result<()> {
+        self.put(base, value, Some(mark))
+    }
+
+    fn mark(&self) -> Result<Option<u64>> {
+        Ok(self
+            .tree
+            .get(MARK)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
     }
 
     fn remove(&self, base: u64) -> Result<()> {
@@ -180,17 +226,30 @@ impl PartitionStore for SledPartition {
     }
 
     fn first(&self) -> Result<Option<StoredBatch>> {
-        self.tree.first()?.map(|kv| self.batch(kv)).transpose()
+        self.tree
+            .range(..&END[..])
+            .next()
+            .transpose()?
+            .map(|kv| self.batch(kv))
+            .transpose()
     }
 
     fn last(&self) -> Result<Option<StoredBatch>> {
-        self.tree.last()?.map(|kv| self.batch(kv)).transpose()
+        self.tree
+            .range(..&END[..])
+            .next_back()
+            .transpose()?
+            .map(|kv| self.batch(kv))
+            .transpose()
     }
 
     fn read_after(&self, after: u64, max_bytes: usize) -> Result<Vec<StoredBatch>> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        for item in self.tree.range((Excluded(be(after)), Unbounded)) {
+        for item in self
+            .tree
+            .range::<&[u8], _>((Excluded(&be(after)[..]), Excluded(&END[..])))
+        {
             if bytes >= max_bytes && !out.is_empty() {
                 break;
             }
@@ -209,7 +268,10 @@ impl PartitionStore for SledPartition {
             bytes += b.1.len();
             out.push(b);
         }
-        for item in self.tree.range((Excluded(be(from)), Unbounded)) {
+        for item in self
+            .tree
+            .range::<&[u8], _>((Excluded(&be(from)[..]), Excluded(&END[..])))
+        {
             if bytes >= max_bytes && !out.is_empty() {
                 break;
             }

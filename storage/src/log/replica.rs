@@ -1,0 +1,446 @@
+//! The log under a replicated log (a core cluster): every write becomes an
+//! [`Op`], handed to a [`Replicator`], and each node applies the ops in the
+//! replicated log's order with [`Log::apply_all`], so that every node holds
+//! the same records at the same offsets.
+//!
+//! - **The write path stays one.** [`Log::append`], markers, offset commits,
+//!   metadata and topic changes build the same thing they queue for the
+//!   committer; with a replicator set ([`Log::replicate_with`]) they hand it
+//!   over as an [`Op`] instead, and answer with what applying it gave on this
+//!   node. Events are encoded (timestamps given) where they were produced, so
+//!   applying an op is deterministic: offsets follow from the order alone, a
+//!   marker carries its time.
+//! - **Applying again is harmless.** After a crash a node applies the ops
+//!   after the last index it recorded as applied, some of which its disk may
+//!   hold already (the engine keeps a prefix of its writes). Each stored
+//!   batch of an applied op carries, in the same atomic write, the partition's
+//!   *mark*: the index of the last op whose records in the partition are all
+//!   stored (an op's records in one partition go into one stored batch, so a
+//!   mark never covers part of them). An op whose partition's mark is at or
+//!   past its index is not written again. Everything else an op writes is
+//!   idempotent (offset commits and metadata are puts; a producer's state
+//!   entry ahead of its batch is dropped at recovery, as for a single node; a
+//!   topic created, changed or deleted is checked by name and config), given
+//!   that the applier records its index right after each topic op (see
+//!   [`Op::is_topic_change`]).
+//! - Stored batch boundaries may differ between nodes (a node packs the ops it
+//!   applies in one write cycle together); records and offsets do not.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::committer::{Appended, Command, Part};
+use super::{GroupOffset, Log, MetaEntry, ProducerBatch};
+use crate::batch::{BatchBuilder, Marker, HEADER_LEN};
+use crate::error::{Error, Result};
+use crate::topic::TopicConfig;
+
+/// One write, as the replicated log carries it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    /// Records for one topic, encoded, by partition.
+    Append {
+        /// The topic (it exists when the op is applied: creating it is an
+        /// op before this one).
+        topic: String,
+        /// Each partition's records.
+        parts: Vec<OpPart>,
+        /// An idempotent producer's batch (one part).
+        producer: Option<ProducerBatch>,
+        /// Of its producer's open transaction.
+        transactional: bool,
+    },
+    /// A transaction marker.
+    Marker {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The producer whose transaction it closes.
+        producer_id: i64,
+        /// Its epoch.
+        epoch: i16,
+        /// Commit or abort.
+        marker: Marker,
+        /// The coordinator's epoch.
+        coordinator_epoch: i32,
+        /// The marker's time (ms).
+        written_at: i64,
+    },
+    /// A consumer group's positions.
+    Commit {
+        /// Group.
+        group: String,
+        /// Positions.
+        offsets: Vec<GroupOffset>,
+    },
+    /// A group's positions removed (all, or these partitions').
+    ForgetGroup {
+        /// Group.
+        group: String,
+        /// `None`: every position of the group.
+        partitions: Option<Vec<(String, u32)>>,
+    },
+    /// Metadata written or removed.
+    Meta {
+        /// Its space.
+        space: String,
+        /// Keys and values (`None`: removed).
+        entries: Vec<MetaEntry>,
+    },
+    /// A topic created.
+    CreateTopic(TopicConfig),
+    /// A topic's settings replaced by these (partitions only grow).
+    AlterTopic(TopicConfig),
+    /// A topic deleted.
+    DeleteTopic(String),
+    /// A block of idempotent producer ids reserved: `count` ids from where
+    /// the last block ended.
+    ReserveProducerIds {
+        /// Ids in the block.
+        count: i64,
+    },
+}
+
+impl Op {
+    /// Creates, changes or deletes a topic: the applier records its index
+    /// as applied right after it, before applying the next op (applying such
+    /// an op again is safe only against the state it left).
+    pub fn is_topic_change(&self) -> bool {
+        matches!(
+            self,
+            Op::CreateTopic(_) | Op::AlterTopic(_) | Op::DeleteTopic(_)
+        )
+    }
+
+    /// Applied alone, after the ops before it are written (it reads what
+    /// they wrote).
+    fn is_serial(&self) -> bool {
+        self.is_topic_change() || matches!(self, Op::ReserveProducerIds { .. })
+    }
+}
+
+/// One partition's records in an [`Op::Append`]: encoded record chunks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpPart {
+    /// Partition.
+    pub partition: u32,
+    /// Records in `chunks`.
+    pub count: u32,
+    /// The records, in chunks as the producer's side encoded them.
+    pub chunks: Vec<BatchBuilder>,
+}
+
+/// What applying an [`Op`] gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// An append: each part's first offset; `written: false` for an
+    /// idempotent producer's duplicate.
+    Appended {
+        /// First offset of each part, in the op's order.
+        firsts: Vec<u64>,
+        /// Stored now (not a duplicate).
+        written: bool,
+    },
+    /// A marker: its offset, or `None` (no transaction open there).
+    Marker(Option<u64>),
+    /// Producer ids reserved: the block's first.
+    Reserved(i64),
+    /// Anything else.
+    Done,
+}
+
+/// An op handed over and waiting to be applied here.
+pub type Pending = Pin<Box<dyn Future<Output = Result<Applied>> + Send>>;
+
+/// The replicated log a [`Log`] hands its writes to.
+pub trait Replicator: Send + Sync + 'static {
+    /// Hands `op` over. Resolves once it is queued (ops queued one after the
+    /// other are applied in that order), with what resolves once it is
+    /// applied on this node: the outcome there, after a majority of the
+    /// cluster holds it durably.
+    fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending>> + Send + '_>>;
+}
+
+impl From<Part> for OpPart {
+    fn from(p: Part) -> OpPart {
+        OpPart {
+            partition: p.partition,
+            count: p.count,
+            chunks: p.chunks,
+        }
+    }
+}
+
+impl Log {
+    /// From now on, hands every write to `replicator` instead of writing it
+    /// here (the cluster applies it on every node, this one included, with
+    /// [`Log::apply_all`]). Set once, before the node serves anyone.
+    pub fn replicate_with(&self, replicator: Arc<dyn Replicator>) -> Result<()> {
+        self.inner
+            .replicator
+            .set(replicator)
+            .map_err(|_| Error::Config("the log has a replicator already".into()))
+    }
+
+    pub(super) fn replicator(&self) -> Option<&Arc<dyn Replicator>> {
+        self.inner.replicator.get()
+    }
+
+    /// Hands `op` to the replicator and waits for its outcome here.
+    pub(super) async fn replicate(&self, r: &Arc<dyn Replicator>, op: Op) -> Result<Applied> {
+        r.submit(op).await?.await
+    }
+
+    /// Applies entries of the replicated log, in order: `(index, op)` with
+    /// rising indexes. Ops are queued for the committer one after the other
+    /// and share its write cycles; a topic change waits for the ops before
+    /// it. Answers each op's outcome, in order. An op applied before (its
+    /// index at or below the partition's mark) is not written again; its
+    /// answer is then [`Error::Closed`] (nobody waits for it).
+    pub async fn apply_all(&self, entries: Vec<(u64, Op)>) -> Vec<Result<Applied>> {
+        let mut out: Vec<Result<Applied>> = Vec::with_capacity(entries.len());
+        let mut waiting: Vec<(usize, Waiting)> = Vec::new();
+        for (index, op) in entries {
+            if op.is_serial() {
+                for (at, w) in waiting.drain(..) {
+                    out[at] = w.outcome().await;
+                }
+                out.push(self.apply_serial(index, op).await);
+                continue;
+            }
+            out.push(Err(Error::Closed));
+            match self.queue_applied(index, op).await {
+                Ok(w) => waiting.push((out.len() - 1, w)),
+                Err(e) => {
+                    if let Some(last) = out.last_mut() {
+                        *last = Err(e);
+                    }
+                }
+            }
+        }
+        for (at, w) in waiting {
+            out[at] = w.outcome().await;
+        }
+        out
+    }
+
+    async fn apply_serial(&self, index: u64, op: Op) -> Result<Applied> {
+        match op {
+            Op::ReserveProducerIds { count } => {
+                // The block end and the index of the op that set it, in one
+                // value: applied again after a crash, the op finds its own
+                // index and answers the block it gave.
+                let stored = self
+                    .shared()
+                    .store
+                    .get_meta(super::producers::ID_SPACE, b"next")?;
+                let (end, by) = super::producers::id_block(stored.as_deref());
+                if by.is_some_and(|by| by >= index) {
+                    return Ok(Applied::Reserved(end - count));
+                }
+                let from = end;
+                let mut value = from.saturating_add(count).to_be_bytes().to_vec();
+                value.extend_from_slice(&index.to_be_bytes());
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::Meta {
+                    space: super::producers::ID_SPACE.to_owned(),
+                    entries: vec![(b"next".to_vec(), Some(value))],
+                    reply,
+                };
+                self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+                answer.await.map_err(|_| Error::Closed)??;
+                Ok(Applied::Reserved(from))
+            }
+            Op::CreateTopic(config) => self.create_topic_here(config).await.map(|_| Applied::Done),
+            Op::AlterTopic(config) => {
+                let name = config.name.clone();
+                self.alter_topic_here(&name, |old| {
+                    if config.partitions < old.partitions {
+                        return Err(Error::InvalidTopic(format!(
+                            "partitions can only be added ({} now)",
+                            old.partitions
+                        )));
+                    }
+                    config.validate()?;
+                    Ok(config.clone())
+                })
+                .await
+                .map(|_| Applied::Done)
+            }
+            Op::DeleteTopic(name) => self.delete_topic_here(&name).await.map(|_| Applied::Done),
+            _ => Err(Error::Config("not an op applied alone".into())),
+        }
+    }
+
+    /// Queues an op (not a topic change) for the committer as entry `index`.
+    async fn queue_applied(&self, index: u64, op: Op) -> Result<Waiting> {
+        let cmd_and_waiting = match op {
+            Op::Append {
+                topic,
+                parts,
+                producer,
+                transactional,
+            } => {
+                let t = self.existing(&topic)?;
+                let mut bytes = 0usize;
+                let mut events = 0u64;
+                for p in &parts {
+                    t.partition(p.partition)?;
+                    let counted: u64 = p.chunks.iter().map(|c| u64::from(c.count())).sum();
+                    if p.chunks
+                        .iter()
+                        .any(|c| c.len() < HEADER_LEN || c.count() == 0)
+                        || counted != u64::from(p.count)
+                    {
+                        return Err(Error::BadBatch(format!(
+                            "a replicated append to {topic}/{} is malformed",
+                            p.partition
+                        )));
+                    }
+                    bytes += p.chunks.iter().map(BatchBuilder::len).sum::<usize>();
+                    events += counted;
+                }
+                let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
+                let permit = self
+                    .inner
+                    .pending
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .map_err(|_| Error::Closed)?;
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::Append {
+                    topic: t.clone(),
+                    parts: parts
+                        .into_iter()
+                        .map(|p| Part {
+                            partition: p.partition,
+                            count: p.count,
+                            chunks: p.chunks,
+                        })
+                        .collect(),
+                    bytes,
+                    reply,
+                    _permit: permit,
+                    _reservation: None,
+                    producer,
+                    transactional,
+                    applied: Some(index),
+                };
+                let counts = Counts {
+                    log: self.clone(),
+                    topic: t,
+                    bytes: bytes as u64,
+                    events,
+                };
+                (cmd, Waiting::Append(answer, counts))
+            }
+            Op::Marker {
+                topic,
+                partition,
+                producer_id,
+                epoch,
+                marker,
+                coordinator_epoch,
+                written_at,
+            } => {
+                let t = self.existing(&topic)?;
+                t.partition(partition)?;
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::Marker {
+                    topic: t,
+                    partition,
+                    producer_id,
+                    epoch,
+                    marker,
+                    coordinator_epoch,
+                    written_at: Some(written_at),
+                    applied: Some(index),
+                    reply,
+                };
+                (cmd, Waiting::Marker(answer))
+            }
+            Op::Commit { group, offsets } => {
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::Commit {
+                    group,
+                    offsets,
+                    reply,
+                };
+                (cmd, Waiting::Done(answer))
+            }
+            Op::ForgetGroup { group, partitions } => {
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::ForgetGroup {
+                    group,
+                    partitions,
+                    reply,
+                };
+                (cmd, Waiting::Done(answer))
+            }
+            Op::Meta { space, entries } => {
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::Meta {
+                    space,
+                    entries,
+                    reply,
+                };
+                (cmd, Waiting::Done(answer))
+            }
+            Op::CreateTopic(_)
+            | Op::AlterTopic(_)
+            | Op::DeleteTopic(_)
+            | Op::ReserveProducerIds { .. } => {
+                return Err(Error::Config("this op is applied alone".into()))
+            }
+        };
+        let (cmd, waiting) = cmd_and_waiting;
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        Ok(waiting)
+    }
+}
+
+/// What an applied append adds to its topic's counters once written.
+struct Counts {
+    log: Log,
+    topic: Arc<super::state::TopicState>,
+    bytes: u64,
+    events: u64,
+}
+
+/// An op queued for the committer, waiting for its answer.
+enum Waiting {
+    Append(oneshot::Receiver<Result<Appended>>, Counts),
+    Marker(oneshot::Receiver<Result<Option<u64>>>),
+    Done(oneshot::Receiver<Result<()>>),
+}
+
+impl Waiting {
+    async fn outcome(self) -> Result<Applied> {
+        match self {
+            Waiting::Append(answer, c) => {
+                let Appended { firsts, written } = answer.await.map_err(|_| Error::Closed)??;
+                if written {
+                    c.topic.live.bytes.fetch_add(c.bytes, Relaxed);
+                    c.topic.live.events.fetch_add(c.events, Relaxed);
+                    let stats = &c.log.shared().stats;
+                    stats.append_bytes.fetch_add(c.bytes, Relaxed);
+                }
+                Ok(Applied::Appended { firsts, written })
+            }
+            Waiting::Marker(answer) => {
+                Ok(Applied::Marker(answer.await.map_err(|_| Error::Closed)??))
+            }
+            Waiting::Done(answer) => {
+                answer.await.map_err(|_| Error::Closed)??;
+                Ok(Applied::Done)
+            }
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The log under a replicated log: writes handed to a replicator as ops and
+//! applied in one order on several nodes leave every node with the same
+//! records at the same offsets, the same positions, metadata and producer
+//! ids; an op applied again after a crash at any write is not written
+//! twice, and none is lost.
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use tokio::sync::{mpsc, oneshot};
+use tributary_storage::{
+    AppendOptions, Applied, Error, Event, GroupOffset, Log, Marker, MemStore, Op, Pending,
+    ProducerBatch, Record, Replicator, Result, TopicChange, TopicConfig,
+};
+
+type Submitted = (Op, oneshot::Sender<Result<Applied>>);
+
+/// A replicated log in one process: ops are numbered in the order they are
+/// submitted, sent through their wire form (postcard), applied on every
+/// node in order, and answered with the first node's outcome. Every entry
+/// is kept, for the crash test.
+struct Loopback {
+    tx: mpsc::Sender<Submitted>,
+}
+
+impl Replicator for Loopback {
+    fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending>> + Send + '_>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.tx.send((op, reply)).await.map_err(|_| Error::Closed)?;
+            let pending: Pending =
+                Box::pin(async move { answer.await.map_err(|_| Error::Closed)? });
+            Ok(pending)
+        })
+    }
+}
+
+type Journal = Arc<Mutex<Vec<(u64, Op)>>>;
+
+/// Starts the loopback over `nodes` (the first one writes through it).
+fn cluster(nodes: Vec<Log>) -> Journal {
+    let journal: Journal = Arc::default();
+    let (tx, mut rx) = mpsc::channel::<Submitted>(64);
+    nodes[0]
+        .replicate_with(Arc::new(Loopback { tx }))
+        .expect("replicator");
+    let kept = journal.clone();
+    tokio::spawn(async move {
+        let mut index = 0u64;
+        while let Some(first) = rx.recv().await {
+            // What is waiting goes as one group, as a consensus library
+            // hands the state machine several committed entries at once.
+            let mut group = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                group.push(more);
+            }
+            let mut entries = Vec::new();
+            let mut replies = Vec::new();
+            for (op, reply) in group {
+                index += 1;
+                let wire = postcard::to_allocvec(&op).expect("encode");
+                let op: Op = postcard::from_bytes(&wire).expect("decode");
+                kept.lock().unwrap().push((index, op.clone()));
+                entries.push((index, op));
+                replies.push(reply);
+            }
+            let mut outcomes = Vec::new();
+            for (i, node) in nodes.iter().enumerate() {
+                let applied = apply_recorded(node, entries.clone()).await;
+                if i == 0 {
+                    outcomes = applied;
+                }
+            }
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+    });
+    journal
+}
+
+const APPLIED: &str = "test-applied";
+
+/// Applies entries as a cluster node's state machine does: in groups that
+/// end at each topic change, recording after each group the last index
+/// applied (a node restarting goes on after it).
+async fn apply_recorded(log: &Log, entries: Vec<(u64, Op)>) -> Vec<Result<Applied>> {
+    let mut out = Vec::new();
+    let mut group = Vec::new();
+    let total = entries.len();
+    for (n, (index, op)) in entries.into_iter().enumerate() {
+        let change = op.is_topic_change();
+        group.push((index, op));
+        if change || n + 1 == total {
+            out.extend(log.apply_all(std::mem::take(&mut group)).await);
+            let pointer = Op::Meta {
+                space: APPLIED.into(),
+                entries: vec![(b"index".to_vec(), Some(index.to_be_bytes().to_vec()))],
+            };
+            log.apply_all(vec![(index, pointer)])
+                .await
+                .pop()
+                .expect("one answer")
+                .expect("the pointer is stored");
+        }
+    }
+    out
+}
+
+/// The last index a node recorded as applied.
+fn applied_index(log: &Log) -> u64 {
+    log.meta_get(APPLIED, b"index")
+        .expect("meta")
+        .map_or(0, |v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
+}
+
+/// Every record of a partition, start to end (markers take offsets and are
+/// no records).
+fn partition_records(log: &Log, topic: &str, partition: u32) -> Vec<Record> {
+    let (mut at, end) = offsets(log, topic, partition);
+    let mut out = Vec::new();
+    while at < end {
+        let r = log
+            .read(topic, partition, at, 1000, usize::MAX)
+            .expect("read");
+        assert!(r.next_offset > at, "no progress at {at}");
+        at = r.next_offset;
+        out.extend(r.records);
+    }
+    out
+}
+
+/// Everything a node holds that the cluster must agree on.
+#[derive(Debug, PartialEq)]
+struct State {
+    records: BTreeMap<(String, u32), Vec<Record>>,
+    last_stable: BTreeMap<(String, u32), u64>,
+    positions: Vec<GroupOffset>,
+    meta: Vec<(Vec<u8>, Vec<u8>)>,
+    producer_ids: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The first difference between two states, readably.
+fn difference(a: &State, b: &State) -> Option<String> {
+    if a == b {
+        return None;
+    }
+    for (k, ra) in &a.records {
+        let Some(rb) = b.records.get(k) else {
+            return Some(format!("{k:?} only in the first"));
+        };
+        if ra != rb {
+            let at = ra.iter().zip(rb).position(|(x, y)| x != y);
+            return Some(format!(
+                "{k:?}: {} and {} records, first different at {at:?}: {:?} / {:?}",
+                ra.len(),
+                rb.len(),
+                at.and_then(|i| ra.get(i)),
+                at.and_then(|i| rb.get(i))
+            ));
+        }
+    }
+    Some(format!(
+        "topics {:?} / {:?}; lso {:?} / {:?}; positions {:?} / {:?}; meta {:?} / {:?}; ids {:?} / {:?}",
+        a.records.keys().collect::<Vec<_>>(),
+        b.records.keys().collect::<Vec<_>>(),
+        a.last_stable,
+        b.last_stable,
+        a.positions,
+        b.positions,
+        a.meta,
+        b.meta,
+        a.producer_ids,
+        b.producer_ids
+    ))
+}
+
+fn state(log: &Log) -> State {
+    let mut records = BTreeMap::new();
+    let mut last_stable = BTreeMap::new();
+    for t in log.topics() {
+        for p in 0..t.config.partitions {
+            let name = t.config.name.clone();
+            records.insert((name.clone(), p), partition_records(log, &name, p));
+            last_stable.insert((name.clone(), p), log.last_stable(&name, p).expect("lso"));
+        }
+    }
+    State {
+        records,
+        last_stable,
+        positions: log.group_offsets("g").expect("positions"),
+        meta: log.meta("app").expect("meta"),
+        producer_ids: log.meta("__producer_ids").expect("ids"),
+    }
+}
+
+fn producer(id: i64, seq: i32, transactional: bool) -> AppendOptions {
+    AppendOptions {
+        producer: Some(ProducerBatch {
+            producer_id: id,
+            epoch: 0,
+            first_sequence: seq,
+        }),
+        transactional,
+        ..AppendOptions::default()
+    }
+}
+
+fn keyed(partition: Option<u32>, key: &str, value: String) -> tributary_storage::AppendRecord {
+    tributary_storage::AppendRecord {
+        partition,
+        event: Event::new(value).with_key(key),
+    }
+}
+
+/// Every kind of write, through the first node, some of them at once.
+async fn workload(leader: &Log) {
+    create(leader, "t", 3).await;
+    create(leader, "gone", 1).await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let log = leader.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let records = (0..(1 + i % 4))
+                    .map(|j| keyed(None, &format!("k{w}-{j}"), format!("w{w}-{i}-{j}")))
+                    .collect();
+                log.append("t", records).await.expect("append");
+            }
+        }));
+    }
+    // An idempotent producer, with a batch sent twice: stored once.
+    let pid = leader.allocate_producer_id().await.expect("id");
+    let batch = |v: &str| vec![keyed(Some(1), "p", v.to_owned())];
+    let first = leader
+        .append_with("t", batch("p0"), producer(pid, 0, false))
+        .await
+        .expect("first");
+    let again = leader
+        .append_with("t", batch("p0"), producer(pid, 0, false))
+        .await
+        .expect("again");
+    assert_eq!(
+        first, again,
+        "a duplicate is answered with its first offset"
+    );
+    leader
+        .append_with("t", batch("p1"), producer(pid, 1, false))
+        .await
+        .expect("next");
+    // Two transactions: one commits, one aborts.
+    let (tx1, tx2) = (
+        leader.allocate_producer_id().await.expect("id"),
+        leader.allocate_producer_id().await.expect("id"),
+    );
+    assert!(tx1 != tx2 && tx1 != pid);
+    for (id, marker) in [(tx1, Marker::Commit), (tx2, Marker::Abort)] {
+        leader
+            .append_with(
+                "t",
+                vec![keyed(Some(2), "x", format!("txn {id}"))],
+                producer(id, 0, true),
+            )
+            .await
+            .expect("transactional");
+        let at = leader
+            .write_marker("t", 2, id, 0, marker, 3)
+            .await
+            .expect("marker");
+        assert!(at.is_some());
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    leader
+        .commit_offsets(
+            "g",
+            vec![GroupOffset {
+                topic: "t".into(),
+                partition: 0,
+                offset: 3,
+            }],
+        )
+        .await
+        .expect("commit");
+    leader
+        .put_meta("app", vec![(b"a".to_vec(), Some(b"1".to_vec()))])
+        .await
+        .expect("meta");
+    let change = TopicChange {
+        partitions: Some(4),
+        ..TopicChange::default()
+    };
+    leader.alter_topic("t", &change).await.expect("alter");
+    leader
+        .append(
+            "t",
+            vec![keyed(Some(3), "new", "in the new partition".into())],
+        )
+        .await
+        .expect("append to the added partition");
+    leader.delete_topic("gone").await.expect("delete");
+    create(leader, "gone", 2).await;
+    append_one(leader, "gone", "again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_applying_the_same_ops_hold_the_same_log() {
+    let stores: Vec<MemStore> = (0..3).map(|_| MemStore::new()).collect();
+    let nodes: Vec<Log> = stores.iter().map(|s| mem_log(s, config())).collect();
+    let journal = cluster(nodes.clone());
+    workload(&nodes[0]).await;
+    let leader = state(&nodes[0]);
+    assert_eq!(leader.records.len(), 4 + 2, "t has 4 partitions, gone 2");
+    let total: usize = leader.records.values().map(Vec::len).sum();
+    // 4 writers × 61 records (1, 2, 3, 4, 1, 2, … over 25 appends), 2
+    // idempotent, 1 of the committed transaction (a read skips the aborted
+    // one's), 1 in the added partition, 1 in the new `gone`.
+    assert_eq!(total, 4 * 61 + 2 + 1 + 1 + 1);
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        if let Some(d) = difference(&state(node), &leader) {
+            panic!("node {i} differs from the leader: {d}");
+        }
+    }
+    assert!(journal.lock().unwrap().len() > 100);
+    // A follower's answers are its own: it refuses nothing the leader took.
+    assert_eq!(
+        nodes[1].topic("t").expect("t").partitions.len(),
+        nodes[0].topic("t").expect("t").partitions.len()
+    );
+}
+
+/// The crash test: a node applies the whole journal while every write it
+/// makes is recorded; then, for a crash after each write in turn, a node
+/// reopened on what the disk kept applies the entries after the index it
+/// recorded, and must hold exactly what the node that did not crash holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_applied_again_after_a_crash_at_any_write_is_stored_once() {
+    // The journal of a real run.
+    let source = MemStore::new();
+    let leader = mem_log(&source, config());
+    let journal = cluster(vec![leader.clone()]);
+    workload(&leader).await;
+    let entries = journal.lock().unwrap().clone();
+    drop(leader);
+
+    let store = MemStore::new();
+    store.record_writes();
+    let node = mem_log(&store, config());
+    // In groups of a few entries, as they would be committed.
+    for group in entries.chunks(5) {
+        apply_recorded(&node, group.to_vec()).await;
+    }
+    let expected = state(&node);
+    let writes = store.recorded_writes();
+    assert!(writes > 100, "only {writes} writes");
+    drop(node);
+    for n in 0..=writes {
+        let crashed = store.crashed_after(n);
+        let reopened = mem_log(&crashed, config());
+        let from = applied_index(&reopened);
+        let rest: Vec<(u64, Op)> = entries.iter().filter(|(i, _)| *i > from).cloned().collect();
+        for group in rest.chunks(5) {
+            apply_recorded(&reopened, group.to_vec()).await;
+        }
+        if let Some(d) = difference(&state(&reopened), &expected) {
+            panic!("crash after write {n} of {writes} (applied up to {from}): {d}");
+        }
+    }
+}
+
+/// A node that applies an op a second time (its pointer lost, say) leaves
+/// its records as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_and_markers_applied_twice_are_stored_once() {
+    let store = MemStore::new();
+    let node = mem_log(&store, config());
+    node.create_topic(TopicConfig::new("t", 2))
+        .await
+        .expect("topic");
+    let events = |tag: &str| {
+        tributary_storage::Event::new(tag.to_owned())
+            .with_key("k")
+            .into()
+    };
+    let source = MemStore::new();
+    let encoder = mem_log(&source, config());
+    let journal = cluster(vec![encoder.clone()]);
+    encoder
+        .create_topic(TopicConfig::new("t", 2))
+        .await
+        .expect("topic");
+    encoder
+        .append("t", vec![events("a"), events("b")])
+        .await
+        .expect("append");
+    encoder
+        .append_with(
+            "t",
+            vec![keyed(Some(0), "x", "txn".into())],
+            producer(5, 0, true),
+        )
+        .await
+        .expect("txn");
+    encoder
+        .write_marker("t", 0, 5, 0, Marker::Commit, 0)
+        .await
+        .expect("marker");
+    let ops: Vec<(u64, Op)> = journal
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, op)| !op.is_topic_change())
+        .cloned()
+        .collect();
+    assert_eq!(ops.len(), 3);
+    let first = node.apply_all(ops.clone()).await;
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    let once = state(&node);
+    let again = node.apply_all(ops).await;
+    assert!(
+        again.iter().all(|r| matches!(r, Err(Error::Closed))),
+        "replays are not answered as written: {again:?}"
+    );
+    assert_eq!(state(&node), once);
+    // And after a reopen, from the marks on disk.
+    drop(node);
+    let reopened = mem_log(&store.crashed(), config());
+    assert_eq!(state(&reopened), once);
+}
