@@ -19,6 +19,7 @@ pub mod bench;
 pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod cluster_link;
 pub mod config;
 pub mod node;
 pub mod sync_link;

@@ -125,6 +125,26 @@ pub async fn start(
         tokio::task::spawn_blocking(move || Log::open(&log_dir, &sled, log_config)).await?;
     let log =
         opened.with_context(|| format!("cannot open the log in {}", config.data_dir.display()))?;
+    let cluster = if config.clustered() {
+        if mode != Mode::Core {
+            anyhow::bail!(
+                "`[cluster]` is set, but only cores form a cluster (run `tributary core`)"
+            );
+        }
+        let c = tributary_cluster::Cluster::start(
+            config.cluster_config(),
+            log.clone(),
+            &config.data_dir,
+        )
+        .await
+        .context("cannot start the cluster node")?;
+        tracing::info!(node = c.id(), listen = %config.cluster.listen, "cluster node started; waiting for a leader");
+        c.ready().await;
+        tracing::info!(node = c.id(), "cluster node caught up");
+        Some(c)
+    } else {
+        None
+    };
     for t in &config.topics {
         let wanted = config.topic_config(t);
         match log.create_topic(wanted.clone()).await {
@@ -267,7 +287,8 @@ pub async fn start(
         sync_core.clone(),
         shutdown.clone(),
         config.sync.max_batch_bytes,
-    );
+    )
+    .merge(crate::cluster_link::routes(cluster.clone()));
     let mut tasks = Vec::new();
     let mut mqtt_addr = None;
     let mut broker = None;
@@ -392,6 +413,9 @@ pub async fn start(
         };
         while open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(c) = &cluster {
+            c.shutdown().await;
         }
         task_log.close().await.context("final flush of the log")?;
         // Dropping the last handle joins the log's threads and releases the files.

@@ -111,9 +111,9 @@ impl Registry {
                     let mut k = vec![0u8; 32];
                     rng.fill(&mut k)
                         .map_err(|_| Error::Invalid("no system randomness".into()))?;
-                    log.put_meta(KEY_SPACE, vec![(b"hmac-sha256".to_vec(), Some(k.clone()))])
-                        .await?;
-                    k
+                    // The first key written wins: in a cluster, nodes started
+                    // at once agree on one.
+                    log.put_meta_if_absent(KEY_SPACE, b"hmac-sha256", k).await?
                 }
             },
         };

@@ -20,12 +20,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod auth;
+mod cluster;
 mod protocols;
 mod storage;
 mod sync;
 mod validate;
 
 pub use auth::{AuthMode, AuthSection};
+pub use cluster::ClusterSection;
 pub use protocols::{
     AmqpSection, BridgeSection, GroupsSection, HttpSection, KafkaSection, LimitsSection,
     MqttSection, RouteSection, TlsSection,
@@ -82,6 +84,8 @@ pub struct Config {
     pub upstream: UpstreamSection,
     /// Core: how edges' streams are received at `/v1/sync`.
     pub sync: SyncSection,
+    /// Core: this node as one of a replicated cluster.
+    pub cluster: ClusterSection,
     /// Node-wide limits across every front end.
     pub limits: LimitsSection,
     /// Connectors (`[[connectors]]`: the JSON of `POST /v1/connectors`).
@@ -107,6 +111,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             upstream: UpstreamSection::default(),
             sync: SyncSection::default(),
+            cluster: ClusterSection::default(),
             limits: LimitsSection::default(),
             connectors: Vec::new(),
             pipelines: Vec::new(),

@@ -97,6 +97,7 @@ impl Config {
     pub(super) fn validate(&self, errors: &mut Vec<String>) {
         self.validate_connectors(errors);
         self.validate_pipelines(errors);
+        self.validate_cluster(errors);
         let s = &self.storage;
         if self.data_dir.as_os_str().is_empty() {
             errors.push("`data_dir` must not be empty".into());

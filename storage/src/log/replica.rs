@@ -105,6 +105,16 @@ pub enum Op {
         /// Ids in the block.
         count: i64,
     },
+    /// A metadata value written unless the key has one: every node ends up
+    /// with the first value written (a key generated once for the cluster).
+    PutIfAbsent {
+        /// Its space.
+        space: String,
+        /// Key.
+        key: Vec<u8>,
+        /// Value, unless there is one.
+        value: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -121,7 +131,8 @@ impl Op {
     /// Applied alone, after the ops before it are written (it reads what
     /// they wrote).
     fn is_serial(&self) -> bool {
-        self.is_topic_change() || matches!(self, Op::ReserveProducerIds { .. })
+        self.is_topic_change()
+            || matches!(self, Op::ReserveProducerIds { .. } | Op::PutIfAbsent { .. })
     }
 }
 
@@ -151,6 +162,8 @@ pub enum Applied {
     Marker(Option<u64>),
     /// Producer ids reserved: the block's first.
     Reserved(i64),
+    /// The value a key holds.
+    Value(Vec<u8>),
     /// Anything else.
     Done,
 }
@@ -232,6 +245,10 @@ impl Log {
 
     async fn apply_serial(&self, index: u64, op: Op) -> Result<Applied> {
         match op {
+            Op::PutIfAbsent { space, key, value } => self
+                .put_if_absent_here(&space, key, value)
+                .await
+                .map(Applied::Value),
             Op::ReserveProducerIds { count } => {
                 // The block end and the index of the op that set it, in one
                 // value: applied again after a crash, the op finds its own
@@ -276,6 +293,51 @@ impl Log {
             Op::DeleteTopic(name) => self.delete_topic_here(&name).await.map(|_| Applied::Done),
             _ => Err(Error::Config("not an op applied alone".into())),
         }
+    }
+
+    /// Writes `value` under `key` unless it has one; answers the value it
+    /// holds then. In a cluster every node gets the first value written.
+    pub async fn put_meta_if_absent(
+        &self,
+        space: &str,
+        key: &[u8],
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        super::validate_group(space)?;
+        let Some(r) = self.replicator() else {
+            return self.put_if_absent_here(space, key.to_vec(), value).await;
+        };
+        let op = Op::PutIfAbsent {
+            space: space.to_owned(),
+            key: key.to_vec(),
+            value,
+        };
+        match self.replicate(r, op).await? {
+            Applied::Value(v) => Ok(v),
+            other => Err(Error::Unwritable(format!(
+                "the replicated log answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn put_if_absent_here(
+        &self,
+        space: &str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        if let Some(v) = self.shared().store.get_meta(space, &key)? {
+            return Ok(v);
+        }
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Meta {
+            space: space.to_owned(),
+            entries: vec![(key, Some(value.clone()))],
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)??;
+        Ok(value)
     }
 
     /// Queues an op (not a topic change) for the committer as entry `index`.
@@ -396,7 +458,8 @@ impl Log {
             Op::CreateTopic(_)
             | Op::AlterTopic(_)
             | Op::DeleteTopic(_)
-            | Op::ReserveProducerIds { .. } => {
+            | Op::ReserveProducerIds { .. }
+            | Op::PutIfAbsent { .. } => {
                 return Err(Error::Config("this op is applied alone".into()))
             }
         };

@@ -1,0 +1,453 @@
+//! The core cluster: nodes of the same binary holding the same log, as one
+//! Raft group (openraft 0.9) whose entries are the log's writes.
+//!
+//! - **One write path.** The node's [`Log`] hands every write (an append of
+//!   any front end, a marker, an offset commit, metadata, a topic change) to
+//!   the cluster as an [`Op`] ([`Log::replicate_with`]). The leader proposes
+//!   it; a follower forwards it to the leader (pipelined, in order). It is
+//!   acknowledged once a majority of voters hold it on disk and the node
+//!   that took it applied it: offsets come from the one order of the Raft
+//!   log, the same on every node.
+//! - **Every node applies every entry** to its own log in that order
+//!   ([`state_machine`]); reads on any node see only applied, so committed,
+//!   records, identical at the same offsets everywhere.
+//! - **Forming.** Nodes started with the same `peers` initialize the group
+//!   with those voters themselves (openraft allows the same initial
+//!   membership on every node); a node already initialized ignores it.
+//! - **Not yet:** snapshots (the Raft log is kept whole: a node far behind
+//!   or wiped catches up from it), membership changes while running, the
+//!   coordinators of Kafka groups and transactions and the sync receiver's
+//!   state on followers (they run where the client is connected and read
+//!   the replicated metadata at start).
+
+#![warn(missing_docs)]
+// openraft's storage traits return its `StorageError` (over 200 bytes); the
+// helpers that build one return it too.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Config, ServerState};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tributary_storage::{Applied, Error, Log, Op, Pending, Replicator};
+
+use network::{unavailable, Forwarder, Submit};
+use types::{NodeId, Raft, Request};
+
+/// A cluster node's settings (`[cluster]`).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's id (≥ 1), one of `peers`.
+    pub node_id: NodeId,
+    /// Where this node listens for the others (`host:port`).
+    pub listen: String,
+    /// Every voter, this node included: id → `host:port` of its `listen`.
+    pub peers: BTreeMap<NodeId, String>,
+    /// The leader's heartbeat period.
+    pub heartbeat: Duration,
+    /// A follower that heard no leader for this long (up to twice it)
+    /// starts an election.
+    pub election_timeout: Duration,
+    /// A write not acknowledged by a majority within this long fails (its
+    /// outcome is then unknown, as for any timed-out write).
+    pub write_timeout: Duration,
+}
+
+/// Why a cluster node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A setting is wrong.
+    #[error("cluster config: {0}")]
+    Config(String),
+    /// The Raft log's files.
+    #[error("cluster storage: {0}")]
+    Storage(String),
+    /// The node-to-node port.
+    #[error("cluster listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+}
+
+/// A write waiting for the proposer.
+struct Proposal {
+    op: Op,
+    answer: oneshot::Sender<Result<(Applied, u64), Error>>,
+}
+
+/// A running cluster node.
+pub struct Cluster {
+    id: NodeId,
+    raft: Raft,
+    config: ClusterConfig,
+    queue: mpsc::Sender<Proposal>,
+    applied: watch::Receiver<u64>,
+    forwarder: Mutex<Option<(NodeId, Arc<Forwarder>)>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    leader_changes: std::sync::atomic::AtomicU64,
+}
+
+/// One node as the cluster status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Its id.
+    pub id: NodeId,
+    /// `leader`, `follower` (as far as this node knows).
+    pub role: &'static str,
+    /// Its node-to-node address.
+    pub address: String,
+    /// On the leader: the last index it holds (`null` elsewhere).
+    pub match_index: Option<u64>,
+    /// On the leader: entries it is behind the leader's log.
+    pub lag: Option<u64>,
+}
+
+/// What `GET /v1/cluster` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub node_id: NodeId,
+    /// Its role now: `leader`, `follower`, `candidate`, `learner`.
+    pub role: &'static str,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// The current term.
+    pub term: u64,
+    /// Its last log index.
+    pub last_log_index: Option<u64>,
+    /// The last index applied to its log.
+    pub applied_index: Option<u64>,
+    /// Times this node saw the leader change since it started.
+    pub leader_changes: u64,
+    /// Every voter.
+    pub nodes: Vec<NodeStatus>,
+}
+
+fn role(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Cluster {
+    /// Starts this node: opens the Raft log in `dir`, applies what is
+    /// committed to `log`, joins the others, and from then on takes `log`'s
+    /// writes.
+    pub async fn start(
+        config: ClusterConfig,
+        log: Log,
+        dir: &Path,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        if !config.peers.contains_key(&config.node_id) {
+            return Err(ClusterError::Config(format!(
+                "`cluster.node_id` {} is not in `cluster.peers`",
+                config.node_id
+            )));
+        }
+        let heartbeat = config.heartbeat.as_millis() as u64;
+        let election = config.election_timeout.as_millis() as u64;
+        let raft_config = Config {
+            cluster_name: "tributary".into(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_payload_entries: 256,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let store = log_store::LogStore::open(&dir.join("raft"))
+            .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let sm = state_machine::StateMachine::open(log.clone())
+            .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let applied = sm.applied_index();
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network::Network,
+            store,
+            sm,
+        )
+        .await
+        .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| ClusterError::Listen(config.listen.clone(), e))?;
+        let (queue, rx) = mpsc::channel(1024);
+        let cluster = Arc::new(Cluster {
+            id: config.node_id,
+            raft: raft.clone(),
+            config: config.clone(),
+            queue,
+            applied,
+            forwarder: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            leader_changes: std::sync::atomic::AtomicU64::new(0),
+        });
+        let tasks = vec![
+            tokio::spawn(network::serve(listener, raft.clone(), cluster.clone())),
+            tokio::spawn(propose(cluster.clone(), rx)),
+            tokio::spawn(count_leader_changes(cluster.clone())),
+        ];
+        *lock(&cluster.tasks) = tasks;
+        let members: BTreeMap<NodeId, BasicNode> = config
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(node = config.node_id, "cluster: initialized with its peers"),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(ClusterError::Config(e.to_string())),
+        }
+        log.replicate_with(Arc::new(Replicating(cluster.clone())))
+            .map_err(|e| ClusterError::Config(e.to_string()))?;
+        Ok(cluster)
+    }
+
+    /// Waits until a leader is known and this node has applied what it
+    /// held then: a node serves nobody before it has caught up.
+    pub async fn ready(&self) {
+        let mut metrics = self.raft.metrics();
+        let mut target: Option<Option<u64>> = None;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.current_leader.is_some() {
+                    // What it held when the leader was known (entries the
+                    // leader drops meanwhile lower it).
+                    let t = target.get_or_insert(m.last_log_index);
+                    *t = (*t).min(m.last_log_index);
+                    if m.last_applied.map(|l| l.index) >= *t {
+                        return;
+                    }
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The status as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let last = m.last_log_index;
+        let replication = m.replication.clone().unwrap_or_default();
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let nodes = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| {
+                let matched = replication.get(id).map(|l| l.map_or(0, |l| l.index + 1));
+                let matched = if *id == self.id && m.state == ServerState::Leader {
+                    last.map(|l| l + 1)
+                } else {
+                    matched
+                };
+                NodeStatus {
+                    id: *id,
+                    role: if Some(*id) == m.current_leader {
+                        "leader"
+                    } else if voters.contains(id) {
+                        "follower"
+                    } else {
+                        "learner"
+                    },
+                    address: node.addr.clone(),
+                    match_index: matched.map(|i| i.saturating_sub(1)),
+                    lag: matched.zip(last).map(|(mi, l)| (l + 1).saturating_sub(mi)),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.id,
+            role: role(m.state),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: last,
+            applied_index: m.last_applied.map(|l| l.index),
+            leader_changes: self
+                .leader_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            nodes,
+        }
+    }
+
+    /// Stops the node's Raft and its tasks.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// The leader, waiting up to a few election timeouts for one.
+    async fn leader(&self) -> Option<NodeId> {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + self.config.election_timeout * 4;
+        loop {
+            if let Some(l) = metrics.borrow_and_update().current_leader {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// The pipelined link to `leader`, opened when needed.
+    fn forwarder(&self, leader: NodeId) -> Option<Arc<Forwarder>> {
+        let mut f = lock(&self.forwarder);
+        if let Some((id, fwd)) = f.as_ref() {
+            if *id == leader && !fwd.is_closed() {
+                return Some(fwd.clone());
+            }
+        }
+        let addr = self.config.peers.get(&leader)?.clone();
+        let fwd = Arc::new(Forwarder::start(addr, 256));
+        *f = Some((leader, fwd.clone()));
+        Some(fwd)
+    }
+
+    /// Proposes `op` as the leader: resolves once handed to Raft, with what
+    /// resolves once it is applied here.
+    async fn propose_here(
+        &self,
+        op: Op,
+    ) -> Result<oneshot::Receiver<Result<(Applied, u64), Error>>, Error> {
+        let responder = self
+            .raft
+            .client_write_ff(Request(op))
+            .await
+            .map_err(|e| unavailable(&e.to_string()))?;
+        let (answer, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let r = match responder.await {
+                Ok(Ok(resp)) => resp.data.0.map(|a| (a, resp.log_id.index)),
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) => {
+                    Err(unavailable("this node stopped being the leader"))
+                }
+                Ok(Err(e)) => Err(unavailable(&e.to_string())),
+                Err(_) => Err(unavailable("the node is shutting down")),
+            };
+            let _ = answer.send(r);
+        });
+        Ok(rx)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Hands each queued write, in order, to Raft (on the leader) or to the
+/// leader (on a follower).
+async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
+    while let Some(Proposal { op, answer }) = rx.recv().await {
+        let queued = match cluster.leader().await {
+            Some(l) if l == cluster.id => cluster.propose_here(op).await,
+            Some(l) => match cluster.forwarder(l) {
+                Some(f) => f.send(op).await,
+                None => Err(unavailable(&format!(
+                    "the leader {l} is not among the peers"
+                ))),
+            },
+            None => Err(unavailable("no leader is elected")),
+        };
+        match queued {
+            Ok(rx) => {
+                tokio::spawn(async move {
+                    let r = rx
+                        .await
+                        .unwrap_or_else(|_| Err(unavailable("the write was dropped")));
+                    let _ = answer.send(r);
+                });
+            }
+            Err(e) => {
+                let _ = answer.send(Err(e));
+            }
+        }
+    }
+}
+
+async fn count_leader_changes(cluster: Arc<Cluster>) {
+    let mut metrics = cluster.raft.metrics();
+    let mut last = metrics.borrow().current_leader;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow().current_leader;
+        if now != last && now.is_some() {
+            cluster
+                .leader_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(leader = ?now, term = metrics.borrow().current_term, "cluster: leader");
+        }
+        last = now;
+    }
+}
+
+impl Submit for Cluster {
+    async fn submit_as_leader(&self, op: Op) -> Result<network::Applying, Error> {
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Err(unavailable("this node is not the leader"));
+        }
+        let rx = self.propose_here(op).await?;
+        Ok(Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(unavailable("the write was dropped")))
+        }))
+    }
+}
+
+/// The log's replicator: writes go to the proposer.
+struct Replicating(Arc<Cluster>);
+
+impl Replicator for Replicating {
+    fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, Error>> + Send + '_>> {
+        Box::pin(async move {
+            let (answer, rx) = oneshot::channel();
+            self.0
+                .queue
+                .send(Proposal { op, answer })
+                .await
+                .map_err(|_| unavailable("the node is shutting down"))?;
+            let mut applied = self.0.applied.clone();
+            let timeout = self.0.config.write_timeout;
+            let pending: Pending = Box::pin(async move {
+                let (outcome, index) = tokio::time::timeout(timeout, rx)
+                    .await
+                    .map_err(|_| unavailable("no majority acknowledged the write in time"))?
+                    .unwrap_or_else(|_| Err(unavailable("the write was dropped")))?;
+                // Readers on this node see it once it is applied here too.
+                let _ = tokio::time::timeout(timeout, applied.wait_for(|i| *i >= index)).await;
+                Ok(outcome)
+            });
+            Ok(pending)
+        })
+    }
+}

@@ -1,0 +1,389 @@
+//! Node to node: TCP on `cluster.listen`, postcard frames (a 4-byte
+//! big-endian length, then the message; at most [`MAX_FRAME`] bytes).
+//!
+//! - Raft's own calls (append entries, vote) go one at a time on a
+//!   connection per replication stream, each under openraft's deadline.
+//! - Writes a follower forwards to the leader go on one connection per
+//!   leader, pipelined: requests are written as they come, answers come back
+//!   in the same order, so a client's writes stay in its order.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tributary_storage::{Applied, Error, Op};
+
+use crate::types::{NodeId, Raft, TypeConfig};
+
+/// The largest message between nodes (a batch of entries or a forwarded
+/// write; writes are bounded far below by the front ends' limits).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// A message to a node.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Rpc {
+    /// Raft: entries (or a heartbeat).
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// Raft: a vote.
+    Vote(VoteRequest<NodeId>),
+    /// A write forwarded to the leader.
+    Forward(Op),
+}
+
+/// Its answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// To [`Rpc::Append`].
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`Rpc::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`Rpc::Forward`]: what applying it gave, and its index.
+    Forward(Result<(Applied, u64), Error>),
+}
+
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> io::Result<()> {
+    let bytes = postcard::to_allocvec(msg).map_err(io::Error::other)?;
+    if bytes.len() > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "a message of {} bytes is over the {MAX_FRAME}-byte limit",
+            bytes.len()
+        )));
+    }
+    w.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a message of {len} bytes is over the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    postcard::from_bytes(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One request at a time to a node, over a connection kept between calls.
+pub struct Peer {
+    addr: String,
+    conn: Mutex<Option<TcpStream>>,
+}
+
+impl Peer {
+    /// A peer at `addr` (`host:port`); connects on the first call.
+    pub fn new(addr: String) -> Peer {
+        Peer {
+            addr,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// Sends `rpc` and waits for its reply, at most `deadline` in all.
+    pub async fn call(&self, rpc: &Rpc, deadline: Duration) -> io::Result<Reply> {
+        let mut conn = self.conn.lock().await;
+        let result = tokio::time::timeout(deadline, async {
+            if conn.is_none() {
+                let s = TcpStream::connect(&self.addr).await?;
+                let _ = s.set_nodelay(true);
+                *conn = Some(s);
+            }
+            let s = conn
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no connection"))?;
+            write_frame(s, rpc).await?;
+            read_frame(s).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")));
+        if result.is_err() {
+            // Its state is unknown: the next call starts afresh.
+            *conn = None;
+        }
+        result
+    }
+}
+
+/// Connects openraft's replication streams.
+pub struct Network;
+
+/// A replication stream's client.
+pub struct PeerClient {
+    target: NodeId,
+    peer: Peer,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            peer: Peer::new(node.addr.clone()),
+        }
+    }
+}
+
+fn rpc_error<E: std::error::Error>(e: io::Error) -> RPCError<NodeId, BasicNode, E> {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&io::Error::other(
+        "a node answered with the wrong kind of message",
+    )))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.peer.call(&Rpc::Append(rpc), option.hard_ttl()).await {
+            Ok(Reply::Append(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.peer.call(&Rpc::Vote(rpc), option.hard_ttl()).await {
+            Ok(Reply::Vote(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, openraft::error::InstallSnapshotError>>,
+    > {
+        Err(RPCError::Network(NetworkError::new(&io::Error::other(
+            "snapshots are not sent: the Raft log is kept whole",
+        ))))
+    }
+}
+
+type Answer = oneshot::Sender<Result<(Applied, u64), Error>>;
+
+/// Writes forwarded to one leader, pipelined on one connection.
+pub struct Forwarder {
+    tx: mpsc::Sender<(Op, Answer)>,
+}
+
+impl Forwarder {
+    /// Starts the connection task to the leader at `addr`. Requests queue
+    /// (at most `depth` waiting to be written).
+    pub fn start(addr: String, depth: usize) -> Forwarder {
+        let (tx, rx) = mpsc::channel(depth);
+        tokio::spawn(forward_loop(addr, rx, depth));
+        Forwarder { tx }
+    }
+
+    /// Queues `op`; the answer comes once the leader applied it.
+    pub async fn send(
+        &self,
+        op: Op,
+    ) -> Result<oneshot::Receiver<Result<(Applied, u64), Error>>, Error> {
+        let (answer, rx) = oneshot::channel();
+        self.tx
+            .send((op, answer))
+            .await
+            .map_err(|_| unavailable("the link to the leader is closed"))?;
+        Ok(rx)
+    }
+
+    /// Is its task gone (the connection failed)?
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+pub(crate) fn unavailable(why: &str) -> Error {
+    Error::Unwritable(format!("the cluster cannot take writes now: {why}"))
+}
+
+async fn forward_loop(addr: String, mut rx: mpsc::Receiver<(Op, Answer)>, depth: usize) {
+    let stream = match TcpStream::connect(&addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("cannot reach the leader at {addr}: {e}");
+            rx.close();
+            while let Some((_, answer)) = rx.recv().await {
+                let _ = answer.send(Err(unavailable(&why)));
+            }
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    // Answers owed, in the order the requests were written.
+    let owed: Arc<std::sync::Mutex<VecDeque<Answer>>> = Arc::default();
+    let (room_tx, mut room) = mpsc::channel::<()>(depth.max(1));
+    let reader = {
+        let owed = owed.clone();
+        tokio::spawn(async move {
+            loop {
+                let reply: io::Result<Reply> = read_frame(&mut rd).await;
+                let next = owed.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let _ = room.try_recv();
+                match (reply, next) {
+                    (Ok(Reply::Forward(r)), Some(answer)) => {
+                        let _ = answer.send(r);
+                    }
+                    (_, next) => {
+                        if let Some(answer) = next {
+                            let _ = answer.send(Err(unavailable("the link to the leader failed")));
+                        }
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    while let Some((op, answer)) = rx.recv().await {
+        if reader.is_finished() {
+            let _ = answer.send(Err(unavailable("the link to the leader failed")));
+            break;
+        }
+        // At most `depth` answers owed.
+        if room_tx.send(()).await.is_err() {
+            let _ = answer.send(Err(unavailable("the link to the leader failed")));
+            break;
+        }
+        owed.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(answer);
+        if write_frame(&mut wr, &Rpc::Forward(op)).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+    let _ = reader.await;
+    // Whatever is still owed has an unknown outcome.
+    for answer in owed.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let _ = answer.send(Err(unavailable("the link to the leader failed")));
+    }
+    rx.close();
+    while let Some((_, answer)) = rx.recv().await {
+        let _ = answer.send(Err(unavailable("the link to the leader failed")));
+    }
+}
+
+/// A write on its way: resolves with what applying it gave, and its index.
+pub type Applying =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Applied, u64), Error>> + Send>>;
+
+/// What the server hands a forwarded write to (the node's proposer).
+pub trait Submit: Send + Sync + 'static {
+    /// Queues `op` as the leader; resolves once queued, with what resolves
+    /// once it is applied here.
+    fn submit_as_leader(
+        &self,
+        op: Op,
+    ) -> impl std::future::Future<Output = Result<Applying, Error>> + Send;
+}
+
+/// Serves other nodes on `listener` until the task is dropped.
+pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (raft, submit) = (raft.clone(), submit.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, raft, submit).await {
+                tracing::debug!(error = %e, "cluster connection closed");
+            }
+        });
+    }
+}
+
+async fn connection<S: Submit>(stream: TcpStream, raft: Raft, submit: Arc<S>) -> io::Result<()> {
+    let (mut rd, wr) = stream.into_split();
+    let wr = Arc::new(Mutex::new(wr));
+    // Forwarded writes are answered in order by one task per connection.
+    let (owed_tx, mut owed_rx) = mpsc::channel::<Applying>(1024);
+    let answers = {
+        let wr = wr.clone();
+        tokio::spawn(async move {
+            while let Some(pending) = owed_rx.recv().await {
+                let r = pending.await;
+                let mut w = wr.lock().await;
+                if write_frame(&mut *w, &Reply::Forward(r)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let result = async {
+        loop {
+            let rpc: Rpc = read_frame(&mut rd).await?;
+            match rpc {
+                Rpc::Append(req) => {
+                    let r = raft.append_entries(req).await;
+                    write_frame(&mut *wr.lock().await, &Reply::Append(r)).await?;
+                }
+                Rpc::Vote(req) => {
+                    let r = raft.vote(req).await;
+                    write_frame(&mut *wr.lock().await, &Reply::Vote(r)).await?;
+                }
+                Rpc::Forward(op) => {
+                    let pending = match submit.submit_as_leader(op).await {
+                        Ok(p) => p,
+                        Err(e) => Box::pin(async move { Err(e) }),
+                    };
+                    if owed_tx.send(pending).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    drop(owed_tx);
+    let _ = answers.await;
+    result
+}

@@ -1,0 +1,37 @@
+//! The Raft group's types: an entry carries one write of the log (an
+//! [`Op`]); applying it answers what the log answered.
+
+use std::io::Cursor;
+
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tributary_storage::{Applied, Error, Op};
+
+/// A node's id in the cluster (`cluster.node_id`).
+pub type NodeId = u64;
+
+/// One entry of the replicated log: a write of the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request(pub Op);
+
+/// What applying an entry gave on the node that applied it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response(pub Result<Applied, Error>);
+
+openraft::declare_raft_types!(
+    /// The cluster's Raft types.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A storage error of the Raft group.
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// The group's handle.
+pub type Raft = openraft::Raft<TypeConfig>;
