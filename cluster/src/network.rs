@@ -53,7 +53,8 @@ pub enum Reply {
     Forward(Result<(Applied, u64), Error>),
 }
 
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+/// Writes one frame: its length, then `msg` in postcard.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     msg: &T,
 ) -> io::Result<()> {
@@ -69,7 +70,8 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w.flush().await
 }
 
-pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+/// Reads one frame, refusing one over [`MAX_FRAME`] before buffering it.
+pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
     r: &mut R,
 ) -> io::Result<T> {
     let mut len = [0u8; 4];
@@ -324,11 +326,21 @@ pub trait Submit: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<Applying, Error>> + Send;
 }
 
+/// Connections the node-to-node port serves at once (each node opens one
+/// per replication stream, one for forwarding and one for votes): with
+/// [`MAX_FRAME`], what the port can hold is bounded.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves other nodes on `listener` until the task is dropped.
 pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "cluster port: {MAX_CONNECTIONS} connections open, refusing one");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -337,6 +349,7 @@ pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>)
             if let Err(e) = connection(stream, raft, submit).await {
                 tracing::debug!(error = %e, "cluster connection closed");
             }
+            drop(slot);
         });
     }
 }

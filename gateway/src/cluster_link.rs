@@ -1,6 +1,6 @@
 //! `GET /v1/cluster`: the cluster as this node sees it (roles, term, each
 //! node's replication lag on the leader); 404 `not_a_cluster` on a single
-//! node.
+//! node. And the cluster's metrics.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::Json;
 use tributary_cluster::Cluster;
 use tributary_http::{ApiError, Router};
+use tributary_telemetry::{Kind, MetricsSource, Text};
 
 /// The cluster routes (served by every node; answered on a cluster's nodes).
 pub fn routes(cluster: Option<Arc<Cluster>>) -> Router {
@@ -28,5 +29,50 @@ async fn status(State(cluster): State<Option<Arc<Cluster>>>) -> Response {
             "this node is a single core: set [cluster] to run it as one of a cluster",
         )
         .into_response(),
+    }
+}
+
+/// The cluster's Prometheus metrics, from its status.
+pub struct ClusterMetrics(pub Arc<Cluster>);
+
+impl MetricsSource for ClusterMetrics {
+    fn render(&self, out: &mut Text) {
+        let s = self.0.status();
+        out.gauge(
+            "tributary_cluster_leader",
+            "1 while this node is the cluster's leader",
+            u8::from(s.role == "leader"),
+        );
+        out.gauge("tributary_cluster_term", "the current Raft term", s.term);
+        out.counter(
+            "tributary_cluster_leader_changes_total",
+            "leader changes this node saw since it started",
+            s.leader_changes,
+        );
+        out.gauge(
+            "tributary_cluster_last_log_index",
+            "the last index of this node's Raft log",
+            s.last_log_index.unwrap_or(0),
+        );
+        out.gauge(
+            "tributary_cluster_applied_index",
+            "the last index applied to this node's log",
+            s.applied_index.unwrap_or(0),
+        );
+        let lags: Vec<(u64, u64)> = s
+            .nodes
+            .iter()
+            .filter_map(|n| n.lag.map(|l| (n.id, l)))
+            .collect();
+        if !lags.is_empty() {
+            let mut f = out.family(
+                "tributary_cluster_replication_lag_entries",
+                Kind::Gauge,
+                "on the leader: entries each node is behind its log",
+            );
+            for (id, lag) in lags {
+                f.sample(&[("node", &id)], lag);
+            }
+        }
     }
 }

@@ -175,6 +175,10 @@ pub async fn start(
         config.groups_config(),
     );
     cx.metrics.register(Arc::new(cx.groups.clone()));
+    if let Some(c) = &cluster {
+        cx.metrics
+            .register(Arc::new(crate::cluster_link::ClusterMetrics(c.clone())));
+    }
     cx.budget = tributary_frontend::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
     let registry = Arc::new(
         Registry::open(

@@ -435,3 +435,41 @@ async fn appends_and_markers_applied_twice_are_stored_once() {
     let reopened = mem_log(&store.crashed(), config());
     assert_eq!(state(&reopened), once);
 }
+
+/// Writers waiting for their ops to be applied hold the node's pending-bytes
+/// budget; applying takes a budget of its own, so a full budget never stops
+/// the ops that would free it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pending_budget_does_not_stop_the_ops_that_free_it() {
+    let small = tributary_storage::LogConfig {
+        max_pending_bytes: 4096,
+        ..config()
+    };
+    let store = MemStore::new();
+    let node = mem_log(&store, small);
+    cluster(vec![node.clone()]);
+    create(&node, "t", 2).await;
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let log = node.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    let value = format!("{w}-{i}-{}", "x".repeat(1500));
+                    log.append("t", vec![keyed(None, "k", value)])
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    let all = async {
+        for w in writers {
+            w.await.expect("writer");
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("the writers finish");
+    let total: usize = (0..2).map(|p| partition_records(&node, "t", p).len()).sum();
+    assert_eq!(total, 160);
+}

@@ -195,6 +195,10 @@ struct Inner {
     tx: mpsc::Sender<Command>,
     /// Where writes go when this log is one node's copy of a replicated log.
     replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// The pending-bytes budget of ops applied from the replicated log: a
+    /// budget of its own, since the writers waiting for those ops to be
+    /// applied hold theirs in `pending`.
+    applying: Arc<Semaphore>,
     pending: Arc<Semaphore>,
     stopper: Arc<Stopper>,
     threads: Mutex<Vec<JoinHandle<()>>>,

@@ -251,11 +251,13 @@ impl Log {
             );
         }
         let pending = Arc::new(Semaphore::new(shared.config.max_pending_bytes));
+        let applying = Arc::new(Semaphore::new(shared.config.max_pending_bytes));
         Ok(Log {
             inner: Arc::new(Inner {
                 shared,
                 tx,
                 replicator: std::sync::OnceLock::new(),
+                applying,
                 pending,
                 stopper,
                 threads: Mutex::new(threads),

@@ -371,7 +371,7 @@ impl Log {
                 let permits = bytes.clamp(1, self.shared().config.max_pending_bytes) as u32;
                 let permit = self
                     .inner
-                    .pending
+                    .applying
                     .clone()
                     .acquire_many_owned(permits)
                     .await
