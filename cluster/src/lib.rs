@@ -221,15 +221,19 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Waits until a leader is known and this node has applied what it
-    /// held then: a node serves nobody before it has caught up.
+    /// Waits until a leader is known, has committed an entry of its term
+    /// here, and this node has applied what it held then: a node serves
+    /// nobody before it has caught up.
     pub async fn ready(&self) {
         let mut metrics = self.raft.metrics();
         let mut target: Option<Option<u64>> = None;
         loop {
             {
                 let m = metrics.borrow_and_update();
-                if m.current_leader.is_some() {
+                let settled = m
+                    .last_applied
+                    .is_some_and(|l| l.leader_id.term == m.current_term);
+                if m.current_leader.is_some() && settled {
                     // What it held when the leader was known (entries the
                     // leader drops meanwhile lower it).
                     let t = target.get_or_insert(m.last_log_index);
@@ -321,18 +325,23 @@ impl Cluster {
         }
     }
 
-    /// The pipelined link to `leader`, opened when needed.
-    fn forwarder(&self, leader: NodeId) -> Option<Arc<Forwarder>> {
-        let mut f = lock(&self.forwarder);
-        if let Some((id, fwd)) = f.as_ref() {
+    /// The pipelined link to `leader`, connected when needed.
+    async fn forwarder(&self, leader: NodeId) -> Result<Arc<Forwarder>, Error> {
+        if let Some((id, fwd)) = lock(&self.forwarder).as_ref() {
             if *id == leader && !fwd.is_closed() {
-                return Some(fwd.clone());
+                return Ok(fwd.clone());
             }
         }
-        let addr = self.config.peers.get(&leader)?.clone();
-        let fwd = Arc::new(Forwarder::start(addr, 256));
-        *f = Some((leader, fwd.clone()));
-        Some(fwd)
+        let addr =
+            self.config.peers.get(&leader).ok_or_else(|| {
+                unavailable(&format!("the leader {leader} is not among the peers"))
+            })?;
+        let fwd = Forwarder::connect(addr, 256, self.config.election_timeout)
+            .await
+            .map(Arc::new)
+            .map_err(|e| unavailable(&format!("cannot reach the leader at {addr}: {e}")))?;
+        *lock(&self.forwarder) = Some((leader, fwd.clone()));
+        Ok(fwd)
     }
 
     /// Proposes `op` as the leader: resolves once handed to Raft, with what
@@ -367,18 +376,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Hands each queued write, in order, to Raft (on the leader) or to the
-/// leader (on a follower).
+/// leader (on a follower). While the leader cannot be reached (it is being
+/// elected, or the one known is gone) the write waits here, up to the write
+/// timeout, and the writes behind it wait too: none was sent, so none can
+/// be doubled, and their order holds.
 async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
     while let Some(Proposal { op, answer }) = rx.recv().await {
-        let queued = match cluster.leader().await {
-            Some(l) if l == cluster.id => cluster.propose_here(op).await,
-            Some(l) => match cluster.forwarder(l) {
-                Some(f) => f.send(op).await,
-                None => Err(unavailable(&format!(
-                    "the leader {l} is not among the peers"
-                ))),
-            },
-            None => Err(unavailable("no leader is elected")),
+        let started = tokio::time::Instant::now();
+        let queued = loop {
+            match cluster.leader().await {
+                Some(l) if l == cluster.id => break cluster.propose_here(op).await,
+                Some(l) => match cluster.forwarder(l).await {
+                    Ok(f) => break f.send(op).await,
+                    Err(e) if started.elapsed() >= cluster.config.write_timeout => break Err(e),
+                    Err(_) => tokio::time::sleep(cluster.config.heartbeat).await,
+                },
+                None => break Err(unavailable("no leader is elected")),
+            }
         };
         match queued {
             Ok(rx) => {

@@ -214,12 +214,17 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// Starts the connection task to the leader at `addr`. Requests queue
-    /// (at most `depth` waiting to be written).
-    pub fn start(addr: String, depth: usize) -> Forwarder {
+    /// Connects to the leader at `addr` (within `deadline`) and starts the
+    /// connection's task. Requests queue (at most `depth` waiting to be
+    /// written).
+    pub async fn connect(addr: &str, depth: usize, deadline: Duration) -> io::Result<Forwarder> {
+        let stream = tokio::time::timeout(deadline, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting timed out"))??;
+        let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::channel(depth);
-        tokio::spawn(forward_loop(addr, rx, depth));
-        Forwarder { tx }
+        tokio::spawn(forward_loop(stream, rx, depth));
+        Ok(Forwarder { tx })
     }
 
     /// Queues `op`; the answer comes once the leader applied it.
@@ -245,19 +250,7 @@ pub(crate) fn unavailable(why: &str) -> Error {
     Error::Unwritable(format!("the cluster cannot take writes now: {why}"))
 }
 
-async fn forward_loop(addr: String, mut rx: mpsc::Receiver<(Op, Answer)>, depth: usize) {
-    let stream = match TcpStream::connect(&addr).await {
-        Ok(s) => s,
-        Err(e) => {
-            let why = format!("cannot reach the leader at {addr}: {e}");
-            rx.close();
-            while let Some((_, answer)) = rx.recv().await {
-                let _ = answer.send(Err(unavailable(&why)));
-            }
-            return;
-        }
-    };
-    let _ = stream.set_nodelay(true);
+async fn forward_loop(stream: TcpStream, mut rx: mpsc::Receiver<(Op, Answer)>, depth: usize) {
     let (mut rd, mut wr) = stream.into_split();
     // Answers owed, in the order the requests were written.
     let owed: Arc<std::sync::Mutex<VecDeque<Answer>>> = Arc::default();

@@ -93,20 +93,28 @@ impl StateMachine {
         Ok(outcomes)
     }
 
-    /// Records `state` as applied, in the log's metadata.
-    async fn record(&self, state: &Applying) -> Result<(), StorageError> {
+    /// The op that records `state` as applied, in the log's metadata.
+    fn pointer(&self, state: &Applying) -> Result<Op, StorageError> {
         let write_err = |e: &dyn std::fmt::Display| -> StorageError {
             StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
         };
         let applied = postcard::to_allocvec(&state.applied).map_err(|e| write_err(&e))?;
         let membership = postcard::to_allocvec(&state.membership).map_err(|e| write_err(&e))?;
-        let op = Op::Meta {
+        Ok(Op::Meta {
             space: SPACE.into(),
             entries: vec![
                 (APPLIED.to_vec(), Some(applied)),
                 (MEMBERSHIP.to_vec(), Some(membership)),
             ],
+        })
+    }
+
+    /// Records `state` as applied, in the log's metadata.
+    async fn record(&self, state: &Applying) -> Result<(), StorageError> {
+        let write_err = |e: &dyn std::fmt::Display| -> StorageError {
+            StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
         };
+        let op = self.pointer(state)?;
         let index = state.applied.map_or(0, |l| l.index);
         match self.log.apply_all(vec![(index, op)]).await.pop() {
             Some(Ok(_)) => Ok(()),
@@ -162,13 +170,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             s.applied = Some(log_id);
         }
         if let Some(last) = s.applied {
-            if !group.is_empty() {
-                let outcomes = self.apply_group(group, last).await?;
-                for (slot, o) in slots.drain(..).zip(outcomes) {
-                    out[slot] = Response(o);
+            // The pointer goes last in the same call: the committer writes
+            // it in the group's cycle, after the group's effects.
+            group.push((last.index, self.pointer(&s)?));
+            let mut outcomes = self.apply_group(group, last).await?;
+            match outcomes.pop() {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return Err(
+                        StorageIOError::write_state_machine(AnyError::error(e.to_string())).into(),
+                    )
+                }
+                None => {
+                    return Err(
+                        StorageIOError::write_state_machine(AnyError::error("no answer")).into(),
+                    )
                 }
             }
-            self.record(&s).await?;
+            for (slot, o) in slots.drain(..).zip(outcomes) {
+                out[slot] = Response(o);
+            }
             self.applied_index.send_replace(last.index);
         }
         Ok(out)

@@ -98,17 +98,29 @@ async fn apply_recorded(log: &Log, entries: Vec<(u64, Op)>) -> Vec<Result<Applie
     for (n, (index, op)) in entries.into_iter().enumerate() {
         let change = op.is_topic_change();
         group.push((index, op));
-        if change || n + 1 == total {
+        let pointer = || Op::Meta {
+            space: APPLIED.into(),
+            entries: vec![(b"index".to_vec(), Some(index.to_be_bytes().to_vec()))],
+        };
+        if change {
+            // A topic change: applied, then recorded, alone.
             out.extend(log.apply_all(std::mem::take(&mut group)).await);
-            let pointer = Op::Meta {
-                space: APPLIED.into(),
-                entries: vec![(b"index".to_vec(), Some(index.to_be_bytes().to_vec()))],
-            };
-            log.apply_all(vec![(index, pointer)])
+            log.apply_all(vec![(index, pointer())])
                 .await
                 .pop()
                 .expect("one answer")
                 .expect("the pointer is stored");
+        } else if n + 1 == total {
+            // The rest, with the pointer last in the same call (so in the
+            // same commit cycle as the ops before it).
+            let mut all = std::mem::take(&mut group);
+            all.push((index, pointer()));
+            let mut outcomes = log.apply_all(all).await;
+            outcomes
+                .pop()
+                .expect("one answer")
+                .expect("the pointer is stored");
+            out.extend(outcomes);
         }
     }
     out

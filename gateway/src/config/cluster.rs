@@ -36,8 +36,8 @@ impl Default for ClusterSection {
             node_id: 0,
             listen: "0.0.0.0:9190".into(),
             peers: Vec::new(),
-            heartbeat_ms: 150,
-            election_timeout_ms: 1000,
+            heartbeat_ms: 100,
+            election_timeout_ms: 300,
             write_timeout_ms: 10_000,
         }
     }

@@ -157,6 +157,13 @@ impl Config {
         let s = &self.storage;
         LogConfig {
             durability: match s.durability {
+                // A cluster node's acknowledgement waits for the Raft log's
+                // fsync on a majority; what the node applies to its own log
+                // it can apply again from there after a crash (the marks make
+                // that harmless), so the log itself syncs on the interval.
+                _ if self.clustered() => {
+                    Durability::Interval(Duration::from_millis(s.flush_interval_ms))
+                }
                 DurabilityMode::Fsync => Durability::Fsync,
                 DurabilityMode::Interval => {
                     Durability::Interval(Duration::from_millis(s.flush_interval_ms))

@@ -403,6 +403,13 @@ fn write_cycle(
                 }
             }
             Command::Meta { space, entries, .. } => {
+                // Written after the appends queued before it: the engine
+                // keeps a prefix of its writes, so metadata recorded after
+                // records (a replicated log's applied index, say) is never
+                // there without them.
+                for ob in open.values_mut() {
+                    ob.seal()?;
+                }
                 for (k, v) in entries.iter() {
                     shared.store.put_meta(space, k, v.as_deref())?;
                 }
