@@ -19,15 +19,11 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fn log() -> &'static Log {
-    static LOG: OnceLock<Log> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log");
-        runtime()
-            .block_on(log.create_topic(TopicConfig::new("t", 2)))
-            .expect("topic");
-        log
-    })
+/// A fresh log per input: what an op stores must not pile up across runs.
+async fn log() -> Log {
+    let log = Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log");
+    log.create_topic(TopicConfig::new("t", 2)).await.expect("topic");
+    log
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -44,10 +40,12 @@ fuzz_target!(|data: &[u8]| {
             let _ = write_frame(&mut out, &reply).await;
         }
         if let Ok(op) = postcard::from_bytes::<Op>(data) {
-            // Topic changes and id blocks are the log's own checks; appends,
-            // markers and metadata go to the committer.
-            if !matches!(op, Op::DeleteTopic(_)) {
-                let _ = log().apply_all(vec![(1, op)]).await;
+            // Appends, markers, offsets, metadata and id blocks go to the
+            // committer; topic changes are the log's own checked calls.
+            if !op.is_topic_change() {
+                let log = log().await;
+                let _ = log.apply_all(vec![(1, op)]).await;
+                let _ = log.close().await;
             }
         }
     });
