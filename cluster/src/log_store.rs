@@ -83,6 +83,20 @@ impl LogStore {
         Ok(())
     }
 
+    /// Removes the entries whose keys are in `range`.
+    fn remove<R: RangeBounds<[u8; 8]>>(&self, range: R) -> Result<(), StorageError> {
+        let keys: Vec<sled::IVec> = self
+            .entries
+            .range(range)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| read_err(&e))?;
+        for k in keys {
+            self.entries.remove(k).map_err(|e| write_err(&e))?;
+        }
+        Ok(())
+    }
+
     /// Entries stored (for status).
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -181,29 +195,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        let keys: Vec<sled::IVec> = self
-            .entries
-            .range(log_id.index.to_be_bytes()..)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| read_err(&e))?;
-        for k in keys {
-            self.entries.remove(k).map_err(|e| write_err(&e))?;
-        }
+        self.remove(log_id.index.to_be_bytes()..)?;
         self.flush().await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         self.put(PURGED, &log_id)?;
-        let keys: Vec<sled::IVec> = self
-            .entries
-            .range(..=log_id.index.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| read_err(&e))?;
-        for k in keys {
-            self.entries.remove(k).map_err(|e| write_err(&e))?;
-        }
+        self.remove(..=log_id.index.to_be_bytes())?;
         self.flush().await
     }
 }
