@@ -319,3 +319,53 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
     assert_eq!(st["nodes"].as_array().map(Vec::len), Some(3), "{st}");
     let _: Value = st;
 }
+
+/// Bytes that are no message on the node-to-node port (an announced length
+/// over the limit, a frame that does not decode) close that connection and
+/// nothing else: the cluster goes on taking writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_node_to_node_port_closes_that_connection_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    let c = client();
+    let url = cluster.nodes[leader].as_ref().expect("up").url.clone();
+    let (s, b) = common::post(
+        &c,
+        &format!("{url}/v1/topics"),
+        &json!({"name": T, "partitions": 1}),
+    )
+    .await;
+    assert!(s == 200 || s == 201, "create: {s} {b}");
+    for port in cluster.ports.clone() {
+        let garbage: [&[u8]; 3] = [
+            &u32::MAX.to_be_bytes(),
+            &[0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            b"GET / HTTP/1.1\r\n\r\n",
+        ];
+        for bytes in garbage {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            s.write_all(bytes).await.expect("write");
+            let mut buf = [0u8; 64];
+            let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+            assert!(
+                matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+                "port {port}: {bytes:?} did not close the connection: {closed:?}"
+            );
+        }
+    }
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let url = &n.as_ref().expect("up").url;
+        let (s, b) = common::post(
+            &c,
+            &format!("{url}/v1/topics/{T}/records"),
+            &json!({"records": [{"value": format!("after garbage {i}")}]}),
+        )
+        .await;
+        assert_eq!(s, 200, "node {}: {b}", i + 1);
+    }
+}
