@@ -25,6 +25,7 @@
 // helpers that build one return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod gate;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -96,6 +97,7 @@ pub struct Cluster {
     forwarder: Mutex<Option<(NodeId, Arc<Forwarder>)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     leader_changes: std::sync::atomic::AtomicU64,
+    gate: Arc<gate::Gate>,
 }
 
 /// One node as the cluster status shows it.
@@ -174,13 +176,17 @@ impl Cluster {
         .map_err(|e| ClusterError::Config(e.to_string()))?;
         let store = log_store::LogStore::open(&dir.join("raft"))
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let gate =
+            Arc::new(gate::Gate::new(&store).map_err(|e| ClusterError::Storage(e.to_string()))?);
         let sm = state_machine::StateMachine::open(log.clone())
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let applied = sm.applied_index();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            network::Network,
+            network::Network {
+                peers: config.peers.clone(),
+            },
             store,
             sm,
         )
@@ -199,9 +205,15 @@ impl Cluster {
             forwarder: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
+            gate: gate.clone(),
         });
         let tasks = vec![
-            tokio::spawn(network::serve(listener, raft.clone(), cluster.clone())),
+            tokio::spawn(network::serve(
+                listener,
+                raft.clone(),
+                cluster.clone(),
+                gate,
+            )),
             tokio::spawn(propose(cluster.clone(), rx)),
             tokio::spawn(count_leader_changes(cluster.clone())),
         ];
@@ -223,8 +235,11 @@ impl Cluster {
 
     /// Waits until a leader is known, has committed an entry of its term
     /// here, and this node has applied what it held then: a node serves
-    /// nobody before it has caught up.
+    /// nobody before it has caught up. A node that started with an empty
+    /// Raft log first waits to hold what the leader had committed
+    /// ([`gate`]).
     pub async fn ready(&self) {
+        self.gate.wait_open().await;
         let mut metrics = self.raft.metrics();
         let mut target: Option<Option<u64>> = None;
         loop {
@@ -415,6 +430,11 @@ async fn count_leader_changes(cluster: Arc<Cluster>) {
     let mut last = metrics.borrow().current_leader;
     while metrics.changed().await.is_ok() {
         let now = metrics.borrow().current_leader;
+        if now == Some(cluster.id) {
+            if let Err(e) = cluster.gate.elected().await {
+                tracing::error!(error = %e, "cluster: cannot record that this node caught up");
+            }
+        }
         if now != last && now.is_some() {
             cluster
                 .leader_changes

@@ -26,6 +26,7 @@ pub struct LogStore {
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
+const CATCH_UP: &[u8] = b"catch_up";
 
 fn read_err(e: &(impl std::error::Error + 'static)) -> StorageError {
     StorageIOError::read_logs(e).into()
@@ -62,6 +63,28 @@ impl LogStore {
             meta: db.open_tree("meta")?,
             db,
         })
+    }
+
+    /// Nothing stored, not even a vote: a new node, or one whose data was
+    /// wiped.
+    pub fn is_blank(&self) -> Result<bool, StorageError> {
+        Ok(self.entries.is_empty() && self.get::<Vote<NodeId>>(VOTE)?.is_none())
+    }
+
+    /// The index this node must hold before it votes again ([`crate::gate`]).
+    pub fn catch_up(&self) -> Result<Option<u64>, StorageError> {
+        self.get(CATCH_UP)
+    }
+
+    /// Sets (or, with `None`, clears) it, durably.
+    pub async fn set_catch_up(&self, to: Option<u64>) -> Result<(), StorageError> {
+        match to {
+            Some(i) => self.put(CATCH_UP, &i)?,
+            None => {
+                self.meta.remove(CATCH_UP).map_err(|e| write_err(&e))?;
+            }
+        }
+        self.flush().await
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {

@@ -7,7 +7,7 @@
 //!   leader, pipelined: requests are written as they come, answers come back
 //!   in the same order, so a client's writes stay in its order.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tributary_storage::{Applied, Error, Op};
 
+use crate::gate::Gate;
 use crate::types::{NodeId, Raft, TypeConfig};
 
 /// The largest message between nodes (a batch of entries or a forwarded
@@ -128,8 +129,14 @@ impl Peer {
     }
 }
 
-/// Connects openraft's replication streams.
-pub struct Network;
+/// Connects openraft's replication streams. A node reaches another at the
+/// address its own `peers` gives (each node may see the others at its own
+/// addresses: through NAT, a proxy, another interface); a node the local
+/// list does not name is reached at the address in the membership.
+pub struct Network {
+    /// This node's `peers`: id → `host:port`.
+    pub peers: BTreeMap<NodeId, String>,
+}
 
 /// A replication stream's client.
 pub struct PeerClient {
@@ -143,7 +150,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            peer: Peer::new(node.addr.clone()),
+            peer: Peer::new(
+                self.peers
+                    .get(&target)
+                    .cloned()
+                    .unwrap_or_else(|| node.addr.clone()),
+            ),
         }
     }
 }
@@ -325,7 +337,7 @@ pub trait Submit: Send + Sync + 'static {
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// Serves other nodes on `listener` until the task is dropped.
-pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>) {
+pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>, gate: Arc<Gate>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -337,9 +349,9 @@ pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>)
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (raft, submit) = (raft.clone(), submit.clone());
+        let (raft, submit, gate) = (raft.clone(), submit.clone(), gate.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, raft, submit).await {
+            if let Err(e) = connection(stream, raft, submit, gate).await {
                 tracing::debug!(error = %e, "cluster connection closed");
             }
             drop(slot);
@@ -347,7 +359,12 @@ pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>)
     }
 }
 
-async fn connection<S: Submit>(stream: TcpStream, raft: Raft, submit: Arc<S>) -> io::Result<()> {
+async fn connection<S: Submit>(
+    stream: TcpStream,
+    raft: Raft,
+    submit: Arc<S>,
+    gate: Arc<Gate>,
+) -> io::Result<()> {
     let (mut rd, wr) = stream.into_split();
     let wr = Arc::new(Mutex::new(wr));
     // Forwarded writes are answered in order by one task per connection.
@@ -369,8 +386,19 @@ async fn connection<S: Submit>(stream: TcpStream, raft: Raft, submit: Arc<S>) ->
             let rpc: Rpc = read_frame(&mut rd).await?;
             match rpc {
                 Rpc::Append(req) => {
+                    let commit = req.leader_commit.map(|l| l.index);
                     let r = raft.append_entries(req).await;
+                    if r.is_ok() && !gate.is_open() {
+                        let last = raft.metrics().borrow().last_log_index;
+                        gate.heard(commit, last).await.map_err(io::Error::other)?;
+                    }
                     write_frame(&mut *wr.lock().await, &Reply::Append(r)).await?;
+                }
+                Rpc::Vote(req) if !gate.may_vote(&req) => {
+                    // No answer: to the candidate, this node is unreachable.
+                    return Err(io::Error::other(
+                        "a vote request while this node catches up after starting empty",
+                    ));
                 }
                 Rpc::Vote(req) => {
                     let r = raft.vote(req).await;

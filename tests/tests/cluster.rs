@@ -1,7 +1,11 @@
-//! The core cluster with real processes on loopback: three `tributary core`
-//! nodes started with the same peers form a cluster by themselves; writes
-//! on any node are acknowledged once a majority holds them; the leader is
-//! killed -9 again and again while writers go on. After each run: every
+//! The core cluster with real processes on loopback: `tributary core` nodes
+//! started with the same peers form a cluster by themselves; writes on any
+//! node are acknowledged once a majority holds them. While writers go on,
+//! the faults: the leader killed -9 again and again; the leader cut off
+//! from the majority (it must acknowledge nothing, and what it took then
+//! must vanish); a follower stalled, then one wiped; two of five nodes
+//! killed at once. Between nodes sit fault-injecting proxies, one per
+//! direction of each pair. After each run the history is checked: every
 //! acknowledged record is on every node exactly once, the nodes' logs are
 //! identical offset by offset, and nothing is there that no writer sent.
 
@@ -12,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::proxy::Proxy;
 use common::{client, get, read_all, ChildNode};
 use serde_json::{json, Value};
 
@@ -27,11 +32,14 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// Three nodes' places: data directories and node-to-node ports.
+/// The nodes' places: data directories, node-to-node ports, and (when
+/// asked for) the proxies between them.
 struct Cluster {
     dirs: Vec<PathBuf>,
     ports: Vec<u16>,
     nodes: Vec<Option<ChildNode>>,
+    /// `proxies[i][j]`: what node `i` connects through to reach node `j`.
+    proxies: Vec<Vec<Option<Proxy>>>,
 }
 
 impl Cluster {
@@ -40,32 +48,88 @@ impl Cluster {
             dirs: (1..=n).map(|i| root.join(format!("node{i}"))).collect(),
             ports: free_ports(n),
             nodes: (0..n).map(|_| None).collect(),
+            proxies: Vec::new(),
         }
     }
 
-    fn peers(&self) -> String {
+    /// Like [`Cluster::new`], with a proxy for each direction of each pair.
+    async fn proxied(root: &Path, n: usize) -> Cluster {
+        let mut c = Cluster::new(root, n);
+        for i in 0..n {
+            let mut row = Vec::new();
+            for j in 0..n {
+                row.push(if i == j {
+                    None
+                } else {
+                    let to = format!("127.0.0.1:{}", c.ports[j]).parse().expect("addr");
+                    Some(Proxy::start(to).await)
+                });
+            }
+            c.proxies.push(row);
+        }
+        c
+    }
+
+    /// The peers as node `i` sees them: itself where it listens, the
+    /// others through its proxies when there are any.
+    fn peers(&self, i: usize) -> String {
         self.ports
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
+            .map(
+                |(j, p)| match self.proxies.get(i).and_then(|r| r[j].as_ref()) {
+                    Some(proxy) => format!("{}@{}", j + 1, proxy.addr()),
+                    None => format!("{}@127.0.0.1:{p}", j + 1),
+                },
+            )
             .collect::<Vec<_>>()
             .join(",")
     }
 
+    /// Every link to and from node `i` goes silent (a half-open
+    /// partition: nothing is closed, nothing arrives).
+    fn isolate(&self, i: usize) {
+        for j in 0..self.dirs.len() {
+            if i != j {
+                self.cut(i, j);
+            }
+        }
+    }
+
+    /// Every link works again.
+    fn heal(&self) {
+        for p in self.proxies.iter().flatten().flatten() {
+            p.resume();
+        }
+    }
+
     /// Starts node `i` (0-based) again after a kill.
     fn start(&mut self, i: usize) {
-        let node = start_node(&self.dirs[i], i, self.ports[i], &self.peers());
+        let node = start_node(&self.dirs[i], i, self.ports[i], &self.peers(i));
         self.nodes[i] = Some(node);
+    }
+
+    /// Starts node `i` in the background (it serves only once it has
+    /// caught up, which may need links that are cut now).
+    fn start_later(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
+        let (dir, port, peers) = (self.dirs[i].clone(), self.ports[i], self.peers(i));
+        std::thread::spawn(move || start_node(&dir, i, port, &peers))
+    }
+
+    /// Every link between `a` and `b` goes silent.
+    fn cut(&self, a: usize, b: usize) {
+        for p in [&self.proxies[a][b], &self.proxies[b][a]] {
+            p.as_ref().expect("a proxied cluster").stall();
+        }
     }
 
     /// Starts every node at once (a node serves once the cluster has a
     /// leader, so they cannot start one after the other).
     fn start_all(&mut self) {
-        let peers = self.peers();
         let started: Vec<ChildNode> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.dirs.len())
                 .map(|i| {
-                    let (dir, port, peers) = (&self.dirs[i], self.ports[i], peers.clone());
+                    let (dir, port, peers) = (&self.dirs[i], self.ports[i], self.peers(i));
                     s.spawn(move || start_node(dir, i, port, &peers))
                 })
                 .collect();
@@ -83,15 +147,28 @@ impl Cluster {
         self.nodes.iter().flatten().map(|n| n.url.clone()).collect()
     }
 
+    fn url(&self, i: usize) -> String {
+        self.nodes[i].as_ref().expect("running").url.clone()
+    }
+
     /// The leader's index once the running nodes agree on one.
     async fn leader(&self) -> usize {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.leader_of(&all).await
+    }
+
+    /// The leader's index once the running nodes among `members` agree on
+    /// one of them.
+    async fn leader_of(&self, members: &[usize]) -> usize {
         let c = client();
         let started = Instant::now();
         loop {
             let mut seen = BTreeSet::new();
             let mut leader_role = None;
             for (i, n) in self.nodes.iter().enumerate() {
-                let Some(n) = n else { continue };
+                let Some(n) = n.as_ref().filter(|_| members.contains(&i)) else {
+                    continue;
+                };
                 let (s, st) = get(&c, &format!("{}/v1/cluster", n.url)).await;
                 assert_eq!(s, 200, "{st}");
                 seen.insert(st["leader"].as_u64());
@@ -147,6 +224,7 @@ fn start_node(dir: &Path, i: usize, port: u16, peers: &str) -> ChildNode {
             ("TRIBUTARY_CLUSTER__PEERS", peers),
             ("TRIBUTARY_CLUSTER__HEARTBEAT_MS", "100"),
             ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "600"),
+            ("TRIBUTARY_CLUSTER__WRITE_TIMEOUT_MS", "4000"),
         ],
     )
 }
@@ -210,66 +288,83 @@ async fn contents(url: &str, partitions: u32) -> BTreeMap<u32, Vec<(u64, String)
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let mut cluster = Cluster::new(root.path(), 3);
-    cluster.start_all();
-    let leader = cluster.leader().await;
-    let c = client();
-    // Created through a follower: forwarded to the leader.
-    let via = cluster.nodes[(leader + 1) % 3]
-        .as_ref()
-        .expect("up")
-        .url
-        .clone();
-    let (s, b) = common::post(
-        &c,
-        &format!("{via}/v1/topics"),
-        &json!({"name": T, "partitions": 3}),
-    )
-    .await;
-    assert!(s == 200 || s == 201, "create: {s} {b}");
+/// Writers going on through every fault, each writing to the nodes in
+/// turn.
+struct Writers {
+    urls: Arc<Mutex<Vec<String>>>,
+    history: Arc<Mutex<History>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-    let urls = Arc::new(Mutex::new(cluster.urls()));
-    let history = Arc::new(Mutex::new(History::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..3)
-        .map(|w| tokio::spawn(writer(w, urls.clone(), history.clone(), stop.clone())))
-        .collect();
-    for round in 0..3 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let leader = cluster.leader().await;
-        let before = history.lock().unwrap().acked.len();
-        assert!(before > 0, "round {round}: nothing acknowledged yet");
-        cluster.nodes[leader].as_mut().expect("up").kill9();
-        cluster.nodes[leader] = None;
-        *urls.lock().unwrap() = cluster.urls();
-        // The two left elect a leader and go on taking writes.
-        let next = cluster.leader().await;
-        assert_ne!(next, leader);
+impl Writers {
+    fn start(n: usize, urls: Vec<String>) -> Writers {
+        let urls = Arc::new(Mutex::new(urls));
+        let history = Arc::new(Mutex::new(History::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|w| tokio::spawn(writer(w, urls.clone(), history.clone(), stop.clone())))
+            .collect();
+        Writers {
+            urls,
+            history,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Writes go to these nodes from now on.
+    fn to(&self, urls: Vec<String>) {
+        *self.urls.lock().unwrap() = urls;
+    }
+
+    fn acked(&self) -> usize {
+        self.history.lock().unwrap().acked.len()
+    }
+
+    /// Waits until `more` writes past `since` are acknowledged.
+    async fn progress(&self, since: usize, more: usize, what: &str) {
         let waited = Instant::now();
-        while history.lock().unwrap().acked.len() == before {
+        while self.acked() < since + more {
             assert!(
                 waited.elapsed() < Duration::from_secs(30),
-                "round {round}: no write acknowledged after the kill"
+                "{what}: only {} writes acknowledged in 30 s",
+                self.acked() - since
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        cluster.start(leader);
-        *urls.lock().unwrap() = cluster.urls();
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        w.await.expect("writer");
-    }
-    cluster.settled().await;
 
-    let h = std::mem::take(&mut *history.lock().unwrap());
+    async fn finish(self) -> History {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("writer");
+        }
+        let mut h = self.history.lock().unwrap();
+        std::mem::take(&mut *h)
+    }
+}
+
+/// Creates the topic through `via`.
+async fn create(via: &str, partitions: u32) {
+    let (s, b) = common::post(
+        &client(),
+        &format!("{via}/v1/topics"),
+        &json!({"name": T, "partitions": partitions}),
+    )
+    .await;
+    assert!(s == 200 || s == 201, "create: {s} {b}");
+}
+
+/// The history check, once every node has caught up: each acknowledged
+/// write is on every running node exactly once, nothing is there that was
+/// not sent or that `refused` names, and the nodes' logs are identical
+/// offset by offset.
+async fn check(cluster: &Cluster, h: &History, refused: &BTreeSet<String>, partitions: u32) {
+    cluster.settled().await;
     let mut first: Option<BTreeMap<u32, Vec<(u64, String)>>> = None;
     for url in cluster.urls() {
-        let got = contents(&url, 3).await;
+        let got = contents(&url, partitions).await;
         let mut count: BTreeMap<&str, usize> = BTreeMap::new();
         for records in got.values() {
             for (_, v) in records {
@@ -288,6 +383,10 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
         }
         for (v, n) in &count {
             assert!(h.tried.contains(*v), "{url}: {v} was never sent");
+            assert!(
+                !refused.contains(*v),
+                "{url}: {v} was taken by a leader cut off from the majority, and is stored"
+            );
             assert_eq!(*n, 1, "{url}: {v} is there {n} times");
         }
         match &first {
@@ -315,9 +414,220 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
         "only {} writes acknowledged",
         h.acked.len()
     );
-    let (_, st) = get(&c, &format!("{}/v1/cluster", cluster.urls()[0])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    // Created through a follower: forwarded to the leader.
+    create(&cluster.url((leader + 1) % 3), 3).await;
+
+    let writers = Writers::start(3, cluster.urls());
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = cluster.leader().await;
+        let before = writers.acked();
+        assert!(before > 0, "round {round}: nothing acknowledged yet");
+        cluster.nodes[leader].as_mut().expect("up").kill9();
+        cluster.nodes[leader] = None;
+        writers.to(cluster.urls());
+        // The two left elect a leader and go on taking writes.
+        let next = cluster.leader().await;
+        assert_ne!(next, leader);
+        writers
+            .progress(before, 1, &format!("round {round}, after the kill"))
+            .await;
+        cluster.start(leader);
+        writers.to(cluster.urls());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+    let (_, st) = get(&client(), &format!("{}/v1/cluster", cluster.url(0))).await;
     assert_eq!(st["nodes"].as_array().map(Vec::len), Some(3), "{st}");
-    let _: Value = st;
+}
+
+/// Faults between live nodes, one after the other under writers: the
+/// leader cut off from the majority, a follower stalled, a follower's data
+/// directory wiped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::proxied(root.path(), 3).await;
+    cluster.start_all();
+    let old = cluster.leader().await;
+    create(&cluster.url(old), 3).await;
+    let writers = Writers::start(3, cluster.urls());
+    writers.progress(0, 20, "before the faults").await;
+
+    // 1. The leader is cut off. The writers go to the majority; probes go
+    //    to the old leader, which must acknowledge none of them.
+    cluster.isolate(old);
+    let majority: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    writers.to(majority.iter().map(|&i| cluster.url(i)).collect());
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let old_url = cluster.url(old);
+    let probes: Vec<_> = (0..5)
+        .map(|k| {
+            let (c, url) = (c.clone(), old_url.clone());
+            let value = format!("cut-off-{k}");
+            tokio::spawn(async move {
+                let r = c
+                    .post(format!("{url}/v1/topics/{T}/records"))
+                    .json(&json!({"records": [{"value": value}]}))
+                    .send()
+                    .await;
+                (value, r.map(|r| r.status().as_u16()))
+            })
+        })
+        .collect();
+    let new = cluster.leader_of(&majority).await;
+    assert_ne!(new, old);
+    let before = writers.acked();
+    writers
+        .progress(before, 20, "the majority, while the leader is cut off")
+        .await;
+    let mut refused = BTreeSet::new();
+    for p in probes {
+        let (value, answer) = p.await.expect("probe");
+        let status = answer.expect("the cut-off leader answers within its write timeout");
+        assert!(
+            status >= 500,
+            "the cut-off leader acknowledged {value} with {status}"
+        );
+        refused.insert(value);
+    }
+    writers
+        .history
+        .lock()
+        .unwrap()
+        .tried
+        .extend(refused.iter().cloned());
+    cluster.heal();
+    writers.to(cluster.urls());
+    cluster.leader().await;
+
+    // 2. A follower goes silent for a while, then comes back.
+    let leader = cluster.leader().await;
+    let stalled = (leader + 1) % 3;
+    cluster.isolate(stalled);
+    writers.to((0..3)
+        .filter(|&i| i != stalled)
+        .map(|i| cluster.url(i))
+        .collect());
+    let before = writers.acked();
+    writers
+        .progress(before, 50, "with a follower stalled")
+        .await;
+    cluster.heal();
+    writers.to(cluster.urls());
+
+    // 3. A follower loses its data directory and is started again: it
+    //    rebuilds from the others.
+    let leader = cluster.leader().await;
+    let wiped = (leader + 2) % 3;
+    cluster.nodes[wiped].as_mut().expect("up").kill9();
+    cluster.nodes[wiped] = None;
+    writers.to(cluster.urls());
+    std::fs::remove_dir_all(&cluster.dirs[wiped]).expect("wipe");
+    let before = writers.acked();
+    writers.progress(before, 20, "with a follower wiped").await;
+    cluster.start(wiped);
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers
+        .progress(before, 20, "after the wiped follower came back")
+        .await;
+
+    let h = writers.finish().await;
+    check(&cluster, &h, &refused, 3).await;
+}
+
+/// A node whose data directory is wiped has forgotten entries it helped
+/// commit: it must not vote before it holds them again. Writes are
+/// acknowledged by the leader and node W while node F is cut off; W is
+/// wiped and started again while it cannot hear the leader; the leader is
+/// killed. F (which lacks those writes) must not be elected with W's vote;
+/// the leader comes back, and every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_does_not_vote_before_it_holds_what_it_lost() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::proxied(root.path(), 3).await;
+    cluster.start_all();
+    let l = cluster.leader().await;
+    let (w, f) = ((l + 1) % 3, (l + 2) % 3);
+    create(&cluster.url(l), 3).await;
+    cluster.isolate(f);
+    let writers = Writers::start(3, vec![cluster.url(l), cluster.url(w)]);
+    writers
+        .progress(0, 100, "the leader and W, F cut off")
+        .await;
+    let h = writers.finish().await;
+
+    cluster.nodes[w].as_mut().expect("up").kill9();
+    cluster.nodes[w] = None;
+    std::fs::remove_dir_all(&cluster.dirs[w]).expect("wipe");
+    cluster.cut(l, w);
+    let w_started = cluster.start_later(w);
+    cluster.nodes[l].as_mut().expect("up").kill9();
+    cluster.nodes[l] = None;
+    cluster.heal();
+    cluster.cut(l, w);
+    cluster.cut(l, f);
+    // F asks W for its vote again and again; W keeps it.
+    let c = client();
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(4) {
+        let (_, st) = get(&c, &format!("{}/v1/cluster", cluster.url(f))).await;
+        assert_ne!(
+            st["role"], "leader",
+            "F lacks acknowledged writes and was elected: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The leader comes back; with F's vote it leads again, W catches up.
+    let l_started = cluster.start_later(l);
+    cluster.heal();
+    cluster.nodes[l] = Some(l_started.join().expect("the leader restarts"));
+    cluster.nodes[w] = Some(w_started.join().expect("the wiped node starts"));
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+}
+
+/// Five nodes lose two at once (the leader and a follower): the three
+/// left go on, and the two rejoin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_go_on_after_losing_two_at_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 5);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 3).await;
+    let writers = Writers::start(3, cluster.urls());
+    writers.progress(0, 20, "five nodes").await;
+    let killed = [leader, (leader + 1) % 5];
+    for k in killed {
+        cluster.nodes[k].as_mut().expect("up").kill9();
+        cluster.nodes[k] = None;
+    }
+    writers.to(cluster.urls());
+    let next = cluster.leader().await;
+    assert!(!killed.contains(&next));
+    let before = writers.acked();
+    writers.progress(before, 20, "three of five").await;
+    for k in killed {
+        cluster.start(k);
+    }
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers.progress(before, 20, "five again").await;
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
 }
 
 /// Bytes that are no message on the node-to-node port (an announced length
