@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::{client, get, read_all, ChildNode};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const T: &str = "events";
 
