@@ -84,6 +84,10 @@ pub enum Error {
         /// The newest epoch seen.
         current: i16,
     },
+    /// A write made under a claim ([`crate::Guard`]) after another writer
+    /// claimed the same thing: it is not written.
+    #[error("{0}")]
+    Superseded(String),
     /// An idempotent producer this partition has no state for sent a batch
     /// that does not start a sequence (its state expired, or was never kept).
     #[error("producer {producer_id} is not known in this partition")]

@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
     validate_group, AppendOptions, Applied, CompactionInfo, Durability, Forwarded, GroupOffset,
-    Isolation, Log, LogConfig, Marker, MetaEntry, Op, OpPart, PartitionInfo, Pending,
+    Guard, Isolation, Log, LogConfig, Marker, MetaEntry, Op, OpPart, PartitionInfo, Pending,
     ProducerBatch, ProducerState, ReadRange, ReadResult, ReadSink, Replicator, TopicDefaults,
     TopicInfo,
 };

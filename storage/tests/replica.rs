@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use tokio::sync::{mpsc, oneshot};
 use tributary_storage::{
-    AppendOptions, Applied, Error, Event, GroupOffset, Log, Marker, MemStore, Op, Pending,
+    AppendOptions, Applied, Error, Event, GroupOffset, Guard, Log, Marker, MemStore, Op, Pending,
     ProducerBatch, Record, Replicator, Result, TopicChange, TopicConfig,
 };
 
@@ -484,4 +484,90 @@ async fn a_full_pending_budget_does_not_stop_the_ops_that_free_it() {
         .expect("the writers finish");
     let total: usize = (0..2).map(|p| partition_records(&node, "t", p).len()).sum();
     assert_eq!(total, 160);
+}
+
+/// Writes under a claim ([`Guard`]): written while the claim holds; once
+/// another writer claimed the same key, refused with `Superseded` and
+/// written nowhere, even when the write was submitted before the new
+/// claim was applied but is ordered after it. Alone and replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
+    let alone = mem_log(&MemStore::new(), config());
+    let stores: Vec<MemStore> = (0..2).map(|_| MemStore::new()).collect();
+    let nodes: Vec<Log> = stores.iter().map(|s| mem_log(s, config())).collect();
+    let _journal = cluster(nodes.clone());
+    for (what, log, all) in [
+        ("alone", &alone, vec![alone.clone()]),
+        ("replicated", &nodes[0], nodes.clone()),
+    ] {
+        log.create_topic(TopicConfig::new("t", 1))
+            .await
+            .expect("create");
+        let claim = |v: &str| Guard {
+            space: "claims".into(),
+            key: b"edge".to_vec(),
+            value: v.as_bytes().to_vec(),
+        };
+        let under = |g: &Guard| AppendOptions {
+            guard: Some(g.clone()),
+            ..AppendOptions::default()
+        };
+        let (first, second) = (claim("first"), claim("second"));
+        let one = |v: &str| vec![Event::new(v.to_owned()).into()];
+        // Nobody claimed it yet: nothing is written under a claim.
+        let r = log.append_with("t", one("unclaimed"), under(&first)).await;
+        assert!(matches!(r, Err(Error::Superseded(_))), "{what}: {r:?}");
+        log.claim(&first).await.expect("claim");
+        log.append_with("t", one("a"), under(&first))
+            .await
+            .expect("written under the claim");
+        log.put_meta_guarded(
+            "m",
+            vec![(b"k".to_vec(), Some(b"1".to_vec()))],
+            Some(&first),
+        )
+        .await
+        .expect("metadata under the claim");
+        // The new claim is submitted first, the old writer's append right
+        // behind it: ordered after the claim, it is refused.
+        let (claimed, late) = tokio::join!(
+            log.claim(&second),
+            log.append_with("t", one("late"), under(&first))
+        );
+        claimed.expect("second claim");
+        assert!(
+            matches!(late, Err(Error::Superseded(_))),
+            "{what}: {late:?}"
+        );
+        let meta = log
+            .put_meta_guarded(
+                "m",
+                vec![(b"k".to_vec(), Some(b"2".to_vec()))],
+                Some(&first),
+            )
+            .await;
+        assert!(
+            matches!(meta, Err(Error::Superseded(_))),
+            "{what}: {meta:?}"
+        );
+        log.append_with("t", one("b"), under(&second))
+            .await
+            .expect("written under the new claim");
+        for (i, node) in all.iter().enumerate() {
+            let values: Vec<Vec<u8>> = partition_records(node, "t", 0)
+                .into_iter()
+                .map(|r| r.value.unwrap_or_default())
+                .collect();
+            assert_eq!(
+                values,
+                vec![b"a".to_vec(), b"b".to_vec()],
+                "{what} node {i}"
+            );
+            assert_eq!(
+                node.meta_get("m", b"k").expect("meta"),
+                Some(b"1".to_vec()),
+                "{what} node {i}"
+            );
+        }
+    }
 }

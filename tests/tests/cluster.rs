@@ -225,6 +225,7 @@ fn start_node(dir: &Path, i: usize, port: u16, peers: &str) -> ChildNode {
             ("TRIBUTARY_CLUSTER__HEARTBEAT_MS", "100"),
             ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "600"),
             ("TRIBUTARY_CLUSTER__WRITE_TIMEOUT_MS", "4000"),
+            ("TRIBUTARY_SYNC__HEARTBEAT_MS", "500"),
         ],
     )
 }
@@ -597,6 +598,97 @@ async fn a_wiped_node_does_not_vote_before_it_holds_what_it_lost() {
     cluster.nodes[l] = Some(l_started.join().expect("the leader restarts"));
     cluster.nodes[w] = Some(w_started.join().expect("the wiped node starts"));
     check(&cluster, &h, &BTreeSet::new(), 3).await;
+}
+
+/// An edge forwards to the cluster, given every node's URL, while the link
+/// it uses is cut (the node at its end may still be appending the edge's
+/// last round when the edge reconnects to another node) and the leader is
+/// killed -9: every record the edge holds is on every node exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_forwards_to_the_cluster_exactly_once_through_failovers() {
+    use common::sync::{
+        check_topic, edge_sync_stats, http_addr, produce, start_edge, sync_url, wait_drained,
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    cluster.leader().await;
+    let mut links = Vec::new();
+    for n in cluster.nodes.iter().flatten() {
+        links.push(Proxy::start(http_addr(n).parse().expect("addr")).await);
+    }
+    let urls: Vec<String> = links
+        .iter()
+        .map(|p| sync_url(&p.addr().to_string()))
+        .collect();
+    let more = urls[1..].join(",");
+    let edge = start_edge(
+        &root.path().join("edge"),
+        &urls[0],
+        "edge-c",
+        &[("TRIBUTARY_UPSTREAM__URLS", more.as_str())],
+    );
+    let c = client();
+    common::create_topic(&c, &edge.url, T, 2).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (base, stop) = (edge.url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = client();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let acked = produce(&c, &base, T, "e", n, 20)
+                    .await
+                    .expect("the edge takes it");
+                n += acked.len() as u64;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            n
+        })
+    };
+    let forwarded = || async {
+        edge_sync_stats(&edge.url).await["acked_events"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for round in 0..4 {
+        let before = forwarded().await;
+        let waited = Instant::now();
+        while forwarded().await < before + 200 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "round {round}: the edge forwards nothing: {}",
+                edge_sync_stats(&edge.url).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if round % 2 == 0 {
+            // Cut the link in use: the edge moves to the next node.
+            let using = edge_sync_stats(&edge.url).await["upstream"].clone();
+            let i = urls
+                .iter()
+                .position(|u| using == u.as_str())
+                .expect("the edge names the URL it uses");
+            links[i].cut();
+        } else {
+            let leader = cluster.leader().await;
+            cluster.nodes[leader].as_mut().expect("up").kill9();
+            cluster.nodes[leader] = None;
+            cluster.leader().await;
+            cluster.start(leader);
+            let addr = http_addr(cluster.nodes[leader].as_ref().expect("up"));
+            links[leader].set_target(addr.parse().expect("addr"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let produced = producer.await.expect("producer");
+    wait_drained(&edge.url, Duration::from_secs(60)).await;
+    cluster.settled().await;
+    for url in cluster.urls() {
+        let f = check_topic("edge-c", &edge.url, &url, T).await;
+        assert_eq!(f.records as u64, produced, "{url}");
+    }
 }
 
 /// Five nodes lose two at once (the leader and a follower): the three

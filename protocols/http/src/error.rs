@@ -93,6 +93,7 @@ impl From<&LogError> for ApiError {
             LogError::OutOfOrderSequence { .. }
             | LogError::ProducerFenced { .. }
             | LogError::UnknownProducer { .. } => (StatusCode::CONFLICT, "producer_sequence"),
+            LogError::Superseded(_) => (StatusCode::CONFLICT, "superseded"),
             LogError::Engine(_) | LogError::Io(_) => {
                 tracing::error!(error = %e, "storage error while serving a request");
                 return ApiError::new(

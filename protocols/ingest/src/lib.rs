@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tributary_storage::{
-    AppendOptions, AppendRecord, Error as LogError, Log, Position, ProducerBatch,
+    AppendOptions, AppendRecord, Error as LogError, Guard, Log, Position, ProducerBatch,
 };
 
 /// Why the log refused records, in the terms every protocol must tell its
@@ -149,9 +149,23 @@ impl<T> Batch<T> {
 /// in name order, each topic's records in the order they were pushed; a
 /// topic's records are stored all or none.
 pub async fn append<T>(log: &Log, batch: Batch<T>) -> Vec<(T, Outcome)> {
+    append_guarded(log, batch, None).await
+}
+
+/// [`append`], each topic's records written only while `guard`'s claim
+/// holds ([`Log::claim`]).
+pub async fn append_guarded<T>(
+    log: &Log,
+    batch: Batch<T>,
+    guard: Option<&Guard>,
+) -> Vec<(T, Outcome)> {
     let appends = batch.topics.into_iter().map(|(topic, items)| async move {
         let (tags, records): (Vec<T>, Vec<AppendRecord>) = items.into_iter().unzip();
-        let result = append_topic(log, &topic, records).await;
+        let options = AppendOptions {
+            guard: guard.cloned(),
+            ..AppendOptions::default()
+        };
+        let result = append_topic_with(log, &topic, records, options).await;
         (tags, result)
     });
     per_record(futures_util::future::join_all(appends).await, batch.count)

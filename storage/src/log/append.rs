@@ -37,6 +37,8 @@ pub struct AppendOptions {
     /// transaction in the partition), read by committed readers only once
     /// a commit marker closes it. Needs `producer`.
     pub transactional: bool,
+    /// Written only while this claim holds ([`Log::claim`]).
+    pub guard: Option<super::Guard>,
 }
 
 impl AppendOptions {
@@ -49,6 +51,7 @@ impl AppendOptions {
             after: last.replace(next),
             queued: Some(queued),
             transactional: false,
+            guard: None,
         }
     }
 }
@@ -95,6 +98,7 @@ impl Log {
             after,
             queued,
             transactional,
+            guard,
         } = options;
         if transactional && producer.is_none() {
             return Err(Error::BadBatch(
@@ -205,7 +209,9 @@ impl Log {
                 producer,
                 transactional,
             };
-            let pending = r.submit(op).await?;
+            let pending = r
+                .submit(super::replica::guarded(op, guard.as_ref()))
+                .await?;
             drop(_queued);
             let applied = pending.await;
             drop((permit, reservation));
@@ -216,6 +222,9 @@ impl Log {
             };
             // Counted where it was applied.
             return positions(placement, &partition_of_slot, &firsts);
+        }
+        if let Some(g) = &guard {
+            self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Append {

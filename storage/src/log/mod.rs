@@ -48,7 +48,7 @@ pub use append::AppendOptions;
 pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 pub use producers::{ProducerBatch, ProducerState};
-pub use replica::{Applied, Op, OpPart, Pending, Replicator};
+pub use replica::{Applied, Guard, Op, OpPart, Pending, Replicator};
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
@@ -1174,6 +1174,16 @@ impl Log {
     /// sessions and retained messages here). Resolves once durable, in the same
     /// commit cycle as appends that were queued with it.
     pub async fn put_meta(&self, space: &str, entries: Vec<MetaEntry>) -> Result<()> {
+        self.put_meta_guarded(space, entries, None).await
+    }
+
+    /// [`Log::put_meta`], written only while `guard` holds.
+    pub async fn put_meta_guarded(
+        &self,
+        space: &str,
+        entries: Vec<MetaEntry>,
+        guard: Option<&Guard>,
+    ) -> Result<()> {
         validate_group(space)?;
         self.shared().check_writable()?;
         if let Some(r) = self.replicator() {
@@ -1181,7 +1191,13 @@ impl Log {
                 space: space.to_owned(),
                 entries,
             };
-            return self.replicate(r, op).await.map(drop);
+            return self
+                .replicate(r, replica::guarded(op, guard))
+                .await
+                .map(drop);
+        }
+        if let Some(g) = guard {
+            self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Meta {

@@ -115,6 +115,43 @@ pub enum Op {
         /// Value, unless there is one.
         value: Vec<u8>,
     },
+    /// A claim taken: the metadata value that [`Op::Guarded`] ops check.
+    Claim(Guard),
+    /// An append or a metadata write applied only if, when its turn comes
+    /// in the log's order, its guard's claim still holds; otherwise it is
+    /// answered [`Error::Superseded`] and writes nothing.
+    Guarded {
+        /// The claim it was made under.
+        guard: Guard,
+        /// The op ([`Op::Append`] or [`Op::Meta`]).
+        op: Box<Op>,
+    },
+}
+
+/// A claim on something only one writer may write at a time (an edge's
+/// streams at the core): a metadata value that the writer sets with
+/// [`Log::claim`] and its writes carry. A write whose claim was replaced
+/// by another writer's is not written, wherever in a cluster it was made:
+/// the check is made as the write is applied, in the log's one order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guard {
+    /// The metadata space.
+    pub space: String,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value this writer set.
+    pub value: Vec<u8>,
+}
+
+/// `op` under `guard`, if any.
+pub(super) fn guarded(op: Op, guard: Option<&Guard>) -> Op {
+    match guard {
+        Some(g) => Op::Guarded {
+            guard: g.clone(),
+            op: Box::new(op),
+        },
+        None => op,
+    }
 }
 
 impl Op {
@@ -132,7 +169,10 @@ impl Op {
     /// they wrote).
     fn is_serial(&self) -> bool {
         self.is_topic_change()
-            || matches!(self, Op::ReserveProducerIds { .. } | Op::PutIfAbsent { .. })
+            || matches!(
+                self,
+                Op::ReserveProducerIds { .. } | Op::PutIfAbsent { .. } | Op::Claim(_)
+            )
     }
 }
 
@@ -201,6 +241,11 @@ impl Log {
             .map_err(|_| Error::Config("the log has a replicator already".into()))
     }
 
+    /// Whether writes go through a replicated log (a cluster node).
+    pub fn is_replicated(&self) -> bool {
+        self.replicator().is_some()
+    }
+
     pub(super) fn replicator(&self) -> Option<&Arc<dyn Replicator>> {
         self.inner.replicator.get()
     }
@@ -220,6 +265,24 @@ impl Log {
         let mut out: Vec<Result<Applied>> = Vec::with_capacity(entries.len());
         let mut waiting: Vec<(usize, Waiting)> = Vec::new();
         for (index, op) in entries {
+            let op = match op {
+                // Claims change only in serial ops, all applied before this
+                // point: the check sees the claim in the log's order.
+                Op::Guarded { guard, op } => match self.check_guard(&guard) {
+                    Ok(()) if matches!(*op, Op::Append { .. } | Op::Meta { .. }) => *op,
+                    Ok(()) => {
+                        out.push(Err(Error::Config(
+                            "only appends and metadata are guarded".into(),
+                        )));
+                        continue;
+                    }
+                    Err(e) => {
+                        out.push(Err(e));
+                        continue;
+                    }
+                },
+                op => op,
+            };
             if op.is_serial() {
                 for (at, w) in waiting.drain(..) {
                     out[at] = w.outcome().await;
@@ -249,6 +312,7 @@ impl Log {
                 .put_if_absent_here(&space, key, value)
                 .await
                 .map(Applied::Value),
+            Op::Claim(g) => self.claim_here(g).await.map(|()| Applied::Done),
             Op::ReserveProducerIds { count } => {
                 // The block end and the index of the op that set it, in one
                 // value: applied again after a crash, the op finds its own
@@ -292,6 +356,48 @@ impl Log {
             }
             Op::DeleteTopic(name) => self.delete_topic_here(&name).await.map(|_| Applied::Done),
             _ => Err(Error::Config("not an op applied alone".into())),
+        }
+    }
+
+    /// Takes `guard`'s claim: sets its value, so that writes made under an
+    /// earlier claim of the same key are no longer written (in a cluster,
+    /// those applied after this one, whichever node they came from).
+    /// Resolves once applied here: what this node reads then includes every
+    /// write ordered before the claim.
+    pub async fn claim(&self, guard: &Guard) -> Result<()> {
+        super::validate_group(&guard.space)?;
+        self.shared().check_writable()?;
+        let Some(r) = self.replicator() else {
+            return self.claim_here(guard.clone()).await;
+        };
+        self.replicate(r, Op::Claim(guard.clone())).await.map(drop)
+    }
+
+    async fn claim_here(&self, g: Guard) -> Result<()> {
+        // Seen at once by every write checked after this point (writes
+        // already queued were checked before it); durable with the command.
+        self.shared()
+            .store
+            .put_meta(&g.space, &g.key, Some(&g.value))?;
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Meta {
+            space: g.space,
+            entries: vec![(g.key, Some(g.value))],
+            reply,
+        };
+        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Whether `g`'s claim holds.
+    pub(super) fn check_guard(&self, g: &Guard) -> Result<()> {
+        match self.shared().store.get_meta(&g.space, &g.key)? {
+            Some(v) if v == g.value => Ok(()),
+            _ => Err(Error::Superseded(format!(
+                "another writer claimed {} in {} since",
+                String::from_utf8_lossy(&g.key),
+                g.space
+            ))),
         }
     }
 
@@ -459,9 +565,9 @@ impl Log {
             | Op::AlterTopic(_)
             | Op::DeleteTopic(_)
             | Op::ReserveProducerIds { .. }
-            | Op::PutIfAbsent { .. } => {
-                return Err(Error::Config("this op is applied alone".into()))
-            }
+            | Op::PutIfAbsent { .. }
+            | Op::Claim(_)
+            | Op::Guarded { .. } => return Err(Error::Config("this op is applied alone".into())),
         };
         let (cmd, waiting) = cmd_and_waiting;
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tributary_ingest::{self as ingest, Rejection};
-use tributary_storage::{AppendRecord, Error as LogError, Event, MetaEntry};
+use tributary_storage::{AppendRecord, Error as LogError, Event, Guard, MetaEntry};
 
 use super::connection::{not_opened, Out};
 use super::recovery::checkpoint;
-use super::{lock, storage_error, EdgeSlot, SyncCore, META_SPACE};
+use super::{lock, storage_error, superseded, write_error, EdgeSlot, SyncCore, META_SPACE};
 use crate::ranges::RangeSet;
 use crate::wire::{
     self, code, Ack, Batch, ErrorFrame, Frame, Skip, WireRecord, HEADER_EDGE, HEADER_OFFSET,
@@ -136,6 +136,7 @@ pub(super) struct Appender {
 impl Appender {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), ErrorFrame> {
         let max = self.core.inner.config.max_round_bytes;
+        let guard = lock(&self.slot.state).claim.clone();
         let mut pending_meta: Vec<MetaEntry> = Vec::new();
         while let Some(first) = rx.recv().await {
             let mut bytes = first.bytes();
@@ -150,35 +151,37 @@ impl Appender {
                 }
             }
             let meta = std::mem::take(&mut pending_meta);
-            pending_meta = self.round(round, meta).await?;
+            pending_meta = self.round(round, meta, guard.as_ref()).await?;
             if rx.is_empty() && !pending_meta.is_empty() {
                 let meta = std::mem::take(&mut pending_meta);
                 self.core
                     .inner
                     .log
-                    .put_meta(META_SPACE, meta)
+                    .put_meta_guarded(META_SPACE, meta, guard.as_ref())
                     .await
-                    .map_err(storage_error)?;
+                    .map_err(write_error)?;
             }
         }
         if !pending_meta.is_empty() {
             self.core
                 .inner
                 .log
-                .put_meta(META_SPACE, pending_meta)
+                .put_meta_guarded(META_SPACE, pending_meta, guard.as_ref())
                 .await
-                .map_err(storage_error)?;
+                .map_err(write_error)?;
         }
         Ok(())
     }
 
     /// One round: checks every batch against the held ranges, appends what is
     /// new (one append per core topic, `meta` written alongside), updates the
-    /// ranges, acknowledges. Returns the checkpoints to write next.
+    /// ranges, acknowledges. Returns the checkpoints to write next. Every
+    /// write is made under the connection's claim (`guard`).
     async fn round(
         &mut self,
         round: Vec<Work>,
         meta: Vec<MetaEntry>,
+        guard: Option<&Guard>,
     ) -> Result<Vec<MetaEntry>, ErrorFrame> {
         let core = &self.core.inner;
         let mut per_topic: Vec<(String, Vec<AppendRecord>)> = Vec::new();
@@ -310,19 +313,19 @@ impl Appender {
                 batch.push(&topic, i, record);
             }
         }
-        let appends = ingest::append(log, batch);
+        let appends = ingest::append_guarded(log, batch, guard);
         let write_meta = async {
             if meta.is_empty() {
                 Ok(())
             } else {
-                log.put_meta(META_SPACE, meta).await
+                log.put_meta_guarded(META_SPACE, meta, guard).await
             }
         };
         let (results, meta_written) = tokio::join!(appends, write_meta);
         // Topics whose append failed are neither held nor acknowledged; the
         // others are durable and must be both, or the edge would resend them
         // after the connection ends and they would be stored twice.
-        let mut failure = oversize.or(meta_written.err().map(storage_error));
+        let mut failure = oversize.or(meta_written.err().map(write_error));
         let mut failed: Vec<String> = Vec::new();
         let mut ends: HashMap<(String, u32), u64> = HashMap::new();
         for (i, outcome) in results {
@@ -336,6 +339,7 @@ impl Appender {
                 Err(_) if failed.contains(topic) => {}
                 Err(refused) => {
                     let frame = match refused.rejection {
+                        _ if matches!(*refused.error, LogError::Superseded(_)) => superseded(),
                         // A record this core can never store: the edge sets it
                         // aside and goes on (a keyless one for a topic
                         // compacted here is refused as one too large is).
@@ -408,10 +412,10 @@ impl Appender {
         if has_skip {
             // A skip is in no record: its checkpoint must be durable before it is acked.
             let written = log
-                .put_meta(META_SPACE, std::mem::take(&mut checkpoints))
+                .put_meta_guarded(META_SPACE, std::mem::take(&mut checkpoints), guard)
                 .await;
             if let Err(e) = written {
-                failure.get_or_insert(storage_error(e));
+                failure.get_or_insert(write_error(e));
                 skips_durable = false;
             }
         }

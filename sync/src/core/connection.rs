@@ -20,9 +20,10 @@ use tributary_storage::{CleanupPolicy, Error as LogError, MetaEntry, TopicConfig
 use super::appender::{charge, Appender, Work};
 use super::recovery::{checkpoint, edge_key, stream_key, EdgeMeta};
 use super::{
-    lock, now_ms, storage_error, valid_edge_id, EdgeSlot, EdgeStream, OnMessage, Stream, SyncCore,
-    SyncPeer, HELLO_TIMEOUT, MAX_EDGES, MAX_STREAMS_PER_EDGE, MAX_TOPICS_PER_CONNECTION,
-    META_SPACE, ORIGIN_HEADER_ROOM, PIPELINE, QUEUED_BYTES, SEND_STALL, TAKEOVER_TIMEOUT,
+    lock, now_ms, storage_error, valid_edge_id, write_error, EdgeSlot, EdgeStream, OnMessage,
+    Stream, SyncCore, SyncPeer, HELLO_TIMEOUT, MAX_EDGES, MAX_STREAMS_PER_EDGE,
+    MAX_TOPICS_PER_CONNECTION, META_SPACE, ORIGIN_HEADER_ROOM, PIPELINE, QUEUED_BYTES, SEND_STALL,
+    TAKEOVER_TIMEOUT,
 };
 use crate::wire::{self, code, Compaction, ErrorFrame, Frame, Hello, Open, Opened, Welcome};
 
@@ -149,6 +150,10 @@ impl SyncCore {
             })?,
             () = kick.cancelled() => return Err(ErrorFrame::new(code::REPLACED, "a newer connection of this edge took over")),
         };
+        let guard = self.claim(&edge, &slot).await.map_err(|e| match e {
+            crate::Error::Log(e) => write_error(e),
+            e => storage_error(e),
+        })?;
         let reset = {
             let mut st = lock(&slot.state);
             let reset = st.instance != hello.instance;
@@ -165,6 +170,7 @@ impl SyncCore {
                 Vec::new()
             };
             st.connected = true;
+            st.claim = Some(guard);
             st.peer = peer.addr;
             st.since_ms = now_ms();
             st.last_seen_ms = st.since_ms;
@@ -211,10 +217,11 @@ impl SyncCore {
                 edge_key(edge),
                 Some(postcard::to_allocvec(&meta).unwrap_or_default()),
             ));
+            let guard = lock(&slot.state).claim.clone();
             core.log
-                .put_meta(META_SPACE, entries)
+                .put_meta_guarded(META_SPACE, entries, guard.as_ref())
                 .await
-                .map_err(storage_error)?;
+                .map_err(write_error)?;
             let mut st = lock(&slot.state);
             st.instance = instance;
             st.streams.clear();
@@ -436,7 +443,7 @@ impl SyncCore {
         // anything of it is acknowledged: after a crash the core then scans
         // its partition from here, never from records older than the stream
         // (another instance's, for one), and never misses its first rounds.
-        let (held, fresh, mapping) = {
+        let (held, fresh, mapping, guard) = {
             let mut st = lock(&slot.state);
             if !st.streams.contains_key(&(o.topic.clone(), 0))
                 && st.streams.len() + o.partitions as usize > MAX_STREAMS_PER_EDGE
@@ -475,13 +482,13 @@ impl SyncCore {
                     s.held.ranges().to_vec()
                 })
                 .collect();
-            (held, fresh, mapping)
+            (held, fresh, mapping, st.claim.clone())
         };
         if !fresh.is_empty() {
             core.log
-                .put_meta(META_SPACE, fresh)
+                .put_meta_guarded(META_SPACE, fresh, guard.as_ref())
                 .await
-                .map_err(storage_error)?;
+                .map_err(write_error)?;
         }
         let opened = Opened {
             topic: o.topic.clone(),

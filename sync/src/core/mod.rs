@@ -52,7 +52,7 @@ use std::time::Duration;
 use axum::extract::ws::WebSocket;
 use tokio_util::sync::CancellationToken;
 use tributary_devices::auth::Authenticator;
-use tributary_storage::Log;
+use tributary_storage::{Guard, Log};
 
 use crate::ranges::RangeSet;
 use crate::wire::{code, ErrorFrame};
@@ -139,6 +139,8 @@ struct EdgeState {
     since_ms: i64,
     last_seen_ms: i64,
     streams: HashMap<(String, u32), Stream>,
+    /// The claim of the connection taking the edge's writes.
+    claim: Option<Guard>,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +158,10 @@ struct CoreInner {
     config: CoreConfig,
     edges: Mutex<HashMap<String, Arc<EdgeSlot>>>,
     metrics: CoreMetrics,
+    /// This process's part of every claim it takes.
+    claim_prefix: Vec<u8>,
+    /// Claims taken (the other part).
+    claims: std::sync::atomic::AtomicU64,
 }
 
 /// The core's receiver of edge streams; cheap to clone.
@@ -207,4 +213,20 @@ impl futures_util::Stream for EdgeStream {
 
 fn storage_error(e: impl std::fmt::Display) -> ErrorFrame {
     ErrorFrame::new(code::STORAGE, format!("the core cannot store it: {e}"))
+}
+
+/// A write refused: a newer connection of the edge (on this node or
+/// another of the cluster) claimed its streams, or the log failed.
+fn write_error(e: tributary_storage::Error) -> ErrorFrame {
+    match e {
+        tributary_storage::Error::Superseded(_) => superseded(),
+        e => storage_error(e),
+    }
+}
+
+fn superseded() -> ErrorFrame {
+    ErrorFrame::new(
+        code::REPLACED,
+        "a newer connection of this edge took over (here or on another node of the cluster)",
+    )
 }

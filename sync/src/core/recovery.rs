@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tributary_devices::auth::Authenticator;
-use tributary_storage::{Error as LogError, Log, MetaEntry};
+use tributary_storage::{Error as LogError, Guard, Log, MetaEntry};
 
 use super::stats::CoreMetrics;
 use super::{CoreConfig, CoreInner, EdgeSlot, EdgeState, Stream, SyncCore, META_SPACE};
@@ -114,6 +114,62 @@ fn recover_stream(
     Ok(())
 }
 
+/// Every edge's state (or `only` this edge's) as the log holds it: the
+/// checkpoints in its metadata, completed from the records' origin
+/// headers. Also answers the completed checkpoints. Blocking (it reads).
+fn load(
+    log: &Log,
+    only: Option<&str>,
+) -> Result<(HashMap<String, EdgeState>, Vec<MetaEntry>), Error> {
+    let mut edges: HashMap<String, EdgeState> = HashMap::new();
+    for (key, value) in log.meta(META_SPACE)? {
+        let corrupt = |detail: String| Error::Corrupt {
+            key: String::from_utf8_lossy(&key).into_owned(),
+            detail,
+        };
+        if let Some(edge) = key.strip_prefix(b"e/") {
+            let edge = String::from_utf8_lossy(edge).into_owned();
+            if only.is_some_and(|o| o != edge) {
+                continue;
+            }
+            let m: EdgeMeta = postcard::from_bytes(&value).map_err(|e| corrupt(e.to_string()))?;
+            edges.entry(edge).or_default().instance = m.instance;
+        } else if let Some((edge, topic, p)) = parse_stream_key(&key) {
+            if only.is_some_and(|o| o != edge) {
+                continue;
+            }
+            let m: StreamMeta = postcard::from_bytes(&value).map_err(|e| corrupt(e.to_string()))?;
+            let stream = Stream {
+                held: RangeSet::from_ranges(m.held),
+                core_partition: m.core_partition,
+                scan_from: m.scan_from,
+                ..Stream::default()
+            };
+            edges
+                .entry(edge)
+                .or_default()
+                .streams
+                .insert((topic, p), stream);
+        }
+    }
+    let mut checkpoints = Vec::new();
+    for (edge, st) in &mut edges {
+        for ((topic, p), s) in &mut st.streams {
+            let before = s.held.clone();
+            recover_stream(log, edge, topic, *p, s)?;
+            if s.held != before && only.is_none() {
+                tracing::info!(%edge, %topic, partition = p, "sync: completed a checkpoint from the log after a crash");
+            }
+            checkpoints.push(checkpoint(edge, topic, *p, s));
+        }
+    }
+    Ok((edges, checkpoints))
+}
+
+fn blocking_failed(e: tokio::task::JoinError) -> Error {
+    Error::Log(LogError::Io(std::io::Error::other(e.to_string())))
+}
+
 impl SyncCore {
     /// Loads the sync state from the log's metadata and completes it from
     /// the log itself (see the module docs).
@@ -123,47 +179,13 @@ impl SyncCore {
         config: CoreConfig,
     ) -> Result<SyncCore, Error> {
         let scan_log = log.clone();
-        let (edges, checkpoints) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            let log = scan_log;
-            let mut edges: HashMap<String, EdgeState> = HashMap::new();
-            for (key, value) in log.meta(META_SPACE)? {
-                let corrupt = |detail: String| Error::Corrupt {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    detail,
-                };
-                if let Some(edge) = key.strip_prefix(b"e/") {
-                    let m: EdgeMeta =
-                        postcard::from_bytes(&value).map_err(|e| corrupt(e.to_string()))?;
-                    let edge = String::from_utf8_lossy(edge).into_owned();
-                    edges.entry(edge).or_default().instance = m.instance;
-                } else if let Some((edge, topic, p)) = parse_stream_key(&key) {
-                    let m: StreamMeta =
-                        postcard::from_bytes(&value).map_err(|e| corrupt(e.to_string()))?;
-                    let stream = Stream {
-                        held: RangeSet::from_ranges(m.held),
-                        core_partition: m.core_partition,
-                        scan_from: m.scan_from,
-                        ..Stream::default()
-                    };
-                    edges.entry(edge).or_default().streams.insert((topic, p), stream);
-                }
-            }
-            let mut checkpoints = Vec::new();
-            for (edge, st) in &mut edges {
-                for ((topic, p), s) in &mut st.streams {
-                    let before = s.held.clone();
-                    recover_stream(&log, edge, topic, *p, s)?;
-                    if s.held != before {
-                        tracing::info!(%edge, %topic, partition = p, "sync: completed a checkpoint from the log after a crash");
-                    }
-                    checkpoints.push(checkpoint(edge, topic, *p, s));
-                }
-            }
-            Ok((edges, checkpoints))
-        })
-        .await
-        .map_err(|e| Error::Log(LogError::Io(std::io::Error::other(e.to_string()))))??;
-        if !checkpoints.is_empty() {
+        let (edges, checkpoints) = tokio::task::spawn_blocking(move || load(&scan_log, None))
+            .await
+            .map_err(blocking_failed)??;
+        // In a cluster each connection reloads its edge's state when it
+        // claims it, so nothing needs writing here (and a write at start
+        // would wait for a leader).
+        if !checkpoints.is_empty() && !log.is_replicated() {
             log.put_meta(META_SPACE, checkpoints).await?;
         }
         let edges = edges
@@ -183,9 +205,78 @@ impl SyncCore {
                 config,
                 edges: Mutex::new(edges),
                 metrics: CoreMetrics::default(),
+                claim_prefix: claim_prefix(),
+                claims: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
+}
+
+impl SyncCore {
+    /// Claims `edge`'s streams for the connection now taking them, and (in
+    /// a cluster) reloads the edge's state from the log. The claim is a
+    /// write in the log's one order: once it is applied here, this node's
+    /// log holds every write of the edge's earlier connections that will
+    /// ever be written (on any node), and any of them ordered after the
+    /// claim is refused ([`LogError::Superseded`]). So the held ranges
+    /// loaded now are exactly what the log holds for the edge, and stay so
+    /// while this connection appends under the claim.
+    pub(super) async fn claim(&self, edge: &str, slot: &EdgeSlot) -> Result<Guard, Error> {
+        let core = &self.inner;
+        let mut value = core.claim_prefix.clone();
+        value.extend_from_slice(
+            &core
+                .claims
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_be_bytes(),
+        );
+        let guard = Guard {
+            space: META_SPACE.to_owned(),
+            key: claim_key(edge),
+            value,
+        };
+        core.log.claim(&guard).await?;
+        if core.log.is_replicated() {
+            // Another node may have taken this edge's writes since this one
+            // last did: its memory is stale, the log is not.
+            let log = core.log.clone();
+            let only = edge.to_owned();
+            let (mut loaded, _) = tokio::task::spawn_blocking(move || load(&log, Some(&only)))
+                .await
+                .map_err(blocking_failed)??;
+            let fresh = loaded.remove(edge).unwrap_or_default();
+            let mut st = super::lock(&slot.state);
+            st.instance = fresh.instance;
+            let mut streams = fresh.streams;
+            for (k, s) in &mut streams {
+                if let Some(old) = st.streams.get(k) {
+                    s.received = old.received;
+                    s.edge_end = old.edge_end;
+                }
+            }
+            st.streams = streams;
+        }
+        Ok(guard)
+    }
+}
+
+/// What makes this process's claims unlike any other's (on any node, before
+/// or after a restart): a hash with a random key of the time and the pid.
+fn claim_prefix() -> Vec<u8> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish().to_be_bytes().to_vec()
+}
+
+/// The key of an edge's claim ([`SyncCore::claim`]).
+pub(super) fn claim_key(edge: &str) -> Vec<u8> {
+    [b"c/", edge.as_bytes()].concat()
 }
 
 pub(super) fn checkpoint(edge: &str, topic: &str, partition: u32, s: &Stream) -> MetaEntry {
