@@ -59,12 +59,35 @@ pub struct ClusterConfig {
     pub peers: BTreeMap<NodeId, String>,
     /// The leader's heartbeat period.
     pub heartbeat: Duration,
-    /// A follower that heard no leader for this long (up to twice it)
-    /// starts an election.
+    /// A follower that heard no leader for 1.5 times this (the leader's
+    /// lease), plus this to 1.5 times it again, starts an election.
     pub election_timeout: Duration,
     /// A write not acknowledged by a majority within this long fails (its
     /// outcome is then unknown, as for any timed-out write).
     pub write_timeout: Duration,
+    /// This node joins a running cluster: it does not form one with its
+    /// peers, and waits until a voter adds it ([`Cluster::change`]).
+    pub join: bool,
+}
+
+/// A change of the voters, asked of any node and made by the leader.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub enum MembershipChange {
+    /// Node `id`, reached at `address` (its node-to-node port), joins: it
+    /// is replicated to as a learner until it has caught up, then made a
+    /// voter.
+    Add {
+        /// Its id.
+        id: NodeId,
+        /// Its node-to-node address.
+        address: String,
+    },
+    /// Node `id` stops being a voter and leaves the cluster (stop it
+    /// afterwards).
+    Remove {
+        /// Its id.
+        id: NodeId,
+    },
 }
 
 /// Why a cluster node could not start.
@@ -166,8 +189,13 @@ impl Cluster {
         let raft_config = Config {
             cluster_name: "tributary".into(),
             heartbeat_interval: heartbeat,
+            // openraft makes the leader's lease (how long a follower that
+            // heard from it refuses to vote) the longest election timeout,
+            // and a follower waits lease + timeout before it stands: a
+            // narrow spread keeps failover short (the most up-to-date
+            // follower still goes first: one with a shorter log waits more).
             election_timeout_min: election,
-            election_timeout_max: election * 2,
+            election_timeout_max: election + election / 2,
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_payload_entries: 256,
             ..Config::default()
@@ -223,10 +251,19 @@ impl Cluster {
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(node = config.node_id, "cluster: initialized with its peers"),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(e) => return Err(ClusterError::Config(e.to_string())),
+        if config.join {
+            tracing::info!(
+                node = config.node_id,
+                "cluster: joining; waiting for a voter to add this node"
+            );
+        } else {
+            match raft.initialize(members).await {
+                Ok(()) => {
+                    tracing::info!(node = config.node_id, "cluster: initialized with its peers")
+                }
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(ClusterError::Config(e.to_string())),
+            }
         }
         log.replicate_with(Arc::new(Replicating(cluster.clone())))
             .map_err(|e| ClusterError::Config(e.to_string()))?;
@@ -347,16 +384,97 @@ impl Cluster {
                 return Ok(fwd.clone());
             }
         }
-        let addr =
-            self.config.peers.get(&leader).ok_or_else(|| {
-                unavailable(&format!("the leader {leader} is not among the peers"))
-            })?;
+        let addr = self
+            .address_of(leader)
+            .ok_or_else(|| unavailable(&format!("the leader {leader} is not among the peers")))?;
+        let addr = &addr;
         let fwd = Forwarder::connect(addr, 256, self.config.election_timeout)
             .await
             .map(Arc::new)
             .map_err(|e| unavailable(&format!("cannot reach the leader at {addr}: {e}")))?;
         *lock(&self.forwarder) = Some((leader, fwd.clone()));
         Ok(fwd)
+    }
+
+    /// Where node `id` is reached from here: this node's `peers`, else the
+    /// address the membership gives (a node added later).
+    fn address_of(&self, id: NodeId) -> Option<String> {
+        self.config.peers.get(&id).cloned().or_else(|| {
+            self.raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        })
+    }
+
+    /// Changes the voters (on any node: a follower asks the leader). An
+    /// added node is first brought up to date as a learner. Resolves once
+    /// the new membership is committed.
+    pub async fn change(&self, change: MembershipChange) -> Result<(), String> {
+        let leader = self
+            .leader()
+            .await
+            .ok_or_else(|| "no leader is elected".to_owned())?;
+        if leader == self.id {
+            return self.change_here(change).await;
+        }
+        let addr = self
+            .address_of(leader)
+            .ok_or_else(|| format!("the leader {leader} is not among the peers"))?;
+        let peer = network::Peer::new(addr);
+        match peer
+            .call(
+                &network::Rpc::Membership(change),
+                self.config.write_timeout * 6,
+            )
+            .await
+        {
+            Ok(network::Reply::Membership(r)) => r,
+            Ok(_) => Err("the leader answered with another kind of message".into()),
+            Err(e) => Err(format!("the leader {leader} did not answer: {e}")),
+        }
+    }
+
+    async fn change_here(&self, change: MembershipChange) -> Result<(), String> {
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let wanted = match change {
+            MembershipChange::Add { id, address } => {
+                if voters.contains(&id) {
+                    return Err(format!("node {id} is a voter already"));
+                }
+                tracing::info!(node = id, %address, "cluster: adding a node; it catches up as a learner first");
+                self.raft
+                    .add_learner(id, BasicNode::new(address), true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                voters.iter().copied().chain([id]).collect::<BTreeSet<_>>()
+            }
+            MembershipChange::Remove { id } => {
+                if !voters.contains(&id) {
+                    return Err(format!("node {id} is not a voter"));
+                }
+                if voters.len() == 1 {
+                    return Err("the last voter cannot be removed".into());
+                }
+                voters.iter().copied().filter(|v| *v != id).collect()
+            }
+        };
+        self.raft
+            .change_membership(wanted.clone(), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(voters = ?wanted, "cluster: voters changed");
+        Ok(())
     }
 
     /// Proposes `op` as the leader: resolves once handed to Raft, with what
@@ -446,6 +564,13 @@ async fn count_leader_changes(cluster: Arc<Cluster>) {
 }
 
 impl Submit for Cluster {
+    async fn change_as_leader(&self, change: MembershipChange) -> Result<(), String> {
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Err("this node is not the leader".into());
+        }
+        self.change_here(change).await
+    }
+
     async fn submit_as_leader(&self, op: Op) -> Result<network::Applying, Error> {
         if self.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(unavailable("this node is not the leader"));

@@ -41,6 +41,8 @@ pub enum Rpc {
     Vote(VoteRequest<NodeId>),
     /// A write forwarded to the leader.
     Forward(Op),
+    /// A change of voters, asked of the leader.
+    Membership(crate::MembershipChange),
 }
 
 /// Its answer.
@@ -52,6 +54,8 @@ pub enum Reply {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     /// To [`Rpc::Forward`]: what applying it gave, and its index.
     Forward(Result<(Applied, u64), Error>),
+    /// To [`Rpc::Membership`]: done, or why not.
+    Membership(Result<(), String>),
 }
 
 /// Writes one frame: its length, then `msg` in postcard.
@@ -329,6 +333,12 @@ pub trait Submit: Send + Sync + 'static {
         &self,
         op: Op,
     ) -> impl std::future::Future<Output = Result<Applying, Error>> + Send;
+
+    /// Makes a change of voters as the leader.
+    fn change_as_leader(
+        &self,
+        change: crate::MembershipChange,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// Connections the node-to-node port serves at once (each node opens one
@@ -403,6 +413,12 @@ async fn connection<S: Submit>(
                 Rpc::Vote(req) => {
                     let r = raft.vote(req).await;
                     write_frame(&mut *wr.lock().await, &Reply::Vote(r)).await?;
+                }
+                Rpc::Membership(change) => {
+                    // Asked on a connection of its own (`Peer::call`), so
+                    // no forwarded write's answer is owed on this one.
+                    let r = submit.change_as_leader(change).await;
+                    write_frame(&mut *wr.lock().await, &Reply::Membership(r)).await?;
                 }
                 Rpc::Forward(op) => {
                     let pending = match submit.submit_as_leader(op).await {

@@ -139,6 +139,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut s = self.state.lock().await;
         let mut out: Vec<Response> = Vec::new();
         let mut group: Vec<(u64, Op)> = Vec::new();
@@ -192,6 +193,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             self.applied_index.send_replace(last.index);
         }
+        tracing::debug!(entries = out.len(), took = ?started.elapsed(), "cluster: applied");
         Ok(out)
     }
 

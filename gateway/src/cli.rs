@@ -89,6 +89,15 @@ pub enum Command {
         #[command(flatten)]
         node: AdminApi,
     },
+    #[cfg(feature = "client")]
+    /// The core cluster: status, add a node, remove a node.
+    Cluster {
+        /// Which cluster operation.
+        #[command(subcommand)]
+        op: ClusterOp,
+        #[command(flatten)]
+        node: AdminApi,
+    },
     /// Development certificates for the TLS listeners.
     Tls {
         /// Which certificate to write.
@@ -371,6 +380,26 @@ pub enum ConnectorsOp {
     Restart {
         /// Connector name.
         name: String,
+    },
+}
+
+/// `cluster` operations (on any node of the cluster).
+#[derive(Debug, Subcommand)]
+pub enum ClusterOp {
+    /// Leader, term, and each node: role, address, replication lag.
+    Status,
+    /// Add a node (started with `cluster.join = true`): it catches up as a
+    /// learner, then becomes a voter.
+    Add {
+        /// Its node id.
+        id: u64,
+        /// Its node-to-node address (`host:port`, its `cluster.listen`).
+        address: String,
+    },
+    /// Remove a voter (stop the node afterwards).
+    Remove {
+        /// Its node id.
+        id: u64,
     },
 }
 

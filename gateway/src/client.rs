@@ -111,6 +111,55 @@ impl ApiClient {
     }
 }
 
+/// `tributary cluster …`.
+pub async fn cluster(
+    url: &str,
+    admin_token: Option<String>,
+    op: crate::cli::ClusterOp,
+) -> anyhow::Result<()> {
+    use crate::cli::ClusterOp;
+    let api = ApiClient::new(url)?.with_token(admin_token);
+    let status = match op {
+        ClusterOp::Status => api.get("/v1/cluster").await?,
+        ClusterOp::Add { id, address } => {
+            let body = serde_json::json!({"id": id, "address": address});
+            api.post("/v1/cluster/nodes", &body).await?
+        }
+        ClusterOp::Remove { id } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/v1/cluster/nodes/{id}"),
+                None,
+            )
+            .await?
+        }
+    };
+    println!(
+        "node {} ({}), leader {}, term {}, applied {}",
+        status["node_id"],
+        status["role"].as_str().unwrap_or("?"),
+        status["leader"],
+        status["term"],
+        status["applied_index"]
+    );
+    println!(
+        "{:>6} {:<10} {:<28} {:>12} {:>8}",
+        "NODE", "ROLE", "ADDRESS", "MATCH", "LAG"
+    );
+    for n in status["nodes"].as_array().into_iter().flatten() {
+        let or_dash = |v: &Value| v.as_u64().map_or("-".to_owned(), |x| x.to_string());
+        println!(
+            "{:>6} {:<10} {:<28} {:>12} {:>8}",
+            n["id"],
+            n["role"].as_str().unwrap_or("?"),
+            n["address"].as_str().unwrap_or("?"),
+            or_dash(&n["match_index"]),
+            or_dash(&n["lag"])
+        );
+    }
+    Ok(())
+}
+
 /// `tributary devices …`.
 pub async fn devices(url: &str, admin_token: Option<String>, op: DevicesOp) -> anyhow::Result<()> {
     use reqwest::Method;

@@ -1,15 +1,18 @@
 //! `GET /v1/cluster`: the cluster as this node sees it (roles, term, each
 //! node's replication lag on the leader); 404 `not_a_cluster` on a single
-//! node. And the cluster's metrics.
+//! node. `POST /v1/cluster/nodes` (`{"id", "address"}`) adds a voter and
+//! `DELETE /v1/cluster/nodes/{id}` removes one, on any node (admin with
+//! device auth). And the cluster's metrics.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Json;
-use tributary_cluster::Cluster;
+use serde::Deserialize;
+use tributary_cluster::{Cluster, MembershipChange};
 use tributary_http::{ApiError, Router};
 use tributary_telemetry::{Kind, MetricsSource, Text};
 
@@ -17,18 +20,78 @@ use tributary_telemetry::{Kind, MetricsSource, Text};
 pub fn routes(cluster: Option<Arc<Cluster>>) -> Router {
     Router::new()
         .route("/v1/cluster", get(status))
+        .route("/v1/cluster/nodes", axum::routing::post(add))
+        .route("/v1/cluster/nodes/{id}", delete(remove))
         .with_state(cluster)
+}
+
+fn not_a_cluster() -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_a_cluster",
+        "this node is a single core: set [cluster] to run it as one of a cluster",
+    )
+    .into_response()
 }
 
 async fn status(State(cluster): State<Option<Arc<Cluster>>>) -> Response {
     match cluster {
         Some(c) => Json(c.status()).into_response(),
-        None => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_a_cluster",
-            "this node is a single core: set [cluster] to run it as one of a cluster",
+        None => not_a_cluster(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewNode {
+    id: u64,
+    address: String,
+}
+
+async fn add(
+    State(cluster): State<Option<Arc<Cluster>>>,
+    body: Result<Json<NewNode>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(c) = cluster else {
+        return not_a_cluster();
+    };
+    let Json(n) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
+                .into_response()
+        }
+    };
+    if n.id == 0 || n.address.is_empty() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a node needs an id ≥ 1 and its node-to-node address",
         )
-        .into_response(),
+        .into_response();
+    }
+    changed(
+        &c,
+        MembershipChange::Add {
+            id: n.id,
+            address: n.address,
+        },
+    )
+    .await
+}
+
+async fn remove(State(cluster): State<Option<Arc<Cluster>>>, Path(id): Path<u64>) -> Response {
+    match cluster {
+        Some(c) => changed(&c, MembershipChange::Remove { id }).await,
+        None => not_a_cluster(),
+    }
+}
+
+/// Makes the change; answers the status after it, or 409 with why not.
+async fn changed(c: &Cluster, change: MembershipChange) -> Response {
+    match c.change(change).await {
+        Ok(()) => Json(c.status()).into_response(),
+        Err(why) => ApiError::new(StatusCode::CONFLICT, "membership_refused", why).into_response(),
     }
 }
 

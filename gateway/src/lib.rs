@@ -123,6 +123,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Connectors { op, node } => {
             client::connectors(&node.url, node.admin_token, op).await
         }
+        #[cfg(feature = "client")]
+        Command::Cluster { op, node } => client::cluster(&node.url, node.admin_token, op).await,
         Command::Tls { op } => tls_command(op),
         #[cfg(feature = "client")]
         Command::Bench { target } => match target {

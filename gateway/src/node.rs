@@ -107,6 +107,33 @@ impl RunningNode {
     }
 }
 
+/// The log cannot take writes now: in a cluster, while a leader is being
+/// elected (the write's outcome is unknown).
+fn unavailable(e: &LogError) -> bool {
+    matches!(e, LogError::Unwritable(_))
+}
+
+/// Runs a write made at start. In a cluster it may fail while the leader
+/// changes; the writes made at start are idempotent (a topic created or
+/// found, a key put unless it has one), so it is tried again, for 30 s.
+async fn at_start<T, E, F, Fut>(clustered: bool, retry_on: fn(&E) -> bool, mut f: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match f().await {
+            Err(e) if clustered && retry_on(&e) && started.elapsed() < Duration::from_secs(30) => {
+                tracing::info!(error = %e, "a write at start failed while the cluster is unavailable; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Opens the log, declares topics, binds every listener and starts serving.
 /// Returns once the node accepts connections.
 pub async fn start(
@@ -145,9 +172,11 @@ pub async fn start(
     } else {
         None
     };
+    let clustered = cluster.is_some();
     for t in &config.topics {
         let wanted = config.topic_config(t);
-        match log.create_topic(wanted.clone()).await {
+        let created = at_start(clustered, unavailable, || log.create_topic(wanted.clone())).await;
+        match created {
             Ok(_) => {}
             Err(LogError::TopicExists(_)) => {
                 let have = log.topic(&t.name)?.config;
@@ -180,14 +209,16 @@ pub async fn start(
             .register(Arc::new(crate::cluster_link::ClusterMetrics(c.clone())));
     }
     cx.budget = tributary_frontend::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
+    let registry_config = RegistryConfig {
+        enforce: config.auth.mode == AuthMode::Devices,
+        admin_token: config.auth.admin_token.clone(),
+        token_key: config.auth.token_key.clone(),
+    };
     let registry = Arc::new(
-        Registry::open(
-            log.clone(),
-            RegistryConfig {
-                enforce: config.auth.mode == AuthMode::Devices,
-                admin_token: config.auth.admin_token.clone(),
-                token_key: config.auth.token_key.clone(),
-            },
+        at_start(
+            clustered,
+            |e| matches!(e, tributary_devices::Error::Storage(e) if unavailable(e)),
+            || Registry::open(log.clone(), registry_config.clone()),
         )
         .await
         .context("cannot open the device registry")?,

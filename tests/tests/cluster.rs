@@ -1,7 +1,7 @@
 //! The core cluster with real processes on loopback: `tributary core` nodes
 //! started with the same peers form a cluster by themselves; writes on any
 //! node are acknowledged once a majority holds them. While writers go on,
-//! the faults: the leader killed -9 again and again; the leader cut off
+//! the faults: the leader killed -9 ten times; the leader cut off
 //! from the majority (it must acknowledge nothing, and what it took then
 //! must vanish); a follower stalled, then one wiped; two of five nodes
 //! killed at once. Between nodes sit fault-injecting proxies, one per
@@ -22,14 +22,29 @@ use serde_json::json;
 
 const T: &str = "events";
 
-/// `n` distinct free ports (held together while chosen).
+/// `n` free ports for the nodes' node-to-node listeners, known before the
+/// nodes start (each node's peers name them). Taken below Linux's
+/// ephemeral range (32768 and up), so no listener bound to port 0 (HTTP,
+/// proxies, tests running beside this one) can take one between the
+/// choice and the node's start; one counter per test process keeps its
+/// tests apart, its start (from the pid) keeps processes apart.
 fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() % 8_000,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = 20_000 + (NEXT.fetch_add(1, Ordering::SeqCst) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// The nodes' places: data directories, node-to-node ports, and (when
@@ -40,6 +55,8 @@ struct Cluster {
     nodes: Vec<Option<ChildNode>>,
     /// `proxies[i][j]`: what node `i` connects through to reach node `j`.
     proxies: Vec<Vec<Option<Proxy>>>,
+    /// The first this many nodes form the cluster; the others join it.
+    members: usize,
 }
 
 impl Cluster {
@@ -49,6 +66,7 @@ impl Cluster {
             ports: free_ports(n),
             nodes: (0..n).map(|_| None).collect(),
             proxies: Vec::new(),
+            members: n,
         }
     }
 
@@ -73,7 +91,9 @@ impl Cluster {
     /// The peers as node `i` sees them: itself where it listens, the
     /// others through its proxies when there are any.
     fn peers(&self, i: usize) -> String {
-        self.ports
+        // A forming node names the members; a joining one, itself too.
+        let known = self.members.max(i + 1);
+        self.ports[..known]
             .iter()
             .enumerate()
             .map(
@@ -109,6 +129,29 @@ impl Cluster {
         self.nodes[i] = Some(node);
     }
 
+    /// Starts node `i` in the background to join the running cluster: it
+    /// serves once a voter has added it and it has caught up.
+    fn start_joining(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
+        let (dir, port, peers) = (self.dirs[i].clone(), self.ports[i], self.peers(i));
+        std::thread::spawn(move || {
+            let id = (i + 1).to_string();
+            let listen = format!("127.0.0.1:{port}");
+            ChildNode::start_mode(
+                "core",
+                &dir,
+                &[
+                    ("TRIBUTARY_CLUSTER__NODE_ID", id.as_str()),
+                    ("TRIBUTARY_CLUSTER__LISTEN", listen.as_str()),
+                    ("TRIBUTARY_CLUSTER__PEERS", peers.as_str()),
+                    ("TRIBUTARY_CLUSTER__JOIN", "true"),
+                    ("TRIBUTARY_CLUSTER__HEARTBEAT_MS", "100"),
+                    ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "500"),
+                    ("TRIBUTARY_CLUSTER__WRITE_TIMEOUT_MS", "4000"),
+                ],
+            )
+        })
+    }
+
     /// Starts node `i` in the background (it serves only once it has
     /// caught up, which may need links that are cut now).
     fn start_later(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
@@ -127,7 +170,7 @@ impl Cluster {
     /// leader, so they cannot start one after the other).
     fn start_all(&mut self) {
         let started: Vec<ChildNode> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..self.dirs.len())
+            let handles: Vec<_> = (0..self.members)
                 .map(|i| {
                     let (dir, port, peers) = (&self.dirs[i], self.ports[i], self.peers(i));
                     s.spawn(move || start_node(dir, i, port, &peers))
@@ -223,7 +266,7 @@ fn start_node(dir: &Path, i: usize, port: u16, peers: &str) -> ChildNode {
             ("TRIBUTARY_CLUSTER__LISTEN", listen.as_str()),
             ("TRIBUTARY_CLUSTER__PEERS", peers),
             ("TRIBUTARY_CLUSTER__HEARTBEAT_MS", "100"),
-            ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "600"),
+            ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "500"),
             ("TRIBUTARY_CLUSTER__WRITE_TIMEOUT_MS", "4000"),
             ("TRIBUTARY_SYNC__HEARTBEAT_MS", "500"),
         ],
@@ -427,8 +470,8 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
     create(&cluster.url((leader + 1) % 3), 3).await;
 
     let writers = Writers::start(3, cluster.urls());
-    for round in 0..3 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    for round in 0..10 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let leader = cluster.leader().await;
         let before = writers.acked();
         assert!(before > 0, "round {round}: nothing acknowledged yet");
@@ -689,6 +732,85 @@ async fn an_edge_forwards_to_the_cluster_exactly_once_through_failovers() {
         let f = check_topic("edge-c", &edge.url, &url, T).await;
         assert_eq!(f.records as u64, produced, "{url}");
     }
+}
+
+/// Membership while writes go on: a fourth node joins (started with
+/// `cluster.join`, added through a follower; it catches up as a learner,
+/// then votes), then the leader is removed and stopped. The three voters
+/// left hold every acknowledged write, identically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_the_leader_leaves_while_writes_go_on() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 4);
+    cluster.members = 3;
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 3).await;
+    let writers = Writers::start(3, cluster.urls());
+    writers.progress(0, 20, "three voters").await;
+
+    let joining = cluster.start_joining(3);
+    let follower = (leader + 1) % 3;
+    let c = client();
+    let (s, st) = common::post(
+        &c,
+        &format!("{}/v1/cluster/nodes", cluster.url(follower)),
+        &json!({"id": 4, "address": format!("127.0.0.1:{}", cluster.ports[3])}),
+    )
+    .await;
+    assert_eq!(s, 200, "add: {st}");
+    cluster.nodes[3] = Some(joining.join().expect("the new node starts"));
+    let (_, st) = get(&c, &format!("{}/v1/cluster", cluster.url(3))).await;
+    let voters: Vec<u64> = st["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["role"] != "learner")
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    assert_eq!(voters, vec![1, 2, 3, 4], "{st}");
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers.progress(before, 20, "four voters").await;
+    // Adding a voter twice is refused with the reason.
+    let (s, st) = common::post(
+        &c,
+        &format!("{}/v1/cluster/nodes", cluster.url(3)),
+        &json!({"id": 4, "address": format!("127.0.0.1:{}", cluster.ports[3])}),
+    )
+    .await;
+    assert_eq!(s, 409, "{st}");
+
+    let leader = cluster.leader().await;
+    let other = (0..4).find(|&i| i != leader).expect("another node");
+    let r = c
+        .delete(format!(
+            "{}/v1/cluster/nodes/{}",
+            cluster.url(other),
+            leader + 1
+        ))
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    cluster.nodes[leader].as_mut().expect("up").kill9();
+    cluster.nodes[leader] = None;
+    writers.to(cluster.urls());
+    let next = cluster.leader().await;
+    assert_ne!(next, leader);
+    let before = writers.acked();
+    writers.progress(before, 20, "after the leader left").await;
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+    let (_, st) = get(&c, &format!("{}/v1/cluster", cluster.url(next))).await;
+    let ids: Vec<u64> = st["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    assert_eq!(ids.len(), 3, "{st}");
+    assert!(!ids.contains(&(leader as u64 + 1)), "{st}");
 }
 
 /// Five nodes lose two at once (the leader and a follower): the three

@@ -23,11 +23,16 @@ pub struct ClusterSection {
     pub peers: Vec<String>,
     /// The leader's heartbeat period.
     pub heartbeat_ms: u64,
-    /// Election timeout (a follower that heard no leader for this long, up
-    /// to twice it, starts an election).
+    /// Election timeout: a follower that heard no leader for 1.5 times it
+    /// (the leader's lease), plus this to 1.5 times it again, starts an
+    /// election.
     pub election_timeout_ms: u64,
     /// A write not acknowledged by a majority within this long fails.
     pub write_timeout_ms: u64,
+    /// Join a running cluster instead of forming one with `peers`: the
+    /// node waits until a voter adds it (`tributary cluster add`). Its
+    /// `peers` name itself and the nodes it can reach.
+    pub join: bool,
 }
 
 impl Default for ClusterSection {
@@ -36,9 +41,10 @@ impl Default for ClusterSection {
             node_id: 0,
             listen: "0.0.0.0:9190".into(),
             peers: Vec::new(),
-            heartbeat_ms: 100,
-            election_timeout_ms: 300,
+            heartbeat_ms: 50,
+            election_timeout_ms: 250,
             write_timeout_ms: 10_000,
+            join: false,
         }
     }
 }
@@ -112,6 +118,7 @@ impl Config {
             heartbeat: Duration::from_millis(c.heartbeat_ms),
             election_timeout: Duration::from_millis(c.election_timeout_ms),
             write_timeout: Duration::from_millis(c.write_timeout_ms),
+            join: c.join,
         }
     }
 }

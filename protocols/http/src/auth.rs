@@ -262,7 +262,8 @@ pub(crate) async fn authenticate(
                 || path == "/v1/connectors"
                 || path.starts_with("/v1/connectors/")
                 || path == "/v1/pipelines"
-                || path.starts_with("/v1/pipelines/")));
+                || path.starts_with("/v1/pipelines/")
+                || path.starts_with("/v1/cluster/")));
     if let (true, Some(reg)) = (admin || admin_route, &state.cx.devices) {
         // Admin-token checks are slowed like logins: a source that guessed
         // wrong waits before any answer, right or wrong.
@@ -293,7 +294,7 @@ pub(crate) async fn authenticate(
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the device admin API and, with device auth, /metrics, /v1/connectors and /v1/pipelines take the admin token: Authorization: Bearer ADMIN_TOKEN",
+                "the device admin API and, with device auth, /metrics, /v1/connectors, /v1/pipelines and /v1/cluster/nodes take the admin token: Authorization: Bearer ADMIN_TOKEN",
             )
             .into_response();
             resp.headers_mut().insert(
