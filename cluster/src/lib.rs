@@ -68,6 +68,8 @@ pub struct ClusterConfig {
     /// This node joins a running cluster: it does not form one with its
     /// peers, and waits until a voter adds it ([`Cluster::change`]).
     pub join: bool,
+    /// Mutual TLS between nodes, if on.
+    pub tls: Option<network::NodeTls>,
 }
 
 /// A change of the voters, asked of any node and made by the leader.
@@ -121,6 +123,9 @@ pub struct Cluster {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     leader_changes: std::sync::atomic::AtomicU64,
     gate: Arc<gate::Gate>,
+    /// From a write handed to the cluster to its acknowledgement (a
+    /// majority has it on disk and the node that took it applied it).
+    write_latency: tributary_telemetry::Histogram,
 }
 
 /// One node as the cluster status shows it.
@@ -214,6 +219,7 @@ impl Cluster {
             Arc::new(raft_config),
             network::Network {
                 peers: config.peers.clone(),
+                tls: config.tls.clone(),
             },
             store,
             sm,
@@ -234,6 +240,7 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
             gate: gate.clone(),
+            write_latency: tributary_telemetry::Histogram::new(&tributary_storage::COMMIT_BUCKETS),
         });
         let tasks = vec![
             tokio::spawn(network::serve(
@@ -241,6 +248,7 @@ impl Cluster {
                 raft.clone(),
                 cluster.clone(),
                 gate,
+                config.tls.clone(),
             )),
             tokio::spawn(propose(cluster.clone(), rx)),
             tokio::spawn(count_leader_changes(cluster.clone())),
@@ -304,6 +312,12 @@ impl Cluster {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// Writes acknowledged on this node, by the time each took from being
+    /// handed to the cluster to its acknowledgement.
+    pub fn write_latency(&self) -> &tributary_telemetry::Histogram {
+        &self.write_latency
     }
 
     /// The status as this node sees it.
@@ -388,10 +402,15 @@ impl Cluster {
             .address_of(leader)
             .ok_or_else(|| unavailable(&format!("the leader {leader} is not among the peers")))?;
         let addr = &addr;
-        let fwd = Forwarder::connect(addr, 256, self.config.election_timeout)
-            .await
-            .map(Arc::new)
-            .map_err(|e| unavailable(&format!("cannot reach the leader at {addr}: {e}")))?;
+        let fwd = Forwarder::connect(
+            addr,
+            256,
+            self.config.election_timeout,
+            self.config.tls.as_ref(),
+        )
+        .await
+        .map(Arc::new)
+        .map_err(|e| unavailable(&format!("cannot reach the leader at {addr}: {e}")))?;
         *lock(&self.forwarder) = Some((leader, fwd.clone()));
         Ok(fwd)
     }
@@ -424,7 +443,7 @@ impl Cluster {
         let addr = self
             .address_of(leader)
             .ok_or_else(|| format!("the leader {leader} is not among the peers"))?;
-        let peer = network::Peer::new(addr);
+        let peer = network::Peer::new(addr, self.config.tls.clone());
         match peer
             .call(
                 &network::Rpc::Membership(change),
@@ -589,6 +608,7 @@ struct Replicating(Arc<Cluster>);
 impl Replicator for Replicating {
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, Error>> + Send + '_>> {
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let (answer, rx) = oneshot::channel();
             self.0
                 .queue
@@ -597,6 +617,7 @@ impl Replicator for Replicating {
                 .map_err(|_| unavailable("the node is shutting down"))?;
             let mut applied = self.0.applied.clone();
             let timeout = self.0.config.write_timeout;
+            let cluster = self.0.clone();
             let pending: Pending = Box::pin(async move {
                 let (outcome, index) = tokio::time::timeout(timeout, rx)
                     .await
@@ -604,6 +625,7 @@ impl Replicator for Replicating {
                     .unwrap_or_else(|_| Err(unavailable("the write was dropped")))?;
                 // Readers on this node see it once it is applied here too.
                 let _ = tokio::time::timeout(timeout, applied.wait_for(|i| *i >= index)).await;
+                cluster.write_latency.observe(started.elapsed(), 1);
                 Ok(outcome)
             });
             Ok(pending)

@@ -1,5 +1,8 @@
 //! Node to node: TCP on `cluster.listen`, postcard frames (a 4-byte
 //! big-endian length, then the message; at most [`MAX_FRAME`] bytes).
+//! With [`NodeTls`], every connection is mutual TLS: each node presents its
+//! certificate and accepts only peers whose certificate the nodes' CA
+//! signed; a connection that does not complete the handshake is closed.
 //!
 //! - Raft's own calls (append entries, vote) go one at a time on a
 //!   connection per replication stream, each under openraft's deadline.
@@ -58,6 +61,15 @@ pub enum Reply {
     Membership(Result<(), String>),
 }
 
+impl Rpc {
+    /// A vote request no node grants (term 0, from node 0): every node
+    /// answers it and nothing changes, so it tells whether a node-to-node
+    /// port takes a connection (tests, probes).
+    pub fn probe() -> Rpc {
+        Rpc::Vote(VoteRequest::new(openraft::Vote::new(0, 0), None))
+    }
+}
+
 /// Writes one frame: its length, then `msg` in postcard.
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
@@ -93,17 +105,65 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
     postcard::from_bytes(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// TLS between nodes: one certificate per node, used as server and as
+/// client, and the CA that signed every node's (`[tls]` `cert`, `key`,
+/// `client_ca`).
+#[derive(Clone)]
+pub struct NodeTls {
+    /// Accepts peers: requires a client certificate the CA signed.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Dials peers: trusts the CA, presents this node's certificate.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeTls")
+    }
+}
+
+/// A connection between nodes: TCP, or TLS over TCP.
+pub trait Link: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link for T {}
+
+/// How long a TLS handshake between nodes may take.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Connects to the node at `addr` (`host:port`), over TLS when given: the
+/// peer's certificate must name `host`.
+pub async fn dial(addr: &str, tls: Option<&NodeTls>) -> io::Result<Box<dyn Link>> {
+    let stream = TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let stream = tokio::time::timeout(HANDSHAKE, connector.connect(name, stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    Ok(Box::new(stream))
+}
+
 /// One request at a time to a node, over a connection kept between calls.
 pub struct Peer {
     addr: String,
-    conn: Mutex<Option<TcpStream>>,
+    tls: Option<NodeTls>,
+    conn: Mutex<Option<Box<dyn Link>>>,
 }
 
 impl Peer {
     /// A peer at `addr` (`host:port`); connects on the first call.
-    pub fn new(addr: String) -> Peer {
+    pub fn new(addr: String, tls: Option<NodeTls>) -> Peer {
         Peer {
             addr,
+            tls,
             conn: Mutex::new(None),
         }
     }
@@ -113,9 +173,7 @@ impl Peer {
         let mut conn = self.conn.lock().await;
         let result = tokio::time::timeout(deadline, async {
             if conn.is_none() {
-                let s = TcpStream::connect(&self.addr).await?;
-                let _ = s.set_nodelay(true);
-                *conn = Some(s);
+                *conn = Some(dial(&self.addr, self.tls.as_ref()).await?);
             }
             let s = conn
                 .as_mut()
@@ -140,6 +198,8 @@ impl Peer {
 pub struct Network {
     /// This node's `peers`: id → `host:port`.
     pub peers: BTreeMap<NodeId, String>,
+    /// TLS between nodes, if on.
+    pub tls: Option<NodeTls>,
 }
 
 /// A replication stream's client.
@@ -159,6 +219,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                     .get(&target)
                     .cloned()
                     .unwrap_or_else(|| node.addr.clone()),
+                self.tls.clone(),
             ),
         }
     }
@@ -233,11 +294,15 @@ impl Forwarder {
     /// Connects to the leader at `addr` (within `deadline`) and starts the
     /// connection's task. Requests queue (at most `depth` waiting to be
     /// written).
-    pub async fn connect(addr: &str, depth: usize, deadline: Duration) -> io::Result<Forwarder> {
-        let stream = tokio::time::timeout(deadline, TcpStream::connect(addr))
+    pub async fn connect(
+        addr: &str,
+        depth: usize,
+        deadline: Duration,
+        tls: Option<&NodeTls>,
+    ) -> io::Result<Forwarder> {
+        let stream = tokio::time::timeout(deadline, dial(addr, tls))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting timed out"))??;
-        let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::channel(depth);
         tokio::spawn(forward_loop(stream, rx, depth));
         Ok(Forwarder { tx })
@@ -266,8 +331,8 @@ pub(crate) fn unavailable(why: &str) -> Error {
     Error::Unwritable(format!("the cluster cannot take writes now: {why}"))
 }
 
-async fn forward_loop(stream: TcpStream, mut rx: mpsc::Receiver<(Op, Answer)>, depth: usize) {
-    let (mut rd, mut wr) = stream.into_split();
+async fn forward_loop(stream: Box<dyn Link>, mut rx: mpsc::Receiver<(Op, Answer)>, depth: usize) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
     // Answers owed, in the order the requests were written.
     let owed: Arc<std::sync::Mutex<VecDeque<Answer>>> = Arc::default();
     let (room_tx, mut room) = mpsc::channel::<()>(depth.max(1));
@@ -347,7 +412,13 @@ pub trait Submit: Send + Sync + 'static {
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// Serves other nodes on `listener` until the task is dropped.
-pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>, gate: Arc<Gate>) {
+pub async fn serve<S: Submit>(
+    listener: TcpListener,
+    raft: Raft,
+    submit: Arc<S>,
+    gate: Arc<Gate>,
+    tls: Option<NodeTls>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -359,9 +430,26 @@ pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>,
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (raft, submit, gate) = (raft.clone(), submit.clone(), gate.clone());
+        let (raft, submit, gate, tls) = (raft.clone(), submit.clone(), gate.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, raft, submit, gate).await {
+            let link: Box<dyn Link> = match tls {
+                None => Box::new(stream),
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+                    match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "cluster port: a TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "cluster port: a TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = connection(link, raft, submit, gate).await {
                 tracing::debug!(error = %e, "cluster connection closed");
             }
             drop(slot);
@@ -370,12 +458,12 @@ pub async fn serve<S: Submit>(listener: TcpListener, raft: Raft, submit: Arc<S>,
 }
 
 async fn connection<S: Submit>(
-    stream: TcpStream,
+    stream: Box<dyn Link>,
     raft: Raft,
     submit: Arc<S>,
     gate: Arc<Gate>,
 ) -> io::Result<()> {
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = tokio::io::split(stream);
     let wr = Arc::new(Mutex::new(wr));
     // Forwarded writes are answered in order by one task per connection.
     let (owed_tx, mut owed_rx) = mpsc::channel::<Applying>(1024);

@@ -122,6 +122,11 @@ impl MetricsSource for ClusterMetrics {
             "the last index applied to this node's log",
             s.applied_index.unwrap_or(0),
         );
+        self.0.write_latency().render(
+            out,
+            "tributary_cluster_write_seconds",
+            "writes acknowledged on this node: from being handed to the cluster to a majority having them on disk and this node having applied them",
+        );
         let lags: Vec<(u64, u64)> = s
             .nodes
             .iter()

@@ -158,13 +158,15 @@ pub async fn start(
                 "`[cluster]` is set, but only cores form a cluster (run `tributary core`)"
             );
         }
-        let c = tributary_cluster::Cluster::start(
-            config.cluster_config(),
-            log.clone(),
-            &config.data_dir,
-        )
-        .await
-        .context("cannot start the cluster node")?;
+        let mut cluster_config = config.cluster_config();
+        if let Some(files) = config.cluster_tls_files() {
+            let (server, client) = tributary_frontend::tls::node_configs(&files)
+                .context("cannot load the certificates of TLS between nodes")?;
+            cluster_config.tls = Some(tributary_cluster::network::NodeTls { server, client });
+        }
+        let c = tributary_cluster::Cluster::start(cluster_config, log.clone(), &config.data_dir)
+            .await
+            .context("cannot start the cluster node")?;
         tracing::info!(node = c.id(), listen = %config.cluster.listen, "cluster node started; waiting for a leader");
         c.ready().await;
         tracing::info!(node = c.id(), "cluster node caught up");
@@ -207,6 +209,11 @@ pub async fn start(
     if let Some(c) = &cluster {
         cx.metrics
             .register(Arc::new(crate::cluster_link::ClusterMetrics(c.clone())));
+        let status = c.clone();
+        cx.stats.register(
+            "cluster",
+            Arc::new(move || serde_json::to_value(status.status()).unwrap_or_default()),
+        );
     }
     cx.budget = tributary_frontend::budget::MemoryBudget::new(config.limits.max_buffered_bytes);
     let registry_config = RegistryConfig {

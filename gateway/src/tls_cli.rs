@@ -59,7 +59,12 @@ pub fn self_signed(out: &Path, hosts: &[String], days: u32) -> anyhow::Result<Ve
         .with_context(|| format!("invalid --host among {hosts:?}"))?
         .subject_alt_names;
     server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Client use too: the same certificate serves a core cluster's
+    // node-to-node TLS, where each node dials the others with it.
+    server_params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     server_params.use_authority_key_identifier_extension = true;
     let server_key = KeyPair::generate().context("generating the server key")?;
     let server = server_params

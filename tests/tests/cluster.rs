@@ -57,6 +57,8 @@ struct Cluster {
     proxies: Vec<Vec<Option<Proxy>>>,
     /// The first this many nodes form the cluster; the others join it.
     members: usize,
+    /// More environment for every node.
+    extra: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -67,6 +69,7 @@ impl Cluster {
             nodes: (0..n).map(|_| None).collect(),
             proxies: Vec::new(),
             members: n,
+            extra: Vec::new(),
         }
     }
 
@@ -125,7 +128,7 @@ impl Cluster {
 
     /// Starts node `i` (0-based) again after a kill.
     fn start(&mut self, i: usize) {
-        let node = start_node(&self.dirs[i], i, self.ports[i], &self.peers(i));
+        let node = start_node(&self.dirs[i], i, self.ports[i], &self.peers(i), &self.extra);
         self.nodes[i] = Some(node);
     }
 
@@ -133,30 +136,17 @@ impl Cluster {
     /// serves once a voter has added it and it has caught up.
     fn start_joining(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
         let (dir, port, peers) = (self.dirs[i].clone(), self.ports[i], self.peers(i));
-        std::thread::spawn(move || {
-            let id = (i + 1).to_string();
-            let listen = format!("127.0.0.1:{port}");
-            ChildNode::start_mode(
-                "core",
-                &dir,
-                &[
-                    ("TRIBUTARY_CLUSTER__NODE_ID", id.as_str()),
-                    ("TRIBUTARY_CLUSTER__LISTEN", listen.as_str()),
-                    ("TRIBUTARY_CLUSTER__PEERS", peers.as_str()),
-                    ("TRIBUTARY_CLUSTER__JOIN", "true"),
-                    ("TRIBUTARY_CLUSTER__HEARTBEAT_MS", "100"),
-                    ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "500"),
-                    ("TRIBUTARY_CLUSTER__WRITE_TIMEOUT_MS", "4000"),
-                ],
-            )
-        })
+        let mut extra = self.extra.clone();
+        extra.push(("TRIBUTARY_CLUSTER__JOIN".into(), "true".into()));
+        std::thread::spawn(move || start_node(&dir, i, port, &peers, &extra))
     }
 
     /// Starts node `i` in the background (it serves only once it has
     /// caught up, which may need links that are cut now).
     fn start_later(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
         let (dir, port, peers) = (self.dirs[i].clone(), self.ports[i], self.peers(i));
-        std::thread::spawn(move || start_node(&dir, i, port, &peers))
+        let extra = self.extra.clone();
+        std::thread::spawn(move || start_node(&dir, i, port, &peers, &extra))
     }
 
     /// Every link between `a` and `b` goes silent.
@@ -173,7 +163,8 @@ impl Cluster {
             let handles: Vec<_> = (0..self.members)
                 .map(|i| {
                     let (dir, port, peers) = (&self.dirs[i], self.ports[i], self.peers(i));
-                    s.spawn(move || start_node(dir, i, port, &peers))
+                    let extra = &self.extra;
+                    s.spawn(move || start_node(dir, i, port, &peers, extra))
                 })
                 .collect();
             handles
@@ -255,22 +246,18 @@ impl Cluster {
 }
 
 /// Starts node `i` (0-based) of a cluster with these peers.
-fn start_node(dir: &Path, i: usize, port: u16, peers: &str) -> ChildNode {
-    let id = (i + 1).to_string();
-    let listen = format!("127.0.0.1:{port}");
-    ChildNode::start_mode(
-        "core",
-        dir,
-        &[
-            ("TRIBUTARY_CLUSTER__NODE_ID", id.as_str()),
-            ("TRIBUTARY_CLUSTER__LISTEN", listen.as_str()),
-            ("TRIBUTARY_CLUSTER__PEERS", peers),
-            ("TRIBUTARY_CLUSTER__HEARTBEAT_MS", "100"),
-            ("TRIBUTARY_CLUSTER__ELECTION_TIMEOUT_MS", "500"),
-            ("TRIBUTARY_CLUSTER__WRITE_TIMEOUT_MS", "4000"),
-            ("TRIBUTARY_SYNC__HEARTBEAT_MS", "500"),
-        ],
-    )
+fn start_node(
+    dir: &Path,
+    i: usize,
+    port: u16,
+    peers: &str,
+    extra: &[(String, String)],
+) -> ChildNode {
+    let extra: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    common::start_cluster_node(dir, i + 1, port, peers, &extra)
 }
 
 /// What the writers sent: every value tried, and those acknowledged.
@@ -492,6 +479,19 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
     check(&cluster, &h, &BTreeSet::new(), 3).await;
     let (_, st) = get(&client(), &format!("{}/v1/cluster", cluster.url(0))).await;
     assert_eq!(st["nodes"].as_array().map(Vec::len), Some(3), "{st}");
+    // Every node took writes from the writers since its last start and
+    // timed each one it acknowledged.
+    for url in cluster.urls() {
+        let n = common::metric(&url, "tributary_cluster_write_seconds_count", None).await;
+        let within = common::metric(
+            &url,
+            "tributary_cluster_write_seconds_bucket{le=\"+Inf\"}",
+            None,
+        )
+        .await;
+        assert_eq!(n, within, "{url}: the +Inf bucket counts every write");
+        assert!(n > 0, "{url}: no write timed");
+    }
 }
 
 /// Faults between live nodes, one after the other under writers: the
@@ -892,4 +892,121 @@ async fn garbage_on_the_node_to_node_port_closes_that_connection_only() {
         .await;
         assert_eq!(s, 200, "node {}: {b}", i + 1);
     }
+}
+
+/// Development certificates from the node binary (`tributary tls
+/// self-signed`): a CA, and a node certificate for 127.0.0.1 it signed.
+fn certificates(dir: &Path) -> PathBuf {
+    let status = std::process::Command::new(common::NODE_BIN)
+        .args(["tls", "self-signed", "--out"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run tributary tls self-signed");
+    assert!(status.success(), "tributary tls self-signed: {status}");
+    dir.to_owned()
+}
+
+/// Whether a node answers a vote probe sent over `link`.
+async fn answers<L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut link: L) -> bool {
+    use tributary_cluster::network::{read_frame, write_frame, Reply, Rpc};
+    if write_frame(&mut link, &Rpc::probe()).await.is_err() {
+        return false;
+    }
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), read_frame::<_, Reply>(&mut link)).await;
+    matches!(reply, Ok(Ok(Reply::Vote(_))))
+}
+
+/// Whether the node-to-node port at `port` answers a TLS client with
+/// `dir`'s certificate (`server.pem`) that trusts `ca`'s CA.
+async fn answers_over_tls(port: u16, dir: &Path, ca: &Path) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca.join("ca.pem")).expect("ca.pem") {
+        roots.add(c.expect("a CA certificate")).expect("add the CA");
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .expect("server.pem")
+        .map(|c| c.expect("a certificate"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem")).expect("the key");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    match tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    {
+        Ok(tls) => answers(tls).await,
+        Err(_) => false, // refused in the handshake
+    }
+}
+
+/// Mutual TLS between nodes (`cluster.tls`): three nodes whose
+/// certificates one CA signed form the cluster and replicate writes; the
+/// node-to-node port answers nothing to plain bytes or to a client whose
+/// certificate another CA signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_speak_mutual_tls_and_refuse_other_peers() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let ours = certificates(&root.path().join("tls"));
+    let theirs = certificates(&root.path().join("other-ca"));
+    let mut cluster = Cluster::new(root.path(), 3);
+    let file = |name: &str| ours.join(name).display().to_string();
+    cluster.extra = vec![
+        ("TRIBUTARY_TLS__CERT".into(), file("server.pem")),
+        ("TRIBUTARY_TLS__KEY".into(), file("server-key.pem")),
+        ("TRIBUTARY_TLS__CLIENT_CA".into(), file("ca.pem")),
+        ("TRIBUTARY_CLUSTER__TLS".into(), "true".into()),
+        ("TRIBUTARY_HTTP__TLS_LISTEN".into(), "127.0.0.1:0".into()),
+        ("TRIBUTARY_MQTT__TLS_LISTEN".into(), "127.0.0.1:0".into()),
+        ("TRIBUTARY_AMQP__TLS_LISTEN".into(), "127.0.0.1:0".into()),
+        ("TRIBUTARY_KAFKA__TLS_LISTEN".into(), "127.0.0.1:0".into()),
+    ];
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url((leader + 1) % 3), 3).await;
+    let writers = Writers::start(3, cluster.urls());
+    writers.progress(0, 60, "over TLS").await;
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+
+    for port in cluster.ports.clone() {
+        // A node's own kind of certificate: the probe is answered (so the
+        // refusals below are TLS refusing, not a port that answers nobody).
+        assert!(
+            answers_over_tls(port, &ours, &ours).await,
+            "port {port}: no answer over TLS with a certificate of the nodes' CA"
+        );
+        // Plain TCP: no answer.
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        assert!(!answers(tcp).await, "port {port}: answered over plain TCP");
+        // Another CA's certificate (trusting the nodes' CA, so the client
+        // side would go on): no answer.
+        assert!(
+            !answers_over_tls(port, &theirs, &ours).await,
+            "port {port}: answered a certificate of another CA"
+        );
+    }
+    // The cluster still takes writes.
+    let (s, b) = common::post(
+        &client(),
+        &format!("{}/v1/topics/{T}/records", cluster.url(leader)),
+        &json!({"records": [{"value": "after the strangers"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
 }

@@ -6,6 +6,8 @@
 //! `target/dashboard.png`. A second scenario runs an edge forwarding to a
 //! core and checks the store-and-forward cards (connected, lag while the core
 //! is down, the core's list of edges), saving `target/dashboard-sync.png`.
+//! A third runs a core cluster of three and checks the Cluster card before
+//! and after the leader is killed -9, saving `target/dashboard-cluster.png`.
 //! Ignored by plain `cargo test`; `scripts/test` installs chromium and
 //! chromium-driver and runs it.
 
@@ -1050,4 +1052,124 @@ fn dashboard_shows_store_and_forward() {
         assert!(errors.is_empty(), "script errors in the page: {errors:#?}");
         save_screenshot(&browser, "dashboard-sync-core.png").await;
     });
+}
+
+/// The Cluster card's role, leader, term, leader changes and nodes.
+const CLUSTER_SHOWS: &str = r#"
+const { leader, changes } = arguments[0];
+const card = document.getElementById('cluster-card');
+if (!card || card.hidden) return 'the Cluster card is hidden';
+const text = id => document.getElementById(id).textContent.trim();
+const nodes = text('cluster-nodes');
+if (text('cluster-leader') !== String(leader)) return `leader '${text('cluster-leader')}'`;
+if (Number(text('cluster-changes')) < changes) return `leader changes '${text('cluster-changes')}'`;
+for (const id of [1, 2, 3]) {
+  if (!new RegExp(`(^|· )${id} (leader|follower)`).test(nodes)) return `nodes '${nodes}'`;
+}
+if (!/^\d+$/.test(text('cluster-node'))) return `node '${text('cluster-node')}'`;
+if (text('durability') !== 'majority') return `durability '${text('durability')}'`;
+return /^(leader|follower)$/.test(text('cluster-role')) || `role '${text('cluster-role')}'`;
+"#;
+
+/// Three cores forming a cluster; the dashboard of one shows the Cluster
+/// card (its role, the leader, the term, each node); after the leader is
+/// killed -9, a survivor's dashboard shows the new leader and the change.
+#[test]
+#[ignore = "needs chromium and chromium-driver (scripts/test installs them)"]
+fn dashboard_shows_the_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Node-to-node ports known before the nodes start, below the ephemeral
+    // range (no port-0 listener can take one meanwhile).
+    let ports: Vec<u16> = {
+        let mut next = 20_000 + (std::process::id() % 10_000) as u16;
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            if TcpListener::bind(("127.0.0.1", next)).is_ok() {
+                ports.push(next);
+            }
+            next += 1;
+        }
+        ports
+    };
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes: Vec<Option<ChildNode>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let (dir, peers, port) =
+                    (dir.path().join(format!("n{i}")), peers.clone(), ports[i]);
+                s.spawn(move || common::start_cluster_node(&dir, i + 1, port, &peers, &[]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| Some(h.join().expect("started")))
+            .collect()
+    });
+    common::runtime().block_on(async {
+        let c = client();
+        let urls: Vec<String> = nodes
+            .iter()
+            .map(|n| n.as_ref().expect("up").url.clone())
+            .collect();
+        // The leader node `i` knows of.
+        let leader_seen_by = |i: usize| {
+            let url = urls[i].clone();
+            let c = c.clone();
+            async move {
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    let (_, st) = common::get(&c, &format!("{url}/v1/cluster")).await;
+                    if let Some(l) = st["leader"].as_u64() {
+                        return l;
+                    }
+                    assert!(Instant::now() < deadline, "no leader: {st}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let leader = leader_seen_by(0).await;
+        let browser = Browser::start().await;
+        let survivor = (leader as usize) % 3; // the node after the leader (0-based)
+        let url = urls[survivor].clone();
+        browser.navigate(&format!("{url}/")).await;
+        browser
+            .wait_for(
+                "the Cluster card with three nodes and the leader",
+                CLUSTER_SHOWS,
+                json!({"leader": leader, "changes": 1}),
+                WAIT,
+            )
+            .await;
+        let before = common::get(&c, &format!("{url}/v1/cluster")).await.1["leader_changes"]
+            .as_u64()
+            .expect("leader changes");
+
+        nodes[leader as usize - 1].as_mut().expect("up").kill9();
+        let deadline = Instant::now() + WAIT;
+        let next = loop {
+            let l = leader_seen_by(survivor).await;
+            if l != leader {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no new leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        browser
+            .wait_for(
+                "the Cluster card with the new leader and one more change",
+                CLUSTER_SHOWS,
+                json!({"leader": next, "changes": before + 1}),
+                WAIT,
+            )
+            .await;
+        let errors = script_errors(&browser).await;
+        assert!(errors.is_empty(), "script errors in the page: {errors:#?}");
+        save_screenshot(&browser, "dashboard-cluster.png").await;
+    });
+    drop(nodes);
 }

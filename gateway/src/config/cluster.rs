@@ -33,6 +33,10 @@ pub struct ClusterSection {
     /// node waits until a voter adds it (`tributary cluster add`). Its
     /// `peers` name itself and the nodes it can reach.
     pub join: bool,
+    /// Mutual TLS between nodes with the `[tls]` files: `cert`/`key` are
+    /// this node's (serverAuth and clientAuth, its address among the
+    /// names), `client_ca` the CA that signed every node's.
+    pub tls: bool,
 }
 
 impl Default for ClusterSection {
@@ -45,6 +49,7 @@ impl Default for ClusterSection {
             election_timeout_ms: 250,
             write_timeout_ms: 10_000,
             join: false,
+            tls: false,
         }
     }
 }
@@ -106,6 +111,27 @@ impl Config {
                 "`cluster.write_timeout_ms` must be at least `cluster.election_timeout_ms`".into(),
             );
         }
+        if c.tls
+            && (self.tls.cert.is_none() || self.tls.key.is_none() || self.tls.client_ca.is_none())
+        {
+            errors.push(
+                "`cluster.tls` needs `tls.cert` and `tls.key` (this node's certificate) and `tls.client_ca` (the CA that signed every node's)".into(),
+            );
+        }
+    }
+
+    /// The files of TLS between nodes (when `cluster.tls` is on and valid).
+    pub fn cluster_tls_files(&self) -> Option<tributary_frontend::tls::TlsFiles> {
+        let t = &self.tls;
+        match (self.cluster.tls, &t.cert, &t.key, &t.client_ca) {
+            (true, Some(cert), Some(key), Some(ca)) => Some(tributary_frontend::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: Some(ca.clone()),
+                require_client_cert: true,
+            }),
+            _ => None,
+        }
     }
 
     /// The cluster node's settings (when [`Config::clustered`]).
@@ -119,6 +145,7 @@ impl Config {
             election_timeout: Duration::from_millis(c.election_timeout_ms),
             write_timeout: Duration::from_millis(c.write_timeout_ms),
             join: c.join,
+            tls: None,
         }
     }
 }

@@ -143,6 +143,42 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The two sides of mutual TLS between a core cluster's nodes, from the
+/// `[tls]` files: each node serves and dials with its one certificate
+/// (which needs both the serverAuth and clientAuth uses, and its node
+/// address among its names), and trusts only `client_ca`, the CA that
+/// signed every node's certificate.
+pub fn node_configs(
+    files: &TlsFiles,
+) -> Result<(Arc<ServerConfig>, Arc<rustls::ClientConfig>), Error> {
+    let Some(ca_path) = files.client_ca.as_deref() else {
+        return Err(Error::NoClientCa);
+    };
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let ca_pem = read(ca_path)?;
+    let required = TlsFiles {
+        require_client_cert: true,
+        ..files.clone()
+    };
+    let server = server_config(&required, &cert_pem, &key_pem, Some(&ca_pem))?;
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(ca_path, &ca_pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| invalid(ca_path, format!("not a usable CA certificate: {e}")))?;
+    }
+    let certs = certificates(&files.cert, &cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid(&files.key, format!("not a valid private key: {e}")))?;
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| invalid(&files.key, format!("unusable as a client certificate: {e}")))?;
+    Ok((server, Arc::new(client)))
+}
+
 /// Serving an expired certificate is allowed (clients will refuse it) but worth a warning.
 fn warn_if_not_valid_now(path: &Path, cert: &CertificateDer<'_>) {
     if let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) {

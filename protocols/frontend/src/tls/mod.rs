@@ -45,7 +45,7 @@ use crate::metrics::{Kind, MetricsSource, Text};
 use crate::Error;
 use config::build;
 
-pub use config::{certificate_identity, server_config};
+pub use config::{certificate_identity, node_configs, server_config};
 pub use listener::{establish, MaybeTls, TlsListener};
 pub use tokio_rustls::server::TlsStream;
 
