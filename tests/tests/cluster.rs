@@ -752,6 +752,26 @@ async fn a_node_joins_and_the_leader_leaves_while_writes_go_on() {
     let joining = cluster.start_joining(3);
     let follower = (leader + 1) % 3;
     let c = client();
+    // Bad requests are refused with 400 and change nothing.
+    let nodes_url = format!("{}/v1/cluster/nodes", cluster.url(follower));
+    for bad in [
+        json!({"id": 0, "address": "127.0.0.1:1"}),
+        json!({"id": 9, "address": ""}),
+        json!({"id": 9, "address": "127.0.0.1:1", "voter": true}),
+        json!("not an object"),
+    ] {
+        let (s, b) = common::post(&c, &nodes_url, &bad).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+        assert_eq!(b["error"]["code"], "bad_request", "{bad}: {b}");
+    }
+    let r = c
+        .post(&nodes_url)
+        .header("content-type", "application/json")
+        .body("{\"id\": 9, \"addr")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400, "a truncated body");
     let (s, st) = common::post(
         &c,
         &format!("{}/v1/cluster/nodes", cluster.url(follower)),
