@@ -70,6 +70,12 @@ pub struct ClusterConfig {
     pub join: bool,
     /// Mutual TLS between nodes, if on.
     pub tls: Option<network::NodeTls>,
+    /// A snapshot is taken once the entries applied since the last one
+    /// weigh this many bytes ([`Op::weight`]), or half the log's stored
+    /// bytes if that is more.
+    pub snapshot_min_bytes: u64,
+    /// Entries kept in the Raft log before the last snapshot.
+    pub snapshot_keep: u64,
 }
 
 /// A change of the voters, asked of any node and made by the leader.
@@ -158,6 +164,11 @@ pub struct ClusterStatus {
     pub last_log_index: Option<u64>,
     /// The last index applied to its log.
     pub applied_index: Option<u64>,
+    /// The last index of its latest snapshot (taken or installed).
+    pub snapshot_index: Option<u64>,
+    /// Its Raft log holds no entry up to this index (they are in the
+    /// snapshot).
+    pub purged_index: Option<u64>,
     /// Times this node saw the leader change since it started.
     pub leader_changes: u64,
     /// Every voter.
@@ -201,7 +212,13 @@ impl Cluster {
             // follower still goes first: one with a shorter log waits more).
             election_timeout_min: election,
             election_timeout_max: election + election / 2,
+            // Taken by `take_snapshots`, by bytes rather than entries.
             snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: config.snapshot_keep,
+            // Sending a chunk, and installing the last: a restore copies
+            // the whole log.
+            install_snapshot_timeout: 120_000,
+            snapshot_max_chunk_size: 1 << 20,
             max_payload_entries: 256,
             ..Config::default()
         }
@@ -211,9 +228,14 @@ impl Cluster {
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let gate =
             Arc::new(gate::Gate::new(&store).map_err(|e| ClusterError::Storage(e.to_string()))?);
-        let sm = state_machine::StateMachine::open(log.clone())
+        let snapshots = dir.join("snapshots");
+        state_machine::finish_install(&log, &snapshots)
+            .await
+            .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let sm = state_machine::StateMachine::open(log.clone(), &snapshots)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let applied = sm.applied_index();
+        let unsnapshotted = sm.unsnapshotted();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
@@ -252,6 +274,12 @@ impl Cluster {
             )),
             tokio::spawn(propose(cluster.clone(), rx)),
             tokio::spawn(count_leader_changes(cluster.clone())),
+            tokio::spawn(take_snapshots(
+                cluster.clone(),
+                log.clone(),
+                unsnapshotted,
+                config.snapshot_min_bytes,
+            )),
         ];
         *lock(&cluster.tasks) = tasks;
         let members: BTreeMap<NodeId, BasicNode> = config
@@ -359,6 +387,8 @@ impl Cluster {
             term: m.current_term,
             last_log_index: last,
             applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
             leader_changes: self
                 .leader_changes
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -558,6 +588,29 @@ async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
             Err(e) => {
                 let _ = answer.send(Err(e));
             }
+        }
+    }
+}
+
+/// Asks for a snapshot once the entries applied since the last one weigh
+/// `min_bytes`, or half the log's stored bytes if that is more: a
+/// snapshot copies the whole log, so the copying stays within about twice
+/// what is written, and the Raft log within half the log (and
+/// `snapshot_keep` entries).
+async fn take_snapshots(
+    cluster: Arc<Cluster>,
+    log: Log,
+    unsnapshotted: Arc<std::sync::atomic::AtomicU64>,
+    min_bytes: u64,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let due = min_bytes.max(log.stored_bytes() / 2);
+        if unsnapshotted.load(std::sync::atomic::Ordering::Relaxed) >= due
+            && cluster.raft.trigger().snapshot().await.is_err()
+        {
+            return;
         }
     }
 }

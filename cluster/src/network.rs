@@ -15,7 +15,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -46,6 +48,8 @@ pub enum Rpc {
     Forward(Op),
     /// A change of voters, asked of the leader.
     Membership(crate::MembershipChange),
+    /// Raft: a chunk of a snapshot.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
 }
 
 /// Its answer.
@@ -59,6 +63,8 @@ pub enum Reply {
     Forward(Result<(Applied, u64), Error>),
     /// To [`Rpc::Membership`]: done, or why not.
     Membership(Result<(), String>),
+    /// To [`Rpc::Snapshot`].
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
 }
 
 impl Rpc {
@@ -271,15 +277,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, openraft::error::InstallSnapshotError>>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(RPCError::Network(NetworkError::new(&io::Error::other(
-            "snapshots are not sent: the Raft log is kept whole",
-        ))))
+        match self.peer.call(&Rpc::Snapshot(rpc), option.hard_ttl()).await {
+            Ok(Reply::Snapshot(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(rpc_error(e)),
+        }
     }
 }
 
@@ -501,6 +511,10 @@ async fn connection<S: Submit>(
                 Rpc::Vote(req) => {
                     let r = raft.vote(req).await;
                     write_frame(&mut *wr.lock().await, &Reply::Vote(r)).await?;
+                }
+                Rpc::Snapshot(req) => {
+                    let r = raft.install_snapshot(req).await;
+                    write_frame(&mut *wr.lock().await, &Reply::Snapshot(r)).await?;
                 }
                 Rpc::Membership(change) => {
                     // Asked on a connection of its own (`Peer::call`), so

@@ -6,18 +6,33 @@
 //! point is recognized by the log's marks and not written twice (see the
 //! storage crate's `replica` module).
 //!
-//! Snapshots are not built yet: the Raft log is never purged, so a node
-//! far behind, or one whose data was wiped, catches up from the log itself.
+//! ## Snapshots
+//! A snapshot is the whole log at one applied index, in one file
+//! (`snapshots/current.snap` in the node's data directory; the storage
+//! crate's `snapshot` module has the format). One is taken once the entries
+//! applied since the last weigh `cluster.snapshot_min_bytes`, or half the
+//! log's stored bytes if that is more. Taking one: the cut (tables
+//! and each partition's end) is made on the state machine's task, between
+//! two applies; the records are copied on a thread while applying goes on.
+//! Once it is durable, openraft drops the Raft log before it (less
+//! `cluster.snapshot_keep` entries). A follower that needs entries no
+//! longer kept receives the file in chunks (`received.snap`), renames it
+//! `install.snap`, and restores its log from it; then it becomes the
+//! node's `current.snap`. A node that stops in the middle of a restore
+//! finds `install.snap` when it starts and restores it again
+//! ([`finish_install`]) before it does anything else.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
-    StorageIOError, StoredMembership,
+    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder,
+    Snapshot, SnapshotMeta, StorageIOError, StoredMembership,
 };
-use tokio::sync::{watch, Mutex};
-use tributary_storage::{Applied, Error, Log, Op};
+use tokio::sync::{watch, Mutex, OwnedMutexGuard};
+use tributary_storage::{Applied, Cut, Error, Log, Op};
 
 use crate::types::{NodeId, Request, Response, StorageError, TypeConfig};
 
@@ -37,6 +52,65 @@ pub struct StateMachine {
     log: Log,
     state: Arc<Mutex<Applying>>,
     applied_index: Arc<watch::Sender<u64>>,
+    snapshots: Arc<Snapshots>,
+    /// What the entries applied since the last snapshot weigh.
+    unsnapshotted: Arc<AtomicU64>,
+}
+
+/// The node's snapshot files.
+struct Snapshots {
+    dir: PathBuf,
+    /// The metadata of `current.snap`, if there is one.
+    current: std::sync::Mutex<Option<SnapshotMeta<NodeId, BasicNode>>>,
+    /// Held while a snapshot is taken or installed: one at a time.
+    busy: Arc<Mutex<()>>,
+    /// Numbers the snapshots taken here.
+    taken: AtomicU64,
+}
+
+const CURRENT: &str = "current.snap";
+const RECEIVED: &str = "received.snap";
+const INSTALL: &str = "install.snap";
+
+fn snapshot_err(
+    meta: Option<&SnapshotMeta<NodeId, BasicNode>>,
+    verb: ErrorVerb,
+    e: &dyn std::fmt::Display,
+) -> StorageError {
+    StorageIOError::new(
+        ErrorSubject::Snapshot(meta.map(SnapshotMeta::signature)),
+        verb,
+        AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Restores the log from `snapshots/install.snap` if a restore was under
+/// way when the node stopped (see the module's docs).
+pub async fn finish_install(log: &Log, dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)?;
+    // Left by a stop in the middle of taking or receiving one.
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("taking-") || name == RECEIVED {
+            std::fs::remove_file(dir.join(&*name))?;
+        }
+    }
+    let install = dir.join(INSTALL);
+    if !install.exists() {
+        return Ok(());
+    }
+    tracing::warn!("cluster: a snapshot's restore was cut short; restoring it again");
+    log.restore(&install).await?;
+    std::fs::rename(&install, dir.join(CURRENT))?;
+    sync_dir(dir)?;
+    Ok(())
 }
 
 fn read_err(e: &(impl std::error::Error + 'static)) -> StorageError {
@@ -44,8 +118,9 @@ fn read_err(e: &(impl std::error::Error + 'static)) -> StorageError {
 }
 
 impl StateMachine {
-    /// The state machine over `log`, where it left off.
-    pub fn open(log: Log) -> Result<StateMachine, StorageError> {
+    /// The state machine over `log`, where it left off; its snapshots in
+    /// `dir`.
+    pub fn open(log: Log, dir: &Path) -> Result<StateMachine, StorageError> {
         let get = |key: &[u8]| log.meta_get(SPACE, key).map_err(|e| read_err(&e));
         let applied: Option<LogId<NodeId>> = match get(APPLIED)? {
             Some(v) => postcard::from_bytes(&v).map_err(|e| read_err(&e))?,
@@ -56,6 +131,11 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         let index = applied.map_or(0, |l| l.index);
+        let current = match tributary_storage::snapshot_header(&dir.join(CURRENT)) {
+            Ok(h) => Some(postcard::from_bytes(&h).map_err(|e| read_err(&e))?),
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(read_err(&e)),
+        };
         Ok(StateMachine {
             log,
             state: Arc::new(Mutex::new(Applying {
@@ -63,7 +143,43 @@ impl StateMachine {
                 membership,
             })),
             applied_index: Arc::new(watch::Sender::new(index)),
+            snapshots: Arc::new(Snapshots {
+                dir: dir.to_owned(),
+                current: std::sync::Mutex::new(current),
+                busy: Arc::new(Mutex::new(())),
+                taken: AtomicU64::new(0),
+            }),
+            unsnapshotted: Arc::default(),
         })
+    }
+
+    /// What the entries applied since the last snapshot weigh (bytes,
+    /// [`Op::weight`]), as it grows.
+    pub fn unsnapshotted(&self) -> Arc<AtomicU64> {
+        self.unsnapshotted.clone()
+    }
+
+    /// The metadata of the last snapshot taken or installed here.
+    fn current(&self) -> Option<SnapshotMeta<NodeId, BasicNode>> {
+        self.snapshots
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `current.snap`, opened for reading.
+    async fn open_current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(meta) = self.current() else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(self.snapshots.dir.join(CURRENT))
+            .await
+            .map_err(|e| snapshot_err(Some(&meta), ErrorVerb::Read, &e))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
     }
 
     /// The index of the last entry applied here, as it moves.
@@ -125,7 +241,7 @@ impl StateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = Self;
+    type SnapshotBuilder = Builder;
 
     async fn applied_state(
         &mut self,
@@ -144,8 +260,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out: Vec<Response> = Vec::new();
         let mut group: Vec<(u64, Op)> = Vec::new();
         let mut slots: Vec<usize> = Vec::new();
+        let mut weight = 0usize;
         for entry in entries {
             let log_id = entry.log_id;
+            weight += match &entry.payload {
+                EntryPayload::Normal(Request(op)) => op.weight(),
+                _ => 64,
+            };
             match entry.payload {
                 EntryPayload::Blank => out.push(Response(Ok(Applied::Done))),
                 EntryPayload::Membership(m) => {
@@ -193,43 +314,218 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             self.applied_index.send_replace(last.index);
         }
+        self.unsnapshotted
+            .fetch_add(weight as u64, Ordering::Relaxed);
         tracing::debug!(entries = out.len(), took = ?started.elapsed(), "cluster: applied");
         Ok(out)
     }
 
+    /// The cut is made here, between two applies (see the module's docs).
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        let busy = self.snapshots.busy.clone().lock_owned().await;
+        let s = self.state.lock().await;
+        self.unsnapshotted.store(0, Ordering::Relaxed);
+        let n = self.snapshots.taken.fetch_add(1, Ordering::SeqCst);
+        let meta = SnapshotMeta {
+            last_log_id: s.applied,
+            last_membership: s.membership.clone(),
+            snapshot_id: format!(
+                "{}-{}-{n}",
+                s.applied.map_or(0, |l| l.leader_id.term),
+                s.applied.map_or(0, |l| l.index)
+            ),
+        };
+        drop(s);
+        let path = self.snapshots.dir.join(format!("taking-{n}.snap"));
+        let cut = postcard::to_allocvec(&meta)
+            .map_err(|e| e.to_string())
+            .and_then(|header| {
+                self.log
+                    .snapshot_cut(&path, &header)
+                    .map_err(|e| e.to_string())
+            });
+        Builder {
+            machine: self.clone(),
+            meta,
+            path,
+            cut: Some(cut),
+            _busy: busy,
+        }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError> {
-        Err(no_snapshots())
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let file = tokio::fs::File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(self.snapshots.dir.join(RECEIVED))
+            .await
+            .map_err(|e| snapshot_err(None, ErrorVerb::Write, &e))?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, BasicNode>,
-        _snapshot: Box<std::io::Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        Err(no_snapshots())
+        let err = |verb, e: &dyn std::fmt::Display| snapshot_err(Some(meta), verb, e);
+        snapshot
+            .sync_all()
+            .await
+            .map_err(|e| err(ErrorVerb::Write, &e))?;
+        drop(snapshot);
+        let _busy = self.snapshots.busy.lock().await;
+        let mut s = self.state.lock().await;
+        let dir = &self.snapshots.dir;
+        let install = dir.join(INSTALL);
+        std::fs::rename(dir.join(RECEIVED), &install)
+            .and_then(|()| sync_dir(dir))
+            .map_err(|e| err(ErrorVerb::Write, &e))?;
+        let started = std::time::Instant::now();
+        self.log
+            .restore(&install)
+            .await
+            .map_err(|e| err(ErrorVerb::Write, &e))?;
+        std::fs::rename(&install, dir.join(CURRENT))
+            .and_then(|()| sync_dir(dir))
+            .map_err(|e| err(ErrorVerb::Write, &e))?;
+        s.applied = meta.last_log_id;
+        s.membership = meta.last_membership.clone();
+        self.unsnapshotted.store(0, Ordering::Relaxed);
+        *self
+            .snapshots
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
+        self.applied_index
+            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            took = ?started.elapsed(),
+            "cluster: installed a snapshot"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(None)
+        self.open_current().await
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+/// A snapshot being taken: the cut is made, the records are copied by
+/// [`RaftSnapshotBuilder::build_snapshot`].
+pub struct Builder {
+    machine: StateMachine,
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    path: PathBuf,
+    cut: Option<Result<Cut, String>>,
+    _busy: OwnedMutexGuard<()>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        Err(no_snapshots())
+        let meta = self.meta.clone();
+        let err = |e: &dyn std::fmt::Display| snapshot_err(Some(&meta), ErrorVerb::Write, e);
+        let cut = match self.cut.take() {
+            Some(Ok(cut)) => cut,
+            Some(Err(e)) => return Err(err(&e)),
+            None => return Err(err(&"built already")),
+        };
+        let started = std::time::Instant::now();
+        let bytes = tokio::task::spawn_blocking(move || cut.finish())
+            .await
+            .map_err(|e| err(&e))?
+            .map_err(|e| err(&e))?;
+        let dir = &self.machine.snapshots.dir;
+        std::fs::rename(&self.path, dir.join(CURRENT))
+            .and_then(|()| sync_dir(dir))
+            .map_err(|e| err(&e))?;
+        *self
+            .machine
+            .snapshots
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes,
+            took = ?started.elapsed(),
+            "cluster: took a snapshot"
+        );
+        match self.machine.open_current().await? {
+            Some(s) => Ok(s),
+            None => Err(err(&"no snapshot after taking one")),
+        }
     }
 }
 
-fn no_snapshots() -> StorageError {
-    StorageIOError::read_snapshot(
-        None,
-        AnyError::error("snapshots are not built: the Raft log is kept whole"),
-    )
-    .into()
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tributary_storage::{AppendRecord, Event, LogConfig, MemStore, TopicConfig};
+
+    fn log() -> Log {
+        Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log")
+    }
+
+    /// A node stopped while restoring a snapshot (`install.snap` is there)
+    /// restores it again when it starts, and removes what a stop left of
+    /// snapshots being taken or received.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_cut_short_is_done_again_at_the_next_start() {
+        let source = log();
+        source
+            .create_topic(TopicConfig::new("t", 2))
+            .await
+            .expect("create");
+        for i in 0..20 {
+            let event = Event::new(format!("e{i}"));
+            source
+                .append(
+                    "t",
+                    vec![AppendRecord {
+                        partition: None,
+                        event,
+                    }],
+                )
+                .await
+                .expect("append");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snaps = dir.path().join("snapshots");
+        std::fs::create_dir_all(&snaps).expect("dir");
+        let cut = source
+            .snapshot_cut(&snaps.join(INSTALL), b"meta")
+            .expect("cut");
+        tokio::task::spawn_blocking(move || cut.finish())
+            .await
+            .expect("join")
+            .expect("finish");
+        std::fs::write(snaps.join("taking-3.snap"), b"half").expect("write");
+        std::fs::write(snaps.join(RECEIVED), b"half").expect("write");
+        let node = log();
+        node.create_topic(TopicConfig::new("mine", 1))
+            .await
+            .expect("create");
+        finish_install(&node, &snaps).await.expect("finish");
+        assert!(node.topic("mine").is_err(), "the node's own topic is gone");
+        for p in 0..2 {
+            assert_eq!(
+                node.offsets("t", p).expect("t"),
+                source.offsets("t", p).expect("t")
+            );
+        }
+        let files: Vec<String> = std::fs::read_dir(&snaps)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, [CURRENT]);
+        // Nothing left to do at the start after.
+        finish_install(&node, &snaps).await.expect("again");
+        assert!(node.topic("t").is_ok());
+    }
 }

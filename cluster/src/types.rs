@@ -1,8 +1,6 @@
 //! The Raft group's types: an entry carries one write of the log (an
 //! [`Op`]); applying it answers what the log answered.
 
-use std::io::Cursor;
-
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use tributary_storage::{Applied, Error, Op};
@@ -26,7 +24,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -1510,6 +1510,18 @@ impl Store for GatedStore {
     fn meta(&self, space: &str) -> tributary_storage::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.inner.meta(space)
     }
+    fn floors(&self) -> tributary_storage::Result<Vec<(String, u32, u64)>> {
+        self.inner.floors()
+    }
+    fn for_each_meta(
+        &self,
+        f: &mut tributary_storage::store::MetaVisitor<'_>,
+    ) -> tributary_storage::Result<()> {
+        self.inner.for_each_meta(f)
+    }
+    fn clear(&self) -> tributary_storage::Result<()> {
+        self.inner.clear()
+    }
     fn sync(&self) -> tributary_storage::Result<()> {
         self.inner.sync()
     }

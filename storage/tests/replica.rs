@@ -571,3 +571,166 @@ async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
         }
     }
 }
+
+/// Writes after a snapshot's cut, while its records are copied: more
+/// records, a new position and metadata, and a topic written to, then
+/// deleted and created again.
+async fn after_the_cut(leader: &Log) {
+    for i in 0..10 {
+        leader
+            .append("t", vec![keyed(None, "late", format!("late {i}"))])
+            .await
+            .expect("append");
+    }
+    append_one(leader, "gone", "written after the cut").await;
+    leader
+        .commit_offsets(
+            "g",
+            vec![GroupOffset {
+                topic: "t".into(),
+                partition: 1,
+                offset: 7,
+            }],
+        )
+        .await
+        .expect("commit");
+    leader
+        .put_meta(
+            "app",
+            vec![(b"a".to_vec(), None), (b"b".to_vec(), Some(b"2".to_vec()))],
+        )
+        .await
+        .expect("meta");
+    leader.delete_topic("gone").await.expect("delete");
+    create(leader, "gone", 1).await;
+    append_one(leader, "gone", "the third gone").await;
+}
+
+/// A node that installs a snapshot of another, then applies the entries
+/// after its cut, holds what the other holds, and keeps it through a
+/// restart; whatever it held before is gone. The records are copied after
+/// the cut while writes go on (a topic is even deleted in between), so the
+/// copy must stop at the cut's ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_a_snapshot_then_the_later_entries_equals_the_leader() {
+    let store = MemStore::new();
+    let leader = mem_log(&store, config());
+    let journal = cluster(vec![leader.clone()]);
+    workload(&leader).await;
+    // Every write was answered, so every op was applied: a quiet point.
+    let cut_at = applied_index(&leader);
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("one.snap");
+    let cut = leader.snapshot_cut(&file, b"header").expect("cut");
+    let gone_ends: Vec<u64> = (0..2)
+        .map(|p| leader.offsets("gone", p).expect("gone").1)
+        .collect();
+    assert!(
+        leader.snapshot_cut(&files.path().join("two"), b"").is_err(),
+        "one snapshot at a time"
+    );
+    after_the_cut(&leader).await;
+    let bytes = tokio::task::spawn_blocking(move || cut.finish())
+        .await
+        .expect("join")
+        .expect("finish");
+    assert!(bytes > 1000, "{bytes} bytes");
+    assert_eq!(
+        tributary_storage::snapshot_header(&file).expect("header"),
+        b"header"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = sled_log(dir.path(), config());
+    create(&node, "junk", 2).await;
+    append_one(&node, "junk", "must go").await;
+    node.put_meta("app", vec![(b"z".to_vec(), Some(b"old".to_vec()))])
+        .await
+        .expect("meta");
+    assert_eq!(node.restore(&file).await.expect("restore"), b"header");
+    assert_eq!(applied_index(&node), cut_at, "the cut's pointer came along");
+    assert!(node.topic("junk").is_err(), "what the node held is gone");
+    for (p, end) in gone_ends.iter().enumerate() {
+        assert_eq!(
+            node.offsets("gone", p as u32).expect("gone").1,
+            *end,
+            "a partition deleted after the cut still ends where the cut saw it"
+        );
+    }
+    let later: Vec<(u64, Op)> = journal
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| *i > cut_at)
+        .cloned()
+        .collect();
+    assert!(later.len() > 10, "{} entries after the cut", later.len());
+    for outcome in apply_recorded(&node, later).await {
+        if let Err(e) = outcome {
+            assert!(matches!(e, Error::Closed), "{e}");
+        }
+    }
+    let expected = state(&leader);
+    if let Some(d) = difference(&state(&node), &expected) {
+        panic!("the restored node differs from the leader: {d}");
+    }
+    assert_eq!(
+        node.meta("app").expect("meta"),
+        vec![(b"b".to_vec(), b"2".to_vec())]
+    );
+    // Appending goes on at the same offsets.
+    let next = node.offsets("t", 0).expect("t").1;
+    assert_eq!(next, leader.offsets("t", 0).expect("t").1);
+    drop(node);
+    let node = sled_log(dir.path(), config());
+    if let Some(d) = difference(&state(&node), &expected) {
+        panic!("the restored node differs after a restart: {d}");
+    }
+    assert!(node.topic("junk").is_err());
+}
+
+/// A damaged or truncated snapshot is refused before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_changes_nothing() {
+    let leader = mem_log(&MemStore::new(), config());
+    create(&leader, "t", 2).await;
+    for i in 0..50 {
+        append_one(&leader, "t", format!("event {i}")).await;
+    }
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("s.snap");
+    let cut = leader.snapshot_cut(&file, b"h").expect("cut");
+    tokio::task::spawn_blocking(move || cut.finish())
+        .await
+        .expect("join")
+        .expect("finish");
+    let whole = std::fs::read(&file).expect("read");
+    let node = mem_log(&MemStore::new(), config());
+    create(&node, "mine", 1).await;
+    append_one(&node, "mine", "kept").await;
+    let flipped = {
+        let mut b = whole.clone();
+        let at = b.len() / 2;
+        b[at] ^= 0x40;
+        b
+    };
+    for (what, bytes) in [
+        ("a flipped byte", flipped),
+        ("cut short", whole[..whole.len() - 9].to_vec()),
+        ("no end", whole[..whole.len() / 3].to_vec()),
+        ("not a snapshot", b"garbage, not a snapshot at all".to_vec()),
+    ] {
+        std::fs::write(&file, &bytes).expect("write");
+        let e = node.restore(&file).await.expect_err(what);
+        assert!(e.to_string().contains("snapshot file"), "{what}: {e}");
+        assert_eq!(read_all(&node, "mine", 0).len(), 1, "{what}: unchanged");
+        assert!(node.topic("t").is_err(), "{what}");
+    }
+    std::fs::write(&file, &whole).expect("write");
+    node.restore(&file).await.expect("the whole file restores");
+    assert_eq!(
+        read_all(&node, "t", 0).len(),
+        read_all(&leader, "t", 0).len()
+    );
+    assert!(node.topic("mine").is_err());
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::{client, get, read_all, ChildNode};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const T: &str = "events";
 
@@ -451,6 +451,8 @@ async fn check(cluster: &Cluster, h: &History, refused: &BTreeSet<String>, parti
 async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::new(root.path(), 3);
+    // Snapshots are taken (and interrupted by kills) throughout.
+    cluster.extra = small_snapshots();
     cluster.start_all();
     let leader = cluster.leader().await;
     // Created through a follower: forwarded to the leader.
@@ -835,6 +837,105 @@ async fn a_node_joins_and_the_leader_leaves_while_writes_go_on() {
 
 /// Five nodes lose two at once (the leader and a follower): the three
 /// left go on, and the two rejoin.
+/// Small snapshots: one once the entries since the last weigh 2 KiB (a few
+/// dozen writes), 10 entries kept before it.
+fn small_snapshots() -> Vec<(String, String)> {
+    vec![
+        (
+            "TRIBUTARY_CLUSTER__SNAPSHOT_MIN_BYTES".into(),
+            "2048".into(),
+        ),
+        ("TRIBUTARY_CLUSTER__SNAPSHOT_KEEP".into(), "10".into()),
+    ]
+}
+
+/// This node's view of the cluster, as `GET /v1/cluster` answers it.
+async fn status(url: &str) -> Value {
+    let (s, st) = get(&client(), &format!("{url}/v1/cluster")).await;
+    assert_eq!(s, 200, "{st}");
+    st
+}
+
+/// With small snapshots the nodes drop their Raft logs behind each one. A
+/// node that was down meanwhile, whose missing entries no log holds any
+/// more, gets the snapshot and then the entries after it; so does one
+/// whose data directory was wiped. Every acknowledged write is then on
+/// every node once, the logs identical offset by offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_behind_the_kept_log_install_a_snapshot() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.extra = small_snapshots();
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 3).await;
+    let writers = Writers::start(3, cluster.urls());
+    writers.progress(0, 30, "three nodes").await;
+
+    let down = (leader + 1) % 3;
+    let had = status(&cluster.url(down)).await["last_log_index"]
+        .as_u64()
+        .expect("an index");
+    cluster.nodes[down].as_mut().expect("up").kill9();
+    cluster.nodes[down] = None;
+    writers.to(cluster.urls());
+    let waited = Instant::now();
+    loop {
+        let st = status(&cluster.url(leader)).await;
+        if st["purged_index"].as_u64().is_some_and(|p| p > had + 1) {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the leader kept its log past {had}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.start(down);
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers
+        .progress(before, 20, "after the node came back")
+        .await;
+    let st = status(&cluster.url(down)).await;
+    assert!(
+        st["snapshot_index"].as_u64().is_some_and(|s| s > had),
+        "the node that was down has no snapshot past {had}: {st}"
+    );
+
+    let wiped = (leader + 2) % 3;
+    cluster.nodes[wiped].as_mut().expect("up").kill9();
+    cluster.nodes[wiped] = None;
+    std::fs::remove_dir_all(&cluster.dirs[wiped]).expect("wipe");
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers.progress(before, 60, "with a node wiped").await;
+    cluster.start(wiped);
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers
+        .progress(before, 20, "after the wiped node came back")
+        .await;
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+    for i in [down, wiped] {
+        let log = std::fs::read_to_string(cluster.dirs[i].join("node.log")).expect("node.log");
+        assert!(
+            log.contains("installed a snapshot"),
+            "node {} caught up without a snapshot",
+            i + 1
+        );
+    }
+    for dir in &cluster.dirs {
+        let mut files: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
+            .expect("snapshots")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["current.snap"], "{}", dir.display());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_go_on_after_losing_two_at_once() {
     let root = tempfile::tempdir().expect("tempdir");

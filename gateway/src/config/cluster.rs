@@ -37,6 +37,14 @@ pub struct ClusterSection {
     /// this node's (serverAuth and clientAuth, its address among the
     /// names), `client_ca` the CA that signed every node's.
     pub tls: bool,
+    /// A snapshot of the log is taken once the entries applied since the
+    /// last one add up to this many bytes, or to half the log's stored
+    /// bytes if that is more; the Raft log is then cut back to
+    /// `snapshot_keep` entries before it. A node further behind, or wiped,
+    /// installs the snapshot.
+    pub snapshot_min_bytes: u64,
+    /// Entries kept in the Raft log before the last snapshot.
+    pub snapshot_keep: u64,
 }
 
 impl Default for ClusterSection {
@@ -50,6 +58,8 @@ impl Default for ClusterSection {
             write_timeout_ms: 10_000,
             join: false,
             tls: false,
+            snapshot_min_bytes: 64 << 20,
+            snapshot_keep: 1_000,
         }
     }
 }
@@ -111,6 +121,9 @@ impl Config {
                 "`cluster.write_timeout_ms` must be at least `cluster.election_timeout_ms`".into(),
             );
         }
+        if c.snapshot_min_bytes < 1024 {
+            errors.push("`cluster.snapshot_min_bytes` must be at least 1024".into());
+        }
         if c.tls
             && (self.tls.cert.is_none() || self.tls.key.is_none() || self.tls.client_ca.is_none())
         {
@@ -146,6 +159,8 @@ impl Config {
             write_timeout: Duration::from_millis(c.write_timeout_ms),
             join: c.join,
             tls: None,
+            snapshot_min_bytes: c.snapshot_min_bytes,
+            snapshot_keep: c.snapshot_keep,
         }
     }
 }

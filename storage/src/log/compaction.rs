@@ -371,7 +371,10 @@ pub(super) fn clean(shared: &Shared, stopper: &Stopper, map: &mut Option<KeyMap>
         .collect();
     for listed in topics {
         for p in 0..listed.partitions.len() {
-            if stopper.sleep(Duration::ZERO) || shared.failed.load(SeqCst) {
+            if stopper.sleep(Duration::ZERO)
+                || shared.failed.load(SeqCst)
+                || shared.snapshotting.load(SeqCst)
+            {
                 return;
             }
             let map =

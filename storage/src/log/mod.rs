@@ -40,6 +40,7 @@ mod producers;
 mod recovery;
 mod replica;
 mod retention;
+mod snapshot;
 mod state;
 mod txns;
 
@@ -49,6 +50,7 @@ pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 pub use producers::{ProducerBatch, ProducerState};
 pub use replica::{Applied, Guard, Op, OpPart, Pending, Replicator};
+pub use snapshot::{snapshot_header, Cut};
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};

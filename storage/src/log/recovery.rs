@@ -74,7 +74,7 @@ pub(super) fn recover_partition(
 /// The producer table as stored, less what the recovered partitions do not
 /// hold: a batch past a partition's end was not durable (the crash came
 /// between its entry and its sync), so its producer will send it again.
-fn recover_producers(
+pub(super) fn recover_producers(
     store: &dyn Store,
     topics: &BTreeMap<String, Arc<TopicState>>,
 ) -> Result<producers::Table> {
@@ -179,6 +179,7 @@ impl Log {
             closed: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             retention: Mutex::new(()),
+            snapshotting: AtomicBool::new(false),
             syncing: AtomicBool::new(false),
             committer_thread: std::sync::OnceLock::new(),
             topic_count: watch::Sender::new(topic_total),

@@ -165,6 +165,33 @@ impl Op {
         )
     }
 
+    /// About how many bytes it adds to a log (its records, or its
+    /// metadata; a small constant for the rest): what a cluster counts to
+    /// decide when to take a snapshot.
+    pub fn weight(&self) -> usize {
+        const SMALL: usize = 64;
+        match self {
+            Op::Append { parts, .. } => {
+                SMALL
+                    + parts
+                        .iter()
+                        .flat_map(|p| &p.chunks)
+                        .map(BatchBuilder::len)
+                        .sum::<usize>()
+            }
+            Op::Meta { entries, .. } => {
+                SMALL
+                    + entries
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>()
+            }
+            Op::PutIfAbsent { key, value, .. } => SMALL + key.len() + value.len(),
+            Op::Guarded { op, .. } => op.weight(),
+            _ => SMALL,
+        }
+    }
+
     /// Applied alone, after the ops before it are written (it reads what
     /// they wrote).
     fn is_serial(&self) -> bool {

@@ -122,6 +122,9 @@ pub(super) struct Shared {
     pub(super) dirty: AtomicBool,
     /// Held for a whole retention pass: two passes at once could write a stale floor.
     pub(super) retention: Mutex<()>,
+    /// Set while a snapshot copies the partitions: no compaction pass
+    /// starts (one could merge batches across the snapshot's ends).
+    pub(super) snapshotting: AtomicBool,
     /// True while the syncer makes a cycle durable.
     pub(super) syncing: AtomicBool,
     /// The committer, woken by the syncer when a sync ends.

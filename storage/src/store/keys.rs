@@ -77,6 +77,22 @@ pub(super) fn parse_group_key(group: &str, key: &[u8], value: &[u8]) -> Option<(
     Some((String::from_utf8(topic.to_vec()).ok()?, partition, offset))
 }
 
+/// (space, key) of a metadata key.
+pub(super) fn split_meta_key(k: &[u8]) -> Option<(&str, &[u8])> {
+    let at = k.iter().position(|&b| b == 0)?;
+    Some((std::str::from_utf8(&k[..at]).ok()?, &k[at + 1..]))
+}
+
+/// (topic, partition) of a floor key.
+pub(super) fn parse_floor_key(k: &[u8]) -> Option<(String, u32)> {
+    let (topic, part) = k.split_at(k.len().checked_sub(5)?);
+    let part = part.strip_prefix(&[0])?;
+    Some((
+        String::from_utf8(topic.to_vec()).ok()?,
+        u32::from_be_bytes(part.try_into().ok()?),
+    ))
+}
+
 pub(super) fn floor_key(topic: &str, partition: u32) -> Vec<u8> {
     let mut k = topic.as_bytes().to_vec();
     k.push(0);

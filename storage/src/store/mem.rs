@@ -9,8 +9,10 @@ use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::keys::{group_key, group_of_key, meta_key, parse_group_key, topic_of_group_key};
-use super::{PartitionStore, Store, StoredBatch};
+use super::keys::{
+    group_key, group_of_key, meta_key, parse_group_key, split_meta_key, topic_of_group_key,
+};
+use super::{MetaVisitor, PartitionStore, Store, StoredBatch};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
 use crate::util::lock;
@@ -38,6 +40,7 @@ enum MemOp {
     Meta(Vec<u8>, Option<Vec<u8>>),
     RemoveTopic(String),
     DropPartitions(String),
+    Clear,
 }
 
 impl MemState {
@@ -89,6 +92,7 @@ impl MemState {
                 self.partitions.retain(|(topic, _), _| *topic != t);
                 self.marks.retain(|(topic, _), _| *topic != t);
             }
+            MemOp::Clear => *self = MemState::default(),
         }
     }
 }
@@ -220,6 +224,7 @@ fn clone_op(op: &MemOp) -> MemOp {
         MemOp::Meta(k, v) => MemOp::Meta(k.clone(), v.clone()),
         MemOp::RemoveTopic(t) => MemOp::RemoveTopic(t.clone()),
         MemOp::DropPartitions(t) => MemOp::DropPartitions(t.clone()),
+        MemOp::Clear => MemOp::Clear,
     }
 }
 
@@ -448,6 +453,37 @@ impl Store for MemStore {
             .take(limit)
             .map(|(k, v)| (k[skip..].to_vec(), v.clone()))
             .collect())
+    }
+
+    fn floors(&self) -> Result<Vec<(String, u32, u64)>> {
+        let g = lock(&self.inner.0);
+        Ok(g.live
+            .floors
+            .iter()
+            .map(|((t, p), s)| (t.clone(), *p, *s))
+            .collect())
+    }
+
+    fn for_each_meta(&self, f: &mut MetaVisitor<'_>) -> Result<()> {
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = {
+            let g = lock(&self.inner.0);
+            g.live
+                .meta
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        for (k, v) in entries {
+            let (space, key) = split_meta_key(&k)
+                .ok_or_else(|| Error::Io(std::io::Error::other("a metadata key has no space")))?;
+            f(space, key, &v)?;
+        }
+        Ok(())
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.write(MemOp::Clear);
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {

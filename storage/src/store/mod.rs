@@ -30,6 +30,9 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::topic::TopicConfig;
 
+/// What [`Store::for_each_meta`] calls with each entry: (space, key, value).
+pub type MetaVisitor<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
+
 /// One stored batch: base offset and value.
 pub type StoredBatch = (u64, Vec<u8>);
 
@@ -126,6 +129,15 @@ pub trait Store: Send + Sync {
     fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
         Ok(self.meta(space)?.into_iter().map(|(k, _)| k).collect())
     }
+    /// Every recorded floor, as (topic, partition, start).
+    fn floors(&self) -> Result<Vec<(String, u32, u64)>>;
+    /// Calls `f` with every metadata entry, as (space, key, value), in key
+    /// order (a snapshot copies them without holding them all).
+    fn for_each_meta(&self, f: &mut MetaVisitor<'_>) -> Result<()>;
+    /// Removes everything: topic configs, partitions, floors, group
+    /// positions, metadata (durable with the next sync). Restoring a
+    /// snapshot starts here.
+    fn clear(&self) -> Result<()>;
     /// Makes every earlier write durable.
     fn sync(&self) -> Result<()>;
     /// Bytes the store occupies on disk (0 in memory).

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::keys::{
-    be, floor_key, group_key, group_of_key, key_offset, meta_key, parse_group_key,
-    partition_tree_prefix, topic_of_group_key, topic_of_tree,
+    be, floor_key, group_key, group_of_key, key_offset, meta_key, parse_floor_key, parse_group_key,
+    partition_tree_prefix, split_meta_key, topic_of_group_key, topic_of_tree,
 };
-use super::{PartitionStore, Store};
+use super::{MetaVisitor, PartitionStore, Store};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
 use crate::util::lock;
@@ -370,6 +370,39 @@ impl Store for SledStore {
             out.push(k[prefix.len()..].to_vec());
         }
         Ok(out)
+    }
+
+    fn floors(&self) -> Result<Vec<(String, u32, u64)>> {
+        let mut out = Vec::new();
+        for item in self.floors.iter() {
+            let (k, v) = item?;
+            let bad = || Error::Io(std::io::Error::other("a floor entry does not decode"));
+            let (topic, partition) = parse_floor_key(&k).ok_or_else(bad)?;
+            out.push((topic, partition, key_offset(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn for_each_meta(&self, f: &mut MetaVisitor<'_>) -> Result<()> {
+        for item in self.meta.iter() {
+            let (k, v) = item?;
+            let (space, key) = split_meta_key(&k)
+                .ok_or_else(|| Error::Io(std::io::Error::other("a metadata key has no space")))?;
+            f(space, key, &v)?;
+        }
+        Ok(())
+    }
+
+    fn clear(&self) -> Result<()> {
+        for tree in [&self.topics, &self.floors, &self.groups, &self.meta] {
+            tree.clear()?;
+        }
+        for name in self.db.tree_names() {
+            if topic_of_tree(&name).is_some() {
+                self.db.drop_tree(name)?;
+            }
+        }
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {

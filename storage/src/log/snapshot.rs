@@ -1,0 +1,465 @@
+//! Snapshots of the whole log, for a replicated log whose older entries are
+//! dropped: a node far behind, or one whose data was wiped, installs a
+//! snapshot, then applies the entries after it.
+//!
+//! ## Taking one: a cut, then the records
+//! [`Log::snapshot_cut`] is called when no replicated op is being applied,
+//! so what it sees is the state after one index of the replicated log. It
+//! writes, at once, everything that is overwritten in place (topic configs,
+//! floors, group positions, metadata) and notes each partition's end.
+//! [`Cut::finish`] then copies each partition's batches below its end,
+//! while the log goes on: what lies below an end only changes by retention
+//! (which removes a prefix) and compaction (which keeps offsets), and what a
+//! node may do to its own copy it may do to a snapshot too. No compaction
+//! pass starts between the cut and the end of the copy, so no batch the copy
+//! takes reaches past an end. Compaction's own progress (`compaction`,
+//! `compaction.pass`) is the node's and stays out: the restored node
+//! compacts from scratch.
+//!
+//! ## The file
+//! `TRIBSNAP` and a version (`u32`, little-endian), then frames: a length
+//! (`u32` LE), a CRC-32 of the body (`u32` LE), the body (an [`Item`] in
+//! postcard). The first item is the caller's header (a Raft snapshot's
+//! metadata), the last says how many came before it: a file cut short or
+//! damaged is refused before anything is changed.
+//!
+//! ## Restoring
+//! [`Log::restore`] checks the whole file, then replaces everything the log
+//! holds (store and memory) by its contents and syncs. It can run again
+//! over its own result (a crash in the middle is repaired by restoring the
+//! same file at the next start). Readers find no topics while it runs.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::recovery::{build_topic, recover_producers};
+use super::state::{PartitionState, Shared, TopicState};
+use super::{compaction, producers, Log};
+use crate::batch::decode_header;
+use crate::error::{Error, Result};
+use crate::store::PartitionStore;
+use crate::topic::TopicConfig;
+use crate::util::lock;
+
+const MAGIC: &[u8; 8] = b"TRIBSNAP";
+const VERSION: u32 = 1;
+/// A frame larger than this is refused as damage (a batch is far smaller).
+const MAX_FRAME: usize = 512 << 20;
+/// Bytes of batches read from a partition at a time.
+const READ_BYTES: usize = 1 << 20;
+
+#[derive(Serialize, Deserialize)]
+enum Item {
+    Header(Vec<u8>),
+    Topic(TopicConfig),
+    Floor {
+        topic: String,
+        partition: u32,
+        start: u64,
+    },
+    Group {
+        group: String,
+        topic: String,
+        partition: u32,
+        offset: u64,
+    },
+    Meta {
+        space: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// The batches after it belong to this partition, which ends at `end`.
+    Partition {
+        topic: String,
+        partition: u32,
+        end: u64,
+    },
+    Batch {
+        base: u64,
+        value: Vec<u8>,
+    },
+    End {
+        items: u64,
+    },
+}
+
+fn damaged(what: impl std::fmt::Display) -> Error {
+    Error::Io(std::io::Error::other(format!("snapshot file: {what}")))
+}
+
+struct Writer {
+    out: BufWriter<File>,
+    items: u64,
+}
+
+impl Writer {
+    fn put(&mut self, item: &Item) -> Result<()> {
+        let body = postcard::to_stdvec(item).map_err(damaged)?;
+        let len = u32::try_from(body.len()).map_err(|_| damaged("an item over 4 GiB"))?;
+        self.out.write_all(&len.to_le_bytes())?;
+        self.out.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+        self.out.write_all(&body)?;
+        self.items += 1;
+        Ok(())
+    }
+}
+
+struct Reader {
+    input: BufReader<File>,
+    items: u64,
+}
+
+impl Reader {
+    fn open(path: &Path) -> Result<Reader> {
+        let mut input = BufReader::new(File::open(path)?);
+        let mut head = [0u8; 12];
+        input
+            .read_exact(&mut head)
+            .map_err(|_| damaged("shorter than its header"))?;
+        if &head[..8] != MAGIC {
+            return Err(damaged("not a snapshot"));
+        }
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if version != VERSION {
+            return Err(damaged(format!(
+                "version {version}, this build reads {VERSION}"
+            )));
+        }
+        Ok(Reader { input, items: 0 })
+    }
+
+    fn next(&mut self) -> Result<Item> {
+        let mut head = [0u8; 8];
+        self.input
+            .read_exact(&mut head)
+            .map_err(|_| damaged("cut short"))?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len > MAX_FRAME {
+            return Err(damaged(format!("an item of {len} bytes")));
+        }
+        let mut body = vec![0u8; len];
+        self.input
+            .read_exact(&mut body)
+            .map_err(|_| damaged("cut short"))?;
+        if crc32fast::hash(&body) != crc {
+            return Err(damaged(format!("item {} fails its checksum", self.items)));
+        }
+        let item: Item = postcard::from_bytes(&body).map_err(damaged)?;
+        if let Item::End { items } = item {
+            if items != self.items {
+                return Err(damaged(format!(
+                    "{} items where the end counts {items}",
+                    self.items
+                )));
+            }
+        }
+        self.items += 1;
+        Ok(item)
+    }
+
+    fn header(&mut self) -> Result<Vec<u8>> {
+        match self.next()? {
+            Item::Header(h) => Ok(h),
+            _ => Err(damaged("no header first")),
+        }
+    }
+}
+
+/// The header a snapshot file was written with.
+pub fn snapshot_header(path: &Path) -> Result<Vec<u8>> {
+    Reader::open(path)?.header()
+}
+
+/// A snapshot begun by [`Log::snapshot_cut`]: the tables are written, the
+/// partitions' records are copied by [`Cut::finish`].
+pub struct Cut {
+    shared: Arc<Shared>,
+    writer: Writer,
+    partitions: Vec<(Arc<TopicState>, Arc<PartitionState>, u64)>,
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        self.shared.snapshotting.store(false, SeqCst);
+    }
+}
+
+impl Log {
+    /// Begins a snapshot in a new file at `path`: `header` first, then the
+    /// log's topic configs, floors, group positions and metadata as they are
+    /// now, and each partition's end. Call it when no op of the replicated
+    /// log is being applied, so that all this is the state after one index.
+    pub fn snapshot_cut(&self, path: &Path, header: &[u8]) -> Result<Cut> {
+        let shared = self.inner.shared.clone();
+        if shared.snapshotting.swap(true, SeqCst) {
+            return Err(Error::Config("a snapshot is being taken already".into()));
+        }
+        // From here the flag is the cut's: dropping it clears the flag.
+        let mut cut = Cut {
+            shared: shared.clone(),
+            writer: Writer {
+                out: BufWriter::new(
+                    File::options()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .open(path)?,
+                ),
+                items: 0,
+            },
+            partitions: Vec::new(),
+        };
+        let w = &mut cut.writer;
+        w.out.write_all(MAGIC)?;
+        w.out.write_all(&VERSION.to_le_bytes())?;
+        w.put(&Item::Header(header.to_vec()))?;
+        let topics: Vec<Arc<TopicState>> = shared
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for t in topics {
+            w.put(&Item::Topic(t.config.clone()))?;
+            for ps in &t.partitions {
+                let end = ps.next.load(SeqCst);
+                cut.partitions.push((t.clone(), ps.clone(), end));
+            }
+        }
+        let store = shared.store.as_ref();
+        for (topic, partition, start) in store.floors()? {
+            w.put(&Item::Floor {
+                topic,
+                partition,
+                start,
+            })?;
+        }
+        for group in store.group_names()? {
+            for (topic, partition, offset) in store.group_offsets(&group)? {
+                w.put(&Item::Group {
+                    group: group.clone(),
+                    topic,
+                    partition,
+                    offset,
+                })?;
+            }
+        }
+        store.for_each_meta(&mut |space, key, value| {
+            if space == compaction::CHECKPOINTS || space == compaction::INTENTS {
+                return Ok(());
+            }
+            w.put(&Item::Meta {
+                space: space.to_owned(),
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+        })?;
+        Ok(cut)
+    }
+
+    /// Replaces everything this log holds by the snapshot at `path` (see the
+    /// module's docs); answers the snapshot's header. The whole file is
+    /// checked before anything changes.
+    pub async fn restore(&self, path: &Path) -> Result<Vec<u8>> {
+        // Whatever was queued is written first: nothing lands after.
+        self.barrier().await?;
+        let shared = self.inner.shared.clone();
+        let path = path.to_owned();
+        let (header, next_id) = tokio::task::spawn_blocking(move || restore(&shared, &path))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        *self.shared().producer_ids.lock().await = (next_id, next_id);
+        Ok(header)
+    }
+}
+
+impl Cut {
+    /// Copies each partition's batches below its end and makes the file
+    /// durable; answers its size in bytes. Blocking: run it on a thread of
+    /// its own.
+    pub fn finish(mut self) -> Result<u64> {
+        let partitions = std::mem::take(&mut self.partitions);
+        for (t, ps, end) in partitions {
+            self.writer.put(&Item::Partition {
+                topic: t.config.name.clone(),
+                partition: ps.id,
+                end,
+            })?;
+            let mut batches = ps.store.read(0, READ_BYTES);
+            'partition: loop {
+                let list = match batches {
+                    Ok(list) => list,
+                    // A topic deleted since the cut: the entries after the
+                    // snapshot delete it on the restored node too.
+                    Err(_) if t.live.deleted.load(SeqCst) => break,
+                    Err(e) => return Err(e),
+                };
+                let Some(last) = list.last().map(|(base, _)| *base) else {
+                    break;
+                };
+                for (base, value) in list {
+                    if base >= end {
+                        break 'partition;
+                    }
+                    self.writer.put(&Item::Batch { base, value })?;
+                }
+                batches = ps.store.read_after(last, READ_BYTES);
+            }
+        }
+        let items = self.writer.items;
+        self.writer.put(&Item::End { items })?;
+        self.writer.out.flush()?;
+        let file = self.writer.out.get_ref();
+        file.sync_all()?;
+        Ok(file.metadata()?.len())
+    }
+}
+
+/// The partition a restore is writing.
+struct Restoring {
+    topic: String,
+    partition: u32,
+    store: Arc<dyn PartitionStore>,
+    /// Where it ended at the cut.
+    end: u64,
+    /// Where its batches written so far end.
+    reached: u64,
+}
+
+/// Reads the whole file, checking every frame and that the items make a
+/// log (valid topic configs, partitions of those topics, batches that
+/// decode, in a partition); answers its header.
+fn check(path: &Path) -> Result<Vec<u8>> {
+    let mut input = Reader::open(path)?;
+    let header = input.header()?;
+    let mut partitions: BTreeMap<String, u32> = BTreeMap::new();
+    let mut in_partition = false;
+    loop {
+        match input.next()? {
+            Item::Header(_) => return Err(damaged("a second header")),
+            Item::Topic(config) => {
+                config.validate().map_err(damaged)?;
+                partitions.insert(config.name.clone(), config.partitions);
+            }
+            Item::Partition {
+                topic, partition, ..
+            } => {
+                if partitions.get(&topic).is_none_or(|n| partition >= *n) {
+                    return Err(damaged(format!(
+                        "partition {partition} of no topic {topic}"
+                    )));
+                }
+                in_partition = true;
+            }
+            Item::Batch { base, value } => {
+                if !in_partition {
+                    return Err(damaged("a batch before its partition"));
+                }
+                decode_header(&value).map_err(|e| damaged(format!("the batch at {base}: {e}")))?;
+            }
+            Item::End { .. } => return Ok(header),
+            Item::Floor { .. } | Item::Group { .. } | Item::Meta { .. } => {}
+        }
+    }
+}
+
+/// The blocking part of [`Log::restore`]: answers the header and the first
+/// producer id free after it.
+fn restore(shared: &Shared, path: &Path) -> Result<(Vec<u8>, i64)> {
+    let header = check(path)?;
+
+    // Retention, the evictor and compaction work on the old partitions.
+    let _pass = lock(&shared.retention);
+    {
+        let mut topics = shared.topics.write().unwrap_or_else(|p| p.into_inner());
+        for t in topics.values() {
+            t.live.deleted.store(true, SeqCst);
+        }
+        topics.clear();
+        shared.topic_count.send_replace(0);
+    }
+    lock(&shared.deleting).clear();
+    let store = shared.store.as_ref();
+    store.clear()?;
+    let mut input = Reader::open(path)?;
+    input.header()?;
+    let mut current: Option<Restoring> = None;
+    let close = |current: &mut Option<Restoring>| -> Result<()> {
+        // A partition whose batches went with its deletion after the cut
+        // still ends where it ended: later entries find their offsets.
+        if let Some(p) = current.take() {
+            if p.reached < p.end {
+                store.put_floor(&p.topic, p.partition, p.end)?;
+            }
+        }
+        Ok(())
+    };
+    loop {
+        match input.next()? {
+            Item::Header(_) => return Err(damaged("a second header")),
+            Item::Topic(config) => store.put_topic(&config)?,
+            Item::Floor {
+                topic,
+                partition,
+                start,
+            } => store.put_floor(&topic, partition, start)?,
+            Item::Group {
+                group,
+                topic,
+                partition,
+                offset,
+            } => store.put_group_offset(&group, &topic, partition, offset)?,
+            Item::Meta { space, key, value } => store.put_meta(&space, &key, Some(&value))?,
+            Item::Partition {
+                topic,
+                partition,
+                end,
+            } => {
+                close(&mut current)?;
+                let store = store.partition(&topic, partition)?;
+                current = Some(Restoring {
+                    topic,
+                    partition,
+                    store,
+                    end,
+                    reached: 0,
+                });
+            }
+            Item::Batch { base, value } => {
+                let Some(p) = current.as_mut() else {
+                    return Err(damaged("a batch before its partition"));
+                };
+                let h = decode_header(&value)
+                    .map_err(|d| super::corruption(&p.topic, p.partition, base, d))?;
+                p.reached = base.saturating_add(h.span);
+                p.store.insert(base, value)?;
+            }
+            Item::End { .. } => break,
+        }
+    }
+    close(&mut current)?;
+    store.sync()?;
+
+    // The state in memory, as when the log opens.
+    let mut topics = BTreeMap::new();
+    for config in store.load_topics()? {
+        let name = config.name.clone();
+        let state = build_topic(store, config, &shared.config.forwarded)?;
+        topics.insert(name, Arc::new(state));
+    }
+    *lock(&shared.producers) = recover_producers(store, &topics)?;
+    let next_id = producers::id_block(store.get_meta(producers::ID_SPACE, b"next")?.as_deref()).0;
+    let count = topics.len();
+    *shared.topics.write().unwrap_or_else(|p| p.into_inner()) = topics;
+    shared.topic_count.send_replace(count);
+    tracing::info!(topics = count, "log restored from a snapshot");
+    Ok((header, next_id))
+}
