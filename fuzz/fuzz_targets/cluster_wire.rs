@@ -3,21 +3,12 @@
 //! malformed append from a peer is refused, never a panic.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use tributary_fuzz::runtime;
 use tributary_cluster::network::{read_frame, write_frame, Reply, Rpc};
 use tributary_storage::{Log, LogConfig, MemStore, Op, TopicConfig};
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-    })
-}
 
 /// A fresh log per input: what an op stores must not pile up across runs.
 async fn log() -> Log {

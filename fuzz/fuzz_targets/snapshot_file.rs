@@ -7,20 +7,11 @@
 #![no_main]
 
 use std::io::Write;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use tributary_fuzz::runtime;
 use tributary_storage::{Log, LogConfig, MemStore, TopicConfig};
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-    })
-}
 
 /// The input's bodies as a framed file.
 fn framed(data: &[u8]) -> Vec<u8> {
