@@ -126,6 +126,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/pipelines/{name}"),
     ("POST", "/v1/pipelines/{name}/pause"),
     ("POST", "/v1/pipelines/{name}/resume"),
+    ("GET", "/v1/cluster"),
+    ("POST", "/v1/cluster/nodes"),
+    ("DELETE", "/v1/cluster/nodes/{id}"),
 ];
 
 /// The OpenAPI 3 document served at `/openapi.json`.
