@@ -265,6 +265,30 @@ fn start_node(
 struct History {
     tried: BTreeSet<String>,
     acked: BTreeSet<String>,
+    /// Every attempt, timed, with the position it was answered with.
+    appends: Vec<Attempt>,
+}
+
+/// One write: by writer `client`, called and answered at these times
+/// (nanoseconds since [`epoch`]); its partition and offset if it was
+/// acknowledged.
+struct Attempt {
+    client: usize,
+    value: String,
+    call: i64,
+    ret: i64,
+    at: Option<(u32, u64)>,
+}
+
+/// The time every history counts from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`].
+fn now_ns() -> i64 {
+    epoch().elapsed().as_nanos() as i64
 }
 
 /// Writes one record per request, to the nodes in turn, until `stop`;
@@ -287,16 +311,37 @@ async fn writer(
         i += 1;
         history.lock().unwrap().tried.insert(value.clone());
         let body = json!({"records": [{"key": format!("k{}", i % 5), "value": value}]});
+        let call = now_ns();
         let sent = c
             .post(format!("{url}/v1/topics/{T}/records"))
             .json(&body)
             .send()
             .await;
-        match sent {
-            Ok(r) if r.status().is_success() => {
-                history.lock().unwrap().acked.insert(value);
+        let answer = match sent {
+            Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+            _ => None,
+        };
+        let ret = now_ns();
+        let at = answer.as_ref().and_then(|a| {
+            let o = &a["offsets"][0];
+            Some((o["partition"].as_u64()? as u32, o["offset"].as_u64()?))
+        });
+        let acked = answer.is_some();
+        {
+            let mut h = history.lock().unwrap();
+            if acked {
+                h.acked.insert(value.clone());
             }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            h.appends.push(Attempt {
+                client: w,
+                value,
+                call,
+                ret,
+                at,
+            });
+        }
+        if !acked {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -1130,4 +1175,189 @@ async fn nodes_speak_mutual_tls_and_refuse_other_peers() {
     )
     .await;
     assert_eq!(s, 200, "{b}");
+}
+
+/// One read of a whole partition, timed: the values in offset order (a gap
+/// in the offsets shows as a value no writer sent, which the checker
+/// refuses).
+struct Read {
+    client: usize,
+    partition: u32,
+    values: Vec<String>,
+    call: i64,
+    ret: i64,
+}
+
+/// Every record of partition `p` on the node at `url`, page by page; `None`
+/// if the node did not answer (killed, or not serving yet).
+async fn try_read(c: &reqwest::Client, url: &str, p: u32) -> Option<Vec<String>> {
+    let mut values = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let page: Value = c
+            .get(format!(
+                "{url}/v1/topics/{T}/partitions/{p}/records?offset={offset}&limit=1000"
+            ))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())?
+            .json()
+            .await
+            .ok()?;
+        let records = page["records"].as_array()?;
+        for r in records {
+            let at = r["offset"].as_u64()?;
+            if at != values.len() as u64 {
+                values.push(format!("a gap before offset {at}"));
+            }
+            values.push(r["value"].as_str()?.to_owned());
+        }
+        offset = page["next_offset"].as_u64()?;
+        if records.is_empty() || offset >= page["end_offset"].as_u64()? {
+            return Some(values);
+        }
+    }
+}
+
+/// Readers reading whole partitions from the running nodes in turn until
+/// `stop`.
+fn start_readers(
+    n: usize,
+    urls: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    partitions: u32,
+) -> Vec<tokio::task::JoinHandle<Vec<Read>>> {
+    (0..n)
+        .map(|k| {
+            let (urls, stop) = (urls.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .expect("client");
+                let mut reads = Vec::new();
+                let mut i = k;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let targets = urls.lock().unwrap().clone();
+                    let url = &targets[i % targets.len()];
+                    let partition = (i as u32 / 2) % partitions;
+                    i += 1;
+                    let call = now_ns();
+                    if let Some(values) = try_read(&c, url, partition).await {
+                        reads.push(Read {
+                            client: 100 + k,
+                            partition,
+                            values,
+                            call,
+                            ret: now_ns(),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                reads
+            })
+        })
+        .collect()
+}
+
+/// The history of writes and reads under leader kills, checked by
+/// porcupine (tests/porcupine): offsets follow the real-time order of
+/// acknowledgements and are never handed out twice, and every read from
+/// any node is a prefix of the log as it was at some moment while the
+/// read ran. A write whose answer was lost counts as answered at the end
+/// if the final log holds it, and as never made if not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs go (runs the porcupine checker in tests/porcupine; scripts/test installs go)"]
+async fn the_history_under_leader_kills_is_linearizable() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.extra = small_snapshots();
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 3).await;
+    let writers = Writers::start(3, cluster.urls());
+    let reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers = start_readers(2, writers.urls.clone(), reading.clone(), 3);
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let leader = cluster.leader().await;
+        let before = writers.acked();
+        cluster.nodes[leader].as_mut().expect("up").kill9();
+        cluster.nodes[leader] = None;
+        writers.to(cluster.urls());
+        cluster.leader().await;
+        writers
+            .progress(before, 1, &format!("round {round}, after the kill"))
+            .await;
+        cluster.start(leader);
+        writers.to(cluster.urls());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    reading.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = Vec::new();
+    for r in readers {
+        reads.extend(r.await.expect("reader"));
+    }
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+
+    // Where each value ended up (the same on every node, `check` says).
+    let final_log = contents(&cluster.url(0), 3).await;
+    let mut found: BTreeMap<&str, (u32, u64)> = BTreeMap::new();
+    for (p, records) in &final_log {
+        for (o, v) in records {
+            found.insert(v.as_str(), (*p, *o));
+        }
+    }
+    let end = now_ns();
+    let mut ops = Vec::new();
+    let mut lost = 0;
+    for a in &h.appends {
+        let (at, ret) = match (a.at, found.get(a.value.as_str())) {
+            (Some(at), stored) => {
+                assert_eq!(stored, Some(&at), "{} was answered with {at:?}", a.value);
+                (at, a.ret)
+            }
+            (None, Some(&at)) => {
+                lost += 1;
+                (at, end)
+            }
+            (None, None) => continue,
+        };
+        ops.push(
+            json!({"client": a.client, "kind": "append", "partition": at.0,
+            "value": a.value, "offset": at.1, "call": a.call, "return": ret}),
+        );
+    }
+    let nonempty = reads.iter().filter(|r| !r.values.is_empty()).count();
+    for r in &reads {
+        ops.push(
+            json!({"client": r.client, "kind": "read", "partition": r.partition,
+            "values": r.values, "call": r.call, "return": r.ret}),
+        );
+    }
+    assert!(nonempty > 10, "only {nonempty} reads returned records");
+    let file = root.path().join("history.json");
+    std::fs::write(&file, serde_json::to_vec(&ops).expect("json")).expect("write");
+    let out = std::process::Command::new("go")
+        .args(["run", "."])
+        .arg(&file)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/porcupine"))
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .expect("go (the porcupine checker) runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "porcupine: {said} ({} appends, {lost} of them answered late, {} reads)",
+        h.appends.len(),
+        reads.len()
+    );
+    assert!(said.contains(": Ok"), "{said}");
+    eprintln!("porcupine: {said}({lost} appends answered late, {nonempty} reads with records)");
 }
