@@ -604,12 +604,29 @@ async fn take_snapshots(
     min_bytes: u64,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut short = false;
     loop {
         tick.tick().await;
-        let due = min_bytes.max(log.stored_bytes() / 2);
-        if unsnapshotted.load(std::sync::atomic::Ordering::Relaxed) >= due
-            && cluster.raft.trigger().snapshot().await.is_err()
-        {
+        let stored = log.stored_bytes();
+        if unsnapshotted.load(std::sync::atomic::Ordering::Relaxed) < min_bytes.max(stored / 2) {
+            continue;
+        }
+        // A snapshot that fails to write stops the node's Raft (openraft
+        // takes a storage error as fatal): take none without room for it.
+        let need = stored + stored / 4 + (64 << 20);
+        if let Some(free) = log.free_disk_bytes().filter(|&free| free < need) {
+            if !short {
+                tracing::warn!(
+                    free,
+                    need,
+                    "cluster: no room for a snapshot; the Raft log grows until there is"
+                );
+            }
+            short = true;
+            continue;
+        }
+        short = false;
+        if cluster.raft.trigger().snapshot().await.is_err() {
             return;
         }
     }

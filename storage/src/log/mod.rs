@@ -1223,6 +1223,18 @@ impl Log {
         self.shared().store.get_meta(space, key)
     }
 
+    /// The entries of a metadata space whose keys are in `from..to`,
+    /// sorted (includes writes not yet durable).
+    pub fn meta_range(
+        &self,
+        space: &str,
+        from: &[u8],
+        to: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        validate_group(space)?;
+        self.shared().store.meta_range(space, from, to, usize::MAX)
+    }
+
     /// The keys of a metadata space, sorted.
     pub fn meta_keys(&self, space: &str) -> Result<Vec<Vec<u8>>> {
         validate_group(space)?;

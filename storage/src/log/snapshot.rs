@@ -49,8 +49,9 @@ use crate::util::lock;
 
 const MAGIC: &[u8; 8] = b"TRIBSNAP";
 const VERSION: u32 = 1;
-/// A frame larger than this is refused as damage (a batch is far smaller).
-const MAX_FRAME: usize = 512 << 20;
+/// A frame larger than this is refused as damage: the largest batch holds
+/// one event of the largest size a topic may allow, plus its framing.
+const MAX_FRAME: usize = crate::topic::MAX_EVENT_BYTES_LIMIT + (1 << 20);
 /// Bytes of batches read from a partition at a time.
 const READ_BYTES: usize = 1 << 20;
 

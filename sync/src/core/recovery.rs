@@ -122,7 +122,23 @@ fn load(
     only: Option<&str>,
 ) -> Result<(HashMap<String, EdgeState>, Vec<MetaEntry>), Error> {
     let mut edges: HashMap<String, EdgeState> = HashMap::new();
-    for (key, value) in log.meta(META_SPACE)? {
+    let entries = match only {
+        None => log.meta(META_SPACE)?,
+        // One edge's keys only: `e/EDGE`, and `s/EDGE NUL …`.
+        Some(edge) => {
+            let key = edge_key(edge);
+            let mut own: Vec<(Vec<u8>, Vec<u8>)> = log
+                .meta_get(META_SPACE, &key)?
+                .map(|v| (key, v))
+                .into_iter()
+                .collect();
+            let from = [b"s/", edge.as_bytes(), b"\0"].concat();
+            let to = [b"s/", edge.as_bytes(), b"\x01"].concat();
+            own.extend(log.meta_range(META_SPACE, &from, &to)?);
+            own
+        }
+    };
+    for (key, value) in entries {
         let corrupt = |detail: String| Error::Corrupt {
             key: String::from_utf8_lossy(&key).into_owned(),
             detail,
