@@ -477,7 +477,7 @@ impl Coordinator {
 
     /// Checks that a member (or a consumer outside the group protocol, with
     /// generation -1 and no member id) may commit offsets now, then commits
-    /// them durably.
+    /// them durably, each with its commit metadata (`metadata` empty: none).
     pub async fn commit(
         &self,
         group: &str,
@@ -485,9 +485,14 @@ impl Coordinator {
         member_id: &str,
         instance_id: Option<&str>,
         offsets: Vec<GroupOffset>,
+        metadata: Vec<String>,
     ) -> Result<Result<(), tributary_storage::Error>, GroupError> {
         self.may_commit(group, generation, member_id, instance_id)?;
-        Ok(self.inner.log.commit_offsets(group, offsets).await)
+        Ok(self
+            .inner
+            .log
+            .commit_offsets_with(group, offsets, metadata)
+            .await)
     }
 
     /// Whether `member_id` at `generation` may commit `group`'s offsets now

@@ -266,18 +266,34 @@ async fn leaving_rebalances_and_only_an_empty_group_is_deleted() {
         partition: 0,
         offset: 0,
     }];
-    c.commit("g", j.generation, &j.member_id, None, offsets.clone())
-        .await
-        .expect("allowed")
-        .expect("stored");
+    c.commit(
+        "g",
+        j.generation,
+        &j.member_id,
+        None,
+        offsets.clone(),
+        Vec::new(),
+    )
+    .await
+    .expect("allowed")
+    .expect("stored");
     assert_eq!(
-        c.commit("g", j.generation - 1, &j.member_id, None, offsets.clone())
-            .await
-            .err(),
+        c.commit(
+            "g",
+            j.generation - 1,
+            &j.member_id,
+            None,
+            offsets.clone(),
+            Vec::new()
+        )
+        .await
+        .err(),
         Some(GroupError::IllegalGeneration)
     );
     assert_eq!(
-        c.commit("g", -1, "", None, offsets.clone()).await.err(),
+        c.commit("g", -1, "", None, offsets.clone(), Vec::new())
+            .await
+            .err(),
         Some(GroupError::UnknownMemberId),
         "a plain commit may not move a live group's positions"
     );
@@ -415,6 +431,7 @@ async fn offsets_are_deleted_only_in_topics_no_member_subscribes_to() {
         &j.member_id,
         None,
         vec![at("t", 0), at("t", 1), at("u", 0), at("u", 1)],
+        Vec::new(),
     )
     .await
     .expect("allowed")

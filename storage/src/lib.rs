@@ -34,7 +34,7 @@ pub use log::{
     snapshot_header, validate_group, AppendOptions, Applied, CompactionInfo, Cut, Durability,
     Forwarded, GroupOffset, Guard, Isolation, Log, LogConfig, Marker, MetaEntry, Op, OpPart,
     PartitionInfo, Pending, ProducerBatch, ProducerState, ReadRange, ReadResult, ReadSink,
-    Replicator, TopicDefaults, TopicInfo,
+    Replicator, TopicDefaults, TopicInfo, MAX_COMMIT_METADATA,
 };
 pub use stats::{StatsSnapshot, TxnEvent, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};

@@ -1479,10 +1479,15 @@ impl Store for GatedStore {
         topic: &str,
         partition: u32,
         offset: u64,
+        metadata: &[u8],
     ) -> tributary_storage::Result<()> {
-        self.inner.put_group_offset(group, topic, partition, offset)
+        self.inner
+            .put_group_offset(group, topic, partition, offset, metadata)
     }
-    fn group_offsets(&self, group: &str) -> tributary_storage::Result<Vec<(String, u32, u64)>> {
+    fn group_offsets(
+        &self,
+        group: &str,
+    ) -> tributary_storage::Result<Vec<tributary_storage::store::GroupPosition>> {
         self.inner.group_offsets(group)
     }
     fn forget_group(&self, group: &str) -> tributary_storage::Result<()> {
@@ -2631,4 +2636,71 @@ async fn delete_records_moves_the_start_exactly_and_durably() {
     assert_eq!(log.delete_records("t", 0, None).await.expect("all"), 100);
     assert!(read_all(&log, "t", 0).is_empty());
     assert_eq!(offsets(&log, "t", 0), (100, 100));
+}
+
+/// A commit's metadata is stored with its position, in the same write:
+/// read back with it, kept across a reopen, replaced by the next commit,
+/// refused over the limit. A position stored before metadata was kept (the
+/// offset alone) reads back with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_metadata_is_kept_with_its_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |partition, offset| GroupOffset {
+        topic: "t".into(),
+        partition,
+        offset,
+    };
+    {
+        let store = SledStore::open(dir.path(), &SledOptions::default()).expect("open");
+        store.put_topic(&TopicConfig::new("t", 2)).expect("topic");
+        // As every position was stored before: the offset alone.
+        store.put_group_offset("old", "t", 0, 0, b"").expect("put");
+        store.sync().expect("sync");
+    }
+    let log = sled_log(dir.path(), config());
+    for i in 0..3 {
+        append_one(&log, "t", format!("e{i}")).await;
+    }
+    log.commit_offsets_with(
+        "g",
+        vec![at(0, 1), at(1, 0)],
+        vec!["stream-time=42".into(), String::new()],
+    )
+    .await
+    .expect("commit");
+    let read = log.group_offsets_with_metadata("g").expect("read");
+    assert_eq!(
+        read,
+        vec![
+            (at(0, 1), "stream-time=42".to_owned()),
+            (at(1, 0), String::new())
+        ]
+    );
+    assert_eq!(
+        log.group_offsets("g").expect("plain"),
+        vec![at(0, 1), at(1, 0)]
+    );
+    assert_eq!(
+        log.group_offsets_with_metadata("old").expect("old"),
+        vec![(at(0, 0), String::new())]
+    );
+    let long = "x".repeat(tributary_storage::MAX_COMMIT_METADATA + 1);
+    assert!(log
+        .commit_offsets_with("g", vec![at(0, 2)], vec![long])
+        .await
+        .is_err());
+    assert!(log
+        .commit_offsets_with("g", vec![at(0, 2), at(1, 1)], vec!["one".into()])
+        .await
+        .is_err());
+    // A plain commit replaces the metadata too.
+    log.commit_offsets("g", vec![at(0, 2)])
+        .await
+        .expect("plain commit");
+    drop(log);
+    let log = sled_log(dir.path(), config());
+    assert_eq!(
+        log.group_offsets_with_metadata("g").expect("reopened"),
+        vec![(at(0, 2), String::new()), (at(1, 0), String::new())]
+    );
 }

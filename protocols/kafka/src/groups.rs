@@ -40,7 +40,7 @@ use kafka_protocol::ResponseError;
 use tributary_devices::auth::Action;
 use tributary_groups::{GroupError, JoinRequest};
 use tributary_ingest::mapping::group_subject;
-use tributary_storage::{Error as LogError, GroupOffset};
+use tributary_storage::{Error as LogError, GroupOffset, MAX_COMMIT_METADATA};
 
 use crate::conn::Session;
 use crate::handlers::{advertised, NODE_ID};
@@ -336,6 +336,7 @@ pub(crate) async fn offset_commit(s: &Session, req: OffsetCommitRequest) -> Offs
     let log = &s.server.cx.log;
     let mut answers: Vec<(TopicName, Vec<CommitAnswer>)> = Vec::new();
     let mut offsets = Vec::new();
+    let mut metadata = Vec::new();
     let group_ok = may_use(s, &group);
     for t in &req.topics {
         let name = t.name.0.to_string();
@@ -355,12 +356,23 @@ pub(crate) async fn offset_commit(s: &Session, req: OffsetCommitRequest) -> Offs
                     Some(ResponseError::UnknownTopicOrPartition.code())
                 } else if p.committed_offset < 0 {
                     Some(ResponseError::OffsetOutOfRange.code())
+                } else if p
+                    .committed_metadata
+                    .as_ref()
+                    .is_some_and(|m| m.len() > MAX_COMMIT_METADATA)
+                {
+                    Some(ResponseError::OffsetMetadataTooLarge.code())
                 } else {
                     offsets.push(GroupOffset {
                         topic: name.clone(),
                         partition: p.partition_index as u32,
                         offset: p.committed_offset as u64,
                     });
+                    metadata.push(
+                        p.committed_metadata
+                            .as_ref()
+                            .map_or_else(String::new, |m| m.to_string()),
+                    );
                     None
                 };
                 (p.partition_index, code)
@@ -381,6 +393,7 @@ pub(crate) async fn offset_commit(s: &Session, req: OffsetCommitRequest) -> Offs
                 &req.member_id,
                 req.group_instance_id.as_deref(),
                 offsets,
+                metadata,
             )
             .await
         {
@@ -415,8 +428,9 @@ pub(crate) async fn offset_commit(s: &Session, req: OffsetCommitRequest) -> Offs
 }
 
 /// One group's committed offsets, as OffsetFetch answers: the partitions
-/// asked for (or every committed one), -1 where nothing is committed.
-type Fetched = Result<Vec<(String, Vec<(i32, i64, i16)>)>, i16>;
+/// asked for (or every committed one) with offset, metadata and error code;
+/// -1 and no metadata where nothing is committed.
+type Fetched = Result<Vec<(String, Vec<(i32, i64, String, i16)>)>, i16>;
 
 /// With `require_stable`, a partition whose offset an open transaction
 /// holds answers UNSTABLE_OFFSET_COMMIT (the client asks again).
@@ -433,13 +447,13 @@ fn fetch_offsets(
         .server
         .cx
         .log
-        .group_offsets(group)
+        .group_offsets_with_metadata(group)
         .map_err(|_| ResponseError::InvalidGroupId.code())?;
     let wanted: Vec<(String, Vec<i32>)> = match topics {
         Some(t) => t,
         None => {
             let mut all: Vec<(String, Vec<i32>)> = Vec::new();
-            for o in &committed {
+            for (o, _) in &committed {
                 match all.last_mut() {
                     Some((t, ps)) if *t == o.topic => ps.push(o.partition as i32),
                     _ => all.push((o.topic.clone(), vec![o.partition as i32])),
@@ -457,16 +471,20 @@ fn fetch_offsets(
                 .into_iter()
                 .map(|p| {
                     if !readable {
-                        return (p, -1, ResponseError::TopicAuthorizationFailed.code());
+                        let code = ResponseError::TopicAuthorizationFailed.code();
+                        return (p, -1, String::new(), code);
                     }
                     if require_stable && s.server.offsets_pending(group, &topic, p) {
-                        return (p, -1, ResponseError::UnstableOffsetCommit.code());
+                        let code = ResponseError::UnstableOffsetCommit.code();
+                        return (p, -1, String::new(), code);
                     }
-                    let offset = committed
+                    match committed
                         .iter()
-                        .find(|o| o.topic == topic && o.partition as i32 == p)
-                        .map_or(-1, |o| o.offset as i64);
-                    (p, offset, 0)
+                        .find(|(o, _)| o.topic == topic && o.partition as i32 == p)
+                    {
+                        Some((o, metadata)) => (p, o.offset as i64, metadata.clone(), 0),
+                        None => (p, -1, String::new(), 0),
+                    }
                 })
                 .collect();
             (topic, parts)
@@ -501,12 +519,12 @@ pub(crate) fn offset_fetch(
                                     .with_partitions(
                                         parts
                                             .into_iter()
-                                            .map(|(p, o, code)| {
+                                            .map(|(p, o, m, code)| {
                                                 OffsetFetchResponsePartitions::default()
                                                     .with_partition_index(p)
                                                     .with_committed_offset(o)
                                                     .with_committed_leader_epoch(-1)
-                                                    .with_metadata(Some(StrBytes::default()))
+                                                    .with_metadata(Some(st(&m)))
                                                     .with_error_code(code)
                                             })
                                             .collect(),
@@ -537,11 +555,11 @@ pub(crate) fn offset_fetch(
                 .with_partitions(
                     parts
                         .into_iter()
-                        .map(|(p, o, c)| {
+                        .map(|(p, o, m, c)| {
                             let mut r = OffsetFetchResponsePartition::default()
                                 .with_partition_index(p)
                                 .with_committed_offset(o)
-                                .with_metadata(Some(StrBytes::default()))
+                                .with_metadata(Some(st(&m)))
                                 .with_error_code(c);
                             if version >= 5 {
                                 r.committed_leader_epoch = -1;

@@ -72,6 +72,8 @@ pub(super) enum Command {
     Commit {
         group: String,
         offsets: Vec<GroupOffset>,
+        /// Each position's commit metadata (empty: none for any).
+        metadata: Vec<String>,
         reply: oneshot::Sender<Result<()>>,
     },
     ForgetGroup {
@@ -94,7 +96,9 @@ impl Command {
     fn bytes(&self) -> usize {
         match self {
             Command::Append { bytes, .. } => *bytes,
-            Command::Commit { offsets, .. } => offsets.len() * 32,
+            Command::Commit {
+                offsets, metadata, ..
+            } => offsets.len() * 32 + metadata.iter().map(String::len).sum::<usize>(),
             Command::Meta { entries, .. } => entries
                 .iter()
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
@@ -380,12 +384,21 @@ fn write_cycle(
                     written: true,
                 }));
             }
-            Command::Commit { group, offsets, .. } => {
-                // Not for a topic deleted since the commit was checked.
-                for o in offsets.iter().filter(|o| shared.topic(&o.topic).is_some()) {
+            Command::Commit {
+                group,
+                offsets,
+                metadata,
+                ..
+            } => {
+                for (i, o) in offsets.iter().enumerate() {
+                    // Not for a topic deleted since the commit was checked.
+                    if shared.topic(&o.topic).is_none() {
+                        continue;
+                    }
+                    let m = metadata.get(i).map_or(&b""[..], |m| m.as_bytes());
                     shared
                         .store
-                        .put_group_offset(group, &o.topic, o.partition, o.offset)?;
+                        .put_group_offset(group, &o.topic, o.partition, o.offset, m)?;
                 }
             }
             Command::ForgetGroup {

@@ -189,6 +189,10 @@ pub struct GroupOffset {
     pub offset: u64,
 }
 
+/// The longest commit metadata a position keeps (Kafka's default
+/// `offset.metadata.max.bytes`).
+pub const MAX_COMMIT_METADATA: usize = 4096;
+
 /// A metadata write: `None` removes the key.
 pub type MetaEntry = (Vec<u8>, Option<Vec<u8>>);
 
@@ -1007,7 +1011,30 @@ impl Log {
 
     /// Stores a consumer group's positions durably (same commit cycle as appends).
     pub async fn commit_offsets(&self, group: &str, offsets: Vec<GroupOffset>) -> Result<()> {
+        self.commit_offsets_with(group, offsets, Vec::new()).await
+    }
+
+    /// Like [`Log::commit_offsets`], with each position's commit metadata
+    /// (a Kafka client's string, at most [`MAX_COMMIT_METADATA`] bytes;
+    /// empty: none for any), stored with it in the same write.
+    pub async fn commit_offsets_with(
+        &self,
+        group: &str,
+        offsets: Vec<GroupOffset>,
+        metadata: Vec<String>,
+    ) -> Result<()> {
         validate_group(group)?;
+        if !metadata.is_empty() && metadata.len() != offsets.len() {
+            return Err(Error::Config(
+                "commit metadata must be given for every position or none".into(),
+            ));
+        }
+        if let Some(m) = metadata.iter().find(|m| m.len() > MAX_COMMIT_METADATA) {
+            return Err(Error::Config(format!(
+                "commit metadata of {} bytes is over the {MAX_COMMIT_METADATA}-byte limit",
+                m.len()
+            )));
+        }
         self.shared().check_writable()?;
         for o in &offsets {
             let t = self.existing(&o.topic)?;
@@ -1026,6 +1053,7 @@ impl Log {
             let op = replica::Op::Commit {
                 group: group.to_owned(),
                 offsets,
+                metadata,
             };
             return self.replicate(r, op).await.map(drop);
         }
@@ -1033,6 +1061,7 @@ impl Log {
         let cmd = Command::Commit {
             group: group.to_owned(),
             offsets,
+            metadata,
             reply,
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
@@ -1047,10 +1076,32 @@ impl Log {
             .store
             .group_offsets(group)?
             .into_iter()
-            .map(|(topic, partition, offset)| GroupOffset {
+            .map(|(topic, partition, offset, _)| GroupOffset {
                 topic,
                 partition,
                 offset,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// A group's committed positions with each one's commit metadata
+    /// (empty: none), sorted by topic and partition.
+    pub fn group_offsets_with_metadata(&self, group: &str) -> Result<Vec<(GroupOffset, String)>> {
+        validate_group(group)?;
+        let mut out: Vec<(GroupOffset, String)> = self
+            .shared()
+            .store
+            .group_offsets(group)?
+            .into_iter()
+            .map(|(topic, partition, offset, metadata)| {
+                let position = GroupOffset {
+                    topic,
+                    partition,
+                    offset,
+                };
+                (position, String::from_utf8_lossy(&metadata).into_owned())
             })
             .collect();
         out.sort();

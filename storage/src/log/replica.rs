@@ -78,6 +78,8 @@ pub enum Op {
         group: String,
         /// Positions.
         offsets: Vec<GroupOffset>,
+        /// Each position's commit metadata (empty: none for any).
+        metadata: Vec<String>,
     },
     /// A group's positions removed (all, or these partitions').
     ForgetGroup {
@@ -561,11 +563,16 @@ impl Log {
                 };
                 (cmd, Waiting::Marker(answer))
             }
-            Op::Commit { group, offsets } => {
+            Op::Commit {
+                group,
+                offsets,
+                metadata,
+            } => {
                 let (reply, answer) = oneshot::channel();
                 let cmd = Command::Commit {
                     group,
                     offsets,
+                    metadata,
                     reply,
                 };
                 (cmd, Waiting::Done(answer))

@@ -69,6 +69,7 @@ enum Item {
         topic: String,
         partition: u32,
         offset: u64,
+        metadata: Vec<u8>,
     },
     Meta {
         space: String,
@@ -244,12 +245,13 @@ impl Log {
             })?;
         }
         for group in store.group_names()? {
-            for (topic, partition, offset) in store.group_offsets(&group)? {
+            for (topic, partition, offset, metadata) in store.group_offsets(&group)? {
                 w.put(&Item::Group {
                     group: group.clone(),
                     topic,
                     partition,
                     offset,
+                    metadata,
                 })?;
             }
         }
@@ -417,7 +419,8 @@ fn restore(shared: &Shared, path: &Path) -> Result<(Vec<u8>, i64)> {
                 topic,
                 partition,
                 offset,
-            } => store.put_group_offset(&group, &topic, partition, offset)?,
+                metadata,
+            } => store.put_group_offset(&group, &topic, partition, offset, &metadata)?,
             Item::Meta { space, key, value } => store.put_meta(&space, &key, Some(&value))?,
             Item::Partition {
                 topic,

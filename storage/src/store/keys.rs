@@ -68,13 +68,30 @@ pub(super) fn meta_key(space: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
-pub(super) fn parse_group_key(group: &str, key: &[u8], value: &[u8]) -> Option<(String, u32, u64)> {
+/// A group position's stored value: the offset (8 bytes, big-endian),
+/// then the commit's metadata (none: the value is the offset alone, as
+/// every position was stored before metadata was kept).
+pub(super) fn group_value(offset: u64, metadata: &[u8]) -> Vec<u8> {
+    [&be(offset)[..], metadata].concat()
+}
+
+pub(super) fn parse_group_key(
+    group: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Option<super::GroupPosition> {
     let rest = key.strip_prefix(group.as_bytes())?.strip_prefix(&[0])?;
     let (topic, part) = rest.split_at(rest.len().checked_sub(5)?);
     let part = part.strip_prefix(&[0])?;
     let partition = u32::from_be_bytes(part.try_into().ok()?);
-    let offset = u64::from_be_bytes(value.try_into().ok()?);
-    Some((String::from_utf8(topic.to_vec()).ok()?, partition, offset))
+    let (offset, metadata) = value.split_at_checked(8)?;
+    let offset = u64::from_be_bytes(offset.try_into().ok()?);
+    Some((
+        String::from_utf8(topic.to_vec()).ok()?,
+        partition,
+        offset,
+        metadata.to_vec(),
+    ))
 }
 
 /// (space, key) of a metadata key.
@@ -107,12 +124,18 @@ mod tests {
     #[test]
     fn group_keys_round_trip_and_do_not_leak_across_groups() {
         let s = MemStore::new();
-        s.put_group_offset("g", "t.a", 3, 42).expect("put");
-        s.put_group_offset("g2", "t", 0, 7).expect("put");
-        s.put_group_offset("g", "t", 0, 1).expect("put");
+        s.put_group_offset("g", "t.a", 3, 42, b"").expect("put");
+        s.put_group_offset("g2", "t", 0, 7, b"").expect("put");
+        s.put_group_offset("g", "t", 0, 1, b"meta").expect("put");
         let mut got = s.group_offsets("g").expect("get");
         got.sort();
-        assert_eq!(got, vec![("t".to_owned(), 0, 1), ("t.a".to_owned(), 3, 42)]);
+        assert_eq!(
+            got,
+            vec![
+                ("t".to_owned(), 0, 1, b"meta".to_vec()),
+                ("t.a".to_owned(), 3, 42, Vec::new())
+            ]
+        );
     }
 
     #[test]

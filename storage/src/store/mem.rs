@@ -10,9 +10,10 @@ use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::keys::{
-    group_key, group_of_key, meta_key, parse_group_key, split_meta_key, topic_of_group_key,
+    group_key, group_of_key, group_value, meta_key, parse_group_key, split_meta_key,
+    topic_of_group_key,
 };
-use super::{MetaVisitor, PartitionStore, Store, StoredBatch};
+use super::{GroupPosition, MetaVisitor, PartitionStore, Store, StoredBatch};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
 use crate::util::lock;
@@ -22,7 +23,8 @@ struct MemState {
     topics: BTreeMap<String, TopicConfig>,
     partitions: BTreeMap<(String, u32), BTreeMap<u64, Vec<u8>>>,
     floors: BTreeMap<(String, u32), u64>,
-    groups: BTreeMap<Vec<u8>, u64>,
+    /// Values as stored: the offset, then the metadata.
+    groups: BTreeMap<Vec<u8>, Vec<u8>>,
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
     marks: BTreeMap<(String, u32), u64>,
 }
@@ -34,7 +36,7 @@ enum MemOp {
     InsertMarked(String, u32, u64, Vec<u8>, u64),
     Remove(String, u32, u64),
     Floor(String, u32, u64),
-    Group(Vec<u8>, u64),
+    Group(Vec<u8>, Vec<u8>),
     ForgetGroup(String),
     ForgetGroupOffset(Vec<u8>),
     Meta(Vec<u8>, Option<Vec<u8>>),
@@ -67,8 +69,8 @@ impl MemState {
             MemOp::Floor(t, p, s) => {
                 self.floors.insert((t, p), s);
             }
-            MemOp::Group(k, o) => {
-                self.groups.insert(k, o);
+            MemOp::Group(k, v) => {
+                self.groups.insert(k, v);
             }
             MemOp::ForgetGroup(g) => {
                 self.groups
@@ -218,7 +220,7 @@ fn clone_op(op: &MemOp) -> MemOp {
         MemOp::InsertMarked(t, p, b, v, m) => MemOp::InsertMarked(t.clone(), *p, *b, v.clone(), *m),
         MemOp::Remove(t, p, b) => MemOp::Remove(t.clone(), *p, *b),
         MemOp::Floor(t, p, s) => MemOp::Floor(t.clone(), *p, *s),
-        MemOp::Group(k, o) => MemOp::Group(k.clone(), *o),
+        MemOp::Group(k, v) => MemOp::Group(k.clone(), v.clone()),
         MemOp::ForgetGroup(g) => MemOp::ForgetGroup(g.clone()),
         MemOp::ForgetGroupOffset(k) => MemOp::ForgetGroupOffset(k.clone()),
         MemOp::Meta(k, v) => MemOp::Meta(k.clone(), v.clone()),
@@ -381,18 +383,19 @@ impl Store for MemStore {
         topic: &str,
         partition: u32,
         offset: u64,
+        metadata: &[u8],
     ) -> Result<()> {
         let key = group_key(group, topic, partition);
-        self.write(MemOp::Group(key, offset));
+        self.write(MemOp::Group(key, group_value(offset, metadata)));
         Ok(())
     }
 
-    fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>> {
+    fn group_offsets(&self, group: &str) -> Result<Vec<GroupPosition>> {
         let g = lock(&self.inner.0);
         Ok(g.live
             .groups
             .iter()
-            .filter_map(|(k, v)| parse_group_key(group, k, &v.to_be_bytes()))
+            .filter_map(|(k, v)| parse_group_key(group, k, v))
             .collect())
     }
 

@@ -33,6 +33,10 @@ use crate::topic::TopicConfig;
 /// What [`Store::for_each_meta`] calls with each entry: (space, key, value).
 pub type MetaVisitor<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
 
+/// A group's stored position: topic, partition, offset, the commit's
+/// metadata.
+pub type GroupPosition = (String, u32, u64, Vec<u8>);
+
 /// One stored batch: base offset and value.
 pub type StoredBatch = (u64, Vec<u8>);
 
@@ -86,10 +90,18 @@ pub trait Store: Send + Sync {
     /// The recorded floor, if any.
     fn floor(&self, topic: &str, partition: u32) -> Result<Option<u64>>;
     /// Stores a consumer group's position.
-    fn put_group_offset(&self, group: &str, topic: &str, partition: u32, offset: u64)
-        -> Result<()>;
-    /// A group's positions as (topic, partition, offset).
-    fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>>;
+    /// Stores a consumer group's position, with its commit's metadata
+    /// (empty: none).
+    fn put_group_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        metadata: &[u8],
+    ) -> Result<()>;
+    /// A group's positions as (topic, partition, offset, metadata).
+    fn group_offsets(&self, group: &str) -> Result<Vec<GroupPosition>>;
     /// Removes every position of a group, durable with the next sync.
     fn forget_group(&self, group: &str) -> Result<()>;
     /// Removes a group's position in one partition, durable with the next sync.

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::keys::{
-    be, floor_key, group_key, group_of_key, key_offset, meta_key, parse_floor_key, parse_group_key,
-    partition_tree_prefix, split_meta_key, topic_of_group_key, topic_of_tree,
+    be, floor_key, group_key, group_of_key, group_value, key_offset, meta_key, parse_floor_key,
+    parse_group_key, partition_tree_prefix, split_meta_key, topic_of_group_key, topic_of_tree,
 };
-use super::{MetaVisitor, PartitionStore, Store};
+use super::{GroupPosition, MetaVisitor, PartitionStore, Store};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
 use crate::util::lock;
@@ -265,13 +265,16 @@ impl Store for SledStore {
         topic: &str,
         partition: u32,
         offset: u64,
+        metadata: &[u8],
     ) -> Result<()> {
-        self.groups
-            .insert(group_key(group, topic, partition), &be(offset))?;
+        self.groups.insert(
+            group_key(group, topic, partition),
+            group_value(offset, metadata),
+        )?;
         Ok(())
     }
 
-    fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, u64)>> {
+    fn group_offsets(&self, group: &str) -> Result<Vec<GroupPosition>> {
         let mut prefix = group.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
