@@ -126,6 +126,13 @@ impl Cluster {
         }
     }
 
+    /// Kills node `i` with SIGKILL; it stays down until started again.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut node) = self.nodes[i].take() {
+            node.kill9();
+        }
+    }
+
     /// Starts node `i` (0-based) again after a kill.
     fn start(&mut self, i: usize) {
         let node = start_node(&self.dirs[i], i, self.ports[i], &self.peers(i), &self.extra);
@@ -509,8 +516,7 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
         let leader = cluster.leader().await;
         let before = writers.acked();
         assert!(before > 0, "round {round}: nothing acknowledged yet");
-        cluster.nodes[leader].as_mut().expect("up").kill9();
-        cluster.nodes[leader] = None;
+        cluster.kill(leader);
         writers.to(cluster.urls());
         // The two left elect a leader and go on taking writes.
         let next = cluster.leader().await;
@@ -623,8 +629,7 @@ async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
     //    rebuilds from the others.
     let leader = cluster.leader().await;
     let wiped = (leader + 2) % 3;
-    cluster.nodes[wiped].as_mut().expect("up").kill9();
-    cluster.nodes[wiped] = None;
+    cluster.kill(wiped);
     writers.to(cluster.urls());
     std::fs::remove_dir_all(&cluster.dirs[wiped]).expect("wipe");
     let before = writers.acked();
@@ -661,13 +666,11 @@ async fn a_wiped_node_does_not_vote_before_it_holds_what_it_lost() {
         .await;
     let h = writers.finish().await;
 
-    cluster.nodes[w].as_mut().expect("up").kill9();
-    cluster.nodes[w] = None;
+    cluster.kill(w);
     std::fs::remove_dir_all(&cluster.dirs[w]).expect("wipe");
     cluster.cut(l, w);
     let w_started = cluster.start_later(w);
-    cluster.nodes[l].as_mut().expect("up").kill9();
-    cluster.nodes[l] = None;
+    cluster.kill(l);
     cluster.heal();
     cluster.cut(l, w);
     cluster.cut(l, f);
@@ -763,8 +766,7 @@ async fn an_edge_forwards_to_the_cluster_exactly_once_through_failovers() {
             links[i].cut();
         } else {
             let leader = cluster.leader().await;
-            cluster.nodes[leader].as_mut().expect("up").kill9();
-            cluster.nodes[leader] = None;
+            cluster.kill(leader);
             cluster.leader().await;
             cluster.start(leader);
             let addr = http_addr(cluster.nodes[leader].as_ref().expect("up"));
@@ -860,8 +862,7 @@ async fn a_node_joins_and_the_leader_leaves_while_writes_go_on() {
         .await
         .expect("remove");
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
-    cluster.nodes[leader].as_mut().expect("up").kill9();
-    cluster.nodes[leader] = None;
+    cluster.kill(leader);
     writers.to(cluster.urls());
     let next = cluster.leader().await;
     assert_ne!(next, leader);
@@ -921,8 +922,7 @@ async fn nodes_behind_the_kept_log_install_a_snapshot() {
     let had = status(&cluster.url(down)).await["last_log_index"]
         .as_u64()
         .expect("an index");
-    cluster.nodes[down].as_mut().expect("up").kill9();
-    cluster.nodes[down] = None;
+    cluster.kill(down);
     writers.to(cluster.urls());
     let waited = Instant::now();
     loop {
@@ -949,8 +949,7 @@ async fn nodes_behind_the_kept_log_install_a_snapshot() {
     );
 
     let wiped = (leader + 2) % 3;
-    cluster.nodes[wiped].as_mut().expect("up").kill9();
-    cluster.nodes[wiped] = None;
+    cluster.kill(wiped);
     std::fs::remove_dir_all(&cluster.dirs[wiped]).expect("wipe");
     writers.to(cluster.urls());
     let before = writers.acked();
@@ -992,8 +991,7 @@ async fn five_nodes_go_on_after_losing_two_at_once() {
     writers.progress(0, 20, "five nodes").await;
     let killed = [leader, (leader + 1) % 5];
     for k in killed {
-        cluster.nodes[k].as_mut().expect("up").kill9();
-        cluster.nodes[k] = None;
+        cluster.kill(k);
     }
     writers.to(cluster.urls());
     let next = cluster.leader().await;
@@ -1283,8 +1281,7 @@ async fn the_history_under_leader_kills_is_linearizable() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let leader = cluster.leader().await;
         let before = writers.acked();
-        cluster.nodes[leader].as_mut().expect("up").kill9();
-        cluster.nodes[leader] = None;
+        cluster.kill(leader);
         writers.to(cluster.urls());
         cluster.leader().await;
         writers
