@@ -428,6 +428,25 @@ impl Writers {
     }
 }
 
+/// Kills node `i`, deletes its data directory, waits for `while_down`
+/// more acknowledged writes, starts it again (it rebuilds from the others)
+/// and waits for 20 more.
+async fn wipe_and_restart(cluster: &mut Cluster, writers: &Writers, i: usize, while_down: usize) {
+    cluster.kill(i);
+    std::fs::remove_dir_all(&cluster.dirs[i]).expect("wipe");
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers
+        .progress(before, while_down, "with a node wiped")
+        .await;
+    cluster.start(i);
+    writers.to(cluster.urls());
+    let before = writers.acked();
+    writers
+        .progress(before, 20, "after the wiped node came back")
+        .await;
+}
+
 /// Creates the topic through `via`.
 async fn create(via: &str, partitions: u32) {
     let (s, b) = common::post(
@@ -629,17 +648,7 @@ async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
     //    rebuilds from the others.
     let leader = cluster.leader().await;
     let wiped = (leader + 2) % 3;
-    cluster.kill(wiped);
-    writers.to(cluster.urls());
-    std::fs::remove_dir_all(&cluster.dirs[wiped]).expect("wipe");
-    let before = writers.acked();
-    writers.progress(before, 20, "with a follower wiped").await;
-    cluster.start(wiped);
-    writers.to(cluster.urls());
-    let before = writers.acked();
-    writers
-        .progress(before, 20, "after the wiped follower came back")
-        .await;
+    wipe_and_restart(&mut cluster, &writers, wiped, 20).await;
 
     let h = writers.finish().await;
     check(&cluster, &h, &refused, 3).await;
@@ -949,17 +958,7 @@ async fn nodes_behind_the_kept_log_install_a_snapshot() {
     );
 
     let wiped = (leader + 2) % 3;
-    cluster.kill(wiped);
-    std::fs::remove_dir_all(&cluster.dirs[wiped]).expect("wipe");
-    writers.to(cluster.urls());
-    let before = writers.acked();
-    writers.progress(before, 60, "with a node wiped").await;
-    cluster.start(wiped);
-    writers.to(cluster.urls());
-    let before = writers.acked();
-    writers
-        .progress(before, 20, "after the wiped node came back")
-        .await;
+    wipe_and_restart(&mut cluster, &writers, wiped, 60).await;
     let h = writers.finish().await;
     check(&cluster, &h, &BTreeSet::new(), 3).await;
     for i in [down, wiped] {
