@@ -14,11 +14,9 @@
 //! - **Forming.** Nodes started with the same `peers` initialize the group
 //!   with those voters themselves (openraft allows the same initial
 //!   membership on every node); a node already initialized ignores it.
-//! - **Not yet:** snapshots (the Raft log is kept whole: a node far behind
-//!   or wiped catches up from it), membership changes while running, the
-//!   coordinators of Kafka groups and transactions and the sync receiver's
-//!   state on followers (they run where the client is connected and read
-//!   the replicated metadata at start).
+//! - **Leadership** is told to the log ([`Replicator::leadership`]): what
+//!   must run in one place (Kafka's group and transaction coordinators)
+//!   runs on the leader and follows it.
 
 #![warn(missing_docs)]
 // openraft's storage traits return its `StorageError` (over 200 bytes); the
@@ -43,7 +41,7 @@ use openraft::{BasicNode, Config, ServerState};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tributary_storage::{Applied, Error, Log, Op, Pending, Replicator};
+use tributary_storage::{Applied, Error, Leadership, Log, Op, Pending, Replicator};
 
 use network::{unavailable, Forwarder, Submit};
 use types::{NodeId, Raft, Request};
@@ -129,6 +127,8 @@ pub struct Cluster {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     leader_changes: std::sync::atomic::AtomicU64,
     gate: Arc<gate::Gate>,
+    /// Who leads, as this node knows it ([`Replicator::leadership`]).
+    leadership: watch::Receiver<Leadership>,
     /// From a write handed to the cluster to its acknowledgement (a
     /// majority has it on disk and the node that took it applied it).
     write_latency: tributary_telemetry::Histogram,
@@ -252,7 +252,12 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Listen(config.listen.clone(), e))?;
         let (queue, rx) = mpsc::channel(1024);
+        let (leads, leadership) = watch::channel(Leadership {
+            node: config.node_id,
+            ..Leadership::default()
+        });
         let cluster = Arc::new(Cluster {
+            leadership,
             id: config.node_id,
             raft: raft.clone(),
             config: config.clone(),
@@ -274,6 +279,7 @@ impl Cluster {
             )),
             tokio::spawn(propose(cluster.clone(), rx)),
             tokio::spawn(count_leader_changes(cluster.clone())),
+            tokio::spawn(follow_leadership(raft.clone(), config.node_id, leads)),
             tokio::spawn(take_snapshots(
                 cluster.clone(),
                 log.clone(),
@@ -675,6 +681,35 @@ impl Submit for Cluster {
 /// The log's replicator: writes go to the proposer.
 struct Replicating(Arc<Cluster>);
 
+/// Keeps `leads` up to date with who leads, as `raft` knows it.
+async fn follow_leadership(raft: Raft, node: NodeId, leads: watch::Sender<Leadership>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let now = {
+            let m = metrics.borrow_and_update();
+            Leadership {
+                node,
+                // A leader counts once it leads here (a node that was
+                // leader before a restart is named by its followers' old
+                // metrics until they hear of the election).
+                leader: m
+                    .current_leader
+                    .filter(|l| *l != node || m.state == ServerState::Leader),
+                term: m.current_term,
+                voters: m.membership_config.membership().voter_ids().collect(),
+            }
+        };
+        leads.send_if_modified(|l| {
+            let changed = *l != now;
+            *l = now;
+            changed
+        });
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Replicator for Replicating {
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, Error>> + Send + '_>> {
         Box::pin(async move {
@@ -700,5 +735,9 @@ impl Replicator for Replicating {
             });
             Ok(pending)
         })
+    }
+
+    fn leadership(&self) -> Option<watch::Receiver<Leadership>> {
+        Some(self.0.leadership.clone())
     }
 }

@@ -116,6 +116,36 @@ fn unavailable(e: &LogError) -> bool {
 /// Runs a write made at start. In a cluster it may fail while the leader
 /// changes; the writes made at start are idempotent (a topic created or
 /// found, a key put unless it has one), so it is tried again, for 30 s.
+/// Where clients reach this cluster node's Kafka listeners, as the other
+/// nodes name it: `kafka.advertised_host`, else the host of the listener
+/// when it is bound to one address, else the host the other nodes reach
+/// this one at (its entry in `cluster.peers`).
+fn kafka_endpoint(
+    config: &Config,
+    node: u64,
+    bound: SocketAddr,
+    tls: Option<SocketAddr>,
+) -> kafka::brokers::Endpoint {
+    let host = if !config.kafka.advertised_host.is_empty() {
+        config.kafka.advertised_host.clone()
+    } else if !bound.ip().is_unspecified() {
+        bound.ip().to_string()
+    } else {
+        let peer = config.cluster_config().peers.get(&node).cloned();
+        peer.as_deref()
+            .and_then(|a| {
+                a.rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+            })
+            .unwrap_or_else(|| "localhost".to_owned())
+    };
+    kafka::brokers::Endpoint {
+        host,
+        port: bound.port(),
+        tls_port: tls.map(|a| a.port()),
+    }
+}
+
 async fn at_start<T, E, F, Fut>(clustered: bool, retry_on: fn(&E) -> bool, mut f: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
@@ -359,7 +389,11 @@ pub async fn start(
         let server = kafka::Server::start(cx.clone(), config.kafka_config()).await?;
         let listen = ("kafka.listen", config.kafka.listen.as_str());
         let max = config.kafka.max_connections;
-        kafka_addr = Some(start_frontend(&server, listen, kafkas, max, &mut tasks).await?);
+        let bound = start_frontend(&server, listen, kafkas, max, &mut tasks).await?;
+        if let Some(c) = &cluster {
+            server.advertise(kafka_endpoint(&config, c.id(), bound, kafkas_addr));
+        }
+        kafka_addr = Some(bound);
         kafka_server = Some(server);
     }
     let amqp_bridges = config.amqp_bridges();

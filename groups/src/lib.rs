@@ -106,9 +106,14 @@ pub enum GroupError {
     /// A member subscribes to the topic (its positions may not be deleted).
     #[error("the group subscribes to the topic")]
     GroupSubscribedToTopic,
-    /// The node is shutting down, or the log refused a write.
+    /// The node is shutting down, the log refused a write, or a cluster
+    /// has no leader now.
     #[error("coordinator not available")]
     CoordinatorNotAvailable,
+    /// On a cluster, groups are coordinated by the leader, and this node
+    /// is not it (the client asks FindCoordinator again).
+    #[error("not the coordinator: on a cluster, the leader coordinates groups")]
+    NotCoordinator,
 }
 
 /// A JoinGroup.
@@ -303,6 +308,21 @@ impl Coordinator {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether this node coordinates groups now: always on a single node;
+    /// on a cluster, while it leads (every member of a group then meets on
+    /// one node, whichever node each client reached first).
+    pub fn coordinating(&self) -> Result<(), GroupError> {
+        let Some(leadership) = self.inner.log.leadership() else {
+            return Ok(());
+        };
+        let l = leadership.borrow();
+        match l.leader {
+            _ if l.leads() => Ok(()),
+            Some(_) => Err(GroupError::NotCoordinator),
+            None => Err(GroupError::CoordinatorNotAvailable),
+        }
+    }
+
     fn timing(&self) -> Timing {
         Timing {
             initial_delay: self.inner.config.initial_rebalance_delay,
@@ -330,6 +350,17 @@ impl Coordinator {
         let timing = self.timing();
         let mut total = Delta::default();
         let mut groups = self.lock();
+        if !groups.is_empty() && self.coordinating().is_err() {
+            // Leadership moved: the members find the new leader (their
+            // next request here is refused) and rejoin there.
+            for g in groups.values_mut() {
+                g.close(&mut total);
+            }
+            groups.clear();
+            drop(groups);
+            self.account(total);
+            return;
+        }
         groups.retain(|_, g| {
             let d = g.tick(now, timing);
             total.members += d.members;
@@ -353,6 +384,7 @@ impl Coordinator {
     /// an error, or with the current generation when nothing changed).
     pub async fn join(&self, req: JoinRequest) -> Result<Joined, GroupError> {
         validate_group(&req.group).map_err(|_| GroupError::InvalidGroupId)?;
+        self.coordinating()?;
         let cfg = &self.inner.config;
         if req.session_timeout < cfg.min_session_timeout
             || req.session_timeout > cfg.max_session_timeout
@@ -413,6 +445,7 @@ impl Coordinator {
         protocol: (Option<&str>, Option<&str>),
         assignments: Vec<(String, Bytes)>,
     ) -> Result<Synced, GroupError> {
+        self.coordinating()?;
         let bytes: usize = assignments.iter().map(|(_, a)| a.len()).sum();
         let cfg = &self.inner.config;
         if self.inner.counters.bytes.load(Relaxed) as usize + bytes > cfg.max_state_bytes {
@@ -448,6 +481,7 @@ impl Coordinator {
         member_id: &str,
         instance_id: Option<&str>,
     ) -> Result<(), GroupError> {
+        self.coordinating()?;
         let mut groups = self.lock();
         let g = groups.get_mut(group).ok_or(GroupError::UnknownMemberId)?;
         g.heartbeat(generation, member_id, instance_id, Instant::now())
@@ -459,6 +493,7 @@ impl Coordinator {
         group: &str,
         members: &[(String, Option<String>)],
     ) -> Result<Vec<Result<(), GroupError>>, GroupError> {
+        self.coordinating()?;
         let timing = self.timing();
         let mut groups = self.lock();
         let Some(g) = groups.get_mut(group) else {
@@ -506,6 +541,7 @@ impl Coordinator {
         instance_id: Option<&str>,
     ) -> Result<(), GroupError> {
         validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        self.coordinating()?;
         let groups = self.lock();
         match groups.get(group) {
             Some(g) => g.may_commit(generation, member_id, instance_id),
@@ -549,6 +585,7 @@ impl Coordinator {
     /// Deletes a group that has no members: its committed offsets go, durably.
     pub async fn delete(&self, group: &str) -> Result<(), GroupError> {
         validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        self.coordinating()?;
         if self.lock().get(group).is_some_and(|g| !g.is_empty()) {
             return Err(GroupError::NonEmptyGroup);
         }
@@ -576,6 +613,7 @@ impl Coordinator {
         partitions: Vec<(String, u32)>,
     ) -> Result<Vec<(String, u32, Result<(), GroupError>)>, GroupError> {
         validate_group(group).map_err(|_| GroupError::InvalidGroupId)?;
+        self.coordinating()?;
         let subscribed = match self.lock().get(group) {
             Some(g) if !g.is_empty() => {
                 if g.protocol_type.as_deref() != Some("consumer") {

@@ -32,8 +32,8 @@ pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
     snapshot_header, validate_group, AppendOptions, Applied, CompactionInfo, Cut, Durability,
-    Forwarded, GroupOffset, Guard, Isolation, Log, LogConfig, Marker, MetaEntry, Op, OpPart,
-    PartitionInfo, Pending, ProducerBatch, ProducerState, ReadRange, ReadResult, ReadSink,
+    Forwarded, GroupOffset, Guard, Isolation, Leadership, Log, LogConfig, Marker, MetaEntry, Op,
+    OpPart, PartitionInfo, Pending, ProducerBatch, ProducerState, ReadRange, ReadResult, ReadSink,
     Replicator, TopicDefaults, TopicInfo, MAX_COMMIT_METADATA,
 };
 pub use stats::{StatsSnapshot, TxnEvent, COMMIT_BUCKETS};

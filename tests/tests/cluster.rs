@@ -59,6 +59,8 @@ struct Cluster {
     members: usize,
     /// More environment for every node.
     extra: Vec<(String, String)>,
+    /// More environment for node `i` alone (`node_env[i]`, when there).
+    node_env: Vec<Vec<(String, String)>>,
 }
 
 impl Cluster {
@@ -70,6 +72,7 @@ impl Cluster {
             proxies: Vec::new(),
             members: n,
             extra: Vec::new(),
+            node_env: Vec::new(),
         }
     }
 
@@ -119,6 +122,13 @@ impl Cluster {
         }
     }
 
+    /// The environment node `i` starts with.
+    fn env(&self, i: usize) -> Vec<(String, String)> {
+        let mut env = self.extra.clone();
+        env.extend(self.node_env.get(i).into_iter().flatten().cloned());
+        env
+    }
+
     /// Every link works again.
     fn heal(&self) {
         for p in self.proxies.iter().flatten().flatten() {
@@ -135,7 +145,13 @@ impl Cluster {
 
     /// Starts node `i` (0-based) again after a kill.
     fn start(&mut self, i: usize) {
-        let node = start_node(&self.dirs[i], i, self.ports[i], &self.peers(i), &self.extra);
+        let node = start_node(
+            &self.dirs[i],
+            i,
+            self.ports[i],
+            &self.peers(i),
+            &self.env(i),
+        );
         self.nodes[i] = Some(node);
     }
 
@@ -143,7 +159,7 @@ impl Cluster {
     /// serves once a voter has added it and it has caught up.
     fn start_joining(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
         let (dir, port, peers) = (self.dirs[i].clone(), self.ports[i], self.peers(i));
-        let mut extra = self.extra.clone();
+        let mut extra = self.env(i);
         extra.push(("TRIBUTARY_CLUSTER__JOIN".into(), "true".into()));
         std::thread::spawn(move || start_node(&dir, i, port, &peers, &extra))
     }
@@ -152,7 +168,7 @@ impl Cluster {
     /// caught up, which may need links that are cut now).
     fn start_later(&self, i: usize) -> std::thread::JoinHandle<ChildNode> {
         let (dir, port, peers) = (self.dirs[i].clone(), self.ports[i], self.peers(i));
-        let extra = self.extra.clone();
+        let extra = self.env(i);
         std::thread::spawn(move || start_node(&dir, i, port, &peers, &extra))
     }
 
@@ -170,8 +186,8 @@ impl Cluster {
             let handles: Vec<_> = (0..self.members)
                 .map(|i| {
                     let (dir, port, peers) = (&self.dirs[i], self.ports[i], self.peers(i));
-                    let extra = &self.extra;
-                    s.spawn(move || start_node(dir, i, port, &peers, extra))
+                    let extra = self.env(i);
+                    s.spawn(move || start_node(dir, i, port, &peers, &extra))
                 })
                 .collect();
             handles
@@ -1356,4 +1372,575 @@ async fn the_history_under_leader_kills_is_linearizable() {
     );
     assert!(said.contains(": Ok"), "{said}");
     eprintln!("porcupine: {said}({lost} appends answered late, {nonempty} reads with records)");
+}
+
+/// What a raw Kafka client is told by the node at `addr`: the brokers (id,
+/// port) and each partition's leader of topic [`T`].
+async fn kafka_metadata(addr: std::net::SocketAddr) -> (Vec<(i32, i32)>, Vec<i32>) {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
+    use kafka_protocol::protocol::Decodable;
+    let mut c = common::kafka::Client::at(addr).await;
+    let req = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default().with_name(Some(common::kafka::name(T)))
+    ]));
+    let mut b = c.call(ApiKey::Metadata, 9, &req).await;
+    let m = MetadataResponse::decode(&mut b, 9).expect("metadata");
+    let brokers = m.brokers.iter().map(|b| (b.node_id.0, b.port)).collect();
+    let leaders = m.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.leader_id.0)
+        .collect();
+    (brokers, leaders)
+}
+
+/// The coordinator the node at `addr` names for a group or (`key_type` 1)
+/// a transactional id: (error, node id, port).
+async fn kafka_coordinator(addr: std::net::SocketAddr, key: &str, key_type: i8) -> (i16, i32, i32) {
+    use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let mut c = common::kafka::Client::at(addr).await;
+    let req = FindCoordinatorRequest::default()
+        .with_key(StrBytes::from_string(key.to_owned()))
+        .with_key_type(key_type);
+    let mut b = c.call(ApiKey::FindCoordinator, 3, &req).await;
+    let r = FindCoordinatorResponse::decode(&mut b, 3).expect("find coordinator");
+    (r.error_code, r.node_id.0, r.port)
+}
+
+/// OffsetCommit of partition 0 at `offset` outside the group protocol:
+/// its error code.
+async fn kafka_commit(addr: std::net::SocketAddr, group: &str, offset: i64) -> i16 {
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::{ApiKey, GroupId, OffsetCommitRequest, OffsetCommitResponse};
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let mut c = common::kafka::Client::at(addr).await;
+    let req = OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_owned())))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(common::kafka::name(T))
+            .with_partitions(vec![OffsetCommitRequestPartition::default()
+                .with_partition_index(0)
+                .with_committed_offset(offset)])]);
+    let mut b = c.call(ApiKey::OffsetCommit, 8, &req).await;
+    let r = OffsetCommitResponse::decode(&mut b, 8).expect("offset commit");
+    r.topics[0].partitions[0].error_code
+}
+
+/// OffsetFetch of the group's partition 0: (error, offset).
+async fn kafka_fetch_offset(addr: std::net::SocketAddr, group: &str) -> (i16, i64) {
+    use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+    use kafka_protocol::messages::{ApiKey, GroupId, OffsetFetchRequest, OffsetFetchResponse};
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let mut c = common::kafka::Client::at(addr).await;
+    let req = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_owned())))
+        .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+            .with_name(common::kafka::name(T))
+            .with_partition_indexes(vec![0])]));
+    let mut b = c.call(ApiKey::OffsetFetch, 7, &req).await;
+    let r = OffsetFetchResponse::decode(&mut b, 7).expect("offset fetch");
+    let offset = r
+        .topics
+        .first()
+        .map_or(-1, |t| t.partitions[0].committed_offset);
+    (r.error_code, offset)
+}
+
+/// InitProducerId for a transactional id: (error, producer id, epoch).
+async fn kafka_init_txn(addr: std::net::SocketAddr, id: &str) -> (i16, i64, i16) {
+    use kafka_protocol::messages::{
+        ApiKey, InitProducerIdRequest, InitProducerIdResponse, TransactionalId,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let mut c = common::kafka::Client::at(addr).await;
+    let req = InitProducerIdRequest::default()
+        .with_transactional_id(Some(TransactionalId(StrBytes::from_string(id.to_owned()))))
+        .with_transaction_timeout_ms(60_000)
+        .with_producer_id(kafka_protocol::messages::ProducerId(-1))
+        .with_producer_epoch(-1);
+    let mut b = c.call(ApiKey::InitProducerId, 4, &req).await;
+    let r = InitProducerIdResponse::decode(&mut b, 4).expect("init producer id");
+    (r.error_code, r.producer_id.0, r.producer_epoch)
+}
+
+/// Kafka clients see the cluster as Kafka's: every node a broker at its
+/// own Kafka port, the leader leading every partition and coordinating
+/// groups and transactions. Elsewhere the coordinator APIs answer
+/// NOT_COORDINATOR (16); after the leader is killed, the new leader is
+/// named, and it holds the committed positions and the transactional
+/// ids' state (the same producer id, fenced to the next epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
+    const NOT_COORDINATOR: i16 = 16;
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 3).await;
+    let kafka = |c: &Cluster, i: usize| c.nodes[i].as_ref().expect("running").kafka;
+    // Every node names all three (each publishes its endpoint at start).
+    let expected = |c: &Cluster| -> Vec<(i32, i32)> {
+        (0..3)
+            .filter(|i| c.nodes[*i].is_some())
+            .map(|i| (i as i32 + 1, i32::from(kafka(c, i).port())))
+            .collect()
+    };
+    let started = Instant::now();
+    for i in 0..3 {
+        loop {
+            let (brokers, leaders) = kafka_metadata(kafka(&cluster, i)).await;
+            if brokers == expected(&cluster) {
+                assert_eq!(leaders, vec![leader as i32 + 1; 3], "node {}", i + 1);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "node {} names {brokers:?}",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let follower = (leader + 1) % 3;
+    for key_type in [0, 1] {
+        let (code, node, port) = kafka_coordinator(kafka(&cluster, follower), "g", key_type).await;
+        assert_eq!(
+            (code, node, port),
+            (
+                0,
+                leader as i32 + 1,
+                i32::from(kafka(&cluster, leader).port())
+            )
+        );
+    }
+    // Coordinator APIs on a follower are refused; on the leader they work.
+    assert_eq!(
+        kafka_commit(kafka(&cluster, follower), "g", 0).await,
+        NOT_COORDINATOR
+    );
+    assert_eq!(
+        kafka_fetch_offset(kafka(&cluster, follower), "g").await.0,
+        NOT_COORDINATOR
+    );
+    assert_eq!(
+        kafka_init_txn(kafka(&cluster, follower), "t").await.0,
+        NOT_COORDINATOR
+    );
+    // (No position reads as -1.)
+    assert_eq!(
+        kafka_fetch_offset(kafka(&cluster, leader), "g").await,
+        (0, -1)
+    );
+    assert_eq!(kafka_commit(kafka(&cluster, leader), "g", 0).await, 0);
+    assert_eq!(
+        kafka_fetch_offset(kafka(&cluster, leader), "g").await,
+        (0, 0)
+    );
+    let (code, pid, epoch) = kafka_init_txn(kafka(&cluster, leader), "t").await;
+    assert_eq!((code, epoch), (0, 0));
+
+    // The leader dies: the others name the new one, which has it all.
+    cluster.kill(leader);
+    let next = cluster.leader().await;
+    assert_ne!(next, leader);
+    let survivor = (0..3)
+        .find(|i| *i != leader && *i != next)
+        .expect("a follower");
+    let started = Instant::now();
+    loop {
+        let (brokers, leaders) = kafka_metadata(kafka(&cluster, survivor)).await;
+        let found = kafka_coordinator(kafka(&cluster, survivor), "g", 0).await;
+        if leaders == vec![next as i32 + 1; 3]
+            && found == (0, next as i32 + 1, i32::from(kafka(&cluster, next).port()))
+        {
+            // The dead node is still a voter: it is named at its last
+            // endpoint, the leader is not it.
+            assert_eq!(brokers.len(), 3, "{brokers:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "after the kill: {leaders:?} {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kafka_fetch_offset(kafka(&cluster, next), "g").await, (0, 0));
+    assert_eq!(
+        kafka_commit(kafka(&cluster, survivor), "g", 0).await,
+        NOT_COORDINATOR
+    );
+    let started = Instant::now();
+    let again = loop {
+        let a = kafka_init_txn(kafka(&cluster, next), "t").await;
+        // COORDINATOR_NOT_AVAILABLE while the new coordinator loads.
+        if a.0 != 15 || started.elapsed() > Duration::from_secs(30) {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        again,
+        (0, pid, 1),
+        "the transactional id's state moved with the leader"
+    );
+    assert_eq!(
+        kafka_init_txn(kafka(&cluster, survivor), "t").await.0,
+        NOT_COORDINATOR
+    );
+}
+
+/// A librdkafka consume-transform-produce loop (confluent-kafka,
+/// `tests/clients/kafka_txn_check.py ctp`) bootstrapped on all three
+/// nodes, while the leader is killed -9 again and again: its group and its
+/// transactions move to each new leader. Each input record must come out
+/// exactly once, in order per partition, with the group's committed
+/// positions at the inputs' ends, and every node must hold the same logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+async fn a_librdkafka_transactional_loop_through_leader_kills_turns_each_input_into_one_output() {
+    use std::process::Command;
+    const CHUNK: u64 = 1500;
+    let root = tempfile::tempdir().expect("tempdir");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let statefile = scratch.path().join("ctp-state.json");
+    let mut cluster = Cluster::new(root.path(), 3);
+    // Each node keeps its Kafka port across restarts (the clients'
+    // bootstrap list names all three).
+    let kafka_ports = free_ports(3);
+    cluster.node_env = kafka_ports
+        .iter()
+        .map(|p| vec![("TRIBUTARY_KAFKA__LISTEN".into(), format!("127.0.0.1:{p}"))])
+        .collect();
+    cluster.extra = vec![(
+        "TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS".into(),
+        "300".into(),
+    )];
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    let c = client();
+    common::create_topic(&c, &cluster.url(leader), "ctpin", 3).await;
+    common::create_topic(&c, &cluster.url(leader), "ctpout", 3).await;
+    let bootstrap = kafka_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = common::clients_dir().join("kafka_txn_check.py");
+    let seed = |from: u64| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(["ctp-seed", &bootstrap, "ctpin", "3"])
+            .args([from.to_string(), CHUNK.to_string()])
+            .output()
+            .expect("python3");
+        let s = common::summary_of("kafka_txn_check.py ctp-seed", &out);
+        assert_eq!(s["seeded"], CHUNK, "{s}");
+    };
+    let log = |ext: &str| scratch.path().join(format!("ctp.{ext}"));
+    let file = |ext| std::fs::File::create(log(ext)).expect("log file");
+    let mut ctp = Command::new("python3")
+        .arg(&script)
+        .args(["ctp", &bootstrap, "ctpin", "ctpout", "ctp-group"])
+        .arg(&statefile)
+        .args(["--follow", "--deadline-s", "1800"])
+        .stdout(file("out"))
+        .stderr(file("err"))
+        .spawn()
+        .expect("python3");
+    let output = || {
+        let out = std::fs::read_to_string(log("out")).unwrap_or_default();
+        let err = std::fs::read_to_string(log("err")).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(30).collect();
+        format!(
+            "{out}\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    };
+    let mut rng = fastrand::Rng::with_seed(47);
+    let mut seeded = 0;
+    let kills = 4;
+    for kill in 0..kills {
+        seed(seeded);
+        seeded += CHUNK;
+        tokio::time::sleep(Duration::from_millis(rng.u64(500..2000))).await;
+        let leader = cluster.leader().await;
+        cluster.kill(leader);
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..500))).await;
+        cluster.start(leader);
+        if let Some(status) = ctp.try_wait().expect("try_wait") {
+            panic!(
+                "the loop ended by itself ({status}) after kill {kill}:\n{}",
+                output()
+            );
+        }
+    }
+    seed(seeded);
+    seeded += CHUNK;
+    // It stops between transactions, and a loop that ends at the inputs'
+    // ends does the rest.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = Command::new("kill")
+        .args(["-TERM", &ctp.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let waited = Instant::now();
+    let status = loop {
+        if let Some(status) = ctp.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "the loop did not stop on SIGTERM:\n{}",
+            output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", output());
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["ctp", &bootstrap, "ctpin", "ctpout", "ctp-group"])
+        .arg(&statefile)
+        .args(["--deadline-s", "300"])
+        .output()
+        .expect("python3");
+    let s = common::summary_of("kafka_txn_check.py ctp (the rest)", &out);
+    assert_eq!(s["done"], true, "{s}");
+    eprintln!(
+        "consume-transform-produce across {kills} leader kills: {}",
+        s["state"]
+    );
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["ctp-verify", &bootstrap, "ctpin", "ctpout", "ctp-group"])
+        .output()
+        .expect("python3");
+    let v = common::summary_of("kafka_txn_check.py ctp-verify", &out);
+    assert_eq!(v["in_records"], seeded, "{v}");
+    assert_eq!(v["out_records"], seeded, "{v}");
+    for zero in ["missing", "duplicates", "unexpected"] {
+        assert_eq!(v[zero], 0, "{zero}: {v}");
+    }
+    for yes in ["equal", "to_end", "committed_ok", "ok"] {
+        assert_eq!(v[yes], true, "{yes}: {v}");
+    }
+    // Every node holds the same logs, offset by offset.
+    cluster.settled().await;
+    for topic in ["ctpin", "ctpout"] {
+        for p in 0..3 {
+            let mut first = None;
+            for url in cluster.urls() {
+                let got = read_all(&c, &url, topic, p).await;
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert!(*f == got, "{topic}/{p} differs on {url}"),
+                }
+            }
+        }
+    }
+}
+
+/// A group of librdkafka consumers (`tests/clients/kafka_group_check.py`:
+/// members join, one leaves, one is killed, one joins late), bootstrapped
+/// on all three nodes while the leader, their coordinator, is killed -9
+/// twice: they find each new leader and rejoin there; every record is
+/// consumed and the committed positions end at the partitions' ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs confluent-kafka (scripts/test installs it)"]
+async fn a_group_of_librdkafka_consumers_follows_the_leader_through_kills() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    let kafka_ports = free_ports(3);
+    cluster.node_env = kafka_ports
+        .iter()
+        .map(|p| vec![("TRIBUTARY_KAFKA__LISTEN".into(), format!("127.0.0.1:{p}"))])
+        .collect();
+    cluster.extra = vec![(
+        "TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS".into(),
+        "500".into(),
+    )];
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    let c = client();
+    common::create_topic(&c, &cluster.url(leader), "grp", 6).await;
+    let bootstrap = kafka_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = common::clients_dir().join("kafka_group_check.py");
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .args([bootstrap.as_str(), "grp", "g-cluster", "range"])
+            .output()
+            .expect("python3")
+    });
+    for pause in [2, 3] {
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        let leader = cluster.leader().await;
+        cluster.kill(leader);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.start(leader);
+    }
+    let out = run.await.expect("join");
+    let s = common::summary_of("kafka_group_check.py", &out);
+    eprintln!("group through leader kills: {s}");
+    assert_eq!(s["produced"], 1800, "{s}");
+    assert_eq!(s["consumed_distinct"], 1800, "{s}");
+    assert_eq!(s["committed"], 1800, "{s}");
+    // The leader's view of the group: every member gone, nothing to read.
+    let leader = cluster.leader().await;
+    let (status, g) = get(&c, &format!("{}/v1/groups/g-cluster", cluster.url(leader))).await;
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["lag"], 0, "{g}");
+}
+
+/// An MQTT client (rumqttc, 3.1.1) of node `i` with a persistent session.
+fn mqtt_client(
+    cluster: &Cluster,
+    i: usize,
+    id: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let addr = cluster.nodes[i].as_ref().expect("running").mqtt;
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(false);
+    rumqttc::AsyncClient::new(o, 100)
+}
+
+/// Polls until CONNACK: its session-present flag.
+async fn mqtt_connack(el: &mut rumqttc::EventLoop) -> bool {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("CONNACK in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                assert_eq!(a.code, rumqttc::ConnectReturnCode::Success);
+                return a.session_present;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("connection failed: {e}"),
+        }
+    }
+}
+
+/// Polls until `n` distinct payloads have come (acknowledging each).
+async fn mqtt_receive(el: &mut rumqttc::EventLoop, n: usize) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    while got.len() < n {
+        let Ok(polled) = tokio::time::timeout(Duration::from_secs(20), el.poll()).await else {
+            panic!("only {got:?} came");
+        };
+        match polled {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                got.insert(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            Ok(_) => {}
+            Err(e) => panic!("connection failed after {got:?}: {e}"),
+        }
+    }
+    got
+}
+
+/// Publishes `values` at QoS 1 through node `i`, each acknowledged.
+async fn mqtt_publish(cluster: &Cluster, i: usize, values: &[&str]) {
+    let (c, mut el) = mqtt_client(cluster, i, &format!("pub-{i}"));
+    mqtt_connack(&mut el).await;
+    for v in values {
+        c.publish(
+            format!("{T}/room"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            v.as_bytes().to_vec(),
+        )
+        .await
+        .expect("publish");
+    }
+    let mut acked = 0;
+    while acked < values.len() {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("PUBACK in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("publishing failed: {e}"),
+        }
+    }
+    let _ = c.disconnect().await;
+}
+
+/// A persistent MQTT session follows its client from node to node: what
+/// was published while it was away, through any node, comes when it
+/// reconnects to another one (session present); and when the same client
+/// id connects to a third node, the connection on the second is taken
+/// over (closed), as on a single broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_session_follows_its_client_across_nodes() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 1).await;
+    let (a, b, c) = (0, 1, 2);
+
+    let (sub, mut el) = mqtt_client(&cluster, a, "roamer");
+    assert!(!mqtt_connack(&mut el).await, "a new session");
+    sub.subscribe(format!("{T}/#"), rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("SUBACK in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("subscribing failed: {e}"),
+        }
+    }
+    // Published on another node, delivered here (the log is replicated).
+    mqtt_publish(&cluster, b, &["one", "two"]).await;
+    let got = mqtt_receive(&mut el, 2).await;
+    assert_eq!(got, BTreeSet::from(["one".into(), "two".into()]));
+    sub.disconnect().await.expect("disconnect");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while el.poll().await.is_ok() {}
+    })
+    .await;
+
+    // Away: two more, through the third node.
+    mqtt_publish(&cluster, c, &["three", "four"]).await;
+    let (_sub, mut el) = mqtt_client(&cluster, b, "roamer");
+    assert!(
+        mqtt_connack(&mut el).await,
+        "the session moved to node {}",
+        b + 1
+    );
+    let got = mqtt_receive(&mut el, 2).await;
+    assert_eq!(got, BTreeSet::from(["three".into(), "four".into()]));
+
+    // The same client id on node c: node b lets its connection go.
+    let (_taker, mut el_c) = mqtt_client(&cluster, c, "roamer");
+    assert!(mqtt_connack(&mut el_c).await);
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if el.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the connection on node {} was not taken over",
+        b + 1
+    );
 }

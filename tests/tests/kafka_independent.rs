@@ -8,7 +8,7 @@ mod common;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use common::{clients_dir, ChildNode};
+use common::{clients_dir, summary_of, ChildNode};
 
 #[test]
 #[ignore = "needs kcat (scripts/test installs it)"]
@@ -884,22 +884,6 @@ fn a_compacted_topic_survives_kill_9_during_cleaning_passes() {
 /// `kafka_txn_check.py` (confluent-kafka): the transactional scenarios.
 fn txn_script() -> std::path::PathBuf {
     clients_dir().join("kafka_txn_check.py")
-}
-
-/// Asserts a client run succeeded and returns its summary line (the last
-/// line of its standard output); a failure shows that line and the end of
-/// its standard error (librdkafka logs every lost connection there).
-fn summary_of(what: &str, out: &std::process::Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
-    assert!(
-        out.status.success(),
-        "{what}: {}\n{stdout}\n{}",
-        out.status,
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line")
 }
 
 /// The `basic` transactional scenario as a client reports it (Python and

@@ -39,6 +39,8 @@ pub(crate) struct Session {
     pub(crate) closing: AtomicBool,
     /// The address the client reached us at: what Metadata advertises.
     pub(crate) local: Option<SocketAddr>,
+    /// The client reached a TLS listener (Metadata names TLS ports).
+    pub(crate) tls: bool,
     /// The client's address (DescribeGroups names it).
     pub(crate) peer: Option<SocketAddr>,
 }
@@ -67,6 +69,7 @@ pub(crate) async fn run(server: Arc<Server>, stream: MaybeTls, peer: Peer) {
         bare_token: AtomicBool::new(false),
         closing: AtomicBool::new(false),
         local,
+        tls: matches!(stream, MaybeTls::Right(_)),
         peer: peer.addr,
     });
     let (mut rd, mut wr) = tokio::io::split(stream);

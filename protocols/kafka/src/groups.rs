@@ -43,7 +43,6 @@ use tributary_ingest::mapping::group_subject;
 use tributary_storage::{Error as LogError, GroupOffset, MAX_COMMIT_METADATA};
 
 use crate::conn::Session;
-use crate::handlers::{advertised, NODE_ID};
 
 fn st(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_owned())
@@ -65,6 +64,7 @@ pub(crate) fn group_code(e: &GroupError) -> i16 {
         GroupError::NonEmptyGroup => ResponseError::NonEmptyGroup,
         GroupError::GroupSubscribedToTopic => ResponseError::GroupSubscribedToTopic,
         GroupError::CoordinatorNotAvailable => ResponseError::CoordinatorNotAvailable,
+        GroupError::NotCoordinator => ResponseError::NotCoordinator,
     }
     .code()
 }
@@ -93,12 +93,24 @@ pub(crate) fn find_coordinator(
     req: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
-    let (host, port) = advertised(s);
+    // The node that coordinates both groups and transactional ids: this
+    // one, or on a cluster the leader.
+    let view = crate::brokers::view(s);
+    let coordinator = view
+        .leader
+        .and_then(|id| view.endpoint(id).map(|(host, port)| (id, host, port)));
     let answer = |key: &StrBytes| -> (i16, i32, String, i32) {
-        // Key type 0 is a group, 1 a transactional id: this node
-        // coordinates both.
+        let Some((node, host, port)) = coordinator.clone() else {
+            return (
+                ResponseError::CoordinatorNotAvailable.code(),
+                -1,
+                String::new(),
+                -1,
+            );
+        };
+        // Key type 0 is a group, 1 a transactional id.
         if req.key_type == 1 {
-            return (0, NODE_ID, host.clone(), port);
+            return (0, node, host, port);
         }
         if req.key_type != 0 {
             return (
@@ -116,7 +128,7 @@ pub(crate) fn find_coordinator(
                 -1,
             );
         }
-        (0, NODE_ID, host.clone(), port)
+        (0, node, host, port)
     };
     if version >= 4 {
         let coordinators = req
@@ -443,6 +455,11 @@ fn fetch_offsets(
     if !may_use(s, group) {
         return Err(ResponseError::GroupAuthorizationFailed.code());
     }
+    s.server
+        .cx
+        .groups
+        .coordinating()
+        .map_err(|e| group_code(&e))?;
     let committed = s
         .server
         .cx
@@ -579,6 +596,13 @@ pub(crate) fn offset_fetch(
 
 pub(crate) fn list_groups(s: &Session, req: ListGroupsRequest, version: i16) -> ListGroupsResponse {
     let states: Vec<String> = req.states_filter.iter().map(|x| x.to_lowercase()).collect();
+    // Each broker lists the groups it coordinates (admin clients ask every
+    // broker): on a cluster, a node that does not lead has none.
+    match s.server.cx.groups.coordinating() {
+        Ok(()) => {}
+        Err(GroupError::NotCoordinator) => return ListGroupsResponse::default(),
+        Err(e) => return ListGroupsResponse::default().with_error_code(group_code(&e)),
+    }
     let groups = s
         .server
         .cx
@@ -615,6 +639,9 @@ pub(crate) fn describe_groups(
             let mut d = DescribedGroup::default().with_group_id(name.clone());
             if !may_use(s, &name) {
                 return d.with_error_code(ResponseError::GroupAuthorizationFailed.code());
+            }
+            if let Err(e) = s.server.cx.groups.coordinating() {
+                return d.with_error_code(group_code(&e));
             }
             let Some(g) = s.server.cx.groups.describe(&name) else {
                 // A group whose members all left long ago (or before a

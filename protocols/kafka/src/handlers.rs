@@ -515,30 +515,37 @@ async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataRe
         ),
     };
     let create = log.config().auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let view = crate::brokers::view(s);
     let mut topics = Vec::new();
     match wanted {
         None => {
             for t in log.topics() {
                 if auth.may_see(&s.who(), &t.config.name) {
-                    topics.push(topic_metadata(&t));
+                    topics.push(topic_metadata(&t, &view));
                 }
             }
         }
         Some(names) => {
             for name in names {
-                topics.push(named_topic(s, &name, create).await);
+                topics.push(named_topic(s, &name, create, &view).await);
             }
         }
     }
-    let (host, port) = advertised(s);
+    let brokers = view
+        .brokers
+        .iter()
+        .map(|(id, host, port)| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(*id))
+                .with_host(StrBytes::from_string(host.clone()))
+                .with_port(*port)
+        })
+        .collect();
     let mut answer = MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(NODE_ID))
-            .with_host(StrBytes::from_string(host))
-            .with_port(port)])
+        .with_brokers(brokers)
         .with_topics(topics);
     if version >= 1 {
-        answer = answer.with_controller_id(BrokerId(NODE_ID));
+        answer = answer.with_controller_id(BrokerId(view.partition_leader()));
     }
     if version >= 2 {
         answer = answer.with_cluster_id(Some(StrBytes::from_static_str("tributary")));
@@ -548,7 +555,12 @@ async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataRe
 
 /// A topic a client named: described, created (when the node creates topics
 /// on first use and the device may publish there), or an error.
-async fn named_topic(s: &Session, name: &str, create: bool) -> MetadataResponseTopic {
+async fn named_topic(
+    s: &Session,
+    name: &str,
+    create: bool,
+    view: &crate::brokers::View,
+) -> MetadataResponseTopic {
     let log = &s.server.cx.log;
     let auth = &*s.server.cx.auth;
     let failed = |code: i16| {
@@ -564,16 +576,16 @@ async fn named_topic(s: &Session, name: &str, create: bool) -> MetadataResponseT
         return failed(ResponseError::TopicAuthorizationFailed.code());
     }
     match log.topic(name) {
-        Ok(t) => topic_metadata(&t),
+        Ok(t) => topic_metadata(&t, view),
         Err(LogError::UnknownTopic(_)) if create => {
             if !auth.authorize(&s.who(), Action::Publish, name).allowed() {
                 return failed(ResponseError::UnknownTopicOrPartition.code());
             }
             let config = log.config().topic_defaults.config(name);
             match log.create_topic(config).await {
-                Ok(t) => topic_metadata(&t),
+                Ok(t) => topic_metadata(&t, view),
                 Err(LogError::TopicExists(_)) => match log.topic(name) {
-                    Ok(t) => topic_metadata(&t),
+                    Ok(t) => topic_metadata(&t, view),
                     Err(_) => failed(ResponseError::UnknownTopicOrPartition.code()),
                 },
                 Err(LogError::InvalidTopic(_) | LogError::InvalidName(_)) => {
@@ -589,8 +601,16 @@ async fn named_topic(s: &Session, name: &str, create: bool) -> MetadataResponseT
     }
 }
 
-fn topic_metadata(t: &TopicInfo) -> MetadataResponseTopic {
-    let node = BrokerId(NODE_ID);
+/// A topic as Metadata describes it: on a cluster every node holds every
+/// committed record (each is a replica in sync), and the leader takes the
+/// writes.
+fn topic_metadata(t: &TopicInfo, view: &crate::brokers::View) -> MetadataResponseTopic {
+    let leader = BrokerId(view.partition_leader());
+    let replicas: Vec<BrokerId> = view
+        .brokers
+        .iter()
+        .map(|(id, _, _)| BrokerId(*id))
+        .collect();
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&t.config.name)))
         .with_partitions(
@@ -599,10 +619,10 @@ fn topic_metadata(t: &TopicInfo) -> MetadataResponseTopic {
                 .map(|p| {
                     MetadataResponsePartition::default()
                         .with_partition_index(p.partition as i32)
-                        .with_leader_id(node)
+                        .with_leader_id(leader)
                         .with_leader_epoch(0)
-                        .with_replica_nodes(vec![node])
-                        .with_isr_nodes(vec![node])
+                        .with_replica_nodes(replicas.clone())
+                        .with_isr_nodes(replicas.clone())
                 })
                 .collect(),
         )
@@ -633,7 +653,7 @@ async fn init_producer_id(
         let given = (req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
         let result = match s.server.coordinator().await {
             Ok(c) => c.init(id, req.transaction_timeout_ms, given).await,
-            Err(e) => Err(crate::txn::Refused::from(e)),
+            Err(e) => Err(e),
         };
         return match result {
             Ok((pid, epoch)) => InitProducerIdResponse::default()
@@ -756,11 +776,19 @@ async fn produce(s: &Session, req: ProduceRequest, turn: ingest::Turn) -> Produc
                         c.may_produce(b.producer_id, b.epoch, &name, partition)
                             .await
                     }
-                    Err(e) => Err(crate::txn::Refused::from(e)),
+                    Err(e) => Err(e),
                 };
                 if let Err(r) = checked {
                     s.server.metrics.refuse(Refusal::Sequence);
-                    partitions.push(refuse(crate::txn::api::code(&r, 0, i16::MAX)));
+                    let code = match r {
+                        // On a cluster the coordinator is on the leader, as
+                        // Metadata says: the client asks it again.
+                        crate::txn::Refused::NotCoordinator | crate::txn::Refused::NotAvailable => {
+                            ResponseError::NotLeaderOrFollower.code()
+                        }
+                        r => crate::txn::api::code(&r, 0, i16::MAX),
+                    };
+                    partitions.push(refuse(code));
                     continue;
                 }
             }

@@ -16,7 +16,8 @@
 //!   value, headers and timestamp byte for byte ([`codec`]).
 //! - Fetch long-polls the log (max_wait, min_bytes, partition and response
 //!   max_bytes); ListOffsets answers earliest and latest; Metadata names
-//!   this node as the leader of every partition, and creates a topic a
+//!   this node as the leader of every partition (on a cluster: every node
+//!   a broker, the Raft leader leading, [`brokers`]), and creates a topic a
 //!   client asks for when the node creates topics on first use.
 //! - Consumer groups (`groups`): Kafka's classic group protocol over the
 //!   node's one coordinator (`tributary-groups`), offsets shared with the
@@ -32,9 +33,12 @@
 //!   CreatePartitions, DescribeConfigs, AlterConfigs and
 //!   IncrementalAlterConfigs over the log's topic operations, Kafka's config
 //!   names mapped to ours.
-//! - Transactions are not served yet: ApiVersions does not advertise them.
+//! - Transactions (`txn`): the coordinator of Kafka's transaction protocol,
+//!   its state durable in the log's metadata; on a cluster it runs on the
+//!   leader, one term at a time, its writes fenced by a claim.
 
 mod admin;
+pub mod brokers;
 pub mod codec;
 mod conn;
 mod groups;
@@ -221,8 +225,13 @@ pub struct Server {
     cx: FrontendContext,
     config: KafkaConfig,
     metrics: Arc<KafkaMetrics>,
-    /// The transaction coordinator, started by [`Server::start`].
-    txns: tokio::sync::OnceCell<Arc<txn::Coordinator>>,
+    /// The transaction coordinator now (on a cluster, while this node
+    /// leads), started by [`Server::start`] or on first use.
+    txns: std::sync::Mutex<Option<Arc<txn::Coordinator>>>,
+    /// Held while a coordinator starts (one at a time).
+    starting: tokio::sync::Mutex<()>,
+    /// This node's Kafka endpoint, as the other nodes of a cluster name it.
+    endpoint: std::sync::OnceLock<brokers::Endpoint>,
 }
 
 impl Server {
@@ -237,50 +246,134 @@ impl Server {
             cx,
             config,
             metrics,
-            txns: tokio::sync::OnceCell::new(),
+            txns: std::sync::Mutex::new(None),
+            starting: tokio::sync::Mutex::new(()),
+            endpoint: std::sync::OnceLock::new(),
         })
     }
 
     /// Builds the server and starts its transaction coordinator, which
-    /// completes or aborts what a stop left of transactions.
+    /// completes or aborts what a stop left of transactions. On a cluster
+    /// the coordinator runs on the leader: it starts each time this node
+    /// is elected.
     pub async fn start(
         cx: FrontendContext,
         config: KafkaConfig,
     ) -> Result<Arc<Self>, tributary_storage::Error> {
         let server = Server::new(cx, config);
-        server.coordinator().await?;
+        match server.cx.log.leadership() {
+            None => {
+                server
+                    .coordinator()
+                    .await
+                    .map_err(|r| tributary_storage::Error::Unwritable(format!("{r:?}")))?;
+            }
+            Some(leadership) => {
+                tokio::spawn(follow_leadership(Arc::downgrade(&server), leadership));
+            }
+        }
         Ok(server)
     }
 
     /// Whether a transaction still open holds offsets of `group` for
     /// `topic`/`partition` (OffsetFetch with `require_stable`).
     pub(crate) fn offsets_pending(&self, group: &str, topic: &str, partition: i32) -> bool {
-        self.txns
-            .get()
+        self.current_txns()
             .is_some_and(|c| c.offsets_pending(group, topic, partition))
     }
 
-    /// The transaction coordinator (started on first use when the server
-    /// was built with [`Server::new`]).
-    pub(crate) async fn coordinator(
-        &self,
-    ) -> Result<&Arc<txn::Coordinator>, tributary_storage::Error> {
+    fn current_txns(&self) -> Option<Arc<txn::Coordinator>> {
         self.txns
-            .get_or_try_init(|| {
-                txn::Coordinator::start(
-                    self.cx.log.clone(),
-                    txn::Limits {
-                        max_ids: self.config.max_transactional_ids,
-                        expiration_ms: self.config.transactional_id_expiration_ms,
-                    },
-                )
-            })
-            .await
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The transaction coordinator: started on first use on a single node;
+    /// on a cluster, the one of the leader's term while this node leads
+    /// (NOT_COORDINATOR elsewhere).
+    pub(crate) async fn coordinator(&self) -> Result<Arc<txn::Coordinator>, txn::Refused> {
+        let claim = match self.cx.log.leadership() {
+            None => None,
+            Some(l) => {
+                let l = l.borrow().clone();
+                if !l.leads() {
+                    return Err(match l.leader {
+                        Some(_) => txn::Refused::NotCoordinator,
+                        None => txn::Refused::NotAvailable,
+                    });
+                }
+                Some((brokers::coordinator_claim(&l), l.term))
+            }
+        };
+        let term = claim.as_ref().map_or(0, |(_, t)| *t);
+        let current = |s: &Self| s.current_txns().filter(|c| c.term == term);
+        if let Some(c) = current(self) {
+            return Ok(c);
+        }
+        let _one = self.starting.lock().await;
+        if let Some(c) = current(self) {
+            return Ok(c);
+        }
+        let limits = txn::Limits {
+            max_ids: self.config.max_transactional_ids,
+            expiration_ms: self.config.transactional_id_expiration_ms,
+        };
+        let c = txn::Coordinator::start(self.cx.log.clone(), limits, claim).await?;
+        let old = self
+            .txns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(c.clone());
+        if let Some(old) = old {
+            old.retire();
+        }
+        Ok(c)
+    }
+
+    /// This node's Kafka endpoint, published for the other nodes of its
+    /// cluster to name in their Metadata answers (once; a single node
+    /// keeps it to itself).
+    pub fn advertise(self: &Arc<Self>, endpoint: brokers::Endpoint) {
+        if self.endpoint.set(endpoint.clone()).is_err() {
+            return;
+        }
+        if self.cx.log.is_replicated() {
+            tokio::spawn(brokers::publish(
+                self.cx.log.clone(),
+                endpoint,
+                self.cx.shutdown.clone(),
+            ));
+        }
     }
 
     /// Counters (tests and `/metrics`).
     pub fn metrics(&self) -> &Arc<KafkaMetrics> {
         &self.metrics
+    }
+}
+
+/// Starts the transaction coordinator each time this node is elected, so
+/// that what the last leader left prepared is completed and open
+/// transactions time out without waiting for a client.
+async fn follow_leadership(
+    server: std::sync::Weak<Server>,
+    mut leadership: tokio::sync::watch::Receiver<tributary_storage::Leadership>,
+) {
+    loop {
+        let leads = leadership.borrow_and_update().leads();
+        if leads {
+            let Some(s) = server.upgrade() else { return };
+            if let Err(r) = s.coordinator().await {
+                tracing::warn!(refused = ?r, "the transaction coordinator did not start on the new leader; trying again");
+                drop(s);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        if leadership.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tributary_storage::util::now_ms;
-use tributary_storage::{Error as LogError, GroupOffset, Log, Marker, TxnEvent};
+use tributary_storage::{Error as LogError, GroupOffset, Guard, Log, Marker, TxnEvent};
 
 /// Metadata space of the transactional ids.
 const SPACE: &str = "__transactions";
@@ -90,11 +90,21 @@ pub(crate) enum Refused {
     TooMany,
     /// The log could not write (KAFKA_STORAGE_ERROR 56, retriable).
     Storage(String),
+    /// NOT_COORDINATOR (16): on a cluster, the leader coordinates
+    /// transactions, and this node is not it.
+    NotCoordinator,
+    /// COORDINATOR_NOT_AVAILABLE (15): a cluster without a leader now, or
+    /// a coordinator still loading.
+    NotAvailable,
 }
 
 impl From<LogError> for Refused {
     fn from(e: LogError) -> Self {
-        Refused::Storage(e.to_string())
+        match e {
+            // Another leader's coordinator took over since.
+            LogError::Superseded(_) => Refused::NotCoordinator,
+            e => Refused::Storage(e.to_string()),
+        }
     }
 }
 
@@ -128,10 +138,19 @@ pub(crate) struct Limits {
     pub(crate) expiration_ms: u64,
 }
 
-/// The node's transaction coordinator.
+/// The node's transaction coordinator (on a cluster, the leader's, for one
+/// term).
 pub(crate) struct Coordinator {
     log: Log,
     limits: Limits,
+    /// On a cluster: the claim every state write carries, taken when this
+    /// coordinator started; a newer leader's coordinator replaces it, and
+    /// this one's writes are refused from then on, wherever they were made.
+    guard: Option<Guard>,
+    /// The term it coordinates for (0 on a single node).
+    pub(crate) term: u64,
+    /// Set once another coordinator replaced it: its timer stops.
+    retired: std::sync::atomic::AtomicBool,
     table: tokio::sync::Mutex<Table>,
     /// (group, topic, partition) of offsets open transactions hold, and
     /// how many hold each (OffsetFetch's `require_stable` reads it without
@@ -148,7 +167,25 @@ impl std::fmt::Debug for Coordinator {
 impl Coordinator {
     /// Loads the transactional ids, completes what a stop left prepared,
     /// aborts what it left open, and starts the timeout check.
-    pub(crate) async fn start(log: Log, limits: Limits) -> Result<Arc<Coordinator>, LogError> {
+    ///
+    /// On a cluster (`claim`: this leader's claim, for `term`) it first
+    /// takes the claim, so that it loads every state written before and the
+    /// coordinator it replaces writes nothing after; transactions left
+    /// open stay open (their producers go on with this coordinator) until
+    /// they end or time out.
+    pub(crate) async fn start(
+        log: Log,
+        limits: Limits,
+        claim: Option<(Guard, u64)>,
+    ) -> Result<Arc<Coordinator>, LogError> {
+        let (guard, term) = match claim {
+            Some((g, term)) => {
+                log.claim(&g).await?;
+                (Some(g), term)
+            }
+            None => (None, 0),
+        };
+        let takeover = guard.is_some();
         let mut table = Table::default();
         for (k, v) in log.meta(SPACE)? {
             let (Ok(id), Ok(txn)) = (String::from_utf8(k), postcard::from_bytes::<Txn>(&v)) else {
@@ -162,6 +199,9 @@ impl Coordinator {
         let c = Arc::new(Coordinator {
             log,
             limits,
+            guard,
+            term,
+            retired: std::sync::atomic::AtomicBool::new(false),
             table: tokio::sync::Mutex::new(table),
             pending: std::sync::Mutex::new(HashMap::new()),
         });
@@ -174,7 +214,17 @@ impl Coordinator {
                     Some(State::PrepareAbort | State::PrepareEpochFence) => {
                         c.complete(&mut t, &id, false).await?
                     }
-                    Some(State::Ongoing) => c.fence(&mut t, &id).await?,
+                    Some(State::Ongoing) if !takeover => c.fence(&mut t, &id).await?,
+                    Some(State::Ongoing) => {
+                        if let Some(x) = t.txns.get(&id) {
+                            let mut pending = c.pending();
+                            for (group, topic, partition, _) in &x.offsets {
+                                *pending
+                                    .entry((group.clone(), topic.clone(), *partition))
+                                    .or_insert(0) += 1;
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -185,6 +235,9 @@ impl Coordinator {
             loop {
                 tick.tick().await;
                 let Some(c) = weak.upgrade() else { return };
+                if c.retired.load(std::sync::atomic::Ordering::Relaxed) || !c.still_leads() {
+                    return;
+                }
                 if let Err(e) = c.abort_timed_out().await {
                     tracing::warn!(error = %e, "aborting timed-out transactions failed");
                 }
@@ -196,10 +249,29 @@ impl Coordinator {
         Ok(c)
     }
 
+    /// Stops its timer: another coordinator took over.
+    pub(crate) fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the node still leads the term this coordinator started for
+    /// (always on a single node).
+    fn still_leads(&self) -> bool {
+        self.log.leadership().is_none_or(|l| {
+            let l = l.borrow();
+            l.leads() && l.term == self.term
+        })
+    }
+
     async fn store(&self, id: &str, txn: &Txn) -> Result<(), LogError> {
         let v = postcard::to_allocvec(txn).map_err(|e| LogError::Config(e.to_string()))?;
         self.log
-            .put_meta(SPACE, vec![(id.as_bytes().to_vec(), Some(v))])
+            .put_meta_guarded(
+                SPACE,
+                vec![(id.as_bytes().to_vec(), Some(v))],
+                self.guard.as_ref(),
+            )
             .await
     }
 
@@ -359,7 +431,11 @@ impl Coordinator {
             .collect();
         for id in idle {
             self.log
-                .put_meta(SPACE, vec![(id.as_bytes().to_vec(), None)])
+                .put_meta_guarded(
+                    SPACE,
+                    vec![(id.as_bytes().to_vec(), None)],
+                    self.guard.as_ref(),
+                )
                 .await?;
             if let Some(x) = t.txns.remove(&id) {
                 t.by_producer.remove(&x.producer_id);
@@ -656,6 +732,8 @@ pub(crate) mod api {
             Refused::Timeout => ResponseError::InvalidTransactionTimeout.code(),
             Refused::TooMany => ResponseError::ThrottlingQuotaExceeded.code(),
             Refused::Storage(_) => ResponseError::KafkaStorageError.code(),
+            Refused::NotCoordinator => ResponseError::NotCoordinator.code(),
+            Refused::NotAvailable => ResponseError::CoordinatorNotAvailable.code(),
         }
     }
 
@@ -695,7 +773,7 @@ pub(crate) mod api {
                     )
                     .await
                 }
-                Err(e) => Err(Refused::from(e)),
+                Err(e) => Err(e),
             };
             Some(outcome(result, version))
         };
@@ -744,7 +822,7 @@ pub(crate) mod api {
                 )
                 .await
             }
-            Err(e) => Err(Refused::from(e)),
+            Err(e) => Err(e),
         };
         AddOffsetsToTxnResponse::default().with_error_code(outcome(result, version))
     }
@@ -808,7 +886,7 @@ pub(crate) mod api {
                 )
                 .await
             }
-            Err(e) => Err(Refused::from(e)),
+            Err(e) => Err(e),
         };
         // TxnOffsetCommit knows PRODUCER_FENCED from v0 in Kafka's schema;
         // librdkafka and Java read 47 and 90 alike here.
@@ -975,7 +1053,7 @@ pub(crate) mod api {
                 )
                 .await
             }
-            Err(e) => Err(Refused::from(e)),
+            Err(e) => Err(e),
         };
         EndTxnResponse::default()
             .with_error_code(outcome(result, version))

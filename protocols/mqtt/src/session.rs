@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tributary_storage::Log;
+use tributary_storage::{Error as LogError, Guard, Log};
 
 use super::codec::{MsgProps, PublishOut, Will};
 use super::{Server, Slot, Slots};
@@ -22,6 +22,9 @@ use tributary_devices::auth::Identity;
 pub const SESSIONS: &str = "mqtt.sessions";
 /// Metadata space of retained messages.
 pub const RETAINED: &str = "mqtt.retained";
+/// On a cluster: which connection holds each session (its claim, taken at
+/// CONNECT on whichever node; the session's writes carry it).
+pub const OWNERS: &str = "mqtt.owners";
 
 /// One subscription of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +97,10 @@ pub struct Session {
     /// those delivered at QoS 2 were either completed or are in `inflight`
     /// (stored with their packet id), so they are not sent as new.
     pub replay: BTreeMap<(String, u32), u64>,
+    /// On a cluster: the claim its writes carry. A connection to another
+    /// node that takes the session over claims it anew, and from then on
+    /// this copy's writes are refused ([`LogError::Superseded`]).
+    pub guard: Option<Guard>,
 }
 
 impl Session {
@@ -109,6 +116,7 @@ impl Session {
             next_pkid: 1,
             stored: false,
             replay: BTreeMap::new(),
+            guard: None,
         }
     }
 
@@ -174,7 +182,7 @@ impl Session {
     }
 
     /// A session from its durable form (either version).
-    fn restore(bytes: &[u8]) -> Result<Session, postcard::Error> {
+    pub(crate) fn restore(bytes: &[u8]) -> Result<Session, postcard::Error> {
         let (version, _) = postcard::take_from_bytes::<u8>(bytes)?;
         let stored = if version == 1 {
             let v1: StoredSessionV1 = postcard::from_bytes(bytes)?;
@@ -265,9 +273,10 @@ pub async fn persist(
     client_id: &str,
     session: &mut Session,
 ) -> tributary_storage::Result<()> {
+    let guard = session.guard.as_ref();
     if session.expiry == 0 {
         if session.stored {
-            log.put_meta(SESSIONS, vec![(client_id.as_bytes().to_vec(), None)])
+            log.put_meta_guarded(SESSIONS, vec![(client_id.as_bytes().to_vec(), None)], guard)
                 .await?;
             session.stored = false;
         }
@@ -275,10 +284,67 @@ pub async fn persist(
     }
     let bytes = postcard::to_stdvec(&session.record())
         .map_err(|e| tributary_storage::Error::Config(e.to_string()))?;
-    log.put_meta(SESSIONS, vec![(client_id.as_bytes().to_vec(), Some(bytes))])
-        .await?;
+    log.put_meta_guarded(
+        SESSIONS,
+        vec![(client_id.as_bytes().to_vec(), Some(bytes))],
+        guard,
+    )
+    .await?;
     session.stored = true;
     Ok(())
+}
+
+/// The claim on `client_id`'s session as it stands (an empty value when
+/// none was taken: such a guard never holds).
+pub(crate) fn owner_now(log: &Log, client_id: &str) -> Guard {
+    Guard {
+        space: OWNERS.into(),
+        key: client_id.as_bytes().to_vec(),
+        value: log
+            .meta_get(OWNERS, client_id.as_bytes())
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
+    }
+}
+
+/// On a cluster: claims `client_id`'s session for a new connection
+/// (`conn_id` on this node), then reads its stored state, which includes
+/// every write of the connections that held it before, on any node.
+/// `Ok(None)`: no stored session.
+pub(crate) async fn take_over(
+    log: &Log,
+    client_id: &str,
+    conn_id: u64,
+) -> tributary_storage::Result<(Guard, Option<Session>)> {
+    let node = log.leadership().map_or(0, |l| l.borrow().node);
+    let guard = Guard {
+        space: OWNERS.into(),
+        key: client_id.as_bytes().to_vec(),
+        value: format!("{node}:{conn_id}:{}", tributary_storage::util::now_ms()).into_bytes(),
+    };
+    log.claim(&guard).await?;
+    let stored = log
+        .meta_get(SESSIONS, client_id.as_bytes())?
+        .and_then(|v| match Session::restore(&v) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(%client_id, error = %e, "a stored MQTT session does not decode; dropped");
+                None
+            }
+        })
+        .map(|s| Session {
+            stored: true,
+            guard: Some(guard.clone()),
+            ..s
+        });
+    Ok((guard, stored))
+}
+
+/// Whether a write failed because the session was taken over on another
+/// node of the cluster.
+pub(crate) fn taken_over(e: &LogError) -> bool {
+    matches!(e, LogError::Superseded(_))
 }
 
 /// A will waiting for its delay (or its session's end).
@@ -308,6 +374,13 @@ impl SessionStore {
                 continue;
             };
             let s = match Session::restore(&v) {
+                // On a cluster a stored session may be held by a
+                // connection to another node: this copy's writes carry the
+                // claim as it is now, refused once anyone claims it anew.
+                Ok(s) if log.is_replicated() => Session {
+                    guard: Some(owner_now(log, &client_id)),
+                    ..s
+                },
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(%client_id, error = %e, "a stored MQTT session does not decode; dropped");
@@ -392,8 +465,8 @@ async fn sweep(broker: &Server, now: Instant) {
                         .shared
                         .release_all(id, s.subs.iter().map(|s| s.filter.as_str()));
                 }
-                if slot.parked.as_ref().is_some_and(|s| s.stored) {
-                    expired.push(id.clone());
+                if let Some(s) = slot.parked.as_ref().filter(|s| s.stored) {
+                    expired.push((id.clone(), s.guard.clone()));
                 }
                 return false;
             }
@@ -403,13 +476,29 @@ async fn sweep(broker: &Server, now: Instant) {
     for (identity, w) in wills {
         broker.publish_will(&identity, w).await;
     }
-    if !expired.is_empty() {
-        let entries = expired
+    // On a cluster each removal carries its session's claim: a session
+    // taken over on another node since is not this node's to remove.
+    let (guarded, plain): (Vec<_>, Vec<_>) = expired.into_iter().partition(|(_, g)| g.is_some());
+    if !plain.is_empty() {
+        let entries = plain
             .into_iter()
-            .map(|id| (id.into_bytes(), None))
+            .map(|(id, _)| (id.into_bytes(), None))
             .collect();
         if let Err(e) = broker.cx.log.put_meta(SESSIONS, entries).await {
             tracing::warn!(error = %e, "cannot remove expired MQTT sessions");
+        }
+    }
+    for (id, guard) in guarded {
+        let entry = vec![(id.into_bytes(), None)];
+        match broker
+            .cx
+            .log
+            .put_meta_guarded(SESSIONS, entry, guard.as_ref())
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if taken_over(&e) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove an expired MQTT session"),
         }
     }
 }

@@ -49,7 +49,7 @@ pub use append::AppendOptions;
 pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 pub use producers::{ProducerBatch, ProducerState};
-pub use replica::{Applied, Guard, Op, OpPart, Pending, Replicator};
+pub use replica::{Applied, Guard, Leadership, Op, OpPart, Pending, Replicator};
 pub use snapshot::{snapshot_header, Cut};
 
 use std::sync::atomic::Ordering::SeqCst;

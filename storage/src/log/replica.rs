@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::committer::{Appended, Command, Part};
 use super::{GroupOffset, Log, MetaEntry, ProducerBatch};
@@ -247,6 +247,33 @@ pub trait Replicator: Send + Sync + 'static {
     /// applied on this node: the outcome there, after a majority of the
     /// cluster holds it durably.
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending>> + Send + '_>>;
+
+    /// Who leads the replicated log, as this node knows it, updated as it
+    /// changes (`None`: the replicator has no leader, such as a test's).
+    fn leadership(&self) -> Option<watch::Receiver<Leadership>> {
+        None
+    }
+}
+
+/// Who leads a replicated log, as one node knows it: what the parts that
+/// must run in one place of a cluster (Kafka's coordinators) follow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// This node's id.
+    pub node: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// The term that leader leads (each election starts a new one).
+    pub term: u64,
+    /// The voters.
+    pub voters: Vec<u64>,
+}
+
+impl Leadership {
+    /// Whether this node is the leader.
+    pub fn leads(&self) -> bool {
+        self.leader == Some(self.node)
+    }
 }
 
 impl From<Part> for OpPart {
@@ -273,6 +300,12 @@ impl Log {
     /// Whether writes go through a replicated log (a cluster node).
     pub fn is_replicated(&self) -> bool {
         self.replicator().is_some()
+    }
+
+    /// Who leads the replicated log, following its changes (`None` on a
+    /// single node: it does everything itself).
+    pub fn leadership(&self) -> Option<watch::Receiver<Leadership>> {
+        self.replicator().and_then(|r| r.leadership())
     }
 
     pub(super) fn replicator(&self) -> Option<&Arc<dyn Replicator>> {

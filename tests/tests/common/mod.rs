@@ -445,3 +445,19 @@ pub async fn metrics_text(base: &str, token: Option<&str>) -> String {
 }
 pub mod proxy;
 pub mod sync;
+
+/// Asserts a client run succeeded and returns its summary line (the last
+/// line of its standard output); a failure shows that line and the end of
+/// its standard error (librdkafka logs every lost connection there).
+pub fn summary_of(what: &str, out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}\n{}",
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line")
+}

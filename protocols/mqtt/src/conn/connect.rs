@@ -223,6 +223,30 @@ pub(super) async fn accept(
         kick.cancel();
         let _ = tokio::time::timeout_at(deadline, released.wait_for(|r| *r)).await;
     }
+    // On a cluster the session may have been held on another node: claim
+    // it (that connection's writes are refused from now on) and read what
+    // it stored.
+    // (A clean start of a session that ends with its connection, with
+    // nothing stored to remove, has nothing to claim.)
+    let stored_here = || {
+        broker
+            .cx
+            .log
+            .meta_get(session::SESSIONS, client_id.as_bytes())
+            .map_or(true, |v| v.is_some())
+    };
+    let taken = if broker.cx.log.is_replicated() && (!c.clean || expiry > 0 || stored_here()) {
+        match session::take_over(&broker.cx.log, &client_id, conn_id).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(%client_id, error = %e, "cannot claim an MQTT session");
+                refuse(reason::SERVER_UNAVAILABLE, Refusal::LogUnwritable, out);
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     let kick = CancellationToken::new();
     let (released_tx, released_rx) = watch::channel(false);
     let (session, present, stale) = {
@@ -251,6 +275,12 @@ pub(super) async fn accept(
             }
             o.parked
         });
+        // On a cluster the stored session is the one: a copy parked here
+        // may be older than what a connection to another node stored.
+        let parked = match &taken {
+            Some((_, stored)) => stored.clone(),
+            None => parked,
+        };
         match parked {
             Some(mut s) if !c.clean => {
                 s.expiry = expiry;
@@ -276,6 +306,9 @@ pub(super) async fn accept(
     let mut session = session;
     if stale {
         session.stored = true;
+    }
+    if let Some((guard, _)) = taken {
+        session.guard = Some(guard);
     }
     if session.expiry > 0 || stale {
         if let Err(e) = session::persist(&broker.cx.log, &client_id, &mut session).await {

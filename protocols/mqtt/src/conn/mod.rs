@@ -359,6 +359,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 }
                 Wake::Resume => self.paused_until = None,
                 Wake::Save => {
+                    if self.claim_lost() {
+                        return Close::Server(reason::SESSION_TAKEN_OVER, Refusal::TakenOver);
+                    }
                     // The devices changed: a device disabled, removed, given a
                     // new token or no longer allowed a subscription is let go
                     // (at its next connection a restored session keeps only
@@ -375,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                         )
                         .await
                         {
-                            tracing::warn!(client_id = %self.client_id, error = %e, "cannot store an MQTT session");
+                            self.store_failed(&e);
                         }
                     }
                 }
@@ -471,6 +474,27 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
     }
 
+    /// On a cluster: whether a connection to another node claimed the
+    /// session since this one did.
+    fn claim_lost(&self) -> bool {
+        self.session.guard.as_ref().is_some_and(|g| {
+            let now = self.broker.cx.log.meta_get(&g.space, &g.key);
+            now.is_ok_and(|v| v.as_deref() != Some(g.value.as_slice()))
+        })
+    }
+
+    /// A session write failed. When a connection to another node of the
+    /// cluster took the session over, this one ends (SESSION_TAKEN_OVER,
+    /// as a takeover on this node ends it).
+    fn store_failed(&self, e: &tributary_storage::Error) {
+        if session::taken_over(e) {
+            tracing::info!(client_id = %self.client_id, "the MQTT session was taken over on another node");
+            self.kick.cancel();
+        } else {
+            tracing::warn!(client_id = %self.client_id, error = %e, "cannot store an MQTT session");
+        }
+    }
+
     /// Stores a persistent session now (subscription changes are acknowledged
     /// only once stored).
     async fn save_now(&mut self) {
@@ -480,7 +504,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             if let Err(e) =
                 session::persist(&self.broker.cx.log, &self.client_id, &mut self.session).await
             {
-                tracing::warn!(client_id = %self.client_id, error = %e, "cannot store an MQTT session");
+                self.store_failed(&e);
             }
         }
     }
@@ -554,7 +578,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             if let Err(e) =
                 session::persist(&self.broker.cx.log, &self.client_id, &mut self.session).await
             {
-                tracing::warn!(client_id = %self.client_id, error = %e, "cannot store an MQTT session");
+                self.store_failed(&e);
             }
         }
         let mut now_will = None;
