@@ -67,6 +67,8 @@ pub enum State {
     Paused,
     /// Could not start (the error says why); `restart` tries again.
     Failed(String),
+    /// On a cluster node that does not lead: the leader runs it.
+    Standby,
 }
 
 struct Running {
@@ -78,6 +80,8 @@ struct Running {
     paused: watch::Sender<bool>,
     cancel: CancellationToken,
     failed: Option<String>,
+    /// Not started here: on a cluster, only the leader runs connectors.
+    standby: bool,
 }
 
 /// The node's connectors.
@@ -129,6 +133,13 @@ impl Manager {
                 }
             }
         }
+        if let Some(leadership) = m.log.leadership() {
+            tokio::spawn(follow_cluster(
+                Arc::downgrade(&m),
+                leadership,
+                m.shutdown.clone(),
+            ));
+        }
         let weak = Arc::downgrade(&m);
         cx.stats.register(
             "connectors",
@@ -146,6 +157,29 @@ impl Manager {
         let status = Arc::new(Status::default());
         let cancel = self.shutdown.child_token();
         let (paused_tx, paused_rx) = watch::channel(paused);
+        // On a cluster a connector runs on the leader alone (it reads and
+        // writes the one log; run on every node it would deliver or take
+        // everything once per node): elsewhere it waits, and
+        // `follow_leadership` launches it when this node is elected.
+        if !self.leads() {
+            let old = lock(&self.connectors).insert(
+                config.name.clone(),
+                Running {
+                    config,
+                    from_file,
+                    status,
+                    bridge: None,
+                    paused: paused_tx,
+                    cancel,
+                    failed: None,
+                    standby: true,
+                },
+            );
+            if let Some(old) = old {
+                old.cancel.cancel();
+            }
+            return;
+        }
         let log = &self.log;
         let mut bridge = None;
         let started = match &config.kind {
@@ -285,6 +319,7 @@ impl Manager {
                 paused: paused_tx,
                 cancel,
                 failed,
+                standby: false,
             },
         );
         if let Some(old) = old {
@@ -292,8 +327,75 @@ impl Manager {
         }
     }
 
+    /// Whether connectors run here: on a single node, or on a cluster's
+    /// leader.
+    fn leads(&self) -> bool {
+        self.log.leadership().is_none_or(|l| l.borrow().leads())
+    }
+
+    /// Launches every connector again (each starts, or waits, as this
+    /// node leads or not).
+    fn relaunch_all(&self) {
+        let all: Vec<(ConnectorConfig, bool, bool)> = lock(&self.connectors)
+            .values()
+            .map(|r| (r.config.clone(), r.from_file, *r.paused.borrow()))
+            .collect();
+        for (config, from_file, paused) in all {
+            self.launch(config, from_file, paused);
+        }
+    }
+
+    /// On a cluster: the connectors created, deleted, paused or resumed
+    /// over the API of another node are launched, stopped, paused or
+    /// resumed here too.
+    fn reconcile(&self) {
+        let Ok(stored) = self.log.meta(SPACE) else {
+            return;
+        };
+        let stored: BTreeMap<String, Stored> = stored
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let name = String::from_utf8(k).ok()?;
+                Some((name, serde_json::from_slice(&v).ok()?))
+            })
+            .collect();
+        let mut launch = Vec::new();
+        {
+            let mut c = lock(&self.connectors);
+            c.retain(|name, r| {
+                let keep = r.from_file || stored.contains_key(name);
+                if !keep {
+                    r.cancel.cancel();
+                }
+                keep
+            });
+            for (name, s) in stored {
+                let config = match ConnectorConfig::from_json(s.config) {
+                    Ok(config) => config,
+                    Err(_) => continue,
+                };
+                match c.get(&name) {
+                    Some(r) if r.from_file => {}
+                    Some(r)
+                        if serde_json::to_value(&r.config).ok()
+                            == serde_json::to_value(&config).ok() =>
+                    {
+                        if *r.paused.borrow() != s.paused {
+                            r.paused.send_replace(s.paused);
+                        }
+                    }
+                    _ => launch.push((config, s.paused)),
+                }
+            }
+        }
+        for (config, paused) in launch {
+            self.launch(config, false, paused);
+        }
+    }
+
     fn state_of(r: &Running) -> State {
         match &r.failed {
+            _ if r.standby => State::Standby,
             Some(e) => State::Failed(e.clone()),
             None if *r.paused.borrow() => State::Paused,
             None => State::Running,
@@ -340,6 +442,7 @@ impl Manager {
             State::Running => ("running", last_error),
             State::Paused => ("paused", last_error),
             State::Failed(e) => ("failed", Some(e)),
+            State::Standby => ("standby", last_error),
         };
         let [delivered, batches, retries, dead_letters, lag] = self.counters(r);
         json!({
@@ -457,6 +560,36 @@ impl Manager {
         };
         self.launch(config, from_file, paused);
         self.get(name)
+    }
+}
+
+/// On a cluster: launches every connector when this node is elected and
+/// stops them when it is no longer the leader; every second, follows the
+/// connectors other nodes' APIs created, changed or deleted.
+async fn follow_cluster(
+    m: std::sync::Weak<Manager>,
+    mut leadership: watch::Receiver<tributary_storage::Leadership>,
+    shutdown: CancellationToken,
+) {
+    let mut led: Option<u64> = None;
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        let now = leadership.borrow_and_update().clone();
+        let leading = now.leads().then_some(now.term);
+        let Some(manager) = m.upgrade() else { return };
+        if leading != led {
+            manager.relaunch_all();
+            led = leading;
+        }
+        drop(manager);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = leadership.changed() => if changed.is_err() { return },
+            _ = every.tick() => {
+                let Some(manager) = m.upgrade() else { return };
+                manager.reconcile();
+            }
+        }
     }
 }
 

@@ -97,7 +97,7 @@ pub fn check(config: &PipelineConfig) -> Result<Plan, Error> {
     Ok(compile(&config.sql)?)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stored {
     sql: String,
     paused: bool,
@@ -173,6 +173,9 @@ impl Manager {
                 }
             }
         }
+        if m.log.is_replicated() {
+            tokio::spawn(follow_stored(Arc::downgrade(&m), m.shutdown.clone()));
+        }
         let weak = Arc::downgrade(&m);
         cx.stats.register(
             "pipelines",
@@ -183,6 +186,55 @@ impl Manager {
         );
         cx.metrics.register(Arc::new(Metrics(Arc::downgrade(&m))));
         Ok(m)
+    }
+
+    /// On a cluster: the pipelines created, deleted, paused or resumed
+    /// over the API of another node are launched, stopped, paused or
+    /// resumed here too (each node has every pipeline; the leader runs
+    /// them).
+    fn reconcile(&self) {
+        let Ok(stored) = self.log.meta(SPACE) else {
+            return;
+        };
+        let stored: BTreeMap<String, Stored> = stored
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let name = String::from_utf8(k).ok()?;
+                Some((name, serde_json::from_slice(&v).ok()?))
+            })
+            .collect();
+        let mut launch = Vec::new();
+        {
+            let mut p = lock(&self.pipelines);
+            p.retain(|name, r| {
+                let keep = r.from_file || stored.contains_key(name);
+                if !keep {
+                    r.cancel.cancel();
+                    self.budget.release(r.status.state_bytes.load(Relaxed));
+                }
+                keep
+            });
+            for (name, s) in &stored {
+                match p.get(name) {
+                    Some(r) if r.from_file => {}
+                    Some(r) if r.plan.sql == s.sql => {
+                        if *r.paused.borrow() != s.paused {
+                            r.paused.send_replace(s.paused);
+                        }
+                    }
+                    _ if p.len() >= self.limits.max_pipelines && !p.contains_key(name) => {}
+                    _ => launch.push((name.clone(), s.clone())),
+                }
+            }
+        }
+        for (name, s) in launch {
+            match compile(&s.sql) {
+                Ok(plan) => self.launch(&name, plan, false, s.paused),
+                Err(e) => {
+                    tracing::warn!(pipeline = %name, error = %e, "a stored pipeline no longer compiles: skipped")
+                }
+            }
+        }
     }
 
     fn launch(&self, name: &str, plan: Plan, from_file: bool, paused: bool) {
@@ -221,7 +273,14 @@ impl Manager {
         let mut v = json!({
             "name": name,
             "sql": r.plan.sql,
-            "state": if *r.paused.borrow() { "paused" } else { "running" },
+            "state": if *r.paused.borrow() {
+                "paused"
+            } else if self.log.leadership().is_some_and(|l| !l.borrow().leads()) {
+                // On a cluster the leader runs the pipelines.
+                "standby"
+            } else {
+                "running"
+            },
             "from_file": r.from_file,
             "inputs": r.plan.inputs(),
             "output": r.plan.output,
@@ -316,6 +375,9 @@ impl Manager {
         if let Some(t) = task {
             let _ = t.await;
         }
+        // On a cluster the leader's task may be running on another node:
+        // a claim of its own refuses that task's writes from now on.
+        runner::fence(&self.log, name).await?;
         self.budget.release(status.state_bytes.load(Relaxed));
         self.log
             .put_meta(SPACE, vec![(name.as_bytes().to_vec(), None)])
@@ -346,6 +408,19 @@ impl Manager {
                 .await?;
         }
         self.get(name)
+    }
+}
+
+/// Follows the stored pipelines on a cluster (see [`Manager::reconcile`]).
+async fn follow_stored(m: std::sync::Weak<Manager>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let Some(m) = m.upgrade() else { return };
+        m.reconcile();
     }
 }
 

@@ -23,13 +23,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tributary_storage::util::lock;
-use tributary_storage::{AppendRecord, Error as LogError, Event, Isolation, Log};
+use tributary_storage::{AppendRecord, Error as LogError, Event, Guard, Isolation, Log};
 
 use crate::engine::{Counts, Dest, Engine, State};
 use crate::plan::{JoinKind, Plan, Start};
 
 /// Metadata space of the checkpoints (key: the pipeline's name).
 pub const STATE_SPACE: &str = "__pipeline_state";
+/// On a cluster: which leader's term runs each pipeline (its claim).
+const OWNER_SPACE: &str = "__pipeline_owner";
 /// The header naming a row's pipeline, step and place.
 pub const ORIGIN: &str = "tributary.pipeline";
 const VERSION: u32 = 1;
@@ -244,9 +246,36 @@ pub async fn run(
     budget: Arc<Budget>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    // On a cluster the pipeline runs on the leader, under a claim for its
+    // term: a deposed leader's late writes are refused, and the new one
+    // recovers from the checkpoint as after a crash.
+    let Some(mut lease) = tributary_ingest::leader::lead(&log, OWNER_SPACE, &name, &cancel).await
+    else {
+        return;
+    };
     loop {
-        let result = run_once(&log, &name, &plan, &status, &cancel, &mut paused, &budget).await;
+        let result = run_once(
+            &log,
+            &name,
+            &plan,
+            &status,
+            &lease.cancel,
+            &mut paused,
+            &budget,
+            lease.guard.as_ref(),
+        )
+        .await;
         match result {
+            // Deposed (whatever the step was doing when it noticed).
+            Err(_) if lease.cancel.is_cancelled() && !cancel.is_cancelled() => {
+                // No longer the leader's: wait to lead again.
+                lease.cancel.cancel();
+                match tributary_ingest::leader::lead(&log, OWNER_SPACE, &name, &cancel).await {
+                    Some(l) => lease = l,
+                    None => return,
+                }
+                continue;
+            }
             Ok(()) | Err(StepError::Stopped) | Err(StepError::Log(LogError::Closed)) => return,
             Err(e) => {
                 tracing::warn!(pipeline = %name, error = %e, "pipeline step failed; resuming from its checkpoint");
@@ -271,6 +300,7 @@ async fn run_once(
     cancel: &CancellationToken,
     paused: &mut watch::Receiver<bool>,
     budget: &Budget,
+    guard: Option<&Guard>,
 ) -> Result<(), StepError> {
     for t in plan.inputs() {
         wait_for_topic(log, &t, cancel, status).await?;
@@ -297,10 +327,21 @@ async fn run_once(
             &mut progress,
             status,
             &present,
+            guard,
         )
         .await?;
         progress.next = choose(log, plan, &progress.positions)?;
-        checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
+        checkpoint(
+            log,
+            name,
+            plan,
+            &mut engine,
+            &progress,
+            status,
+            budget,
+            guard,
+        )
+        .await?;
     }
     loop {
         if cancel.is_cancelled() {
@@ -321,7 +362,17 @@ async fn run_once(
             }
             progress.next = choose(log, plan, &progress.positions)?;
             if progress.next.is_some() {
-                checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
+                checkpoint(
+                    log,
+                    name,
+                    plan,
+                    &mut engine,
+                    &progress,
+                    status,
+                    budget,
+                    guard,
+                )
+                .await?;
                 last_checkpoint = Instant::now();
             }
             continue;
@@ -334,6 +385,7 @@ async fn run_once(
             &mut progress,
             status,
             &HashSet::new(),
+            guard,
         )
         .await?;
         // At most one checkpoint per commit interval.
@@ -343,7 +395,17 @@ async fn run_once(
             _ = tokio::time::sleep_until(due.into()) => {}
         }
         progress.next = choose(log, plan, &progress.positions)?;
-        checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
+        checkpoint(
+            log,
+            name,
+            plan,
+            &mut engine,
+            &progress,
+            status,
+            budget,
+            guard,
+        )
+        .await?;
         last_checkpoint = Instant::now();
         *lock(&status.last_error) = None;
     }
@@ -556,6 +618,7 @@ async fn step(
     progress: &mut Progress,
     status: &Status,
     present: &HashSet<u64>,
+    guard: Option<&Guard>,
 ) -> Result<(), StepError> {
     let Some(next) = progress.next.clone() else {
         return Ok(());
@@ -668,7 +731,11 @@ async fn step(
         })
         .unwrap_or_default();
     for (topic, records) in by_topic {
-        tributary_ingest::append_topic(log, topic, records)
+        let options = tributary_storage::AppendOptions {
+            guard: guard.cloned(),
+            ..Default::default()
+        };
+        tributary_ingest::append_topic_with(log, topic, records, options)
             .await
             .map_err(|r| StepError::Refused(r.to_string()))?;
     }
@@ -708,6 +775,7 @@ async fn checkpoint(
     progress: &Progress,
     status: &Status,
     budget: &Budget,
+    guard: Option<&Guard>,
 ) -> Result<(), StepError> {
     let bytes = postcard::to_allocvec(&CheckpointRef {
         version: VERSION,
@@ -730,8 +798,12 @@ async fn checkpoint(
     // the state shrinks.
     engine.over_bytes =
         bytes.len() > plan.options.max_state_bytes || budget.used.load(Relaxed) > budget.max;
-    log.put_meta(STATE_SPACE, vec![(name.as_bytes().to_vec(), Some(bytes))])
-        .await?;
+    log.put_meta_guarded(
+        STATE_SPACE,
+        vec![(name.as_bytes().to_vec(), Some(bytes))],
+        guard,
+    )
+    .await?;
     status.checkpoints.fetch_add(1, Relaxed);
     status.step.store(progress.step, Relaxed);
     status
@@ -746,6 +818,21 @@ async fn checkpoint(
     );
     *lock(&status.positions) = progress.positions.clone();
     Ok(())
+}
+
+/// On a cluster: takes the pipeline's claim from whichever leader runs
+/// it, so that none of that task's writes lands after this (a deleted
+/// pipeline's checkpoint is not written back).
+pub async fn fence(log: &Log, name: &str) -> Result<(), LogError> {
+    if !log.is_replicated() {
+        return Ok(());
+    }
+    let guard = Guard {
+        space: OWNER_SPACE.into(),
+        key: name.as_bytes().to_vec(),
+        value: format!("deleted:{}", tributary_storage::util::now_ms()).into_bytes(),
+    };
+    log.claim(&guard).await
 }
 
 /// Removes a pipeline's checkpoint (it was deleted).

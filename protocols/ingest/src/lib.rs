@@ -6,6 +6,7 @@
 //! (`docs/design.md`, section 3). Its own crate, so the sync core (which
 //! knows nothing of the protocols) appends through it too.
 
+pub mod leader;
 pub mod mapping;
 
 use std::collections::BTreeMap;
