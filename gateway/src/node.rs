@@ -273,6 +273,9 @@ pub async fn start(
     cx.metrics.register(registry.clone());
     cx.devices = Some(registry.clone());
     let persister = registry.spawn_persister(shutdown.clone(), Duration::from_secs(10));
+    if clustered {
+        registry.spawn_follower(shutdown.clone());
+    }
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => {
             let files = tls::TlsFiles {

@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tributary_storage::util::lock;
 use tributary_storage::{AppendRecord, Error as LogError, Event, Guard, Isolation, Log};
 
+use tributary_ingest::leader::Lease;
+
 use crate::engine::{Counts, Dest, Engine, State};
 use crate::plan::{JoinKind, Plan, Start};
 
@@ -233,6 +235,8 @@ struct Progress {
     positions: Positions,
     next: Option<Positions>,
     outputs: Positions,
+    /// On a cluster: the claim the step's rows and checkpoints carry.
+    guard: Option<Guard>,
 }
 
 /// Runs pipeline `name` until `cancel`; `paused` holds it between steps.
@@ -254,17 +258,7 @@ pub async fn run(
         return;
     };
     loop {
-        let result = run_once(
-            &log,
-            &name,
-            &plan,
-            &status,
-            &lease.cancel,
-            &mut paused,
-            &budget,
-            lease.guard.as_ref(),
-        )
-        .await;
+        let result = run_once(&log, &name, &plan, &status, &lease, &mut paused, &budget).await;
         match result {
             // Deposed (whatever the step was doing when it noticed).
             Err(_) if lease.cancel.is_cancelled() && !cancel.is_cancelled() => {
@@ -297,11 +291,11 @@ async fn run_once(
     name: &str,
     plan: &Arc<Plan>,
     status: &Status,
-    cancel: &CancellationToken,
+    lease: &Lease,
     paused: &mut watch::Receiver<bool>,
     budget: &Budget,
-    guard: Option<&Guard>,
 ) -> Result<(), StepError> {
+    let cancel = &lease.cancel;
     for t in plan.inputs() {
         wait_for_topic(log, &t, cancel, status).await?;
     }
@@ -310,6 +304,7 @@ async fn run_once(
     }
     let before = status.state_bytes.load(Relaxed);
     let (mut engine, mut progress) = load(log, name, plan, status).await?;
+    progress.guard.clone_from(&lease.guard);
     let bytes = status.state_bytes.load(Relaxed);
     budget.change(before, bytes);
     engine.over_bytes =
@@ -327,21 +322,10 @@ async fn run_once(
             &mut progress,
             status,
             &present,
-            guard,
         )
         .await?;
         progress.next = choose(log, plan, &progress.positions)?;
-        checkpoint(
-            log,
-            name,
-            plan,
-            &mut engine,
-            &progress,
-            status,
-            budget,
-            guard,
-        )
-        .await?;
+        checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
     }
     loop {
         if cancel.is_cancelled() {
@@ -362,17 +346,7 @@ async fn run_once(
             }
             progress.next = choose(log, plan, &progress.positions)?;
             if progress.next.is_some() {
-                checkpoint(
-                    log,
-                    name,
-                    plan,
-                    &mut engine,
-                    &progress,
-                    status,
-                    budget,
-                    guard,
-                )
-                .await?;
+                checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
                 last_checkpoint = Instant::now();
             }
             continue;
@@ -385,7 +359,6 @@ async fn run_once(
             &mut progress,
             status,
             &HashSet::new(),
-            guard,
         )
         .await?;
         // At most one checkpoint per commit interval.
@@ -395,17 +368,7 @@ async fn run_once(
             _ = tokio::time::sleep_until(due.into()) => {}
         }
         progress.next = choose(log, plan, &progress.positions)?;
-        checkpoint(
-            log,
-            name,
-            plan,
-            &mut engine,
-            &progress,
-            status,
-            budget,
-            guard,
-        )
-        .await?;
+        checkpoint(log, name, plan, &mut engine, &progress, status, budget).await?;
         last_checkpoint = Instant::now();
         *lock(&status.last_error) = None;
     }
@@ -527,6 +490,7 @@ async fn load(
         positions,
         next,
         outputs,
+        guard: None,
     };
     Ok((Engine::new(plan.clone(), state), progress))
 }
@@ -618,7 +582,6 @@ async fn step(
     progress: &mut Progress,
     status: &Status,
     present: &HashSet<u64>,
-    guard: Option<&Guard>,
 ) -> Result<(), StepError> {
     let Some(next) = progress.next.clone() else {
         return Ok(());
@@ -732,7 +695,7 @@ async fn step(
         .unwrap_or_default();
     for (topic, records) in by_topic {
         let options = tributary_storage::AppendOptions {
-            guard: guard.cloned(),
+            guard: progress.guard.clone(),
             ..Default::default()
         };
         tributary_ingest::append_topic_with(log, topic, records, options)
@@ -775,7 +738,6 @@ async fn checkpoint(
     progress: &Progress,
     status: &Status,
     budget: &Budget,
-    guard: Option<&Guard>,
 ) -> Result<(), StepError> {
     let bytes = postcard::to_allocvec(&CheckpointRef {
         version: VERSION,
@@ -801,7 +763,7 @@ async fn checkpoint(
     log.put_meta_guarded(
         STATE_SPACE,
         vec![(name.as_bytes().to_vec(), Some(bytes))],
-        guard,
+        progress.guard.as_ref(),
     )
     .await?;
     status.checkpoints.fetch_add(1, Relaxed);

@@ -2155,3 +2155,90 @@ async fn a_connector_runs_on_the_leader_alone() {
     // records after it once.
     assert!((200..400).all(|n| seen.get(&n) == Some(&1)), "{seen:?}");
 }
+
+/// With device authentication, what one node's admin API does to a device
+/// holds on every node within seconds: a device added on one logs in on
+/// the others, a token rotated on another stops working everywhere (and
+/// the new one works), a device disabled on the third is refused
+/// everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_changed_on_one_node_is_changed_on_every_node() {
+    const ADMIN: &str = "admin-token-for-the-cluster-tests-0123";
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.extra = vec![
+        ("TRIBUTARY_AUTH__MODE".into(), "devices".into()),
+        ("TRIBUTARY_AUTH__ADMIN_TOKEN".into(), ADMIN.into()),
+    ];
+    cluster.start_all();
+    let c = client();
+    let created = c
+        .post(format!("{}/v1/topics", cluster.url(0)))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "events", "partitions": 1}))
+        .send()
+        .await
+        .expect("create topic");
+    assert!(created.status().is_success(), "{}", created.status());
+    let write = |node: usize, token: String| {
+        let (c, url) = (c.clone(), cluster.url(node));
+        async move {
+            c.post(format!("{url}/v1/topics/events/records"))
+                .bearer_auth(token)
+                .json(&json!({"records": [{"value": "x"}]}))
+                .send()
+                .await
+                .expect("write")
+                .status()
+                .as_u16()
+        }
+    };
+    // Waits until a write with `token` on `node` is answered `status`.
+    let answered = |node: usize, token: String, status: u16, what: &'static str| {
+        let write = &write;
+        async move {
+            let started = Instant::now();
+            loop {
+                let got = write(node, token.clone()).await;
+                if got == status {
+                    return;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "node {}: {what}: still {got}",
+                    node + 1
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let token = common::add_device(&cluster.url(0), ADMIN, "pump", &["#"], &["#"]).await;
+    for node in 0..3 {
+        answered(node, token.clone(), 200, "the added device").await;
+    }
+    let rotated: Value = c
+        .post(format!("{}/v1/devices/pump/rotate", cluster.url(1)))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("rotate")
+        .json()
+        .await
+        .expect("json");
+    let fresh = rotated["token"].as_str().expect("a token").to_owned();
+    for node in 0..3 {
+        answered(node, token.clone(), 401, "the rotated-out token").await;
+        answered(node, fresh.clone(), 200, "the new token").await;
+    }
+    let disabled = c
+        .patch(format!("{}/v1/devices/pump", cluster.url(2)))
+        .bearer_auth(ADMIN)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .expect("disable");
+    assert!(disabled.status().is_success(), "{}", disabled.status());
+    for node in 0..3 {
+        answered(node, fresh.clone(), 403, "the disabled device").await;
+    }
+}

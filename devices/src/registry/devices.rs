@@ -142,13 +142,6 @@ impl Entry {
             last_seen_ms: (seen > 0).then_some(seen),
         }
     }
-
-    pub(super) fn stored(&self) -> Device {
-        let mut d = self.device.clone();
-        let seen = self.last_seen.load(Relaxed);
-        d.last_seen_ms = (seen > 0).then_some(seen);
-        d
-    }
 }
 
 #[derive(Default)]
@@ -189,7 +182,11 @@ fn validate_patterns(what: &str, patterns: &[String]) -> Result<(), Error> {
 
 impl Registry {
     /// Puts `device` in the cache, keeping the last-seen time of its predecessor.
-    fn install(&self, device: Device, previous: Option<&Entry>) -> Result<Arc<Entry>, Error> {
+    pub(super) fn install(
+        &self,
+        device: Device,
+        previous: Option<&Entry>,
+    ) -> Result<Arc<Entry>, Error> {
         let seen = previous.map_or(0, |p| p.last_seen.load(Relaxed));
         let mut entry = Entry::new(device, seen)?;
         // Same limit: the debt carries over (a PATCH must not reset it).
@@ -209,13 +206,29 @@ impl Registry {
         Ok(entry)
     }
 
+    /// A device as stored now (on a cluster another node may have changed
+    /// it since this node's cache was filled), else as cached.
+    fn current(&self, old: &Entry) -> Device {
+        let mut device = self
+            .log
+            .meta_get(SPACE, old.device.id.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice::<Device>(&v).ok())
+            .unwrap_or_else(|| old.device.clone());
+        let seen = old.last_seen.load(Relaxed);
+        device.last_seen_ms = device.last_seen_ms.max((seen > 0).then_some(seen));
+        device
+    }
+
     /// Adds a device; returns it and its token (shown this once).
     pub async fn add(&self, new: NewDevice) -> Result<(DeviceView, String), Error> {
         validate_id(&new.id)?;
         validate_patterns("publish", &new.publish)?;
         validate_patterns("subscribe", &new.subscribe)?;
         let _w = self.writes.lock().await;
-        if self.entry(&new.id).is_some() {
+        let stored = self.log.meta_get(SPACE, new.id.as_bytes())?.is_some();
+        if stored || self.entry(&new.id).is_some() {
             return Err(Error::Exists(new.id));
         }
         let (token, tag) = self.new_token()?;
@@ -261,7 +274,7 @@ impl Registry {
         let old = self
             .entry(id)
             .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        let mut device = old.stored();
+        let mut device = self.current(&old);
         if let Some(n) = patch.name {
             device.name = n;
         }
@@ -288,7 +301,7 @@ impl Registry {
             .entry(id)
             .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         let (token, tag) = self.new_token()?;
-        let mut device = old.stored();
+        let mut device = self.current(&old);
         device.token_hash = to_hex(&tag);
         self.store(&device).await?;
         self.install(device, Some(&old))?;

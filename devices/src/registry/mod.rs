@@ -50,6 +50,11 @@ pub use tokens::TOKEN_PREFIX;
 const SPACE: &str = "devices";
 /// The metadata space of the token key.
 const KEY_SPACE: &str = "devices-key";
+/// The metadata space of the last-seen times (key: the device id; value:
+/// milliseconds, big-endian), apart from the devices' documents, so that
+/// only the admin API writes those: on a cluster a node's logins never
+/// write back a document another node changed.
+const SEEN_SPACE: &str = "devices-seen";
 /// Source addresses whose failed logins are remembered, at most.
 const FAILURE_TABLE: usize = 4096;
 
@@ -124,11 +129,13 @@ impl Registry {
             .filter(|t| !t.is_empty())
             .map(|t| hmac::sign(&key, t.as_bytes()).as_ref().to_vec());
         let mut devices = Devices::default();
+        let seen = persist::seen_times(&log)?;
         for (k, v) in log.meta(SPACE)? {
             let id = String::from_utf8_lossy(&k).into_owned();
+            let last_seen = seen.get(&id).copied().unwrap_or(0);
             let entry = serde_json::from_slice::<Device>(&v)
                 .map_err(|e| Error::Invalid(format!("stored device `{id}`: {e}")))
-                .and_then(|d| Entry::new(d, 0));
+                .and_then(|d| Entry::new(d, last_seen));
             match entry {
                 Ok(e) => {
                     devices.by_tag.insert(e.tag.clone(), e.device.id.clone());
