@@ -349,16 +349,10 @@ impl Manager {
     /// over the API of another node are launched, stopped, paused or
     /// resumed here too.
     fn reconcile(&self) {
-        let Ok(stored) = self.log.meta(SPACE) else {
+        let decode = |v: &[u8]| serde_json::from_slice::<Stored>(v).ok();
+        let Some(stored) = tributary_ingest::leader::by_name(&self.log, SPACE, decode) else {
             return;
         };
-        let stored: BTreeMap<String, Stored> = stored
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let name = String::from_utf8(k).ok()?;
-                Some((name, serde_json::from_slice(&v).ok()?))
-            })
-            .collect();
         let mut launch = Vec::new();
         {
             let mut c = lock(&self.connectors);

@@ -193,16 +193,10 @@ impl Manager {
     /// resumed here too (each node has every pipeline; the leader runs
     /// them).
     fn reconcile(&self) {
-        let Ok(stored) = self.log.meta(SPACE) else {
+        let decode = |v: &[u8]| serde_json::from_slice::<Stored>(v).ok();
+        let Some(stored) = tributary_ingest::leader::by_name(&self.log, SPACE, decode) else {
             return;
         };
-        let stored: BTreeMap<String, Stored> = stored
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let name = String::from_utf8(k).ok()?;
-                Some((name, serde_json::from_slice(&v).ok()?))
-            })
-            .collect();
         let mut launch = Vec::new();
         {
             let mut p = lock(&self.pipelines);

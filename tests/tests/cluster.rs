@@ -1594,6 +1594,29 @@ async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
     );
 }
 
+/// Three nodes started, each keeping its Kafka port across restarts, with
+/// this first-rebalance delay; the cluster and the clients' bootstrap list
+/// (all three).
+fn kafka_cluster(root: &Path, rebalance_delay_ms: u32) -> (Cluster, String) {
+    let mut cluster = Cluster::new(root, 3);
+    let kafka_ports = free_ports(3);
+    cluster.node_env = kafka_ports
+        .iter()
+        .map(|p| vec![("TRIBUTARY_KAFKA__LISTEN".into(), format!("127.0.0.1:{p}"))])
+        .collect();
+    cluster.extra = vec![(
+        "TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS".into(),
+        rebalance_delay_ms.to_string(),
+    )];
+    cluster.start_all();
+    let bootstrap = kafka_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (cluster, bootstrap)
+}
+
 /// A librdkafka consume-transform-produce loop (confluent-kafka,
 /// `tests/clients/kafka_txn_check.py ctp`) bootstrapped on all three
 /// nodes, while the leader is killed -9 again and again: its group and its
@@ -1608,28 +1631,11 @@ async fn a_librdkafka_transactional_loop_through_leader_kills_turns_each_input_i
     let root = tempfile::tempdir().expect("tempdir");
     let scratch = tempfile::tempdir().expect("tempdir");
     let statefile = scratch.path().join("ctp-state.json");
-    let mut cluster = Cluster::new(root.path(), 3);
-    // Each node keeps its Kafka port across restarts (the clients'
-    // bootstrap list names all three).
-    let kafka_ports = free_ports(3);
-    cluster.node_env = kafka_ports
-        .iter()
-        .map(|p| vec![("TRIBUTARY_KAFKA__LISTEN".into(), format!("127.0.0.1:{p}"))])
-        .collect();
-    cluster.extra = vec![(
-        "TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS".into(),
-        "300".into(),
-    )];
-    cluster.start_all();
+    let (mut cluster, bootstrap) = kafka_cluster(root.path(), 300);
     let leader = cluster.leader().await;
     let c = client();
     common::create_topic(&c, &cluster.url(leader), "ctpin", 3).await;
     common::create_topic(&c, &cluster.url(leader), "ctpout", 3).await;
-    let bootstrap = kafka_ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let script = common::clients_dir().join("kafka_txn_check.py");
     let seed = |from: u64| {
         let out = Command::new("python3")
@@ -1715,20 +1721,7 @@ async fn a_librdkafka_transactional_loop_through_leader_kills_turns_each_input_i
         "consume-transform-produce across {kills} leader kills: {}",
         s["state"]
     );
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["ctp-verify", &bootstrap, "ctpin", "ctpout", "ctp-group"])
-        .output()
-        .expect("python3");
-    let v = common::summary_of("kafka_txn_check.py ctp-verify", &out);
-    assert_eq!(v["in_records"], seeded, "{v}");
-    assert_eq!(v["out_records"], seeded, "{v}");
-    for zero in ["missing", "duplicates", "unexpected"] {
-        assert_eq!(v[zero], 0, "{zero}: {v}");
-    }
-    for yes in ["equal", "to_end", "committed_ok", "ok"] {
-        assert_eq!(v[yes], true, "{yes}: {v}");
-    }
+    common::assert_ctp_verified(&bootstrap, seeded);
     // Every node holds the same logs, offset by offset.
     cluster.settled().await;
     for topic in ["ctpin", "ctpout"] {
@@ -1754,25 +1747,10 @@ async fn a_librdkafka_transactional_loop_through_leader_kills_turns_each_input_i
 #[ignore = "needs confluent-kafka (scripts/test installs it)"]
 async fn a_group_of_librdkafka_consumers_follows_the_leader_through_kills() {
     let root = tempfile::tempdir().expect("tempdir");
-    let mut cluster = Cluster::new(root.path(), 3);
-    let kafka_ports = free_ports(3);
-    cluster.node_env = kafka_ports
-        .iter()
-        .map(|p| vec![("TRIBUTARY_KAFKA__LISTEN".into(), format!("127.0.0.1:{p}"))])
-        .collect();
-    cluster.extra = vec![(
-        "TRIBUTARY_GROUPS__INITIAL_REBALANCE_DELAY_MS".into(),
-        "500".into(),
-    )];
-    cluster.start_all();
+    let (mut cluster, bootstrap) = kafka_cluster(root.path(), 500);
     let leader = cluster.leader().await;
     let c = client();
     common::create_topic(&c, &cluster.url(leader), "grp", 6).await;
-    let bootstrap = kafka_ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let script = common::clients_dir().join("kafka_group_check.py");
     let run = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")

@@ -1264,20 +1264,7 @@ fn a_librdkafka_consume_transform_produce_loop_across_repeated_kill_9_turns_each
     );
 
     // Over Kafka (read_committed): each input's result once, in order.
-    let out = Command::new("python3")
-        .arg(script.as_path())
-        .args(["ctp-verify", &listen, "ctpin", "ctpout", "ctp-group"])
-        .output()
-        .expect("python3");
-    let v = summary_of("kafka_txn_check.py ctp-verify", &out);
-    assert_eq!(v["in_records"], seeded, "{v}");
-    assert_eq!(v["out_records"], seeded, "{v}");
-    for zero in ["missing", "duplicates", "unexpected"] {
-        assert_eq!(v[zero], 0, "{zero}: {v}");
-    }
-    for yes in ["equal", "to_end", "committed_ok", "ok"] {
-        assert_eq!(v[yes], true, "{yes}: {v}");
-    }
+    let v = common::assert_ctp_verified(&listen, seeded);
     eprintln!(
         "results of aborted transactions left in the log: {}",
         v["aborted_outputs"]

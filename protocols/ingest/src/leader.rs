@@ -115,3 +115,20 @@ pub async fn run_leading<F, Fut>(
         }
     }
 }
+
+/// The values of a metadata space by name, decoded by `decode` (those that
+/// do not decode are left out): what every node of a cluster follows of
+/// the tasks the others' APIs created. `None`: the space cannot be read.
+pub fn by_name<T>(
+    log: &Log,
+    space: &str,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> Option<std::collections::BTreeMap<String, T>> {
+    let stored = log.meta(space).ok()?;
+    Some(
+        stored
+            .into_iter()
+            .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, decode(&v)?)))
+            .collect(),
+    )
+}

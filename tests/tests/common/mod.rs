@@ -461,3 +461,24 @@ pub fn summary_of(what: &str, out: &std::process::Output) -> serde_json::Value {
     );
     serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary line")
 }
+
+/// Runs `kafka_txn_check.py ctp-verify` against `bootstrap` and asserts that
+/// each of the `seeded` inputs of `ctpin` came out of `ctpout` exactly once,
+/// in order, with `ctp-group`'s positions at the inputs' ends; its summary.
+pub fn assert_ctp_verified(bootstrap: &str, seeded: u64) -> serde_json::Value {
+    let out = std::process::Command::new("python3")
+        .arg(clients_dir().join("kafka_txn_check.py"))
+        .args(["ctp-verify", bootstrap, "ctpin", "ctpout", "ctp-group"])
+        .output()
+        .expect("python3");
+    let v = summary_of("kafka_txn_check.py ctp-verify", &out);
+    assert_eq!(v["in_records"], seeded, "{v}");
+    assert_eq!(v["out_records"], seeded, "{v}");
+    for zero in ["missing", "duplicates", "unexpected"] {
+        assert_eq!(v[zero], 0, "{zero}: {v}");
+    }
+    for yes in ["equal", "to_end", "committed_ok", "ok"] {
+        assert_eq!(v[yes], true, "{yes}: {v}");
+    }
+    v
+}
