@@ -30,6 +30,8 @@ use crate::sink::{self, Settings, Status};
 
 /// Metadata space of the connectors created over the API.
 const SPACE: &str = "__connectors";
+/// On a cluster: which leader's term runs each connector (its claim).
+const OWNER_SPACE: &str = "__connector_owner";
 
 /// Why a connector request is refused.
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +182,15 @@ impl Manager {
             }
             return;
         }
-        let log = &self.log;
+        // On a cluster its writes carry the claim of this leader's term
+        // (taken before it starts): a deposed leader's late appends and
+        // positions are refused once the next leader has claimed it.
+        let claim = self.claim_for(&config.name);
+        let guarded = match &claim {
+            Some(g) => self.log.guarded(g.clone()),
+            None => self.log.clone(),
+        };
+        let log = &guarded;
         let mut bridge = None;
         let started = match &config.kind {
             Kind::HttpSink(h) => Webhook::new(h).map(|hook| {
@@ -194,7 +204,7 @@ impl Manager {
                     cancel.clone(),
                     paused_rx,
                 );
-                tokio::spawn(run);
+                self.spawn_claimed(claim.clone(), cancel.clone(), run);
             }),
             Kind::PostgresSink(p) => {
                 let settings = Settings::new(&config.name, &p.delivery, (5000, 4));
@@ -210,7 +220,7 @@ impl Manager {
                             cancel.clone(),
                             paused_rx,
                         );
-                        tokio::spawn(run);
+                        self.spawn_claimed(claim.clone(), cancel.clone(), run);
                     })
             }
             Kind::MqttSink(m) => {
@@ -243,7 +253,7 @@ impl Manager {
                             cancel.clone(),
                             paused_rx,
                         );
-                        tokio::spawn(run);
+                        self.spawn_claimed(claim.clone(), cancel.clone(), run);
                     })
             }
             Kind::MqttSource(m) => {
@@ -256,7 +266,7 @@ impl Manager {
                         cancel.clone(),
                         paused_rx,
                     );
-                    tokio::spawn(run);
+                    self.spawn_claimed(claim.clone(), cancel.clone(), run);
                 })
             }
             Kind::KafkaSink(k) => {
@@ -275,7 +285,7 @@ impl Manager {
                             cancel.clone(),
                             paused_rx,
                         );
-                        tokio::spawn(run);
+                        self.spawn_claimed(claim.clone(), cancel.clone(), run);
                     })
             }
             Kind::KafkaSource(k) => k.cluster.options(&config.name).map(|_| {
@@ -287,7 +297,7 @@ impl Manager {
                     cancel.clone(),
                     paused_rx,
                 );
-                tokio::spawn(run);
+                self.spawn_claimed(claim.clone(), cancel.clone(), run);
             }),
             Kind::AmqpSink(_) | Kind::AmqpSource(_) => amqp_bridge(&config).map(|bridge_config| {
                 let stats = Arc::new(BridgeStats::default());
@@ -301,7 +311,7 @@ impl Manager {
                         cancel,
                     )
                 });
-                tokio::spawn(run);
+                self.spawn_claimed(claim.clone(), cancel.clone(), run);
             }),
         };
         let failed = started.err();
@@ -325,6 +335,42 @@ impl Manager {
         if let Some(old) = old {
             old.cancel.cancel();
         }
+    }
+
+    /// On a cluster: the claim a connector named `name` takes for this
+    /// leader's term.
+    fn claim_for(&self, name: &str) -> Option<tributary_storage::Guard> {
+        let l = self.log.leadership()?;
+        let l = l.borrow();
+        Some(tributary_storage::Guard {
+            space: OWNER_SPACE.into(),
+            key: name.as_bytes().to_vec(),
+            value: format!("{}:{}", l.node, l.term).into_bytes(),
+        })
+    }
+
+    /// Spawns a connector's task, after taking its claim (on a cluster).
+    fn spawn_claimed<F>(
+        &self,
+        claim: Option<tributary_storage::Guard>,
+        cancel: CancellationToken,
+        run: F,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            if let Some(g) = claim {
+                while let Err(e) = log.claim(&g).await {
+                    tracing::warn!(error = %e, "cannot claim a connector for this leader's term; trying again");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+            run.await;
+        });
     }
 
     /// Whether connectors run here: on a single node, or on a cluster's

@@ -489,7 +489,8 @@ async fn a_full_pending_budget_does_not_stop_the_ops_that_free_it() {
 /// Writes under a claim ([`Guard`]): written while the claim holds; once
 /// another writer claimed the same key, refused with `Superseded` and
 /// written nowhere, even when the write was submitted before the new
-/// claim was applied but is ordered after it. Alone and replicated.
+/// claim was applied but is ordered after it; the same through a handle
+/// made under a claim ([`Log::guarded`]). Alone and replicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
     let alone = mem_log(&MemStore::new(), config());
@@ -553,6 +554,24 @@ async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
         log.append_with("t", one("b"), under(&second))
             .await
             .expect("written under the new claim");
+        // A handle made under a claim writes under it without asking.
+        let old = log.guarded(first.clone());
+        let late = old.append("t", one("late again")).await;
+        assert!(
+            matches!(late, Err(Error::Superseded(_))),
+            "{what}: {late:?}"
+        );
+        let meta = old
+            .put_meta("m", vec![(b"k".to_vec(), Some(b"3".to_vec()))])
+            .await;
+        assert!(
+            matches!(meta, Err(Error::Superseded(_))),
+            "{what}: {meta:?}"
+        );
+        log.guarded(second.clone())
+            .append("t", one("c"))
+            .await
+            .expect("written through a handle under the new claim");
         for (i, node) in all.iter().enumerate() {
             let values: Vec<Vec<u8>> = partition_records(node, "t", 0)
                 .into_iter()
@@ -560,7 +579,7 @@ async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
                 .collect();
             assert_eq!(
                 values,
-                vec![b"a".to_vec(), b"b".to_vec()],
+                vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()],
                 "{what} node {i}"
             );
             assert_eq!(

@@ -100,6 +100,7 @@ impl Log {
             transactional,
             guard,
         } = options;
+        let guard = guard.or_else(|| self.guard.as_deref().cloned());
         if transactional && producer.is_none() {
             return Err(Error::BadBatch(
                 "a transactional batch names its producer".into(),

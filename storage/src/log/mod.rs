@@ -229,6 +229,9 @@ impl Drop for Inner {
 #[derive(Clone)]
 pub struct Log {
     inner: Arc<Inner>,
+    /// Appends and metadata writes through this handle carry this claim
+    /// ([`Log::guarded`]) unless they name one of their own.
+    guard: Option<Arc<Guard>>,
 }
 
 impl std::fmt::Debug for Log {
@@ -247,6 +250,18 @@ fn corruption(topic: &str, partition: u32, offset: u64, detail: Error) -> Error 
 }
 
 impl Log {
+    /// A handle to the same log whose appends and metadata writes are made
+    /// under `guard` ([`Log::claim`]): once another writer claims its key,
+    /// they are refused ([`Error::Superseded`]), wherever in a cluster they
+    /// were made. What a task that must run in one place gets to write
+    /// with.
+    pub fn guarded(&self, guard: Guard) -> Log {
+        Log {
+            inner: self.inner.clone(),
+            guard: Some(Arc::new(guard)),
+        }
+    }
+
     fn shared(&self) -> &Shared {
         &self.inner.shared
     }
@@ -1237,6 +1252,7 @@ impl Log {
         entries: Vec<MetaEntry>,
         guard: Option<&Guard>,
     ) -> Result<()> {
+        let guard = guard.or(self.guard.as_deref());
         validate_group(space)?;
         self.shared().check_writable()?;
         if let Some(r) = self.replicator() {

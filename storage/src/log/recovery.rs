@@ -263,6 +263,7 @@ impl Log {
                 stopper,
                 threads: Mutex::new(threads),
             }),
+            guard: None,
         })
     }
 }
