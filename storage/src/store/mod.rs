@@ -89,7 +89,6 @@ pub trait Store: Send + Sync {
     fn put_floor(&self, topic: &str, partition: u32, start: u64) -> Result<()>;
     /// The recorded floor, if any.
     fn floor(&self, topic: &str, partition: u32) -> Result<Option<u64>>;
-    /// Stores a consumer group's position.
     /// Stores a consumer group's position, with its commit's metadata
     /// (empty: none).
     fn put_group_offset(
