@@ -60,6 +60,8 @@ fn java(cp: &str, args: &[&str]) -> Command {
 
 fn ok(what: &str, out: &Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Shown with --nocapture (and by the harness on a failure).
+    println!("{what}:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success() && stdout.contains("OK"),
         "{what} failed:\n{stdout}\n{}",

@@ -236,8 +236,22 @@ public class ConnectCheck {
         }
         long t = System.nanoTime();
         worker.destroy();
-        if (!worker.waitFor(60, TimeUnit.SECONDS)) {
-            failures.add("worker " + workerNo + " did not stop within 60 s of SIGTERM");
+        // A worker's own stop may take more than a minute: its REST server
+        // waits up to 60 s for requests in flight (Jetty's graceful stop), and
+        // only then does the herder stop (its tick thread, tasks and
+        // connectors, up to some 15 s more). A stop past 30 s is reported with
+        // the worker's threads; one past 120 s is a failure.
+        if (!worker.waitFor(30, TimeUnit.SECONDS)) {
+            log("worker " + workerNo + " still running 30 s after SIGTERM");
+            // SIGQUIT: the JVM prints every thread's stack to its stdout, the
+            // worker-N.stdout file.
+            new ProcessBuilder("kill", "-QUIT", String.valueOf(worker.pid())).inheritIO().start().waitFor();
+            Thread.sleep(1000);
+            threads(dir.resolve("worker-" + workerNo + ".stdout"));
+            lastLines(workerLog(), 40);
+        }
+        if (!worker.waitFor(90, TimeUnit.SECONDS)) {
+            failures.add("worker " + workerNo + " did not stop within 120 s of SIGTERM");
             worker.destroyForcibly();
             worker.waitFor(10, TimeUnit.SECONDS);
         }
@@ -547,6 +561,37 @@ public class ConnectCheck {
             return true;
         } catch (ClassNotFoundException e) {
             return false;
+        }
+    }
+
+    /** The thread names and Kafka frames of the last thread dump in a JVM's stdout. */
+    static void threads(Path f) {
+        try {
+            List<String> all = Files.readAllLines(f, StandardCharsets.UTF_8);
+            int from = 0;
+            for (int i = 0; i < all.size(); i++) {
+                if (all.get(i).startsWith("Full thread dump")) {
+                    from = i;
+                }
+            }
+            System.err.println("--- threads of the stuck worker (" + f + "):");
+            all.subList(from, all.size()).stream()
+                .filter(l -> l.startsWith("\"") || l.contains("at org.apache.kafka") || l.contains("- waiting on")
+                    || l.contains("- parking to wait"))
+                .forEach(System.err::println);
+        } catch (IOException e) {
+            System.err.println("(no " + f + ")");
+        }
+    }
+
+    static void lastLines(Path f, int lines) {
+        try {
+            List<String> all = Files.readAllLines(f, StandardCharsets.UTF_8);
+            System.err.println("--- last " + lines + " lines of " + f + ":");
+            all.subList(Math.max(0, all.size() - lines), all.size())
+                .forEach(l -> System.err.println(l.length() > 600 ? l.substring(0, 600) + "..." : l));
+        } catch (IOException e) {
+            System.err.println("(no " + f + ")");
         }
     }
 
