@@ -564,6 +564,17 @@ impl Manager {
         if let Some(r) = lock(&self.connectors).remove(name) {
             r.cancel.cancel();
         }
+        if self.log.is_replicated() {
+            // The task may run on another node (the leader) and still be
+            // committing: its claim is taken from it, so that nothing it
+            // writes lands after this, positions included.
+            let fence = tributary_storage::Guard {
+                space: OWNER_SPACE.into(),
+                key: name.as_bytes().to_vec(),
+                value: format!("deleted:{}", tributary_storage::util::now_ms()).into_bytes(),
+            };
+            self.log.claim(&fence).await?;
+        }
         self.log.forget_group(&sink::group_of(name)).await?;
         Ok(())
     }

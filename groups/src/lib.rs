@@ -15,7 +15,11 @@
 //!   same commit cycle as appends: the HTTP API and Kafka read and write the
 //!   same positions. A commit from a member is checked against the current
 //!   generation first, so a member that was rebalanced away cannot move the
-//!   new owner's position.
+//!   new owner's position. On a cluster, the leader coordinates; for each
+//!   term it leads, it first claims the groups in the log
+//!   ([`CLAIM_SPACE`]/[`CLAIM_KEY`]) and makes its position writes under
+//!   that claim, so a node that lost the lead and does not know it yet
+//!   cannot move a position the new leader's members committed.
 //! - Memory is bounded for the whole node: `max_members` members (and ids
 //!   handed out but not used yet) across all groups, `max_state_bytes` of
 //!   protocol metadata and assignments; a join past either is refused with
@@ -33,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tributary_storage::{validate_group, GroupOffset, Log};
+use tributary_storage::{validate_group, GroupOffset, Guard, Log};
 use tributary_telemetry::{Kind, MetricsSource, Text};
 
 use group::{Delta, Group, Timing};
@@ -236,7 +240,16 @@ struct Inner {
     /// Prefix that makes member ids unique across restarts of the node.
     epoch: u64,
     next_id: AtomicU64,
+    /// On a cluster: the term this node claimed the groups for, and the
+    /// log handle whose position writes carry that claim.
+    writer: tokio::sync::Mutex<Option<(u64, Log)>>,
 }
+
+/// The metadata space of the claim a cluster's coordinator takes for each
+/// term it leads (shared with the transaction coordinator's claim).
+pub const CLAIM_SPACE: &str = "__kafka_coordinator";
+/// The key of the groups' claim; its value is `node:term`.
+pub const CLAIM_KEY: &[u8] = b"groups";
 
 /// The node's group coordinator. Cheap to clone.
 #[derive(Clone)]
@@ -276,6 +289,7 @@ impl Coordinator {
                 counters: Counters::default(),
                 epoch,
                 next_id: AtomicU64::new(0),
+                writer: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -321,6 +335,41 @@ impl Coordinator {
             Some(_) => Err(GroupError::NotCoordinator),
             None => Err(GroupError::CoordinatorNotAvailable),
         }
+    }
+
+    /// The log handle that writes positions: the log itself on a single
+    /// node; on a cluster, one under this node's claim for the term it
+    /// leads, taken the first time it is needed in that term.
+    async fn writer(&self) -> Result<Log, GroupError> {
+        let Some(leadership) = self.inner.log.leadership() else {
+            return Ok(self.inner.log.clone());
+        };
+        let (node, term) = {
+            let l = leadership.borrow();
+            match l.leader {
+                _ if l.leads() => (l.node, l.term),
+                Some(_) => return Err(GroupError::NotCoordinator),
+                None => return Err(GroupError::CoordinatorNotAvailable),
+            }
+        };
+        let mut writer = self.inner.writer.lock().await;
+        if let Some((t, log)) = writer.as_ref() {
+            if *t == term {
+                return Ok(log.clone());
+            }
+        }
+        let guard = Guard {
+            space: CLAIM_SPACE.to_owned(),
+            key: CLAIM_KEY.to_vec(),
+            value: format!("{node}:{term}").into_bytes(),
+        };
+        if let Err(e) = self.inner.log.claim(&guard).await {
+            tracing::warn!(error = %e, term, "could not claim the groups for this term");
+            return Err(GroupError::CoordinatorNotAvailable);
+        }
+        let log = self.inner.log.guarded(guard);
+        *writer = Some((term, log.clone()));
+        Ok(log)
     }
 
     fn timing(&self) -> Timing {
@@ -523,11 +572,12 @@ impl Coordinator {
         metadata: Vec<String>,
     ) -> Result<Result<(), tributary_storage::Error>, GroupError> {
         self.may_commit(group, generation, member_id, instance_id)?;
-        Ok(self
-            .inner
-            .log
-            .commit_offsets_with(group, offsets, metadata)
-            .await)
+        let writer = self.writer().await?;
+        match writer.commit_offsets_with(group, offsets, metadata).await {
+            // Another node claimed the groups since: it coordinates now.
+            Err(tributary_storage::Error::Superseded(_)) => Err(GroupError::NotCoordinator),
+            other => Ok(other),
+        }
     }
 
     /// Whether `member_id` at `generation` may commit `group`'s offsets now
@@ -590,11 +640,11 @@ impl Coordinator {
             return Err(GroupError::NonEmptyGroup);
         }
         self.require_positions(group)?;
-        self.inner
-            .log
+        self.writer()
+            .await?
             .forget_group(group)
             .await
-            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+            .map_err(write_refused)?;
         let mut groups = self.lock();
         if groups.get(group).is_some_and(Group::is_empty) {
             groups.remove(group);
@@ -636,11 +686,11 @@ impl Coordinator {
         let (refused, deleted): (Vec<_>, Vec<_>) = partitions
             .into_iter()
             .partition(|(topic, _)| subscribed.contains(topic));
-        self.inner
-            .log
+        self.writer()
+            .await?
             .forget_group_offsets(group, deleted.clone())
             .await
-            .map_err(|_| GroupError::CoordinatorNotAvailable)?;
+            .map_err(write_refused)?;
         let refused = refused
             .into_iter()
             .map(|(t, p)| (t, p, Err(GroupError::GroupSubscribedToTopic)));
@@ -677,6 +727,15 @@ impl Coordinator {
     /// The log the offsets live in.
     pub fn log(&self) -> &Log {
         &self.inner.log
+    }
+}
+
+/// A position write the log refused: superseded when another node claimed
+/// the groups since (it coordinates now).
+fn write_refused(e: tributary_storage::Error) -> GroupError {
+    match e {
+        tributary_storage::Error::Superseded(_) => GroupError::NotCoordinator,
+        _ => GroupError::CoordinatorNotAvailable,
     }
 }
 

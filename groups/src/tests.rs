@@ -505,3 +505,128 @@ fn a_consumer_assignment_decodes_and_garbage_does_not() {
         None
     );
 }
+
+/// A replicated log of one node for these tests: each op is applied in
+/// turn as a cluster's state machine would, and the leadership is the
+/// test's to change.
+struct Loopback {
+    ops: tokio::sync::mpsc::Sender<(tributary_storage::Op, Reply)>,
+    leadership: tokio::sync::watch::Receiver<tributary_storage::Leadership>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<tributary_storage::Result<tributary_storage::Applied>>;
+
+impl tributary_storage::Replicator for Loopback {
+    fn submit(
+        &self,
+        op: tributary_storage::Op,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = tributary_storage::Result<tributary_storage::Pending>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            self.ops
+                .send((op, reply))
+                .await
+                .map_err(|_| tributary_storage::Error::Closed)?;
+            let pending: tributary_storage::Pending =
+                Box::pin(
+                    async move { answer.await.map_err(|_| tributary_storage::Error::Closed)? },
+                );
+            Ok(pending)
+        })
+    }
+
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<tributary_storage::Leadership>> {
+        Some(self.leadership.clone())
+    }
+}
+
+fn leader(node: u64, term: u64) -> tributary_storage::Leadership {
+    tributary_storage::Leadership {
+        node: 1,
+        leader: Some(node),
+        term,
+        voters: vec![1, 2, 3],
+    }
+}
+
+/// On a cluster, the leader writes positions under its claim for the term
+/// it leads. Once another node has claimed the groups (a newer leader that
+/// this one has not heard of yet), its commits and removals are refused
+/// with NOT_COORDINATOR and move nothing; leading again in a later term,
+/// it claims again and writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_was_replaced_cannot_move_a_position() {
+    let log = Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log");
+    let (ops, mut queued) = tokio::sync::mpsc::channel(16);
+    let (lead, leadership) = tokio::sync::watch::channel(leader(1, 1));
+    log.replicate_with(Arc::new(Loopback { ops, leadership }))
+        .expect("replicator");
+    let applier = log.clone();
+    tokio::spawn(async move {
+        let mut index = 0;
+        while let Some((op, reply)) = queued.recv().await {
+            index += 1;
+            let outcome = applier.apply_all(vec![(index, op)]).await.pop();
+            let _ = reply.send(outcome.unwrap_or(Err(tributary_storage::Error::Closed)));
+        }
+    });
+    let (c, _stop) = (
+        Coordinator::new(log.clone(), quick()),
+        CancellationToken::new(),
+    );
+    log.create_topic(TopicConfig::new("t", 1))
+        .await
+        .expect("topic");
+    let events: Vec<tributary_storage::Event> = (0..5)
+        .map(|i| tributary_storage::Event::new(format!("e{i}")))
+        .collect();
+    log.append("t", events.into_iter().map(Into::into).collect())
+        .await
+        .expect("append");
+    let at = |offset| {
+        vec![GroupOffset {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+        }]
+    };
+    let commit = |offset| c.commit("g", -1, "", None, at(offset), Vec::new());
+    commit(1).await.expect("leading").expect("stored");
+    assert_eq!(
+        log.meta_get(CLAIM_SPACE, CLAIM_KEY).expect("claim"),
+        Some(b"1:1".to_vec())
+    );
+    // Node 2 is elected for term 2 and claims the groups; node 1 has not
+    // heard yet and still takes itself for the leader of term 1.
+    log.claim(&Guard {
+        space: CLAIM_SPACE.into(),
+        key: CLAIM_KEY.to_vec(),
+        value: b"2:2".to_vec(),
+    })
+    .await
+    .expect("node 2's claim");
+    assert_eq!(commit(2).await.err(), Some(GroupError::NotCoordinator));
+    assert_eq!(c.delete("g").await.err(), Some(GroupError::NotCoordinator));
+    assert_eq!(
+        c.delete_offsets("g", vec![("t".into(), 0)]).await.err(),
+        Some(GroupError::NotCoordinator)
+    );
+    assert_eq!(log.group_offsets("g").expect("positions"), at(1));
+    // Once it knows, it refuses before writing.
+    lead.send(leader(2, 2)).expect("leadership");
+    assert_eq!(commit(2).await.err(), Some(GroupError::NotCoordinator));
+    // Elected again, for term 3: it claims again, and its writes count.
+    lead.send(leader(1, 3)).expect("leadership");
+    commit(3).await.expect("leading").expect("stored");
+    assert_eq!(
+        log.meta_get(CLAIM_SPACE, CLAIM_KEY).expect("claim"),
+        Some(b"1:3".to_vec())
+    );
+    assert_eq!(log.group_offsets("g").expect("positions"), at(3));
+}

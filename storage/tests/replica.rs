@@ -572,6 +572,54 @@ async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
             .append("t", one("c"))
             .await
             .expect("written through a handle under the new claim");
+        // A group's positions too: committed and removed under the claim
+        // that holds, refused under the replaced one.
+        let at = |offset| {
+            vec![GroupOffset {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            }]
+        };
+        let current = log.guarded(second.clone());
+        current
+            .commit_offsets("g", at(2))
+            .await
+            .expect("a commit under the claim");
+        current
+            .commit_offsets("gone", at(1))
+            .await
+            .expect("a commit under the claim");
+        let late = old.commit_offsets("g", at(1)).await;
+        assert!(
+            matches!(late, Err(Error::Superseded(_))),
+            "{what}: {late:?}"
+        );
+        for late in [
+            old.forget_group("g").await,
+            old.forget_group_offsets("g", vec![("t".into(), 0)]).await,
+        ] {
+            assert!(
+                matches!(late, Err(Error::Superseded(_))),
+                "{what}: {late:?}"
+            );
+        }
+        current
+            .forget_group("gone")
+            .await
+            .expect("removed under the claim");
+        for (i, node) in all.iter().enumerate() {
+            assert_eq!(
+                node.group_offsets("g").expect("positions"),
+                at(2),
+                "{what} node {i}"
+            );
+            assert_eq!(
+                node.group_offsets("gone").expect("positions"),
+                vec![],
+                "{what} node {i}"
+            );
+        }
         for (i, node) in all.iter().enumerate() {
             let values: Vec<Vec<u8>> = partition_records(node, "t", 0)
                 .into_iter()

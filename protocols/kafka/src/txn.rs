@@ -186,6 +186,11 @@ impl Coordinator {
             None => (None, 0),
         };
         let takeover = guard.is_some();
+        // Its offset commits too are made under the claim.
+        let log = match &guard {
+            Some(g) => log.guarded(g.clone()),
+            None => log,
+        };
         let mut table = Table::default();
         for (k, v) in log.meta(SPACE)? {
             let (Ok(id), Ok(txn)) = (String::from_utf8(k), postcard::from_bytes::<Txn>(&v)) else {

@@ -250,8 +250,8 @@ fn corruption(topic: &str, partition: u32, offset: u64, detail: Error) -> Error 
 }
 
 impl Log {
-    /// A handle to the same log whose appends and metadata writes are made
-    /// under `guard` ([`Log::claim`]): once another writer claims its key,
+    /// A handle to the same log whose appends, metadata writes and group
+    /// positions (commits, removals) are made under `guard` ([`Log::claim`]): once another writer claims its key,
     /// they are refused ([`Error::Superseded`]), wherever in a cluster they
     /// were made. What a task that must run in one place gets to write
     /// with.
@@ -1064,13 +1064,20 @@ impl Log {
                 });
             }
         }
+        let guard = self.guard.as_deref();
         if let Some(r) = self.replicator() {
             let op = replica::Op::Commit {
                 group: group.to_owned(),
                 offsets,
                 metadata,
             };
-            return self.replicate(r, op).await.map(drop);
+            return self
+                .replicate(r, replica::guarded(op, guard))
+                .await
+                .map(drop);
+        }
+        if let Some(g) = guard {
+            self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Commit {
@@ -1190,12 +1197,19 @@ impl Log {
     pub async fn forget_group(&self, group: &str) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
+        let guard = self.guard.as_deref();
         if let Some(r) = self.replicator() {
             let op = replica::Op::ForgetGroup {
                 group: group.to_owned(),
                 partitions: None,
             };
-            return self.replicate(r, op).await.map(drop);
+            return self
+                .replicate(r, replica::guarded(op, guard))
+                .await
+                .map(drop);
+        }
+        if let Some(g) = guard {
+            self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::ForgetGroup {
@@ -1216,12 +1230,19 @@ impl Log {
     ) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
+        let guard = self.guard.as_deref();
         if let Some(r) = self.replicator() {
             let op = replica::Op::ForgetGroup {
                 group: group.to_owned(),
                 partitions: Some(partitions),
             };
-            return self.replicate(r, op).await.map(drop);
+            return self
+                .replicate(r, replica::guarded(op, guard))
+                .await
+                .map(drop);
+        }
+        if let Some(g) = guard {
+            self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::ForgetGroup {

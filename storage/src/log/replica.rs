@@ -119,13 +119,15 @@ pub enum Op {
     },
     /// A claim taken: the metadata value that [`Op::Guarded`] ops check.
     Claim(Guard),
-    /// An append or a metadata write applied only if, when its turn comes
+    /// An append, a metadata write or a change to a group's positions
+    /// applied only if, when its turn comes
     /// in the log's order, its guard's claim still holds; otherwise it is
     /// answered [`Error::Superseded`] and writes nothing.
     Guarded {
         /// The claim it was made under.
         guard: Guard,
-        /// The op ([`Op::Append`] or [`Op::Meta`]).
+        /// The op ([`Op::Append`], [`Op::Meta`], [`Op::Commit`] or
+        /// [`Op::ForgetGroup`]).
         op: Box<Op>,
     },
 }
@@ -331,10 +333,20 @@ impl Log {
                 // Claims change only in serial ops, all applied before this
                 // point: the check sees the claim in the log's order.
                 Op::Guarded { guard, op } => match self.check_guard(&guard) {
-                    Ok(()) if matches!(*op, Op::Append { .. } | Op::Meta { .. }) => *op,
+                    Ok(())
+                        if matches!(
+                            *op,
+                            Op::Append { .. }
+                                | Op::Meta { .. }
+                                | Op::Commit { .. }
+                                | Op::ForgetGroup { .. }
+                        ) =>
+                    {
+                        *op
+                    }
                     Ok(()) => {
                         out.push(Err(Error::Config(
-                            "only appends and metadata are guarded".into(),
+                            "only appends, metadata and group positions are guarded".into(),
                         )));
                         continue;
                     }
