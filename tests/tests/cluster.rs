@@ -2082,7 +2082,8 @@ async fn counting_webhook() -> (String, Arc<Mutex<BTreeMap<u64, usize>>>) {
 /// A connector created over a follower's API runs on the leader alone
 /// (standby elsewhere): a webhook gets each record once, not once per
 /// node; after the leader is killed, the new leader delivers what comes
-/// next.
+/// next. Deleted through a follower while the leader's task is still
+/// delivering, its positions are gone on every node and stay gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_runs_on_the_leader_alone() {
     let root = tempfile::tempdir().expect("tempdir");
