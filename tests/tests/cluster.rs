@@ -1461,6 +1461,47 @@ async fn kafka_fetch_offset(addr: std::net::SocketAddr, group: &str) -> (i16, i6
     (r.error_code, offset)
 }
 
+/// CreateTopics of one topic, validated only: its error code. With
+/// `replicas`, one partition per list placed on those brokers; else one
+/// partition and `factor`.
+async fn kafka_create(
+    addr: std::net::SocketAddr,
+    factor: i16,
+    replicas: Option<Vec<Vec<i32>>>,
+) -> i16 {
+    use kafka_protocol::messages::create_topics_request::{
+        CreatableReplicaAssignment, CreatableTopic,
+    };
+    use kafka_protocol::messages::{ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse};
+    use kafka_protocol::protocol::Decodable;
+    let mut c = common::kafka::Client::at(addr).await;
+    let topic = CreatableTopic::default().with_name(common::kafka::name("placed"));
+    let topic = match replicas {
+        Some(lists) => topic
+            .with_num_partitions(-1)
+            .with_replication_factor(-1)
+            .with_assignments(
+                lists
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, brokers)| {
+                        CreatableReplicaAssignment::default()
+                            .with_partition_index(i as i32)
+                            .with_broker_ids(brokers.into_iter().map(BrokerId).collect())
+                    })
+                    .collect(),
+            ),
+        None => topic.with_num_partitions(1).with_replication_factor(factor),
+    };
+    let req = CreateTopicsRequest::default()
+        .with_topics(vec![topic])
+        .with_timeout_ms(5000)
+        .with_validate_only(true);
+    let mut b = c.call(ApiKey::CreateTopics, 7, &req).await;
+    let r = CreateTopicsResponse::decode(&mut b, 7).expect("create topics");
+    r.topics[0].error_code
+}
+
 /// InitProducerId for a transactional id: (error, producer id, epoch).
 async fn kafka_init_txn(addr: std::net::SocketAddr, id: &str) -> (i16, i64, i16) {
     use kafka_protocol::messages::{
@@ -1483,7 +1524,8 @@ async fn kafka_init_txn(addr: std::net::SocketAddr, id: &str) -> (i16, i64, i16)
 /// groups and transactions. Elsewhere the coordinator APIs answer
 /// NOT_COORDINATOR (16); after the leader is killed, the new leader is
 /// named, and it holds the committed positions and the transactional
-/// ids' state (the same producer id, fenced to the next epoch).
+/// ids' state (the same producer id, fenced to the next epoch). A topic
+/// may ask for as many replicas as there are nodes, or name them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
     const NOT_COORDINATOR: i16 = 16;
@@ -1518,6 +1560,30 @@ async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
         }
     }
     let follower = (leader + 1) % 3;
+    // Every partition is kept on all three: a topic may ask for up to
+    // three replicas, or name distinct brokers of the three.
+    const INVALID_REPLICATION_FACTOR: i16 = 38;
+    const INVALID_REPLICA_ASSIGNMENT: i16 = 39;
+    let at = kafka(&cluster, follower);
+    for (factor, code) in [(3, 0), (1, 0), (-1, 0), (4, INVALID_REPLICATION_FACTOR)] {
+        assert_eq!(
+            kafka_create(at, factor, None).await,
+            code,
+            "factor {factor}"
+        );
+    }
+    for (replicas, code) in [
+        (vec![vec![2, 3, 1], vec![1]], 0),
+        (vec![vec![1, 1]], INVALID_REPLICA_ASSIGNMENT),
+        (vec![vec![4]], INVALID_REPLICA_ASSIGNMENT),
+        (vec![vec![]], INVALID_REPLICA_ASSIGNMENT),
+    ] {
+        assert_eq!(
+            kafka_create(at, -1, Some(replicas.clone())).await,
+            code,
+            "{replicas:?}"
+        );
+    }
     for key_type in [0, 1] {
         let (code, node, port) = kafka_coordinator(kafka(&cluster, follower), "g", key_type).await;
         assert_eq!(

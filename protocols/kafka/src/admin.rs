@@ -42,8 +42,8 @@ use tributary_devices::auth::{may_administer, Action};
 use tributary_storage::topic::{validate_name, MAX_PARTITIONS};
 use tributary_storage::{CleanupPolicy, Error as LogError, OnFull, TopicChange, TopicConfig};
 
+use crate::brokers;
 use crate::conn::Session;
-use crate::handlers::NODE_ID;
 
 /// Config resource types (`DescribeConfigs`, `AlterConfigs`).
 const TOPIC: i8 = 2;
@@ -424,6 +424,7 @@ async fn create_one(
     validate_name(name).map_err(|e| log_failure(&e))?;
     let d = defaults(s, name);
     let mut config = d.clone();
+    let ids = brokers::broker_ids(s);
     if !topic.assignments.is_empty() {
         let mut indexes: Vec<i32> = topic
             .assignments
@@ -432,16 +433,14 @@ async fn create_one(
             .collect();
         indexes.sort_unstable();
         let dense = indexes.iter().enumerate().all(|(i, &p)| p == i as i32);
-        let here = topic
-            .assignments
-            .iter()
-            .all(|a| a.broker_ids.len() == 1 && a.broker_ids[0].0 == NODE_ID);
+        let here = topic.assignments.iter().all(|a| {
+            let replicas: Vec<i32> = a.broker_ids.iter().map(|b| b.0).collect();
+            brokers::names_brokers(&replicas, &ids)
+        });
         if !dense || !here {
             return Err(fail(
                 ResponseError::InvalidReplicaAssignment,
-                format!(
-                    "this node is the one broker ({NODE_ID}): each partition 0..n gets exactly it"
-                ),
+                brokers::assignment_rule(&ids, false),
             ));
         }
         config.partitions = indexes.len() as u32;
@@ -457,14 +456,15 @@ async fn create_one(
         }
         config.partitions = topic.num_partitions as u32;
     }
-    if !matches!(topic.replication_factor, -1 | 1) {
-        return Err(fail(
-            ResponseError::InvalidReplicationFactor,
-            format!(
-                "replication factor {} is more than the one broker this node is",
-                topic.replication_factor
+    let factor = topic.replication_factor;
+    if !(factor == -1 || (1..=ids.len() as i32).contains(&i32::from(factor))) {
+        let message = match ids.len() {
+            1 => format!("replication factor {factor} is more than the one broker this node is"),
+            n => format!(
+                "replication factor {factor} is not 1..={n}, the brokers of this cluster (each keeps every partition)"
             ),
-        ));
+        };
+        return Err(fail(ResponseError::InvalidReplicationFactor, message));
     }
     for c in &topic.configs {
         set(&mut config, &d, &c.name, c.value.as_deref())
@@ -629,15 +629,15 @@ async fn grow(
         return Err(fail(ResponseError::InvalidPartitions, message));
     }
     if let Some(assignments) = t.assignments.as_ref().filter(|a| !a.is_empty()) {
-        let here = assignments
-            .iter()
-            .all(|a| a.broker_ids.len() == 1 && a.broker_ids[0].0 == NODE_ID);
+        let ids = brokers::broker_ids(s);
+        let here = assignments.iter().all(|a| {
+            let replicas: Vec<i32> = a.broker_ids.iter().map(|b| b.0).collect();
+            brokers::names_brokers(&replicas, &ids)
+        });
         if !here || assignments.len() as u32 != count - now {
             return Err(fail(
                 ResponseError::InvalidReplicaAssignment,
-                format!(
-                    "this node is the one broker ({NODE_ID}): each new partition gets exactly it"
-                ),
+                brokers::assignment_rule(&ids, true),
             ));
         }
     }

@@ -80,6 +80,47 @@ pub(crate) fn coordinator_claim(l: &Leadership) -> Guard {
     }
 }
 
+/// The broker ids: this node alone, or a cluster's voters (each holds
+/// every partition).
+pub(crate) fn broker_ids(s: &Session) -> Vec<i32> {
+    match s.server.cx.log.leadership() {
+        None => vec![NODE_ID],
+        Some(l) => l
+            .borrow()
+            .voters
+            .iter()
+            .map(|n| i32::try_from(*n).unwrap_or(i32::MAX))
+            .collect(),
+    }
+}
+
+/// Whether a partition's replica list names distinct brokers of `brokers`
+/// (at least one). Every partition is kept on every broker whichever it
+/// names.
+pub(crate) fn names_brokers(replicas: &[i32], brokers: &[i32]) -> bool {
+    let mut seen: Vec<i32> = replicas.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    !replicas.is_empty()
+        && seen.len() == replicas.len()
+        && replicas.iter().all(|b| brokers.contains(b))
+}
+
+/// Why an assignment was refused, for the error message.
+pub(crate) fn assignment_rule(brokers: &[i32], new: bool) -> String {
+    let which = if new {
+        "each new partition"
+    } else {
+        "each partition 0..n"
+    };
+    match brokers {
+        [one] => format!("this node is the one broker ({one}): {which} gets exactly it"),
+        _ => format!(
+            "{which} names distinct brokers among {brokers:?} (every partition is kept on all of them)"
+        ),
+    }
+}
+
 /// What one client is told.
 pub(crate) struct View {
     /// Broker id, host, port.
