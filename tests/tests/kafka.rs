@@ -1251,7 +1251,9 @@ async fn transactional_ids_are_bounded_and_idle_ones_expire() {
 /// OffsetFetch with `require_stable` answers UNSTABLE_OFFSET_COMMIT (88)
 /// for them (read_committed consumers ask so, and retry), without it the
 /// offset before; after the commit both see the new offset. A TxnOffsetCommit
-/// v3 naming a member the group does not have is refused (25).
+/// v3 naming a member the group does not have is refused (25), one with
+/// metadata over 4,096 bytes too (12); the committed position keeps the
+/// metadata it was sent with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_pending_in_a_transaction_are_unstable_until_it_commits() {
     use kafka_protocol::messages::txn_offset_commit_request::{
@@ -1302,7 +1304,19 @@ async fn offsets_pending_in_a_transaction_are_unstable_until_it_commits() {
             .with_name(name("gt"))
             .with_partitions(vec![TxnOffsetCommitRequestPartition::default()
                 .with_partition_index(0)
-                .with_committed_offset(0)])]);
+                .with_committed_offset(0)
+                .with_committed_metadata(Some(StrBytes::from_static_str(
+                    "in the txn",
+                )))])]);
+    // Metadata over Kafka's 4,096 bytes: refused for the partition.
+    let mut long = req.clone();
+    long.topics[0].partitions[0].committed_metadata = Some(StrBytes::from_string("m".repeat(4097)));
+    let mut b = c.call(ApiKey::TxnOffsetCommit, 3, &long).await;
+    let r = TxnOffsetCommitResponse::decode(&mut b, 3).expect("txn offset commit");
+    assert_eq!(
+        r.topics[0].partitions[0].error_code,
+        ResponseError::OffsetMetadataTooLarge.code()
+    );
     // Past the partition's end: refused as OffsetCommit refuses it.
     let mut beyond = req.clone();
     beyond.topics[0].partitions[0].committed_offset = 5;
@@ -1345,5 +1359,20 @@ async fn offsets_pending_in_a_transaction_are_unstable_until_it_commits() {
     );
     assert_eq!(fetch(&mut c, true).await, (0, 0));
     assert_eq!(fetch(&mut c, false).await, (0, 0));
+    // The position carries the metadata it was committed with.
+    let req = OffsetFetchRequest::default().with_groups(vec![OffsetFetchRequestGroup::default()
+        .with_group_id(group("g"))
+        .with_topics(Some(vec![OffsetFetchRequestTopics::default()
+            .with_name(name("gt"))
+            .with_partition_indexes(vec![0])]))]);
+    let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
+    let r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch");
+    assert_eq!(
+        r.groups[0].topics[0].partitions[0]
+            .metadata
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some("in the txn")
+    );
     node.stop().await;
 }

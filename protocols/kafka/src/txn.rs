@@ -70,6 +70,52 @@ pub(crate) struct Txn {
     pub(crate) groups: BTreeSet<String>,
     /// Offsets committed in the transaction: (group, topic, partition, offset).
     pub(crate) offsets: Vec<(String, String, u32, u64)>,
+    /// Each offset's commit metadata, in the same order (empty: none).
+    pub(crate) offset_metadata: Vec<String>,
+}
+
+/// A transactional id's state as stored before commit metadata was kept
+/// (the same fields but the last): read, then carried on without metadata.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct TxnWithoutMetadata {
+    producer_id: i64,
+    epoch: i16,
+    last_epoch: i16,
+    state: State,
+    timeout_ms: i32,
+    started_ms: i64,
+    partitions: BTreeSet<(String, u32)>,
+    groups: BTreeSet<String>,
+    offsets: Vec<(String, String, u32, u64)>,
+}
+
+impl Txn {
+    /// A stored state, in this version's form or the one before it (an
+    /// older one lacks the last field, so it never reads as this one).
+    fn decode(bytes: &[u8]) -> Option<Txn> {
+        if let Ok(t) = postcard::from_bytes::<Txn>(bytes) {
+            return Some(t);
+        }
+        let t = postcard::from_bytes::<TxnWithoutMetadata>(bytes).ok()?;
+        Some(Txn {
+            offset_metadata: vec![String::new(); t.offsets.len()],
+            producer_id: t.producer_id,
+            epoch: t.epoch,
+            last_epoch: t.last_epoch,
+            state: t.state,
+            timeout_ms: t.timeout_ms,
+            started_ms: t.started_ms,
+            partitions: t.partitions,
+            groups: t.groups,
+            offsets: t.offsets,
+        })
+    }
+
+    fn clear_offsets(&mut self) {
+        self.offsets.clear();
+        self.offset_metadata.clear();
+    }
 }
 
 /// Why a transactional request is refused (each is a Kafka error code).
@@ -193,7 +239,7 @@ impl Coordinator {
         };
         let mut table = Table::default();
         for (k, v) in log.meta(SPACE)? {
-            let (Ok(id), Ok(txn)) = (String::from_utf8(k), postcard::from_bytes::<Txn>(&v)) else {
+            let (Ok(id), Some(txn)) = (String::from_utf8(k), Txn::decode(&v)) else {
                 tracing::warn!("unreadable transactional id state dropped");
                 continue;
             };
@@ -302,16 +348,23 @@ impl Coordinator {
             }
         }
         if commit {
-            let mut by_group: BTreeMap<&str, Vec<GroupOffset>> = BTreeMap::new();
-            for (group, topic, partition, offset) in &txn.offsets {
-                by_group.entry(group).or_default().push(GroupOffset {
+            type Positions = (Vec<GroupOffset>, Vec<String>);
+            let mut by_group: BTreeMap<&str, Positions> = BTreeMap::new();
+            for (i, (group, topic, partition, offset)) in txn.offsets.iter().enumerate() {
+                let (offsets, metadata) = by_group.entry(group).or_default();
+                offsets.push(GroupOffset {
                     topic: topic.clone(),
                     partition: *partition,
                     offset: *offset,
                 });
+                metadata.push(txn.offset_metadata.get(i).cloned().unwrap_or_default());
             }
-            for (group, offsets) in by_group {
-                match self.log.commit_offsets(group, offsets.clone()).await {
+            for (group, (offsets, metadata)) in by_group {
+                match self
+                    .log
+                    .commit_offsets_with(group, offsets.clone(), metadata.clone())
+                    .await
+                {
                     Err(
                         LogError::OffsetOutOfRange { .. }
                         | LogError::UnknownTopic(_)
@@ -319,8 +372,8 @@ impl Coordinator {
                     ) => {
                         // A topic deleted since TxnOffsetCommit checked it:
                         // the rest are committed, one at a time.
-                        for o in offsets {
-                            match self.log.commit_offsets(group, vec![o]).await {
+                        for (o, m) in offsets.into_iter().zip(metadata) {
+                            match self.log.commit_offsets_with(group, vec![o], vec![m]).await {
                                 Ok(())
                                 | Err(
                                     LogError::OffsetOutOfRange { .. }
@@ -348,7 +401,7 @@ impl Coordinator {
         self.unpend(&txn.offsets);
         txn.partitions.clear();
         txn.groups.clear();
-        txn.offsets.clear();
+        txn.clear_offsets();
         txn.started_ms = -1;
         let txn = txn.clone();
         self.store(id, &txn).await
@@ -483,6 +536,7 @@ impl Coordinator {
                 partitions: BTreeSet::new(),
                 groups: BTreeSet::new(),
                 offsets: Vec::new(),
+                offset_metadata: Vec::new(),
             };
             t.by_producer.insert(producer_id, id.to_owned());
             t.txns.insert(id.to_owned(), txn);
@@ -530,7 +584,7 @@ impl Coordinator {
         txn.started_ms = -1;
         txn.partitions.clear();
         txn.groups.clear();
-        txn.offsets.clear();
+        txn.clear_offsets();
         let txn = txn.clone();
         if old.0 != txn.producer_id {
             t.by_producer.remove(&old.0);
@@ -627,24 +681,34 @@ impl Coordinator {
         producer_id: i64,
         epoch: i16,
         group: &str,
-        offsets: &[(String, u32, u64)],
+        offsets: &[(String, u32, u64, String)],
     ) -> Result<(), Refused> {
         let mut t = self.table.lock().await;
         let txn = self.current(&mut t, id, producer_id, epoch)?;
         if txn.state != State::Ongoing || !txn.groups.contains(group) {
             return Err(Refused::State);
         }
-        for (topic, partition, offset) in offsets {
-            let before = txn.offsets.len();
-            txn.offsets
-                .retain(|(g, tp, p, _)| !(g == group && tp == topic && p == partition));
-            txn.offsets
-                .push((group.to_owned(), topic.clone(), *partition, *offset));
-            if txn.offsets.len() > before {
-                *self
-                    .pending()
-                    .entry((group.to_owned(), topic.clone(), *partition))
-                    .or_insert(0) += 1;
+        // (A state read from an older version has no metadata yet.)
+        txn.offset_metadata.resize(txn.offsets.len(), String::new());
+        for (topic, partition, offset, metadata) in offsets {
+            let at = txn
+                .offsets
+                .iter()
+                .position(|(g, tp, p, _)| g == group && tp == topic && p == partition);
+            match at {
+                Some(i) => {
+                    txn.offsets[i].3 = *offset;
+                    txn.offset_metadata[i] = metadata.clone();
+                }
+                None => {
+                    txn.offsets
+                        .push((group.to_owned(), topic.clone(), *partition, *offset));
+                    txn.offset_metadata.push(metadata.clone());
+                    *self
+                        .pending()
+                        .entry((group.to_owned(), topic.clone(), *partition))
+                        .or_insert(0) += 1;
+                }
             }
         }
         let txn = txn.clone();
@@ -841,7 +905,7 @@ pub(crate) mod api {
         // Each offset checked as OffsetCommit checks it; the valid ones are
         // kept with the transaction.
         let log = &s.server.cx.log;
-        let mut offsets: Vec<(String, u32, u64)> = Vec::new();
+        let mut offsets: Vec<(String, u32, u64, String)> = Vec::new();
         let mut refused: Vec<(String, i32, i16)> = Vec::new();
         for t in &req.topics {
             let name = t.name.0.to_string();
@@ -856,7 +920,20 @@ pub(crate) mod api {
                         ResponseError::UnknownTopicOrPartition.code(),
                     )),
                     (Some((i, (_, end))), Ok(o)) if o <= end => {
-                        offsets.push((name.clone(), i, o));
+                        let metadata = p
+                            .committed_metadata
+                            .as_ref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default();
+                        if metadata.len() > tributary_storage::MAX_COMMIT_METADATA {
+                            refused.push((
+                                name.clone(),
+                                p.partition_index,
+                                ResponseError::OffsetMetadataTooLarge.code(),
+                            ));
+                        } else {
+                            offsets.push((name.clone(), i, o, metadata));
+                        }
                     }
                     _ => refused.push((
                         name.clone(),
@@ -1064,5 +1141,40 @@ pub(crate) mod api {
             .with_error_code(outcome(result, version))
             .with_producer_id(req.producer_id)
             .with_producer_epoch(req.producer_epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A state stored by the version before commit metadata was kept reads
+    /// as one without metadata; this version's reads back as written; bytes
+    /// of neither are refused.
+    #[test]
+    fn a_state_stored_before_commit_metadata_still_reads() {
+        let offsets = vec![("g".to_owned(), "t".to_owned(), 0, 7)];
+        let old = TxnWithoutMetadata {
+            producer_id: 4,
+            epoch: 2,
+            last_epoch: 1,
+            state: State::Ongoing,
+            timeout_ms: 60_000,
+            started_ms: 1_000,
+            partitions: BTreeSet::from([("t".to_owned(), 0)]),
+            groups: BTreeSet::from(["g".to_owned()]),
+            offsets: offsets.clone(),
+        };
+        let read = Txn::decode(&postcard::to_allocvec(&old).expect("encode")).expect("read");
+        assert_eq!(read.producer_id, 4);
+        assert_eq!(read.state, State::Ongoing);
+        assert_eq!(read.offsets, offsets);
+        assert_eq!(read.offset_metadata, vec![String::new()]);
+        let mut now = read.clone();
+        now.offset_metadata = vec!["m".to_owned()];
+        let again = Txn::decode(&postcard::to_allocvec(&now).expect("encode")).expect("read");
+        assert_eq!(again, now);
+        assert_eq!(Txn::decode(&[0xff, 0xff, 0xff]), None);
     }
 }

@@ -557,7 +557,11 @@ public class Differential {
         for (var e : m.entrySet()) {
             String t = e.getKey().topic();
             t = t.startsWith(prefix) ? t.substring(t.lastIndexOf('-') + 1) : t;
-            r.put(t + "-p" + e.getKey().partition(), e.getValue() == null ? "null" : e.getValue().offset());
+            OffsetAndMetadata o = e.getValue();
+            // The offset, and the commit metadata after a slash when there is some.
+            r.put(t + "-p" + e.getKey().partition(), o == null ? "null"
+                : o.metadata() == null || o.metadata().isEmpty() ? String.valueOf(o.offset())
+                : o.offset() + "/" + o.metadata());
         }
         return r;
     }
@@ -1326,7 +1330,7 @@ public class Differential {
         ConsumerGroupMetadata gm = consumer(c, group).groupMetadata();
         p2.beginTransaction();
         p2.send(new ProducerRecord<>(topic, 0, base + 9, "k", "f1"));
-        p2.sendOffsetsToTransaction(Map.of(new TopicPartition(topic, 0), new OffsetAndMetadata(2)),
+        p2.sendOffsetsToTransaction(Map.of(new TopicPartition(topic, 0), new OffsetAndMetadata(2, "in-txn")),
             gm);
         c.attempt("offsets_txn_commit", () -> {
             p2.commitTransaction();
