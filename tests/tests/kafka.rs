@@ -664,16 +664,31 @@ async fn commit(c: &mut Client, generation: i32, member: &str, offset: i64) -> i
     r.topics[0].partitions[0].error_code
 }
 
+/// OffsetFetch v8 of group g's position in gt/0.
+async fn position(
+    c: &mut Client,
+    require_stable: bool,
+) -> kafka_protocol::messages::offset_fetch_response::OffsetFetchResponsePartitions {
+    let req = OffsetFetchRequest::default()
+        .with_require_stable(require_stable)
+        .with_groups(vec![OffsetFetchRequestGroup::default()
+            .with_group_id(group("g"))
+            .with_topics(Some(vec![OffsetFetchRequestTopics::default()
+                .with_name(name("gt"))
+                .with_partition_indexes(vec![0])]))]);
+    let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
+    let mut r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch v8");
+    r.groups
+        .swap_remove(0)
+        .topics
+        .swap_remove(0)
+        .partitions
+        .swap_remove(0)
+}
+
 async fn committed(c: &mut Client) -> (i64, i64) {
     // v8+ asks per group; v5 is the older single-group form: both answer.
-    let req = OffsetFetchRequest::default().with_groups(vec![OffsetFetchRequestGroup::default()
-        .with_group_id(group("g"))
-        .with_topics(Some(vec![OffsetFetchRequestTopics::default()
-            .with_name(name("gt"))
-            .with_partition_indexes(vec![0])]))]);
-    let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
-    let r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch v8");
-    let new = r.groups[0].topics[0].partitions[0].committed_offset;
+    let new = position(c, false).await.committed_offset;
     let req = OffsetFetchRequest::default()
         .with_group_id(group("g"))
         .with_topics(Some(vec![OffsetFetchRequestTopic::default()
@@ -1271,16 +1286,7 @@ async fn offsets_pending_in_a_transaction_are_unstable_until_it_commits() {
     assert_eq!(init.error_code, 0);
     let (pid, epoch) = (init.producer_id, init.producer_epoch);
     let fetch = async |c: &mut Client, require_stable: bool| {
-        let req = OffsetFetchRequest::default()
-            .with_require_stable(require_stable)
-            .with_groups(vec![OffsetFetchRequestGroup::default()
-                .with_group_id(group("g"))
-                .with_topics(Some(vec![OffsetFetchRequestTopics::default()
-                    .with_name(name("gt"))
-                    .with_partition_indexes(vec![0])]))]);
-        let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
-        let r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch");
-        let p = &r.groups[0].topics[0].partitions[0];
+        let p = position(c, require_stable).await;
         (p.error_code, p.committed_offset)
     };
     let req = AddOffsetsToTxnRequest::default()
@@ -1360,18 +1366,8 @@ async fn offsets_pending_in_a_transaction_are_unstable_until_it_commits() {
     assert_eq!(fetch(&mut c, true).await, (0, 0));
     assert_eq!(fetch(&mut c, false).await, (0, 0));
     // The position carries the metadata it was committed with.
-    let req = OffsetFetchRequest::default().with_groups(vec![OffsetFetchRequestGroup::default()
-        .with_group_id(group("g"))
-        .with_topics(Some(vec![OffsetFetchRequestTopics::default()
-            .with_name(name("gt"))
-            .with_partition_indexes(vec![0])]))]);
-    let mut b = c.call(ApiKey::OffsetFetch, 8, &req).await;
-    let r = OffsetFetchResponse::decode(&mut b, 8).expect("offset fetch");
     assert_eq!(
-        r.groups[0].topics[0].partitions[0]
-            .metadata
-            .as_ref()
-            .map(|m| m.as_str()),
+        position(&mut c, false).await.metadata.as_deref(),
         Some("in the txn")
     );
     node.stop().await;

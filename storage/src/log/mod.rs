@@ -1064,13 +1064,21 @@ impl Log {
                 });
             }
         }
+        self.write_positions(replica::Op::Commit {
+            group: group.to_owned(),
+            offsets,
+            metadata,
+        })
+        .await
+    }
+
+    /// A write of group positions ([`replica::Op::Commit`] or
+    /// [`replica::Op::ForgetGroup`]): handed to the replicated log, under
+    /// this handle's claim if it has one; alone, the claim is checked and
+    /// the write queued here.
+    async fn write_positions(&self, op: replica::Op) -> Result<()> {
         let guard = self.guard.as_deref();
         if let Some(r) = self.replicator() {
-            let op = replica::Op::Commit {
-                group: group.to_owned(),
-                offsets,
-                metadata,
-            };
             return self
                 .replicate(r, replica::guarded(op, guard))
                 .await
@@ -1080,11 +1088,23 @@ impl Log {
             self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
-        let cmd = Command::Commit {
-            group: group.to_owned(),
-            offsets,
-            metadata,
-            reply,
+        let cmd = match op {
+            replica::Op::Commit {
+                group,
+                offsets,
+                metadata,
+            } => Command::Commit {
+                group,
+                offsets,
+                metadata,
+                reply,
+            },
+            replica::Op::ForgetGroup { group, partitions } => Command::ForgetGroup {
+                group,
+                partitions,
+                reply,
+            },
+            _ => return Err(Error::Config("not a write of group positions".into())),
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         answer.await.map_err(|_| Error::Closed)?
@@ -1197,28 +1217,11 @@ impl Log {
     pub async fn forget_group(&self, group: &str) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
-        let guard = self.guard.as_deref();
-        if let Some(r) = self.replicator() {
-            let op = replica::Op::ForgetGroup {
-                group: group.to_owned(),
-                partitions: None,
-            };
-            return self
-                .replicate(r, replica::guarded(op, guard))
-                .await
-                .map(drop);
-        }
-        if let Some(g) = guard {
-            self.check_guard(g)?;
-        }
-        let (reply, answer) = oneshot::channel();
-        let cmd = Command::ForgetGroup {
+        self.write_positions(replica::Op::ForgetGroup {
             group: group.to_owned(),
             partitions: None,
-            reply,
-        };
-        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
+        })
+        .await
     }
 
     /// Removes a group's committed positions in these partitions, durably
@@ -1230,28 +1233,11 @@ impl Log {
     ) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
-        let guard = self.guard.as_deref();
-        if let Some(r) = self.replicator() {
-            let op = replica::Op::ForgetGroup {
-                group: group.to_owned(),
-                partitions: Some(partitions),
-            };
-            return self
-                .replicate(r, replica::guarded(op, guard))
-                .await
-                .map(drop);
-        }
-        if let Some(g) = guard {
-            self.check_guard(g)?;
-        }
-        let (reply, answer) = oneshot::channel();
-        let cmd = Command::ForgetGroup {
+        self.write_positions(replica::Op::ForgetGroup {
             group: group.to_owned(),
             partitions: Some(partitions),
-            reply,
-        };
-        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
+        })
+        .await
     }
 
     /// The groups with committed positions, sorted by name.
