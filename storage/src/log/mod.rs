@@ -1064,20 +1064,19 @@ impl Log {
                 });
             }
         }
-        self.write_positions(replica::Op::Commit {
+        let op = replica::Op::Commit {
             group: group.to_owned(),
             offsets,
             metadata,
-        })
-        .await
+        };
+        self.write_small(op, self.guard.as_deref()).await
     }
 
-    /// A write of group positions ([`replica::Op::Commit`] or
-    /// [`replica::Op::ForgetGroup`]): handed to the replicated log, under
-    /// this handle's claim if it has one; alone, the claim is checked and
-    /// the write queued here.
-    async fn write_positions(&self, op: replica::Op) -> Result<()> {
-        let guard = self.guard.as_deref();
+    /// A write of group positions or metadata ([`replica::Op::Commit`],
+    /// [`replica::Op::ForgetGroup`] or [`replica::Op::Meta`]) under
+    /// `guard`, if any: handed to the replicated log; alone, the claim is
+    /// checked and the write queued here.
+    async fn write_small(&self, op: replica::Op, guard: Option<&Guard>) -> Result<()> {
         if let Some(r) = self.replicator() {
             return self
                 .replicate(r, replica::guarded(op, guard))
@@ -1104,7 +1103,12 @@ impl Log {
                 partitions,
                 reply,
             },
-            _ => return Err(Error::Config("not a write of group positions".into())),
+            replica::Op::Meta { space, entries } => Command::Meta {
+                space,
+                entries,
+                reply,
+            },
+            _ => return Err(Error::Config("not a write of positions or metadata".into())),
         };
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         answer.await.map_err(|_| Error::Closed)?
@@ -1217,11 +1221,11 @@ impl Log {
     pub async fn forget_group(&self, group: &str) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
-        self.write_positions(replica::Op::ForgetGroup {
+        let op = replica::Op::ForgetGroup {
             group: group.to_owned(),
             partitions: None,
-        })
-        .await
+        };
+        self.write_small(op, self.guard.as_deref()).await
     }
 
     /// Removes a group's committed positions in these partitions, durably
@@ -1233,11 +1237,11 @@ impl Log {
     ) -> Result<()> {
         validate_group(group)?;
         self.shared().check_writable()?;
-        self.write_positions(replica::Op::ForgetGroup {
+        let op = replica::Op::ForgetGroup {
             group: group.to_owned(),
             partitions: Some(partitions),
-        })
-        .await
+        };
+        self.write_small(op, self.guard.as_deref()).await
     }
 
     /// The groups with committed positions, sorted by name.
@@ -1259,30 +1263,13 @@ impl Log {
         entries: Vec<MetaEntry>,
         guard: Option<&Guard>,
     ) -> Result<()> {
-        let guard = guard.or(self.guard.as_deref());
         validate_group(space)?;
         self.shared().check_writable()?;
-        if let Some(r) = self.replicator() {
-            let op = replica::Op::Meta {
-                space: space.to_owned(),
-                entries,
-            };
-            return self
-                .replicate(r, replica::guarded(op, guard))
-                .await
-                .map(drop);
-        }
-        if let Some(g) = guard {
-            self.check_guard(g)?;
-        }
-        let (reply, answer) = oneshot::channel();
-        let cmd = Command::Meta {
+        let op = replica::Op::Meta {
             space: space.to_owned(),
             entries,
-            reply,
         };
-        self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
+        self.write_small(op, guard.or(self.guard.as_deref())).await
     }
 
     /// Every metadata entry of `space`, sorted by key (includes writes not yet durable).
