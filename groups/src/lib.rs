@@ -251,6 +251,14 @@ pub const CLAIM_SPACE: &str = "__kafka_coordinator";
 /// The key of the groups' claim; its value is `node:term`.
 pub const CLAIM_KEY: &[u8] = b"groups";
 
+/// The metadata space where a cluster's leader lists the groups that have
+/// members, so that every node knows them (a follower's HTTP API refuses
+/// a plain commit to such a group, as the leader's does).
+pub const ACTIVE_SPACE: &str = "__groups_active";
+
+/// How often the leader brings that list up to date.
+const PUBLISH: Duration = Duration::from_secs(1);
+
 /// The node's group coordinator. Cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -297,6 +305,9 @@ impl Coordinator {
     /// Ends sessions and completes rebalances that are due, until
     /// `shutdown`; then answers every waiting member.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Some(leadership) = self.inner.log.leadership() {
+            tokio::spawn(self.clone().publish_active(leadership, shutdown.clone()));
+        }
         let mut every = tokio::time::interval(TICK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -313,6 +324,60 @@ impl Coordinator {
         groups.clear();
         drop(groups);
         self.account(delta);
+    }
+
+    /// On a cluster's leader, every second: lists the groups that have
+    /// members in [`ACTIVE_SPACE`] (and removes those that have none, such
+    /// as a former leader's), under the groups' claim.
+    async fn publish_active(
+        self,
+        leadership: tokio::sync::watch::Receiver<tributary_storage::Leadership>,
+        shutdown: CancellationToken,
+    ) {
+        let mut every = tokio::time::interval(PUBLISH);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if !leadership.borrow().leads() {
+                continue;
+            }
+            let active: Vec<Vec<u8>> = self
+                .lock()
+                .iter()
+                .filter(|(_, g)| !g.is_empty())
+                .map(|(name, _)| name.as_bytes().to_vec())
+                .collect();
+            let Ok(listed) = self.inner.log.meta(ACTIVE_SPACE) else {
+                continue;
+            };
+            let mut changes: Vec<tributary_storage::MetaEntry> = active
+                .iter()
+                .filter(|name| !listed.iter().any(|(k, _)| k == *name))
+                .map(|name| (name.clone(), Some(b"1".to_vec())))
+                .collect();
+            changes.extend(
+                listed
+                    .into_iter()
+                    .filter(|(k, _)| !active.contains(k))
+                    .map(|(k, _)| (k, None)),
+            );
+            if changes.is_empty() {
+                continue;
+            }
+            let written = match self.writer().await {
+                Ok(log) => log
+                    .put_meta(ACTIVE_SPACE, changes)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "the groups with members were not listed; trying again");
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Group>> {
@@ -601,9 +666,26 @@ impl Coordinator {
     }
 
     /// Whether a group has live members (the HTTP API refuses plain commits
-    /// to such a group, as Kafka does).
+    /// to such a group, as Kafka does). On a cluster's follower: whether
+    /// the leader, where the members are, lists it (within a second of a
+    /// change).
     pub fn has_members(&self, group: &str) -> bool {
-        self.lock().get(group).is_some_and(|g| !g.is_empty())
+        if self.lock().get(group).is_some_and(|g| !g.is_empty()) {
+            return true;
+        }
+        let follows = self
+            .inner
+            .log
+            .leadership()
+            .is_some_and(|l| !l.borrow().leads());
+        follows
+            && self
+                .inner
+                .log
+                .meta_get(ACTIVE_SPACE, group.as_bytes())
+                .ok()
+                .flatten()
+                .is_some()
     }
 
     /// One group: membership and state (committed offsets come from the log).

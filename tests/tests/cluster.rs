@@ -1815,6 +1815,89 @@ async fn a_librdkafka_transactional_loop_through_leader_kills_turns_each_input_i
     }
 }
 
+/// A group's members are the leader's, and every node knows which groups
+/// have some: a follower's HTTP API refuses a plain commit to such a group
+/// (409, as the leader's does, and as Kafka refuses it) and takes one once
+/// the members have left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refuses_an_http_commit_to_a_group_whose_members_are_on_the_leader() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::leave_group_request::MemberIdentity;
+    use kafka_protocol::messages::{
+        ApiKey, GroupId, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let root = tempfile::tempdir().expect("tempdir");
+    let (cluster, _) = kafka_cluster(root.path(), 0);
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 1).await;
+    let follower = (leader + 1) % 3;
+    let c = client();
+    let commit = |node: usize| {
+        let (c, url) = (c.clone(), cluster.url(node));
+        async move {
+            common::post(
+                &c,
+                &format!("{url}/v1/groups/g/offsets"),
+                &json!({"offsets": [{"topic": T, "partition": 0, "offset": 0}]}),
+            )
+            .await
+        }
+    };
+    // Waits until a commit on `node` is answered `status`.
+    let answered = |node: usize, status: u16| {
+        let commit = &commit;
+        async move {
+            let started = Instant::now();
+            loop {
+                let (s, b) = commit(node).await;
+                if s == status {
+                    return;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "node {}: still {s} {b}",
+                    node + 1
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    answered(follower, 200).await;
+    // A member joins at the leader (v5: it is handed its id first).
+    let mut k =
+        common::kafka::Client::at(cluster.nodes[leader].as_ref().expect("running").kafka).await;
+    let join = |member: String| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_session_timeout_ms(60_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_member_id(StrBytes::from_string(member))
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("range"))
+                .with_metadata(bytes::Bytes::from_static(b"subscription"))])
+    };
+    let mut b = k.call(ApiKey::JoinGroup, 5, &join(String::new())).await;
+    let first = JoinGroupResponse::decode(&mut b, 5).expect("join");
+    let member = first.member_id.to_string();
+    let mut b = k.call(ApiKey::JoinGroup, 5, &join(member.clone())).await;
+    let joined = JoinGroupResponse::decode(&mut b, 5).expect("join");
+    assert_eq!(joined.error_code, 0, "{joined:?}");
+    assert_eq!(commit(leader).await.0, 409);
+    answered(follower, 409).await;
+    let leave = LeaveGroupRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("g")))
+        .with_members(vec![
+            MemberIdentity::default().with_member_id(StrBytes::from_string(member))
+        ]);
+    let mut b = k.call(ApiKey::LeaveGroup, 3, &leave).await;
+    let left = LeaveGroupResponse::decode(&mut b, 3).expect("leave");
+    assert_eq!(left.error_code, 0, "{left:?}");
+    answered(follower, 200).await;
+    assert_eq!(commit(leader).await.0, 200);
+}
+
 /// A group of librdkafka consumers (`tests/clients/kafka_group_check.py`:
 /// members join, one leaves, one is killed, one joins late), bootstrapped
 /// on all three nodes while the leader, their coordinator, is killed -9
