@@ -74,7 +74,7 @@ pub(crate) async fn publish(log: Log, endpoint: Endpoint, shutdown: Cancellation
 /// The claim a leader's transaction coordinator takes for its term.
 pub(crate) fn coordinator_claim(l: &Leadership) -> Guard {
     Guard {
-        space: "__kafka_coordinator".into(),
+        space: tributary_groups::CLAIM_SPACE.into(),
         key: b"transactions".to_vec(),
         value: format!("{}:{}", l.node, l.term).into_bytes(),
     }
