@@ -64,7 +64,8 @@ pub(crate) struct Txn {
     pub(crate) last_epoch: i16,
     pub(crate) state: State,
     pub(crate) timeout_ms: i32,
-    /// When the current transaction began (ms), -1 when none.
+    /// When the current transaction began, or the last one (ms); -1 when
+    /// none began since the producer was initialised.
     pub(crate) started_ms: i64,
     pub(crate) partitions: BTreeSet<(String, u32)>,
     pub(crate) groups: BTreeSet<String>,
@@ -402,7 +403,10 @@ impl Coordinator {
         txn.partitions.clear();
         txn.groups.clear();
         txn.clear_offsets();
-        txn.started_ms = -1;
+        // The start time stays, as Kafka's does: DescribeTransactions of a
+        // completed transaction answers when it began (and ListTransactions
+        // filters by it), until the next one begins or the producer is
+        // initialised again.
         let txn = txn.clone();
         self.store(id, &txn).await
     }
