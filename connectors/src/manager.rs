@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tributary_frontend::metrics::Kind as MetricKind;
 use tributary_frontend::{FrontendContext, MetricsSource, Text};
+use tributary_ingest::tasks::Tasks;
 use tributary_storage::util::lock;
 use tributary_storage::Log;
 
@@ -91,6 +92,8 @@ pub struct Manager {
     log: Log,
     shutdown: CancellationToken,
     connectors: Mutex<BTreeMap<String, Running>>,
+    /// Every connector's task, awaited when the node stops.
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Manager {
@@ -111,6 +114,7 @@ impl Manager {
             log: cx.log.clone(),
             shutdown: cx.shutdown.clone(),
             connectors: Mutex::new(BTreeMap::new()),
+            tasks: Tasks::default(),
         });
         for config in from_file {
             m.launch(config, true, false);
@@ -136,7 +140,7 @@ impl Manager {
             }
         }
         if let Some(leadership) = m.log.leadership() {
-            tokio::spawn(follow_cluster(
+            m.tasks.spawn(follow_cluster(
                 Arc::downgrade(&m),
                 leadership,
                 m.shutdown.clone(),
@@ -359,7 +363,7 @@ impl Manager {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let log = self.log.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Some(g) = claim {
                 while let Err(e) = log.claim(&g).await {
                     tracing::warn!(error = %e, "cannot claim a connector for this leader's term; trying again");
@@ -371,6 +375,12 @@ impl Manager {
             }
             run.await;
         });
+    }
+
+    /// Waits until every connector's task has ended, after the node's
+    /// shutdown: they hold the log.
+    pub async fn stopped(&self) {
+        self.tasks.stopped().await;
     }
 
     /// Whether connectors run here: on a single node, or on a cluster's

@@ -408,24 +408,25 @@ pub async fn start(
     }
     let bridges = amqp::bridge::start(&cx, amqp_bridges);
     #[cfg(feature = "connectors")]
-    let connector_routes = tributary_connectors::api::routes(
-        tributary_connectors::Manager::start(&cx, config.connector_configs())
-            .context("cannot start the connectors")?,
-    );
+    let connectors = tributary_connectors::Manager::start(&cx, config.connector_configs())
+        .context("cannot start the connectors")?;
+    #[cfg(feature = "connectors")]
+    let connector_routes = tributary_connectors::api::routes(connectors.clone());
     #[cfg(not(feature = "connectors"))]
     let connector_routes = axum::Router::new();
     #[cfg(feature = "processing")]
-    let connector_routes = connector_routes.merge(tributary_processing::api::routes(
-        tributary_processing::Manager::start(
-            &cx,
-            config.pipeline_configs(),
-            tributary_processing::manager::NodeLimits {
-                max_pipelines: config.limits.max_pipelines,
-                max_state_bytes: config.limits.max_pipeline_state_bytes,
-            },
-        )
-        .context("cannot start the pipelines")?,
-    ));
+    let pipelines = tributary_processing::Manager::start(
+        &cx,
+        config.pipeline_configs(),
+        tributary_processing::manager::NodeLimits {
+            max_pipelines: config.limits.max_pipelines,
+            max_state_bytes: config.limits.max_pipeline_state_bytes,
+        },
+    )
+    .context("cannot start the pipelines")?;
+    #[cfg(feature = "processing")]
+    let connector_routes =
+        connector_routes.merge(tributary_processing::api::routes(pipelines.clone()));
     let http_config = config.http_config();
     let listener = LimitedListener::new(http_listener, http_config.max_connections);
     let https_listener = https.map(|(bound, tls)| {
@@ -468,6 +469,22 @@ pub async fn start(
         for b in bridges {
             let _ = b.await;
         }
+        // Connectors and pipelines stop at the shutdown; their tasks hold
+        // the log, which must be released when this task ends (a node
+        // started again in the same directory finds it in use until then).
+        let stopped = async {
+            #[cfg(feature = "connectors")]
+            connectors.stopped().await;
+            #[cfg(feature = "processing")]
+            pipelines.stopped().await;
+        };
+        if tokio::time::timeout(grace, stopped).await.is_err() {
+            tracing::warn!("connectors or pipelines did not stop within the grace period");
+        }
+        #[cfg(feature = "connectors")]
+        drop(connectors);
+        #[cfg(feature = "processing")]
+        drop(pipelines);
         let _ = persister.await;
         if let Some(mut up) = uploader {
             // Its writes are bounded by upstream.timeout_ms; the grace bounds it too.

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tributary_frontend::metrics::Kind as MetricKind;
 use tributary_frontend::{FrontendContext, MetricsSource, Text};
+use tributary_ingest::tasks::Tasks;
 use tributary_storage::util::lock;
 use tributary_storage::Log;
 
@@ -119,6 +120,9 @@ pub struct Manager {
     budget: Arc<Budget>,
     shutdown: CancellationToken,
     pipelines: Mutex<BTreeMap<String, Running>>,
+    /// Tasks of pipelines replaced or relaunched, and the follower of the
+    /// stored ones: awaited, with the running ones, when the node stops.
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Manager {
@@ -144,6 +148,7 @@ impl Manager {
             budget: Arc::new(Budget::new(limits.max_state_bytes)),
             shutdown: cx.shutdown.clone(),
             pipelines: Mutex::new(BTreeMap::new()),
+            tasks: Tasks::default(),
         });
         for config in from_file {
             let plan = check(&config)?;
@@ -174,7 +179,8 @@ impl Manager {
             }
         }
         if m.log.is_replicated() {
-            tokio::spawn(follow_stored(Arc::downgrade(&m), m.shutdown.clone()));
+            m.tasks
+                .spawn(follow_stored(Arc::downgrade(&m), m.shutdown.clone()));
         }
         let weak = Arc::downgrade(&m);
         cx.stats.register(
@@ -256,9 +262,25 @@ impl Manager {
                 task: Some(task),
             },
         );
-        if let Some(old) = old {
+        if let Some(mut old) = old {
             old.cancel.cancel();
+            if let Some(t) = old.task.take() {
+                self.tasks.keep(t);
+            }
         }
+    }
+
+    /// Waits until every pipeline's task has ended, after the node's
+    /// shutdown: they hold the log.
+    pub async fn stopped(&self) {
+        let running: Vec<JoinHandle<()>> = lock(&self.pipelines)
+            .values_mut()
+            .filter_map(|r| r.task.take())
+            .collect();
+        for t in running {
+            self.tasks.keep(t);
+        }
+        self.tasks.stopped().await;
     }
 
     fn info(&self, name: &str, r: &Running, recent: bool) -> serde_json::Value {

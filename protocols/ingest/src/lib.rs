@@ -8,6 +8,7 @@
 
 pub mod leader;
 pub mod mapping;
+pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::fmt;
