@@ -18,12 +18,33 @@
 //! restart and receives what was published while no member was connected.
 //! It ends when no session holds its subscription any more.
 //!
+//! On a cluster each node holds the groups of its own sessions, and the
+//! members of one group may be connected to several nodes. The nodes whose
+//! group has members share its partitions out: each stores its own record
+//! of the group (`{group}\0{filter}\0{node}`: its cursors, whether it has
+//! members, a beat renewed every second while it has), every node reads
+//! the others' records once a second, and the partitions of the group's
+//! topics, in order, go round the nodes with members in the order of their
+//! ids. A node takes its share only after announcing its members for
+//! [`GRACE`], so the nodes already dispatching let go first; a node whose
+//! beat has not moved for [`STALE`] (killed, or cut off) loses its share to
+//! the others. A node taking a partition starts from the furthest cursor
+//! any other node stored for it: each cursor is held back to its node's
+//! oldest message in flight, so everything before it was acknowledged by a
+//! member. Each message goes to one member of the group; when a partition
+//! changes hands (a node's first member joins, its last leaves, a node
+//! dies) the messages still in flight at the node letting go are given
+//! again by the node taking it (at least once, as MQTT's QoS 1 promises).
+//!
 //! Memory: per group, one position per message in flight, bounded by the
-//! members' windows; groups are bounded by `max_shared_groups`.
+//! members' windows; groups are bounded by `max_shared_groups`; on a
+//! cluster, the others' records: a cursor per partition of each group per
+//! node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -39,6 +60,14 @@ pub const SHARED: &str = "mqtt.shared";
 const READ_RECORDS: usize = 256;
 /// Bytes read from one partition per dispatch.
 const READ_BYTES: usize = 256 * 1024;
+
+/// On a cluster: how long another node's record may go without a new beat
+/// before the nodes with members take its partitions.
+pub const STALE: Duration = Duration::from_secs(5);
+/// On a cluster: how long a node announces its members before it takes its
+/// share of partitions from the nodes already dispatching (they read the
+/// records once a second).
+pub const GRACE: Duration = Duration::from_secs(2);
 
 /// A message of the log: (topic, partition, offset).
 pub type Pos = (String, u32, u64);
@@ -98,6 +127,26 @@ struct State {
     /// Sessions (client ids) holding the subscription, online or not.
     holders: BTreeSet<String>,
     dirty: bool,
+    /// On a cluster: the other nodes dispatching this group now (records
+    /// with members and a moving beat), in order.
+    peers_live: Vec<u64>,
+    /// On a cluster: the furthest cursor the other nodes stored, per
+    /// partition.
+    peer_cursors: BTreeMap<(String, u32), u64>,
+    /// On a cluster: the partitions this node dispatched in its last pass.
+    owned: BTreeSet<(String, u32)>,
+    /// On a cluster: since when this node's stored record says it has
+    /// members.
+    announced: Option<Instant>,
+    /// On a cluster: the grace after `announced` has passed (this node
+    /// has taken its share).
+    settled: bool,
+    /// On a cluster: this node's beat (renewed each second while it has
+    /// members).
+    beat: u64,
+    /// On a cluster: the group was loaded from a record without a node id
+    /// (stored before the node joined a cluster), removed at the next save.
+    legacy: bool,
 }
 
 /// One shared subscription group: `$share/{name}/{filter}`.
@@ -107,6 +156,8 @@ pub struct Group {
     /// The log topics the filter can match (`None`: every topic).
     topics: Option<Vec<String>>,
     policy: Policy,
+    /// On a cluster: this node's id.
+    node: Option<u64>,
     state: Mutex<State>,
 }
 
@@ -116,9 +167,43 @@ struct Stored {
     cursors: Vec<(String, u32, u64)>,
 }
 
+/// On a cluster: one node's record of a group.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredNode {
+    version: u8,
+    cursors: Vec<(String, u32, u64)>,
+    /// The node has members of the group connected.
+    members: bool,
+    /// Renewed each second while it has.
+    beat: u64,
+}
+
+/// A stored record's key: `(group, filter, node)`, the node absent on a
+/// single node.
+fn parse_key(k: &[u8]) -> Option<(&str, &str, Option<u64>)> {
+    let (name, rest) = std::str::from_utf8(k).ok()?.split_once('\0')?;
+    match rest.split_once('\0') {
+        None => Some((name, rest, None)),
+        Some((filter, node)) => Some((name, filter, Some(node.parse().ok()?))),
+    }
+}
+
+/// Another node's record as this one has seen it.
+#[derive(Debug)]
+struct Seen {
+    members: bool,
+    beat: u64,
+    /// When its beat last moved (by this node's clock).
+    moved: Instant,
+    cursors: Vec<(String, u32, u64)>,
+}
+
 impl Group {
-    fn key(name: &str, filter: &str) -> Vec<u8> {
-        format!("{name}\0{filter}").into_bytes()
+    fn key(name: &str, filter: &str, node: Option<u64>) -> Vec<u8> {
+        match node {
+            None => format!("{name}\0{filter}").into_bytes(),
+            Some(n) => format!("{name}\0{filter}\0{n}").into_bytes(),
+        }
     }
 
     /// The group's filter (without `$share/GROUP/`).
@@ -204,8 +289,29 @@ impl Group {
         }
         let sources = self.sources(log);
         let now = super::session::now_ms();
-        for (t, p) in sources {
+        for (i, (t, p)) in sources.into_iter().enumerate() {
             let key = (t.clone(), p);
+            if let Some(me) = self.node {
+                if !Self::owns(s, me, i) {
+                    if s.owned.remove(&key) {
+                        tracing::info!(filter = %self.filter, topic = %t, partition = p, "a shared subscription group's partition goes to another node");
+                    }
+                    continue;
+                }
+                if !s.owned.contains(&key) {
+                    // Taken from the nodes that had it: from the furthest
+                    // point stored (everything before it acknowledged).
+                    if let Some(&c) = s.peer_cursors.get(&key) {
+                        let mine = s.cursors.entry(key.clone()).or_insert(c);
+                        if *mine < c {
+                            *mine = c;
+                            s.dirty = true;
+                        }
+                    }
+                    s.owned.insert(key.clone());
+                    tracing::info!(filter = %self.filter, topic = %t, partition = p, cursor = ?s.cursors.get(&key), nodes = ?s.peers_live, "a shared subscription group's partition is dispatched here");
+                }
+            }
             let cursor = match s.cursors.get(&key) {
                 Some(c) => *c,
                 // A partition the group has not seen: created after it, so
@@ -245,6 +351,22 @@ impl Group {
         }
     }
 
+    /// On a cluster: whether node `me` dispatches the `i`-th partition of
+    /// the group's topics now.
+    fn owns(s: &State, me: u64, i: usize) -> bool {
+        if s.peers_live.is_empty() {
+            return true;
+        }
+        if s.announced.is_none_or(|t| t.elapsed() < GRACE) {
+            return false;
+        }
+        let mut nodes = s.peers_live.clone();
+        nodes.push(me);
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes[i % nodes.len()] == me
+    }
+
     /// The member to give a message of `mqtt_topic` to, if one has room.
     fn pick(&self, s: &mut State, mqtt_topic: &str) -> Option<usize> {
         let n = s.members.len();
@@ -282,11 +404,14 @@ impl Group {
                 out.extend((0..info.config.partitions).map(|p| (t.clone(), p)));
             }
         }
+        // The same order on every node: a cluster's nodes share them out by it.
+        out.sort();
+        out.dedup();
         out
     }
 
     /// The durable cursors: each held back to the oldest message in flight.
-    fn stored(s: &State) -> Stored {
+    fn cursors(s: &State) -> Vec<(String, u32, u64)> {
         let mut c = s.cursors.clone();
         let held = s
             .members
@@ -298,10 +423,25 @@ impl Group {
                 *x = (*x).min(*o);
             }
         }
-        Stored {
-            version: 1,
-            cursors: c.into_iter().map(|((t, p), o)| (t, p, o)).collect(),
+        c.into_iter().map(|((t, p), o)| (t, p, o)).collect()
+    }
+
+    /// This node's record of the group, as stored.
+    fn record(&self, s: &State) -> Option<Vec<u8>> {
+        let cursors = Self::cursors(s);
+        match self.node {
+            None => postcard::to_stdvec(&Stored {
+                version: 1,
+                cursors,
+            }),
+            Some(_) => postcard::to_stdvec(&StoredNode {
+                version: 2,
+                cursors,
+                members: !s.members.is_empty(),
+                beat: s.beat,
+            }),
         }
+        .ok()
     }
 }
 
@@ -312,6 +452,10 @@ pub struct Groups {
     router: topic::Router,
     policy: Policy,
     max: usize,
+    /// On a cluster: this node's id.
+    node: Option<u64>,
+    /// On a cluster: the other nodes' records, per group and node.
+    peers: Mutex<HashMap<(String, String), BTreeMap<u64, Seen>>>,
 }
 
 impl Groups {
@@ -322,49 +466,137 @@ impl Groups {
         policy: Policy,
         max: usize,
     ) -> tributary_storage::Result<Self> {
-        let mut groups = HashMap::new();
+        let node = log.leadership().map(|l| l.borrow().node);
+        let mut groups: HashMap<(String, String), Arc<Group>> = HashMap::new();
         for (k, v) in log.meta(SHARED)? {
-            let Some((name, filter)) = std::str::from_utf8(&k)
-                .ok()
-                .and_then(|k| k.split_once('\0'))
-            else {
+            let Some((name, filter, owner)) = parse_key(&k) else {
                 continue;
             };
-            let Ok(stored) = postcard::from_bytes::<Stored>(&v) else {
+            let cursors = match owner {
+                None => postcard::from_bytes::<Stored>(&v).map(|s| s.cursors),
+                // Another node's record: read once a second (`save`).
+                Some(n) if Some(n) != node => continue,
+                Some(_) => postcard::from_bytes::<StoredNode>(&v).map(|s| s.cursors),
+            };
+            let Ok(cursors) = cursors else {
                 tracing::warn!(group = %name, "a stored shared subscription group does not decode; dropped");
                 continue;
             };
-            let state = State {
-                cursors: stored
-                    .cursors
-                    .into_iter()
-                    .map(|(t, p, o)| ((t, p), o))
-                    .collect(),
-                ..State::default()
-            };
-            groups.insert(
-                (name.to_owned(), filter.to_owned()),
-                Arc::new(Group {
-                    filter: filter.to_owned(),
-                    topics: router.sources(filter),
-                    policy,
-                    state: Mutex::new(state),
-                }),
-            );
+            let group = groups
+                .entry((name.to_owned(), filter.to_owned()))
+                .or_insert_with(|| {
+                    Arc::new(Group {
+                        filter: filter.to_owned(),
+                        topics: router.sources(filter),
+                        policy,
+                        node,
+                        state: Mutex::new(State::default()),
+                    })
+                });
+            let mut s = lock(&group.state);
+            // A record from before the node was in a cluster: rewritten as
+            // this node's at the first save.
+            s.legacy |= owner.is_none() && node.is_some();
+            for (t, p, o) in cursors {
+                let c = s.cursors.entry((t, p)).or_insert(o);
+                *c = (*c).max(o);
+            }
         }
-        Ok(Groups {
+        let groups = Groups {
             groups: Mutex::new(groups),
             router,
             policy,
             max,
-        })
+            node,
+            peers: Mutex::new(HashMap::new()),
+        };
+        groups.read_peers(log);
+        groups.apply_peers(&lock(&groups.groups));
+        Ok(groups)
+    }
+
+    /// On a cluster: reads the other nodes' records of every group.
+    fn read_peers(&self, log: &Log) {
+        let Some(me) = self.node else {
+            return;
+        };
+        let records = match log.meta(SHARED) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shared subscription groups of the other nodes");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut peers = lock(&self.peers);
+        let mut seen: HashMap<(String, String), BTreeMap<u64, Seen>> = HashMap::new();
+        for (k, v) in records {
+            let Some((name, filter, Some(n))) = parse_key(&k) else {
+                continue;
+            };
+            if n == me {
+                continue;
+            }
+            let Ok(r) = postcard::from_bytes::<StoredNode>(&v) else {
+                continue;
+            };
+            let key = (name.to_owned(), filter.to_owned());
+            let moved = match peers.get(&key).and_then(|m| m.get(&n)) {
+                Some(old) if old.beat == r.beat => old.moved,
+                _ => now,
+            };
+            seen.entry(key).or_default().insert(
+                n,
+                Seen {
+                    members: r.members,
+                    beat: r.beat,
+                    moved,
+                    cursors: r.cursors,
+                },
+            );
+        }
+        *peers = seen;
+    }
+
+    /// On a cluster: tells each group which other nodes dispatch it now and
+    /// how far they stored.
+    fn apply_peers(&self, groups: &HashMap<(String, String), Arc<Group>>) {
+        if self.node.is_none() {
+            return;
+        }
+        let peers = lock(&self.peers);
+        for (key, g) in groups {
+            let mut s = lock(&g.state);
+            let before = std::mem::take(&mut s.peers_live);
+            s.peer_cursors.clear();
+            for (&n, seen) in peers.get(key).into_iter().flatten() {
+                if seen.members && seen.moved.elapsed() < STALE {
+                    s.peers_live.push(n);
+                }
+                for (t, p, o) in &seen.cursors {
+                    let c = s.peer_cursors.entry((t.clone(), *p)).or_insert(*o);
+                    *c = (*c).max(*o);
+                }
+            }
+            if s.peers_live != before {
+                // The partitions change hands: a dispatch pass now, not at
+                // the next record.
+                for m in &s.members {
+                    m.notify.notify_one();
+                }
+            }
+        }
     }
 
     /// The group of `$share/name/filter`, created (starting at the end of
     /// the log) when new; `None` when `max_shared_groups` are in use.
     pub fn hold(&self, log: &Log, name: &str, filter: &str, client: &str) -> Option<Arc<Group>> {
-        let mut groups = lock(&self.groups);
         let key = (name.to_owned(), filter.to_owned());
+        if self.node.is_some() && !lock(&self.groups).contains_key(&key) {
+            // Another node may have the group already: it goes on from there.
+            self.read_peers(log);
+        }
+        let mut groups = lock(&self.groups);
         let group = match groups.get(&key) {
             Some(g) => g.clone(),
             None => {
@@ -375,18 +607,25 @@ impl Groups {
                     filter: filter.to_owned(),
                     topics: self.router.sources(filter),
                     policy: self.policy,
+                    node: self.node,
                     state: Mutex::new(State::default()),
                 });
+                groups.insert(key, g.clone());
+                self.apply_peers(&groups);
                 {
                     let mut s = lock(&g.state);
                     for (t, p) in g.sources(log) {
-                        if let Ok((_, end)) = log.offsets(&t, p) {
-                            s.cursors.insert((t, p), end);
-                        }
+                        let from = match s.peer_cursors.get(&(t.clone(), p)) {
+                            Some(&c) => c,
+                            None => match log.offsets(&t, p) {
+                                Ok((_, end)) => end,
+                                Err(_) => continue,
+                            },
+                        };
+                        s.cursors.insert((t, p), from);
                     }
                     s.dirty = true;
                 }
-                groups.insert(key, g.clone());
                 g
             }
         };
@@ -416,18 +655,44 @@ impl Groups {
 
     /// Stores moved cursors and forgets groups nobody holds (once a second).
     pub async fn save(&self, log: &Log) {
+        self.read_peers(log);
+        let node = self.node;
         let mut entries = Vec::new();
         {
             let mut groups = lock(&self.groups);
+            self.apply_peers(&groups);
             groups.retain(|(name, filter), g| {
                 let mut s = lock(&g.state);
+                if s.legacy {
+                    entries.push((Group::key(name, filter, None), None));
+                    s.legacy = false;
+                    s.dirty = true;
+                }
                 if s.holders.is_empty() && s.members.is_empty() {
-                    entries.push((Group::key(name, filter), None));
+                    entries.push((Group::key(name, filter, node), None));
                     return false;
                 }
+                if node.is_some() {
+                    // The beat that tells the other nodes this one is
+                    // dispatching; its end, when the last member left.
+                    if !s.members.is_empty() {
+                        s.beat += 1;
+                        s.dirty = true;
+                        let since = *s.announced.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= GRACE && !std::mem::replace(&mut s.settled, true) {
+                            // Its share is this node's now: a dispatch pass.
+                            for m in &s.members {
+                                m.notify.notify_one();
+                            }
+                        }
+                    } else if s.announced.take().is_some() {
+                        s.settled = false;
+                        s.dirty = true;
+                    }
+                }
                 if std::mem::take(&mut s.dirty) {
-                    if let Ok(v) = postcard::to_stdvec(&Group::stored(&s)) {
-                        entries.push((Group::key(name, filter), Some(v)));
+                    if let Some(v) = g.record(&s) {
+                        entries.push((Group::key(name, filter, node), Some(v)));
                     }
                 }
                 true
@@ -470,5 +735,39 @@ mod tests {
         ] {
             assert_eq!(parse(bad), Some(Err(())), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_record_key_names_its_node_on_a_cluster_only() {
+        for node in [None, Some(3)] {
+            let k = Group::key("g", "a/#", node);
+            assert_eq!(parse_key(&k), Some(("g", "a/#", node)));
+        }
+        assert_eq!(parse_key(b"g\0a\0x"), None, "a node id is a number");
+        assert_eq!(parse_key(b"no-separator"), None);
+    }
+
+    #[test]
+    fn the_nodes_with_members_share_the_partitions_out_after_the_grace() {
+        let mut s = State::default();
+        // Alone: every partition.
+        assert!((0..4).all(|i| Group::owns(&s, 2, i)));
+        // Another node dispatches and this one has not announced long
+        // enough: none.
+        s.peers_live = vec![1];
+        s.announced = Some(Instant::now());
+        assert!((0..4).all(|i| !Group::owns(&s, 2, i)));
+        // After the grace: every other one, in the order of the node ids,
+        // as node 1 sees it too.
+        s.announced = Instant::now().checked_sub(GRACE);
+        let mine: Vec<usize> = (0..4).filter(|&i| Group::owns(&s, 2, i)).collect();
+        assert_eq!(mine, [1, 3]);
+        let theirs = State {
+            peers_live: vec![2],
+            announced: Instant::now().checked_sub(GRACE),
+            ..State::default()
+        };
+        let other: Vec<usize> = (0..4).filter(|&i| Group::owns(&theirs, 1, i)).collect();
+        assert_eq!(other, [0, 2]);
     }
 }
