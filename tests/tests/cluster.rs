@@ -2098,8 +2098,14 @@ async fn an_mqtt_session_follows_its_client_across_nodes() {
 
 /// Polls `el` in the background, keeping every payload that comes (its
 /// client acknowledges each); reconnects after a failure.
-fn mqtt_collect(
+fn mqtt_collect(el: rumqttc::EventLoop) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    mqtt_collect_as(el, |p| String::from_utf8_lossy(&p.payload).into_owned())
+}
+
+/// [`mqtt_collect`], keeping what `keep` makes of each message.
+fn mqtt_collect_as(
     mut el: rumqttc::EventLoop,
+    keep: fn(&rumqttc::Publish) -> String,
 ) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
     let got = Arc::new(Mutex::new(Vec::new()));
     let into = got.clone();
@@ -2107,8 +2113,7 @@ fn mqtt_collect(
         loop {
             match el.poll().await {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    let v = String::from_utf8_lossy(&p.payload).into_owned();
-                    into.lock().unwrap().push(v);
+                    into.lock().unwrap().push(keep(&p));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -2236,6 +2241,78 @@ async fn a_shared_subscription_across_nodes_delivers_each_message_to_one_member(
     for t in tasks {
         t.abort();
     }
+}
+
+/// Delayed MQTT wills outlive their node: a client with a will delayed 2 s
+/// drops its connection to a follower, which is killed -9 before the will
+/// is due; the leader publishes it once that node has let it pass
+/// (`wills::ORPHANED`). Another client drops its connection to a follower
+/// and comes back through the leader before its delay: its will is void,
+/// and the follower that held it does not publish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_outlives_its_node_and_is_void_when_its_client_is_back_elsewhere() {
+    use common::mqtt5::{connect_v5_session, raw_connect};
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    // A core creates no topics for producers: the one wills go to.
+    let (s, body) = common::post(
+        &client(),
+        &format!("{}/v1/topics", cluster.url(leader)),
+        &json!({"name": "wills", "partitions": 1}),
+    )
+    .await;
+    assert!(s == 200 || s == 201, "create: {s} {body}");
+    let (b, c) = ((leader + 1) % 3, (leader + 2) % 3);
+    let (watcher, mut el) = mqtt_client(&cluster, leader, "will-watch");
+    mqtt_connack(&mut el).await;
+    watcher
+        .subscribe("wills/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let (wills, task) = mqtt_collect_as(el, |p| p.topic.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mqtt = |i: usize| cluster.nodes[i].as_ref().expect("running").mqtt;
+
+    // Back through the leader 0.5 s after leaving node c, before its 3 s.
+    let (s, ack) = raw_connect(mqtt(c), &connect_v5_session("returner", 10, 300, Some(3))).await;
+    assert_eq!(ack[3], 0, "connected");
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (back, ack) =
+        raw_connect(mqtt(leader), &connect_v5_session("returner", 10, 300, None)).await;
+    assert_eq!((ack[0], ack[3]), (0x20, 0), "back");
+
+    // Left on node b, which dies before the will is due.
+    let (s, ack) = raw_connect(mqtt(b), &connect_v5_session("leaver", 10, 300, Some(2))).await;
+    assert_eq!(ack[3], 0, "connected");
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.kill(b);
+    let left = Instant::now();
+    let deadline = left + Duration::from_secs(45);
+    while !wills.lock().unwrap().iter().any(|t| t == "wills/leaver") {
+        assert!(
+            Instant::now() < deadline,
+            "the will of a client of the killed node never came: {:?}",
+            wills.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "the dead node's will came {:?} after the kill",
+        left.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = wills.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        ["wills/leaver"],
+        "the dead node's will once, and none for the client that came back"
+    );
+    drop(back);
+    task.abort();
 }
 
 /// How long the nodes of a shared subscription take to share its

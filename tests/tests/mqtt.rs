@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use common::mqtt5::{connect_v5_session, raw_connect};
 use common::{client, get, post, InProcessNode};
 use rumqttc::mqttbytes::v4 as raw4;
 use rumqttc::v5::mqttbytes::v5 as raw5;
@@ -485,17 +486,6 @@ async fn a_will_is_published_on_an_ungraceful_disconnect_only() {
     node.stop().await;
 }
 
-async fn raw_connect(addr: std::net::SocketAddr, connect: &[u8]) -> (TcpStream, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(connect).await.expect("write");
-    let mut ack = vec![0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
-        .await
-        .expect("connack in time")
-        .expect("connack");
-    (s, ack)
-}
-
 fn connect_v4(id: &str, keep_alive: u16) -> Vec<u8> {
     let mut c = raw4::Connect::new(id);
     c.keep_alive = keep_alive;
@@ -718,46 +708,6 @@ async fn read_publishes5(
 
 fn connect_v5_persistent(id: &str, receive_max: u16) -> Vec<u8> {
     connect_v5_session(id, receive_max, 300, None)
-}
-
-/// v5 CONNECT with clean start off, a session expiry, and optionally a will
-/// on `wills/<id>` with a delay.
-fn connect_v5_session(id: &str, receive_max: u16, expiry: u32, will_delay: Option<u32>) -> Vec<u8> {
-    let will = will_delay.map(|d| raw5::LastWill {
-        topic: bytes::Bytes::from(format!("wills/{id}")),
-        message: bytes::Bytes::from_static(b"gone"),
-        qos: rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        retain: false,
-        properties: Some(raw5::LastWillProperties {
-            delay_interval: Some(d),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-        }),
-    });
-    let mut b = BytesMut::new();
-    raw5::Connect {
-        keep_alive: 30,
-        client_id: id.into(),
-        clean_start: false,
-        properties: Some(raw5::ConnectProperties {
-            session_expiry_interval: Some(expiry),
-            receive_maximum: Some(receive_max),
-            max_packet_size: None,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
-        }),
-    }
-    .write(&will, &None, &mut b)
-    .expect("encode");
-    b.to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,3 +121,51 @@ fn every_pubacked_message_survives_kill_9() {
         assert_eq!(acks, [0x20, 0x02, 0x00, 0x00, 0x40, 0x02, 0x00, 0x01]);
     });
 }
+
+/// A delayed will outlives a kill -9 of its node (MQTT 5 section 3.1.2.5
+/// lets a server that failed publish it at its restart): the client drops
+/// its connection, the node is killed before the will is due and stays
+/// down past it; started again, it publishes the will, once. Before, the
+/// will lived in memory only and was lost.
+#[test]
+fn a_delayed_will_outlives_a_kill_9_of_its_node() {
+    use common::mqtt5::{connect_v5_session, raw_connect};
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = ChildNode::start(dir.path(), &[]);
+    rt.block_on(async {
+        let (s, ack) =
+            raw_connect(node.mqtt, &connect_v5_session("leaver", 10, 300, Some(2))).await;
+        assert_eq!((ack[0], ack[3]), (0x20, 0), "connected");
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            common::stored_values(&node.url, "wills").await.is_empty(),
+            "the will came before its delay"
+        );
+    });
+    node.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let node = ChildNode::start(dir.path(), &[]);
+    rt.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let wills = common::stored_values(&node.url, "wills").await;
+            if !wills.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the will never came after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let wills = common::stored_values(&node.url, "wills").await;
+        assert_eq!(
+            wills.into_iter().collect::<Vec<_>>(),
+            [(b"gone".to_vec(), 1)],
+            "published once"
+        );
+    });
+}

@@ -26,6 +26,7 @@ mod session;
 pub mod shared;
 mod sys;
 pub mod topic;
+pub mod wills;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -219,6 +220,10 @@ impl Server {
             what: "MQTT sessions",
             error,
         })?;
+        sessions.load_wills(&cx.log).map_err(|error| Error::Load {
+            what: "delayed MQTT wills",
+            error,
+        })?;
         let retained = cx
             .log
             .meta(session::RETAINED)
@@ -294,6 +299,18 @@ impl Server {
     /// ACL it connected with may have narrowed since (a PATCH, a disable, a
     /// rotated token), and a will must not pass where a publish would not.
     async fn publish_will(&self, identity: &Identity, will: codec::Will) {
+        self.publish_will_through(&self.cx.log, identity, will)
+            .await;
+    }
+
+    /// [`Server::publish_will`] through `log`: a handle whose writes are
+    /// refused once a stored will has changed ([`wills::take`]).
+    async fn publish_will_through(
+        &self,
+        log: &tributary_storage::Log,
+        identity: &Identity,
+        will: codec::Will,
+    ) {
         let auth = &self.cx.auth;
         if !auth.still_valid(identity)
             || !auth
@@ -317,7 +334,7 @@ impl Server {
             &will.props,
             None,
         );
-        match ingest::append_topic(&self.cx.log, &log_topic, vec![record]).await {
+        match ingest::append_topic(log, &log_topic, vec![record]).await {
             Ok(_) => {
                 if will.retain {
                     if let Err(e) = self

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_storage::{Error as LogError, Guard, Log};
 
 use super::codec::{MsgProps, PublishOut, Will};
-use super::{Server, Slot, Slots};
+use super::{wills, Server, Slot, Slots};
 use tributary_devices::auth::Identity;
 
 /// Metadata space of persistent sessions.
@@ -356,6 +356,8 @@ pub struct PendingWill {
     pub will: Will,
     /// When to publish it.
     pub due: Instant,
+    /// As stored in `mqtt.wills` (`None` when it could not be stored).
+    pub stored: Option<Vec<u8>>,
 }
 
 /// Every session of the node.
@@ -408,6 +410,55 @@ impl SessionStore {
         })
     }
 
+    /// Takes in this node's stored wills (`mqtt.wills`): each waits in its
+    /// session's slot until it is due, or is published at the first sweep
+    /// when it fell due while the node was down or its session is gone.
+    pub fn load_wills(&self, log: &Log) -> tributary_storage::Result<()> {
+        let node = log.leadership().map_or(0, |l| l.borrow().node);
+        let now = Instant::now();
+        let now_ms = tributary_storage::util::now_ms();
+        let mut slots = self.lock();
+        let mut loaded = 0;
+        for (k, v) in log.meta(wills::WILLS)? {
+            let Ok(client_id) = String::from_utf8(k) else {
+                continue;
+            };
+            let Some(stored) = wills::Stored::decode(&v) else {
+                tracing::warn!(%client_id, "a stored will does not decode; dropped");
+                continue;
+            };
+            if stored.node != node {
+                continue;
+            }
+            let wait = u64::try_from(i64::try_from(stored.due_ms).unwrap_or(i64::MAX) - now_ms)
+                .unwrap_or(0);
+            let (identity, will) = stored.will();
+            let slot = slots.entry(client_id).or_insert_with(|| {
+                // Its session is gone: the will is published at once.
+                let (_, released) = watch::channel(true);
+                Slot {
+                    owner: None,
+                    kick: CancellationToken::new(),
+                    released,
+                    expires: Some(now),
+                    parked: None,
+                    will: None,
+                }
+            });
+            slot.will = Some(PendingWill {
+                identity,
+                will,
+                due: now + Duration::from_millis(wait),
+                stored: Some(v),
+            });
+            loaded += 1;
+        }
+        if loaded > 0 {
+            tracing::info!(wills = loaded, "delayed MQTT wills loaded");
+        }
+        Ok(())
+    }
+
     /// Number of sessions (online and offline).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -436,6 +487,7 @@ pub fn expiry_deadline(expiry: u32) -> Option<Instant> {
 pub async fn sweeper(broker: Arc<Server>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             () = broker.cx.shutdown.cancelled() => return,
@@ -443,6 +495,49 @@ pub async fn sweeper(broker: Arc<Server>) {
         }
         sweep(&broker, Instant::now()).await;
         broker.shared.save(&broker.cx.log).await;
+        ticks += 1;
+        if ticks.is_multiple_of(5) {
+            adopt_wills(&broker).await;
+        }
+    }
+}
+
+/// On a cluster's leader: publishes the stored wills that their nodes have
+/// not published [`wills::ORPHANED`] after they were due (those nodes are
+/// down; one that comes back finds them gone).
+async fn adopt_wills(broker: &Server) {
+    let log = &broker.cx.log;
+    let Some(leadership) = log.leadership() else {
+        return;
+    };
+    let (node, leads) = {
+        let l = leadership.borrow();
+        (l.node, l.leads())
+    };
+    if !leads {
+        return;
+    }
+    let Ok(stored) = log.meta(wills::WILLS) else {
+        return;
+    };
+    let late = tributary_storage::util::now_ms()
+        - i64::try_from(wills::ORPHANED.as_millis()).unwrap_or(i64::MAX);
+    for (k, v) in stored {
+        let Ok(client) = String::from_utf8(k) else {
+            continue;
+        };
+        let Some(s) = wills::Stored::decode(&v) else {
+            continue;
+        };
+        if s.node == node || i64::try_from(s.due_ms).unwrap_or(i64::MAX) > late {
+            continue;
+        }
+        if let Some(taken) = wills::take(log, &client, &v, node).await {
+            tracing::info!(%client, node = s.node, "publishing a delayed will its node did not publish");
+            let (identity, will) = s.will();
+            broker.publish_will_through(&taken, &identity, will).await;
+            wills::published(&taken, &client).await;
+        }
     }
 }
 
@@ -457,7 +552,7 @@ async fn sweep(broker: &Server, now: Instant) {
             }
             let ends = slot.expires.is_some_and(|e| e <= now);
             if let Some(w) = slot.will.take_if(|w| w.due <= now || ends) {
-                wills.push((w.identity, w.will));
+                wills.push((id.clone(), w));
             }
             if ends {
                 if let Some(s) = &slot.parked {
@@ -473,8 +568,21 @@ async fn sweep(broker: &Server, now: Instant) {
             true
         });
     }
-    for (identity, w) in wills {
-        broker.publish_will(&identity, w).await;
+    let log = &broker.cx.log;
+    let node = log.leadership().map_or(0, |l| l.borrow().node);
+    for (client, w) in wills {
+        let Some(read) = w.stored else {
+            broker.publish_will(&w.identity, w.will).await;
+            continue;
+        };
+        // Published only while the stored will is as this node left it:
+        // not when the client came back on another node.
+        if let Some(taken) = wills::take(log, &client, &read, node).await {
+            broker
+                .publish_will_through(&taken, &w.identity, w.will)
+                .await;
+            wills::published(&taken, &client).await;
+        }
     }
     // On a cluster each removal carries its session's claim: a session
     // taken over on another node since is not this node's to remove.

@@ -4,6 +4,7 @@
 
 pub mod crash;
 pub mod kafka;
+pub mod mqtt5;
 pub mod reference;
 
 use std::io::{BufRead, BufReader};

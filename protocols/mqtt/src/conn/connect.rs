@@ -15,7 +15,7 @@ use crate::codec::{self, reason, ConnAckProps, ConnectIn, In, Out, Version};
 use crate::session::{self, Session};
 use crate::Error;
 use crate::Refusal;
-use crate::{topic, Server, Slot};
+use crate::{topic, wills, Server, Slot};
 use tributary_devices::auth::{self, Action, Credentials, Identity};
 use tributary_frontend::budget::{MemoryBudget, Reserved, WAIT_FOR_ROOM};
 use tributary_frontend::Peer;
@@ -249,6 +249,7 @@ pub(super) async fn accept(
     };
     let kick = CancellationToken::new();
     let (released_tx, released_rx) = watch::channel(false);
+    let had_will;
     let (session, present, stale) = {
         let mut slots = broker.sessions.lock();
         if !slots.contains_key(&client_id) && slots.len() >= broker.config.max_sessions {
@@ -268,6 +269,7 @@ pub(super) async fn accept(
             },
         );
         // A pending delayed will is dropped: the client is back (MQTT-3.1.3-9).
+        had_will = old.as_ref().is_some_and(|o| o.will.is_some());
         let parked = old.and_then(|o| {
             if let Some(k) = o.owner {
                 tracing::warn!(%client_id, previous = k, "the previous connection did not release its session in time");
@@ -316,6 +318,13 @@ pub(super) async fn accept(
             broker.sessions.lock().remove(&client_id);
             refuse(reason::SERVER_UNAVAILABLE, Refusal::LogUnwritable, out);
             return None;
+        }
+    }
+    // Its stored copy too, wherever it was left: on a cluster the client
+    // may have left it on another node, which then finds it gone.
+    if had_will || broker.cx.log.is_replicated() {
+        if let Err(e) = wills::cancel(&broker.cx.log, &client_id).await {
+            tracing::warn!(%client_id, error = %e, "cannot remove the stored will of a client that is back");
         }
     }
     let granted_expiry = (c.version == Version::V5 && expiry != c.session_expiry).then_some(expiry);

@@ -37,7 +37,7 @@ use self::deliver::Tails;
 use self::inbound::{Acked, Batch};
 use super::codec::{self, reason, ConnAckProps, Out, Version, Will};
 use super::session::{self, PendingWill, Session};
-use super::Server;
+use super::{wills, Server};
 use crate::Refusal;
 use tributary_devices::auth::{Action, Identity};
 use tributary_frontend::{wait, Peer};
@@ -474,6 +474,40 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
         }
     }
 
+    /// Stores the delayed will this connection left in its slot, so that it
+    /// outlives the node ([`wills`]). Not stored, it waits in memory alone.
+    async fn store_will(&self, stored: Vec<u8>) {
+        let log = &self.broker.cx.log;
+        let ours = |w: &PendingWill| w.stored.as_deref() == Some(stored.as_slice());
+        if let Err(e) = wills::store(log, &self.client_id, stored.clone()).await {
+            tracing::warn!(client_id = %self.client_id, error = %e, "cannot store a delayed will; it waits in memory only");
+            let mut slots = self.broker.sessions.lock();
+            if let Some(w) = slots
+                .get_mut(&self.client_id)
+                .and_then(|s| s.will.as_mut())
+                .filter(|w| ours(w))
+            {
+                w.stored = None;
+            }
+            return;
+        }
+        // The client may have come back while it was being stored: its new
+        // connection dropped the will, and maybe looked for it before it
+        // was there.
+        let pending = self
+            .broker
+            .sessions
+            .lock()
+            .get(&self.client_id)
+            .and_then(|s| s.will.as_ref())
+            .is_some_and(ours);
+        if !pending {
+            if let Err(e) = wills::withdraw(log, &self.client_id, stored).await {
+                tracing::warn!(client_id = %self.client_id, error = %e, "cannot remove a void will");
+            }
+        }
+    }
+
     /// On a cluster: whether a connection to another node claimed the
     /// session since this one did.
     fn claim_lost(&self) -> bool {
@@ -582,6 +616,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
             }
         }
         let mut now_will = None;
+        let mut store_will = None;
         {
             let mut slots = self.broker.sessions.lock();
             let mine = slots
@@ -602,10 +637,27 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                     match will {
                         Some(w) if w.delay > 0 => {
                             let delay = Duration::from_secs(u64::from(w.delay.min(expiry)));
+                            let due_ms = tributary_storage::util::now_ms()
+                                .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(0));
+                            let node = self
+                                .broker
+                                .cx
+                                .log
+                                .leadership()
+                                .map_or(0, |l| l.borrow().node);
+                            let stored = wills::Stored::new(
+                                node,
+                                u64::try_from(due_ms).unwrap_or(0),
+                                &self.identity,
+                                &w,
+                            )
+                            .encode();
+                            store_will = Some(stored.clone());
                             slot.will = Some(PendingWill {
                                 identity: self.identity.clone(),
                                 will: w,
                                 due: Instant::now() + delay,
+                                stored: Some(stored),
                             });
                         }
                         w => now_will = w,
@@ -616,6 +668,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                 // (MQTT-3.1.3-9); one without delay is published now.
                 now_will = will.filter(|w| w.delay == 0);
             }
+        }
+        if let Some(stored) = store_will {
+            self.store_will(stored).await;
         }
         let _ = released.send(true);
         if let Some(w) = now_will {
