@@ -645,6 +645,25 @@ impl Coordinator {
         }
     }
 
+    /// A plain commit (the HTTP API; a consumer outside the group
+    /// protocol): refused with [`GroupError::UnknownMemberId`] while the
+    /// group has members. Where this node coordinates (a single node, a
+    /// cluster's leader) it is checked against the members and written
+    /// under the groups' claim, as OffsetCommit is; on a follower it is
+    /// checked against the leader's list of groups with members
+    /// ([`Coordinator::has_members`]) and written plainly.
+    pub async fn commit_plain(
+        &self,
+        group: &str,
+        offsets: Vec<GroupOffset>,
+    ) -> Result<Result<(), tributary_storage::Error>, GroupError> {
+        match self.coordinating() {
+            Ok(()) => self.commit(group, -1, "", None, offsets, Vec::new()).await,
+            Err(_) if self.has_members(group) => Err(GroupError::UnknownMemberId),
+            Err(_) => Ok(self.inner.log.commit_offsets(group, offsets).await),
+        }
+    }
+
     /// Whether `member_id` at `generation` may commit `group`'s offsets now
     /// (OffsetCommit; TxnOffsetCommit v3+ asks it too, so a consumer fenced
     /// by a rebalance cannot commit through a transaction either).

@@ -612,6 +612,11 @@ async fn a_leader_that_was_replaced_cannot_move_a_position() {
     .await
     .expect("node 2's claim");
     assert_eq!(commit(2).await.err(), Some(GroupError::NotCoordinator));
+    // The HTTP API's plain commit too.
+    assert_eq!(
+        c.commit_plain("g", at(2)).await.err(),
+        Some(GroupError::NotCoordinator)
+    );
     assert_eq!(c.delete("g").await.err(), Some(GroupError::NotCoordinator));
     assert_eq!(
         c.delete_offsets("g", vec![("t".into(), 0)]).await.err(),

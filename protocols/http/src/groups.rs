@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use tributary_devices::auth::Action;
-use tributary_groups::{consumer_assignment, GroupView};
+use tributary_groups::{consumer_assignment, GroupError, GroupView};
 use tributary_storage::GroupOffset;
 
 use crate::auth::{self, Caller};
@@ -55,15 +55,6 @@ pub(crate) async fn commit_offsets(
     }
     let who = caller.identity()?;
     auth::allow(&state, who, Action::Subscribe, &auth::group_subject(&group))?;
-    if state.cx.groups.has_members(&group) {
-        // Kafka refuses this too: it would move the members' positions
-        // under them.
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "group_has_members",
-            format!("group {group:?} has members: they commit their own positions"),
-        ));
-    }
     for o in &req.offsets {
         auth::allow(&state, who, Action::Subscribe, &auth::whole_topic(&o.topic))?;
     }
@@ -76,7 +67,29 @@ pub(crate) async fn commit_offsets(
             offset: o.offset,
         })
         .collect();
-    state.cx.log.commit_offsets(&group, offsets).await?;
+    match state.cx.groups.commit_plain(&group, offsets).await {
+        Ok(written) => written?,
+        // Kafka refuses this too: it would move the members' positions
+        // under them.
+        Err(GroupError::UnknownMemberId) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "group_has_members",
+                format!("group {group:?} has members: they commit their own positions"),
+            ))
+        }
+        Err(GroupError::InvalidGroupId) => {
+            return Err(ApiError::bad_request(format!("invalid group id {group:?}")))
+        }
+        // On a cluster: the leader changed meanwhile.
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("group {group:?}: {e}; try again"),
+            ))
+        }
+    }
     let mut all = state.cx.log.group_offsets(&group)?;
     all.retain(|o| state.cx.auth.may_see(who, &o.topic));
     Ok(Json(offsets_json(&group, &all)))
