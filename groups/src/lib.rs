@@ -256,6 +256,12 @@ pub const CLAIM_KEY: &[u8] = b"groups";
 /// a plain commit to such a group, as the leader's does).
 pub const ACTIVE_SPACE: &str = "__groups_active";
 
+/// The metadata space that keeps each group's protocol type (`consumer`,
+/// `connect`) once its members commit, so that DescribeGroups and
+/// ListGroups give it after every member has left, as Kafka does (a
+/// client takes a group without one for a simple consumer's).
+pub const TYPE_SPACE: &str = "__groups_type";
+
 /// How often the leader brings that list up to date.
 const PUBLISH: Duration = Duration::from_secs(1);
 
@@ -641,8 +647,43 @@ impl Coordinator {
         match writer.commit_offsets_with(group, offsets, metadata).await {
             // Another node claimed the groups since: it coordinates now.
             Err(tributary_storage::Error::Superseded(_)) => Err(GroupError::NotCoordinator),
+            Ok(()) if generation >= 0 => {
+                self.remember_type(group, &writer).await;
+                Ok(Ok(()))
+            }
             other => Ok(other),
         }
+    }
+
+    /// Stores the protocol type of `group`'s members, the first time they
+    /// commit (and again if it changed).
+    async fn remember_type(&self, group: &str, writer: &Log) {
+        let Some(kind) = self
+            .lock()
+            .get(group)
+            .and_then(|g| g.protocol_type.clone())
+            .filter(|t| !t.is_empty())
+        else {
+            return;
+        };
+        if self.stored_type(group) == kind {
+            return;
+        }
+        let entry = vec![(group.as_bytes().to_vec(), Some(kind.into_bytes()))];
+        if let Err(e) = writer.put_meta(TYPE_SPACE, entry).await {
+            tracing::warn!(%group, error = %e, "cannot store a group's protocol type");
+        }
+    }
+
+    /// The protocol type stored for `group` (empty: none).
+    fn stored_type(&self, group: &str) -> String {
+        self.inner
+            .log
+            .meta_get(TYPE_SPACE, group.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default()
     }
 
     /// A plain commit (the HTTP API; a consumer outside the group
@@ -715,7 +756,7 @@ impl Coordinator {
         }
         drop(groups);
         let offsets = self.inner.log.group_offsets(group).ok()?;
-        (!offsets.is_empty()).then(|| empty_view(group))
+        (!offsets.is_empty()).then(|| empty_view(group, self.stored_type(group)))
     }
 
     /// Every group: those with members and those with committed offsets.
@@ -726,7 +767,8 @@ impl Coordinator {
         };
         for name in self.inner.log.group_names().unwrap_or_default() {
             if !out.iter().any(|g| g.name == name) {
-                out.push(empty_view(&name));
+                let kind = self.stored_type(&name);
+                out.push(empty_view(&name, kind));
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -741,11 +783,15 @@ impl Coordinator {
             return Err(GroupError::NonEmptyGroup);
         }
         self.require_positions(group)?;
-        self.writer()
-            .await?
-            .forget_group(group)
-            .await
-            .map_err(write_refused)?;
+        let writer = self.writer().await?;
+        writer.forget_group(group).await.map_err(write_refused)?;
+        if !self.stored_type(group).is_empty() {
+            let entry = vec![(group.as_bytes().to_vec(), None)];
+            writer
+                .put_meta(TYPE_SPACE, entry)
+                .await
+                .map_err(write_refused)?;
+        }
         let mut groups = self.lock();
         if groups.get(group).is_some_and(Group::is_empty) {
             groups.remove(group);
@@ -852,11 +898,11 @@ fn view(name: &str, g: &Group) -> GroupView {
     }
 }
 
-fn empty_view(name: &str) -> GroupView {
+fn empty_view(name: &str, protocol_type: String) -> GroupView {
     GroupView {
         name: name.to_owned(),
         state: State::Empty,
-        protocol_type: String::new(),
+        protocol_type,
         protocol: String::new(),
         generation: 0,
         leader: String::new(),

@@ -304,7 +304,23 @@ async fn leaving_rebalances_and_only_an_empty_group_is_deleted() {
     assert!(answers.iter().all(Result::is_ok));
     assert_eq!(c.member_count(), 0);
     assert_eq!(c.describe("g").map(|v| v.state), Some(State::Empty));
+    // Once the emptied group has left memory, its protocol type is still
+    // given (as Kafka gives it: the group is not a simple consumer's).
+    c.tick(tokio::time::Instant::now());
+    let described = c.describe("g").expect("positions");
+    assert_eq!(
+        (described.state, described.protocol_type.as_str()),
+        (State::Empty, "consumer")
+    );
+    assert_eq!(
+        c.list()
+            .iter()
+            .map(|v| (v.name.as_str(), v.protocol_type.as_str()))
+            .collect::<Vec<_>>(),
+        [("g", "consumer")]
+    );
     c.delete("g").await.expect("deleted");
+    assert_eq!(c.log().meta_get(TYPE_SPACE, b"g").expect("meta"), None);
     assert!(c.describe("g").is_none());
     assert!(c.log().group_offsets("g").expect("offsets").is_empty());
     assert_eq!(c.delete("g").await, Err(GroupError::GroupIdNotFound));

@@ -611,17 +611,52 @@ async fn sweep(broker: &Server, now: Instant) {
     }
 }
 
-/// A retained message as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Retained {
-    payload: Vec<u8>,
-    qos: u8,
+/// A message's MQTT 5 properties as stored (retained messages, delayed
+/// wills).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredProps {
     payload_format: Option<u8>,
     expiry: Option<u32>,
     content_type: Option<String>,
     response_topic: Option<String>,
     correlation: Option<Vec<u8>>,
     user: Vec<(String, String)>,
+}
+
+impl StoredProps {
+    /// The stored form of `props`.
+    pub fn new(props: &MsgProps) -> Self {
+        StoredProps {
+            payload_format: props.payload_format,
+            expiry: props.expiry,
+            content_type: props.content_type.clone(),
+            response_topic: props.response_topic.clone(),
+            correlation: props.correlation.as_ref().map(|c| c.to_vec()),
+            user: props.user.clone(),
+        }
+    }
+
+    /// The properties again.
+    pub fn props(self) -> MsgProps {
+        MsgProps {
+            payload_format: self.payload_format,
+            expiry: self.expiry,
+            content_type: self.content_type,
+            response_topic: self.response_topic,
+            correlation: self.correlation.map(Bytes::from),
+            user: self.user,
+        }
+    }
+}
+
+/// A retained message as stored. (postcard writes a nested struct as its
+/// fields in order: the properties nested here are the same bytes as the
+/// fields that were written here one by one before.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Retained {
+    payload: Vec<u8>,
+    qos: u8,
+    props: StoredProps,
     stored_ms: i64,
 }
 
@@ -631,12 +666,7 @@ impl Retained {
         Retained {
             payload: payload.to_vec(),
             qos,
-            payload_format: props.payload_format,
-            expiry: props.expiry,
-            content_type: props.content_type.clone(),
-            response_topic: props.response_topic.clone(),
-            correlation: props.correlation.as_ref().map(|c| c.to_vec()),
-            user: props.user.clone(),
+            props: StoredProps::new(props),
             stored_ms: now_ms(),
         }
     }
@@ -669,13 +699,13 @@ impl Retained {
     pub fn load(log: &Log, topic: &str) -> Option<PublishOut> {
         let v = log.meta_get(RETAINED, topic.as_bytes()).ok()??;
         let r = postcard::from_bytes::<Retained>(&v).ok()?;
-        let mut expiry = r.expiry;
-        if let Some(e) = r.expiry {
+        let mut props = r.props.props();
+        if let Some(e) = props.expiry {
             let left = i64::from(e) - (now_ms() - r.stored_ms) / 1000;
             if left <= 0 {
                 return None;
             }
-            expiry = Some(left as u32);
+            props.expiry = Some(left as u32);
         }
         Some(PublishOut {
             topic: topic.to_owned(),
@@ -685,17 +715,50 @@ impl Retained {
             dup: false,
             pkid: 0,
             payload: Bytes::from(r.payload),
-            props: MsgProps {
-                payload_format: r.payload_format,
-                expiry,
-                content_type: r.content_type,
-                response_topic: r.response_topic,
-                correlation: r.correlation.map(Bytes::from),
-                user: r.user,
-            },
+            props,
             sub_ids: Vec::new(),
         })
     }
 }
 
 pub(super) use tributary_storage::util::now_ms;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retained_message_stored_with_flat_properties_still_reads() {
+        // The layout before the properties were one nested struct.
+        #[derive(Serialize)]
+        struct Flat {
+            payload: Vec<u8>,
+            qos: u8,
+            payload_format: Option<u8>,
+            expiry: Option<u32>,
+            content_type: Option<String>,
+            response_topic: Option<String>,
+            correlation: Option<Vec<u8>>,
+            user: Vec<(String, String)>,
+            stored_ms: i64,
+        }
+        let flat = Flat {
+            payload: b"p".to_vec(),
+            qos: 1,
+            payload_format: Some(1),
+            expiry: None,
+            content_type: Some("text/plain".into()),
+            response_topic: Some("r".into()),
+            correlation: Some(b"c".to_vec()),
+            user: vec![("k".into(), "v".into())],
+            stored_ms: 7,
+        };
+        let bytes = postcard::to_stdvec(&flat).expect("encode");
+        let r: Retained = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(r.stored_ms, 7);
+        let props = r.props.clone().props();
+        assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(props.user, [("k".to_owned(), "v".to_owned())]);
+        assert_eq!(r.encode(), bytes, "and writes the same bytes");
+    }
+}

@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use tributary_devices::auth::Identity;
 use tributary_storage::{Guard, Log, Result as LogResult};
 
-use super::codec::{MsgProps, Will};
+use super::codec::Will;
+use super::session::StoredProps;
 
 /// Metadata space of delayed wills.
 pub const WILLS: &str = "mqtt.wills";
@@ -50,12 +51,7 @@ pub struct Stored {
     qos: u8,
     retain: bool,
     delay: u32,
-    payload_format: Option<u8>,
-    expiry: Option<u32>,
-    content_type: Option<String>,
-    response_topic: Option<String>,
-    correlation: Option<Vec<u8>>,
-    user: Vec<(String, String)>,
+    props: StoredProps,
 }
 
 impl Stored {
@@ -73,12 +69,7 @@ impl Stored {
             qos: will.qos,
             retain: will.retain,
             delay: will.delay,
-            payload_format: will.props.payload_format,
-            expiry: will.props.expiry,
-            content_type: will.props.content_type.clone(),
-            response_topic: will.props.response_topic.clone(),
-            correlation: will.props.correlation.as_ref().map(|c| c.to_vec()),
-            user: will.props.user.clone(),
+            props: StoredProps::new(&will.props),
         }
     }
 
@@ -94,14 +85,7 @@ impl Stored {
             qos: self.qos,
             retain: self.retain,
             delay: self.delay,
-            props: MsgProps {
-                payload_format: self.payload_format,
-                expiry: self.expiry,
-                content_type: self.content_type.clone(),
-                response_topic: self.response_topic.clone(),
-                correlation: self.correlation.clone().map(Bytes::from),
-                user: self.user.clone(),
-            },
+            props: self.props.clone().props(),
         };
         (identity, will)
     }
@@ -187,6 +171,7 @@ pub async fn published(taken: &Log, client: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::MsgProps;
 
     #[test]
     fn a_stored_will_reads_back_whole() {
