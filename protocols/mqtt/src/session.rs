@@ -502,18 +502,17 @@ pub async fn sweeper(broker: Arc<Server>) {
     }
 }
 
-/// On a cluster's leader: publishes the stored wills that their nodes have
-/// not published [`wills::ORPHANED`] after they were due (those nodes are
-/// down; one that comes back finds them gone).
+/// On a single node or a cluster's leader: publishes the stored wills
+/// still there [`wills::ORPHANED`] after they were due. Their nodes are
+/// down (one that comes back finds them gone), or could not publish them
+/// when they were due (a write refused while the cluster had no leader, a
+/// full disk): a will whose publication failed is tried again here.
 async fn adopt_wills(broker: &Server) {
     let log = &broker.cx.log;
-    let Some(leadership) = log.leadership() else {
-        return;
-    };
-    let (node, leads) = {
-        let l = leadership.borrow();
+    let (node, leads) = log.leadership().map_or((0, true), |l| {
+        let l = l.borrow();
         (l.node, l.leads())
-    };
+    });
     if !leads {
         return;
     }
@@ -529,7 +528,7 @@ async fn adopt_wills(broker: &Server) {
         let Some(s) = wills::Stored::decode(&v) else {
             continue;
         };
-        if s.node == node || i64::try_from(s.due_ms).unwrap_or(i64::MAX) > late {
+        if i64::try_from(s.due_ms).unwrap_or(i64::MAX) > late {
             continue;
         }
         if let Some(taken) = wills::take(log, &client, &v, node).await {

@@ -7,7 +7,8 @@
 //!   it is due (at once if it fell due while the node was down: MQTT 5
 //!   section 3.1.2.5 lets a server that failed defer a will to its restart);
 //! - on a cluster, a will whose node has not published it some time after
-//!   it was due ([`ORPHANED`]: the node is dead) is published by the leader.
+//!   it was due ([`ORPHANED`]: the node is dead) is published by the leader;
+//!   a single node likewise tries again a will it failed to publish.
 //!
 //! A will is published once: whoever publishes it first takes the record
 //! (a write made only while the record is as read), then appends the will
@@ -30,8 +31,8 @@ use super::session::StoredProps;
 /// Metadata space of delayed wills.
 pub const WILLS: &str = "mqtt.wills";
 
-/// On a cluster: how long after its due time another node's will waits
-/// before the leader takes it for a dead node's.
+/// How long after its due time a stored will waits before the leader (or a
+/// single node) publishes it: its node is dead, or failed to publish it.
 pub const ORPHANED: Duration = Duration::from_secs(10);
 
 /// A will as stored.
