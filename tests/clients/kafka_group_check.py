@@ -109,7 +109,10 @@ def main():
         errors.append(f"timed out waiting for {what}")
         return False
 
-    p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+    # Idempotent: a batch sent again after its broker died (the answer lost,
+    # the records stored) is stored once, so the log holds each record once.
+    p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                  "enable.idempotence": True})
     produced = set()
 
     def produce(n, start):
@@ -128,6 +131,9 @@ def main():
 
     def consumed():
         return {(e["p"], e["o"]) for e in log if e["event"] == "record"}
+
+    def consumed_keys():
+        return {e["k"] for e in log if e["event"] == "record"}
 
     def current_assignment():
         # The latest assigned/revoked per live member, folded.
@@ -205,6 +211,7 @@ def main():
     summary = {
         "produced": len(produced),
         "consumed_distinct": len(consumed()),
+        "consumed_keys": len(consumed_keys()),
         "consumed_total": sum(1 for e in log if e["event"] == "record"),
         "committed": sum(committed.values()),
         "ends": sum(ends.values()),
