@@ -248,11 +248,12 @@ fn node_with_budget(dir: &std::path::Path, budget: u64, extra: &[(&str, &str)]) 
 }
 
 /// `n` connections, each sending the head of an 8 MiB − 1 byte produce to
-/// `topic` and 7 MiB of its body (as far as the node reads), then holding.
+/// `topic` (one after the other: the first heads are the first served) and
+/// then, all at once, 7 MiB of its body (as far as the node reads), then
+/// holding.
 async fn hold_bodies(addr: &str, topic: &str, n: usize) -> Vec<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt as _;
-    let chunk = vec![b'x'; 1024 * 1024];
-    let mut held = Vec::new();
+    let mut opened = Vec::new();
     for _ in 0..n {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let head = format!(
@@ -260,6 +261,11 @@ async fn hold_bodies(addr: &str, topic: &str, n: usize) -> Vec<tokio::net::TcpSt
             8 * 1024 * 1024 - 1
         );
         s.write_all(head.as_bytes()).await.expect("head");
+        opened.push(s);
+    }
+    // A refused body is not read: its writes stall until the timeout.
+    futures_util::future::join_all(opened.into_iter().map(|mut s| async move {
+        let chunk = vec![b'x'; 1024 * 1024];
         for _ in 0..7 {
             if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
                 .await
@@ -268,9 +274,9 @@ async fn hold_bodies(addr: &str, topic: &str, n: usize) -> Vec<tokio::net::TcpSt
                 break;
             }
         }
-        held.push(s);
-    }
-    held
+        s
+    }))
+    .await
 }
 
 /// Finding 3: many connections each holding almost a whole request body.
@@ -292,17 +298,20 @@ async fn request_bodies_across_connections_stay_within_the_memory_budget() {
     let addr = node.url.trim_start_matches("http://").to_owned();
     let before = rss_kib(node.pid());
     let mut attackers = hold_bodies(&addr, "big", 12).await;
-    // The ones that found no room were answered 503 memory_budget.
-    let mut refused = 0;
-    for s in &mut attackers {
+    // The ones that found no room were answered 503 memory_budget (the
+    // others, holding their bodies, never answer: read all at once).
+    let answers = futures_util::future::join_all(attackers.iter_mut().map(|s| async move {
         let mut buf = vec![0u8; 4096];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
-            let text = String::from_utf8_lossy(&buf[..n]);
-            if text.starts_with("HTTP/1.1 503") {
-                assert!(text.contains("memory_budget"), "{text}");
-                refused += 1;
-            }
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            _ => String::new(),
         }
+    }))
+    .await;
+    let mut refused = 0;
+    for text in answers.iter().filter(|t| t.starts_with("HTTP/1.1 503")) {
+        assert!(text.contains("memory_budget"), "{text}");
+        refused += 1;
     }
     assert!(
         refused >= 10,
