@@ -1,5 +1,7 @@
 //! Topic configuration and its validation.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -35,8 +37,12 @@ pub enum CleanupPolicy {
     #[serde(rename = "compact")]
     Compact,
     /// Both: compacted, and retention removes what is too old or too much.
-    #[serde(rename = "compact,delete", alias = "delete,compact")]
+    #[serde(rename = "compact,delete")]
     CompactDelete,
+    /// Both, as [`CleanupPolicy::CompactDelete`], given in the other order
+    /// (kept so that it reads back as it was written, as Kafka's list does).
+    #[serde(rename = "delete,compact")]
+    DeleteCompact,
 }
 
 impl CleanupPolicy {
@@ -46,12 +52,14 @@ impl CleanupPolicy {
             CleanupPolicy::Delete => "delete",
             CleanupPolicy::Compact => "compact",
             CleanupPolicy::CompactDelete => "compact,delete",
+            CleanupPolicy::DeleteCompact => "delete,compact",
         }
     }
 
     /// Parses Kafka's spelling (a list of `delete` and `compact`, in any
-    /// order, spaces allowed).
+    /// order, spaces allowed; the order of their first mentions is kept).
     pub fn parse(s: &str) -> Option<CleanupPolicy> {
+        let mut first = None;
         let (mut compact, mut delete) = (false, false);
         for part in s.split(',').map(str::trim) {
             match part {
@@ -59,9 +67,11 @@ impl CleanupPolicy {
                 "delete" => delete = true,
                 _ => return None,
             }
+            first.get_or_insert(part == "compact");
         }
         match (compact, delete) {
-            (true, true) => Some(CleanupPolicy::CompactDelete),
+            (true, true) if first == Some(true) => Some(CleanupPolicy::CompactDelete),
+            (true, true) => Some(CleanupPolicy::DeleteCompact),
             (true, false) => Some(CleanupPolicy::Compact),
             (false, true) => Some(CleanupPolicy::Delete),
             (false, false) => None,
@@ -125,10 +135,35 @@ pub struct TopicConfig {
     /// starts a pass (0..=1).
     #[serde(default = "default_dirty_ratio")]
     pub min_cleanable_dirty_ratio: f64,
+    /// The topic's id (Kafka's topic id: random, given when the topic is
+    /// created); all zero for a topic created before topics had ids.
+    #[serde(default)]
+    pub id: [u8; 16],
+    /// The settings given explicitly, by their Kafka config names
+    /// (`retention.ms`): Kafka's DescribeConfigs reports them as the topic's
+    /// own even when they equal the node's default.
+    #[serde(default)]
+    pub explicit: BTreeSet<String>,
 }
 
-/// [`TopicConfig`] as stored before compaction settings existed: configs
-/// are stored with postcard, which has no optional trailing fields.
+/// [`TopicConfig`] as stored before topics had ids: configs are stored with
+/// postcard, which has no optional trailing fields.
+#[derive(Deserialize)]
+struct StoredV2 {
+    name: String,
+    partitions: u32,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+    max_event_bytes: usize,
+    on_full: OnFull,
+    cleanup_policy: CleanupPolicy,
+    delete_retention_ms: u64,
+    min_compaction_lag_ms: u64,
+    max_compaction_lag_ms: Option<u64>,
+    min_cleanable_dirty_ratio: f64,
+}
+
+/// [`TopicConfig`] as stored before compaction settings existed.
 #[derive(Deserialize)]
 struct StoredV1 {
     name: String,
@@ -139,21 +174,47 @@ struct StoredV1 {
     on_full: OnFull,
 }
 
-/// Reads a stored topic config, in either layout.
+/// Reads a stored topic config, in any of its layouts.
 pub(crate) fn decode_stored(bytes: &[u8]) -> std::result::Result<TopicConfig, postcard::Error> {
     match postcard::from_bytes::<TopicConfig>(bytes) {
         Ok(c) => Ok(c),
-        Err(current) => match postcard::from_bytes::<StoredV1>(bytes) {
-            Ok(v1) => {
-                let mut c = TopicConfig::new(v1.name, v1.partitions);
-                c.retention_ms = v1.retention_ms;
-                c.retention_bytes = v1.retention_bytes;
-                c.max_event_bytes = v1.max_event_bytes;
-                c.on_full = v1.on_full;
-                Ok(c)
+        Err(current) => {
+            if let Ok(v2) = postcard::from_bytes::<StoredV2>(bytes) {
+                return Ok(TopicConfig {
+                    name: v2.name,
+                    partitions: v2.partitions,
+                    retention_ms: v2.retention_ms,
+                    retention_bytes: v2.retention_bytes,
+                    max_event_bytes: v2.max_event_bytes,
+                    on_full: v2.on_full,
+                    cleanup_policy: v2.cleanup_policy,
+                    delete_retention_ms: v2.delete_retention_ms,
+                    min_compaction_lag_ms: v2.min_compaction_lag_ms,
+                    max_compaction_lag_ms: v2.max_compaction_lag_ms,
+                    min_cleanable_dirty_ratio: v2.min_cleanable_dirty_ratio,
+                    id: [0; 16],
+                    explicit: BTreeSet::new(),
+                });
             }
-            Err(_) => Err(current),
-        },
+            decode_v1(bytes, current)
+        }
+    }
+}
+
+fn decode_v1(
+    bytes: &[u8],
+    current: postcard::Error,
+) -> std::result::Result<TopicConfig, postcard::Error> {
+    match postcard::from_bytes::<StoredV1>(bytes) {
+        Ok(v1) => {
+            let mut c = TopicConfig::new(v1.name, v1.partitions);
+            c.retention_ms = v1.retention_ms;
+            c.retention_bytes = v1.retention_bytes;
+            c.max_event_bytes = v1.max_event_bytes;
+            c.on_full = v1.on_full;
+            Ok(c)
+        }
+        Err(_) => Err(current),
     }
 }
 
@@ -172,6 +233,8 @@ impl TopicConfig {
             min_compaction_lag_ms: 0,
             max_compaction_lag_ms: None,
             min_cleanable_dirty_ratio: DEFAULT_MIN_CLEANABLE_DIRTY_RATIO,
+            id: [0; 16],
+            explicit: BTreeSet::new(),
         }
     }
 
@@ -273,6 +336,11 @@ pub struct TopicChange {
     /// The dirty ratio that starts a pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_cleanable_dirty_ratio: Option<f64>,
+    /// The settings given explicitly from now on (see
+    /// [`TopicConfig::explicit`]); Kafka's admin requests set it, JSON
+    /// cannot.
+    #[serde(skip)]
+    pub explicit: Option<BTreeSet<String>>,
 }
 
 /// A field that is present, even as `null`, is `Some`.
@@ -323,6 +391,9 @@ impl TopicChange {
         }
         if let Some(v) = self.min_cleanable_dirty_ratio {
             c.min_cleanable_dirty_ratio = v;
+        }
+        if let Some(v) = &self.explicit {
+            c.explicit = v.clone();
         }
         c.validate()?;
         Ok(c)
@@ -412,5 +483,86 @@ mod tests {
         };
         assert!(zero.applied_to(&c).is_err());
         assert!(serde_json::from_str::<TopicChange>(r#"{"name": "x"}"#).is_err());
+        assert!(serde_json::from_str::<TopicChange>(r#"{"explicit": []}"#).is_err());
+    }
+
+    #[test]
+    fn a_cleanup_policy_keeps_the_order_it_was_given_in() {
+        for (given, kept) in [
+            ("compact,delete", "compact,delete"),
+            ("delete, compact", "delete,compact"),
+            ("delete,compact,delete", "delete,compact"),
+            ("compact", "compact"),
+        ] {
+            let p = CleanupPolicy::parse(given).expect("valid");
+            assert_eq!(p.as_str(), kept);
+            assert!(p.compacts());
+            let json = serde_json::to_string(&p).expect("json");
+            assert_eq!(serde_json::from_str::<CleanupPolicy>(&json).ok(), Some(p));
+        }
+        let both = CleanupPolicy::parse("delete,compact").expect("valid");
+        assert!(both.compacts() && both.deletes());
+        assert_eq!(CleanupPolicy::parse("delete,nope"), None);
+        assert_eq!(CleanupPolicy::parse(""), None);
+    }
+
+    #[test]
+    fn topic_configs_stored_in_every_earlier_layout_are_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            name: String,
+            partitions: u32,
+            retention_ms: Option<u64>,
+            retention_bytes: Option<u64>,
+            max_event_bytes: usize,
+            on_full: OnFull,
+        }
+        #[derive(Serialize)]
+        struct V2 {
+            v1: V1,
+            cleanup_policy: CleanupPolicy,
+            delete_retention_ms: u64,
+            min_compaction_lag_ms: u64,
+            max_compaction_lag_ms: Option<u64>,
+            min_cleanable_dirty_ratio: f64,
+        }
+        let v1 = V1 {
+            name: "old".into(),
+            partitions: 3,
+            retention_ms: Some(5),
+            retention_bytes: None,
+            max_event_bytes: 77,
+            on_full: OnFull::DropOldest,
+        };
+        let bytes = postcard::to_stdvec(&v1).expect("encode");
+        let c = decode_stored(&bytes).expect("v1");
+        assert_eq!(
+            (c.name.as_str(), c.partitions, c.retention_ms),
+            ("old", 3, Some(5))
+        );
+        assert_eq!((c.max_event_bytes, c.on_full), (77, OnFull::DropOldest));
+        assert_eq!(c.cleanup_policy, CleanupPolicy::Delete);
+        let v2 = V2 {
+            v1,
+            cleanup_policy: CleanupPolicy::Compact,
+            delete_retention_ms: 9,
+            min_compaction_lag_ms: 8,
+            max_compaction_lag_ms: Some(70),
+            min_cleanable_dirty_ratio: 0.25,
+        };
+        let bytes = postcard::to_stdvec(&v2).expect("encode");
+        let c = decode_stored(&bytes).expect("v2");
+        assert_eq!((c.name.as_str(), c.max_event_bytes), ("old", 77));
+        assert_eq!(c.cleanup_policy, CleanupPolicy::Compact);
+        assert_eq!((c.delete_retention_ms, c.min_compaction_lag_ms), (9, 8));
+        assert_eq!(c.max_compaction_lag_ms, Some(70));
+        assert_eq!(c.min_cleanable_dirty_ratio, 0.25);
+        assert_eq!((c.id, c.explicit.len()), ([0; 16], 0));
+        let mut now = TopicConfig::new("new", 2);
+        now.id = [7; 16];
+        now.explicit.insert("retention.ms".into());
+        now.cleanup_policy = CleanupPolicy::DeleteCompact;
+        let bytes = postcard::to_stdvec(&now).expect("encode");
+        assert_eq!(decode_stored(&bytes).expect("current"), now);
     }
 }

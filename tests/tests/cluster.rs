@@ -1386,7 +1386,7 @@ async fn the_history_under_leader_kills_is_linearizable() {
 
 /// What a raw Kafka client is told by the node at `addr`: the brokers (id,
 /// port) and each partition's leader of topic [`T`].
-async fn kafka_metadata(addr: std::net::SocketAddr) -> (Vec<(i32, i32)>, Vec<i32>) {
+async fn kafka_metadata(addr: std::net::SocketAddr) -> (Vec<(i32, i32)>, Vec<i32>, uuid::Uuid) {
     use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
     use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
     use kafka_protocol::protocol::Decodable;
@@ -1394,15 +1394,15 @@ async fn kafka_metadata(addr: std::net::SocketAddr) -> (Vec<(i32, i32)>, Vec<i32
     let req = MetadataRequest::default().with_topics(Some(vec![
         MetadataRequestTopic::default().with_name(Some(common::kafka::name(T)))
     ]));
-    let mut b = c.call(ApiKey::Metadata, 9, &req).await;
-    let m = MetadataResponse::decode(&mut b, 9).expect("metadata");
+    let mut b = c.call(ApiKey::Metadata, 10, &req).await;
+    let m = MetadataResponse::decode(&mut b, 10).expect("metadata");
     let brokers = m.brokers.iter().map(|b| (b.node_id.0, b.port)).collect();
     let leaders = m.topics[0]
         .partitions
         .iter()
         .map(|p| p.leader_id.0)
         .collect();
-    (brokers, leaders)
+    (brokers, leaders, m.topics[0].topic_id)
 }
 
 /// The coordinator the node at `addr` names for a group or (`key_type` 1)
@@ -1543,12 +1543,14 @@ async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
             .collect()
     };
     let started = Instant::now();
+    let mut ids = Vec::new();
     for i in 0..3 {
         loop {
-            let (brokers, leaders) = kafka_metadata(kafka(&cluster, i)).await;
+            let (brokers, leaders, id) = kafka_metadata(kafka(&cluster, i)).await;
             // (A follower may not have applied the topic yet.)
             if brokers == expected(&cluster) && !leaders.is_empty() {
                 assert_eq!(leaders, vec![leader as i32 + 1; 3], "node {}", i + 1);
+                ids.push(id);
                 break;
             }
             assert!(
@@ -1559,6 +1561,11 @@ async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The topic's id, given once by whoever created it, is the same on all.
+    assert!(
+        !ids[0].is_nil() && ids.iter().all(|id| *id == ids[0]),
+        "{ids:?}"
+    );
     let follower = (leader + 1) % 3;
     // Every partition is kept on all three: a topic may ask for up to
     // three replicas, or name distinct brokers of the three.
@@ -1630,7 +1637,7 @@ async fn kafka_clients_find_every_node_and_the_leader_coordinates() {
         .expect("a follower");
     let started = Instant::now();
     loop {
-        let (brokers, leaders) = kafka_metadata(kafka(&cluster, survivor)).await;
+        let (brokers, leaders, _) = kafka_metadata(kafka(&cluster, survivor)).await;
         let found = kafka_coordinator(kafka(&cluster, survivor), "g", 0).await;
         if leaders == vec![next as i32 + 1; 3]
             && found == (0, next as i32 + 1, i32::from(kafka(&cluster, next).port()))

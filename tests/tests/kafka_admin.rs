@@ -356,7 +356,7 @@ async fn topics_are_created_described_changed_grown_and_deleted_with_kafkas_code
         delete(&mut c, "orders").await,
         ResponseError::UnknownTopicOrPartition.code()
     );
-    // By id (v6): topics here have none.
+    // By an id no topic has (v6).
     let req = DeleteTopicsRequest::default()
         .with_topics(vec![DeleteTopicState::default()])
         .with_timeout_ms(5000);
@@ -629,5 +629,112 @@ async fn with_device_auth_offset_delete_and_describe_producers_take_reading_righ
         r.topics[0].partitions[0].active_producers.is_empty(),
         "HTTP appends have no producer state"
     );
+    node.stop().await;
+}
+
+async fn metadata_by_id(c: &mut Client, id: uuid::Uuid) -> MetadataResponse {
+    let req = MetadataRequest::default()
+        .with_topics(Some(vec![MetadataRequestTopic::default()
+            .with_name(None)
+            .with_topic_id(id)]))
+        .with_allow_auto_topic_creation(false);
+    let mut b = c.call(ApiKey::Metadata, 12, &req).await;
+    MetadataResponse::decode(&mut b, 12).expect("metadata")
+}
+
+/// Topics have ids, as Kafka's: a random UUID given at creation, kept
+/// across a restart, new for a topic created again under the same name;
+/// Metadata and DeleteTopics take a topic by id. A config given explicitly
+/// at the default's value is described as the topic's own, and
+/// `cleanup.policy` keeps its order through an APPEND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_have_ids_and_configs_given_explicitly_are_the_topics_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = InProcessNode::start_in(dir.path(), tributary_gateway::config::Mode::Edge, "").await;
+    let mut c = Client::connect(&node).await;
+    let r = create(
+        &mut c,
+        vec![
+            topic("a", 1, &[("cleanup.policy", "delete")]),
+            topic("b", 2, &[]),
+        ],
+        false,
+    )
+    .await;
+    let (a, b) = (r.topics[0].topic_id, r.topics[1].topic_id);
+    assert!(!a.is_nil() && !b.is_nil() && a != b, "{a} {b}");
+    assert_eq!(a.get_version_num(), 4, "{a}");
+    // Given explicitly at the default's value: the topic's own (source 1);
+    // left out: the default (source 5).
+    let d = describe(&mut c, 2, "a", Some(&["cleanup.policy"])).await;
+    assert_eq!(config_value(&d, "cleanup.policy"), ("delete".into(), 1));
+    let d = describe(&mut c, 2, "b", Some(&["cleanup.policy"])).await;
+    assert_eq!(config_value(&d, "cleanup.policy"), ("delete".into(), 5));
+    // APPEND adds at the end; DELETE of another key leaves it explicit.
+    assert_eq!(
+        incremental_alter(&mut c, "b", &[("cleanup.policy", 2, Some("compact"))]).await,
+        0
+    );
+    assert_eq!(
+        incremental_alter(&mut c, "a", &[("retention.ms", 1, None)]).await,
+        0
+    );
+    let d = describe(&mut c, 2, "b", Some(&["cleanup.policy"])).await;
+    assert_eq!(
+        config_value(&d, "cleanup.policy"),
+        ("delete,compact".into(), 1)
+    );
+    let d = describe(&mut c, 2, "a", Some(&["cleanup.policy", "retention.ms"])).await;
+    assert_eq!(config_value(&d, "cleanup.policy"), ("delete".into(), 1));
+    assert_eq!(config_value(&d, "retention.ms").1, 5);
+    // DELETE of the key itself: the default again.
+    assert_eq!(
+        incremental_alter(&mut c, "a", &[("cleanup.policy", 1, None)]).await,
+        0
+    );
+    let d = describe(&mut c, 2, "a", Some(&["cleanup.policy"])).await;
+    assert_eq!(config_value(&d, "cleanup.policy"), ("delete".into(), 5));
+    drop(c);
+    node.stop().await;
+
+    // After a restart: the same ids, the same configs.
+    let node = InProcessNode::start_in(dir.path(), tributary_gateway::config::Mode::Edge, "").await;
+    let mut c = Client::connect(&node).await;
+    let m = metadata_by_id(&mut c, a).await;
+    assert_eq!(m.topics.len(), 1);
+    assert_eq!((m.topics[0].error_code, m.topics[0].topic_id), (0, a));
+    assert_eq!(
+        m.topics[0].name.as_ref().map(|n| n.0.to_string()),
+        Some("a".into())
+    );
+    let d = describe(&mut c, 2, "b", Some(&["cleanup.policy"])).await;
+    assert_eq!(
+        config_value(&d, "cleanup.policy"),
+        ("delete,compact".into(), 1)
+    );
+    // Deleted by id; the id is then unknown, and the name, created again,
+    // has a new one.
+    let req = DeleteTopicsRequest::default()
+        .with_topics(vec![DeleteTopicState::default().with_topic_id(a)])
+        .with_timeout_ms(5000);
+    let mut bytes = c.call(ApiKey::DeleteTopics, 6, &req).await;
+    let deleted = DeleteTopicsResponse::decode(&mut bytes, 6).expect("delete");
+    assert_eq!(deleted.responses[0].error_code, 0, "{deleted:?}");
+    assert_eq!(
+        deleted.responses[0].name.as_ref().map(|n| n.0.to_string()),
+        Some("a".into())
+    );
+    let m = metadata_by_id(&mut c, a).await;
+    assert_eq!(
+        (m.topics[0].error_code, m.topics[0].topic_id),
+        (ResponseError::UnknownTopicId.code(), a)
+    );
+    assert_eq!(partitions_in_metadata(&mut c, "b").await, Ok(2));
+    let r = create(&mut c, vec![topic("a", 1, &[])], false).await;
+    assert_eq!(r.topics[0].error_code, 0);
+    let again = r.topics[0].topic_id;
+    assert!(!again.is_nil() && again != a, "{again}");
+    let m = metadata_by_id(&mut c, b).await;
+    assert_eq!((m.topics[0].error_code, m.topics[0].topic_id), (0, b));
     node.stop().await;
 }

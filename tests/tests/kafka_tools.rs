@@ -100,6 +100,15 @@ async fn kafkas_own_tools_manage_and_move_data_on_tributary() {
     );
     assert!(d.contains("PartitionCount: 3"), "{d}");
     assert!(d.contains("retention.ms=3600000"), "{d}");
+    // The topic's id (base64 of its UUID; all `A`: none).
+    let topic_id = |d: &str| {
+        d.split_whitespace()
+            .skip_while(|w| *w != "TopicId:")
+            .nth(1)
+            .map(str::to_owned)
+    };
+    let id = topic_id(&d).unwrap_or_default();
+    assert!(id.len() == 22 && id != "A".repeat(22), "{d}");
     assert_eq!(d.matches("Partition: ").count(), 3, "{d}");
     tool(
         TOPICS,
@@ -120,6 +129,7 @@ async fn kafkas_own_tools_manage_and_move_data_on_tributary() {
         "",
     );
     assert!(d.contains("PartitionCount: 5"), "{d}");
+    assert_eq!(topic_id(&d), Some(id), "{d}");
     let l = tool(TOPICS, &["--bootstrap-server", b, "--list"], "");
     assert!(l.lines().any(|t| t == "tools.a"), "{l}");
 

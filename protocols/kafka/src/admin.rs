@@ -179,6 +179,21 @@ fn set(
     name: &str,
     value: Option<&str>,
 ) -> Result<(), String> {
+    set_value(config, defaults, name, value)?;
+    // Given explicitly (even as the default's value) or back to the default.
+    match value {
+        Some(_) => config.explicit.insert(name.to_owned()),
+        None => config.explicit.remove(name),
+    };
+    Ok(())
+}
+
+fn set_value(
+    config: &mut TopicConfig,
+    defaults: &TopicConfig,
+    name: &str,
+    value: Option<&str>,
+) -> Result<(), String> {
     match (name, value) {
         (RETENTION_MS, None) => config.retention_ms = defaults.retention_ms,
         (RETENTION_MS, Some(v)) => config.retention_ms = limit(name, v)?,
@@ -259,7 +274,17 @@ struct Entry {
     kind: i8,
 }
 
+/// The configs a topic describes; a config given explicitly is the
+/// topic's own even at the default's value, as Kafka's.
 fn entries(config: &TopicConfig, defaults: &TopicConfig) -> Vec<Entry> {
+    let mut all = values(config, defaults);
+    for e in &mut all {
+        e.default &= !config.explicit.contains(e.name);
+    }
+    all
+}
+
+fn values(config: &TopicConfig, defaults: &TopicConfig) -> Vec<Entry> {
     let opt = |v: Option<u64>| v.map_or_else(|| "-1".to_owned(), |v| v.to_string());
     let on_full = |o: OnFull| match o {
         OnFull::Reject => "reject",
@@ -353,6 +378,7 @@ fn change_to(config: &TopicConfig) -> TopicChange {
         min_compaction_lag_ms: Some(config.min_compaction_lag_ms),
         max_compaction_lag_ms: Some(config.max_compaction_lag_ms),
         min_cleanable_dirty_ratio: Some(config.min_cleanable_dirty_ratio),
+        explicit: Some(config.explicit.clone()),
     }
 }
 
@@ -395,6 +421,7 @@ pub(crate) async fn create_topics(s: &Session, req: CreateTopicsRequest) -> Crea
                     })
                     .collect();
                 result
+                    .with_topic_id(crate::handlers::topic_id(&config))
                     .with_num_partitions(config.partitions as i32)
                     .with_replication_factor(1)
                     .with_configs(Some(configs))
@@ -486,8 +513,6 @@ async fn create_one(
         .map_err(|e| log_failure(&e))
 }
 
-/// DeleteTopics: by name (v6 may name a topic by id: topics here have none,
-/// so UNKNOWN_TOPIC_ID).
 /// DeleteRecords: each partition's records below the asked offset (−1:
 /// the end) removed, the start moved exactly there; the answer's low
 /// watermark is the new start. It takes the right to publish to the topic.
@@ -546,15 +571,22 @@ pub(crate) async fn delete_records(
     kafka_protocol::messages::DeleteRecordsResponse::default().with_topics(topics)
 }
 
+/// DeleteTopics: by name, or (v6) by id (an id no topic has:
+/// UNKNOWN_TOPIC_ID).
 pub(crate) async fn delete_topics(s: &Session, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
     let mut asked: Vec<DeletableTopicResult> = req
         .topic_names
         .into_iter()
         .map(|n| DeletableTopicResult::default().with_name(Some(n)))
         .collect();
+    // v6 names a topic by name or by id.
+    let log = &s.server.cx.log;
     asked.extend(req.topics.into_iter().map(|t| {
+        let name = t.name.or_else(|| {
+            crate::handlers::named_by_id(log, t.topic_id).map(|n| crate::handlers::topic_name(&n))
+        });
         DeletableTopicResult::default()
-            .with_name(t.name)
+            .with_name(name)
             .with_topic_id(t.topic_id)
     }));
     let mut responses = Vec::new();
@@ -562,7 +594,7 @@ pub(crate) async fn delete_topics(s: &Session, req: DeleteTopicsRequest) -> Dele
         let outcome = match result.name.clone() {
             None => Err(fail(
                 ResponseError::UnknownTopicId,
-                "topics on this node have no ids: name the topic",
+                format!("no topic has the id {}", result.topic_id),
             )),
             Some(_) if !may_admin(s) => Err(fail(
                 ResponseError::TopicAuthorizationFailed,
@@ -757,8 +789,10 @@ async fn alter_resource(
                     0 => set(&mut c, &d, k, v).map_err(invalid)?,
                     1 => set(&mut c, &d, k, None).map_err(invalid)?,
                     // APPEND and SUBTRACT: the one list config.
+                    // The list keeps its order; APPEND adds at the end what
+                    // it lacks, as Kafka's.
                     2 | 3 if k == CLEANUP_POLICY => {
-                        let mut items: BTreeSet<String> = c
+                        let mut items: Vec<String> = c
                             .cleanup_policy
                             .as_str()
                             .split(',')
@@ -769,12 +803,14 @@ async fn alter_resource(
                                 continue;
                             }
                             if op == 2 {
-                                items.insert(item.to_owned());
+                                if !items.iter().any(|i| i == item) {
+                                    items.push(item.to_owned());
+                                }
                             } else {
-                                items.remove(item);
+                                items.retain(|i| i != item);
                             }
                         }
-                        let joined = items.into_iter().collect::<Vec<_>>().join(",");
+                        let joined = items.join(",");
                         set(&mut c, &d, k, Some(&joined)).map_err(invalid)?;
                     }
                     _ => {
@@ -956,6 +992,14 @@ mod tests {
             .find(|e| e.name == MAX_MESSAGE_BYTES)
             .expect("shown");
         assert_eq!((max.value.as_str(), max.default), ("2048", false));
+        // Given explicitly at the default's value: the topic's own.
+        let policy = shown
+            .iter()
+            .find(|e| e.name == CLEANUP_POLICY)
+            .expect("shown");
+        assert_eq!((policy.value.as_str(), policy.default), ("delete", false));
+        assert_eq!(source(policy), SOURCE_TOPIC);
+        assert!(!c.explicit.contains(RETENTION_MS), "reset: not explicit");
         // Compaction's settings, in Kafka's spelling both ways.
         set(&mut c, &d, CLEANUP_POLICY, Some("delete, compact")).expect("both");
         set(&mut c, &d, MIN_CLEANABLE_DIRTY_RATIO, Some("0.25")).expect("ratio");
@@ -967,7 +1011,7 @@ mod tests {
         )
         .expect("max lag");
         set(&mut c, &d, MIN_COMPACTION_LAG_MS, Some("1000")).expect("min lag");
-        assert_eq!(c.cleanup_policy, CleanupPolicy::CompactDelete);
+        assert_eq!(c.cleanup_policy, CleanupPolicy::DeleteCompact);
         assert_eq!(c.max_compaction_lag_ms, None, "Long.MAX is no limit");
         let shown = entries(&c, &d);
         let value = |name| {
@@ -977,7 +1021,7 @@ mod tests {
                 .map(|e| e.value.clone())
                 .expect("shown")
         };
-        assert_eq!(value(CLEANUP_POLICY), "compact,delete");
+        assert_eq!(value(CLEANUP_POLICY), "delete,compact");
         assert_eq!(value(MIN_CLEANABLE_DIRTY_RATIO), "0.25");
         assert_eq!(value(MAX_COMPACTION_LAG_MS), "9223372036854775807");
         assert_eq!(value(MIN_COMPACTION_LAG_MS), "1000");

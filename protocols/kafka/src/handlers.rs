@@ -484,7 +484,7 @@ fn respond<M: Encodable + HeaderVersion>(
     })
 }
 
-fn topic_name(name: &str) -> TopicName {
+pub(crate) fn topic_name(name: &str) -> TopicName {
     TopicName(StrBytes::from_string(name.to_owned()))
 }
 
@@ -505,12 +505,25 @@ fn error_code(r: Rejection) -> i16 {
 async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataResponse {
     let log = &s.server.cx.log;
     let auth = &*s.server.cx.auth;
+    // Topics named by name, or (v10+) by id: an id no topic has is
+    // answered UNKNOWN_TOPIC_ID, as Kafka does.
+    let mut unknown_ids = Vec::new();
     let wanted: Option<Vec<String>> = match req.topics {
         None => None,
         Some(ts) if ts.is_empty() && version == 0 => None,
         Some(ts) => Some(
             ts.into_iter()
-                .filter_map(|t| t.name.map(|n| n.0.to_string()))
+                .filter_map(|t| match t.name {
+                    Some(n) => Some(n.0.to_string()),
+                    None => {
+                        let named =
+                            named_by_id(log, t.topic_id).filter(|n| auth.may_see(&s.who(), n));
+                        if named.is_none() {
+                            unknown_ids.push(t.topic_id);
+                        }
+                        named
+                    }
+                })
                 .collect(),
         ),
     };
@@ -531,6 +544,11 @@ async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataRe
             }
         }
     }
+    topics.extend(unknown_ids.into_iter().map(|id| {
+        MetadataResponseTopic::default()
+            .with_topic_id(id)
+            .with_error_code(ResponseError::UnknownTopicId.code())
+    }));
     let brokers = view
         .brokers
         .iter()
@@ -601,6 +619,22 @@ async fn named_topic(
     }
 }
 
+/// A topic's id as Kafka's messages carry it (all zero: none).
+pub(crate) fn topic_id(config: &tributary_storage::TopicConfig) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(config.id)
+}
+
+/// The name of the topic whose id is `id`, if there is one.
+pub(crate) fn named_by_id(log: &tributary_storage::Log, id: uuid::Uuid) -> Option<String> {
+    if id.is_nil() {
+        return None;
+    }
+    log.topics()
+        .into_iter()
+        .find(|t| t.config.id == *id.as_bytes())
+        .map(|t| t.config.name)
+}
+
 /// A topic as Metadata describes it: on a cluster every node holds every
 /// committed record (each is a replica in sync), and the leader takes the
 /// writes.
@@ -613,6 +647,7 @@ fn topic_metadata(t: &TopicInfo, view: &crate::brokers::View) -> MetadataRespons
         .collect();
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&t.config.name)))
+        .with_topic_id(topic_id(&t.config))
         .with_partitions(
             t.partitions
                 .iter()

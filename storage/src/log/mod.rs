@@ -297,8 +297,12 @@ impl Log {
         self.shared().store.disk_bytes()
     }
 
-    /// Creates a topic; durable when this returns.
-    pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicInfo> {
+    /// Creates a topic; durable when this returns. A config without an id
+    /// gets a new random one (a UUID, version 4, as Kafka's).
+    pub async fn create_topic(&self, mut config: TopicConfig) -> Result<TopicInfo> {
+        if config.id == [0; 16] {
+            config.id = new_topic_id();
+        }
         let Some(r) = self.replicator() else {
             return self.create_topic_here(config).await;
         };
@@ -1370,4 +1374,12 @@ pub fn validate_group(group: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A random version 4 UUID, never the all-zero one (no id).
+fn new_topic_id() -> [u8; 16] {
+    let mut id = fastrand::u128(..).to_be_bytes();
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
 }

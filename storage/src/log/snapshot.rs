@@ -91,6 +91,21 @@ enum Item {
     },
 }
 
+/// postcard's tag of [`Item::Topic`] (its variant index).
+const TOPIC_TAG: u8 = 1;
+
+/// An item's body. A topic config is the whole rest of its item, read as
+/// the store reads one, in any of its layouts (a snapshot taken before
+/// topics had ids is installed).
+fn decode_item(body: &[u8]) -> Result<Item> {
+    match body.split_first() {
+        Some((&TOPIC_TAG, config)) => crate::topic::decode_stored(config)
+            .map(Item::Topic)
+            .map_err(damaged),
+        _ => postcard::from_bytes(body).map_err(damaged),
+    }
+}
+
 fn damaged(what: impl std::fmt::Display) -> Error {
     Error::Io(std::io::Error::other(format!("snapshot file: {what}")))
 }
@@ -153,7 +168,7 @@ impl Reader {
         if crc32fast::hash(&body) != crc {
             return Err(damaged(format!("item {} fails its checksum", self.items)));
         }
-        let item: Item = postcard::from_bytes(&body).map_err(damaged)?;
+        let item = decode_item(&body)?;
         if let Item::End { items } = item {
             if items != self.items {
                 return Err(damaged(format!(
@@ -466,4 +481,35 @@ fn restore(shared: &Shared, path: &Path) -> Result<(Vec<u8>, i64)> {
     shared.topic_count.send_replace(count);
     tracing::info!(topics = count, "log restored from a snapshot");
     Ok((header, next_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_item_is_read_in_the_layout_it_was_written_in() {
+        let mut config = TopicConfig::new("t", 2);
+        config.id = [3; 16];
+        let body = postcard::to_stdvec(&Item::Topic(config.clone())).expect("encode");
+        assert_eq!(body[0], TOPIC_TAG);
+        let Item::Topic(read) = decode_item(&body).expect("read") else {
+            panic!("not a topic")
+        };
+        assert_eq!(read, config);
+        // A config stored before ids: the same fields without the last two.
+        let mut old = config.clone();
+        old.id = [0; 16];
+        let full = postcard::to_stdvec(&old).expect("encode");
+        // id (16 bytes) and an empty set (1 byte) are the tail.
+        let mut body = vec![TOPIC_TAG];
+        body.extend_from_slice(&full[..full.len() - 17]);
+        let Item::Topic(read) = decode_item(&body).expect("read") else {
+            panic!("not a topic")
+        };
+        assert_eq!(read, old);
+        let end = postcard::to_stdvec(&Item::End { items: 4 }).expect("encode");
+        assert!(matches!(decode_item(&end), Ok(Item::End { items: 4 })));
+        assert!(decode_item(&[TOPIC_TAG, 0xff]).is_err());
+    }
 }
