@@ -1403,7 +1403,9 @@ public class Differential {
         cfg.put("segment.ms", "100");
         cfg.put("min.cleanable.dirty.ratio", "0.01");
         cfg.put("delete.retention.ms", "1000");
-        cfg.put("min.compaction.lag.ms", "0");
+        // Nothing is compacted until the records below are read back as written
+        // (the cleaners run on their own clocks); then the lag goes to 0.
+        cfg.put("min.compaction.lag.ms", "3600000");
         createTopic(a, topic, 1, cfg);
         KafkaProducer<String, String> p = producer(c);
         String[][] seq = {{"k0", "v0a"}, {"k1", "v1a"}, {"k2", "v2a"}, {"k0", "v0b"}, {"k1", null},
@@ -1427,6 +1429,10 @@ public class Differential {
         Set<Long> expectSurvivors = new TreeSet<>();
         for (var e : expectLive.entrySet()) expectSurvivors.add(lastOffset.get(e.getKey()));
         c.put("before_records", fmtAll(readAll(c, topic, 1, "read_uncommitted", 15000)));
+        ConfigResource res = new ConfigResource(ConfigResource.Type.TOPIC, topic);
+        a.incrementalAlterConfigs(Map.of(res, List.of(new AlterConfigOp(
+            new ConfigEntry("min.compaction.lag.ms", "0"), AlterConfigOp.OpType.SET))))
+            .all().get(FUTURE_S, TimeUnit.SECONDS);
         long t0 = System.currentTimeMillis();
         long deadline = t0 + 75000;
         boolean compacted = false;
