@@ -147,15 +147,11 @@ pub struct TopicConfig {
 }
 
 /// [`TopicConfig`] as stored before topics had ids: configs are stored with
-/// postcard, which has no optional trailing fields.
+/// postcard, which has no optional trailing fields (a struct inside is its
+/// fields in order, so this is the earlier layout's fields, then these).
 #[derive(Deserialize)]
 struct StoredV2 {
-    name: String,
-    partitions: u32,
-    retention_ms: Option<u64>,
-    retention_bytes: Option<u64>,
-    max_event_bytes: usize,
-    on_full: OnFull,
+    v1: StoredV1,
     cleanup_policy: CleanupPolicy,
     delete_retention_ms: u64,
     min_compaction_lag_ms: u64,
@@ -174,48 +170,39 @@ struct StoredV1 {
     on_full: OnFull,
 }
 
-/// Reads a stored topic config, in any of its layouts.
-pub(crate) fn decode_stored(bytes: &[u8]) -> std::result::Result<TopicConfig, postcard::Error> {
-    match postcard::from_bytes::<TopicConfig>(bytes) {
-        Ok(c) => Ok(c),
-        Err(current) => {
-            if let Ok(v2) = postcard::from_bytes::<StoredV2>(bytes) {
-                return Ok(TopicConfig {
-                    name: v2.name,
-                    partitions: v2.partitions,
-                    retention_ms: v2.retention_ms,
-                    retention_bytes: v2.retention_bytes,
-                    max_event_bytes: v2.max_event_bytes,
-                    on_full: v2.on_full,
-                    cleanup_policy: v2.cleanup_policy,
-                    delete_retention_ms: v2.delete_retention_ms,
-                    min_compaction_lag_ms: v2.min_compaction_lag_ms,
-                    max_compaction_lag_ms: v2.max_compaction_lag_ms,
-                    min_cleanable_dirty_ratio: v2.min_cleanable_dirty_ratio,
-                    id: [0; 16],
-                    explicit: BTreeSet::new(),
-                });
-            }
-            decode_v1(bytes, current)
+impl From<StoredV1> for TopicConfig {
+    fn from(v1: StoredV1) -> TopicConfig {
+        TopicConfig {
+            retention_ms: v1.retention_ms,
+            retention_bytes: v1.retention_bytes,
+            max_event_bytes: v1.max_event_bytes,
+            on_full: v1.on_full,
+            ..TopicConfig::new(v1.name, v1.partitions)
         }
     }
 }
 
-fn decode_v1(
-    bytes: &[u8],
-    current: postcard::Error,
-) -> std::result::Result<TopicConfig, postcard::Error> {
-    match postcard::from_bytes::<StoredV1>(bytes) {
-        Ok(v1) => {
-            let mut c = TopicConfig::new(v1.name, v1.partitions);
-            c.retention_ms = v1.retention_ms;
-            c.retention_bytes = v1.retention_bytes;
-            c.max_event_bytes = v1.max_event_bytes;
-            c.on_full = v1.on_full;
-            Ok(c)
+impl From<StoredV2> for TopicConfig {
+    fn from(v2: StoredV2) -> TopicConfig {
+        TopicConfig {
+            cleanup_policy: v2.cleanup_policy,
+            delete_retention_ms: v2.delete_retention_ms,
+            min_compaction_lag_ms: v2.min_compaction_lag_ms,
+            max_compaction_lag_ms: v2.max_compaction_lag_ms,
+            min_cleanable_dirty_ratio: v2.min_cleanable_dirty_ratio,
+            ..TopicConfig::from(v2.v1)
         }
-        Err(_) => Err(current),
     }
+}
+
+/// Reads a stored topic config, in any of its layouts (the newest first).
+pub(crate) fn decode_stored(bytes: &[u8]) -> std::result::Result<TopicConfig, postcard::Error> {
+    postcard::from_bytes::<TopicConfig>(bytes).or_else(|current| {
+        postcard::from_bytes::<StoredV2>(bytes)
+            .map(TopicConfig::from)
+            .or_else(|_| postcard::from_bytes::<StoredV1>(bytes).map(TopicConfig::from))
+            .map_err(|_| current)
+    })
 }
 
 impl TopicConfig {

@@ -317,7 +317,7 @@ pub(crate) async fn take_over(
     client_id: &str,
     conn_id: u64,
 ) -> tributary_storage::Result<(Guard, Option<Session>)> {
-    let node = log.leadership().map_or(0, |l| l.borrow().node);
+    let node = log.node_id();
     let guard = Guard {
         space: OWNERS.into(),
         key: client_id.as_bytes().to_vec(),
@@ -414,7 +414,7 @@ impl SessionStore {
     /// session's slot until it is due, or is published at the first sweep
     /// when it fell due while the node was down or its session is gone.
     pub fn load_wills(&self, log: &Log) -> tributary_storage::Result<()> {
-        let node = log.leadership().map_or(0, |l| l.borrow().node);
+        let node = log.node_id();
         let now = Instant::now();
         let now_ms = tributary_storage::util::now_ms();
         let mut slots = self.lock();
@@ -568,7 +568,7 @@ async fn sweep(broker: &Server, now: Instant) {
         });
     }
     let log = &broker.cx.log;
-    let node = log.leadership().map_or(0, |l| l.borrow().node);
+    let node = log.node_id();
     for (client, w) in wills {
         let Some(read) = w.stored else {
             broker.publish_will(&w.identity, w.will).await;

@@ -310,6 +310,11 @@ impl Log {
         self.replicator().and_then(|r| r.leadership())
     }
 
+    /// This node's id in its cluster (0 on a single node).
+    pub fn node_id(&self) -> u64 {
+        self.leadership().map_or(0, |l| l.borrow().node)
+    }
+
     pub(super) fn replicator(&self) -> Option<&Arc<dyn Replicator>> {
         self.inner.replicator.get()
     }

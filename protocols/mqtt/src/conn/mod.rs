@@ -639,12 +639,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection<S> {
                             let delay = Duration::from_secs(u64::from(w.delay.min(expiry)));
                             let due_ms = tributary_storage::util::now_ms()
                                 .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(0));
-                            let node = self
-                                .broker
-                                .cx
-                                .log
-                                .leadership()
-                                .map_or(0, |l| l.borrow().node);
+                            let node = self.broker.cx.log.node_id();
                             let stored = wills::Stored::new(
                                 node,
                                 u64::try_from(due_ms).unwrap_or(0),
