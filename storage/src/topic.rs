@@ -137,26 +137,32 @@ pub struct TopicConfig {
     pub min_cleanable_dirty_ratio: f64,
     /// The topic's id (Kafka's topic id: random, given when the topic is
     /// created); all zero for a topic created before topics had ids.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "added_later")]
     pub id: [u8; 16],
     /// The settings given explicitly, by their Kafka config names
     /// (`retention.ms`): Kafka's DescribeConfigs reports them as the topic's
     /// own even when they equal the node's default.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "added_later")]
     pub explicit: BTreeSet<String>,
 }
 
-/// [`TopicConfig`] as stored before topics had ids: configs are stored with
-/// postcard, which has no optional trailing fields (a struct inside is its
-/// fields in order, so this is the earlier layout's fields, then these).
-#[derive(Deserialize)]
-struct StoredV2 {
-    v1: StoredV1,
-    cleanup_policy: CleanupPolicy,
-    delete_retention_ms: u64,
-    min_compaction_lag_ms: u64,
-    max_compaction_lag_ms: Option<u64>,
-    min_cleanable_dirty_ratio: f64,
+/// A field added at the end of [`TopicConfig`]'s stored form. A config
+/// written before it existed ends where the field would start: postcard
+/// has no optional trailing fields, but a config is the last thing in what
+/// holds it (the store's value, a cluster's stored entry, a snapshot's
+/// item), so the end of the input there reads as the default. (Those are
+/// written whole and checked: sled's log, the snapshot's checksums.)
+fn added_later<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    match T::deserialize(d) {
+        Err(e) if e.to_string() == postcard::Error::DeserializeUnexpectedEnd.to_string() => {
+            Ok(T::default())
+        }
+        other => other,
+    }
 }
 
 /// [`TopicConfig`] as stored before compaction settings existed.
@@ -182,25 +188,11 @@ impl From<StoredV1> for TopicConfig {
     }
 }
 
-impl From<StoredV2> for TopicConfig {
-    fn from(v2: StoredV2) -> TopicConfig {
-        TopicConfig {
-            cleanup_policy: v2.cleanup_policy,
-            delete_retention_ms: v2.delete_retention_ms,
-            min_compaction_lag_ms: v2.min_compaction_lag_ms,
-            max_compaction_lag_ms: v2.max_compaction_lag_ms,
-            min_cleanable_dirty_ratio: v2.min_cleanable_dirty_ratio,
-            ..TopicConfig::from(v2.v1)
-        }
-    }
-}
-
 /// Reads a stored topic config, in any of its layouts (the newest first).
 pub(crate) fn decode_stored(bytes: &[u8]) -> std::result::Result<TopicConfig, postcard::Error> {
     postcard::from_bytes::<TopicConfig>(bytes).or_else(|current| {
-        postcard::from_bytes::<StoredV2>(bytes)
+        postcard::from_bytes::<StoredV1>(bytes)
             .map(TopicConfig::from)
-            .or_else(|_| postcard::from_bytes::<StoredV1>(bytes).map(TopicConfig::from))
             .map_err(|_| current)
     })
 }
@@ -551,5 +543,18 @@ mod tests {
         now.cleanup_policy = CleanupPolicy::DeleteCompact;
         let bytes = postcard::to_stdvec(&now).expect("encode");
         assert_eq!(decode_stored(&bytes).expect("current"), now);
+        // A cluster's entry written before ids: the config is its tail.
+        let mut old = now.clone();
+        old.id = [0; 16];
+        old.explicit.clear();
+        let op = crate::Op::CreateTopic(old.clone());
+        let bytes = postcard::to_stdvec(&op).expect("encode");
+        let before_ids = &bytes[..bytes.len() - 17];
+        match postcard::from_bytes::<crate::Op>(before_ids) {
+            Ok(crate::Op::CreateTopic(read)) => assert_eq!(read, old),
+            other => panic!("{other:?}"),
+        }
+        // Cut before the last layout's fields: damage, not a default.
+        assert!(postcard::from_bytes::<crate::Op>(&bytes[..bytes.len() - 20]).is_err());
     }
 }

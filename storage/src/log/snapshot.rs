@@ -91,19 +91,10 @@ enum Item {
     },
 }
 
-/// postcard's tag of [`Item::Topic`] (its variant index).
-const TOPIC_TAG: u8 = 1;
-
-/// An item's body. A topic config is the whole rest of its item, read as
-/// the store reads one, in any of its layouts (a snapshot taken before
-/// topics had ids is installed).
+/// An item's body (a topic config, the last thing in its item, may be in
+/// an earlier layout: a snapshot taken before topics had ids).
 fn decode_item(body: &[u8]) -> Result<Item> {
-    match body.split_first() {
-        Some((&TOPIC_TAG, config)) => crate::topic::decode_stored(config)
-            .map(Item::Topic)
-            .map_err(damaged),
-        _ => postcard::from_bytes(body).map_err(damaged),
-    }
+    postcard::from_bytes(body).map_err(damaged)
 }
 
 fn damaged(what: impl std::fmt::Display) -> Error {
@@ -492,7 +483,6 @@ mod tests {
         let mut config = TopicConfig::new("t", 2);
         config.id = [3; 16];
         let body = postcard::to_stdvec(&Item::Topic(config.clone())).expect("encode");
-        assert_eq!(body[0], TOPIC_TAG);
         let Item::Topic(read) = decode_item(&body).expect("read") else {
             panic!("not a topic")
         };
@@ -502,7 +492,7 @@ mod tests {
         old.id = [0; 16];
         let full = postcard::to_stdvec(&old).expect("encode");
         // id (16 bytes) and an empty set (1 byte) are the tail.
-        let mut body = vec![TOPIC_TAG];
+        let mut body = vec![1];
         body.extend_from_slice(&full[..full.len() - 17]);
         let Item::Topic(read) = decode_item(&body).expect("read") else {
             panic!("not a topic")
@@ -510,6 +500,6 @@ mod tests {
         assert_eq!(read, old);
         let end = postcard::to_stdvec(&Item::End { items: 4 }).expect("encode");
         assert!(matches!(decode_item(&end), Ok(Item::End { items: 4 })));
-        assert!(decode_item(&[TOPIC_TAG, 0xff]).is_err());
+        assert!(decode_item(&[1, 0xff]).is_err());
     }
 }
