@@ -279,7 +279,14 @@ impl Cluster {
             )),
             tokio::spawn(propose(cluster.clone(), rx)),
             tokio::spawn(count_leader_changes(cluster.clone())),
-            tokio::spawn(follow_leadership(raft.clone(), config.node_id, leads)),
+            tokio::spawn(follow_leadership(
+                raft.clone(),
+                config.node_id,
+                // Twice the longest election timeout: by then the others
+                // may have elected another leader.
+                (config.election_timeout.as_millis() as u64) * 3,
+                leads,
+            )),
             tokio::spawn(take_snapshots(
                 cluster.clone(),
                 log.clone(),
@@ -681,8 +688,15 @@ impl Submit for Cluster {
 /// The log's replicator: writes go to the proposer.
 struct Replicating(Arc<Cluster>);
 
-/// Keeps `leads` up to date with who leads, as `raft` knows it.
-async fn follow_leadership(raft: Raft, node: NodeId, leads: watch::Sender<Leadership>) {
+/// Keeps `leads` up to date with who leads, as `raft` knows it; a leader
+/// whose last acknowledgement from a majority is older than `cut_off_ms`
+/// is cut off (openraft reports the age at every tick).
+async fn follow_leadership(
+    raft: Raft,
+    node: NodeId,
+    cut_off_ms: u64,
+    leads: watch::Sender<Leadership>,
+) {
     let mut metrics = raft.metrics();
     loop {
         let now = {
@@ -697,6 +711,8 @@ async fn follow_leadership(raft: Raft, node: NodeId, leads: watch::Sender<Leader
                     .filter(|l| *l != node || m.state == ServerState::Leader),
                 term: m.current_term,
                 voters: m.membership_config.membership().voter_ids().collect(),
+                cut_off: m.state == ServerState::Leader
+                    && m.millis_since_quorum_ack.is_some_and(|ms| ms > cut_off_ms),
             }
         };
         leads.send_if_modified(|l| {

@@ -395,13 +395,16 @@ impl Coordinator {
 
     /// Whether this node coordinates groups now: always on a single node;
     /// on a cluster, while it leads (every member of a group then meets on
-    /// one node, whichever node each client reached first).
+    /// one node, whichever node each client reached first) and is not cut
+    /// off from the majority (the members then look for the coordinator
+    /// again, and find the new leader's).
     pub fn coordinating(&self) -> Result<(), GroupError> {
         let Some(leadership) = self.inner.log.leadership() else {
             return Ok(());
         };
         let l = leadership.borrow();
         match l.leader {
+            _ if l.leads() && l.cut_off => Err(GroupError::CoordinatorNotAvailable),
             _ if l.leads() => Ok(()),
             Some(_) => Err(GroupError::NotCoordinator),
             None => Err(GroupError::CoordinatorNotAvailable),
@@ -470,9 +473,16 @@ impl Coordinator {
         let timing = self.timing();
         let mut total = Delta::default();
         let mut groups = self.lock();
-        if !groups.is_empty() && self.coordinating().is_err() {
-            // Leadership moved: the members find the new leader (their
-            // next request here is refused) and rejoin there.
+        // Leadership moved: the members find the new leader (their next
+        // request here is refused) and rejoin there. (A leader cut off
+        // keeps its groups: if it hears from the majority again still
+        // leading, its members go on where they were.)
+        let moved = self
+            .inner
+            .log
+            .leadership()
+            .is_some_and(|l| !l.borrow().leads());
+        if !groups.is_empty() && moved {
             for g in groups.values_mut() {
                 g.close(&mut total);
             }

@@ -568,7 +568,54 @@ fn leader(node: u64, term: u64) -> tributary_storage::Leadership {
         leader: Some(node),
         term,
         voters: vec![1, 2, 3],
+        cut_off: false,
     }
+}
+
+/// A leader cut off from the majority stops coordinating (its members look
+/// for the coordinator again) but keeps its groups: heard from the majority
+/// again, still leading, its members go on in the same generation; once it
+/// knows another node leads, the groups are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_stops_coordinating_and_keeps_its_groups() {
+    let log = Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log");
+    let (ops, _queued) = tokio::sync::mpsc::channel(16);
+    let (lead, leadership) = tokio::sync::watch::channel(leader(1, 1));
+    log.replicate_with(Arc::new(Loopback { ops, leadership }))
+        .expect("replicator");
+    let stop = CancellationToken::new();
+    let c = Coordinator::start(log.clone(), quick(), stop.clone());
+    let joined = c.join(join_req("", "a", &["range"])).await.expect("join");
+    let (generation, member) = (joined.generation, joined.member_id);
+    c.heartbeat("g", generation, &member, None)
+        .expect("coordinating");
+    lead.send(tributary_storage::Leadership {
+        cut_off: true,
+        ..leader(1, 1)
+    })
+    .expect("leadership");
+    assert_eq!(
+        c.heartbeat("g", generation, &member, None).err(),
+        Some(GroupError::CoordinatorNotAvailable)
+    );
+    assert_eq!(
+        c.join(join_req("", "b", &["range"])).await.err(),
+        Some(GroupError::CoordinatorNotAvailable)
+    );
+    // Ticks pass (the coordinator ticks every few hundred ms).
+    sleep(Duration::from_secs(1)).await;
+    lead.send(leader(1, 1)).expect("leadership");
+    c.heartbeat("g", generation, &member, None)
+        .expect("the same member, the same generation");
+    // Another node leads: the groups go.
+    lead.send(leader(2, 2)).expect("leadership");
+    sleep(Duration::from_secs(1)).await;
+    lead.send(leader(1, 3)).expect("leadership");
+    assert_eq!(
+        c.heartbeat("g", generation, &member, None).err(),
+        Some(GroupError::UnknownMemberId)
+    );
+    stop.cancel();
 }
 
 /// On a cluster, the leader writes positions under its claim for the term

@@ -594,6 +594,13 @@ async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
     create(&cluster.url(old), 3).await;
     let writers = Writers::start(3, cluster.urls());
     writers.progress(0, 20, "before the faults").await;
+    // A Kafka group member at the leader, its coordinator.
+    let old_kafka = cluster.nodes[old].as_ref().expect("running").kafka;
+    let (mut member, member_id, generation) = kafka_member(old_kafka, "cut").await;
+    assert_eq!(
+        kafka_heartbeat(&mut member, "cut", &member_id, generation).await,
+        0
+    );
 
     // 1. The leader is cut off. The writers go to the majority; probes go
     //    to the old leader, which must acknowledge none of them.
@@ -621,6 +628,24 @@ async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
         .collect();
     let new = cluster.leader_of(&majority).await;
     assert_ne!(new, old);
+    // The old leader, cut off, stops coordinating the group within a few
+    // election timeouts (it has not heard of the new term): its member is
+    // told the coordinator is not available, and so is a client looking
+    // for one there.
+    const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    let started = Instant::now();
+    loop {
+        let beat = kafka_heartbeat(&mut member, "cut", &member_id, generation).await;
+        let (found, _, _) = kafka_coordinator(old_kafka, "cut", 0).await;
+        if beat == COORDINATOR_NOT_AVAILABLE && found == COORDINATOR_NOT_AVAILABLE {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cut-off leader still coordinates: heartbeat {beat}, FindCoordinator {found}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let before = writers.acked();
     writers
         .progress(before, 20, "the majority, while the leader is cut off")
@@ -1403,6 +1428,55 @@ async fn kafka_metadata(addr: std::net::SocketAddr) -> (Vec<(i32, i32)>, Vec<i32
         .map(|p| p.leader_id.0)
         .collect();
     (brokers, leaders, m.topics[0].topic_id)
+}
+
+/// A member of group `group` joined through the node at `addr` (JoinGroup
+/// v5: handed its id first): the connection, its id and generation.
+async fn kafka_member(
+    addr: std::net::SocketAddr,
+    group: &str,
+) -> (common::kafka::Client, String, i32) {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::{ApiKey, GroupId, JoinGroupRequest, JoinGroupResponse};
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let mut k = common::kafka::Client::at(addr).await;
+    let join = |member: String| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_owned())))
+            .with_session_timeout_ms(60_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_member_id(StrBytes::from_string(member))
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("range"))
+                .with_metadata(bytes::Bytes::from_static(b"subscription"))])
+    };
+    let mut b = k.call(ApiKey::JoinGroup, 5, &join(String::new())).await;
+    let first = JoinGroupResponse::decode(&mut b, 5).expect("join");
+    let member = first.member_id.to_string();
+    let mut b = k.call(ApiKey::JoinGroup, 5, &join(member.clone())).await;
+    let joined = JoinGroupResponse::decode(&mut b, 5).expect("join");
+    assert_eq!(joined.error_code, 0, "{joined:?}");
+    (k, member, joined.generation_id)
+}
+
+/// A member's Heartbeat: the error code.
+async fn kafka_heartbeat(
+    k: &mut common::kafka::Client,
+    group: &str,
+    member: &str,
+    generation: i32,
+) -> i16 {
+    use kafka_protocol::messages::{ApiKey, GroupId, HeartbeatRequest, HeartbeatResponse};
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let req = HeartbeatRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_owned())))
+        .with_generation_id(generation)
+        .with_member_id(StrBytes::from_string(member.to_owned()));
+    let mut b = k.call(ApiKey::Heartbeat, 4, &req).await;
+    HeartbeatResponse::decode(&mut b, 4)
+        .expect("heartbeat")
+        .error_code
 }
 
 /// The coordinator the node at `addr` names for a group or (`key_type` 1)

@@ -94,10 +94,18 @@ pub(crate) fn find_coordinator(
     version: i16,
 ) -> FindCoordinatorResponse {
     // The node that coordinates both groups and transactional ids: this
-    // one, or on a cluster the leader.
+    // one, or on a cluster the leader (none while this node leads cut off
+    // from the majority: it may not lead any more).
     let view = crate::brokers::view(s);
+    let cut_off = s
+        .server
+        .cx
+        .log
+        .leadership()
+        .is_some_and(|l| l.borrow().cut_off);
     let coordinator = view
         .leader
+        .filter(|_| !cut_off)
         .and_then(|id| view.endpoint(id).map(|(host, port)| (id, host, port)));
     let answer = |key: &StrBytes| -> (i16, i32, String, i32) {
         let Some((node, host, port)) = coordinator.clone() else {

@@ -269,6 +269,10 @@ pub struct Leadership {
     pub term: u64,
     /// The voters.
     pub voters: Vec<u64>,
+    /// This node leads but has heard from no majority for longer than an
+    /// election takes: cut off, another node may lead by now (it learns
+    /// of the new term only once it hears from the others again).
+    pub cut_off: bool,
 }
 
 impl Leadership {
