@@ -631,18 +631,20 @@ async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
     // The old leader, cut off, stops coordinating the group within a few
     // election timeouts (it has not heard of the new term): its member is
     // told the coordinator is not available, and so is a client looking
-    // for one there.
+    // for a group's or a transactional id's coordinator there.
     const COORDINATOR_NOT_AVAILABLE: i16 = 15;
     let started = Instant::now();
     loop {
         let beat = kafka_heartbeat(&mut member, "cut", &member_id, generation).await;
         let (found, _, _) = kafka_coordinator(old_kafka, "cut", 0).await;
-        if beat == COORDINATOR_NOT_AVAILABLE && found == COORDINATOR_NOT_AVAILABLE {
+        let (txn, _, _) = kafka_coordinator(old_kafka, "cut-txn", 1).await;
+        if [beat, found, txn] == [COORDINATOR_NOT_AVAILABLE; 3] {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "the cut-off leader still coordinates: heartbeat {beat}, FindCoordinator {found}"
+            "the cut-off leader still coordinates: heartbeat {beat}, FindCoordinator {found} \
+             (transactions {txn})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -291,16 +291,17 @@ impl Server {
 
     /// The transaction coordinator: started on first use on a single node;
     /// on a cluster, the one of the leader's term while this node leads
-    /// (NOT_COORDINATOR elsewhere).
+    /// (NOT_COORDINATOR elsewhere; COORDINATOR_NOT_AVAILABLE while it leads
+    /// cut off from the majority).
     pub(crate) async fn coordinator(&self) -> Result<Arc<txn::Coordinator>, txn::Refused> {
         let claim = match self.cx.log.leadership() {
             None => None,
             Some(l) => {
                 let l = l.borrow().clone();
-                if !l.leads() {
+                if !l.leads() || l.cut_off {
                     return Err(match l.leader {
-                        Some(_) => txn::Refused::NotCoordinator,
-                        None => txn::Refused::NotAvailable,
+                        Some(_) if !l.cut_off => txn::Refused::NotCoordinator,
+                        _ => txn::Refused::NotAvailable,
                     });
                 }
                 Some((brokers::coordinator_claim(&l), l.term))
@@ -361,7 +362,10 @@ async fn follow_leadership(
     mut leadership: tokio::sync::watch::Receiver<tributary_storage::Leadership>,
 ) {
     loop {
-        let leads = leadership.borrow_and_update().leads();
+        let leads = {
+            let l = leadership.borrow_and_update();
+            l.leads() && !l.cut_off
+        };
         if leads {
             let Some(s) = server.upgrade() else { return };
             if let Err(r) = s.coordinator().await {
