@@ -167,6 +167,7 @@ where
 
 /// [`TopicConfig`] as stored before compaction settings existed.
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct StoredV1 {
     name: String,
     partitions: u32,
@@ -488,24 +489,15 @@ mod tests {
     #[test]
     fn topic_configs_stored_in_every_earlier_layout_are_read() {
         #[derive(Serialize)]
-        struct V1 {
-            name: String,
-            partitions: u32,
-            retention_ms: Option<u64>,
-            retention_bytes: Option<u64>,
-            max_event_bytes: usize,
-            on_full: OnFull,
-        }
-        #[derive(Serialize)]
         struct V2 {
-            v1: V1,
+            v1: StoredV1,
             cleanup_policy: CleanupPolicy,
             delete_retention_ms: u64,
             min_compaction_lag_ms: u64,
             max_compaction_lag_ms: Option<u64>,
             min_cleanable_dirty_ratio: f64,
         }
-        let v1 = V1 {
+        let v1 = StoredV1 {
             name: "old".into(),
             partitions: 3,
             retention_ms: Some(5),

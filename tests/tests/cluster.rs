@@ -1904,11 +1904,8 @@ async fn a_librdkafka_transactional_loop_through_leader_kills_turns_each_input_i
 /// the members have left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_refuses_an_http_commit_to_a_group_whose_members_are_on_the_leader() {
-    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
     use kafka_protocol::messages::leave_group_request::MemberIdentity;
-    use kafka_protocol::messages::{
-        ApiKey, GroupId, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
-    };
+    use kafka_protocol::messages::{ApiKey, GroupId, LeaveGroupRequest, LeaveGroupResponse};
     use kafka_protocol::protocol::{Decodable, StrBytes};
     let root = tempfile::tempdir().expect("tempdir");
     let (cluster, _) = kafka_cluster(root.path(), 0);
@@ -1947,26 +1944,9 @@ async fn a_follower_refuses_an_http_commit_to_a_group_whose_members_are_on_the_l
         }
     };
     answered(follower, 200).await;
-    // A member joins at the leader (v5: it is handed its id first).
-    let mut k =
-        common::kafka::Client::at(cluster.nodes[leader].as_ref().expect("running").kafka).await;
-    let join = |member: String| {
-        JoinGroupRequest::default()
-            .with_group_id(GroupId(StrBytes::from_static_str("g")))
-            .with_session_timeout_ms(60_000)
-            .with_rebalance_timeout_ms(10_000)
-            .with_member_id(StrBytes::from_string(member))
-            .with_protocol_type(StrBytes::from_static_str("consumer"))
-            .with_protocols(vec![JoinGroupRequestProtocol::default()
-                .with_name(StrBytes::from_static_str("range"))
-                .with_metadata(bytes::Bytes::from_static(b"subscription"))])
-    };
-    let mut b = k.call(ApiKey::JoinGroup, 5, &join(String::new())).await;
-    let first = JoinGroupResponse::decode(&mut b, 5).expect("join");
-    let member = first.member_id.to_string();
-    let mut b = k.call(ApiKey::JoinGroup, 5, &join(member.clone())).await;
-    let joined = JoinGroupResponse::decode(&mut b, 5).expect("join");
-    assert_eq!(joined.error_code, 0, "{joined:?}");
+    // A member joins at the leader.
+    let (mut k, member, _) =
+        kafka_member(cluster.nodes[leader].as_ref().expect("running").kafka, "g").await;
     assert_eq!(commit(leader).await.0, 409);
     answered(follower, 409).await;
     let leave = LeaveGroupRequest::default()
