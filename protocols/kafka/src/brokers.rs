@@ -128,7 +128,7 @@ pub(crate) struct View {
     /// This node's broker id.
     pub(crate) me: i32,
     /// The leader's broker id, if known and reachable (it published an
-    /// endpoint).
+    /// endpoint), and not this node cut off from the majority.
     pub(crate) leader: Option<i32>,
 }
 
@@ -188,8 +188,11 @@ pub(crate) fn view(s: &Session) -> View {
         brokers.push((id(*voter), e.host.clone(), i32::from(port)));
     }
     brokers.sort_by_key(|(b, _, _)| *b);
+    // A leader cut off from the majority may not lead any more: it names
+    // none (its coordinators refuse, see `Leadership::cut_off`).
     let leader = l
         .leader
+        .filter(|_| !l.cut_off)
         .map(id)
         .filter(|leader| brokers.iter().any(|(b, _, _)| b == leader));
     View {

@@ -97,15 +97,8 @@ pub(crate) fn find_coordinator(
     // one, or on a cluster the leader (none while this node leads cut off
     // from the majority: it may not lead any more).
     let view = crate::brokers::view(s);
-    let cut_off = s
-        .server
-        .cx
-        .log
-        .leadership()
-        .is_some_and(|l| l.borrow().cut_off);
     let coordinator = view
         .leader
-        .filter(|_| !cut_off)
         .and_then(|id| view.endpoint(id).map(|(host, port)| (id, host, port)));
     let answer = |key: &StrBytes| -> (i16, i32, String, i32) {
         let Some((node, host, port)) = coordinator.clone() else {
