@@ -26,6 +26,7 @@
 pub mod gate;
 pub mod log_store;
 pub mod network;
+pub mod snapshot_data;
 pub mod state_machine;
 pub mod types;
 
@@ -606,10 +607,11 @@ async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
 }
 
 /// Asks for a snapshot once the entries applied since the last one weigh
-/// `min_bytes`, or half the log's stored bytes if that is more: a
-/// snapshot copies the whole log, so the copying stays within about twice
-/// what is written, and the Raft log within half the log (and
-/// `snapshot_keep` entries).
+/// `min_bytes`, or half the log's stored bytes if that is more. A snapshot
+/// is a cut (no records), so taking one costs little; what the rule keeps
+/// is the Raft log within half the log (and `snapshot_keep` entries), and a
+/// follower away for less than that catches up from entries rather than
+/// from a whole snapshot.
 async fn take_snapshots(
     cluster: Arc<Cluster>,
     log: Log,
@@ -626,7 +628,8 @@ async fn take_snapshots(
         }
         // A snapshot that fails to write stops the node's Raft (openraft
         // takes a storage error as fatal): take none without room for it.
-        let need = stored + stored / 4 + (64 << 20);
+        // A cut holds the tables: group positions, sessions, producers.
+        let need = 64 << 20;
         if let Some(free) = log.free_disk_bytes().filter(|&free| free < need) {
             if !short {
                 tracing::warn!(

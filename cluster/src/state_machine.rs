@@ -7,21 +7,24 @@
 //! storage crate's `replica` module).
 //!
 //! ## Snapshots
-//! A snapshot is the whole log at one applied index, in one file
-//! (`snapshots/current.snap` in the node's data directory; the storage
-//! crate's `snapshot` module has the format). One is taken once the entries
-//! applied since the last weigh `cluster.snapshot_min_bytes`, or half the
-//! log's stored bytes if that is more. Taking one: the cut (tables
-//! and each partition's end) is made on the state machine's task, between
-//! two applies; the records are copied on a thread while applying goes on.
-//! Once it is durable, openraft drops the Raft log before it (less
+//! A snapshot is the whole log at one applied index. What a node keeps of
+//! it (`snapshots/current.snap` in its data directory) is a cut: the
+//! tables and each partition's end, made on the state machine's task
+//! between two applies, which refers to the log's records instead of
+//! copying them (the storage crate's `snapshot` module has the format).
+//! One is taken once the entries applied since the last weigh
+//! `cluster.snapshot_min_bytes`, or half the log's stored bytes if that is
+//! more. Once it is durable, openraft drops the Raft log before it (less
 //! `cluster.snapshot_keep` entries). A follower that needs entries no
-//! longer kept receives the file in chunks (`received.snap`), renames it
-//! `install.snap`, and restores its log from it; then it becomes the
-//! node's `current.snap`. A node that stops in the middle of a restore
-//! finds `install.snap` when it starts and restores it again
+//! longer kept is sent the cut written out in full with the records the
+//! log holds below its ends ([`crate::snapshot_data`]). It receives the
+//! file in chunks (`received.snap`), renames it `install.snap`, and
+//! restores its log from it; then it cuts what it now holds as its own
+//! `current.snap` and removes the file. A node that stops in the middle of
+//! a restore finds `install.snap` when it starts and restores it again
 //! ([`finish_install`]) before it does anything else.
 
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use openraft::{
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 use tributary_storage::{Applied, Cut, Error, Log, Op};
 
+use crate::snapshot_data::{Expand, SnapshotData};
 use crate::types::{NodeId, Request, Response, StorageError, TypeConfig};
 
 /// Metadata space of the cluster's applied state.
@@ -60,8 +64,6 @@ pub struct StateMachine {
 /// The node's snapshot files.
 struct Snapshots {
     dir: PathBuf,
-    /// The metadata of `current.snap`, if there is one.
-    current: std::sync::Mutex<Option<SnapshotMeta<NodeId, BasicNode>>>,
     /// Held while a snapshot is taken or installed: one at a time.
     busy: Arc<Mutex<()>>,
     /// Numbers the snapshots taken here.
@@ -98,7 +100,7 @@ pub async fn finish_install(log: &Log, dir: &Path) -> Result<(), Error> {
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("taking-") || name == RECEIVED {
+        if name.starts_with("taking-") || name.starts_with("sending-") || name == RECEIVED {
             std::fs::remove_file(dir.join(&*name))?;
         }
     }
@@ -107,8 +109,21 @@ pub async fn finish_install(log: &Log, dir: &Path) -> Result<(), Error> {
         return Ok(());
     }
     tracing::warn!("cluster: a snapshot's restore was cut short; restoring it again");
-    log.restore(&install).await?;
-    std::fs::rename(&install, dir.join(CURRENT))?;
+    let header = log.restore(&install).await?;
+    settle(log, dir, &header).await
+}
+
+/// After a restore from `install.snap`: a cut of what the log now holds
+/// becomes `current.snap` (it refers to the records the file brought), and
+/// the file goes. A stop before the end restores the file again.
+async fn settle(log: &Log, dir: &Path, header: &[u8]) -> Result<(), Error> {
+    let taking = dir.join("taking-installed.snap");
+    let cut = log.snapshot_cut(&taking, header)?;
+    tokio::task::spawn_blocking(move || cut.finish())
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+    std::fs::rename(&taking, dir.join(CURRENT))?;
+    std::fs::remove_file(dir.join(INSTALL))?;
     sync_dir(dir)?;
     Ok(())
 }
@@ -131,11 +146,6 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         let index = applied.map_or(0, |l| l.index);
-        let current = match tributary_storage::snapshot_header(&dir.join(CURRENT)) {
-            Ok(h) => Some(postcard::from_bytes(&h).map_err(|e| read_err(&e))?),
-            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(read_err(&e)),
-        };
         Ok(StateMachine {
             log,
             state: Arc::new(Mutex::new(Applying {
@@ -145,7 +155,6 @@ impl StateMachine {
             applied_index: Arc::new(watch::Sender::new(index)),
             snapshots: Arc::new(Snapshots {
                 dir: dir.to_owned(),
-                current: std::sync::Mutex::new(current),
                 busy: Arc::new(Mutex::new(())),
                 taken: AtomicU64::new(0),
             }),
@@ -159,26 +168,28 @@ impl StateMachine {
         self.unsnapshotted.clone()
     }
 
-    /// The metadata of the last snapshot taken or installed here.
-    fn current(&self) -> Option<SnapshotMeta<NodeId, BasicNode>> {
-        self.snapshots
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// `current.snap`, opened for reading.
-    async fn open_current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(meta) = self.current() else {
-            return Ok(None);
+    /// `current.snap`, opened: its metadata is read from the file itself,
+    /// which stays open (a snapshot taken since replaces the name only).
+    fn open_current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let err = |e: &dyn std::fmt::Display| snapshot_err(None, ErrorVerb::Read, e);
+        let mut cut = match std::fs::File::open(self.snapshots.dir.join(CURRENT)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(err(&e)),
         };
-        let file = tokio::fs::File::open(self.snapshots.dir.join(CURRENT))
-            .await
-            .map_err(|e| snapshot_err(Some(&meta), ErrorVerb::Read, &e))?;
+        let header =
+            tributary_storage::read_snapshot_header(BufReader::new(&cut)).map_err(|e| err(&e))?;
+        let meta: SnapshotMeta<NodeId, BasicNode> =
+            postcard::from_bytes(&header).map_err(|e| err(&e))?;
+        cut.seek(SeekFrom::Start(0)).map_err(|e| err(&e))?;
+        let expand = Expand {
+            log: self.log.clone(),
+            cut,
+            dir: self.snapshots.dir.clone(),
+        };
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(SnapshotData::cut(expand)),
         }))
     }
 
@@ -353,7 +364,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
         let file = tokio::fs::File::options()
             .create(true)
             .truncate(true)
@@ -362,20 +373,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .open(self.snapshots.dir.join(RECEIVED))
             .await
             .map_err(|e| snapshot_err(None, ErrorVerb::Write, &e))?;
-        Ok(Box::new(file))
+        Ok(Box::new(SnapshotData::file(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let err = |verb, e: &dyn std::fmt::Display| snapshot_err(Some(meta), verb, e);
-        snapshot
-            .sync_all()
+        let file = snapshot
+            .into_file()
+            .map_err(|e| err(ErrorVerb::Write, &e))?;
+        file.sync_all()
             .await
             .map_err(|e| err(ErrorVerb::Write, &e))?;
-        drop(snapshot);
+        drop(file);
         let _busy = self.snapshots.busy.lock().await;
         let mut s = self.state.lock().await;
         let dir = &self.snapshots.dir;
@@ -384,21 +397,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .and_then(|()| sync_dir(dir))
             .map_err(|e| err(ErrorVerb::Write, &e))?;
         let started = std::time::Instant::now();
-        self.log
+        let header = self
+            .log
             .restore(&install)
             .await
             .map_err(|e| err(ErrorVerb::Write, &e))?;
-        std::fs::rename(&install, dir.join(CURRENT))
-            .and_then(|()| sync_dir(dir))
+        settle(&self.log, dir, &header)
+            .await
             .map_err(|e| err(ErrorVerb::Write, &e))?;
         s.applied = meta.last_log_id;
         s.membership = meta.last_membership.clone();
         self.unsnapshotted.store(0, Ordering::Relaxed);
-        *self
-            .snapshots
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
         self.applied_index
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
         tracing::info!(
@@ -410,11 +419,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        self.open_current().await
+        self.open_current()
     }
 }
 
-/// A snapshot being taken: the cut is made, the records are copied by
+/// A snapshot being taken: the cut is made, made durable by
 /// [`RaftSnapshotBuilder::build_snapshot`].
 pub struct Builder {
     machine: StateMachine,
@@ -442,19 +451,13 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
         std::fs::rename(&self.path, dir.join(CURRENT))
             .and_then(|()| sync_dir(dir))
             .map_err(|e| err(&e))?;
-        *self
-            .machine
-            .snapshots
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
         tracing::info!(
             snapshot = %meta.snapshot_id,
             bytes,
             took = ?started.elapsed(),
             "cluster: took a snapshot"
         );
-        match self.machine.open_current().await? {
+        match self.machine.open_current()? {
             Some(s) => Ok(s),
             None => Err(err(&"no snapshot after taking one")),
         }
@@ -498,13 +501,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let snaps = dir.path().join("snapshots");
         std::fs::create_dir_all(&snaps).expect("dir");
-        let cut = source
-            .snapshot_cut(&snaps.join(INSTALL), b"meta")
-            .expect("cut");
-        tokio::task::spawn_blocking(move || cut.finish())
-            .await
-            .expect("join")
-            .expect("finish");
+        let cut_file = dir.path().join("cut");
+        let cut = source.snapshot_cut(&cut_file, b"meta").expect("cut");
+        let whole = std::fs::File::create(snaps.join(INSTALL)).expect("create");
+        let leader = source.clone();
+        tokio::task::spawn_blocking(move || {
+            cut.finish()?;
+            leader.snapshot_expand(std::fs::File::open(cut_file)?, whole)
+        })
+        .await
+        .expect("join")
+        .expect("write out");
         std::fs::write(snaps.join("taking-3.snap"), b"half").expect("write");
         std::fs::write(snaps.join(RECEIVED), b"half").expect("write");
         let node = log();
@@ -524,6 +531,14 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(files, [CURRENT]);
+        // The node's own cut of what it restored, under the same header.
+        let current = snaps.join(CURRENT);
+        assert_eq!(
+            tributary_storage::snapshot_header(&current).expect("header"),
+            b"meta"
+        );
+        let e = log().restore(&current).await.expect_err("a cut");
+        assert!(e.to_string().contains("a cut"), "{e}");
         // Nothing left to do at the start after.
         finish_install(&node, &snaps).await.expect("again");
         assert!(node.topic("t").is_ok());

@@ -31,10 +31,10 @@ pub use batch::RecordRef;
 pub use error::{Error, Result};
 pub use event::{AppendRecord, Event, Position, Record};
 pub use log::{
-    snapshot_header, validate_group, AppendOptions, Applied, CompactionInfo, Cut, Durability,
-    Forwarded, GroupOffset, Guard, Isolation, Leadership, Log, LogConfig, Marker, MetaEntry, Op,
-    OpPart, PartitionInfo, Pending, ProducerBatch, ProducerState, ReadRange, ReadResult, ReadSink,
-    Replicator, TopicDefaults, TopicInfo, MAX_COMMIT_METADATA,
+    read_snapshot_header, snapshot_header, validate_group, AppendOptions, Applied, CompactionInfo,
+    Cut, Durability, Forwarded, GroupOffset, Guard, Isolation, Leadership, Log, LogConfig, Marker,
+    MetaEntry, Op, OpPart, PartitionInfo, Pending, ProducerBatch, ProducerState, ReadRange,
+    ReadResult, ReadSink, Replicator, TopicDefaults, TopicInfo, MAX_COMMIT_METADATA,
 };
 pub use stats::{StatsSnapshot, TxnEvent, COMMIT_BUCKETS};
 pub use store::{MemStore, PartitionStore, SledOptions, SledStore, Store};

@@ -639,10 +639,16 @@ async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
     }
 }
 
-/// Writes after a snapshot's cut, while its records are copied: more
-/// records, a new position and metadata, and a topic written to, then
-/// deleted and created again.
+/// Writes after a snapshot's cut, before it is written out in full: more
+/// records, records deleted from a partition's start (batches the cut
+/// refers to go), a new position and metadata, and a topic written to,
+/// then deleted and created again.
 async fn after_the_cut(leader: &Log) {
+    let start = leader
+        .delete_records("t", 0, Some(3))
+        .await
+        .expect("delete records");
+    assert_eq!(start, 3);
     for i in 0..10 {
         leader
             .append("t", vec![keyed(None, "late", format!("late {i}"))])
@@ -673,11 +679,25 @@ async fn after_the_cut(leader: &Log) {
     append_one(leader, "gone", "the third gone").await;
 }
 
+/// A cut written out in full as a snapshot file, while the log goes on.
+async fn expand(log: &Log, cut: &std::path::Path, to: &std::path::Path) -> u64 {
+    let (log, cut, to) = (log.clone(), cut.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || {
+        log.snapshot_expand(
+            std::fs::File::open(cut).expect("cut"),
+            std::io::BufWriter::new(std::fs::File::create(to).expect("create")),
+        )
+    })
+    .await
+    .expect("join")
+    .expect("expand")
+}
+
 /// A node that installs a snapshot of another, then applies the entries
 /// after its cut, holds what the other holds, and keeps it through a
 /// restart; whatever it held before is gone. The records are copied after
-/// the cut while writes go on (a topic is even deleted in between), so the
-/// copy must stop at the cut's ends.
+/// the cut while writes go on (a topic is even deleted and created again
+/// in between), so the copy must stop at the cut's ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restored_from_a_snapshot_then_the_later_entries_equals_the_leader() {
     let store = MemStore::new();
@@ -692,20 +712,27 @@ async fn a_node_restored_from_a_snapshot_then_the_later_entries_equals_the_leade
     let gone_ends: Vec<u64> = (0..2)
         .map(|p| leader.offsets("gone", p).expect("gone").1)
         .collect();
-    assert!(
-        leader.snapshot_cut(&files.path().join("two"), b"").is_err(),
-        "one snapshot at a time"
-    );
-    after_the_cut(&leader).await;
-    let bytes = tokio::task::spawn_blocking(move || cut.finish())
+    let cut_bytes = tokio::task::spawn_blocking(move || cut.finish())
         .await
         .expect("join")
         .expect("finish");
-    assert!(bytes > 1000, "{bytes} bytes");
     assert_eq!(
         tributary_storage::snapshot_header(&file).expect("header"),
         b"header"
     );
+    // The records are not in the cut: it is refused as a snapshot.
+    let refused = mem_log(&MemStore::new(), config());
+    let e = refused.restore(&file).await.expect_err("a cut");
+    assert!(e.to_string().contains("a cut"), "{e}");
+    after_the_cut(&leader).await;
+    let whole = files.path().join("whole.snap");
+    let bytes = expand(&leader, &file, &whole).await;
+    assert!(bytes > cut_bytes + 1000, "{cut_bytes} bytes, {bytes} whole");
+    assert_eq!(
+        tributary_storage::snapshot_header(&whole).expect("header"),
+        b"header"
+    );
+    let file = whole;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let node = sled_log(dir.path(), config());
@@ -766,11 +793,13 @@ async fn a_damaged_snapshot_changes_nothing() {
     }
     let files = tempfile::tempdir().expect("tempdir");
     let file = files.path().join("s.snap");
-    let cut = leader.snapshot_cut(&file, b"h").expect("cut");
+    let cut_file = files.path().join("s.cut");
+    let cut = leader.snapshot_cut(&cut_file, b"h").expect("cut");
     tokio::task::spawn_blocking(move || cut.finish())
         .await
         .expect("join")
         .expect("finish");
+    expand(&leader, &cut_file, &file).await;
     let whole = std::fs::read(&file).expect("read");
     let node = mem_log(&MemStore::new(), config());
     create(&node, "mine", 1).await;

@@ -631,20 +631,23 @@ async fn a_partitioned_leader_acknowledges_nothing_and_followers_recover() {
     // The old leader, cut off, stops coordinating the group within a few
     // election timeouts (it has not heard of the new term): its member is
     // told the coordinator is not available, and so is a client looking
-    // for a group's or a transactional id's coordinator there.
+    // for a group's or a transactional id's coordinator there; its
+    // Metadata names no partition leader.
     const COORDINATOR_NOT_AVAILABLE: i16 = 15;
     let started = Instant::now();
     loop {
         let beat = kafka_heartbeat(&mut member, "cut", &member_id, generation).await;
         let (found, _, _) = kafka_coordinator(old_kafka, "cut", 0).await;
         let (txn, _, _) = kafka_coordinator(old_kafka, "cut-txn", 1).await;
-        if [beat, found, txn] == [COORDINATOR_NOT_AVAILABLE; 3] {
+        let (_, leaders, _) = kafka_metadata(old_kafka).await;
+        let leaderless = !leaders.is_empty() && leaders.iter().all(|l| *l == -1);
+        if [beat, found, txn] == [COORDINATOR_NOT_AVAILABLE; 3] && leaderless {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the cut-off leader still coordinates: heartbeat {beat}, FindCoordinator {found} \
-             (transactions {txn})"
+             (transactions {txn}), partition leaders {leaders:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1012,6 +1015,12 @@ async fn nodes_behind_the_kept_log_install_a_snapshot() {
             i + 1
         );
     }
+    // What was sent was a cut written out in full with the records then.
+    let sent = cluster.dirs.iter().any(|dir| {
+        std::fs::read_to_string(dir.join("node.log"))
+            .is_ok_and(|log| log.contains("wrote a snapshot out to send it"))
+    });
+    assert!(sent, "no node wrote a snapshot out to send it");
     // Nothing left over (a snapshot the last writes started may still be
     // being taken: `taking-N.snap` until it is done).
     for dir in &cluster.dirs {

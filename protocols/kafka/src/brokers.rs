@@ -125,18 +125,17 @@ pub(crate) fn assignment_rule(brokers: &[i32], new: bool) -> String {
 pub(crate) struct View {
     /// Broker id, host, port.
     pub(crate) brokers: Vec<(i32, String, i32)>,
-    /// This node's broker id.
-    pub(crate) me: i32,
     /// The leader's broker id, if known and reachable (it published an
     /// endpoint), and not this node cut off from the majority.
     pub(crate) leader: Option<i32>,
 }
 
 impl View {
-    /// The leader of every partition: the cluster's leader, or this node
-    /// while none is known (a write here waits for one).
-    pub(crate) fn partition_leader(&self) -> i32 {
-        self.leader.unwrap_or(self.me)
+    /// The leader of every partition: the cluster's leader, or none while
+    /// none is known or this node leads cut off from the majority (Kafka's
+    /// partition without a leader: clients ask again, of any broker).
+    pub(crate) fn partition_leader(&self) -> Option<i32> {
+        self.leader
     }
 
     /// Host and port of broker `id`.
@@ -156,7 +155,6 @@ pub(crate) fn view(s: &Session) -> View {
     let Some(leadership) = s.server.cx.log.leadership() else {
         return View {
             brokers: vec![(NODE_ID, host, port)],
-            me: NODE_ID,
             leader: Some(NODE_ID),
         };
     };
@@ -195,9 +193,5 @@ pub(crate) fn view(s: &Session) -> View {
         .filter(|_| !l.cut_off)
         .map(id)
         .filter(|leader| brokers.iter().any(|(b, _, _)| b == leader));
-    View {
-        brokers,
-        me,
-        leader,
-    }
+    View { brokers, leader }
 }

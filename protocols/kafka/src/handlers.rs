@@ -563,7 +563,7 @@ async fn metadata(s: &Session, req: MetadataRequest, version: i16) -> MetadataRe
         .with_brokers(brokers)
         .with_topics(topics);
     if version >= 1 {
-        answer = answer.with_controller_id(BrokerId(view.partition_leader()));
+        answer = answer.with_controller_id(BrokerId(view.partition_leader().unwrap_or(-1)));
     }
     if version >= 2 {
         answer = answer.with_cluster_id(Some(StrBytes::from_static_str("tributary")));
@@ -637,9 +637,12 @@ pub(crate) fn named_by_id(log: &tributary_storage::Log, id: uuid::Uuid) -> Optio
 
 /// A topic as Metadata describes it: on a cluster every node holds every
 /// committed record (each is a replica in sync), and the leader takes the
-/// writes.
+/// writes; with no leader, each partition is `LEADER_NOT_AVAILABLE`.
 fn topic_metadata(t: &TopicInfo, view: &crate::brokers::View) -> MetadataResponseTopic {
-    let leader = BrokerId(view.partition_leader());
+    let (leader, error) = match view.partition_leader() {
+        Some(id) => (BrokerId(id), 0),
+        None => (BrokerId(-1), ResponseError::LeaderNotAvailable.code()),
+    };
     let replicas: Vec<BrokerId> = view
         .brokers
         .iter()
@@ -653,6 +656,7 @@ fn topic_metadata(t: &TopicInfo, view: &crate::brokers::View) -> MetadataRespons
                 .iter()
                 .map(|p| {
                     MetadataResponsePartition::default()
+                        .with_error_code(error)
                         .with_partition_index(p.partition as i32)
                         .with_leader_id(leader)
                         .with_leader_epoch(0)

@@ -373,13 +373,18 @@ pub(super) fn clean(shared: &Shared, stopper: &Stopper, map: &mut Option<KeyMap>
         for p in 0..listed.partitions.len() {
             if stopper.sleep(Duration::ZERO)
                 || shared.failed.load(SeqCst)
-                || shared.snapshotting.load(SeqCst)
+                || shared.snapshotting.load(SeqCst) > 0
             {
                 return;
             }
             let map =
                 map.get_or_insert_with(|| KeyMap::with_bytes(shared.config.compaction_map_bytes));
             let _one_pass_at_a_time = shared.retention.lock().unwrap_or_else(|p| p.into_inner());
+            // A snapshot's copy may have begun while this waited for the
+            // lock: it waits for no pass after its start.
+            if shared.snapshotting.load(SeqCst) > 0 {
+                return;
+            }
             // The topic as it is now: deleted or changed since it was listed.
             let Some(t) = shared.topic(&listed.config.name) else {
                 break;

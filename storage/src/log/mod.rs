@@ -50,7 +50,7 @@ pub use compaction::CompactionInfo;
 pub use config::{Durability, Forwarded, LogConfig, TopicDefaults};
 pub use producers::{ProducerBatch, ProducerState};
 pub use replica::{Applied, Guard, Leadership, Op, OpPart, Pending, Replicator};
-pub use snapshot::{snapshot_header, Cut};
+pub use snapshot::{read_snapshot_header, snapshot_header, Cut};
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -179,7 +179,7 @@ impl Log {
             closed: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             retention: Mutex::new(()),
-            snapshotting: AtomicBool::new(false),
+            snapshotting: AtomicUsize::new(0),
             syncing: AtomicBool::new(false),
             committer_thread: std::sync::OnceLock::new(),
             topic_count: watch::Sender::new(topic_total),

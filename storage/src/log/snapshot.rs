@@ -2,32 +2,50 @@
 //! dropped: a node far behind, or one whose data was wiped, installs a
 //! snapshot, then applies the entries after it.
 //!
-//! ## Taking one: a cut, then the records
+//! ## Taking one: a cut
 //! [`Log::snapshot_cut`] is called when no replicated op is being applied,
 //! so what it sees is the state after one index of the replicated log. It
-//! writes, at once, everything that is overwritten in place (topic configs,
-//! floors, group positions, metadata) and notes each partition's end.
-//! [`Cut::finish`] then copies each partition's batches below its end,
-//! while the log goes on: what lies below an end only changes by retention
-//! (which removes a prefix) and compaction (which keeps offsets), and what a
-//! node may do to its own copy it may do to a snapshot too. No compaction
-//! pass starts between the cut and the end of the copy, so no batch the copy
-//! takes reaches past an end. Compaction's own progress (`compaction`,
+//! writes everything that is overwritten in place (topic configs, floors,
+//! group positions, metadata) and each partition's end (its next offset and
+//! byte position), and no records: the cut file is as large as those tables,
+//! whatever the log holds. Compaction's own progress (`compaction`,
 //! `compaction.pass`) is the node's and stays out: the restored node
 //! compacts from scratch.
+//!
+//! ## Sending one: the cut made whole
+//! [`Log::snapshot_expand`] writes a cut out in full when a node needs it:
+//! the cut's items, each partition's end followed by its batches below that
+//! end as the log holds them then. The records a cut refers to are not
+//! copied when it is taken, because below a partition's end the log only
+//! changes by retention (which removes a prefix) and compaction (which
+//! removes records and keeps offsets), and what a node may do to its own
+//! copy it may do to a snapshot too. Three things are taken care of:
+//! - a compaction pass since the cut may have merged batches across an end:
+//!   such a batch is written trimmed to the records below the end;
+//! - a topic deleted since the cut, or deleted and created again (another
+//!   id), gives no batches: its partitions end where the cut saw them, and
+//!   the entries after the snapshot delete or create it on the restored
+//!   node too;
+//! - no compaction pass runs while the copy is made (one running when it
+//!   starts is waited for), so the batches it reads are not rewritten under
+//!   it.
+//!
+//! A file written before cuts (batches in it) is passed through whole.
 //!
 //! ## The file
 //! `TRIBSNAP` and a version (`u32`, little-endian), then frames: a length
 //! (`u32` LE), a CRC-32 of the body (`u32` LE), the body (an [`Item`] in
 //! postcard). The first item is the caller's header (a Raft snapshot's
 //! metadata), the last says how many came before it: a file cut short or
-//! damaged is refused before anything is changed.
+//! damaged is refused before anything is changed. A cut holds `Ends` items
+//! where a whole snapshot holds a `Partition` item and its `Batch` items.
 //!
 //! ## Restoring
 //! [`Log::restore`] checks the whole file, then replaces everything the log
 //! holds (store and memory) by its contents and syncs. It can run again
 //! over its own result (a crash in the middle is repaired by restoring the
-//! same file at the next start). Readers find no topics while it runs.
+//! same file at the next start). Readers find no topics while it runs. A
+//! cut is refused: it holds no records.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -39,9 +57,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::recovery::{build_topic, recover_producers};
-use super::state::{PartitionState, Shared, TopicState};
-use super::{compaction, producers, Log};
-use crate::batch::decode_header;
+use super::state::{PartitionState, Shared};
+use super::{compaction, corruption, producers, Log};
+use crate::batch::{decode_header, walk, CompactBuilder};
 use crate::error::{Error, Result};
 use crate::store::PartitionStore;
 use crate::topic::TopicConfig;
@@ -89,6 +107,14 @@ enum Item {
     End {
         items: u64,
     },
+    /// In a cut: the partition ends at offset `end`, byte position
+    /// `position`; its batches are the log's.
+    Ends {
+        topic: String,
+        partition: u32,
+        end: u64,
+        position: u64,
+    },
 }
 
 /// An item's body (a topic config, the last thing in its item, may be in
@@ -101,12 +127,23 @@ fn damaged(what: impl std::fmt::Display) -> Error {
     Error::Io(std::io::Error::other(format!("snapshot file: {what}")))
 }
 
-struct Writer {
-    out: BufWriter<File>,
+struct Writer<W: Write> {
+    out: W,
     items: u64,
+    bytes: u64,
 }
 
-impl Writer {
+impl<W: Write> Writer<W> {
+    fn new(mut out: W) -> Result<Writer<W>> {
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        Ok(Writer {
+            out,
+            items: 0,
+            bytes: (MAGIC.len() + 4) as u64,
+        })
+    }
+
     fn put(&mut self, item: &Item) -> Result<()> {
         let body = postcard::to_stdvec(item).map_err(damaged)?;
         let len = u32::try_from(body.len()).map_err(|_| damaged("an item over 4 GiB"))?;
@@ -114,18 +151,32 @@ impl Writer {
         self.out.write_all(&crc32fast::hash(&body).to_le_bytes())?;
         self.out.write_all(&body)?;
         self.items += 1;
+        self.bytes += 8 + body.len() as u64;
+        Ok(())
+    }
+
+    /// The last item: the count of those before it.
+    fn end(&mut self) -> Result<()> {
+        let items = self.items;
+        self.put(&Item::End { items })?;
+        self.out.flush()?;
         Ok(())
     }
 }
 
-struct Reader {
-    input: BufReader<File>,
+struct Reader<R: Read> {
+    input: R,
     items: u64,
 }
 
-impl Reader {
-    fn open(path: &Path) -> Result<Reader> {
-        let mut input = BufReader::new(File::open(path)?);
+impl Reader<BufReader<File>> {
+    fn open(path: &Path) -> Result<Reader<BufReader<File>>> {
+        Reader::new(BufReader::new(File::open(path)?))
+    }
+}
+
+impl<R: Read> Reader<R> {
+    fn new(mut input: R) -> Result<Reader<R>> {
         let mut head = [0u8; 12];
         input
             .read_exact(&mut head)
@@ -180,66 +231,74 @@ impl Reader {
     }
 }
 
-/// The header a snapshot file was written with.
+/// The header a snapshot file (or a cut) was written with.
 pub fn snapshot_header(path: &Path) -> Result<Vec<u8>> {
     Reader::open(path)?.header()
 }
 
-/// A snapshot begun by [`Log::snapshot_cut`]: the tables are written, the
-/// partitions' records are copied by [`Cut::finish`].
-pub struct Cut {
-    shared: Arc<Shared>,
-    writer: Writer,
-    partitions: Vec<(Arc<TopicState>, Arc<PartitionState>, u64)>,
+/// The header of a snapshot file (or a cut) read from its start.
+pub fn read_snapshot_header(input: impl Read) -> Result<Vec<u8>> {
+    Reader::new(input)?.header()
 }
 
-impl Drop for Cut {
+/// A cut begun by [`Log::snapshot_cut`]: written but for its end, which
+/// [`Cut::finish`] writes and makes durable.
+pub struct Cut {
+    writer: Writer<BufWriter<File>>,
+}
+
+/// While one is held, no compaction pass runs (see [`Log::snapshot_expand`]).
+struct NoPasses<'a>(&'a Shared);
+
+impl<'a> NoPasses<'a> {
+    fn hold(shared: &'a Shared) -> NoPasses<'a> {
+        shared.snapshotting.fetch_add(1, SeqCst);
+        // A pass that began before holds this lock until it is done; any
+        // later one sees the count once it has the lock, and stops.
+        drop(lock(&shared.retention));
+        NoPasses(shared)
+    }
+}
+
+impl Drop for NoPasses<'_> {
     fn drop(&mut self) {
-        self.shared.snapshotting.store(false, SeqCst);
+        self.0.snapshotting.fetch_sub(1, SeqCst);
     }
 }
 
 impl Log {
-    /// Begins a snapshot in a new file at `path`: `header` first, then the
-    /// log's topic configs, floors, group positions and metadata as they are
-    /// now, and each partition's end. Call it when no op of the replicated
-    /// log is being applied, so that all this is the state after one index.
+    /// Begins a cut in a new file at `path`: `header` first, then the log's
+    /// topic configs, floors, group positions and metadata as they are now,
+    /// and each partition's end. Call it when no op of the replicated log is
+    /// being applied, so that all this is the state after one index.
     pub fn snapshot_cut(&self, path: &Path, header: &[u8]) -> Result<Cut> {
-        let shared = self.inner.shared.clone();
-        if shared.snapshotting.swap(true, SeqCst) {
-            return Err(Error::Config("a snapshot is being taken already".into()));
-        }
-        // From here the flag is the cut's: dropping it clears the flag.
-        let mut cut = Cut {
-            shared: shared.clone(),
-            writer: Writer {
-                out: BufWriter::new(
-                    File::options()
-                        .create(true)
-                        .truncate(true)
-                        .write(true)
-                        .open(path)?,
-                ),
-                items: 0,
-            },
-            partitions: Vec::new(),
-        };
-        let w = &mut cut.writer;
-        w.out.write_all(MAGIC)?;
-        w.out.write_all(&VERSION.to_le_bytes())?;
+        let shared = self.shared();
+        let out = BufWriter::new(
+            File::options()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(path)?,
+        );
+        let mut w = Writer::new(out)?;
         w.put(&Item::Header(header.to_vec()))?;
-        let topics: Vec<Arc<TopicState>> = shared
+        let topics: Vec<_> = shared
             .topics
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
             .collect();
-        for t in topics {
+        let mut ends = Vec::new();
+        for t in &topics {
             w.put(&Item::Topic(t.config.clone()))?;
             for ps in &t.partitions {
-                let end = ps.next.load(SeqCst);
-                cut.partitions.push((t.clone(), ps.clone(), end));
+                ends.push(Item::Ends {
+                    topic: t.config.name.clone(),
+                    partition: ps.id,
+                    end: ps.next.load(SeqCst),
+                    position: ps.next_pos.load(SeqCst),
+                });
             }
         }
         let store = shared.store.as_ref();
@@ -271,7 +330,56 @@ impl Log {
                 value: value.to_vec(),
             })
         })?;
-        Ok(cut)
+        for item in &ends {
+            w.put(item)?;
+        }
+        Ok(Cut { writer: w })
+    }
+
+    /// Writes the snapshot whose cut is read from `cut` in full to `out`
+    /// (see the module's docs): what [`Log::restore`] takes. Answers the
+    /// bytes written. Blocking: run it on a thread of its own.
+    pub fn snapshot_expand(&self, cut: impl Read, out: impl Write) -> Result<u64> {
+        let shared = self.shared();
+        let _no_passes = NoPasses::hold(shared);
+        let mut input = Reader::new(cut)?;
+        let mut w = Writer::new(out)?;
+        let mut ids: BTreeMap<String, [u8; 16]> = BTreeMap::new();
+        loop {
+            match input.next()? {
+                Item::End { .. } => break,
+                Item::Ends {
+                    topic,
+                    partition,
+                    end,
+                    position,
+                } => {
+                    w.put(&Item::Partition {
+                        topic: topic.clone(),
+                        partition,
+                        end,
+                    })?;
+                    let id = ids.get(&topic).copied();
+                    let live = shared
+                        .topic(&topic)
+                        .filter(|t| Some(t.config.id) == id && !t.live.deleted.load(SeqCst));
+                    let Some(t) = live else { continue };
+                    let Some(ps) = t.partitions.get(partition as usize) else {
+                        continue;
+                    };
+                    let deleted = || t.live.deleted.load(SeqCst);
+                    copy_partition(&mut w, &topic, ps, end, position, deleted)?;
+                }
+                item => {
+                    if let Item::Topic(config) = &item {
+                        ids.insert(config.name.clone(), config.id);
+                    }
+                    w.put(&item)?;
+                }
+            }
+        }
+        w.end()?;
+        Ok(w.bytes)
     }
 
     /// Replaces everything this log holds by the snapshot at `path` (see the
@@ -290,45 +398,79 @@ impl Log {
     }
 }
 
-impl Cut {
-    /// Copies each partition's batches below its end and makes the file
-    /// durable; answers its size in bytes. Blocking: run it on a thread of
-    /// its own.
-    pub fn finish(mut self) -> Result<u64> {
-        let partitions = std::mem::take(&mut self.partitions);
-        for (t, ps, end) in partitions {
-            self.writer.put(&Item::Partition {
-                topic: t.config.name.clone(),
-                partition: ps.id,
-                end,
-            })?;
-            let mut batches = ps.store.read(0, READ_BYTES);
-            'partition: loop {
-                let list = match batches {
-                    Ok(list) => list,
-                    // A topic deleted since the cut: the entries after the
-                    // snapshot delete it on the restored node too.
-                    Err(_) if t.live.deleted.load(SeqCst) => break,
-                    Err(e) => return Err(e),
-                };
-                let Some(last) = list.last().map(|(base, _)| *base) else {
-                    break;
-                };
-                for (base, value) in list {
-                    if base >= end {
-                        break 'partition;
-                    }
-                    self.writer.put(&Item::Batch { base, value })?;
-                }
-                batches = ps.store.read_after(last, READ_BYTES);
+/// Writes a partition's batches below `end` (at byte position `position`)
+/// as the log holds them now.
+fn copy_partition<W: Write>(
+    w: &mut Writer<W>,
+    topic: &str,
+    ps: &PartitionState,
+    end: u64,
+    position: u64,
+    deleted: impl Fn() -> bool,
+) -> Result<()> {
+    // Where the batches written so far end: a batch starting below it is
+    // covered by the one before (what a pass cut short leaves).
+    let mut reached = 0;
+    let mut batches = ps.store.read(0, READ_BYTES);
+    loop {
+        let list = match batches {
+            Ok(list) => list,
+            // Deleted during the copy: the entries after the snapshot
+            // delete it on the restored node too.
+            Err(_) if deleted() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(last) = list.last().map(|(base, _)| *base) else {
+            return Ok(());
+        };
+        for (base, value) in list {
+            if base >= end {
+                return Ok(());
             }
+            if base < reached {
+                continue;
+            }
+            let h = decode_header(&value).map_err(|d| corruption(topic, ps.id, base, d))?;
+            let value = if base.saturating_add(h.span) > end {
+                trim(topic, ps.id, base, &value, end, position)?
+            } else {
+                value
+            };
+            reached = base.saturating_add(h.span).min(end);
+            w.put(&Item::Batch { base, value })?;
         }
-        let items = self.writer.items;
-        self.writer.put(&Item::End { items })?;
-        self.writer.out.flush()?;
+        batches = ps.store.read_after(last, READ_BYTES);
+    }
+}
+
+/// A batch reaching past `end` (a compaction pass merged it since the cut)
+/// as a compacted batch of its records below `end`, ending at byte
+/// `position`, as the partition did at the cut.
+fn trim(
+    topic: &str,
+    partition: u32,
+    base: u64,
+    value: &[u8],
+    end: u64,
+    position: u64,
+) -> Result<Vec<u8>> {
+    let mut b = CompactBuilder::new(base, value.len());
+    walk(value, base, partition, base, end, |r, horizon| {
+        b.push(&r, horizon);
+        true
+    })
+    .map_err(|d| corruption(topic, partition, base, d))?;
+    Ok(b.finish(end - base, position))
+}
+
+impl Cut {
+    /// Ends the cut and makes the file durable; answers its size in bytes.
+    /// Blocking: run it on a thread of its own.
+    pub fn finish(mut self) -> Result<u64> {
+        self.writer.end()?;
         let file = self.writer.out.get_ref();
         file.sync_all()?;
-        Ok(file.metadata()?.len())
+        Ok(self.writer.bytes)
     }
 }
 
@@ -375,6 +517,7 @@ fn check(path: &Path) -> Result<Vec<u8>> {
                 decode_header(&value).map_err(|e| damaged(format!("the batch at {base}: {e}")))?;
             }
             Item::End { .. } => return Ok(header),
+            Item::Ends { .. } => return Err(damaged("a cut, whose records are not in the file")),
             Item::Floor { .. } | Item::Group { .. } | Item::Meta { .. } => {}
         }
     }
@@ -453,6 +596,7 @@ fn restore(shared: &Shared, path: &Path) -> Result<(Vec<u8>, i64)> {
                 p.store.insert(base, value)?;
             }
             Item::End { .. } => break,
+            Item::Ends { .. } => return Err(damaged("a cut, whose records are not in the file")),
         }
     }
     close(&mut current)?;

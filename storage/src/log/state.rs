@@ -6,7 +6,9 @@
 //! [`Log`]: super::Log
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -122,9 +124,9 @@ pub(super) struct Shared {
     pub(super) dirty: AtomicBool,
     /// Held for a whole retention pass: two passes at once could write a stale floor.
     pub(super) retention: Mutex<()>,
-    /// Set while a snapshot copies the partitions: no compaction pass
-    /// starts (one could merge batches across the snapshot's ends).
-    pub(super) snapshotting: AtomicBool,
+    /// How many snapshots are being written out in full: while any is, no
+    /// compaction pass starts (one could rewrite batches under the copy).
+    pub(super) snapshotting: AtomicUsize,
     /// True while the syncer makes a cycle durable.
     pub(super) syncing: AtomicBool,
     /// The committer, woken by the syncer when a sync ends.
