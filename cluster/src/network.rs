@@ -11,21 +11,25 @@
 //!   in the same order, so a client's writes stay in its order.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
+use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::SnapshotResponse;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tributary_storage::{Applied, Error, Op};
@@ -290,6 +294,31 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(_) => Err(unexpected()),
             Err(e) => Err(rpc_error(e)),
         }
+    }
+
+    /// Sends a snapshot with openraft's chunked sender, once it is written
+    /// out in full (see `snapshot_data`): a failure to write it out (no
+    /// room, a read of the log failing) is this send's, tried again after
+    /// the backoff, where openraft would take it, met by its sender, as the
+    /// node's storage failing, which stops the node's Raft. Giving the send
+    /// up stops the writing out too.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        mut snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let mut cancel = Box::pin(cancel);
+        tokio::select! {
+            closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+            written = snapshot.snapshot.seek(io::SeekFrom::End(0)) => {
+                if let Err(e) = written {
+                    return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+                }
+            }
+        }
+        Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
     }
 }
 

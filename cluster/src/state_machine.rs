@@ -37,7 +37,7 @@ use openraft::{
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 use tributary_storage::{Applied, Cut, Error, Log, Op};
 
-use crate::snapshot_data::{Expand, SnapshotData};
+use crate::snapshot_data::{Expand, Outgoing, SnapshotData};
 use crate::types::{NodeId, Request, Response, StorageError, TypeConfig};
 
 /// Metadata space of the cluster's applied state.
@@ -68,6 +68,8 @@ struct Snapshots {
     busy: Arc<Mutex<()>>,
     /// Numbers the snapshots taken here.
     taken: AtomicU64,
+    /// The snapshot written out to be sent, while a send lasts.
+    outgoing: Arc<Outgoing>,
 }
 
 const CURRENT: &str = "current.snap";
@@ -122,7 +124,10 @@ async fn settle(log: &Log, dir: &Path, header: &[u8]) -> Result<(), Error> {
     tokio::task::spawn_blocking(move || cut.finish())
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+    // The new cut is durable under its name before the file it was made
+    // from goes: a stop in between restores the file again.
     std::fs::rename(&taking, dir.join(CURRENT))?;
+    sync_dir(dir)?;
     std::fs::remove_file(dir.join(INSTALL))?;
     sync_dir(dir)?;
     Ok(())
@@ -157,6 +162,7 @@ impl StateMachine {
                 dir: dir.to_owned(),
                 busy: Arc::new(Mutex::new(())),
                 taken: AtomicU64::new(0),
+                outgoing: Arc::default(),
             }),
             unsnapshotted: Arc::default(),
         })
@@ -185,7 +191,9 @@ impl StateMachine {
         let expand = Expand {
             log: self.log.clone(),
             cut,
+            id: meta.snapshot_id.clone(),
             dir: self.snapshots.dir.clone(),
+            outgoing: self.snapshots.outgoing.clone(),
         };
         Ok(Some(Snapshot {
             meta,
@@ -346,8 +354,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 s.applied.map_or(0, |l| l.index)
             ),
         };
-        drop(s);
         let path = self.snapshots.dir.join(format!("taking-{n}.snap"));
+        // Under the state's lock, as every apply is: the cut is the state
+        // after `meta`'s index.
         let cut = postcard::to_allocvec(&meta)
             .map_err(|e| e.to_string())
             .and_then(|header| {
@@ -355,6 +364,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .snapshot_cut(&path, &header)
                     .map_err(|e| e.to_string())
             });
+        drop(s);
         Builder {
             machine: self.clone(),
             meta,

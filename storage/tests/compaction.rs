@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use tributary_storage::{
-    CleanupPolicy, Error, Event, Log, LogConfig, MemStore, Record, TopicChange, TopicConfig,
+    CleanupPolicy, Error, Event, Log, LogConfig, MemStore, Record, Store, TopicChange, TopicConfig,
 };
 
 /// Each key's writes, in order: (offset, value; `None` for a tombstone).
@@ -449,61 +449,84 @@ async fn a_pass_reads_past_a_compacted_batch_of_a_mib_or_more() {
 /// A snapshot refers to the log's batches and copies them only when it is
 /// written out in full: a pass in between may merge batches across the
 /// cut's end. The copy holds what lay below the end, trimmed, and the
-/// restored partition ends where the cut saw it.
+/// restored partition ends where the cut saw it, its bytes counted. With
+/// 100 keys the pass's kept records fill more than one batch, so the
+/// trimmed one follows another of the pass's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_written_out_after_a_pass_stops_at_its_cut() {
-    let log = mem_log(&MemStore::new(), small_batches());
-    log.create_topic(compacted("c", 1)).await.expect("create");
-    // Ten keys for 20 rounds, then the cut, then five of them for ten more.
-    write_rounds(&log, "c", 10, 20, |_| false).await;
-    let files = tempfile::tempdir().expect("tempdir");
-    let (cut_file, whole) = (files.path().join("cut"), files.path().join("whole"));
-    let cut = log.snapshot_cut(&cut_file, b"h").expect("cut");
-    cut.finish().expect("finish");
-    let end = log.offsets("c", 0).expect("offsets").1;
-    assert_eq!(end, 200);
-    write_rounds(&log, "c", 5, 10, |_| false).await;
-    log.compact();
-    assert_eq!(
-        log.topic("c").expect("c").compaction.expect("info").passes,
-        1
-    );
-    // k5..k9 were last written before the cut: the pass keeps those in a
-    // batch that also covers offsets after it.
-    let kept_below: Vec<(u64, Vec<u8>)> = read_all(&log, "c", 0)
-        .into_iter()
-        .filter(|r| r.offset < end)
-        .map(|r| (r.offset, r.value.unwrap_or_default()))
-        .collect();
-    assert_eq!(
-        kept_below,
-        (5..10)
-            .map(|i| (190 + i, format!("k{i}-r19").into_bytes()))
-            .collect::<Vec<_>>()
-    );
-    let out = std::io::BufWriter::new(std::fs::File::create(&whole).expect("create"));
-    log.snapshot_expand(std::fs::File::open(&cut_file).expect("cut"), out)
-        .expect("expand");
-    let node = mem_log(&MemStore::new(), small_batches());
-    node.restore(&whole).await.expect("restore");
-    assert_eq!(node.offsets("c", 0).expect("offsets"), (0, end));
-    let restored: Vec<(u64, Vec<u8>)> = read_all(&node, "c", 0)
-        .into_iter()
-        .map(|r| (r.offset, r.value.unwrap_or_default()))
-        .collect();
-    assert_eq!(restored, kept_below);
-    // The entries after the cut land where they did on the log.
-    let next = node
-        .append(
-            "c",
-            vec![Event {
-                key: Some(b"k0".to_vec()),
-                value: Some(b"after".to_vec()),
-                ..Event::default()
-            }
-            .into()],
-        )
-        .await
-        .expect("append");
-    assert_eq!(next[0].offset, end);
+    for keys in [10, 100] {
+        let log = mem_log(&MemStore::new(), small_batches());
+        log.create_topic(compacted("c", 1)).await.expect("create");
+        // The keys for 20 rounds, then the cut, then five of them for ten
+        // more.
+        write_rounds(&log, "c", keys, 20, |_| false).await;
+        let files = tempfile::tempdir().expect("tempdir");
+        let (cut_file, whole) = (files.path().join("cut"), files.path().join("whole"));
+        let cut = log.snapshot_cut(&cut_file, b"h").expect("cut");
+        cut.finish().expect("finish");
+        let end = log.offsets("c", 0).expect("offsets").1;
+        assert_eq!(end, 20 * keys as u64);
+        write_rounds(&log, "c", 5, 10, |_| false).await;
+        log.compact();
+        assert_eq!(
+            log.topic("c").expect("c").compaction.expect("info").passes,
+            1
+        );
+        // k5 and after were last written before the cut: the pass keeps
+        // those in batches the last of which also covers offsets after it.
+        let kept_below: Vec<(u64, Vec<u8>)> = read_all(&log, "c", 0)
+            .into_iter()
+            .filter(|r| r.offset < end)
+            .map(|r| (r.offset, r.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            kept_below,
+            (5..keys)
+                .map(|i| ((19 * keys + i) as u64, format!("k{i}-r19").into_bytes()))
+                .collect::<Vec<_>>(),
+            "{keys} keys"
+        );
+        let out = std::io::BufWriter::new(std::fs::File::create(&whole).expect("create"));
+        log.snapshot_expand(std::fs::File::open(&cut_file).expect("cut"), out)
+            .expect("expand");
+        let store = MemStore::new();
+        let node = mem_log(&store, small_batches());
+        node.restore(&whole).await.expect("restore");
+        assert_eq!(
+            node.offsets("c", 0).expect("offsets"),
+            (0, end),
+            "{keys} keys"
+        );
+        let restored: Vec<(u64, Vec<u8>)> = read_all(&node, "c", 0)
+            .into_iter()
+            .map(|r| (r.offset, r.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(restored, kept_below, "{keys} keys");
+        let bytes = node.topic("c").expect("c").partitions[0].bytes;
+        let kept_bytes: u64 = kept_below.iter().map(|(_, v)| v.len() as u64).sum();
+        // The partition's byte count is its batches' bytes: a trimmed batch
+        // ends where the one before it ends, and its own bytes further.
+        let batches = store
+            .partition("c", 0)
+            .expect("partition")
+            .read(0, usize::MAX)
+            .expect("read");
+        let stored: u64 = batches.iter().map(|(_, v)| v.len() as u64).sum();
+        assert_eq!(bytes, stored, "{keys} keys: {} batches", batches.len());
+        assert!(bytes >= kept_bytes, "{keys} keys: {bytes} bytes counted");
+        // The entries after the cut land where they did on the log.
+        let next = node
+            .append(
+                "c",
+                vec![Event {
+                    key: Some(b"k0".to_vec()),
+                    value: Some(b"after".to_vec()),
+                    ..Event::default()
+                }
+                .into()],
+            )
+            .await
+            .expect("append");
+        assert_eq!(next[0].offset, end);
+    }
 }

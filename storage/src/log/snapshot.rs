@@ -411,6 +411,8 @@ fn copy_partition<W: Write>(
     // Where the batches written so far end: a batch starting below it is
     // covered by the one before (what a pass cut short leaves).
     let mut reached = 0;
+    // The byte position the last batch written ends at.
+    let mut last_position = None;
     let mut batches = ps.store.read(0, READ_BYTES);
     loop {
         let list = match batches {
@@ -431,12 +433,13 @@ fn copy_partition<W: Write>(
                 continue;
             }
             let h = decode_header(&value).map_err(|d| corruption(topic, ps.id, base, d))?;
-            let value = if base.saturating_add(h.span) > end {
-                trim(topic, ps.id, base, &value, end, position)?
+            let (value, end_position) = if base.saturating_add(h.span) > end {
+                trim(topic, ps.id, base, &value, end, position, last_position)?
             } else {
-                value
+                (value, h.end_position)
             };
             reached = base.saturating_add(h.span).min(end);
+            last_position = Some(end_position);
             w.put(&Item::Batch { base, value })?;
         }
         batches = ps.store.read_after(last, READ_BYTES);
@@ -444,8 +447,10 @@ fn copy_partition<W: Write>(
 }
 
 /// A batch reaching past `end` (a compaction pass merged it since the cut)
-/// as a compacted batch of its records below `end`, ending at byte
-/// `position`, as the partition did at the cut.
+/// as a compacted batch of its records below `end`, and the byte position
+/// it ends at: right after the batch before it (`after`), whose position
+/// the pass counted back from its own end, past the cut; or, first, where
+/// the partition ended at the cut (`position`).
 fn trim(
     topic: &str,
     partition: u32,
@@ -453,14 +458,16 @@ fn trim(
     value: &[u8],
     end: u64,
     position: u64,
-) -> Result<Vec<u8>> {
+    after: Option<u64>,
+) -> Result<(Vec<u8>, u64)> {
     let mut b = CompactBuilder::new(base, value.len());
     walk(value, base, partition, base, end, |r, horizon| {
         b.push(&r, horizon);
         true
     })
     .map_err(|d| corruption(topic, partition, base, d))?;
-    Ok(b.finish(end - base, position))
+    let end_position = after.map_or(position, |p| p.saturating_add(b.len() as u64));
+    Ok((b.finish(end - base, end_position), end_position))
 }
 
 impl Cut {
