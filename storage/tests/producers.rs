@@ -158,6 +158,60 @@ async fn the_producer_table_is_bounded_and_forgets_the_least_recently_used() {
     assert!(log.producer_states() <= 32);
 }
 
+/// Two nodes that applied the same appends forget the same producers,
+/// though one of them restarted in between: how recently each was used is
+/// stored with it (a duplicate counts as a use). Kept in memory only, the
+/// restarted node forgot producers in the order its hash table listed them,
+/// and in a cluster the two would then answer the same batch differently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_forgets_the_same_producers_as_one_that_was_not() {
+    let cfg = || {
+        let mut cfg = config();
+        cfg.max_producer_states = 8;
+        cfg
+    };
+    let (kept, restarted) = (MemStore::new(), MemStore::new());
+    let nodes = [mem_log(&kept, cfg()), mem_log(&restarted, cfg())];
+    for log in &nodes {
+        create(log, "t", 1).await;
+        for id in 0..8 {
+            send(log, id, 0, 0, 1).await.expect("append");
+        }
+        // The first four send their batch again: now the most recently used.
+        for id in 0..4 {
+            send(log, id, 0, 0, 1).await.expect("duplicate");
+        }
+    }
+    let [kept_log, _] = nodes;
+    let restarted_log = mem_log(&restarted.crashed(), cfg());
+    let mut answers = Vec::new();
+    for log in [&kept_log, &restarted_log] {
+        // Four new producers: four old ones are forgotten.
+        for id in 8..12 {
+            send(log, id, 0, 0, 1).await.expect("append");
+        }
+        let known: Vec<bool> = {
+            let mut known = Vec::new();
+            for id in 0..12 {
+                match send(log, id, 0, 1, 1).await {
+                    Ok(_) => known.push(true),
+                    Err(Error::UnknownProducer { .. }) => known.push(false),
+                    Err(e) => panic!("producer {id}: {e}"),
+                }
+            }
+            known
+        };
+        answers.push(known);
+    }
+    let forgotten: Vec<usize> = (0..12).filter(|&id| !answers[0][id]).collect();
+    assert_eq!(forgotten, [4, 5, 6, 7], "the least recently used go first");
+    assert_eq!(
+        answers[1], answers[0],
+        "the restarted node forgot other producers"
+    );
+    assert_eq!(end(&kept_log), end(&restarted_log));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_chained_in_order_are_queued_in_that_order() {
     let store = MemStore::new();

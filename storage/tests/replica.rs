@@ -153,6 +153,8 @@ fn partition_records(log: &Log, topic: &str, partition: u32) -> Vec<Record> {
 #[derive(Debug, PartialEq)]
 struct State {
     records: BTreeMap<(String, u32), Vec<Record>>,
+    /// Each partition's start and end offsets.
+    bounds: BTreeMap<(String, u32), (u64, u64)>,
     last_stable: BTreeMap<(String, u32), u64>,
     positions: Vec<GroupOffset>,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
@@ -180,9 +182,11 @@ fn difference(a: &State, b: &State) -> Option<String> {
         }
     }
     Some(format!(
-        "topics {:?} / {:?}; lso {:?} / {:?}; positions {:?} / {:?}; meta {:?} / {:?}; ids {:?} / {:?}",
+        "topics {:?} / {:?}; bounds {:?} / {:?}; lso {:?} / {:?}; positions {:?} / {:?}; meta {:?} / {:?}; ids {:?} / {:?}",
         a.records.keys().collect::<Vec<_>>(),
         b.records.keys().collect::<Vec<_>>(),
+        a.bounds,
+        b.bounds,
         a.last_stable,
         b.last_stable,
         a.positions,
@@ -197,15 +201,18 @@ fn difference(a: &State, b: &State) -> Option<String> {
 fn state(log: &Log) -> State {
     let mut records = BTreeMap::new();
     let mut last_stable = BTreeMap::new();
+    let mut bounds = BTreeMap::new();
     for t in log.topics() {
         for p in 0..t.config.partitions {
             let name = t.config.name.clone();
             records.insert((name.clone(), p), partition_records(log, &name, p));
+            bounds.insert((name.clone(), p), log.offsets(&name, p).expect("offsets"));
             last_stable.insert((name.clone(), p), log.last_stable(&name, p).expect("lso"));
         }
     }
     State {
         records,
+        bounds,
         last_stable,
         positions: log.group_offsets("g").expect("positions"),
         meta: log.meta("app").expect("meta"),
@@ -291,6 +298,16 @@ async fn workload(leader: &Log) {
     for w in writers {
         w.await.expect("writer");
     }
+    // Records deleted: every node moves its start there, in the log's order.
+    let end = leader.offsets("t", 1).expect("t").1;
+    assert!(end > 10, "{end} records in t/1");
+    assert_eq!(
+        leader
+            .delete_records("t", 1, Some(7))
+            .await
+            .expect("delete"),
+        7
+    );
     leader
         .commit_offsets(
             "g",
@@ -334,8 +351,14 @@ async fn nodes_applying_the_same_ops_hold_the_same_log() {
     let total: usize = leader.records.values().map(Vec::len).sum();
     // 4 writers × 61 records (1, 2, 3, 4, 1, 2, … over 25 appends), 2
     // idempotent, 1 of the committed transaction (a read skips the aborted
-    // one's), 1 in the added partition, 1 in the new `gone`.
-    assert_eq!(total, 4 * 61 + 2 + 1 + 1 + 1);
+    // one's), 1 in the added partition, 1 in the new `gone`; less the 7
+    // deleted from t/1.
+    assert_eq!(total, 4 * 61 + 2 + 1 + 1 + 1 - 7);
+    assert_eq!(
+        nodes[2].offsets("t", 1).expect("t").0,
+        7,
+        "the deletion reached a follower"
+    );
     for (i, node) in nodes.iter().enumerate().skip(1) {
         if let Some(d) = difference(&state(node), &leader) {
             panic!("node {i} differs from the leader: {d}");

@@ -1069,6 +1069,79 @@ async fn five_nodes_go_on_after_losing_two_at_once() {
     check(&cluster, &h, &BTreeSet::new(), 3).await;
 }
 
+/// Kafka's DeleteRecords through a follower moves the start on every node,
+/// one that was down at the time included (it applies the entry when it
+/// comes back), and nothing else changes: every other acknowledged write
+/// is still on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_through_one_node_are_gone_on_every_node() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 1).await;
+    let writers = Writers::start(2, cluster.urls());
+    writers.progress(0, 30, "three nodes").await;
+    writers.finish().await;
+    let before = contents(&cluster.url(leader), 1).await;
+    let end = before[&0].len() as u64;
+    assert!(end >= 30, "{end} records");
+    let expected: Vec<(u64, String)> = before[&0].iter().skip(10).cloned().collect();
+    let (follower, down) = ((leader + 1) % 3, (leader + 2) % 3);
+    cluster.kill(down);
+    let kafka = cluster.nodes[follower].as_ref().expect("running").kafka;
+    assert_eq!(kafka_delete_records(kafka, 10).await, (0, 10));
+    // Past the end: refused, as Kafka refuses it, and nothing moves.
+    let (code, _) = kafka_delete_records(kafka, 1_000_000).await;
+    assert_eq!(code, 1, "OFFSET_OUT_OF_RANGE");
+    cluster.start(down);
+    for i in 0..3 {
+        let url = cluster.url(i);
+        let waited = Instant::now();
+        loop {
+            let (s, t) = get(&client(), &format!("{url}/v1/topics/{T}")).await;
+            assert_eq!(s, 200, "{t}");
+            let p = &t["partitions"][0];
+            if p["start_offset"] == 10 && p["end_offset"] == end {
+                break;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "node {}: {p} (the records below 10 were deleted)",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            contents(&url, 1).await[&0],
+            expected,
+            "node {}: from offset 10 on, the records as they were",
+            i + 1
+        );
+    }
+}
+
+/// DeleteRecords of partition 0 below `offset`: (error, low watermark).
+async fn kafka_delete_records(addr: std::net::SocketAddr, offset: i64) -> (i16, i64) {
+    use kafka_protocol::messages::delete_records_request::{
+        DeleteRecordsPartition, DeleteRecordsTopic,
+    };
+    use kafka_protocol::messages::{ApiKey, DeleteRecordsRequest, DeleteRecordsResponse};
+    use kafka_protocol::protocol::Decodable;
+    let mut c = common::kafka::Client::at(addr).await;
+    let req = DeleteRecordsRequest::default()
+        .with_topics(vec![DeleteRecordsTopic::default()
+            .with_name(common::kafka::name(T))
+            .with_partitions(vec![DeleteRecordsPartition::default()
+                .with_partition_index(0)
+                .with_offset(offset)])])
+        .with_timeout_ms(10_000);
+    let mut b = c.call(ApiKey::DeleteRecords, 2, &req).await;
+    let r = DeleteRecordsResponse::decode(&mut b, 2).expect("delete records");
+    let p = &r.topics[0].partitions[0];
+    (p.error_code, p.low_watermark)
+}
+
 /// Bytes that are no message on the node-to-node port (an announced length
 /// over the limit, a frame that does not decode) close that connection and
 /// nothing else: the cluster goes on taking writes.

@@ -664,6 +664,13 @@ fn sequence(
     if matches!(verdict, Verdict::Duplicate(_)) {
         if let Some(e) = table.entries.get_mut(&key) {
             e.used = clock;
+            // Stored too: what a restarted node forgets first follows it.
+            let stored = postcard::to_allocvec(&*e).map_err(|e| Error::BadBatch(e.to_string()))?;
+            shared.store.put_meta(
+                producers::SPACE,
+                &producers::key(name, part.partition, b.producer_id),
+                Some(&stored),
+            )?;
         }
         return Ok(Ok(verdict));
     }

@@ -1362,7 +1362,7 @@ fn batch_headers(
 }
 
 /// An answer of the wrong kind from the replicated log.
-fn unexpected(applied: &replica::Applied) -> Error {
+pub(super) fn unexpected(applied: &replica::Applied) -> Error {
     Error::Unwritable(format!("the replicated log answered {applied:?}"))
 }
 

@@ -85,8 +85,20 @@ pub(super) struct Entry {
     pub last_timestamp: i64,
     /// The coordinator epoch of its last transaction marker, -1 before one.
     pub coordinator_epoch: i32,
-    #[serde(skip)]
+    /// The table's clock when it was last used (0 in an entry stored
+    /// before this field). Stored: a node that restarts, or restores a
+    /// snapshot, forgets the same producers as one that did not, so the
+    /// nodes of a cluster keep answering a batch alike.
     pub used: u64,
+}
+
+/// The stored form of an [`Entry`] written before it had `used`.
+#[derive(Deserialize)]
+struct EntryV2 {
+    epoch: i16,
+    recent: Vec<Sent>,
+    last_timestamp: i64,
+    coordinator_epoch: i32,
 }
 
 /// The stored form of an [`Entry`] written before it had
@@ -98,17 +110,28 @@ struct EntryV1 {
     recent: Vec<Sent>,
 }
 
-/// A stored entry, in either form.
+/// A stored entry, in any of its forms (postcard reads a prefix: the
+/// newest form is tried first, and an older one ends before its next field).
 pub(super) fn decode(v: &[u8]) -> Option<Entry> {
-    postcard::from_bytes::<Entry>(v).ok().or_else(|| {
-        let old = postcard::from_bytes::<EntryV1>(v).ok()?;
-        Some(Entry {
+    if let Ok(e) = postcard::from_bytes::<Entry>(v) {
+        return Some(e);
+    }
+    if let Ok(old) = postcard::from_bytes::<EntryV2>(v) {
+        return Some(Entry {
             epoch: old.epoch,
             recent: old.recent,
-            last_timestamp: -1,
-            coordinator_epoch: -1,
+            last_timestamp: old.last_timestamp,
+            coordinator_epoch: old.coordinator_epoch,
             used: 0,
-        })
+        });
+    }
+    let old = postcard::from_bytes::<EntryV1>(v).ok()?;
+    Some(Entry {
+        epoch: old.epoch,
+        recent: old.recent,
+        last_timestamp: -1,
+        coordinator_epoch: -1,
+        used: 0,
     })
 }
 
@@ -292,9 +315,10 @@ pub(super) struct Table {
 }
 
 impl Table {
-    /// Keys to forget so `incoming` more entries fit in `max`: the least
-    /// recently used sixteenth (at least what is needed), so a full table
-    /// is not scanned on every new producer.
+    /// Keys to forget so one more entry fits in `max`: the least recently
+    /// used sixteenth (at least what is needed), so a full table is not
+    /// scanned on every new producer. The same on every node that applied
+    /// the same appends: ties (entries stored before `used` was) go by key.
     pub fn evictions(&self, max: usize) -> Vec<(String, u32, i64)> {
         if self.entries.len() < max {
             return Vec::new();
@@ -302,7 +326,7 @@ impl Table {
         let n = (self.entries.len() - max + 1).max(max / 16).max(1);
         let mut by_use: Vec<(&(String, u32, i64), u64)> =
             self.entries.iter().map(|(k, e)| (k, e.used)).collect();
-        by_use.sort_by_key(|(_, used)| *used);
+        by_use.sort_unstable_by(|(ka, ua), (kb, ub)| ua.cmp(ub).then_with(|| ka.cmp(kb)));
         by_use.into_iter().take(n).map(|(k, _)| k.clone()).collect()
     }
 }
@@ -400,5 +424,17 @@ mod tests {
         assert_eq!(back, new);
         assert_eq!((back.last_timestamp, back.recent.len()), (99, 2));
         assert!(decode(&[0xff]).is_none());
+    }
+
+    #[test]
+    fn an_entry_stored_before_its_use_was_stored_still_reads() {
+        let mut e = after(None, &b(2, 0), 3, 10, 77);
+        e.coordinator_epoch = 5;
+        let old =
+            postcard::to_allocvec(&(e.epoch, &e.recent, e.last_timestamp, 5i32)).expect("encode");
+        assert_eq!(decode(&old), Some(e.clone()), "read with used 0");
+        e.used = 1 << 40;
+        let stored = postcard::to_allocvec(&e).expect("encode");
+        assert_eq!(decode(&stored), Some(e));
     }
 }

@@ -96,6 +96,7 @@ pub(super) fn recover_producers(
         };
         entry.recent.retain(|s| s.base + u64::from(s.count) <= end);
         if !entry.recent.is_empty() {
+            table.clock = table.clock.max(entry.used);
             table.entries.insert((topic, partition, id), entry);
         }
     }

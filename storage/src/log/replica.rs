@@ -130,6 +130,16 @@ pub enum Op {
         /// [`Op::ForgetGroup`]).
         op: Box<Op>,
     },
+    /// A partition's records below an offset deleted (Kafka's
+    /// DeleteRecords): [`Log::delete_records`].
+    DeleteRecords {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The new start (`None`: the end).
+        before: Option<u64>,
+    },
 }
 
 /// A claim on something only one writer may write at a time (an edge's
@@ -202,7 +212,10 @@ impl Op {
         self.is_topic_change()
             || matches!(
                 self,
-                Op::ReserveProducerIds { .. } | Op::PutIfAbsent { .. } | Op::Claim(_)
+                Op::ReserveProducerIds { .. }
+                    | Op::PutIfAbsent { .. }
+                    | Op::Claim(_)
+                    | Op::DeleteRecords { .. }
             )
     }
 }
@@ -237,6 +250,8 @@ pub enum Applied {
     Value(Vec<u8>),
     /// Anything else.
     Done,
+    /// Records deleted: the partition's start now.
+    Start(u64),
 }
 
 /// An op handed over and waiting to be applied here.
@@ -438,6 +453,14 @@ impl Log {
                 .map(|_| Applied::Done)
             }
             Op::DeleteTopic(name) => self.delete_topic_here(&name).await.map(|_| Applied::Done),
+            Op::DeleteRecords {
+                topic,
+                partition,
+                before,
+            } => self
+                .delete_records_here(&topic, partition, before)
+                .await
+                .map(Applied::Start),
             _ => Err(Error::Config("not an op applied alone".into())),
         }
     }
@@ -655,6 +678,7 @@ impl Log {
             | Op::ReserveProducerIds { .. }
             | Op::PutIfAbsent { .. }
             | Op::Claim(_)
+            | Op::DeleteRecords { .. }
             | Op::Guarded { .. } => return Err(Error::Config("this op is applied alone".into())),
         };
         let (cmd, waiting) = cmd_and_waiting;

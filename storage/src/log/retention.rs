@@ -90,8 +90,34 @@ impl Log {
     /// below it is out of range), the batches wholly below it are removed,
     /// and the new start is durable before the answer. Records not yet
     /// forwarded upstream are kept (the start stops at the forwarded mark).
-    /// Returns the new start.
+    /// Returns the new start. In a cluster it is an op of the replicated
+    /// log: every node moves its start there, in the log's order (`None`
+    /// is the end where the op is applied, the same on every node).
     pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        before: Option<u64>,
+    ) -> Result<u64> {
+        self.shared().check_writable()?;
+        if let Some(r) = self.replicator() {
+            self.existing(topic)?.partition(partition)?;
+            let op = super::replica::Op::DeleteRecords {
+                topic: topic.to_owned(),
+                partition,
+                before,
+            };
+            return match self.replicate(r, op).await? {
+                super::replica::Applied::Start(start) => Ok(start),
+                other => Err(super::unexpected(&other)),
+            };
+        }
+        self.delete_records_here(topic, partition, before).await
+    }
+
+    /// [`Log::delete_records`] on this node. Applied again (after a crash),
+    /// it finds the start already there and changes nothing.
+    pub(super) async fn delete_records_here(
         &self,
         topic: &str,
         partition: u32,

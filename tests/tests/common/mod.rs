@@ -310,7 +310,8 @@ pub async fn create_topic(c: &reqwest::Client, base: &str, name: &str, partition
     assert_eq!(s, 201, "create topic {name}: {b}");
 }
 
-/// Reads a whole partition with `format=binary`: (offset, key, value) in order.
+/// Reads a whole partition, from its start, with `format=binary`: (offset,
+/// key, value) in order.
 pub async fn read_all(
     c: &reqwest::Client,
     base: &str,
@@ -320,7 +321,7 @@ pub async fn read_all(
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut out = Vec::new();
-    let mut offset = 0u64;
+    let mut offset = "earliest".to_owned();
     loop {
         let (s, page) = get(
             c,
@@ -342,7 +343,7 @@ pub async fn read_all(
         if records.is_empty() || next >= page["end_offset"].as_u64().expect("end_offset") {
             return out;
         }
-        offset = next;
+        offset = next.to_string();
     }
 }
 
