@@ -27,9 +27,9 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
+use openraft::{BasicNode, OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tributary_storage::{Applied, Error, Op};
@@ -296,12 +296,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
     }
 
-    /// Sends a snapshot with openraft's chunked sender, once it is written
-    /// out in full (see `snapshot_data`): a failure to write it out (no
-    /// room, a read of the log failing) is this send's, tried again after
-    /// the backoff, where openraft would take it, met by its sender, as the
-    /// node's storage failing, which stops the node's Raft. Giving the send
-    /// up stops the writing out too.
+    /// Streams a snapshot taken here (a cut) to the follower, written out
+    /// in full on a thread as its chunks are sent (see `snapshot_data`):
+    /// nothing is written to disk on the way, and at most a few chunks wait
+    /// in memory. A chunk that fails for a moment is sent again (five times
+    /// at most, after a short pause); a failure to write the cut out (a
+    /// read of the log failing), or a follower that lost the stream, ends
+    /// this send as unreachable, and openraft starts another after its
+    /// backoff, from the first chunk. Left to openraft's own sender, a
+    /// failure to read the snapshot would count as the node's storage
+    /// failing, which stops its Raft. Giving the send up stops the writing
+    /// out too.
     async fn full_snapshot(
         &mut self,
         vote: Vote<NodeId>,
@@ -309,16 +314,134 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let mut cancel = Box::pin(cancel);
-        tokio::select! {
+        let Some(cut) = snapshot.snapshot.take_cut() else {
+            // A file: not a snapshot taken here (none is sent as one).
+            return Chunked::send_snapshot(self, vote, snapshot, cancel, option).await;
+        };
+        let chunk = option.snapshot_chunk_size().unwrap_or(1 << 20);
+        self.stream_snapshot(vote, snapshot.meta, cut, cancel, chunk, &option)
+            .await
+    }
+}
+
+impl PeerClient {
+    /// [`RaftNetwork::full_snapshot`] of a cut, in chunks of `chunk` bytes.
+    async fn stream_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        meta: SnapshotMeta<NodeId, BasicNode>,
+        cut: crate::snapshot_data::Expand,
+        cancel: impl Future<Output = ReplicationClosed>,
+        chunk: usize,
+        option: &RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let started = std::time::Instant::now();
+        let (mut written, mut chunks) = cut.stream(chunk);
+        let mut cancel = std::pin::pin!(cancel);
+        let mut offset = 0u64;
+        let mut next = tokio::select! {
             closed = &mut cancel => return Err(StreamingError::Closed(closed)),
-            written = snapshot.snapshot.seek(io::SeekFrom::End(0)) => {
-                if let Err(e) = written {
-                    return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+            chunk = chunks.recv() => chunk,
+        };
+        loop {
+            let Some(data) = next.take() else {
+                // Ended before a first chunk: the writing out failed.
+                return Err(write_out_failed((&mut written).await));
+            };
+            let following = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                chunk = chunks.recv() => chunk,
+            };
+            let done = following.is_none();
+            if done {
+                match (&mut written).await {
+                    Ok(Ok(bytes)) => tracing::info!(
+                        bytes,
+                        took = ?started.elapsed(),
+                        target = self.target,
+                        "cluster: streamed a snapshot out to send it"
+                    ),
+                    failed => return Err(write_out_failed(failed)),
                 }
             }
+            // Never in the middle of a call: a connection left there would
+            // answer the next call with this one's reply.
+            tokio::select! {
+                biased;
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                () = std::future::ready(()) => {}
+            }
+            let len = data.len() as u64;
+            let rpc = Rpc::Snapshot(InstallSnapshotRequest {
+                vote,
+                meta: meta.clone(),
+                offset,
+                data,
+                done,
+            });
+            let answer = self.send_chunk(&rpc, option).await?;
+            if answer.vote > vote || done {
+                return Ok(SnapshotResponse::new(answer.vote));
+            }
+            offset += len;
+            next = following;
         }
-        Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
+    }
+}
+
+/// A snapshot that could not be written out to be sent: the send's
+/// failure (tried again after openraft's backoff), not the node's storage.
+fn write_out_failed(
+    outcome: Result<io::Result<u64>, tokio::task::JoinError>,
+) -> StreamingError<TypeConfig, Fatal<NodeId>> {
+    let e = match outcome {
+        Ok(Err(e)) => e,
+        Err(e) => io::Error::other(e.to_string()),
+        Ok(Ok(_)) => io::Error::other("the snapshot ended before its first chunk"),
+    };
+    tracing::warn!(error = %e, "cluster: cannot write a snapshot out to send it");
+    StreamingError::Unreachable(Unreachable::new(&e))
+}
+
+impl PeerClient {
+    /// Sends one chunk of a snapshot; one that fails for a moment (not for
+    /// want of an answer in time) again.
+    async fn send_chunk(
+        &mut self,
+        rpc: &Rpc,
+        option: &RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        const TRIES: u32 = 5;
+        let mut failures = 0;
+        loop {
+            let err = match self.peer.call(rpc, option.hard_ttl()).await {
+                Ok(Reply::Snapshot(Ok(answer))) => return Ok(answer),
+                Ok(Reply::Snapshot(Err(RaftError::Fatal(fatal)))) => {
+                    return Err(RemoteError::new(self.target, fatal).into());
+                }
+                Ok(Reply::Snapshot(Err(RaftError::APIError(e)))) => {
+                    // The follower lost the stream (it restarted, or
+                    // another stream began): from the first chunk, later.
+                    let e = io::Error::other(e.to_string());
+                    return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+                }
+                Ok(_) => io::Error::other("a node answered with the wrong kind of message"),
+                Err(e) => e,
+            };
+            failures += 1;
+            tracing::warn!(error = %err, failures, "cluster: a snapshot chunk was not sent");
+            // No answer within the deadline: openraft's next attempt, with
+            // its own timing, rather than more calls under this one.
+            if failures >= TRIES || err.kind() == io::ErrorKind::TimedOut {
+                return Err(match err.kind() {
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => {
+                        StreamingError::Unreachable(Unreachable::new(&err))
+                    }
+                    _ => StreamingError::Network(NetworkError::new(&err)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10 << failures.min(4))).await;
+        }
     }
 }
 
@@ -567,4 +690,175 @@ async fn connection<S: Submit>(
     drop(owed_tx);
     let _ = answers.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::snapshot_data::tests::{expand, leader_with_records, restores_the_leader};
+    use crate::snapshot_data::Expand;
+    use openraft::error::SnapshotMismatch;
+    use openraft::{SnapshotSegmentId, StoredMembership};
+
+    /// What the fake follower saw: each chunk as (offset, length, done).
+    type Seen = Arc<StdMutex<Vec<(u64, usize, bool)>>>;
+
+    /// A follower that writes the chunks it is sent at their offsets, and
+    /// fails as `fail` says: `Some(n)`, drop the connection unanswered the
+    /// first time chunk n arrives; `None`, answer every chunk but the first
+    /// with a snapshot mismatch (it lost the stream).
+    async fn follower(fail: Option<usize>) -> (String, Seen, Arc<StdMutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let seen: Seen = Arc::default();
+        let file: Arc<StdMutex<Vec<u8>>> = Arc::default();
+        let (s, f) = (seen.clone(), file.clone());
+        tokio::spawn(async move {
+            let mut failed = false;
+            loop {
+                let (mut conn, _) = listener.accept().await.expect("accept");
+                while let Ok(Rpc::Snapshot(req)) = read_frame::<_, Rpc>(&mut conn).await {
+                    let n = s.lock().unwrap().len();
+                    s.lock()
+                        .unwrap()
+                        .push((req.offset, req.data.len(), req.done));
+                    if fail == Some(n) && !failed {
+                        failed = true;
+                        break;
+                    }
+                    if fail.is_none() && n > 0 {
+                        let mismatch = SnapshotMismatch {
+                            expect: SnapshotSegmentId {
+                                id: req.meta.snapshot_id.clone(),
+                                offset: 0,
+                            },
+                            got: SnapshotSegmentId {
+                                id: req.meta.snapshot_id.clone(),
+                                offset: req.offset,
+                            },
+                        };
+                        let e =
+                            RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch));
+                        let _ = write_frame(&mut conn, &Reply::Snapshot(Err(e))).await;
+                        continue;
+                    }
+                    {
+                        let mut file = f.lock().unwrap();
+                        let end = req.offset as usize + req.data.len();
+                        if file.len() < end {
+                            file.resize(end, 0);
+                        }
+                        file[req.offset as usize..end].copy_from_slice(&req.data);
+                    }
+                    let answer = InstallSnapshotResponse { vote: req.vote };
+                    write_frame(&mut conn, &Reply::Snapshot(Ok(answer)))
+                        .await
+                        .expect("answer");
+                }
+            }
+        });
+        (addr, seen, file)
+    }
+
+    fn meta() -> SnapshotMeta<NodeId, BasicNode> {
+        SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "s".into(),
+        }
+    }
+
+    /// A chunk whose call failed (the connection dropped, no answer) is
+    /// sent again at the same offset; the chunks the follower holds then
+    /// make the whole snapshot, which restores a node equal to the leader,
+    /// and only the last says it is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_streams_whole_and_a_failed_chunk_is_sent_again() {
+        let (log, dir) = leader_with_records().await;
+        let cut = expand(&log, dir.path());
+        let (addr, seen, file) = follower(Some(3)).await;
+        let mut client = PeerClient {
+            target: 2,
+            peer: Peer::new(addr, None),
+        };
+        let vote = Vote::new(1, 1);
+        let answer = client
+            .stream_snapshot(
+                vote,
+                meta(),
+                cut,
+                std::future::pending(),
+                1000,
+                &RPCOption::new(Duration::from_secs(10)),
+            )
+            .await
+            .expect("sent");
+        assert_eq!(answer.vote, vote);
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.len() > 10, "{} chunks", seen.len());
+        assert_eq!(seen[3].0, seen[4].0, "the failed chunk again: {seen:?}");
+        let dones: Vec<usize> = (0..seen.len()).filter(|&i| seen[i].2).collect();
+        assert_eq!(dones, [seen.len() - 1], "{seen:?}");
+        let whole = file.lock().unwrap().clone();
+        restores_the_leader(&log, &whole, dir.path()).await;
+    }
+
+    /// A follower that lost the stream ends the send as unreachable, to be
+    /// started again from the first chunk; so does a cut that cannot be
+    /// written out, and a send given up ends as closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_stream_or_a_failed_write_out_ends_the_send_as_unreachable() {
+        let (log, dir) = leader_with_records().await;
+        let (addr, seen, _) = follower(None).await;
+        let mut client = PeerClient {
+            target: 2,
+            peer: Peer::new(addr, None),
+        };
+        let option = RPCOption::new(Duration::from_secs(10));
+        let vote = Vote::new(1, 1);
+        let e = client
+            .stream_snapshot(
+                vote,
+                meta(),
+                expand(&log, dir.path()),
+                std::future::pending(),
+                1000,
+                &option,
+            )
+            .await
+            .expect_err("mismatch");
+        assert!(matches!(e, StreamingError::Unreachable(_)), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), 2);
+
+        std::fs::write(dir.path().join("bad"), b"not a snapshot").expect("write");
+        let bad = Expand {
+            log: log.clone(),
+            cut: std::fs::File::open(dir.path().join("bad")).expect("open"),
+        };
+        let e = client
+            .stream_snapshot(vote, meta(), bad, std::future::pending(), 1000, &option)
+            .await
+            .expect_err("damaged");
+        assert!(matches!(e, StreamingError::Unreachable(_)), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), 2, "nothing sent");
+
+        let closed = async { ReplicationClosed::new("given up") };
+        let e = client
+            .stream_snapshot(
+                vote,
+                meta(),
+                expand(&log, dir.path()),
+                closed,
+                1000,
+                &option,
+            )
+            .await
+            .expect_err("closed");
+        assert!(matches!(e, StreamingError::Closed(_)), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), 2, "nothing sent");
+    }
 }

@@ -1,46 +1,38 @@
-//! A Raft snapshot's data as openraft reads and writes it: a file.
+//! A Raft snapshot's data as openraft reads and writes it.
 //!
 //! A snapshot this node took, or settled on after installing one, is a cut
 //! of its log: the tables and each partition's end, no records (the storage
-//! crate's `snapshot` module). When openraft reads one to send it to a
-//! follower, the cut is first written out in full on a thread, into
-//! `sending-N.snap`. One is written at a time, and every send of the same
-//! snapshot while one lasts reads the same file; it is removed when the last
-//! send ends (and at the next start, after a crash). A snapshot being
+//! crate's `snapshot` module). It is never read as a file: to send one to a
+//! follower, the network layer streams it ([`Expand::stream`]), written out
+//! in full on a thread, chunk by chunk, as the chunks are sent. Nothing of
+//! it is written to disk on the way, so sending needs no room for a copy,
+//! and at most [`IN_FLIGHT`] chunks wait in memory. A snapshot being
 //! received is the file it is written to.
 
-use std::future::Future;
-use std::io::{self, BufReader, BufWriter, SeekFrom, Write};
-use std::path::PathBuf;
+use std::io::{self, BufReader, SeekFrom, Write};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tributary_storage::Log;
 
-/// The file of one snapshot (see the module's docs).
+/// Chunks written out and not yet sent, at most.
+pub(crate) const IN_FLIGHT: usize = 2;
+
+/// The data of one snapshot (see the module's docs).
 pub struct SnapshotData {
     state: State,
-    /// A seek asked for before the file was there.
-    seek: Option<SeekFrom>,
-    /// That seek was started on the file and is not complete yet.
-    seeking: bool,
 }
 
 enum State {
-    /// A cut, not written out yet.
+    /// A cut, to be streamed.
     Cut(Expand),
-    /// Being written out.
-    Expanding {
-        task: JoinHandle<io::Result<(std::fs::File, Arc<Written>)>>,
-        cancel: Arc<AtomicBool>,
-    },
-    /// The file, and what keeps a written-out one there.
-    Ready(tokio::fs::File, Option<Arc<Written>>),
-    Failed(String),
+    /// A file: one being received, or received.
+    File(tokio::fs::File),
+    /// A cut already taken to be streamed.
+    Taken,
 }
 
 /// What writing a cut out takes.
@@ -48,175 +40,115 @@ pub(crate) struct Expand {
     pub(crate) log: Log,
     /// The cut, open: a snapshot taken since replaces its name, not it.
     pub(crate) cut: std::fs::File,
-    /// The snapshot's id.
-    pub(crate) id: String,
-    /// Where the whole file is written.
-    pub(crate) dir: PathBuf,
-    pub(crate) outgoing: Arc<Outgoing>,
-}
-
-/// The snapshots written out to be sent, shared by their sends.
-#[derive(Default)]
-pub(crate) struct Outgoing {
-    /// Held while one is written out: one at a time.
-    writing: Mutex<()>,
-    /// The last one written out, while a send holds it.
-    last: Mutex<Weak<Written>>,
-}
-
-/// A snapshot written out in full: removed when the last send holding it
-/// ends.
-pub(crate) struct Written {
-    id: String,
-    path: PathBuf,
-}
-
-impl Drop for Written {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Drop for SnapshotData {
-    fn drop(&mut self) {
-        if let State::Expanding { cancel, .. } = &self.state {
-            cancel.store(true, Relaxed);
-        }
-    }
 }
 
 impl SnapshotData {
     /// A file as it is (one being received).
     pub fn file(file: tokio::fs::File) -> SnapshotData {
         SnapshotData {
-            state: State::Ready(file, None),
-            seek: None,
-            seeking: false,
+            state: State::File(file),
         }
     }
 
-    /// A cut, written out in full once it is read.
+    /// A cut, streamed written out in full when it is sent.
     pub(crate) fn cut(expand: Expand) -> SnapshotData {
         SnapshotData {
             state: State::Cut(expand),
-            seek: None,
-            seeking: false,
         }
     }
 
     /// The file (of a snapshot received).
-    pub fn into_file(mut self) -> io::Result<tokio::fs::File> {
-        match std::mem::replace(&mut self.state, State::Failed(String::new())) {
-            State::Ready(file, None) => Ok(file),
+    pub fn into_file(self) -> io::Result<tokio::fs::File> {
+        match self.state {
+            State::File(file) => Ok(file),
             _ => Err(io::Error::other("a snapshot taken here, not one received")),
         }
     }
 
-    /// Drives the writing out until the file is there, then any seek
-    /// asked for before.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            let next = match &mut self.state {
-                State::Ready(..) => break,
-                State::Failed(e) => return Poll::Ready(Err(io::Error::other(e.clone()))),
-                State::Cut(_) => {
-                    let taken = std::mem::replace(&mut self.state, State::Failed(String::new()));
-                    let State::Cut(expand) = taken else { continue };
-                    let cancel = Arc::new(AtomicBool::new(false));
-                    let stop = cancel.clone();
-                    let task = tokio::task::spawn_blocking(move || expand.run(&stop));
-                    State::Expanding { task, cancel }
-                }
-                State::Expanding { task, .. } => match ready!(Pin::new(task).poll(cx)) {
-                    Ok(Ok((file, written))) => {
-                        State::Ready(tokio::fs::File::from_std(file), Some(written))
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cluster: cannot write a snapshot out to send it");
-                        State::Failed(e.to_string())
-                    }
-                    Err(e) => State::Failed(e.to_string()),
-                },
-            };
-            self.state = next;
+    /// The cut, to stream it (`None`: a file, or a cut taken before).
+    pub(crate) fn take_cut(&mut self) -> Option<Expand> {
+        match std::mem::replace(&mut self.state, State::Taken) {
+            State::Cut(expand) => Some(expand),
+            other => {
+                self.state = other;
+                None
+            }
         }
-        if let (Some(at), State::Ready(file, _)) = (self.seek.take(), &mut self.state) {
-            Pin::new(file).start_seek(at)?;
-            self.seeking = true;
-        }
-        Poll::Ready(Ok(()))
     }
 
-    fn ready_file(&mut self) -> io::Result<Pin<&mut tokio::fs::File>> {
+    fn file_mut(&mut self) -> io::Result<Pin<&mut tokio::fs::File>> {
         match &mut self.state {
-            State::Ready(file, _) => Ok(Pin::new(file)),
-            _ => Err(io::Error::other("the snapshot's file is not there")),
+            State::File(file) => Ok(Pin::new(file)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a snapshot taken here is streamed, not read as a file",
+            )),
         }
     }
 }
 
 impl Expand {
-    /// Writes the cut out in full (blocking), or finds it written out for
-    /// another send; answers the file, open at its start.
-    fn run(self, cancel: &AtomicBool) -> io::Result<(std::fs::File, Arc<Written>)> {
-        let _one_at_a_time = lock(&self.outgoing.writing);
-        let found = lock(&self.outgoing.last)
-            .upgrade()
-            .filter(|w| w.id == self.id);
-        if let Some(written) = found {
-            return Ok((std::fs::File::open(&written.path)?, written));
-        }
-        // Never the log's own room: the whole file is about as large as the
-        // log.
-        let stored = self.log.stored_bytes();
-        let need = stored + stored / 4 + (64 << 20);
-        if let Some(free) = self.log.free_disk_bytes().filter(|&free| free < need) {
-            return Err(io::Error::other(format!(
-                "no room to write a snapshot out: {free} bytes free, {need} needed"
-            )));
-        }
-        static SENT: AtomicU64 = AtomicU64::new(0);
-        let path = self
-            .dir
-            .join(format!("sending-{}.snap", SENT.fetch_add(1, Relaxed)));
-        let file = std::fs::File::options()
-            .create_new(true)
-            .write(true)
-            .open(&path)?;
-        // From here the file goes with the last handle, whatever happens.
-        let written = Arc::new(Written { id: self.id, path });
-        let started = std::time::Instant::now();
-        let out = BufWriter::with_capacity(1 << 20, Cancellable { file, cancel });
-        let bytes = self
-            .log
-            .snapshot_expand(BufReader::new(self.cut), out)
-            .map_err(io::Error::other)?;
-        tracing::info!(bytes, took = ?started.elapsed(), "cluster: wrote a snapshot out to send it");
-        *lock(&self.outgoing.last) = Arc::downgrade(&written);
-        Ok((std::fs::File::open(&written.path)?, written))
+    /// Writes the cut out in full on a thread, in chunks of `chunk` bytes
+    /// handed over as they fill (the last may be shorter). The thread
+    /// stops as soon as the receiver is dropped; it answers the bytes
+    /// written, or why it stopped. The chunks end when it does: whether
+    /// the last one ends the snapshot is its answer's to say.
+    pub(crate) fn stream(
+        self,
+        chunk: usize,
+    ) -> (JoinHandle<io::Result<u64>>, mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel(IN_FLIGHT);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut out = Chunks {
+                tx,
+                chunk: chunk.max(1),
+                buf: Vec::new(),
+            };
+            let bytes = self
+                .log
+                .snapshot_expand(BufReader::new(self.cut), &mut out)
+                .map_err(io::Error::other)?;
+            out.hand_over()?;
+            Ok(bytes)
+        });
+        (task, rx)
     }
 }
 
-/// A file whose writes fail once the snapshot is no longer wanted.
-struct Cancellable<'a> {
-    file: std::fs::File,
-    cancel: &'a AtomicBool,
+/// A writer that hands its bytes over in chunks.
+struct Chunks {
+    tx: mpsc::Sender<Vec<u8>>,
+    chunk: usize,
+    buf: Vec<u8>,
 }
 
-impl Write for Cancellable<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.cancel.load(Relaxed) {
-            return Err(io::Error::other("the snapshot is no longer wanted"));
+impl Chunks {
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
         }
-        self.file.write(buf)
+        let full = std::mem::take(&mut self.buf);
+        self.tx
+            .blocking_send(full)
+            .map_err(|_| io::Error::other("the snapshot is no longer wanted"))
+    }
+}
+
+impl Write for Chunks {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.chunk);
+        }
+        let n = bytes.len().min(self.chunk - self.buf.len());
+        self.buf.extend_from_slice(&bytes[..n]);
+        if self.buf.len() == self.chunk {
+            self.hand_over()?;
+        }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        Ok(())
     }
 }
 
@@ -226,34 +158,23 @@ impl AsyncRead for SnapshotData {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_ready(cx))?;
-        if this.seeking {
-            ready!(this.ready_file()?.poll_complete(cx))?;
-            this.seeking = false;
+        match self.get_mut().file_mut() {
+            Ok(file) => file.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
-        this.ready_file()?.poll_read(cx, buf)
     }
 }
 
 impl AsyncSeek for SnapshotData {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
-        let this = self.get_mut();
-        match &mut this.state {
-            State::Ready(file, _) => Pin::new(file).start_seek(position),
-            _ => {
-                this.seek = Some(position);
-                Ok(())
-            }
-        }
+        self.get_mut().file_mut()?.start_seek(position)
     }
 
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        let this = self.get_mut();
-        ready!(this.poll_ready(cx))?;
-        let at = ready!(this.ready_file()?.poll_complete(cx));
-        this.seeking = false;
-        Poll::Ready(at)
+        match self.get_mut().file_mut() {
+            Ok(file) => file.poll_complete(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -263,77 +184,62 @@ impl AsyncWrite for SnapshotData {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().state {
-            State::Ready(file, _) => Pin::new(file).poll_write(cx, buf),
-            _ => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a snapshot taken here is not written to",
-            ))),
+        match self.get_mut().file_mut() {
+            Ok(file) => file.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().state {
-            State::Ready(file, _) => Pin::new(file).poll_flush(cx),
-            _ => Poll::Ready(Ok(())),
+        match self.get_mut().file_mut() {
+            Ok(file) => file.poll_flush(cx),
+            Err(_) => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().state {
-            State::Ready(file, _) => Pin::new(file).poll_shutdown(cx),
-            _ => Poll::Ready(Ok(())),
+        match self.get_mut().file_mut() {
+            Ok(file) => file.poll_shutdown(cx),
+            Err(_) => Poll::Ready(Ok(())),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::path::Path;
+    use std::sync::Arc;
 
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    use tokio::io::AsyncReadExt;
     use tributary_storage::{AppendRecord, Event, LogConfig, MemStore, TopicConfig};
 
     use super::*;
 
-    fn log() -> Log {
+    pub(crate) fn log() -> Log {
         Log::with_store(Arc::new(MemStore::new()), LogConfig::default()).expect("log")
     }
 
-    fn sending(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir)
-            .expect("dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("sending-"))
-            .collect()
-    }
-
-    fn data(log: &Log, dir: &Path, id: &str, outgoing: &Arc<Outgoing>) -> SnapshotData {
-        SnapshotData::cut(Expand {
+    pub(crate) fn expand(log: &Log, dir: &Path) -> Expand {
+        Expand {
             log: log.clone(),
             cut: std::fs::File::open(dir.join("cut")).expect("cut"),
-            id: id.into(),
-            dir: dir.to_owned(),
-            outgoing: outgoing.clone(),
-        })
+        }
     }
 
-    /// Two sends of one snapshot read one file written out once, each at
-    /// its own position; the file is a whole snapshot, and it goes with
-    /// the last send.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cut_is_written_out_once_for_its_sends_and_removed_after_the_last() {
+    /// A log of 200 records in two partitions, and its cut, `cut` in the
+    /// directory answered.
+    pub(crate) async fn leader_with_records() -> (Log, tempfile::TempDir) {
         let leader = log();
         leader
             .create_topic(TopicConfig::new("t", 2))
             .await
             .expect("create");
-        for i in 0..50 {
+        for i in 0..200 {
             let record = AppendRecord {
                 partition: None,
-                event: Event::new(format!("e{i}")),
+                event: Event::new(format!("event {i} {}", "x".repeat(100))),
             };
             leader.append("t", vec![record]).await.expect("append");
         }
@@ -342,27 +248,46 @@ mod tests {
             .snapshot_cut(&dir.path().join("cut"), b"h")
             .expect("cut");
         cut.finish().expect("finish");
-        let outgoing = Arc::default();
-        let mut a = data(&leader, dir.path(), "s", &outgoing);
-        let mut b = data(&leader, dir.path(), "s", &outgoing);
-        let size = a.seek(SeekFrom::End(0)).await.expect("written out");
-        assert_eq!(b.seek(SeekFrom::End(0)).await.expect("shared"), size);
-        assert_eq!(sending(dir.path()).len(), 1, "written out once");
-        a.seek(SeekFrom::Start(0)).await.expect("seek");
-        b.seek(SeekFrom::Start(100)).await.expect("seek");
-        let mut whole = Vec::new();
-        a.read_to_end(&mut whole).await.expect("read");
-        assert_eq!(whole.len() as u64, size);
-        let mut tail = Vec::new();
-        b.read_to_end(&mut tail).await.expect("read");
-        assert_eq!(tail, whole[100..]);
-        drop(a);
-        assert_eq!(sending(dir.path()).len(), 1, "b still sends it");
-        drop(b);
-        assert!(sending(dir.path()).is_empty(), "gone with the last send");
+        (leader, dir)
+    }
 
-        let copy = dir.path().join("copy");
-        std::fs::write(&copy, &whole).expect("write");
+    /// A cut streams as chunks of the asked size (the last shorter) that
+    /// make a whole snapshot, which restores a node equal to the leader;
+    /// nothing is written beside the cut.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_streams_in_chunks_that_make_a_whole_snapshot() {
+        let (leader, dir) = leader_with_records().await;
+        let mut data = SnapshotData::cut(expand(&leader, dir.path()));
+        let mut buf = Vec::new();
+        assert!(
+            data.read_to_end(&mut buf).await.is_err(),
+            "a cut is not read as a file"
+        );
+        let cut = data.take_cut().expect("the cut");
+        assert!(data.take_cut().is_none(), "taken once");
+        let (task, mut chunks) = cut.stream(1000);
+        let mut whole = Vec::new();
+        let mut sizes = Vec::new();
+        while let Some(c) = chunks.recv().await {
+            sizes.push(c.len());
+            whole.extend_from_slice(&c);
+        }
+        let bytes = task.await.expect("join").expect("written out");
+        assert_eq!(bytes, whole.len() as u64);
+        assert!(sizes.len() > 10, "{} chunks", sizes.len());
+        let (last, rest) = sizes.split_last().expect("chunks");
+        assert!(rest.iter().all(|&s| s == 1000), "{sizes:?}");
+        assert!(*last <= 1000 && *last > 0);
+        let files: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+        assert_eq!(files.len(), 1, "only the cut");
+        restores_the_leader(&leader, &whole, dir.path()).await;
+    }
+
+    /// `whole`, as a snapshot file in `dir`, restores a node whose
+    /// partitions equal [`leader_with_records`]' log.
+    pub(crate) async fn restores_the_leader(leader: &Log, whole: &[u8], dir: &Path) {
+        let copy = dir.join("copy");
+        std::fs::write(&copy, whole).expect("write");
         let node = log();
         assert_eq!(node.restore(&copy).await.expect("restore"), b"h");
         for p in 0..2 {
@@ -371,24 +296,29 @@ mod tests {
                 leader.offsets("t", p).expect("t")
             );
         }
-        // Another snapshot's send writes its own.
-        let mut c = data(&leader, dir.path(), "other", &outgoing);
-        c.seek(SeekFrom::End(0)).await.expect("written out");
-        assert_eq!(sending(dir.path()).len(), 1);
     }
 
-    /// A cut that cannot be written out fails every read and seek of it,
-    /// and leaves no file.
+    /// A stream nobody reads any more stops: its thread answers that the
+    /// snapshot is no longer wanted, having written out no more than the
+    /// chunks in flight.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cut_that_cannot_be_written_out_fails_each_read() {
+    async fn a_stream_dropped_stops_writing_out() {
+        let (leader, dir) = leader_with_records().await;
+        let (task, mut chunks) = expand(&leader, dir.path()).stream(100);
+        assert_eq!(chunks.recv().await.expect("a first chunk").len(), 100);
+        drop(chunks);
+        let e = task.await.expect("join").expect_err("stopped");
+        assert!(e.to_string().contains("no longer wanted"), "{e}");
+    }
+
+    /// A cut that cannot be written out ends its chunks with the reason.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_that_cannot_be_written_out_says_why() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("cut"), b"not a snapshot").expect("write");
-        let mut d = data(&log(), dir.path(), "s", &Arc::default());
-        let e = d.seek(SeekFrom::End(0)).await.expect_err("damaged");
+        let (task, mut chunks) = expand(&log(), dir.path()).stream(1000);
+        while chunks.recv().await.is_some() {}
+        let e = task.await.expect("join").expect_err("damaged");
         assert!(e.to_string().contains("snapshot file"), "{e}");
-        assert!(d.seek(SeekFrom::Start(0)).await.is_err());
-        let mut buf = Vec::new();
-        assert!(d.read_to_end(&mut buf).await.is_err());
-        assert!(sending(dir.path()).is_empty());
     }
 }

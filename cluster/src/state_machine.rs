@@ -17,7 +17,8 @@
 //! more. Once it is durable, openraft drops the Raft log before it (less
 //! `cluster.snapshot_keep` entries). A follower that needs entries no
 //! longer kept is sent the cut written out in full with the records the
-//! log holds below its ends ([`crate::snapshot_data`]). It receives the
+//! log holds below its ends, streamed as it is written out, never stored
+//! on the leader ([`crate::snapshot_data`]). It receives the
 //! file in chunks (`received.snap`), renames it `install.snap`, and
 //! restores its log from it; then it cuts what it now holds as its own
 //! `current.snap` and removes the file. A node that stops in the middle of
@@ -37,7 +38,7 @@ use openraft::{
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 use tributary_storage::{Applied, Cut, Error, Log, Op};
 
-use crate::snapshot_data::{Expand, Outgoing, SnapshotData};
+use crate::snapshot_data::{Expand, SnapshotData};
 use crate::types::{NodeId, Request, Response, StorageError, TypeConfig};
 
 /// Metadata space of the cluster's applied state.
@@ -68,8 +69,6 @@ struct Snapshots {
     busy: Arc<Mutex<()>>,
     /// Numbers the snapshots taken here.
     taken: AtomicU64,
-    /// The snapshot written out to be sent, while a send lasts.
-    outgoing: Arc<Outgoing>,
 }
 
 const CURRENT: &str = "current.snap";
@@ -98,7 +97,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// way when the node stopped (see the module's docs).
 pub async fn finish_install(log: &Log, dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir)?;
-    // Left by a stop in the middle of taking or receiving one.
+    // Left by a stop in the middle of taking or receiving one (`sending-`:
+    // by an earlier version, which wrote a snapshot out to send it).
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
@@ -162,7 +162,6 @@ impl StateMachine {
                 dir: dir.to_owned(),
                 busy: Arc::new(Mutex::new(())),
                 taken: AtomicU64::new(0),
-                outgoing: Arc::default(),
             }),
             unsnapshotted: Arc::default(),
         })
@@ -191,9 +190,6 @@ impl StateMachine {
         let expand = Expand {
             log: self.log.clone(),
             cut,
-            id: meta.snapshot_id.clone(),
-            dir: self.snapshots.dir.clone(),
-            outgoing: self.snapshots.outgoing.clone(),
         };
         Ok(Some(Snapshot {
             meta,

@@ -1015,12 +1015,13 @@ async fn nodes_behind_the_kept_log_install_a_snapshot() {
             i + 1
         );
     }
-    // What was sent was a cut written out in full with the records then.
+    // What was sent was a cut written out in full with the records then,
+    // streamed.
     let sent = cluster.dirs.iter().any(|dir| {
         std::fs::read_to_string(dir.join("node.log"))
-            .is_ok_and(|log| log.contains("wrote a snapshot out to send it"))
+            .is_ok_and(|log| log.contains("streamed a snapshot out to send it"))
     });
-    assert!(sent, "no node wrote a snapshot out to send it");
+    assert!(sent, "no node streamed a snapshot out to send it");
     // Nothing left over (a snapshot the last writes started may still be
     // being taken: `taking-N.snap` until it is done).
     for dir in &cluster.dirs {
