@@ -299,8 +299,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     /// Streams a snapshot taken here (a cut) to the follower, written out
     /// in full on a thread as its chunks are sent (see `snapshot_data`):
     /// nothing is written to disk on the way, and at most a few chunks wait
-    /// in memory. A chunk that fails for a moment is sent again (five times
-    /// at most, after a short pause); a failure to write the cut out (a
+    /// in memory. A chunk whose call fails is tried five times at most in
+    /// all, after a short pause (not one without an answer in time); a failure to write the cut out (a
     /// read of the log failing), or a follower that lost the stream, ends
     /// this send as unreachable, and openraft starts another after its
     /// backoff, from the first chunk. Left to openraft's own sender, a

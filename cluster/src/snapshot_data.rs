@@ -6,7 +6,9 @@
 //! follower, the network layer streams it ([`Expand::stream`]), written out
 //! in full on a thread, chunk by chunk, as the chunks are sent. Nothing of
 //! it is written to disk on the way, so sending needs no room for a copy,
-//! and at most [`IN_FLIGHT`] chunks wait in memory. A snapshot being
+//! and at most [`IN_FLIGHT`] chunks wait between the thread and the sender
+//! (with the one being filled and the one being sent, a few MiB). A
+//! snapshot being
 //! received is the file it is written to.
 
 use std::io::{self, BufReader, SeekFrom, Write};

@@ -1,5 +1,6 @@
 //! The state machine is the node's log: committed entries are applied with
-//! [`Log::apply_all`], in order, in groups that end at each topic change;
+//! [`Log::apply_all`], in order, in groups that end at each topic change
+//! or deletion of records ([`tributary_storage::Op::ends_group`]);
 //! after each group the last applied log id and the membership are stored
 //! in the log's metadata (space `cluster`), through the same committer, so
 //! a restarted node goes on after them. What a crash left applied past that
@@ -289,7 +290,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     out.push(Response(Ok(Applied::Done)));
                 }
                 EntryPayload::Normal(Request(op)) => {
-                    let change = op.is_topic_change();
+                    let change = op.ends_group();
                     group.push((log_id.index, op));
                     slots.push(out.len());
                     out.push(Response(Err(Error::Closed)));

@@ -89,21 +89,21 @@ fn cluster(nodes: Vec<Log>) -> Journal {
 const APPLIED: &str = "test-applied";
 
 /// Applies entries as a cluster node's state machine does: in groups that
-/// end at each topic change, recording after each group the last index
+/// end at each topic change or deletion of records, recording after each group the last index
 /// applied (a node restarting goes on after it).
 async fn apply_recorded(log: &Log, entries: Vec<(u64, Op)>) -> Vec<Result<Applied>> {
     let mut out = Vec::new();
     let mut group = Vec::new();
     let total = entries.len();
     for (n, (index, op)) in entries.into_iter().enumerate() {
-        let change = op.is_topic_change();
+        let change = op.ends_group();
         group.push((index, op));
         let pointer = || Op::Meta {
             space: APPLIED.into(),
             entries: vec![(b"index".to_vec(), Some(index.to_be_bytes().to_vec()))],
         };
         if change {
-            // A topic change: applied, then recorded, alone.
+            // A topic change or a deletion: applied, then recorded, alone.
             out.extend(log.apply_all(std::mem::take(&mut group)).await);
             log.apply_all(vec![(index, pointer())])
                 .await
@@ -159,6 +159,9 @@ struct State {
     positions: Vec<GroupOffset>,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
     producer_ids: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The idempotent producers' stored states, when each was last used
+    /// included (what the table forgets first follows it).
+    producers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The first difference between two states, readably.
@@ -182,7 +185,7 @@ fn difference(a: &State, b: &State) -> Option<String> {
         }
     }
     Some(format!(
-        "topics {:?} / {:?}; bounds {:?} / {:?}; lso {:?} / {:?}; positions {:?} / {:?}; meta {:?} / {:?}; ids {:?} / {:?}",
+        "topics {:?} / {:?}; bounds {:?} / {:?}; lso {:?} / {:?}; positions {:?} / {:?}; meta {:?} / {:?}; ids {:?} / {:?}; producers {:?} / {:?}",
         a.records.keys().collect::<Vec<_>>(),
         b.records.keys().collect::<Vec<_>>(),
         a.bounds,
@@ -194,7 +197,9 @@ fn difference(a: &State, b: &State) -> Option<String> {
         a.meta,
         b.meta,
         a.producer_ids,
-        b.producer_ids
+        b.producer_ids,
+        a.producers,
+        b.producers
     ))
 }
 
@@ -217,6 +222,7 @@ fn state(log: &Log) -> State {
         positions: log.group_offsets("g").expect("positions"),
         meta: log.meta("app").expect("meta"),
         producer_ids: log.meta("__producer_ids").expect("ids"),
+        producers: log.meta("__producers").expect("producers"),
     }
 }
 
@@ -335,6 +341,31 @@ async fn workload(leader: &Log) {
         )
         .await
         .expect("append to the added partition");
+    // Deleted to the end, then past it (refused), each followed by appends
+    // that the deletion must not reach when it is applied again.
+    for i in 0..2 {
+        leader
+            .append("t", vec![keyed(Some(3), "before", format!("b{i}"))])
+            .await
+            .expect("append");
+    }
+    assert_eq!(
+        leader
+            .delete_records("t", 3, None)
+            .await
+            .expect("to the end"),
+        3
+    );
+    assert!(matches!(
+        leader.delete_records("t", 3, Some(5)).await,
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    for i in 0..2 {
+        leader
+            .append("t", vec![keyed(Some(3), "after", format!("a{i}"))])
+            .await
+            .expect("append");
+    }
     leader.delete_topic("gone").await.expect("delete");
     create(leader, "gone", 2).await;
     append_one(leader, "gone", "again").await;
@@ -351,9 +382,9 @@ async fn nodes_applying_the_same_ops_hold_the_same_log() {
     let total: usize = leader.records.values().map(Vec::len).sum();
     // 4 writers × 61 records (1, 2, 3, 4, 1, 2, … over 25 appends), 2
     // idempotent, 1 of the committed transaction (a read skips the aborted
-    // one's), 1 in the added partition, 1 in the new `gone`; less the 7
-    // deleted from t/1.
-    assert_eq!(total, 4 * 61 + 2 + 1 + 1 + 1 - 7);
+    // one's), 2 in the added partition (3 more were deleted), 1 in the new
+    // `gone`; less the 7 deleted from t/1.
+    assert_eq!(total, 4 * 61 + 2 + 1 + 2 + 1 - 7);
     assert_eq!(
         nodes[2].offsets("t", 1).expect("t").0,
         7,

@@ -355,7 +355,7 @@ fn write_cycle(
                     continue;
                 }
                 if let Some(b) = producer {
-                    match sequence(shared, topic, parts, b)? {
+                    match sequence(shared, topic, parts, b, *applied)? {
                         Ok(Verdict::Append) => {}
                         Ok(Verdict::Duplicate(base)) => {
                             answers.push(Ok(Appended {
@@ -641,11 +641,14 @@ fn write_transactional(
 /// Checks an idempotent producer's batch against its sequence and, when it
 /// is new, records it: the entry is written before the batch (see
 /// `producers`). `Err` for the engine, `Ok(Err)` for a refused batch.
+/// `applied`: the replicated entry's index, which stands for the time of
+/// the entry's use (see [`producers::Entry::used`]).
 fn sequence(
     shared: &Shared,
     topic: &TopicState,
     parts: &[Part],
     b: &ProducerBatch,
+    applied: Option<u64>,
 ) -> Result<Result<Verdict>> {
     let [part] = parts else {
         return Ok(Err(Error::BadBatch(
@@ -659,8 +662,14 @@ fn sequence(
         Ok(v) => v,
         Err(e) => return Ok(Err(e)),
     };
-    table.clock += 1;
-    let clock = table.clock;
+    // In a cluster the entry's index: the same on every node, whether the
+    // entry is applied for the first time or again after a crash (a
+    // duplicate leaves no mark, so it is applied again).
+    let clock = match applied {
+        Some(index) => index,
+        None => table.clock + 1,
+    };
+    table.clock = table.clock.max(clock);
     if matches!(verdict, Verdict::Duplicate(_)) {
         if let Some(e) = table.entries.get_mut(&key) {
             e.used = clock;

@@ -85,10 +85,11 @@ pub(super) struct Entry {
     pub last_timestamp: i64,
     /// The coordinator epoch of its last transaction marker, -1 before one.
     pub coordinator_epoch: i32,
-    /// The table's clock when it was last used (0 in an entry stored
-    /// before this field). Stored: a node that restarts, or restores a
-    /// snapshot, forgets the same producers as one that did not, so the
-    /// nodes of a cluster keep answering a batch alike.
+    /// When it was last used: the table's clock then, which in a cluster
+    /// is the replicated entry's index (0 in an entry stored before this
+    /// field). Stored: a node that restarts, applies entries again or
+    /// restores a snapshot forgets the same producers as one that did not,
+    /// so the nodes of a cluster keep answering a batch alike.
     pub used: u64,
 }
 

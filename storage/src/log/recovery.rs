@@ -58,6 +58,7 @@ pub(super) fn recover_partition(
         end: watch::Sender::new(next),
         start: AtomicU64::new(start),
         start_pos: AtomicU64::new(start_pos),
+        floor: std::sync::Mutex::new(()),
         // Forwarded topics start protected: the uploader raises the mark from
         // its durable cursors before anything is sent.
         forwarded: AtomicU64::new(if forwarded { 0 } else { u64::MAX }),

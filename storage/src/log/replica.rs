@@ -20,9 +20,10 @@
 //!   past its index is not written again. Everything else an op writes is
 //!   idempotent (offset commits and metadata are puts; a producer's state
 //!   entry ahead of its batch is dropped at recovery, as for a single node; a
-//!   topic created, changed or deleted is checked by name and config), given
-//!   that the applier records its index right after each topic op (see
-//!   [`Op::is_topic_change`]).
+//!   topic created, changed or deleted is checked by name and config;
+//!   records deleted again move no start), given that the applier records
+//!   its index right after each topic op and each deletion of records (see
+//!   [`Op::ends_group`]).
 //! - Stored batch boundaries may differ between nodes (a node packs the ops it
 //!   applies in one write cycle together); records and offsets do not.
 
@@ -177,6 +178,15 @@ impl Op {
             self,
             Op::CreateTopic(_) | Op::AlterTopic(_) | Op::DeleteTopic(_)
         )
+    }
+
+    /// The applier records its index as applied right after it, before
+    /// applying the next op: applying it again is safe only against the
+    /// state it left. A topic change, and records deleted: DeleteRecords
+    /// reads the partition's end (`None` means it, and an offset past it is
+    /// refused), which the ops after it move.
+    pub fn ends_group(&self) -> bool {
+        self.is_topic_change() || matches!(self, Op::DeleteRecords { .. })
     }
 
     /// About how many bytes it adds to a log (its records, or its

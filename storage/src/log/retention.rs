@@ -150,8 +150,7 @@ impl Log {
                 .topic(&name)
                 .ok_or_else(|| Error::UnknownTopic(name.clone()))?;
             let ps = t.partition(partition)?;
-            ps.start.fetch_max(target, SeqCst);
-            shared.store.put_floor(&name, partition, target)?;
+            raise_floor(&shared, &name, ps, target)?;
             let mut removed = 0u64;
             while let Some((base, value)) = ps.store.first()? {
                 let h = decode_header(&value).map_err(|d| corruption(&name, partition, base, d))?;
@@ -298,6 +297,18 @@ fn evict_oldest(shared: &Arc<Shared>, incoming: u64, max: u64) -> Result<Option<
     }
 }
 
+/// Raises a partition's start to `to` (never lowers it: DeleteRecords may
+/// have set one inside the batch a retention pass drops) and stores the
+/// start as its floor. One at a time per partition: DeleteRecords and a
+/// retention pass or the quota's evictor take different locks, and without
+/// this one could store an older, lower start after the other's newer one,
+/// which a restart would then find.
+fn raise_floor(shared: &Shared, topic: &str, ps: &PartitionState, to: u64) -> Result<()> {
+    let _one_at_a_time = crate::util::lock(&ps.floor);
+    let start = ps.start.fetch_max(to, SeqCst).max(to);
+    shared.store.put_floor(topic, ps.id, start)
+}
+
 /// Removes a partition's first batch (at `base`, header `h`). Floor first:
 /// after a crash between the two, the floor keeps offsets from being reused
 /// even if this was the partition's last batch.
@@ -309,10 +320,7 @@ fn drop_first_batch(
     h: &BatchHeader,
 ) -> Result<()> {
     let next_start = base + h.span;
-    // Never below a start DeleteRecords set inside this batch.
-    let floor = next_start.max(ps.start.load(SeqCst));
-    shared.store.put_floor(&t.config.name, ps.id, floor)?;
-    ps.start.fetch_max(next_start, SeqCst);
+    raise_floor(shared, &t.config.name, ps, next_start)?;
     ps.start_pos.store(h.end_position, Relaxed);
     ps.store.remove(base)?;
     // A marker gone: an aborted transaction it ended is forgotten.

@@ -31,6 +31,9 @@ pub(super) struct PartitionState {
     pub(super) end: watch::Sender<u64>,
     pub(super) start: AtomicU64,
     pub(super) start_pos: AtomicU64,
+    /// Held while the start is raised and stored as the floor (see
+    /// `retention::raise_floor`).
+    pub(super) floor: Mutex<()>,
     /// Offsets below this are forwarded upstream (or need not be: `u64::MAX`
     /// for topics that are not forwarded). Retention keeps what is above it.
     pub(super) forwarded: AtomicU64,
