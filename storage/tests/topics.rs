@@ -211,12 +211,11 @@ async fn appends_racing_a_deletion_never_leak_into_the_name_reused() {
             Err(e) => panic!("create: {e}"),
         }
     };
-    let (start, end) = (
-        created.partitions[0].start_offset,
-        created.partitions[0].end_offset,
-    );
-    assert_eq!(start, end, "the new topic is empty");
-    assert!(end > 50, "offsets went back to {end}");
+    // The new topic starts where the old one ended. Appends racing the
+    // creation may already have landed in it when its info is read, so
+    // its end is not checked here: the records stored decide below.
+    let start = created.partitions[0].start_offset;
+    assert!(start > 50, "offsets went back to {start}");
     let mut acked = Vec::new();
     for p in producers {
         acked.extend(p.await.expect("producer"));
@@ -224,7 +223,7 @@ async fn appends_racing_a_deletion_never_leak_into_the_name_reused() {
     let check = |log: &Log| {
         let stored = read_all(log, "t", 0);
         assert!(
-            stored.iter().all(|r| r.offset >= end),
+            stored.iter().all(|r| r.offset >= start),
             "an old record survived"
         );
         // Acknowledged to the new topic: those whose record is there.
