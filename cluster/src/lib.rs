@@ -732,6 +732,7 @@ async fn follow_leadership(
 impl Replicator for Replicating {
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, Error>> + Send + '_>> {
         Box::pin(async move {
+            network::check_size(&op)?;
             let started = std::time::Instant::now();
             let (answer, rx) = oneshot::channel();
             self.0

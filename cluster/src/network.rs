@@ -41,6 +41,62 @@ use crate::types::{NodeId, Raft, TypeConfig};
 /// write; writes are bounded far below by the front ends' limits).
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// What a frame of entries holds besides them (the vote, the log ids, the
+/// framing), with room to spare.
+const APPEND_SLACK: usize = 64 << 10;
+
+/// The largest entry: one that fits a frame alone. A bigger write is
+/// refused before it is proposed ([`Error::WriteTooLarge`]): no follower
+/// could receive it, and the leader would send it for ever.
+pub const MAX_ENTRY: usize = MAX_FRAME - APPEND_SLACK;
+
+/// The largest op: what an entry holds besides it (its log id) is far
+/// below the margin.
+pub const MAX_OP: usize = MAX_ENTRY - 1024;
+
+/// Refuses an op too large to replicate (over [`MAX_OP`] encoded).
+pub fn check_size(op: &Op) -> Result<(), Error> {
+    let size = postcard::experimental::serialized_size(op).unwrap_or(usize::MAX);
+    if size > MAX_OP {
+        return Err(Error::WriteTooLarge { size, max: MAX_OP });
+    }
+    Ok(())
+}
+
+/// The entries one AppendEntries carries at most, in bytes (or a single
+/// larger entry). openraft sends up to `max_payload_entries` entries at
+/// once whatever their size, and gives each call one heartbeat to be
+/// answered: a follower far behind on large entries (edge batches of
+/// hundreds of kilobytes) was sent a frame over [`MAX_FRAME`], or one it
+/// could not take in and write in time, again and again, and never caught
+/// up. A few megabytes cross loopback or a LAN and are written well within
+/// the default 50 ms; under load a call carries far less (about 40 KB at
+/// 90,000 events/s).
+pub const APPEND_BUDGET: usize = 4 << 20;
+
+/// Cuts `rpc`'s entries to the longest prefix that encodes in `budget`
+/// bytes (one entry at least); the last entry kept, if any were cut.
+fn fit_entries(
+    rpc: &mut AppendEntriesRequest<TypeConfig>,
+    budget: usize,
+) -> Option<openraft::LogId<NodeId>> {
+    let mut total = 0usize;
+    let mut keep = 0;
+    for e in &rpc.entries {
+        let size = postcard::experimental::serialized_size(e).unwrap_or(usize::MAX);
+        total = total.saturating_add(size);
+        if keep > 0 && total > budget {
+            break;
+        }
+        keep += 1;
+    }
+    if keep == rpc.entries.len() {
+        return None;
+    }
+    rpc.entries.truncate(keep);
+    rpc.entries.last().map(|e| e.log_id)
+}
+
 /// A message to a node.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Rpc {
@@ -251,12 +307,18 @@ fn unexpected<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// Sends the entries that fit one frame; if that is not all of them,
+    /// their success is a partial one, and openraft sends the rest next.
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let cut = fit_entries(&mut rpc, APPEND_BUDGET);
         match self.peer.call(&Rpc::Append(rpc), option.hard_ttl()).await {
+            Ok(Reply::Append(Ok(AppendEntriesResponse::Success))) if cut.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(cut))
+            }
             Ok(Reply::Append(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -860,5 +922,112 @@ mod tests {
             .expect_err("closed");
         assert!(matches!(e, StreamingError::Closed(_)), "{e}");
         assert_eq!(seen.lock().unwrap().len(), 2, "nothing sent");
+    }
+
+    /// An append of one record of `bytes` bytes, at index `i`.
+    fn big_entry(i: u64, bytes: usize) -> openraft::Entry<TypeConfig> {
+        let mut chunk = tributary_storage::batch::BatchBuilder::with_capacity(bytes + 64);
+        chunk.push(&tributary_storage::Event::new(vec![7u8; bytes]), 0);
+        let op = Op::Append {
+            topic: "t".into(),
+            parts: vec![tributary_storage::OpPart {
+                partition: 0,
+                count: 1,
+                chunks: vec![chunk],
+            }],
+            producer: None,
+            transactional: false,
+        };
+        openraft::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+            payload: openraft::EntryPayload::Normal(crate::types::Request(op)),
+        }
+    }
+
+    /// Entries over [`APPEND_BUDGET`] together go in several calls: the
+    /// first sends those that fit and answers a partial success up to the
+    /// last of them, and the rest go in the next call; an entry larger
+    /// than the budget goes alone. Before, all went in one call, over the
+    /// frame limit or too large to be answered in time, at every try, and
+    /// a follower that far behind never caught up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_over_one_frame_are_sent_in_several() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let got: Arc<StdMutex<Vec<Vec<u64>>>> = Arc::default();
+        let g = got.clone();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            while let Ok(Rpc::Append(req)) = read_frame::<_, Rpc>(&mut conn).await {
+                let indexes = req.entries.iter().map(|e| e.log_id.index).collect();
+                g.lock().unwrap().push(indexes);
+                let ok = Reply::Append(Ok(AppendEntriesResponse::Success));
+                write_frame(&mut conn, &ok).await.expect("answer");
+            }
+        });
+        let mut client = PeerClient {
+            target: 2,
+            peer: Peer::new(addr, None),
+        };
+        let option = || RPCOption::new(Duration::from_secs(30));
+        let entries: Vec<_> = (1..=3)
+            .map(|i| big_entry(i, APPEND_BUDGET * 2 / 5))
+            .collect();
+        let leader = Vote::new_committed(1, 1);
+        let request = |entries: Vec<openraft::Entry<TypeConfig>>| AppendEntriesRequest {
+            vote: leader,
+            prev_log_id: entries
+                .first()
+                .and_then(|e| e.log_id.index.checked_sub(1))
+                .filter(|i| *i > 0)
+                .map(|i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i)),
+            entries,
+            leader_commit: None,
+        };
+        let answer = client
+            .append_entries(request(entries.clone()), option())
+            .await
+            .expect("sent");
+        assert_eq!(
+            answer,
+            AppendEntriesResponse::PartialSuccess(Some(entries[1].log_id))
+        );
+        let answer = client
+            .append_entries(request(entries[2..].to_vec()), option())
+            .await
+            .expect("sent");
+        assert_eq!(answer, AppendEntriesResponse::Success);
+        let (large, small) = (big_entry(4, APPEND_BUDGET * 3 / 2), big_entry(5, 10));
+        let answer = client
+            .append_entries(request(vec![large.clone(), small]), option())
+            .await
+            .expect("sent");
+        assert_eq!(
+            answer,
+            AppendEntriesResponse::PartialSuccess(Some(large.log_id))
+        );
+        assert_eq!(*got.lock().unwrap(), [vec![1, 2], vec![3], vec![4]]);
+    }
+
+    /// A write over what one entry may hold is refused before it is
+    /// proposed, with its size.
+    #[test]
+    fn a_write_too_large_for_one_entry_is_refused() {
+        let fits = big_entry(1, 1 << 20);
+        let openraft::EntryPayload::Normal(crate::types::Request(op)) = fits.payload else {
+            unreachable!()
+        };
+        check_size(&op).expect("1 MiB fits");
+        let over = big_entry(1, MAX_OP);
+        let openraft::EntryPayload::Normal(crate::types::Request(op)) = over.payload else {
+            unreachable!()
+        };
+        match check_size(&op) {
+            Err(Error::WriteTooLarge { size, max }) => {
+                assert_eq!(max, MAX_OP);
+                assert!(size > MAX_OP, "{size}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

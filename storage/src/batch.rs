@@ -154,6 +154,7 @@ pub struct BatchHeader {
 /// Builds one batch value.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BatchBuilder {
+    #[serde(with = "as_bytes")]
     buf: Vec<u8>,
     count: u32,
     min_ts: i64,
@@ -780,6 +781,51 @@ fn arr8(s: &[u8]) -> [u8; 8] {
     a
 }
 
+/// A batch's bytes as serde bytes: postcard writes them as one slice where
+/// a `Vec<u8>` goes byte by byte as a sequence, in the same layout (a
+/// length, then the bytes), so what was stored as a sequence reads back.
+/// An op is encoded for the Raft log and for each follower and decoded on
+/// each node, so this is on a cluster's write path.
+mod as_bytes {
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        // A self-describing format (JSON) gives a list of numbers.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(b) = seq.next_element::<u8>()? {
+                v.push(b);
+            }
+            Ok(v)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,6 +835,42 @@ mod tests {
             .with_key(format!("k{i}"))
             .with_header("h", vec![i])
             .with_header("ünïcode", Vec::new())
+    }
+
+    /// The layout a builder had when its bytes were a plain `Vec<u8>`.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct AsSequence {
+        buf: Vec<u8>,
+        count: u32,
+        min_ts: i64,
+        max_ts: i64,
+    }
+
+    #[test]
+    fn a_builder_encodes_as_it_did_when_its_bytes_were_a_sequence() {
+        let mut b = BatchBuilder::with_capacity(1024);
+        for i in 0..10u8 {
+            b.push(&sample(i), i64::from(i) * 7);
+        }
+        let old = AsSequence {
+            buf: b.buf.clone(),
+            count: b.count,
+            min_ts: b.min_ts,
+            max_ts: b.max_ts,
+        };
+        let stored = postcard::to_allocvec(&old).expect("encode");
+        assert_eq!(postcard::to_allocvec(&b).expect("encode"), stored);
+        let back: BatchBuilder = postcard::from_bytes(&stored).expect("decode");
+        assert_eq!(
+            (back.buf, back.count, back.min_ts, back.max_ts),
+            (b.buf.clone(), b.count, b.min_ts, b.max_ts)
+        );
+        let json = serde_json::to_string(&old).expect("json");
+        assert_eq!(serde_json::to_string(&b).expect("json"), json);
+        let back: BatchBuilder = serde_json::from_str(&json).expect("json");
+        assert_eq!(back.buf, b.buf);
+        // Cut short: an error, not a panic.
+        assert!(postcard::from_bytes::<BatchBuilder>(&stored[..stored.len() / 2]).is_err());
     }
 
     #[test]

@@ -36,11 +36,11 @@ pub enum Error {
     /// shown as is.
     #[error("{0}")]
     InvalidName(String),
-    /// One event is larger than the topic allows.
     /// A compacted topic keeps the latest record per key: a keyless one has
     /// no place in it.
     #[error("topic `{0}` is compacted: every record needs a key")]
     KeyRequired(String),
+    /// One event is larger than the topic allows.
     #[error("event of {size} bytes exceeds the topic's max_event_bytes of {max}")]
     EventTooLarge {
         /// Encoded size of the event.
@@ -156,6 +156,17 @@ pub enum Error {
         #[serde(with = "as_message")]
         io::Error,
     ),
+    /// A write larger than a cluster carries in one entry (one message
+    /// between nodes): refused before it is proposed, as no follower could
+    /// ever receive it. (Last, so that the others keep their encoding on
+    /// the wire between nodes.)
+    #[error("a write of {size} bytes is over the {max} bytes a cluster replicates in one entry")]
+    WriteTooLarge {
+        /// Its encoded size.
+        size: usize,
+        /// The most one entry may be.
+        max: usize,
+    },
 }
 
 /// Engine and I/O errors on the wire: their message, read back as an I/O

@@ -79,6 +79,7 @@ impl From<&LogError> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_topic")
             }
             LogError::EventTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large"),
+            LogError::WriteTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "write_too_large"),
             LogError::KeyRequired(_) => (StatusCode::UNPROCESSABLE_ENTITY, "key_required"),
             LogError::OffsetOutOfRange { .. } => (StatusCode::BAD_REQUEST, "offset_out_of_range"),
             LogError::Config(_) => (StatusCode::BAD_REQUEST, "bad_request"),

@@ -45,7 +45,7 @@ impl Rejection {
             | LogError::TopicDeleting(_)
             | LogError::InvalidTopic(_)
             | LogError::InvalidName(_) => Rejection::UnknownTopic,
-            LogError::EventTooLarge { .. } => Rejection::TooLarge,
+            LogError::EventTooLarge { .. } | LogError::WriteTooLarge { .. } => Rejection::TooLarge,
             LogError::KeyRequired(_) => Rejection::KeyRequired,
             LogError::QuotaExceeded { .. } => Rejection::Quota,
             LogError::DiskFull { .. } => Rejection::DiskFull,
