@@ -307,8 +307,9 @@ fn unexpected<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
-    /// Sends the entries that fit one frame; if that is not all of them,
-    /// their success is a partial one, and openraft sends the rest next.
+    /// Sends the entries that fit [`APPEND_BUDGET`]; if that is not all of
+    /// them, their success is a partial one, and openraft sends the rest
+    /// next.
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,
@@ -951,7 +952,7 @@ mod tests {
     /// frame limit or too large to be answered in time, at every try, and
     /// a follower that far behind never caught up.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn entries_over_one_frame_are_sent_in_several() {
+    async fn entries_over_the_budget_are_sent_in_several_calls() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let got: Arc<StdMutex<Vec<Vec<u64>>>> = Arc::default();
