@@ -41,18 +41,11 @@ use crate::types::{NodeId, Raft, TypeConfig};
 /// write; writes are bounded far below by the front ends' limits).
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// What a frame of entries holds besides them (the vote, the log ids, the
-/// framing), with room to spare.
-const APPEND_SLACK: usize = 64 << 10;
-
-/// The largest entry: one that fits a frame alone. A bigger write is
-/// refused before it is proposed ([`Error::WriteTooLarge`]): no follower
-/// could receive it, and the leader would send it for ever.
-pub const MAX_ENTRY: usize = MAX_FRAME - APPEND_SLACK;
-
-/// The largest op: what an entry holds besides it (its log id) is far
-/// below the margin.
-pub const MAX_OP: usize = MAX_ENTRY - 1024;
+/// The largest op: one whose entry fits a frame alone (the vote, the log
+/// ids and the framing around it are far below the 64 KiB kept). A bigger
+/// write is refused before it is proposed ([`Error::WriteTooLarge`]): no
+/// follower could receive it, and the leader would send it for ever.
+pub const MAX_OP: usize = MAX_FRAME - (64 << 10);
 
 /// Refuses an op too large to replicate (over [`MAX_OP`] encoded).
 pub fn check_size(op: &Op) -> Result<(), Error> {
