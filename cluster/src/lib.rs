@@ -25,6 +25,7 @@
 
 pub mod gate;
 pub mod log_store;
+pub mod merge;
 pub mod network;
 pub mod snapshot_data;
 pub mod state_machine;
@@ -44,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tributary_storage::{Applied, Error, Leadership, Log, Op, Pending, Replicator};
 
+use merge::Merged;
 use network::{unavailable, Forwarder, Submit};
 use types::{NodeId, Raft, Request};
 
@@ -127,6 +129,8 @@ pub struct Cluster {
     forwarder: Mutex<Option<(NodeId, Arc<Forwarder>)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     leader_changes: std::sync::atomic::AtomicU64,
+    /// Entries this node's proposer handed over, and the writes in them.
+    proposed: [std::sync::atomic::AtomicU64; 2],
     gate: Arc<gate::Gate>,
     /// Who leads, as this node knows it ([`Replicator::leadership`]).
     leadership: watch::Receiver<Leadership>,
@@ -172,6 +176,10 @@ pub struct ClusterStatus {
     pub purged_index: Option<u64>,
     /// Times this node saw the leader change since it started.
     pub leader_changes: u64,
+    /// Entries this node proposed (or forwarded) since it started.
+    pub proposed_entries: u64,
+    /// Writes in them: more than entries where writes were merged.
+    pub proposed_writes: u64,
     /// Every voter.
     pub nodes: Vec<NodeStatus>,
 }
@@ -267,6 +275,7 @@ impl Cluster {
             forwarder: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
+            proposed: Default::default(),
             gate: gate.clone(),
             write_latency: tributary_telemetry::Histogram::new(&tributary_storage::COMMIT_BUCKETS),
         });
@@ -406,6 +415,8 @@ impl Cluster {
             leader_changes: self
                 .leader_changes
                 .load(std::sync::atomic::Ordering::Relaxed),
+            proposed_entries: self.proposed[0].load(std::sync::atomic::Ordering::Relaxed),
+            proposed_writes: self.proposed[1].load(std::sync::atomic::Ordering::Relaxed),
             nodes,
         }
     }
@@ -576,8 +587,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// elected, or the one known is gone) the write waits here, up to the write
 /// timeout, and the writes behind it wait too: none was sent, so none can
 /// be doubled, and their order holds.
+///
+/// A write that could share an entry is handed over only while fewer than
+/// [`merge::IN_FLIGHT`] such entries are unanswered; the writes that queue
+/// meanwhile go in the next entry together ([`merge`]).
 async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
-    while let Some(Proposal { op, answer }) = rx.recv().await {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(merge::IN_FLIGHT));
+    let mut held: Option<Proposal> = None;
+    loop {
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // Only a write that could share an entry waits for room: an entry
+        // of its own (an edge's batch) gains nothing from waiting.
+        let permit = if merge::mergeable(&first.op) {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            Some(permit)
+        } else {
+            None
+        };
+        let mut merged = Merged::new(first.op);
+        let mut answers = vec![first.answer];
+        while held.is_none() {
+            let Ok(p) = rx.try_recv() else { break };
+            match merged.absorb(p.op) {
+                Ok(()) => answers.push(p.answer),
+                Err(op) => {
+                    held = Some(Proposal {
+                        op,
+                        answer: p.answer,
+                    })
+                }
+            }
+        }
+        let (op, split) = merged.finish();
+        cluster.proposed[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cluster.proposed[1].fetch_add(answers.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let started = tokio::time::Instant::now();
         let queued = loop {
             match cluster.leader().await {
@@ -590,17 +641,29 @@ async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
                 None => break Err(unavailable("no leader is elected")),
             }
         };
+        let answer = move |r| {
+            for (answer, r) in answers.into_iter().zip(split.split(r)) {
+                let _ = answer.send(r);
+            }
+        };
         match queued {
             Ok(rx) => {
+                // The room is given back when the entry is answered, or
+                // once nobody waits for it any more: an entry a cut-off
+                // leader holds may never be.
+                let timeout = cluster.config.write_timeout;
                 tokio::spawn(async move {
-                    let r = rx
-                        .await
-                        .unwrap_or_else(|_| Err(unavailable("the write was dropped")));
-                    let _ = answer.send(r);
+                    let r = match tokio::time::timeout(timeout, rx).await {
+                        Ok(r) => r.unwrap_or_else(|_| Err(unavailable("the write was dropped"))),
+                        Err(_) => Err(unavailable("no majority acknowledged the write in time")),
+                    };
+                    drop(permit);
+                    answer(r);
                 });
             }
             Err(e) => {
-                let _ = answer.send(Err(e));
+                drop(permit);
+                answer(Err(e));
             }
         }
     }

@@ -112,6 +112,16 @@ impl MetricsSource for ClusterMetrics {
             "leader changes this node saw since it started",
             s.leader_changes,
         );
+        out.counter(
+            "tributary_cluster_proposed_entries_total",
+            "Raft entries this node proposed (or forwarded to the leader) since it started",
+            s.proposed_entries,
+        );
+        out.counter(
+            "tributary_cluster_proposed_writes_total",
+            "writes in those entries: more than entries where small writes were merged",
+            s.proposed_writes,
+        );
         out.gauge(
             "tributary_cluster_last_log_index",
             "the last index of this node's Raft log",

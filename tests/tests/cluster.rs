@@ -507,6 +507,22 @@ async fn check(cluster: &Cluster, h: &History, refused: &BTreeSet<String>, parti
             );
             assert_eq!(*n, 1, "{url}: {v} is there {n} times");
         }
+        let stored: BTreeMap<(u32, u64), &str> = got
+            .iter()
+            .flat_map(|(p, records)| records.iter().map(move |(o, v)| ((*p, *o), v.as_str())))
+            .collect();
+        for a in &h.appends {
+            if let Some(at) = a.at {
+                assert_eq!(
+                    stored.get(&at).copied(),
+                    Some(a.value.as_str()),
+                    "{url}: {} was acknowledged at partition {}, offset {}",
+                    a.value,
+                    at.0,
+                    at.1
+                );
+            }
+        }
         match &first {
             None => first = Some(got),
             Some(f) => {
@@ -579,6 +595,42 @@ async fn acknowledged_writes_survive_leader_kills_on_every_node_once() {
         .await;
         assert_eq!(n, within, "{url}: the +Inf bucket counts every write");
         assert!(n > 0, "{url}: no write timed");
+    }
+}
+
+/// Many writers at once, through the leader and a follower: their writes
+/// queue behind the entries in flight and go into Raft entries together
+/// (the `merge` module of the cluster crate). Each write is still answered
+/// its own offset, stored there on every node, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_at_once_share_entries_and_each_keeps_its_offset() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::new(root.path(), 3);
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    create(&cluster.url(leader), 3).await;
+    let follower = (leader + 1) % 3;
+    let writers = Writers::start(24, vec![cluster.url(leader), cluster.url(follower)]);
+    writers.progress(0, 1500, "24 writers").await;
+    let h = writers.finish().await;
+    check(&cluster, &h, &BTreeSet::new(), 3).await;
+    for i in [leader, follower] {
+        let st = status(&cluster.url(i)).await;
+        let (entries, writes) = (
+            st["proposed_entries"].as_u64().expect("proposed_entries"),
+            st["proposed_writes"].as_u64().expect("proposed_writes"),
+        );
+        assert!(
+            writes > entries && entries > 0,
+            "node {i}: {writes} writes in {entries} entries: none merged"
+        );
+        let metric = common::metric(
+            &cluster.url(i),
+            "tributary_cluster_proposed_writes_total",
+            None,
+        )
+        .await;
+        assert!(metric >= writes, "node {i}: the metric counts them too");
     }
 }
 
