@@ -648,16 +648,32 @@ async fn propose(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Proposal>) {
         };
         match queued {
             Ok(rx) => {
-                // The room is given back when the entry is answered, or
-                // once nobody waits for it any more: an entry a cut-off
-                // leader holds may never be.
+                // The room is given back when the entry is answered, once
+                // nobody waits for it any more, or when a new term begins:
+                // an entry a cut-off leader holds may never be answered,
+                // and the writes behind it go to the new leader.
                 let timeout = cluster.config.write_timeout;
+                let mut leads = cluster.leadership.clone();
+                let term = leads.borrow_and_update().term;
                 tokio::spawn(async move {
-                    let r = match tokio::time::timeout(timeout, rx).await {
+                    let mut permit = permit;
+                    let answered = tokio::time::timeout(timeout, rx);
+                    tokio::pin!(answered);
+                    let r = loop {
+                        tokio::select! {
+                            r = &mut answered => break r,
+                            changed = leads.changed(), if permit.is_some() => {
+                                if changed.is_err() || leads.borrow().term != term {
+                                    permit = None;
+                                }
+                            }
+                        }
+                    };
+                    drop(permit);
+                    let r = match r {
                         Ok(r) => r.unwrap_or_else(|_| Err(unavailable("the write was dropped"))),
                         Err(_) => Err(unavailable("no majority acknowledged the write in time")),
                     };
-                    drop(permit);
                     answer(r);
                 });
             }
