@@ -17,6 +17,7 @@
 //! Any other op (an edge's guarded batch, a producer's, a topic change, an
 //! offset commit) is an entry of its own, in its place in the order.
 
+use tributary_storage::batch::BatchBuilder;
 use tributary_storage::{Applied, Error, Op, OpPart};
 
 /// Entries of mergeable writes the proposer has handed over and not yet
@@ -42,6 +43,8 @@ type Share = Vec<(usize, u64)>;
 #[derive(Debug)]
 pub struct Merged {
     op: Op,
+    /// `op.weight()`, kept as writes come in rather than walked again.
+    weight: usize,
     /// `None`: one write, its op as it came.
     shares: Option<Vec<Share>>,
 }
@@ -67,7 +70,11 @@ pub fn mergeable(op: &Op) -> bool {
 impl Merged {
     /// Starts with one write.
     pub fn new(op: Op) -> Merged {
-        Merged { op, shares: None }
+        Merged {
+            weight: op.weight(),
+            op,
+            shares: None,
+        }
     }
 
     /// Writes in it.
@@ -81,7 +88,7 @@ impl Merged {
         if !mergeable(&self.op)
             || !mergeable(&op)
             || self.writes() >= MERGE_WRITES
-            || self.op.weight() + op.weight() > MERGE_BYTES
+            || self.weight + op.weight() > MERGE_BYTES
         {
             return Err(op);
         }
@@ -124,6 +131,7 @@ impl Merged {
         };
         let mut share = Share::with_capacity(parts.len());
         for part in parts {
+            self.weight += part.chunks.iter().map(BatchBuilder::len).sum::<usize>();
             let at = match into.iter().position(|p| p.partition == part.partition) {
                 Some(at) => at,
                 None => {
@@ -191,7 +199,6 @@ fn copy(e: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tributary_storage::batch::BatchBuilder;
     use tributary_storage::{Event, ProducerBatch};
 
     fn part(partition: u32, values: &[&str]) -> OpPart {
@@ -222,6 +229,7 @@ mod tests {
         m.absorb(append("t", vec![part(2, &["f"]), part(0, &["g"])]))
             .unwrap();
         assert_eq!(m.writes(), 3);
+        assert_eq!(m.weight, m.op.weight(), "the kept weight is the op's");
         let (op, split) = m.finish();
         let Op::Append { parts, .. } = &op else {
             panic!("{op:?}")
@@ -287,6 +295,7 @@ mod tests {
         }
         // As many as fit, and no more.
         assert!(taken > 1);
+        assert_eq!(m.weight, m.op.weight(), "the kept weight is the op's");
         assert!(m.op.weight() <= MERGE_BYTES);
         assert!(m.op.weight() + one > MERGE_BYTES);
         let (_, split) = m.finish();
