@@ -757,6 +757,7 @@ mod tests {
     use super::*;
     use crate::snapshot_data::tests::{expand, leader_with_records, restores_the_leader};
     use crate::snapshot_data::Expand;
+    use crate::types::big_entry;
     use openraft::error::SnapshotMismatch;
     use openraft::{SnapshotSegmentId, StoredMembership};
 
@@ -916,26 +917,6 @@ mod tests {
             .expect_err("closed");
         assert!(matches!(e, StreamingError::Closed(_)), "{e}");
         assert_eq!(seen.lock().unwrap().len(), 2, "nothing sent");
-    }
-
-    /// An append of one record of `bytes` bytes, at index `i`.
-    fn big_entry(i: u64, bytes: usize) -> openraft::Entry<TypeConfig> {
-        let mut chunk = tributary_storage::batch::BatchBuilder::with_capacity(bytes + 64);
-        chunk.push(&tributary_storage::Event::new(vec![7u8; bytes]), 0);
-        let op = Op::Append {
-            topic: "t".into(),
-            parts: vec![tributary_storage::OpPart {
-                partition: 0,
-                count: 1,
-                chunks: vec![chunk],
-            }],
-            producer: None,
-            transactional: false,
-        };
-        openraft::Entry {
-            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-            payload: openraft::EntryPayload::Normal(crate::types::Request(op)),
-        }
     }
 
     /// Entries over [`APPEND_BUDGET`] together go in several calls: the

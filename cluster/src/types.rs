@@ -33,3 +33,24 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// The group's handle.
 pub type Raft = openraft::Raft<TypeConfig>;
+
+/// An append of one record of `bytes` bytes, at index `i`.
+#[cfg(test)]
+pub(crate) fn big_entry(i: u64, bytes: usize) -> openraft::Entry<TypeConfig> {
+    let mut chunk = tributary_storage::batch::BatchBuilder::with_capacity(bytes + 64);
+    chunk.push(&tributary_storage::Event::new(vec![7u8; bytes]), 0);
+    let op = Op::Append {
+        topic: "t".into(),
+        parts: vec![tributary_storage::OpPart {
+            partition: 0,
+            count: 1,
+            chunks: vec![chunk],
+        }],
+        producer: None,
+        transactional: false,
+    };
+    openraft::Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+        payload: openraft::EntryPayload::Normal(crate::types::Request(op)),
+    }
+}

@@ -11,8 +11,11 @@
 //! - this file: the [`Store`] and [`PartitionStore`] traits and [`StoredBatch`].
 //! - `keys`: how keys are laid out in the backends' trees (batch, floor,
 //!   group-offset and metadata keys).
-//! - `sled`: [`SledOptions`] and [`SledStore`]: opening a data directory,
-//!   durable syncs, the topic, floor, group and metadata trees.
+//! - `sled`: [`SledOptions`] and [`SledStore`]: the topic, floor, group and
+//!   metadata trees.
+//! - `sled/disk`: [`SledDisk`]: opening a sled database in a directory of its
+//!   own (one process per directory, clean-up after a crash) and durable
+//!   syncs (sled's flush alone is not one); the cluster's Raft log uses it too.
 //! - `sled/partition`: one sled partition, with large batches stored in chunks
 //!   ([`CHUNKED_OVER`], [`CHUNK`]; the format is documented there).
 //! - `mem`: [`MemStore`], the in-memory twin, and its test hooks (held or
@@ -22,7 +25,7 @@ mod keys;
 mod mem;
 mod sled;
 
-pub use self::sled::{SledOptions, SledStore, CHUNK, CHUNKED_OVER};
+pub use self::sled::{SledDisk, SledOptions, SledStore, CHUNK, CHUNKED_OVER};
 pub use mem::MemStore;
 
 use std::sync::Arc;

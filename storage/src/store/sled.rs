@@ -1,20 +1,17 @@
-//! [`SledStore`], the real backend, on sled 0.34: its [`SledOptions`],
-//! opening a data directory (one process per directory, clean-up after a crash
-//! during sled's snapshot, waiting out sled's own file lock), durable syncs
-//! (sled's flush, then fsync of the database file and of the blob files sled
-//! never syncs), and the topic, floor, group-offset and metadata trees.
-//! Partitions, with large batches stored in chunks, are in `partition`.
+//! [`SledStore`], the real backend, on sled 0.34: its [`SledOptions`] and
+//! the topic, floor, group-offset and metadata trees. Opening a data
+//! directory and durable syncs are [`SledDisk`]'s (`disk`), which the
+//! cluster's Raft log shares; partitions, with large batches stored in
+//! chunks, are in `partition`.
 
+mod disk;
 mod partition;
 
+pub use disk::SledDisk;
 pub use partition::{CHUNK, CHUNKED_OVER};
 
-use std::collections::HashSet;
-use std::ffi::OsString;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::Arc;
 
 use super::keys::{
     be, floor_key, group_key, group_of_key, group_value, key_offset, meta_key, parse_floor_key,
@@ -23,7 +20,6 @@ use super::keys::{
 use super::{GroupPosition, MetaVisitor, PartitionStore, Store};
 use crate::error::{Error, Result};
 use crate::topic::TopicConfig;
-use crate::util::lock;
 use partition::SledPartition;
 
 /// Settings for the sled backend.
@@ -48,140 +44,33 @@ impl Default for SledOptions {
 /// The sled 0.34 backend: one tree per partition, plus `topics`, `floors` and
 /// `groups` trees.
 pub struct SledStore {
+    disk: SledDisk,
     db: sled::Db,
     topics: sled::Tree,
     floors: sled::Tree,
     groups: sled::Tree,
     meta: sled::Tree,
-    db_file: File,
-    blobs_dir: PathBuf,
-    synced_blobs: Mutex<HashSet<OsString>>,
-    /// The data directory (for free-space checks).
-    dir: std::path::PathBuf,
-    /// Held for the store's life: one process per data directory.
-    _dir_lock: File,
 }
 
 impl SledStore {
     /// Opens or creates the store in `dir`, cleaning up after a crash first.
     pub fn open(dir: &Path, options: &SledOptions) -> Result<Self> {
-        if !options.segment_size.is_power_of_two() || options.segment_size < 64 * 1024 {
-            return Err(Error::Config(format!(
-                "segment_size must be a power of two ≥ 65536, got {}",
-                options.segment_size
-            )));
-        }
-        std::fs::create_dir_all(dir)?;
-        // Our own lock first: the snapshot clean-up below must never touch the
-        // files of another live process (sled takes its lock only inside open).
-        let dir_lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("tributary.lock"))?;
-        if let Err(e) = dir_lock.try_lock() {
-            return Err(Error::Io(std::io::Error::other(format!(
-                "{} is in use by another process ({e})",
-                dir.display()
-            ))));
-        }
-        remove_interrupted_snapshots(dir)?;
-        let config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity)
-            .segment_size(options.segment_size)
-            .flush_every_ms(None);
-        let db = open_waiting_for_lock(&config)?;
+        let disk = SledDisk::open(dir, options.cache_capacity, options.segment_size)?;
+        let db = disk.db().clone();
         let topics = db.open_tree("__topics")?;
         let floors = db.open_tree("__floors")?;
         let groups = db.open_tree("__groups")?;
         let meta = db.open_tree("__meta")?;
-        db.flush()?;
-        let db_file = File::open(dir.join("db"))?;
-        db_file.sync_all()?;
-        File::open(dir)?.sync_all()?;
+        disk.sync()?;
         Ok(SledStore {
+            disk,
             db,
             topics,
             floors,
             groups,
             meta,
-            db_file,
-            blobs_dir: dir.join("blobs"),
-            dir: dir.to_owned(),
-            synced_blobs: Mutex::new(HashSet::new()),
-            _dir_lock: dir_lock,
         })
     }
-
-    /// sled never fsyncs blob files (values over segment_size/4): do it here,
-    /// for every blob not synced before, then the directory that names them.
-    fn sync_blobs(&self) -> Result<()> {
-        let entries = match std::fs::read_dir(&self.blobs_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut synced = lock(&self.synced_blobs);
-        let mut present = HashSet::new();
-        let mut any_new = false;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            if !synced.contains(&name) {
-                match File::open(entry.path()) {
-                    Ok(f) => f.sync_data()?,
-                    // sled removed it meanwhile (garbage collection): nothing to keep.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                any_new = true;
-            }
-            present.insert(name);
-        }
-        *synced = present;
-        if any_new {
-            File::open(&self.blobs_dir)?.sync_all()?;
-        }
-        Ok(())
-    }
-}
-
-/// How long [`SledStore::open`] waits for sled's file lock.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
-
-/// sled's I/O thread pool keeps the database file, and with it the file lock,
-/// open for a moment after the last handle is dropped: reopening right after a
-/// close can find the lock still taken. Wait a little for it; a lock another
-/// process really holds still fails, after the wait.
-fn open_waiting_for_lock(config: &sled::Config) -> Result<sled::Db> {
-    let deadline = Instant::now() + LOCK_WAIT;
-    loop {
-        match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            opened => return Ok(opened?),
-        }
-    }
-}
-
-/// sled issues #1527/#1533: a crash while sled writes its start-up snapshot
-/// leaves `snap.*.generating`, which bricks the next open. Remove them.
-fn remove_interrupted_snapshots(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            tracing::warn!(file = %name, "removing an interrupted sled snapshot left by a crash");
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 impl Store for SledStore {
@@ -409,12 +298,7 @@ impl Store for SledStore {
     }
 
     fn sync(&self) -> Result<()> {
-        // sled's flush writes its buffers and calls sync_file_range, which is not
-        // durable on its own; blobs are never synced by sled; sync_data makes both so.
-        self.db.flush()?;
-        self.sync_blobs()?;
-        self.db_file.sync_data()?;
-        Ok(())
+        self.disk.sync()
     }
 
     fn disk_bytes(&self) -> u64 {
@@ -423,43 +307,7 @@ impl Store for SledStore {
 
     fn free_bytes(&self) -> Option<u64> {
         // What an unprivileged writer may use (f_bavail), as sled would.
-        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        let st = rustix::fs::statvfs(self.disk.dir()).ok()?;
         Some(st.f_bavail.saturating_mul(st.f_frsize))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interrupted_snapshot_files_are_removed_before_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        drop(SledStore::open(dir.path(), &SledOptions::default()).expect("open"));
-        let junk = dir.path().join("snap.00000000000001A0.generating");
-        std::fs::write(&junk, b"half a snapshot").expect("write");
-        drop(SledStore::open(dir.path(), &SledOptions::default()).expect("reopen"));
-        assert!(!junk.exists());
-    }
-
-    #[test]
-    fn large_values_become_synced_blobs_and_read_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = SledStore::open(dir.path(), &SledOptions::default()).expect("open");
-        // Partitions chunk large batches, but a leaf of an older log (or any
-        // other tree) can still be a blob: write one straight into sled.
-        let raw = s.db.open_tree("raw").expect("tree");
-        let big = vec![7u8; 600 * 1024];
-        raw.insert(b"k", big.clone()).expect("insert");
-        s.sync().expect("sync");
-        let blobs = std::fs::read_dir(dir.path().join("blobs"))
-            .expect("blobs dir")
-            .count();
-        assert!(
-            blobs >= 1,
-            "a 600 KiB value should be a blob with 1 MiB segments"
-        );
-        assert_eq!(lock(&s.synced_blobs).len(), blobs);
-        assert_eq!(raw.get(b"k").expect("get").as_deref(), Some(&big[..]));
     }
 }
