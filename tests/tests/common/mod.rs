@@ -4,6 +4,7 @@
 
 pub mod crash;
 pub mod kafka;
+pub mod lazyfs;
 pub mod mqtt5;
 pub mod reference;
 

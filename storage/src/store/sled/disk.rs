@@ -74,6 +74,10 @@ impl SledDisk {
         db.flush()?;
         let db_file = File::open(dir.join("db"))?;
         db_file.sync_all()?;
+        // sled writes its settings (`conf`, with the segment size) and never
+        // syncs them: a power cut right after a database's creation leaves
+        // the file empty.
+        File::open(dir.join("conf"))?.sync_all()?;
         File::open(dir)?.sync_all()?;
         Ok(SledDisk {
             db,
