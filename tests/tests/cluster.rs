@@ -651,6 +651,123 @@ async fn acknowledged_writes_survive_a_power_cut_of_every_node() {
     check(&cluster, &all, &BTreeSet::new(), 3).await;
 }
 
+/// An edge and the cluster it forwards to lose their power together, twice,
+/// while the edge takes events and forwards them. All four data directories
+/// are on [`LazyFs`]; after each cut and restart, every event the edge
+/// acknowledged is in its log and at every node exactly once (the edge's
+/// log and each node's records from it match one to one), so neither
+/// side's sync state outran what its disk held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python3 with fusepy, libfuse2, and /dev/fuse with the right to mount (root) for tests/lazyfs; scripts/test installs fusepy and libfuse2"]
+async fn an_edge_and_its_cluster_cut_together_still_forward_exactly_once() {
+    use common::sync::{check_topic, edge_sync_stats, produce, start_edge, sync_url, wait_drained};
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut disks: Vec<LazyFs> = ["node1", "node2", "node3", "edge"]
+        .iter()
+        .map(|d| LazyFs::mount(&root.path().join(format!("{d}-disk")), &root.path().join(d)))
+        .collect();
+    let mut cluster = Cluster::new(root.path(), 3);
+    // Fixed HTTP ports: the edge names the nodes once, across restarts.
+    let http = free_ports(3);
+    cluster.node_env = http
+        .iter()
+        .map(|p| {
+            vec![(
+                "TRIBUTARY_HTTP__LISTEN".to_owned(),
+                format!("127.0.0.1:{p}"),
+            )]
+        })
+        .collect();
+    cluster.start_all();
+    cluster.leader().await;
+    let urls: Vec<String> = http
+        .iter()
+        .map(|p| sync_url(&format!("127.0.0.1:{p}")))
+        .collect();
+    let more = urls[1..].join(",");
+    let edge_dir = root.path().join("edge");
+    let start = || {
+        start_edge(
+            &edge_dir,
+            &urls[0],
+            "edge-p",
+            &[("TRIBUTARY_UPSTREAM__URLS", more.as_str())],
+        )
+    };
+    let mut edge = start();
+    let c = client();
+    common::create_topic(&c, &edge.url, T, 2).await;
+    let mut acked: Vec<(u32, u64)> = Vec::new();
+    let mut seq = 0u64;
+    for cut in 0..2 {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let producer = {
+            let (base, stop) = (edge.url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let mut acked = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match produce(&c, &base, T, "p", seq, 20).await {
+                        Ok(at) => {
+                            seq += at.len() as u64;
+                            acked.extend(at);
+                        }
+                        // The node is gone: what it did not answer may or may not be there.
+                        Err(_) => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (acked, seq)
+            })
+        };
+        let waited = Instant::now();
+        while edge_sync_stats(&edge.url).await["acked_events"]
+            .as_u64()
+            .unwrap_or(0)
+            < 300
+        {
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "cut {cut}: the edge forwards nothing: {}",
+                edge_sync_stats(&edge.url).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        edge.kill9();
+        for i in 0..3 {
+            cluster.kill(i);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (more_acked, next) = producer.await.expect("producer");
+        acked.extend(more_acked);
+        seq = next;
+        let dropped: Vec<u64> = disks.iter_mut().map(LazyFs::cut).collect();
+        eprintln!(
+            "cut {cut}: {} events acknowledged by the edge; bytes not synced and dropped (nodes, edge): {dropped:?}",
+            acked.len()
+        );
+        cluster.start_all();
+        cluster.leader().await;
+        edge = start();
+    }
+    wait_drained(&edge.url, Duration::from_secs(60)).await;
+    cluster.settled().await;
+    for url in cluster.urls() {
+        let f = check_topic("edge-p", &edge.url, &url, T).await;
+        for at in &acked {
+            assert!(
+                f.at_core.contains_key(at),
+                "{url}: the edge acknowledged {at:?}, which is not at the core"
+            );
+        }
+    }
+    assert!(
+        acked.len() > 300,
+        "only {} events acknowledged",
+        acked.len()
+    );
+}
+
 /// Many writers at once, through the leader and a follower: their writes
 /// queue behind the entries in flight and go into Raft entries together
 /// (the `merge` module of the cluster crate). Each write is still answered
