@@ -693,6 +693,103 @@ async fn a_write_under_a_replaced_claim_is_refused_on_every_node() {
     }
 }
 
+/// Appends that are links of a chain ([`AppendOptions::link`]): link 0
+/// needs nothing before it, a later link is refused (`Superseded`) unless
+/// the link before it went through under the same claim, so a writer whose
+/// append was lost never has a later one stored ahead of it. Each topic is
+/// a chain of its own; a new claim starts the chain again at 0; the claim
+/// is checked too. Alone and replicated, the same records on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_append_is_stored_only_after_the_one_before_it() {
+    let alone = mem_log(&MemStore::new(), config());
+    let stores: Vec<MemStore> = (0..2).map(|_| MemStore::new()).collect();
+    let nodes: Vec<Log> = stores.iter().map(|s| mem_log(s, config())).collect();
+    let _journal = cluster(nodes.clone());
+    for (what, log, all) in [
+        ("alone", &alone, vec![alone.clone()]),
+        ("replicated", &nodes[0], nodes.clone()),
+    ] {
+        for t in ["t", "u"] {
+            log.create_topic(TopicConfig::new(t, 1))
+                .await
+                .expect("create");
+        }
+        let claim = |v: &str| Guard {
+            space: "claims".into(),
+            key: b"edge".to_vec(),
+            value: v.as_bytes().to_vec(),
+        };
+        let link = |g: &Guard, link: u64| AppendOptions {
+            guard: Some(g.clone()),
+            link: Some(link),
+            ..AppendOptions::default()
+        };
+        let one = |v: &str| vec![Event::new(v.to_owned()).into()];
+        let refused = |r: Result<Vec<tributary_storage::Position>, Error>, why: &str| {
+            assert!(
+                matches!(r, Err(Error::Superseded(_))),
+                "{what}: {why}: {r:?}"
+            );
+        };
+        let (first, second) = (claim("first"), claim("second"));
+        refused(
+            log.append_with("t", one("unclaimed"), link(&first, 0))
+                .await,
+            "no claim",
+        );
+        log.claim(&first).await.expect("claim");
+        log.append_with("t", one("a"), link(&first, 0))
+            .await
+            .expect("link 0");
+        // Link 1 was lost on its way: link 2 must not be stored ahead of it.
+        refused(
+            log.append_with("t", one("lost 2"), link(&first, 2)).await,
+            "link 2 without link 1",
+        );
+        log.append_with("t", one("b"), link(&first, 1))
+            .await
+            .expect("link 1");
+        log.append_with("t", one("c"), link(&first, 2))
+            .await
+            .expect("link 2 after link 1");
+        // Another topic is another chain.
+        log.append_with("u", one("u0"), link(&first, 0))
+            .await
+            .expect("link 0 of u");
+        refused(
+            log.append_with("u", one("u lost"), link(&first, 5)).await,
+            "link 5 of u",
+        );
+        // A new claim: the old writer's links are refused, the new one's
+        // chain starts at 0 whatever the old one reached.
+        log.claim(&second).await.expect("second claim");
+        refused(
+            log.append_with("t", one("old 3"), link(&first, 3)).await,
+            "the replaced claim",
+        );
+        refused(
+            log.append_with("t", one("new 3"), link(&second, 3)).await,
+            "a new claim's chain starts at 0",
+        );
+        log.append_with("t", one("d"), link(&second, 0))
+            .await
+            .expect("link 0 under the new claim");
+        log.append_with("t", one("e"), link(&second, 1))
+            .await
+            .expect("link 1 under the new claim");
+        for (i, node) in all.iter().enumerate() {
+            for (t, want) in [("t", vec!["a", "b", "c", "d", "e"]), ("u", vec!["u0"])] {
+                let values: Vec<Vec<u8>> = partition_records(node, t, 0)
+                    .into_iter()
+                    .map(|r| r.value.unwrap_or_default())
+                    .collect();
+                let want: Vec<Vec<u8>> = want.iter().map(|v| v.as_bytes().to_vec()).collect();
+                assert_eq!(values, want, "{what} node {i} topic {t}");
+            }
+        }
+    }
+}
+
 /// Writes after a snapshot's cut, before it is written out in full: more
 /// records, records deleted from a partition's start (batches the cut
 /// refers to go), a new position and metadata, and a topic written to,
