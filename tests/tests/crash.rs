@@ -116,26 +116,6 @@ async fn verify(url: &str, acked: &Acked) -> usize {
     total
 }
 
-/// [`WRITERS`] writers on `node` until it is killed -9 after a random
-/// pause in `pause_ms`; their acknowledged records go to `acked`.
-fn kill_while_writing(
-    rt: &tokio::runtime::Runtime,
-    node: &mut ChildNode,
-    rng: &mut fastrand::Rng,
-    pause_ms: std::ops::Range<u64>,
-    cycle: usize,
-    acked: &Acked,
-) {
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|id| rt.spawn(writer(node.url.clone(), id, cycle, acked.clone())))
-        .collect();
-    let ended = crash::kill_during(rt, node, rng, pause_ms, writers, Duration::from_secs(30));
-    for w in ended {
-        // A writer's own assertion (one offset per record, ...) fails the test.
-        w.expect("writer ended with its node").expect("writer task");
-    }
-}
-
 #[test]
 fn acknowledged_records_survive_kill_9_at_random_moments() {
     let rt = common::runtime();
@@ -147,7 +127,21 @@ fn acknowledged_records_survive_kill_9_at_random_moments() {
     let mut kills_with_writes_in_flight = 0;
     for cycle in 0..crash::cycles() {
         let before = acked.lock().expect("lock").len();
-        kill_while_writing(&rt, &mut node, &mut rng, 30..400, cycle, &acked);
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|id| rt.spawn(writer(node.url.clone(), id, cycle, acked.clone())))
+            .collect();
+        let ended = crash::kill_during(
+            &rt,
+            &mut node,
+            &mut rng,
+            30..400,
+            writers,
+            Duration::from_secs(30),
+        );
+        for w in ended {
+            // A writer's own assertion (one offset per record, ...) fails the test.
+            w.expect("writer ended with its node").expect("writer task");
+        }
         if acked.lock().expect("lock").len() > before {
             kills_with_writes_in_flight += 1;
         }
@@ -191,7 +185,20 @@ fn acknowledged_records_survive_a_power_cut_at_random_moments() {
     let cycles = crash::cycles().min(8);
     let mut dropped = Vec::with_capacity(cycles);
     for cycle in 0..cycles {
-        kill_while_writing(&rt, &mut node, &mut rng, 100..600, cycle, &acked);
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|id| rt.spawn(writer(node.url.clone(), id, cycle, acked.clone())))
+            .collect();
+        let ended = crash::kill_during(
+            &rt,
+            &mut node,
+            &mut rng,
+            100..600,
+            writers,
+            Duration::from_secs(30),
+        );
+        for w in ended {
+            w.expect("writer ended with its node").expect("writer task");
+        }
         dropped.push(disk.cut());
         node = ChildNode::start(&dir, &[]);
         let total = rt.block_on(verify(&node.url, &acked));

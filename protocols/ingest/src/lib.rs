@@ -10,7 +10,7 @@ pub mod leader;
 pub mod mapping;
 pub mod tasks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -171,54 +171,6 @@ pub async fn append_guarded<T>(
         (tags, result)
     });
     per_record(futures_util::future::join_all(appends).await, batch.count)
-}
-
-/// [`append_guarded`] by a writer that does not wait for one append's answer
-/// before it makes the next: each topic's records are the next link of the
-/// writer's chain for that topic under `guard` (`links` names it, by topic;
-/// [`AppendOptions::link`]), queued once `turn`'s earlier appends are. A
-/// link is stored only if the one before it was, so an append of the writer
-/// that was lost is never overtaken by a later one.
-pub async fn append_chained<T>(
-    log: &Log,
-    batch: Batch<T>,
-    guard: &Guard,
-    links: &HashMap<String, u64>,
-    turn: Turn,
-) -> Vec<(T, Outcome)> {
-    let Turn { after, then } = turn;
-    if let Some(after) = after {
-        let _ = after.await;
-    }
-    let mut queued = Vec::new();
-    let appends: Vec<_> = batch
-        .topics
-        .into_iter()
-        .map(|(topic, items)| {
-            let (tx, rx) = oneshot::channel();
-            queued.push(rx);
-            let options = AppendOptions {
-                guard: Some(guard.clone()),
-                link: Some(links.get(&topic).copied().unwrap_or(0)),
-                queued: Some(tx),
-                ..AppendOptions::default()
-            };
-            async move {
-                let (tags, records): (Vec<T>, Vec<AppendRecord>) = items.into_iter().unzip();
-                let result = append_topic_with(log, &topic, records, options).await;
-                (tags, result)
-            }
-        })
-        .collect();
-    let release = async move {
-        for rx in queued {
-            let _ = rx.await;
-        }
-        drop(then);
-    };
-    let (answers, ()) =
-        futures_util::future::join(futures_util::future::join_all(appends), release).await;
-    per_record(answers, batch.count)
 }
 
 /// One topic's records (their tags) and the log's answer for them.

@@ -39,13 +39,6 @@ pub struct AppendOptions {
     pub transactional: bool,
     /// Written only while this claim holds ([`Log::claim`]).
     pub guard: Option<super::Guard>,
-    /// With `guard`: this append's place among the writer's appends to the
-    /// topic under the claim, from 0. It is written only if the one before
-    /// it was ([`Op::Chained`](super::replica::Op::Chained)), so a writer
-    /// that does not wait for each answer before its next append still
-    /// never has a later one stored while an earlier one is lost. Appends
-    /// of one chain must be queued in link order (see `after`).
-    pub link: Option<u64>,
 }
 
 impl AppendOptions {
@@ -59,7 +52,6 @@ impl AppendOptions {
             queued: Some(queued),
             transactional: false,
             guard: None,
-            link: None,
         }
     }
 }
@@ -107,7 +99,6 @@ impl Log {
             queued,
             transactional,
             guard,
-            link,
         } = options;
         let guard = guard.or_else(|| self.guard.as_deref().cloned());
         if transactional && producer.is_none() {
@@ -219,16 +210,9 @@ impl Log {
                 producer,
                 transactional,
             };
-            let op = match (link, &guard) {
-                (Some(link), Some(g)) => Op::Chained {
-                    guard: g.clone(),
-                    chain: t.config.name.as_bytes().to_vec(),
-                    link,
-                    op: Box::new(op),
-                },
-                _ => super::replica::guarded(op, guard.as_ref()),
-            };
-            let pending = r.submit(op).await?;
+            let pending = r
+                .submit(super::replica::guarded(op, guard.as_ref()))
+                .await?;
             drop(_queued);
             let applied = pending.await;
             drop((permit, reservation));
@@ -240,10 +224,8 @@ impl Log {
             // Counted where it was applied.
             return positions(placement, &partition_of_slot, &firsts);
         }
-        match (link, &guard) {
-            (Some(link), Some(g)) => self.take_link(g, t.config.name.as_bytes(), link)?,
-            (None, Some(g)) => self.check_guard(g)?,
-            _ => {}
+        if let Some(g) = &guard {
+            self.check_guard(g)?;
         }
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Append {

@@ -141,22 +141,6 @@ pub enum Op {
         /// The new start (`None`: the end).
         before: Option<u64>,
     },
-    /// An append under a claim that is also a link of a chain: applied
-    /// only if, when its turn comes in the log's order, the claim holds and
-    /// the link before it in the chain went through (the first link always
-    /// may). One writer's appends to a topic form a chain, so an append it
-    /// made after one that was lost (with a leader, say) is refused rather
-    /// than stored ahead of it ([`AppendOptions::link`](super::AppendOptions::link)).
-    Chained {
-        /// The claim it was made under.
-        guard: Guard,
-        /// The chain (the topic).
-        chain: Vec<u8>,
-        /// Its place in the chain, from 0 for each claim.
-        link: u64,
-        /// The op ([`Op::Append`]).
-        op: Box<Op>,
-    },
 }
 
 /// A claim on something only one writer may write at a time (an edge's
@@ -227,7 +211,7 @@ impl Op {
                         .sum::<usize>()
             }
             Op::PutIfAbsent { key, value, .. } => SMALL + key.len() + value.len(),
-            Op::Guarded { op, .. } | Op::Chained { op, .. } => op.weight(),
+            Op::Guarded { op, .. } => op.weight(),
             _ => SMALL,
         }
     }
@@ -382,22 +366,6 @@ impl Log {
             let op = match op {
                 // Claims change only in serial ops, all applied before this
                 // point: the check sees the claim in the log's order.
-                Op::Chained {
-                    guard,
-                    chain,
-                    link,
-                    op,
-                } => match self.take_link(&guard, &chain, link) {
-                    Ok(()) if matches!(*op, Op::Append { .. }) => *op,
-                    Ok(()) => {
-                        out.push(Err(Error::Config("only appends are chained".into())));
-                        continue;
-                    }
-                    Err(e) => {
-                        out.push(Err(e));
-                        continue;
-                    }
-                },
                 Op::Guarded { guard, op } => match self.check_guard(&guard) {
                     Ok(())
                         if matches!(
@@ -547,32 +515,6 @@ impl Log {
                 g.space
             ))),
         }
-    }
-
-    /// Takes `link` of `chain` under `g`'s claim: refused (as
-    /// [`Error::Superseded`]) unless the claim holds and the chain's link
-    /// before it was taken under the same claim (link 0 needs none). Taken,
-    /// it is seen at once by every check after this one. A link taken again
-    /// (an entry applied again after a restart) is taken as before.
-    pub(super) fn take_link(&self, g: &Guard, chain: &[u8], link: u64) -> Result<()> {
-        self.check_guard(g)?;
-        let store = &self.shared().store;
-        let key = [b"link\0".as_slice(), &g.key, b"\0", chain].concat();
-        let last = store
-            .get_meta(&g.space, &key)?
-            .and_then(|v| postcard::from_bytes::<(Vec<u8>, u64)>(&v).ok())
-            .filter(|(claim, _)| *claim == g.value)
-            .map(|(_, last)| last);
-        if link > 0 && last.is_none_or(|last| last + 1 < link) {
-            return Err(Error::Superseded(format!(
-                "an append to {} under this claim was not stored, so the ones after it are not either",
-                String::from_utf8_lossy(chain)
-            )));
-        }
-        let taken = last.map_or(link, |last| last.max(link));
-        let value = postcard::to_allocvec(&(&g.value, taken))
-            .map_err(|e| Error::Unwritable(format!("a chain's link: {e}")))?;
-        store.put_meta(&g.space, &key, Some(&value))
     }
 
     /// Writes `value` under `key` unless it has one; answers the value it
@@ -747,8 +689,7 @@ impl Log {
             | Op::PutIfAbsent { .. }
             | Op::Claim(_)
             | Op::DeleteRecords { .. }
-            | Op::Guarded { .. }
-            | Op::Chained { .. } => return Err(Error::Config("this op is applied alone".into())),
+            | Op::Guarded { .. } => return Err(Error::Config("this op is applied alone".into())),
         };
         let (cmd, waiting) = cmd_and_waiting;
         self.inner.tx.send(cmd).await.map_err(|_| Error::Closed)?;

@@ -131,127 +131,36 @@ pub(super) struct Appender {
     pub(super) out: mpsc::Sender<Out>,
     /// Per stream, what is held or being appended on this connection.
     pub(super) accepted: HashMap<(String, u32), RangeSet>,
-    /// Per core topic, the link the connection's next append to it is in
-    /// its chain under the claim ([`ingest::append_chained`]).
-    pub(super) links: HashMap<String, u64>,
 }
-
-/// Rounds a connection has handed to the log and not yet settled, at most:
-/// the next round is built and proposed while the last one is on its way
-/// (on a cluster, a whole Raft round).
-const ROUNDS_IN_FLIGHT: usize = 2;
-
-/// A round handed to the log: what settling it needs.
-struct Sent {
-    round: Vec<Work>,
-    new_events: Vec<u64>,
-    /// Works left out of the round (see [`Appender::build`]).
-    excluded: Vec<bool>,
-    /// The core topics appended, by their index in the append's tags.
-    names: Vec<String>,
-    duplicates: u64,
-    skipped: u64,
-    compacted_offsets: u64,
-    has_skip: bool,
-    /// A record the core cannot store: the connection ends after this round.
-    oversize: Option<ErrorFrame>,
-}
-
-/// A round's append and checkpoint write, on their way; resolves with the
-/// round and their answers.
-type InFlight = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = (Sent, Vec<(usize, ingest::Outcome)>, Result<(), LogError>),
-            > + Send,
-    >,
->;
 
 impl Appender {
-    /// Takes the connection's queued work in rounds and hands each to the
-    /// log while the one before is on its way: up to [`ROUNDS_IN_FLIGHT`].
-    /// Rounds are settled (held, acknowledged) in order. Each round's
-    /// appends are links of the connection's chains under its claim, queued
-    /// in round order, so a round is stored only if the one before it was:
-    /// an edge partition's records stay in order even when a round is lost
-    /// and a later one was already proposed. After a failure no round is
-    /// built; those on their way are settled (what they stored is held, or
-    /// it would be stored twice), then the first failure ends the connection.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), ErrorFrame> {
-        use futures_util::StreamExt as _;
         let max = self.core.inner.config.max_round_bytes;
         let guard = lock(&self.slot.state).claim.clone();
-        // Without a claim there are no chains: one round at a time.
-        let depth = if guard.is_some() { ROUNDS_IN_FLIGHT } else { 1 };
         let mut pending_meta: Vec<MetaEntry> = Vec::new();
-        let mut in_flight: futures_util::stream::FuturesOrdered<InFlight> =
-            futures_util::stream::FuturesOrdered::new();
-        let mut last_turn = None;
-        let mut failure: Option<ErrorFrame> = None;
-        let mut building = true;
-        loop {
-            let room = building && failure.is_none() && in_flight.len() < depth;
-            tokio::select! {
-                biased;
-                Some((sent, results, meta_written)) = in_flight.next(), if !in_flight.is_empty() => {
-                    match self.settle(sent, results, meta_written, guard.as_ref()).await {
-                        Ok(checkpoints) => {
-                            pending_meta.retain(|(k, _)| !checkpoints.iter().any(|(n, _)| n == k));
-                            pending_meta.extend(checkpoints);
-                        }
-                        Err(e) => {
-                            failure.get_or_insert(e);
-                        }
+        while let Some(first) = rx.recv().await {
+            let mut bytes = first.bytes();
+            let mut round = vec![first];
+            while bytes < max {
+                match rx.try_recv() {
+                    Ok(w) => {
+                        bytes += w.bytes();
+                        round.push(w);
                     }
+                    Err(_) => break,
                 }
-                Some(first) = rx.recv(), if room => {
-                    let mut bytes = first.bytes();
-                    let mut round = vec![first];
-                    while bytes < max {
-                        match rx.try_recv() {
-                            Ok(w) => {
-                                bytes += w.bytes();
-                                round.push(w);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    let meta = std::mem::take(&mut pending_meta);
-                    match self.build(round, meta, guard.as_ref(), &mut last_turn) {
-                        Ok((sent, oversize)) => {
-                            // The ranges of a stream stopped at a record too
-                            // large cover works it left out: no round after it.
-                            building &= !oversize;
-                            in_flight.push_back(sent);
-                        }
-                        Err(e) => {
-                            failure.get_or_insert(e);
-                        }
-                    }
-                }
-                // Nothing on its way, and no round to build: the channel
-                // closed, or a failure or a record too large stopped it.
-                else => break,
             }
-            if failure.is_none()
-                && in_flight.is_empty()
-                && rx.is_empty()
-                && !pending_meta.is_empty()
-            {
+            let meta = std::mem::take(&mut pending_meta);
+            pending_meta = self.round(round, meta, guard.as_ref()).await?;
+            if rx.is_empty() && !pending_meta.is_empty() {
                 let meta = std::mem::take(&mut pending_meta);
-                if let Err(e) = self
-                    .core
+                self.core
                     .inner
                     .log
                     .put_meta_guarded(META_SPACE, meta, guard.as_ref())
                     .await
-                {
-                    failure.get_or_insert(write_error(e));
-                }
+                    .map_err(write_error)?;
             }
-        }
-        if let Some(e) = failure {
-            return Err(e);
         }
         if !pending_meta.is_empty() {
             self.core
@@ -264,19 +173,16 @@ impl Appender {
         Ok(())
     }
 
-    /// Builds a round: checks every work against the ranges held or being
-    /// appended, and hands what is new to the log (one append per core
-    /// topic, each the next link of its chain, `meta` written alongside),
-    /// queued after the last round's appends (`last_turn`). Also answers
-    /// whether a record too large for the core stopped a stream. Every
+    /// One round: checks every batch against the held ranges, appends what is
+    /// new (one append per core topic, `meta` written alongside), updates the
+    /// ranges, acknowledges. Returns the checkpoints to write next. Every
     /// write is made under the connection's claim (`guard`).
-    fn build(
+    async fn round(
         &mut self,
         round: Vec<Work>,
         meta: Vec<MetaEntry>,
         guard: Option<&Guard>,
-        last_turn: &mut Option<tokio::sync::oneshot::Receiver<()>>,
-    ) -> Result<(InFlight, bool), ErrorFrame> {
+    ) -> Result<Vec<MetaEntry>, ErrorFrame> {
         let core = &self.core.inner;
         let mut per_topic: Vec<(String, Vec<AppendRecord>)> = Vec::new();
         let mut duplicates = 0u64;
@@ -397,79 +303,25 @@ impl Appender {
                 }
             }
         }
-        let log = core.log.clone();
+        let log = &core.log;
         // Through the one append path; each record is tagged with its topic's
         // index in `per_topic`, whose names stay here to name failures.
         let mut batch = ingest::Batch::default();
         let names: Vec<String> = per_topic.iter().map(|(t, _)| t.clone()).collect();
-        let mut links = HashMap::new();
         for (i, (topic, records)) in per_topic.into_iter().enumerate() {
-            let link = self.links.entry(topic.clone()).or_insert(0);
-            links.insert(topic.clone(), *link);
-            *link += 1;
             for record in records {
                 batch.push(&topic, i, record);
             }
         }
-        let turn = ingest::Turn::next(last_turn);
-        let guard = guard.cloned();
-        let stopped = oversize.is_some();
-        let sent = Sent {
-            round,
-            new_events,
-            excluded,
-            names,
-            duplicates,
-            skipped,
-            compacted_offsets,
-            has_skip,
-            oversize,
+        let appends = ingest::append_guarded(log, batch, guard);
+        let write_meta = async {
+            if meta.is_empty() {
+                Ok(())
+            } else {
+                log.put_meta_guarded(META_SPACE, meta, guard).await
+            }
         };
-        Ok((
-            Box::pin(async move {
-                let appends = async {
-                    match &guard {
-                        Some(g) => ingest::append_chained(&log, batch, g, &links, turn).await,
-                        None => ingest::append_guarded(&log, batch, None).await,
-                    }
-                };
-                let write_meta = async {
-                    if meta.is_empty() {
-                        Ok(())
-                    } else {
-                        log.put_meta_guarded(META_SPACE, meta, guard.as_ref()).await
-                    }
-                };
-                let (results, meta_written) = tokio::join!(appends, write_meta);
-                (sent, results, meta_written)
-            }),
-            stopped,
-        ))
-    }
-
-    /// Settles a round once its appends are answered: the ranges of what
-    /// was stored grow, checkpoints follow, and the edge is acknowledged.
-    /// Returns the checkpoints to write next.
-    async fn settle(
-        &mut self,
-        sent: Sent,
-        results: Vec<(usize, ingest::Outcome)>,
-        meta_written: Result<(), LogError>,
-        guard: Option<&Guard>,
-    ) -> Result<Vec<MetaEntry>, ErrorFrame> {
-        let Sent {
-            round,
-            new_events,
-            excluded,
-            names,
-            duplicates,
-            skipped,
-            compacted_offsets,
-            has_skip,
-            oversize,
-        } = sent;
-        let core = &self.core.inner;
-        let log = &core.log;
+        let (results, meta_written) = tokio::join!(appends, write_meta);
         // Topics whose append failed are neither held nor acknowledged; the
         // others are durable and must be both, or the edge would resend them
         // after the connection ends and they would be stored twice.

@@ -241,7 +241,6 @@ impl SyncCore {
             slot: slot.clone(),
             out: out.clone(),
             accepted: HashMap::new(),
-            links: HashMap::new(),
         };
         let mut appending = tokio::spawn(appender.run(work_rx));
         let mut appender_ended = None;
