@@ -7,6 +7,8 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,25 +118,32 @@ async fn verify(url: &str, acked: &Acked) -> usize {
     total
 }
 
-#[test]
-fn acknowledged_records_survive_kill_9_at_random_moments() {
-    let rt = common::runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let acked: Acked = Arc::default();
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut node = ChildNode::start(dir.path(), &[]);
-    rt.block_on(create_topic(&client(), &node.url, TOPIC, PARTITIONS));
+/// `cycles` times: writers until a kill -9 at a random moment `pause_ms`
+/// into the cycle, `after_kill` with the node dead, a restart on `dir`,
+/// and every acknowledged record read back. Returns the node as restarted
+/// last and how many kills landed while writes were being acknowledged.
+#[allow(clippy::too_many_arguments)]
+fn kill_while_writing(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    mut node: ChildNode,
+    acked: &Acked,
+    rng: &mut fastrand::Rng,
+    cycles: usize,
+    pause_ms: Range<u64>,
+    mut after_kill: impl FnMut(),
+) -> (ChildNode, usize) {
     let mut kills_with_writes_in_flight = 0;
-    for cycle in 0..crash::cycles() {
+    for cycle in 0..cycles {
         let before = acked.lock().expect("lock").len();
         let writers: Vec<_> = (0..WRITERS)
             .map(|id| rt.spawn(writer(node.url.clone(), id, cycle, acked.clone())))
             .collect();
         let ended = crash::kill_during(
-            &rt,
+            rt,
             &mut node,
-            &mut rng,
-            30..400,
+            rng,
+            pause_ms.clone(),
             writers,
             Duration::from_secs(30),
         );
@@ -145,10 +154,32 @@ fn acknowledged_records_survive_kill_9_at_random_moments() {
         if acked.lock().expect("lock").len() > before {
             kills_with_writes_in_flight += 1;
         }
-        node = ChildNode::start(dir.path(), &[]);
-        let total = rt.block_on(verify(&node.url, &acked));
+        after_kill();
+        node = ChildNode::start(dir, &[]);
+        let total = rt.block_on(verify(&node.url, acked));
         assert!(total >= acked.lock().expect("lock").len());
     }
+    (node, kills_with_writes_in_flight)
+}
+
+#[test]
+fn acknowledged_records_survive_kill_9_at_random_moments() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acked: Acked = Arc::default();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let node = ChildNode::start(dir.path(), &[]);
+    rt.block_on(create_topic(&client(), &node.url, TOPIC, PARTITIONS));
+    let (mut node, kills_with_writes_in_flight) = kill_while_writing(
+        &rt,
+        dir.path(),
+        node,
+        &acked,
+        &mut rng,
+        crash::cycles(),
+        30..400,
+        || {},
+    );
     assert!(
         kills_with_writes_in_flight >= crash::cycles() / 2,
         "most kills should land while writes are acknowledged"
@@ -180,30 +211,14 @@ fn acknowledged_records_survive_a_power_cut_at_random_moments() {
     let mut disk = LazyFs::mount(&root.path().join("disk"), &dir);
     let acked: Acked = Arc::default();
     let mut rng = fastrand::Rng::with_seed(11);
-    let mut node = ChildNode::start(&dir, &[]);
+    let node = ChildNode::start(&dir, &[]);
     rt.block_on(create_topic(&client(), &node.url, TOPIC, PARTITIONS));
     let cycles = crash::cycles().min(8);
     let mut dropped = Vec::with_capacity(cycles);
-    for cycle in 0..cycles {
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|id| rt.spawn(writer(node.url.clone(), id, cycle, acked.clone())))
-            .collect();
-        let ended = crash::kill_during(
-            &rt,
-            &mut node,
-            &mut rng,
-            100..600,
-            writers,
-            Duration::from_secs(30),
-        );
-        for w in ended {
-            w.expect("writer ended with its node").expect("writer task");
-        }
-        dropped.push(disk.cut());
-        node = ChildNode::start(&dir, &[]);
-        let total = rt.block_on(verify(&node.url, &acked));
-        assert!(total >= acked.lock().expect("lock").len());
-    }
+    let (_node, kills_with_writes_in_flight) =
+        kill_while_writing(&rt, &dir, node, &acked, &mut rng, cycles, 100..600, || {
+            dropped.push(disk.cut())
+        });
     eprintln!(
         "{} records acknowledged; bytes not synced and dropped at each cut: {dropped:?}",
         acked.lock().expect("lock").len()
@@ -211,5 +226,9 @@ fn acknowledged_records_survive_a_power_cut_at_random_moments() {
     assert!(
         acked.lock().expect("lock").len() > 100,
         "too few writes acknowledged to say anything"
+    );
+    assert!(
+        kills_with_writes_in_flight >= cycles / 2,
+        "most cuts should land while writes are acknowledged"
     );
 }
