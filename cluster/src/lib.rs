@@ -30,6 +30,7 @@ pub mod network;
 pub mod snapshot_data;
 pub mod state_machine;
 pub mod types;
+pub mod wal;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

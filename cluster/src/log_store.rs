@@ -1,19 +1,20 @@
-//! The Raft log on disk: a sled database of its own in the node's data
-//! directory (`raft/`), entries keyed by index, the vote and the committed
-//! and purged log ids beside them. An append is acknowledged to Raft after
-//! a [`SledDisk::sync`] (sled's flush, an fsync of any blob file it wrote,
-//! an fdatasync of its file): the node counts towards a majority only for
-//! what is on its disk. A vote, a truncation and a purge are synced the
-//! same way before they are answered.
+//! The Raft log on disk, in the node's data directory (`raft/`): the
+//! entries in segment files of their own ([`crate::wal`], `raft/wal/`), the
+//! vote and the committed and purged log ids in a small sled database
+//! beside them. An append is acknowledged to Raft after the segment files
+//! it wrote are fdatasynced: the node counts towards a majority only for
+//! what is on its disk. A vote is synced ([`SledDisk::sync`]: sled's
+//! flush, an fdatasync of its file) before it is answered; a truncation
+//! and a purge too.
 //!
-//! Segments are 1 MiB, so entries up to about 256 KiB (every merged entry of
-//! small writes, [`crate::merge`]) stay in sled's log file; a larger one
-//! (an edge's big batch) is a blob file of its own, synced too.
+//! A Raft log of an earlier version kept its entries in the sled database
+//! (tree `entries`); they are moved into segment files when it opens.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -24,14 +25,17 @@ use tributary_storage::store::SledDisk;
 use tributary_storage::util::lock;
 
 use crate::types::{NodeId, StorageError, TypeConfig};
+use crate::wal::{Pending, Wal};
 
-/// The Raft log (cheap to clone: sled handles).
+/// The Raft log (cheap to clone: shared handles).
 #[derive(Clone)]
 pub struct LogStore {
     disk: Arc<SledDisk>,
     /// The last entries written, as they were (see [`Recent`]).
     recent: Arc<Mutex<Recent>>,
-    entries: sled::Tree,
+    wal: Arc<Mutex<Wal>>,
+    /// Syncs of the entries' files.
+    wal_syncs: Arc<AtomicU64>,
     meta: sled::Tree,
 }
 
@@ -39,11 +43,15 @@ const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 const CATCH_UP: &[u8] = b"catch_up";
+/// Set once the entries of an earlier version's sled tree are in segment
+/// files.
+const ENTRIES_MOVED: &[u8] = b"entries_moved";
+/// Entries moved out of sled at a time.
+const MOVE_CHUNK: usize = 16 << 20;
 
-/// sled's page cache for the Raft log (recent entries are read back to be
-/// sent and applied).
-const CACHE: u64 = 8 << 20;
-/// sled's segment size: values over a quarter of it become blob files.
+/// sled's page cache for the Raft log's metadata.
+const CACHE: u64 = 1 << 20;
+/// sled's segment size.
 const SEGMENT: usize = 1 << 20;
 /// What [`Recent`] keeps, in encoded bytes.
 const RECENT_BYTES: usize = 4 << 20;
@@ -158,12 +166,6 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
     postcard::to_allocvec(v).map_err(|e| write_err(&e))
 }
 
-fn index_of(key: &[u8]) -> Result<u64, StorageError> {
-    key.try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| read_err(&std::io::Error::other("a Raft log key is not 8 bytes")))
-}
-
 impl LogStore {
     /// Opens (or creates) the Raft log in `dir`.
     pub fn open(dir: &Path) -> Result<LogStore, tributary_storage::error::Error> {
@@ -171,26 +173,84 @@ impl LogStore {
         // (sled opens a database only with the one it was created with).
         let segment = SledDisk::segment_size_of(dir).unwrap_or(SEGMENT);
         let disk = SledDisk::open(dir, CACHE, segment)?;
-        let entries = disk.db().open_tree("entries")?;
         let meta = disk.db().open_tree("meta")?;
-        disk.sync()?;
-        Ok(LogStore {
+        let storage_err = |e: StorageError| {
+            tributary_storage::error::Error::Io(std::io::Error::other(e.to_string()))
+        };
+        let purged: Option<LogId<NodeId>> = match meta.get(PURGED)? {
+            Some(v) => Some(decode(&v).map_err(storage_err)?),
+            None => None,
+        };
+        let wal = Wal::open(&dir.join("wal"), purged.map(|p| p.index))?;
+        let mut store = LogStore {
             disk: Arc::new(disk),
             recent: Arc::new(Mutex::new(Recent::default())),
-            entries,
+            wal: Arc::new(Mutex::new(wal)),
+            wal_syncs: Arc::default(),
             meta,
-        })
+        };
+        store.move_sled_entries(purged).map_err(storage_err)?;
+        store.disk.sync()?;
+        Ok(store)
+    }
+
+    /// Moves the entries a Raft log of an earlier version kept in sled
+    /// into segment files. The tree is left as it is until the files are
+    /// synced and `entries_moved` is recorded (synced too), so a move cut
+    /// short is made again from the start; only then is the tree dropped.
+    fn move_sled_entries(&mut self, purged: Option<LogId<NodeId>>) -> Result<(), StorageError> {
+        let db = self.disk.db();
+        if !db.tree_names().iter().any(|n| n.as_ref() == b"entries") {
+            return Ok(());
+        }
+        if !self.get::<bool>(ENTRIES_MOVED)?.unwrap_or(false) {
+            let tree = db.open_tree("entries").map_err(|e| read_err(&e))?;
+            let mut wal = lock(&self.wal);
+            let mut pending = wal.clear().map_err(|e| write_err(&e))?;
+            let (mut chunk, mut bytes, mut moved) = (Vec::new(), 0, 0);
+            let mut items = tree.iter();
+            loop {
+                let item = items.next();
+                if let Some(item) = &item {
+                    let (_, v) = item.as_ref().map_err(read_err)?;
+                    let e: Entry<TypeConfig> = decode(v)?;
+                    if purged.is_none_or(|p| e.log_id.index > p.index) {
+                        bytes += v.len();
+                        chunk.push((e.log_id, v.to_vec()));
+                    }
+                }
+                if bytes >= MOVE_CHUNK || (item.is_none() && !chunk.is_empty()) {
+                    pending.merge(wal.append(&chunk).map_err(|e| write_err(&e))?);
+                    moved += chunk.len();
+                    chunk.clear();
+                    bytes = 0;
+                }
+                if item.is_none() {
+                    break;
+                }
+            }
+            pending.sync().map_err(|e| write_err(&e))?;
+            drop(wal);
+            self.put(ENTRIES_MOVED, &true)?;
+            self.disk.sync().map_err(|e| write_err(&e))?;
+            tracing::info!(
+                entries = moved,
+                "cluster: the Raft log's entries moved out of sled into segment files"
+            );
+        }
+        db.drop_tree("entries").map_err(|e| write_err(&e))?;
+        self.disk.sync().map_err(|e| write_err(&e))
     }
 
     /// Durable syncs of the Raft log since it was opened.
     pub fn syncs(&self) -> u64 {
-        self.disk.syncs()
+        self.disk.syncs() + self.wal_syncs.load(Ordering::Relaxed)
     }
 
     /// Nothing stored, not even a vote: a new node, or one whose data was
     /// wiped.
     pub fn is_blank(&self) -> Result<bool, StorageError> {
-        Ok(self.entries.is_empty() && self.get::<Vote<NodeId>>(VOTE)?.is_none())
+        Ok(lock(&self.wal).len() == 0 && self.get::<Vote<NodeId>>(VOTE)?.is_none())
     }
 
     /// The index this node must hold before it votes again ([`crate::gate`]).
@@ -233,18 +293,22 @@ impl LogStore {
             .map_err(|e| write_err(&e))
     }
 
-    /// Removes the entries whose keys are in `range`.
-    fn remove<R: RangeBounds<[u8; 8]>>(&self, range: R) -> Result<(), StorageError> {
-        let keys: Vec<sled::IVec> = self
-            .entries
-            .range(range)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| read_err(&e))?;
-        for k in keys {
-            self.entries.remove(k).map_err(|e| write_err(&e))?;
-        }
-        Ok(())
+    /// Changes the entries' files with `change` and syncs what it needs,
+    /// on a blocking thread (writes and syncs wait on the disk).
+    async fn change_wal(
+        &self,
+        change: impl FnOnce(&mut Wal) -> std::io::Result<Pending> + Send + 'static,
+    ) -> Result<(), StorageError> {
+        let wal = self.wal.clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            let pending = change(&mut lock(&wal))?;
+            pending.sync()
+        })
+        .await
+        .map_err(|e| write_err(&std::io::Error::other(e)))?
+        .map_err(|e| write_err(&e));
+        self.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        changed
     }
 
     /// Stores `entries` and makes them durable.
@@ -252,31 +316,32 @@ impl LogStore {
         &self,
         entries: impl IntoIterator<Item = Entry<TypeConfig>>,
     ) -> Result<(), StorageError> {
+        let mut encoded = Vec::new();
         let mut written = Vec::new();
         for e in entries {
             let bytes = encode(&e)?;
             let len = bytes.len();
-            if let Err(err) = self.entries.insert(e.log_id.index.to_be_bytes(), bytes) {
-                lock(&self.recent).clear();
-                return Err(write_err(&err));
-            }
+            encoded.push((e.log_id, bytes));
             written.push((e, len));
         }
-        lock(&self.recent).extend(written);
         let started = std::time::Instant::now();
-        let synced = self.flush().await;
-        tracing::debug!(took = ?started.elapsed(), "cluster: Raft log synced");
+        let synced = self.change_wal(move |wal| wal.append(&encoded)).await;
+        tracing::debug!(took = ?started.elapsed(), "cluster: Raft log written and synced");
+        match synced {
+            Ok(()) => lock(&self.recent).extend(written),
+            Err(_) => lock(&self.recent).clear(),
+        }
         synced
     }
 
     /// Entries stored (for status).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        lock(&self.wal).len()
     }
 
     /// No entries stored.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 }
 
@@ -290,18 +355,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&0) => return Ok(Vec::new()),
+            Bound::Excluded(&i) => i - 1,
+            Bound::Unbounded => u64::MAX,
+        };
         if let Some(cached) = lock(&self.recent).get(&range) {
             return Ok(cached);
         }
-        let mut out = Vec::new();
-        for item in self.entries.range(start.to_be_bytes()..) {
-            let (k, v) = item.map_err(|e| read_err(&e))?;
-            if !range.contains(&index_of(&k)?) {
-                break;
-            }
-            out.push(decode(&v)?);
-        }
-        Ok(out)
+        Wal::read(&self.wal, start, end)
+            .map_err(|e| read_err(&e))?
+            .iter()
+            .map(|v| decode(v))
+            .collect()
     }
 }
 
@@ -310,10 +377,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let purged: Option<LogId<NodeId>> = self.get(PURGED)?;
-        let last = match self.entries.last().map_err(|e| read_err(&e))? {
-            Some((_, v)) => Some(decode::<Entry<TypeConfig>>(&v)?.log_id),
-            None => purged,
-        };
+        let last = lock(&self.wal).last().or(purged);
         Ok(LogState {
             last_purged_log_id: purged,
             last_log_id: last,
@@ -362,15 +426,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         lock(&self.recent).truncate(log_id.index);
-        self.remove(log_id.index.to_be_bytes()..)?;
-        self.flush().await
+        self.change_wal(move |wal| wal.truncate(log_id.index)).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // The purged id is durable before any segment file goes: entries
+        // at or below it are skipped at open, wherever they are.
         self.put(PURGED, &log_id)?;
+        self.flush().await?;
         lock(&self.recent).purge(log_id.index);
-        self.remove(..=log_id.index.to_be_bytes())?;
-        self.flush().await
+        self.change_wal(move |wal| wal.purge(log_id.index).map(|()| Pending::default()))
+            .await
     }
 }
 
@@ -379,24 +445,10 @@ mod tests {
     use super::*;
     use crate::types::big_entry;
 
-    fn stored(store: &LogStore) -> Vec<(u64, usize)> {
-        store
-            .entries
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.expect("read");
-                (index_of(&k).expect("key"), v.len())
-            })
-            .collect()
-    }
-
-    /// An append is answered only after a sync of the kind that reaches the
-    /// disk ([`SledDisk::sync`]), and an entry too large for sled's log file
-    /// is a blob file that is synced too. Before, the Raft log relied on
-    /// sled's flush (a `sync_file_range`, no fsync of the blobs), so an
-    /// acknowledged entry could be lost with the machine's power.
+    /// An append is answered after one sync of the entries' files, and
+    /// the entries read back after a reopen, large ones too.
     #[tokio::test]
-    async fn an_append_is_synced_and_a_large_entry_is_a_synced_blob() {
+    async fn an_append_is_synced_and_reads_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LogStore::open(dir.path()).expect("open");
         let before = store.syncs();
@@ -405,33 +457,112 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(store.syncs(), before + 1);
-        assert!(
-            store.disk.synced_blobs() >= 1,
-            "a 400 KiB entry is a synced blob"
-        );
         drop(store);
         let mut store = LogStore::open(dir.path()).expect("reopen");
         let back = store.try_get_log_entries(1..=2).await.expect("read");
         assert_eq!(back.len(), 2);
         assert_eq!(back[1].log_id.index, 2);
-        assert_eq!(stored(&store).len(), 2);
+        assert_eq!(store.len(), 2);
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(2));
     }
 
-    /// A merged entry of small writes (up to [`crate::merge`]'s 192 KiB of
-    /// records) stays in sled's log file: a blob file per entry cost the
-    /// leader a file created, synced and later deleted for each.
+    /// Each entry is written once: a thousand entries of 100 KiB (an edge's
+    /// drain) take about 100 MiB of files, where sled's tree wrote them
+    /// about six times over.
     #[tokio::test]
-    async fn a_merged_entry_is_not_a_blob() {
+    async fn each_entry_is_written_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LogStore::open(dir.path()).expect("open");
-        store
-            .write([big_entry(1, crate::merge::MERGE_BYTES + 4096)])
-            .await
-            .expect("write");
-        let blobs = std::fs::read_dir(dir.path().join("blobs"))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        assert_eq!(blobs, 0);
+        for i in 0..100u64 {
+            store
+                .write((1..=10).map(|j| big_entry(i * 10 + j, 100 << 10)))
+                .await
+                .expect("write");
+        }
+        let files: u64 = std::fs::read_dir(dir.path().join("wal"))
+            .expect("wal dir")
+            .map(|f| f.expect("entry").metadata().expect("metadata").len())
+            .sum();
+        let entries = 1000 * (100 << 10);
+        assert!(
+            files >= entries && files < entries + entries / 50,
+            "{files}"
+        );
+    }
+
+    /// An earlier version's Raft log: entries `range` in sled's tree (512
+    /// KiB segments), entry 6 purged.
+    fn old_layout(dir: &Path, range: std::ops::RangeInclusive<u64>) {
+        let disk = SledDisk::open(dir, CACHE, 512 << 10).expect("old layout");
+        let entries = disk.db().open_tree("entries").expect("tree");
+        for i in range {
+            entries
+                .insert(i.to_be_bytes(), encode(&big_entry(i, 10)).expect("encode"))
+                .expect("insert");
+        }
+        let meta = disk.db().open_tree("meta").expect("tree");
+        let purged = LogId::new(openraft::CommittedLeaderId::new(1, 1), 6);
+        meta.insert(PURGED, encode(&purged).expect("encode"))
+            .expect("insert");
+        disk.sync().expect("sync");
+    }
+
+    async fn indexes(dir: &Path) -> Vec<u64> {
+        let mut store = LogStore::open(dir).expect("open");
+        assert!(
+            !store
+                .disk
+                .db()
+                .tree_names()
+                .iter()
+                .any(|n| n.as_ref() == b"entries"),
+            "the old tree is dropped"
+        );
+        let back = store.try_get_log_entries(0..100).await.expect("read");
+        back.iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// A Raft log of an earlier version opens, its entries moved into
+    /// segment files, the purged ones left behind; it opens again the same.
+    #[tokio::test]
+    async fn a_raft_log_of_an_earlier_version_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        old_layout(dir.path(), 6..=8);
+        assert_eq!(indexes(dir.path()).await, [7, 8]);
+        assert_eq!(indexes(dir.path()).await, [7, 8]);
+    }
+
+    /// A move cut short (segment files with part of the entries, nothing
+    /// recorded) is made again from the tree; once recorded as done, what
+    /// is left of the tree (a drop cut short) is not moved again.
+    #[tokio::test]
+    async fn a_move_out_of_sled_cut_short_is_made_again_and_a_finished_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        old_layout(dir.path(), 6..=9);
+        {
+            let mut wal = Wal::open(&dir.path().join("wal"), Some(6)).expect("wal");
+            let e = big_entry(7, 10);
+            wal.append(&[(e.log_id, encode(&e).expect("encode"))])
+                .expect("append")
+                .sync()
+                .expect("sync");
+        }
+        assert_eq!(indexes(dir.path()).await, [7, 8, 9]);
+        // The move done; a tree of entry 9 alone, as a drop cut short
+        // could leave it.
+        {
+            let disk = SledDisk::open(dir.path(), CACHE, 512 << 10).expect("open");
+            let entries = disk.db().open_tree("entries").expect("tree");
+            entries
+                .insert(
+                    9u64.to_be_bytes(),
+                    encode(&big_entry(9, 10)).expect("encode"),
+                )
+                .expect("insert");
+            disk.sync().expect("sync");
+        }
+        assert_eq!(indexes(dir.path()).await, [7, 8, 9]);
     }
 
     fn in_term(term: u64, index: u64) -> Entry<TypeConfig> {
@@ -440,7 +571,7 @@ mod tests {
         e
     }
 
-    /// What [`Recent`] serves is what sled holds, through a truncation (a
+    /// What [`Recent`] serves is what the files hold, through a truncation (a
     /// new leader's entries replace the old ones) and a purge, and it
     /// serves nothing it does not hold whole.
     #[tokio::test]
@@ -497,25 +628,5 @@ mod tests {
         assert!(recent.bytes <= RECENT_BYTES, "{}", recent.bytes);
         assert!(recent.first() > Some(n / 3), "{:?}", recent.first());
         assert_eq!(recent.entries.back().map(|(e, _)| e.log_id.index), Some(n));
-    }
-
-    /// A Raft log made with sled's default segments (before this version)
-    /// opens with them and keeps its entries.
-    #[tokio::test]
-    async fn a_raft_log_of_an_earlier_version_opens() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let disk = SledDisk::open(dir.path(), CACHE, 512 << 10).expect("old layout");
-            let entries = disk.db().open_tree("entries").expect("tree");
-            let e = big_entry(7, 10);
-            entries
-                .insert(7u64.to_be_bytes(), encode(&e).expect("encode"))
-                .expect("insert");
-            disk.sync().expect("sync");
-        }
-        let mut store = LogStore::open(dir.path()).expect("open");
-        let back = store.try_get_log_entries(7..8).await.expect("read");
-        assert_eq!(back.len(), 1);
-        assert_eq!(back[0].log_id.index, 7);
     }
 }
