@@ -103,3 +103,15 @@ for name, sql in [
     ("interval-join", "INSERT INTO o SELECT a.id, b.id FROM a JOIN b ON a.v = b.v AND b._ts BETWEEN a._ts - INTERVAL '1' SECOND AND a._ts + INTERVAL '1' SECOND"),
 ]:
     put("pipeline_sql", name, sql.encode() + rec)
+
+# The Raft log's segment files (raft_wal): the first byte picks the purged
+# index; then records as the target frames them (a 2-byte length before each
+# body), each body a log id (term, node id, index: postcard varints) and the
+# rest of an entry.
+def wal_body(term, node, index, rest=b"\x00"):
+    return varint(term) + varint(node) + varint(index) + rest
+def wal_framed(bodies):
+    return b"".join(struct.pack(">H", len(b)) + b for b in bodies)
+put("raft_wal", "four-entries", b"\x00" + wal_framed([wal_body(1, 1, i) for i in range(1, 5)]))
+put("raft_wal", "new-term-purged-2", b"\x02" + wal_framed([wal_body(1, 1, 1), wal_body(1, 1, 2), wal_body(2, 3, 3, b"\x01\x05hello")]))
+put("raft_wal", "out-of-order", b"\x00" + wal_framed([wal_body(1, 1, 1), wal_body(1, 1, 3)]))

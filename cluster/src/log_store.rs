@@ -250,7 +250,7 @@ impl LogStore {
     /// Nothing stored, not even a vote: a new node, or one whose data was
     /// wiped.
     pub fn is_blank(&self) -> Result<bool, StorageError> {
-        Ok(lock(&self.wal).len() == 0 && self.get::<Vote<NodeId>>(VOTE)?.is_none())
+        Ok(lock(&self.wal).is_empty() && self.get::<Vote<NodeId>>(VOTE)?.is_none())
     }
 
     /// The index this node must hold before it votes again ([`crate::gate`]).

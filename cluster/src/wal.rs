@@ -107,7 +107,7 @@ impl Pending {
 }
 
 /// The entries' segment files and where each live entry is.
-pub(crate) struct Wal {
+pub struct Wal {
     dir: PathBuf,
     segments: VecDeque<Segment>,
     /// Every entry after the purged one, in index order, with no gap.
@@ -162,15 +162,12 @@ fn read_record(r: &mut impl Read, remaining: u64, buf: &mut Vec<u8>) -> io::Resu
 impl Wal {
     /// Opens the log in `dir` (created if missing), skipping the entries
     /// up to `purged` and cutting it at the first record that is not sound.
-    pub(crate) fn open(dir: &Path, purged: Option<u64>) -> io::Result<Wal> {
+    pub fn open(dir: &Path, purged: Option<u64>) -> io::Result<Wal> {
         Wal::open_with(dir, purged, SEGMENT_BYTES)
     }
 
-    pub(crate) fn open_with(
-        dir: &Path,
-        purged: Option<u64>,
-        segment_bytes: u64,
-    ) -> io::Result<Wal> {
+    /// [`Wal::open`] with segments of `segment_bytes`.
+    pub fn open_with(dir: &Path, purged: Option<u64>, segment_bytes: u64) -> io::Result<Wal> {
         if !dir.exists() {
             std::fs::create_dir_all(dir)?;
             if let Some(parent) = dir.parent() {
@@ -323,18 +320,23 @@ impl Wal {
     }
 
     /// The first live entry's index.
-    pub(crate) fn first_index(&self) -> Option<u64> {
+    pub fn first_index(&self) -> Option<u64> {
         self.locs.front().map(|l| l.log_id.index)
     }
 
     /// The last live entry's id.
-    pub(crate) fn last(&self) -> Option<LogId<NodeId>> {
+    pub fn last(&self) -> Option<LogId<NodeId>> {
         self.locs.back().map(|l| l.log_id)
     }
 
     /// Live entries.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.locs.len()
+    }
+
+    /// No live entries.
+    pub fn is_empty(&self) -> bool {
+        self.locs.is_empty()
     }
 
     /// Writes `entries` (each its log id and encoding), in order after the
@@ -492,11 +494,7 @@ impl Wal {
     /// replication still running as it steps down, while the new leader's
     /// entries replace its last ones): a record that is not what it was
     /// is not an error if it is no longer live, and the read ends there.
-    pub(crate) fn read(
-        wal: &std::sync::Mutex<Wal>,
-        start: u64,
-        end: u64,
-    ) -> io::Result<Vec<Vec<u8>>> {
+    pub fn read(wal: &std::sync::Mutex<Wal>, start: u64, end: u64) -> io::Result<Vec<Vec<u8>>> {
         let locs = tributary_storage::util::lock(wal).locate(start, end);
         let mut out = Vec::with_capacity(locs.len());
         for l in locs {
