@@ -16,15 +16,7 @@ use tributary_cluster::wal::Wal;
 /// The input's bodies as records.
 fn framed(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut rest = data;
-    while rest.len() >= 2 {
-        let len = (usize::from(rest[0]) << 8 | usize::from(rest[1])).min(rest.len() - 2);
-        let body = &rest[2..2 + len];
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        out.extend_from_slice(body);
-        rest = &rest[2 + len..];
-    }
+    tributary_fuzz::framed_records(data, &mut out);
     out
 }
 

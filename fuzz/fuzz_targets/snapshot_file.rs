@@ -17,15 +17,7 @@ use tributary_storage::{Log, LogConfig, MemStore, TopicConfig};
 fn framed(data: &[u8]) -> Vec<u8> {
     let mut out = b"TRIBSNAP".to_vec();
     out.extend_from_slice(&1u32.to_le_bytes());
-    let mut rest = data;
-    while rest.len() >= 2 {
-        let len = (usize::from(rest[0]) << 8 | usize::from(rest[1])).min(rest.len() - 2);
-        let body = &rest[2..2 + len];
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        out.extend_from_slice(body);
-        rest = &rest[2 + len..];
-    }
+    tributary_fuzz::framed_records(data, &mut out);
     out
 }
 
@@ -46,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
                 .expect("topic");
             if log.restore(&path).await.is_err() {
                 // Refused: the log is as it was.
-                assert!(log.topic("mine").is_ok(), "a refused snapshot changed the log");
+                assert!(
+                    log.topic("mine").is_ok(),
+                    "a refused snapshot changed the log"
+                );
             }
             let _ = log.close().await;
         }

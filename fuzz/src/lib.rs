@@ -13,3 +13,19 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
             .expect("runtime")
     })
 }
+
+/// Record bodies taken from `data` (a 2-byte big-endian length before each,
+/// cut to what is left) and framed as the project's files frame records: a
+/// u32 length (little end), the CRC-32, the body. Mutations then reach the
+/// bodies instead of failing the checksum.
+pub fn framed_records(data: &[u8], out: &mut Vec<u8>) {
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let len = (usize::from(rest[0]) << 8 | usize::from(rest[1])).min(rest.len() - 2);
+        let body = &rest[2..2 + len];
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        out.extend_from_slice(body);
+        rest = &rest[2 + len..];
+    }
+}
